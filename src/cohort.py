@@ -1,0 +1,206 @@
+"""Local training of a cohort of clients held as stacked tensors.
+
+Each round every chosen client gets its positives plus fresh negatives (`sample_round`), shuffled
+per local epoch and cut into batches (`batch_layout`). `train_cohort` then runs all clients'
+step t at once; a client whose batches are used up is masked (no parameter or optimiser-state
+change), so each client trains exactly as it would alone (tested against a per-client loop).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from src.model import Params, gather_items, score_embeddings
+
+# A dense extra loss on a chunk's item tables (ICA, GSA): (tables [C, m, d], rows [C]) -> per-client loss [C]
+DenseLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass
+class RoundSamples:
+    """One round's training samples of every client, grouped by client (CSR)."""
+
+    ptr: torch.Tensor
+    items: torch.Tensor
+    labels: torch.Tensor
+
+
+def sample_round(train_ptr: torch.Tensor, train_items: torch.Tensor, sampler, num_negatives: int,
+                 generator: torch.Generator) -> RoundSamples:
+    """Each training positive followed by `num_negatives` negatives drawn from its client's pool."""
+    counts = train_ptr[1:] - train_ptr[:-1]
+    users = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    negs = sampler.sample(users.unsqueeze(1).expand(-1, num_negatives), generator)
+    items = torch.cat([train_items.unsqueeze(1), negs], dim=1).reshape(-1)
+    labels = torch.zeros(len(train_items), 1 + num_negatives)
+    labels[:, 0] = 1.0
+    return RoundSamples(train_ptr * (1 + num_negatives), items, labels.reshape(-1))
+
+
+@dataclass
+class BatchLayout:
+    """Sample positions of each client's local steps: index [C, T, B] into RoundSamples, -1 = padding."""
+
+    index: torch.Tensor
+    steps: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.index >= 0
+
+
+def batch_layout(samples: RoundSamples, clients: torch.Tensor, epochs: int, batch_size: int,
+                 generator: torch.Generator) -> BatchLayout:
+    """Shuffle each client's samples once per epoch and cut every epoch into batches of `batch_size`."""
+    start = samples.ptr[clients]
+    n = samples.ptr[clients + 1] - start
+    per_epoch = torch.div(n + batch_size - 1, batch_size, rounding_mode="floor")
+    steps = per_epoch * epochs
+    c, t_max, nmax = len(clients), int(steps.max()) if len(clients) else 0, int(n.max()) if len(clients) else 0
+    index = torch.full((c, max(t_max, 1), batch_size), -1, dtype=torch.long)
+    pos = torch.arange(nmax)
+    for epoch in range(epochs):
+        keys = torch.rand(c, nmax, generator=generator)
+        keys[pos.unsqueeze(0) >= n.unsqueeze(1)] = 2.0
+        perm = keys.argsort(dim=1)
+        slot = pos.unsqueeze(0).expand(c, -1)
+        step = epoch * per_epoch.unsqueeze(1) + torch.div(slot, batch_size, rounding_mode="floor")
+        ok = slot < n.unsqueeze(1)
+        ci = torch.arange(c).unsqueeze(1).expand(-1, nmax)
+        index[ci[ok], step[ok], (slot % batch_size)[ok]] = (start.unsqueeze(1) + perm)[ok]
+    return BatchLayout(index, steps)
+
+
+class StackedOptimizer:
+    """SGD or Adam over stacked client tensors, stepping only the clients marked active.
+
+    Matches torch.optim.SGD / Adam (no momentum / default Adam) applied to each client alone,
+    with a fresh optimiser per client per round as in the lineage.
+    """
+
+    def __init__(self, optim: DictConfig, params: Params, n_items: int):
+        self.name = optim.name
+        self.lr = {k: float(optim.lr) for k in params}
+        if optim.get("item_lr_eta") is not None:
+            self.lr["items"] = float(optim.lr) * n_items * float(optim.item_lr_eta)
+        if self.name == "adam":
+            self.b1, self.b2 = (float(b) for b in optim.betas)
+            self.eps = float(optim.eps)
+            self.m = {k: torch.zeros_like(v) for k, v in params.items()}
+            self.v = {k: torch.zeros_like(v) for k, v in params.items()}
+            self.t = torch.zeros(next(iter(params.values())).shape[0], device=next(iter(params.values())).device)
+        elif self.name != "sgd":
+            raise ValueError(f"optim.name={self.name!r}; expected sgd or adam")
+
+    def step(self, params: Params, grads: Params, active: torch.Tensor) -> None:
+        """Update `params` in place from `grads` for the clients where `active` [C] is True."""
+        if self.name == "sgd":
+            for k, g in grads.items():
+                mask = active.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+                params[k].sub_(g * mask, alpha=self.lr[k])
+            return
+        self.t += active.to(self.t.dtype)
+        t = self.t.clamp(min=1)
+        for k, g in grads.items():
+            shape = (-1, *([1] * (g.dim() - 1)))
+            act = active.view(shape)
+            m = torch.where(act, self.m[k] * self.b1 + g * (1 - self.b1), self.m[k])
+            v = torch.where(act, self.v[k] * self.b2 + g * g * (1 - self.b2), self.v[k])
+            self.m[k], self.v[k] = m, v
+            bias1 = (1 - self.b1 ** t).view(shape)
+            bias2 = (1 - self.b2 ** t).view(shape)
+            denom = (v.sqrt() / bias2.sqrt()).add_(self.eps)
+            update = m / denom * (self.lr[k] / bias1)
+            params[k].sub_(torch.where(act, update, torch.zeros((), dtype=g.dtype, device=g.device)))
+
+
+def bce_per_client(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, loss: str) -> torch.Tensor:
+    """Mean BCE over each client's batch [C]. `sigmoid_bce` is the lineage's Sigmoid + BCELoss (its
+    log clamp at -100 stops the gradient of saturated scores); `logits_bce` is the fused, unclamped form."""
+    if loss == "sigmoid_bce":
+        per = F.binary_cross_entropy(torch.sigmoid(logits), labels, reduction="none")
+    elif loss == "logits_bce":
+        per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    else:
+        raise ValueError(f"model.loss={loss!r}; expected sigmoid_bce or logits_bce")
+    return (per * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
+def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, optim: DictConfig,
+                 n_items: int, loss: str = "sigmoid_bce", dense_loss: DenseLoss | None = None,
+                 rows: torch.Tensor | None = None) -> dict[str, float]:
+    """Run every local step of a chunk of clients in place; return the mean of each loss term.
+
+    Per client and step: loss = mean BCE over its batch (+ dense alignment terms on the item
+    table); the chunk's total is the sum over clients, so each client's gradient is its own.
+    With `optim.alternate` (the lineage's SGD) the score function steps first, then the item
+    table steps on a fresh forward pass through the updated score function.
+    """
+    opt = StackedOptimizer(optim, params, n_items)
+    alternate = bool(optim.get("alternate", False))
+    device = params["items"].device
+    crow = torch.arange(params["items"].shape[0], device=device).unsqueeze(1)
+    score_keys = [k for k in params if k != "items"]
+    all_items, all_labels = samples.items.to(device), samples.labels.to(device)
+    totals: dict[str, float] = {}
+    counted = 0
+    for t in range(layout.index.shape[1]):
+        idx = layout.index[:, t].to(device)
+        valid = idx >= 0
+        active = valid.any(dim=1)
+        safe = idx.clamp(min=0)
+        item_ids, labels = all_items[safe], all_labels[safe]
+        if alternate:
+            score = {k: params[k].detach().requires_grad_() for k in score_keys}
+            emb = gather_items(params["items"], item_ids)
+            bce = bce_per_client(score_embeddings(score, emb), labels, valid, loss)
+            grads = torch.autograd.grad((bce * active).sum(), list(score.values()))
+            with torch.no_grad():
+                opt.step(params, dict(zip(score_keys, grads)), active)
+        score = {k: params[k] if alternate else params[k].detach().requires_grad_() for k in score_keys}
+        emb = gather_items(params["items"], item_ids).requires_grad_()
+        terms = {"bce": bce_per_client(score_embeddings(score, emb), labels, valid, loss)}
+        table = None
+        if dense_loss is not None:
+            table = params["items"].detach().requires_grad_()
+            terms.update(dense_loss(table, rows))
+        leaves = [emb] + ([] if alternate else list(score.values())) + ([table] if table is not None else [])
+        total = sum((v * active).sum() for v in terms.values())
+        grads = list(torch.autograd.grad(total, leaves, allow_unused=True))
+        with torch.no_grad():
+            g_emb = grads.pop(0)
+            g = {} if alternate else {k: grads.pop(0) for k in score_keys}
+            g_table = grads.pop(0) if table is not None else None
+            scatter = (crow.expand_as(item_ids), item_ids)
+            if opt.name == "sgd" and g_table is None:
+                opt.step(params, g, active)
+                mask = active.view(-1, 1, 1).to(g_emb.dtype)
+                params["items"].index_put_(scatter, g_emb * mask * -opt.lr["items"], accumulate=True)
+            else:
+                g_items = g_table if g_table is not None else torch.zeros_like(params["items"])
+                g["items"] = g_items.index_put_(scatter, g_emb, accumulate=True)
+                opt.step(params, g, active)
+            n_active = int(active.sum())
+            if n_active:
+                for k, v in terms.items():
+                    totals[k] = totals.get(k, 0.0) + float((v.detach() * active).sum())
+                counted += n_active
+    return {k: v / max(counted, 1) for k, v in totals.items()}
+
+
+def chunks_by_steps(clients: torch.Tensor, steps: torch.Tensor, chunk_size: int | None) -> list[torch.Tensor]:
+    """Split `clients` into chunks of similar step counts, so short clients do not wait for long ones."""
+    order = clients[torch.argsort(steps, stable=True)]
+    size = len(order) if not chunk_size else int(chunk_size)
+    return [order[i:i + size] for i in range(0, len(order), max(size, 1))]
+
+
+def local_steps(samples: RoundSamples, clients: torch.Tensor, epochs: int, batch_size: int) -> torch.Tensor:
+    """Number of local steps of each client this round."""
+    n = samples.ptr[clients + 1] - samples.ptr[clients]
+    return torch.div(n + batch_size - 1, batch_size, rounding_mode="floor") * epochs
+

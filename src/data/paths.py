@@ -1,0 +1,47 @@
+"""Where dataset files are looked for: config, environment, ../shared/data, then the download cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from src.data.download import default_cache_dir, download
+
+ENV_VAR = "ALIGNFEDREC_DATA"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def candidate_roots(config_root: str | None) -> list[tuple[str, Path]]:
+    """Data roots in the order they are tried, each with the rule that produced it."""
+    roots: list[tuple[str, Path]] = []
+    if config_root:
+        roots.append(("data.root", Path(config_root).expanduser()))
+    if os.environ.get(ENV_VAR):
+        roots.append((ENV_VAR, Path(os.environ[ENV_VAR]).expanduser()))
+    if SHARED_DATA.is_dir():
+        roots.append(("../shared/data", SHARED_DATA))
+    roots.append(("download cache", default_cache_dir() / "data"))
+    return roots
+
+
+def resolve_dataset_dir(name: str, required: list[list[str]], config_root: str | None,
+                        allow_download: bool = True) -> Path:
+    """Return the first folder `<root>/<name>` holding one of the `required` file sets.
+
+    `required` lists alternatives (e.g. the original ratings.dat, or the partial ML-1M files);
+    an explicitly configured root that lacks the files is an error rather than silently skipped.
+    """
+    tried = []
+    for rule, root in candidate_roots(config_root):
+        folder = root / name
+        if any(all((folder / f).is_file() for f in files) for files in required):
+            return folder
+        tried.append(f"{folder} ({rule})")
+        if rule == "data.root":
+            raise FileNotFoundError(
+                f"data.root={config_root!r}: {folder} lacks the files of dataset {name!r}; "
+                f"expected one of {required}")
+        if rule == "download cache" and allow_download:
+            download(name, root)
+            return folder
+    raise FileNotFoundError(f"dataset {name!r} not found; looked in: " + "; ".join(tried))

@@ -1,0 +1,49 @@
+"""Evaluate every client on its validation and test item: sampled-99 ranking and full ranking."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from src.data.dataset import FedData
+from src.metrics import full_ranks, rank_metrics, sampled_ranks
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class Evaluator:
+    """Holds the candidates of every user; `run` scores them chunk by chunk and returns metrics."""
+
+    def __init__(self, data: FedData, ks: tuple[int, ...], full_ranking: bool):
+        self.ks = tuple(int(k) for k in ks)
+        self.full = full_ranking
+        self.val_target = torch.as_tensor(data.val_items)
+        self.test_target = torch.as_tensor(data.test_items)
+        self.val_cand = torch.cat([self.val_target.unsqueeze(1), torch.as_tensor(data.val_negatives)], dim=1)
+        self.test_cand = torch.cat([self.test_target.unsqueeze(1), torch.as_tensor(data.test_negatives)], dim=1)
+        self.train = torch.as_tensor(data.train_matrix()) if full_ranking else None
+
+    def run(self, score: ScoreFn, chunks: list[torch.Tensor]) -> dict[str, float]:
+        """`score(rows, item_ids)` gives logits [C, L] of users `rows`; item_ids None = all items."""
+        ranks: dict[str, list[torch.Tensor]] = {"val": [], "test": [], "val_full": [], "test_full": []}
+        for rows in chunks:
+            cand = torch.cat([self.val_cand[rows], self.test_cand[rows]], dim=1)
+            logits = score(rows, cand).float().cpu()
+            width = self.val_cand.shape[1]
+            val, test = logits[:, :width], logits[:, width:]
+            ranks["val"].append(sampled_ranks(val[:, 0], val[:, 1:]))
+            ranks["test"].append(sampled_ranks(test[:, 0], test[:, 1:]))
+            if self.full:
+                all_scores = score(rows, None).float().cpu()
+                vt, tt = self.val_target[rows], self.test_target[rows]
+                excl_val = self.train[rows].clone()
+                excl_val[torch.arange(len(rows)), tt] = True
+                excl_test = self.train[rows].clone()
+                excl_test[torch.arange(len(rows)), vt] = True
+                ranks["val_full"].append(full_ranks(all_scores, vt, excl_val))
+                ranks["test_full"].append(full_ranks(all_scores, tt, excl_test))
+        out: dict[str, float] = {}
+        for split, parts in ranks.items():
+            if parts:
+                out.update(rank_metrics(torch.cat(parts), self.ks, prefix=f"{split}/"))
+        return out

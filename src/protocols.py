@@ -1,0 +1,80 @@
+"""Evaluation protocols: the saved evaluation negatives and the per-round training negative sampler.
+
+`paper` reproduces the lineage: training negatives come from every item the user never
+interacted with, so the held-out items are never drawn while their evaluation negatives are
+(this leaks, see METHOD.md section 5). `clean` draws training negatives from everything that is
+not a training positive, so nothing separates a held-out item from its evaluation negatives.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TRAIN_NEGATIVE_POOLS = ("non_interacted", "non_train", "non_train_non_candidates")
+
+
+def interaction_matrix(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Dense boolean user x item matrix with True at the given pairs."""
+    mat = np.zeros((n_users, n_items), dtype=bool)
+    mat[users, items] = True
+    return mat
+
+
+def draw_eval_negatives(interacted: np.ndarray, count: int, seed: int, chunk: int = 1024) -> np.ndarray:
+    """Draw `count` distinct never-interacted items per user, uniformly, in a random order.
+
+    Random keys per (user, item), +inf on interacted items, the `count` smallest in key order:
+    a uniform ordered sample without replacement, computed for all users at once.
+    """
+    n_users, n_items = interacted.shape
+    available = n_items - interacted.sum(axis=1)
+    if available.min() < count:
+        u = int(np.argmin(available))
+        raise ValueError(f"user index {u} has only {available[u]} never-interacted items; "
+                         f"the protocol needs {count} evaluation negatives")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_users, count), dtype=np.int64)
+    for start in range(0, n_users, chunk):
+        block = interacted[start:start + chunk]
+        keys = rng.random(block.shape, dtype=np.float32)
+        keys[block] = np.inf
+        part = np.argpartition(keys, count - 1, axis=1)[:, :count]
+        order = np.argsort(np.take_along_axis(keys, part, axis=1), axis=1)
+        out[start:start + chunk] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def excluded_for_training(pool: str, train: np.ndarray, interacted: np.ndarray,
+                          candidates: np.ndarray) -> np.ndarray:
+    """Boolean [users, items] matrix of items that must never be drawn as training negatives."""
+    if pool == "non_interacted":
+        return interacted.copy()
+    if pool == "non_train":
+        return train.copy()
+    if pool == "non_train_non_candidates":
+        excluded = interacted.copy()
+        np.put_along_axis(excluded, candidates, True, axis=1)
+        return excluded
+    raise ValueError(f"protocol.train_negative_pool={pool!r}; expected one of {TRAIN_NEGATIVE_POOLS}")
+
+
+class NegativeSampler:
+    """Uniform training negatives per user from the items the protocol allows (rejection sampling)."""
+
+    def __init__(self, excluded: np.ndarray):
+        self.excluded = torch.as_tensor(excluded, dtype=torch.bool)
+        self.n_items = excluded.shape[1]
+        if bool((~self.excluded).sum(dim=1).min() == 0):
+            raise ValueError("a user has no item left to draw as a training negative")
+
+    def sample(self, users: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One negative item per entry of `users` (any shape), drawn i.i.d. from that user's pool."""
+        flat = users.reshape(-1)
+        items = torch.randint(self.n_items, flat.shape, generator=generator)
+        bad = self.excluded[flat, items]
+        while bool(bad.any()):
+            idx = bad.nonzero().squeeze(1)
+            items[idx] = torch.randint(self.n_items, idx.shape, generator=generator)
+            bad = torch.zeros_like(bad)
+            bad[idx] = self.excluded[flat[idx], items[idx]]
+        return items.reshape(users.shape)

@@ -1,0 +1,61 @@
+"""The results.json contract and atomic file writes.
+
+Fields (later work may add, never remove): config, dataset, protocol, ablation, seed, summary,
+history (per round: validation and test metrics, losses, timings), best_round (by validation
+hit@10, earliest on ties), best_val, test_at_best, timings, finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+SELECT_KEY = "val/hit@10"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def best_round(history: list[dict]) -> dict | None:
+    """The round with the highest validation hit@10 (earliest on ties); test data plays no part."""
+    if not history:
+        return None
+    return max(history, key=lambda r: (r[SELECT_KEY], -r["round"]))
+
+
+def build_results(cfg: DictConfig, summary: dict, history: list[dict], timings: dict[str, float],
+                  finished: bool) -> dict[str, Any]:
+    """Assemble the results.json payload from the run's config, data summary and round history."""
+    best = best_round(history)
+    return {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "dataset": cfg.dataset.name, "protocol": cfg.protocol.name, "ablation": cfg.ablation.name,
+        "seed": int(cfg.seed), "summary": summary, "history": history,
+        "best_round": best["round"] if best else None,
+        "best_val": {k: v for k, v in best.items() if k.startswith("val")} if best else {},
+        "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
+        "timings": timings, "finished": finished,
+    }
+
+
+def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
+    """Write results.json atomically into the run folder."""
+    path = Path(run_dir) / "results.json"
+    atomic_write_text(path, json.dumps(payload, indent=2))
+    return path

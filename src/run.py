@@ -1,0 +1,84 @@
+"""`python -m src.run [overrides]`: one federated experiment, written to its Hydra run folder.
+
+The folder receives .hydra/ (composed config), config_resolved.yaml, csv/metrics.csv (per round),
+checkpoints/last.ckpt and results.json (see `results.py`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from src.checkpoint import AtomicCheckpoint
+from src.config import validate
+from src.data.dataset import build
+from src.federated import FederatedModule
+from src.loggers import RoundProgress, finish_loggers, make_loggers
+from src.results import atomic_write_text, build_results, write_results
+
+log = logging.getLogger(__name__)
+
+
+def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """`resume=true`: this run folder's last checkpoint; `resume=<run folder or .ckpt>`: that one."""
+    if cfg.resume in (False, None):
+        return None
+    target = run_dir if cfg.resume is True else Path(str(cfg.resume))
+    path = target if target.suffix == ".ckpt" else target / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={cfg.resume!r}: no checkpoint at {path}; pass hydra.run.dir=<the run "
+                                f"folder> resume=true, or resume=<path to last.ckpt>")
+    return path
+
+
+def train(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
+    """Build the data and the federated module, run all rounds, write results.json; return it."""
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(int(cfg.seed))
+    t0 = time.perf_counter()
+    data = build(cfg.dataset, cfg.protocol, int(cfg.seed), cfg.data.root, cfg.data.cache_dir)
+    module = FederatedModule(cfg, data)
+    t_setup = time.perf_counter() - t0
+    ckpt = AtomicCheckpoint(run_dir / "checkpoints", int(cfg.fl.checkpoint_every))
+    loggers = make_loggers(cfg, run_dir)
+    trainer = L.Trainer(
+        max_epochs=int(cfg.fl.rounds), logger=loggers, callbacks=[RoundProgress(int(cfg.fl.rounds), progress), ckpt],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
+        devices=1, default_root_dir=str(run_dir), log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*configure_optimizers.*")
+        trainer.fit(module, ckpt_path=resume_path(cfg, run_dir))
+    timings = {"setup_s": t_setup, "total_s": time.perf_counter() - t0,
+               "mean_round_s": sum(r["time/round"] for r in module.history) / max(len(module.history), 1)}
+    payload = build_results(cfg, data.summary(), module.history, timings, finished=True)
+    write_results(run_dir, payload)
+    summary = {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]}
+    finish_loggers(loggers, summary)
+    return payload
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the best validation hit@10 (the objective of sweeps)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    payload = train(cfg, run_dir)
+    best = payload["best_val"].get("val/hit@10", 0.0)
+    log.info("best round %s: val hit@10 %.4f, test hit@10 %.4f ndcg@10 %.4f -> %s", payload["best_round"], best,
+             payload["test_at_best"].get("test/hit@10", float("nan")),
+             payload["test_at_best"].get("test/ndcg@10", float("nan")), run_dir / "results.json")
+    return best
+
+
+if __name__ == "__main__":
+    main()
