@@ -17,12 +17,21 @@ class AtomicCheckpoint(L.Callback):
     def last(self) -> Path:
         return self.dirpath / "last.ckpt"
 
+    @property
+    def tmp(self) -> Path:
+        return self.dirpath / ".last.ckpt.tmp"
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        """Drop a temporary file left by a run killed while it was saving (last.ckpt is intact)."""
+        self.tmp.unlink(missing_ok=True)
+
     def save(self, trainer: L.Trainer) -> None:
-        """Write through a temporary sibling, then rename."""
+        """Write through a temporary sibling, flush it to disk, then rename."""
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        tmp = self.dirpath / ".last.ckpt.tmp"
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.last)
+        trainer.save_checkpoint(self.tmp)
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.last)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1

@@ -92,7 +92,7 @@ class StackedOptimizer:
             self.eps = float(optim.eps)
             self.m = {k: torch.zeros_like(v) for k, v in params.items()}
             self.v = {k: torch.zeros_like(v) for k, v in params.items()}
-            self.t = torch.zeros(next(iter(params.values())).shape[0], device=next(iter(params.values())).device)
+            self.t = {k: torch.zeros(v.shape[0], device=v.device) for k, v in params.items()}
         elif self.name != "sgd":
             raise ValueError(f"optim.name={self.name!r}; expected sgd or adam")
 
@@ -103,9 +103,9 @@ class StackedOptimizer:
                 mask = active.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
                 params[k].sub_(g * mask, alpha=self.lr[k])
             return
-        self.t += active.to(self.t.dtype)
-        t = self.t.clamp(min=1)
         for k, g in grads.items():
+            self.t[k] += active.to(self.t[k].dtype)
+            t = self.t[k].clamp(min=1)
             shape = (-1, *([1] * (g.dim() - 1)))
             act = active.view(shape)
             m = torch.where(act, self.m[k] * self.b1 + g * (1 - self.b1), self.m[k])
@@ -145,7 +145,8 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
     device = params["items"].device
     crow = torch.arange(params["items"].shape[0], device=device).unsqueeze(1)
     score_keys = [k for k in params if k != "items"]
-    all_items, all_labels = samples.items.to(device), samples.labels.to(device)
+    all_items = samples.items.to(device)
+    all_labels = samples.labels.to(device=device, dtype=params["items"].dtype)
     totals: dict[str, float] = {}
     counted = 0
     for t in range(layout.index.shape[1]):

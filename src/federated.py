@@ -133,7 +133,8 @@ class FederatedModule(L.LightningModule):
         tic = time.perf_counter()
         metrics = self.evaluator.run(self.central.score, self.eval_chunks())
         timings["time/eval"] = time.perf_counter() - tic
-        return {**metrics, **{f"loss/{k}": v for k, v in losses.items()}, **timings}
+        n = float(self.data.n_users)
+        return {**metrics, **{f"loss/{k}": v for k, v in losses.items()}, **timings, "clients": n, "reported": n}
 
     def eval_chunks(self) -> list[torch.Tensor]:
         """All users in chunks of `fl.chunk_size`."""

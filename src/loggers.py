@@ -1,19 +1,25 @@
-"""Run logging: CSV always, Weights & Biases when `logger=wandb`, and a progress bar over rounds."""
+"""Run logging: a per-round CSV always, Weights & Biases when `logger=wandb`, a progress bar over rounds."""
 from __future__ import annotations
 
+import csv
+import io
 import os
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from src.results import atomic_write_text
+
 
 def wandb_mode(requested: str) -> str:
-    """`auto` is online only when an API key is configured (env or netrc), otherwise offline."""
+    """`auto`: $WANDB_MODE when set, else online only when an API key is configured (env or netrc), else offline."""
     if requested != "auto":
         return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file() and \
         "api.wandb.ai" in (Path.home() / ".netrc").read_text(errors="ignore")
     return "online" if has_key else "offline"
@@ -25,8 +31,8 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """CSV into `<run_dir>/csv/metrics.csv`; W&B (offline unless keyed) grouped by dataset."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    """W&B (offline unless keyed) grouped by dataset, or none; the CSV is written by `RoundCSV`."""
+    loggers: list[Logger] = []
     if cfg.logger.wandb:
         loggers.append(WandbLogger(
             project=cfg.logger.project, entity=cfg.logger.entity, name=run_name(cfg), group=cfg.logger.group,
@@ -35,12 +41,49 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def finish_loggers(loggers: list[Logger], summary: dict) -> None:
-    """Write best-round metrics as W&B summary and close every W&B run so multirun jobs stay separate."""
+def finish_loggers(loggers: list[Logger], summary: dict | None) -> None:
+    """Write best-round metrics as W&B summary and close every W&B run so multirun jobs stay separate.
+
+    `summary=None`: the run failed; its W&B run is closed with a non-zero exit code.
+    """
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            logger.experiment.summary.update(summary)
-            logger.experiment.finish()
+            if summary is None and logger._experiment is None:
+                continue  # never started
+            if summary is not None:
+                logger.experiment.summary.update(summary)
+            logger.experiment.finish(exit_code=0 if summary is not None else 1)
+
+
+def history_csv(history: list[dict]) -> str:
+    """The round history as CSV text: a `round` column first, then every key in order of first use."""
+    keys = ["round"] + list(dict.fromkeys(k for row in history for k in row if k != "round"))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+class RoundCSV(L.Callback):
+    """`<run_dir>/csv/metrics.csv`, one row per round, rewritten atomically from `module.history`.
+
+    Rewriting from the history (which a checkpoint restores) rather than appending keeps the file
+    free of duplicated rounds after a resume: rounds logged after the last checkpoint of a killed
+    run are dropped at the start of the resumed run and written again when they are redone.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, module: L.LightningModule) -> None:
+        atomic_write_text(self.path, history_csv(module.history))
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.write(module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.write(module)
 
 
 class RoundProgress(L.Callback):

@@ -20,7 +20,7 @@ from src.checkpoint import AtomicCheckpoint
 from src.config import validate
 from src.data.dataset import build
 from src.federated import FederatedModule
-from src.loggers import RoundProgress, finish_loggers, make_loggers
+from src.loggers import RoundCSV, RoundProgress, finish_loggers, make_loggers
 from src.results import atomic_write_text, build_results, write_results
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
 def train(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
     """Build the data and the federated module, run all rounds, write results.json; return it."""
     validate(cfg)
+    ckpt_path = resume_path(cfg, run_dir)  # fail before any work when the checkpoint is missing
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(int(cfg.seed))
@@ -51,14 +52,20 @@ def train(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
     ckpt = AtomicCheckpoint(run_dir / "checkpoints", int(cfg.fl.checkpoint_every))
     loggers = make_loggers(cfg, run_dir)
     trainer = L.Trainer(
-        max_epochs=int(cfg.fl.rounds), logger=loggers, callbacks=[RoundProgress(int(cfg.fl.rounds), progress), ckpt],
+        max_epochs=int(cfg.fl.rounds), logger=loggers,
+        callbacks=[RoundProgress(int(cfg.fl.rounds), progress), RoundCSV(run_dir / "csv" / "metrics.csv"), ckpt],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
         devices=1, default_root_dir=str(run_dir), log_every_n_steps=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*configure_optimizers.*")
-        trainer.fit(module, ckpt_path=resume_path(cfg, run_dir))
+        try:
+            # our own checkpoint (client tables, RNG state, history): trusted, so no weights_only
+            trainer.fit(module, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+        except BaseException:
+            finish_loggers(loggers, None)
+            raise
     timings = {"setup_s": t_setup, "total_s": time.perf_counter() - t0,
                "mean_round_s": sum(r["time/round"] for r in module.history) / max(len(module.history), 1)}
     payload = build_results(cfg, data.summary(), module.history, timings, finished=True)

@@ -1,0 +1,214 @@
+"""The experiment engine end to end: results.json, determinism, kill and resume, dropout, client
+sampling, W&B offline and resume errors. Real FilmTrust where the data matters, synthetic elsewhere."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from src.loggers import make_loggers, run_name
+from src.results import SELECT_KEY
+from src.run import train
+from tests.conftest import requires_real_data
+
+REPO = Path(__file__).resolve().parents[1]
+FILMTRUST = ["dataset=filmtrust", "fl.rounds=3", "fl.checkpoint_every=0"]
+PER_ROUND = ["round", "val/hit@10", "test/hit@10", "val/ndcg@10", "test/ndcg@10", "loss/bce",
+             "time/sample", "time/train", "time/aggregate", "time/eval", "time/round", "clients", "reported"]
+
+
+def metrics(history: list[dict]) -> list[dict]:
+    """Each round's values without the wall-clock timings."""
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def assert_close(a: list[dict], b: list[dict], tol: float) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert abs(ra[k] - rb[k]) <= tol, (ra["round"], k, ra[k], rb[k])
+
+
+@pytest.fixture(scope="module")
+def filmtrust_run(compose_cfg, tmp_path_factory):
+    """One 3-round FilmTrust run (seed 0): its config, run folder and results.json payload."""
+    cfg = compose_cfg(FILMTRUST)
+    run_dir = tmp_path_factory.mktemp("filmtrust-s0")
+    return cfg, run_dir, train(cfg, run_dir, progress=False)
+
+
+@requires_real_data
+def test_results_contract(filmtrust_run):
+    cfg, run_dir, payload = filmtrust_run
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(payload))
+    for key in ("config", "dataset", "protocol", "ablation", "seed", "summary", "history", "best_round",
+                "best_val", "test_at_best", "timings", "finished"):
+        assert key in on_disk, key
+    assert on_disk["config"] == OmegaConf.to_container(cfg, resolve=True)
+    assert (on_disk["dataset"], on_disk["protocol"], on_disk["seed"], on_disk["finished"]) == \
+        ("filmtrust", "clean", 0, True)
+
+    history = on_disk["history"]
+    assert [r["round"] for r in history] == [1, 2, 3]
+    for row in history:
+        assert set(PER_ROUND) <= row.keys(), set(PER_ROUND) - row.keys()
+        assert all(math.isfinite(v) for v in row.values())
+        assert 0 <= row["test/ndcg@10"] <= row["test/hit@10"] <= 1
+
+    # best round chosen on validation hit@10 (earliest on ties), recomputed here
+    best = max(range(len(history)), key=lambda i: (history[i][SELECT_KEY], -i))
+    assert on_disk["best_round"] == history[best]["round"]
+    assert on_disk["test_at_best"] == {k: v for k, v in history[best].items() if k.startswith("test")}
+    assert on_disk["best_val"] == {k: v for k, v in history[best].items() if k.startswith("val")}
+    assert {"test/hit@10", "test/ndcg@10"} <= on_disk["test_at_best"].keys()
+    assert set(on_disk["timings"]) >= {"setup_s", "total_s", "mean_round_s"}
+    assert all(v > 0 for v in on_disk["timings"].values())
+
+    resolved = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
+    assert resolved == on_disk["config"]
+
+    rows = read_csv(run_dir / "csv" / "metrics.csv")
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    for row, hist in zip(rows, history):
+        assert {k: float(v) for k, v in row.items()} == {k: float(v) for k, v in hist.items()}
+
+
+@requires_real_data
+def test_same_seed_same_metrics(filmtrust_run, compose_cfg, tmp_path):
+    _, _, first = filmtrust_run
+    again = train(compose_cfg(FILMTRUST), tmp_path / "again", progress=False)
+    assert metrics(again["history"]) == metrics(first["history"])
+    other = train(compose_cfg(FILMTRUST + ["seed=1", "fl.rounds=2"]), tmp_path / "seed1", progress=False)
+    for a, b in zip(metrics(other["history"]), metrics(first["history"])):
+        assert a["round"] == b["round"]
+        assert a != b
+        assert (a["val/hit@10"], a["test/hit@10"], a["loss/bce"]) != (b["val/hit@10"], b["test/hit@10"], b["loss/bce"])
+
+
+@requires_real_data
+def test_kill_and_resume_matches_uninterrupted(compose_cfg, cache_dir, tmp_path):
+    overrides = ["dataset=filmtrust", "fl.rounds=6", f"data.cache_dir='{cache_dir}'"]
+    run_dir = tmp_path / "a"
+    env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
+    env.pop("ALIGNFEDREC_DATA", None)
+    cmd = [sys.executable, "-m", "src.run", *overrides, "fl.checkpoint_every=2", f"hydra.run.dir='{run_dir}'"]
+    csv_path, last = run_dir / "csv" / "metrics.csv", run_dir / "checkpoints" / "last.ckpt"
+
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 150
+    try:
+        while True:
+            assert proc.poll() is None, f"run ended (rc {proc.returncode}) before it could be killed: " \
+                                        f"{(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "round 3 never finished"
+            done = len(read_csv(csv_path)) if csv_path.is_file() else 0
+            if done >= 3 and last.is_file():
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "results.json").exists()
+    before = read_csv(csv_path)
+    assert 3 <= len(before) < 6
+    # as if the kill had also hit a checkpoint write: the stale temporary file must not survive
+    (run_dir / "checkpoints" / ".last.ckpt.tmp").write_bytes(b"half a checkpoint")
+
+    resumed = subprocess.run(cmd + ["resume=true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = json.loads((run_dir / "results.json").read_text())["history"]
+    assert [r["round"] for r in history] == [1, 2, 3, 4, 5, 6]
+    # rounds 1-2 come from the checkpoint (their timings too), not from a fresh start
+    assert history[0]["time/round"] == float(before[0]["time/round"])
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    rows = read_csv(csv_path)
+    assert [int(r["round"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+    # uninterrupted, in another folder; without checkpoints, which must not change the numbers either
+    reference = train(compose_cfg(overrides + ["fl.checkpoint_every=0"]), tmp_path / "b", progress=False)
+    assert_close(metrics(history), metrics(reference["history"]), 1e-6)
+
+
+def test_dropout_some_clients_fail(compose_cfg, tmp_path):
+    payload = train(compose_cfg(["dataset=synthetic", "fl.rounds=3", "fl.dropout=0.5", "fl.checkpoint_every=0"]),
+                    tmp_path, progress=False)
+    history = payload["history"]
+    assert len(history) == 3
+    assert all(r["reported"] <= r["clients"] for r in history)
+    assert any(r["reported"] < r["clients"] for r in history)
+    assert all(math.isfinite(v) for r in history for v in r.values())
+
+
+def test_client_fraction(compose_cfg, tmp_path):
+    payload = train(compose_cfg(["dataset=synthetic", "fl.rounds=2", "fl.client_fraction=0.5",
+                                 "fl.checkpoint_every=0"]), tmp_path, progress=False)
+    n_users = payload["summary"]["users"]
+    assert n_users > 1
+    assert [r["clients"] for r in payload["history"]] == [round(0.5 * n_users)] * 2
+
+
+def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    (tmp_path / "wandb-dir").mkdir()
+    run_files = []
+    for seed in (0, 1):
+        cfg = compose_cfg(["dataset=synthetic", "fl.rounds=2", "fl.checkpoint_every=0", "logger=wandb",
+                           f"seed={seed}"])
+        name = run_name(cfg)
+        assert name == f"synthetic-backbone-clean-s{seed}"
+        init = make_loggers(cfg, tmp_path / "probe")[0]._wandb_init  # lazy: nothing started yet
+        assert (init["name"], init["group"], init["mode"]) == (name, "synthetic", "offline")
+
+        run_dir = tmp_path / f"s{seed}"
+        payload = train(cfg, run_dir, progress=False)
+        assert len(payload["history"]) == 2
+        assert wandb.run is None, "the W&B run was not finished"
+        found = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")) + \
+            sorted((tmp_path / "wandb-dir").glob("**/offline-run-*/run-*.wandb"))
+        assert len(found) == 1, found
+        # wandb-core writes the run's records to disk a moment after finish() returns
+        deadline = time.monotonic() + 20
+        while name.encode() not in found[0].read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert name.encode() in found[0].read_bytes()
+        run_files.append(found[0])
+    assert run_files[0].name != run_files[1].name  # two run ids
+    assert b"synthetic-backbone-clean-s0" not in run_files[1].read_bytes()
+    assert b"synthetic-backbone-clean-s1" not in run_files[0].read_bytes()
+
+
+def test_resume_without_checkpoint_names_the_path(compose_cfg, tmp_path):
+    cfg = compose_cfg(["dataset=synthetic", "fl.rounds=2", "resume=true"])
+    expected = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(expected))):
+        train(cfg, tmp_path, progress=False)
+    other = tmp_path / "elsewhere"
+    cfg = compose_cfg(["dataset=synthetic", "fl.rounds=2", f"resume='{other}'"])
+    with pytest.raises(FileNotFoundError, match=re.escape(str(other / "checkpoints" / "last.ckpt"))):
+        train(cfg, tmp_path / "run", progress=False)
