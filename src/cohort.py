@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from src.model import Params, gather_items, score_embeddings
+from src.model import Params, flat_index, gather_items, score_embeddings
 
 # A dense extra loss on a chunk's item tables (ICA, GSA): (tables [C, m, d], rows [C]) -> per-client loss [C]
 DenseLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
@@ -143,7 +143,6 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
     opt = StackedOptimizer(optim, params, n_items)
     alternate = bool(optim.get("alternate", False))
     device = params["items"].device
-    crow = torch.arange(params["items"].shape[0], device=device).unsqueeze(1)
     score_keys = [k for k in params if k != "items"]
     all_items = samples.items.to(device)
     all_labels = samples.labels.to(device=device, dtype=params["items"].dtype)
@@ -176,14 +175,17 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
             g_emb = grads.pop(0)
             g = {} if alternate else {k: grads.pop(0) for k in score_keys}
             g_table = grads.pop(0) if table is not None else None
-            scatter = (crow.expand_as(item_ids), item_ids)
+            flat = flat_index(params["items"], item_ids)
+            dim = params["items"].shape[2]
             if opt.name == "sgd" and g_table is None:
                 opt.step(params, g, active)
                 mask = active.view(-1, 1, 1).to(g_emb.dtype)
-                params["items"].index_put_(scatter, g_emb * mask * -opt.lr["items"], accumulate=True)
+                params["items"].view(-1, dim).index_add_(0, flat, (g_emb * mask).reshape(-1, dim),
+                                                         alpha=-opt.lr["items"])
             else:
                 g_items = g_table if g_table is not None else torch.zeros_like(params["items"])
-                g["items"] = g_items.index_put_(scatter, g_emb, accumulate=True)
+                g_items.view(-1, dim).index_add_(0, flat, g_emb.reshape(-1, dim))
+                g["items"] = g_items
                 opt.step(params, g, active)
             n_active = int(active.sum())
             if n_active:

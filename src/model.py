@@ -58,10 +58,16 @@ def score_embeddings(params: Params, emb: torch.Tensor) -> torch.Tensor:
     return x.squeeze(2)
 
 
+def flat_index(table: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+    """Positions [C * L] of (client c, item_ids[c, l]) in the table viewed as [C * m, d]."""
+    offsets = torch.arange(table.shape[0], device=table.device).unsqueeze(1) * table.shape[1]
+    return (item_ids + offsets).reshape(-1)
+
+
 def gather_items(table: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-    """Rows of each client's own table: [C, m, d] x [C, L] -> [C, L, d]."""
-    rows = torch.arange(table.shape[0], device=table.device).unsqueeze(1)
-    return table[rows, item_ids]
+    """Rows of each client's own table: [C, m, d] x [C, L] -> [C, L, d] (one flat index_select)."""
+    flat = table.reshape(-1, table.shape[2]).index_select(0, flat_index(table, item_ids))
+    return flat.view(*item_ids.shape, table.shape[2])
 
 
 def forward(params: Params, item_ids: torch.Tensor) -> torch.Tensor:
