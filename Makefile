@@ -17,7 +17,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,plots]'
+	$(BIN)/pip install -q -e '.[dev,plots,sweep]'
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install torch 2.13.0 (CPU) and the project; no-op when up to date

@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 
 from src.model import Params, flat_index, gather_items, score_embeddings
 
-# A dense extra loss on a chunk's item tables (ICA, GSA): (tables [C, m, d], rows [C]) -> per-client loss [C]
-DenseLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# Dense extra terms on a chunk's item tables (ICA, GSA): (tables [C, m, d], batch items [C, B], valid [C, B])
+# -> (per-client values [C] by name, gradient of the weighted sum w.r.t. the tables [C, m, d])
+DenseLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
 @dataclass
@@ -131,8 +132,7 @@ def bce_per_client(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tens
 
 
 def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, optim: DictConfig,
-                 n_items: int, loss: str = "sigmoid_bce", dense_loss: DenseLoss | None = None,
-                 rows: torch.Tensor | None = None) -> dict[str, float]:
+                 n_items: int, loss: str = "sigmoid_bce", dense_loss: DenseLoss | None = None) -> dict[str, float]:
     """Run every local step of a chunk of clients in place; return the mean of each loss term.
 
     Per client and step: loss = mean BCE over its batch (+ dense alignment terms on the item
@@ -164,17 +164,15 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
         score = {k: params[k] if alternate else params[k].detach().requires_grad_() for k in score_keys}
         emb = gather_items(params["items"], item_ids).requires_grad_()
         terms = {"bce": bce_per_client(score_embeddings(score, emb), labels, valid, loss)}
-        table = None
+        g_table = None
         if dense_loss is not None:
-            table = params["items"].detach().requires_grad_()
-            terms.update(dense_loss(table, rows))
-        leaves = [emb] + ([] if alternate else list(score.values())) + ([table] if table is not None else [])
-        total = sum((v * active).sum() for v in terms.values())
-        grads = list(torch.autograd.grad(total, leaves, allow_unused=True))
+            extra, g_table = dense_loss(params["items"], item_ids, valid)
+            terms.update(extra)
+        leaves = [emb] + ([] if alternate else list(score.values()))
+        grads = list(torch.autograd.grad((terms["bce"] * active).sum(), leaves, allow_unused=True))
         with torch.no_grad():
             g_emb = grads.pop(0)
             g = {} if alternate else {k: grads.pop(0) for k in score_keys}
-            g_table = grads.pop(0) if table is not None else None
             flat = flat_index(params["items"], item_ids)
             dim = params["items"].shape[2]
             if opt.name == "sgd" and g_table is None:

@@ -49,6 +49,8 @@ def validate(cfg: DictConfig) -> None:
            "a non-empty list of cutoffs K >= 1")
     _check(cfg.eval.patience is None or int(cfg.eval.patience) >= 1, "eval.patience", cfg.eval.patience,
            "null or an integer >= 1")
+    for key in ("item_table", "score_fn"):
+        _check(cfg.ablation[key] in ("mean", "personal"), f"ablation.{key}", cfg.ablation[key], "mean or personal")
     if cfg.dataset.name == "synthetic":
         for key in ("n_users", "n_items", "n_communities", "per_user"):
             _check(int(cfg.dataset[key]) >= 1, f"dataset.{key}", cfg.dataset[key], "an integer >= 1")

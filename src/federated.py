@@ -16,12 +16,15 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from src.central import CentralTrainer
+from src.community import adjusted_rand_index, detect
 from src.cohort import batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
 from src.data.dataset import FedData
 from src.evaluation import Evaluator
+from src.losses import AlignmentLoss
 from src.model import Params, forward, init_params, score_all_items
 from src.protocols import NegativeSampler, excluded_for_training
 from src.server import MeanAggregator
+from src.similarity import SimilarityAggregator
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,10 +36,19 @@ def resolve_device(name: str) -> torch.device:
 
 def shared_keys(ablation: DictConfig, params: Params) -> list[str]:
     """Parameter names the server averages under this method."""
-    keys = ["items"] if ablation.items == "mean" else []
-    if ablation.score == "mean":
+    keys = ["items"] if ablation.item_table == "mean" else []
+    if ablation.score_fn == "mean":
         keys += [k for k in params if k[0] in "wb" and k[1:].isdigit()]
     return keys
+
+
+def make_alignment(cfg: DictConfig) -> AlignmentLoss:
+    """The client-side alignment terms of the configured ablation."""
+    m = cfg.model
+    return AlignmentLoss(alpha=float(m.alpha), beta=float(m.beta), tau=float(m.tau), tau0=float(m.tau0),
+                         sigma=float(m.sigma), centre=bool(m.centre), mask=m.gsa_mask, reduction=m.gsa_reduction,
+                         mode=m.alignment, chunk=int(m.align_chunk), use_ica=bool(cfg.ablation.ica),
+                         use_gsa=bool(cfg.ablation.gsa), fast_anchors=int(m.fast_anchors))
 
 
 class FederatedModule(L.LightningModule):
@@ -59,6 +71,7 @@ class FederatedModule(L.LightningModule):
         self.train_items = torch.as_tensor(data.train_items)
         self.evaluator = Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking))
         self.history: list[dict] = []
+        self.align = make_alignment(cfg) if (cfg.ablation.ica or cfg.ablation.gsa) else None
         self.central = CentralTrainer(cfg, data.n_users, data.n_items, self.compute_device) if cfg.ablation.central else None
 
     def train_dataloader(self) -> DataLoader:
@@ -96,6 +109,11 @@ class FederatedModule(L.LightningModule):
         if self.central is not None:
             return self.run_central_round(samples, timings)
         agg = MeanAggregator()
+        sims = None
+        if self.align is not None:
+            sims = SimilarityAggregator(self.data.n_items, float(cfg.model.sigma), bool(cfg.model.centre),
+                                        int(cfg.server.sim_chunk), self.compute_device)
+        dense = self.align.value_and_grad if self.align is not None and self.align.active else None
         losses: dict[str, float] = {}
         train_time, upload_time = 0.0, 0.0
         for rows in chunks:
@@ -104,26 +122,49 @@ class FederatedModule(L.LightningModule):
             for k in self.keys:
                 params[k].copy_(self.server[k].to(self.compute_device).expand_as(params[k]))
             layout = batch_layout(samples, rows, int(fl.local_epochs), int(fl.batch_size), self.gen)
-            chunk_losses = train_cohort(params, samples, layout, cfg.optim, self.data.n_items, cfg.model.loss)
+            chunk_losses = train_cohort(params, samples, layout, cfg.optim, self.data.n_items, cfg.model.loss, dense)
             for k, v in chunk_losses.items():
                 losses[k] = losses.get(k, 0.0) + v * len(rows) / len(clients)
             for k, v in params.items():
                 self.state[k][rows] = v.to(self.state[k].device)
             train_time += time.perf_counter() - tic
             tic = time.perf_counter()
-            agg.add(params, self.keys, ~fails[rows].to(self.compute_device))
+            uploaded = ~fails[rows].to(self.compute_device)
+            agg.add(params, self.keys, uploaded)
+            if sims is not None:
+                sims.add(params["items"], uploaded)
             upload_time += time.perf_counter() - tic
         timings["time/train"] = train_time
         tic = time.perf_counter()
         self.server = agg.result(self.server)
         timings["time/aggregate"] = time.perf_counter() - tic + upload_time
+        comm_stats = self.server_alignment(sims, len(clients), timings) if sims is not None else {}
         tic = time.perf_counter()
         metrics = self.evaluate()
         timings["time/eval"] = time.perf_counter() - tic
-        out = {**metrics, **{f"loss/{k}": v for k, v in losses.items()}, **timings}
+        out = {**metrics, **{f"loss/{k}": v for k, v in losses.items()}, **comm_stats, **timings}
         out["clients"] = float(len(clients))
         out["reported"] = float(len(clients) - int(fails[clients].sum()))
         return out
+
+    def server_alignment(self, sims: SimilarityAggregator, n_clients: int, timings: dict[str, float]) -> dict[str, float]:
+        """S_g = mean upload, communities by modularity, broadcast; returns the community statistics."""
+        global_sim = sims.mean()
+        if global_sim is None:
+            return {}
+        tic = time.perf_counter()
+        comms = detect(global_sim, float(self.cfg.model.sigma), self.cfg.server.community,
+                       float(self.cfg.server.resolution), int(self.cfg.seed))
+        timings["time/community"] = time.perf_counter() - tic
+        sizes = comms.sizes
+        stats = {"comm/communities": float(len(sizes)), "comm/largest": float(sizes.max()),
+                 "comm/singletons": float((sizes == 1).sum()), "comm/non_singleton": float((sizes > 1).sum()),
+                 "comm/modularity": comms.modularity, "comm/edges": float(comms.edges),
+                 "comm/upload_nnz_mean": sims.nnz / max(sims.count, 1)}
+        if self.align.labels is not None:
+            stats["comm/ari_prev"] = adjusted_rand_index(self.align.labels.numpy(), comms.labels)
+        self.align.update(torch.as_tensor(comms.labels), global_sim.cpu())
+        return stats
 
     def run_central_round(self, samples, timings: dict[str, float]) -> dict[str, float]:
         """The centralised baseline: one epoch over the pooled samples, then the same evaluation."""
@@ -170,7 +211,8 @@ class FederatedModule(L.LightningModule):
         """Client states, server state, RNG state and history go into the checkpoint."""
         checkpoint["federated"] = {"state": self.state, "server": self.server, "gen": self.gen.get_state(),
                                    "history": self.history,
-                                   "central": self.central.state_dict() if self.central else None}
+                                   "central": self.central.state_dict() if self.central else None,
+                                   "align": (self.align.labels, self.align.global_sim) if self.align else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore what `on_save_checkpoint` stored."""
@@ -179,3 +221,5 @@ class FederatedModule(L.LightningModule):
         self.gen.set_state(fed["gen"])
         if self.central is not None:
             self.central.load_state_dict(fed["central"])
+        if self.align is not None:
+            self.align.update(*fed["align"])

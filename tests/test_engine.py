@@ -212,3 +212,32 @@ def test_resume_without_checkpoint_names_the_path(compose_cfg, tmp_path):
     cfg = compose_cfg(["dataset=synthetic", "fl.rounds=2", f"resume='{other}'"])
     with pytest.raises(FileNotFoundError, match=re.escape(str(other / "checkpoints" / "last.ckpt"))):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_methods_share_what_they_should(compose_cfg):
+    """backbone: every client starts a round from the server's mean item table (the mean of what
+    the clients uploaded last round); local: nothing is shared; fedavg: the score function too."""
+    import torch
+
+    from src.data.dataset import build
+    from src.federated import FederatedModule
+
+    tables = {}
+    for ablation in ("backbone", "local", "fedavg"):
+        cfg = compose_cfg(["dataset=synthetic", f"ablation={ablation}", "fl.rounds=2", "fl.chunk_size=16"])
+        data = build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir)
+        module = FederatedModule(cfg, data)
+        module.run_round()
+        uploaded_mean = module.state["items"].double().mean(dim=0)
+        if ablation == "local":
+            assert module.server == {}
+        else:
+            assert torch.allclose(module.server["items"].double(), uploaded_mean, atol=1e-6)
+        if ablation == "fedavg":
+            assert torch.allclose(module.server["w0"].double(), module.state["w0"].double().mean(dim=0), atol=1e-6)
+        else:
+            assert "w0" not in module.server
+        tables[ablation] = module.state["items"].clone()
+        module.run_round()
+        tables[ablation + "_2"] = module.state["items"].clone()
+    assert not torch.allclose(tables["backbone_2"], tables["local_2"])

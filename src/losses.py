@@ -1,0 +1,154 @@
+"""AlignFedRec's alignment losses on a client's item table (METHOD.md section 3, step 3).
+
+ICA (Eq. 3-4): supervised contrastive loss over the normalised item table, positives = items of
+the anchor's community; GSA (Eq. 10): masked squared Frobenius distance between the client's
+similarity matrix and the global one, with its gradient flowing into the item table.
+
+`exact` evaluates both over the whole table (all anchors, all m x m pairs) in sub-chunks of
+clients; `fast` takes the first `fast_anchors` items of the current (shuffled) batch as ICA
+anchors, still contrasted against all m items, and only the pairs of the global mask for GSA. Both are batched tensor algebra: no loop over items, none over clients beyond chunks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from src.similarity import normalised
+
+
+def cluster_sums(e: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """Sum of the normalised embeddings of every cluster: [C, K, d]."""
+    out = torch.zeros(e.shape[0], n_clusters, e.shape[2], dtype=e.dtype, device=e.device)
+    return out.index_add(1, labels, e)
+
+
+def ica_exact(e: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, tau: float, tau0: float) -> torch.Tensor:
+    """Eq. 3-4 over every anchor: (tau/tau0) * mean_a [lse_{k!=a} s_ak/tau - mean_{p in P(a)} s_ap/tau]; [C].
+
+    The positive term uses cluster sums (sum_p s_ap = e_a . (sum of a's cluster - e_a)), so only the
+    log-sum-exp needs the m x m logits. Anchors in singleton clusters are skipped.
+    """
+    m = e.shape[1]
+    logits = (e @ e.transpose(1, 2)) / tau
+    logits = logits.masked_fill(torch.eye(m, dtype=torch.bool, device=e.device), float("-inf"))
+    lse = torch.logsumexp(logits, dim=2)
+    csum = cluster_sums(e, labels, int(sizes.shape[0]))
+    npos = (sizes[labels] - 1).to(e.dtype)
+    pos = (e * (csum[:, labels] - e)).sum(dim=2) / tau
+    valid = npos > 0
+    per_anchor = lse - pos / npos.clamp(min=1)
+    return (tau / tau0) * (per_anchor * valid).sum(dim=1) / valid.sum().clamp(min=1)
+
+
+def ica_batch(e: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, labels: torch.Tensor,
+              sizes: torch.Tensor, tau: float, tau0: float) -> torch.Tensor:
+    """ICA with the current batch's items [C, B] as anchors (fast path); [C]."""
+    rows = torch.arange(e.shape[0], device=e.device).unsqueeze(1)
+    ea = e[rows, anchors]
+    logits = (ea @ e.transpose(1, 2)) / tau
+    logits = logits.scatter(2, anchors.unsqueeze(2), float("-inf"))
+    lse = torch.logsumexp(logits, dim=2)
+    csum = cluster_sums(e, labels, int(sizes.shape[0]))
+    al = labels[anchors]
+    npos = (sizes[al] - 1).to(e.dtype)
+    pos = (ea * (csum[rows, al] - ea)).sum(dim=2) / tau
+    valid = anchor_valid & (npos > 0)
+    per_anchor = lse - pos / npos.clamp(min=1)
+    return (tau / tau0) * (per_anchor * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
+def gsa_exact(e: torch.Tensor, global_sim: torch.Tensor, sigma: float, mask: str, reduction: str) -> torch.Tensor:
+    """Eq. 10: sum_{j!=k} W[j,k] (S_u[j,k] - S_g[j,k])^2, W from `mask` (local | global | union); [C]."""
+    s = e @ e.transpose(1, 2)
+    off = ~torch.eye(s.shape[1], dtype=torch.bool, device=s.device)
+    local = (s.detach() >= sigma) & off
+    glob = ((global_sim >= sigma) & off).unsqueeze(0)
+    w = {"local": local, "global": glob.expand_as(local), "union": local | glob}[mask]
+    sq = ((s - global_sim) ** 2 * w).sum(dim=(1, 2))
+    return sq / w.sum(dim=(1, 2)).clamp(min=1) if reduction == "mean" else sq
+
+
+def gsa_pairs(e: torch.Tensor, pairs: torch.Tensor, targets: torch.Tensor, sigma: float, mask: str,
+              reduction: str) -> torch.Tensor:
+    """Eq. 10 restricted to the global mask's pairs j < k [2, P] (fast path); equals `gsa_exact` with
+    mask=global. With mask=local it keeps the pairs also above sigma locally (local AND global)."""
+    s = (e[:, pairs[0]] * e[:, pairs[1]]).sum(dim=2)
+    w = torch.ones_like(s, dtype=torch.bool) if mask != "local" else s.detach() >= sigma
+    sq = 2 * ((s - targets) ** 2 * w).sum(dim=1)
+    return sq / (2 * w.sum(dim=1)).clamp(min=1) if reduction == "mean" else sq
+
+
+@dataclass
+class AlignmentLoss:
+    """alpha * ICA + beta * GSA on stacked item tables, with the server's latest labels and S_g."""
+
+    alpha: float
+    beta: float
+    tau: float
+    tau0: float
+    sigma: float
+    centre: bool
+    mask: str
+    reduction: str
+    mode: str
+    chunk: int
+    use_ica: bool
+    use_gsa: bool
+    fast_anchors: int = 64
+    labels: torch.Tensor | None = None
+    global_sim: torch.Tensor | None = None
+    pairs: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    def update(self, labels: torch.Tensor | None, global_sim: torch.Tensor | None) -> None:
+        """Take the server's broadcast: community labels and the global similarity matrix."""
+        self.labels, self.global_sim = labels, global_sim
+        if global_sim is not None:
+            upper = torch.triu(global_sim >= self.sigma, diagonal=1)
+            self.pairs = upper.nonzero().T.contiguous()
+            self.targets = global_sim[self.pairs[0], self.pairs[1]]
+
+    @property
+    def active(self) -> bool:
+        """False until the server has broadcast something the enabled terms need."""
+        return (self.use_ica and self.labels is not None) or (self.use_gsa and self.global_sim is not None)
+
+    def terms(self, table: torch.Tensor, anchors: torch.Tensor | None = None,
+              anchor_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Unweighted per-client ICA and GSA values [C] of `table` [C, m, d] (differentiable)."""
+        e = normalised(table, self.centre)
+        out: dict[str, torch.Tensor] = {}
+        if self.use_ica and self.labels is not None:
+            labels = self.labels.to(table.device)
+            sizes = torch.bincount(labels)
+            if self.mode == "fast" and anchors is not None:
+                k = self.fast_anchors
+                out["ica"] = ica_batch(e, anchors[:, :k], anchor_valid[:, :k], labels, sizes, self.tau, self.tau0)
+            else:
+                out["ica"] = ica_exact(e, labels, sizes, self.tau, self.tau0)
+        if self.use_gsa and self.global_sim is not None:
+            if self.mode == "fast":
+                out["gsa"] = gsa_pairs(e, self.pairs.to(table.device), self.targets.to(table.device), self.sigma,
+                                       self.mask, self.reduction)
+            else:
+                out["gsa"] = gsa_exact(e, self.global_sim.to(table.device), self.sigma, self.mask, self.reduction)
+        return out
+
+    def value_and_grad(self, table: torch.Tensor, anchors: torch.Tensor,
+                       anchor_valid: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-client terms and the gradient of alpha * ICA + beta * GSA w.r.t. `table`, in sub-chunks
+        of `chunk` clients so the m x m intermediates of only a few clients exist at a time."""
+        grad = torch.zeros_like(table)
+        values: dict[str, list[torch.Tensor]] = {}
+        weight = {"ica": self.alpha, "gsa": self.beta}
+        for s in range(0, table.shape[0], self.chunk):
+            part = table[s:s + self.chunk].detach().requires_grad_()
+            with torch.enable_grad():
+                terms = self.terms(part, anchors[s:s + self.chunk], anchor_valid[s:s + self.chunk])
+                total = sum(weight[k] * v.sum() for k, v in terms.items())
+                if terms:
+                    grad[s:s + self.chunk] = torch.autograd.grad(total, part)[0]
+            for k, v in terms.items():
+                values.setdefault(k, []).append(v.detach())
+        return {k: torch.cat(v) for k, v in values.items()}, grad
