@@ -3,7 +3,8 @@
 Edges are the item pairs with S_g >= sigma, weighted by S_g (modularity needs non-negative
 weights, so sigma must be >= 0 for a non-empty graph of positive weights); communities maximise
 weighted modularity with Leiden (igraph's `community_leiden` with the modularity objective, or
-leidenalg's ModularityVertexPartition / RBConfigurationVertexPartition), seeded.
+leidenalg's ModularityVertexPartition / RBConfigurationVertexPartition), seeded. The reported
+modularity uses `resolution`; `leidenalg` (ModularityVertexPartition) optimises resolution 1.
 """
 from __future__ import annotations
 
@@ -46,8 +47,7 @@ def detect(sim: torch.Tensor, sigma: float, method: str, resolution: float, seed
     graph = similarity_graph(sim, sigma)
     weights = graph.es["weight"] if graph.ecount() else None
     if method == "igraph":
-        random.seed(seed)
-        ig.set_random_number_generator(random)
+        ig.set_random_number_generator(random.Random(seed))
         part = graph.community_leiden(objective_function="modularity", weights=weights, resolution=resolution,
                                       n_iterations=-1)
         membership = part.membership
