@@ -137,18 +137,19 @@ class AlignmentLoss:
 
     def value_and_grad(self, table: torch.Tensor, anchors: torch.Tensor,
                        anchor_valid: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per-client terms and the gradient of alpha * ICA + beta * GSA w.r.t. `table`, in sub-chunks
-        of `chunk` clients so the m x m intermediates of only a few clients exist at a time."""
+        """Per-client terms and the gradient of alpha * ICA + beta * GSA w.r.t. `table`; the exact mode
+        works in sub-chunks of `chunk` clients so the m x m intermediates of only a few exist at a time."""
         grad = torch.zeros_like(table)
         values: dict[str, list[torch.Tensor]] = {}
         weight = {"ica": self.alpha, "gsa": self.beta}
-        for s in range(0, table.shape[0], self.chunk):
-            part = table[s:s + self.chunk].detach().requires_grad_()
+        step = self.chunk if self.mode == "exact" else table.shape[0]
+        for s in range(0, table.shape[0], step):
+            part = table[s:s + step].detach().requires_grad_()
             with torch.enable_grad():
-                terms = self.terms(part, anchors[s:s + self.chunk], anchor_valid[s:s + self.chunk])
+                terms = self.terms(part, anchors[s:s + step], anchor_valid[s:s + step])
                 total = sum(weight[k] * v.sum() for k, v in terms.items())
                 if terms:
-                    grad[s:s + self.chunk] = torch.autograd.grad(total, part)[0]
+                    grad[s:s + step] = torch.autograd.grad(total, part)[0]
             for k, v in terms.items():
                 values.setdefault(k, []).append(v.detach())
         return {k: torch.cat(v) for k, v in values.items()}, grad
