@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import uuid
 from pathlib import Path
 
 import lightning as L
@@ -31,10 +32,17 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """W&B (offline unless keyed) grouped by dataset, or none; the CSV is written by `RoundCSV`."""
+    """W&B (offline unless keyed) grouped by dataset, or none; the CSV is written by `RoundCSV`.
+
+    The W&B run id is kept in `<run_dir>/wandb_run_id`, so a resumed run continues the same W&B run.
+    """
     loggers: list[Logger] = []
     if cfg.logger.wandb:
+        id_file = Path(run_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        atomic_write_text(id_file, run_id)
         loggers.append(WandbLogger(
+            id=run_id, resume="allow",
             project=cfg.logger.project, entity=cfg.logger.entity, name=run_name(cfg), group=cfg.logger.group,
             tags=list(cfg.logger.tags), save_dir=str(run_dir), mode=wandb_mode(cfg.logger.mode),
             config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous"))
