@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow data clean
+.PHONY: help install run test test-slow bench data clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ test: install ## Run the test suite (fast tests; slow ones with `make test-slow`
 
 test-slow: install ## Run only the slow tests (long runs on real data)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+# `make bench` = dataset=ml-100k fl.rounds=3; ARGS are passed through, and a dataset= or fl.rounds= in ARGS replaces that default
+BENCH_ARGS = $(if $(filter dataset=%,$(ARGS)),,dataset=ml-100k) $(if $(filter fl.rounds=%,$(ARGS)),,fl.rounds=3) $(ARGS)
+
+bench: install ## Time the round phases and the stacked cohort vs the per-client reference (ARGS="ablation=full ..."); writes bench.json
+	$(BIN)/python -m src.bench $(strip $(BENCH_ARGS))
 
 data: install ## Print the split summary of every dataset under both protocols
 	for d in ml-100k ml-1m filmtrust lastfm-2k; do for p in paper clean; do \

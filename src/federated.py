@@ -144,6 +144,7 @@ class FederatedModule(L.LightningModule):
         timings["time/eval"] = time.perf_counter() - tic
         out = {**metrics, **{f"loss/{k}": v for k, v in losses.items()}, **comm_stats, **timings}
         out["clients"] = float(len(clients))
+        out["steps"] = float(steps.sum())  # client-steps of local training this round
         out["reported"] = float(len(clients) - int(fails[clients].sum()))
         return out
 

@@ -1,9 +1,10 @@
 """The stacked cohort trains every client exactly as a per-client nn.Module + torch.optim loop.
 
-`tests/reference.py` is an independent per-client implementation (nn.Embedding, nn.Linear,
-nn.BCELoss / BCEWithLogitsLoss, torch.optim.SGD / Adam created fresh per client and round, the
-PFedRec two-optimiser engine for `optim.alternate`). Both consume the same round samples and
-batch layout; after one round every parameter of every client must agree.
+`src/reference.py` (re-exported by `tests/reference.py`) is an independent per-client
+implementation (nn.Embedding, nn.Linear, nn.BCELoss / BCEWithLogitsLoss, torch.optim.SGD / Adam
+created fresh per client and round, the PFedRec two-optimiser engine for `optim.alternate`). Both
+consume the same round samples and batch layout; after one round every parameter of every client
+must agree.
 """
 from __future__ import annotations
 

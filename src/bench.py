@@ -1,0 +1,249 @@
+"""`python -m src.bench dataset=<name> ablation=<name> fl.rounds=<R> [overrides]`: where a round's time goes.
+
+Builds the data and a `FederatedModule` as `src.run` does (no Lightning Trainer, no checkpoints,
+no run folder), runs one warm-up round that is not counted, then R rounds, and reports:
+
+- seconds per round by phase (the `time/*` values `run_round` returns: sample, train, aggregate,
+  community, eval; a phase the method does not have counts 0) and the whole round, mean over R;
+- client-steps per second: local steps of all chosen clients per round / train seconds;
+- peak resident memory of the process (MiB), peak GPU memory allocated (MiB, null without CUDA),
+  the device (GPU name, or CPU model and torch threads);
+- the stacked cohort against the per-client reference loop (`src/reference.py`) doing the same
+  work: `bench.reference_clients` random clients, one set of round samples and batch layout,
+  trained once stacked (`train_cohort`, chunked as a round chunks them) and once client by client
+  (`train_client`, nn.Module + torch.optim), from the same parameters, in this process. Reported:
+  seconds per client each way and the speed-up, the client-steps each side ran (and the stacked
+  side's padded slots: a chunk runs as many steps as its longest client, short ones masked), the
+  mean BCE each way and the largest parameter difference after training. The reference is BCE only, so for methods with
+  alignment terms (ICA, GSA) both sides train the BCE part only, and the report says so.
+
+Prints a table and writes the same figures as JSON to `bench.out` (atomically).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from src.cohort import batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
+from src.config import ConfigError, load_config
+from src.data.dataset import build
+from src.federated import FederatedModule
+from src.reference import client_batches, make_client, train_client
+from src.results import atomic_write_text
+
+PHASES = ("sample", "train", "aggregate", "community", "eval")
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    """What ran the bench: GPU name, or CPU model; torch intra-op threads and visible CPU cores."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return {"type": device.type, "name": name, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count()}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_figures(rows: list[dict[str, float]], round_s: list[float]) -> dict[str, Any]:
+    """Mean seconds per phase and per round, client-steps per round and per train second."""
+    n = len(rows)
+    phases = {p: sum(r.get(f"time/{p}", 0.0) for r in rows) / n for p in PHASES}
+    phases["round"] = sum(round_s) / n
+    steps = [r["steps"] for r in rows if "steps" in r]
+    train_s = sum(r.get("time/train", 0.0) for r in rows)
+    per_round = sum(steps) / n if len(steps) == n else None
+    per_second = sum(steps) / train_s if per_round is not None and train_s > 0 else None
+    return {"seconds_per_round": phases, "client_steps_per_round": per_round, "client_steps_per_second": per_second}
+
+
+def reference_comparison(module: FederatedModule, n_clients: int, generator: torch.Generator) -> dict[str, Any]:
+    """Train `n_clients` random clients stacked and one by one on the same batches; time both.
+
+    Both start from the clients' current parameters with the server's shared ones copied in (as a
+    round starts), use the configured optimiser and the same samples and layout. Only the training
+    calls are timed (`train_cohort` per chunk, `train_client` per client), not the set-up.
+    """
+    cfg, fl, device = module.cfg, module.cfg.fl, module.compute_device
+    epochs, batch_size, n_items = int(fl.local_epochs), int(fl.batch_size), module.data.n_items
+    k = min(n_clients, module.data.n_users)
+    clients = torch.randperm(module.data.n_users, generator=generator)[:k].sort().values
+    samples = sample_round(module.train_ptr, module.train_items, module.sampler,
+                           int(cfg.protocol.train_negatives), generator)
+    steps = local_steps(samples, clients, epochs, batch_size)
+    chunks = [(rows, batch_layout(samples, rows, epochs, batch_size, generator))
+              for rows in chunks_by_steps(clients, steps, fl.chunk_size)]
+
+    def start(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        params = module.chunk_params(rows)
+        for key in module.keys:
+            params[key].copy_(module.server[key].to(device).expand_as(params[key]))
+        return params
+
+    stacked_s, stacked_steps, stacked_bce, padded = 0.0, 0, 0.0, 0
+    reference_s, reference_losses, max_diff = 0.0, [], 0.0
+    for rows, layout in chunks:
+        init = start(rows)
+        trained = {key: v.clone() for key, v in init.items()}
+        sync(device)
+        tic = time.perf_counter()
+        losses = train_cohort(trained, samples, layout, cfg.optim, n_items, cfg.model.loss, None)
+        sync(device)
+        stacked_s += time.perf_counter() - tic
+        chunk_steps = int(layout.steps.sum())
+        stacked_steps += chunk_steps
+        padded += layout.index.shape[0] * layout.index.shape[1]
+        stacked_bce += losses.get("bce", 0.0) * chunk_steps
+        for row in range(len(rows)):
+            client = make_client(cfg.model, n_items, init, row).to(device)
+            batches = [(items.to(device), labels.to(device)) for items, labels in client_batches(samples, layout, row)]
+            sync(device)
+            tic = time.perf_counter()
+            row_losses = train_client(client, batches, cfg.optim, n_items)
+            sync(device)
+            reference_s += time.perf_counter() - tic
+            reference_losses += row_losses
+            for key, value in client.to_stacked().items():
+                max_diff = max(max_diff, float((value - trained[key][row]).abs().max()))
+    align = bool(cfg.ablation.ica or cfg.ablation.gsa)
+    note = ("BCE part only: the reference has no alignment terms, so both sides train without ICA/GSA"
+            if align else "same work: the method is BCE only")
+    return {
+        "clients": k, "chunks": len(chunks),
+        "stacked_client_steps": stacked_steps, "reference_client_steps": len(reference_losses),
+        "stacked_padded_steps": padded,
+        "stacked_s": stacked_s, "reference_s": reference_s,
+        "stacked_s_per_client": stacked_s / k, "reference_s_per_client": reference_s / k,
+        "speedup": reference_s / stacked_s if stacked_s > 0 else None,
+        "bce_stacked": stacked_bce / max(stacked_steps, 1),
+        "bce_reference": sum(reference_losses) / max(len(reference_losses), 1),
+        "max_abs_param_diff": max_diff,
+        "alignment_included": False, "note": note,
+    }
+
+
+def fmt(value: Any, spec: str = ".4f", unit: str = "") -> str:
+    """A number with its unit, or '-' for null."""
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The human-readable summary of a bench report."""
+    cfg, dev = report["config"], report["device"]
+    lines = [f"bench: {report['dataset']} / {report['ablation']} / {report['protocol']}, optim {cfg['optim']}, "
+             f"{report['n_users']} clients x {report['n_items']} items, {report['rounds']} rounds after "
+             f"{report['warmup_rounds']} warm-up",
+             f"device: {dev['type']}, {dev['name']} (torch threads {dev['torch_threads']}, "
+             f"cpu cores {dev['cpu_count']})",
+             "", f"{'phase':<12}{'s/round':>10}"]
+    lines += [f"{p:<12}{v:>10.4f}" for p, v in report["seconds_per_round"].items()]
+    lines += ["",
+              f"client-steps per round   {fmt(report['client_steps_per_round'], '.1f')}",
+              f"client-steps per second  {fmt(report['client_steps_per_second'], '.1f')}",
+              f"peak resident memory     {fmt(report['peak_rss_mib'], '.1f', ' MiB')}",
+              f"peak GPU memory          {fmt(report['peak_gpu_mib'], '.1f', ' MiB')}"]
+    ref = report["reference"]
+    if ref is None:
+        lines += ["", f"stacked vs per-client reference: not run ({report['reference_note']})"]
+    else:
+        lines += ["", f"stacked vs per-client reference ({ref['clients']} random clients, same batches; "
+                      f"{ref['note']}):",
+                  f"  stacked (train_cohort)   {ref['stacked_s_per_client'] * 1e3:10.3f} ms/client",
+                  f"  reference (one by one)   {ref['reference_s_per_client'] * 1e3:10.3f} ms/client",
+                  f"  speed-up                 {fmt(ref['speedup'], '.1f', 'x')}",
+                  f"  client-steps             {ref['stacked_client_steps']} stacked "
+                  f"({ref['stacked_padded_steps']} with padding to each chunk's longest client), "
+                  f"{ref['reference_client_steps']} reference",
+                  f"  mean BCE                 {ref['bce_stacked']:.6f} stacked, {ref['bce_reference']:.6f} reference "
+                  f"(max |param diff| {ref['max_abs_param_diff']:.2e})"]
+    return "\n".join(lines)
+
+
+def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """Run the benchmark described in the module docstring; return the report."""
+    n_ref = cfg.bench.reference_clients
+    if not isinstance(n_ref, int) or n_ref < 0:
+        raise ConfigError(f"config bench.reference_clients={n_ref!r} is invalid: expected an integer >= 0 (0 = skip)")
+    torch.manual_seed(int(cfg.seed))
+    t0 = time.perf_counter()
+    data = build(cfg.dataset, cfg.protocol, int(cfg.seed), cfg.data.root, cfg.data.cache_dir)
+    module = FederatedModule(cfg, data)
+    device = module.compute_device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    setup_s = time.perf_counter() - t0
+    module.run_round()  # warm-up: allocator, kernels, first-call overheads
+    rows, round_s = [], []
+    for _ in range(int(cfg.fl.rounds)):
+        sync(device)
+        tic = time.perf_counter()
+        rows.append(module.run_round())
+        sync(device)
+        round_s.append(time.perf_counter() - tic)
+    reference, reference_note = None, None
+    if cfg.ablation.central:
+        reference_note = "ablation=central trains one pooled model, there is no per-client training to compare"
+    elif n_ref == 0:
+        reference_note = "bench.reference_clients=0"
+    else:
+        reference = reference_comparison(module, n_ref, torch.Generator().manual_seed(int(cfg.seed) + 7))
+    return {
+        "dataset": cfg.dataset.name, "protocol": cfg.protocol.name, "ablation": cfg.ablation.name,
+        "n_users": data.n_users, "n_items": data.n_items,
+        "config": {"optim": cfg.optim.name, "seed": int(cfg.seed), "device": str(cfg.device),
+                   "local_epochs": int(cfg.fl.local_epochs), "batch_size": int(cfg.fl.batch_size),
+                   "chunk_size": cfg.fl.chunk_size, "client_fraction": float(cfg.fl.client_fraction),
+                   "model_dim": int(cfg.model.dim)},
+        "overrides": list(overrides),
+        "device": device_info(device),
+        "torch_version": torch.__version__,
+        "rounds": int(cfg.fl.rounds), "warmup_rounds": 1, "setup_s": setup_s,
+        **round_figures(rows, round_s),
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "reference": reference, "reference_note": reference_note,
+        "val_hit@10_last": rows[-1].get("val/hit@10"),
+    }
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """Compose the config from `argv` overrides, run the bench, print the table, write `bench.out`."""
+    cfg = load_config(argv)
+    report = bench(cfg, argv)
+    out = Path(str(cfg.bench.out))
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"\nwrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

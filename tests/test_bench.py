@@ -1,0 +1,94 @@
+"""`python -m src.bench`: the report has every field, sane values, and both sides time the same work."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from src.bench import PHASES, main
+from src.config import ConfigError
+
+FIELDS = ["dataset", "protocol", "ablation", "n_users", "n_items", "config", "overrides", "device", "torch_version",
+          "rounds", "warmup_rounds", "setup_s", "seconds_per_round", "client_steps_per_round",
+          "client_steps_per_second", "peak_rss_mib", "peak_gpu_mib", "reference", "reference_note"]
+REFERENCE_FIELDS = ["clients", "chunks", "stacked_client_steps", "reference_client_steps", "stacked_padded_steps",
+                    "stacked_s", "reference_s", "stacked_s_per_client", "reference_s_per_client", "speedup",
+                    "bce_stacked", "bce_reference", "max_abs_param_diff", "alignment_included", "note"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_bench(cache_dir, tmp_path, *overrides: str) -> tuple[dict, dict, str]:
+    out = tmp_path / "bench.json"
+    returned = main(["dataset=synthetic", "fl.rounds=1", f"bench.out='{out}'", f"data.cache_dir='{cache_dir}'",
+                     *overrides])
+    return json.loads(out.read_text()), returned, out.name
+
+
+@pytest.mark.parametrize("ablation", ["backbone", "full"])
+def test_bench_report(cache_dir, tmp_path, capsys, ablation):
+    report, returned, name = run_bench(cache_dir, tmp_path, f"ablation={ablation}")
+    assert report == json.loads(json.dumps(returned))
+    assert set(FIELDS) <= report.keys(), set(FIELDS) - report.keys()
+    assert (report["dataset"], report["ablation"], report["rounds"], report["warmup_rounds"]) == \
+        ("synthetic", ablation, 1, 1)
+    phases = report["seconds_per_round"]
+    assert set(phases) == {*PHASES, "round"}
+    assert all(isinstance(v, float) and v >= 0 for v in phases.values()), phases
+    assert phases["train"] > 0 and phases["round"] >= phases["train"]
+    if ablation == "full":
+        assert phases["community"] > 0
+    # default config: every client, 1 epoch, batch 256 -> every synthetic client (<= 20 positives x 5) has 1 step
+    assert report["client_steps_per_round"] == report["n_users"]
+    assert report["client_steps_per_second"] > 0
+    assert report["peak_rss_mib"] > 0
+    assert report["peak_gpu_mib"] is None if report["device"]["type"] == "cpu" else report["peak_gpu_mib"] > 0
+    assert report["device"]["name"] and report["device"]["torch_threads"] == 1
+
+    ref = report["reference"]
+    assert report["reference_note"] is None
+    assert set(REFERENCE_FIELDS) <= ref.keys(), set(REFERENCE_FIELDS) - ref.keys()
+    assert ref["clients"] == 32  # bench.reference_clients default, fewer than the 60 synthetic clients
+    speedup = ref["speedup"]
+    assert isinstance(speedup, float) and math.isfinite(speedup) and speedup > 0
+    assert ref["stacked_s"] > 0 and ref["reference_s"] > 0
+    assert ref["stacked_s_per_client"] == pytest.approx(ref["stacked_s"] / 32)
+    assert ref["speedup"] == pytest.approx(ref["reference_s"] / ref["stacked_s"])
+    # the same work on both sides: as many client-steps, the same losses and end parameters
+    assert ref["stacked_client_steps"] == ref["reference_client_steps"] == 32
+    assert ref["bce_stacked"] == pytest.approx(ref["bce_reference"], rel=1e-5)
+    assert ref["max_abs_param_diff"] < 1e-4
+    assert ref["alignment_included"] is False
+    assert ("BCE part only" in ref["note"]) == (ablation == "full")
+
+    printed = capsys.readouterr().out
+    for text in ("s/round", "client-steps per second", "peak resident memory", "speed-up", name):
+        assert text in printed, text
+
+
+def test_bench_more_steps_and_chunks(cache_dir, tmp_path):
+    """Several steps per client and several chunks: still the same client-steps on both sides."""
+    report, _, _ = run_bench(cache_dir, tmp_path, "fl.batch_size=16", "fl.local_epochs=2", "fl.chunk_size=8",
+                             "bench.reference_clients=20", "optim=adam")
+    ref = report["reference"]
+    assert ref["clients"] == 20 and ref["chunks"] == 3
+    assert ref["stacked_client_steps"] == ref["reference_client_steps"] > 2 * 20
+    assert ref["stacked_padded_steps"] >= ref["stacked_client_steps"]
+    assert report["client_steps_per_round"] > 2 * report["n_users"]
+    assert ref["bce_stacked"] == pytest.approx(ref["bce_reference"], rel=1e-5)
+
+
+def test_bench_central_and_bad_config(cache_dir, tmp_path):
+    report, _, _ = run_bench(cache_dir, tmp_path, "ablation=central")
+    assert report["reference"] is None and "central" in report["reference_note"]
+    assert all(v >= 0 for v in report["seconds_per_round"].values())
+    with pytest.raises(ConfigError, match="bench.reference_clients"):
+        run_bench(cache_dir, tmp_path, "bench.reference_clients=-1")
