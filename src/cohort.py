@@ -104,19 +104,28 @@ class StackedOptimizer:
                 mask = active.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
                 params[k].sub_(g * mask, alpha=self.lr[k])
             return
+        sel = None if bool(active.all()) else active.nonzero().squeeze(1)
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            """The active clients' rows: the tensor itself (updated in place) when all are active."""
+            return x if sel is None else x.index_select(0, sel)
+
         for k, g in grads.items():
             self.t[k] += active.to(self.t[k].dtype)
-            t = self.t[k].clamp(min=1)
+            m, v, g, t = take(self.m[k]), take(self.v[k]), take(g), take(self.t[k])
             shape = (-1, *([1] * (g.dim() - 1)))
-            act = active.view(shape)
-            m = torch.where(act, self.m[k] * self.b1 + g * (1 - self.b1), self.m[k])
-            v = torch.where(act, self.v[k] * self.b2 + g * g * (1 - self.b2), self.v[k])
-            self.m[k], self.v[k] = m, v
+            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
             bias1 = (1 - self.b1 ** t).view(shape)
             bias2 = (1 - self.b2 ** t).view(shape)
-            denom = (v.sqrt() / bias2.sqrt()).add_(self.eps)
-            update = m / denom * (self.lr[k] / bias1)
-            params[k].sub_(torch.where(act, update, torch.zeros((), dtype=g.dtype, device=g.device)))
+            step = (v.sqrt() / bias2.sqrt()).add_(self.eps)
+            step = torch.div(m, step).mul_(self.lr[k] / bias1)
+            if sel is None:
+                params[k].sub_(step)
+            else:
+                self.m[k].index_copy_(0, sel, m)
+                self.v[k].index_copy_(0, sel, v)
+                params[k].index_add_(0, sel, step, alpha=-1.0)
 
 
 def bce_per_client(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, loss: str) -> torch.Tensor:
