@@ -59,7 +59,7 @@ def batch_layout(samples: RoundSamples, clients: torch.Tensor, epochs: int, batc
     """Shuffle each client's samples once per epoch and cut every epoch into batches of `batch_size`."""
     start = samples.ptr[clients]
     n = samples.ptr[clients + 1] - start
-    per_epoch = torch.div(n + batch_size - 1, batch_size, rounding_mode="floor")
+    per_epoch = local_steps(samples, clients, 1, batch_size)
     steps = per_epoch * epochs
     c, t_max, nmax = len(clients), int(steps.max()) if len(clients) else 0, int(n.max()) if len(clients) else 0
     index = torch.full((c, max(t_max, 1), batch_size), -1, dtype=torch.long)

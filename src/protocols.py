@@ -20,6 +20,16 @@ def interaction_matrix(n_users: int, n_items: int, users: np.ndarray, items: np.
     return mat
 
 
+def all_interactions(n_users: int, n_items: int, train_users: np.ndarray, train_items: np.ndarray,
+                     val_items: np.ndarray, test_items: np.ndarray) -> np.ndarray:
+    """Boolean [users, items]: training positives plus each user's validation and test item."""
+    mat = interaction_matrix(n_users, n_items, train_users, train_items)
+    rows = np.arange(n_users)
+    mat[rows, val_items] = True
+    mat[rows, test_items] = True
+    return mat
+
+
 def draw_eval_negatives(interacted: np.ndarray, count: int, seed: int, chunk: int = 1024) -> np.ndarray:
     """Draw `count` distinct never-interacted items per user, uniformly, in a random order.
 

@@ -25,15 +25,15 @@ def similarity(table: torch.Tensor, centre: bool) -> torch.Tensor:
 
 def thresholded_upload(sim: torch.Tensor, sigma: float) -> torch.Tensor:
     """What a client uploads: S with the diagonal set to 0 and entries below sigma set to 0."""
-    out = sim.masked_fill(sim < sigma, 0.0)
-    return out * (1 - torch.eye(sim.shape[-1], dtype=sim.dtype, device=sim.device))
+    out = torch.where(sim >= sigma, sim, 0.0)
+    out.diagonal(dim1=-2, dim2=-1).zero_()
+    return out
 
 
 class SimilarityAggregator:
     """Server-side running sum of the uploaded thresholded matrices; never all clients at once.
 
-    Each chunk's thresholded matrices are summed in fp32, the running total is kept in fp64; the
-    diagonal, which every upload zeroes, is zeroed once on the mean.
+    Each chunk's thresholded matrices are summed in fp32, the running total is kept in fp64.
     """
 
     def __init__(self, n_items: int, sigma: float, centre: bool, chunk: int, device: torch.device):
@@ -46,10 +46,8 @@ class SimilarityAggregator:
         """Add the uploads of the clients marked `uploaded` [C], `chunk` clients at a time."""
         tables = tables[uploaded]
         for start in range(0, tables.shape[0], self.chunk):
-            sim = similarity(tables[start:start + self.chunk], self.centre)
-            kept = torch.where(sim >= self.sigma, sim, 0.0)
-            diag = kept.diagonal(dim1=1, dim2=2)
-            self.nnz += int(torch.count_nonzero(kept)) - int(torch.count_nonzero(diag))
+            kept = thresholded_upload(similarity(tables[start:start + self.chunk], self.centre), self.sigma)
+            self.nnz += int(torch.count_nonzero(kept))
             self.sum += kept.sum(dim=0)
         self.count += int(tables.shape[0])
 
@@ -57,6 +55,4 @@ class SimilarityAggregator:
         """S_g = mean of the uploads (float32), or None when nobody uploaded."""
         if self.count == 0:
             return None
-        mean = (self.sum / self.count).float()
-        mean.fill_diagonal_(0.0)
-        return mean
+        return (self.sum / self.count).float()

@@ -205,13 +205,18 @@ def test_gsa_masks_differ_and_nest():
     assert not torch.allclose(loc, glo)
 
 
+def tables_with_sigma(c: int, m: int, d: int, seed: int, lo: float, hi: float):
+    """Random tables, their centred cosines (numpy) and a sigma in [lo, hi] far from every cosine."""
+    t = tables(c, m, d, seed=seed)
+    cos = np.stack([np_cosine(x, True) for x in t.numpy()])
+    return t, cos, pick_sigma(cos, lo, hi)
+
+
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gsa_gradient_matches_finite_differences(mask, reduction):
     c, m, d = 2, 12, 4
-    t = tables(c, m, d, seed=12)
-    cos = np.stack([np_cosine(x, True) for x in t.numpy()])
-    sigma = pick_sigma(cos, 0.3, 0.6)
+    t, cos, sigma = tables_with_sigma(c, m, d, 12, 0.3, 0.6)
     assert min_gap_to(cos[:, ~np.eye(m, dtype=bool)], sigma) > 1e-4   # no local mask entry can flip
     gs = random_global(m, seed=13, sigma=sigma)
     x = t.clone().requires_grad_()
@@ -415,9 +420,7 @@ def test_alignment_loss_inactive_before_update():
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_alignment_value_and_grad_equals_per_client_autograd(mask, reduction):
     c, m, d = 5, 14, 4
-    t = tables(c, m, d, seed=32)
-    cos = np.stack([np_cosine(x, True) for x in t.numpy()])
-    sigma = pick_sigma(cos, 0.35, 0.6)
+    t, _, sigma = tables_with_sigma(c, m, d, 32, 0.35, 0.6)
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 4, 0, 5, 2])
     gs = random_global(m, seed=33, sigma=sigma)
     loss = make_loss(mask=mask, reduction=reduction, chunk=2, sigma=sigma)

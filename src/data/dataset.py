@@ -16,7 +16,7 @@ from src.data.download import default_cache_dir, file_digests
 from src.data.paths import resolve_dataset_dir
 from src.data.split import dedupe_pairs, filter_min_interactions, leave_one_out
 from src.data.synthetic import planted_communities
-from src.protocols import draw_eval_negatives, interaction_matrix
+from src.protocols import all_interactions, draw_eval_negatives, interaction_matrix
 
 CACHE_VERSION = 1
 
@@ -56,11 +56,8 @@ class FedData:
 
     def interacted_matrix(self) -> np.ndarray:
         """Boolean [users, items]: True at every interaction (training and held-out)."""
-        mat = self.train_matrix()
-        rows = np.arange(self.n_users)
-        mat[rows, self.val_items] = True
-        mat[rows, self.test_items] = True
-        return mat
+        return all_interactions(self.n_users, self.n_items, self.train_users, self.train_items,
+                                self.val_items, self.test_items)
 
     def summary(self) -> dict:
         """The facts a user checks first: sizes, per-user spread, protocol, seed, source."""
@@ -149,9 +146,8 @@ def build(dataset: DictConfig, protocol: DictConfig, seed: int, root: str | None
         notes.append(f"{frame['user'].nunique() - kept['user'].nunique()} users with < 3 interactions dropped")
     loo = leave_one_out(kept)
     ptr = np.r_[0, np.cumsum(np.bincount(loo.train_users, minlength=loo.n_users))]
-    interacted = interaction_matrix(loo.n_users, loo.n_items, loo.train_users, loo.train_items)
-    interacted[np.arange(loo.n_users), loo.val_items] = True
-    interacted[np.arange(loo.n_users), loo.test_items] = True
+    interacted = all_interactions(loo.n_users, loo.n_items, loo.train_users, loo.train_items,
+                                  loo.val_items, loo.test_items)
     half = int(protocol.eval_negatives)
     negatives = draw_eval_negatives(interacted, 2 * half, seed)
     if community is not None:
