@@ -112,7 +112,7 @@ class FederatedModule(L.LightningModule):
         sims = None
         if self.align is not None:
             sims = SimilarityAggregator(self.data.n_items, float(cfg.model.sigma), bool(cfg.model.centre),
-                                        int(cfg.server.sim_chunk), self.compute_device)
+                                        int(cfg.server.sim_block), self.compute_device)
         dense = self.align.value_and_grad if self.align is not None and self.align.active else None
         losses: dict[str, float] = {}
         train_time, upload_time = 0.0, 0.0

@@ -131,16 +131,17 @@ def np_aggregate(tabs: np.ndarray, uploaded: np.ndarray, sigma: float, centre: b
     return (total / count if count else None), count, nnz
 
 
+@pytest.mark.parametrize("sigma", [0.5, -0.2])
 @pytest.mark.parametrize("centre", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_similarity_aggregator_matches_per_client_loop(centre, dtype):
-    c, m, d, sigma = 7, 15, 4, 0.5
+def test_similarity_aggregator_matches_per_client_loop(centre, dtype, sigma):
+    c, m, d = 7, 15, 4
     tabs = tables(c, m, d, seed=7, dtype=dtype)
     uploaded = torch.tensor([True, False, True, True, False, True, True])
     cos = np.stack([np_cosine(t, centre) for t in tabs.double().numpy()])
     assert min_gap_to(cos, sigma) > 1e-5   # no entry near the threshold: fp32 rounding cannot flip one
     expected, count, nnz = np_aggregate(tabs.double().numpy(), uploaded.numpy(), sigma, centre)
-    agg = SimilarityAggregator(m, sigma, centre, chunk=2, device=CPU)
+    agg = SimilarityAggregator(m, sigma, centre, block=40, device=CPU, rows=4)
     agg.add(tabs, uploaded)
     mean = agg.mean()
     assert mean is not None and mean.shape == (m, m) and mean.dtype == torch.float32
@@ -157,16 +158,16 @@ def test_similarity_aggregator_accumulates_over_calls_and_handles_nobody():
     c, m, d, sigma = 6, 12, 4, 0.5
     tabs = tables(c, m, d, seed=8)
     uploaded = torch.tensor([True, True, False, True, True, True])
-    one = SimilarityAggregator(m, sigma, True, chunk=4, device=CPU)
+    one = SimilarityAggregator(m, sigma, True, block=80, device=CPU, rows=4)
     one.add(tabs, uploaded)
-    two = SimilarityAggregator(m, sigma, True, chunk=1, device=CPU)
+    two = SimilarityAggregator(m, sigma, True, block=20, device=CPU, rows=4)
     two.add(tabs[:3], uploaded[:3])
     two.add(tabs[3:], uploaded[3:])
     expected, count, _ = np_aggregate(tabs.numpy(), uploaded.numpy(), sigma, True)
     np.testing.assert_allclose(two.mean().double().numpy(), expected, atol=1e-7)
     np.testing.assert_allclose(one.mean().double().numpy(), two.mean().double().numpy(), atol=1e-7)
     assert one.count == two.count == count == 5 and one.nnz == two.nnz
-    nobody = SimilarityAggregator(m, sigma, True, chunk=2, device=CPU)
+    nobody = SimilarityAggregator(m, sigma, True, block=40, device=CPU, rows=4)
     assert nobody.mean() is None
     nobody.add(tabs, torch.zeros(c, dtype=torch.bool))
     assert nobody.mean() is None and nobody.count == 0 and nobody.nnz == 0
