@@ -54,6 +54,19 @@ def validate(cfg: DictConfig) -> None:
     if cfg.dataset.name == "synthetic":
         for key in ("n_users", "n_items", "n_communities", "per_user"):
             _check(int(cfg.dataset[key]) >= 1, f"dataset.{key}", cfg.dataset[key], "an integer >= 1")
+    comm, priv = cfg.comm, cfg.privacy
+    _check(comm.format in ("csr", "coo"), "comm.format", comm.format, "csr or coo")
+    _check(comm.topk is None or int(comm.topk) >= 1, "comm.topk", comm.topk, "null or an integer >= 1")
+    _check(comm.bits in (32, 16, 8, 4), "comm.bits", comm.bits, "32, 16, 8 or 4")
+    _check(isinstance(comm.delta, bool), "comm.delta", comm.delta, "true or false")
+    _check(priv.epsilon is None or float(priv.epsilon) > 0, "privacy.epsilon", priv.epsilon, "null or a value > 0")
+    _check(priv.scale is None or float(priv.scale) >= 0, "privacy.scale", priv.scale, "null or a value >= 0")
+    _check(priv.epsilon is None or priv.scale is None, "privacy.scale", priv.scale,
+           "null when privacy.epsilon is set (set one of the two)")
+    _check(float(priv.sensitivity) > 0, "privacy.sensitivity", priv.sensitivity, "a value > 0")
+    noisy = priv.epsilon is not None or (priv.scale is not None and float(priv.scale) > 0)
+    _check(not (noisy and comm.topk is not None), "comm.topk", comm.topk,
+           "null when privacy noise is on (top-k would select on noiseless rows)")
     _check(int(cfg.dataset.min_user_rows) >= 0, "dataset.min_user_rows", cfg.dataset.min_user_rows, "an integer >= 0")
 
 

@@ -16,12 +16,14 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from src.central import CentralTrainer
+from src.comm import Encoding, Ledger, embedding_bytes, quantise
 from src.community import adjusted_rand_index, detect
 from src.cohort import batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
 from src.data.dataset import FedData
 from src.evaluation import Evaluator
 from src.losses import AlignmentLoss
 from src.model import Params, forward, init_params, score_all_items
+from src.privacy import epsilon_spent, laplace_scale
 from src.protocols import NegativeSampler, excluded_for_training
 from src.server import MeanAggregator
 from src.similarity import SimilarityAggregator
@@ -73,6 +75,10 @@ class FederatedModule(L.LightningModule):
         self.history: list[dict] = []
         self.align = make_alignment(cfg) if (cfg.ablation.ica or cfg.ablation.gsa) else None
         self.central = CentralTrainer(cfg, data.n_users, data.n_items, self.compute_device) if cfg.ablation.central else None
+        self.encoding = Encoding.from_cfg(cfg.comm)
+        self.ledger = Ledger(self.encoding, data.n_items)
+        self.noise_scale, self.eps_round = laplace_scale(cfg.privacy)
+        self.noise_gen = torch.Generator().manual_seed(int(cfg.seed) + 3)
 
     def train_dataloader(self) -> DataLoader:
         """One dummy batch per epoch: each epoch is one federated round."""
@@ -112,7 +118,10 @@ class FederatedModule(L.LightningModule):
         sims = None
         if self.align is not None:
             sims = SimilarityAggregator(self.data.n_items, float(cfg.model.sigma), bool(cfg.model.centre),
-                                        int(cfg.server.sim_block), self.compute_device)
+                                        int(cfg.server.sim_block), self.compute_device, noise=self.noise_scale,
+                                        topk=self.encoding.topk, bits=self.encoding.bits,
+                                        collect=self.encoding.delta, generator=self.noise_gen)
+        senders: list[int] = []
         dense = self.align.value_and_grad if self.align is not None and self.align.active else None
         losses: dict[str, float] = {}
         train_time, upload_time = 0.0, 0.0
@@ -131,6 +140,7 @@ class FederatedModule(L.LightningModule):
             tic = time.perf_counter()
             uploaded = ~fails[rows].to(self.compute_device)
             agg.add(params, self.keys, uploaded)
+            senders += rows[uploaded.cpu()].tolist()
             if sims is not None:
                 sims.add(params["items"], uploaded)
             upload_time += time.perf_counter() - tic
@@ -138,7 +148,9 @@ class FederatedModule(L.LightningModule):
         tic = time.perf_counter()
         self.server = agg.result(self.server)
         timings["time/aggregate"] = time.perf_counter() - tic + upload_time
-        comm_stats = self.server_alignment(sims, len(clients), timings) if sims is not None else {}
+        comm_stats = self.traffic(senders, len(clients), sims)
+        if sims is not None:
+            comm_stats.update(self.server_alignment(sims, len(clients), timings, comm_stats))
         tic = time.perf_counter()
         metrics = self.evaluate()
         timings["time/eval"] = time.perf_counter() - tic
@@ -148,8 +160,32 @@ class FederatedModule(L.LightningModule):
         out["reported"] = float(len(clients) - int(fails[clients].sum()))
         return out
 
-    def server_alignment(self, sims: SimilarityAggregator, n_clients: int, timings: dict[str, float]) -> dict[str, float]:
-        """S_g = mean upload, communities by modularity, broadcast; returns the community statistics."""
+    def traffic(self, senders: list[int], n_clients: int, sims: SimilarityAggregator | None) -> dict[str, float]:
+        """Bytes uploaded this round as encoded, and what embedding sharing would have cost."""
+        m, d = self.data.n_items, int(self.cfg.model.dim)
+        out = {"comm/embedding_bytes": float(embedding_bytes(m, d)), "comm/uploaders": float(len(senders))}
+        if sims is not None:
+            nnz = torch.cat(sims.client_nnz) if sims.client_nnz else torch.zeros(0)
+            sizes = self.ledger.similarity_uploads(senders, nnz, sims.entries if self.encoding.delta else None)
+            out["comm/upload_nnz_mean"] = float(nnz.double().mean()) if len(nnz) else 0.0
+        else:
+            per = float(sum(4 * self.state[k][0].numel() for k in self.keys))
+            sizes = torch.full((len(senders),), per, dtype=torch.float64)
+            if self.keys:
+                out["comm/download_bytes_mean"] = per
+                out["comm/download_bytes_total"] = per * n_clients
+        out["comm/upload_bytes_mean"] = float(sizes.mean()) if len(sizes) else 0.0
+        out["comm/upload_bytes_total"] = float(sizes.sum())
+        out.update(epsilon_spent(self.eps_round, self.current_round(), m) if sims is not None else {})
+        return out
+
+    def current_round(self) -> int:
+        """1-based index of the round being run."""
+        return len(self.history) + 1
+
+    def server_alignment(self, sims: SimilarityAggregator, n_clients: int, timings: dict[str, float],
+                         traffic: dict[str, float]) -> dict[str, float]:
+        """S_g = mean upload, communities by modularity, broadcast (encoded, counted); returns the statistics."""
         global_sim = sims.mean()
         if global_sim is None:
             return {}
@@ -158,13 +194,16 @@ class FederatedModule(L.LightningModule):
                        float(self.cfg.server.resolution), int(self.cfg.seed))
         timings["time/community"] = time.perf_counter() - tic
         sizes = comms.sizes
-        stats = {"comm/communities": float(len(sizes)), "comm/largest": float(sizes.max()),
-                 "comm/singletons": float((sizes == 1).sum()), "comm/non_singleton": float((sizes > 1).sum()),
-                 "comm/modularity": comms.modularity, "comm/edges": float(comms.edges),
-                 "comm/upload_nnz_mean": sims.nnz / max(sims.count, 1)}
+        stats = {"community/count": float(len(sizes)), "community/largest": float(sizes.max()),
+                 "community/singletons": float((sizes == 1).sum()),
+                 "community/non_singleton": float((sizes > 1).sum()),
+                 "community/modularity": comms.modularity, "community/edges": float(comms.edges)}
         if self.align.labels is not None:
-            stats["comm/ari_prev"] = adjusted_rand_index(self.align.labels.numpy(), comms.labels)
-        self.align.update(torch.as_tensor(comms.labels), global_sim.cpu())
+            stats["community/ari_prev"] = adjusted_rand_index(self.align.labels.numpy(), comms.labels)
+        broadcast = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
+        down = float(self.ledger.similarity_download(broadcast, len(sizes)))
+        stats.update({"comm/download_bytes_mean": down, "comm/download_bytes_total": down * n_clients})
+        self.align.update(torch.as_tensor(comms.labels), broadcast)
         return stats
 
     def run_central_round(self, samples, timings: dict[str, float]) -> dict[str, float]:
@@ -213,7 +252,8 @@ class FederatedModule(L.LightningModule):
         checkpoint["federated"] = {"state": self.state, "server": self.server, "gen": self.gen.get_state(),
                                    "history": self.history,
                                    "central": self.central.state_dict() if self.central else None,
-                                   "align": (self.align.labels, self.align.global_sim) if self.align else None}
+                                   "align": (self.align.labels, self.align.global_sim) if self.align else None,
+                                   "ledger": self.ledger.state_dict(), "noise_gen": self.noise_gen.get_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore what `on_save_checkpoint` stored."""
@@ -224,3 +264,6 @@ class FederatedModule(L.LightningModule):
             self.central.load_state_dict(fed["central"])
         if self.align is not None:
             self.align.update(*fed["align"])
+        self.ledger.load_state_dict(fed.get("ledger", {}))
+        if "noise_gen" in fed:
+            self.noise_gen.set_state(fed["noise_gen"])

@@ -5,11 +5,17 @@ It is written independently of `src.cohort` / `src.model`: one `nn.Module` per c
 optimisers created fresh for the client's round, and a Python loop over its batches, as the
 PFedRec lineage trains one user at a time (METHOD.md section 2). `tests/test_cohort_exact.py`
 checks the cohort against it, and `src.bench` times the cohort against this slow loop doing the
-same work. BCE only: it has no alignment terms (ICA, GSA).
+same work. `ExactAlignment` adds AlignFedRec's terms the plain way, one client at a time: the
+whole m x m similarity matrix, a positive-pair mask for ICA (no cluster-sum algebra) and the dense
+masked GSA, i.e. the exact loss as a straightforward implementation would write it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -86,6 +92,45 @@ def make_client(model_cfg, n_items: int, params: dict[str, torch.Tensor], row: i
     return client.load_stacked(params, row)
 
 
+@dataclass
+class ExactAlignment:
+    """alpha * ICA (Eq. 3-4) + beta * GSA (Eq. 10) of one client's item table [m, d], written plainly."""
+
+    alpha: float
+    beta: float
+    tau: float
+    tau0: float
+    sigma: float
+    centre: bool
+    mask: str
+    reduction: str
+    labels: torch.Tensor | None
+    global_sim: torch.Tensor | None
+
+    def __call__(self, table: torch.Tensor) -> torch.Tensor:
+        e = table - table.mean(dim=0, keepdim=True) if self.centre else table
+        e = F.normalize(e, dim=1, eps=1e-12)
+        s = e @ e.T
+        off = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+        total = s.new_zeros(())
+        if self.alpha and self.labels is not None:
+            logits = (s / self.tau).masked_fill(~off, float("-inf"))
+            log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+            positive = (self.labels.unsqueeze(0) == self.labels.unsqueeze(1)) & off
+            n_pos = positive.sum(dim=1)
+            anchors = n_pos > 0
+            per_anchor = -(log_prob.masked_fill(~positive, 0.0).sum(dim=1)[anchors] / n_pos[anchors])
+            if anchors.any():
+                total = total + self.alpha * (self.tau / self.tau0) * per_anchor.mean()
+        if self.beta and self.global_sim is not None:
+            local = (s.detach() >= self.sigma) & off
+            glob = (self.global_sim >= self.sigma) & off
+            w = {"local": local, "global": glob, "union": local | glob}[self.mask]
+            sq = ((s - self.global_sim) ** 2)[w].sum()
+            total = total + self.beta * (sq / w.sum().clamp(min=1) if self.reduction == "mean" else sq)
+        return total
+
+
 def _make_optimizer(optim_cfg, groups: list[dict]) -> torch.optim.Optimizer:
     if optim_cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=float(optim_cfg.lr))
@@ -106,8 +151,11 @@ def client_batches(samples, layout, row: int, max_steps: int | None = None) -> l
     return out
 
 
-def train_client(client: ReferenceClient, batches, optim_cfg, n_items: int) -> list[float]:
-    """One round of local training of one client; returns the loss of every item-table step.
+def train_client(client: ReferenceClient, batches, optim_cfg, n_items: int,
+                 align: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+    """One round of local training of one client; returns the BCE of every item-table step.
+
+    `align(item_table)` (e.g. `ExactAlignment`) is added to the loss of every item-table step.
 
     Optimisers are created here, fresh for this client and round. Score lr = optim.lr; item lr =
     optim.lr * n_items * optim.item_lr_eta when item_lr_eta is set, else optim.lr. With
@@ -129,7 +177,8 @@ def train_client(client: ReferenceClient, batches, optim_cfg, n_items: int) -> l
             opt_score.step()
             opt_items.zero_grad()
             loss_i = client.loss(items, labels)
-            loss_i.backward()
+            extra = align(client.embedding_item.weight) if align is not None else 0.0
+            (loss_i + extra).backward()
             opt_items.step()
             losses.append(loss_i.item())
     else:
@@ -139,7 +188,8 @@ def train_client(client: ReferenceClient, batches, optim_cfg, n_items: int) -> l
             labels = labels.to(dtype)
             opt.zero_grad()
             loss = client.loss(items, labels)
-            loss.backward()
+            extra = align(client.embedding_item.weight) if align is not None else 0.0
+            (loss + extra).backward()
             opt.step()
             losses.append(loss.item())
     return losses

@@ -2,7 +2,9 @@
 
 Fields (later work may add, never remove): config, dataset, protocol, ablation, seed, summary,
 history (per round: validation and test metrics, losses, timings), best_round (by validation
-hit@10, earliest on ties), best_val, test_at_best, timings, finished.
+hit@10, earliest on ties), best_val, test_at_best, timings, finished, communication (bytes over
+the run: upload and download totals, mean upload per client and round, and the embedding-sharing
+size for comparison), privacy (the epsilon spent by the last round, when noise is on).
 """
 from __future__ import annotations
 
@@ -39,6 +41,19 @@ def best_round(history: list[dict]) -> dict | None:
     return max(history, key=lambda r: (r[SELECT_KEY], -r["round"]))
 
 
+def communication_totals(history: list[dict]) -> dict[str, float]:
+    """Bytes moved over the whole run, from the per-round `comm/*` figures."""
+    if not history or "comm/upload_bytes_total" not in history[0]:
+        return {}
+    up = sum(r.get("comm/upload_bytes_total", 0.0) for r in history)
+    senders = sum(r.get("comm/uploaders", 0.0) for r in history)
+    out = {"upload_bytes_total": up, "download_bytes_total": sum(r.get("comm/download_bytes_total", 0.0) for r in history),
+           "upload_bytes_mean_per_client_round": up / senders if senders else 0.0,
+           "embedding_bytes_per_client_round": history[0]["comm/embedding_bytes"]}
+    out["upload_vs_embedding"] = out["upload_bytes_mean_per_client_round"] / out["embedding_bytes_per_client_round"]
+    return out
+
+
 def build_results(cfg: DictConfig, summary: dict, history: list[dict], timings: dict[str, float],
                   finished: bool) -> dict[str, Any]:
     """Assemble the results.json payload from the run's config, data summary and round history."""
@@ -51,6 +66,8 @@ def build_results(cfg: DictConfig, summary: dict, history: list[dict], timings: 
         "best_val": {k: v for k, v in best.items() if k.startswith("val")} if best else {},
         "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
         "timings": timings, "finished": finished,
+        "communication": communication_totals(history),
+        "privacy": {k.split("/", 1)[1]: v for k, v in history[-1].items() if k.startswith("privacy/")} if history else {},
     }
 
 

@@ -1,0 +1,234 @@
+"""What crosses the network, encoded as it would be sent, and its exact size in bytes.
+
+A similarity upload is symmetric with a zero diagonal, so a client sends its strict upper
+triangle only. Encodings (`comm.*` in the config):
+
+- `format`: `csr` (row pointers + column indices) or `coo` (one linear index per entry into the
+  m(m-1)/2 upper-triangle pairs); every index uses the smallest unsigned type that fits.
+- `topk`: keep, of each row, only the k largest entries (an entry survives when it is among the
+  top k of its row or of its column, so the upload stays symmetric); null keeps all >= sigma.
+- `bits`: 32 (fp32 values), 16 (fp16), 8 or 4 (uniform quantisation of the kept values over
+  [lo, hi], round to nearest, 4-bit codes packed two per byte, lo and hi sent as two fp32).
+- `delta`: also encode the change against the client's previous upload (entries added or
+  re-quantised as a sparse upload, removed positions as linear upper-triangle indices with a
+  uint32 count) and send whichever is smaller, plus one flag byte.
+
+The simulation applies the same quantisation to the values the server sums, so the server
+aggregates exactly what it would receive. Byte counts come from the formulas below, which the
+tests check against real encodings built with numpy (`encode_upper`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+HEADER_BYTES = 9  # format/bits byte, m and nnz as uint32
+
+
+def index_bytes(n: int) -> int:
+    """Bytes of the smallest unsigned integer type holding every value in [0, n)."""
+    for size in (1, 2, 4):
+        if n <= 2 ** (8 * size):
+            return size
+    return 8
+
+
+def value_bytes(nnz: int, bits: int) -> int:
+    """Bytes of `nnz` values at `bits` (8/4-bit carry lo and hi as two fp32)."""
+    if bits == 32:
+        return 4 * nnz
+    if bits == 16:
+        return 2 * nnz
+    if bits == 8:
+        return nnz + 8
+    if bits == 4:
+        return (nnz + 1) // 2 + 8
+    raise ValueError(f"comm.bits={bits}; expected 32, 16, 8 or 4")
+
+
+def sparse_bytes(nnz: int, m: int, fmt: str, bits: int) -> int:
+    """Size of an encoded strict-upper-triangle sparse m x m matrix with `nnz` entries."""
+    if fmt == "csr":
+        index = (m + 1) * index_bytes(nnz + 1) + nnz * index_bytes(m)
+    elif fmt == "coo":
+        index = nnz * index_bytes(m * (m - 1) // 2)
+    else:
+        raise ValueError(f"comm.format={fmt!r}; expected csr or coo")
+    return HEADER_BYTES + index + value_bytes(nnz, bits)
+
+
+def labels_bytes(m: int, n_labels: int) -> int:
+    """Community labels of m items, each in the smallest type holding n_labels values."""
+    return 4 + m * index_bytes(max(n_labels, 1))
+
+
+def embedding_bytes(m: int, d: int) -> int:
+    """What embedding sharing (PFedRec, FedAvg) sends per client and direction: an fp32 m x d table."""
+    return 4 * m * d
+
+
+def quantise(values: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Tensor:
+    """Values as the receiver decodes them after uniform `bits`-bit quantisation over [lo, hi]."""
+    if bits == 32:
+        return values
+    if bits == 16:
+        return values.half().to(values.dtype)
+    levels = 2 ** bits - 1
+    span = max(hi - lo, 1e-12)
+    codes = torch.round((values.clamp(lo, hi) - lo) / span * levels)
+    return lo + codes * (span / levels)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """The configured upload/download encoding (`comm.*`)."""
+
+    format: str = "csr"
+    topk: int | None = None
+    bits: int = 32
+    delta: bool = False
+
+    @classmethod
+    def from_cfg(cls, comm: DictConfig) -> "Encoding":
+        return cls(str(comm.format), None if comm.topk is None else int(comm.topk), int(comm.bits), bool(comm.delta))
+
+    def upload_bytes(self, nnz: int, m: int) -> int:
+        return sparse_bytes(nnz, m, self.format, self.bits)
+
+
+def delta_entries(prev_idx: torch.Tensor, prev_val: torch.Tensor, idx: torch.Tensor,
+                  val: torch.Tensor) -> tuple[int, int]:
+    """(upserts, removals) of a delta upload: positions added or whose value changed, positions dropped.
+
+    Both index arrays are sorted linear positions of the strict upper triangle.
+    """
+    if prev_idx.numel() == 0:
+        return int(idx.numel()), 0
+    pos = torch.searchsorted(prev_idx, idx).clamp(max=prev_idx.numel() - 1)
+    common = prev_idx[pos] == idx
+    changed = int((prev_val[pos][common] != val[common]).sum())
+    removed = int(prev_idx.numel()) - int(common.sum())
+    return int((~common).sum()) + changed, removed
+
+
+def delta_bytes(upserts: int, removals: int, m: int, fmt: str, bits: int) -> int:
+    """Size of a delta upload: the upserts as a sparse upload, the removals as linear indices."""
+    return sparse_bytes(upserts, m, fmt, bits) + 4 + removals * index_bytes(m * (m - 1) // 2)
+
+
+def encode_upper(matrix: np.ndarray, fmt: str, bits: int, lo: float = 0.0, hi: float = 1.0) -> bytes:
+    """A real byte encoding of the strict upper triangle of `matrix` (its nonzero entries).
+
+    Used by the tests to check `sparse_bytes`, and by the Flower app as the wire format.
+    """
+    m = matrix.shape[0]
+    rows, cols = np.nonzero(np.triu(matrix, 1))
+    nnz = len(rows)
+    vals = matrix[rows, cols]
+    head = np.array([(0 if fmt == "csr" else 1) * 64 + bits], dtype=np.uint8).tobytes()
+    head += np.array([m, nnz], dtype=np.uint32).tobytes()
+    utype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+    if fmt == "csr":
+        ptr = np.zeros(m + 1, dtype=np.int64)
+        np.add.at(ptr, rows + 1, 1)
+        index = np.cumsum(ptr).astype(utype[index_bytes(nnz + 1)]).tobytes()
+        index += cols.astype(utype[index_bytes(m)]).tobytes()
+    elif fmt == "coo":
+        lin = rows * m - rows * (rows + 1) // 2 + (cols - rows - 1)
+        index = lin.astype(utype[index_bytes(m * (m - 1) // 2)]).tobytes()
+    else:
+        raise ValueError(fmt)
+    if bits == 32:
+        body = vals.astype(np.float32).tobytes()
+    elif bits == 16:
+        body = vals.astype(np.float32).astype(np.float16).tobytes()
+    else:
+        levels = 2 ** bits - 1
+        codes = np.round((np.clip(vals, lo, hi) - lo) / max(hi - lo, 1e-12) * levels).astype(np.uint8)
+        if bits == 4:
+            codes = np.append(codes, np.uint8(0)) if len(codes) % 2 else codes
+            codes = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+        body = np.array([lo, hi], dtype=np.float32).tobytes() + codes.tobytes()
+    return head + index + body
+
+
+def decode_upper(payload: bytes) -> np.ndarray:
+    """Inverse of `encode_upper`: the symmetric dense matrix (values as the receiver sees them)."""
+    flag = payload[0]
+    fmt, bits = ("csr" if flag // 64 == 0 else "coo"), flag % 64
+    m, nnz = (int(x) for x in np.frombuffer(payload[1:9], dtype=np.uint32))
+    utype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+    at = HEADER_BYTES
+    if fmt == "csr":
+        size = index_bytes(nnz + 1)
+        ptr = np.frombuffer(payload[at:at + (m + 1) * size], dtype=utype[size]).astype(np.int64)
+        at += (m + 1) * size
+        size = index_bytes(m)
+        cols = np.frombuffer(payload[at:at + nnz * size], dtype=utype[size]).astype(np.int64)
+        at += nnz * size
+        rows = np.repeat(np.arange(m), np.diff(ptr))
+    else:
+        size = index_bytes(m * (m - 1) // 2)
+        lin = np.frombuffer(payload[at:at + nnz * size], dtype=utype[size]).astype(np.int64)
+        at += nnz * size
+        starts = np.concatenate([[0], np.cumsum(np.arange(m - 1, 0, -1))])
+        rows = np.searchsorted(starts, lin, side="right") - 1
+        cols = lin - starts[rows] + rows + 1
+    if bits == 32:
+        vals = np.frombuffer(payload[at:at + 4 * nnz], dtype=np.float32).astype(np.float64)
+        at += 4 * nnz
+    elif bits == 16:
+        vals = np.frombuffer(payload[at:at + 2 * nnz], dtype=np.float16).astype(np.float64)
+        at += 2 * nnz
+    else:
+        lo, hi = (float(x) for x in np.frombuffer(payload[at:at + 8], dtype=np.float32))
+        at += 8
+        n_bytes = nnz if bits == 8 else (nnz + 1) // 2
+        raw = np.frombuffer(payload[at:at + n_bytes], dtype=np.uint8)
+        at += n_bytes
+        codes = raw if bits == 8 else np.stack([raw & 15, raw >> 4], 1).reshape(-1)[:nnz]
+        levels = 2 ** bits - 1
+        vals = lo + codes.astype(np.float64) * (max(hi - lo, 1e-12) / levels)
+    if at != len(payload):
+        raise ValueError(f"payload has {len(payload)} bytes, the header announces {at}")
+    out = np.zeros((m, m))
+    out[rows, cols] = vals
+    return out + out.T
+
+
+
+class Ledger:
+    """Byte counts of one run's traffic, and each client's previous upload for delta encoding."""
+
+    def __init__(self, encoding: Encoding, n_items: int):
+        self.encoding, self.m = encoding, n_items
+        self.previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def similarity_uploads(self, clients: list[int], nnz: torch.Tensor,
+                           entries: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+        """Bytes each client in `clients` sends; `nnz` counts the full matrix (twice the upper triangle)."""
+        enc, m = self.encoding, self.m
+        sizes = torch.tensor([enc.upload_bytes(int(n) // 2, m) for n in nnz], dtype=torch.float64)
+        if enc.delta and entries is not None:
+            for i, client in enumerate(clients):
+                idx, val = entries[i]
+                if client in self.previous:
+                    ups, rem = delta_entries(*self.previous[client], idx, val)
+                    sizes[i] = min(float(sizes[i]), float(delta_bytes(ups, rem, m, enc.format, enc.bits)))
+                sizes[i] += 1  # the full/delta flag
+                self.previous[client] = (idx, val)
+        return sizes
+
+    def similarity_download(self, global_sim: torch.Tensor, n_labels: int) -> int:
+        """Bytes of the broadcast: the global matrix's upper-triangle nonzeros and the community labels."""
+        nnz = int(torch.count_nonzero(torch.triu(global_sim, diagonal=1)))
+        return sparse_bytes(nnz, self.m, self.encoding.format, self.encoding.bits) + labels_bytes(self.m, n_labels)
+
+    def state_dict(self) -> dict:
+        return {"previous": self.previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.previous = dict(state.get("previous", {}))

@@ -1,0 +1,156 @@
+"""Communication accounting and privacy: byte counts equal real encodings, the server aggregates
+what it would decode, top-k and delta behave as specified, Laplace noise has the stated scale, and
+a run reports its traffic."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from alignment_helpers import np_cosine, np_upload
+
+from src.comm import (Encoding, Ledger, decode_upper, delta_bytes, embedding_bytes, encode_upper, index_bytes,
+                      quantise, sparse_bytes)
+from src.privacy import epsilon_spent, laplace_scale
+from src.run import train
+from src.similarity import SimilarityAggregator, laplace
+
+CPU = torch.device("cpu")
+
+
+def random_upload(m: int, density: float, seed: int, lo: float = 0.5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    upper = np.triu((rng.random((m, m)) < density) * rng.uniform(lo, 1.0, (m, m)), 1)
+    return upper + upper.T
+
+
+def test_index_bytes_is_the_smallest_unsigned_type():
+    assert [index_bytes(n) for n in (1, 256, 257, 65536, 65537, 2 ** 32, 2 ** 32 + 1)] == [1, 1, 2, 2, 4, 4, 8]
+
+
+@pytest.mark.parametrize("fmt", ["csr", "coo"])
+@pytest.mark.parametrize("bits", [32, 16, 8, 4])
+@pytest.mark.parametrize("m,density", [(9, 0.0), (40, 0.3), (300, 0.02), (300, 0.9)])
+def test_byte_formula_equals_a_real_encoding_which_decodes(fmt, bits, m, density):
+    mat = random_upload(m, density, seed=m + bits)
+    payload = encode_upper(mat, fmt, bits, lo=0.5, hi=1.0)
+    nnz = int(np.count_nonzero(np.triu(mat, 1)))
+    assert len(payload) == sparse_bytes(nnz, m, fmt, bits)
+    back = decode_upper(payload)
+    step = {32: 1e-7, 16: 1e-3, 8: 0.5 / 255 / 2 + 1e-7, 4: 0.5 / 15 / 2 + 1e-7}[bits]
+    np.testing.assert_allclose(back, mat, atol=step)
+    # the simulation's quantiser decodes to the same values as the wire format
+    sim_vals = quantise(torch.as_tensor(mat[mat != 0]), 0.5, 1.0, bits).numpy()
+    np.testing.assert_allclose(back[mat != 0], sim_vals, atol=1e-6)
+
+
+def test_sizes_are_what_the_formats_imply():
+    m = 1682  # ML-100K: column indices fit uint16, COO linear indices need uint32
+    assert sparse_bytes(1000, m, "csr", 32) == 9 + (m + 1) * 2 + 1000 * 2 + 4000
+    assert sparse_bytes(1000, m, "coo", 8) == 9 + 1000 * 4 + 1000 + 8
+    assert sparse_bytes(1001, m, "coo", 4) == 9 + 1001 * 4 + 501 + 8
+    assert embedding_bytes(m, 32) == m * 32 * 4
+
+
+def upload_matrices(tabs: torch.Tensor, sigma: float, centre: bool) -> list[np.ndarray]:
+    return [np_upload(np_cosine(t, centre), sigma) for t in tabs.double().numpy()]
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_server_sums_what_it_would_decode(bits):
+    c, m, d, sigma = 5, 14, 3, 0.4
+    tabs = torch.randn(c, m, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    agg = SimilarityAggregator(m, sigma, True, block=50, device=CPU, rows=4, bits=bits)
+    agg.add(tabs, torch.ones(c, dtype=torch.bool))
+    decoded = [decode_upper(encode_upper(u, "csr", bits, lo=sigma, hi=1.0)) for u in upload_matrices(tabs, sigma, True)]
+    np.testing.assert_allclose(agg.mean().double().numpy(), np.mean(decoded, axis=0), atol=1e-6)
+    assert agg.nnz == sum(int(np.count_nonzero(u)) for u in upload_matrices(tabs, sigma, True))
+
+
+def test_topk_keeps_the_k_largest_of_each_row_or_column():
+    c, m, d, sigma, k = 3, 16, 4, 0.0, 2
+    tabs = torch.randn(c, m, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    agg = SimilarityAggregator(m, sigma, True, block=64, device=CPU, rows=5, topk=k)
+    agg.add(tabs, torch.ones(c, dtype=torch.bool))
+    expected = []
+    for up in upload_matrices(tabs, sigma, True):
+        cos = up.copy()
+        keep = np.zeros_like(cos, dtype=bool)
+        for j in range(m):
+            row = np.where(np.arange(m) == j, -np.inf, cos[j])
+            keep[j, np.argsort(-row)[:k]] = True
+        keep = (keep | keep.T) & (up != 0)
+        expected.append(np.where(keep, up, 0.0))
+        assert (keep.sum(1) >= 1).all() and keep.sum() < (up != 0).sum()
+    np.testing.assert_allclose(agg.mean().double().numpy(), np.mean(expected, axis=0), atol=1e-9)
+
+
+def test_delta_upload_sends_only_what_changed():
+    m, enc = 50, Encoding("coo", None, 32, True)
+    ledger = Ledger(enc, m)
+    idx = torch.tensor([3, 10, 57, 400])
+    val = torch.tensor([0.6, 0.7, 0.8, 0.9])
+    first = ledger.similarity_uploads([7], torch.tensor([8]), [(idx, val)])
+    assert first.tolist() == [sparse_bytes(4, m, "coo", 32) + 1]
+    same = ledger.similarity_uploads([7], torch.tensor([8]), [(idx, val)])
+    assert same.tolist() == [delta_bytes(0, 0, m, "coo", 32) + 1]
+    # one value changed, one entry dropped, one added
+    idx2, val2 = torch.tensor([3, 10, 400, 900]), torch.tensor([0.6, 0.75, 0.9, 0.55])
+    third = ledger.similarity_uploads([7], torch.tensor([8]), [(idx2, val2)])
+    assert third.tolist() == [min(sparse_bytes(4, m, "coo", 32), delta_bytes(2, 1, m, "coo", 32)) + 1]
+
+
+def test_laplace_noise_has_the_stated_scale_and_epsilon_accounting():
+    b = 0.3
+    x = laplace((400_000,), b, torch.Generator().manual_seed(0), CPU).double()
+    assert abs(float(x.mean())) < 0.005
+    assert float(x.abs().mean()) == pytest.approx(b, rel=0.01)  # E|X| = b for Laplace(0, b)
+    assert float(x.var()) == pytest.approx(2 * b * b, rel=0.02)
+    scale, eps = laplace_scale(_cfg(epsilon=4.0))
+    assert (scale, eps) == (0.5, 4.0)
+    assert laplace_scale(_cfg(scale=0.001)) == (0.001, pytest.approx(2000.0))
+    assert laplace_scale(_cfg()) == (0.0, None)
+    spent = epsilon_spent(4.0, rounds=10, n_items=5)
+    assert spent["privacy/epsilon_total_entry"] == 40.0 and spent["privacy/epsilon_total_matrix"] == 400.0
+
+
+def _cfg(epsilon=None, scale=None):
+    from omegaconf import OmegaConf
+    return OmegaConf.create({"epsilon": epsilon, "scale": scale, "sensitivity": 2.0})
+
+
+def test_noise_changes_the_upload_and_the_seed_fixes_it():
+    c, m, d = 4, 12, 3
+    tabs = torch.randn(c, m, d, generator=torch.Generator().manual_seed(3))
+    means = []
+    for seed in (0, 0, 1):
+        agg = SimilarityAggregator(m, 0.5, True, block=40, device=CPU, rows=4, noise=0.2,
+                                   generator=torch.Generator().manual_seed(seed))
+        agg.add(tabs, torch.ones(c, dtype=torch.bool))
+        means.append(agg.mean())
+    plain = SimilarityAggregator(m, 0.5, True, block=40, device=CPU, rows=4)
+    plain.add(tabs, torch.ones(c, dtype=torch.bool))
+    assert torch.equal(means[0], means[1]) and not torch.equal(means[0], means[2])
+    assert not torch.allclose(means[0], plain.mean())
+    assert torch.equal(means[0], means[0].T) and float(means[0].max()) <= 1.0
+
+
+@pytest.mark.parametrize("ablation,extra", [("full", ["comm.bits=8", "comm.format=coo", "comm.delta=true"]),
+                                            ("backbone", [])])
+def test_a_run_reports_its_traffic(compose_cfg, tmp_path, ablation, extra):
+    cfg = compose_cfg(["dataset=synthetic", f"ablation={ablation}", "fl.rounds=2", "fl.checkpoint_every=0",
+                       "model.alignment=fast", "optim=adam", *extra])
+    payload = train(cfg, tmp_path)
+    m, d = payload["summary"]["items"], int(cfg.model.dim)
+    last = payload["history"][-1]
+    assert last["comm/embedding_bytes"] == embedding_bytes(m, d)
+    totals = payload["communication"]
+    assert totals["upload_bytes_total"] == sum(r["comm/upload_bytes_total"] for r in payload["history"])
+    if ablation == "backbone":
+        assert last["comm/upload_bytes_mean"] == embedding_bytes(m, d) and totals["upload_vs_embedding"] == 1.0
+    else:
+        first = payload["history"][0]
+        # round 1 has no previous upload: full uploads of nnz/2 upper-triangle entries + 1 flag byte
+        nnz_half = first["comm/upload_nnz_mean"] / 2
+        assert first["comm/upload_bytes_mean"] >= 9 + 1
+        assert first["comm/upload_bytes_mean"] <= sparse_bytes(int(np.ceil(nnz_half)) + 1, m, "coo", 8) + 1
+        assert last["comm/download_bytes_mean"] > 0 and totals["download_bytes_total"] > 0
