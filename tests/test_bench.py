@@ -66,8 +66,10 @@ def test_bench_report(cache_dir, tmp_path, capsys, ablation):
     assert ref["stacked_client_steps"] == ref["reference_client_steps"] == 32
     assert ref["bce_stacked"] == pytest.approx(ref["bce_reference"], rel=1e-5)
     assert ref["max_abs_param_diff"] < 1e-4
-    assert ref["alignment_included"] is False
-    assert ("BCE part only" in ref["note"]) == (ablation == "full")
+    # AlignFedRec: the stacked exact mode (the default) against the plainly written per-client loss
+    assert ref["alignment_included"] is (ablation == "full")
+    assert ("exact loss written plainly" in ref["note"]) == (ablation == "full")
+    assert ref["stacked_alignment_mode"] == ("exact" if ablation == "full" else None)
 
     printed = capsys.readouterr().out
     for text in ("s/round", "client-steps per second", "peak resident memory", "speed-up", name):

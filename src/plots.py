@@ -1,0 +1,196 @@
+"""`python -m src.plots <kind> <run or multirun folder> [...] [--out DIR]`: CSV tables and plots.
+
+Kinds (every figure is written as PNG and SVG, every table as CSV and Markdown, into `--out`,
+default `results/<kind>`; every row names the run folder it came from):
+
+- `communication`: upload bytes per client and round against sigma and against the encoding,
+  beside the embedding-sharing size, with test hit@10 / ndcg@10 at the best validation round;
+- `privacy`: test hit@10 / ndcg@10 against the per-entry epsilon of the Laplace mechanism;
+- `curves`: validation and test hit@10 against rounds per run, and, for AlignFedRec runs, the
+  number of communities and the modularity against rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from src.results import atomic_write_text
+
+
+def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
+    """Every finished results.json under `folders`, with its folder."""
+    runs = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("results.json")):
+            payload = json.loads(path.read_text())
+            if payload.get("finished"):
+                payload["path"] = str(path.parent)
+                runs.append(payload)
+    if not runs:
+        raise SystemExit(f"no finished results.json under {', '.join(map(str, folders))}")
+    return runs
+
+
+def encoding_label(comm: dict[str, Any]) -> str:
+    """A short name of an encoding: csr8, coo32, csr8+delta, top16 csr8."""
+    label = f"{comm['format']}{comm['bits']}"
+    if comm.get("topk"):
+        label = f"top{comm['topk']} {label}"
+    return label + ("+delta" if comm.get("delta") else "")
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, name: str) -> None:
+    """rows as `name`.csv and `name`.md in `out` (atomically)."""
+    cols = list(rows[0])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / f"{name}.csv", buf.getvalue())
+    md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+           for r in rows]
+    atomic_write_text(out / f"{name}.md", "\n".join(md) + "\n")
+
+
+def save(fig, out: Path, name: str) -> None:
+    """The figure as PNG and SVG (written to temporary names, then renamed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "svg"):
+        tmp = out / f".{name}.tmp.{ext}"
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        tmp.replace(out / f"{name}.{ext}")
+
+
+def pct(value: float | None) -> float:
+    return float("nan") if value is None else 100 * value
+
+
+def communication(runs: list[dict[str, Any]], out: Path) -> None:
+    """Table and plots of upload size and accuracy against sigma and encoding."""
+    import matplotlib.pyplot as plt
+    rows = []
+    for r in runs:
+        c = r["communication"]
+        rows.append({"dataset": r["dataset"], "protocol": r["protocol"], "sigma": r["config"]["model"]["sigma"],
+                     "encoding": encoding_label(r["config"]["comm"]), "seed": r["seed"], "rounds": len(r["history"]),
+                     "upload_bytes_per_client_round": c["upload_bytes_mean_per_client_round"],
+                     "embedding_bytes": c["embedding_bytes_per_client_round"],
+                     "upload_vs_embedding": c["upload_vs_embedding"],
+                     "download_bytes_per_client_round": c["download_bytes_total"] / max(
+                         sum(h["clients"] for h in r["history"]), 1),
+                     "test_hit@10": pct(r["test_at_best"].get("test/hit@10")),
+                     "test_ndcg@10": pct(r["test_at_best"].get("test/ndcg@10")), "run": r["path"]})
+    rows.sort(key=lambda x: (x["dataset"], x["protocol"], x["encoding"], x["sigma"]))
+    write_table(rows, out, "communication")
+    for (dataset, protocol), group in group_by(rows, ("dataset", "protocol")).items():
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for enc, part in group_by(group, ("encoding",)).items():
+            part.sort(key=lambda x: x["sigma"])
+            sig = [p["sigma"] for p in part]
+            ax1.plot(sig, [p["upload_bytes_per_client_round"] / 1024 for p in part], "o-", label=enc[0])
+            ax2.plot(sig, [p["test_hit@10"] for p in part], "o-", label=enc[0])
+        ax1.axhline(group[0]["embedding_bytes"] / 1024, color="k", ls="--", label="embedding upload (PFedRec)")
+        ax1.set(xlabel="threshold sigma", ylabel="upload per client and round (KiB)", yscale="log",
+                title=f"{dataset}, {protocol} protocol: upload size")
+        ax2.set(xlabel="threshold sigma", ylabel="test hit@10 at best val round (%)",
+                title=f"{dataset}, {protocol} protocol: accuracy")
+        ax1.legend(fontsize=8)
+        ax2.legend(fontsize=8)
+        save(fig, out, f"communication_{dataset}_{protocol}")
+        plt.close(fig)
+
+
+def privacy(runs: list[dict[str, Any]], out: Path) -> None:
+    """Table and plot of accuracy against epsilon."""
+    import matplotlib.pyplot as plt
+    rows = []
+    for r in runs:
+        p = r["config"]["privacy"]
+        eps = p["epsilon"] if p["epsilon"] is not None else (2.0 / p["scale"] if p.get("scale") else math.inf)
+        rows.append({"dataset": r["dataset"], "protocol": r["protocol"], "epsilon_round_entry": float(eps),
+                     "epsilon_total_entry": float(r["privacy"].get("epsilon_total_entry", math.inf)),
+                     "seed": r["seed"], "rounds": len(r["history"]),
+                     "test_hit@10": pct(r["test_at_best"].get("test/hit@10")),
+                     "test_ndcg@10": pct(r["test_at_best"].get("test/ndcg@10")), "run": r["path"]})
+    rows.sort(key=lambda x: (x["dataset"], x["protocol"], x["epsilon_round_entry"]))
+    write_table(rows, out, "privacy")
+    for (dataset, protocol), group in group_by(rows, ("dataset", "protocol")).items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        noisy = [g for g in group if math.isfinite(g["epsilon_round_entry"])]
+        ax.plot([g["epsilon_round_entry"] for g in noisy], [g["test_hit@10"] for g in noisy], "o-", label="Laplace noise")
+        for g in group:
+            if not math.isfinite(g["epsilon_round_entry"]):
+                ax.axhline(g["test_hit@10"], color="k", ls="--", label="no noise")
+        ax.set(xscale="log", xlabel="epsilon per entry and round", ylabel="test hit@10 at best val round (%)",
+               title=f"{dataset}, {protocol} protocol: privacy vs accuracy")
+        ax.legend()
+        save(fig, out, f"privacy_{dataset}_{protocol}")
+        plt.close(fig)
+
+
+def curves(runs: list[dict[str, Any]], out: Path) -> None:
+    """Hit@10 against rounds per run; communities and modularity against rounds for AlignFedRec."""
+    import matplotlib.pyplot as plt
+    for (dataset, protocol), group in group_by(runs, ("dataset", "protocol")).items():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in group:
+            rounds = [h["round"] for h in r["history"]]
+            label = f"{r['ablation']} s{r['seed']}"
+            line, = ax.plot(rounds, [pct(h["val/hit@10"]) for h in r["history"]], label=f"{label} val")
+            ax.plot(rounds, [pct(h.get("test/hit@10")) for h in r["history"]], ls=":", color=line.get_color(),
+                    label=f"{label} test")
+        ax.set(xlabel="round", ylabel="hit@10 (%)", title=f"{dataset}, {protocol} protocol: hit@10 per round")
+        ax.legend(fontsize=7, ncol=2)
+        save(fig, out, f"curves_{dataset}_{protocol}")
+        plt.close(fig)
+        aligned = [r for r in group if any("community/count" in h for h in r["history"])]
+        if not aligned:
+            continue
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for r in aligned:
+            hist = [h for h in r["history"] if "community/count" in h]
+            label = f"{r['ablation']} s{r['seed']}"
+            ax1.plot([h["round"] for h in hist], [h["community/non_singleton"] for h in hist], label=label)
+            ax2.plot([h["round"] for h in hist], [h["community/modularity"] for h in hist], label=label)
+        ax1.set(xlabel="round", ylabel="communities with 2+ items",
+                title=f"{dataset}, {protocol} protocol: communities")
+        ax2.set(xlabel="round", ylabel="weighted modularity", title=f"{dataset}, {protocol} protocol: modularity")
+        ax1.legend(fontsize=7)
+        save(fig, out, f"communities_{dataset}_{protocol}")
+        plt.close(fig)
+
+
+def group_by(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple, list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[tuple(r[k] for k in keys)].append(r)
+    return dict(groups)
+
+
+KINDS = {"communication": communication, "privacy": privacy, "curves": curves}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m src.plots", description=__doc__.split("\n")[0])
+    parser.add_argument("kind", choices=sorted(KINDS))
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")
+    out = args.out or Path("results") / args.kind
+    out.mkdir(parents=True, exist_ok=True)
+    KINDS[args.kind](load_runs(args.folders), out)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
