@@ -50,7 +50,8 @@ def make_alignment(cfg: DictConfig) -> AlignmentLoss:
     return AlignmentLoss(alpha=float(m.alpha), beta=float(m.beta), tau=float(m.tau), tau0=float(m.tau0),
                          sigma=float(m.sigma), centre=bool(m.centre), mask=m.gsa_mask, reduction=m.gsa_reduction,
                          mode=m.alignment, chunk=int(m.align_chunk), use_ica=bool(cfg.ablation.ica),
-                         use_gsa=bool(cfg.ablation.gsa), fast_anchors=int(m.fast_anchors))
+                         use_gsa=bool(cfg.ablation.gsa), fast_anchors=int(m.fast_anchors),
+                         block=int(m.align_block))
 
 
 class FederatedModule(L.LightningModule):

@@ -4,8 +4,10 @@ ICA (Eq. 3-4): supervised contrastive loss over the normalised item table, posit
 the anchor's community; GSA (Eq. 10): masked squared Frobenius distance between the client's
 similarity matrix and the global one, with its gradient flowing into the item table.
 
-`exact` evaluates both over the whole table (all anchors, all m x m pairs) in sub-chunks of
-clients; `fast` takes the first `fast_anchors` items of the current (shuffled) batch as ICA
+`exact` evaluates both over the whole table (all anchors, all m x m pairs) with the blocked algebra
+below (`gsa_blocked`, `lse_blocked`): item rows in blocks, value and gradient in one pass, so only
+[clients x rows x m] exists at a time, never a client's m x m matrix; `ica_exact` / `gsa_exact` are
+the plain autograd forms it is tested against. `fast` takes the first `fast_anchors` items of the current (shuffled) batch as ICA
 anchors, still contrasted against all m items, and only the pairs of the global mask for GSA. Both are batched tensor algebra: no loop over items, none over clients beyond chunks.
 """
 from __future__ import annotations
@@ -79,6 +81,74 @@ def gsa_pairs(e: torch.Tensor, pairs: torch.Tensor, targets: torch.Tensor, sigma
     return sq / (2 * w.sum(dim=1)).clamp(min=1) if reduction == "mean" else sq
 
 
+def _diagonal(r0: int, b: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the diagonal entries inside the row block [r0, r0 + b) of an m-column matrix."""
+    rows = torch.arange(b, device=device)
+    return rows, rows + r0
+
+
+def gsa_blocked(e: torch.Tensor, global_sim: torch.Tensor, sigma: float, mask: str, reduction: str,
+                rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 10 and its gradient w.r.t. the normalised table e [C, m, d], `rows` items at a time.
+
+    With D = W o (S - S_g) (W, S, S_g symmetric, zero diagonal) the loss is sum D o (S - S_g) and
+    dL/de = 4 D e; the mean divides both by the mask size (held constant, as autograd does).
+    """
+    c, m, _ = e.shape
+    value = e.new_zeros(c)
+    count = e.new_zeros(c)
+    grad = torch.zeros_like(e)
+    for r0 in range(0, m, rows):
+        b = min(rows, m - r0)
+        s = e[:, r0:r0 + b] @ e.transpose(1, 2)
+        g = global_sim[r0:r0 + b].to(e.dtype)
+        di, dj = _diagonal(r0, b, m, e.device)
+        if mask == "global":
+            w = (g >= sigma).unsqueeze(0).expand_as(s).clone()
+        else:
+            w = s >= sigma
+            if mask == "union":
+                w |= (g >= sigma).unsqueeze(0)
+        w[:, di, dj] = False
+        diff = (s - g) * w
+        value += (diff * diff).sum(dim=(1, 2))
+        count += w.sum(dim=(1, 2))
+        grad[:, r0:r0 + b] += 4 * (diff @ e)
+    if reduction == "mean":
+        norm = count.clamp(min=1)
+        return value / norm, grad / norm.view(-1, 1, 1)
+    return value, grad
+
+
+def lse_blocked(e: torch.Tensor, weights: torch.Tensor, tau: float, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_a w_a lse_{k != a}(s_ak / tau) per client [C] and its gradient w.r.t. e [C, m, d].
+
+    d/ds_ak = w_a p_ak / tau with p the softmax over k != a; s_ak = e_a . e_k feeds both e_a and e_k.
+    """
+    c, m, _ = e.shape
+    value = e.new_zeros(c)
+    grad = torch.zeros_like(e)
+    for r0 in range(0, m, rows):
+        b = min(rows, m - r0)
+        logits = (e[:, r0:r0 + b] @ e.transpose(1, 2)) / tau
+        di, dj = _diagonal(r0, b, m, e.device)
+        logits[:, di, dj] = float("-inf")
+        lse = torch.logsumexp(logits, dim=2)
+        w = weights[:, r0:r0 + b]
+        value += (w * lse).sum(dim=1)
+        coef = torch.exp(logits - lse.unsqueeze(2)) * (w / tau).unsqueeze(2)
+        grad[:, r0:r0 + b] += coef @ e
+        grad += coef.transpose(1, 2) @ e[:, r0:r0 + b]
+    return value, grad
+
+
+def ica_positive(e: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, tau: float) -> torch.Tensor:
+    """mean_{p in P(a)} s_ap / tau for every anchor [C, m] through cluster sums (differentiable, O(m d))."""
+    csum = cluster_sums(e, labels, int(sizes.shape[0]))
+    npos = (sizes[labels] - 1).to(e.dtype)
+    return (e * (csum[:, labels] - e)).sum(dim=2) / tau / npos.clamp(min=1)
+
+
 @dataclass
 class AlignmentLoss:
     """alpha * ICA + beta * GSA on stacked item tables, with the server's latest labels and S_g."""
@@ -96,6 +166,7 @@ class AlignmentLoss:
     use_ica: bool
     use_gsa: bool
     fast_anchors: int = 64
+    block: int = 4_194_304
     labels: torch.Tensor | None = None
     global_sim: torch.Tensor | None = None
     pairs: torch.Tensor | None = None
@@ -135,10 +206,46 @@ class AlignmentLoss:
                 out["gsa"] = gsa_exact(e, self.global_sim.to(table.device), self.sigma, self.mask, self.reduction)
         return out
 
+    def exact_value_and_grad(self, table: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Exact ICA and GSA of `table` [C, m, d] with the blocked algebra: the gradient w.r.t. the
+        normalised table comes from `gsa_blocked` / `lse_blocked`, and flows through the centring and
+        normalisation (and the cheap positive term) by autograd."""
+        part = table.detach().requires_grad_()
+        c, m, _ = table.shape
+        rows = max(1, self.block // max(c * m, 1))
+        values: dict[str, torch.Tensor] = {}
+        with torch.enable_grad():
+            e = normalised(part, self.centre)
+            flat = e.detach()
+            g_e = torch.zeros_like(flat)
+            surrogate = e.new_zeros(())
+            if self.use_ica and self.labels is not None:
+                labels = self.labels.to(table.device)
+                sizes = torch.bincount(labels)
+                valid = (sizes[labels] > 1).to(e.dtype)
+                weight = (self.tau / self.tau0) * valid / valid.sum().clamp(min=1)
+                lse, g_lse = lse_blocked(flat, weight.expand(c, m), self.tau, rows)
+                pos = (ica_positive(e, labels, sizes, self.tau) * weight).sum(dim=1)
+                values["ica"] = lse - pos.detach()
+                g_e += self.alpha * g_lse
+                surrogate = surrogate - self.alpha * pos.sum()
+            if self.use_gsa and self.global_sim is not None:
+                gsa, g_gsa = gsa_blocked(flat, self.global_sim.to(table.device), self.sigma, self.mask,
+                                         self.reduction, rows)
+                values["gsa"] = gsa
+                g_e += self.beta * g_gsa
+            surrogate = surrogate + (e * g_e).sum()
+            grad = torch.autograd.grad(surrogate, part)[0] if values else torch.zeros_like(table)
+        return values, grad
+
     def value_and_grad(self, table: torch.Tensor, anchors: torch.Tensor,
                        anchor_valid: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-client terms and the gradient of alpha * ICA + beta * GSA w.r.t. `table`; the exact mode
-        works in sub-chunks of `chunk` clients so the m x m intermediates of only a few exist at a time."""
+        works in sub-chunks of `chunk` clients, each with the blocked algebra."""
+        if self.mode == "exact":
+            parts = [self.exact_value_and_grad(table[s:s + self.chunk]) for s in range(0, table.shape[0], self.chunk)]
+            grad = torch.cat([g for _, g in parts])
+            return {k: torch.cat([v[k] for v, _ in parts]) for k in parts[0][0]}, grad
         grad = torch.zeros_like(table)
         values: dict[str, list[torch.Tensor]] = {}
         weight = {"ica": self.alpha, "gsa": self.beta}

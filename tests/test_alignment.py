@@ -596,3 +596,35 @@ def test_detect_seeded_on_structureless_graph(method):
     again = detect(sim, sigma=0.5, method=method, resolution=1.0, seed=0).labels
     assert np.array_equal(first, again)
     assert any(not np.array_equal(first, o) for o in others)   # the seed matters here (test is sensitive)
+
+
+# ============================================================================ blocked exact algebra
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("rows", [1, 4, 64])
+def test_blocked_exact_matches_plain_autograd(mask, reduction, rows):
+    """The blocked value-and-gradient (no m x m per client) equals the plain autograd loss, fp32 within 1e-4."""
+    from src.losses import ica_exact, gsa_exact, AlignmentLoss
+    c, m, d = 3, 23, 5
+    table = torch.randn(c, m, d, generator=gen(40), dtype=torch.float32)
+    labels = torch.randint(0, 5, (m,), generator=gen(41))
+    labels[0] = 9  # a singleton
+    g = torch.rand(m, m, generator=gen(42)) * 0.9
+    g = (g + g.T) / 2
+    g.fill_diagonal_(0)
+    loss = AlignmentLoss(alpha=0.7, beta=3.0, tau=0.3, tau0=0.5, sigma=0.35, centre=True, mask=mask,
+                         reduction=reduction, mode="exact", chunk=2, use_ica=True, use_gsa=True,
+                         block=rows * 2 * m)
+    loss.update(labels, g)
+    values, grad = loss.value_and_grad(table, torch.zeros(c, 1, dtype=torch.long), torch.ones(c, 1, dtype=torch.bool))
+    # plain: dense m x m autograd in float64
+    t64 = table.double().requires_grad_()
+    e = normalised(t64, True)
+    sizes = torch.bincount(labels)
+    ica = ica_exact(e, labels, sizes, 0.3, 0.5)
+    gsa = gsa_exact(e, g.double(), 0.35, mask, reduction)
+    (ref_grad,) = torch.autograd.grad((0.7 * ica + 3.0 * gsa).sum(), t64)
+    torch.testing.assert_close(values["ica"].double(), ica.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(values["gsa"].double(), gsa.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
+    assert float(ref_grad.abs().max()) > 1e-3

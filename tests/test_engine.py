@@ -23,7 +23,8 @@ from src.run import train
 from tests.conftest import requires_real_data
 
 REPO = Path(__file__).resolve().parents[1]
-FILMTRUST = ["dataset=filmtrust", "fl.rounds=3", "fl.checkpoint_every=0"]
+# the engine tests run the PFedRec backbone with the lineage SGD (cheap rounds); AlignFedRec below
+FILMTRUST = ["dataset=filmtrust", "ablation=backbone", "optim=sgd", "fl.rounds=3", "fl.checkpoint_every=0"]
 PER_ROUND = ["round", "val/hit@10", "test/hit@10", "val/ndcg@10", "test/ndcg@10", "loss/bce",
              "time/sample", "time/train", "time/aggregate", "time/eval", "time/round", "clients", "reported"]
 
@@ -105,7 +106,7 @@ def test_same_seed_same_metrics(filmtrust_run, compose_cfg, tmp_path):
 
 @requires_real_data
 def test_kill_and_resume_matches_uninterrupted(compose_cfg, cache_dir, tmp_path):
-    overrides = ["dataset=filmtrust", "fl.rounds=6", f"data.cache_dir='{cache_dir}'"]
+    overrides = ["dataset=filmtrust", "ablation=backbone", "optim=sgd", "fl.rounds=6", f"data.cache_dir='{cache_dir}'"]
     run_dir = tmp_path / "a"
     env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
     env.pop("ALIGNFEDREC_DATA", None)
@@ -151,6 +152,22 @@ def test_kill_and_resume_matches_uninterrupted(compose_cfg, cache_dir, tmp_path)
     assert_close(metrics(history), metrics(reference["history"]), 1e-6)
 
 
+def test_alignfedrec_resume_matches_uninterrupted(compose_cfg, tmp_path):
+    """Labels, S_g, the delta ledger and the noise generator come back from the checkpoint."""
+    base = ["dataset=synthetic", "ablation=full", "encoding=csr8_delta", "privacy.epsilon=200", "fl.checkpoint_every=1"]
+    straight = train(compose_cfg(base + ["fl.rounds=4"]), tmp_path / "a", progress=False)
+    train(compose_cfg(base + ["fl.rounds=2"]), tmp_path / "b", progress=False)
+    resumed = train(compose_cfg(base + ["fl.rounds=4", "resume=true"]), tmp_path / "b", progress=False)
+    keys = ["val/hit@10", "test/hit@10", "loss/ica", "loss/gsa", "comm/upload_bytes_total", "community/count"]
+    for a, b in zip(straight["history"], resumed["history"], strict=True):
+        for k in keys:
+            assert (k in a) == (k in b) and (k in a or (a["round"] == 1 and k.startswith("loss/"))), (a["round"], k)
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["round"], k)
+    # delta encoding pays from round 2 on: later uploads are smaller than the first
+    assert straight["history"][3]["comm/upload_bytes_mean"] < straight["history"][0]["comm/upload_bytes_mean"]
+
+
 def test_dropout_some_clients_fail(compose_cfg, tmp_path):
     payload = train(compose_cfg(["dataset=synthetic", "fl.rounds=3", "fl.dropout=0.5", "fl.checkpoint_every=0"]),
                     tmp_path, progress=False)
@@ -181,7 +198,7 @@ def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
         cfg = compose_cfg(["dataset=synthetic", "fl.rounds=2", "fl.checkpoint_every=0", "logger=wandb",
                            f"seed={seed}"])
         name = run_name(cfg)
-        assert name == f"synthetic-backbone-clean-s{seed}"
+        assert name == f"synthetic-full-clean-s{seed}"
         init = make_loggers(cfg, tmp_path / "probe")[0]._wandb_init  # lazy: nothing started yet
         assert (init["name"], init["group"], init["mode"]) == (name, "synthetic", "offline")
 
@@ -199,8 +216,8 @@ def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
         assert name.encode() in found[0].read_bytes()
         run_files.append(found[0])
     assert run_files[0].name != run_files[1].name  # two run ids
-    assert b"synthetic-backbone-clean-s0" not in run_files[1].read_bytes()
-    assert b"synthetic-backbone-clean-s1" not in run_files[0].read_bytes()
+    assert b"synthetic-full-clean-s0" not in run_files[1].read_bytes()
+    assert b"synthetic-full-clean-s1" not in run_files[0].read_bytes()
 
 
 def test_resume_without_checkpoint_names_the_path(compose_cfg, tmp_path):
