@@ -38,6 +38,8 @@ def validate(cfg: DictConfig) -> None:
     _check(float(model.tau0) > 0, "model.tau0", model.tau0, "a value > 0")
     _check(-1 <= float(model.sigma) <= 1, "model.sigma", model.sigma, "a value in [-1, 1]")
     _check(model.gsa_mask in ("local", "global", "union"), "model.gsa_mask", model.gsa_mask, "local, global or union")
+    _check(model.alignment in ("exact", "fast"), "model.alignment", model.alignment, "exact or fast")
+    _check(model.fast_gsa in ("rows", "pairs"), "model.fast_gsa", model.fast_gsa, "rows or pairs")
     _check(model.gsa_reduction in ("sum", "mean"), "model.gsa_reduction", model.gsa_reduction, "sum or mean")
     _check(all(int(h) >= 1 for h in model.score_hidden), "model.score_hidden", model.score_hidden, "a list of sizes >= 1")
     _check(float(cfg.optim.lr) > 0, "optim.lr", cfg.optim.lr, "a value > 0")

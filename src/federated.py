@@ -51,7 +51,7 @@ def make_alignment(cfg: DictConfig) -> AlignmentLoss:
                          sigma=float(m.sigma), centre=bool(m.centre), mask=m.gsa_mask, reduction=m.gsa_reduction,
                          mode=m.alignment, chunk=int(m.align_chunk), use_ica=bool(cfg.ablation.ica),
                          use_gsa=bool(cfg.ablation.gsa), fast_anchors=int(m.fast_anchors),
-                         block=int(m.align_block))
+                         block=int(m.align_block), fast_gsa=str(m.fast_gsa))
 
 
 class FederatedModule(L.LightningModule):

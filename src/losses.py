@@ -7,8 +7,12 @@ similarity matrix and the global one, with its gradient flowing into the item ta
 `exact` evaluates both over the whole table (all anchors, all m x m pairs) with the blocked algebra
 below (`gsa_blocked`, `lse_blocked`): item rows in blocks, value and gradient in one pass, so only
 [clients x rows x m] exists at a time, never a client's m x m matrix; `ica_exact` / `gsa_exact` are
-the plain autograd forms it is tested against. `fast` takes the first `fast_anchors` items of the current (shuffled) batch as ICA
-anchors, still contrasted against all m items, and only the pairs of the global mask for GSA. Both are batched tensor algebra: no loop over items, none over clients beyond chunks.
+the plain autograd forms it is tested against. `fast` takes the first `fast_anchors` items of the current (shuffled) batch as anchor rows: ICA
+over those anchors (each still contrasted with all m items) and, with `fast_gsa=rows` (default), GSA
+over those rows of the mask (every column), which estimates the exact masked mean without bias in
+the rows drawn and keeps the mask's meaning (local, global, union); `fast_gsa=pairs` instead uses
+only the pairs of the global mask (cheaper, but with mask=local it becomes local AND global, and it
+vanishes when no global similarity reaches sigma). Both are batched tensor algebra: no loop over items, none over clients beyond chunks.
 """
 from __future__ import annotations
 
@@ -43,12 +47,18 @@ def ica_exact(e: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, tau: f
     return (tau / tau0) * (per_anchor * valid).sum(dim=1) / valid.sum().clamp(min=1)
 
 
+def anchor_rows(e: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """s_ak = e_a . e_k for the anchors [C, K] against every item: [C, K, m]."""
+    rows = torch.arange(e.shape[0], device=e.device).unsqueeze(1)
+    return e[rows, anchors] @ e.transpose(1, 2)
+
+
 def ica_batch(e: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, labels: torch.Tensor,
-              sizes: torch.Tensor, tau: float, tau0: float) -> torch.Tensor:
-    """ICA with the current batch's items [C, B] as anchors (fast path); [C]."""
+              sizes: torch.Tensor, tau: float, tau0: float, s: torch.Tensor | None = None) -> torch.Tensor:
+    """ICA with the current batch's items [C, B] as anchors (fast path); [C]. `s` = `anchor_rows(e, anchors)`."""
     rows = torch.arange(e.shape[0], device=e.device).unsqueeze(1)
     ea = e[rows, anchors]
-    logits = (ea @ e.transpose(1, 2)) / tau
+    logits = (anchor_rows(e, anchors) if s is None else s) / tau
     logits = logits.scatter(2, anchors.unsqueeze(2), float("-inf"))
     lse = torch.logsumexp(logits, dim=2)
     csum = cluster_sums(e, labels, int(sizes.shape[0]))
@@ -58,6 +68,42 @@ def ica_batch(e: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor
     valid = anchor_valid & (npos > 0)
     per_anchor = lse - pos / npos.clamp(min=1)
     return (tau / tau0) * (per_anchor * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
+def gsa_rows(e: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, global_sim: torch.Tensor,
+             sigma: float, mask: str, reduction: str, s: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 10 over the anchor rows [C, K] (all columns, diagonal excluded) (fast path); [C].
+
+    `mean` divides by the mask entries in those rows; `sum` scales the rows' sum by m / K to
+    estimate the sum over all rows. With every item as an anchor once it equals `gsa_exact`.
+    `s` = `anchor_rows(e, anchors)` when already computed.
+    """
+    m = e.shape[1]
+    s = anchor_rows(e, anchors) if s is None else s
+    g = global_sim[anchors].to(e.dtype)
+    with torch.no_grad():
+        w = {"local": s >= sigma, "global": g >= sigma, "union": (s >= sigma) | (g >= sigma)}[mask]
+        w &= torch.arange(m, device=e.device) != anchors.unsqueeze(2)
+        w &= anchor_valid.unsqueeze(2)
+    sq = _MaskedSquares.apply(s, g, w)
+    if reduction == "mean":
+        return sq / w.sum(dim=(1, 2)).clamp(min=1)
+    return sq * m / anchor_valid.sum(dim=1).clamp(min=1)
+
+
+class _MaskedSquares(torch.autograd.Function):
+    """sum over the last two dims of w o (s - g)^2 per client; keeps only w o (s - g) for backward."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        diff = (s - g).mul_(w)
+        ctx.save_for_backward(diff)
+        return (diff * diff).sum(dim=(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (diff,) = ctx.saved_tensors
+        return diff * (2 * grad_out).view(-1, 1, 1), None, None
 
 
 def gsa_exact(e: torch.Tensor, global_sim: torch.Tensor, sigma: float, mask: str, reduction: str) -> torch.Tensor:
@@ -167,6 +213,7 @@ class AlignmentLoss:
     use_gsa: bool
     fast_anchors: int = 64
     block: int = 4_194_304
+    fast_gsa: str = "rows"
     labels: torch.Tensor | None = None
     global_sim: torch.Tensor | None = None
     pairs: torch.Tensor | None = None
@@ -190,16 +237,23 @@ class AlignmentLoss:
         """Unweighted per-client ICA and GSA values [C] of `table` [C, m, d] (differentiable)."""
         e = normalised(table, self.centre)
         out: dict[str, torch.Tensor] = {}
+        s = None
+        if self.mode == "fast" and anchors is not None:
+            s = anchor_rows(e, anchors[:, :self.fast_anchors])
         if self.use_ica and self.labels is not None:
             labels = self.labels.to(table.device)
             sizes = torch.bincount(labels)
             if self.mode == "fast" and anchors is not None:
                 k = self.fast_anchors
-                out["ica"] = ica_batch(e, anchors[:, :k], anchor_valid[:, :k], labels, sizes, self.tau, self.tau0)
+                out["ica"] = ica_batch(e, anchors[:, :k], anchor_valid[:, :k], labels, sizes, self.tau, self.tau0, s)
             else:
                 out["ica"] = ica_exact(e, labels, sizes, self.tau, self.tau0)
         if self.use_gsa and self.global_sim is not None:
-            if self.mode == "fast":
+            if self.mode == "fast" and self.fast_gsa == "rows" and anchors is not None:
+                k = self.fast_anchors
+                out["gsa"] = gsa_rows(e, anchors[:, :k], anchor_valid[:, :k], self.global_sim.to(table.device),
+                                      self.sigma, self.mask, self.reduction, s)
+            elif self.mode == "fast" and self.fast_gsa == "pairs":
                 out["gsa"] = gsa_pairs(e, self.pairs.to(table.device), self.targets.to(table.device), self.sigma,
                                        self.mask, self.reduction)
             else:

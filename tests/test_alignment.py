@@ -389,10 +389,10 @@ def test_ica_gradient_matches_finite_differences(centre):
 
 # ============================================================================ 5. AlignmentLoss
 def make_loss(mode="exact", mask="local", reduction="mean", use_ica=True, use_gsa=True, chunk=2,
-              sigma=0.45, centre=True, fast_anchors=64) -> AlignmentLoss:
+              sigma=0.45, centre=True, fast_anchors=64, fast_gsa="rows") -> AlignmentLoss:
     return AlignmentLoss(alpha=0.7, beta=5.0, tau=TAU, tau0=TAU0, sigma=sigma, centre=centre, mask=mask,
                          reduction=reduction, mode=mode, chunk=chunk, use_ica=use_ica, use_gsa=use_gsa,
-                         fast_anchors=fast_anchors)
+                         fast_anchors=fast_anchors, fast_gsa=fast_gsa)
 
 
 def test_alignment_loss_inactive_before_update():
@@ -453,7 +453,8 @@ def test_alignment_fast_mode_equals_per_client_with_batch_anchors():
     sigma = 0.5
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 4, 0, 5, 2])
     gs = random_global(m, seed=36, sigma=sigma)
-    loss = make_loss(mode="fast", mask="global", reduction="mean", chunk=2, sigma=sigma, fast_anchors=k)
+    loss = make_loss(mode="fast", mask="global", reduction="mean", chunk=2, sigma=sigma, fast_anchors=k,
+                     fast_gsa="pairs")
     loss.update(labels, gs)
     anchors = torch.stack([torch.randperm(m, generator=gen(37 + i))[:7] for i in range(c)])
     valid = torch.ones(c, 7, dtype=torch.bool)
@@ -628,3 +629,50 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows):
     torch.testing.assert_close(values["gsa"].double(), gsa.detach(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
     assert float(ref_grad.abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gsa_rows_with_every_item_once_equals_exact(mask, reduction):
+    from src.losses import gsa_rows
+    c, m, d = 3, 13, 4
+    t, _, sigma = tables_with_sigma(c, m, d, 50, 0.35, 0.6)
+    gs = random_global(m, seed=51, sigma=sigma)
+    anchors = torch.stack([torch.randperm(m, generator=gen(52 + i)) for i in range(c)])
+    x1 = t.clone().requires_grad_()
+    x2 = t.clone().requires_grad_()
+    rows = gsa_rows(normalised(x1, True), anchors, torch.ones(c, m, dtype=torch.bool), gs, sigma, mask, reduction)
+    full = gsa_exact(normalised(x2, True), gs, sigma, mask, reduction)
+    torch.testing.assert_close(rows, full, rtol=1e-10, atol=1e-12)
+    (g1,) = torch.autograd.grad(rows.sum(), x1)
+    (g2,) = torch.autograd.grad(full.sum(), x2)
+    torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_gsa_rows_subset_equals_a_plain_loop_over_those_rows(mask):
+    from src.losses import gsa_rows
+    c, m, d = 3, 12, 4
+    t, cos, sigma = tables_with_sigma(c, m, d, 53, 0.35, 0.6)
+    gs = random_global(m, seed=54, sigma=sigma).numpy()
+    anchors = torch.stack([torch.randperm(m, generator=gen(55 + i))[:5] for i in range(c)])
+    valid = torch.ones(c, 5, dtype=torch.bool)
+    valid[1, 2] = False
+    got_mean = gsa_rows(normalised(t, True), anchors, valid, torch.from_numpy(gs), sigma, mask, "mean")
+    got_sum = gsa_rows(normalised(t, True), anchors, valid, torch.from_numpy(gs), sigma, mask, "sum")
+    for i in range(c):
+        total, count, used = 0.0, 0, 0
+        for r, a in enumerate(anchors[i].tolist()):
+            if not valid[i, r]:
+                continue
+            used += 1
+            for k in range(m):
+                if k == a:
+                    continue
+                loc, glo = cos[i][a, k] >= sigma, gs[a, k] >= sigma
+                w = {"local": loc, "global": glo, "union": loc or glo}[mask]
+                if w:
+                    total += (cos[i][a, k] - gs[a, k]) ** 2
+                    count += 1
+        assert got_mean[i].item() == pytest.approx(total / max(count, 1), rel=1e-9)
+        assert got_sum[i].item() == pytest.approx(total * m / used, rel=1e-9)
