@@ -32,7 +32,7 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """W&B (offline unless keyed) grouped by dataset, or none; the CSV is written by `RoundCSV`.
+    """W&B (offline unless keyed) grouped by experiment (`experiment_name`), or none; the CSV is written by `RoundCSV`.
 
     The W&B run id is kept in `<run_dir>/wandb_run_id`, so a resumed run continues the same W&B run.
     """

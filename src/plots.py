@@ -7,7 +7,9 @@ default `results/<kind>`; every row names the run folder it came from):
   beside the embedding-sharing size, with test hit@10 / ndcg@10 at the best validation round;
 - `privacy`: test hit@10 / ndcg@10 against the per-entry epsilon of the Laplace mechanism;
 - `curves`: validation and test hit@10 against rounds per run, and, for AlignFedRec runs, the
-  number of communities and the modularity against rounds.
+  number of communities and the modularity against rounds;
+- `sensitivity --param model.alpha`: test hit@10 / ndcg@10 (mean ± std over seeds) against the
+  value of one swept config key.
 """
 from __future__ import annotations
 
@@ -167,6 +169,49 @@ def curves(runs: list[dict[str, Any]], out: Path) -> None:
         plt.close(fig)
 
 
+def config_value(config: dict[str, Any], dotted: str) -> Any:
+    """The value of `a.b.c` in a resolved config."""
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
+    """Table and plot of test hit@10 / ndcg@10 against one swept config value, mean ± std over seeds."""
+    import statistics
+
+    import matplotlib.pyplot as plt
+    if not param:
+        raise SystemExit("sensitivity needs --param, e.g. --param model.alpha")
+    rows = []
+    keyed = group_by([{**r, "_v": config_value(r["config"], param)} for r in runs], ("dataset", "protocol", "_v"))
+    for (dataset, protocol, value), group in sorted(keyed.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        hit = [pct(r["test_at_best"].get("test/hit@10")) for r in group]
+        ndcg = [pct(r["test_at_best"].get("test/ndcg@10")) for r in group]
+        rows.append({"dataset": dataset, "protocol": protocol, param: value, "seeds": len(group),
+                     "test_hit@10": statistics.mean(hit), "test_hit@10_std": statistics.stdev(hit) if len(hit) > 1 else 0.0,
+                     "test_ndcg@10": statistics.mean(ndcg),
+                     "test_ndcg@10_std": statistics.stdev(ndcg) if len(ndcg) > 1 else 0.0,
+                     "runs": " ".join(r["path"] for r in group)})
+    name = param.split(".")[-1]
+    write_table(rows, out, f"sensitivity_{name}")
+    for (dataset, protocol), group in group_by(rows, ("dataset", "protocol")).items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [g[param] for g in group]
+        ax.errorbar(xs, [g["test_hit@10"] for g in group], yerr=[g["test_hit@10_std"] for g in group],
+                    marker="o", capsize=3, label="hit@10")
+        ax.errorbar(xs, [g["test_ndcg@10"] for g in group], yerr=[g["test_ndcg@10_std"] for g in group],
+                    marker="s", capsize=3, label="ndcg@10")
+        ax.set(xlabel=param, ylabel="test metric at best val round (%)",
+               title=f"{dataset}, {protocol} protocol: sensitivity to {name}")
+        if all(isinstance(x, (int, float)) and x > 0 for x in xs) and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.legend()
+        save(fig, out, f"sensitivity_{name}_{dataset}_{protocol}")
+        plt.close(fig)
+
+
 def group_by(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple, list[dict[str, Any]]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -174,7 +219,7 @@ def group_by(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple, l
     return dict(groups)
 
 
-KINDS = {"communication": communication, "privacy": privacy, "curves": curves}
+KINDS = {"communication": communication, "privacy": privacy, "curves": curves, "sensitivity": sensitivity}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -182,12 +227,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("kind", choices=sorted(KINDS))
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--param", default="", help="sensitivity: the swept config key, e.g. model.alpha")
     args = parser.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")
     out = args.out or Path("results") / args.kind
     out.mkdir(parents=True, exist_ok=True)
-    KINDS[args.kind](load_runs(args.folders), out)
+    runs = load_runs(args.folders)
+    if args.kind == "sensitivity":
+        sensitivity(runs, out, args.param)
+    else:
+        KINDS[args.kind](runs, out)
     print(f"wrote {out}")
     return out
 

@@ -1,14 +1,27 @@
-"""`python -m src.report <folder> [...]`: mean and standard deviation over seeds of every run's
-test metrics at its best validation round, as a Markdown table (one row per dataset, method, protocol)."""
+"""`python -m src.report <folder> [...] [--out DIR] [--name NAME]`: mean and standard deviation over
+seeds of every run's test metrics at its best validation round, beside the published number.
+
+One row per (dataset, method, protocol): seeds, rounds, test hit@10 / ndcg@10 (sampled) and, under
+the clean protocol, the full-ranking ones, the published hit@10 / ndcg@10 (`experiments/published.yaml`,
+paper protocol) and the difference, and the run folders the row was computed from. Printed as
+Markdown; with `--out`, also written as `<name>.md` and `<name>.csv` (atomically).
+"""
 from __future__ import annotations
 
+import argparse
+import csv
+import io
 import json
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
+from src.results import atomic_write_text
+
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
+PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
 
 
 def collect(folders: list[Path]) -> dict[tuple[str, str, str], list[dict]]:
@@ -23,28 +36,85 @@ def collect(folders: list[Path]) -> dict[tuple[str, str, str], list[dict]]:
     return groups
 
 
-def fmt(values: list[float]) -> str:
-    """`mean ± std` in percent; std over seeds (0 for a single seed)."""
+def published() -> dict[str, dict[str, list[float]]]:
+    """method -> dataset -> [hit@10, ndcg@10] from Table 1 and Table 2 (they agree where they overlap)."""
+    tables = yaml.safe_load(PUBLISHED.read_text())
+    out: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for table in tables.values():
+        for method, per_dataset in table.items():
+            out[method].update(per_dataset)
+    return dict(out)
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and standard deviation over seeds, in percent (std 0 for one seed)."""
     if not values:
-        return "-"
+        return None, None
     pct = [100 * v for v in values]
-    std = statistics.stdev(pct) if len(pct) > 1 else 0.0
-    return f"{statistics.mean(pct):.2f} ± {std:.2f}"
+    return statistics.mean(pct), (statistics.stdev(pct) if len(pct) > 1 else 0.0)
 
 
-def table(groups: dict[tuple[str, str, str], list[dict]]) -> str:
-    """Markdown table of the grouped runs."""
-    head = "| dataset | method | protocol | seeds | rounds | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|" + " --- |" * (5 + len(COLUMNS))]
+def rows(groups: dict[tuple[str, str, str], list[dict]]) -> list[dict]:
+    """One summary row per group, with the published number and the difference."""
+    pub = published()
+    out = []
     for (dataset, ablation, protocol), runs in sorted(groups.items()):
-        cells = [fmt([r["test_at_best"][c] for r in runs if c in r["test_at_best"]]) for c in COLUMNS]
-        rounds = sorted({len(r["history"]) for r in runs})
-        lines.append(f"| {dataset} | {ablation} | {protocol} | {len(runs)} | {'/'.join(map(str, rounds))} | "
-                     + " | ".join(cells) + " |")
+        row: dict = {"dataset": dataset, "method": ablation, "protocol": protocol, "seeds": len(runs),
+                     "rounds": "/".join(map(str, sorted({len(r["history"]) for r in runs})))}
+        for col in COLUMNS:
+            mean, std = mean_std([r["test_at_best"][col] for r in runs if col in r["test_at_best"]])
+            row[col], row[f"{col} std"] = mean, std
+        ref = pub.get(ablation, {}).get(dataset)
+        row["published hit@10"], row["published ndcg@10"] = (ref if ref else (None, None))
+        row["diff hit@10"] = None if ref is None or row["test/hit@10"] is None else row["test/hit@10"] - ref[0]
+        row["diff ndcg@10"] = None if ref is None or row["test/ndcg@10"] is None else row["test/ndcg@10"] - ref[1]
+        row["runs"] = " ".join(r["path"] for r in runs)
+        out.append(row)
+    return out
+
+
+def cell(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def markdown(table: list[dict]) -> str:
+    """The rows as a Markdown table (published numbers are paper-protocol figures)."""
+    head = ["dataset", "method", "protocol", "seeds", "rounds", *COLUMNS, "published", "diff hit@10 / ndcg@10"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in table:
+        pub = "-" if r["published hit@10"] is None else f"{r['published hit@10']:.2f} / {r['published ndcg@10']:.2f}"
+        diff = "-" if r["diff hit@10"] is None else f"{r['diff hit@10']:+.2f} / {r['diff ndcg@10']:+.2f}"
+        lines.append("| " + " | ".join([r["dataset"], r["method"], r["protocol"], str(r["seeds"]), r["rounds"],
+                                        *[cell(r[c], r[f"{c} std"]) for c in COLUMNS], pub, diff]) + " |")
     return "\n".join(lines)
 
 
+def write(table: list[dict], out: Path, name: str) -> None:
+    """`name`.md and `name`.csv in `out`."""
+    atomic_write_text(out / f"{name}.md", markdown(table) + "\n\nRuns per row: see the `runs` column of the CSV.\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write_text(out / f"{name}.csv", buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m src.report", description=__doc__.split("\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="also write <name>.md and <name>.csv here")
+    parser.add_argument("--name", default="table")
+    args = parser.parse_args(argv)
+    table = rows(collect(args.folders))
+    if not table:
+        raise SystemExit(f"no finished results.json under {', '.join(map(str, args.folders))}")
+    print(markdown(table))
+    if args.out is not None:
+        write(table, args.out, args.name)
+    return table
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m src.report <run or multirun folder> [...]")
-    print(table(collect([Path(a) for a in sys.argv[1:]])))
+    main()

@@ -200,7 +200,7 @@ def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
         name = run_name(cfg)
         assert name == f"synthetic-full-clean-s{seed}"
         init = make_loggers(cfg, tmp_path / "probe")[0]._wandb_init  # lazy: nothing started yet
-        assert (init["name"], init["group"], init["mode"]) == (name, "synthetic", "offline")
+        assert (init["name"], init["group"], init["mode"]) == (name, "adhoc", "offline")
 
         run_dir = tmp_path / f"s{seed}"
         payload = train(cfg, run_dir, progress=False)

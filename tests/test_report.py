@@ -1,0 +1,30 @@
+"""The report: mean ± std over seeds at the best validation round, the published number beside it."""
+from __future__ import annotations
+
+import csv
+import statistics
+
+import pytest
+
+from src.report import main, published
+from src.run import train
+
+
+def test_published_numbers_are_the_papers():
+    pub = published()
+    assert pub["full"]["ml-100k"] == [86.85, 73.71] and pub["backbone"]["lastfm-2k"] == [82.06, 73.15]
+    assert pub["no_gsa"]["ml-1m"] == [84.07, 71.73]
+
+
+def test_report_rows_mean_std_published_and_runs(compose_cfg, tmp_path):
+    payloads = [train(compose_cfg(["dataset=synthetic", "ablation=backbone", "fl.rounds=2", "fl.checkpoint_every=0",
+                                   f"seed={s}"]), tmp_path / f"s{s}", progress=False) for s in (0, 1)]
+    table = main([str(tmp_path), "--out", str(tmp_path / "out"), "--name", "t"])
+    assert len(table) == 1
+    row = table[0]
+    hits = [100 * p["test_at_best"]["test/hit@10"] for p in payloads]
+    assert row["test/hit@10"] == pytest.approx(statistics.mean(hits))
+    assert row["test/hit@10 std"] == pytest.approx(statistics.stdev(hits))
+    assert row["published hit@10"] is None and row["seeds"] == 2  # synthetic has no published row
+    written = list(csv.DictReader((tmp_path / "out" / "t.csv").open()))
+    assert written[0]["runs"].count(str(tmp_path)) == 2
