@@ -103,7 +103,7 @@ def reference_comparison(module: FederatedModule, n_clients: int, generator: tor
                            int(cfg.protocol.train_negatives), generator)
     steps = local_steps(samples, clients, epochs, batch_size)
     chunks = [(rows, batch_layout(samples, rows, epochs, batch_size, generator))
-              for rows in chunks_by_steps(clients, steps, fl.chunk_size)]
+              for rows in chunks_by_steps(clients, steps, module.chunk_size)]
 
     def start(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         params = module.chunk_params(rows)
@@ -233,7 +233,7 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         "n_users": data.n_users, "n_items": data.n_items,
         "config": {"optim": cfg.optim.name, "seed": int(cfg.seed), "device": str(cfg.device),
                    "local_epochs": int(cfg.fl.local_epochs), "batch_size": int(cfg.fl.batch_size),
-                   "chunk_size": cfg.fl.chunk_size, "client_fraction": float(cfg.fl.client_fraction),
+                   "chunk_size": module.chunk_size, "client_fraction": float(cfg.fl.client_fraction),
                    "model_dim": int(cfg.model.dim)},
         "overrides": list(overrides),
         "device": device_info(device),

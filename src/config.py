@@ -29,7 +29,9 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < float(fl.client_fraction) <= 1, "fl.client_fraction", fl.client_fraction, "a value in (0, 1]")
     _check(int(fl.batch_size) >= 1, "fl.batch_size", fl.batch_size, "an integer >= 1")
     _check(0 <= float(fl.dropout) < 1, "fl.dropout", fl.dropout, "a value in [0, 1)")
-    _check(fl.chunk_size is None or int(fl.chunk_size) >= 1, "fl.chunk_size", fl.chunk_size, "null or an integer >= 1")
+    _check(fl.chunk_size is None or fl.chunk_size == "auto" or (isinstance(fl.chunk_size, int) and fl.chunk_size >= 1),
+           "fl.chunk_size", fl.chunk_size, "null, auto or an integer >= 1")
+    _check(0 < float(fl.memory_fraction) <= 1, "fl.memory_fraction", fl.memory_fraction, "a value in (0, 1]")
     _check(int(fl.checkpoint_every) >= 0, "fl.checkpoint_every", fl.checkpoint_every, "an integer >= 0 (0 = never)")
     _check(int(model.dim) >= 1, "model.dim", model.dim, "an integer >= 1")
     _check(float(model.alpha) >= 0, "model.alpha", model.alpha, "a value >= 0")

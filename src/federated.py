@@ -22,6 +22,7 @@ from src.cohort import batch_layout, chunks_by_steps, local_steps, sample_round,
 from src.data.dataset import FedData
 from src.evaluation import Evaluator
 from src.losses import AlignmentLoss
+from src.memory import auto_chunk_size, bytes_per_client, free_bytes
 from src.model import Params, forward, init_params, score_all_items
 from src.privacy import epsilon_spent, laplace_scale
 from src.protocols import NegativeSampler, excluded_for_training
@@ -76,10 +77,21 @@ class FederatedModule(L.LightningModule):
         self.history: list[dict] = []
         self.align = make_alignment(cfg) if (cfg.ablation.ica or cfg.ablation.gsa) else None
         self.central = CentralTrainer(cfg, data.n_users, data.n_items, self.compute_device) if cfg.ablation.central else None
+        self.chunk_size = self.resolve_chunk_size()
         self.encoding = Encoding.from_cfg(cfg.comm)
         self.ledger = Ledger(self.encoding, data.n_items)
         self.noise_scale, self.eps_round = laplace_scale(cfg.privacy)
         self.noise_gen = torch.Generator().manual_seed(int(cfg.seed) + 3)
+
+    def resolve_chunk_size(self) -> int | None:
+        """`fl.chunk_size`, or with `auto` the cohort that fits the free memory of the compute device."""
+        size = self.cfg.fl.chunk_size
+        if size != "auto":
+            return size
+        m = self.cfg.model
+        per = bytes_per_client(self.data.n_items, int(m.dim), m.alignment if self.align is not None else None,
+                               int(m.fast_anchors), int(self.cfg.fl.batch_size))
+        return auto_chunk_size(self.data.n_users, per, free_bytes(self.compute_device), float(self.cfg.fl.memory_fraction))
 
     def train_dataloader(self) -> DataLoader:
         """One dummy batch per epoch: each epoch is one federated round."""
@@ -110,7 +122,7 @@ class FederatedModule(L.LightningModule):
         samples = sample_round(self.train_ptr, self.train_items, self.sampler,
                                int(cfg.protocol.train_negatives), self.gen)
         steps = local_steps(samples, clients, int(fl.local_epochs), int(fl.batch_size))
-        chunks = chunks_by_steps(clients, steps, fl.chunk_size)
+        chunks = chunks_by_steps(clients, steps, self.chunk_size)
         fails = torch.rand(self.data.n_users, generator=self.gen) < float(fl.dropout)
         timings["time/sample"] = time.perf_counter() - tic
         if self.central is not None:
@@ -220,7 +232,7 @@ class FederatedModule(L.LightningModule):
 
     def eval_chunks(self) -> list[torch.Tensor]:
         """All users in chunks of `fl.chunk_size`."""
-        size = int(self.cfg.fl.chunk_size or self.data.n_users)
+        size = int(self.chunk_size or self.data.n_users)
         return [torch.arange(i, min(i + size, self.data.n_users)) for i in range(0, self.data.n_users, size)]
 
     def evaluate(self) -> dict[str, float]:

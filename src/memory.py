@@ -1,0 +1,44 @@
+"""Cohort sizes that follow the free memory of the compute device (`fl.chunk_size=auto`).
+
+Client states live on the CPU (`FederatedModule.state`) and move to the compute device one cohort
+(chunk) at a time; the cohort size bounds the device memory a round needs. With `auto` it is the
+largest size whose estimated working set fits in `fl.memory_fraction` of the free memory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory of `device`: CUDA's free global memory, or MemAvailable of /proc/meminfo on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def bytes_per_client(n_items: int, dim: int, alignment: str | None, fast_anchors: int, batch_size: int) -> int:
+    """Estimated working set of one client in a training cohort (fp32).
+
+    The item table with its gradient and two Adam moments (4 m d), the batch activations, and for
+    AlignFedRec the alignment intermediates: fast mode keeps a few [anchors x m] tensors, exact mode
+    is blocked separately (`model.align_block`) so only the normalised table and its gradient count.
+    """
+    per = 4 * (4 * n_items * dim + 8 * batch_size * dim)
+    if alignment == "fast":
+        per += 4 * (8 * fast_anchors * n_items + 3 * n_items * dim)
+    elif alignment == "exact":
+        per += 4 * 3 * n_items * dim
+    return per
+
+
+def auto_chunk_size(n_clients: int, per_client: int, free: int, fraction: float) -> int:
+    """The largest cohort (at least 1, at most every client) whose working set fits fraction x free."""
+    return max(1, min(n_clients, int(fraction * free) // max(per_client, 1)))
