@@ -58,16 +58,33 @@ def ica_batch(e: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor
     """ICA with the current batch's items [C, B] as anchors (fast path); [C]. `s` = `anchor_rows(e, anchors)`."""
     rows = torch.arange(e.shape[0], device=e.device).unsqueeze(1)
     ea = e[rows, anchors]
-    logits = (anchor_rows(e, anchors) if s is None else s) / tau
-    logits = logits.scatter(2, anchors.unsqueeze(2), float("-inf"))
-    lse = torch.logsumexp(logits, dim=2)
+    s = anchor_rows(e, anchors) if s is None else s
     csum = cluster_sums(e, labels, int(sizes.shape[0]))
     al = labels[anchors]
     npos = (sizes[al] - 1).to(e.dtype)
-    pos = (ea * (csum[rows, al] - ea)).sum(dim=2) / tau
     valid = anchor_valid & (npos > 0)
-    per_anchor = lse - pos / npos.clamp(min=1)
-    return (tau / tau0) * (per_anchor * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+    weights = valid.to(e.dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+    pos = (ea * (csum[rows, al] - ea)).sum(dim=2) / tau / npos.clamp(min=1)
+    return (tau / tau0) * (_AnchorLSE.apply(s, anchors, weights, tau) - (pos * weights).sum(dim=1))
+
+
+class _AnchorLSE(torch.autograd.Function):
+    """sum_a w_a lse_{k != a}(s_ak / tau) per client; keeps only the softmax for backward."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, anchors: torch.Tensor, weights: torch.Tensor, tau: float) -> torch.Tensor:
+        logits = (s / tau).scatter_(2, anchors.unsqueeze(2), float("-inf"))
+        lse = torch.logsumexp(logits, dim=2)
+        prob = logits.sub_(lse.unsqueeze(2)).exp_()
+        ctx.save_for_backward(prob, weights)
+        ctx.tau = tau
+        return (weights * lse).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        prob, weights = ctx.saved_tensors
+        scale = (weights * grad_out.unsqueeze(1) / ctx.tau).unsqueeze(2)
+        return prob * scale, None, None, None
 
 
 def gsa_rows(e: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, global_sim: torch.Tensor,
