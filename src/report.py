@@ -1,9 +1,10 @@
 """`python -m src.report <folder> [...] [--out DIR] [--name NAME]`: mean and standard deviation over
 seeds of every run's test metrics at its best validation round, beside the published number.
 
-One row per (dataset, method, protocol): seeds, rounds, test hit@10 / ndcg@10 (sampled) and, under
+One row per (dataset, method, protocol), or per (dataset, method, protocol, variant) with
+`--by optim.name model.alignment ...` (config keys that tell runs apart): seeds, rounds, test hit@10 / ndcg@10 (sampled) and, under
 the clean protocol, the full-ranking ones, the published hit@10 / ndcg@10 (`experiments/published.yaml`,
-paper protocol) and the difference, and the run folders the row was computed from. Printed as
+paper protocol) and, for paper-protocol rows, the difference, and the run folders the row was computed from. Printed as
 Markdown; with `--out`, also written as `<name>.md` and `<name>.csv` (atomically).
 """
 from __future__ import annotations
@@ -24,15 +25,28 @@ COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10
 PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
 
 
-def collect(folders: list[Path]) -> dict[tuple[str, str, str], list[dict]]:
-    """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol)."""
-    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+def config_value(config: dict, dotted: str) -> str:
+    """`a.b.c` of a resolved config as text ('-' when absent)."""
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "-"
+        value = value[part]
+    return str(value)
+
+
+def collect(folders: list[Path], by: tuple[str, ...] = ()) -> dict[tuple[str, ...], list[dict]]:
+    """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol[, variant])."""
+    groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     for folder in folders:
         for path in sorted(Path(folder).rglob("results.json")):
             payload = json.loads(path.read_text())
             if payload.get("finished"):
                 payload["path"] = str(path.parent)
-                groups[(payload["dataset"], payload["ablation"], payload["protocol"])].append(payload)
+                key = (payload["dataset"], payload["ablation"], payload["protocol"])
+                if by:
+                    key += (" ".join(f"{k}={config_value(payload['config'], k)}" for k in by),)
+                groups[key].append(payload)
     return groups
 
 
@@ -54,20 +68,26 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.mean(pct), (statistics.stdev(pct) if len(pct) > 1 else 0.0)
 
 
-def rows(groups: dict[tuple[str, str, str], list[dict]]) -> list[dict]:
+def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
     """One summary row per group, with the published number and the difference."""
     pub = published()
     out = []
-    for (dataset, ablation, protocol), runs in sorted(groups.items()):
-        row: dict = {"dataset": dataset, "method": ablation, "protocol": protocol, "seeds": len(runs),
+    for key, runs in sorted(groups.items()):
+        dataset, ablation, protocol = key[:3]
+        row: dict = {"dataset": dataset, "method": ablation, "protocol": protocol}
+        if len(key) > 3:
+            row["variant"] = key[3]
+        row |= {"seeds": len(runs),
                      "rounds": "/".join(map(str, sorted({len(r["history"]) for r in runs})))}
         for col in COLUMNS:
             mean, std = mean_std([r["test_at_best"][col] for r in runs if col in r["test_at_best"]])
             row[col], row[f"{col} std"] = mean, std
         ref = pub.get(ablation, {}).get(dataset)
         row["published hit@10"], row["published ndcg@10"] = (ref if ref else (None, None))
-        row["diff hit@10"] = None if ref is None or row["test/hit@10"] is None else row["test/hit@10"] - ref[0]
-        row["diff ndcg@10"] = None if ref is None or row["test/ndcg@10"] is None else row["test/ndcg@10"] - ref[1]
+        # the paper's numbers are paper-protocol figures: a difference is only like for like there
+        comparable = ref is not None and protocol == "paper" and row["test/hit@10"] is not None
+        row["diff hit@10"] = row["test/hit@10"] - ref[0] if comparable else None
+        row["diff ndcg@10"] = row["test/ndcg@10"] - ref[1] if comparable else None
         row["runs"] = " ".join(r["path"] for r in runs)
         out.append(row)
     return out
@@ -81,12 +101,15 @@ def cell(mean: float | None, std: float | None = None) -> str:
 
 def markdown(table: list[dict]) -> str:
     """The rows as a Markdown table (published numbers are paper-protocol figures)."""
-    head = ["dataset", "method", "protocol", "seeds", "rounds", *COLUMNS, "published", "diff hit@10 / ndcg@10"]
+    variant = bool(table) and "variant" in table[0]
+    head = ["dataset", "method", "protocol", *(["variant"] if variant else []), "seeds", "rounds", *COLUMNS,
+            "published", "diff hit@10 / ndcg@10"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in table:
         pub = "-" if r["published hit@10"] is None else f"{r['published hit@10']:.2f} / {r['published ndcg@10']:.2f}"
         diff = "-" if r["diff hit@10"] is None else f"{r['diff hit@10']:+.2f} / {r['diff ndcg@10']:+.2f}"
-        lines.append("| " + " | ".join([r["dataset"], r["method"], r["protocol"], str(r["seeds"]), r["rounds"],
+        lines.append("| " + " | ".join([r["dataset"], r["method"], r["protocol"], *([r["variant"]] if variant else []),
+                                        str(r["seeds"]), r["rounds"],
                                         *[cell(r[c], r[f"{c} std"]) for c in COLUMNS], pub, diff]) + " |")
     return "\n".join(lines)
 
@@ -106,8 +129,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="also write <name>.md and <name>.csv here")
     parser.add_argument("--name", default="table")
+    parser.add_argument("--by", nargs="*", default=[], help="config keys that split rows, e.g. optim.name")
     args = parser.parse_args(argv)
-    table = rows(collect(args.folders))
+    table = rows(collect(args.folders, tuple(args.by)))
     if not table:
         raise SystemExit(f"no finished results.json under {', '.join(map(str, args.folders))}")
     print(markdown(table))
