@@ -28,3 +28,12 @@ def test_report_rows_mean_std_published_and_runs(compose_cfg, tmp_path):
     assert row["published hit@10"] is None and row["seeds"] == 2  # synthetic has no published row
     written = list(csv.DictReader((tmp_path / "out" / "t.csv").open()))
     assert written[0]["runs"].count(str(tmp_path)) == 2
+
+
+def test_report_by_splits_variants_and_diffs_only_paper_rows(compose_cfg, tmp_path):
+    for optim in ("sgd", "adam"):
+        train(compose_cfg(["dataset=synthetic", "ablation=backbone", "fl.rounds=1", "fl.checkpoint_every=0",
+                           f"optim={optim}"]), tmp_path / optim, progress=False)
+    table = main([str(tmp_path), "--by", "optim.name"])
+    assert sorted(r["variant"] for r in table) == ["optim.name=adam", "optim.name=sgd"]
+    assert all(r["seeds"] == 1 and r["diff hit@10"] is None for r in table)
