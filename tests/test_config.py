@@ -34,6 +34,14 @@ def test_default_config_composes(compose_cfg):
     ("fl.client_fraction=0", "fl.client_fraction"),
     ("fl.client_fraction=1.5", "fl.client_fraction"),
     ("protocol.train_negative_pool=everything", "protocol.train_negative_pool"),
+    ("comm.bits=3", "comm.bits"),
+    ("comm.format=json", "comm.format"),
+    ("comm.topk=0", "comm.topk"),
+    ("privacy.epsilon=-1", "privacy.epsilon"),
+    ("privacy.sensitivity=0", "privacy.sensitivity"),
+    ("model.alignment=approx", "model.alignment"),
+    ("model.fast_gsa=cols", "model.fast_gsa"),
+    ("fl.memory_fraction=0", "fl.memory_fraction"),
 ])
 def test_out_of_range_value_fails_validation_naming_the_key(compose_cfg, override, key):
     with pytest.raises(ConfigError) as err:
@@ -125,3 +133,12 @@ def test_checksum_mismatch_names_expected_and_found(tmp_path: Path):
     msg = str(err.value)
     assert wrong_blob in msg and blob in msg
     assert err.value.expected == wrong_blob and err.value.found == blob
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["privacy.epsilon=1", "privacy.scale=0.1"], "privacy.scale"),
+    (["privacy.epsilon=1", "comm.topk=8"], "comm.topk"),
+])
+def test_conflicting_privacy_and_encoding_options_name_the_key(compose_cfg, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose_cfg(overrides)
