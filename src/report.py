@@ -1,6 +1,7 @@
 """`python -m src.report <folder> [...] [--out DIR] [--name NAME]`: mean and standard deviation over
 seeds of every run's test metrics at its best validation round, beside the published number.
 
+`--rounds N` cuts every run to its first N rounds (best validation round chosen within them).
 One row per (dataset, method, protocol), or per (dataset, method, protocol, variant) with
 `--by optim.name model.alignment ...` (config keys that tell runs apart): seeds, rounds, test hit@10 / ndcg@10 (sampled) and, under
 the clean protocol, the full-ranking ones, the published hit@10 / ndcg@10 (`experiments/published.yaml`,
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from src.results import atomic_write_text
+from src.results import atomic_write_text, best_round
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
@@ -35,14 +36,26 @@ def config_value(config: dict, dotted: str) -> str:
     return str(value)
 
 
-def collect(folders: list[Path], by: tuple[str, ...] = ()) -> dict[tuple[str, ...], list[dict]]:
-    """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol[, variant])."""
+def truncate(payload: dict, rounds: int) -> dict:
+    """The run as if it had stopped after `rounds` rounds: best validation round and its test metrics
+    chosen again within them (test data still selects nothing)."""
+    history = [h for h in payload["history"] if h["round"] <= rounds]
+    best = best_round(history)
+    return {**payload, "history": history,
+            "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {}}
+
+
+def collect(folders: list[Path], by: tuple[str, ...] = (), rounds: int | None = None) -> dict[tuple[str, ...], list[dict]]:
+    """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol[, variant]);
+    with `rounds`, each run is cut to its first `rounds` rounds (`truncate`)."""
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     for folder in folders:
         for path in sorted(Path(folder).rglob("results.json")):
             payload = json.loads(path.read_text())
             if payload.get("finished"):
                 payload["path"] = str(path.parent)
+                if rounds is not None:
+                    payload = truncate(payload, rounds)
                 key = (payload["dataset"], payload["ablation"], payload["protocol"])
                 if by:
                     key += (" ".join(f"{k}={config_value(payload['config'], k)}" for k in by),)
@@ -130,8 +143,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=None, help="also write <name>.md and <name>.csv here")
     parser.add_argument("--name", default="table")
     parser.add_argument("--by", nargs="*", default=[], help="config keys that split rows, e.g. optim.name")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="compare runs of different lengths: cut each to its first N rounds, best val round within")
     args = parser.parse_args(argv)
-    table = rows(collect(args.folders, tuple(args.by)))
+    table = rows(collect(args.folders, tuple(args.by), args.rounds))
     if not table:
         raise SystemExit(f"no finished results.json under {', '.join(map(str, args.folders))}")
     print(markdown(table))

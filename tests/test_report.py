@@ -37,3 +37,12 @@ def test_report_by_splits_variants_and_diffs_only_paper_rows(compose_cfg, tmp_pa
     table = main([str(tmp_path), "--by", "optim.name"])
     assert sorted(r["variant"] for r in table) == ["optim.name=adam", "optim.name=sgd"]
     assert all(r["seeds"] == 1 and r["diff hit@10"] is None for r in table)
+
+
+def test_report_rounds_cuts_runs_and_selects_on_validation_within(compose_cfg, tmp_path):
+    payload = train(compose_cfg(["dataset=synthetic", "ablation=backbone", "fl.rounds=3", "fl.checkpoint_every=0"]),
+                    tmp_path / "r", progress=False)
+    table = main([str(tmp_path), "--rounds", "2"])
+    first_two = payload["history"][:2]
+    best = max(first_two, key=lambda h: (h["val/hit@10"], -h["round"]))
+    assert table[0]["rounds"] == "2" and table[0]["test/hit@10"] == pytest.approx(100 * best["test/hit@10"])
