@@ -140,6 +140,23 @@ def bce_per_client(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tens
     return (per * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
 
+def dense_on_active(dense_loss: DenseLoss, items: torch.Tensor, item_ids: torch.Tensor, valid: torch.Tensor,
+                    active: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The dense alignment terms of the clients still stepping only (padded ones get zeros), so a
+    chunk's short clients do not pay for its long ones."""
+    if bool(active.all()):
+        return dense_loss(items, item_ids, valid)
+    rows = active.nonzero().squeeze(1)
+    grad = torch.zeros_like(items)
+    if len(rows) == 0:
+        return {}, grad
+    values, part = dense_loss(items[rows], item_ids[rows], valid[rows])
+    grad[rows] = part
+    full = {k: torch.zeros(items.shape[0], dtype=v.dtype, device=v.device).index_copy(0, rows, v)
+            for k, v in values.items()}
+    return full, grad
+
+
 def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, optim: DictConfig,
                  n_items: int, loss: str = "sigmoid_bce", dense_loss: DenseLoss | None = None) -> dict[str, float]:
     """Run every local step of a chunk of clients in place; return the mean of each loss term.
@@ -175,7 +192,7 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
         terms = {"bce": bce_per_client(score_embeddings(score, emb), labels, valid, loss)}
         g_table = None
         if dense_loss is not None:
-            extra, g_table = dense_loss(params["items"], item_ids, valid)
+            extra, g_table = dense_on_active(dense_loss, params["items"], item_ids, valid, active)
             terms.update(extra)
         leaves = [emb] + ([] if alternate else list(score.values()))
         grads = list(torch.autograd.grad((terms["bce"] * active).sum(), leaves, allow_unused=True))
