@@ -18,10 +18,8 @@ Prints a table and writes JSON to `audit.out` (atomically).
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +29,7 @@ from src.comm import quantise
 from src.config import ConfigError, load_config
 from src.data.dataset import build
 from src.federated import FederatedModule
-from src.results import atomic_write_text
+from src.results import publish_report
 from src.similarity import laplace, normalised, thresholded_upload
 
 
@@ -158,10 +156,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     """Compose the config from `argv`, run the audit, print the table, write `audit.out`."""
     cfg = load_config(argv)
     report = audit(cfg, argv)
-    out = Path(str(cfg.audit.out))
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
-    print(table(report))
-    print(f"\nwrote {out}")
+    publish_report(cfg.audit.out, report, table(report))
     return report
 
 

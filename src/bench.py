@@ -24,7 +24,6 @@ Prints a table and writes the same figures as JSON to `bench.out` (atomically).
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -41,7 +40,7 @@ from src.config import ConfigError, load_config
 from src.data.dataset import build
 from src.federated import FederatedModule
 from src.reference import ExactAlignment, client_batches, make_client, train_client
-from src.results import atomic_write_text
+from src.results import publish_report
 
 PHASES = ("sample", "train", "aggregate", "community", "eval")
 
@@ -251,10 +250,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     """Compose the config from `argv` overrides, run the bench, print the table, write `bench.out`."""
     cfg = load_config(argv)
     report = bench(cfg, argv)
-    out = Path(str(cfg.bench.out))
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
-    print(table(report))
-    print(f"\nwrote {out}")
+    publish_report(cfg.bench.out, report, table(report))
     return report
 
 

@@ -34,6 +34,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def publish_report(out: str | Path, report: dict[str, Any], text: str) -> None:
+    """A command's report: its table printed, the same figures as JSON written atomically to `out`."""
+    path = Path(str(out))
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    print(text)
+    print(f"\nwrote {path}")
+
+
 def best_round(history: list[dict]) -> dict | None:
     """The round with the highest validation hit@10 (earliest on ties); test data plays no part."""
     if not history:
