@@ -25,24 +25,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from src.comm import quantise
 from src.config import ConfigError, load_config
 from src.data.dataset import build
 from src.federated import FederatedModule
 from src.results import publish_report
-from src.similarity import laplace, normalised, thresholded_upload
+from src.similarity import SimilarityAggregator, normalised
 
 
 def decoded_upload(table: torch.Tensor, sigma: float, centre: bool, noise: float, bits: int,
                    generator: torch.Generator) -> torch.Tensor:
-    """The m x m matrix the server decodes from one client's upload (symmetric, zero diagonal)."""
-    e = normalised(table.double().unsqueeze(0), centre)[0]
-    sim = e @ e.T
-    if noise > 0:
-        upper = torch.triu(laplace(tuple(sim.shape), noise, generator, sim.device).double(), 1)
-        sim = (sim + upper + upper.T).clamp(-1.0, 1.0)
-    up = thresholded_upload(sim, sigma)
-    return torch.where(up != 0, quantise(up, sigma, 1.0, bits), 0.0)
+    """The m x m matrix the server decodes from one client's upload (symmetric, zero diagonal): the
+    server's own aggregator run on that client alone, so noise, threshold and quantisation are the
+    ones a run applies."""
+    agg = SimilarityAggregator(table.shape[0], sigma, centre, block=4_194_304, device=table.device,
+                               noise=noise, bits=bits, generator=generator)
+    agg.add(table.double().unsqueeze(0), torch.ones(1, dtype=torch.bool, device=table.device))
+    return agg.upper + agg.upper.T
 
 
 def auc(scores: np.ndarray, truth: np.ndarray) -> float:
