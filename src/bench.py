@@ -99,9 +99,9 @@ def reference_comparison(module: FederatedModule, n_clients: int, generator: tor
     k = min(n_clients, module.data.n_users)
     clients = torch.randperm(module.data.n_users, generator=generator)[:k].sort().values
     samples = sample_round(module.train_ptr, module.train_items, module.sampler,
-                           int(cfg.protocol.train_negatives), generator)
+                           int(cfg.protocol.train_negatives), int(cfg.seed), module.current_round())
     steps = local_steps(samples, clients, epochs, batch_size)
-    chunks = [(rows, batch_layout(samples, rows, epochs, batch_size, generator))
+    chunks = [(rows, batch_layout(samples, rows, epochs, batch_size, int(cfg.seed), module.current_round()))
               for rows in chunks_by_steps(clients, steps, module.chunk_size)]
 
     def start(rows: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Local training of a cohort of clients held as stacked tensors.
 
 Each round every chosen client gets its positives plus fresh negatives (`sample_round`), shuffled
-per local epoch and cut into batches (`batch_layout`). `train_cohort` then runs all clients'
+per local epoch and cut into batches (`batch_layout`), all drawn from the client's own random
+stream (`src/streams.py`). `train_cohort` then runs all clients'
 step t at once; a client whose batches are used up is masked (no parameter or optimiser-state
 change), so each client trains exactly as it would alone (tested against a per-client loop).
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from src.model import Params, flat_index, gather_items, score_embeddings
+from src.streams import ClientStream
 
 # Dense extra terms on a chunk's item tables (ICA, GSA): (tables [C, m, d], batch items [C, B], valid [C, B])
 # -> (per-client values [C] by name, gradient of the weighted sum w.r.t. the tables [C, m, d])
@@ -23,23 +25,31 @@ DenseLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[dict[str,
 
 @dataclass
 class RoundSamples:
-    """One round's training samples of every client, grouped by client (CSR)."""
+    """One round's training samples of some clients, grouped by client (CSR); row r is user `users[r]`."""
 
     ptr: torch.Tensor
     items: torch.Tensor
     labels: torch.Tensor
+    users: torch.Tensor
 
 
 def sample_round(train_ptr: torch.Tensor, train_items: torch.Tensor, sampler, num_negatives: int,
-                 generator: torch.Generator) -> RoundSamples:
-    """Each training positive followed by `num_negatives` negatives drawn from its client's pool."""
-    counts = train_ptr[1:] - train_ptr[:-1]
-    users = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    negs = sampler.sample(users.unsqueeze(1).expand(-1, num_negatives), generator)
-    items = torch.cat([train_items.unsqueeze(1), negs], dim=1).reshape(-1)
-    labels = torch.zeros(len(train_items), 1 + num_negatives)
+                 seed: int, round_: int, users: torch.Tensor | None = None) -> RoundSamples:
+    """Each training positive of `users` (default all) followed by `num_negatives` negatives from its
+    client's pool; a client's draws depend only on (seed, round, client), see `src/streams.py`."""
+    users = torch.arange(len(train_ptr) - 1) if users is None else users.long()
+    counts = train_ptr[users + 1] - train_ptr[users]
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    owner = torch.repeat_interleave(users, counts)
+    local = torch.arange(int(ptr[-1])) - torch.repeat_interleave(ptr[:-1], counts)
+    positives = train_items[torch.repeat_interleave(train_ptr[users], counts) + local]
+    index = local.unsqueeze(1) * num_negatives + torch.arange(num_negatives)
+    stream = ClientStream(seed, round_, "negatives")
+    negs = sampler.sample(owner.unsqueeze(1).expand(-1, num_negatives), stream, index)
+    items = torch.cat([positives.unsqueeze(1), negs], dim=1).reshape(-1)
+    labels = torch.zeros(len(positives), 1 + num_negatives)
     labels[:, 0] = 1.0
-    return RoundSamples(train_ptr * (1 + num_negatives), items, labels.reshape(-1))
+    return RoundSamples(ptr * (1 + num_negatives), items, labels.reshape(-1), users)
 
 
 @dataclass
@@ -55,8 +65,11 @@ class BatchLayout:
 
 
 def batch_layout(samples: RoundSamples, clients: torch.Tensor, epochs: int, batch_size: int,
-                 generator: torch.Generator) -> BatchLayout:
-    """Shuffle each client's samples once per epoch and cut every epoch into batches of `batch_size`."""
+                 seed: int, round_: int) -> BatchLayout:
+    """Shuffle each client's samples once per epoch and cut every epoch into batches of `batch_size`.
+
+    `clients` are rows of `samples`; the shuffle keys come from each client's own stream.
+    """
     start = samples.ptr[clients]
     n = samples.ptr[clients + 1] - start
     per_epoch = local_steps(samples, clients, 1, batch_size)
@@ -64,8 +77,9 @@ def batch_layout(samples: RoundSamples, clients: torch.Tensor, epochs: int, batc
     c, t_max, nmax = len(clients), int(steps.max()) if len(clients) else 0, int(n.max()) if len(clients) else 0
     index = torch.full((c, max(t_max, 1), batch_size), -1, dtype=torch.long)
     pos = torch.arange(nmax)
+    users = samples.users[clients].unsqueeze(1)
     for epoch in range(epochs):
-        keys = torch.rand(c, nmax, generator=generator)
+        keys = ClientStream(seed, round_, f"shuffle/{epoch}").uniform(users, pos.unsqueeze(0))
         keys[pos.unsqueeze(0) >= n.unsqueeze(1)] = 2.0
         perm = keys.argsort(dim=1)
         slot = pos.unsqueeze(0).expand(c, -1)
@@ -116,8 +130,9 @@ class StackedOptimizer:
             shape = (-1, *([1] * (g.dim() - 1)))
             m.mul_(self.b1).add_(g, alpha=1 - self.b1)
             v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            bias1 = (1 - self.b1 ** t).view(shape)
-            bias2 = (1 - self.b2 ** t).view(shape)
+            # in fp64 as torch.optim.Adam does (in fp32, 1 - 0.999 ** 1 is off by 1.3e-5 relative)
+            bias1 = (1 - self.b1 ** t.double()).to(g.dtype).view(shape)
+            bias2 = (1 - self.b2 ** t.double()).to(g.dtype).view(shape)
             step = (v.sqrt() / bias2.sqrt()).add_(self.eps)
             step = torch.div(m, step).mul_(self.lr[k] / bias1)
             if sel is None:

@@ -119,8 +119,9 @@ class FederatedModule(L.LightningModule):
         timings: dict[str, float] = {}
         tic = time.perf_counter()
         clients = self.choose_clients()
+        r = self.current_round()
         samples = sample_round(self.train_ptr, self.train_items, self.sampler,
-                               int(cfg.protocol.train_negatives), self.gen)
+                               int(cfg.protocol.train_negatives), int(cfg.seed), r)
         steps = local_steps(samples, clients, int(fl.local_epochs), int(fl.batch_size))
         chunks = chunks_by_steps(clients, steps, self.chunk_size)
         fails = torch.rand(self.data.n_users, generator=self.gen) < float(fl.dropout)
@@ -143,7 +144,7 @@ class FederatedModule(L.LightningModule):
             params = self.chunk_params(rows)
             for k in self.keys:
                 params[k].copy_(self.server[k].to(self.compute_device).expand_as(params[k]))
-            layout = batch_layout(samples, rows, int(fl.local_epochs), int(fl.batch_size), self.gen)
+            layout = batch_layout(samples, rows, int(fl.local_epochs), int(fl.batch_size), int(cfg.seed), r)
             chunk_losses = train_cohort(params, samples, layout, cfg.optim, self.data.n_items, cfg.model.loss, dense)
             for k, v in chunk_losses.items():
                 losses[k] = losses.get(k, 0.0) + v * len(rows) / len(clients)

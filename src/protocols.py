@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from src.streams import ClientStream
+
 TRAIN_NEGATIVE_POOLS = ("non_interacted", "non_train", "non_train_non_candidates")
 
 
@@ -77,14 +79,21 @@ class NegativeSampler:
         if bool((~self.excluded).sum(dim=1).min() == 0):
             raise ValueError("a user has no item left to draw as a training negative")
 
-    def sample(self, users: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One negative item per entry of `users` (any shape), drawn i.i.d. from that user's pool."""
-        flat = users.reshape(-1)
-        items = torch.randint(self.n_items, flat.shape, generator=generator)
+    def sample(self, users: torch.Tensor, stream: ClientStream, index: torch.Tensor) -> torch.Tensor:
+        """One negative item per entry of `users` (any shape), drawn i.i.d. from that user's pool.
+
+        Draw (u, i) comes from `stream` at position `index` (same shape: the draw's place among
+        that user's draws), retried with the next attempt while it hits an excluded item, so a
+        user's negatives do not depend on the other users sampled with it.
+        """
+        flat, pos = users.reshape(-1), index.reshape(-1)
+        items = stream.randint(self.n_items, flat, pos)
         bad = self.excluded[flat, items]
+        attempt = 0
         while bool(bad.any()):
+            attempt += 1
             idx = bad.nonzero().squeeze(1)
-            items[idx] = torch.randint(self.n_items, idx.shape, generator=generator)
+            items[idx] = stream.randint(self.n_items, flat[idx], pos[idx], attempt)
             bad = torch.zeros_like(bad)
             bad[idx] = self.excluded[flat[idx], items[idx]]
         return items.reshape(users.shape)

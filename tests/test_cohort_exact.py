@@ -53,12 +53,11 @@ def make_problem(positives: list[int], seed: int = 0):
 def run_round(cfg, positives, rows, epochs, batch_size=BATCH, dtype=torch.float32, seed=0):
     """One round: stacked params of `rows`, samples, layout, trained copy and per-client references."""
     ptr, items, sampler = make_problem(positives, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    samples = sample_round(ptr, items, sampler, NEGATIVES, gen)
+    samples = sample_round(ptr, items, sampler, NEGATIVES, seed + 1, 1)
     # train_cohort uses the labels' dtype as given (float32 from sample_round): match the params
     samples.labels = samples.labels.to(dtype)
     rows = torch.as_tensor(rows, dtype=torch.long)
-    layout = batch_layout(samples, rows, epochs, batch_size, gen)
+    layout = batch_layout(samples, rows, epochs, batch_size, seed + 1, 1)
     init = init_params(cfg.model, len(positives), N_ITEMS, torch.Generator().manual_seed(seed + 2))
     init = {k: v[rows].to(dtype) for k, v in init.items()}
     trained = copy.deepcopy(init)
@@ -153,10 +152,9 @@ def test_short_clients_are_not_moved_by_padding_steps(compose_cfg, optim):
 
 def test_layout_uses_every_sample_once_per_epoch():
     ptr, items, sampler = make_problem(POSITIVES)
-    gen = torch.Generator().manual_seed(3)
-    samples = sample_round(ptr, items, sampler, NEGATIVES, gen)
+    samples = sample_round(ptr, items, sampler, NEGATIVES, 3, 1)
     rows = torch.as_tensor(ROWS)
-    layout = batch_layout(samples, rows, 2, BATCH, gen)
+    layout = batch_layout(samples, rows, 2, BATCH, 3, 1)
     for c, u in enumerate(ROWS):
         own = set(range(int(samples.ptr[u]), int(samples.ptr[u + 1])))
         per_epoch = math.ceil(len(own) / BATCH)
@@ -224,11 +222,10 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
                        "model.alpha=0.3", "model.beta=2.0", "model.tau=0.2", "model.tau0=0.5", "model.sigma=0.3",
                        f"model.gsa_mask={mask}", "model.align_chunk=3"])
     ptr, items, sampler = make_problem(POSITIVES)
-    gen = torch.Generator().manual_seed(1)
-    samples = sample_round(ptr, items, sampler, NEGATIVES, gen)
+    samples = sample_round(ptr, items, sampler, NEGATIVES, 1, 1)
     samples.labels = samples.labels.double()
     rows = torch.as_tensor(ROWS)
-    layout = batch_layout(samples, rows, 1, BATCH, gen)
+    layout = batch_layout(samples, rows, 1, BATCH, 1, 1)
     init = init_params(cfg.model, len(POSITIVES), N_ITEMS, torch.Generator().manual_seed(2))
     init = {k: v[rows].double() for k, v in init.items()}
     labels = torch.arange(N_ITEMS) % 6

@@ -5,12 +5,19 @@ import numpy as np
 import pytest
 import torch
 
+from src.streams import ClientStream
+
 from src.protocols import (
     TRAIN_NEGATIVE_POOLS,
     NegativeSampler,
     draw_eval_negatives,
     excluded_for_training,
 )
+
+
+def draws(users: torch.Tensor, seed: int = 0) -> tuple[ClientStream, torch.Tensor]:
+    """A stream and distinct positions for every entry of `users`."""
+    return ClientStream(seed, 1, "test"), torch.arange(users.numel()).reshape(users.shape)
 
 
 def random_interactions(n_users: int, n_items: int, density: float, seed: int) -> np.ndarray:
@@ -80,9 +87,8 @@ def test_negative_sampler_never_returns_excluded_and_covers_the_rest():
     excluded = random_interactions(20, 40, 0.6, seed=2)
     excluded[:, 0] = False  # nobody is left without an item
     sampler = NegativeSampler(excluded)
-    g = torch.Generator().manual_seed(0)
     users = torch.arange(20).repeat_interleave(500).reshape(100, 100)
-    items = sampler.sample(users, g)
+    items = sampler.sample(users, *draws(users))
     assert items.shape == users.shape
     u, i = users.reshape(-1).numpy(), items.reshape(-1).numpy()
     assert not excluded[u, i].any()
@@ -127,7 +133,7 @@ def test_paper_pool_excludes_held_out_items(toy_split):
     assert excl.sum() == interacted.sum()
     sampler = NegativeSampler(excl)
     users = torch.arange(5).repeat_interleave(2000)
-    items = sampler.sample(users, torch.Generator().manual_seed(0)).numpy()
+    items = sampler.sample(users, *draws(users)).numpy()
     u = users.numpy()
     assert not np.any(items == val[u]) and not np.any(items == test[u])
 
@@ -140,7 +146,7 @@ def test_clean_pool_allows_held_out_items(toy_split):
         assert not excl[u, val[u]] and not excl[u, test[u]]
     sampler = NegativeSampler(excl)
     users = torch.arange(5).repeat_interleave(2000)
-    items = sampler.sample(users, torch.Generator().manual_seed(0)).numpy()
+    items = sampler.sample(users, *draws(users)).numpy()
     u = users.numpy()
     assert not train[u, items].any()
     for user in range(5):
@@ -161,7 +167,7 @@ def test_non_train_non_candidates_pool_excludes_every_candidate(toy_split):
         assert set(np.flatnonzero(excl[u]).tolist()) == expected
     sampler = NegativeSampler(excl)
     users = torch.arange(5).repeat_interleave(500)
-    items = sampler.sample(users, torch.Generator().manual_seed(0)).numpy()
+    items = sampler.sample(users, *draws(users)).numpy()
     assert not excl[users.numpy(), items].any()
 
 
@@ -196,7 +202,7 @@ def test_synthetic_build_under_clean_protocol_leaves_held_out_items_drawable(com
     paper = excluded_for_training("non_interacted", train, interacted, cands)
     assert not clean[rows, data.test_items].any() and paper[rows, data.test_items].all()
     users = torch.arange(data.n_users).repeat_interleave(400)
-    items = NegativeSampler(clean).sample(users, torch.Generator().manual_seed(0)).numpy()
+    items = NegativeSampler(clean).sample(users, *draws(users)).numpy()
     hit_test = items == data.test_items[users.numpy()]
     assert hit_test.any()
 
