@@ -25,6 +25,10 @@ class Evaluator:
 
     def run(self, score: ScoreFn, chunks: list[torch.Tensor]) -> dict[str, float]:
         """`score(rows, item_ids)` gives logits [C, L] of users `rows`; item_ids None = all items."""
+        return self.metrics(self.ranks(score, chunks))
+
+    def ranks(self, score: ScoreFn, chunks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """1-based rank of each chunk user's held-out item, per split (`val`, `test`, and `*_full`)."""
         ranks: dict[str, list[torch.Tensor]] = {"val": [], "test": [], "val_full": [], "test_full": []}
         for rows in chunks:
             cand = torch.cat([self.val_cand[rows], self.test_cand[rows]], dim=1)
@@ -42,8 +46,11 @@ class Evaluator:
                 excl_test[torch.arange(len(rows)), vt] = True
                 ranks["val_full"].append(full_ranks(all_scores, vt, excl_val))
                 ranks["test_full"].append(full_ranks(all_scores, tt, excl_test))
+        return {split: torch.cat(parts) for split, parts in ranks.items() if parts}
+
+    def metrics(self, ranks: dict[str, torch.Tensor]) -> dict[str, float]:
+        """hit@k, ndcg@k, ... over all users whose ranks are given (the mean over users)."""
         out: dict[str, float] = {}
-        for split, parts in ranks.items():
-            if parts:
-                out.update(rank_metrics(torch.cat(parts), self.ks, prefix=f"{split}/"))
+        for split, r in ranks.items():
+            out.update(rank_metrics(r, self.ks, prefix=f"{split}/"))
         return out

@@ -17,15 +17,14 @@ from torch.utils.data import DataLoader
 
 from src.central import CentralTrainer
 from src.comm import Encoding, Ledger, embedding_bytes, quantise
-from src.community import adjusted_rand_index, detect
-from src.cohort import batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
+from src.cohort import sample_round
 from src.data.dataset import FedData
 from src.evaluation import Evaluator
 from src.losses import AlignmentLoss
 from src.memory import auto_chunk_size, bytes_per_client, free_bytes
-from src.model import Params, forward, init_params, score_all_items
+from src.model import Params, init_params
 from src.privacy import epsilon_spent, laplace_scale
-from src.protocols import NegativeSampler, excluded_for_training
+from src.rounds import ClientPool, evaluate_clients, server_alignment, train_clients, training_sampler
 from src.server import MeanAggregator
 from src.similarity import SimilarityAggregator
 
@@ -68,9 +67,7 @@ class FederatedModule(L.LightningModule):
         self.keys = shared_keys(cfg.ablation, self.state)
         self.server: Params = {k: self.state[k][0].clone() for k in self.keys}
         self.gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-        candidates = torch.cat([torch.as_tensor(data.val_negatives), torch.as_tensor(data.test_negatives)], 1).numpy()
-        self.sampler = NegativeSampler(excluded_for_training(
-            cfg.protocol.train_negative_pool, data.train_matrix(), data.interacted_matrix(), candidates))
+        self.sampler = training_sampler(cfg, data)
         self.train_ptr = torch.as_tensor(data.train_ptr)
         self.train_items = torch.as_tensor(data.train_items)
         self.evaluator = Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking))
@@ -113,20 +110,22 @@ class FederatedModule(L.LightningModule):
         """Copy the parameters of clients `rows` onto the compute device."""
         return {k: v[rows].to(self.compute_device) for k, v in self.state.items()}
 
+    @property
+    def pool(self) -> ClientPool:
+        """Every client, row = client id."""
+        return ClientPool(torch.arange(self.data.n_users), self.state)
+
     def run_round(self) -> dict[str, float]:
         """One federated round; returns its metrics, losses and phase timings."""
         cfg, fl = self.cfg, self.cfg.fl
         timings: dict[str, float] = {}
         tic = time.perf_counter()
         clients = self.choose_clients()
-        r = self.current_round()
-        samples = sample_round(self.train_ptr, self.train_items, self.sampler,
-                               int(cfg.protocol.train_negatives), int(cfg.seed), r)
-        steps = local_steps(samples, clients, int(fl.local_epochs), int(fl.batch_size))
-        chunks = chunks_by_steps(clients, steps, self.chunk_size)
         fails = torch.rand(self.data.n_users, generator=self.gen) < float(fl.dropout)
         timings["time/sample"] = time.perf_counter() - tic
         if self.central is not None:
+            samples = sample_round(self.train_ptr, self.train_items, self.sampler,
+                                   int(cfg.protocol.train_negatives), int(cfg.seed), self.current_round())
             return self.run_central_round(samples, timings)
         agg = MeanAggregator()
         sims = None
@@ -136,41 +135,31 @@ class FederatedModule(L.LightningModule):
                                         topk=self.encoding.topk, bits=self.encoding.bits,
                                         collect=self.encoding.delta, generator=self.noise_gen)
         senders: list[int] = []
-        dense = self.align.value_and_grad if self.align is not None and self.align.active else None
-        losses: dict[str, float] = {}
-        train_time, upload_time = 0.0, 0.0
-        for rows in chunks:
-            tic = time.perf_counter()
-            params = self.chunk_params(rows)
-            for k in self.keys:
-                params[k].copy_(self.server[k].to(self.compute_device).expand_as(params[k]))
-            layout = batch_layout(samples, rows, int(fl.local_epochs), int(fl.batch_size), int(cfg.seed), r)
-            chunk_losses = train_cohort(params, samples, layout, cfg.optim, self.data.n_items, cfg.model.loss, dense)
-            for k, v in chunk_losses.items():
-                losses[k] = losses.get(k, 0.0) + v * len(rows) / len(clients)
-            for k, v in params.items():
-                self.state[k][rows] = v.to(self.state[k].device)
-            train_time += time.perf_counter() - tic
-            tic = time.perf_counter()
+
+        def upload(params: Params, rows: torch.Tensor) -> None:
+            """The chunk's clients that did not fail send their shared parameters and similarity."""
             uploaded = ~fails[rows].to(self.compute_device)
             agg.add(params, self.keys, uploaded)
-            senders += rows[uploaded.cpu()].tolist()
+            senders.extend(rows[uploaded.cpu()].tolist())
             if sims is not None:
                 sims.add(params["items"], uploaded)
-            upload_time += time.perf_counter() - tic
-        timings["time/train"] = train_time
+
+        dense = self.align.value_and_grad if self.align is not None and self.align.active else None
+        work = train_clients(cfg, self.pool, clients, self.data, self.sampler, self.server, dense,
+                             self.current_round(), self.compute_device, self.chunk_size, upload)
+        timings["time/train"] = work.train_s
         tic = time.perf_counter()
         self.server = agg.result(self.server)
-        timings["time/aggregate"] = time.perf_counter() - tic + upload_time
+        timings["time/aggregate"] = time.perf_counter() - tic + work.upload_s
         comm_stats = self.traffic(senders, len(clients), sims)
         if sims is not None:
-            comm_stats.update(self.server_alignment(sims, len(clients), timings, comm_stats))
+            comm_stats.update(self.server_alignment(sims, len(clients), timings))
         tic = time.perf_counter()
         metrics = self.evaluate()
         timings["time/eval"] = time.perf_counter() - tic
-        out = {**metrics, **{f"loss/{k}": v for k, v in losses.items()}, **comm_stats, **timings}
+        out = {**metrics, **{f"loss/{k}": v for k, v in work.losses.items()}, **comm_stats, **timings}
         out["clients"] = float(len(clients))
-        out["steps"] = float(steps.sum())  # client-steps of local training this round
+        out["steps"] = float(work.steps.sum())  # client-steps of local training this round
         out["reported"] = float(len(clients) - int(fails[clients].sum()))
         return out
 
@@ -197,25 +186,17 @@ class FederatedModule(L.LightningModule):
         """1-based index of the round being run."""
         return len(self.history) + 1
 
-    def server_alignment(self, sims: SimilarityAggregator, n_clients: int, timings: dict[str, float],
-                         traffic: dict[str, float]) -> dict[str, float]:
+    def server_alignment(self, sims: SimilarityAggregator, n_clients: int,
+                         timings: dict[str, float]) -> dict[str, float]:
         """S_g = mean upload, communities by modularity, broadcast (encoded, counted); returns the statistics."""
         global_sim = sims.mean()
         if global_sim is None:
             return {}
         tic = time.perf_counter()
-        comms = detect(global_sim, float(self.cfg.model.sigma), self.cfg.server.community,
-                       float(self.cfg.server.resolution), int(self.cfg.seed))
+        comms, stats = server_alignment(self.cfg, global_sim, self.align.labels)
         timings["time/community"] = time.perf_counter() - tic
-        sizes = comms.sizes
-        stats = {"community/count": float(len(sizes)), "community/largest": float(sizes.max()),
-                 "community/singletons": float((sizes == 1).sum()),
-                 "community/non_singleton": float((sizes > 1).sum()),
-                 "community/modularity": comms.modularity, "community/edges": float(comms.edges)}
-        if self.align.labels is not None:
-            stats["community/ari_prev"] = adjusted_rand_index(self.align.labels.numpy(), comms.labels)
         broadcast = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
-        down = float(self.ledger.similarity_download(broadcast, len(sizes)))
+        down = float(self.ledger.similarity_download(broadcast, len(comms.sizes)))
         stats.update({"comm/download_bytes_mean": down, "comm/download_bytes_total": down * n_clients})
         self.align.update(torch.as_tensor(comms.labels), broadcast)
         return stats
@@ -238,14 +219,8 @@ class FederatedModule(L.LightningModule):
 
     def evaluate(self) -> dict[str, float]:
         """Every client scored with its own current parameters."""
-        def score(rows: torch.Tensor, item_ids: torch.Tensor | None) -> torch.Tensor:
-            params = self.chunk_params(rows)
-            with torch.no_grad():
-                if item_ids is None:
-                    return score_all_items(params)
-                return forward(params, item_ids.to(self.compute_device))
-
-        return self.evaluator.run(score, self.eval_chunks())
+        return self.evaluator.metrics(evaluate_clients(self.evaluator, self.pool, self.compute_device,
+                                                       self.chunk_size))
 
     def training_step(self, batch, batch_idx: int) -> None:
         """Run one round and record it."""

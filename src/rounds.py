@@ -1,0 +1,127 @@
+"""One federated round as plain functions: what the clients of one process do, and what the server does.
+
+The Lightning simulator (`federated.py`) and the Flower app (`src/flower/`) call these same
+functions; only the transport differs (in-process tensors there, encoded Flower messages here).
+Client side: `train_clients` (sample, train as stacked cohorts, hand each trained chunk to an
+`upload` callback) and `evaluate_clients`. Server side: `MeanAggregator` and
+`SimilarityAggregator` collect the uploads, `server_alignment` finds the communities of S_g.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from src.cohort import DenseLoss, batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
+from src.community import Communities, adjusted_rand_index, detect
+from src.data.dataset import FedData
+from src.evaluation import Evaluator
+from src.model import Params, forward, score_all_items
+from src.protocols import NegativeSampler, excluded_for_training
+
+# called with each trained chunk: its parameters on the compute device and its rows in the pool
+Upload = Callable[[Params, torch.Tensor], None]
+
+
+@dataclass
+class ClientPool:
+    """The clients one process holds: row i of every `state` tensor belongs to client `users[i]`."""
+
+    users: torch.Tensor
+    state: Params
+
+    def rows_of(self, users: torch.Tensor) -> torch.Tensor:
+        """Rows of the given client ids (each must be in the pool)."""
+        order = torch.argsort(self.users)
+        pos = torch.searchsorted(self.users[order], users)
+        rows = order[pos.clamp(max=len(order) - 1)]
+        if len(users) and not bool((self.users[rows] == users).all()):
+            raise KeyError(f"clients {users[self.users[rows] != users].tolist()[:5]} are not held here")
+        return rows
+
+    def params(self, rows: torch.Tensor, device: torch.device) -> Params:
+        """Copy the parameters of `rows` onto `device`."""
+        return {k: v[rows].to(device) for k, v in self.state.items()}
+
+
+@dataclass
+class RoundWork:
+    """What local training of one round produced, besides the updated parameters."""
+
+    losses: dict[str, float]
+    steps: torch.Tensor
+    train_s: float
+    upload_s: float
+
+
+def training_sampler(cfg: DictConfig, data: FedData) -> NegativeSampler:
+    """The protocol's training-negative sampler over all clients' pools."""
+    candidates = np.concatenate([data.val_negatives, data.test_negatives], 1)
+    return NegativeSampler(excluded_for_training(cfg.protocol.train_negative_pool, data.train_matrix(),
+                                                 data.interacted_matrix(), candidates))
+
+
+def train_clients(cfg: DictConfig, pool: ClientPool, chosen: torch.Tensor, data: FedData, sampler: NegativeSampler,
+                  shared: Params, dense: DenseLoss | None, round_: int, device: torch.device,
+                  chunk_size: int | None, upload: Upload) -> RoundWork:
+    """Local training of the pool's rows `chosen` in round `round_`, chunk by chunk, in place.
+
+    Each chunk starts from the server's `shared` parameters, trains as one stacked cohort and is
+    handed to `upload` before the next chunk is formed.
+    """
+    fl = cfg.fl
+    samples = sample_round(torch.as_tensor(data.train_ptr), torch.as_tensor(data.train_items), sampler,
+                           int(cfg.protocol.train_negatives), int(cfg.seed), round_, users=pool.users)
+    steps = local_steps(samples, chosen, int(fl.local_epochs), int(fl.batch_size))
+    losses: dict[str, float] = {}
+    train_s = upload_s = 0.0
+    for rows in chunks_by_steps(chosen, steps, chunk_size):
+        tic = time.perf_counter()
+        params = pool.params(rows, device)
+        for k, v in shared.items():
+            params[k].copy_(v.to(device).expand_as(params[k]))
+        layout = batch_layout(samples, rows, int(fl.local_epochs), int(fl.batch_size), int(cfg.seed), round_)
+        part = train_cohort(params, samples, layout, cfg.optim, data.n_items, cfg.model.loss, dense)
+        for k, v in part.items():
+            losses[k] = losses.get(k, 0.0) + v * len(rows) / len(chosen)
+        for k, v in params.items():
+            pool.state[k][rows] = v.to(pool.state[k].device)
+        train_s += time.perf_counter() - tic
+        tic = time.perf_counter()
+        upload(params, rows)
+        upload_s += time.perf_counter() - tic
+    return RoundWork(losses, steps, train_s, upload_s)
+
+
+def evaluate_clients(evaluator: Evaluator, pool: ClientPool, device: torch.device,
+                     chunk_size: int | None) -> dict[str, torch.Tensor]:
+    """Ranks of every client of the pool (own current parameters) on its validation and test items."""
+    size = int(chunk_size or len(pool.users)) or 1
+    def score(users: torch.Tensor, item_ids: torch.Tensor | None) -> torch.Tensor:
+        params = pool.params(pool.rows_of(users), device)
+        with torch.no_grad():
+            if item_ids is None:
+                return score_all_items(params)
+            return forward(params, item_ids.to(device))
+
+    chunks = [pool.users[i:i + size] for i in range(0, len(pool.users), size)]
+    return evaluator.ranks(score, chunks)
+
+
+def server_alignment(cfg: DictConfig, global_sim: torch.Tensor,
+                     previous: torch.Tensor | None) -> tuple[Communities, dict[str, float]]:
+    """Communities of S_g by modularity (METHOD.md section 3, step 2) and the round's statistics."""
+    comms = detect(global_sim, float(cfg.model.sigma), cfg.server.community, float(cfg.server.resolution),
+                   int(cfg.seed))
+    sizes = comms.sizes
+    stats = {"community/count": float(len(sizes)), "community/largest": float(sizes.max()),
+             "community/singletons": float((sizes == 1).sum()),
+             "community/non_singleton": float((sizes > 1).sum()),
+             "community/modularity": comms.modularity, "community/edges": float(comms.edges)}
+    if previous is not None:
+        stats["community/ari_prev"] = adjusted_rand_index(previous.numpy(), comms.labels)
+    return comms, stats
