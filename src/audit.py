@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from src.config import ConfigError, load_config
-from src.data.dataset import build
+from src.data.dataset import load
 from src.federated import FederatedModule
 from src.results import publish_report
 from src.similarity import SimilarityAggregator, normalised
@@ -95,7 +95,7 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     if not (cfg.ablation.ica or cfg.ablation.gsa):
         raise ConfigError(f"config ablation={cfg.ablation.name!r} uploads no similarity matrix: use full, no_ica or no_gsa")
     torch.manual_seed(int(cfg.seed))
-    data = build(cfg.dataset, cfg.protocol, int(cfg.seed), cfg.data.root, cfg.data.cache_dir)
+    data = load(cfg)
     module = FederatedModule(cfg, data)
     tic = time.perf_counter()
     for _ in range(int(cfg.fl.rounds)):

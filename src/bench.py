@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 
 from src.cohort import batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
 from src.config import ConfigError, load_config
-from src.data.dataset import build
+from src.data.dataset import load
 from src.federated import FederatedModule
 from src.reference import ExactAlignment, client_batches, make_client, train_client
 from src.results import publish_report
@@ -206,7 +206,7 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(f"config bench.reference_clients={n_ref!r} is invalid: expected an integer >= 0 (0 = skip)")
     torch.manual_seed(int(cfg.seed))
     t0 = time.perf_counter()
-    data = build(cfg.dataset, cfg.protocol, int(cfg.seed), cfg.data.root, cfg.data.cache_dir)
+    data = load(cfg)
     module = FederatedModule(cfg, data)
     device = module.compute_device
     if device.type == "cuda":

@@ -119,28 +119,40 @@ def delta_bytes(upserts: int, removals: int, m: int, fmt: str, bits: int) -> int
     return sparse_bytes(upserts, m, fmt, bits) + 4 + removals * index_bytes(m * (m - 1) // 2)
 
 
-def encode_upper(matrix: np.ndarray, fmt: str, bits: int, lo: float = 0.0, hi: float = 1.0) -> bytes:
-    """A real byte encoding of the strict upper triangle of `matrix` (its nonzero entries).
+_UTYPE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+BITS = (32, 16, 8, 4)
 
-    Used by the tests to check `sparse_bytes`, and by the Flower app as the wire format.
+
+class PayloadError(ValueError):
+    """A received payload that does not decode to a valid similarity upload (the reason is the message)."""
+
+
+def encode_entries(m: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, fmt: str, bits: int,
+                   lo: float = 0.0, hi: float = 1.0) -> bytes:
+    """The wire encoding of strict-upper-triangle entries (row < col) of an m x m matrix.
+
+    Layout: 1 flag byte (format * 64 + bits), m and nnz as uint32, the index arrays (CSR: row
+    pointers then columns; COO: linear upper-triangle positions), then the values. Entries are
+    sent in row-major order. The Flower app sends this; the byte formulas above are its sizes.
     """
-    m = matrix.shape[0]
-    rows, cols = np.nonzero(np.triu(matrix, 1))
+    rows, cols, vals = np.asarray(rows, np.int64), np.asarray(cols, np.int64), np.asarray(vals, np.float64)
+    order = np.lexsort((cols, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
     nnz = len(rows)
-    vals = matrix[rows, cols]
+    if fmt not in ("csr", "coo"):
+        raise ValueError(f"comm.format={fmt!r}; expected csr or coo")
+    if bits not in BITS:
+        raise ValueError(f"comm.bits={bits}; expected one of {BITS}")
     head = np.array([(0 if fmt == "csr" else 1) * 64 + bits], dtype=np.uint8).tobytes()
     head += np.array([m, nnz], dtype=np.uint32).tobytes()
-    utype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
     if fmt == "csr":
         ptr = np.zeros(m + 1, dtype=np.int64)
         np.add.at(ptr, rows + 1, 1)
-        index = np.cumsum(ptr).astype(utype[index_bytes(nnz + 1)]).tobytes()
-        index += cols.astype(utype[index_bytes(m)]).tobytes()
-    elif fmt == "coo":
-        lin = rows * m - rows * (rows + 1) // 2 + (cols - rows - 1)
-        index = lin.astype(utype[index_bytes(m * (m - 1) // 2)]).tobytes()
+        index = np.cumsum(ptr).astype(_UTYPE[index_bytes(nnz + 1)]).tobytes()
+        index += cols.astype(_UTYPE[index_bytes(m)]).tobytes()
     else:
-        raise ValueError(fmt)
+        lin = rows * m - rows * (rows + 1) // 2 + (cols - rows - 1)
+        index = lin.astype(_UTYPE[index_bytes(m * (m - 1) // 2)]).tobytes()
     if bits == 32:
         body = vals.astype(np.float32).tobytes()
     elif bits == 16:
@@ -155,49 +167,83 @@ def encode_upper(matrix: np.ndarray, fmt: str, bits: int, lo: float = 0.0, hi: f
     return head + index + body
 
 
-def decode_upper(payload: bytes) -> np.ndarray:
-    """Inverse of `encode_upper`: the symmetric dense matrix (values as the receiver sees them)."""
+def decode_entries(payload: bytes, m_expected: int | None = None,
+                   max_bytes: int | None = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of `encode_entries`: (m, rows, cols, values as the receiver sees them).
+
+    Every field is checked before use; a payload that is truncated, oversized, announces another
+    m, or holds an index outside the strict upper triangle or a value outside [-1, 1] raises
+    `PayloadError` saying which.
+    """
+    n = len(payload)
+    if max_bytes is not None and n > max_bytes:
+        raise PayloadError(f"payload of {n} bytes exceeds the limit of {max_bytes} bytes")
+    if n < HEADER_BYTES:
+        raise PayloadError(f"payload of {n} bytes is shorter than the {HEADER_BYTES}-byte header")
     flag = payload[0]
-    fmt, bits = ("csr" if flag // 64 == 0 else "coo"), flag % 64
+    fmt, bits = {0: "csr", 1: "coo"}.get(flag // 64), flag % 64
+    if fmt is None or bits not in BITS:
+        raise PayloadError(f"unknown format byte {flag} (expected format*64 + bits, format 0/1, bits {BITS})")
     m, nnz = (int(x) for x in np.frombuffer(payload[1:9], dtype=np.uint32))
-    utype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+    if m_expected is not None and m != m_expected:
+        raise PayloadError(f"payload announces m={m} items, expected {m_expected}")
+    if nnz > m * (m - 1) // 2:
+        raise PayloadError(f"payload announces {nnz} entries, more than the {m * (m - 1) // 2} upper-triangle pairs")
+    if n != sparse_bytes(nnz, m, fmt, bits):
+        raise PayloadError(f"payload has {n} bytes; a {fmt} upload of {nnz} entries at {bits} bits has "
+                           f"{sparse_bytes(nnz, m, fmt, bits)}")
     at = HEADER_BYTES
     if fmt == "csr":
         size = index_bytes(nnz + 1)
-        ptr = np.frombuffer(payload[at:at + (m + 1) * size], dtype=utype[size]).astype(np.int64)
+        ptr = np.frombuffer(payload[at:at + (m + 1) * size], dtype=_UTYPE[size]).astype(np.int64)
         at += (m + 1) * size
         size = index_bytes(m)
-        cols = np.frombuffer(payload[at:at + nnz * size], dtype=utype[size]).astype(np.int64)
+        cols = np.frombuffer(payload[at:at + nnz * size], dtype=_UTYPE[size]).astype(np.int64)
         at += nnz * size
+        if ptr[0] != 0 or ptr[-1] != nnz or (np.diff(ptr) < 0).any():
+            raise PayloadError("CSR row pointers are not a non-decreasing sequence from 0 to nnz")
         rows = np.repeat(np.arange(m), np.diff(ptr))
     else:
         size = index_bytes(m * (m - 1) // 2)
-        lin = np.frombuffer(payload[at:at + nnz * size], dtype=utype[size]).astype(np.int64)
+        lin = np.frombuffer(payload[at:at + nnz * size], dtype=_UTYPE[size]).astype(np.int64)
         at += nnz * size
+        if nnz and lin.max() >= m * (m - 1) // 2:
+            raise PayloadError(f"COO position {int(lin.max())} outside the {m * (m - 1) // 2} upper-triangle pairs")
         starts = np.concatenate([[0], np.cumsum(np.arange(m - 1, 0, -1))])
         rows = np.searchsorted(starts, lin, side="right") - 1
         cols = lin - starts[rows] + rows + 1
+    if nnz and ((cols <= rows).any() or (cols >= m).any()):
+        raise PayloadError("an entry lies outside the strict upper triangle (column <= row or >= m)")
+    if nnz > 1 and len(np.unique(rows * m + cols)) != nnz:
+        raise PayloadError("an upper-triangle position is sent twice")
     if bits == 32:
         vals = np.frombuffer(payload[at:at + 4 * nnz], dtype=np.float32).astype(np.float64)
-        at += 4 * nnz
     elif bits == 16:
         vals = np.frombuffer(payload[at:at + 2 * nnz], dtype=np.float16).astype(np.float64)
-        at += 2 * nnz
     else:
         lo, hi = (float(x) for x in np.frombuffer(payload[at:at + 8], dtype=np.float32))
-        at += 8
-        n_bytes = nnz if bits == 8 else (nnz + 1) // 2
-        raw = np.frombuffer(payload[at:at + n_bytes], dtype=np.uint8)
-        at += n_bytes
+        if not (np.isfinite([lo, hi]).all() and -1.0 <= lo <= hi <= 1.0):
+            raise PayloadError(f"quantisation range [{lo}, {hi}] is not inside [-1, 1]")
+        raw = np.frombuffer(payload[at + 8:], dtype=np.uint8)
         codes = raw if bits == 8 else np.stack([raw & 15, raw >> 4], 1).reshape(-1)[:nnz]
-        levels = 2 ** bits - 1
-        vals = lo + codes.astype(np.float64) * (max(hi - lo, 1e-12) / levels)
-    if at != len(payload):
-        raise ValueError(f"payload has {len(payload)} bytes, the header announces {at}")
+        vals = lo + codes.astype(np.float64) * (max(hi - lo, 1e-12) / (2 ** bits - 1))
+    if nnz and not (np.isfinite(vals).all() and np.abs(vals).max() <= 1.0):
+        raise PayloadError("a similarity value is not finite or lies outside [-1, 1]")
+    return m, rows, cols, vals
+
+
+def encode_upper(matrix: np.ndarray, fmt: str, bits: int, lo: float = 0.0, hi: float = 1.0) -> bytes:
+    """`encode_entries` of the nonzero strict-upper-triangle entries of a dense matrix."""
+    rows, cols = np.nonzero(np.triu(matrix, 1))
+    return encode_entries(matrix.shape[0], rows, cols, matrix[rows, cols], fmt, bits, lo, hi)
+
+
+def decode_upper(payload: bytes) -> np.ndarray:
+    """Inverse of `encode_upper`: the symmetric dense matrix (values as the receiver sees them)."""
+    m, rows, cols, vals = decode_entries(payload)
     out = np.zeros((m, m))
     out[rows, cols] = vals
     return out + out.T
-
 
 
 class Ledger:

@@ -50,7 +50,12 @@ class Evaluator:
 
     def metrics(self, ranks: dict[str, torch.Tensor]) -> dict[str, float]:
         """hit@k, ndcg@k, ... over all users whose ranks are given (the mean over users)."""
-        out: dict[str, float] = {}
-        for split, r in ranks.items():
-            out.update(rank_metrics(r, self.ks, prefix=f"{split}/"))
-        return out
+        return split_metrics(ranks, self.ks)
+
+
+def split_metrics(ranks: dict[str, torch.Tensor], ks: tuple[int, ...]) -> dict[str, float]:
+    """`<split>/hit@k`, `<split>/ndcg@k`, ... of the ranks of each split (means over users)."""
+    out: dict[str, float] = {}
+    for split, r in ranks.items():
+        out.update(rank_metrics(r, ks, prefix=f"{split}/"))
+    return out

@@ -24,7 +24,8 @@ from src.losses import AlignmentLoss
 from src.memory import auto_chunk_size, bytes_per_client, free_bytes
 from src.model import Params, init_params
 from src.privacy import epsilon_spent, laplace_scale
-from src.rounds import ClientPool, evaluate_clients, server_alignment, train_clients, training_sampler
+from src.rounds import (ClientPool, choose_clients, draw_failures, evaluate_clients, server_alignment, train_clients,
+                        training_sampler)
 from src.server import MeanAggregator
 from src.similarity import SimilarityAggregator
 
@@ -98,14 +99,6 @@ class FederatedModule(L.LightningModule):
         """Optimisers are per client and per round, inside `train_cohort`."""
         return None
 
-    def choose_clients(self) -> torch.Tensor:
-        """The clients of this round: a random `fl.client_fraction` of all (all by default)."""
-        n = self.data.n_users
-        k = max(1, round(float(self.cfg.fl.client_fraction) * n))
-        if k >= n:
-            return torch.arange(n)
-        return torch.randperm(n, generator=self.gen)[:k].sort().values
-
     def chunk_params(self, rows: torch.Tensor) -> Params:
         """Copy the parameters of clients `rows` onto the compute device."""
         return {k: v[rows].to(self.compute_device) for k, v in self.state.items()}
@@ -120,8 +113,8 @@ class FederatedModule(L.LightningModule):
         cfg, fl = self.cfg, self.cfg.fl
         timings: dict[str, float] = {}
         tic = time.perf_counter()
-        clients = self.choose_clients()
-        fails = torch.rand(self.data.n_users, generator=self.gen) < float(fl.dropout)
+        clients = choose_clients(self.data.n_users, float(fl.client_fraction), self.gen)
+        fails = draw_failures(self.data.n_users, float(fl.dropout), self.gen)
         timings["time/sample"] = time.perf_counter() - tic
         if self.central is not None:
             samples = sample_round(self.train_ptr, self.train_items, self.sampler,

@@ -52,10 +52,29 @@ class ClientPool:
 class RoundWork:
     """What local training of one round produced, besides the updated parameters."""
 
-    losses: dict[str, float]
+    loss_sums: dict[str, float]  # each loss term summed over the client-steps trained
     steps: torch.Tensor
     train_s: float
     upload_s: float
+
+    @property
+    def losses(self) -> dict[str, float]:
+        """Mean of each loss term over all client-steps of the round."""
+        n = float(self.steps.sum())
+        return {k: v / max(n, 1.0) for k, v in self.loss_sums.items()}
+
+
+def choose_clients(n_users: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """The clients of a round (server side): a random `fraction` of all, sorted (all when 1)."""
+    k = max(1, round(float(fraction) * n_users))
+    if k >= n_users:
+        return torch.arange(n_users)
+    return torch.randperm(n_users, generator=generator)[:k].sort().values
+
+
+def draw_failures(n_users: int, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    """Simulated failures to report [n_users] (drawn every round, so the stream stays aligned)."""
+    return torch.rand(n_users, generator=generator) < float(dropout)
 
 
 def training_sampler(cfg: DictConfig, data: FedData) -> NegativeSampler:
@@ -77,7 +96,7 @@ def train_clients(cfg: DictConfig, pool: ClientPool, chosen: torch.Tensor, data:
     samples = sample_round(torch.as_tensor(data.train_ptr), torch.as_tensor(data.train_items), sampler,
                            int(cfg.protocol.train_negatives), int(cfg.seed), round_, users=pool.users)
     steps = local_steps(samples, chosen, int(fl.local_epochs), int(fl.batch_size))
-    losses: dict[str, float] = {}
+    loss_sums: dict[str, float] = {}
     train_s = upload_s = 0.0
     for rows in chunks_by_steps(chosen, steps, chunk_size):
         tic = time.perf_counter()
@@ -86,15 +105,15 @@ def train_clients(cfg: DictConfig, pool: ClientPool, chosen: torch.Tensor, data:
             params[k].copy_(v.to(device).expand_as(params[k]))
         layout = batch_layout(samples, rows, int(fl.local_epochs), int(fl.batch_size), int(cfg.seed), round_)
         part = train_cohort(params, samples, layout, cfg.optim, data.n_items, cfg.model.loss, dense)
-        for k, v in part.items():
-            losses[k] = losses.get(k, 0.0) + v * len(rows) / len(chosen)
+        for k, v in part.items():  # per-chunk means over client-steps -> sums
+            loss_sums[k] = loss_sums.get(k, 0.0) + v * float(layout.steps.sum())
         for k, v in params.items():
             pool.state[k][rows] = v.to(pool.state[k].device)
         train_s += time.perf_counter() - tic
         tic = time.perf_counter()
         upload(params, rows)
         upload_s += time.perf_counter() - tic
-    return RoundWork(losses, steps, train_s, upload_s)
+    return RoundWork(loss_sums, steps, train_s, upload_s)
 
 
 def evaluate_clients(evaluator: Evaluator, pool: ClientPool, device: torch.device,

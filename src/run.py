@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.checkpoint import AtomicCheckpoint
 from src.config import validate
-from src.data.dataset import build
+from src.data.dataset import load
 from src.federated import FederatedModule
 from src.loggers import RoundCSV, RoundProgress, finish_loggers, make_loggers
 from src.results import atomic_write_text, build_results, write_results
@@ -46,7 +46,7 @@ def train(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
     atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(int(cfg.seed))
     t0 = time.perf_counter()
-    data = build(cfg.dataset, cfg.protocol, int(cfg.seed), cfg.data.root, cfg.data.cache_dir)
+    data = load(cfg)
     module = FederatedModule(cfg, data)
     t_setup = time.perf_counter() - t0
     ckpt = AtomicCheckpoint(run_dir / "checkpoints", int(cfg.fl.checkpoint_every))

@@ -54,12 +54,16 @@ class SimilarityAggregator:
     `client_nnz` holds each uploading client's nonzero count over the whole matrix (twice its
     upper-triangle entries); with `collect` the entries themselves are kept in `entries`
     (per client: sorted linear upper-triangle positions j * m + k and the decoded values).
+    A client process builds one with `collect=True, accumulate=False` to produce its uploads;
+    the server of a real deployment sums the decoded uploads with `add_entries`.
     """
 
     def __init__(self, n_items: int, sigma: float, centre: bool, block: int, device: torch.device, rows: int = 128,
                  noise: float = 0.0, topk: int | None = None, bits: int = 32, collect: bool = False,
-                 generator: torch.Generator | None = None):
-        self.upper = torch.zeros(n_items, n_items, dtype=torch.float64, device=device)
+                 generator: torch.Generator | None = None, accumulate: bool = True):
+        self.upper = torch.zeros(n_items if accumulate else 0, n_items if accumulate else 0, dtype=torch.float64,
+                                 device=device)
+        self.accumulate = accumulate
         self.count = 0
         self.client_nnz: list[torch.Tensor] = []
         self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -118,7 +122,8 @@ class SimilarityAggregator:
                     F.threshold(blk, self.below, 0.0, inplace=True)
                     blk[..., :b].masked_fill_(~strict, 0.0)
                     nnz[s:s + per] += torch.sign(blk).sum((1, 2)).long()
-                    self.upper[r0:r0 + b, r0:] += blk.sum(0)
+                    if self.accumulate:
+                        self.upper[r0:r0 + b, r0:] += blk.sum(0)
                     continue
                 if self.noise > 0:
                     blk = (blk + laplace(tuple(blk.shape), self.noise, self.generator, e.device).to(blk.dtype))
@@ -134,7 +139,8 @@ class SimilarityAggregator:
                     ci, ri, ki = keep.nonzero(as_tuple=True)
                     found.append((ci + s) * (m * m) + (ri + r0) * m + (ki + r0))
                     values.append(blk[ci, ri, ki])
-                self.upper[r0:r0 + b, r0:] += blk.sum(0)
+                if self.accumulate:
+                    self.upper[r0:r0 + b, r0:] += blk.sum(0)
         if self.collect:
             keys = torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=e.device)
             vals = torch.cat(values) if values else torch.zeros(0, dtype=e.dtype, device=e.device)
@@ -147,6 +153,18 @@ class SimilarityAggregator:
                 self.entries.append((keys[lo:hi] % (m * m), vals[lo:hi]))
         self.client_nnz.append(2 * nnz.cpu())
         self.count += c
+
+    @torch.no_grad()
+    def add_entries(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+        """Add one client's decoded upload: its strict-upper-triangle entries (row < col)."""
+        m = self.upper.shape[0]
+        flat = (rows.long() * m + cols.long()).to(self.upper.device)
+        self.upper.view(-1).index_add_(0, flat, values.to(self.upper.device, torch.float64))
+        if self.collect:
+            order = torch.argsort(flat.cpu())
+            self.entries.append((flat.cpu()[order], values.cpu()[order]))
+        self.client_nnz.append(torch.tensor([2 * len(rows)]))
+        self.count += 1
 
     def mean(self) -> torch.Tensor | None:
         """S_g = mean of the uploads (float32), or None when nobody uploaded."""

@@ -1,6 +1,7 @@
 """From config to a cached, split, protocol-ready dataset (`FedData`) and its summary."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -58,6 +59,16 @@ class FedData:
         """Boolean [users, items]: True at every interaction (training and held-out)."""
         return all_interactions(self.n_users, self.n_items, self.train_users, self.train_items,
                                 self.val_items, self.test_items)
+
+    def head(self, n: int) -> "FedData":
+        """The first `n` clients of the split (all items kept): smoke tests and parity checks only."""
+        if n >= self.n_users:
+            return self
+        end = int(self.train_ptr[n])
+        return dataclasses.replace(
+            self, n_users=n, train_ptr=self.train_ptr[:n + 1], train_items=self.train_items[:end],
+            val_items=self.val_items[:n], test_items=self.test_items[:n], val_negatives=self.val_negatives[:n],
+            test_negatives=self.test_negatives[:n], notes=[*self.notes, f"first {n} users only (data.max_users)"])
 
     def summary(self) -> dict:
         """The facts a user checks first: sizes, per-user spread, protocol, seed, source."""
@@ -160,3 +171,10 @@ def build(dataset: DictConfig, protocol: DictConfig, seed: int, root: str | None
                     val_items=loo.val_items, test_items=loo.test_items, val_negatives=data.val_negatives,
                     test_negatives=data.test_negatives, notes=np.array(notes, dtype=str), **extra)
     return data
+
+
+def load(cfg: DictConfig) -> FedData:
+    """The dataset a run uses: `build` from the config, cut to `data.max_users` clients when set."""
+    data = build(cfg.dataset, cfg.protocol, int(cfg.seed), cfg.data.root, cfg.data.cache_dir)
+    max_users = cfg.data.get("max_users")
+    return data if max_users is None else data.head(int(max_users))

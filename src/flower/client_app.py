@@ -1,0 +1,170 @@
+"""The Flower ClientApp: a SuperNode holds some clients and runs their rounds with the simulator's code.
+
+Node `partition-id` of `num-partitions` holds clients partition-id, partition-id + num, ... (one
+client per node in a real deployment). Per `train` message it restores its clients' private
+state (item tables, score functions) from Flower's `context.state` (or, after a restart, from
+`flower.state_dir`), trains the chosen ones with `train_clients`, encodes each client's
+thresholded similarity matrix (`src/comm.py`) and evaluates all its clients with
+`evaluate_clients`; the item tables never leave the node.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig
+
+from src.comm import Encoding, decode_entries, encode_entries
+from src.data.dataset import FedData, load
+from src.evaluation import Evaluator
+from src.federated import make_alignment, resolve_device, shared_keys
+from src.flower.settings import config_of, flower_checks
+from src.flower.messages import Task, pack_reply, unpack_task
+from src.model import Params, init_params
+from src.privacy import laplace_scale
+from src.protocols import NegativeSampler
+from src.rounds import ClientPool, evaluate_clients, train_clients, training_sampler
+from src.similarity import SimilarityAggregator
+
+
+@dataclass
+class NodeData:
+    """What a node process reads once: the split, the training sampler and the evaluator."""
+
+    data: FedData
+    sampler: NegativeSampler
+    evaluator: Evaluator
+
+
+_DATA: dict[str, NodeData] = {}
+
+
+def node_data(cfg: DictConfig) -> NodeData:
+    """The split of this config, cached per process (the simulation runtime reuses its workers)."""
+    key = f"{cfg.dataset.name}/{cfg.protocol.name}/{cfg.seed}/{cfg.data.max_users}/{cfg.data.root}"
+    if key not in _DATA:
+        data = load(cfg)
+        _DATA[key] = NodeData(data, training_sampler(cfg, data),
+                              Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking)))
+    return _DATA[key]
+
+
+def partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config (the simulation runtime sets both)."""
+    conf = context.node_config
+    if "partition-id" not in conf or "num-partitions" not in conf:
+        raise ValueError("node config needs partition-id and num-partitions, e.g. flower-supernode "
+                         "--node-config 'partition-id=0 num-partitions=2'")
+    part, num = int(conf["partition-id"]), int(conf["num-partitions"])
+    if not 0 <= part < num:
+        raise ValueError(f"node config partition-id={part} must lie in [0, num-partitions={num})")
+    return part, num
+
+
+def state_file(cfg: DictConfig, context: Context, part: int, num: int) -> Path | None:
+    """Where this node keeps its clients' state between rounds, or None (memory only)."""
+    if cfg.flower.state_dir is None:
+        return None
+    return Path(str(cfg.flower.state_dir)) / f"run{context.run_id}-part{part}of{num}.pt"
+
+
+def restore_pool(cfg: DictConfig, context: Context, data: FedData, part: int, num: int) -> ClientPool:
+    """This node's clients: from context.state, else from its state file, else freshly initialised
+    exactly as the simulator initialises them (same generator, rows of this partition)."""
+    users = torch.arange(part, data.n_users, num)
+    if "pool" in context.state:
+        rec = context.state["pool"]
+        return ClientPool(torch.from_numpy(rec["users"].numpy().copy()),
+                          {k: torch.from_numpy(v.numpy().copy()) for k, v in rec.items() if k != "users"})
+    path = state_file(cfg, context, part, num)
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return ClientPool(saved["users"], saved["state"])
+    full = init_params(cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)))
+    return ClientPool(users, {k: v[users].clone() for k, v in full.items()})
+
+
+def save_pool(cfg: DictConfig, context: Context, pool: ClientPool, part: int, num: int) -> None:
+    """Keep the pool in context.state and, when configured, in the state file (written atomically)."""
+    arrays = {"users": Array(pool.users.numpy())}
+    arrays.update({k: Array(v.numpy()) for k, v in pool.state.items()})
+    context.state["pool"] = ArrayRecord(array_dict=arrays)
+    path = state_file(cfg, context, part, num)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"users": pool.users, "state": pool.state}, tmp)
+        os.replace(tmp, path)
+
+
+def decode_broadcast(payload: bytes, m: int) -> torch.Tensor:
+    """The dense S_g [m, m] a node receives (symmetric, zero diagonal)."""
+    _, rows, cols, vals = decode_entries(payload, m_expected=m)
+    out = torch.zeros(m, m)
+    out[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(vals).float()
+    return out + out.T
+
+
+def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, part: int) -> dict:
+    """Train this node's chosen clients, encode their uploads, evaluate all its clients."""
+    data, device = nd.data, resolve_device(cfg.device)
+    keys = shared_keys(cfg.ablation, pool.state)
+    align = make_alignment(cfg) if (cfg.ablation.ica or cfg.ablation.gsa) else None
+    if align is not None and task.labels is not None:
+        align.update(task.labels, decode_broadcast(task.global_sim, data.n_items))
+    encoding = Encoding.from_cfg(cfg.comm)
+    scale, _ = laplace_scale(cfg.privacy)
+    noise_gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + task.round * 1009 + part)
+    sims = None
+    if align is not None:
+        sims = SimilarityAggregator(data.n_items, float(cfg.model.sigma), bool(cfg.model.centre),
+                                    int(cfg.server.sim_block), device, noise=scale, topk=encoding.topk,
+                                    bits=encoding.bits, collect=True, generator=noise_gen, accumulate=False)
+    users, shared, payloads = [], {k: [] for k in keys}, []
+    m = data.n_items
+
+    def upload(params: Params, rows: torch.Tensor) -> None:
+        users.append(pool.users[rows])
+        for k in keys:
+            shared[k].append(params[k].detach().cpu())
+        if sims is not None:
+            first = len(sims.entries)
+            sims.add(params["items"], torch.ones(len(rows), dtype=torch.bool, device=params["items"].device))
+            for pos, vals in sims.entries[first:]:
+                payloads.append(encode_entries(m, (pos // m).numpy(), (pos % m).numpy(), vals.double().numpy(),
+                                               encoding.format, encoding.bits, lo=float(cfg.model.sigma), hi=1.0))
+
+    chosen = torch.isin(pool.users, task.chosen).nonzero().squeeze(1)
+    dense = align.value_and_grad if align is not None and align.active else None
+    server = {k: v for k, v in task.shared.items() if k in keys}
+    chunk = cfg.fl.chunk_size if isinstance(cfg.fl.chunk_size, int) else None
+    work = train_clients(cfg, pool, chosen, data, nd.sampler, server, dense, task.round, device, chunk, upload)
+    ranks = evaluate_clients(nd.evaluator, pool, device, chunk)
+    sent = torch.cat(users) if users else torch.zeros(0, dtype=torch.long)
+    stacked = {k: torch.cat(v) if v else torch.zeros(0, *pool.state[k].shape[1:]) for k, v in shared.items()}
+    return pack_reply(sent, stacked, payloads, pool.users, ranks, work.loss_sums, float(work.steps.sum()))
+
+
+def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
+    """A ClientApp for `cfg`, or (None) for the Hydra config named by the Flower run config."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        conf = cfg if cfg is not None else config_of(context.run_config)
+        flower_checks(conf)
+        nd = node_data(conf)
+        part, num = partition(context)
+        pool = restore_pool(conf, context, nd.data, part, num)
+        content = client_round(conf, nd, pool, unpack_task(msg.content), part)
+        save_pool(conf, context, pool, part, num)
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,193 @@
+"""The Flower ServerApp: the simulator's server round over Flower messages.
+
+Each round: choose clients (`choose_clients`, the simulator's generator), send every connected
+node a `train` message, wait up to `flower.round_timeout` for the replies, reject invalid ones
+with a logged reason, then aggregate what arrived exactly as the simulator does (`MeanAggregator`
+for shared parameters, `SimilarityAggregator.add_entries` for the decoded uploads,
+`server_alignment` for the communities) and broadcast the result with the next round. Metrics
+come from the ranks the nodes computed for all their clients. The run folder receives
+config_resolved.yaml, csv/metrics.csv and results.json (rewritten atomically every round).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from src.comm import Encoding, embedding_bytes, encode_upper, labels_bytes, quantise
+from src.data.dataset import load
+from src.evaluation import split_metrics
+from src.federated import resolve_device, shared_keys
+from src.flower.messages import RejectedReply, Task, pack_task, unpack_reply
+from src.flower.settings import config_of, flower_checks
+from src.loggers import history_csv
+from src.model import init_params
+from src.privacy import epsilon_spent, laplace_scale
+from src.results import atomic_write_text, build_results, write_results
+from src.rounds import choose_clients, draw_failures, server_alignment
+from src.server import MeanAggregator
+from src.similarity import SimilarityAggregator
+
+log = logging.getLogger(__name__)
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """`flower.run_dir`, or outputs/flower/<dataset>/<ablation>/<protocol>/seed<seed>_<time>."""
+    if cfg.flower.run_dir is not None:
+        return Path(str(cfg.flower.run_dir))
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return Path("outputs/flower") / cfg.dataset.name / cfg.ablation.name / cfg.protocol.name / f"seed{cfg.seed}_{stamp}"
+
+
+def wait_for_nodes(grid: Grid, cfg: DictConfig) -> None:
+    """Block until `flower.min_nodes` SuperNodes are connected, or fail after `flower.connect_timeout` s."""
+    deadline = time.monotonic() + float(cfg.flower.connect_timeout)
+    while len(list(grid.get_node_ids())) < int(cfg.flower.min_nodes):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than flower.min_nodes={cfg.flower.min_nodes} SuperNodes connected within "
+                               f"flower.connect_timeout={cfg.flower.connect_timeout} s")
+        time.sleep(0.5)
+
+
+def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
+    """Run all rounds over the connected nodes; write and return results.json's payload."""
+    flower_checks(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    t0 = time.perf_counter()
+    data = load(cfg)
+    m, device = data.n_items, resolve_device(cfg.device)
+    init = init_params(cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)))
+    keys = shared_keys(cfg.ablation, init)
+    server = {k: init[k][0].clone() for k in keys}
+    del init
+    gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
+    aligned = bool(cfg.ablation.ica or cfg.ablation.gsa)
+    encoding = Encoding.from_cfg(cfg.comm)
+    _, eps_round = laplace_scale(cfg.privacy)
+    negatives = int(data.val_negatives.shape[1])
+    limits = {"val": negatives + 1, "test": negatives + 1}
+    if cfg.protocol.full_ranking:
+        limits.update({"val_full": m, "test_full": m})
+    labels: torch.Tensor | None = None
+    broadcast: bytes | None = None
+    history: list[dict] = []
+    wait_for_nodes(grid, cfg)
+    t_setup = time.perf_counter() - t0
+    for r in range(1, int(cfg.fl.rounds) + 1):
+        tic = time.perf_counter()
+        clients = choose_clients(data.n_users, float(cfg.fl.client_fraction), gen)
+        draw_failures(data.n_users, 0.0, gen)  # keeps the generator where the simulator's is
+        nodes = list(grid.get_node_ids())
+        task = Task(r, clients, server, labels, broadcast)
+        messages = [Message(content=pack_task(task), dst_node_id=n, message_type="train", group_id=str(r))
+                    for n in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=float(cfg.flower.round_timeout)))
+        chosen, seen = set(clients.tolist()), set()
+        accepted, rejected = [], 0
+        for rep in replies:
+            node = rep.metadata.src_node_id
+            if rep.has_error():
+                rejected += 1
+                log.warning("round %d: node %d failed: %s", r, node, rep.error.reason)
+                continue
+            try:
+                reply = unpack_reply(rep.content, chosen - seen, data.n_users, m,
+                                     {k: tuple(v.shape) for k, v in server.items()}, aligned, limits,
+                                     int(cfg.flower.max_upload_bytes))
+                if seen & set(reply.eval_users.tolist()):
+                    raise RejectedReply("holds clients another node already reported this round")
+            except RejectedReply as err:
+                rejected += 1
+                log.warning("round %d: reply of node %d rejected: %s", r, node, err)
+                continue
+            seen |= set(reply.eval_users.tolist())
+            accepted.append(reply)
+        row = aggregate(cfg, accepted, server, keys, m, device, labels, r, eps_round, encoding)
+        if "labels" in row:
+            labels, sim = row.pop("labels"), row.pop("broadcast")
+            broadcast = encode_upper(sim.numpy(), encoding.format, encoding.bits, lo=0.0, hi=1.0)
+            down = float(len(broadcast) + labels_bytes(m, int(labels.max()) + 1))
+            row.update({"comm/download_bytes_mean": down, "comm/download_bytes_total": down * len(clients)})
+        row.update({"round": r, "clients": float(len(clients)), "flower/nodes": float(len(nodes)),
+                    "flower/replies": float(len(replies)), "flower/rejected": float(rejected),
+                    "time/round": time.perf_counter() - tic})
+        history.append(row)
+        log.info("round %d: %d/%d nodes accepted, val hit@10 %.4f", r, len(accepted), len(nodes),
+                 row.get("val/hit@10", float("nan")))
+        atomic_write_text(run_dir / "csv" / "metrics.csv", history_csv(history))
+        finished = r == int(cfg.fl.rounds)
+        timings = {"setup_s": t_setup, "total_s": time.perf_counter() - t0,
+                   "mean_round_s": sum(h["time/round"] for h in history) / len(history)}
+        payload = build_results(cfg, data.summary(), history, timings, finished=finished)
+        payload["engine"] = "flower"
+        write_results(run_dir, payload)
+    return payload
+
+
+def aggregate(cfg: DictConfig, replies: list, server: dict, keys: list[str], m: int, device: torch.device,
+              labels: torch.Tensor | None, round_: int, eps_round: float | None, encoding: Encoding) -> dict:
+    """The server round on the accepted replies; updates `server` in place, returns the round's row."""
+    agg = MeanAggregator()
+    sims = SimilarityAggregator(m, float(cfg.model.sigma), bool(cfg.model.centre), int(cfg.server.sim_block),
+                                device) if (cfg.ablation.ica or cfg.ablation.gsa) else None
+    sizes, nnz, ranks, losses, steps, uploaders = [], [], {}, {}, 0.0, 0
+    for rep in replies:
+        n = len(rep.users)
+        if n:
+            agg.add({k: v.to(device) for k, v in rep.shared.items()}, keys, torch.ones(n, dtype=torch.bool, device=device))
+        uploaders += n
+        for (rows, cols, vals), size in zip(rep.sims, rep.sim_bytes):
+            sims.add_entries(rows, cols, vals)
+            sizes.append(float(size))
+            nnz.append(2.0 * len(rows))
+        for split, rk in rep.ranks.items():
+            ranks.setdefault(split, []).append(rk)
+        for k, v in rep.loss_sums.items():
+            losses[k] = losses.get(k, 0.0) + v
+        steps += rep.steps
+    server.update(agg.result(server))
+    row: dict = split_metrics({k: torch.cat(v) for k, v in ranks.items()}, tuple(int(k) for k in cfg.eval.ks))
+    row.update({f"loss/{k}": v / max(steps, 1.0) for k, v in losses.items()})
+    row.update({"steps": steps, "reported": float(uploaders), "flower/evaluated":
+                float(sum(len(r.eval_users) for r in replies)),
+                "comm/embedding_bytes": float(embedding_bytes(m, int(cfg.model.dim))), "comm/uploaders": float(uploaders)})
+    if sims is None:
+        per = float(sum(4 * v.numel() for v in server.values()))
+        row.update({"comm/upload_bytes_mean": per if uploaders else 0.0, "comm/upload_bytes_total": per * uploaders})
+        return row
+    row.update({"comm/upload_bytes_mean": float(np.mean(sizes)) if sizes else 0.0,
+                "comm/upload_bytes_total": float(np.sum(sizes)),
+                "comm/upload_nnz_mean": float(np.mean(nnz)) if nnz else 0.0})
+    row.update(epsilon_spent(eps_round, round_, m))
+    global_sim = sims.mean()
+    if global_sim is not None:
+        tic = time.perf_counter()
+        comms, stats = server_alignment(cfg, global_sim, labels)
+        row.update(stats)
+        row["time/community"] = time.perf_counter() - tic
+        row["labels"] = torch.as_tensor(comms.labels)
+        row["broadcast"] = quantise(global_sim, 0.0, 1.0, encoding.bits).cpu()
+    return row
+
+
+def make_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None) -> ServerApp:
+    """A ServerApp for `cfg`, or (None) for the Hydra config named by the Flower run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        conf = cfg if cfg is not None else config_of(context.run_config)
+        serve(grid, conf, run_dir if run_dir is not None else run_dir_of(conf))
+
+    return app
+
+
+app = make_server_app()

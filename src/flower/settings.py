@@ -1,0 +1,31 @@
+"""The Hydra config of a Flower run: composed from the run config's `overrides`, checked for Flower."""
+from __future__ import annotations
+
+import shlex
+
+from omegaconf import DictConfig
+
+from src.config import ConfigError, load_config
+
+_CACHE: dict[str, DictConfig] = {}
+
+
+def config_of(run_config: dict) -> DictConfig:
+    """Compose conf/ with the overrides of `[tool.flwr.app.config]` / `flwr run --run-config`,
+    e.g. overrides = "dataset=filmtrust data.max_users=20 fl.rounds=3"."""
+    text = str(run_config.get("overrides", ""))
+    if text not in _CACHE:
+        _CACHE[text] = load_config(shlex.split(text))
+    return _CACHE[text]
+
+
+def flower_checks(cfg: DictConfig) -> None:
+    """What the Flower app does not do (the simulator does), refused with the key to change."""
+    if cfg.ablation.central:
+        raise ConfigError("ablation=central pools all data on one machine; it has no federated deployment")
+    if float(cfg.fl.dropout) > 0:
+        raise ConfigError(f"config fl.dropout={cfg.fl.dropout} is simulated failure; on Flower nodes fail for real "
+                          "(set fl.dropout=0, and see flower.round_timeout)")
+    if bool(cfg.comm.delta):
+        raise ConfigError("config comm.delta=true is accounted in the simulator only; the Flower app sends full "
+                          "uploads (use an encoding without _delta)")
