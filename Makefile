@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow bench data reproduce reproduce-small clean
+.PHONY: help install run test test-slow bench data reproduce reproduce-small certs flower-sim flower-loopback clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,7 +17,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,plots,sweep]'
+	$(BIN)/pip install -q -e '.[dev,plots,sweep,flower]'
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install torch 2.13.0 (CPU) and the project; no-op when up to date
@@ -59,6 +59,15 @@ reproduce-small: install ## A one-hour CPU version: baselines and AlignFedRec ab
 	$(BIN)/python -m src.run -m experiment=small_alignfedrec $(ARGS)
 	$(BIN)/python -m src.report multirun/reproduce-small --out results/small --name tables
 	$(BIN)/python -m src.plots curves multirun/reproduce-small --out results/small/curves
+
+certs: ## Certificates (CA, SuperLink) and SuperNode keys for the Flower deployment, in certificates/ (NODES=4)
+	bash deploy/certificates.sh certificates $(or $(NODES),4)
+
+flower-sim: install ## The Flower app on Flower's simulation runtime (ARGS="dataset=filmtrust flower.supernodes=4 ...")
+	$(BIN)/python -m src.flower.simulate $(ARGS)
+
+flower-loopback: install ## A real Flower deployment on 127.0.0.1: SuperLink + NODES SuperNodes, TLS, node keys (run `make certs` first)
+	$(BIN)/python -m src.flower.loopback --nodes $(or $(NODES),2) $(ARGS)
 
 clean: ## Remove run outputs (not the virtual environment or the split cache)
 	rm -rf outputs multirun lightning_logs wandb .pytest_cache

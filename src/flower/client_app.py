@@ -66,10 +66,12 @@ def partition(context: Context) -> tuple[int, int]:
 
 
 def state_file(cfg: DictConfig, context: Context, part: int, num: int) -> Path | None:
-    """Where this node keeps its clients' state between rounds, or None (memory only)."""
-    if cfg.flower.state_dir is None:
+    """Where this node keeps its clients' state between rounds: node config `state-dir`, else
+    `flower.state_dir`, else None (memory only)."""
+    folder = context.node_config.get("state-dir", cfg.flower.state_dir)
+    if folder is None:
         return None
-    return Path(str(cfg.flower.state_dir)) / f"run{context.run_id}-part{part}of{num}.pt"
+    return Path(str(folder)) / f"run{context.run_id}-part{part}of{num}.pt"
 
 
 def restore_pool(cfg: DictConfig, context: Context, data: FedData, part: int, num: int) -> ClientPool:

@@ -46,14 +46,25 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path("outputs/flower") / cfg.dataset.name / cfg.ablation.name / cfg.protocol.name / f"seed{cfg.seed}_{stamp}"
 
 
-def wait_for_nodes(grid: Grid, cfg: DictConfig) -> None:
-    """Block until `flower.min_nodes` SuperNodes are connected, or fail after `flower.connect_timeout` s."""
+def wait_for_nodes(grid: Grid, cfg: DictConfig, first: bool) -> list[int]:
+    """The connected nodes, after waiting up to `flower.connect_timeout` s for `flower.min_nodes` of them.
+
+    Before the first round too few nodes is an error; later the round goes on with those present
+    (a node that died may rejoin in a later round).
+    """
     deadline = time.monotonic() + float(cfg.flower.connect_timeout)
-    while len(list(grid.get_node_ids())) < int(cfg.flower.min_nodes):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"fewer than flower.min_nodes={cfg.flower.min_nodes} SuperNodes connected within "
-                               f"flower.connect_timeout={cfg.flower.connect_timeout} s")
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= int(cfg.flower.min_nodes) or time.monotonic() > deadline:
+            break
         time.sleep(0.5)
+    if not nodes or (first and len(nodes) < int(cfg.flower.min_nodes)):
+        raise TimeoutError(f"{len(nodes)} SuperNodes connected within flower.connect_timeout="
+                           f"{cfg.flower.connect_timeout} s; flower.min_nodes={cfg.flower.min_nodes} are needed")
+    if len(nodes) < int(cfg.flower.min_nodes):
+        log.warning("only %d of flower.min_nodes=%d SuperNodes connected; the round goes on", len(nodes),
+                    cfg.flower.min_nodes)
+    return nodes
 
 
 def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
@@ -79,23 +90,24 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     labels: torch.Tensor | None = None
     broadcast: bytes | None = None
     history: list[dict] = []
-    wait_for_nodes(grid, cfg)
     t_setup = time.perf_counter() - t0
     for r in range(1, int(cfg.fl.rounds) + 1):
         tic = time.perf_counter()
         clients = choose_clients(data.n_users, float(cfg.fl.client_fraction), gen)
         draw_failures(data.n_users, 0.0, gen)  # keeps the generator where the simulator's is
-        nodes = list(grid.get_node_ids())
+        nodes = wait_for_nodes(grid, cfg, first=r == 1)
         task = Task(r, clients, server, labels, broadcast)
-        messages = [Message(content=pack_task(task), dst_node_id=n, message_type="train", group_id=str(r))
-                    for n in nodes]
-        replies = list(grid.send_and_receive(messages, timeout=float(cfg.flower.round_timeout)))
+        timeout = float(cfg.flower.round_timeout)
+        # the TTL drops a task a dead node never pulled, so a restarted node does not train a stale round
+        messages = [Message(content=pack_task(task), dst_node_id=n, message_type="train", group_id=str(r),
+                            ttl=timeout) for n in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
         chosen, seen = set(clients.tolist()), set()
-        accepted, rejected = [], 0
+        accepted, rejected, failed = [], 0, 0
         for rep in replies:
             node = rep.metadata.src_node_id
-            if rep.has_error():
-                rejected += 1
+            if rep.has_error():  # the node crashed or went offline (the SuperLink answers for it)
+                failed += 1
                 log.warning("round %d: node %d failed: %s", r, node, rep.error.reason)
                 continue
             try:
@@ -117,7 +129,8 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             down = float(len(broadcast) + labels_bytes(m, int(labels.max()) + 1))
             row.update({"comm/download_bytes_mean": down, "comm/download_bytes_total": down * len(clients)})
         row.update({"round": r, "clients": float(len(clients)), "flower/nodes": float(len(nodes)),
-                    "flower/replies": float(len(replies)), "flower/rejected": float(rejected),
+                    "flower/replies": float(len(replies)), "flower/failed": float(failed),
+                    "flower/rejected": float(rejected),
                     "time/round": time.perf_counter() - tic})
         history.append(row)
         log.info("round %d: %d/%d nodes accepted, val hit@10 %.4f", r, len(accepted), len(nodes),

@@ -1,0 +1,197 @@
+"""The Flower app against the simulator, and its fault handling, on 20 real FilmTrust users.
+
+The engine here is an in-process grid that hands each message to the real ClientApp (Flower's
+own `ClientApp.__call__`), so the server and client code under test are exactly those a
+SuperLink would run; `test_flower_deploy.py` runs them over real SuperNodes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+from flwr.app import Array, Context, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from src.comm import PayloadError, decode_entries, encode_entries  # noqa: E402
+from src.flower.client_app import make_client_app  # noqa: E402
+from src.flower.messages import RejectedReply, pack_reply, unpack_reply  # noqa: E402
+from src.flower.server_app import serve  # noqa: E402
+from src.run import train  # noqa: E402
+from tests.conftest import SHARED_DATA, requires_real_data  # noqa: E402
+
+pytestmark = requires_real_data
+SMALL = [f"data.root='{SHARED_DATA}'", "dataset=filmtrust", "data.max_users=20", "protocol=paper", "fl.rounds=3",
+         "logger=csv"]
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower builds messages only inside a task; give this process one (what a SuperLink assigns)."""
+    before = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = before
+
+
+class LocalGrid:
+    """A grid whose nodes are ClientApps in this process; `fault(round, node, reply)` may drop
+    (return None) or alter a reply, as a dead or misbehaving SuperNode would."""
+
+    def __init__(self, cfg, n_nodes: int, fault=None):
+        self.app = make_client_app(cfg)
+        self.contexts = {100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(), run_config={},
+                                          node_config={"partition-id": p, "num-partitions": n_nodes})
+                         for p in range(n_nodes)}
+        self.fault = fault
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            reply = self.app(msg, self.contexts[node])
+            if self.fault is not None:
+                reply = self.fault(int(msg.metadata.group_id), node, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+def compare(flower: list[dict], simulator: list[dict], tol: float = 1e-4) -> float:
+    """Largest difference over every metric both histories log (timings aside)."""
+    assert len(flower) == len(simulator)
+    worst = 0.0
+    for a, b in zip(flower, simulator):
+        common = [k for k in b if k in a and not k.startswith("time/")]
+        assert any(k.startswith("test/") for k in common) and any(k.startswith("val/") for k in common)
+        for k in common:
+            assert a[k] == pytest.approx(b[k], abs=tol), (a["round"], k)
+            worst = max(worst, abs(a[k] - b[k]))
+    return worst
+
+
+@pytest.mark.parametrize("ablation", ["full", "fedavg"])
+def test_flower_run_matches_the_simulator(compose_cfg, tmp_path, ablation):
+    cfg = compose_cfg([*SMALL, f"ablation={ablation}"])
+    flower = serve(LocalGrid(cfg, 3), cfg, tmp_path / "flower")
+    simulator = train(cfg, tmp_path / "sim", progress=False)
+    compare(flower["history"], simulator["history"])
+    last = flower["history"][-1]
+    assert last["flower/nodes"] == 3 and last["flower/rejected"] == 0 and last["flower/failed"] == 0
+    if ablation == "full":
+        assert flower["history"][-1]["community/count"] > 0
+        assert flower["communication"]["upload_bytes_total"] > 0
+    saved = json.loads((tmp_path / "flower" / "results.json").read_text())
+    assert saved["finished"] and saved["engine"] == "flower"
+    assert (tmp_path / "flower" / "csv" / "metrics.csv").is_file()
+
+
+def corrupt_similarity(reply: Message, how: str) -> Message:
+    """The reply with its first similarity payload truncated or blown up."""
+    up = reply.content["upload"]
+    payload = up["sim/0"].numpy().tobytes()
+    bad = payload[:-3] if how == "truncated" else payload + bytes(1_000_000)
+    up["sim/0"] = Array(np.frombuffer(bad, dtype=np.uint8))
+    return reply
+
+
+def test_dead_and_malformed_nodes_do_not_stop_the_run(compose_cfg, tmp_path, caplog):
+    cfg = compose_cfg([*SMALL, "flower.max_upload_bytes=200000"])
+
+    def fault(round_, node, reply):
+        if node == 101 and round_ == 2:
+            return None  # killed mid-round: no reply
+        if node == 102 and round_ == 2:
+            return corrupt_similarity(reply, "truncated")
+        if node == 102 and round_ == 3:
+            return corrupt_similarity(reply, "oversized")
+        return reply
+
+    with caplog.at_level(logging.WARNING):
+        result = serve(LocalGrid(cfg, 3, fault), cfg, tmp_path)
+    rounds = result["history"]
+    assert [r["flower/replies"] for r in rounds] == [3, 2, 3]
+    assert [r["flower/rejected"] for r in rounds] == [0, 1, 1]
+    # round 2 aggregates node 100's clients only (7 of 20), round 3 nodes 100 and 101
+    assert [r["flower/evaluated"] for r in rounds] == [20, 7, 14]
+    assert "round 2: reply of node 102 rejected" in caplog.text and "bytes" in caplog.text
+    assert "round 3: reply of node 102 rejected" in caplog.text and "exceeds the limit" in caplog.text
+    assert all(np.isfinite(r["val/hit@10"]) for r in rounds)
+
+
+def test_a_restarted_node_rejoins_with_its_state(compose_cfg, tmp_path):
+    """Node 101 loses its memory (a new process) after round 1; its state file brings its clients back."""
+    cfg = compose_cfg([*SMALL, f"flower.state_dir='{tmp_path / 'state'}'"])
+    grid = LocalGrid(cfg, 3)
+
+    def fault(round_, node, reply):
+        if node == 101 and round_ == 1:
+            grid.contexts[101] = Context(run_id=1, node_id=101, state=RecordDict(), run_config={},
+                                         node_config={"partition-id": 1, "num-partitions": 3})
+        return reply
+
+    grid.fault = fault
+    flower = serve(grid, cfg, tmp_path / "flower")
+    simulator = train(cfg, tmp_path / "sim", progress=False)
+    compare(flower["history"], simulator["history"])
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [f"run1-part{p}of3.pt" for p in range(3)]
+
+
+def test_reply_validation_names_the_problem():
+    users = torch.tensor([1, 4])
+    m = 6
+    good = encode_entries(m, np.array([0, 1]), np.array([2, 5]), np.array([0.7, 0.9]), "csr", 32)
+    shared = {"w0": torch.zeros(2, 3, 1)}
+    ranks = {"val": torch.tensor([1, 5, 2]), "test": torch.tensor([3, 1, 9])}
+    args = dict(chosen={1, 4}, n_users=10, n_items=m, shared_shapes={"w0": (3, 1)}, similarity=True,
+                rank_limits={"val": 10, "test": 10}, max_bytes=10_000)
+
+    def content(**change):
+        parts = dict(users=users, shared=shared, payloads=[good, good], eval_users=torch.tensor([1, 4, 7]),
+                     ranks=ranks, loss_sums={"bce": 1.0}, steps=4.0)
+        parts.update(change)
+        return pack_reply(**parts)
+
+    ok = unpack_reply(content(), **args)
+    assert ok.users.tolist() == [1, 4] and ok.sim_bytes == [len(good)] * 2
+    cases = {
+        "not chosen": content(users=torch.tensor([1, 3])),
+        "lacks shared parameter": content(shared={}),
+        "finite floats": content(shared={"w0": torch.full((2, 3, 1), float("nan"))}),
+        "lacks the similarity payload": content(payloads=[good]),
+        "shorter than": content(payloads=[good, good[:5]]),
+        "announces m=": content(payloads=[good, encode_entries(7, np.array([0]), np.array([1]), np.array([.8]),
+                                                               "csr", 32)]),
+        "integers in [1, 10]": content(ranks={"val": torch.tensor([1, 50, 2]), "test": ranks["test"]}),
+        "appears twice": content(eval_users=torch.tensor([1, 1, 7])),
+    }
+    for reason, bad in cases.items():
+        with pytest.raises(RejectedReply, match=reason.replace("[", r"\[").replace("]", r"\]")):
+            unpack_reply(bad, **args)
+    with pytest.raises(RejectedReply, match="exceeds the limit"):
+        unpack_reply(content(), **{**args, "max_bytes": 20})
+
+
+@pytest.mark.parametrize("fmt", ["csr", "coo"])
+def test_payload_decoder_rejects_what_no_encoder_produces(fmt):
+    m = 5
+    good = encode_entries(m, np.array([0, 2]), np.array([3, 4]), np.array([0.6, 0.8]), fmt, 32)
+    _, rows, cols, vals = decode_entries(good, m_expected=m)
+    assert rows.tolist() == [0, 2] and cols.tolist() == [3, 4] and np.allclose(vals, [0.6, 0.8])
+    if fmt == "csr":  # row 3 holding column 1
+        lower = encode_entries(m, np.array([3]), np.array([1]), np.array([0.6]), fmt, 32)
+    else:  # position 10 of the 10 upper-triangle pairs of 5 items
+        lower = bytes([64 + 32]) + np.array([m, 1], np.uint32).tobytes() + bytes([10]) + np.float32(.6).tobytes()
+    bad_value = encode_entries(m, np.array([0]), np.array([1]), np.array([7.0]), fmt, 32)
+    flag = bytes([200]) + good[1:]
+    for payload, reason in [(lower, "strict upper triangle|outside the 10"), (bad_value, "outside \\[-1, 1\\]"),
+                            (flag, "unknown format byte"), (good + b"x", "bytes")]:
+        with pytest.raises(PayloadError, match=reason):
+            decode_entries(payload, m_expected=m)

@@ -1,0 +1,81 @@
+"""A real loopback deployment: SuperLink and SuperNodes as separate processes, TLS and node keys.
+
+Checks the three promises of the deployment: the run ends with the simulator's metrics (same
+seed and settings), a node killed mid-round neither stops the run nor loses its clients' state,
+and a node with the wrong CA or an unregistered key cannot join.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+pytest.importorskip("flwr")
+from src.data.paths import REPO_ROOT  # noqa: E402
+from src.flower.loopback import Loopback, wait_results  # noqa: E402
+from src.run import train  # noqa: E402
+from tests.conftest import SHARED_DATA, requires_real_data  # noqa: E402
+from tests.test_flower import SMALL, compare  # noqa: E402
+
+pytestmark = [requires_real_data, pytest.mark.skipif(
+    shutil.which("openssl") is None or shutil.which("ssh-keygen") is None, reason="needs openssl and ssh-keygen")]
+NODES = 3
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """One SuperLink and three SuperNodes for the module (certificates made by deploy/certificates.sh)."""
+    work = tmp_path_factory.mktemp("loopback")
+    subprocess.run(["bash", str(REPO_ROOT / "deploy" / "certificates.sh"), str(work / "certs"), str(NODES)],
+                   check=True, capture_output=True)
+    with Loopback(work / "fed", work / "certs", NODES) as fed:
+        yield fed
+
+
+def overrides(cache_dir, run_dir, *extra):
+    return [*SMALL, f"data.cache_dir={cache_dir}", f"flower.run_dir={run_dir}", f"flower.min_nodes={NODES}",
+            "flower.connect_timeout=120", *extra]
+
+
+def test_wrong_ca_or_unregistered_key_cannot_join(deployment):
+    wrong_ca = deployment.start_node(0, root_ca="rogue-ca.crt", name="wrong-ca", extra=["--max-retries", "1"])
+    intruder = deployment.start_node(0, key="rogue-node", name="intruder", extra=["--max-retries", "1"])
+    assert wrong_ca.wait(timeout=120) != 0 and intruder.wait(timeout=120) != 0
+    deployment.procs.pop("wrong-ca"), deployment.procs.pop("intruder")
+    assert "CERTIFICATE_VERIFY_FAILED" in deployment.log("wrong-ca")
+    assert "Failed to activate SuperNode" in deployment.log("intruder")
+
+
+def test_loopback_run_matches_the_simulator(deployment, compose_cfg, cache_dir, tmp_path):
+    deployment.submit(overrides(cache_dir, tmp_path / "flower"))
+    flower = wait_results(tmp_path / "flower", timeout=600)
+    cfg = compose_cfg(SMALL)
+    simulator = train(cfg, tmp_path / "sim", progress=False)
+    compare(flower["history"], simulator["history"])
+    assert [r["flower/replies"] for r in flower["history"]] == [NODES] * 3
+
+
+def test_a_node_killed_mid_round_rejoins_with_its_state(deployment, cache_dir, tmp_path):
+    run_dir = tmp_path / "flower"
+    started = len(re.findall(r"Start `flwr-clientapp` process", deployment.log("node1")))
+    deployment.submit(overrides(cache_dir, run_dir, "fl.rounds=4", "flower.round_timeout=60",
+                                f"flower.state_dir={tmp_path / 'state'}"))
+    wait_results(run_dir, timeout=600, rounds=1)
+    deadline = time.monotonic() + 300
+    # kill node 1 once its ClientApp of round 2 has started: the round is under way
+    while len(re.findall(r"Start `flwr-clientapp` process", deployment.log("node1"))) < started + 2:
+        assert time.monotonic() < deadline, deployment.log("node1")[-2000:]
+        time.sleep(0.2)
+    deployment.kill("node1")
+    wait_results(run_dir, timeout=600, rounds=2)
+    deployment.start_node(1)
+    history = wait_results(run_dir, timeout=600)["history"]
+    # round 2: the SuperLink answers for the dead node with an error; nodes 0 and 2 are aggregated
+    assert [r["flower/failed"] for r in history] == [0, 1, 0, 0]
+    assert [r["flower/evaluated"] for r in history] == [20, 13, 20, 20]
+    assert [r["reported"] for r in history][1] < [r["reported"] for r in history][0]
+    # node 1 came back with the state it saved after round 1, not a fresh initialisation
+    assert (tmp_path / "state").is_dir() and len(list((tmp_path / "state").glob("run*-part1of3.pt"))) == 1
