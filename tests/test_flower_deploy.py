@@ -73,8 +73,10 @@ def test_a_node_killed_mid_round_rejoins_with_its_state(deployment, cache_dir, t
     wait_results(run_dir, timeout=600, rounds=2)
     deployment.start_node(1)
     history = wait_results(run_dir, timeout=600)["history"]
-    # round 2: the SuperLink answers for the dead node with an error; nodes 0 and 2 are aggregated
-    assert [r["flower/failed"] for r in history] == [0, 1, 0, 0]
+    # round 2: the dead node's reply is missing (timeout) or an error the SuperLink sends for it once it
+    # sees the node offline; nodes 0 and 2 are aggregated, and the run goes on
+    lost = [r["flower/nodes"] - r["flower/replies"] + r["flower/failed"] for r in history]
+    assert lost == [0, 1, 0, 0]
     assert [r["flower/evaluated"] for r in history] == [20, 13, 20, 20]
     assert [r["reported"] for r in history][1] < [r["reported"] for r in history][0]
     # node 1 came back with the state it saved after round 1, not a fresh initialisation
