@@ -195,3 +195,14 @@ def test_payload_decoder_rejects_what_no_encoder_produces(fmt):
                             (flag, "unknown format byte"), (good + b"x", "bytes")]:
         with pytest.raises(PayloadError, match=reason):
             decode_entries(payload, m_expected=m)
+
+
+@pytest.mark.slow
+def test_simulation_runtime_matches_the_simulator(compose_cfg, tmp_path):
+    """Flower's simulation runtime (Ray, 3 virtual SuperNodes): about a minute, most of it starting Ray."""
+    from src.flower.simulate import simulate
+
+    cfg = compose_cfg(SMALL + ["flower.supernodes=3"])
+    flower = simulate(cfg, tmp_path / "flower")
+    simulator = train(cfg, tmp_path / "sim", progress=False)
+    compare(flower["history"], simulator["history"])
