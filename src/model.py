@@ -20,11 +20,14 @@ def layer_sizes(model: DictConfig) -> list[tuple[int, int]]:
     return list(zip(dims[:-1], dims[1:]))
 
 
-def init_params(model: DictConfig, n_clients: int, n_items: int, generator: torch.Generator) -> Params:
-    """Initial parameters of every client: one shared draw (lineage) or one draw per client.
+def init_params(model: DictConfig, n_clients: int, n_items: int, generator: torch.Generator,
+                rows: torch.Tensor | None = None) -> Params:
+    """Initial parameters of every client (or of clients `rows` only, with the same values):
+    one shared draw (lineage) or one draw per client.
 
     Item table and user embedding ~ N(0, init_std^2) (nn.Embedding default); score layers
-    ~ U(-1/sqrt(in), 1/sqrt(in)) for weight and bias (nn.Linear default).
+    ~ U(-1/sqrt(in), 1/sqrt(in)) for weight and bias (nn.Linear default). With per-client draws
+    the whole sequence is drawn before `rows` are kept (a subset must see the same numbers).
     """
     copies = 1 if model.shared_init else n_clients
     d = int(model.dim)
@@ -35,9 +38,10 @@ def init_params(model: DictConfig, n_clients: int, n_items: int, generator: torc
         bound = 1.0 / math.sqrt(fan_in)
         p[f"w{i}"] = (torch.rand(copies, fan_in, fan_out, generator=generator) * 2 - 1) * bound
         p[f"b{i}"] = (torch.rand(copies, fan_out, generator=generator) * 2 - 1) * bound
+    n = n_clients if rows is None else len(rows)
     if copies == 1:
-        p = {k: v.expand(n_clients, *v.shape[1:]).clone() for k, v in p.items()}
-    return p
+        return {k: v.expand(n, *v.shape[1:]).clone() for k, v in p.items()}
+    return p if rows is None else {k: v[rows].clone() for k, v in p.items()}
 
 
 def n_layers(params: Params) -> int:

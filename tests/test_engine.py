@@ -258,3 +258,16 @@ def test_methods_share_what_they_should(compose_cfg):
         module.run_round()
         tables[ablation + "_2"] = module.state["items"].clone()
     assert not torch.allclose(tables["backbone_2"], tables["local_2"])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_init_of_some_clients_equals_their_rows_of_the_full_init(compose_cfg, shared):
+    from src.model import init_params
+
+    cfg = compose_cfg([f"model.shared_init={str(shared).lower()}", "model.user_embedding=true",
+                       "model.score_hidden=[4]"])
+    rows = torch.tensor([5, 1, 8])
+    full = init_params(cfg.model, 10, 7, torch.Generator().manual_seed(3))
+    part = init_params(cfg.model, 10, 7, torch.Generator().manual_seed(3), rows)
+    for k in full:
+        assert torch.equal(part[k], full[k][rows]), k

@@ -206,3 +206,4 @@ def test_simulation_runtime_matches_the_simulator(compose_cfg, tmp_path):
     flower = simulate(cfg, tmp_path / "flower")
     simulator = train(cfg, tmp_path / "sim", progress=False)
     compare(flower["history"], simulator["history"])
+

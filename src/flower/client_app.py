@@ -86,8 +86,8 @@ def restore_pool(cfg: DictConfig, context: Context, data: FedData, part: int, nu
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
         return ClientPool(saved["users"], saved["state"])
-    full = init_params(cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)))
-    return ClientPool(users, {k: v[users].clone() for k, v in full.items()})
+    init = init_params(cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)), users)
+    return ClientPool(users, init)
 
 
 def save_pool(cfg: DictConfig, context: Context, pool: ClientPool, part: int, num: int) -> None:

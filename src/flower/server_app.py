@@ -75,10 +75,10 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     data = load(cfg)
     m, device = data.n_items, resolve_device(cfg.device)
-    init = init_params(cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)))
+    init = init_params(cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)),
+                       torch.tensor([0]))
     keys = shared_keys(cfg.ablation, init)
-    server = {k: init[k][0].clone() for k in keys}
-    del init
+    server = {k: init[k][0] for k in keys}  # the simulator's server starts from client 0's draw
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
     aligned = bool(cfg.ablation.ica or cfg.ablation.gsa)
     encoding = Encoding.from_cfg(cfg.comm)
