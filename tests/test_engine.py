@@ -262,6 +262,8 @@ def test_methods_share_what_they_should(compose_cfg):
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_init_of_some_clients_equals_their_rows_of_the_full_init(compose_cfg, shared):
+    import torch
+
     from src.model import init_params
 
     cfg = compose_cfg([f"model.shared_init={str(shared).lower()}", "model.user_embedding=true",
