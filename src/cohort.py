@@ -222,7 +222,7 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
                 params["items"].view(-1, dim).index_add_(0, flat, (g_emb * mask).reshape(-1, dim),
                                                          alpha=-opt.lr["items"])
             else:
-                g_items = g_table if g_table is not None else torch.zeros_like(params["items"])
+                g_items = g_table.contiguous() if g_table is not None else torch.zeros_like(params["items"])
                 g_items.view(-1, dim).index_add_(0, flat, g_emb.reshape(-1, dim))
                 g["items"] = g_items
                 opt.step(params, g, active)

@@ -273,3 +273,17 @@ def test_init_of_some_clients_equals_their_rows_of_the_full_init(compose_cfg, sh
     part = init_params(cfg.model, 10, 7, torch.Generator().manual_seed(3), rows)
     for k in full:
         assert torch.equal(part[k], full[k][rows]), k
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+@pytest.mark.parametrize("gsa", ["rows", "pairs"])
+@pytest.mark.parametrize("ablation", ["full", "no_ica", "no_gsa"])
+def test_every_alignment_ablation_trains_past_the_first_broadcast(compose_cfg, tmp_path, ablation, gsa, optim):
+    """Round 1 has no broadcast yet; rounds 2-3 train with the alignment terms on (fast mode)."""
+    payload = train(compose_cfg(["dataset=synthetic", f"ablation={ablation}", f"optim={optim}", "fl.rounds=3",
+                                 "fl.checkpoint_every=0", "model.alignment=fast", f"model.fast_gsa={gsa}",
+                                 "model.sigma=0.0"]), tmp_path, progress=False)
+    last = payload["history"][-1]
+    assert payload["finished"] and math.isfinite(last["val/hit@10"])
+    assert ("loss/ica" in last) == (ablation != "no_ica") and ("loss/gsa" in last) == (ablation != "no_gsa")
+
