@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
@@ -111,7 +111,7 @@ def decode_broadcast(payload: bytes, m: int) -> torch.Tensor:
     return out + out.T
 
 
-def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, part: int) -> dict:
+def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, part: int) -> RecordDict:
     """Train this node's chosen clients, encode their uploads, evaluate all its clients."""
     data, device = nd.data, resolve_device(cfg.device)
     keys = shared_keys(cfg.ablation, pool.state)
