@@ -144,7 +144,7 @@ def curves(runs: list[dict[str, Any]], out: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in group:
             rounds = [h["round"] for h in r["history"]]
-            label = f"{r['ablation']} s{r['seed']}"
+            label = f"{r['ablation']} {r['config']['optim']['name']} s{r['seed']}"
             line, = ax.plot(rounds, [pct(h["val/hit@10"]) for h in r["history"]], label=f"{label} val")
             ax.plot(rounds, [pct(h.get("test/hit@10")) for h in r["history"]], ls=":", color=line.get_color(),
                     label=f"{label} test")
@@ -158,7 +158,7 @@ def curves(runs: list[dict[str, Any]], out: Path) -> None:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         for r in aligned:
             hist = [h for h in r["history"] if "community/count" in h]
-            label = f"{r['ablation']} s{r['seed']}"
+            label = f"{r['ablation']} {r['config']['optim']['name']} s{r['seed']}"
             ax1.plot([h["round"] for h in hist], [h["community/non_singleton"] for h in hist], label=label)
             ax2.plot([h["round"] for h in hist], [h["community/modularity"] for h in hist], label=label)
         ax1.set(xlabel="round", ylabel="communities with 2+ items",

@@ -60,7 +60,42 @@ def collect(folders: list[Path], by: tuple[str, ...] = (), rounds: int | None = 
                 if by:
                     key += (" ".join(f"{k}={config_value(payload['config'], k)}" for k in by),)
                 groups[key].append(payload)
-    return groups
+    return {k: v for key, runs in groups.items() for k, v in split_differing(key, runs).items()}
+
+
+# config keys that may differ between runs of one row: the seed, and where things are read or written
+SAME_ROW = ("seed", "experiment_name", "data.root", "data.cache_dir", "device", "resume", "logger.", "flower.",
+            "audit.", "bench.")
+
+
+def flat(config: dict, prefix: str = "") -> dict[str, str]:
+    """A resolved config as {dotted key: value as text}."""
+    out: dict[str, str] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out |= flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, ...], list[dict]]:
+    """Never average runs whose configs differ in more than the seed: such a group is split by the
+    keys that differ, which become (part of) the row's variant."""
+    configs = [flat(r["config"]) for r in runs]
+    keys = sorted({k for c in configs for k in c if not k.startswith(SAME_ROW)
+                   and len({c.get(k) for c in configs}) > 1})
+    named = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".name")}
+    # a group whose choice differs is shown by its name alone (optim.name=sgd, not its lr, betas, ...)
+    keys = [k for k in keys if k.endswith(".name") or k.rsplit(".", 1)[0] not in named]
+    if not keys:
+        return {key: runs}
+    out: dict[tuple[str, ...], list[dict]] = defaultdict(list)
+    for run, conf in zip(runs, configs):
+        label = " ".join(f"{k}={conf.get(k, '-')}" for k in keys)
+        variant = f"{key[3]} {label}" if len(key) > 3 else label
+        out[(*key[:3], variant)].append(run)
+    return out
 
 
 def published() -> dict[str, dict[str, list[float]]]:
@@ -114,14 +149,14 @@ def cell(mean: float | None, std: float | None = None) -> str:
 
 def markdown(table: list[dict]) -> str:
     """The rows as a Markdown table (published numbers are paper-protocol figures)."""
-    variant = bool(table) and "variant" in table[0]
+    variant = any("variant" in r for r in table)
     head = ["dataset", "method", "protocol", *(["variant"] if variant else []), "seeds", "rounds", *COLUMNS,
             "published", "diff hit@10 / ndcg@10"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in table:
         pub = "-" if r["published hit@10"] is None else f"{r['published hit@10']:.2f} / {r['published ndcg@10']:.2f}"
         diff = "-" if r["diff hit@10"] is None else f"{r['diff hit@10']:+.2f} / {r['diff ndcg@10']:+.2f}"
-        lines.append("| " + " | ".join([r["dataset"], r["method"], r["protocol"], *([r["variant"]] if variant else []),
+        lines.append("| " + " | ".join([r["dataset"], r["method"], r["protocol"], *([r.get("variant", "")] if variant else []),
                                         str(r["seeds"]), r["rounds"],
                                         *[cell(r[c], r[f"{c} std"]) for c in COLUMNS], pub, diff]) + " |")
     return "\n".join(lines)

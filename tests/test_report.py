@@ -46,3 +46,13 @@ def test_report_rounds_cuts_runs_and_selects_on_validation_within(compose_cfg, t
     first_two = payload["history"][:2]
     best = max(first_two, key=lambda h: (h["val/hit@10"], -h["round"]))
     assert table[0]["rounds"] == "2" and table[0]["test/hit@10"] == pytest.approx(100 * best["test/hit@10"])
+
+
+def test_runs_differing_in_more_than_the_seed_are_never_averaged(compose_cfg, tmp_path):
+    """Two overlays that both ran PFedRec (SGD 2 rounds, Adam 1 round) must give two rows, even without --by."""
+    for seed, extra in ((0, ["optim=sgd", "fl.rounds=2"]), (1, ["optim=adam", "fl.rounds=1"])):
+        train(compose_cfg(["dataset=synthetic", "ablation=backbone", "fl.checkpoint_every=0", f"seed={seed}",
+                           f"data.cache_dir={tmp_path / 'cache'}", *extra]), tmp_path / str(seed), progress=False)
+    table = main([str(tmp_path)])
+    assert sorted(r["variant"] for r in table) == ["fl.rounds=1 optim.name=adam", "fl.rounds=2 optim.name=sgd"]
+    assert all(r["seeds"] == 1 for r in table)
