@@ -9,6 +9,7 @@ size for comparison), privacy (the epsilon spent by the last round, when noise i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -84,3 +85,12 @@ def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
     path = Path(run_dir) / "results.json"
     atomic_write_text(path, json.dumps(payload, indent=2))
     return path
+
+
+def report_best(payload: dict[str, Any], run_dir: Path, log: logging.Logger) -> float:
+    """Log the best round of a finished run; return its validation hit@10 (the objective of sweeps)."""
+    best = payload["best_val"].get(SELECT_KEY, 0.0)
+    test = payload["test_at_best"]
+    log.info("best round %s: val hit@10 %.4f, test hit@10 %.4f ndcg@10 %.4f -> %s", payload["best_round"], best,
+             test.get("test/hit@10", float("nan")), test.get("test/ndcg@10", float("nan")), Path(run_dir) / "results.json")
+    return best

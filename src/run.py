@@ -21,7 +21,7 @@ from src.config import validate
 from src.data.dataset import load
 from src.federated import FederatedModule
 from src.loggers import RoundCSV, RoundProgress, finish_loggers, make_loggers
-from src.results import atomic_write_text, build_results, write_results
+from src.results import atomic_write_text, build_results, report_best, write_results
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,7 @@ def train(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the best validation hit@10 (the objective of sweeps)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    payload = train(cfg, run_dir)
-    best = payload["best_val"].get("val/hit@10", 0.0)
-    log.info("best round %s: val hit@10 %.4f, test hit@10 %.4f ndcg@10 %.4f -> %s", payload["best_round"], best,
-             payload["test_at_best"].get("test/hit@10", float("nan")),
-             payload["test_at_best"].get("test/ndcg@10", float("nan")), run_dir / "results.json")
-    return best
+    return report_best(train(cfg, run_dir), run_dir, log)
 
 
 if __name__ == "__main__":

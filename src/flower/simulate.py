@@ -19,6 +19,7 @@ from src.config import validate
 from src.flower.client_app import make_client_app
 from src.flower.server_app import make_server_app
 from src.flower.settings import flower_checks
+from src.results import report_best
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,7 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the best validation hit@10."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    payload = simulate(cfg, run_dir)
-    best = payload["best_val"].get("val/hit@10", 0.0)
-    log.info("best round %s: val hit@10 %.4f, test hit@10 %.4f -> %s", payload["best_round"], best,
-             payload["test_at_best"].get("test/hit@10", float("nan")), run_dir / "results.json")
-    return best
+    return report_best(simulate(cfg, run_dir), run_dir, log)
 
 
 if __name__ == "__main__":
