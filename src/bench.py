@@ -105,7 +105,7 @@ def reference_comparison(module: FederatedModule, n_clients: int, generator: tor
               for rows in chunks_by_steps(clients, steps, module.chunk_size)]
 
     def start(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        params = module.chunk_params(rows)
+        params = module.pool.params(rows, device)
         for key in module.keys:
             params[key].copy_(module.server[key].to(device).expand_as(params[key]))
         return params

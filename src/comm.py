@@ -70,6 +70,16 @@ def embedding_bytes(m: int, d: int) -> int:
     return 4 * m * d
 
 
+def shared_traffic(tensors: list[torch.Tensor], uploaders: int, clients: int) -> dict[str, float]:
+    """Parameter sharing (FedAvg-style baselines): each uploader sends, and each chosen client
+    receives, one client's shared tensors in fp32."""
+    per = float(sum(4 * t.numel() for t in tensors))
+    out = {"comm/upload_bytes_mean": per if uploaders else 0.0, "comm/upload_bytes_total": per * uploaders}
+    if tensors:
+        out |= {"comm/download_bytes_mean": per, "comm/download_bytes_total": per * clients}
+    return out
+
+
 def quantise(values: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Tensor:
     """Values as the receiver decodes them after uniform `bits`-bit quantisation over [lo, hi]."""
     if bits == 32:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from src.central import CentralTrainer
-from src.comm import Encoding, Ledger, embedding_bytes, quantise
+from src.comm import Encoding, Ledger, embedding_bytes, quantise, shared_traffic
 from src.cohort import sample_round
 from src.data.dataset import FedData
 from src.evaluation import Evaluator
@@ -99,10 +99,6 @@ class FederatedModule(L.LightningModule):
         """Optimisers are per client and per round, inside `train_cohort`."""
         return None
 
-    def chunk_params(self, rows: torch.Tensor) -> Params:
-        """Copy the parameters of clients `rows` onto the compute device."""
-        return {k: v[rows].to(self.compute_device) for k, v in self.state.items()}
-
     @property
     def pool(self) -> ClientPool:
         """Every client, row = client id."""
@@ -160,19 +156,14 @@ class FederatedModule(L.LightningModule):
         """Bytes uploaded this round as encoded, and what embedding sharing would have cost."""
         m, d = self.data.n_items, int(self.cfg.model.dim)
         out = {"comm/embedding_bytes": float(embedding_bytes(m, d)), "comm/uploaders": float(len(senders))}
-        if sims is not None:
-            nnz = torch.cat(sims.client_nnz) if sims.client_nnz else torch.zeros(0)
-            sizes = self.ledger.similarity_uploads(senders, nnz, sims.entries if self.encoding.delta else None)
-            out["comm/upload_nnz_mean"] = float(nnz.double().mean()) if len(nnz) else 0.0
-        else:
-            per = float(sum(4 * self.state[k][0].numel() for k in self.keys))
-            sizes = torch.full((len(senders),), per, dtype=torch.float64)
-            if self.keys:
-                out["comm/download_bytes_mean"] = per
-                out["comm/download_bytes_total"] = per * n_clients
+        if sims is None:
+            return out | shared_traffic([self.state[k][0] for k in self.keys], len(senders), n_clients)
+        nnz = torch.cat(sims.client_nnz) if sims.client_nnz else torch.zeros(0)
+        sizes = self.ledger.similarity_uploads(senders, nnz, sims.entries if self.encoding.delta else None)
+        out["comm/upload_nnz_mean"] = float(nnz.double().mean()) if len(nnz) else 0.0
         out["comm/upload_bytes_mean"] = float(sizes.mean()) if len(sizes) else 0.0
         out["comm/upload_bytes_total"] = float(sizes.sum())
-        out.update(epsilon_spent(self.eps_round, self.current_round(), m) if sims is not None else {})
+        out.update(epsilon_spent(self.eps_round, self.current_round(), m))
         return out
 
     def current_round(self) -> int:

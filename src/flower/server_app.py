@@ -21,7 +21,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from src.comm import Encoding, embedding_bytes, encode_upper, labels_bytes, quantise
+from src.comm import Encoding, embedding_bytes, encode_upper, labels_bytes, quantise, shared_traffic
 from src.data.dataset import load
 from src.evaluation import split_metrics
 from src.federated import resolve_device, shared_keys
@@ -122,7 +122,7 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
                 continue
             seen |= set(reply.eval_users.tolist())
             accepted.append(reply)
-        row = aggregate(cfg, accepted, server, keys, m, device, labels, r, eps_round, encoding)
+        row = aggregate(cfg, accepted, server, keys, m, device, labels, r, eps_round, encoding, len(clients))
         if "labels" in row:
             labels, sim = row.pop("labels"), row.pop("broadcast")
             broadcast = encode_upper(sim.numpy(), encoding.format, encoding.bits, lo=0.0, hi=1.0)
@@ -146,8 +146,10 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def aggregate(cfg: DictConfig, replies: list, server: dict, keys: list[str], m: int, device: torch.device,
-              labels: torch.Tensor | None, round_: int, eps_round: float | None, encoding: Encoding) -> dict:
-    """The server round on the accepted replies; updates `server` in place, returns the round's row."""
+              labels: torch.Tensor | None, round_: int, eps_round: float | None, encoding: Encoding,
+              clients: int) -> dict:
+    """The server round on the accepted replies of a round that chose `clients` clients; updates
+    `server` in place, returns the round's row."""
     agg = MeanAggregator()
     sims = SimilarityAggregator(m, float(cfg.model.sigma), bool(cfg.model.centre), int(cfg.server.sim_block),
                                 device) if (cfg.ablation.ica or cfg.ablation.gsa) else None
@@ -173,9 +175,7 @@ def aggregate(cfg: DictConfig, replies: list, server: dict, keys: list[str], m: 
                 float(sum(len(r.eval_users) for r in replies)),
                 "comm/embedding_bytes": float(embedding_bytes(m, int(cfg.model.dim))), "comm/uploaders": float(uploaders)})
     if sims is None:
-        per = float(sum(4 * v.numel() for v in server.values()))
-        row.update({"comm/upload_bytes_mean": per if uploaders else 0.0, "comm/upload_bytes_total": per * uploaders})
-        return row
+        return row | shared_traffic(list(server.values()), uploaders, clients)
     row.update({"comm/upload_bytes_mean": float(np.mean(sizes)) if sizes else 0.0,
                 "comm/upload_bytes_total": float(np.sum(sizes)),
                 "comm/upload_nnz_mean": float(np.mean(nnz)) if nnz else 0.0})
