@@ -1,39 +1,111 @@
-"""Atomic checkpoints every N rounds: written to a temporary file, then renamed over last.ckpt."""
+"""Checkpoints every N rounds, each with a record of what it is: digest, config, data, round, time spent.
+
+`last.ckpt` is written through a temporary file and renamed; its record `last.json` (written the
+same way, right after) holds the checkpoint's sha256, the resolved config and the data digest it
+was trained with, the rounds done and the seconds spent over all processes so far. A resume reads
+the record first: it refuses another config before anything is loaded or written, and a
+corrupted or truncated checkpoint before Lightning reads it.
+"""
 from __future__ import annotations
 
-import os
+import hashlib
+import json
+import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 
+from src.atomic import atomic_path, atomic_write_text
+
+RECORD_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or its record is missing, unreadable or does not match; the message says what to do."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_path(ckpt: Path) -> Path:
+    """`last.ckpt` -> `last.json`."""
+    return ckpt.with_suffix(".json")
+
+
+def read_record(ckpt: Path) -> dict[str, Any]:
+    """The record of checkpoint `ckpt`, or CheckpointError naming the file."""
+    path = record_path(ckpt)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt} has no record {path.name} (written by an older version, or "
+                              f"copied without it), so its config cannot be checked; restart the run without "
+                              f"resume in a new folder") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint record {path} is unreadable ({exc}); restart the run without resume "
+                              f"in a new folder") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or "sha256" not in record:
+        raise CheckpointError(f"checkpoint record {path} is not a format-{RECORD_FORMAT} record; restart the run "
+                              f"without resume in a new folder")
+    return record
+
+
+def verify(ckpt: Path, record: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose bytes are not the ones its record describes."""
+    found = sha256_file(ckpt)
+    if found != record["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is corrupted or truncated: sha256 {found}, its record {record_path(ckpt).name} "
+            f"expects {record['sha256']}. Resume from an intact copy (resume=<path to last.ckpt>) or restart "
+            f"the run without resume in a new folder")
+
 
 class AtomicCheckpoint(L.Callback):
-    """Save `<dir>/last.ckpt` every `every` rounds and after the last round; never a half-written file."""
+    """Save `<dir>/last.ckpt` and its record every `every` rounds, after the last round and on SIGTERM.
 
-    def __init__(self, dirpath: Path, every: int):
+    `config` and `data_digest` go into every record; `prior_s`/`processes` carry the time spent and
+    the number of processes of the run before this one (a resume), `start` is this process's start.
+    """
+
+    def __init__(self, dirpath: Path, every: int, config: dict, data_digest: str, start: float,
+                 prior_s: float = 0.0, processes: int = 1):
         self.dirpath, self.every = Path(dirpath), int(every)
+        self.config, self.data_digest = config, data_digest
+        self.start, self.prior_s, self.processes = start, prior_s, processes
+        self.saved_round = 0
 
     @property
     def last(self) -> Path:
         return self.dirpath / "last.ckpt"
 
-    @property
-    def tmp(self) -> Path:
-        return self.dirpath / ".last.ckpt.tmp"
+    def elapsed(self) -> float:
+        """Seconds spent on this run by every process so far."""
+        return self.prior_s + time.perf_counter() - self.start
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
-        """Drop a temporary file left by a run killed while it was saving (last.ckpt is intact)."""
-        self.tmp.unlink(missing_ok=True)
+        """Drop temporary files left by a process killed while saving (the run folder is locked to this one)."""
+        for stale in self.dirpath.glob(".last.*.tmp"):
+            stale.unlink(missing_ok=True)
 
-    def save(self, trainer: L.Trainer) -> None:
-        """Write through a temporary sibling, flush it to disk, then rename."""
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(self.tmp)
-        with open(self.tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.last)
+    def save(self, trainer: L.Trainer, done: int) -> None:
+        """Checkpoint through a temporary sibling, then its record; both renamed into place."""
+        with atomic_path(self.last) as tmp:
+            trainer.save_checkpoint(tmp)
+            digest = sha256_file(tmp)
+        record = {"format": RECORD_FORMAT, "round": done, "sha256": digest, "config": self.config,
+                  "data": self.data_digest, "elapsed_s": self.elapsed(), "processes": self.processes}
+        atomic_write_text(record_path(self.last), json.dumps(record, indent=1))
+        self.saved_round = done
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
-        if self.every > 0 and (done % self.every == 0 or done == trainer.max_epochs or trainer.should_stop):
-            self.save(trainer)
+        if self.every > 0 and (done % self.every == 0 or done == trainer.max_epochs or trainer.should_stop
+                               or trainer.received_sigterm):
+            self.save(trainer, done)

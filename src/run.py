@@ -1,29 +1,44 @@
 """`python -m src.run [overrides]`: one federated experiment, written to its Hydra run folder.
 
 The folder receives .hydra/ (composed config), config_resolved.yaml, csv/metrics.csv (per round),
-checkpoints/last.ckpt and results.json (see `results.py`).
+checkpoints/last.ckpt with its record last.json, and results.json (see `results.py`). Every check
+(config values, the folder's lock, a resume's config, checkpoint and data digests) runs before the
+run writes anything into the folder.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import shlex
+import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from src import checkpoint, rundir
+from src.atomic import atomic_write_text
 from src.checkpoint import AtomicCheckpoint
 from src.config import validate
-from src.data.dataset import load
+from src.data.dataset import FedData, load
 from src.federated import FederatedModule
 from src.loggers import RoundCSV, RoundProgress, finish_loggers, make_loggers
-from src.results import atomic_write_text, build_results, report_best, write_results
+from src.results import build_results, report_best, write_results
 
 log = logging.getLogger(__name__)
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+
+
+class ResumeError(RuntimeError):
+    """A resume that would continue a run under another config or other data; names what differs."""
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -38,48 +53,130 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     return path
 
 
-def train(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
-    """Build the data and the federated module, run all rounds, write results.json; return it."""
+def data_digest(data: FedData) -> str:
+    """sha256 over the split a run trains and evaluates on (sizes, positives, held-out items, negatives)."""
+    h = hashlib.sha256(f"{data.name}/{data.protocol}/{data.seed}/{data.n_users}/{data.n_items}".encode())
+    for arr in (data.train_ptr, data.train_items, data.val_items, data.test_items, data.val_negatives,
+                data.test_negatives):
+        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Prepared:
+    """A run that passed every check: its config, folder (locked), data and what it resumes from."""
+
+    cfg: DictConfig
+    run_dir: Path
+    lock: int
+    data: FedData
+    digest: str
+    start: float
+    setup_s: float
+    ckpt: Path | None
+    record: dict | None
+
+
+def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
+    """Check the config, claim the folder, check a resume against its checkpoint, load the data; write nothing."""
+    start = time.perf_counter()
     validate(cfg)
-    ckpt_path = resume_path(cfg, run_dir)  # fail before any work when the checkpoint is missing
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    torch.manual_seed(int(cfg.seed))
-    t0 = time.perf_counter()
-    data = load(cfg)
-    module = FederatedModule(cfg, data)
-    t_setup = time.perf_counter() - t0
-    ckpt = AtomicCheckpoint(run_dir / "checkpoints", int(cfg.fl.checkpoint_every))
-    loggers = make_loggers(cfg, run_dir)
-    trainer = L.Trainer(
-        max_epochs=int(cfg.fl.rounds), logger=loggers,
-        callbacks=[RoundProgress(int(cfg.fl.rounds), progress), RoundCSV(run_dir / "csv" / "metrics.csv"), ckpt],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
-        devices=1, default_root_dir=str(run_dir), log_every_n_steps=1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*configure_optimizers.*")
-        try:
-            # our own checkpoint (client tables, RNG state, history): trusted, so no weights_only
-            trainer.fit(module, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
-        except BaseException:
-            finish_loggers(loggers, None)
-            raise
-    timings = {"setup_s": t_setup, "total_s": time.perf_counter() - t0,
-               "mean_round_s": sum(r["time/round"] for r in module.history) / max(len(module.history), 1)}
-    payload = build_results(cfg, data.summary(), module.history, timings, finished=True)
-    write_results(run_dir, payload)
-    summary = {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]}
-    finish_loggers(loggers, summary)
-    return payload
+    ckpt = resume_path(cfg, run_dir)
+    lock = rundir.claim(run_dir, resuming=ckpt is not None)
+    try:
+        record = None
+        if ckpt is not None:
+            record = checkpoint.read_record(ckpt)
+            differ = rundir.resume_mismatch(record["config"], OmegaConf.to_container(cfg, resolve=True))
+            if differ:
+                raise ResumeError(f"resume refused: checkpoint {ckpt} was trained with another config; "
+                                  f"differing keys (checkpoint -> now): {'; '.join(differ)}. Resume with the run's "
+                                  f"own overrides (see {ckpt.parents[1] / '.hydra' / 'overrides.yaml'}), or start "
+                                  f"a new run in a new folder")
+            checkpoint.verify(ckpt, record)
+        torch.manual_seed(int(cfg.seed))
+        data = load(cfg)
+        digest = data_digest(data)
+        if record is not None and record["data"] != digest:
+            raise ResumeError(f"resume refused: the data split differs from the one checkpoint {ckpt} was trained "
+                              f"on (split digest {record['data'][:16]}... then, {digest[:16]}... now); restore "
+                              f"the original data files or start a new run in a new folder")
+    except BaseException:
+        rundir.release(lock)
+        raise
+    return Prepared(cfg, run_dir, lock, data, digest, start, time.perf_counter() - start, ckpt, record)
+
+
+def fit(run: Prepared, progress: bool = True) -> dict:
+    """Run all rounds of a prepared run, write results.json; return it. Releases the folder's lock."""
+    cfg, run_dir = run.cfg, run.run_dir
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        module = FederatedModule(cfg, run.data)
+        prior = run.record or {}
+        ckpt = AtomicCheckpoint(run_dir / "checkpoints", int(cfg.fl.checkpoint_every), config, run.digest,
+                                run.start, float(prior.get("elapsed_s", 0.0)), int(prior.get("processes", 0)) + 1)
+        loggers = make_loggers(cfg, run_dir)
+        trainer = L.Trainer(
+            max_epochs=int(cfg.fl.rounds), logger=loggers,
+            callbacks=[RoundProgress(int(cfg.fl.rounds), progress), RoundCSV(run_dir / "csv" / "metrics.csv"), ckpt],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
+            devices=1, default_root_dir=str(run_dir), log_every_n_steps=1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*configure_optimizers.*")
+            try:
+                # our own checkpoint (client tables, RNG state, history), its digest checked: no weights_only
+                trainer.fit(module, ckpt_path=run.ckpt, weights_only=False if run.ckpt else None)
+            except SIGTERMException:
+                finish_loggers(loggers, None)
+                print(stopped_message(run_dir, ckpt), file=sys.stderr, flush=True)
+                raise SystemExit(SIGTERM_EXIT) from None
+            except BaseException:
+                finish_loggers(loggers, None)
+                raise
+        timings = {"setup_s": run.setup_s, "total_s": ckpt.elapsed(), "processes": ckpt.processes,
+                   "this_process_s": time.perf_counter() - run.start,
+                   "mean_round_s": sum(r["time/round"] for r in module.history) / max(len(module.history), 1)}
+        payload = build_results(cfg, run.data.summary(), module.history, timings, finished=True)
+        write_results(run_dir, payload)
+        summary = {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]}
+        finish_loggers(loggers, summary)
+        return payload
+    finally:
+        rundir.release(run.lock)
+
+
+def stopped_message(run_dir: Path, ckpt: AtomicCheckpoint) -> str:
+    """What a run stopped by SIGTERM prints: where its last checkpoint is and the command that resumes it."""
+    if not ckpt.last.is_file():
+        return "stopped by SIGTERM; no checkpoint was written (fl.checkpoint_every=0), so the run cannot resume"
+    try:
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    except ValueError:
+        overrides = ["<the run's overrides>"]
+    cmd = shlex.join(["python", "-m", "src.run", *overrides, f"hydra.run.dir={run_dir}", "resume=true"])
+    return f"stopped by SIGTERM after round {ckpt.saved_round or '?'}; its checkpoint {ckpt.last} resumes with:\n{cmd}"
+
+
+def train(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
+    """Check, then run: `prepare` and `fit` (what the tests and tools call without Hydra)."""
+    return fit(prepare(cfg, run_dir), progress)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the best validation hit@10 (the objective of sweeps)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return report_best(train(cfg, run_dir), run_dir, log)
+    try:
+        run = prepare(cfg, run_dir)
+    except BaseException:
+        rundir.remove_if_empty_of_runs(run_dir)  # a refused run leaves no folder behind
+        raise
+    rundir.write_hydra_files(run_dir, cfg)
+    return report_best(fit(run), run_dir, log)
 
 
 if __name__ == "__main__":

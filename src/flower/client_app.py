@@ -9,7 +9,6 @@ thresholded similarity matrix (`src/comm.py`) and evaluates all its clients with
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
+from src.atomic import atomic_path
 from src.comm import Encoding, decode_entries, encode_entries
 from src.data.dataset import FedData, load
 from src.evaluation import Evaluator
@@ -97,10 +97,8 @@ def save_pool(cfg: DictConfig, context: Context, pool: ClientPool, part: int, nu
     context.state["pool"] = ArrayRecord(array_dict=arrays)
     path = state_file(cfg, context, part, num)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"users": pool.users, "state": pool.state}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({"users": pool.users, "state": pool.state}, tmp)
 
 
 def decode_broadcast(payload: bytes, m: int) -> torch.Tensor:

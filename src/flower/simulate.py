@@ -15,6 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from src import rundir
 from src.config import validate
 from src.flower.client_app import make_client_app
 from src.flower.server_app import make_server_app
@@ -30,11 +31,17 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
 
     validate(cfg)
     flower_checks(cfg)
-    run_simulation(server_app=make_server_app(cfg, run_dir), client_app=make_client_app(cfg),
-                   num_supernodes=int(cfg.flower.supernodes),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": max(1, min(int(cfg.flower.supernodes), os.cpu_count() or 1)),
-                                                 "include_dashboard": False}})
+    lock = rundir.claim(run_dir, resuming=False)
+    try:
+        rundir.write_hydra_files(run_dir, cfg)
+        run_simulation(server_app=make_server_app(cfg, run_dir), client_app=make_client_app(cfg),
+                       num_supernodes=int(cfg.flower.supernodes),
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": max(1, min(int(cfg.flower.supernodes),
+                                                                            os.cpu_count() or 1)),
+                                                     "include_dashboard": False}})
+    finally:
+        rundir.release(lock)
     results = run_dir / "results.json"
     if not results.is_file():
         raise RuntimeError(f"the Flower simulation ended without writing {results}; see the log above")
@@ -45,7 +52,12 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the best validation hit@10."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return report_best(simulate(cfg, run_dir), run_dir, log)
+    try:
+        payload = simulate(cfg, run_dir)
+    except BaseException:
+        rundir.remove_if_empty_of_runs(run_dir)  # a refused run leaves no folder behind
+        raise
+    return report_best(payload, run_dir, log)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""The rules of a run folder: one run at a time, never two runs' files mixed, resume only the same config.
+
+A run folder holds one run. `claim` locks it for this process (an advisory `flock`, released by
+the kernel when the process ends, however it ends) and refuses a folder that already holds a run
+unless the run is being resumed. `resume_mismatch` lists the config keys in which a resume
+differs from the checkpointed run; only keys that cannot change the computed rounds may differ.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = ".run.lock"
+# Hydra's own files in a folder it has just created for a job: such a folder holds no run yet
+HYDRA_FILES = {LOCK_NAME, ".hydra", "run.log", "multirun.yaml"}
+# Keys a resume may change: how long to go on, where to log and write, where the (verified) data is read from.
+RESUMABLE_KEYS = ("resume", "fl.rounds", "fl.checkpoint_every", "eval.patience", "experiment_name", "logger.",
+                  "data.root", "data.cache_dir", "bench.", "audit.", "flower.", "hydra.")
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used for this run; the message says why and what to do."""
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when the folder has anything a run writes (results, checkpoints, metrics, its config)."""
+    if not run_dir.is_dir():
+        return False
+    return any(p.name not in HYDRA_FILES for p in run_dir.iterdir())
+
+
+def claim(run_dir: Path, resuming: bool) -> int:
+    """Lock `run_dir` for this process and check it may take this run; returns the lock's file descriptor.
+
+    Refused: a folder another process is running in, and (without `resuming`) a folder that already
+    holds a run, finished or not.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunFolderError(f"run folder {run_dir} is in use by another run (locked: {run_dir / LOCK_NAME}); "
+                             f"wait for it to end or choose another folder (hydra.run.dir=...)") from None
+    if not resuming and holds_run(run_dir):
+        os.close(fd)
+        finished = (run_dir / "results.json").is_file()
+        what = "a finished run (results.json)" if finished else "an unfinished run"
+        raise RunFolderError(f"run folder {run_dir} already holds {what}; rerunning into it would mix two runs. "
+                             f"Continue it with resume=true, or choose another folder (hydra.run.dir=...)")
+    return fd
+
+
+def release(fd: int) -> None:
+    """Unlock the folder (closing the descriptor drops the flock)."""
+    os.close(fd)
+
+
+def remove_if_empty_of_runs(run_dir: Path) -> None:
+    """Delete a folder Hydra created for a run that was refused before writing anything of its own."""
+    if run_dir.is_dir() and not holds_run(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"a.b.c": leaf}; lists stay leaves."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    if not tree and prefix:
+        out[prefix[:-1]] = {}
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def resume_mismatch(saved: dict, current: dict) -> list[str]:
+    """`key: saved -> current` for every key that differs, except those in `RESUMABLE_KEYS`."""
+    a, b = flatten(saved), flatten(current)
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        if any(key == k or key.startswith(k) for k in RESUMABLE_KEYS if k.endswith(".")) or key in RESUMABLE_KEYS:
+            continue
+        missing = "<absent>"
+        if a.get(key, missing) != b.get(key, missing):
+            out.append(f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}")
+    return out
+
+
+def write_hydra_files(run_dir: Path, cfg: Any) -> None:
+    """Hydra's `.hydra/` (config, overrides, hydra), written by the run once its checks have passed.
+
+    Hydra's own copy is turned off (`hydra.output_subdir: null`) because Hydra writes it before the
+    run starts, which would overwrite the files of a run that a refused resume must leave untouched.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from src.atomic import atomic_write_text
+
+    hc = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))

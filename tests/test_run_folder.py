@@ -1,0 +1,171 @@
+"""Trustworthy run folders: a resume under another config is refused, SIGTERM fails loudly and stays
+resumable, one run per folder, checkpoints carry a digest, refused configs leave nothing behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from src import rundir
+from src.checkpoint import CheckpointError, read_record, sha256_file
+from src.run import ResumeError, train
+from tests.conftest import requires_real_data
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTH = ["dataset=synthetic", "ablation=backbone", "optim=sgd", "fl.checkpoint_every=1"]
+SMALL_FILMTRUST = ["dataset=filmtrust", "data.max_users=30", "ablation=backbone", "optim=sgd"]
+
+
+def cli(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
+    """`python -m src.run <args>` in a fresh process with the test's isolated caches."""
+    env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
+    env.pop("ALIGNFEDREC_DATA", None)
+    return subprocess.run([sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (but the lock and Hydra's log) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (rundir.LOCK_NAME, "run.log")}
+
+
+def test_resume_mismatch_lists_result_keys_only():
+    saved = {"seed": 0, "protocol": {"name": "clean"}, "fl": {"rounds": 10, "lr_list": [1, 2]}, "logger": {"a": 1}}
+    now = {"seed": 7, "protocol": {"name": "paper"}, "fl": {"rounds": 20, "lr_list": [1, 3]}, "logger": {"a": 2}}
+    assert rundir.resume_mismatch(saved, now) == ["fl.lr_list: [1, 2] -> [1, 3]", "protocol.name: 'clean' -> 'paper'",
+                                                  "seed: 0 -> 7"]
+    assert rundir.resume_mismatch(saved, {**saved, "fl": {"rounds": 99, "lr_list": [1, 2]}}) == []
+
+
+def test_resume_with_another_config_is_refused_before_writing(compose_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    first = train(compose_cfg(SYNTH + ["fl.rounds=2"]), run_dir, progress=False)
+    before = snapshot(run_dir)
+    with pytest.raises(ResumeError, match=r"differing keys.*protocol\.name: 'clean' -> 'paper'.*seed: 0 -> 7"):
+        train(compose_cfg(SYNTH + ["fl.rounds=3", "protocol=paper", "seed=7", "resume=true"]), run_dir, progress=False)
+    assert snapshot(run_dir) == before
+    # the same config goes on, and the timings cover both processes
+    resumed = train(compose_cfg(SYNTH + ["fl.rounds=3", "resume=true"]), run_dir, progress=False)
+    assert [r["round"] for r in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][:2] == first["history"]
+    assert resumed["timings"]["processes"] == 2
+    assert resumed["timings"]["total_s"] > resumed["timings"]["this_process_s"]
+    assert resumed["timings"]["total_s"] >= first["timings"]["total_s"]
+
+
+def test_resume_refuses_a_corrupted_checkpoint(compose_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose_cfg(SYNTH + ["fl.rounds=2"]), run_dir, progress=False)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert read_record(ckpt)["sha256"] == sha256_file(ckpt)
+    with open(ckpt, "r+b") as fh:
+        fh.truncate(ckpt.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=rf"{ckpt} is corrupted or truncated.*restart"):
+        train(compose_cfg(SYNTH + ["fl.rounds=3", "resume=true"]), run_dir, progress=False)
+    (run_dir / "checkpoints" / "last.json").unlink()
+    with pytest.raises(CheckpointError, match="has no record last.json"):
+        train(compose_cfg(SYNTH + ["fl.rounds=3", "resume=true"]), run_dir, progress=False)
+
+
+def test_one_run_per_folder(compose_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    fd = rundir.claim(run_dir, resuming=False)  # another run holds the folder
+    try:
+        with pytest.raises(rundir.RunFolderError, match="in use by another run"):
+            train(compose_cfg(SYNTH + ["fl.rounds=1"]), run_dir, progress=False)
+    finally:
+        rundir.release(fd)
+    train(compose_cfg(SYNTH + ["fl.rounds=1"]), run_dir, progress=False)
+    before = snapshot(run_dir)
+    with pytest.raises(rundir.RunFolderError, match=r"already holds a finished run.*resume=true"):
+        train(compose_cfg(SYNTH + ["fl.rounds=1", "seed=3"]), run_dir, progress=False)
+    assert snapshot(run_dir) == before
+
+
+def test_outputs_follow_the_umask(compose_cfg, tmp_path):
+    old = os.umask(0o022)
+    try:
+        train(compose_cfg(SYNTH + ["fl.rounds=1"]), tmp_path / "run", progress=False)
+    finally:
+        os.umask(old)
+    for name in ("results.json", "config_resolved.yaml", "csv/metrics.csv", "checkpoints/last.ckpt"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
+
+
+def test_rejected_config_leaves_no_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    out = cli(["dataset=synthetic", "fl.rounds=0", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert out.returncode != 0
+    assert "fl.rounds" in out.stderr
+    assert not run_dir.exists()
+
+
+@requires_real_data
+def test_cli_resume_with_other_overrides_keeps_the_folder(tmp_path):
+    """The issue's case: a FilmTrust run, then `protocol=paper seed=7 resume=true` into its folder."""
+    run_dir = tmp_path / "X"
+    base = SMALL_FILMTRUST + ["fl.rounds=2", "fl.checkpoint_every=1", f"hydra.run.dir={run_dir}"]
+    assert cli(base, tmp_path).returncode == 0
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    before = snapshot(run_dir)
+    out = cli(base + ["protocol=paper", "seed=7", "resume=true"], tmp_path)
+    assert out.returncode != 0
+    assert "protocol.name: 'clean' -> 'paper'" in out.stderr and "seed: 0 -> 7" in out.stderr
+    assert snapshot(run_dir) == before
+    out = cli(base, tmp_path)  # the same command again, without resume
+    assert out.returncode != 0 and "already holds a finished run" in out.stderr
+    assert snapshot(run_dir) == before
+
+
+def wait_for_rounds(proc: subprocess.Popen, csv_path: Path, rounds: int, log: Path) -> None:
+    deadline = time.monotonic() + 200
+    while not (csv_path.is_file() and len(csv_path.read_text().splitlines()) > rounds):
+        assert proc.poll() is None, f"run ended (rc {proc.returncode}) too early: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "the rounds never finished"
+        time.sleep(0.05)
+
+
+@requires_real_data
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+def test_sigterm_fails_and_stays_resumable(tmp_path, multirun):
+    run_dir = tmp_path / "X"
+    args = SMALL_FILMTRUST + ["fl.rounds=400", "fl.checkpoint_every=50"]
+    if multirun:
+        args = ["-m", *args, "seed=0,1", f"hydra.sweep.dir={run_dir}", "hydra.sweep.subdir=job${seed}"]
+        job_dir = run_dir / "job0"
+    else:
+        args = [*args, f"hydra.run.dir={run_dir}"]
+        job_dir = run_dir
+    env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
+    env.pop("ALIGNFEDREC_DATA", None)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, stdout=fh, stderr=fh)
+        try:
+            wait_for_rounds(proc, job_dir / "csv" / "metrics.csv", 2, log)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 143, text[-3000:]
+    assert not (job_dir / "results.json").exists()
+    assert not (run_dir / "job1").exists()
+    ckpt = job_dir / "checkpoints" / "last.ckpt"
+    record = read_record(ckpt)
+    assert record["sha256"] == sha256_file(ckpt) and record["round"] >= 2
+    command = next(line for line in text.splitlines() if line.startswith("python -m src.run"))
+    assert f"hydra.run.dir={job_dir}" in command and command.endswith("resume=true")
+    if not multirun:  # the printed command resumes the run (fewer rounds: the end of the run is its own choice)
+        resumed = cli(command.split()[3:] + [f"fl.rounds={record['round'] + 1}"], tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        payload = json.loads((job_dir / "results.json").read_text())
+        assert len(payload["history"]) == record["round"] + 1 and payload["timings"]["processes"] == 2
