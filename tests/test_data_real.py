@@ -120,6 +120,7 @@ def test_paper_sizes_match_method_section_4(real_build, name):
     assert s["train"] == interactions - 2 * users and s["val"] == s["test"] == users
     assert s["protocol"] == "paper" and s["seed"] == 0
     assert Path(s["folder"]) == SHARED_DATA / name
+    assert s["verified"] is True
 
 
 @pytest.mark.parametrize("name", DATASETS)
@@ -236,6 +237,7 @@ def test_cache_file_written_and_reused(real_build, compose_cfg, cache_dir: Path,
         raise AssertionError("the split was recomputed instead of read from the cache")
 
     monkeypatch.setattr(dataset_mod, "leave_one_out", must_not_run)
+    monkeypatch.setattr(dataset_mod.raw, "read_ml100k", must_not_run)   # a cache hit does not even parse u.data
     monkeypatch.setattr(dataset_mod, "draw_eval_negatives", must_not_run)
     cfg = compose_cfg(["dataset=ml-100k", "protocol=paper", "seed=0", f"data.root='{SHARED_DATA}'"])
     second = dataset_mod.build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir)
@@ -257,8 +259,9 @@ def test_cli_prints_one_json_summary(tmp_path: Path):
     summary = json.loads(proc.stdout)  # the whole stdout is one JSON object
     assert isinstance(summary, dict)
     for key in ("users", "items", "interactions", "train", "val", "test", "interactions_per_user",
-                "protocol", "seed", "folder"):
+                "protocol", "seed", "folder", "verified"):
         assert key in summary, key
+    assert summary["verified"] is True
     assert set(summary["interactions_per_user"]) >= {"min", "median", "max"}
     assert summary["protocol"] == "clean" and summary["seed"] == 0
     assert Path(summary["folder"]) == SHARED_DATA / "filmtrust"

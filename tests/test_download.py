@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from src.data.download import (
+    KNOWN_FILES,
     SOURCES,
     ChecksumError,
     DatasetSource,
@@ -278,3 +279,9 @@ def test_verify_dataset_on_shared_data(name: str, expected: list[str]) -> None:
     if not folder.is_dir():
         pytest.skip(f"{folder} absent")
     assert set(expected) <= {p.name for p in verify_dataset(name, folder)}
+
+
+def test_known_files_hold_every_registry_file() -> None:
+    for source in SOURCES.values():
+        for spec in source.files:
+            assert KNOWN_FILES[source.name, spec.target] == spec

@@ -11,7 +11,8 @@ from src.data.dataset import build
 def main(argv: list[str]) -> None:
     """Compose the config from `argv` overrides, build (or load) the split, print its summary."""
     cfg = load_config(argv)
-    data = build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir)
+    data = build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir,
+                 verify=bool(cfg.data.get("verify", True)))
     print(json.dumps(data.summary(), indent=2))
 
 

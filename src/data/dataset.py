@@ -4,22 +4,45 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from src.atomic import atomic_path
 from src.data import raw
-from src.data.download import default_cache_dir, file_digests
+from src.data.download import KNOWN_FILES, default_cache_dir, digest_mismatch, file_digests, verify_known
 from src.data.paths import resolve_dataset_dir
 from src.data.split import dedupe_pairs, filter_min_interactions, leave_one_out
 from src.data.synthetic import planted_communities
 from src.protocols import all_interactions, draw_eval_negatives, interaction_matrix
 
-CACHE_VERSION = 1
+# 2: the .npz holds `digest` (sha256 of its arrays) and `exact`
+CACHE_VERSION = 2
+SPLIT_ARRAYS = ("shape", "exact", "train_ptr", "train_items", "val_items", "test_items", "val_negatives",
+                "test_negatives", "notes")
+
+# dataset -> the file sets a reader can use, preferred first, each with its reader(folder, lineage_quirks)
+LAYOUTS: dict[str, list[tuple[list[str], Callable[[Path, bool], raw.RawRatings]]]] = {
+    "ml-100k": [(["u.data"], lambda folder, quirks: raw.read_ml100k(folder))],
+    "ml-1m": [(["ratings.dat"], lambda folder, quirks: raw.read_ml1m_original(folder)),
+              (["chronological_order.tsv.gz", "pfedrec_loo_split.tsv"],
+               lambda folder, quirks: raw.read_ml1m_partial(folder))],
+    "filmtrust": [(["ratings.txt"], lambda folder, quirks: raw.read_filmtrust(folder, quirks))],
+    "lastfm-2k": [(["user_taggedartists.dat"], lambda folder, quirks: raw.read_lastfm(folder))],
+}
+
+
+class SplitCacheError(ValueError):
+    """A cached split file cannot be read or its content digest differs: it must not be used."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        """Name the file, what is wrong and what to do."""
+        self.path = path
+        super().__init__(f"split cache {path} is corrupt or truncated ({reason}); delete it to rebuild the split")
 
 
 @dataclass
@@ -45,6 +68,7 @@ class FedData:
     exact: bool
     notes: list[str] = field(default_factory=list)
     item_community: np.ndarray | None = None
+    verified: bool | None = None
 
     @property
     def train_users(self) -> np.ndarray:
@@ -71,7 +95,11 @@ class FedData:
             test_negatives=self.test_negatives[:n], notes=[*self.notes, f"first {n} users only (data.max_users)"])
 
     def summary(self) -> dict:
-        """The facts a user checks first: sizes, per-user spread, protocol, seed, source."""
+        """The facts a user checks first: sizes, per-user spread, protocol, seed, source.
+
+        `verified`: this run checked every file read against its known digests (null for synthetic data);
+        the split is the lineage's exact split only on verified files.
+        """
         per_user = np.diff(self.train_ptr) + 2
         return {
             "dataset": self.name, "protocol": self.protocol, "seed": self.seed,
@@ -80,29 +108,50 @@ class FedData:
             "interactions_per_user": {"min": int(per_user.min()), "median": float(np.median(per_user)),
                                       "max": int(per_user.max())},
             "eval_negatives_per_user": int(self.val_negatives.shape[1] + self.test_negatives.shape[1]),
-            "folder": self.folder, "exact_lineage_split": self.exact, "notes": self.notes,
+            "folder": self.folder, "verified": self.verified,
+            "exact_lineage_split": bool(self.exact and self.verified), "notes": self.notes,
         }
 
 
-def read_raw(dataset: DictConfig, lineage_quirks: bool, root: str | None) -> tuple[raw.RawRatings, np.ndarray | None]:
-    """Read the dataset named in config from the first data root that has it."""
+def locate(dataset: DictConfig, root: str | None) -> tuple[Path, list[Path]]:
+    """The folder of a real dataset and the files its reader will use (the first complete file set)."""
     name = dataset.name
-    if name == "synthetic":
+    if name not in LAYOUTS:
+        raise ValueError(f"dataset={name!r}; expected one of {', '.join(LAYOUTS)}, synthetic")
+    layouts = LAYOUTS[name]
+    folder = resolve_dataset_dir(name, [files for files, _ in layouts], root)
+    files = next(files for files, _ in layouts if all((folder / f).is_file() for f in files))
+    return folder, [folder / f for f in files]
+
+
+def read_located(name: str, folder: Path, files: list[Path], lineage_quirks: bool) -> raw.RawRatings:
+    """Run the reader of the file set `files` in `folder`, and check that it read exactly those files."""
+    reader = next(read for fs, read in LAYOUTS[name] if [folder / f for f in fs] == files)
+    ratings = reader(folder, lineage_quirks)
+    if [Path(p) for p in ratings.files] != files:
+        raise RuntimeError(f"the {name} reader read {ratings.files}, but {files} were located and verified")
+    return ratings
+
+
+def read_raw(dataset: DictConfig, lineage_quirks: bool, root: str | None) -> tuple[raw.RawRatings, np.ndarray | None]:
+    """Read the dataset named in config from the first data root that has it (no verification)."""
+    if dataset.name == "synthetic":
         return planted_communities(dataset.n_users, dataset.n_items, dataset.n_communities,
                                    dataset.per_user, dataset.affinity, dataset.generator_seed)
-    if name == "ml-100k":
-        return raw.read_ml100k(resolve_dataset_dir(name, [["u.data"]], root)), None
-    if name == "ml-1m":
-        folder = resolve_dataset_dir(
-            name, [["ratings.dat"], ["chronological_order.tsv.gz", "pfedrec_loo_split.tsv"]], root)
-        if (folder / "ratings.dat").is_file():
-            return raw.read_ml1m_original(folder), None
-        return raw.read_ml1m_partial(folder), None
-    if name == "filmtrust":
-        return raw.read_filmtrust(resolve_dataset_dir(name, [["ratings.txt"]], root), lineage_quirks), None
-    if name == "lastfm-2k":
-        return raw.read_lastfm(resolve_dataset_dir(name, [["user_taggedartists.dat"]], root)), None
-    raise ValueError(f"dataset={name!r}; expected one of ml-100k, ml-1m, filmtrust, lastfm-2k, synthetic")
+    folder, files = locate(dataset, root)
+    return read_located(dataset.name, folder, files, lineage_quirks), None
+
+
+def check_files(name: str, digests: dict[Path, tuple[str, str]], verify: bool) -> tuple[bool, list[str]]:
+    """Refuse files whose digests differ from KNOWN_FILES when `verify`; return (verified, notes for the run)."""
+    if verify:
+        for path, found in digests.items():
+            verify_known(name, path, found)
+        return True, []
+    differ = [p.name for p, found in digests.items()
+              if (name, p.name) not in KNOWN_FILES or digest_mismatch(KNOWN_FILES[name, p.name], found)]
+    return False, [f"data.verify=false: files not verified; differing from the known release: "
+                   f"{', '.join(differ) if differ else 'none'}"]
 
 
 def cache_key(dataset: DictConfig, protocol: DictConfig, seed: int, source_sha: str) -> str:
@@ -114,36 +163,68 @@ def cache_key(dataset: DictConfig, protocol: DictConfig, seed: int, source_sha: 
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every array's name, dtype, shape and bytes: what a split cache file must still hold."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write an .npz next to its final name, then rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    """Write an .npz holding `arrays` plus their `digest`, atomically, so readers never see half a file."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, digest=np.array(arrays_digest(arrays)), **arrays)
+
+
+def load_npz_verified(path: Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Read an .npz written by `save_npz_atomic`; SplitCacheError when unreadable, incomplete or altered."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise SplitCacheError(path, f"unreadable: {exc}") from exc
+    stored = arrays.pop("digest", None)
+    missing = [k for k in required if k not in arrays]
+    if stored is None or missing:
+        raise SplitCacheError(path, f"missing {', '.join(missing or ['digest'])}")
+    if str(stored) != arrays_digest(arrays):
+        raise SplitCacheError(path, "its content differs from the digest written with it")
+    return arrays
 
 
 def build(dataset: DictConfig, protocol: DictConfig, seed: int, root: str | None = None,
-          cache_dir: str | None = None) -> FedData:
-    """Read, filter, split and draw the evaluation negatives; reuse the cached result when keyed equal."""
-    ratings, community = read_raw(dataset, bool(protocol.lineage_quirks), root)
-    source_sha = hashlib.sha256("".join(file_digests(p)[0] for p in ratings.files).encode()).hexdigest()
+          cache_dir: str | None = None, verify: bool = True) -> FedData:
+    """Locate and verify the files, then read, filter, split and draw the evaluation negatives.
+
+    Every file a reader uses is checked against KNOWN_FILES before anything is read or split (DataIntegrityError
+    on a mismatch) unless `verify` is False; synthetic data is not verified. The split is cached under a key
+    of the config and the files' sha256, and reused when keyed equal.
+    """
+    synthetic = dataset.name == "synthetic"
+    folder, files = (None, []) if synthetic else locate(dataset, root)
+    digests = {p: file_digests(p) for p in files}
+    verified, run_notes = (None, []) if synthetic else check_files(dataset.name, digests, verify)
+    source_sha = hashlib.sha256("".join(sha for sha, _ in digests.values()).encode()).hexdigest()
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "splits"
     key = cache_key(dataset, protocol, seed, source_sha)
     path = cache_root / f"{dataset.name}-{protocol.name}-seed{seed}-{key}.npz"
-    meta = dict(name=dataset.name, protocol=protocol.name, seed=int(seed),
-                folder=str(ratings.folder) if ratings.folder else "synthetic", exact=ratings.exact)
+    meta = dict(name=dataset.name, protocol=protocol.name, seed=int(seed), verified=verified,
+                folder=str(folder) if folder else "synthetic")
     if path.is_file():
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
-        notes = list(arrays.pop("notes").tolist())
+        arrays = load_npz_verified(path, SPLIT_ARRAYS)
+        notes = [*arrays.pop("notes").tolist(), *run_notes]
         community = arrays.pop("item_community", None)
         n_users, n_items = (int(v) for v in arrays.pop("shape"))
-        return FedData(n_users=n_users, n_items=n_items, notes=notes, item_community=community, **meta, **arrays)
+        exact = bool(arrays.pop("exact"))
+        return FedData(n_users=n_users, n_items=n_items, notes=notes, item_community=community, exact=exact,
+                       **meta, **arrays)
+    if synthetic:
+        ratings, community = read_raw(dataset, bool(protocol.lineage_quirks), root)
+    else:
+        ratings, community = read_located(dataset.name, folder, files, bool(protocol.lineage_quirks)), None
     frame = ratings.frame
     notes = list(ratings.notes)
     frame = filter_min_interactions(frame, int(dataset.min_user_rows))
@@ -165,16 +246,19 @@ def build(dataset: DictConfig, protocol: DictConfig, seed: int, root: str | None
         community = community[loo.item_ids]
     data = FedData(n_users=loo.n_users, n_items=loo.n_items, train_ptr=ptr, train_items=loo.train_items,
                    val_items=loo.val_items, test_items=loo.test_items, val_negatives=negatives[:, :half],
-                   test_negatives=negatives[:, half:], notes=notes, item_community=community, **meta)
+                   test_negatives=negatives[:, half:], notes=[*notes, *run_notes], item_community=community,
+                   exact=ratings.exact, **meta)
     extra = {} if community is None else {"item_community": community}
-    save_npz_atomic(path, shape=np.array([loo.n_users, loo.n_items]), train_ptr=ptr, train_items=loo.train_items,
-                    val_items=loo.val_items, test_items=loo.test_items, val_negatives=data.val_negatives,
-                    test_negatives=data.test_negatives, notes=np.array(notes, dtype=str), **extra)
+    save_npz_atomic(path, shape=np.array([loo.n_users, loo.n_items]), exact=np.array(bool(ratings.exact)),
+                    train_ptr=ptr, train_items=loo.train_items, val_items=loo.val_items, test_items=loo.test_items,
+                    val_negatives=data.val_negatives, test_negatives=data.test_negatives,
+                    notes=np.array(notes, dtype=str), **extra)
     return data
 
 
 def load(cfg: DictConfig) -> FedData:
     """The dataset a run uses: `build` from the config, cut to `data.max_users` clients when set."""
-    data = build(cfg.dataset, cfg.protocol, int(cfg.seed), cfg.data.root, cfg.data.cache_dir)
+    data = build(cfg.dataset, cfg.protocol, int(cfg.seed), cfg.data.root, cfg.data.cache_dir,
+                 verify=bool(cfg.data.get("verify", True)))
     max_users = cfg.data.get("max_users")
     return data if max_users is None else data.head(int(max_users))

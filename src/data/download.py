@@ -119,6 +119,52 @@ SOURCES: dict[str, DatasetSource] = {
 }
 
 
+# Files no archive in SOURCES holds but a reader uses: the partial ML-1M files of ../shared/data (see its README).
+EXTRA_FILES: dict[str, tuple[FileSpec, ...]] = {
+    "ml-1m": (
+        FileSpec("chronological_order.tsv.gz", "chronological_order.tsv.gz",
+                 sha256="8a1d303126316516a3f25c41b88047ad265b8cd79dbebcdce76d1e8dd7249239",
+                 git_blob="ab5de0ea1246355b54324fd5c99313f4c508f34b"),
+        FileSpec("pfedrec_loo_split.tsv", "pfedrec_loo_split.tsv",
+                 sha256="0c563f62008e9f5174b642ea31d7faaf185e64f3dd581c05def49e87c41ef7b9",
+                 git_blob="1b62deeb5a0ea9119f97d56c4c258b3d7a8f5984"),
+    ),
+}
+
+# (dataset, file name) -> the digests every local copy of that file must have, wherever it was found.
+KNOWN_FILES: dict[tuple[str, str], FileSpec] = {
+    (name, spec.target): spec
+    for name, specs in [*((s.name, s.files) for s in SOURCES.values()), *EXTRA_FILES.items()]
+    for spec in specs
+}
+
+DOWNLOAD_COMMAND = "python -m src.data.download"
+
+
+class DataIntegrityError(ValueError):
+    """A local dataset file is not the release its known digests name, so no split is built from it."""
+
+    def __init__(self, path: Path | str, dataset: str, algorithm: str | None = None,
+                 expected: str | None = None, found: str | None = None) -> None:
+        """Build a message naming the file, the expected and found digest, and how to get a good copy."""
+        self.path = path
+        self.dataset = dataset
+        self.algorithm = algorithm
+        self.expected = expected
+        self.found = found
+        name = Path(path).name
+        if expected is None:
+            problem = (f"{path} has no known digest (no entry ({dataset!r}, {name!r}) in KNOWN_FILES of "
+                       f"src/data/download.py), so it cannot be verified.")
+        else:
+            problem = (f"{path} is not the known {dataset} file {name}: {algorithm} expected {expected}, "
+                       f"found {found}. It was modified, truncated or is another version.")
+        super().__init__(
+            f"{problem} Get a good copy with `{DOWNLOAD_COMMAND} {dataset} --dest {Path(path).parent.parent}`, "
+            f"or restore it from the source listed in ../shared/data/README.md; "
+            f"to use deliberately modified data, pass data.verify=false.")
+
+
 class ChecksumError(ValueError):
     """A file's digest differs from the registry, so the file must not be used."""
 
@@ -155,13 +201,30 @@ def file_digests(path: Path | str) -> tuple[str, str]:
     return sha256.hexdigest(), blob.hexdigest()
 
 
-def verify_file(path: Path | str, expected: FileSpec, *, url: str | None = None) -> None:
-    """Raise ChecksumError unless the file matches every digest the spec has."""
-    sha256, git_blob = file_digests(path)
-    found = {"sha256": sha256, "git_blob": git_blob}
+def digest_mismatch(expected: FileSpec, digests: tuple[str, str]) -> tuple[str, str, str] | None:
+    """(algorithm, expected, found) of the first digest that differs from the spec, or None when all match."""
+    found = dict(zip(("sha256", "git_blob"), digests))
     for algorithm, digest in expected.expected_digests().items():
         if found[algorithm] != digest:
-            raise ChecksumError(path, algorithm, digest, found[algorithm], url)
+            return algorithm, digest, found[algorithm]
+    return None
+
+
+def verify_file(path: Path | str, expected: FileSpec, *, url: str | None = None) -> None:
+    """Raise ChecksumError unless the file matches every digest the spec has."""
+    mismatch = digest_mismatch(expected, file_digests(path))
+    if mismatch is not None:
+        raise ChecksumError(path, *mismatch, url)
+
+
+def verify_known(dataset: str, path: Path | str, digests: tuple[str, str]) -> None:
+    """Raise DataIntegrityError unless `digests` (from `file_digests(path)`) are those KNOWN_FILES lists for it."""
+    spec = KNOWN_FILES.get((dataset, Path(path).name))
+    if spec is None:
+        raise DataIntegrityError(path, dataset)
+    mismatch = digest_mismatch(spec, digests)
+    if mismatch is not None:
+        raise DataIntegrityError(path, dataset, *mismatch)
 
 
 def _resolve_source(name: str | DatasetSource) -> DatasetSource:

@@ -12,12 +12,20 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def candidate_roots(config_root: str | None) -> list[tuple[str, Path]]:
-    """Data roots in the order they are tried, each with the rule that produced it."""
+    """Data roots in the order they are tried, each with the rule that produced it.
+
+    A set $ALIGNFEDREC_DATA that is not a folder is an error, not skipped: the user asked for that root.
+    """
     roots: list[tuple[str, Path]] = []
     if config_root:
         roots.append(("data.root", Path(config_root).expanduser()))
     if os.environ.get(ENV_VAR):
-        roots.append((ENV_VAR, Path(os.environ[ENV_VAR]).expanduser()))
+        env_root = Path(os.environ[ENV_VAR]).expanduser()
+        if not env_root.is_dir():
+            raise FileNotFoundError(
+                f"${ENV_VAR}={os.environ[ENV_VAR]!r}: {env_root} is not an existing folder; set it to a data root "
+                f"holding <dataset>/ folders, or unset it to use ../shared/data or the download cache")
+        roots.append((ENV_VAR, env_root))
     if SHARED_DATA.is_dir():
         roots.append(("../shared/data", SHARED_DATA))
     roots.append(("download cache", default_cache_dir() / "data"))

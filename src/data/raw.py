@@ -15,7 +15,7 @@ import pandas as pd
 
 
 class DataFormatError(ValueError):
-    """A line of a dataset file does not have the expected shape; names file and line."""
+    """A dataset file is empty, or a line of it does not have the expected shape; names file and line."""
 
 
 @dataclass
@@ -31,19 +31,26 @@ class RawRatings:
 
 def read_table(path: Path, sep: str, names: list[str], numeric: list[str], header: bool = False,
                encoding: str = "utf-8") -> pd.DataFrame:
-    """Read a delimited file as strings and convert `numeric` columns, naming the bad line on error."""
+    """Read a delimited file as strings and convert `numeric` columns, naming the bad line on error.
+
+    An empty file (no bytes, blank lines, or only its header) is a DataFormatError naming the file.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
     skip = 1 if header else 0
     with opener(path, "rt", encoding=encoding, newline="") as fh:
         lines = fh.read().splitlines()
     body = lines[skip:]
+    if not any(line.strip() for line in body):
+        what = "only a header line" if header and lines else "no rows"
+        raise DataFormatError(f"{path} is empty ({what}): expected rows of {len(names)} fields separated by "
+                              f"{sep!r} ({', '.join(names)})")
     parts = [ln.split(sep) for ln in body]
     for i, p in enumerate(parts):
         if len(p) != len(names):
             raise DataFormatError(
                 f"{path}, line {i + 1 + skip}: expected {len(names)} fields separated by {sep!r} "
                 f"({', '.join(names)}), found {len(p)}: {body[i][:80]!r}")
-    frame = pd.DataFrame(parts, columns=names) if parts else pd.DataFrame(columns=names)
+    frame = pd.DataFrame(parts, columns=names)
     for col in numeric:
         values = pd.to_numeric(frame[col], errors="coerce")
         bad = np.flatnonzero(values.isna().to_numpy())
