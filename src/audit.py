@@ -14,7 +14,8 @@ but that matrix and the broadcast global matrix S_g:
    the mean cosine between recovered and true item vectors. The same alignment of a random table of
    the same shape gives the chance level, reported beside it.
 
-Prints a table and writes JSON to `audit.out` (atomically).
+Prints a table and writes JSON to `audit.out` (atomically; a relative path is relative to the
+current directory, as the audit makes no run folder to put it in).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from src.config import ConfigError, load_config
+from src.config import ConfigError, load_config, validate
 from src.data.dataset import load
 from src.federated import FederatedModule
 from src.results import publish_report
@@ -89,9 +90,8 @@ def aligned_cosine(x: torch.Tensor, target: torch.Tensor) -> float:
 
 def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     """Run the attacks described in the module docstring; return the report."""
-    n_clients = int(cfg.audit.clients)
-    if n_clients < 1:
-        raise ConfigError(f"config audit.clients={n_clients!r} is invalid: expected an integer >= 1")
+    validate(cfg)  # audit.clients, audit.recovery_iters, audit.out, device, ... before any data is read
+    n_clients = cfg.audit.clients
     if not (cfg.ablation.ica or cfg.ablation.gsa):
         raise ConfigError(f"config ablation={cfg.ablation.name!r} uploads no similarity matrix: use full, no_ica or no_gsa")
     torch.manual_seed(int(cfg.seed))
@@ -154,6 +154,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     """Compose the config from `argv`, run the audit, print the table, write `audit.out`."""
     cfg = load_config(argv)
     report = audit(cfg, argv)
+    # The audit trains in memory and makes no run folder (see the module docstring), so a relative
+    # audit.out stays relative to the current directory; validate() refused an existing directory.
     publish_report(cfg.audit.out, report, table(report))
     return report
 

@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.cohort import batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
-from src.config import ConfigError, load_config
+from src.config import load_config, validate
 from src.data.dataset import load
 from src.federated import FederatedModule
 from src.reference import ExactAlignment, client_batches, make_client, train_client
@@ -201,9 +201,8 @@ def table(report: dict[str, Any]) -> str:
 
 def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Run the benchmark described in the module docstring; return the report."""
+    validate(cfg)  # bench.reference_clients, bench.out, device (cuda must exist), ... before any data is read
     n_ref = cfg.bench.reference_clients
-    if not isinstance(n_ref, int) or n_ref < 0:
-        raise ConfigError(f"config bench.reference_clients={n_ref!r} is invalid: expected an integer >= 0 (0 = skip)")
     torch.manual_seed(int(cfg.seed))
     t0 = time.perf_counter()
     data = load(cfg)

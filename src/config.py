@@ -1,14 +1,23 @@
 """Compose the Hydra config and validate it before any data is read."""
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
+from typing import Any, Callable
 
+import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from src.protocols import TRAIN_NEGATIVE_POOLS
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# validation hit@10 selects the best round (src.results.SELECT_KEY), so eval.ks must hold 10
+SELECT_K = 10
+COMMUNITY_METHODS = ("igraph", "leidenalg", "leidenalg_rb")
+LOSSES = ("sigmoid_bce", "logits_bce")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -20,58 +29,227 @@ def _check(ok: bool, key: str, value: object, expected: str) -> None:
         raise ConfigError(f"config {key}={value!r} is invalid: expected {expected}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Range checks on every user-facing key; raises ConfigError naming the first bad key."""
-    fl, model, proto = cfg.fl, cfg.model, cfg.protocol
-    _check(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
-    _check(int(fl.rounds) >= 1, "fl.rounds", fl.rounds, "an integer >= 1")
-    _check(int(fl.local_epochs) >= 1, "fl.local_epochs", fl.local_epochs, "an integer >= 1")
-    _check(0 < float(fl.client_fraction) <= 1, "fl.client_fraction", fl.client_fraction, "a value in (0, 1]")
-    _check(int(fl.batch_size) >= 1, "fl.batch_size", fl.batch_size, "an integer >= 1")
-    _check(0 <= float(fl.dropout) < 1, "fl.dropout", fl.dropout, "a value in [0, 1)")
-    _check(fl.chunk_size is None or fl.chunk_size == "auto" or (isinstance(fl.chunk_size, int) and fl.chunk_size >= 1),
-           "fl.chunk_size", fl.chunk_size, "null, auto or an integer >= 1")
-    _check(0 < float(fl.memory_fraction) <= 1, "fl.memory_fraction", fl.memory_fraction, "a value in (0, 1]")
-    _check(int(fl.checkpoint_every) >= 0, "fl.checkpoint_every", fl.checkpoint_every, "an integer >= 0 (0 = never)")
-    _check(int(model.dim) >= 1, "model.dim", model.dim, "an integer >= 1")
-    _check(float(model.alpha) >= 0, "model.alpha", model.alpha, "a value >= 0")
-    _check(float(model.beta) >= 0, "model.beta", model.beta, "a value >= 0")
-    _check(float(model.tau) > 0, "model.tau", model.tau, "a value > 0")
-    _check(float(model.tau0) > 0, "model.tau0", model.tau0, "a value > 0")
-    _check(-1 <= float(model.sigma) <= 1, "model.sigma", model.sigma, "a value in [-1, 1]")
-    _check(model.gsa_mask in ("local", "global", "union"), "model.gsa_mask", model.gsa_mask, "local, global or union")
-    _check(model.alignment in ("exact", "fast"), "model.alignment", model.alignment, "exact or fast")
-    _check(model.fast_gsa in ("rows", "pairs"), "model.fast_gsa", model.fast_gsa, "rows or pairs")
-    _check(model.gsa_reduction in ("sum", "mean"), "model.gsa_reduction", model.gsa_reduction, "sum or mean")
-    _check(all(int(h) >= 1 for h in model.score_hidden), "model.score_hidden", model.score_hidden, "a list of sizes >= 1")
-    _check(float(cfg.optim.lr) > 0, "optim.lr", cfg.optim.lr, "a value > 0")
-    _check(int(proto.eval_negatives) >= 1, "protocol.eval_negatives", proto.eval_negatives, "an integer >= 1")
-    _check(int(proto.train_negatives) >= 0, "protocol.train_negatives", proto.train_negatives, "an integer >= 0")
-    _check(proto.train_negative_pool in TRAIN_NEGATIVE_POOLS, "protocol.train_negative_pool",
-           proto.train_negative_pool, f"one of {TRAIN_NEGATIVE_POOLS}")
-    _check(len(cfg.eval.ks) > 0 and all(int(k) >= 1 for k in cfg.eval.ks), "eval.ks", list(cfg.eval.ks),
-           "a non-empty list of cutoffs K >= 1")
-    _check(cfg.eval.patience is None or int(cfg.eval.patience) >= 1, "eval.patience", cfg.eval.patience,
-           "null or an integer >= 1")
+def _shown(value: Any) -> Any:
+    """A config value as plain Python (lists and dicts of a DictConfig), for messages."""
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    """The (resolved) value at dotted `key`; a missing key is a ConfigError."""
+    missing = object()
+    value = OmegaConf.select(cfg, key, default=missing)
+    if value is missing:
+        raise ConfigError(f"config {key} is missing")
+    return value
+
+
+def is_int(value: Any) -> bool:
+    """An integer, and not a bool (True is not 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(cfg: DictConfig, key: str, minimum: int, nullable: bool = False, note: str = "") -> int | None:
+    """The integer at `key`, >= minimum (or null when `nullable`); a float is refused, never truncated."""
+    value = _get(cfg, key)
+    if nullable and value is None:
+        return None
+    expected = f"{'null or ' if nullable else ''}an integer >= {minimum}{note}"
+    _check(is_int(value) and value >= minimum, key, _shown(value), expected)
+    return value
+
+
+def _num(cfg: DictConfig, key: str, ok: Callable[[float], bool], bounds: str, nullable: bool = False) -> float | None:
+    """The finite number at `key` with ok(value) true (`bounds` says which, e.g. '> 0' or 'in (0, 1]')."""
+    value = _get(cfg, key)
+    if nullable and value is None:
+        return None
+    expected = f"{'null or ' if nullable else ''}a finite number {bounds}"
+    _check(is_number(value) and ok(value), key, _shown(value), expected)
+    return float(value)
+
+
+def _choice(cfg: DictConfig, key: str, options: tuple[Any, ...]) -> Any:
+    """The value at `key`, one of `options` (compared with its type: 8.0 is not the choice 8)."""
+    value = _get(cfg, key)
+    _check(any(type(value) is type(o) and value == o for o in options), key, _shown(value),
+           "one of " + ", ".join(map(str, options)))
+    return value
+
+
+def _bool(cfg: DictConfig, key: str) -> bool:
+    value = _get(cfg, key)
+    _check(isinstance(value, bool), key, _shown(value), "true or false")
+    return value
+
+
+def _not_a_folder(cfg: DictConfig, key: str) -> None:
+    """An output file path: a non-empty string that does not name an existing directory."""
+    value = _get(cfg, key)
+    _check(isinstance(value, str) and value != "", key, _shown(value), "a file path")
+    _check(not Path(value).is_dir(), key, value, "a file path, not an existing directory")
+
+
+def _positive(x: float) -> bool:
+    return x > 0
+
+
+def _non_negative(x: float) -> bool:
+    return x >= 0
+
+
+def validate_device(device: Any) -> None:
+    """`device`: auto, cpu, cuda or cuda:N, and a CUDA device must exist on this machine."""
+    _check(isinstance(device, str) and DEVICE_PATTERN.fullmatch(device) is not None, "device", _shown(device),
+           "auto, cpu, cuda or cuda:N")
+    if not device.startswith("cuda"):
+        return
+    _check(torch.cuda.is_available(), "device", device, "a device this machine has: CUDA is not available here "
+           "(use device=auto or device=cpu)")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    count = torch.cuda.device_count()
+    _check(index < count, "device", device, f"a device this machine has: it has {count} CUDA device(s), cuda:0"
+           f"..cuda:{count - 1}")
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    _int(cfg, "model.dim", 1)
+    _num(cfg, "model.init_std", _positive, "> 0")
+    _choice(cfg, "model.loss", LOSSES)
+    for key in ("user_embedding", "shared_init", "centre"):
+        _bool(cfg, f"model.{key}")
+    _num(cfg, "model.alpha", _non_negative, ">= 0")
+    _num(cfg, "model.beta", _non_negative, ">= 0")
+    _num(cfg, "model.tau", _positive, "> 0")
+    _num(cfg, "model.tau0", _positive, "> 0")
+    _num(cfg, "model.sigma", lambda x: -1 <= x <= 1, "in [-1, 1]")
+    _choice(cfg, "model.gsa_mask", ("local", "global", "union"))
+    _choice(cfg, "model.alignment", ("exact", "fast"))
+    _choice(cfg, "model.fast_gsa", ("rows", "pairs"))
+    _choice(cfg, "model.gsa_reduction", ("sum", "mean"))
+    for key in ("fast_anchors", "align_chunk", "align_block"):
+        _int(cfg, f"model.{key}", 1)
+    hidden = _get(cfg, "model.score_hidden")
+    _check(isinstance(hidden, ListConfig) and all(is_int(h) and h >= 1 for h in hidden), "model.score_hidden",
+           _shown(hidden), "a list of integer sizes >= 1")
+
+
+def _validate_optim(cfg: DictConfig) -> None:
+    name = _choice(cfg, "optim.name", ("sgd", "adam"))
+    _num(cfg, "optim.lr", _positive, "> 0")
+    if "item_lr_eta" in cfg.optim:
+        _num(cfg, "optim.item_lr_eta", _positive, "> 0", nullable=True)
+    if "alternate" in cfg.optim:
+        _bool(cfg, "optim.alternate")
+    if name == "adam":
+        betas = _get(cfg, "optim.betas")
+        _check(isinstance(betas, ListConfig) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
+               "optim.betas", _shown(betas), "two finite numbers in [0, 1)")
+        _num(cfg, "optim.eps", _positive, "> 0")
+
+
+def _validate_ablation(cfg: DictConfig) -> None:
     for key in ("item_table", "score_fn"):
-        _check(cfg.ablation[key] in ("mean", "personal"), f"ablation.{key}", cfg.ablation[key], "mean or personal")
+        _choice(cfg, f"ablation.{key}", ("mean", "personal"))
+    for key in ("central", "ica", "gsa"):
+        _bool(cfg, f"ablation.{key}")
+    # the central ablation trains its own pooled model (src/central.py)
+    if "lr" in cfg.ablation:
+        _num(cfg, "ablation.lr", _positive, "> 0")
+    if "batch_size" in cfg.ablation:
+        _int(cfg, "ablation.batch_size", 1)
+    if "init_std" in cfg.ablation:
+        _num(cfg, "ablation.init_std", _positive, "> 0")
+
+
+def _validate_fl(cfg: DictConfig) -> None:
+    _int(cfg, "fl.rounds", 1)
+    _int(cfg, "fl.local_epochs", 1)
+    _num(cfg, "fl.client_fraction", lambda x: 0 < x <= 1, "in (0, 1]")
+    _int(cfg, "fl.batch_size", 1)
+    _num(cfg, "fl.dropout", lambda x: 0 <= x < 1, "in [0, 1)")
+    chunk = _get(cfg, "fl.chunk_size")
+    _check(chunk is None or chunk == "auto" or (is_int(chunk) and chunk >= 1), "fl.chunk_size", chunk,
+           "null, auto or an integer >= 1")
+    _num(cfg, "fl.memory_fraction", lambda x: 0 < x <= 1, "in (0, 1]")
+    _int(cfg, "fl.checkpoint_every", 0, note=" (0 = never)")
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    _int(cfg, "data.max_users", 1, nullable=True)
+    _bool(cfg, "data.verify")
+    _int(cfg, "dataset.min_user_rows", 0)
     if cfg.dataset.name == "synthetic":
         for key in ("n_users", "n_items", "n_communities", "per_user"):
-            _check(int(cfg.dataset[key]) >= 1, f"dataset.{key}", cfg.dataset[key], "an integer >= 1")
+            _int(cfg, f"dataset.{key}", 1)
+        _num(cfg, "dataset.affinity", lambda x: 0 <= x <= 1, "in [0, 1]")
+        _int(cfg, "dataset.generator_seed", 0)
+    _int(cfg, "protocol.eval_negatives", 1)
+    _int(cfg, "protocol.train_negatives", 0)
+    _choice(cfg, "protocol.train_negative_pool", tuple(TRAIN_NEGATIVE_POOLS))
+    for key in ("dedupe_pairs", "lineage_quirks", "full_ranking"):
+        _bool(cfg, f"protocol.{key}")
+    ks = _get(cfg, "eval.ks")
+    _check(isinstance(ks, ListConfig) and len(ks) > 0 and all(is_int(k) and k >= 1 for k in ks), "eval.ks",
+           _shown(ks), "a non-empty list of integer cutoffs K >= 1")
+    _check(SELECT_K in ks, "eval.ks", _shown(ks), f"a list that contains {SELECT_K} (validation hit@{SELECT_K} "
+           "selects the best round)")
+    _int(cfg, "eval.patience", 1, nullable=True)
+
+
+def _validate_server(cfg: DictConfig) -> None:
+    _choice(cfg, "server.community", COMMUNITY_METHODS)
+    _num(cfg, "server.resolution", _positive, "> 0")
+    _int(cfg, "server.sim_block", 1)
+
+
+def _validate_comm_privacy(cfg: DictConfig) -> None:
     comm, priv = cfg.comm, cfg.privacy
-    _check(comm.format in ("csr", "coo"), "comm.format", comm.format, "csr or coo")
-    _check(comm.topk is None or int(comm.topk) >= 1, "comm.topk", comm.topk, "null or an integer >= 1")
-    _check(comm.bits in (32, 16, 8, 4), "comm.bits", comm.bits, "32, 16, 8 or 4")
-    _check(isinstance(comm.delta, bool), "comm.delta", comm.delta, "true or false")
-    _check(priv.epsilon is None or float(priv.epsilon) > 0, "privacy.epsilon", priv.epsilon, "null or a value > 0")
-    _check(priv.scale is None or float(priv.scale) >= 0, "privacy.scale", priv.scale, "null or a value >= 0")
-    _check(priv.epsilon is None or priv.scale is None, "privacy.scale", priv.scale,
+    _choice(cfg, "comm.format", ("csr", "coo"))
+    _int(cfg, "comm.topk", 1, nullable=True)
+    _choice(cfg, "comm.bits", (32, 16, 8, 4))
+    _bool(cfg, "comm.delta")
+    epsilon = _num(cfg, "privacy.epsilon", _positive, "> 0", nullable=True)
+    scale = _num(cfg, "privacy.scale", _non_negative, ">= 0", nullable=True)
+    _check(epsilon is None or scale is None, "privacy.scale", priv.scale,
            "null when privacy.epsilon is set (set one of the two)")
-    _check(float(priv.sensitivity) > 0, "privacy.sensitivity", priv.sensitivity, "a value > 0")
-    noisy = priv.epsilon is not None or (priv.scale is not None and float(priv.scale) > 0)
+    _num(cfg, "privacy.sensitivity", _positive, "> 0")
+    noisy = epsilon is not None or (scale is not None and scale > 0)
     _check(not (noisy and comm.topk is not None), "comm.topk", comm.topk,
            "null when privacy noise is on (top-k would select on noiseless rows)")
-    _check(int(cfg.dataset.min_user_rows) >= 0, "dataset.min_user_rows", cfg.dataset.min_user_rows, "an integer >= 0")
+
+
+def _validate_commands(cfg: DictConfig) -> None:
+    """The keys of python -m src.audit, src.bench and the Flower app."""
+    _int(cfg, "audit.clients", 1)
+    _int(cfg, "audit.recovery_iters", 1)
+    _not_a_folder(cfg, "audit.out")
+    _int(cfg, "bench.reference_clients", 0, note=" (0 = skip)")
+    _not_a_folder(cfg, "bench.out")
+    for key in ("supernodes", "round_timeout", "min_nodes", "connect_timeout", "max_upload_bytes"):
+        _int(cfg, f"flower.{key}", 1)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Type and range checks on every user-facing key; raises ConfigError naming the first bad key.
+
+    Integers must be ints (2.9 is refused, not truncated; a bool is not an int), numbers finite
+    ints or floats, choices one of the values the code accepts, and `device` one this machine has.
+    """
+    _int(cfg, "seed", 0)
+    validate_device(_get(cfg, "device"))
+    _validate_fl(cfg)
+    _validate_model(cfg)
+    _validate_optim(cfg)
+    _validate_ablation(cfg)
+    _validate_data(cfg)
+    _validate_server(cfg)
+    _validate_comm_privacy(cfg)
+    _validate_commands(cfg)
 
 
 def load_config(overrides: list[str] | None = None) -> DictConfig:

@@ -16,27 +16,32 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from src.report import load_runs
 from src.results import atomic_write_text
 
 
-def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
-    """Every finished results.json under `folders`, with its folder."""
-    runs = []
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("results.json")):
-            payload = json.loads(path.read_text())
-            if payload.get("finished"):
-                payload["path"] = str(path.parent)
-                runs.append(payload)
-    if not runs:
-        raise SystemExit(f"no finished results.json under {', '.join(map(str, folders))}")
-    return runs
+class MissingFieldError(ValueError):
+    """A run lacks a field a plot needs; the message names the field and the results.json."""
+
+
+def field(run: dict[str, Any], dotted: str, row: dict[str, Any] | None = None) -> Any:
+    """`a.b.c` of a run's results.json, or `key` of one of its history rows (`row`).
+
+    A missing field raises MissingFieldError naming it and the file (keys of history rows hold no dots).
+    """
+    value: Any = run if row is None else row
+    for part in ([dotted] if row is not None else dotted.split(".")):
+        if not isinstance(value, dict) or part not in value:
+            where = f"history round {row.get('round', '?')} " if row is not None else ""
+            raise MissingFieldError(f"{Path(run['path']) / 'results.json'}: {where}has no field {dotted!r}, "
+                                    "which this plot needs")
+        value = value[part]
+    return value
 
 
 def encoding_label(comm: dict[str, Any]) -> str:
@@ -79,14 +84,15 @@ def communication(runs: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
     rows = []
     for r in runs:
-        c = r["communication"]
-        rows.append({"dataset": r["dataset"], "protocol": r["protocol"], "sigma": r["config"]["model"]["sigma"],
-                     "encoding": encoding_label(r["config"]["comm"]), "seed": r["seed"], "rounds": len(r["history"]),
-                     "upload_bytes_per_client_round": c["upload_bytes_mean_per_client_round"],
-                     "embedding_bytes": c["embedding_bytes_per_client_round"],
-                     "upload_vs_embedding": c["upload_vs_embedding"],
-                     "download_bytes_per_client_round": c["download_bytes_total"] / max(
-                         sum(h["clients"] for h in r["history"]), 1),
+        comm = {**field(r, "config.comm"), "format": field(r, "config.comm.format"),
+                "bits": field(r, "config.comm.bits")}
+        rows.append({"dataset": r["dataset"], "protocol": r["protocol"], "sigma": field(r, "config.model.sigma"),
+                     "encoding": encoding_label(comm), "seed": r["seed"], "rounds": len(r["history"]),
+                     "upload_bytes_per_client_round": field(r, "communication.upload_bytes_mean_per_client_round"),
+                     "embedding_bytes": field(r, "communication.embedding_bytes_per_client_round"),
+                     "upload_vs_embedding": field(r, "communication.upload_vs_embedding"),
+                     "download_bytes_per_client_round": field(r, "communication.download_bytes_total") / max(
+                         sum(field(r, "clients", h) for h in r["history"]), 1),
                      "test_hit@10": pct(r["test_at_best"].get("test/hit@10")),
                      "test_ndcg@10": pct(r["test_at_best"].get("test/ndcg@10")), "run": r["path"]})
     rows.sort(key=lambda x: (x["dataset"], x["protocol"], x["encoding"], x["sigma"]))
@@ -114,10 +120,11 @@ def privacy(runs: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
     rows = []
     for r in runs:
-        p = r["config"]["privacy"]
-        eps = p["epsilon"] if p["epsilon"] is not None else (2.0 / p["scale"] if p.get("scale") else math.inf)
+        p = field(r, "config.privacy")
+        epsilon = field(r, "config.privacy.epsilon")
+        eps = epsilon if epsilon is not None else (2.0 / p["scale"] if p.get("scale") else math.inf)
         rows.append({"dataset": r["dataset"], "protocol": r["protocol"], "epsilon_round_entry": float(eps),
-                     "epsilon_total_entry": float(r["privacy"].get("epsilon_total_entry", math.inf)),
+                     "epsilon_total_entry": float(field(r, "privacy").get("epsilon_total_entry", math.inf)),
                      "seed": r["seed"], "rounds": len(r["history"]),
                      "test_hit@10": pct(r["test_at_best"].get("test/hit@10")),
                      "test_ndcg@10": pct(r["test_at_best"].get("test/ndcg@10")), "run": r["path"]})
@@ -144,8 +151,8 @@ def curves(runs: list[dict[str, Any]], out: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in group:
             rounds = [h["round"] for h in r["history"]]
-            label = f"{r['ablation']} {r['config']['optim']['name']} s{r['seed']}"
-            line, = ax.plot(rounds, [pct(h["val/hit@10"]) for h in r["history"]], label=f"{label} val")
+            label = f"{r['ablation']} {field(r, 'config.optim.name')} s{r['seed']}"
+            line, = ax.plot(rounds, [pct(field(r, "val/hit@10", h)) for h in r["history"]], label=f"{label} val")
             ax.plot(rounds, [pct(h.get("test/hit@10")) for h in r["history"]], ls=":", color=line.get_color(),
                     label=f"{label} test")
         ax.set(xlabel="round", ylabel="hit@10 (%)", title=f"{dataset}, {protocol} protocol: hit@10 per round")
@@ -158,23 +165,15 @@ def curves(runs: list[dict[str, Any]], out: Path) -> None:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         for r in aligned:
             hist = [h for h in r["history"] if "community/count" in h]
-            label = f"{r['ablation']} {r['config']['optim']['name']} s{r['seed']}"
-            ax1.plot([h["round"] for h in hist], [h["community/non_singleton"] for h in hist], label=label)
-            ax2.plot([h["round"] for h in hist], [h["community/modularity"] for h in hist], label=label)
+            label = f"{r['ablation']} {field(r, 'config.optim.name')} s{r['seed']}"
+            ax1.plot([h["round"] for h in hist], [field(r, "community/non_singleton", h) for h in hist], label=label)
+            ax2.plot([h["round"] for h in hist], [field(r, "community/modularity", h) for h in hist], label=label)
         ax1.set(xlabel="round", ylabel="communities with 2+ items",
                 title=f"{dataset}, {protocol} protocol: communities")
         ax2.set(xlabel="round", ylabel="weighted modularity", title=f"{dataset}, {protocol} protocol: modularity")
         ax1.legend(fontsize=7)
         save(fig, out, f"communities_{dataset}_{protocol}")
         plt.close(fig)
-
-
-def config_value(config: dict[str, Any], dotted: str) -> Any:
-    """The value of `a.b.c` in a resolved config."""
-    value: Any = config
-    for part in dotted.split("."):
-        value = value[part]
-    return value
 
 
 def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
@@ -185,7 +184,7 @@ def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
     if not param:
         raise SystemExit("sensitivity needs --param, e.g. --param model.alpha")
     rows = []
-    keyed = group_by([{**r, "_v": config_value(r["config"], param)} for r in runs], ("dataset", "protocol", "_v"))
+    keyed = group_by([{**r, "_v": field(r, f"config.{param}")} for r in runs], ("dataset", "protocol", "_v"))
     for (dataset, protocol, value), group in sorted(keyed.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         hit = [pct(r["test_at_best"].get("test/hit@10")) for r in group]
         ndcg = [pct(r["test_at_best"].get("test/ndcg@10")) for r in group]
@@ -234,6 +233,8 @@ def main(argv: list[str] | None = None) -> Path:
     out = args.out or Path("results") / args.kind
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(args.folders)
+    if not runs:
+        raise SystemExit(f"no finished results.json under {', '.join(map(str, args.folders))}")
     if args.kind == "sensitivity":
         sensitivity(runs, out, args.param)
     else:

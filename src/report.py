@@ -15,12 +15,14 @@ import csv
 import io
 import json
 import statistics
+import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from src.results import atomic_write_text, best_round
+from src.results import SELECT_KEY, atomic_write_text, best_round
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
@@ -40,26 +42,77 @@ def truncate(payload: dict, rounds: int) -> dict:
     """The run as if it had stopped after `rounds` rounds: best validation round and its test metrics
     chosen again within them (test data still selects nothing)."""
     history = [h for h in payload["history"] if h["round"] <= rounds]
+    lacking = [h["round"] for h in history if SELECT_KEY not in h]
+    if lacking:
+        raise ValueError(f"{Path(payload['path']) / 'results.json'}: history round {lacking[0]} has no {SELECT_KEY!r}")
     best = best_round(history)
     return {**payload, "history": history,
             "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {}}
+
+
+# the fields of results.json (src/results.py) that the report and the plots need in every finished run
+REQUIRED = {"config": dict, "dataset": str, "protocol": str, "ablation": str, "seed": int, "history": list,
+            "test_at_best": dict}
+
+
+def read_run(path: Path) -> dict[str, Any] | None:
+    """One results.json with its folder as `path`; None when the run is not finished.
+
+    A broken file (not JSON, truncated, a required field missing or of the wrong type, a history
+    row without its round) raises ValueError naming the file and what is wrong.
+    """
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(payload).__name__}")
+    if not payload.get("finished"):
+        return None
+    for field, kind in REQUIRED.items():
+        if not isinstance(payload.get(field), kind):
+            found = "missing" if field not in payload else f"a {type(payload[field]).__name__}"
+            raise ValueError(f"{path}: field {field!r} must be a {kind.__name__}, found {found}")
+    for i, row in enumerate(payload["history"]):
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            raise ValueError(f"{path}: history entry {i} has no integer 'round'")
+    payload["path"] = str(path.parent)
+    return payload
+
+
+def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
+    """Every finished results.json under `folders` (sorted by path), each with its folder as `path`.
+
+    A broken results.json is named in a warning and skipped, so one bad run does not stop a report.
+    """
+    runs = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("results.json")):
+            try:
+                payload = read_run(path)
+            except ValueError as err:
+                warnings.warn(f"skipped {err}", stacklevel=2)
+                continue
+            if payload is not None:
+                runs.append(payload)
+    return runs
 
 
 def collect(folders: list[Path], by: tuple[str, ...] = (), rounds: int | None = None) -> dict[tuple[str, ...], list[dict]]:
     """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol[, variant]);
     with `rounds`, each run is cut to its first `rounds` rounds (`truncate`)."""
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("results.json")):
-            payload = json.loads(path.read_text())
-            if payload.get("finished"):
-                payload["path"] = str(path.parent)
-                if rounds is not None:
-                    payload = truncate(payload, rounds)
-                key = (payload["dataset"], payload["ablation"], payload["protocol"])
-                if by:
-                    key += (" ".join(f"{k}={config_value(payload['config'], k)}" for k in by),)
-                groups[key].append(payload)
+    for payload in load_runs(folders):
+        if rounds is not None:
+            try:
+                payload = truncate(payload, rounds)
+            except ValueError as err:
+                warnings.warn(f"skipped {err}", stacklevel=2)
+                continue
+        key = (payload["dataset"], payload["ablation"], payload["protocol"])
+        if by:
+            key += (" ".join(f"{k}={config_value(payload['config'], k)}" for k in by),)
+        groups[key].append(payload)
     return {k: v for key, runs in groups.items() for k, v in split_differing(key, runs).items()}
 
 
@@ -125,8 +178,8 @@ def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
         row: dict = {"dataset": dataset, "method": ablation, "protocol": protocol}
         if len(key) > 3:
             row["variant"] = key[3]
-        row |= {"seeds": len(runs),
-                     "rounds": "/".join(map(str, sorted({len(r["history"]) for r in runs})))}
+        row |= {"seeds": len(runs), "rounds": "/".join(map(str, sorted({len(r["history"]) for r in runs}))),
+                "engine": "/".join(sorted({engine(r["config"]) for r in runs}))}
         for col in COLUMNS:
             mean, std = mean_std([r["test_at_best"][col] for r in runs if col in r["test_at_best"]])
             row[col], row[f"{col} std"] = mean, std
@@ -141,6 +194,38 @@ def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
     return out
 
 
+def engine(config: dict) -> str:
+    """The optimiser, and for the alignment methods the alignment mode: e.g. `adam`, `sgd+exact`."""
+    ablation = config.get("ablation", {})
+    aligned = ablation.get("ica") or ablation.get("gsa")
+    optim = config_value(config, "optim.name")
+    return f"{optim}+{config_value(config, 'model.alignment')}" if aligned else optim
+
+
+def with_missing(table: list[dict], name: str) -> list[dict]:
+    """The rows of published table `name` (every dataset x method, both protocols), each cell not yet run
+    added as a row with 0 seeds, so a missing cell shows instead of being left out."""
+    have = {(r["dataset"], r["method"], r["protocol"]) for r in table}
+    spec = yaml.safe_load(PUBLISHED.read_text())[name]
+    out = list(table)
+    for method, per_dataset in spec.items():
+        for dataset, ref in per_dataset.items():
+            for protocol in ("paper", "clean"):
+                if (dataset, method, protocol) not in have:
+                    row = {"dataset": dataset, "method": method, "protocol": protocol, "seeds": 0, "rounds": "-",
+                           "engine": "-", **{c: None for c in COLUMNS}, **{f"{c} std": None for c in COLUMNS},
+                           "published hit@10": ref[0], "published ndcg@10": ref[1], "diff hit@10": None,
+                           "diff ndcg@10": None, "runs": ""}
+                    if any("variant" in r for r in table):
+                        row["variant"] = ""
+                    out.append(row)
+    order = {m: i for i, m in enumerate(spec)}
+    datasets = {d: i for i, d in enumerate(dict.fromkeys(d for per in spec.values() for d in per))}
+    keep = [r for r in out if r["method"] in order and r["dataset"] in datasets]
+    return sorted(keep, key=lambda r: (datasets[r["dataset"]], r["protocol"] != "paper", order[r["method"]],
+                                       r.get("variant", "")))
+
+
 def cell(mean: float | None, std: float | None = None) -> str:
     if mean is None:
         return "-"
@@ -150,15 +235,16 @@ def cell(mean: float | None, std: float | None = None) -> str:
 def markdown(table: list[dict]) -> str:
     """The rows as a Markdown table (published numbers are paper-protocol figures)."""
     variant = any("variant" in r for r in table)
-    head = ["dataset", "method", "protocol", *(["variant"] if variant else []), "seeds", "rounds", *COLUMNS,
+    head = ["dataset", "method", "protocol", *(["variant"] if variant else []), "seeds", "rounds", "engine", *COLUMNS,
             "published", "diff hit@10 / ndcg@10"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in table:
         pub = "-" if r["published hit@10"] is None else f"{r['published hit@10']:.2f} / {r['published ndcg@10']:.2f}"
         diff = "-" if r["diff hit@10"] is None else f"{r['diff hit@10']:+.2f} / {r['diff ndcg@10']:+.2f}"
         lines.append("| " + " | ".join([r["dataset"], r["method"], r["protocol"], *([r.get("variant", "")] if variant else []),
-                                        str(r["seeds"]), r["rounds"],
-                                        *[cell(r[c], r[f"{c} std"]) for c in COLUMNS], pub, diff]) + " |")
+                                        str(r["seeds"]), r["rounds"], r.get("engine", "-"),
+                                        *[cell(r[c], r[f"{c} std"]) if r["seeds"] else "missing" for c in COLUMNS],
+                                        pub, diff]) + " |")
     return "\n".join(lines)
 
 
@@ -180,8 +266,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--by", nargs="*", default=[], help="config keys that split rows, e.g. optim.name")
     parser.add_argument("--rounds", type=int, default=None,
                         help="compare runs of different lengths: cut each to its first N rounds, best val round within")
+    parser.add_argument("--table", choices=("table1", "table2"), default=None,
+                        help="the paper's table: its rows only, every cell not yet run shown as missing")
     args = parser.parse_args(argv)
     table = rows(collect(args.folders, tuple(args.by), args.rounds))
+    if args.table:
+        table = with_missing(table, args.table)
     if not table:
         raise SystemExit(f"no finished results.json under {', '.join(map(str, args.folders))}")
     print(markdown(table))

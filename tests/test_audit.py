@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
+import src.audit as audit_mod
 from src.audit import auc, aligned_cosine, complete_rank_d, decoded_upload, main
+from src.config import ConfigError
 from src.similarity import normalised
 
 
@@ -43,3 +46,17 @@ def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeyp
     assert set(report["membership_auc"]) == {"row_sum", "row_degree", "distance_from_global"}
     assert all(0.0 <= v <= 1.0 for v in report["membership_auc"].values())
     assert report["epsilon_round_entry"] == 50.0 and report["noise_scale"] == 2.0 / 50
+
+
+def test_audit_validates_before_reading_any_data(compose_cfg, monkeypatch):
+    """audit() itself validates the config it is given (recovery_iters, device, ...) before loading data."""
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("data was read before the config was validated")
+
+    monkeypatch.setattr(audit_mod, "load", must_not_run)
+    cfg = compose_cfg(["dataset=synthetic", "ablation=full"])
+    cfg.audit.recovery_iters = 0
+    with pytest.raises(ConfigError, match=r"audit\.recovery_iters"):
+        audit_mod.audit(cfg, [])
+    with pytest.raises(ConfigError, match=r"audit\.clients='abc'"):
+        main(["dataset=synthetic", "ablation=full", "audit.clients=abc"])

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import src.bench as bench_mod
 from src.bench import PHASES, main
 from src.config import ConfigError
 
@@ -94,3 +95,18 @@ def test_bench_central_and_bad_config(cache_dir, tmp_path):
     assert all(v >= 0 for v in report["seconds_per_round"].values())
     with pytest.raises(ConfigError, match="bench.reference_clients"):
         run_bench(cache_dir, tmp_path, "bench.reference_clients=-1")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_bench_refuses_missing_cuda_before_reading_any_data(compose_cfg, monkeypatch, device):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("data was read before the config was validated")
+
+    monkeypatch.setattr(bench_mod, "load", must_not_run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device=.*CUDA is not available"):
+        main(["dataset=synthetic", f"device={device}"])
+    cfg = compose_cfg(["dataset=synthetic"])  # valid at compose time; bench() checks the config it is given
+    cfg.device = device
+    with pytest.raises(ConfigError, match="device"):
+        bench_mod.bench(cfg, [])

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import pytest
 
-from src.plots import encoding_label, main
+from src.plots import MissingFieldError, encoding_label, main
 from src.run import train
 
 
@@ -37,3 +39,38 @@ def test_each_kind_writes_its_files(runs, tmp_path, kind):
 
 def test_encoding_label():
     assert encoding_label({"format": "csr", "bits": 8, "topk": 16, "delta": True}) == "top16 csr8+delta"
+
+
+def fake_run(folder: Path, history: list[dict] | None = None, **changes) -> Path:
+    """A minimal finished results.json with what `curves` and `sensitivity` plot."""
+    rows = history if history is not None else [{"round": r, "val/hit@10": 0.5, "test/hit@10": 0.4} for r in (1, 2)]
+    payload = {"config": {"seed": 0, "optim": {"name": "adam"}, "model": {"alpha": 0.005}}, "dataset": "synthetic",
+               "protocol": "clean", "ablation": "backbone", "seed": 0, "history": rows,
+               "test_at_best": {"test/hit@10": 0.4, "test/ndcg@10": 0.3}, "communication": {}, "privacy": {},
+               "finished": True, **changes}
+    folder.mkdir(parents=True)
+    path = folder / "results.json"
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_broken_results_json_is_named_and_skipped(tmp_path):
+    fake_run(tmp_path / "runs" / "good")
+    broken = tmp_path / "runs" / "broken" / "results.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"finished": true, "history": [')
+    with pytest.warns(UserWarning, match=str(broken)):
+        out = main(["curves", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert (out / "curves_synthetic_clean.png").is_file()
+
+
+@pytest.mark.parametrize("kind, extra, field", [
+    ("curves", [], "val/hit@10"),
+    ("sensitivity", ["--param", "model.beta"], "config.model.beta"),
+    ("communication", [], "config.comm"),
+])
+def test_missing_plotted_field_names_field_and_file(tmp_path, kind, extra, field):
+    path = fake_run(tmp_path / "runs" / "r", history=[{"round": 1, "test/hit@10": 0.4}])
+    with pytest.raises(MissingFieldError) as err:
+        main([kind, str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *extra])
+    assert str(path) in str(err.value) and repr(field) in str(err.value), str(err.value)

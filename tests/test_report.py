@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import statistics
+from pathlib import Path
 
 import pytest
 
-from src.report import main, published
+from src.report import load_runs, main, published
 from src.run import train
 
 
@@ -56,3 +58,46 @@ def test_runs_differing_in_more_than_the_seed_are_never_averaged(compose_cfg, tm
     table = main([str(tmp_path)])
     assert sorted(r["variant"] for r in table) == ["fl.rounds=1 optim.name=adam", "fl.rounds=2 optim.name=sgd"]
     assert all(r["seeds"] == 1 for r in table)
+
+
+def fake_run(folder: Path, **changes) -> Path:
+    """A minimal finished results.json (the fields the report reads) in `folder`."""
+    payload = {"config": {"seed": 0}, "dataset": "synthetic", "protocol": "clean", "ablation": "backbone", "seed": 0,
+               "history": [{"round": 1, "val/hit@10": 0.5, "test/hit@10": 0.4, "test/ndcg@10": 0.3}],
+               "test_at_best": {"test/hit@10": 0.4, "test/ndcg@10": 0.3}, "finished": True, **changes}
+    folder.mkdir(parents=True)
+    path = folder / "results.json"
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_broken_results_are_named_and_skipped(tmp_path):
+    fake_run(tmp_path / "good")
+    text = (tmp_path / "good" / "results.json").read_text()
+    bad = {"invalid": "{not json", "truncated": text[: len(text) // 2], "list": "[1, 2]"}
+    for name, content in bad.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(content)
+    history_missing = {k: v for k, v in json.loads(text).items() if k != "history"}
+    (tmp_path / "no_history").mkdir()
+    (tmp_path / "no_history" / "results.json").write_text(json.dumps(history_missing))
+    fake_run(tmp_path / "no_round", history=[{"val/hit@10": 0.5}])
+    fake_run(tmp_path / "running", finished=False)  # unfinished: skipped without a warning
+    with pytest.warns(UserWarning) as caught:
+        table = main([str(tmp_path)])
+    messages = [str(w.message) for w in caught]
+    for name in [*bad, "no_history", "no_round"]:
+        assert any(str(tmp_path / name / "results.json") in m for m in messages), (name, messages)
+    assert any("'history'" in m and "missing" in m for m in messages)
+    assert not any("running" in m for m in messages)
+    assert len(table) == 1 and table[0]["seeds"] == 1 and table[0]["runs"] == str(tmp_path / "good")
+    with pytest.warns(UserWarning):
+        assert [r["path"] for r in load_runs([tmp_path])] == [str(tmp_path / "good")]
+
+
+def test_rounds_skips_a_run_without_the_selection_metric(tmp_path):
+    fake_run(tmp_path / "good")
+    fake_run(tmp_path / "no_val", history=[{"round": 1, "test/hit@10": 0.4}])
+    with pytest.warns(UserWarning, match=r"no_val/results\.json.*val/hit@10"):
+        table = main([str(tmp_path), "--rounds", "1"])
+    assert table[0]["seeds"] == 1
