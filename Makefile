@@ -41,18 +41,16 @@ data: install ## Print the split summary of every dataset under both protocols
 	for d in ml-100k ml-1m filmtrust lastfm-2k; do for p in paper clean; do \
 	  $(BIN)/python -m src.data dataset=$$d protocol=$$p || exit 1; done; done
 
-# Table 1, Table 2 and the four sweeps, 3 seeds, both protocols, then the tables and plots in results/.
-# GPU-scale (ML-1M and Lastfm-2k with the exact alignment); ARGS are passed to every run (e.g. device=cuda).
-reproduce: install ## Run Table 1, Table 2 and the sweeps (3 seeds, both protocols) and write results/ (GPU-scale)
-	$(BIN)/python -m src.run -m experiment=table1 hydra.sweep.dir=multirun/reproduce/table1 $(ARGS)
-	$(BIN)/python -m src.run -m experiment=table2 hydra.sweep.dir=multirun/reproduce/table2 $(ARGS)
+# The campaign of Table 1, Table 2 and the four sweeps with no budget (runs stored in results/runs/, finished
+# ones skipped), then the tables and plots. ARGS go to the campaign (e.g. ARGS="--device cuda" or "dataset=ml-100k").
+reproduce: install ## Run every missing run of Table 1, Table 2 and the sweeps into results/runs/, then tables and plots
+	$(BIN)/python -m src.campaign experiment=table1 experiment=table2 experiment=sweep_alpha experiment=sweep_beta \
+	  experiment=sweep_tau experiment=sweep_sigma $(ARGS)
+	$(BIN)/python -m src.report results/runs --table table1 --out results --name table1
+	$(BIN)/python -m src.report results/runs --table table2 --out results --name table2
 	for p in alpha beta tau sigma; do \
-	  $(BIN)/python -m src.run -m experiment=sweep_$$p hydra.sweep.dir=multirun/reproduce/sweep_$$p $(ARGS) || exit 1; done
-	$(BIN)/python -m src.report multirun/reproduce/table1 --out results --name table1
-	$(BIN)/python -m src.report multirun/reproduce/table2 --out results --name table2
-	for p in alpha beta tau sigma; do \
-	  $(BIN)/python -m src.plots sensitivity multirun/reproduce/sweep_$$p --param model.$$p --out results/sensitivity || exit 1; done
-	$(BIN)/python -m src.plots curves multirun/reproduce/table1 multirun/reproduce/table2 --out results/curves
+	  $(BIN)/python -m src.plots sensitivity results/runs/sweep_$$p --param model.$$p --out results/sensitivity || exit 1; done
+	$(BIN)/python -m src.plots curves results/runs/table1 results/runs/table2 --out results/curves
 
 reproduce-small: install ## A one-hour CPU version: baselines and AlignFedRec ablations on ML-100K/FilmTrust, 1 seed
 	$(BIN)/python -m src.run -m experiment=small_baselines $(ARGS)

@@ -1,0 +1,340 @@
+"""`python -m src.campaign experiment=table1 [experiment=table2 ...] [overrides] --budget-min 150 --jobs 2`
+
+A resumable campaign that keeps its runs in the repository. It expands each experiment overlay's
+grid (`hydra.sweeper.params`, narrowed or widened by `key=a,b` on the command line), skips every
+run already stored under `results/runs/` (identified by its resolved config, not by the commit),
+orders the rest by estimated cost, and runs what fits in the budget, `--jobs` at a time with one
+torch thread each. A finished run is stored compactly:
+
+    results/runs/<experiment>/<dataset>/<ablation>/<protocol>/<variant>/seed<k>/
+        results.json   the run's results with its whole history (compact JSON)
+        config_resolved.yaml
+        run.json       identity key, overrides, commit it ran at, device, seconds
+
+Work folders (checkpoints) live outside the repository (`--work`, default
+`$ALIGNFEDREC_CACHE/campaign`): a run cut by the budget is stopped with SIGTERM (it finishes its
+round and checkpoints) and resumes from there the next time, while its checkpoint is still there.
+`python -m src.campaign store <run folder> ...` stores runs made by hand (`python -m src.run`).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from src.atomic import atomic_write_text
+from src.config import CONF_DIR, validate
+from src.data.download import default_cache_dir
+from src.rundir import flatten
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "results" / "runs"
+BENCH = REPO / "results" / "bench"
+# the grid axes that name a stored run's folder; every other override names its variant
+AXES = ("dataset", "ablation", "protocol", "seed")
+# keys that do not change what a run computes: they never tell two runs apart
+NOT_IDENTITY = ("resume", "experiment_name", "logger.", "data.root", "data.cache_dir", "data.verify", "fl.checkpoint_every",
+                "fl.chunk_size", "fl.memory_fraction", "device", "bench.", "audit.", "flower.", "hydra.")
+
+
+@dataclass(eq=False)
+class Run:
+    """One run of the campaign: where it belongs, how to start it, what it is, what it costs."""
+
+    experiment: str
+    overrides: list[str]
+    config: dict[str, Any]
+    key: str
+    variant: str
+    est_s: float = 0.0
+    status: str = "pending"
+    stored: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return f"{self.experiment}/{c['dataset']['name']}/{c['ablation']['name']}/{c['protocol']['name']}/" \
+               f"{self.variant}/seed{c['seed']}"
+
+
+def identity(config: dict[str, Any]) -> str:
+    """sha256 of the resolved config without the keys that cannot change the results."""
+    flat = {k: v for k, v in flatten(config).items() if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def variant_name(overrides: list[str]) -> str:
+    """The overrides beyond the grid axes and the experiment, as a folder name ('default' when none)."""
+    extra = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*AXES, "experiment"))
+    name = "_".join(extra) or "default"
+    return "".join(ch if ch.isalnum() or ch in "=._-,+" else "-" for ch in name)
+
+
+def sweep_values(override: str) -> tuple[str, list[str]]:
+    """`key=a,b` -> (key, ['a', 'b']); `key=a` -> (key, ['a'])."""
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    key = parsed.get_key_element()
+    if parsed.is_sweep_override():
+        return key, list(parsed.sweep_string_iterator())
+    return key, [parsed.get_value_element_as_str()]
+
+
+def compose_config(overrides: list[str], hydra_node: bool = False):
+    """The composed config of a run's overrides (validated), optionally with the hydra node."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=hydra_node)
+    return cfg
+
+
+def expand(experiment: str, cli: list[str]) -> list[Run]:
+    """The runs of one overlay: its sweeper grid with the command line's values replacing or adding axes."""
+    params = OmegaConf.select(compose_config([f"experiment={experiment}"], hydra_node=True),
+                              "hydra.sweeper.params") or {}
+    grid: dict[str, list[str]] = {k: sweep_values(f"{k}={v}")[1] for k, v in params.items()}
+    for override in cli:
+        key, values = sweep_values(override)
+        grid[key] = values
+    runs = []
+    for combo in itertools.product(*grid.values()):
+        overrides = [f"experiment={experiment}", *(f"{k}={v}" for k, v in zip(grid, combo))]
+        cfg = compose_config(overrides)
+        validate(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        runs.append(Run(experiment, overrides, config, identity(config), variant_name(overrides)))
+    return runs
+
+
+def stored_runs(root: Path = RUNS) -> dict[str, Path]:
+    """identity key -> folder of every run stored under `root`."""
+    out = {}
+    for meta in sorted(root.rglob("run.json")):
+        try:
+            out[json.loads(meta.read_text())["key"]] = meta.parent
+        except (ValueError, KeyError):
+            print(f"warning: skipped unreadable {meta}", file=sys.stderr)
+    return out
+
+
+def git_commit() -> str:
+    """The checkout's commit, with `+dirty` when tracked source or config files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def store(run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS,
+          variant: str | None = None) -> Path:
+    """Copy a finished run's results.json (compact), config and a run.json into `root`; return its folder."""
+    payload = json.loads((run_dir / "results.json").read_text())
+    if not payload.get("finished"):
+        raise ValueError(f"{run_dir}/results.json: the run did not finish; nothing stored")
+    config = payload["config"]
+    key = identity(config)
+    dest = root / experiment / config["dataset"]["name"] / config["ablation"]["name"] / \
+        config["protocol"]["name"] / (variant or variant_name(overrides)) / f"seed{config['seed']}"
+    atomic_write_text(dest / "results.json", json.dumps(payload, separators=(",", ":")))
+    atomic_write_text(dest / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
+    meta = {"key": key, "experiment": experiment, "overrides": overrides, "commit": commit,
+            "device": config.get("device"), "rounds": len(payload["history"]),
+            "total_s": payload.get("timings", {}).get("total_s"), "source": str(run_dir),
+            "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_text(dest / "run.json", json.dumps(meta, indent=1) + "\n")
+    return dest
+
+
+def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]]) -> float:
+    """Estimated seconds per round: stored runs of the same kind, else a bench report, else scaled from ML-100K."""
+    ds, ab = config["dataset"]["name"], config["ablation"]
+    aligned = bool(ab.get("ica") or ab.get("gsa"))
+    kind = (ds, aligned, config["model"]["alignment"] if aligned else "-", ab.get("central"))
+    same = [r["mean_round_s"] for r in stored if r["kind"] == kind and r["mean_round_s"]]
+    if same:
+        return sum(same) / len(same)
+    for path in sorted(BENCH.glob(f"{ds}_*.json")):
+        bench = json.loads(path.read_text())
+        bench_aligned = bench.get("ablation") in ("full", "no_ica", "no_gsa")
+        mode = bench.get("reference", {}).get("stacked_alignment_mode") if bench_aligned else "-"
+        if bench_aligned == aligned and (mode == kind[2] or not aligned):
+            return 2.0 * bench["seconds_per_round"]["round"]  # one thread per job, two jobs side by side
+    users, items = {"ml-100k": (943, 1682), "filmtrust": (1227, 2071), "ml-1m": (6040, 3706),
+                    "lastfm-2k": (1600, 12454)}.get(ds, (943, 1682))
+    scale = users * items / (943 * 1682) * (items / 1682 if aligned else 1.0)
+    return (15.0 if aligned else 1.0) * scale
+
+
+def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]:
+    """Every run of the experiments, each marked stored or pending, pending ones costed; duplicates dropped."""
+    done = stored_runs(root)
+    stats = []
+    for folder in done.values():
+        try:
+            payload = json.loads((folder / "results.json").read_text())
+        except (OSError, ValueError):
+            continue
+        c, ab = payload["config"], payload["config"]["ablation"]
+        aligned = bool(ab.get("ica") or ab.get("gsa"))
+        stats.append({"kind": (c["dataset"]["name"], aligned, c["model"]["alignment"] if aligned else "-",
+                               ab.get("central")), "mean_round_s": payload.get("timings", {}).get("mean_round_s")})
+    runs, seen = [], set()
+    for experiment in experiments:
+        for run in expand(experiment, cli):
+            if run.key in seen:
+                continue
+            seen.add(run.key)
+            if run.key in done:
+                run.status, run.stored = "stored", done[run.key]
+            else:
+                run.est_s = seconds_per_round(run.config, stats) * int(run.config["fl"]["rounds"])
+            runs.append(run)
+    return runs
+
+
+def work_dir(work: Path, run: Run) -> Path:
+    return work / run.key
+
+
+def checkpointed(folder: Path) -> bool:
+    """A work folder whose last checkpoint and its record are both there (the run can resume)."""
+    return (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "checkpoints" / "last.json").is_file()
+
+
+def launch(run: Run, work: Path, device: str | None, threads: int) -> subprocess.Popen:
+    """Start `python -m src.run` for `run` in its work folder, resuming its checkpoint when there is one."""
+    folder = work_dir(work, run)
+    resume = checkpointed(folder)
+    if folder.exists() and not resume:
+        shutil.rmtree(folder)  # a start that never reached a checkpoint: begin again
+    args = [*run.overrides, *([f"device={device}"] if device else []), f"hydra.run.dir={folder}",
+            *(["resume=true"] if resume else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    log = open(work / f"{run.key}.log", "a")
+    print(f"start  {run.label} ({'resume' if resume else 'new'}, est {run.est_s / 60:.1f} min)", flush=True)
+    return subprocess.Popen([sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def execute(runs: list[Run], budget_s: float | None, jobs: int, work: Path, device: str | None,
+            threads: int, root: Path = RUNS, commit_each: bool = False) -> list[Run]:
+    """Run the pending runs, cheapest first, `jobs` at a time, within the budget; store each as it ends."""
+    pending = sorted((r for r in runs if r.status == "pending"), key=lambda r: r.est_s)
+    running: dict[Run, subprocess.Popen] = {}
+    start = time.monotonic()
+    commit = git_commit()
+    while pending or running:
+        left = None if budget_s is None else budget_s - (time.monotonic() - start)
+        if left is not None and left <= 0:
+            for run, proc in running.items():
+                proc.send_signal(15)  # SIGTERM: the run finishes its round, checkpoints, exits
+            for run, proc in running.items():
+                proc.wait()
+                run.status = "partial" if checkpointed(work_dir(work, run)) else "cut"
+            break
+        while pending and len(running) < jobs:
+            fits = [r for r in pending if left is None or r.est_s <= left]
+            nxt = fits[0] if fits else pending[0]  # nothing fits: start the cheapest, it resumes next time
+            pending.remove(nxt)
+            running[nxt] = launch(nxt, work, device, threads)
+        for run, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[run]
+            folder = work_dir(work, run)
+            if proc.returncode == 0 and (folder / "results.json").is_file():
+                run.stored, run.status = store(folder, run.experiment, run.overrides, commit, root), "stored"
+                print(f"stored {run.label} -> {run.stored.relative_to(REPO) if run.stored.is_relative_to(REPO) else run.stored}",
+                      flush=True)
+                if commit_each:
+                    commit_run(run)
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                run.status = "failed"
+                print(f"FAILED {run.label} (exit {proc.returncode}); log: {work / (run.key + '.log')}", flush=True)
+        time.sleep(1.0)
+    return runs
+
+
+def commit_run(run: Run) -> None:
+    """`git commit` the stored run's folder alone (nothing else staged goes with it)."""
+    rel = str(run.stored.relative_to(REPO))
+    subprocess.run(["git", "add", "--", rel], cwd=REPO, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", f"results: {run.label}", "--", rel], cwd=REPO, check=True)
+
+
+def summary(runs: list[Run], work: Path) -> str:
+    """One line per run state, then the partial and pending runs by name."""
+    for run in runs:
+        if run.status == "pending" and checkpointed(work_dir(work, run)):
+            run.status = "partial"
+    counts = {s: sum(r.status == s for r in runs) for s in ("stored", "partial", "pending", "cut", "failed")}
+    lines = [" ".join(f"{k} {v}" for k, v in counts.items()) + f" of {len(runs)} runs"]
+    for state in ("partial", "cut", "failed", "pending"):
+        for run in sorted(runs, key=lambda r: r.est_s):
+            if run.status == state:
+                cost = f", est {run.est_s / 60:.1f} min" if state == "pending" else ""
+                lines.append(f"  {state:8s} {run.label}{cost}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src.campaign", description=__doc__.split("\n\n")[1])
+    parser.add_argument("args", nargs="*", help="experiment=<overlay> (repeatable) and key=value[,value] overrides; "
+                                                "or `store <run folder>...`")
+    parser.add_argument("--budget-min", type=float, default=None, help="stop (SIGTERM, checkpoint) after this long")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument("--device", default=None, help="device= of every run (e.g. cuda)")
+    parser.add_argument("--work", type=Path, default=None, help="work folders (checkpoints), outside the repository")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where finished runs are stored")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    parser.add_argument("--git-commit", action="store_true", help="git commit each stored run as it lands")
+    parser.add_argument("--experiment", help="store: the experiment the runs belong to")
+    parser.add_argument("--variant", help="store: the variant folder name (default: from the overrides)")
+    parser.add_argument("--commit", help="store: the commit the runs ran at (default: this checkout's)")
+    ns = parser.parse_args(argv)
+    if ns.args[:1] == ["store"]:
+        if not ns.experiment:
+            parser.error("store needs --experiment")
+        for folder in map(Path, ns.args[1:]):
+            dest = store(folder, ns.experiment, [], ns.commit or git_commit(), ns.runs, ns.variant)
+            print(f"stored {folder} -> {dest}")
+        return 0
+    experiments = [a.split("=", 1)[1] for a in ns.args if a.startswith("experiment=")]
+    overrides = [a for a in ns.args if not a.startswith("experiment=")]
+    if not experiments:
+        parser.error("name at least one experiment=<overlay> (conf/experiment/)")
+    bad = [a for a in overrides if "=" not in a]
+    if bad:
+        parser.error(f"expected key=value overrides, got {bad}")
+    work = ns.work or default_cache_dir() / "campaign"
+    runs = plan(experiments, overrides, ns.runs)
+    if not ns.dry_run:
+        work.mkdir(parents=True, exist_ok=True)
+        execute(runs, None if ns.budget_min is None else 60 * ns.budget_min, ns.jobs, work, ns.device, ns.threads,
+                ns.runs, ns.git_commit)
+    print(summary(runs, work))
+    return int(any(r.status == "failed" for r in runs))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The campaign: overlays expand into runs, finished runs are stored compactly and skipped by their
+resolved config, a budget cuts long runs with SIGTERM into resumable checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from src import campaign
+from src.report import collect, rows
+
+SMOKE = "experiment=campaign_smoke"
+
+
+def test_identity_ignores_where_and_how_a_run_is_written():
+    base = {"seed": 0, "fl": {"rounds": 3, "checkpoint_every": 1}, "logger": {"wandb": False}, "device": "auto",
+            "experiment_name": "a"}
+    same = {**base, "fl": {"rounds": 3, "checkpoint_every": 5}, "logger": {"wandb": True}, "device": "cuda",
+            "experiment_name": "b"}
+    assert campaign.identity(base) == campaign.identity(same)
+    assert campaign.identity(base) != campaign.identity({**base, "seed": 1})
+    assert campaign.identity(base) != campaign.identity({**base, "fl": {"rounds": 4, "checkpoint_every": 1}})
+
+
+def test_expand_narrows_and_widens_the_grid():
+    runs = campaign.expand("campaign_smoke", [])
+    assert len(runs) == 4 and len({r.key for r in runs}) == 4
+    assert {r.variant for r in runs} == {"default"}
+    narrowed = campaign.expand("campaign_smoke", ["seed=1", "fl.rounds=2,3"])
+    assert len(narrowed) == 4
+    assert {r.config["seed"] for r in narrowed} == {1}
+    assert {r.variant for r in narrowed} == {"fl.rounds=2", "fl.rounds=3"}
+    assert {r.key for r in narrowed} & {r.key for r in runs}  # fl.rounds=3 seed 1 is the same run
+
+
+def test_runs_are_stored_compactly_and_skipped_next_time(tmp_path, capsys):
+    root, work = tmp_path / "runs", tmp_path / "work"
+    args = [SMOKE, "seed=0", "--runs", str(root), "--work", str(work), "--jobs", "2"]
+    assert campaign.main(args) == 0
+    stored = sorted(root.rglob("run.json"))
+    assert [p.parent.relative_to(root).as_posix() for p in stored] == [
+        "campaign_smoke/synthetic/backbone/clean/default/seed0", "campaign_smoke/synthetic/local/clean/default/seed0"]
+    for meta_path in stored:
+        meta = json.loads(meta_path.read_text())
+        payload = json.loads((meta_path.parent / "results.json").read_text())
+        assert meta["key"] == campaign.identity(payload["config"]) and meta["rounds"] == 3
+        assert len(meta["commit"]) >= 7
+        assert sum(p.stat().st_size for p in meta_path.parent.iterdir()) < 200_000
+        assert not list(meta_path.parent.glob("**/*.ckpt"))
+    assert not any(work.iterdir()) or all(p.suffix == ".log" for p in work.iterdir())
+    capsys.readouterr()
+    assert campaign.main(args) == 0
+    out = capsys.readouterr().out
+    assert "start" not in out and out.startswith("stored 2 partial 0 pending 0")
+    # the report reads the stored runs like any run folder
+    table = rows(collect([root]))
+    assert {(r["method"], r["seeds"]) for r in table} == {("backbone", 1), ("local", 1)}
+
+
+def test_budget_cut_leaves_a_resumable_partial_run(tmp_path, capsys):
+    root, work = tmp_path / "runs", tmp_path / "work"
+    args = [SMOKE, "seed=0", "ablation=backbone", "fl.rounds=400", "--runs", str(root), "--work", str(work),
+            "--jobs", "1"]
+    assert campaign.main([*args, "--budget-min", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "partial 1" in out and "partial  campaign_smoke/synthetic/backbone/clean/fl.rounds=400/seed0" in out
+    assert not root.exists() or not list(root.rglob("run.json"))
+    (key_dir,) = [p for p in work.iterdir() if p.is_dir()]
+    done = json.loads((key_dir / "checkpoints" / "last.json").read_text())["round"]
+    assert 0 < done < 400
+    assert "partial 1" in (campaign.main([*args, "--dry-run"]) == 0 and capsys.readouterr().out)
+    assert campaign.main(args) == 0
+    assert "(resume," in capsys.readouterr().out
+    (meta,) = root.rglob("run.json")
+    payload = json.loads((meta.parent / "results.json").read_text())
+    assert len(payload["history"]) == 400 and payload["timings"]["processes"] == 2
+
+
+def test_store_refuses_an_unfinished_run(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"finished": False, "config": {}}))
+    with pytest.raises(ValueError, match="did not finish"):
+        campaign.store(tmp_path, "x", [], "abc", tmp_path / "runs")
