@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow bench data reproduce reproduce-small certs flower-sim flower-loopback clean
+.PHONY: help install run test test-slow bench gpu-check data reproduce reproduce-small certs flower-sim flower-loopback clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -36,6 +36,10 @@ BENCH_ARGS = $(if $(filter dataset=%,$(ARGS)),,dataset=ml-100k) $(if $(filter fl
 
 bench: install ## Time the round phases and the stacked cohort vs the per-client reference (ARGS="ablation=full ..."); writes bench.json
 	$(BIN)/python -m src.bench $(strip $(BENCH_ARGS))
+
+# no `install` prerequisite: a lent GPU machine has torch and Lightning only; deploy/gpu_check.sh installs .whl/*.whl
+gpu-check: ## Every round path on the GPU against the CPU, per dataset, and full-round timings (ARGS="--datasets ml-100k")
+	bash deploy/gpu_check.sh $(ARGS)
 
 data: install ## Print the split summary of every dataset under both protocols
 	for d in ml-100k ml-1m filmtrust lastfm-2k; do for p in paper clean; do \

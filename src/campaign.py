@@ -224,7 +224,8 @@ def launch(run: Run, work: Path, device: str | None, threads: int) -> subprocess
     resume = checkpointed(folder)
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # a start that never reached a checkpoint: begin again
-    args = [*run.overrides, *([f"device={device}"] if device else []), f"hydra.run.dir={folder}",
+    on_device = [f"device={device}", *(["fl.chunk_size=auto"] if device.startswith("cuda") else [])] if device else []
+    args = [*run.overrides, *on_device, f"hydra.run.dir={folder}",
             *(["resume=true"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-min", type=float, default=None, help="stop (SIGTERM, checkpoint) after this long")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
-    parser.add_argument("--device", default=None, help="device= of every run (e.g. cuda)")
+    parser.add_argument("--device", default=None, help="device= of every run; cuda also sizes cohorts from free memory")
     parser.add_argument("--work", type=Path, default=None, help="work folders (checkpoints), outside the repository")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where finished runs are stored")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")

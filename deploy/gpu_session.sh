@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The one prepared command for a lent GPU machine (README, "GPU"): gpu-check first, then the ML-1M and
+# Lastfm-2k part of the campaign for the minutes left; stored runs come back as $OUT/runs.tar.
+# Prepare here (once): `echo /.whl/ >> .git/info/exclude; echo /.data >> .git/info/exclude;
+# ln -s ../shared/data .data` and the wheels of hydra-core omegaconf antlr4-python3-runtime igraph texttable
+# leidenalg pandas pyyaml (README), then call the device tool's run with
+#   carry: [".whl", ".data/ml-100k", ".data/ml-1m", ".data/filmtrust", ".data/lastfm-2k"]
+#   command: "bash deploy/gpu_session.sh"   (BUDGET_MIN=<minutes for the campaign>, default 5)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export ALIGNFEDREC_DATA=${ALIGNFEDREC_DATA:-$PWD/.data} ALIGNFEDREC_CACHE=/tmp/afr-cache PYTHONUNBUFFERED=1
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
+timeout 300 python3 -m src.gpucheck --device cuda --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu-check failed: no campaign on this machine" >&2; exit 1; }
+python3 -m src.campaign experiment=table1 dataset=ml-1m,lastfm-2k ablation=full,backbone,local,fedavg,central \
+  --device cuda --jobs 1 --threads 8 --budget-min "${BUDGET_MIN:-5}" --work /tmp/campaign 2>&1 | tee "$OUT/campaign.log"
+tar -cf "$OUT/runs.tar" results/runs
