@@ -229,6 +229,7 @@ def launch(run: Run, work: Path, device: str | None, threads: int) -> subprocess
             *(["resume=true"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     folder.parent.mkdir(parents=True, exist_ok=True)
+    run.extra["commit"] = git_commit()  # the code this process runs, dirty or not, read when it starts
     log = open(work / f"{run.key}.log", "a")
     print(f"start  {run.label} ({'resume' if resume else 'new'}, est {run.est_s / 60:.1f} min)", flush=True)
     return subprocess.Popen([sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, stdout=log,
@@ -241,7 +242,6 @@ def execute(runs: list[Run], budget_s: float | None, jobs: int, work: Path, devi
     pending = sorted((r for r in runs if r.status == "pending"), key=lambda r: r.est_s)
     running: dict[Run, subprocess.Popen] = {}
     start = time.monotonic()
-    commit = git_commit()
     while pending or running:
         left = None if budget_s is None else budget_s - (time.monotonic() - start)
         if left is not None and left <= 0:
@@ -262,7 +262,8 @@ def execute(runs: list[Run], budget_s: float | None, jobs: int, work: Path, devi
             del running[run]
             folder = work_dir(work, run)
             if proc.returncode == 0 and (folder / "results.json").is_file():
-                run.stored, run.status = store(folder, run.experiment, run.overrides, commit, root), "stored"
+                run.stored = store(folder, run.experiment, run.overrides, run.extra["commit"], root)
+                run.status = "stored"
                 print(f"stored {run.label} -> {run.stored.relative_to(REPO) if run.stored.is_relative_to(REPO) else run.stored}",
                       flush=True)
                 if commit_each:
