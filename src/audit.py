@@ -29,7 +29,7 @@ import torch
 from src.config import ConfigError, load_config, validate
 from src.data.dataset import load
 from src.federated import FederatedModule
-from src.results import publish_report
+from src.results import publish_report, select_key
 from src.similarity import SimilarityAggregator, normalised
 
 
@@ -126,7 +126,8 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
         "rounds": int(cfg.fl.rounds), "clients": len(chosen), "sigma": sigma,
         "noise_scale": module.noise_scale, "epsilon_round_entry": module.eps_round, "bits": module.encoding.bits,
         "overrides": list(overrides), "train_s": train_s,
-        "val_hit@10_last": module.history[-1].get("val/hit@10"),
+        "val_hit@10_last": module.history[-1].get("val/hit@10"),  # None when eval.ks lacks 10
+        "select": select_key(cfg), "val_select_last": module.history[-1].get(select_key(cfg)),
         "upload_nnz_mean": module.history[-1].get("comm/upload_nnz_mean"),
         "membership_auc": {k: float(np.nanmean(v)) for k, v in aucs.items()},
         "membership_auc_std": {k: float(np.nanstd(v)) for k, v in aucs.items()},
@@ -140,7 +141,7 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"audit: {report['dataset']} / {report['ablation']} / {report['protocol']}, after {report['rounds']} "
              f"rounds, {report['clients']} clients, sigma {report['sigma']}, noise b={report['noise_scale']:.4g}"
              f" (epsilon per entry per round {'-' if eps is None else f'{eps:.4g}'}), {report['bits']}-bit",
-             f"upload nonzeros per client {report['upload_nnz_mean']:.0f}, val hit@10 {report['val_hit@10_last']:.4f}",
+             f"upload nonzeros per client {report['upload_nnz_mean']:.0f}, {report['select']} {report['val_select_last']:.4f}",
              "", "interaction inference (ROC AUC vs training positives, 0.5 = chance):"]
     for name, value in report["membership_auc"].items():
         lines.append(f"  {name:<22}{value:.4f} ± {report['membership_auc_std'][name]:.4f}")

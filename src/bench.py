@@ -40,7 +40,7 @@ from src.config import load_config, validate
 from src.data.dataset import load
 from src.federated import FederatedModule
 from src.reference import ExactAlignment, client_batches, make_client, train_client
-from src.results import publish_report
+from src.results import publish_report, select_key
 
 PHASES = ("sample", "train", "aggregate", "community", "eval")
 
@@ -241,7 +241,8 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         "peak_rss_mib": peak_rss_mib(),
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "reference": reference, "reference_note": reference_note,
-        "val_hit@10_last": rows[-1].get("val/hit@10"),
+        "val_hit@10_last": rows[-1].get("val/hit@10"),  # None when eval.ks lacks 10
+        "select": select_key(cfg), "val_select_last": rows[-1].get(select_key(cfg)),
     }
 
 

@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 from src.atomic import atomic_write_text
 from src.config import CONF_DIR, validate
 from src.data.download import default_cache_dir
-from src.rundir import flatten
+from src.rundir import normalised
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "results" / "runs"
@@ -47,7 +47,7 @@ BENCH = REPO / "results" / "bench"
 # the grid axes that name a stored run's folder; every other override names its variant
 AXES = ("dataset", "ablation", "protocol", "seed")
 # keys that do not change what a run computes: they never tell two runs apart
-NOT_IDENTITY = ("resume", "experiment_name", "logger.", "data.root", "data.cache_dir", "data.verify", "fl.checkpoint_every",
+NOT_IDENTITY = ("resume", "experiment_name", "logger.", "data.root", "data.cache_dir", "fl.checkpoint_every",
                 "fl.chunk_size", "fl.memory_fraction", "device", "bench.", "audit.", "flower.", "hydra.")
 
 
@@ -74,7 +74,7 @@ class Run:
 
 def identity(config: dict[str, Any]) -> str:
     """sha256 of the resolved config without the keys that cannot change the results."""
-    flat = {k: v for k, v in flatten(config).items() if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY}
+    flat = {k: v for k, v in normalised(config).items() if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -11,10 +11,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from src.protocols import TRAIN_NEGATIVE_POOLS
+from src.results import DEFAULT_SELECT, SELECT_PATTERN
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-# validation hit@10 selects the best round (src.results.SELECT_KEY), so eval.ks must hold 10
-SELECT_K = 10
 COMMUNITY_METHODS = ("igraph", "leidenalg", "leidenalg_rb")
 LOSSES = ("sigmoid_bce", "logits_bce")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -196,9 +195,20 @@ def _validate_data(cfg: DictConfig) -> None:
     ks = _get(cfg, "eval.ks")
     _check(isinstance(ks, ListConfig) and len(ks) > 0 and all(is_int(k) and k >= 1 for k in ks), "eval.ks",
            _shown(ks), "a non-empty list of integer cutoffs K >= 1")
-    _check(SELECT_K in ks, "eval.ks", _shown(ks), f"a list that contains {SELECT_K} (validation hit@{SELECT_K} "
-           "selects the best round)")
+    _validate_select(cfg, ks)
     _int(cfg, "eval.patience", 1, nullable=True)
+
+
+def _validate_select(cfg: DictConfig, ks: ListConfig) -> None:
+    """`eval.select` (default val/hit@10; absent in configs older than the key): val/hit@K or val/ndcg@K, K in eval.ks."""
+    select = OmegaConf.select(cfg, "eval.select", default=None) or DEFAULT_SELECT
+    match = SELECT_PATTERN.fullmatch(select) if isinstance(select, str) else None
+    _check(match is not None, "eval.select", _shown(select), "val/hit@K or val/ndcg@K (a validation metric)")
+    k = int(match.group(2))
+    if select == DEFAULT_SELECT:
+        _check(k in ks, "eval.ks", _shown(ks), f"a list that contains {k} ({DEFAULT_SELECT} selects the best round; "
+               f"or choose another with eval.select=val/hit@K)")
+    _check(k in ks, "eval.select", select, f"a cutoff K that eval.ks={_shown(ks)} contains")
 
 
 def _validate_server(cfg: DictConfig) -> None:

@@ -24,6 +24,7 @@ from src.losses import AlignmentLoss
 from src.memory import auto_chunk_size, bytes_per_client, free_bytes
 from src.model import Params, init_params
 from src.privacy import epsilon_spent, laplace_scale
+from src.results import best_round, select_key
 from src.rounds import (ClientPool, choose_clients, draw_failures, evaluate_clients, server_alignment, train_clients,
                         training_sampler)
 from src.server import MeanAggregator
@@ -55,6 +56,22 @@ def make_alignment(cfg: DictConfig) -> AlignmentLoss:
                          block=int(m.align_block), fast_gsa=str(m.fast_gsa))
 
 
+def resolve_chunk_size(cfg: DictConfig, n_items: int, n_clients: int, device: torch.device) -> int | None:
+    """`fl.chunk_size` (an int, or null = all), or with `auto` the largest cohort of the `n_clients`
+    a process holds that fits `fl.memory_fraction` of the free memory of `device` (src/memory.py).
+
+    The simulator (all clients) and a Flower node (its own clients) both size their cohorts here.
+    """
+    size = cfg.fl.chunk_size
+    if size != "auto":
+        return size
+    m = cfg.model
+    aligned = bool(cfg.ablation.ica or cfg.ablation.gsa)
+    per = bytes_per_client(n_items, int(m.dim), m.alignment if aligned else None, int(m.fast_anchors),
+                           int(cfg.fl.batch_size))
+    return auto_chunk_size(n_clients, per, free_bytes(device), float(cfg.fl.memory_fraction))
+
+
 class FederatedModule(L.LightningModule):
     """All clients' parameters, the server state and the round logic of one federated run."""
 
@@ -83,13 +100,7 @@ class FederatedModule(L.LightningModule):
 
     def resolve_chunk_size(self) -> int | None:
         """`fl.chunk_size`, or with `auto` the cohort that fits the free memory of the compute device."""
-        size = self.cfg.fl.chunk_size
-        if size != "auto":
-            return size
-        m = self.cfg.model
-        per = bytes_per_client(self.data.n_items, int(m.dim), m.alignment if self.align is not None else None,
-                               int(m.fast_anchors), int(self.cfg.fl.batch_size))
-        return auto_chunk_size(self.data.n_users, per, free_bytes(self.compute_device), float(self.cfg.fl.memory_fraction))
+        return resolve_chunk_size(self.cfg, self.data.n_items, self.data.n_users, self.compute_device)
 
     def train_dataloader(self) -> DataLoader:
         """One dummy batch per epoch: each epoch is one federated round."""
@@ -216,8 +227,8 @@ class FederatedModule(L.LightningModule):
             logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
         patience = self.cfg.eval.patience
         if patience is not None:
-            best = max(range(len(self.history)), key=lambda i: (self.history[i]["val/hit@10"], -i))
-            if len(self.history) - 1 - best >= int(patience):
+            best = best_round(self.history, select_key(self.cfg))  # the rule results.json uses
+            if row["round"] - best["round"] >= int(patience):
                 self.trainer.should_stop = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

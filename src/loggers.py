@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -12,7 +13,32 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from src.results import atomic_write_text
+from src.results import DEFAULT_SELECT, atomic_write_text, best_round
+
+# Lightning's start-up lines that say nothing about the run (`rank_zero_info` of the Trainer): the
+# accelerators it found (`device` says which one runs) and an advertisement for its cloud logger
+LIGHTNING_BANNERS = ("GPU available:", "TPU available:", "💡 Tip: For seamless cloud logging")
+# torch deprecated LeafSpec, which Lightning's own _pytree.py still uses: not ours to fix
+LEAFSPEC_WARNING = {"message": r"`isinstance\(treespec, LeafSpec\)` is deprecated", "category": FutureWarning,
+                    "module": r"lightning\.pytorch\.utilities\._pytree"}
+
+
+class _DropBanners(logging.Filter):
+    """Drops the records of `LIGHTNING_BANNERS`; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(LIGHTNING_BANNERS)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's start-up banners (idempotent); its other messages and all warnings stay.
+
+    Call before creating the Trainer; the LeafSpec deprecation is silenced separately, around
+    `trainer.fit`, with `warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)`.
+    """
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropBanners) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropBanners())
 
 
 def wandb_mode(requested: str) -> str:
@@ -95,10 +121,10 @@ class RoundCSV(L.Callback):
 
 
 class RoundProgress(L.Callback):
-    """A tqdm bar over rounds showing the latest and best validation hit@10."""
+    """A tqdm bar over rounds showing the latest and the best value of the selection metric (`eval.select`)."""
 
-    def __init__(self, rounds: int, enabled: bool = True):
-        self.rounds, self.enabled, self.bar = rounds, enabled, None
+    def __init__(self, rounds: int, enabled: bool = True, select: str = DEFAULT_SELECT):
+        self.rounds, self.enabled, self.select, self.bar = rounds, enabled, select, None
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.enabled:
@@ -108,8 +134,8 @@ class RoundProgress(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.bar is not None and module.history:
             last = module.history[-1]
-            best = max(r["val/hit@10"] for r in module.history)
-            self.bar.set_postfix({"val/hit@10": f"{last['val/hit@10']:.4f}", "best": f"{best:.4f}",
+            best = best_round(module.history, self.select)[self.select]
+            self.bar.set_postfix({self.select: f"{last[self.select]:.4f}", "best": f"{best:.4f}",
                                   "s/round": f"{last['time/round']:.2f}"})
             self.bar.update(1)
 

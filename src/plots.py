@@ -6,8 +6,9 @@ default `results/<kind>`; every row names the run folder it came from):
 - `communication`: upload bytes per client and round against sigma and against the encoding,
   beside the embedding-sharing size, with test hit@10 / ndcg@10 at the best validation round;
 - `privacy`: test hit@10 / ndcg@10 against the per-entry epsilon of the Laplace mechanism;
-- `curves`: validation and test hit@10 against rounds per run, and, for AlignFedRec runs, the
-  number of communities and the modularity against rounds;
+- `curves`: the selection metric (validation, `eval.select`, default hit@10) and its test
+  counterpart against rounds per run, and, for AlignFedRec runs, the number of communities and the
+  modularity against rounds;
 - `sensitivity --param model.alpha`: test hit@10 / ndcg@10 (mean ± std over seeds) against the
   value of one swept config key.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from src.report import load_runs
-from src.results import atomic_write_text
+from src.results import atomic_write_text, selection_of
 
 
 class MissingFieldError(ValueError):
@@ -145,17 +146,23 @@ def privacy(runs: list[dict[str, Any]], out: Path) -> None:
 
 
 def curves(runs: list[dict[str, Any]], out: Path) -> None:
-    """Hit@10 against rounds per run; communities and modularity against rounds for AlignFedRec."""
+    """The selection metric (val and test) against rounds per run; communities and modularity against
+    rounds for AlignFedRec."""
     import matplotlib.pyplot as plt
     for (dataset, protocol), group in group_by(runs, ("dataset", "protocol")).items():
         fig, ax = plt.subplots(figsize=(7, 4))
+        metrics = {selection_of(r).split("/", 1)[1] for r in group}  # e.g. hit@10
         for r in group:
+            select = selection_of(r)
+            metric = select.split("/", 1)[1]
             rounds = [h["round"] for h in r["history"]]
             label = f"{r['ablation']} {field(r, 'config.optim.name')} s{r['seed']}"
-            line, = ax.plot(rounds, [pct(field(r, "val/hit@10", h)) for h in r["history"]], label=f"{label} val")
-            ax.plot(rounds, [pct(h.get("test/hit@10")) for h in r["history"]], ls=":", color=line.get_color(),
+            label += f" {metric}" if len(metrics) > 1 else ""
+            line, = ax.plot(rounds, [pct(field(r, select, h)) for h in r["history"]], label=f"{label} val")
+            ax.plot(rounds, [pct(h.get(f"test/{metric}")) for h in r["history"]], ls=":", color=line.get_color(),
                     label=f"{label} test")
-        ax.set(xlabel="round", ylabel="hit@10 (%)", title=f"{dataset}, {protocol} protocol: hit@10 per round")
+        shown = " / ".join(sorted(metrics))
+        ax.set(xlabel="round", ylabel=f"{shown} (%)", title=f"{dataset}, {protocol} protocol: {shown} per round")
         ax.legend(fontsize=7, ncol=2)
         save(fig, out, f"curves_{dataset}_{protocol}")
         plt.close(fig)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from src.results import SELECT_KEY, atomic_write_text, best_round
+from src.results import atomic_write_text, best_round, selection_of
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
@@ -39,13 +39,14 @@ def config_value(config: dict, dotted: str) -> str:
 
 
 def truncate(payload: dict, rounds: int) -> dict:
-    """The run as if it had stopped after `rounds` rounds: best validation round and its test metrics
-    chosen again within them (test data still selects nothing)."""
+    """The run as if it had stopped after `rounds` rounds: best validation round (by the run's selection
+    metric, `selection_of`) and its test metrics chosen again within them (test data still selects nothing)."""
     history = [h for h in payload["history"] if h["round"] <= rounds]
-    lacking = [h["round"] for h in history if SELECT_KEY not in h]
+    select = selection_of(payload)
+    lacking = [h["round"] for h in history if select not in h]
     if lacking:
-        raise ValueError(f"{Path(payload['path']) / 'results.json'}: history round {lacking[0]} has no {SELECT_KEY!r}")
-    best = best_round(history)
+        raise ValueError(f"{Path(payload['path']) / 'results.json'}: history round {lacking[0]} has no {select!r}")
+    best = best_round(history, select)
     return {**payload, "history": history,
             "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {}}
 

@@ -1,15 +1,18 @@
 """The results.json contract and atomic file writes.
 
 Fields (later work may add, never remove): config, dataset, protocol, ablation, seed, summary,
-history (per round: validation and test metrics, losses, timings), best_round (by validation
-hit@10, earliest on ties), best_val, test_at_best, timings, finished, communication (bytes over
-the run: upload and download totals, mean upload per client and round, and the embedding-sharing
-size for comparison), privacy (the epsilon spent by the last round, when noise is on).
+history (per round: validation and test metrics, losses, timings), select (the validation metric
+that picks the best round, `eval.select`; files without it used val/hit@10), best_round (highest
+select metric, earliest on ties), best_val, test_at_best, timings, finished, communication (bytes
+over the run: upload and download totals, mean upload per client and round, and the
+embedding-sharing size for comparison), privacy (the epsilon spent by the last round, when noise is on).
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,38 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.atomic import atomic_write_text
 
-SELECT_KEY = "val/hit@10"
+# the validation metric that picks the best round when `eval.select` is not set (and in results.json
+# files written before the key existed)
+DEFAULT_SELECT = "val/hit@10"
+SELECT_PATTERN = re.compile(r"val/(hit|ndcg)@([1-9][0-9]*)")
+
+
+def select_key(cfg: DictConfig) -> str:
+    """`eval.select` of a config: the validation metric that picks the best round (default val/hit@10).
+
+    Configs written before the key existed lack it: they selected by val/hit@10.
+    """
+    return str(OmegaConf.select(cfg, "eval.select", default=None) or DEFAULT_SELECT)
+
+
+def select_cutoff(select: str) -> int:
+    """K of a selection metric `val/hit@K` or `val/ndcg@K`; ValueError for any other name."""
+    match = SELECT_PATTERN.fullmatch(str(select))
+    if match is None:
+        raise ValueError(f"selection metric {select!r}: expected val/hit@K or val/ndcg@K")
+    return int(match.group(2))
+
+
+def selection_of(payload: dict[str, Any]) -> str:
+    """The selection metric of a results.json payload: its `select`, else its config's `eval.select`,
+    else val/hit@10 (files written before either existed)."""
+    if payload.get("select"):
+        return str(payload["select"])
+    config = payload.get("config")
+    evaluation = config.get("eval") if isinstance(config, dict) else None
+    if isinstance(evaluation, dict) and evaluation.get("select"):
+        return str(evaluation["select"])
+    return DEFAULT_SELECT
 
 
 def publish_report(out: str | Path, report: dict[str, Any], text: str) -> None:
@@ -28,11 +62,15 @@ def publish_report(out: str | Path, report: dict[str, Any], text: str) -> None:
     print(f"\nwrote {path}")
 
 
-def best_round(history: list[dict]) -> dict | None:
-    """The round with the highest validation hit@10 (earliest on ties); test data plays no part."""
+def best_round(history: list[dict], select: str = DEFAULT_SELECT) -> dict | None:
+    """The round with the highest `select` metric (earliest on ties); test data plays no part.
+
+    The one best-round rule: results.json, the report's `--rounds` cut and early stopping
+    (`eval.patience`) all call it.
+    """
     if not history:
         return None
-    return max(history, key=lambda r: (r[SELECT_KEY], -r["round"]))
+    return max(history, key=lambda r: (r[select], -r["round"]))
 
 
 def communication_totals(history: list[dict]) -> dict[str, float]:
@@ -51,11 +89,12 @@ def communication_totals(history: list[dict]) -> dict[str, float]:
 def build_results(cfg: DictConfig, summary: dict, history: list[dict], timings: dict[str, float],
                   finished: bool) -> dict[str, Any]:
     """Assemble the results.json payload from the run's config, data summary and round history."""
-    best = best_round(history)
+    select = select_key(cfg)
+    best = best_round(history, select)
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "dataset": cfg.dataset.name, "protocol": cfg.protocol.name, "ablation": cfg.ablation.name,
-        "seed": int(cfg.seed), "summary": summary, "history": history,
+        "seed": int(cfg.seed), "summary": summary, "history": history, "select": select,
         "best_round": best["round"] if best else None,
         "best_val": {k: v for k, v in best.items() if k.startswith("val")} if best else {},
         "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
@@ -72,10 +111,68 @@ def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def chance_level(k: int, candidates: int) -> dict[str, float]:
+    """hit@K and ndcg@K of a random scorer: the held-out item's rank uniform on 1..`candidates`.
+
+    hit@K = min(K, n) / n and ndcg@K = (1/n) * sum over r = 1..min(K, n) of 1 / log2(r + 1), exactly
+    (the metrics of `src.metrics.rank_metrics` averaged over every rank).
+    """
+    if k < 1 or candidates < 1:
+        raise ValueError(f"chance_level needs K >= 1 and candidates >= 1, got K={k}, candidates={candidates}")
+    top = min(int(k), int(candidates))
+    return {f"hit@{k}": top / candidates,
+            f"ndcg@{k}": math.fsum(1.0 / math.log2(r + 1) for r in range(1, top + 1)) / candidates}
+
+
+def _pair(metrics: dict[str, Any], prefix: str, k: int) -> str:
+    """`hit@K 0.1234 ndcg@K 0.0567` from `metrics` (`-` for a value the run does not have)."""
+    def num(key: str) -> str:
+        value = metrics.get(f"{prefix}{key}@{k}")
+        return "-" if value is None else f"{value:.4f}"
+    return f"hit@{k} {num('hit')} ndcg@{k} {num('ndcg')}"
+
+
+def meaning_lines(payload: dict[str, Any]) -> list[str]:
+    """The best round's test metrics beside what they mean: the chance level of the sampled metric
+    (1 held-out item among 1 + protocol.eval_negatives) and, with full ranking, among all n_items
+    items; under the paper protocol, the published hit@10 / ndcg@10 of this dataset and method."""
+    config = payload.get("config") or {}
+    protocol = config.get("protocol") or {}
+    test = payload.get("test_at_best") or {}
+    k = select_cutoff(selection_of(payload))
+    parts = []
+    negatives = protocol.get("eval_negatives")
+    if negatives:
+        n = 1 + int(negatives)
+        parts.append(f"sampled {_pair(test, 'test/', k)} vs {_pair(chance_level(k, n), '', k)} at random "
+                     f"(1 of {n} candidates)")
+    items = (payload.get("summary") or {}).get("items")
+    if protocol.get("full_ranking") and items:
+        parts.append(f"full ranking {_pair(test, 'test_full/', k)} vs {_pair(chance_level(k, int(items)), '', k)} "
+                     f"at random (1 of {int(items)} items)")
+    lines = ["test at best round: " + "; ".join(parts)] if parts else []
+    if payload.get("protocol") == "paper":
+        from src.report import published  # src.report imports this module
+        dataset, ablation = payload.get("dataset"), payload.get("ablation")
+        ref = published().get(ablation, {}).get(dataset)
+        if ref is None:
+            lines.append(f"published (paper protocol): none for {ablation} on {dataset} "
+                         "(experiments/published.yaml)")
+        else:
+            lines.append(f"published (paper protocol, {ablation} on {dataset}): hit@10 {ref[0] / 100:.4f} "
+                         f"ndcg@10 {ref[1] / 100:.4f}; this run: {_pair(test, 'test/', 10)}")
+    return lines
+
+
 def report_best(payload: dict[str, Any], run_dir: Path, log: logging.Logger) -> float:
-    """Log the best round of a finished run; return its validation hit@10 (the objective of sweeps)."""
-    best = payload["best_val"].get(SELECT_KEY, 0.0)
+    """Log the best round of a finished run and what its test metrics mean; return its value of the
+    selection metric (`eval.select`, the objective of sweeps)."""
+    select = selection_of(payload)
+    k = select_cutoff(select)
+    best = payload["best_val"].get(select, 0.0)
     test = payload["test_at_best"]
-    log.info("best round %s: val hit@10 %.4f, test hit@10 %.4f ndcg@10 %.4f -> %s", payload["best_round"], best,
-             test.get("test/hit@10", float("nan")), test.get("test/ndcg@10", float("nan")), Path(run_dir) / "results.json")
+    log.info("best round %s: %s %.4f, test %s -> %s", payload["best_round"], select, best,
+             _pair(test, "test/", k), Path(run_dir) / "results.json")
+    for line in meaning_lines(payload):
+        log.info(line)
     return best

@@ -77,6 +77,17 @@ def draw_failures(n_users: int, dropout: float, generator: torch.Generator) -> t
     return torch.rand(n_users, generator=generator) < float(dropout)
 
 
+def advance_failure_stream(n_users: int, generator: torch.Generator) -> None:
+    """Move `generator` past one round's `draw_failures` without simulating failures.
+
+    The simulator draws the round's failures (n_users uniforms) after choosing its clients, every
+    round, even with fl.dropout=0; the Flower server, whose nodes fail for real, calls this instead
+    so that its client choice of the next round comes from the same point of the stream as the
+    simulator's. It consumes exactly what `draw_failures` consumes.
+    """
+    draw_failures(n_users, 0.0, generator)
+
+
 def training_sampler(cfg: DictConfig, data: FedData) -> NegativeSampler:
     """The protocol's training-negative sampler over all clients' pools."""
     candidates = np.concatenate([data.val_negatives, data.test_negatives], 1)

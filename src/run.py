@@ -30,8 +30,8 @@ from src.checkpoint import AtomicCheckpoint
 from src.config import validate
 from src.data.dataset import FedData, load
 from src.federated import FederatedModule
-from src.loggers import RoundCSV, RoundProgress, finish_loggers, make_loggers
-from src.results import build_results, report_best, write_results
+from src.loggers import LEAFSPEC_WARNING, RoundCSV, RoundProgress, finish_loggers, make_loggers, quiet_lightning
+from src.results import build_results, report_best, select_key, write_results
 
 log = logging.getLogger(__name__)
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
@@ -118,15 +118,18 @@ def fit(run: Prepared, progress: bool = True) -> dict:
         ckpt = AtomicCheckpoint(run_dir / "checkpoints", int(cfg.fl.checkpoint_every), config, run.digest,
                                 run.start, float(prior.get("elapsed_s", 0.0)), int(prior.get("processes", 0)) + 1)
         loggers = make_loggers(cfg, run_dir)
+        quiet_lightning()
         trainer = L.Trainer(
             max_epochs=int(cfg.fl.rounds), logger=loggers,
-            callbacks=[RoundProgress(int(cfg.fl.rounds), progress), RoundCSV(run_dir / "csv" / "metrics.csv"), ckpt],
+            callbacks=[RoundProgress(int(cfg.fl.rounds), progress, select_key(cfg)),
+                       RoundCSV(run_dir / "csv" / "metrics.csv"), ckpt],
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
             devices=1, default_root_dir=str(run_dir), log_every_n_steps=1)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*configure_optimizers.*")
+            warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
             try:
                 # our own checkpoint (client tables, RNG state, history), its digest checked: no weights_only
                 trainer.fit(module, ckpt_path=run.ckpt, weights_only=False if run.ckpt else None)
@@ -168,7 +171,8 @@ def train(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the best validation hit@10 (the objective of sweeps)."""
+    """Hydra entry point; returns the best round's value of the selection metric (`eval.select`, by default
+    validation hit@10: the objective of sweeps)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run = prepare(cfg, run_dir)

@@ -14,11 +14,22 @@ from pathlib import Path
 from typing import Any
 
 LOCK_NAME = ".run.lock"
-# Hydra's own files in a folder it has just created for a job: such a folder holds no run yet
-HYDRA_FILES = {LOCK_NAME, ".hydra", "run.log", "multirun.yaml"}
+# Hydra's own files in a folder it has just created for a job (and its `<job name>.log`): no run yet
+HYDRA_FILES = {LOCK_NAME, ".hydra", "multirun.yaml"}
 # Keys a resume may change: how long to go on, where to log and write, where the (verified) data is read from.
 RESUMABLE_KEYS = ("resume", "fl.rounds", "fl.checkpoint_every", "eval.patience", "experiment_name", "logger.",
                   "data.root", "data.cache_dir", "bench.", "audit.", "flower.", "hydra.")
+
+
+# Keys added to the config after runs were made, with the value every run before them had. A config
+# that lacks such a key and one that holds this value describe the same run (resume checks, campaign
+# identity); list each new key that can change results here, with its neutral default.
+ADDED_KEYS = {"data.verify": True, "eval.select": "val/hit@10"}
+
+
+def normalised(config: dict) -> dict[str, Any]:
+    """A resolved config flattened, without the added keys that hold their neutral default."""
+    return {k: v for k, v in flatten(config).items() if not (k in ADDED_KEYS and ADDED_KEYS[k] == v)}
 
 
 class RunFolderError(RuntimeError):
@@ -29,7 +40,7 @@ def holds_run(run_dir: Path) -> bool:
     """True when the folder has anything a run writes (results, checkpoints, metrics, its config)."""
     if not run_dir.is_dir():
         return False
-    return any(p.name not in HYDRA_FILES for p in run_dir.iterdir())
+    return any(p.name not in HYDRA_FILES and not (p.is_file() and p.suffix == ".log") for p in run_dir.iterdir())
 
 
 def claim(run_dir: Path, resuming: bool) -> int:
@@ -80,7 +91,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_mismatch(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for every key that differs, except those in `RESUMABLE_KEYS`."""
-    a, b = flatten(saved), flatten(current)
+    a, b = normalised(saved), normalised(current)
     out = []
     for key in sorted(a.keys() | b.keys()):
         if any(key == k or key.startswith(k) for k in RESUMABLE_KEYS if k.endswith(".")) or key in RESUMABLE_KEYS:
@@ -102,6 +113,8 @@ def write_hydra_files(run_dir: Path, cfg: Any) -> None:
 
     from src.atomic import atomic_write_text
 
+    if not HydraConfig.initialized():
+        return  # called outside a Hydra app (tests, notebooks): there is no composed Hydra config to keep
     hc = HydraConfig.get()
     folder = run_dir / ".hydra"
     atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))

@@ -189,6 +189,29 @@ def test_every_hparams_search_validates(name):
 
 def test_experiment_list_is_not_empty():
     assert "table1" in EXPERIMENTS and "optuna" in SEARCHES
+    assert {"campaign_smoke", "table2", "privacy_epsilon"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_run_of_every_experiment_overlay_composes(name):
+    """Not only the overlay: every run of its sweeper grid, composed and validated as the campaign does."""
+    from src.campaign import expand
+
+    runs = expand(name, [])
+    assert runs and all(r.config["experiment_name"] == name for r in runs)
+
+
+@pytest.mark.parametrize("name", SEARCHES)
+def test_every_hparams_search_sweeps_keys_that_exist(name):
+    from omegaconf import OmegaConf
+
+    from src.campaign import compose_config
+
+    cfg = compose_config([f"hparams_search={name}"], hydra_node=True)
+    params = OmegaConf.select(cfg, "hydra.sweeper.params")
+    assert params, f"hparams_search={name} sweeps nothing"
+    for key in params:
+        assert OmegaConf.select(cfg, key, default=None) is not None, f"hparams_search={name} sweeps unknown {key}"
 
 
 @pytest.mark.parametrize("content", ["", "\n\n"])

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from src.loggers import make_loggers, run_name
-from src.results import SELECT_KEY
+from src.results import DEFAULT_SELECT
 from src.run import train
 from tests.conftest import requires_real_data
 
@@ -75,7 +75,7 @@ def test_results_contract(filmtrust_run):
         assert 0 <= row["test/ndcg@10"] <= row["test/hit@10"] <= 1
 
     # best round chosen on validation hit@10 (earliest on ties), recomputed here
-    best = max(range(len(history)), key=lambda i: (history[i][SELECT_KEY], -i))
+    best = max(range(len(history)), key=lambda i: (history[i][DEFAULT_SELECT], -i))
     assert on_disk["best_round"] == history[best]["round"]
     assert on_disk["test_at_best"] == {k: v for k, v in history[best].items() if k.startswith("test")}
     assert on_disk["best_val"] == {k: v for k, v in history[best].items() if k.startswith("val")}

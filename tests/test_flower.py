@@ -207,3 +207,55 @@ def test_simulation_runtime_matches_the_simulator(compose_cfg, tmp_path):
     simulator = train(cfg, tmp_path / "sim", progress=False)
     compare(flower["history"], simulator["history"])
 
+
+
+def test_node_data_cache_is_keyed_by_everything_the_split_depends_on(compose_cfg, tmp_path):
+    from src.flower.client_app import node_data_key
+
+    base = ["dataset=synthetic"]
+    key = node_data_key(compose_cfg(base))
+    assert node_data_key(compose_cfg(base)) == key
+    for change in (["dataset.n_users=50"], ["dataset.n_items=200"], ["dataset.affinity=0.5"],
+                   ["dataset.generator_seed=3"], ["protocol=paper"], ["protocol.eval_negatives=49"],
+                   ["protocol.train_negative_pool=non_train_non_candidates"], ["seed=1"], ["data.max_users=10"],
+                   [f"data.cache_dir='{tmp_path}'"], [f"data.root='{tmp_path}'"], ["data.verify=false"],
+                   ["eval.ks=[10]"]):
+        assert node_data_key(compose_cfg(base + change)) != key, change
+    # what does not change the split shares the entry
+    assert node_data_key(compose_cfg(base + ["fl.rounds=7", "model.alpha=0.1"])) == key
+
+
+def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monkeypatch):
+    """fl.chunk_size=auto on a node: cohorts sized from its device's free memory (here: room for 2
+    clients), not one cohort of all its clients; the run still matches the simulator."""
+    from src.flower import client_app
+    from src.memory import bytes_per_client
+
+    cfg = compose_cfg([*SMALL, "fl.chunk_size=auto"])
+    from src.data.dataset import load
+
+    per = bytes_per_client(load(cfg).n_items, int(cfg.model.dim), str(cfg.model.alignment),
+                           int(cfg.model.fast_anchors), int(cfg.fl.batch_size))
+    monkeypatch.setattr("src.federated.free_bytes", lambda device: int(2.5 * per / float(cfg.fl.memory_fraction)))
+    used = []
+    real = client_app.train_clients
+
+    def spy(*args):
+        used.append(args[-2])  # chunk_size
+        return real(*args)
+
+    monkeypatch.setattr(client_app, "train_clients", spy)
+    flower = serve(LocalGrid(cfg, 3), cfg, tmp_path / "flower")
+    assert used and set(used) == {2}
+    simulator = train(cfg, tmp_path / "sim", progress=False)
+    compare(flower["history"], simulator["history"])
+
+
+def test_the_server_advances_the_failure_stream_as_the_simulator_draws_it():
+    from src.rounds import advance_failure_stream, draw_failures
+
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    draw_failures(37, 0.3, a)
+    advance_failure_stream(37, b)
+    assert torch.equal(a.get_state(), b.get_state())
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))

@@ -169,3 +169,16 @@ def test_sigterm_fails_and_stays_resumable(tmp_path, multirun):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         payload = json.loads((job_dir / "results.json").read_text())
         assert len(payload["history"]) == record["round"] + 1 and payload["timings"]["processes"] == 2
+
+
+def test_keys_added_later_match_their_neutral_default():
+    """A checkpoint or stored run from before `eval.select` existed is the same run as one with its default."""
+    from src.campaign import identity
+
+    old = {"seed": 0, "eval": {"ks": [10]}, "data": {"max_users": None}}
+    new = {"seed": 0, "eval": {"ks": [10], "select": "val/hit@10"}, "data": {"max_users": None, "verify": True}}
+    assert rundir.resume_mismatch(old, new) == []
+    assert identity(old) == identity(new)
+    other = {**new, "eval": {"ks": [10], "select": "val/ndcg@10"}}
+    assert rundir.resume_mismatch(old, other) == ["eval.select: '<absent>' -> 'val/ndcg@10'"]
+    assert identity(old) != identity(other)

@@ -9,19 +9,21 @@ thresholded similarity matrix (`src/comm.py`) and evaluates all its clients with
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.atomic import atomic_path
 from src.comm import Encoding, decode_entries, encode_entries
 from src.data.dataset import FedData, load
 from src.evaluation import Evaluator
-from src.federated import make_alignment, resolve_device, shared_keys
+from src.federated import make_alignment, resolve_chunk_size, resolve_device, shared_keys
 from src.flower.settings import config_of, flower_checks
 from src.flower.messages import Task, pack_reply, unpack_task
 from src.model import Params, init_params
@@ -43,9 +45,21 @@ class NodeData:
 _DATA: dict[str, NodeData] = {}
 
 
+def node_data_key(cfg: DictConfig) -> str:
+    """Everything the cached `NodeData` depends on, as JSON: the resolved `dataset` (a synthetic one's
+    sizes too), `protocol` and `data` subtrees, `seed`, `eval.ks` (the evaluator), and the environment
+    variables that choose the data root and the split cache when `data.root` / `data.cache_dir` are null."""
+    def tree(key: str):
+        return OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
+    parts = {"dataset": tree("dataset"), "protocol": tree("protocol"), "data": tree("data"), "seed": int(cfg.seed),
+             "eval.ks": tree("eval.ks"), "env": {k: os.environ.get(k) for k in ("ALIGNFEDREC_DATA", "ALIGNFEDREC_CACHE")}}
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
 def node_data(cfg: DictConfig) -> NodeData:
-    """The split of this config, cached per process (the simulation runtime reuses its workers)."""
-    key = f"{cfg.dataset.name}/{cfg.protocol.name}/{cfg.seed}/{cfg.data.max_users}/{cfg.data.root}"
+    """The split of this config, cached per process (the simulation runtime reuses its workers),
+    under `node_data_key` so that configs whose splits differ never share an entry."""
+    key = node_data_key(cfg)
     if key not in _DATA:
         data = load(cfg)
         _DATA[key] = NodeData(data, training_sampler(cfg, data),
@@ -141,7 +155,8 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, pa
     chosen = torch.isin(pool.users, task.chosen).nonzero().squeeze(1)
     dense = align.value_and_grad if align is not None and align.active else None
     server = {k: v for k, v in task.shared.items() if k in keys}
-    chunk = cfg.fl.chunk_size if isinstance(cfg.fl.chunk_size, int) else None
+    # fl.chunk_size=auto: the cohort of this node's clients that fits its device, sized as the simulator sizes it
+    chunk = resolve_chunk_size(cfg, data.n_items, len(pool.users), device)
     work = train_clients(cfg, pool, chosen, data, nd.sampler, server, dense, task.round, device, chunk, upload)
     ranks = evaluate_clients(nd.evaluator, pool, device, chunk)
     sent = torch.cat(users) if users else torch.zeros(0, dtype=torch.long)

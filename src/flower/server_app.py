@@ -30,8 +30,8 @@ from src.flower.settings import config_of, flower_checks
 from src.loggers import history_csv
 from src.model import init_params
 from src.privacy import epsilon_spent, laplace_scale
-from src.results import atomic_write_text, build_results, write_results
-from src.rounds import choose_clients, draw_failures, server_alignment
+from src.results import atomic_write_text, build_results, select_key, write_results
+from src.rounds import advance_failure_stream, choose_clients, server_alignment
 from src.server import MeanAggregator
 from src.similarity import SimilarityAggregator
 
@@ -90,11 +90,12 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     labels: torch.Tensor | None = None
     broadcast: bytes | None = None
     history: list[dict] = []
+    select = select_key(cfg)
     t_setup = time.perf_counter() - t0
     for r in range(1, int(cfg.fl.rounds) + 1):
         tic = time.perf_counter()
         clients = choose_clients(data.n_users, float(cfg.fl.client_fraction), gen)
-        draw_failures(data.n_users, 0.0, gen)  # keeps the generator where the simulator's is
+        advance_failure_stream(data.n_users, gen)  # the simulator draws its failures here
         nodes = wait_for_nodes(grid, cfg, first=r == 1)
         task = Task(r, clients, server, labels, broadcast)
         timeout = float(cfg.flower.round_timeout)
@@ -133,8 +134,8 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
                     "flower/rejected": float(rejected),
                     "time/round": time.perf_counter() - tic})
         history.append(row)
-        log.info("round %d: %d/%d nodes accepted, val hit@10 %.4f", r, len(accepted), len(nodes),
-                 row.get("val/hit@10", float("nan")))
+        log.info("round %d: %d/%d nodes accepted, %s %.4f", r, len(accepted), len(nodes), select,
+                 row.get(select, float("nan")))
         atomic_write_text(run_dir / "csv" / "metrics.csv", history_csv(history))
         finished = r == int(cfg.fl.rounds)
         timings = {"setup_s": t_setup, "total_s": time.perf_counter() - t0,

@@ -50,7 +50,7 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the best validation hit@10."""
+    """Hydra entry point; returns the best round's value of the selection metric (`eval.select`)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         payload = simulate(cfg, run_dir)

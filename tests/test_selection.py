@@ -1,0 +1,254 @@
+"""The selection metric (`eval.select`), the one best-round rule, early stopping, and the closing
+summary of a run: chance levels of the metrics and the published row."""
+from __future__ import annotations
+
+import logging
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+import torch
+
+from src.config import ConfigError
+from src.data.dataset import load
+from src.federated import FederatedModule
+from src.metrics import rank_metrics, sampled_ranks
+from src.report import truncate
+from src.results import (DEFAULT_SELECT, best_round, chance_level, meaning_lines, report_best, select_cutoff,
+                         select_key, selection_of)
+from src.run import train
+
+SYNTHETIC = ["dataset=synthetic", "fl.checkpoint_every=0"]
+
+
+# --- chance levels -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k, n", [(1, 1), (5, 100), (10, 100), (20, 100), (10, 7), (10, 10), (10, 2059), (50, 3)])
+def test_chance_level_is_the_metric_averaged_over_every_rank(k, n):
+    """Brute force: every rank 1..n once (a uniform rank), through the metrics the runs use."""
+    exact = rank_metrics(torch.arange(1, n + 1), ks=(k,))
+    chance = chance_level(k, n)
+    assert chance[f"hit@{k}"] == pytest.approx(exact[f"hit@{k}"], abs=1e-12)
+    assert chance[f"ndcg@{k}"] == pytest.approx(exact[f"ndcg@{k}"], abs=1e-12)
+    assert chance[f"hit@{k}"] == min(k, n) / n
+
+
+def test_chance_level_of_the_sampled_metric_matches_random_scores():
+    """Simulation: random scores for the held-out item and 99 negatives, ranked as the evaluator ranks."""
+    rng = np.random.default_rng(0)
+    users, negatives = 40_000, 99
+    scores = torch.from_numpy(rng.random((users, 1 + negatives)))
+    ranks = sampled_ranks(scores[:, 0], scores[:, 1:])
+    sim = rank_metrics(ranks, ks=(5, 10, 20))
+    for k in (5, 10, 20):
+        chance = chance_level(k, 1 + negatives)
+        # hit@K is a mean of Bernoulli(p): 5 standard errors
+        tol = 5 * math.sqrt(chance[f"hit@{k}"] * (1 - chance[f"hit@{k}"]) / users)
+        assert sim[f"hit@{k}"] == pytest.approx(chance[f"hit@{k}"], abs=tol)
+        assert sim[f"ndcg@{k}"] == pytest.approx(chance[f"ndcg@{k}"], abs=tol)
+    assert chance_level(10, 100)["hit@10"] == 0.1
+
+
+def test_chance_level_of_full_ranking_matches_random_permutations():
+    rng = np.random.default_rng(1)
+    n_items, users = 1682, 20_000
+    ranks = torch.from_numpy(rng.integers(1, n_items + 1, size=users))  # a uniform rank among all items
+    sim = rank_metrics(ranks, ks=(10,))
+    chance = chance_level(10, n_items)
+    assert chance["hit@10"] == 10 / n_items
+    tol = 5 * math.sqrt(chance["hit@10"] / users)
+    assert sim["hit@10"] == pytest.approx(chance["hit@10"], abs=tol)
+    assert sim["ndcg@10"] == pytest.approx(chance["ndcg@10"], abs=tol)
+
+
+def test_chance_level_refuses_empty_inputs():
+    with pytest.raises(ValueError):
+        chance_level(0, 100)
+    with pytest.raises(ValueError):
+        chance_level(10, 0)
+
+
+# --- the selection metric ------------------------------------------------------------------------
+
+def test_select_defaults_to_validation_hit_at_10(compose_cfg):
+    cfg = compose_cfg(SYNTHETIC)
+    assert cfg.eval.select == select_key(cfg) == DEFAULT_SELECT == "val/hit@10"
+    old = OmegaConf.create({"eval": {"ks": [5, 10, 20]}})  # a config from before the key existed
+    assert select_key(old) == DEFAULT_SELECT
+    assert select_key(compose_cfg([*SYNTHETIC, "eval.select=val/ndcg@5"])) == "val/ndcg@5"
+    assert select_cutoff("val/ndcg@20") == 20
+    with pytest.raises(ValueError):
+        select_cutoff("test/hit@10")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["eval.select=val/ndcg@10"], ["eval.select=val/hit@5"], ["eval.select=val/ndcg@20"],
+    ["eval.ks=[5,20]", "eval.select=val/hit@5"], ["eval.ks=[1]", "eval.select=val/ndcg@1"],
+])
+def test_valid_selection_is_accepted(compose_cfg, overrides):
+    compose_cfg(overrides)
+
+
+@pytest.mark.parametrize("overrides, key, expected", [
+    (["eval.select=val/hit@50"], "eval.select", "eval.ks"),      # K not evaluated
+    (["eval.select=test/hit@10"], "eval.select", "val/hit@K"),   # test data never selects
+    (["eval.select=val/mrr@10"], "eval.select", "val/hit@K"),
+    (["eval.select=val_full/hit@10"], "eval.select", "val/hit@K"),
+    (["eval.select=val/hit@0"], "eval.select", "val/hit@K"),
+    (["eval.select=5"], "eval.select", "val/hit@K"),
+    (["eval.ks=[5,20]"], "eval.ks", "contains 10"),                # the default's K must be evaluated
+])
+def test_bad_selection_is_named(compose_cfg, overrides, key, expected):
+    with pytest.raises(ConfigError) as err:
+        compose_cfg(overrides)
+    msg = str(err.value)
+    assert msg.startswith(f"config {key}=") and expected in msg, msg
+
+
+def rows(values: list[float], key: str = "val/hit@10") -> list[dict]:
+    return [{"round": i + 1, key: v, "test/hit@10": 0.01 * (i + 1)} for i, v in enumerate(values)]
+
+
+def test_best_round_is_the_highest_selection_metric_earliest_on_ties():
+    history = rows([0.1, 0.3, 0.3, 0.2])
+    assert best_round(history)["round"] == 2
+    for r, ndcg in zip(history, [0.5, 0.1, 0.1, 0.5]):
+        r["val/ndcg@10"] = ndcg
+    assert best_round(history, "val/ndcg@10")["round"] == 1
+    assert best_round([]) is None
+
+
+def test_results_without_the_key_select_on_validation_hit_at_10():
+    old = {"config": {"eval": {"ks": [5, 10, 20], "patience": None}}, "history": rows([0.1, 0.2])}
+    assert selection_of(old) == "val/hit@10"
+    assert selection_of({"config": {"eval": {"select": "val/ndcg@5"}}}) == "val/ndcg@5"
+    assert selection_of({"select": "val/hit@5", "config": {}}) == "val/hit@5"
+    assert selection_of({}) == "val/hit@10"
+
+
+def test_report_rounds_cut_selects_on_the_runs_selection_metric(tmp_path):
+    history = rows([0.1, 0.3, 0.2])
+    for r, ndcg in zip(history, [0.2, 0.1, 0.3]):
+        r["val/ndcg@10"] = ndcg
+    payload = {"path": str(tmp_path), "config": {"eval": {"select": "val/ndcg@10"}}, "history": history}
+    assert truncate(payload, 2)["test_at_best"] == {"test/hit@10": 0.01}   # round 1 by ndcg
+    assert truncate(payload, 3)["test_at_best"] == {"test/hit@10": 0.03}   # round 3
+    old = {"path": str(tmp_path), "config": {}, "history": rows([0.1, 0.3, 0.2])}
+    assert truncate(old, 3)["test_at_best"] == {"test/hit@10": 0.02}       # val/hit@10: round 2
+
+
+def test_a_run_selects_on_eval_select(compose_cfg, tmp_path):
+    payload = train(compose_cfg([*SYNTHETIC, "fl.rounds=3", "eval.select=val/ndcg@5"]), tmp_path / "r",
+                    progress=False)
+    best = best_round(payload["history"], "val/ndcg@5")
+    assert payload["select"] == "val/ndcg@5" and payload["best_round"] == best["round"]
+    assert payload["config"]["eval"]["select"] == "val/ndcg@5"
+
+
+# --- early stopping (eval.patience) ----------------------------------------------------------------
+
+def stop_round_before(values: list[float], patience: int) -> int:
+    """The rule as it was before it called best_round: index of the best (earliest on ties) over the
+    rows so far, stop when the last row is `patience` or more rows past it."""
+    history: list[dict] = []
+    for v in values:
+        history.append({"val/hit@10": v})
+        best = max(range(len(history)), key=lambda i: (history[i]["val/hit@10"], -i))
+        if len(history) - 1 - best >= patience:
+            return len(history)
+    return len(values)
+
+
+class ScriptedModule(FederatedModule):
+    """FederatedModule whose rounds return scripted validation metrics, driven without a Trainer."""
+
+    def __init__(self, cfg, data, values: list[float], key: str):
+        super().__init__(cfg, data)
+        self.values, self.key = values, key
+
+    def run_round(self) -> dict[str, float]:
+        return {"val/hit@10": 0.0, self.key: self.values[len(self.history)]}
+
+
+def stop_round_now(cfg, data, values: list[float], key: str = "val/hit@10") -> int:
+    module = ScriptedModule(cfg, data, values, key)
+    trainer = SimpleNamespace(should_stop=False, loggers=[], current_epoch=0)
+    module._trainer = trainer
+    for epoch in range(len(values)):
+        trainer.current_epoch = epoch
+        module.training_step(None, 0)
+        if trainer.should_stop:
+            return epoch + 1
+    return len(values)
+
+
+@pytest.mark.parametrize("values", [
+    [0.1, 0.2, 0.2, 0.2, 0.2], [0.3, 0.1, 0.2, 0.3, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5], [0.5, 0.5, 0.5, 0.5, 0.5],
+    [0.2, 0.1, 0.3, 0.2, 0.1, 0.4, 0.4, 0.1],
+])
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_patience_stops_where_it_stopped_before(compose_cfg, values, patience):
+    cfg = compose_cfg([*SYNTHETIC, f"eval.patience={patience}"])
+    data = load(cfg)
+    assert stop_round_now(cfg, data, values) == stop_round_before(values, patience)
+
+
+def test_patience_follows_eval_select(compose_cfg):
+    cfg = compose_cfg([*SYNTHETIC, "eval.patience=2", "eval.select=val/ndcg@10"])
+    data = load(cfg)
+    # val/hit@10 stays 0 every round (it would stop after round 3); ndcg@10 keeps improving
+    assert stop_round_now(cfg, data, [0.1, 0.2, 0.3, 0.4, 0.5], "val/ndcg@10") == 5
+    assert stop_round_now(cfg, data, [0.5, 0.4, 0.3, 0.2, 0.1], "val/ndcg@10") == 3
+
+
+def test_patience_in_a_real_run(compose_cfg, tmp_path):
+    payload = train(compose_cfg([*SYNTHETIC, "fl.rounds=8", "eval.patience=1"]), tmp_path / "p", progress=False)
+    values = [h["val/hit@10"] for h in payload["history"]]
+    assert len(values) == stop_round_before(values, 1)
+
+
+# --- the closing summary ---------------------------------------------------------------------------
+
+def payload_of(protocol: str, dataset: str = "filmtrust", ablation: str = "full", **extra) -> dict:
+    full = protocol == "clean"
+    test = {"test/hit@10": 0.5, "test/ndcg@10": 0.25}
+    if full:
+        test |= {"test_full/hit@10": 0.05, "test_full/ndcg@10": 0.02}
+    return {"config": {"protocol": {"name": protocol, "eval_negatives": 99, "full_ranking": full},
+                       "eval": {"ks": [5, 10, 20]}},
+            "dataset": dataset, "protocol": protocol, "ablation": ablation, "summary": {"items": 2071},
+            "best_round": 3, "best_val": {"val/hit@10": 0.6}, "test_at_best": test, **extra}
+
+
+def test_clean_summary_shows_the_chance_levels():
+    lines = meaning_lines(payload_of("clean"))
+    assert len(lines) == 1
+    sampled, full = chance_level(10, 100), chance_level(10, 2071)
+    assert f"hit@10 {sampled['hit@10']:.4f} ndcg@10 {sampled['ndcg@10']:.4f} at random (1 of 100 candidates)" in lines[0]
+    assert f"hit@10 {full['hit@10']:.4f} ndcg@10 {full['ndcg@10']:.4f} at random (1 of 2071 items)" in lines[0]
+    assert "full ranking hit@10 0.0500 ndcg@10 0.0200" in lines[0]
+
+
+def test_paper_summary_shows_the_published_row_or_says_there_is_none():
+    lines = meaning_lines(payload_of("paper"))
+    assert len(lines) == 2 and "1 of 100 candidates" in lines[0] and "full ranking" not in lines[0]
+    assert "published (paper protocol, full on filmtrust): hit@10 0.9894 ndcg@10 0.9525" in lines[1]
+    assert "this run: hit@10 0.5000 ndcg@10 0.2500" in lines[1]
+    none = meaning_lines(payload_of("paper", ablation="local"))
+    assert "published (paper protocol): none for local on filmtrust" in none[1]
+
+
+def test_report_best_logs_and_returns_the_selection_metric(caplog):
+    log = logging.getLogger("test.report_best")
+    with caplog.at_level(logging.INFO, logger="test.report_best"):
+        assert report_best(payload_of("clean"), "run", log) == 0.6
+    assert "best round 3: val/hit@10 0.6000, test hit@10 0.5000 ndcg@10 0.2500" in caplog.text
+    assert "at random (1 of 100 candidates)" in caplog.text
+    payload = payload_of("clean", select="val/ndcg@5", best_val={"val/ndcg@5": 0.4})
+    payload["test_at_best"] |= {"test/hit@5": 0.3, "test/ndcg@5": 0.2}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="test.report_best"):
+        assert report_best(payload, "run", log) == 0.4
+    assert "val/ndcg@5 0.4000, test hit@5 0.3000 ndcg@5 0.2000" in caplog.text
