@@ -120,13 +120,14 @@ def expand(experiment: str, cli: list[str]) -> list[Run]:
 
 
 def stored_runs(root: Path = RUNS) -> dict[str, Path]:
-    """identity key -> folder of every run stored under `root`."""
+    """identity key -> folder of every run stored under `root`, the key computed anew from each stored config
+    (so runs stored before the identity rule last changed are still recognised)."""
     out = {}
     for meta in sorted(root.rglob("run.json")):
         try:
-            out[json.loads(meta.read_text())["key"]] = meta.parent
-        except (ValueError, KeyError):
-            print(f"warning: skipped unreadable {meta}", file=sys.stderr)
+            out[identity(json.loads((meta.parent / "results.json").read_text())["config"])] = meta.parent
+        except (OSError, ValueError, KeyError):
+            print(f"warning: skipped unreadable {meta.parent / 'results.json'}", file=sys.stderr)
     return out
 
 
