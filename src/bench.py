@@ -8,6 +8,9 @@ no run folder), runs one warm-up round that is not counted, then R rounds, and r
 - client-steps per second: local steps of all chosen clients per round / train seconds;
 - peak resident memory of the process (MiB), peak GPU memory allocated (MiB, null without CUDA),
   the device (GPU name, or CPU model and torch threads);
+- host-device traffic per round: the tensors handed to the device and the values read back (each
+  read a sync on a GPU) through `src/device.py`, mean over R; counted on the CPU too, where they cost
+  nothing, so a CPU bench shows what a GPU round would do (a few per chunk, none per local step);
 - the stacked cohort against the per-client reference loop (`src/reference.py`) doing the same
   work: `bench.reference_clients` random clients, one set of round samples and batch layout,
   trained once stacked (`train_cohort`, chunked as a round chunks them) and once client by client
@@ -38,6 +41,7 @@ from omegaconf import DictConfig
 from src.cohort import batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
 from src.config import load_config, validate
 from src.data.dataset import load
+from src.device import COUNTERS
 from src.federated import FederatedModule
 from src.reference import ExactAlignment, client_batches, make_client, train_client
 from src.results import publish_report, select_key
@@ -181,7 +185,9 @@ def table(report: dict[str, Any]) -> str:
               f"client-steps per round   {fmt(report['client_steps_per_round'], '.1f')}",
               f"client-steps per second  {fmt(report['client_steps_per_second'], '.1f')}",
               f"peak resident memory     {fmt(report['peak_rss_mib'], '.1f', ' MiB')}",
-              f"peak GPU memory          {fmt(report['peak_gpu_mib'], '.1f', ' MiB')}"]
+              f"peak GPU memory          {fmt(report['peak_gpu_mib'], '.1f', ' MiB')}",
+              f"host-device per round    {report['host_device_per_round']['transfers']:.1f} transfers, "
+              f"{report['host_device_per_round']['syncs']:.1f} syncs (calls through src/device.py)"]
     ref = report["reference"]
     if ref is None:
         lines += ["", f"stacked vs per-client reference: not run ({report['reference_note']})"]
@@ -213,12 +219,15 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     setup_s = time.perf_counter() - t0
     module.run_round()  # warm-up: allocator, kernels, first-call overheads
     rows, round_s = [], []
+    traffic = {"transfers": 0, "syncs": 0}
     for _ in range(int(cfg.fl.rounds)):
         sync(device)
+        before = COUNTERS.snapshot()
         tic = time.perf_counter()
         rows.append(module.run_round())
         sync(device)
         round_s.append(time.perf_counter() - tic)
+        traffic = {k: v + COUNTERS.snapshot()[k] - before[k] for k, v in traffic.items()}
     reference, reference_note = None, None
     if cfg.ablation.central:
         reference_note = "ablation=central trains one pooled model, there is no per-client training to compare"
@@ -240,6 +249,7 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         **round_figures(rows, round_s),
         "peak_rss_mib": peak_rss_mib(),
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "host_device_per_round": {k: v / int(cfg.fl.rounds) for k, v in traffic.items()},
         "reference": reference, "reference_note": reference_note,
         "val_hit@10_last": rows[-1].get("val/hit@10"),  # None when eval.ks lacks 10
         "select": select_key(cfg), "val_select_last": rows[-1].get(select_key(cfg)),

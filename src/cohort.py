@@ -5,6 +5,10 @@ per local epoch and cut into batches (`batch_layout`), all drawn from the client
 stream (`src/streams.py`). `train_cohort` then runs all clients'
 step t at once; a client whose batches are used up is masked (no parameter or optimiser-state
 change), so each client trains exactly as it would alone (tested against a per-client loop).
+
+On a GPU the step loop neither copies nor waits: a chunk's batches, which clients step when and
+their rows go to the device once per chunk (`ChunkBatches`), and the loss values come back once
+per chunk (`src/device.py` counts both).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from src.device import host_value, to_device
 from src.model import Params, flat_index, gather_items, score_embeddings
 from src.streams import ClientStream
 
@@ -90,6 +95,58 @@ def batch_layout(samples: RoundSamples, clients: torch.Tensor, epochs: int, batc
     return BatchLayout(index, steps)
 
 
+@dataclass
+class Active:
+    """The clients that step at one local step: `mask` [C] and their rows [A] in ascending order (None when
+    all C step), both on the device, and their number A, known on the host (no sync)."""
+
+    mask: torch.Tensor
+    rows: torch.Tensor | None
+    count: int
+
+
+@dataclass
+class ChunkBatches:
+    """A chunk's batches on the compute device, moved there once: items and labels [T, C, B] (padding:
+    the item and label of sample 0, `valid` False), `active` [T, C] (a client steps while it has a batch),
+    the active rows of all steps concatenated [sum_t A_t] and, on the host, each step's count A_t."""
+
+    items: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor
+    active: torch.Tensor
+    rows: torch.Tensor
+    counts: list[int]
+    bounds: list[int]
+
+    @classmethod
+    def build(cls, samples: RoundSamples, layout: BatchLayout, device: torch.device,
+              dtype: torch.dtype) -> ChunkBatches:
+        """Gather the chunk's samples on the host in step-major order and move them (five transfers)."""
+        index = layout.index.transpose(0, 1).contiguous()
+        valid = index >= 0
+        safe = index.clamp(min=0)
+        active = valid.any(dim=2)
+        counts = active.sum(dim=1).tolist()
+        bounds = [0]
+        for n in counts:
+            bounds.append(bounds[-1] + n)
+        return cls(to_device(samples.items[safe], device), to_device(samples.labels[safe], device, dtype),
+                   to_device(valid, device), to_device(active, device), to_device(active.nonzero()[:, 1], device),
+                   counts, bounds)
+
+    @property
+    def steps(self) -> int:
+        """T, the chunk's number of local steps (its longest client's)."""
+        return self.items.shape[0]
+
+    def at(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Active]:
+        """Step t: item ids [C, B], labels [C, B], valid [C, B] and the active clients; views, no copy."""
+        n, c = self.counts[t], self.items.shape[1]
+        rows = None if n == c else self.rows[self.bounds[t]:self.bounds[t + 1]]
+        return self.items[t], self.labels[t], self.valid[t], Active(self.active[t], rows, n)
+
+
 class StackedOptimizer:
     """SGD or Adam over stacked client tensors, stepping only the clients marked active.
 
@@ -111,21 +168,21 @@ class StackedOptimizer:
         elif self.name != "sgd":
             raise ValueError(f"optim.name={self.name!r}; expected sgd or adam")
 
-    def step(self, params: Params, grads: Params, active: torch.Tensor) -> None:
-        """Update `params` in place from `grads` for the clients where `active` [C] is True."""
+    def step(self, params: Params, grads: Params, active: Active) -> None:
+        """Update `params` in place from `grads` for the `active` clients."""
         if self.name == "sgd":
             for k, g in grads.items():
-                mask = active.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+                mask = active.mask.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
                 params[k].sub_(g * mask, alpha=self.lr[k])
             return
-        sel = None if bool(active.all()) else active.nonzero().squeeze(1)
+        sel = active.rows
 
         def take(x: torch.Tensor) -> torch.Tensor:
             """The active clients' rows: the tensor itself (updated in place) when all are active."""
             return x if sel is None else x.index_select(0, sel)
 
         for k, g in grads.items():
-            self.t[k] += active.to(self.t[k].dtype)
+            self.t[k] += active.mask.to(self.t[k].dtype)
             m, v, g, t = take(self.m[k]), take(self.v[k]), take(g), take(self.t[k])
             shape = (-1, *([1] * (g.dim() - 1)))
             m.mul_(self.b1).add_(g, alpha=1 - self.b1)
@@ -156,14 +213,14 @@ def bce_per_client(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tens
 
 
 def dense_on_active(dense_loss: DenseLoss, items: torch.Tensor, item_ids: torch.Tensor, valid: torch.Tensor,
-                    active: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                    active: Active) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The dense alignment terms of the clients still stepping only (padded ones get zeros), so a
     chunk's short clients do not pay for its long ones."""
-    if bool(active.all()):
+    if active.rows is None:
         return dense_loss(items, item_ids, valid)
-    rows = active.nonzero().squeeze(1)
+    rows = active.rows
     grad = torch.zeros_like(items)
-    if len(rows) == 0:
+    if active.count == 0:
         return {}, grad
     values, part = dense_loss(items[rows], item_ids[rows], valid[rows])
     grad[rows] = part
@@ -180,26 +237,22 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
     table); the chunk's total is the sum over clients, so each client's gradient is its own.
     With `optim.alternate` (the lineage's SGD) the score function steps first, then the item
     table steps on a fresh forward pass through the updated score function.
+    The loss values are read on the host once, after the last step (summed there in step order).
     """
     opt = StackedOptimizer(optim, params, n_items)
     alternate = bool(optim.get("alternate", False))
     device = params["items"].device
     score_keys = [k for k in params if k != "items"]
-    all_items = samples.items.to(device)
-    all_labels = samples.labels.to(device=device, dtype=params["items"].dtype)
-    totals: dict[str, float] = {}
+    batches = ChunkBatches.build(samples, layout, device, params["items"].dtype)
+    pending: list[tuple[str, torch.Tensor]] = []
     counted = 0
-    for t in range(layout.index.shape[1]):
-        idx = layout.index[:, t].to(device)
-        valid = idx >= 0
-        active = valid.any(dim=1)
-        safe = idx.clamp(min=0)
-        item_ids, labels = all_items[safe], all_labels[safe]
+    for t in range(batches.steps):
+        item_ids, labels, valid, active = batches.at(t)
         if alternate:
             score = {k: params[k].detach().requires_grad_() for k in score_keys}
             emb = gather_items(params["items"], item_ids)
             bce = bce_per_client(score_embeddings(score, emb), labels, valid, loss)
-            grads = torch.autograd.grad((bce * active).sum(), list(score.values()))
+            grads = torch.autograd.grad((bce * active.mask).sum(), list(score.values()))
             with torch.no_grad():
                 opt.step(params, dict(zip(score_keys, grads)), active)
         score = {k: params[k] if alternate else params[k].detach().requires_grad_() for k in score_keys}
@@ -210,7 +263,7 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
             extra, g_table = dense_on_active(dense_loss, params["items"], item_ids, valid, active)
             terms.update(extra)
         leaves = [emb] + ([] if alternate else list(score.values()))
-        grads = list(torch.autograd.grad((terms["bce"] * active).sum(), leaves, allow_unused=True))
+        grads = list(torch.autograd.grad((terms["bce"] * active.mask).sum(), leaves, allow_unused=True))
         with torch.no_grad():
             g_emb = grads.pop(0)
             g = {} if alternate else {k: grads.pop(0) for k in score_keys}
@@ -218,7 +271,7 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
             dim = params["items"].shape[2]
             if opt.name == "sgd" and g_table is None:
                 opt.step(params, g, active)
-                mask = active.view(-1, 1, 1).to(g_emb.dtype)
+                mask = active.mask.view(-1, 1, 1).to(g_emb.dtype)
                 params["items"].view(-1, dim).index_add_(0, flat, (g_emb * mask).reshape(-1, dim),
                                                          alpha=-opt.lr["items"])
             else:
@@ -226,11 +279,13 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
                 g_items.view(-1, dim).index_add_(0, flat, g_emb.reshape(-1, dim))
                 g["items"] = g_items
                 opt.step(params, g, active)
-            n_active = int(active.sum())
-            if n_active:
-                for k, v in terms.items():
-                    totals[k] = totals.get(k, 0.0) + float((v.detach() * active).sum())
-                counted += n_active
+            if active.count:
+                pending += [(k, (v.detach() * active.mask).sum()) for k, v in terms.items()]
+                counted += active.count
+    totals: dict[str, float] = {}
+    values = host_value(torch.stack([v.double() for _, v in pending])) if pending else []
+    for (k, _), value in zip(pending, values):
+        totals[k] = totals.get(k, 0.0) + value
     return {k: v / max(counted, 1) for k, v in totals.items()}
 
 

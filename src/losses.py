@@ -16,15 +16,17 @@ vanishes when no global similarity reaches sigma). Both are batched tensor algeb
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from src.device import to_device
 from src.similarity import normalised
 
 
 def cluster_sums(e: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """Sum of the normalised embeddings of every cluster: [C, K, d]."""
+    """Sum of the normalised embeddings of every cluster: [C, K, d] (a float `index_add`: its CUDA kernel
+    accumulates in varying order unless `compute.deterministic`, see src/device.py)."""
     out = torch.zeros(e.shape[0], n_clusters, e.shape[2], dtype=e.dtype, device=e.device)
     return out.index_add(1, labels, e)
 
@@ -99,7 +101,14 @@ def gsa_rows(e: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor,
     s = anchor_rows(e, anchors) if s is None else s
     g = global_sim[anchors].to(e.dtype)
     with torch.no_grad():
-        w = {"local": s >= sigma, "global": g >= sigma, "union": (s >= sigma) | (g >= sigma)}[mask]
+        if mask == "local":
+            w = s >= sigma
+        elif mask == "global":
+            w = g >= sigma
+        elif mask == "union":
+            w = (s >= sigma) | (g >= sigma)
+        else:
+            raise ValueError(f"model.gsa_mask={mask!r}; expected local, global or union")
         w &= torch.arange(m, device=e.device) != anchors.unsqueeze(2)
         w &= anchor_valid.unsqueeze(2)
     sq = _MaskedSquares.apply(s, g, w)
@@ -235,14 +244,32 @@ class AlignmentLoss:
     global_sim: torch.Tensor | None = None
     pairs: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
+    # (device, name) -> (the broadcast tensor as received, its copy on that device); see `on`
+    copies: dict[tuple[torch.device, str], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False)
 
     def update(self, labels: torch.Tensor | None, global_sim: torch.Tensor | None) -> None:
-        """Take the server's broadcast: community labels and the global similarity matrix."""
+        """Take the server's broadcast: community labels [m] (and the community sizes [K] they imply) and
+        the global similarity matrix [m, m] with its pairs above sigma [2, P] and their values [P]."""
         self.labels, self.global_sim = labels, global_sim
+        self.sizes = None if labels is None else torch.bincount(labels)
         if global_sim is not None:
             upper = torch.triu(global_sim >= self.sigma, diagonal=1)
             self.pairs = upper.nonzero().T.contiguous()
             self.targets = global_sim[self.pairs[0], self.pairs[1]]
+        self.copies.clear()
+
+    def on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The broadcast tensor `name` (labels, sizes, global_sim, pairs, targets) on `device`: copied once
+        per broadcast and device, then the same tensor for every step (a new tensor set on the attribute
+        without `update` is copied anew)."""
+        source = getattr(self, name)
+        cached = self.copies.get((device, name))
+        if cached is None or cached[0] is not source:
+            cached = (source, to_device(source, device))
+            self.copies[(device, name)] = cached
+        return cached[1]
 
     @property
     def active(self) -> bool:
@@ -258,8 +285,7 @@ class AlignmentLoss:
         if self.mode == "fast" and anchors is not None:
             s = anchor_rows(e, anchors[:, :self.fast_anchors])
         if self.use_ica and self.labels is not None:
-            labels = self.labels.to(table.device)
-            sizes = torch.bincount(labels)
+            labels, sizes = self.on("labels", table.device), self.on("sizes", table.device)
             if self.mode == "fast" and anchors is not None:
                 k = self.fast_anchors
                 out["ica"] = ica_batch(e, anchors[:, :k], anchor_valid[:, :k], labels, sizes, self.tau, self.tau0, s)
@@ -268,13 +294,13 @@ class AlignmentLoss:
         if self.use_gsa and self.global_sim is not None:
             if self.mode == "fast" and self.fast_gsa == "rows" and anchors is not None:
                 k = self.fast_anchors
-                out["gsa"] = gsa_rows(e, anchors[:, :k], anchor_valid[:, :k], self.global_sim.to(table.device),
+                out["gsa"] = gsa_rows(e, anchors[:, :k], anchor_valid[:, :k], self.on("global_sim", table.device),
                                       self.sigma, self.mask, self.reduction, s)
             elif self.mode == "fast" and self.fast_gsa == "pairs":
-                out["gsa"] = gsa_pairs(e, self.pairs.to(table.device), self.targets.to(table.device), self.sigma,
-                                       self.mask, self.reduction)
+                out["gsa"] = gsa_pairs(e, self.on("pairs", table.device), self.on("targets", table.device),
+                                       self.sigma, self.mask, self.reduction)
             else:
-                out["gsa"] = gsa_exact(e, self.global_sim.to(table.device), self.sigma, self.mask, self.reduction)
+                out["gsa"] = gsa_exact(e, self.on("global_sim", table.device), self.sigma, self.mask, self.reduction)
         return out
 
     def exact_value_and_grad(self, table: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -291,8 +317,7 @@ class AlignmentLoss:
             g_e = torch.zeros_like(flat)
             surrogate = e.new_zeros(())
             if self.use_ica and self.labels is not None:
-                labels = self.labels.to(table.device)
-                sizes = torch.bincount(labels)
+                labels, sizes = self.on("labels", table.device), self.on("sizes", table.device)
                 valid = (sizes[labels] > 1).to(e.dtype)
                 weight = (self.tau / self.tau0) * valid / valid.sum().clamp(min=1)
                 lse, g_lse = lse_blocked(flat, weight.expand(c, m), self.tau, rows)
@@ -301,7 +326,7 @@ class AlignmentLoss:
                 g_e += self.alpha * g_lse
                 surrogate = surrogate - self.alpha * pos.sum()
             if self.use_gsa and self.global_sim is not None:
-                gsa, g_gsa = gsa_blocked(flat, self.global_sim.to(table.device), self.sigma, self.mask,
+                gsa, g_gsa = gsa_blocked(flat, self.on("global_sim", table.device), self.sigma, self.mask,
                                          self.reduction, rows)
                 values["gsa"] = gsa
                 g_e += self.beta * g_gsa

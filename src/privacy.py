@@ -7,6 +7,8 @@ per round, b = sensitivity / ε protects **each entry** (entry-level ε); the up
 P = m(m-1)/2 entries computed from the same data, so the whole matrix is only (P ε)-DP per round
 (basic composition), and T rounds give T ε per entry and T P ε for the matrix. Both are reported.
 `privacy.scale` sets b directly instead (the lineage's FedCIA uses b = 0.001), ε then = sensitivity / b.
+The noise is drawn from a CPU generator on every device, so a seed gives the same noise on a GPU (at the
+cost of one host-to-device copy per similarity block, `src.similarity.laplace`).
 """
 from __future__ import annotations
 

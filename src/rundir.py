@@ -24,7 +24,8 @@ RESUMABLE_KEYS = ("resume", "fl.rounds", "fl.checkpoint_every", "eval.patience",
 # Keys added to the config after runs were made, with the value every run before them had. A config
 # that lacks such a key and one that holds this value describe the same run (resume checks, campaign
 # identity); list each new key that can change results here, with its neutral default.
-ADDED_KEYS = {"data.verify": True, "eval.select": "val/hit@10"}
+ADDED_KEYS = {"data.verify": True, "eval.select": "val/hit@10", "compute.deterministic": True,
+              "compute.matmul_precision": "highest", "fl.max_auto_chunk": 1024}
 
 
 def normalised(config: dict) -> dict[str, Any]:

@@ -3,27 +3,35 @@ from __future__ import annotations
 
 import torch
 
+from src.device import host_value
 from src.model import Params
 
 
 class MeanAggregator:
-    """Uniform mean of the uploaded tensors of each key, summed chunk by chunk (never all at once)."""
+    """Uniform mean of the uploaded tensors of each key, summed chunk by chunk (never all at once).
 
-    def __init__(self) -> None:
+    The sums stay on the device the uploads arrive on; `result` hands the mean to the server on
+    `device` (the CPU by default: the server state, the checkpoints and the Flower messages live there).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.device = torch.device(device)
 
     def add(self, params: Params, keys: list[str], uploaded: torch.Tensor) -> None:
-        """Add the chunk clients marked `uploaded` [C] to the running sums of `keys`."""
-        if not bool(uploaded.any()):
+        """Add the chunk clients marked `uploaded` [C] to the running sums of `keys` (one sync: their count)."""
+        n = int(host_value(uploaded.sum()))
+        if n == 0:
             return
         for k in keys:
             part = params[k][uploaded].sum(dim=0, dtype=torch.float64)
             self.sums[k] = self.sums[k] + part if k in self.sums else part
-        self.count += int(uploaded.sum())
+        self.count += n
 
     def result(self, previous: Params) -> Params:
-        """The mean of what arrived; `previous` values for keys when no client reported this round."""
+        """The mean of what arrived, on the server's device in the dtype of `previous`; `previous` values
+        for keys when no client reported this round."""
         if self.count == 0:
             return dict(previous)
-        return {k: (v / self.count).to(previous[k].dtype) for k, v in self.sums.items()}
+        return {k: (v / self.count).to(device=self.device, dtype=previous[k].dtype) for k, v in self.sums.items()}

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from src.comm import quantise
+from src.device import to_device
 
 
 def normalised(table: torch.Tensor, centre: bool) -> torch.Tensor:
@@ -33,8 +34,13 @@ def thresholded_upload(sim: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def laplace(shape: tuple[int, ...], scale: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Laplace(0, scale) samples by the inverse CDF of uniforms drawn from `generator` (reproducible)."""
-    u = torch.rand(shape, generator=generator).to(device) - 0.5
+    """Laplace(0, scale) samples by the inverse CDF of uniforms drawn from `generator` (reproducible).
+
+    The uniforms come from the CPU generator and are copied to `device` block by block: one host-to-device
+    copy per noisy block on a GPU. Kept so, because a device generator would draw other numbers (results
+    would then depend on the device); the noise is only drawn with `privacy.*` on.
+    """
+    u = to_device(torch.rand(shape, generator=generator), device) - 0.5
     return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
 
 

@@ -13,7 +13,8 @@ from src.config import ConfigError
 
 FIELDS = ["dataset", "protocol", "ablation", "n_users", "n_items", "config", "overrides", "device", "torch_version",
           "rounds", "warmup_rounds", "setup_s", "seconds_per_round", "client_steps_per_round",
-          "client_steps_per_second", "peak_rss_mib", "peak_gpu_mib", "reference", "reference_note"]
+          "client_steps_per_second", "peak_rss_mib", "peak_gpu_mib", "host_device_per_round", "reference",
+          "reference_note"]
 REFERENCE_FIELDS = ["clients", "chunks", "stacked_client_steps", "reference_client_steps", "stacked_padded_steps",
                     "stacked_s", "reference_s", "stacked_s_per_client", "reference_s_per_client", "speedup",
                     "bce_stacked", "bce_reference", "max_abs_param_diff", "alignment_included", "note"]
@@ -53,6 +54,8 @@ def test_bench_report(cache_dir, tmp_path, capsys, ablation):
     assert report["peak_rss_mib"] > 0
     assert report["peak_gpu_mib"] is None if report["device"]["type"] == "cpu" else report["peak_gpu_mib"] > 0
     assert report["device"]["name"] and report["device"]["torch_threads"] == 1
+    # counted on the CPU as on a GPU: per chunk one read of the losses and one of the uploaders' count
+    assert report["host_device_per_round"]["syncs"] == 2 * -(-report["n_users"] // report["config"]["chunk_size"])
 
     ref = report["reference"]
     assert report["reference_note"] is None
@@ -73,7 +76,8 @@ def test_bench_report(cache_dir, tmp_path, capsys, ablation):
     assert ref["stacked_alignment_mode"] == ("exact" if ablation == "full" else None)
 
     printed = capsys.readouterr().out
-    for text in ("s/round", "client-steps per second", "peak resident memory", "speed-up", name):
+    for text in ("s/round", "client-steps per second", "peak resident memory", "host-device per round", "speed-up",
+                 name):
         assert text in printed, text
 
 
