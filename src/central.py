@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from src.calibration import ItemKNNScorer, PopularityScorer
 from src.cohort import RoundSamples
+from src.data.dataset import FedData
+from src.device import host_value, to_device
 
 
 class CentralMF(torch.nn.Module):
@@ -37,20 +40,30 @@ class CentralTrainer:
         self.device = device
 
     def train_round(self, samples: RoundSamples, generator: torch.Generator) -> dict[str, float]:
-        """One epoch over the pooled samples in random order; returns the mean BCE."""
+        """One epoch over the pooled samples in random order; returns the mean BCE.
+
+        The samples and their order go to the device once per round, the batch losses [n_batches] come
+        back once after the last batch, and are summed on the host in batch order (as read batch by batch).
+        """
         counts = samples.ptr[1:] - samples.ptr[:-1]
         users = torch.repeat_interleave(torch.arange(len(counts)), counts)
         order = torch.randperm(len(users), generator=generator)
-        total, n = 0.0, 0
-        for start in range(0, len(order), self.batch):
-            idx = order[start:start + self.batch]
-            u, i, y = (t[idx].to(self.device) for t in (users, samples.items, samples.labels))
-            loss = F.binary_cross_entropy_with_logits(self.model(u, i), y)
+        users, items, labels, order_d = (to_device(t, self.device) for t in (users, samples.items, samples.labels,
+                                                                                order))
+        starts = range(0, len(order), self.batch)
+        losses = torch.empty(len(starts), device=self.device)
+        for b, start in enumerate(starts):
+            idx = order_d[start:start + self.batch]
+            loss = F.binary_cross_entropy_with_logits(self.model(users[idx], items[idx]), labels[idx])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            total += float(loss) * len(idx)
-            n += len(idx)
+            losses[b] = loss.detach()
+        total, n = 0.0, 0
+        for start, value in zip(starts, host_value(losses)):
+            size = min(self.batch, len(order) - start)
+            total += value * size
+            n += size
         return {"bce": total / max(n, 1)}
 
     @torch.no_grad()
@@ -67,3 +80,14 @@ class CentralTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
+
+
+def make_central(cfg: DictConfig, data: FedData, device: torch.device) -> CentralTrainer | PopularityScorer | ItemKNNScorer:
+    """The centralised method of the ablation: MF trained on the pooled samples (`central`), or a calibration
+    scorer that trains nothing (`ablation.scorer`: popularity, itemknn)."""
+    scorer = cfg.ablation.get("scorer", "mf")
+    if scorer == "popularity":
+        return PopularityScorer(data, device)
+    if scorer == "itemknn":
+        return ItemKNNScorer(data, int(cfg.ablation.k), device)
+    return CentralTrainer(cfg, data.n_users, data.n_items, device)

@@ -10,12 +10,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from src.device import MATMUL_PRECISIONS
 from src.protocols import TRAIN_NEGATIVE_POOLS
 from src.results import DEFAULT_SELECT, SELECT_PATTERN
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 COMMUNITY_METHODS = ("igraph", "leidenalg", "leidenalg_rb")
 LOSSES = ("sigmoid_bce", "logits_bce")
+CENTRAL_SCORERS = ("mf", "popularity", "itemknn")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -163,6 +165,13 @@ def _validate_ablation(cfg: DictConfig) -> None:
         _int(cfg, "ablation.batch_size", 1)
     if "init_std" in cfg.ablation:
         _num(cfg, "ablation.init_std", _positive, "> 0")
+    # the calibration baselines (src/calibration.py): centralised scorers that train nothing
+    if "scorer" in cfg.ablation:
+        _choice(cfg, "ablation.scorer", CENTRAL_SCORERS)
+        _check(bool(cfg.ablation.central), "ablation.central", cfg.ablation.central,
+               "true for a scorer ablation (it scores from the pooled training data)")
+        if cfg.ablation.scorer == "itemknn":
+            _int(cfg, "ablation.k", 1)
 
 
 def _validate_fl(cfg: DictConfig) -> None:
@@ -175,6 +184,8 @@ def _validate_fl(cfg: DictConfig) -> None:
     _check(chunk is None or chunk == "auto" or (is_int(chunk) and chunk >= 1), "fl.chunk_size", chunk,
            "null, auto or an integer >= 1")
     _num(cfg, "fl.memory_fraction", lambda x: 0 < x <= 1, "in (0, 1]")
+    if OmegaConf.select(cfg, "fl.max_auto_chunk", default=None) is not None:  # absent in older configs: 1024
+        _int(cfg, "fl.max_auto_chunk", 1)
     _int(cfg, "fl.checkpoint_every", 0, note=" (0 = never)")
 
 
@@ -209,6 +220,14 @@ def _validate_select(cfg: DictConfig, ks: ListConfig) -> None:
         _check(k in ks, "eval.ks", _shown(ks), f"a list that contains {k} ({DEFAULT_SELECT} selects the best round; "
                f"or choose another with eval.select=val/hit@K)")
     _check(k in ks, "eval.select", select, f"a cutoff K that eval.ks={_shown(ks)} contains")
+
+
+def _validate_compute(cfg: DictConfig) -> None:
+    """`compute.*` (src/device.py); absent in configs older than the block, which then mean its defaults."""
+    if OmegaConf.select(cfg, "compute", default=None) is None:
+        return
+    _bool(cfg, "compute.deterministic")
+    _choice(cfg, "compute.matmul_precision", MATMUL_PRECISIONS)
 
 
 def _validate_server(cfg: DictConfig) -> None:
@@ -252,6 +271,7 @@ def validate(cfg: DictConfig) -> None:
     """
     _int(cfg, "seed", 0)
     validate_device(_get(cfg, "device"))
+    _validate_compute(cfg)
     _validate_fl(cfg)
     _validate_model(cfg)
     _validate_optim(cfg)

@@ -12,13 +12,14 @@ import time
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from src.central import CentralTrainer
+from src.central import make_central
 from src.comm import Encoding, Ledger, embedding_bytes, quantise, shared_traffic
 from src.cohort import sample_round
 from src.data.dataset import FedData
+from src.device import resolve_device, setup_device  # noqa: F401 (resolve_device: re-exported for old imports)
 from src.evaluation import Evaluator
 from src.losses import AlignmentLoss
 from src.memory import auto_chunk_size, bytes_per_client, free_bytes
@@ -29,13 +30,6 @@ from src.rounds import (ClientPool, choose_clients, draw_failures, evaluate_clie
                         training_sampler)
 from src.server import MeanAggregator
 from src.similarity import SimilarityAggregator
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` = cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def shared_keys(ablation: DictConfig, params: Params) -> list[str]:
@@ -69,7 +63,8 @@ def resolve_chunk_size(cfg: DictConfig, n_items: int, n_clients: int, device: to
     aligned = bool(cfg.ablation.ica or cfg.ablation.gsa)
     per = bytes_per_client(n_items, int(m.dim), m.alignment if aligned else None, int(m.fast_anchors),
                            int(cfg.fl.batch_size))
-    return auto_chunk_size(n_clients, per, free_bytes(device), float(cfg.fl.memory_fraction))
+    return auto_chunk_size(n_clients, per, free_bytes(device), float(cfg.fl.memory_fraction),
+                           OmegaConf.select(cfg, "fl.max_auto_chunk", default=None))
 
 
 class FederatedModule(L.LightningModule):
@@ -79,7 +74,7 @@ class FederatedModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.cfg, self.data = cfg, data
-        self.compute_device = resolve_device(cfg.device)
+        self.compute_device = setup_device(cfg)  # first: before any CUDA work of the run
         init_gen = torch.Generator().manual_seed(int(cfg.seed))
         self.state: Params = init_params(cfg.model, data.n_users, data.n_items, init_gen)
         self.keys = shared_keys(cfg.ablation, self.state)
@@ -91,7 +86,7 @@ class FederatedModule(L.LightningModule):
         self.evaluator = Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking))
         self.history: list[dict] = []
         self.align = make_alignment(cfg) if (cfg.ablation.ica or cfg.ablation.gsa) else None
-        self.central = CentralTrainer(cfg, data.n_users, data.n_items, self.compute_device) if cfg.ablation.central else None
+        self.central = make_central(cfg, data, self.compute_device) if cfg.ablation.central else None
         self.chunk_size = self.resolve_chunk_size()
         self.encoding = Encoding.from_cfg(cfg.comm)
         self.ledger = Ledger(self.encoding, data.n_items)

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from src.rundir import normalised
 from src.results import atomic_write_text, best_round, selection_of
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
@@ -122,15 +123,10 @@ SAME_ROW = ("seed", "experiment_name", "data.root", "data.cache_dir", "device", 
             "audit.", "bench.")
 
 
-def flat(config: dict, prefix: str = "") -> dict[str, str]:
-    """A resolved config as {dotted key: value as text}."""
-    out: dict[str, str] = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out |= flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = str(v)
-    return out
+def flat(config: dict) -> dict[str, str]:
+    """A resolved config as {dotted key: value as text}, keys added later at their default left out (so a
+    run made before such a key existed groups with one made after)."""
+    return {k: str(v) for k, v in normalised(config).items()}
 
 
 def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, ...], list[dict]]:
