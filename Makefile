@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow bench gpu-check data reproduce reproduce-small certs flower-sim flower-loopback clean
+.PHONY: help install run test lint format test-slow bench gpu-check data reproduce reproduce-small certs flower-sim flower-loopback clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -27,6 +27,14 @@ run: install ## Run the default experiment (ML-100K); extra Hydra overrides via 
 
 test: install ## Run the test suite (fast tests; slow ones with `make test-slow`)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install ## ruff: lint rules and formatting check (configured in pyproject.toml); CI runs it before the tests
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: install ## ruff: fix what the lint rules can fix, then format
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
 
 test-slow: install ## Run only the slow tests (long runs on real data)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)

@@ -4,6 +4,7 @@ Every output of the project goes through `atomic_path`: the content is written t
 sibling whose name is unique per process and call, flushed to disk, given the permissions the
 user's umask asks for (temporary files are created 0600), then renamed over the target.
 """
+
 from __future__ import annotations
 
 import os

@@ -17,6 +17,7 @@ but that matrix and the broadcast global matrix S_g:
 Prints a table and writes JSON to `audit.out` (atomically; a relative path is relative to the
 current directory, as the audit makes no run folder to put it in).
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,13 +34,15 @@ from src.results import publish_report, select_key
 from src.similarity import SimilarityAggregator, normalised
 
 
-def decoded_upload(table: torch.Tensor, sigma: float, centre: bool, noise: float, bits: int,
-                   generator: torch.Generator) -> torch.Tensor:
+def decoded_upload(
+    table: torch.Tensor, sigma: float, centre: bool, noise: float, bits: int, generator: torch.Generator
+) -> torch.Tensor:
     """The m x m matrix the server decodes from one client's upload (symmetric, zero diagonal): the
     server's own aggregator run on that client alone, so noise, threshold and quantisation are the
     ones a run applies."""
-    agg = SimilarityAggregator(table.shape[0], sigma, centre, block=4_194_304, device=table.device,
-                               noise=noise, bits=bits, generator=generator)
+    agg = SimilarityAggregator(
+        table.shape[0], sigma, centre, block=4_194_304, device=table.device, noise=noise, bits=bits, generator=generator
+    )
     agg.add(table.double().unsqueeze(0), torch.ones(1, dtype=torch.bool, device=table.device))
     return agg.upper + agg.upper.T
 
@@ -93,7 +96,9 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     validate(cfg)  # audit.clients, audit.recovery_iters, audit.out, device, ... before any data is read
     n_clients = cfg.audit.clients
     if not (cfg.ablation.ica or cfg.ablation.gsa):
-        raise ConfigError(f"config ablation={cfg.ablation.name!r} uploads no similarity matrix: use full, no_ica or no_gsa")
+        raise ConfigError(
+            f"config ablation={cfg.ablation.name!r} uploads no similarity matrix: use full, no_ica or no_gsa"
+        )
     torch.manual_seed(int(cfg.seed))
     data = load(cfg)
     module = FederatedModule(cfg, data)
@@ -113,7 +118,7 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
         table = module.state["items"][u]
         upload = decoded_upload(table, sigma, bool(cfg.model.centre), module.noise_scale, module.encoding.bits, gen)
         truth = np.zeros(data.n_items, dtype=bool)
-        truth[items[ptr[u]:ptr[u + 1]]] = True
+        truth[items[ptr[u] : ptr[u + 1]]] = True
         for name, scores in membership_scores(upload, global_sim).items():
             aucs.setdefault(name, []).append(auc(scores, truth))
         target = normalised(table.double().unsqueeze(0), bool(cfg.model.centre))[0]
@@ -122,32 +127,48 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
         noise_x = torch.randn(x.shape, generator=gen, dtype=torch.float64)
         chance.append(aligned_cosine(noise_x, target))
     return {
-        "dataset": cfg.dataset.name, "protocol": cfg.protocol.name, "ablation": cfg.ablation.name,
-        "rounds": int(cfg.fl.rounds), "clients": len(chosen), "sigma": sigma,
-        "noise_scale": module.noise_scale, "epsilon_round_entry": module.eps_round, "bits": module.encoding.bits,
-        "overrides": list(overrides), "train_s": train_s,
+        "dataset": cfg.dataset.name,
+        "protocol": cfg.protocol.name,
+        "ablation": cfg.ablation.name,
+        "rounds": int(cfg.fl.rounds),
+        "clients": len(chosen),
+        "sigma": sigma,
+        "noise_scale": module.noise_scale,
+        "epsilon_round_entry": module.eps_round,
+        "bits": module.encoding.bits,
+        "overrides": list(overrides),
+        "train_s": train_s,
         "val_hit@10_last": module.history[-1].get("val/hit@10"),  # None when eval.ks lacks 10
-        "select": select_key(cfg), "val_select_last": module.history[-1].get(select_key(cfg)),
+        "select": select_key(cfg),
+        "val_select_last": module.history[-1].get(select_key(cfg)),
         "upload_nnz_mean": module.history[-1].get("comm/upload_nnz_mean"),
         "membership_auc": {k: float(np.nanmean(v)) for k, v in aucs.items()},
         "membership_auc_std": {k: float(np.nanstd(v)) for k, v in aucs.items()},
-        "recovery_cosine": float(np.mean(recovered)), "recovery_cosine_chance": float(np.mean(chance)),
+        "recovery_cosine": float(np.mean(recovered)),
+        "recovery_cosine_chance": float(np.mean(chance)),
     }
 
 
 def table(report: dict[str, Any]) -> str:
     """The human-readable summary of an audit report."""
     eps = report["epsilon_round_entry"]
-    lines = [f"audit: {report['dataset']} / {report['ablation']} / {report['protocol']}, after {report['rounds']} "
-             f"rounds, {report['clients']} clients, sigma {report['sigma']}, noise b={report['noise_scale']:.4g}"
-             f" (epsilon per entry per round {'-' if eps is None else f'{eps:.4g}'}), {report['bits']}-bit",
-             f"upload nonzeros per client {report['upload_nnz_mean']:.0f}, {report['select']} {report['val_select_last']:.4f}",
-             "", "interaction inference (ROC AUC vs training positives, 0.5 = chance):"]
+    lines = [
+        f"audit: {report['dataset']} / {report['ablation']} / {report['protocol']}, after {report['rounds']} "
+        f"rounds, {report['clients']} clients, sigma {report['sigma']}, noise b={report['noise_scale']:.4g}"
+        f" (epsilon per entry per round {'-' if eps is None else f'{eps:.4g}'}), {report['bits']}-bit",
+        f"upload nonzeros per client {report['upload_nnz_mean']:.0f}, "
+        f"{report['select']} {report['val_select_last']:.4f}",
+        "",
+        "interaction inference (ROC AUC vs training positives, 0.5 = chance):",
+    ]
     for name, value in report["membership_auc"].items():
         lines.append(f"  {name:<22}{value:.4f} ± {report['membership_auc_std'][name]:.4f}")
-    lines += ["", "embedding recovery up to rotation (mean cosine to the true normalised item vectors):",
-              f"  recovered from the upload  {report['recovery_cosine']:.4f}",
-              f"  random table (chance)      {report['recovery_cosine_chance']:.4f}"]
+    lines += [
+        "",
+        "embedding recovery up to rotation (mean cosine to the true normalised item vectors):",
+        f"  recovered from the upload  {report['recovery_cosine']:.4f}",
+        f"  random table (chance)      {report['recovery_cosine_chance']:.4f}",
+    ]
     return "\n".join(lines)
 
 

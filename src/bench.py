@@ -25,6 +25,7 @@ no run folder), runs one warm-up round that is not counted, then R rounds, and r
 
 Prints a table and writes the same figures as JSON to `bench.out` (atomically).
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,7 @@ def cpu_model() -> str:
 def device_info(device: torch.device) -> dict[str, Any]:
     """What ran the bench: GPU name, or CPU model; torch intra-op threads and visible CPU cores."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    return {"type": device.type, "name": name, "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count()}
+    return {"type": device.type, "name": name, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
 
 
 def peak_rss_mib() -> float:
@@ -102,11 +102,19 @@ def reference_comparison(module: FederatedModule, n_clients: int, generator: tor
     epochs, batch_size, n_items = int(fl.local_epochs), int(fl.batch_size), module.data.n_items
     k = min(n_clients, module.data.n_users)
     clients = torch.randperm(module.data.n_users, generator=generator)[:k].sort().values
-    samples = sample_round(module.train_ptr, module.train_items, module.sampler,
-                           int(cfg.protocol.train_negatives), int(cfg.seed), module.current_round())
+    samples = sample_round(
+        module.train_ptr,
+        module.train_items,
+        module.sampler,
+        int(cfg.protocol.train_negatives),
+        int(cfg.seed),
+        module.current_round(),
+    )
     steps = local_steps(samples, clients, epochs, batch_size)
-    chunks = [(rows, batch_layout(samples, rows, epochs, batch_size, int(cfg.seed), module.current_round()))
-              for rows in chunks_by_steps(clients, steps, module.chunk_size)]
+    chunks = [
+        (rows, batch_layout(samples, rows, epochs, batch_size, int(cfg.seed), module.current_round()))
+        for rows in chunks_by_steps(clients, steps, module.chunk_size)
+    ]
 
     def start(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         params = module.pool.params(rows, device)
@@ -118,10 +126,18 @@ def reference_comparison(module: FederatedModule, n_clients: int, generator: tor
     dense = align.value_and_grad if align is not None else None
     plain = None
     if align is not None:
-        plain = ExactAlignment(align.alpha if align.use_ica else 0.0, align.beta if align.use_gsa else 0.0,
-                               align.tau, align.tau0, align.sigma, align.centre, align.mask, align.reduction,
-                               None if align.labels is None else align.labels.to(device),
-                               None if align.global_sim is None else align.global_sim.to(device))
+        plain = ExactAlignment(
+            align.alpha if align.use_ica else 0.0,
+            align.beta if align.use_gsa else 0.0,
+            align.tau,
+            align.tau0,
+            align.sigma,
+            align.centre,
+            align.mask,
+            align.reduction,
+            None if align.labels is None else align.labels.to(device),
+            None if align.global_sim is None else align.global_sim.to(device),
+        )
     stacked_s, stacked_steps, stacked_bce, padded = 0.0, 0, 0.0, 0
     reference_s, reference_losses, max_diff = 0.0, [], 0.0
     for rows, layout in chunks:
@@ -150,18 +166,23 @@ def reference_comparison(module: FederatedModule, n_clients: int, generator: tor
     if align is None:
         note = "same work: the method is BCE only"
     else:
-        note = (f"with alignment: stacked {align.mode} mode, reference the exact loss written plainly per client")
+        note = f"with alignment: stacked {align.mode} mode, reference the exact loss written plainly per client"
     return {
-        "clients": k, "chunks": len(chunks),
-        "stacked_client_steps": stacked_steps, "reference_client_steps": len(reference_losses),
+        "clients": k,
+        "chunks": len(chunks),
+        "stacked_client_steps": stacked_steps,
+        "reference_client_steps": len(reference_losses),
         "stacked_padded_steps": padded,
-        "stacked_s": stacked_s, "reference_s": reference_s,
-        "stacked_s_per_client": stacked_s / k, "reference_s_per_client": reference_s / k,
+        "stacked_s": stacked_s,
+        "reference_s": reference_s,
+        "stacked_s_per_client": stacked_s / k,
+        "reference_s_per_client": reference_s / k,
         "speedup": reference_s / stacked_s if stacked_s > 0 else None,
         "bce_stacked": stacked_bce / max(stacked_steps, 1),
         "bce_reference": sum(reference_losses) / max(len(reference_losses), 1),
         "max_abs_param_diff": max_diff,
-        "alignment_included": align is not None, "stacked_alignment_mode": None if align is None else align.mode,
+        "alignment_included": align is not None,
+        "stacked_alignment_mode": None if align is None else align.mode,
         "note": note,
     }
 
@@ -174,34 +195,40 @@ def fmt(value: Any, spec: str = ".4f", unit: str = "") -> str:
 def table(report: dict[str, Any]) -> str:
     """The human-readable summary of a bench report."""
     cfg, dev = report["config"], report["device"]
-    lines = [f"bench: {report['dataset']} / {report['ablation']} / {report['protocol']}, optim {cfg['optim']}, "
-             f"{report['n_users']} clients x {report['n_items']} items, {report['rounds']} rounds after "
-             f"{report['warmup_rounds']} warm-up",
-             f"device: {dev['type']}, {dev['name']} (torch threads {dev['torch_threads']}, "
-             f"cpu cores {dev['cpu_count']})",
-             "", f"{'phase':<12}{'s/round':>10}"]
+    lines = [
+        f"bench: {report['dataset']} / {report['ablation']} / {report['protocol']}, optim {cfg['optim']}, "
+        f"{report['n_users']} clients x {report['n_items']} items, {report['rounds']} rounds after "
+        f"{report['warmup_rounds']} warm-up",
+        f"device: {dev['type']}, {dev['name']} (torch threads {dev['torch_threads']}, cpu cores {dev['cpu_count']})",
+        "",
+        f"{'phase':<12}{'s/round':>10}",
+    ]
     lines += [f"{p:<12}{v:>10.4f}" for p, v in report["seconds_per_round"].items()]
-    lines += ["",
-              f"client-steps per round   {fmt(report['client_steps_per_round'], '.1f')}",
-              f"client-steps per second  {fmt(report['client_steps_per_second'], '.1f')}",
-              f"peak resident memory     {fmt(report['peak_rss_mib'], '.1f', ' MiB')}",
-              f"peak GPU memory          {fmt(report['peak_gpu_mib'], '.1f', ' MiB')}",
-              f"host-device per round    {report['host_device_per_round']['transfers']:.1f} transfers, "
-              f"{report['host_device_per_round']['syncs']:.1f} syncs (calls through src/device.py)"]
+    lines += [
+        "",
+        f"client-steps per round   {fmt(report['client_steps_per_round'], '.1f')}",
+        f"client-steps per second  {fmt(report['client_steps_per_second'], '.1f')}",
+        f"peak resident memory     {fmt(report['peak_rss_mib'], '.1f', ' MiB')}",
+        f"peak GPU memory          {fmt(report['peak_gpu_mib'], '.1f', ' MiB')}",
+        f"host-device per round    {report['host_device_per_round']['transfers']:.1f} transfers, "
+        f"{report['host_device_per_round']['syncs']:.1f} syncs (calls through src/device.py)",
+    ]
     ref = report["reference"]
     if ref is None:
         lines += ["", f"stacked vs per-client reference: not run ({report['reference_note']})"]
     else:
-        lines += ["", f"stacked vs per-client reference ({ref['clients']} random clients, same batches; "
-                      f"{ref['note']}):",
-                  f"  stacked (train_cohort)   {ref['stacked_s_per_client'] * 1e3:10.3f} ms/client",
-                  f"  reference (one by one)   {ref['reference_s_per_client'] * 1e3:10.3f} ms/client",
-                  f"  speed-up                 {fmt(ref['speedup'], '.1f', 'x')}",
-                  f"  client-steps             {ref['stacked_client_steps']} stacked "
-                  f"({ref['stacked_padded_steps']} with padding to each chunk's longest client), "
-                  f"{ref['reference_client_steps']} reference",
-                  f"  mean BCE                 {ref['bce_stacked']:.6f} stacked, {ref['bce_reference']:.6f} reference "
-                  f"(max |param diff| {ref['max_abs_param_diff']:.2e})"]
+        lines += [
+            "",
+            f"stacked vs per-client reference ({ref['clients']} random clients, same batches; {ref['note']}):",
+            f"  stacked (train_cohort)   {ref['stacked_s_per_client'] * 1e3:10.3f} ms/client",
+            f"  reference (one by one)   {ref['reference_s_per_client'] * 1e3:10.3f} ms/client",
+            f"  speed-up                 {fmt(ref['speedup'], '.1f', 'x')}",
+            f"  client-steps             {ref['stacked_client_steps']} stacked "
+            f"({ref['stacked_padded_steps']} with padding to each chunk's longest client), "
+            f"{ref['reference_client_steps']} reference",
+            f"  mean BCE                 {ref['bce_stacked']:.6f} stacked, {ref['bce_reference']:.6f} reference "
+            f"(max |param diff| {ref['max_abs_param_diff']:.2e})",
+        ]
     return "\n".join(lines)
 
 
@@ -236,23 +263,36 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     else:
         reference = reference_comparison(module, n_ref, torch.Generator().manual_seed(int(cfg.seed) + 7))
     return {
-        "dataset": cfg.dataset.name, "protocol": cfg.protocol.name, "ablation": cfg.ablation.name,
-        "n_users": data.n_users, "n_items": data.n_items,
-        "config": {"optim": cfg.optim.name, "seed": int(cfg.seed), "device": str(cfg.device),
-                   "local_epochs": int(cfg.fl.local_epochs), "batch_size": int(cfg.fl.batch_size),
-                   "chunk_size": module.chunk_size, "client_fraction": float(cfg.fl.client_fraction),
-                   "model_dim": int(cfg.model.dim)},
+        "dataset": cfg.dataset.name,
+        "protocol": cfg.protocol.name,
+        "ablation": cfg.ablation.name,
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "config": {
+            "optim": cfg.optim.name,
+            "seed": int(cfg.seed),
+            "device": str(cfg.device),
+            "local_epochs": int(cfg.fl.local_epochs),
+            "batch_size": int(cfg.fl.batch_size),
+            "chunk_size": module.chunk_size,
+            "client_fraction": float(cfg.fl.client_fraction),
+            "model_dim": int(cfg.model.dim),
+        },
         "overrides": list(overrides),
         "device": device_info(device),
         "torch_version": torch.__version__,
-        "rounds": int(cfg.fl.rounds), "warmup_rounds": 1, "setup_s": setup_s,
+        "rounds": int(cfg.fl.rounds),
+        "warmup_rounds": 1,
+        "setup_s": setup_s,
         **round_figures(rows, round_s),
         "peak_rss_mib": peak_rss_mib(),
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "host_device_per_round": {k: v / int(cfg.fl.rounds) for k, v in traffic.items()},
-        "reference": reference, "reference_note": reference_note,
+        "reference": reference,
+        "reference_note": reference_note,
         "val_hit@10_last": rows[-1].get("val/hit@10"),  # None when eval.ks lacks 10
-        "select": select_key(cfg), "val_select_last": rows[-1].get(select_key(cfg)),
+        "select": select_key(cfg),
+        "val_select_last": rows[-1].get(select_key(cfg)),
     }
 
 

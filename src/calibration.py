@@ -11,6 +11,7 @@ every method (same candidates, same protocol, ties against the held-out item):
 They expose the interface of the centralised trainer (`train_round`, `score`, `state_dict`), so a
 run treats them as `ablation.central` methods whose rounds train nothing.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -16,6 +16,7 @@ Work folders (checkpoints) live outside the repository (`--work`, default
 round and checkpoints) and resumes from there the next time, while its checkpoint is still there.
 `python -m src.campaign store <run folder> ...` stores runs made by hand (`python -m src.run`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,21 @@ BENCH = REPO / "results" / "bench"
 # the grid axes that name a stored run's folder; every other override names its variant
 AXES = ("dataset", "ablation", "protocol", "seed")
 # keys that do not change what a run computes: they never tell two runs apart
-NOT_IDENTITY = ("resume", "experiment_name", "logger.", "data.root", "data.cache_dir", "fl.checkpoint_every",
-                "fl.chunk_size", "fl.memory_fraction", "device", "bench.", "audit.", "flower.", "hydra.")
+NOT_IDENTITY = (
+    "resume",
+    "experiment_name",
+    "logger.",
+    "data.root",
+    "data.cache_dir",
+    "fl.checkpoint_every",
+    "fl.chunk_size",
+    "fl.memory_fraction",
+    "device",
+    "bench.",
+    "audit.",
+    "flower.",
+    "hydra.",
+)
 
 
 @dataclass(eq=False)
@@ -68,8 +82,10 @@ class Run:
     @property
     def label(self) -> str:
         c = self.config
-        return f"{self.experiment}/{c['dataset']['name']}/{c['ablation']['name']}/{c['protocol']['name']}/" \
-               f"{self.variant}/seed{c['seed']}"
+        return (
+            f"{self.experiment}/{c['dataset']['name']}/{c['ablation']['name']}/{c['protocol']['name']}/"
+            f"{self.variant}/seed{c['seed']}"
+        )
 
 
 def identity(config: dict[str, Any]) -> str:
@@ -103,8 +119,9 @@ def compose_config(overrides: list[str], hydra_node: bool = False):
 
 def expand(experiment: str, cli: list[str]) -> list[Run]:
     """The runs of one overlay: its sweeper grid with the command line's values replacing or adding axes."""
-    params = OmegaConf.select(compose_config([f"experiment={experiment}"], hydra_node=True),
-                              "hydra.sweeper.params") or {}
+    params = (
+        OmegaConf.select(compose_config([f"experiment={experiment}"], hydra_node=True), "hydra.sweeper.params") or {}
+    )
     grid: dict[str, list[str]] = {k: sweep_values(f"{k}={v}")[1] for k, v in params.items()}
     for override in cli:
         key, values = sweep_values(override)
@@ -134,31 +151,52 @@ def stored_runs(root: Path = RUNS) -> dict[str, Path]:
 def git_commit() -> str:
     """The checkout's commit, with `+dirty` when tracked source or config files differ from it."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
-                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
 
 
-def store(run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS,
-          variant: str | None = None) -> Path:
+def store(
+    run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS, variant: str | None = None
+) -> Path:
     """Copy a finished run's results.json (compact), config and a run.json into `root`; return its folder."""
     payload = json.loads((run_dir / "results.json").read_text())
     if not payload.get("finished"):
         raise ValueError(f"{run_dir}/results.json: the run did not finish; nothing stored")
     config = payload["config"]
     key = identity(config)
-    dest = root / experiment / config["dataset"]["name"] / config["ablation"]["name"] / \
-        config["protocol"]["name"] / (variant or variant_name(overrides)) / f"seed{config['seed']}"
+    dest = (
+        root
+        / experiment
+        / config["dataset"]["name"]
+        / config["ablation"]["name"]
+        / config["protocol"]["name"]
+        / (variant or variant_name(overrides))
+        / f"seed{config['seed']}"
+    )
     atomic_write_text(dest / "results.json", json.dumps(payload, separators=(",", ":")))
     atomic_write_text(dest / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
-    meta = {"key": key, "experiment": experiment, "overrides": overrides, "commit": commit,
-            "device": config.get("device"), "rounds": len(payload["history"]),
-            "total_s": payload.get("timings", {}).get("total_s"), "source": str(run_dir),
-            "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "key": key,
+        "experiment": experiment,
+        "overrides": overrides,
+        "commit": commit,
+        "device": config.get("device"),
+        "rounds": len(payload["history"]),
+        "total_s": payload.get("timings", {}).get("total_s"),
+        "source": str(run_dir),
+        "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     atomic_write_text(dest / "run.json", json.dumps(meta, indent=1) + "\n")
     return dest
 
@@ -177,8 +215,12 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]]) -> f
         mode = bench.get("reference", {}).get("stacked_alignment_mode") if bench_aligned else "-"
         if bench_aligned == aligned and (mode == kind[2] or not aligned):
             return 2.0 * bench["seconds_per_round"]["round"]  # one thread per job, two jobs side by side
-    users, items = {"ml-100k": (943, 1682), "filmtrust": (1227, 2071), "ml-1m": (6040, 3706),
-                    "lastfm-2k": (1600, 12454)}.get(ds, (943, 1682))
+    users, items = {
+        "ml-100k": (943, 1682),
+        "filmtrust": (1227, 2071),
+        "ml-1m": (6040, 3706),
+        "lastfm-2k": (1600, 12454),
+    }.get(ds, (943, 1682))
     scale = users * items / (943 * 1682) * (items / 1682 if aligned else 1.0)
     return (15.0 if aligned else 1.0) * scale
 
@@ -194,8 +236,12 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]
             continue
         c, ab = payload["config"], payload["config"]["ablation"]
         aligned = bool(ab.get("ica") or ab.get("gsa"))
-        stats.append({"kind": (c["dataset"]["name"], aligned, c["model"]["alignment"] if aligned else "-",
-                               ab.get("central")), "mean_round_s": payload.get("timings", {}).get("mean_round_s")})
+        stats.append(
+            {
+                "kind": (c["dataset"]["name"], aligned, c["model"]["alignment"] if aligned else "-", ab.get("central")),
+                "mean_round_s": payload.get("timings", {}).get("mean_round_s"),
+            }
+        )
     runs, seen = [], set()
     for experiment in experiments:
         for run in expand(experiment, cli):
@@ -226,19 +272,27 @@ def launch(run: Run, work: Path, device: str | None, threads: int) -> subprocess
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # a start that never reached a checkpoint: begin again
     on_device = [f"device={device}", *(["fl.chunk_size=auto"] if device.startswith("cuda") else [])] if device else []
-    args = [*run.overrides, *on_device, f"hydra.run.dir={folder}",
-            *(["resume=true"] if resume else [])]
+    args = [*run.overrides, *on_device, f"hydra.run.dir={folder}", *(["resume=true"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     folder.parent.mkdir(parents=True, exist_ok=True)
     run.extra["commit"] = git_commit()  # the code this process runs, dirty or not, read when it starts
     log = open(work / f"{run.key}.log", "a")
     print(f"start  {run.label} ({'resume' if resume else 'new'}, est {run.est_s / 60:.1f} min)", flush=True)
-    return subprocess.Popen([sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
-def execute(runs: list[Run], budget_s: float | None, jobs: int, work: Path, device: str | None,
-            threads: int, root: Path = RUNS, commit_each: bool = False) -> list[Run]:
+def execute(
+    runs: list[Run],
+    budget_s: float | None,
+    jobs: int,
+    work: Path,
+    device: str | None,
+    threads: int,
+    root: Path = RUNS,
+    commit_each: bool = False,
+) -> list[Run]:
     """Run the pending runs, cheapest first, `jobs` at a time, within the budget; store each as it ends."""
     pending = sorted((r for r in runs if r.status == "pending"), key=lambda r: r.est_s)
     running: dict[Run, subprocess.Popen] = {}
@@ -246,7 +300,7 @@ def execute(runs: list[Run], budget_s: float | None, jobs: int, work: Path, devi
     while pending or running:
         left = None if budget_s is None else budget_s - (time.monotonic() - start)
         if left is not None and left <= 0:
-            for run, proc in running.items():
+            for proc in running.values():
                 proc.send_signal(15)  # SIGTERM: the run finishes its round, checkpoints, exits
             for run, proc in running.items():
                 proc.wait()
@@ -265,8 +319,11 @@ def execute(runs: list[Run], budget_s: float | None, jobs: int, work: Path, devi
             if proc.returncode == 0 and (folder / "results.json").is_file():
                 run.stored = store(folder, run.experiment, run.overrides, run.extra["commit"], root)
                 run.status = "stored"
-                print(f"stored {run.label} -> {run.stored.relative_to(REPO) if run.stored.is_relative_to(REPO) else run.stored}",
-                      flush=True)
+                print(
+                    f"stored {run.label} -> "
+                    f"{run.stored.relative_to(REPO) if run.stored.is_relative_to(REPO) else run.stored}",
+                    flush=True,
+                )
                 if commit_each:
                     commit_run(run)
                 shutil.rmtree(folder, ignore_errors=True)
@@ -301,8 +358,11 @@ def summary(runs: list[Run], work: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.campaign", description=__doc__.split("\n\n")[1])
-    parser.add_argument("args", nargs="*", help="experiment=<overlay> (repeatable) and key=value[,value] overrides; "
-                                                "or `store <run folder>...`")
+    parser.add_argument(
+        "args",
+        nargs="*",
+        help="experiment=<overlay> (repeatable) and key=value[,value] overrides; or `store <run folder>...`",
+    )
     parser.add_argument("--budget-min", type=float, default=None, help="stop (SIGTERM, checkpoint) after this long")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
@@ -333,8 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = plan(experiments, overrides, ns.runs)
     if not ns.dry_run:
         work.mkdir(parents=True, exist_ok=True)
-        execute(runs, None if ns.budget_min is None else 60 * ns.budget_min, ns.jobs, work, ns.device, ns.threads,
-                ns.runs, ns.git_commit)
+        execute(
+            runs,
+            None if ns.budget_min is None else 60 * ns.budget_min,
+            ns.jobs,
+            work,
+            ns.device,
+            ns.threads,
+            ns.runs,
+            ns.git_commit,
+        )
     print(summary(runs, work))
     return int(any(r.status == "failed" for r in runs))
 

@@ -3,6 +3,7 @@
 Same data, negatives and evaluation as the federated methods; one round = one epoch over the
 pooled round samples. It bounds what federation costs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,12 +49,13 @@ class CentralTrainer:
         counts = samples.ptr[1:] - samples.ptr[:-1]
         users = torch.repeat_interleave(torch.arange(len(counts)), counts)
         order = torch.randperm(len(users), generator=generator)
-        users, items, labels, order_d = (to_device(t, self.device) for t in (users, samples.items, samples.labels,
-                                                                                order))
+        users, items, labels, order_d = (
+            to_device(t, self.device) for t in (users, samples.items, samples.labels, order)
+        )
         starts = range(0, len(order), self.batch)
         losses = torch.empty(len(starts), device=self.device)
         for b, start in enumerate(starts):
-            idx = order_d[start:start + self.batch]
+            idx = order_d[start : start + self.batch]
             loss = F.binary_cross_entropy_with_logits(self.model(users[idx], items[idx]), labels[idx])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -82,7 +84,9 @@ class CentralTrainer:
         self.opt.load_state_dict(state["opt"])
 
 
-def make_central(cfg: DictConfig, data: FedData, device: torch.device) -> CentralTrainer | PopularityScorer | ItemKNNScorer:
+def make_central(
+    cfg: DictConfig, data: FedData, device: torch.device
+) -> CentralTrainer | PopularityScorer | ItemKNNScorer:
     """The centralised method of the ablation: MF trained on the pooled samples (`central`), or a calibration
     scorer that trains nothing (`ablation.scorer`: popularity, itemknn)."""
     scorer = cfg.ablation.get("scorer", "mf")

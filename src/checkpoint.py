@@ -6,6 +6,7 @@ was trained with, the rounds done and the seconds spent over all processes so fa
 the record first: it refuses another config before anything is loaded or written, and a
 corrupted or truncated checkpoint before Lightning reads it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,15 +46,20 @@ def read_record(ckpt: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {ckpt} has no record {path.name} (written by an older version, or "
-                              f"copied without it), so its config cannot be checked; restart the run without "
-                              f"resume in a new folder") from None
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no record {path.name} (written by an older version, or "
+            f"copied without it), so its config cannot be checked; restart the run without "
+            f"resume in a new folder"
+        ) from None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint record {path} is unreadable ({exc}); restart the run without resume "
-                              f"in a new folder") from None
+        raise CheckpointError(
+            f"checkpoint record {path} is unreadable ({exc}); restart the run without resume in a new folder"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or "sha256" not in record:
-        raise CheckpointError(f"checkpoint record {path} is not a format-{RECORD_FORMAT} record; restart the run "
-                              f"without resume in a new folder")
+        raise CheckpointError(
+            f"checkpoint record {path} is not a format-{RECORD_FORMAT} record; restart the run "
+            f"without resume in a new folder"
+        )
     return record
 
 
@@ -64,7 +70,8 @@ def verify(ckpt: Path, record: dict[str, Any]) -> None:
         raise CheckpointError(
             f"checkpoint {ckpt} is corrupted or truncated: sha256 {found}, its record {record_path(ckpt).name} "
             f"expects {record['sha256']}. Resume from an intact copy (resume=<path to last.ckpt>) or restart "
-            f"the run without resume in a new folder")
+            f"the run without resume in a new folder"
+        )
 
 
 class AtomicCheckpoint(L.Callback):
@@ -74,8 +81,16 @@ class AtomicCheckpoint(L.Callback):
     the number of processes of the run before this one (a resume), `start` is this process's start.
     """
 
-    def __init__(self, dirpath: Path, every: int, config: dict, data_digest: str, start: float,
-                 prior_s: float = 0.0, processes: int = 1):
+    def __init__(
+        self,
+        dirpath: Path,
+        every: int,
+        config: dict,
+        data_digest: str,
+        start: float,
+        prior_s: float = 0.0,
+        processes: int = 1,
+    ):
         self.dirpath, self.every = Path(dirpath), int(every)
         self.config, self.data_digest = config, data_digest
         self.start, self.prior_s, self.processes = start, prior_s, processes
@@ -99,13 +114,21 @@ class AtomicCheckpoint(L.Callback):
         with atomic_path(self.last) as tmp:
             trainer.save_checkpoint(tmp)
             digest = sha256_file(tmp)
-        record = {"format": RECORD_FORMAT, "round": done, "sha256": digest, "config": self.config,
-                  "data": self.data_digest, "elapsed_s": self.elapsed(), "processes": self.processes}
+        record = {
+            "format": RECORD_FORMAT,
+            "round": done,
+            "sha256": digest,
+            "config": self.config,
+            "data": self.data_digest,
+            "elapsed_s": self.elapsed(),
+            "processes": self.processes,
+        }
         atomic_write_text(record_path(self.last), json.dumps(record, indent=1))
         self.saved_round = done
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
-        if self.every > 0 and (done % self.every == 0 or done == trainer.max_epochs or trainer.should_stop
-                               or trainer.received_sigterm):
+        if self.every > 0 and (
+            done % self.every == 0 or done == trainer.max_epochs or trainer.should_stop or trainer.received_sigterm
+        ):
             self.save(trainer, done)

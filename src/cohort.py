@@ -10,10 +10,11 @@ On a GPU the step loop neither copies nor waits: a chunk's batches, which client
 their rows go to the device once per chunk (`ChunkBatches`), and the loss values come back once
 per chunk (`src/device.py` counts both).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,15 @@ class RoundSamples:
     users: torch.Tensor
 
 
-def sample_round(train_ptr: torch.Tensor, train_items: torch.Tensor, sampler, num_negatives: int,
-                 seed: int, round_: int, users: torch.Tensor | None = None) -> RoundSamples:
+def sample_round(
+    train_ptr: torch.Tensor,
+    train_items: torch.Tensor,
+    sampler,
+    num_negatives: int,
+    seed: int,
+    round_: int,
+    users: torch.Tensor | None = None,
+) -> RoundSamples:
     """Each training positive of `users` (default all) followed by `num_negatives` negatives from its
     client's pool; a client's draws depend only on (seed, round, client), see `src/streams.py`."""
     users = torch.arange(len(train_ptr) - 1) if users is None else users.long()
@@ -69,8 +77,9 @@ class BatchLayout:
         return self.index >= 0
 
 
-def batch_layout(samples: RoundSamples, clients: torch.Tensor, epochs: int, batch_size: int,
-                 seed: int, round_: int) -> BatchLayout:
+def batch_layout(
+    samples: RoundSamples, clients: torch.Tensor, epochs: int, batch_size: int, seed: int, round_: int
+) -> BatchLayout:
     """Shuffle each client's samples once per epoch and cut every epoch into batches of `batch_size`.
 
     `clients` are rows of `samples`; the shuffle keys come from each client's own stream.
@@ -120,8 +129,9 @@ class ChunkBatches:
     bounds: list[int]
 
     @classmethod
-    def build(cls, samples: RoundSamples, layout: BatchLayout, device: torch.device,
-              dtype: torch.dtype) -> ChunkBatches:
+    def build(
+        cls, samples: RoundSamples, layout: BatchLayout, device: torch.device, dtype: torch.dtype
+    ) -> ChunkBatches:
         """Gather the chunk's samples on the host in step-major order and move them (five transfers)."""
         index = layout.index.transpose(0, 1).contiguous()
         valid = index >= 0
@@ -131,9 +141,15 @@ class ChunkBatches:
         bounds = [0]
         for n in counts:
             bounds.append(bounds[-1] + n)
-        return cls(to_device(samples.items[safe], device), to_device(samples.labels[safe], device, dtype),
-                   to_device(valid, device), to_device(active, device), to_device(active.nonzero()[:, 1], device),
-                   counts, bounds)
+        return cls(
+            to_device(samples.items[safe], device),
+            to_device(samples.labels[safe], device, dtype),
+            to_device(valid, device),
+            to_device(active, device),
+            to_device(active.nonzero()[:, 1], device),
+            counts,
+            bounds,
+        )
 
     @property
     def steps(self) -> int:
@@ -143,7 +159,7 @@ class ChunkBatches:
     def at(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Active]:
         """Step t: item ids [C, B], labels [C, B], valid [C, B] and the active clients; views, no copy."""
         n, c = self.counts[t], self.items.shape[1]
-        rows = None if n == c else self.rows[self.bounds[t]:self.bounds[t + 1]]
+        rows = None if n == c else self.rows[self.bounds[t] : self.bounds[t + 1]]
         return self.items[t], self.labels[t], self.valid[t], Active(self.active[t], rows, n)
 
 
@@ -212,8 +228,9 @@ def bce_per_client(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tens
     return (per * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
 
-def dense_on_active(dense_loss: DenseLoss, items: torch.Tensor, item_ids: torch.Tensor, valid: torch.Tensor,
-                    active: Active) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def dense_on_active(
+    dense_loss: DenseLoss, items: torch.Tensor, item_ids: torch.Tensor, valid: torch.Tensor, active: Active
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The dense alignment terms of the clients still stepping only (padded ones get zeros), so a
     chunk's short clients do not pay for its long ones."""
     if active.rows is None:
@@ -224,13 +241,21 @@ def dense_on_active(dense_loss: DenseLoss, items: torch.Tensor, item_ids: torch.
         return {}, grad
     values, part = dense_loss(items[rows], item_ids[rows], valid[rows])
     grad[rows] = part
-    full = {k: torch.zeros(items.shape[0], dtype=v.dtype, device=v.device).index_copy(0, rows, v)
-            for k, v in values.items()}
+    full = {
+        k: torch.zeros(items.shape[0], dtype=v.dtype, device=v.device).index_copy(0, rows, v) for k, v in values.items()
+    }
     return full, grad
 
 
-def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, optim: DictConfig,
-                 n_items: int, loss: str = "sigmoid_bce", dense_loss: DenseLoss | None = None) -> dict[str, float]:
+def train_cohort(
+    params: Params,
+    samples: RoundSamples,
+    layout: BatchLayout,
+    optim: DictConfig,
+    n_items: int,
+    loss: str = "sigmoid_bce",
+    dense_loss: DenseLoss | None = None,
+) -> dict[str, float]:
     """Run every local step of a chunk of clients in place; return the mean of each loss term.
 
     Per client and step: loss = mean BCE over its batch (+ dense alignment terms on the item
@@ -272,8 +297,9 @@ def train_cohort(params: Params, samples: RoundSamples, layout: BatchLayout, opt
             if opt.name == "sgd" and g_table is None:
                 opt.step(params, g, active)
                 mask = active.mask.view(-1, 1, 1).to(g_emb.dtype)
-                params["items"].view(-1, dim).index_add_(0, flat, (g_emb * mask).reshape(-1, dim),
-                                                         alpha=-opt.lr["items"])
+                params["items"].view(-1, dim).index_add_(
+                    0, flat, (g_emb * mask).reshape(-1, dim), alpha=-opt.lr["items"]
+                )
             else:
                 g_items = g_table.contiguous() if g_table is not None else torch.zeros_like(params["items"])
                 g_items.view(-1, dim).index_add_(0, flat, g_emb.reshape(-1, dim))
@@ -293,11 +319,10 @@ def chunks_by_steps(clients: torch.Tensor, steps: torch.Tensor, chunk_size: int 
     """Split `clients` into chunks of similar step counts, so short clients do not wait for long ones."""
     order = clients[torch.argsort(steps, stable=True)]
     size = len(order) if not chunk_size else int(chunk_size)
-    return [order[i:i + size] for i in range(0, len(order), max(size, 1))]
+    return [order[i : i + size] for i in range(0, len(order), max(size, 1))]
 
 
 def local_steps(samples: RoundSamples, clients: torch.Tensor, epochs: int, batch_size: int) -> torch.Tensor:
     """Number of local steps of each client this round."""
     n = samples.ptr[clients + 1] - samples.ptr[clients]
     return torch.div(n + batch_size - 1, batch_size, rounding_mode="floor") * epochs
-

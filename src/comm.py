@@ -17,6 +17,7 @@ The simulation applies the same quantisation to the values the server sums, so t
 aggregates exactly what it would receive. Byte counts come from the formulas below, which the
 tests check against real encodings built with numpy (`encode_upper`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def quantise(values: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Ten
         return values
     if bits == 16:
         return values.half().to(values.dtype)
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     span = max(hi - lo, 1e-12)
     codes = torch.round((values.clamp(lo, hi) - lo) / span * levels)
     return lo + codes * (span / levels)
@@ -102,15 +103,16 @@ class Encoding:
     delta: bool = False
 
     @classmethod
-    def from_cfg(cls, comm: DictConfig) -> "Encoding":
+    def from_cfg(cls, comm: DictConfig) -> Encoding:
         return cls(str(comm.format), None if comm.topk is None else int(comm.topk), int(comm.bits), bool(comm.delta))
 
     def upload_bytes(self, nnz: int, m: int) -> int:
         return sparse_bytes(nnz, m, self.format, self.bits)
 
 
-def delta_entries(prev_idx: torch.Tensor, prev_val: torch.Tensor, idx: torch.Tensor,
-                  val: torch.Tensor) -> tuple[int, int]:
+def delta_entries(
+    prev_idx: torch.Tensor, prev_val: torch.Tensor, idx: torch.Tensor, val: torch.Tensor
+) -> tuple[int, int]:
     """(upserts, removals) of a delta upload: positions added or whose value changed, positions dropped.
 
     Both index arrays are sorted linear positions of the strict upper triangle.
@@ -137,8 +139,9 @@ class PayloadError(ValueError):
     """A received payload that does not decode to a valid similarity upload (the reason is the message)."""
 
 
-def encode_entries(m: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, fmt: str, bits: int,
-                   lo: float = 0.0, hi: float = 1.0) -> bytes:
+def encode_entries(
+    m: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, fmt: str, bits: int, lo: float = 0.0, hi: float = 1.0
+) -> bytes:
     """The wire encoding of strict-upper-triangle entries (row < col) of an m x m matrix.
 
     Layout: 1 flag byte (format * 64 + bits), m and nnz as uint32, the index arrays (CSR: row
@@ -168,7 +171,7 @@ def encode_entries(m: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray,
     elif bits == 16:
         body = vals.astype(np.float32).astype(np.float16).tobytes()
     else:
-        levels = 2 ** bits - 1
+        levels = 2**bits - 1
         codes = np.round((np.clip(vals, lo, hi) - lo) / max(hi - lo, 1e-12) * levels).astype(np.uint8)
         if bits == 4:
             codes = np.append(codes, np.uint8(0)) if len(codes) % 2 else codes
@@ -177,8 +180,9 @@ def encode_entries(m: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray,
     return head + index + body
 
 
-def decode_entries(payload: bytes, m_expected: int | None = None,
-                   max_bytes: int | None = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+def decode_entries(
+    payload: bytes, m_expected: int | None = None, max_bytes: int | None = None
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """Inverse of `encode_entries`: (m, rows, cols, values as the receiver sees them).
 
     Every field is checked before use; a payload that is truncated, oversized, announces another
@@ -200,22 +204,24 @@ def decode_entries(payload: bytes, m_expected: int | None = None,
     if nnz > m * (m - 1) // 2:
         raise PayloadError(f"payload announces {nnz} entries, more than the {m * (m - 1) // 2} upper-triangle pairs")
     if n != sparse_bytes(nnz, m, fmt, bits):
-        raise PayloadError(f"payload has {n} bytes; a {fmt} upload of {nnz} entries at {bits} bits has "
-                           f"{sparse_bytes(nnz, m, fmt, bits)}")
+        raise PayloadError(
+            f"payload has {n} bytes; a {fmt} upload of {nnz} entries at {bits} bits has "
+            f"{sparse_bytes(nnz, m, fmt, bits)}"
+        )
     at = HEADER_BYTES
     if fmt == "csr":
         size = index_bytes(nnz + 1)
-        ptr = np.frombuffer(payload[at:at + (m + 1) * size], dtype=_UTYPE[size]).astype(np.int64)
+        ptr = np.frombuffer(payload[at : at + (m + 1) * size], dtype=_UTYPE[size]).astype(np.int64)
         at += (m + 1) * size
         size = index_bytes(m)
-        cols = np.frombuffer(payload[at:at + nnz * size], dtype=_UTYPE[size]).astype(np.int64)
+        cols = np.frombuffer(payload[at : at + nnz * size], dtype=_UTYPE[size]).astype(np.int64)
         at += nnz * size
         if ptr[0] != 0 or ptr[-1] != nnz or (np.diff(ptr) < 0).any():
             raise PayloadError("CSR row pointers are not a non-decreasing sequence from 0 to nnz")
         rows = np.repeat(np.arange(m), np.diff(ptr))
     else:
         size = index_bytes(m * (m - 1) // 2)
-        lin = np.frombuffer(payload[at:at + nnz * size], dtype=_UTYPE[size]).astype(np.int64)
+        lin = np.frombuffer(payload[at : at + nnz * size], dtype=_UTYPE[size]).astype(np.int64)
         at += nnz * size
         if nnz and lin.max() >= m * (m - 1) // 2:
             raise PayloadError(f"COO position {int(lin.max())} outside the {m * (m - 1) // 2} upper-triangle pairs")
@@ -227,16 +233,16 @@ def decode_entries(payload: bytes, m_expected: int | None = None,
     if nnz > 1 and len(np.unique(rows * m + cols)) != nnz:
         raise PayloadError("an upper-triangle position is sent twice")
     if bits == 32:
-        vals = np.frombuffer(payload[at:at + 4 * nnz], dtype=np.float32).astype(np.float64)
+        vals = np.frombuffer(payload[at : at + 4 * nnz], dtype=np.float32).astype(np.float64)
     elif bits == 16:
-        vals = np.frombuffer(payload[at:at + 2 * nnz], dtype=np.float16).astype(np.float64)
+        vals = np.frombuffer(payload[at : at + 2 * nnz], dtype=np.float16).astype(np.float64)
     else:
-        lo, hi = (float(x) for x in np.frombuffer(payload[at:at + 8], dtype=np.float32))
+        lo, hi = (float(x) for x in np.frombuffer(payload[at : at + 8], dtype=np.float32))
         if not (np.isfinite([lo, hi]).all() and -1.0 <= lo <= hi <= 1.0):
             raise PayloadError(f"quantisation range [{lo}, {hi}] is not inside [-1, 1]")
-        raw = np.frombuffer(payload[at + 8:], dtype=np.uint8)
+        raw = np.frombuffer(payload[at + 8 :], dtype=np.uint8)
         codes = raw if bits == 8 else np.stack([raw & 15, raw >> 4], 1).reshape(-1)[:nnz]
-        vals = lo + codes.astype(np.float64) * (max(hi - lo, 1e-12) / (2 ** bits - 1))
+        vals = lo + codes.astype(np.float64) * (max(hi - lo, 1e-12) / (2**bits - 1))
     if nnz and not (np.isfinite(vals).all() and np.abs(vals).max() <= 1.0):
         raise PayloadError("a similarity value is not finite or lies outside [-1, 1]")
     return m, rows, cols, vals
@@ -263,8 +269,9 @@ class Ledger:
         self.encoding, self.m = encoding, n_items
         self.previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def similarity_uploads(self, clients: list[int], nnz: torch.Tensor,
-                           entries: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+    def similarity_uploads(
+        self, clients: list[int], nnz: torch.Tensor, entries: list[tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> torch.Tensor:
         """Bytes each client in `clients` sends; `nnz` counts the full matrix (twice the upper triangle)."""
         enc, m = self.encoding, self.m
         sizes = torch.tensor([enc.upload_bytes(int(n) // 2, m) for n in nnz], dtype=torch.float64)

@@ -6,6 +6,7 @@ weighted modularity with Leiden (igraph's `community_leiden` with the modularity
 leidenalg's ModularityVertexPartition / RBConfigurationVertexPartition), seeded. The reported
 modularity uses `resolution`; `leidenalg` (ModularityVertexPartition) optimises resolution 1.
 """
+
 from __future__ import annotations
 
 import random
@@ -48,15 +49,18 @@ def detect(sim: torch.Tensor, sigma: float, method: str, resolution: float, seed
     weights = graph.es["weight"] if graph.ecount() else None
     if method == "igraph":
         ig.set_random_number_generator(random.Random(seed))
-        part = graph.community_leiden(objective_function="modularity", weights=weights, resolution=resolution,
-                                      n_iterations=-1)
+        part = graph.community_leiden(
+            objective_function="modularity", weights=weights, resolution=resolution, n_iterations=-1
+        )
         membership = part.membership
     elif method == "leidenalg":
-        membership = leidenalg.find_partition(graph, leidenalg.ModularityVertexPartition, weights=weights,
-                                              seed=seed).membership
+        membership = leidenalg.find_partition(
+            graph, leidenalg.ModularityVertexPartition, weights=weights, seed=seed
+        ).membership
     elif method == "leidenalg_rb":
-        membership = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition, weights=weights,
-                                              resolution_parameter=resolution, seed=seed).membership
+        membership = leidenalg.find_partition(
+            graph, leidenalg.RBConfigurationVertexPartition, weights=weights, resolution_parameter=resolution, seed=seed
+        ).membership
     else:
         raise ValueError(f"server.community={method!r}; expected one of {METHODS}")
     labels = relabel(np.asarray(membership))

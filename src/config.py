@@ -1,10 +1,12 @@
 """Compose the Hydra config and validate it before any data is read."""
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -77,8 +79,12 @@ def _num(cfg: DictConfig, key: str, ok: Callable[[float], bool], bounds: str, nu
 def _choice(cfg: DictConfig, key: str, options: tuple[Any, ...]) -> Any:
     """The value at `key`, one of `options` (compared with its type: 8.0 is not the choice 8)."""
     value = _get(cfg, key)
-    _check(any(type(value) is type(o) and value == o for o in options), key, _shown(value),
-           "one of " + ", ".join(map(str, options)))
+    _check(
+        any(type(value) is type(o) and value == o for o in options),
+        key,
+        _shown(value),
+        "one of " + ", ".join(map(str, options)),
+    )
     return value
 
 
@@ -105,16 +111,28 @@ def _non_negative(x: float) -> bool:
 
 def validate_device(device: Any) -> None:
     """`device`: auto, cpu, cuda or cuda:N, and a CUDA device must exist on this machine."""
-    _check(isinstance(device, str) and DEVICE_PATTERN.fullmatch(device) is not None, "device", _shown(device),
-           "auto, cpu, cuda or cuda:N")
+    _check(
+        isinstance(device, str) and DEVICE_PATTERN.fullmatch(device) is not None,
+        "device",
+        _shown(device),
+        "auto, cpu, cuda or cuda:N",
+    )
     if not device.startswith("cuda"):
         return
-    _check(torch.cuda.is_available(), "device", device, "a device this machine has: CUDA is not available here "
-           "(use device=auto or device=cpu)")
+    _check(
+        torch.cuda.is_available(),
+        "device",
+        device,
+        "a device this machine has: CUDA is not available here (use device=auto or device=cpu)",
+    )
     index = int(device.split(":")[1]) if ":" in device else 0
     count = torch.cuda.device_count()
-    _check(index < count, "device", device, f"a device this machine has: it has {count} CUDA device(s), cuda:0"
-           f"..cuda:{count - 1}")
+    _check(
+        index < count,
+        "device",
+        device,
+        f"a device this machine has: it has {count} CUDA device(s), cuda:0..cuda:{count - 1}",
+    )
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -135,8 +153,12 @@ def _validate_model(cfg: DictConfig) -> None:
     for key in ("fast_anchors", "align_chunk", "align_block"):
         _int(cfg, f"model.{key}", 1)
     hidden = _get(cfg, "model.score_hidden")
-    _check(isinstance(hidden, ListConfig) and all(is_int(h) and h >= 1 for h in hidden), "model.score_hidden",
-           _shown(hidden), "a list of integer sizes >= 1")
+    _check(
+        isinstance(hidden, ListConfig) and all(is_int(h) and h >= 1 for h in hidden),
+        "model.score_hidden",
+        _shown(hidden),
+        "a list of integer sizes >= 1",
+    )
 
 
 def _validate_optim(cfg: DictConfig) -> None:
@@ -148,8 +170,12 @@ def _validate_optim(cfg: DictConfig) -> None:
         _bool(cfg, "optim.alternate")
     if name == "adam":
         betas = _get(cfg, "optim.betas")
-        _check(isinstance(betas, ListConfig) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
-               "optim.betas", _shown(betas), "two finite numbers in [0, 1)")
+        _check(
+            isinstance(betas, ListConfig) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
+            "optim.betas",
+            _shown(betas),
+            "two finite numbers in [0, 1)",
+        )
         _num(cfg, "optim.eps", _positive, "> 0")
 
 
@@ -168,8 +194,12 @@ def _validate_ablation(cfg: DictConfig) -> None:
     # the calibration baselines (src/calibration.py): centralised scorers that train nothing
     if "scorer" in cfg.ablation:
         _choice(cfg, "ablation.scorer", CENTRAL_SCORERS)
-        _check(bool(cfg.ablation.central), "ablation.central", cfg.ablation.central,
-               "true for a scorer ablation (it scores from the pooled training data)")
+        _check(
+            bool(cfg.ablation.central),
+            "ablation.central",
+            cfg.ablation.central,
+            "true for a scorer ablation (it scores from the pooled training data)",
+        )
         if cfg.ablation.scorer == "itemknn":
             _int(cfg, "ablation.k", 1)
 
@@ -181,8 +211,12 @@ def _validate_fl(cfg: DictConfig) -> None:
     _int(cfg, "fl.batch_size", 1)
     _num(cfg, "fl.dropout", lambda x: 0 <= x < 1, "in [0, 1)")
     chunk = _get(cfg, "fl.chunk_size")
-    _check(chunk is None or chunk == "auto" or (is_int(chunk) and chunk >= 1), "fl.chunk_size", chunk,
-           "null, auto or an integer >= 1")
+    _check(
+        chunk is None or chunk == "auto" or (is_int(chunk) and chunk >= 1),
+        "fl.chunk_size",
+        chunk,
+        "null, auto or an integer >= 1",
+    )
     _num(cfg, "fl.memory_fraction", lambda x: 0 < x <= 1, "in (0, 1]")
     if OmegaConf.select(cfg, "fl.max_auto_chunk", default=None) is not None:  # absent in older configs: 1024
         _int(cfg, "fl.max_auto_chunk", 1)
@@ -204,21 +238,30 @@ def _validate_data(cfg: DictConfig) -> None:
     for key in ("dedupe_pairs", "lineage_quirks", "full_ranking"):
         _bool(cfg, f"protocol.{key}")
     ks = _get(cfg, "eval.ks")
-    _check(isinstance(ks, ListConfig) and len(ks) > 0 and all(is_int(k) and k >= 1 for k in ks), "eval.ks",
-           _shown(ks), "a non-empty list of integer cutoffs K >= 1")
+    _check(
+        isinstance(ks, ListConfig) and len(ks) > 0 and all(is_int(k) and k >= 1 for k in ks),
+        "eval.ks",
+        _shown(ks),
+        "a non-empty list of integer cutoffs K >= 1",
+    )
     _validate_select(cfg, ks)
     _int(cfg, "eval.patience", 1, nullable=True)
 
 
 def _validate_select(cfg: DictConfig, ks: ListConfig) -> None:
-    """`eval.select` (default val/hit@10; absent in configs older than the key): val/hit@K or val/ndcg@K, K in eval.ks."""
+    """`eval.select` (default val/hit@10; absent in older configs): val/hit@K or val/ndcg@K, K in eval.ks."""
     select = OmegaConf.select(cfg, "eval.select", default=None) or DEFAULT_SELECT
     match = SELECT_PATTERN.fullmatch(select) if isinstance(select, str) else None
     _check(match is not None, "eval.select", _shown(select), "val/hit@K or val/ndcg@K (a validation metric)")
     k = int(match.group(2))
     if select == DEFAULT_SELECT:
-        _check(k in ks, "eval.ks", _shown(ks), f"a list that contains {k} ({DEFAULT_SELECT} selects the best round; "
-               f"or choose another with eval.select=val/hit@K)")
+        _check(
+            k in ks,
+            "eval.ks",
+            _shown(ks),
+            f"a list that contains {k} ({DEFAULT_SELECT} selects the best round; "
+            f"or choose another with eval.select=val/hit@K)",
+        )
     _check(k in ks, "eval.select", select, f"a cutoff K that eval.ks={_shown(ks)} contains")
 
 
@@ -244,12 +287,20 @@ def _validate_comm_privacy(cfg: DictConfig) -> None:
     _bool(cfg, "comm.delta")
     epsilon = _num(cfg, "privacy.epsilon", _positive, "> 0", nullable=True)
     scale = _num(cfg, "privacy.scale", _non_negative, ">= 0", nullable=True)
-    _check(epsilon is None or scale is None, "privacy.scale", priv.scale,
-           "null when privacy.epsilon is set (set one of the two)")
+    _check(
+        epsilon is None or scale is None,
+        "privacy.scale",
+        priv.scale,
+        "null when privacy.epsilon is set (set one of the two)",
+    )
     _num(cfg, "privacy.sensitivity", _positive, "> 0")
     noisy = epsilon is not None or (scale is not None and scale > 0)
-    _check(not (noisy and comm.topk is not None), "comm.topk", comm.topk,
-           "null when privacy noise is on (top-k would select on noiseless rows)")
+    _check(
+        not (noisy and comm.topk is not None),
+        "comm.topk",
+        comm.topk,
+        "null when privacy noise is on (top-k would select on noiseless rows)",
+    )
 
 
 def _validate_commands(cfg: DictConfig) -> None:

@@ -9,6 +9,7 @@ Printed per dataset and protocol, on the training positives the clients hold (an
 interactions): users, items, the largest share of any pair, and the number of pairs whose share
 reaches each threshold.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,16 @@ def table(datasets: list[str], protocols: list[str], thresholds: tuple[float, ..
         for protocol in protocols:
             data = load(load_config([f"dataset={dataset}", f"protocol={protocol}"]))
             for view, matrix in (("train", data.train_matrix()), ("all", data.interacted_matrix())):
-                rows.append({"dataset": dataset, "protocol": protocol, "view": view, "users": data.n_users,
-                             "items": data.n_items, **pair_shares(matrix, thresholds)})
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "protocol": protocol,
+                        "view": view,
+                        "users": data.n_users,
+                        "items": data.n_items,
+                        **pair_shares(matrix, thresholds),
+                    }
+                )
     return rows
 
 
@@ -60,9 +69,21 @@ def markdown(rows: list[dict], thresholds: tuple[float, ...]) -> str:
     head = ["dataset", "protocol", "view", "users", "items", "max share", *(f"pairs >= {t}" for t in thresholds)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([r["dataset"], r["protocol"], r["view"], f"{r['users']:,}", f"{r['items']:,}",
-                                        f"{r['max_share']:.3f}", *(f"{int(r[f'pairs>={t}']):,}" for t in thresholds)])
-                     + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["dataset"],
+                    r["protocol"],
+                    r["view"],
+                    f"{r['users']:,}",
+                    f"{r['items']:,}",
+                    f"{r['max_share']:.3f}",
+                    *(f"{int(r[f'pairs>={t}']):,}" for t in thresholds),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ copies (`src/losses.py`), the server's mean (`src/server.py`) and the centralise
 and read values back; `COUNTERS` counts their calls. Each call counts whether or not it copies (on the
 CPU none does), so a CPU run counts what a CUDA run would move and wait for (`src.bench` prints it per round).
 """
+
 from __future__ import annotations
 
 import os
@@ -88,14 +89,19 @@ def configure(device: torch.device, deterministic: bool = True, matmul_precision
     if deterministic:
         cublas = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS[0])
         if cublas not in DETERMINISTIC_CUBLAS:
-            raise RuntimeError(f"CUBLAS_WORKSPACE_CONFIG={cublas!r} makes cuBLAS non-deterministic; unset it or "
-                               f"set {DETERMINISTIC_CUBLAS[0]} (or run with compute.deterministic=false)")
+            raise RuntimeError(
+                f"CUBLAS_WORKSPACE_CONFIG={cublas!r} makes cuBLAS non-deterministic; unset it or "
+                f"set {DETERMINISTIC_CUBLAS[0]} (or run with compute.deterministic=false)"
+            )
     torch.use_deterministic_algorithms(deterministic)
 
 
 def setup_device(cfg: DictConfig) -> torch.device:
     """The run's compute device (`device`), configured by `compute.*` (absent keys: their defaults)."""
     device = resolve_device(cfg.device)
-    configure(device, bool(OmegaConf.select(cfg, "compute.deterministic", default=True)),
-              str(OmegaConf.select(cfg, "compute.matmul_precision", default="highest")))
+    configure(
+        device,
+        bool(OmegaConf.select(cfg, "compute.deterministic", default=True)),
+        str(OmegaConf.select(cfg, "compute.matmul_precision", default="highest")),
+    )
     return device

@@ -1,7 +1,8 @@
 """Evaluate every client on its validation and test item: sampled-99 ranking and full ranking."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

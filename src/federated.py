@@ -6,6 +6,7 @@ clients fails to report), aggregate on the server (`server.py`), then evaluate e
 its own parameters on validation and test (`evaluation.py`). Lightning drives the rounds,
 checkpoints and loggers; all state lives in plain tensors so chunks can move between devices.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from src.central import make_central
-from src.comm import Encoding, Ledger, embedding_bytes, quantise, shared_traffic
 from src.cohort import sample_round
+from src.comm import Encoding, Ledger, embedding_bytes, quantise, shared_traffic
 from src.data.dataset import FedData
 from src.device import resolve_device, setup_device  # noqa: F401 (resolve_device: re-exported for old imports)
 from src.evaluation import Evaluator
@@ -26,8 +27,15 @@ from src.memory import auto_chunk_size, bytes_per_client, free_bytes
 from src.model import Params, init_params
 from src.privacy import epsilon_spent, laplace_scale
 from src.results import best_round, select_key
-from src.rounds import (ClientPool, choose_clients, draw_failures, evaluate_clients, server_alignment, train_clients,
-                        training_sampler)
+from src.rounds import (
+    ClientPool,
+    choose_clients,
+    draw_failures,
+    evaluate_clients,
+    server_alignment,
+    train_clients,
+    training_sampler,
+)
 from src.server import MeanAggregator
 from src.similarity import SimilarityAggregator
 
@@ -43,11 +51,23 @@ def shared_keys(ablation: DictConfig, params: Params) -> list[str]:
 def make_alignment(cfg: DictConfig) -> AlignmentLoss:
     """The client-side alignment terms of the configured ablation."""
     m = cfg.model
-    return AlignmentLoss(alpha=float(m.alpha), beta=float(m.beta), tau=float(m.tau), tau0=float(m.tau0),
-                         sigma=float(m.sigma), centre=bool(m.centre), mask=m.gsa_mask, reduction=m.gsa_reduction,
-                         mode=m.alignment, chunk=int(m.align_chunk), use_ica=bool(cfg.ablation.ica),
-                         use_gsa=bool(cfg.ablation.gsa), fast_anchors=int(m.fast_anchors),
-                         block=int(m.align_block), fast_gsa=str(m.fast_gsa))
+    return AlignmentLoss(
+        alpha=float(m.alpha),
+        beta=float(m.beta),
+        tau=float(m.tau),
+        tau0=float(m.tau0),
+        sigma=float(m.sigma),
+        centre=bool(m.centre),
+        mask=m.gsa_mask,
+        reduction=m.gsa_reduction,
+        mode=m.alignment,
+        chunk=int(m.align_chunk),
+        use_ica=bool(cfg.ablation.ica),
+        use_gsa=bool(cfg.ablation.gsa),
+        fast_anchors=int(m.fast_anchors),
+        block=int(m.align_block),
+        fast_gsa=str(m.fast_gsa),
+    )
 
 
 def resolve_chunk_size(cfg: DictConfig, n_items: int, n_clients: int, device: torch.device) -> int | None:
@@ -61,10 +81,16 @@ def resolve_chunk_size(cfg: DictConfig, n_items: int, n_clients: int, device: to
         return size
     m = cfg.model
     aligned = bool(cfg.ablation.ica or cfg.ablation.gsa)
-    per = bytes_per_client(n_items, int(m.dim), m.alignment if aligned else None, int(m.fast_anchors),
-                           int(cfg.fl.batch_size))
-    return auto_chunk_size(n_clients, per, free_bytes(device), float(cfg.fl.memory_fraction),
-                           OmegaConf.select(cfg, "fl.max_auto_chunk", default=None))
+    per = bytes_per_client(
+        n_items, int(m.dim), m.alignment if aligned else None, int(m.fast_anchors), int(cfg.fl.batch_size)
+    )
+    return auto_chunk_size(
+        n_clients,
+        per,
+        free_bytes(device),
+        float(cfg.fl.memory_fraction),
+        OmegaConf.select(cfg, "fl.max_auto_chunk", default=None),
+    )
 
 
 class FederatedModule(L.LightningModule):
@@ -119,16 +145,30 @@ class FederatedModule(L.LightningModule):
         fails = draw_failures(self.data.n_users, float(fl.dropout), self.gen)
         timings["time/sample"] = time.perf_counter() - tic
         if self.central is not None:
-            samples = sample_round(self.train_ptr, self.train_items, self.sampler,
-                                   int(cfg.protocol.train_negatives), int(cfg.seed), self.current_round())
+            samples = sample_round(
+                self.train_ptr,
+                self.train_items,
+                self.sampler,
+                int(cfg.protocol.train_negatives),
+                int(cfg.seed),
+                self.current_round(),
+            )
             return self.run_central_round(samples, timings)
         agg = MeanAggregator()
         sims = None
         if self.align is not None:
-            sims = SimilarityAggregator(self.data.n_items, float(cfg.model.sigma), bool(cfg.model.centre),
-                                        int(cfg.server.sim_block), self.compute_device, noise=self.noise_scale,
-                                        topk=self.encoding.topk, bits=self.encoding.bits,
-                                        collect=self.encoding.delta, generator=self.noise_gen)
+            sims = SimilarityAggregator(
+                self.data.n_items,
+                float(cfg.model.sigma),
+                bool(cfg.model.centre),
+                int(cfg.server.sim_block),
+                self.compute_device,
+                noise=self.noise_scale,
+                topk=self.encoding.topk,
+                bits=self.encoding.bits,
+                collect=self.encoding.delta,
+                generator=self.noise_gen,
+            )
         senders: list[int] = []
 
         def upload(params: Params, rows: torch.Tensor) -> None:
@@ -140,8 +180,19 @@ class FederatedModule(L.LightningModule):
                 sims.add(params["items"], uploaded)
 
         dense = self.align.value_and_grad if self.align is not None and self.align.active else None
-        work = train_clients(cfg, self.pool, clients, self.data, self.sampler, self.server, dense,
-                             self.current_round(), self.compute_device, self.chunk_size, upload)
+        work = train_clients(
+            cfg,
+            self.pool,
+            clients,
+            self.data,
+            self.sampler,
+            self.server,
+            dense,
+            self.current_round(),
+            self.compute_device,
+            self.chunk_size,
+            upload,
+        )
         timings["time/train"] = work.train_s
         tic = time.perf_counter()
         self.server = agg.result(self.server)
@@ -176,8 +227,9 @@ class FederatedModule(L.LightningModule):
         """1-based index of the round being run."""
         return len(self.history) + 1
 
-    def server_alignment(self, sims: SimilarityAggregator, n_clients: int,
-                         timings: dict[str, float]) -> dict[str, float]:
+    def server_alignment(
+        self, sims: SimilarityAggregator, n_clients: int, timings: dict[str, float]
+    ) -> dict[str, float]:
         """S_g = mean upload, communities by modularity, broadcast (encoded, counted); returns the statistics."""
         global_sim = sims.mean()
         if global_sim is None:
@@ -209,8 +261,7 @@ class FederatedModule(L.LightningModule):
 
     def evaluate(self) -> dict[str, float]:
         """Every client scored with its own current parameters."""
-        return self.evaluator.metrics(evaluate_clients(self.evaluator, self.pool, self.compute_device,
-                                                       self.chunk_size))
+        return self.evaluator.metrics(evaluate_clients(self.evaluator, self.pool, self.compute_device, self.chunk_size))
 
     def training_step(self, batch, batch_idx: int) -> None:
         """Run one round and record it."""
@@ -228,11 +279,16 @@ class FederatedModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Client states, server state, RNG state and history go into the checkpoint."""
-        checkpoint["federated"] = {"state": self.state, "server": self.server, "gen": self.gen.get_state(),
-                                   "history": self.history,
-                                   "central": self.central.state_dict() if self.central else None,
-                                   "align": (self.align.labels, self.align.global_sim) if self.align else None,
-                                   "ledger": self.ledger.state_dict(), "noise_gen": self.noise_gen.get_state()}
+        checkpoint["federated"] = {
+            "state": self.state,
+            "server": self.server,
+            "gen": self.gen.get_state(),
+            "history": self.history,
+            "central": self.central.state_dict() if self.central else None,
+            "align": (self.align.labels, self.align.global_sim) if self.align else None,
+            "ledger": self.ledger.state_dict(),
+            "noise_gen": self.noise_gen.get_state(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore what `on_save_checkpoint` stored."""

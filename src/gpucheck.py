@@ -4,7 +4,8 @@ Every path of a round on the compute device against the CPU, per dataset, before
 are spent on a campaign (`make gpu-check`). For each dataset and path (PFedRec, AlignFedRec with
 the fast and with the exact alignment: local training, the server's mean and similarity
 aggregation, communities, the broadcast, evaluation) it runs two rounds on the first `--clients`
-clients of the real split (an eighth of them for the exact path) twice, on the device (cohorts sized from its free memory) and on the
+clients of the real split (an eighth of them for the exact path) twice, on the device (cohorts
+sized from its free memory) and on the
 CPU (cohorts of 128), from the same seed, and compares the client tables, the server state, S_g
 and the losses (relative to their largest magnitude, within `--rtol`, default 1e-4), the
 community labels (adjusted Rand index) and the metrics. Then, unless `--no-full`, one full-size
@@ -13,6 +14,7 @@ round of each fast path on the device: seconds per phase and peak GPU memory.
 Exit status 1 when any comparison fails. `--device cpu --datasets synthetic --no-full` runs in
 `make test`, so the check itself cannot break unseen.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +31,11 @@ from src.data.dataset import load
 from src.federated import FederatedModule
 from src.results import publish_report
 
-PATHS = {"pfedrec": ["ablation=backbone"], "fast": ["ablation=full", "model.alignment=fast"],
-         "exact": ["ablation=full", "model.alignment=exact"]}
+PATHS = {
+    "pfedrec": ["ablation=backbone"],
+    "fast": ["ablation=full", "model.alignment=fast"],
+    "exact": ["ablation=full", "model.alignment=exact"],
+}
 DATASETS = ("ml-100k", "ml-1m", "filmtrust", "lastfm-2k")
 
 
@@ -75,9 +80,15 @@ def compare(overrides: list[str], device: str, rounds: int) -> dict[str, Any]:
     for key in rows_cpu[-1]:
         if key.startswith("loss/"):
             diffs[key] = abs(rows_dev[-1][key] - rows_cpu[-1][key]) / max(abs(rows_cpu[-1][key]), 1e-12)
-    out: dict[str, Any] = {"diffs": diffs, "seconds": phases, "chunk_size_device": dev.chunk_size,
-                           "metrics_abs_diff": max((abs(rows_dev[-1][k] - rows_cpu[-1][k]) for k in rows_cpu[-1]
-                                                    if k.startswith(("val/", "test/"))), default=0.0)}
+    out: dict[str, Any] = {
+        "diffs": diffs,
+        "seconds": phases,
+        "chunk_size_device": dev.chunk_size,
+        "metrics_abs_diff": max(
+            (abs(rows_dev[-1][k] - rows_cpu[-1][k]) for k in rows_cpu[-1] if k.startswith(("val/", "test/"))),
+            default=0.0,
+        ),
+    }
     if cpu.align is not None and cpu.align.labels is not None:
         out["community_ari"] = adjusted_rand_index(np.asarray(dev.align.labels), np.asarray(cpu.align.labels))
     return out
@@ -94,17 +105,27 @@ def full_round(overrides: list[str], device: str) -> dict[str, Any]:
     tic = time.perf_counter()
     row = module.run_round()
     sync(dev)
-    return {"round_s": time.perf_counter() - tic, "seconds": {k[5:]: v for k, v in row.items() if k.startswith("time/")},
-            "peak_gpu_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
-            "chunk_size": module.chunk_size, "clients": module.data.n_users, "items": module.data.n_items}
+    return {
+        "round_s": time.perf_counter() - tic,
+        "seconds": {k[5:]: v for k, v in row.items() if k.startswith("time/")},
+        "peak_gpu_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+        "chunk_size": module.chunk_size,
+        "clients": module.data.n_users,
+        "items": module.data.n_items,
+    }
 
 
-def check(datasets: list[str], device: str, clients: int, rtol: float, full: bool,
-          extra: list[str]) -> dict[str, Any]:
+def check(datasets: list[str], device: str, clients: int, rtol: float, full: bool, extra: list[str]) -> dict[str, Any]:
     """The report: per dataset and path, the comparison and (with `full`) the full-size round."""
-    report: dict[str, Any] = {"device": device, "rtol": rtol, "clients": clients, "torch": torch.__version__,
-                              "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-                              "results": [], "ok": True}
+    report: dict[str, Any] = {
+        "device": device,
+        "rtol": rtol,
+        "clients": clients,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "results": [],
+        "ok": True,
+    }
     for dataset in datasets:
         for path, path_overrides in PATHS.items():
             overrides = [f"dataset={dataset}", "protocol=paper", "seed=0", *path_overrides, *extra]
@@ -127,14 +148,19 @@ def check(datasets: list[str], device: str, clients: int, rtol: float, full: boo
 def line(entry: dict[str, Any]) -> str:
     """One printed line per dataset and path."""
     seconds = " ".join(f"{k} {v:.3f}" for k, v in entry["seconds"].items())
-    text = (f"{'ok  ' if entry['ok'] else 'FAIL'} {entry['dataset']:<10} {entry['path']:<8} worst rel diff "
-            f"{entry['worst_rel_diff']:.1e}, community ARI {entry.get('community_ari', float('nan')):.3f}, metrics "
-            f"|diff| {entry['metrics_abs_diff']:.4f}; subset round s: {seconds}")
+    text = (
+        f"{'ok  ' if entry['ok'] else 'FAIL'} {entry['dataset']:<10} {entry['path']:<8} worst rel diff "
+        f"{entry['worst_rel_diff']:.1e}, community ARI {entry.get('community_ari', float('nan')):.3f}, metrics "
+        f"|diff| {entry['metrics_abs_diff']:.4f}; subset round s: {seconds}"
+    )
     if "full" in entry:
         f = entry["full"]
         peak = "-" if f["peak_gpu_mib"] is None else f"{f['peak_gpu_mib']:.0f} MiB"
-        text += (f"\n     full round ({f['clients']} x {f['items']}, chunk {f['chunk_size']}): {f['round_s']:.2f} s ("
-                 + " ".join(f"{k} {v:.2f}" for k, v in f["seconds"].items()) + f"), peak GPU {peak}")
+        text += (
+            f"\n     full round ({f['clients']} x {f['items']}, chunk {f['chunk_size']}): {f['round_s']:.2f} s ("
+            + " ".join(f"{k} {v:.2f}" for k, v in f["seconds"].items())
+            + f"), peak GPU {peak}"
+        )
     return text
 
 

@@ -1,4 +1,5 @@
 """Run logging: a per-round CSV always, Weights & Biases when `logger=wandb`, a progress bar over rounds."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,11 @@ from src.results import DEFAULT_SELECT, atomic_write_text, best_round
 # accelerators it found (`device` says which one runs) and an advertisement for its cloud logger
 LIGHTNING_BANNERS = ("GPU available:", "TPU available:", "💡 Tip: For seamless cloud logging")
 # torch deprecated LeafSpec, which Lightning's own _pytree.py still uses: not ours to fix
-LEAFSPEC_WARNING = {"message": r"`isinstance\(treespec, LeafSpec\)` is deprecated", "category": FutureWarning,
-                    "module": r"lightning\.pytorch\.utilities\._pytree"}
+LEAFSPEC_WARNING = {
+    "message": r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    "category": FutureWarning,
+    "module": r"lightning\.pytorch\.utilities\._pytree",
+}
 
 
 class _DropBanners(logging.Filter):
@@ -47,8 +51,11 @@ def wandb_mode(requested: str) -> str:
         return requested
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file() and \
-        "api.wandb.ai" in (Path.home() / ".netrc").read_text(errors="ignore")
+    has_key = (
+        bool(os.environ.get("WANDB_API_KEY"))
+        or (Path.home() / ".netrc").is_file()
+        and "api.wandb.ai" in (Path.home() / ".netrc").read_text(errors="ignore")
+    )
     return "online" if has_key else "offline"
 
 
@@ -67,11 +74,21 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         id_file = Path(run_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         atomic_write_text(id_file, run_id)
-        loggers.append(WandbLogger(
-            id=run_id, resume="allow",
-            project=cfg.logger.project, entity=cfg.logger.entity, name=run_name(cfg), group=cfg.logger.group,
-            tags=list(cfg.logger.tags), save_dir=str(run_dir), mode=wandb_mode(cfg.logger.mode),
-            config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous"))
+        loggers.append(
+            WandbLogger(
+                id=run_id,
+                resume="allow",
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                name=run_name(cfg),
+                group=cfg.logger.group,
+                tags=list(cfg.logger.tags),
+                save_dir=str(run_dir),
+                mode=wandb_mode(cfg.logger.mode),
+                config=OmegaConf.to_container(cfg, resolve=True),
+                reinit="finish_previous",
+            )
+        )
     return loggers
 
 
@@ -128,15 +145,17 @@ class RoundProgress(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.enabled:
-            self.bar = tqdm(total=self.rounds, initial=trainer.current_epoch, desc="rounds", unit="round",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.rounds, initial=trainer.current_epoch, desc="rounds", unit="round", dynamic_ncols=True
+            )
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.bar is not None and module.history:
             last = module.history[-1]
             best = best_round(module.history, self.select)[self.select]
-            self.bar.set_postfix({self.select: f"{last[self.select]:.4f}", "best": f"{best:.4f}",
-                                  "s/round": f"{last['time/round']:.2f}"})
+            self.bar.set_postfix(
+                {self.select: f"{last[self.select]:.4f}", "best": f"{best:.4f}", "s/round": f"{last['time/round']:.2f}"}
+            )
             self.bar.update(1)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -7,13 +7,15 @@ similarity matrix and the global one, with its gradient flowing into the item ta
 `exact` evaluates both over the whole table (all anchors, all m x m pairs) with the blocked algebra
 below (`gsa_blocked`, `lse_blocked`): item rows in blocks, value and gradient in one pass, so only
 [clients x rows x m] exists at a time, never a client's m x m matrix; `ica_exact` / `gsa_exact` are
-the plain autograd forms it is tested against. `fast` takes the first `fast_anchors` items of the current (shuffled) batch as anchor rows: ICA
-over those anchors (each still contrasted with all m items) and, with `fast_gsa=rows` (default), GSA
-over those rows of the mask (every column), which estimates the exact masked mean without bias in
-the rows drawn and keeps the mask's meaning (local, global, union); `fast_gsa=pairs` instead uses
-only the pairs of the global mask (cheaper, but with mask=local it becomes local AND global, and it
-vanishes when no global similarity reaches sigma). Both are batched tensor algebra: no loop over items, none over clients beyond chunks.
+the plain autograd forms it is tested against. `fast` takes the first `fast_anchors` items of the
+current (shuffled) batch as anchor rows: ICA over those anchors (each still contrasted with all m
+items) and, with `fast_gsa=rows` (default), GSA over those rows of the mask (every column), which
+estimates the exact masked mean without bias in the rows drawn and keeps the mask's meaning (local,
+global, union); `fast_gsa=pairs` instead uses only the pairs of the global mask (cheaper, but with
+mask=local it becomes local AND global, and it vanishes when no global similarity reaches sigma).
+Both are batched tensor algebra: no loop over items, none over clients beyond chunks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,8 +57,16 @@ def anchor_rows(e: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return e[rows, anchors] @ e.transpose(1, 2)
 
 
-def ica_batch(e: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, labels: torch.Tensor,
-              sizes: torch.Tensor, tau: float, tau0: float, s: torch.Tensor | None = None) -> torch.Tensor:
+def ica_batch(
+    e: torch.Tensor,
+    anchors: torch.Tensor,
+    anchor_valid: torch.Tensor,
+    labels: torch.Tensor,
+    sizes: torch.Tensor,
+    tau: float,
+    tau0: float,
+    s: torch.Tensor | None = None,
+) -> torch.Tensor:
     """ICA with the current batch's items [C, B] as anchors (fast path); [C]. `s` = `anchor_rows(e, anchors)`."""
     rows = torch.arange(e.shape[0], device=e.device).unsqueeze(1)
     ea = e[rows, anchors]
@@ -89,8 +99,16 @@ class _AnchorLSE(torch.autograd.Function):
         return prob * scale, None, None, None
 
 
-def gsa_rows(e: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, global_sim: torch.Tensor,
-             sigma: float, mask: str, reduction: str, s: torch.Tensor | None = None) -> torch.Tensor:
+def gsa_rows(
+    e: torch.Tensor,
+    anchors: torch.Tensor,
+    anchor_valid: torch.Tensor,
+    global_sim: torch.Tensor,
+    sigma: float,
+    mask: str,
+    reduction: str,
+    s: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Eq. 10 over the anchor rows [C, K] (all columns, diagonal excluded) (fast path); [C].
 
     `mean` divides by the mask entries in those rows; `sum` scales the rows' sum by m / K to
@@ -143,8 +161,9 @@ def gsa_exact(e: torch.Tensor, global_sim: torch.Tensor, sigma: float, mask: str
     return sq / w.sum(dim=(1, 2)).clamp(min=1) if reduction == "mean" else sq
 
 
-def gsa_pairs(e: torch.Tensor, pairs: torch.Tensor, targets: torch.Tensor, sigma: float, mask: str,
-              reduction: str) -> torch.Tensor:
+def gsa_pairs(
+    e: torch.Tensor, pairs: torch.Tensor, targets: torch.Tensor, sigma: float, mask: str, reduction: str
+) -> torch.Tensor:
     """Eq. 10 restricted to the global mask's pairs j < k [2, P] (fast path); equals `gsa_exact` with
     mask=global. With mask=local it keeps the pairs also above sigma locally (local AND global)."""
     s = (e[:, pairs[0]] * e[:, pairs[1]]).sum(dim=2)
@@ -159,8 +178,9 @@ def _diagonal(r0: int, b: int, m: int, device: torch.device) -> tuple[torch.Tens
     return rows, rows + r0
 
 
-def gsa_blocked(e: torch.Tensor, global_sim: torch.Tensor, sigma: float, mask: str, reduction: str,
-                rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gsa_blocked(
+    e: torch.Tensor, global_sim: torch.Tensor, sigma: float, mask: str, reduction: str, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 10 and its gradient w.r.t. the normalised table e [C, m, d], `rows` items at a time.
 
     With D = W o (S - S_g) (W, S, S_g symmetric, zero diagonal) the loss is sum D o (S - S_g) and
@@ -172,8 +192,8 @@ def gsa_blocked(e: torch.Tensor, global_sim: torch.Tensor, sigma: float, mask: s
     grad = torch.zeros_like(e)
     for r0 in range(0, m, rows):
         b = min(rows, m - r0)
-        s = e[:, r0:r0 + b] @ e.transpose(1, 2)
-        g = global_sim[r0:r0 + b].to(e.dtype)
+        s = e[:, r0 : r0 + b] @ e.transpose(1, 2)
+        g = global_sim[r0 : r0 + b].to(e.dtype)
         di, dj = _diagonal(r0, b, m, e.device)
         if mask == "global":
             w = (g >= sigma).unsqueeze(0).expand_as(s).clone()
@@ -185,7 +205,7 @@ def gsa_blocked(e: torch.Tensor, global_sim: torch.Tensor, sigma: float, mask: s
         diff = (s - g) * w
         value += (diff * diff).sum(dim=(1, 2))
         count += w.sum(dim=(1, 2))
-        grad[:, r0:r0 + b] += 4 * (diff @ e)
+        grad[:, r0 : r0 + b] += 4 * (diff @ e)
     if reduction == "mean":
         norm = count.clamp(min=1)
         return value / norm, grad / norm.view(-1, 1, 1)
@@ -202,15 +222,15 @@ def lse_blocked(e: torch.Tensor, weights: torch.Tensor, tau: float, rows: int) -
     grad = torch.zeros_like(e)
     for r0 in range(0, m, rows):
         b = min(rows, m - r0)
-        logits = (e[:, r0:r0 + b] @ e.transpose(1, 2)) / tau
+        logits = (e[:, r0 : r0 + b] @ e.transpose(1, 2)) / tau
         di, dj = _diagonal(r0, b, m, e.device)
         logits[:, di, dj] = float("-inf")
         lse = torch.logsumexp(logits, dim=2)
-        w = weights[:, r0:r0 + b]
+        w = weights[:, r0 : r0 + b]
         value += (w * lse).sum(dim=1)
         coef = torch.exp(logits - lse.unsqueeze(2)) * (w / tau).unsqueeze(2)
-        grad[:, r0:r0 + b] += coef @ e
-        grad += coef.transpose(1, 2) @ e[:, r0:r0 + b]
+        grad[:, r0 : r0 + b] += coef @ e
+        grad += coef.transpose(1, 2) @ e[:, r0 : r0 + b]
     return value, grad
 
 
@@ -247,7 +267,8 @@ class AlignmentLoss:
     sizes: torch.Tensor | None = None
     # (device, name) -> (the broadcast tensor as received, its copy on that device); see `on`
     copies: dict[tuple[torch.device, str], tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, repr=False, compare=False)
+        default_factory=dict, repr=False, compare=False
+    )
 
     def update(self, labels: torch.Tensor | None, global_sim: torch.Tensor | None) -> None:
         """Take the server's broadcast: community labels [m] (and the community sizes [K] they imply) and
@@ -276,14 +297,15 @@ class AlignmentLoss:
         """False until the server has broadcast something the enabled terms need."""
         return (self.use_ica and self.labels is not None) or (self.use_gsa and self.global_sim is not None)
 
-    def terms(self, table: torch.Tensor, anchors: torch.Tensor | None = None,
-              anchor_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def terms(
+        self, table: torch.Tensor, anchors: torch.Tensor | None = None, anchor_valid: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Unweighted per-client ICA and GSA values [C] of `table` [C, m, d] (differentiable)."""
         e = normalised(table, self.centre)
         out: dict[str, torch.Tensor] = {}
         s = None
         if self.mode == "fast" and anchors is not None:
-            s = anchor_rows(e, anchors[:, :self.fast_anchors])
+            s = anchor_rows(e, anchors[:, : self.fast_anchors])
         if self.use_ica and self.labels is not None:
             labels, sizes = self.on("labels", table.device), self.on("sizes", table.device)
             if self.mode == "fast" and anchors is not None:
@@ -294,11 +316,25 @@ class AlignmentLoss:
         if self.use_gsa and self.global_sim is not None:
             if self.mode == "fast" and self.fast_gsa == "rows" and anchors is not None:
                 k = self.fast_anchors
-                out["gsa"] = gsa_rows(e, anchors[:, :k], anchor_valid[:, :k], self.on("global_sim", table.device),
-                                      self.sigma, self.mask, self.reduction, s)
+                out["gsa"] = gsa_rows(
+                    e,
+                    anchors[:, :k],
+                    anchor_valid[:, :k],
+                    self.on("global_sim", table.device),
+                    self.sigma,
+                    self.mask,
+                    self.reduction,
+                    s,
+                )
             elif self.mode == "fast" and self.fast_gsa == "pairs":
-                out["gsa"] = gsa_pairs(e, self.on("pairs", table.device), self.on("targets", table.device),
-                                       self.sigma, self.mask, self.reduction)
+                out["gsa"] = gsa_pairs(
+                    e,
+                    self.on("pairs", table.device),
+                    self.on("targets", table.device),
+                    self.sigma,
+                    self.mask,
+                    self.reduction,
+                )
             else:
                 out["gsa"] = gsa_exact(e, self.on("global_sim", table.device), self.sigma, self.mask, self.reduction)
         return out
@@ -326,20 +362,22 @@ class AlignmentLoss:
                 g_e += self.alpha * g_lse
                 surrogate = surrogate - self.alpha * pos.sum()
             if self.use_gsa and self.global_sim is not None:
-                gsa, g_gsa = gsa_blocked(flat, self.on("global_sim", table.device), self.sigma, self.mask,
-                                         self.reduction, rows)
+                gsa, g_gsa = gsa_blocked(
+                    flat, self.on("global_sim", table.device), self.sigma, self.mask, self.reduction, rows
+                )
                 values["gsa"] = gsa
                 g_e += self.beta * g_gsa
             surrogate = surrogate + (e * g_e).sum()
             grad = torch.autograd.grad(surrogate, part)[0] if values else torch.zeros_like(table)
         return values, grad
 
-    def value_and_grad(self, table: torch.Tensor, anchors: torch.Tensor,
-                       anchor_valid: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def value_and_grad(
+        self, table: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-client terms and the gradient of alpha * ICA + beta * GSA w.r.t. `table`: the exact mode in
         sub-chunks of `chunk` clients with the blocked algebra, the fast mode (anchor rows) by autograd."""
         if self.mode == "exact":
-            parts = [self.exact_value_and_grad(table[s:s + self.chunk]) for s in range(0, table.shape[0], self.chunk)]
+            parts = [self.exact_value_and_grad(table[s : s + self.chunk]) for s in range(0, table.shape[0], self.chunk)]
             grad = torch.cat([g for _, g in parts])
             return {k: torch.cat([v[k] for v, _ in parts]) for k in parts[0][0]}, grad
         part = table.detach().requires_grad_()

@@ -4,6 +4,7 @@ Client states live on the CPU (`FederatedModule.state`) and move to the compute 
 (chunk) at a time; the cohort size bounds the device memory a round needs. With `auto` it is the
 largest size whose estimated working set fits in `fl.memory_fraction` of the free memory.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

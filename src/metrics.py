@@ -4,6 +4,7 @@ rank = 1 + #{candidates scoring above the held-out item} + #{candidates scoring 
 so a constant scorer ranks the held-out item last, never first. A NaN score on either side
 also counts against the held-out item, so a diverged model cannot look perfect.
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ PFedRec (METHOD.md section 2): item table E_u (m x d, N(0, 1) init), score = sig
 on the item embedding. Every tensor carries a leading client axis C so a whole cohort is one
 batched computation; `forward` is the math of one client applied to all C at once.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ def layer_sizes(model: DictConfig) -> list[tuple[int, int]]:
     return list(zip(dims[:-1], dims[1:]))
 
 
-def init_params(model: DictConfig, n_clients: int, n_items: int, generator: torch.Generator,
-                rows: torch.Tensor | None = None) -> Params:
+def init_params(
+    model: DictConfig, n_clients: int, n_items: int, generator: torch.Generator, rows: torch.Tensor | None = None
+) -> Params:
     """Initial parameters of every client (or of clients `rows` only, with the same values):
     one shared draw (lineage) or one draw per client.
 

@@ -12,6 +12,7 @@ default `results/<kind>`; every row names the run folder it came from):
 - `sensitivity --param model.alpha`: test hit@10 / ndcg@10 (mean ± std over seeds) against the
   value of one swept config key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,12 @@ def field(run: dict[str, Any], dotted: str, row: dict[str, Any] | None = None) -
     A missing field raises MissingFieldError naming it and the file (keys of history rows hold no dots).
     """
     value: Any = run if row is None else row
-    for part in ([dotted] if row is not None else dotted.split(".")):
+    for part in [dotted] if row is not None else dotted.split("."):
         if not isinstance(value, dict) or part not in value:
             where = f"history round {row.get('round', '?')} " if row is not None else ""
-            raise MissingFieldError(f"{Path(run['path']) / 'results.json'}: {where}has no field {dotted!r}, "
-                                    "which this plot needs")
+            raise MissingFieldError(
+                f"{Path(run['path']) / 'results.json'}: {where}has no field {dotted!r}, which this plot needs"
+            )
         value = value[part]
     return value
 
@@ -62,8 +64,9 @@ def write_table(rows: list[dict[str, Any]], out: Path, name: str) -> None:
     writer.writerows(rows)
     atomic_write_text(out / f"{name}.csv", buf.getvalue())
     md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
-           for r in rows]
+    md += [
+        "| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows
+    ]
     atomic_write_text(out / f"{name}.md", "\n".join(md) + "\n")
 
 
@@ -83,19 +86,32 @@ def pct(value: float | None) -> float:
 def communication(runs: list[dict[str, Any]], out: Path) -> None:
     """Table and plots of upload size and accuracy against sigma and encoding."""
     import matplotlib.pyplot as plt
+
     rows = []
     for r in runs:
-        comm = {**field(r, "config.comm"), "format": field(r, "config.comm.format"),
-                "bits": field(r, "config.comm.bits")}
-        rows.append({"dataset": r["dataset"], "protocol": r["protocol"], "sigma": field(r, "config.model.sigma"),
-                     "encoding": encoding_label(comm), "seed": r["seed"], "rounds": len(r["history"]),
-                     "upload_bytes_per_client_round": field(r, "communication.upload_bytes_mean_per_client_round"),
-                     "embedding_bytes": field(r, "communication.embedding_bytes_per_client_round"),
-                     "upload_vs_embedding": field(r, "communication.upload_vs_embedding"),
-                     "download_bytes_per_client_round": field(r, "communication.download_bytes_total") / max(
-                         sum(field(r, "clients", h) for h in r["history"]), 1),
-                     "test_hit@10": pct(r["test_at_best"].get("test/hit@10")),
-                     "test_ndcg@10": pct(r["test_at_best"].get("test/ndcg@10")), "run": r["path"]})
+        comm = {
+            **field(r, "config.comm"),
+            "format": field(r, "config.comm.format"),
+            "bits": field(r, "config.comm.bits"),
+        }
+        rows.append(
+            {
+                "dataset": r["dataset"],
+                "protocol": r["protocol"],
+                "sigma": field(r, "config.model.sigma"),
+                "encoding": encoding_label(comm),
+                "seed": r["seed"],
+                "rounds": len(r["history"]),
+                "upload_bytes_per_client_round": field(r, "communication.upload_bytes_mean_per_client_round"),
+                "embedding_bytes": field(r, "communication.embedding_bytes_per_client_round"),
+                "upload_vs_embedding": field(r, "communication.upload_vs_embedding"),
+                "download_bytes_per_client_round": field(r, "communication.download_bytes_total")
+                / max(sum(field(r, "clients", h) for h in r["history"]), 1),
+                "test_hit@10": pct(r["test_at_best"].get("test/hit@10")),
+                "test_ndcg@10": pct(r["test_at_best"].get("test/ndcg@10")),
+                "run": r["path"],
+            }
+        )
     rows.sort(key=lambda x: (x["dataset"], x["protocol"], x["encoding"], x["sigma"]))
     write_table(rows, out, "communication")
     for (dataset, protocol), group in group_by(rows, ("dataset", "protocol")).items():
@@ -106,10 +122,17 @@ def communication(runs: list[dict[str, Any]], out: Path) -> None:
             ax1.plot(sig, [p["upload_bytes_per_client_round"] / 1024 for p in part], "o-", label=enc[0])
             ax2.plot(sig, [p["test_hit@10"] for p in part], "o-", label=enc[0])
         ax1.axhline(group[0]["embedding_bytes"] / 1024, color="k", ls="--", label="embedding upload (PFedRec)")
-        ax1.set(xlabel="threshold sigma", ylabel="upload per client and round (KiB)", yscale="log",
-                title=f"{dataset}, {protocol} protocol: upload size")
-        ax2.set(xlabel="threshold sigma", ylabel="test hit@10 at best val round (%)",
-                title=f"{dataset}, {protocol} protocol: accuracy")
+        ax1.set(
+            xlabel="threshold sigma",
+            ylabel="upload per client and round (KiB)",
+            yscale="log",
+            title=f"{dataset}, {protocol} protocol: upload size",
+        )
+        ax2.set(
+            xlabel="threshold sigma",
+            ylabel="test hit@10 at best val round (%)",
+            title=f"{dataset}, {protocol} protocol: accuracy",
+        )
         ax1.legend(fontsize=8)
         ax2.legend(fontsize=8)
         save(fig, out, f"communication_{dataset}_{protocol}")
@@ -119,27 +142,42 @@ def communication(runs: list[dict[str, Any]], out: Path) -> None:
 def privacy(runs: list[dict[str, Any]], out: Path) -> None:
     """Table and plot of accuracy against epsilon."""
     import matplotlib.pyplot as plt
+
     rows = []
     for r in runs:
         p = field(r, "config.privacy")
         epsilon = field(r, "config.privacy.epsilon")
         eps = epsilon if epsilon is not None else (2.0 / p["scale"] if p.get("scale") else math.inf)
-        rows.append({"dataset": r["dataset"], "protocol": r["protocol"], "epsilon_round_entry": float(eps),
-                     "epsilon_total_entry": float(field(r, "privacy").get("epsilon_total_entry", math.inf)),
-                     "seed": r["seed"], "rounds": len(r["history"]),
-                     "test_hit@10": pct(r["test_at_best"].get("test/hit@10")),
-                     "test_ndcg@10": pct(r["test_at_best"].get("test/ndcg@10")), "run": r["path"]})
+        rows.append(
+            {
+                "dataset": r["dataset"],
+                "protocol": r["protocol"],
+                "epsilon_round_entry": float(eps),
+                "epsilon_total_entry": float(field(r, "privacy").get("epsilon_total_entry", math.inf)),
+                "seed": r["seed"],
+                "rounds": len(r["history"]),
+                "test_hit@10": pct(r["test_at_best"].get("test/hit@10")),
+                "test_ndcg@10": pct(r["test_at_best"].get("test/ndcg@10")),
+                "run": r["path"],
+            }
+        )
     rows.sort(key=lambda x: (x["dataset"], x["protocol"], x["epsilon_round_entry"]))
     write_table(rows, out, "privacy")
     for (dataset, protocol), group in group_by(rows, ("dataset", "protocol")).items():
         fig, ax = plt.subplots(figsize=(6, 4))
         noisy = [g for g in group if math.isfinite(g["epsilon_round_entry"])]
-        ax.plot([g["epsilon_round_entry"] for g in noisy], [g["test_hit@10"] for g in noisy], "o-", label="Laplace noise")
+        ax.plot(
+            [g["epsilon_round_entry"] for g in noisy], [g["test_hit@10"] for g in noisy], "o-", label="Laplace noise"
+        )
         for g in group:
             if not math.isfinite(g["epsilon_round_entry"]):
                 ax.axhline(g["test_hit@10"], color="k", ls="--", label="no noise")
-        ax.set(xscale="log", xlabel="epsilon per entry and round", ylabel="test hit@10 at best val round (%)",
-               title=f"{dataset}, {protocol} protocol: privacy vs accuracy")
+        ax.set(
+            xscale="log",
+            xlabel="epsilon per entry and round",
+            ylabel="test hit@10 at best val round (%)",
+            title=f"{dataset}, {protocol} protocol: privacy vs accuracy",
+        )
         ax.legend()
         save(fig, out, f"privacy_{dataset}_{protocol}")
         plt.close(fig)
@@ -149,6 +187,7 @@ def curves(runs: list[dict[str, Any]], out: Path) -> None:
     """The selection metric (val and test) against rounds per run; communities and modularity against
     rounds for AlignFedRec."""
     import matplotlib.pyplot as plt
+
     for (dataset, protocol), group in group_by(runs, ("dataset", "protocol")).items():
         fig, ax = plt.subplots(figsize=(7, 4))
         metrics = {selection_of(r).split("/", 1)[1] for r in group}  # e.g. hit@10
@@ -158,9 +197,14 @@ def curves(runs: list[dict[str, Any]], out: Path) -> None:
             rounds = [h["round"] for h in r["history"]]
             label = f"{r['ablation']} {field(r, 'config.optim.name')} s{r['seed']}"
             label += f" {metric}" if len(metrics) > 1 else ""
-            line, = ax.plot(rounds, [pct(field(r, select, h)) for h in r["history"]], label=f"{label} val")
-            ax.plot(rounds, [pct(h.get(f"test/{metric}")) for h in r["history"]], ls=":", color=line.get_color(),
-                    label=f"{label} test")
+            (line,) = ax.plot(rounds, [pct(field(r, select, h)) for h in r["history"]], label=f"{label} val")
+            ax.plot(
+                rounds,
+                [pct(h.get(f"test/{metric}")) for h in r["history"]],
+                ls=":",
+                color=line.get_color(),
+                label=f"{label} test",
+            )
         shown = " / ".join(sorted(metrics))
         ax.set(xlabel="round", ylabel=f"{shown} (%)", title=f"{dataset}, {protocol} protocol: {shown} per round")
         ax.legend(fontsize=7, ncol=2)
@@ -175,8 +219,9 @@ def curves(runs: list[dict[str, Any]], out: Path) -> None:
             label = f"{r['ablation']} {field(r, 'config.optim.name')} s{r['seed']}"
             ax1.plot([h["round"] for h in hist], [field(r, "community/non_singleton", h) for h in hist], label=label)
             ax2.plot([h["round"] for h in hist], [field(r, "community/modularity", h) for h in hist], label=label)
-        ax1.set(xlabel="round", ylabel="communities with 2+ items",
-                title=f"{dataset}, {protocol} protocol: communities")
+        ax1.set(
+            xlabel="round", ylabel="communities with 2+ items", title=f"{dataset}, {protocol} protocol: communities"
+        )
         ax2.set(xlabel="round", ylabel="weighted modularity", title=f"{dataset}, {protocol} protocol: modularity")
         ax1.legend(fontsize=7)
         save(fig, out, f"communities_{dataset}_{protocol}")
@@ -188,6 +233,7 @@ def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
     import statistics
 
     import matplotlib.pyplot as plt
+
     if not param:
         raise SystemExit("sensitivity needs --param, e.g. --param model.alpha")
     rows = []
@@ -195,22 +241,45 @@ def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
     for (dataset, protocol, value), group in sorted(keyed.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         hit = [pct(r["test_at_best"].get("test/hit@10")) for r in group]
         ndcg = [pct(r["test_at_best"].get("test/ndcg@10")) for r in group]
-        rows.append({"dataset": dataset, "protocol": protocol, param: value, "seeds": len(group),
-                     "test_hit@10": statistics.mean(hit), "test_hit@10_std": statistics.stdev(hit) if len(hit) > 1 else 0.0,
-                     "test_ndcg@10": statistics.mean(ndcg),
-                     "test_ndcg@10_std": statistics.stdev(ndcg) if len(ndcg) > 1 else 0.0,
-                     "runs": " ".join(r["path"] for r in group)})
+        rows.append(
+            {
+                "dataset": dataset,
+                "protocol": protocol,
+                param: value,
+                "seeds": len(group),
+                "test_hit@10": statistics.mean(hit),
+                "test_hit@10_std": statistics.stdev(hit) if len(hit) > 1 else 0.0,
+                "test_ndcg@10": statistics.mean(ndcg),
+                "test_ndcg@10_std": statistics.stdev(ndcg) if len(ndcg) > 1 else 0.0,
+                "runs": " ".join(r["path"] for r in group),
+            }
+        )
     name = param.split(".")[-1]
     write_table(rows, out, f"sensitivity_{name}")
     for (dataset, protocol), group in group_by(rows, ("dataset", "protocol")).items():
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [g[param] for g in group]
-        ax.errorbar(xs, [g["test_hit@10"] for g in group], yerr=[g["test_hit@10_std"] for g in group],
-                    marker="o", capsize=3, label="hit@10")
-        ax.errorbar(xs, [g["test_ndcg@10"] for g in group], yerr=[g["test_ndcg@10_std"] for g in group],
-                    marker="s", capsize=3, label="ndcg@10")
-        ax.set(xlabel=param, ylabel="test metric at best val round (%)",
-               title=f"{dataset}, {protocol} protocol: sensitivity to {name}")
+        ax.errorbar(
+            xs,
+            [g["test_hit@10"] for g in group],
+            yerr=[g["test_hit@10_std"] for g in group],
+            marker="o",
+            capsize=3,
+            label="hit@10",
+        )
+        ax.errorbar(
+            xs,
+            [g["test_ndcg@10"] for g in group],
+            yerr=[g["test_ndcg@10_std"] for g in group],
+            marker="s",
+            capsize=3,
+            label="ndcg@10",
+        )
+        ax.set(
+            xlabel=param,
+            ylabel="test metric at best val round (%)",
+            title=f"{dataset}, {protocol} protocol: sensitivity to {name}",
+        )
         if all(isinstance(x, (int, float)) and x > 0 for x in xs) and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
         ax.legend()
@@ -236,6 +305,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--param", default="", help="sensitivity: the swept config key, e.g. model.alpha")
     args = parser.parse_args(argv)
     import matplotlib
+
     matplotlib.use("Agg")
     out = args.out or Path("results") / args.kind
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ P = m(m-1)/2 entries computed from the same data, so the whole matrix is only (P
 The noise is drawn from a CPU generator on every device, so a seed gives the same noise on a GPU (at the
 cost of one host-to-device copy per similarity block, `src.similarity.laplace`).
 """
+
 from __future__ import annotations
 
 from omegaconf import DictConfig
@@ -31,5 +32,8 @@ def epsilon_spent(eps_round: float | None, rounds: int, n_items: int) -> dict[st
     if eps_round is None:
         return {}
     pairs = n_items * (n_items - 1) // 2
-    return {"privacy/epsilon_round_entry": eps_round, "privacy/epsilon_total_entry": rounds * eps_round,
-            "privacy/epsilon_total_matrix": rounds * eps_round * pairs}
+    return {
+        "privacy/epsilon_round_entry": eps_round,
+        "privacy/epsilon_total_entry": rounds * eps_round,
+        "privacy/epsilon_total_matrix": rounds * eps_round * pairs,
+    }

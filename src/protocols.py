@@ -5,6 +5,7 @@ interacted with, so the held-out items are never drawn while their evaluation ne
 (this leaks, see METHOD.md section 5). `clean` draws training negatives from everything that is
 not a training positive, so nothing separates a held-out item from its evaluation negatives.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,14 @@ def interaction_matrix(n_users: int, n_items: int, users: np.ndarray, items: np.
     return mat
 
 
-def all_interactions(n_users: int, n_items: int, train_users: np.ndarray, train_items: np.ndarray,
-                     val_items: np.ndarray, test_items: np.ndarray) -> np.ndarray:
+def all_interactions(
+    n_users: int,
+    n_items: int,
+    train_users: np.ndarray,
+    train_items: np.ndarray,
+    val_items: np.ndarray,
+    test_items: np.ndarray,
+) -> np.ndarray:
     """Boolean [users, items]: training positives plus each user's validation and test item."""
     mat = interaction_matrix(n_users, n_items, train_users, train_items)
     rows = np.arange(n_users)
@@ -42,22 +49,23 @@ def draw_eval_negatives(interacted: np.ndarray, count: int, seed: int, chunk: in
     available = n_items - interacted.sum(axis=1)
     if available.min() < count:
         u = int(np.argmin(available))
-        raise ValueError(f"user index {u} has only {available[u]} never-interacted items; "
-                         f"the protocol needs {count} evaluation negatives")
+        raise ValueError(
+            f"user index {u} has only {available[u]} never-interacted items; "
+            f"the protocol needs {count} evaluation negatives"
+        )
     rng = np.random.default_rng(seed)
     out = np.empty((n_users, count), dtype=np.int64)
     for start in range(0, n_users, chunk):
-        block = interacted[start:start + chunk]
+        block = interacted[start : start + chunk]
         keys = rng.random(block.shape, dtype=np.float32)
         keys[block] = np.inf
         part = np.argpartition(keys, count - 1, axis=1)[:, :count]
         order = np.argsort(np.take_along_axis(keys, part, axis=1), axis=1)
-        out[start:start + chunk] = np.take_along_axis(part, order, axis=1)
+        out[start : start + chunk] = np.take_along_axis(part, order, axis=1)
     return out
 
 
-def excluded_for_training(pool: str, train: np.ndarray, interacted: np.ndarray,
-                          candidates: np.ndarray) -> np.ndarray:
+def excluded_for_training(pool: str, train: np.ndarray, interacted: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Boolean [users, items] matrix of items that must never be drawn as training negatives."""
     if pool == "non_interacted":
         return interacted.copy()

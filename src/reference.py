@@ -9,6 +9,7 @@ same work. `ExactAlignment` adds AlignFedRec's terms the plain way, one client a
 whole m x m similarity matrix, a positive-pair mask for ICA (no cluster-sum algebra) and the dense
 masked GSA, i.e. the exact loss as a straightforward implementation would write it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,8 +23,14 @@ from torch import nn
 class ReferenceClient(nn.Module):
     """Item table (nn.Embedding), optional user embedding, score MLP (nn.Linear + ReLU), sigmoid."""
 
-    def __init__(self, n_items: int, dim: int, user_embedding: bool = False,
-                 hidden: list[int] | tuple[int, ...] = (), loss: str = "sigmoid_bce"):
+    def __init__(
+        self,
+        n_items: int,
+        dim: int,
+        user_embedding: bool = False,
+        hidden: list[int] | tuple[int, ...] = (),
+        loss: str = "sigmoid_bce",
+    ):
         super().__init__()
         if loss not in ("sigmoid_bce", "logits_bce"):
             raise ValueError(loss)
@@ -62,7 +69,7 @@ class ReferenceClient(nn.Module):
         return self.crit(self(items), labels)
 
     @torch.no_grad()
-    def load_stacked(self, params: dict[str, torch.Tensor], row: int) -> "ReferenceClient":
+    def load_stacked(self, params: dict[str, torch.Tensor], row: int) -> ReferenceClient:
         """Copy row `row` of stacked parameters ([C, in, out] weights) into this module."""
         self.embedding_item.weight.copy_(params["items"][row])
         if self.user is not None:
@@ -86,8 +93,9 @@ class ReferenceClient(nn.Module):
 
 def make_client(model_cfg, n_items: int, params: dict[str, torch.Tensor], row: int) -> ReferenceClient:
     """A reference client built from a model config, holding row `row` of stacked `params`."""
-    client = ReferenceClient(n_items, int(model_cfg.dim), bool(model_cfg.user_embedding),
-                             list(model_cfg.score_hidden), str(model_cfg.loss))
+    client = ReferenceClient(
+        n_items, int(model_cfg.dim), bool(model_cfg.user_embedding), list(model_cfg.score_hidden), str(model_cfg.loss)
+    )
     client = client.to(dtype=params["items"].dtype)
     return client.load_stacked(params, row)
 
@@ -135,8 +143,9 @@ def _make_optimizer(optim_cfg, groups: list[dict]) -> torch.optim.Optimizer:
     if optim_cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=float(optim_cfg.lr))
     if optim_cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=float(optim_cfg.lr), betas=tuple(float(b) for b in optim_cfg.betas),
-                                eps=float(optim_cfg.eps))
+        return torch.optim.Adam(
+            groups, lr=float(optim_cfg.lr), betas=tuple(float(b) for b in optim_cfg.betas), eps=float(optim_cfg.eps)
+        )
     raise ValueError(optim_cfg.name)
 
 
@@ -151,8 +160,13 @@ def client_batches(samples, layout, row: int, max_steps: int | None = None) -> l
     return out
 
 
-def train_client(client: ReferenceClient, batches, optim_cfg, n_items: int,
-                 align: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+def train_client(
+    client: ReferenceClient,
+    batches,
+    optim_cfg,
+    n_items: int,
+    align: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[float]:
     """One round of local training of one client; returns the BCE of every item-table step.
 
     `align(item_table)` (e.g. `ExactAlignment`) is added to the loss of every item-table step.
@@ -182,8 +196,10 @@ def train_client(client: ReferenceClient, batches, optim_cfg, n_items: int,
             opt_items.step()
             losses.append(loss_i.item())
     else:
-        opt = _make_optimizer(optim_cfg, [{"params": client.score_parameters(), "lr": lr},
-                                          {"params": client.item_parameters(), "lr": item_lr}])
+        opt = _make_optimizer(
+            optim_cfg,
+            [{"params": client.score_parameters(), "lr": lr}, {"params": client.item_parameters(), "lr": item_lr}],
+        )
         for items, labels in batches:
             labels = labels.to(dtype)
             opt.zero_grad()

@@ -3,11 +3,14 @@ seeds of every run's test metrics at its best validation round, beside the publi
 
 `--rounds N` cuts every run to its first N rounds (best validation round chosen within them).
 One row per (dataset, method, protocol), or per (dataset, method, protocol, variant) with
-`--by optim.name model.alignment ...` (config keys that tell runs apart): seeds, rounds, test hit@10 / ndcg@10 (sampled) and, under
-the clean protocol, the full-ranking ones, the published hit@10 / ndcg@10 (`experiments/published.yaml`,
-paper protocol) and, for paper-protocol rows, the difference, and the run folders the row was computed from. Printed as
+`--by optim.name model.alignment ...` (config keys that tell runs apart): seeds, rounds, engine, test
+hit@10 / ndcg@10 (sampled) and, under the clean protocol, the full-ranking ones, the published hit@10 /
+ndcg@10 (`experiments/published.yaml`, paper protocol) and, for paper-protocol rows, the difference,
+and the run folders the row was computed from. `--table table1|table2`: the paper's table, every cell
+not yet run shown as missing. Printed as
 Markdown; with `--out`, also written as `<name>.md` and `<name>.csv` (atomically).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +25,8 @@ from typing import Any
 
 import yaml
 
-from src.rundir import normalised
 from src.results import atomic_write_text, best_round, selection_of
+from src.rundir import normalised
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
@@ -48,13 +51,23 @@ def truncate(payload: dict, rounds: int) -> dict:
     if lacking:
         raise ValueError(f"{Path(payload['path']) / 'results.json'}: history round {lacking[0]} has no {select!r}")
     best = best_round(history, select)
-    return {**payload, "history": history,
-            "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {}}
+    return {
+        **payload,
+        "history": history,
+        "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
+    }
 
 
 # the fields of results.json (src/results.py) that the report and the plots need in every finished run
-REQUIRED = {"config": dict, "dataset": str, "protocol": str, "ablation": str, "seed": int, "history": list,
-            "test_at_best": dict}
+REQUIRED = {
+    "config": dict,
+    "dataset": str,
+    "protocol": str,
+    "ablation": str,
+    "seed": int,
+    "history": list,
+    "test_at_best": dict,
+}
 
 
 def read_run(path: Path) -> dict[str, Any] | None:
@@ -100,7 +113,9 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
     return runs
 
 
-def collect(folders: list[Path], by: tuple[str, ...] = (), rounds: int | None = None) -> dict[tuple[str, ...], list[dict]]:
+def collect(
+    folders: list[Path], by: tuple[str, ...] = (), rounds: int | None = None
+) -> dict[tuple[str, ...], list[dict]]:
     """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol[, variant]);
     with `rounds`, each run is cut to its first `rounds` rounds (`truncate`)."""
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
@@ -119,8 +134,18 @@ def collect(folders: list[Path], by: tuple[str, ...] = (), rounds: int | None = 
 
 
 # config keys that may differ between runs of one row: the seed, and where things are read or written
-SAME_ROW = ("seed", "experiment_name", "data.root", "data.cache_dir", "device", "resume", "logger.", "flower.",
-            "audit.", "bench.")
+SAME_ROW = (
+    "seed",
+    "experiment_name",
+    "data.root",
+    "data.cache_dir",
+    "device",
+    "resume",
+    "logger.",
+    "flower.",
+    "audit.",
+    "bench.",
+)
 
 
 def flat(config: dict) -> dict[str, str]:
@@ -133,8 +158,9 @@ def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, .
     """Never average runs whose configs differ in more than the seed: such a group is split by the
     keys that differ, which become (part of) the row's variant."""
     configs = [flat(r["config"]) for r in runs]
-    keys = sorted({k for c in configs for k in c if not k.startswith(SAME_ROW)
-                   and len({c.get(k) for c in configs}) > 1})
+    keys = sorted(
+        {k for c in configs for k in c if not k.startswith(SAME_ROW) and len({c.get(k) for c in configs}) > 1}
+    )
     named = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".name")}
     # a group whose choice differs is shown by its name alone (optim.name=sgd, not its lr, betas, ...)
     keys = [k for k in keys if k.endswith(".name") or k.rsplit(".", 1)[0] not in named]
@@ -175,13 +201,16 @@ def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
         row: dict = {"dataset": dataset, "method": ablation, "protocol": protocol}
         if len(key) > 3:
             row["variant"] = key[3]
-        row |= {"seeds": len(runs), "rounds": "/".join(map(str, sorted({len(r["history"]) for r in runs}))),
-                "engine": "/".join(sorted({engine(r["config"]) for r in runs}))}
+        row |= {
+            "seeds": len(runs),
+            "rounds": "/".join(map(str, sorted({len(r["history"]) for r in runs}))),
+            "engine": "/".join(sorted({engine(r["config"]) for r in runs})),
+        }
         for col in COLUMNS:
             mean, std = mean_std([r["test_at_best"][col] for r in runs if col in r["test_at_best"]])
             row[col], row[f"{col} std"] = mean, std
         ref = pub.get(ablation, {}).get(dataset)
-        row["published hit@10"], row["published ndcg@10"] = (ref if ref else (None, None))
+        row["published hit@10"], row["published ndcg@10"] = ref if ref else (None, None)
         # the paper's numbers are paper-protocol figures: a difference is only like for like there
         comparable = ref is not None and protocol == "paper" and row["test/hit@10"] is not None
         row["diff hit@10"] = row["test/hit@10"] - ref[0] if comparable else None
@@ -209,18 +238,30 @@ def with_missing(table: list[dict], name: str) -> list[dict]:
         for dataset, ref in per_dataset.items():
             for protocol in ("paper", "clean"):
                 if (dataset, method, protocol) not in have:
-                    row = {"dataset": dataset, "method": method, "protocol": protocol, "seeds": 0, "rounds": "-",
-                           "engine": "-", **{c: None for c in COLUMNS}, **{f"{c} std": None for c in COLUMNS},
-                           "published hit@10": ref[0], "published ndcg@10": ref[1], "diff hit@10": None,
-                           "diff ndcg@10": None, "runs": ""}
+                    row = {
+                        "dataset": dataset,
+                        "method": method,
+                        "protocol": protocol,
+                        "seeds": 0,
+                        "rounds": "-",
+                        "engine": "-",
+                        **{c: None for c in COLUMNS},
+                        **{f"{c} std": None for c in COLUMNS},
+                        "published hit@10": ref[0],
+                        "published ndcg@10": ref[1],
+                        "diff hit@10": None,
+                        "diff ndcg@10": None,
+                        "runs": "",
+                    }
                     if any("variant" in r for r in table):
                         row["variant"] = ""
                     out.append(row)
     order = {m: i for i, m in enumerate(spec)}
     datasets = {d: i for i, d in enumerate(dict.fromkeys(d for per in spec.values() for d in per))}
     keep = [r for r in out if r["method"] in order and r["dataset"] in datasets]
-    return sorted(keep, key=lambda r: (datasets[r["dataset"]], r["protocol"] != "paper", order[r["method"]],
-                                       r.get("variant", "")))
+    return sorted(
+        keep, key=lambda r: (datasets[r["dataset"]], r["protocol"] != "paper", order[r["method"]], r.get("variant", ""))
+    )
 
 
 def cell(mean: float | None, std: float | None = None) -> str:
@@ -232,16 +273,40 @@ def cell(mean: float | None, std: float | None = None) -> str:
 def markdown(table: list[dict]) -> str:
     """The rows as a Markdown table (published numbers are paper-protocol figures)."""
     variant = any("variant" in r for r in table)
-    head = ["dataset", "method", "protocol", *(["variant"] if variant else []), "seeds", "rounds", "engine", *COLUMNS,
-            "published", "diff hit@10 / ndcg@10"]
+    head = [
+        "dataset",
+        "method",
+        "protocol",
+        *(["variant"] if variant else []),
+        "seeds",
+        "rounds",
+        "engine",
+        *COLUMNS,
+        "published",
+        "diff hit@10 / ndcg@10",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in table:
         pub = "-" if r["published hit@10"] is None else f"{r['published hit@10']:.2f} / {r['published ndcg@10']:.2f}"
         diff = "-" if r["diff hit@10"] is None else f"{r['diff hit@10']:+.2f} / {r['diff ndcg@10']:+.2f}"
-        lines.append("| " + " | ".join([r["dataset"], r["method"], r["protocol"], *([r.get("variant", "")] if variant else []),
-                                        str(r["seeds"]), r["rounds"], r.get("engine", "-"),
-                                        *[cell(r[c], r[f"{c} std"]) if r["seeds"] else "missing" for c in COLUMNS],
-                                        pub, diff]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["dataset"],
+                    r["method"],
+                    r["protocol"],
+                    *([r.get("variant", "")] if variant else []),
+                    str(r["seeds"]),
+                    r["rounds"],
+                    r.get("engine", "-"),
+                    *[cell(r[c], r[f"{c} std"]) if r["seeds"] else "missing" for c in COLUMNS],
+                    pub,
+                    diff,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -261,10 +326,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=None, help="also write <name>.md and <name>.csv here")
     parser.add_argument("--name", default="table")
     parser.add_argument("--by", nargs="*", default=[], help="config keys that split rows, e.g. optim.name")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="compare runs of different lengths: cut each to its first N rounds, best val round within")
-    parser.add_argument("--table", choices=("table1", "table2"), default=None,
-                        help="the paper's table: its rows only, every cell not yet run shown as missing")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="compare runs of different lengths: cut each to its first N rounds, best val round within",
+    )
+    parser.add_argument(
+        "--table",
+        choices=("table1", "table2"),
+        default=None,
+        help="the paper's table: its rows only, every cell not yet run shown as missing",
+    )
     args = parser.parse_args(argv)
     table = rows(collect(args.folders, tuple(args.by), args.rounds))
     if args.table:

@@ -7,6 +7,7 @@ select metric, earliest on ties), best_val, test_at_best, timings, finished, com
 over the run: upload and download totals, mean upload per client and round, and the
 embedding-sharing size for comparison), privacy (the epsilon spent by the last round, when noise is on).
 """
+
 from __future__ import annotations
 
 import json
@@ -79,28 +80,40 @@ def communication_totals(history: list[dict]) -> dict[str, float]:
         return {}
     up = sum(r.get("comm/upload_bytes_total", 0.0) for r in history)
     senders = sum(r.get("comm/uploaders", 0.0) for r in history)
-    out = {"upload_bytes_total": up, "download_bytes_total": sum(r.get("comm/download_bytes_total", 0.0) for r in history),
-           "upload_bytes_mean_per_client_round": up / senders if senders else 0.0,
-           "embedding_bytes_per_client_round": history[0]["comm/embedding_bytes"]}
+    out = {
+        "upload_bytes_total": up,
+        "download_bytes_total": sum(r.get("comm/download_bytes_total", 0.0) for r in history),
+        "upload_bytes_mean_per_client_round": up / senders if senders else 0.0,
+        "embedding_bytes_per_client_round": history[0]["comm/embedding_bytes"],
+    }
     out["upload_vs_embedding"] = out["upload_bytes_mean_per_client_round"] / out["embedding_bytes_per_client_round"]
     return out
 
 
-def build_results(cfg: DictConfig, summary: dict, history: list[dict], timings: dict[str, float],
-                  finished: bool) -> dict[str, Any]:
+def build_results(
+    cfg: DictConfig, summary: dict, history: list[dict], timings: dict[str, float], finished: bool
+) -> dict[str, Any]:
     """Assemble the results.json payload from the run's config, data summary and round history."""
     select = select_key(cfg)
     best = best_round(history, select)
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "dataset": cfg.dataset.name, "protocol": cfg.protocol.name, "ablation": cfg.ablation.name,
-        "seed": int(cfg.seed), "summary": summary, "history": history, "select": select,
+        "dataset": cfg.dataset.name,
+        "protocol": cfg.protocol.name,
+        "ablation": cfg.ablation.name,
+        "seed": int(cfg.seed),
+        "summary": summary,
+        "history": history,
+        "select": select,
         "best_round": best["round"] if best else None,
         "best_val": {k: v for k, v in best.items() if k.startswith("val")} if best else {},
         "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
-        "timings": timings, "finished": finished,
+        "timings": timings,
+        "finished": finished,
         "communication": communication_totals(history),
-        "privacy": {k.split("/", 1)[1]: v for k, v in history[-1].items() if k.startswith("privacy/")} if history else {},
+        "privacy": {k.split("/", 1)[1]: v for k, v in history[-1].items() if k.startswith("privacy/")}
+        if history
+        else {},
     }
 
 
@@ -120,15 +133,19 @@ def chance_level(k: int, candidates: int) -> dict[str, float]:
     if k < 1 or candidates < 1:
         raise ValueError(f"chance_level needs K >= 1 and candidates >= 1, got K={k}, candidates={candidates}")
     top = min(int(k), int(candidates))
-    return {f"hit@{k}": top / candidates,
-            f"ndcg@{k}": math.fsum(1.0 / math.log2(r + 1) for r in range(1, top + 1)) / candidates}
+    return {
+        f"hit@{k}": top / candidates,
+        f"ndcg@{k}": math.fsum(1.0 / math.log2(r + 1) for r in range(1, top + 1)) / candidates,
+    }
 
 
 def _pair(metrics: dict[str, Any], prefix: str, k: int) -> str:
     """`hit@K 0.1234 ndcg@K 0.0567` from `metrics` (`-` for a value the run does not have)."""
+
     def num(key: str) -> str:
         value = metrics.get(f"{prefix}{key}@{k}")
         return "-" if value is None else f"{value:.4f}"
+
     return f"hit@{k} {num('hit')} ndcg@{k} {num('ndcg')}"
 
 
@@ -144,23 +161,28 @@ def meaning_lines(payload: dict[str, Any]) -> list[str]:
     negatives = protocol.get("eval_negatives")
     if negatives:
         n = 1 + int(negatives)
-        parts.append(f"sampled {_pair(test, 'test/', k)} vs {_pair(chance_level(k, n), '', k)} at random "
-                     f"(1 of {n} candidates)")
+        parts.append(
+            f"sampled {_pair(test, 'test/', k)} vs {_pair(chance_level(k, n), '', k)} at random (1 of {n} candidates)"
+        )
     items = (payload.get("summary") or {}).get("items")
     if protocol.get("full_ranking") and items:
-        parts.append(f"full ranking {_pair(test, 'test_full/', k)} vs {_pair(chance_level(k, int(items)), '', k)} "
-                     f"at random (1 of {int(items)} items)")
+        parts.append(
+            f"full ranking {_pair(test, 'test_full/', k)} vs {_pair(chance_level(k, int(items)), '', k)} "
+            f"at random (1 of {int(items)} items)"
+        )
     lines = ["test at best round: " + "; ".join(parts)] if parts else []
     if payload.get("protocol") == "paper":
         from src.report import published  # src.report imports this module
+
         dataset, ablation = payload.get("dataset"), payload.get("ablation")
         ref = published().get(ablation, {}).get(dataset)
         if ref is None:
-            lines.append(f"published (paper protocol): none for {ablation} on {dataset} "
-                         "(experiments/published.yaml)")
+            lines.append(f"published (paper protocol): none for {ablation} on {dataset} (experiments/published.yaml)")
         else:
-            lines.append(f"published (paper protocol, {ablation} on {dataset}): hit@10 {ref[0] / 100:.4f} "
-                         f"ndcg@10 {ref[1] / 100:.4f}; this run: {_pair(test, 'test/', 10)}")
+            lines.append(
+                f"published (paper protocol, {ablation} on {dataset}): hit@10 {ref[0] / 100:.4f} "
+                f"ndcg@10 {ref[1] / 100:.4f}; this run: {_pair(test, 'test/', 10)}"
+            )
     return lines
 
 
@@ -171,8 +193,14 @@ def report_best(payload: dict[str, Any], run_dir: Path, log: logging.Logger) -> 
     k = select_cutoff(select)
     best = payload["best_val"].get(select, 0.0)
     test = payload["test_at_best"]
-    log.info("best round %s: %s %.4f, test %s -> %s", payload["best_round"], select, best,
-             _pair(test, "test/", k), Path(run_dir) / "results.json")
+    log.info(
+        "best round %s: %s %.4f, test %s -> %s",
+        payload["best_round"],
+        select,
+        best,
+        _pair(test, "test/", k),
+        Path(run_dir) / "results.json",
+    )
     for line in meaning_lines(payload):
         log.info(line)
     return best

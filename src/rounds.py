@@ -6,11 +6,12 @@ Client side: `train_clients` (sample, train as stacked cohorts, hand each traine
 `upload` callback) and `evaluate_clients`. Server side: `MeanAggregator` and
 `SimilarityAggregator` collect the uploads, `server_alignment` finds the communities of S_g.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -91,21 +92,41 @@ def advance_failure_stream(n_users: int, generator: torch.Generator) -> None:
 def training_sampler(cfg: DictConfig, data: FedData) -> NegativeSampler:
     """The protocol's training-negative sampler over all clients' pools."""
     candidates = np.concatenate([data.val_negatives, data.test_negatives], 1)
-    return NegativeSampler(excluded_for_training(cfg.protocol.train_negative_pool, data.train_matrix(),
-                                                 data.interacted_matrix(), candidates))
+    return NegativeSampler(
+        excluded_for_training(
+            cfg.protocol.train_negative_pool, data.train_matrix(), data.interacted_matrix(), candidates
+        )
+    )
 
 
-def train_clients(cfg: DictConfig, pool: ClientPool, chosen: torch.Tensor, data: FedData, sampler: NegativeSampler,
-                  shared: Params, dense: DenseLoss | None, round_: int, device: torch.device,
-                  chunk_size: int | None, upload: Upload) -> RoundWork:
+def train_clients(
+    cfg: DictConfig,
+    pool: ClientPool,
+    chosen: torch.Tensor,
+    data: FedData,
+    sampler: NegativeSampler,
+    shared: Params,
+    dense: DenseLoss | None,
+    round_: int,
+    device: torch.device,
+    chunk_size: int | None,
+    upload: Upload,
+) -> RoundWork:
     """Local training of the pool's rows `chosen` in round `round_`, chunk by chunk, in place.
 
     Each chunk starts from the server's `shared` parameters, trains as one stacked cohort and is
     handed to `upload` before the next chunk is formed.
     """
     fl = cfg.fl
-    samples = sample_round(torch.as_tensor(data.train_ptr), torch.as_tensor(data.train_items), sampler,
-                           int(cfg.protocol.train_negatives), int(cfg.seed), round_, users=pool.users)
+    samples = sample_round(
+        torch.as_tensor(data.train_ptr),
+        torch.as_tensor(data.train_items),
+        sampler,
+        int(cfg.protocol.train_negatives),
+        int(cfg.seed),
+        round_,
+        users=pool.users,
+    )
     steps = local_steps(samples, chosen, int(fl.local_epochs), int(fl.batch_size))
     loss_sums: dict[str, float] = {}
     train_s = upload_s = 0.0
@@ -127,10 +148,12 @@ def train_clients(cfg: DictConfig, pool: ClientPool, chosen: torch.Tensor, data:
     return RoundWork(loss_sums, steps, train_s, upload_s)
 
 
-def evaluate_clients(evaluator: Evaluator, pool: ClientPool, device: torch.device,
-                     chunk_size: int | None) -> dict[str, torch.Tensor]:
+def evaluate_clients(
+    evaluator: Evaluator, pool: ClientPool, device: torch.device, chunk_size: int | None
+) -> dict[str, torch.Tensor]:
     """Ranks of every client of the pool (own current parameters) on its validation and test items."""
     size = int(chunk_size or len(pool.users)) or 1
+
     def score(users: torch.Tensor, item_ids: torch.Tensor | None) -> torch.Tensor:
         params = pool.params(pool.rows_of(users), device)
         with torch.no_grad():
@@ -138,20 +161,26 @@ def evaluate_clients(evaluator: Evaluator, pool: ClientPool, device: torch.devic
                 return score_all_items(params)
             return forward(params, item_ids.to(device))
 
-    chunks = [pool.users[i:i + size] for i in range(0, len(pool.users), size)]
+    chunks = [pool.users[i : i + size] for i in range(0, len(pool.users), size)]
     return evaluator.ranks(score, chunks)
 
 
-def server_alignment(cfg: DictConfig, global_sim: torch.Tensor,
-                     previous: torch.Tensor | None) -> tuple[Communities, dict[str, float]]:
+def server_alignment(
+    cfg: DictConfig, global_sim: torch.Tensor, previous: torch.Tensor | None
+) -> tuple[Communities, dict[str, float]]:
     """Communities of S_g by modularity (METHOD.md section 3, step 2) and the round's statistics."""
-    comms = detect(global_sim, float(cfg.model.sigma), cfg.server.community, float(cfg.server.resolution),
-                   int(cfg.seed))
+    comms = detect(
+        global_sim, float(cfg.model.sigma), cfg.server.community, float(cfg.server.resolution), int(cfg.seed)
+    )
     sizes = comms.sizes
-    stats = {"community/count": float(len(sizes)), "community/largest": float(sizes.max()),
-             "community/singletons": float((sizes == 1).sum()),
-             "community/non_singleton": float((sizes > 1).sum()),
-             "community/modularity": comms.modularity, "community/edges": float(comms.edges)}
+    stats = {
+        "community/count": float(len(sizes)),
+        "community/largest": float(sizes.max()),
+        "community/singletons": float((sizes == 1).sum()),
+        "community/non_singleton": float((sizes > 1).sum()),
+        "community/modularity": comms.modularity,
+        "community/edges": float(comms.edges),
+    }
     if previous is not None:
         stats["community/ari_prev"] = adjusted_rand_index(previous.numpy(), comms.labels)
     return comms, stats

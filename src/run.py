@@ -5,6 +5,7 @@ checkpoints/last.ckpt with its record last.json, and results.json (see `results.
 (config values, the folder's lock, a resume's config, checkpoint and data digests) runs before the
 run writes anything into the folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,16 +49,24 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     target = run_dir if cfg.resume is True else Path(str(cfg.resume))
     path = target if target.suffix == ".ckpt" else target / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise FileNotFoundError(f"resume={cfg.resume!r}: no checkpoint at {path}; pass hydra.run.dir=<the run "
-                                f"folder> resume=true, or resume=<path to last.ckpt>")
+        raise FileNotFoundError(
+            f"resume={cfg.resume!r}: no checkpoint at {path}; pass hydra.run.dir=<the run "
+            f"folder> resume=true, or resume=<path to last.ckpt>"
+        )
     return path
 
 
 def data_digest(data: FedData) -> str:
     """sha256 over the split a run trains and evaluates on (sizes, positives, held-out items, negatives)."""
     h = hashlib.sha256(f"{data.name}/{data.protocol}/{data.seed}/{data.n_users}/{data.n_items}".encode())
-    for arr in (data.train_ptr, data.train_items, data.val_items, data.test_items, data.val_negatives,
-                data.test_negatives):
+    for arr in (
+        data.train_ptr,
+        data.train_items,
+        data.val_items,
+        data.test_items,
+        data.val_negatives,
+        data.test_negatives,
+    ):
         h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
     return h.hexdigest()
 
@@ -89,18 +98,22 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
             record = checkpoint.read_record(ckpt)
             differ = rundir.resume_mismatch(record["config"], OmegaConf.to_container(cfg, resolve=True))
             if differ:
-                raise ResumeError(f"resume refused: checkpoint {ckpt} was trained with another config; "
-                                  f"differing keys (checkpoint -> now): {'; '.join(differ)}. Resume with the run's "
-                                  f"own overrides (see {ckpt.parents[1] / '.hydra' / 'overrides.yaml'}), or start "
-                                  f"a new run in a new folder")
+                raise ResumeError(
+                    f"resume refused: checkpoint {ckpt} was trained with another config; "
+                    f"differing keys (checkpoint -> now): {'; '.join(differ)}. Resume with the run's "
+                    f"own overrides (see {ckpt.parents[1] / '.hydra' / 'overrides.yaml'}), or start "
+                    f"a new run in a new folder"
+                )
             checkpoint.verify(ckpt, record)
         torch.manual_seed(int(cfg.seed))
         data = load(cfg)
         digest = data_digest(data)
         if record is not None and record["data"] != digest:
-            raise ResumeError(f"resume refused: the data split differs from the one checkpoint {ckpt} was trained "
-                              f"on (split digest {record['data'][:16]}... then, {digest[:16]}... now); restore "
-                              f"the original data files or start a new run in a new folder")
+            raise ResumeError(
+                f"resume refused: the data split differs from the one checkpoint {ckpt} was trained "
+                f"on (split digest {record['data'][:16]}... then, {digest[:16]}... now); restore "
+                f"the original data files or start a new run in a new folder"
+            )
     except BaseException:
         rundir.release(lock)
         raise
@@ -115,17 +128,34 @@ def fit(run: Prepared, progress: bool = True) -> dict:
         atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         module = FederatedModule(cfg, run.data)
         prior = run.record or {}
-        ckpt = AtomicCheckpoint(run_dir / "checkpoints", int(cfg.fl.checkpoint_every), config, run.digest,
-                                run.start, float(prior.get("elapsed_s", 0.0)), int(prior.get("processes", 0)) + 1)
+        ckpt = AtomicCheckpoint(
+            run_dir / "checkpoints",
+            int(cfg.fl.checkpoint_every),
+            config,
+            run.digest,
+            run.start,
+            float(prior.get("elapsed_s", 0.0)),
+            int(prior.get("processes", 0)) + 1,
+        )
         loggers = make_loggers(cfg, run_dir)
         quiet_lightning()
         trainer = L.Trainer(
-            max_epochs=int(cfg.fl.rounds), logger=loggers,
-            callbacks=[RoundProgress(int(cfg.fl.rounds), progress, select_key(cfg)),
-                       RoundCSV(run_dir / "csv" / "metrics.csv"), ckpt],
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
-            devices=1, default_root_dir=str(run_dir), log_every_n_steps=1)
+            max_epochs=int(cfg.fl.rounds),
+            logger=loggers,
+            callbacks=[
+                RoundProgress(int(cfg.fl.rounds), progress, select_key(cfg)),
+                RoundCSV(run_dir / "csv" / "metrics.csv"),
+                ckpt,
+            ],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
+            devices=1,
+            default_root_dir=str(run_dir),
+            log_every_n_steps=1,
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*configure_optimizers.*")
@@ -140,9 +170,13 @@ def fit(run: Prepared, progress: bool = True) -> dict:
             except BaseException:
                 finish_loggers(loggers, None)
                 raise
-        timings = {"setup_s": run.setup_s, "total_s": ckpt.elapsed(), "processes": ckpt.processes,
-                   "this_process_s": time.perf_counter() - run.start,
-                   "mean_round_s": sum(r["time/round"] for r in module.history) / max(len(module.history), 1)}
+        timings = {
+            "setup_s": run.setup_s,
+            "total_s": ckpt.elapsed(),
+            "processes": ckpt.processes,
+            "this_process_s": time.perf_counter() - run.start,
+            "mean_round_s": sum(r["time/round"] for r in module.history) / max(len(module.history), 1),
+        }
         payload = build_results(cfg, run.data.summary(), module.history, timings, finished=True)
         write_results(run_dir, payload)
         summary = {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]}

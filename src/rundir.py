@@ -5,6 +5,7 @@ the kernel when the process ends, however it ends) and refuses a folder that alr
 unless the run is being resumed. `resume_mismatch` lists the config keys in which a resume
 differs from the checkpointed run; only keys that cannot change the computed rounds may differ.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -17,15 +18,32 @@ LOCK_NAME = ".run.lock"
 # Hydra's own files in a folder it has just created for a job (and its `<job name>.log`): no run yet
 HYDRA_FILES = {LOCK_NAME, ".hydra", "multirun.yaml"}
 # Keys a resume may change: how long to go on, where to log and write, where the (verified) data is read from.
-RESUMABLE_KEYS = ("resume", "fl.rounds", "fl.checkpoint_every", "eval.patience", "experiment_name", "logger.",
-                  "data.root", "data.cache_dir", "bench.", "audit.", "flower.", "hydra.")
+RESUMABLE_KEYS = (
+    "resume",
+    "fl.rounds",
+    "fl.checkpoint_every",
+    "eval.patience",
+    "experiment_name",
+    "logger.",
+    "data.root",
+    "data.cache_dir",
+    "bench.",
+    "audit.",
+    "flower.",
+    "hydra.",
+)
 
 
 # Keys added to the config after runs were made, with the value every run before them had. A config
 # that lacks such a key and one that holds this value describe the same run (resume checks, campaign
 # identity); list each new key that can change results here, with its neutral default.
-ADDED_KEYS = {"data.verify": True, "eval.select": "val/hit@10", "compute.deterministic": True,
-              "compute.matmul_precision": "highest", "fl.max_auto_chunk": 1024}
+ADDED_KEYS = {
+    "data.verify": True,
+    "eval.select": "val/hit@10",
+    "compute.deterministic": True,
+    "compute.matmul_precision": "highest",
+    "fl.max_auto_chunk": 1024,
+}
 
 
 def normalised(config: dict) -> dict[str, Any]:
@@ -56,14 +74,18 @@ def claim(run_dir: Path, resuming: bool) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunFolderError(f"run folder {run_dir} is in use by another run (locked: {run_dir / LOCK_NAME}); "
-                             f"wait for it to end or choose another folder (hydra.run.dir=...)") from None
+        raise RunFolderError(
+            f"run folder {run_dir} is in use by another run (locked: {run_dir / LOCK_NAME}); "
+            f"wait for it to end or choose another folder (hydra.run.dir=...)"
+        ) from None
     if not resuming and holds_run(run_dir):
         os.close(fd)
         finished = (run_dir / "results.json").is_file()
         what = "a finished run (results.json)" if finished else "an unfinished run"
-        raise RunFolderError(f"run folder {run_dir} already holds {what}; rerunning into it would mix two runs. "
-                             f"Continue it with resume=true, or choose another folder (hydra.run.dir=...)")
+        raise RunFolderError(
+            f"run folder {run_dir} already holds {what}; rerunning into it would mix two runs. "
+            f"Continue it with resume=true, or choose another folder (hydra.run.dir=...)"
+        )
     return fd
 
 

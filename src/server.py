@@ -1,4 +1,5 @@
 """Server side: aggregation of what the clients upload, accumulated chunk by chunk."""
+
 from __future__ import annotations
 
 import torch

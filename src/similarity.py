@@ -4,6 +4,7 @@ S_u = Ê Êᵀ with Ê = normalise(E_u - mean_rows(E_u)) (centring optional): co
 invariant to rotation and positive scaling of the table and, once centred, to translation.
 The upload is S_u with its diagonal zeroed and the entries below sigma dropped.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,11 +65,24 @@ class SimilarityAggregator:
     the server of a real deployment sums the decoded uploads with `add_entries`.
     """
 
-    def __init__(self, n_items: int, sigma: float, centre: bool, block: int, device: torch.device, rows: int = 128,
-                 noise: float = 0.0, topk: int | None = None, bits: int = 32, collect: bool = False,
-                 generator: torch.Generator | None = None, accumulate: bool = True):
-        self.upper = torch.zeros(n_items if accumulate else 0, n_items if accumulate else 0, dtype=torch.float64,
-                                 device=device)
+    def __init__(
+        self,
+        n_items: int,
+        sigma: float,
+        centre: bool,
+        block: int,
+        device: torch.device,
+        rows: int = 128,
+        noise: float = 0.0,
+        topk: int | None = None,
+        bits: int = 32,
+        collect: bool = False,
+        generator: torch.Generator | None = None,
+        accumulate: bool = True,
+    ):
+        self.upper = torch.zeros(
+            n_items if accumulate else 0, n_items if accumulate else 0, dtype=torch.float64, device=device
+        )
         self.accumulate = accumulate
         self.count = 0
         self.client_nnz: list[torch.Tensor] = []
@@ -102,9 +116,9 @@ class SimilarityAggregator:
         for r0 in range(0, m, self.rows):
             b = min(self.rows, m - r0)
             for s in range(0, c, per):
-                blk = e[s:s + per, r0:r0 + b] @ e[s:s + per].transpose(-1, -2)
+                blk = e[s : s + per, r0 : r0 + b] @ e[s : s + per].transpose(-1, -2)
                 blk[:, torch.arange(b), torch.arange(r0, r0 + b)] = -float("inf")
-                out[s:s + per, r0:r0 + b] = blk.topk(k, dim=-1).values[..., -1]
+                out[s : s + per, r0 : r0 + b] = blk.topk(k, dim=-1).values[..., -1]
         return out
 
     @torch.no_grad()
@@ -123,30 +137,30 @@ class SimilarityAggregator:
             strict = torch.ones(b, b, dtype=torch.bool, device=e.device).triu_(1)
             per = max(1, self.block // (b * cols))
             for s in range(0, c, per):
-                blk = e[s:s + per, r0:r0 + b] @ e[s:s + per, r0:].transpose(-1, -2)
+                blk = e[s : s + per, r0 : r0 + b] @ e[s : s + per, r0:].transpose(-1, -2)
                 if self.plain and self.sigma > 0:
                     F.threshold(blk, self.below, 0.0, inplace=True)
                     blk[..., :b].masked_fill_(~strict, 0.0)
-                    nnz[s:s + per] += torch.sign(blk).sum((1, 2)).long()
+                    nnz[s : s + per] += torch.sign(blk).sum((1, 2)).long()
                     if self.accumulate:
-                        self.upper[r0:r0 + b, r0:] += blk.sum(0)
+                        self.upper[r0 : r0 + b, r0:] += blk.sum(0)
                     continue
                 if self.noise > 0:
-                    blk = (blk + laplace(tuple(blk.shape), self.noise, self.generator, e.device).to(blk.dtype))
+                    blk = blk + laplace(tuple(blk.shape), self.noise, self.generator, e.device).to(blk.dtype)
                     blk = blk.clamp_(-1.0, 1.0)
                 keep = blk >= self.sigma
                 keep[..., :b] &= strict
                 if thresholds is not None:
-                    t = thresholds[s:s + per]
-                    keep &= (blk >= t[:, r0:r0 + b, None]) | (blk >= t[:, None, r0:])
+                    t = thresholds[s : s + per]
+                    keep &= (blk >= t[:, r0 : r0 + b, None]) | (blk >= t[:, None, r0:])
                 blk = torch.where(keep, quantise(blk, self.sigma, 1.0, self.bits), 0.0)
-                nnz[s:s + per] += keep.sum((1, 2))
+                nnz[s : s + per] += keep.sum((1, 2))
                 if self.collect:
                     ci, ri, ki = keep.nonzero(as_tuple=True)
                     found.append((ci + s) * (m * m) + (ri + r0) * m + (ki + r0))
                     values.append(blk[ci, ri, ki])
                 if self.accumulate:
-                    self.upper[r0:r0 + b, r0:] += blk.sum(0)
+                    self.upper[r0 : r0 + b, r0:] += blk.sum(0)
         if self.collect:
             keys = torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=e.device)
             vals = torch.cat(values) if values else torch.zeros(0, dtype=e.dtype, device=e.device)

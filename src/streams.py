@@ -6,6 +6,7 @@ tensor arithmetic. The same client therefore sees the same samples whether it tr
 cohort of a thousand, alone in a test, on another device, or in a Flower ClientApp, and on CPU or
 GPU alike; resuming at round r needs no generator state.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,7 +55,7 @@ class ClientStream:
         x = mix(x + (index + 1) * _GOLDEN)
         if attempt:
             x = mix(x + _i64(attempt * _GOLDEN))
-        return _shr(x, 11).double() * 2.0 ** -53
+        return _shr(x, 11).double() * 2.0**-53
 
     def randint(self, high: int, users: torch.Tensor, index: torch.Tensor, attempt: int = 0) -> torch.Tensor:
         """Uniform integers in [0, high) from 53-bit uniforms (bias below high / 2^53)."""

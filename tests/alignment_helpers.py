@@ -1,8 +1,10 @@
 """Independent reference computations for the alignment tests (numpy / plain loops, tests only).
 
-Nothing here imports `src`: every expectation in `tests/test_alignment.py` is computed from the
-formulas of METHOD.md sections 1 and 3, never with the function under test.
+Nothing here imports `src`: every expectation in the alignment tests (`test_similarity.py`,
+`test_losses.py`, `test_community.py`) is computed from the formulas of METHOD.md sections 1 and 3,
+never with the function under test. Also the inputs those tests share (random tables, labels, S_g).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -108,9 +110,20 @@ def naive_ica(e: np.ndarray, labels: np.ndarray, tau: float, tau0: float, anchor
     return (tau / tau0) * float(np.mean(vals)) if vals else 0.0
 
 
-def naive_loss_torch(table: torch.Tensor, labels: torch.Tensor | None, global_sim: torch.Tensor | None,
-                     alpha: float, beta: float, tau: float, tau0: float, sigma: float, centre: bool,
-                     mask: str, reduction: str, anchors: list[int] | None = None) -> tuple[torch.Tensor, dict]:
+def naive_loss_torch(
+    table: torch.Tensor,
+    labels: torch.Tensor | None,
+    global_sim: torch.Tensor | None,
+    alpha: float,
+    beta: float,
+    tau: float,
+    tau0: float,
+    sigma: float,
+    centre: bool,
+    mask: str,
+    reduction: str,
+    anchors: list[int] | None = None,
+) -> tuple[torch.Tensor, dict]:
     """alpha * ICA + beta * GSA of ONE client's table [m, d] in plain torch (differentiable), with
     per-anchor / per-pair Python loops written from the formulas."""
     x = table - table.mean(dim=0, keepdim=True) if centre else table
@@ -119,7 +132,7 @@ def naive_loss_torch(table: torch.Tensor, labels: torch.Tensor | None, global_si
     terms: dict[str, torch.Tensor] = {}
     if labels is not None:
         per = []
-        for a in (range(m) if anchors is None else anchors):
+        for a in range(m) if anchors is None else anchors:
             pos = [p for p in range(m) if p != a and int(labels[p]) == int(labels[a])]
             if not pos:
                 continue
@@ -218,3 +231,40 @@ def np_modularity(adj: np.ndarray, labels, resolution: float = 1.0) -> float:
     two_w = adj.sum()
     delta = labels[:, None] == labels[None, :]
     return float(((adj - resolution * np.outer(k, k) / two_w) * delta).sum() / two_w)
+
+
+# ----------------------------------------------------------------------------- shared inputs
+F64 = torch.float64
+CPU = torch.device("cpu")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tables(c: int, m: int, d: int, seed: int, dtype=F64) -> torch.Tensor:
+    return torch.randn(c, m, d, generator=gen(seed), dtype=dtype)
+
+
+def np_e(table: torch.Tensor, centre: bool) -> list[np.ndarray]:
+    """Independent normalisation of every client's table."""
+    return [np_normalise(t.detach().numpy(), centre) for t in table]
+
+
+def random_global(m: int, seed: int, sigma: float) -> torch.Tensor:
+    """A symmetric S_g [m, m] in [0, 1], zero diagonal, a share of zeros and one entry exactly sigma."""
+    rng = np.random.default_rng(seed)
+    s = rng.uniform(0.0, 1.0, (m, m))
+    s[rng.uniform(size=(m, m)) < 0.3] = 0.0
+    s = np.triu(s, 1)
+    s[0, 1] = sigma
+    s = s + s.T
+    return torch.from_numpy(s)
+
+
+LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 3, 4, 5, 1, 6, 2])  # 3 singletons (3, 4, 5, 6 = 4)
+
+
+def shuffled_labels(seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.as_tensor(rng.permutation(LABELS), dtype=torch.long)

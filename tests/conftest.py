@@ -1,4 +1,5 @@
 """Shared fixtures: the real Hydra config, an isolated split cache, and the real data folder."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,7 @@ from src.config import load_config
 
 SHARED_DATA = Path(src.__file__).resolve().parents[2] / "shared" / "data"
 
-requires_real_data = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(), reason=f"real datasets not found at {SHARED_DATA}")
+requires_real_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real datasets not found at {SHARED_DATA}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,6 +39,7 @@ def compose_cfg(cache_dir: Path):
 
     `data.cache_dir` is set to the session's temporary cache unless the overrides set it.
     """
+
     def compose(overrides: list[str] | None = None):
         overrides = list(overrides or [])
         if not any(o.startswith("data.cache_dir=") for o in overrides):
@@ -60,8 +61,9 @@ def real_build(compose_cfg):
     def get(dataset: str, protocol: str = "paper", seed: int = 0):
         key = (dataset, protocol, seed)
         if key not in built:
-            cfg = compose_cfg([f"dataset={dataset}", f"protocol={protocol}", f"seed={seed}",
-                               f"data.root='{SHARED_DATA}'"])
+            cfg = compose_cfg(
+                [f"dataset={dataset}", f"protocol={protocol}", f"seed={seed}", f"data.root='{SHARED_DATA}'"]
+            )
             built[key] = build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir)
         return built[key]
 

@@ -1,5 +1,6 @@
 """The privacy audit: its AUC is the pairwise definition, its recovery is exact when the whole
 matrix is released and degrades with thresholding and noise, and the command runs end to end."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import src.audit as audit_mod
-from src.audit import auc, aligned_cosine, complete_rank_d, decoded_upload, main
+from src.audit import aligned_cosine, auc, complete_rank_d, decoded_upload, main
 from src.config import ConfigError
 from src.similarity import normalised
 
@@ -39,8 +40,19 @@ def test_recovery_is_exact_from_the_full_matrix_and_worse_from_a_thresholded_noi
 def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     compose_cfg()  # isolated split cache for the tests
-    report = main(["dataset=synthetic", "ablation=full", "fl.rounds=2", "model.alignment=fast", "optim=adam",
-                   "audit.clients=4", "audit.recovery_iters=2", "model.sigma=0.2", "privacy.epsilon=50"])
+    report = main(
+        [
+            "dataset=synthetic",
+            "ablation=full",
+            "fl.rounds=2",
+            "model.alignment=fast",
+            "optim=adam",
+            "audit.clients=4",
+            "audit.recovery_iters=2",
+            "model.sigma=0.2",
+            "privacy.epsilon=50",
+        ]
+    )
     written = json.loads((tmp_path / "audit.json").read_text())
     assert written["membership_auc"] == report["membership_auc"]
     assert set(report["membership_auc"]) == {"row_sum", "row_degree", "distance_from_global"}
@@ -50,6 +62,7 @@ def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeyp
 
 def test_audit_validates_before_reading_any_data(compose_cfg, monkeypatch):
     """audit() itself validates the config it is given (recovery_iters, device, ...) before loading data."""
+
     def must_not_run(*args, **kwargs):
         raise AssertionError("data was read before the config was validated")
 

@@ -1,4 +1,5 @@
 """`python -m src.bench`: the report has every field, sane values, and both sides time the same work."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,45 @@ import src.bench as bench_mod
 from src.bench import PHASES, main
 from src.config import ConfigError
 
-FIELDS = ["dataset", "protocol", "ablation", "n_users", "n_items", "config", "overrides", "device", "torch_version",
-          "rounds", "warmup_rounds", "setup_s", "seconds_per_round", "client_steps_per_round",
-          "client_steps_per_second", "peak_rss_mib", "peak_gpu_mib", "host_device_per_round", "reference",
-          "reference_note"]
-REFERENCE_FIELDS = ["clients", "chunks", "stacked_client_steps", "reference_client_steps", "stacked_padded_steps",
-                    "stacked_s", "reference_s", "stacked_s_per_client", "reference_s_per_client", "speedup",
-                    "bce_stacked", "bce_reference", "max_abs_param_diff", "alignment_included", "note"]
+FIELDS = [
+    "dataset",
+    "protocol",
+    "ablation",
+    "n_users",
+    "n_items",
+    "config",
+    "overrides",
+    "device",
+    "torch_version",
+    "rounds",
+    "warmup_rounds",
+    "setup_s",
+    "seconds_per_round",
+    "client_steps_per_round",
+    "client_steps_per_second",
+    "peak_rss_mib",
+    "peak_gpu_mib",
+    "host_device_per_round",
+    "reference",
+    "reference_note",
+]
+REFERENCE_FIELDS = [
+    "clients",
+    "chunks",
+    "stacked_client_steps",
+    "reference_client_steps",
+    "stacked_padded_steps",
+    "stacked_s",
+    "reference_s",
+    "stacked_s_per_client",
+    "reference_s_per_client",
+    "speedup",
+    "bce_stacked",
+    "bce_reference",
+    "max_abs_param_diff",
+    "alignment_included",
+    "note",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +63,9 @@ def one_thread():
 
 def run_bench(cache_dir, tmp_path, *overrides: str) -> tuple[dict, dict, str]:
     out = tmp_path / "bench.json"
-    returned = main(["dataset=synthetic", "fl.rounds=1", f"bench.out='{out}'", f"data.cache_dir='{cache_dir}'",
-                     *overrides])
+    returned = main(
+        ["dataset=synthetic", "fl.rounds=1", f"bench.out='{out}'", f"data.cache_dir='{cache_dir}'", *overrides]
+    )
     return json.loads(out.read_text()), returned, out.name
 
 
@@ -40,8 +74,12 @@ def test_bench_report(cache_dir, tmp_path, capsys, ablation):
     report, returned, name = run_bench(cache_dir, tmp_path, f"ablation={ablation}", "model.alignment=exact")
     assert report == json.loads(json.dumps(returned))
     assert set(FIELDS) <= report.keys(), set(FIELDS) - report.keys()
-    assert (report["dataset"], report["ablation"], report["rounds"], report["warmup_rounds"]) == \
-        ("synthetic", ablation, 1, 1)
+    assert (report["dataset"], report["ablation"], report["rounds"], report["warmup_rounds"]) == (
+        "synthetic",
+        ablation,
+        1,
+        1,
+    )
     phases = report["seconds_per_round"]
     assert set(phases) == {*PHASES, "round"}
     assert all(isinstance(v, float) and v >= 0 for v in phases.values()), phases
@@ -76,15 +114,29 @@ def test_bench_report(cache_dir, tmp_path, capsys, ablation):
     assert ref["stacked_alignment_mode"] == ("exact" if ablation == "full" else None)
 
     printed = capsys.readouterr().out
-    for text in ("s/round", "client-steps per second", "peak resident memory", "host-device per round", "speed-up",
-                 name):
+    for text in (
+        "s/round",
+        "client-steps per second",
+        "peak resident memory",
+        "host-device per round",
+        "speed-up",
+        name,
+    ):
         assert text in printed, text
 
 
 def test_bench_more_steps_and_chunks(cache_dir, tmp_path):
     """Several steps per client and several chunks: still the same client-steps on both sides."""
-    report, _, _ = run_bench(cache_dir, tmp_path, "fl.batch_size=16", "fl.local_epochs=2", "fl.chunk_size=8",
-                             "bench.reference_clients=20", "optim=adam", "model.alignment=exact")
+    report, _, _ = run_bench(
+        cache_dir,
+        tmp_path,
+        "fl.batch_size=16",
+        "fl.local_epochs=2",
+        "fl.chunk_size=8",
+        "bench.reference_clients=20",
+        "optim=adam",
+        "model.alignment=exact",
+    )
     ref = report["reference"]
     assert ref["clients"] == 20 and ref["chunks"] == 3
     assert ref["stacked_client_steps"] == ref["reference_client_steps"] > 2 * 20

@@ -1,4 +1,5 @@
 """Calibration baselines against brute-force computations written with numpy loops."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,7 @@ def test_popularity_counts_training_positives(compose_cfg):
     scorer = PopularityScorer(data, torch.device("cpu"))
     counts = np.zeros(data.n_items)
     for u in range(data.n_users):
-        for i in data.train_items[data.train_ptr[u]:data.train_ptr[u + 1]]:
+        for i in data.train_items[data.train_ptr[u] : data.train_ptr[u + 1]]:
             counts[i] += 1
     items = torch.tensor([[0, 5, 7], [1, 2, 3]])
     assert np.array_equal(scorer.score(torch.tensor([0, 1]), items).numpy(), counts[items.numpy()])
@@ -73,6 +74,7 @@ def test_scorer_ablations_run_end_to_end(compose_cfg, tmp_path):
     from src.run import train
 
     for name in ("popularity", "itemknn"):
-        payload = train(compose_cfg(["dataset=synthetic", f"ablation={name}", "fl.rounds=1"]), tmp_path / name,
-                        progress=False)
+        payload = train(
+            compose_cfg(["dataset=synthetic", f"ablation={name}", "fl.rounds=1"]), tmp_path / name, progress=False
+        )
         assert payload["ablation"] == name and 0 <= payload["test_at_best"]["test/hit@10"] <= 1

@@ -1,5 +1,6 @@
 """The campaign: overlays expand into runs, finished runs are stored compactly and skipped by their
 resolved config, a budget cuts long runs with SIGTERM into resumable checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,20 @@ SMOKE = "experiment=campaign_smoke"
 
 
 def test_identity_ignores_where_and_how_a_run_is_written():
-    base = {"seed": 0, "fl": {"rounds": 3, "checkpoint_every": 1}, "logger": {"wandb": False}, "device": "auto",
-            "experiment_name": "a"}
-    same = {**base, "fl": {"rounds": 3, "checkpoint_every": 5}, "logger": {"wandb": True}, "device": "cuda",
-            "experiment_name": "b"}
+    base = {
+        "seed": 0,
+        "fl": {"rounds": 3, "checkpoint_every": 1},
+        "logger": {"wandb": False},
+        "device": "auto",
+        "experiment_name": "a",
+    }
+    same = {
+        **base,
+        "fl": {"rounds": 3, "checkpoint_every": 5},
+        "logger": {"wandb": True},
+        "device": "cuda",
+        "experiment_name": "b",
+    }
     assert campaign.identity(base) == campaign.identity(same)
     assert campaign.identity(base) != campaign.identity({**base, "seed": 1})
     assert campaign.identity(base) != campaign.identity({**base, "fl": {"rounds": 4, "checkpoint_every": 1}})
@@ -39,7 +50,9 @@ def test_runs_are_stored_compactly_and_skipped_next_time(tmp_path, capsys):
     assert campaign.main(args) == 0
     stored = sorted(root.rglob("run.json"))
     assert [p.parent.relative_to(root).as_posix() for p in stored] == [
-        "campaign_smoke/synthetic/backbone/clean/default/seed0", "campaign_smoke/synthetic/local/clean/default/seed0"]
+        "campaign_smoke/synthetic/backbone/clean/default/seed0",
+        "campaign_smoke/synthetic/local/clean/default/seed0",
+    ]
     for meta_path in stored:
         meta = json.loads(meta_path.read_text())
         payload = json.loads((meta_path.parent / "results.json").read_text())
@@ -59,8 +72,18 @@ def test_runs_are_stored_compactly_and_skipped_next_time(tmp_path, capsys):
 
 def test_budget_cut_leaves_a_resumable_partial_run(tmp_path, capsys):
     root, work = tmp_path / "runs", tmp_path / "work"
-    args = [SMOKE, "seed=0", "ablation=backbone", "fl.rounds=400", "--runs", str(root), "--work", str(work),
-            "--jobs", "1"]
+    args = [
+        SMOKE,
+        "seed=0",
+        "ablation=backbone",
+        "fl.rounds=400",
+        "--runs",
+        str(root),
+        "--work",
+        str(work),
+        "--jobs",
+        "1",
+    ]
     assert campaign.main([*args, "--budget-min", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "partial 1" in out and "partial  campaign_smoke/synthetic/backbone/clean/fl.rounds=400/seed0" in out

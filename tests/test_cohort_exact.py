@@ -6,6 +6,7 @@ created fresh per client and round, the PFedRec two-optimiser engine for `optim.
 consume the same round samples and batch layout; after one round every parameter of every client
 must agree.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import client_batches, make_client, train_client
 
+from reference import client_batches, make_client, train_client
 from src.cohort import batch_layout, sample_round, train_cohort
 from src.model import init_params
 from src.protocols import NegativeSampler
@@ -74,7 +75,7 @@ def reference(cfg, init, samples, layout, row, max_steps=None):
 def assert_row_equal(trained, ref, row, label=""):
     assert set(ref) == set(trained), (sorted(ref), sorted(trained))
     for k, v in ref.items():
-        torch.testing.assert_close(trained[k][row], v, **TOL, msg=lambda m: f"{label} client row {row}, {k}: {m}")
+        torch.testing.assert_close(trained[k][row], v, **TOL, msg=lambda m, k=k: f"{label} client row {row}, {k}: {m}")
 
 
 OPTIMS = {
@@ -131,7 +132,7 @@ def test_short_clients_are_not_moved_by_padding_steps(compose_cfg, optim):
     if cfg.optim.name == "adam":
         client = make_client(cfg.model, N_ITEMS, init, 0)
         opt = torch.optim.Adam(client.parameters(), lr=float(cfg.optim.lr))
-        (items, labels), = client_batches(samples, layout, 0)
+        ((items, labels),) = client_batches(samples, layout, 0)
         for step in range(2):
             opt.zero_grad()
             if step == 0:
@@ -160,18 +161,18 @@ def test_layout_uses_every_sample_once_per_epoch():
         per_epoch = math.ceil(len(own) / BATCH)
         assert int(layout.steps[c]) == 2 * per_epoch
         for e in range(2):
-            idx = layout.index[c, e * per_epoch:(e + 1) * per_epoch].reshape(-1)
+            idx = layout.index[c, e * per_epoch : (e + 1) * per_epoch].reshape(-1)
             idx = idx[idx >= 0].tolist()
             assert sorted(idx) == sorted(own)
-        assert bool((layout.index[c, 2 * per_epoch:] < 0).all())
+        assert bool((layout.index[c, 2 * per_epoch :] < 0).all())
         # only the last batch of an epoch can be short
-        sizes = (layout.index[c, :2 * per_epoch] >= 0).sum(1).tolist()
+        sizes = (layout.index[c, : 2 * per_epoch] >= 0).sum(1).tolist()
         assert all(s == BATCH for i, s in enumerate(sizes) if (i + 1) % per_epoch)
     # samples: each positive followed by NEGATIVES negatives, never the client's own positives
     for u in range(len(POSITIVES)):
-        block = samples.items[samples.ptr[u]:samples.ptr[u + 1]].view(-1, 1 + NEGATIVES)
-        lab = samples.labels[samples.ptr[u]:samples.ptr[u + 1]].view(-1, 1 + NEGATIVES)
-        assert torch.equal(block[:, 0], items[ptr[u]:ptr[u + 1]])
+        block = samples.items[samples.ptr[u] : samples.ptr[u + 1]].view(-1, 1 + NEGATIVES)
+        lab = samples.labels[samples.ptr[u] : samples.ptr[u + 1]].view(-1, 1 + NEGATIVES)
+        assert torch.equal(block[:, 0], items[ptr[u] : ptr[u + 1]])
         assert bool((lab[:, 0] == 1).all()) and bool((lab[:, 1:] == 0).all())
         assert not bool(sampler.excluded[u, block[:, 1:]].any())
 
@@ -179,8 +180,11 @@ def test_layout_uses_every_sample_once_per_epoch():
 def test_mean_aggregator_chunked_equals_plain_mean():
     gen = torch.Generator().manual_seed(0)
     n = 9
-    params = {"items": torch.randn(n, 5, 3, generator=gen), "b0": torch.randn(n, 1, generator=gen),
-              "w0": torch.randn(n, 3, 1, generator=gen)}
+    params = {
+        "items": torch.randn(n, 5, 3, generator=gen),
+        "b0": torch.randn(n, 1, generator=gen),
+        "w0": torch.randn(n, 3, 1, generator=gen),
+    }
     uploaded = torch.tensor([True, False, True, False, False, True, True, False, True])
     chunks = [[0, 1, 2], [3, 4, 7], [5, 6], [8]]  # the second chunk has nobody uploading
     agg = MeanAggregator()
@@ -215,12 +219,23 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
     """BCE + alpha ICA + beta GSA (exact mode, stacked, cluster-sum algebra) trains every client as
     the per-client loop with the loss written plainly (positive-pair mask, dense masked GSA)."""
     from reference import ExactAlignment
-
     from src.federated import make_alignment
 
-    cfg = compose_cfg([*OPTIMS[optim], f"model.dim={DIM}", "ablation=full", "model.alignment=exact",
-                       "model.alpha=0.3", "model.beta=2.0", "model.tau=0.2", "model.tau0=0.5", "model.sigma=0.3",
-                       f"model.gsa_mask={mask}", "model.align_chunk=3"])
+    cfg = compose_cfg(
+        [
+            *OPTIMS[optim],
+            f"model.dim={DIM}",
+            "ablation=full",
+            "model.alignment=exact",
+            "model.alpha=0.3",
+            "model.beta=2.0",
+            "model.tau=0.2",
+            "model.tau0=0.5",
+            "model.sigma=0.3",
+            f"model.gsa_mask={mask}",
+            "model.align_chunk=3",
+        ]
+    )
     ptr, items, sampler = make_problem(POSITIVES)
     samples = sample_round(ptr, items, sampler, NEGATIVES, 1, 1)
     samples.labels = samples.labels.double()
@@ -239,8 +254,18 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
     losses = train_cohort(trained, samples, layout, cfg.optim, N_ITEMS, cfg.model.loss, align.value_and_grad)
     assert losses["ica"] > 0 and losses["gsa"] > 0
     m = cfg.model
-    plain = ExactAlignment(float(m.alpha), float(m.beta), float(m.tau), float(m.tau0), float(m.sigma),
-                           bool(m.centre), mask, m.gsa_reduction, labels, global_sim)
+    plain = ExactAlignment(
+        float(m.alpha),
+        float(m.beta),
+        float(m.tau),
+        float(m.tau0),
+        float(m.sigma),
+        bool(m.centre),
+        mask,
+        m.gsa_reduction,
+        labels,
+        global_sim,
+    )
     for row in range(len(ROWS)):
         client = make_client(cfg.model, N_ITEMS, init, row)
         train_client(client, client_batches(samples, layout, row), cfg.optim, N_ITEMS, plain)

@@ -1,6 +1,7 @@
 """Communication accounting and privacy: byte counts equal real encodings, the server aggregates
 what it would decode, top-k and delta behave as specified, Laplace noise has the stated scale, and
 a run reports its traffic."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,17 @@ import pytest
 import torch
 from alignment_helpers import np_cosine, np_upload
 
-from src.comm import (Encoding, Ledger, decode_upper, delta_bytes, embedding_bytes, encode_upper, index_bytes,
-                      quantise, sparse_bytes)
+from src.comm import (
+    Encoding,
+    Ledger,
+    decode_upper,
+    delta_bytes,
+    embedding_bytes,
+    encode_upper,
+    index_bytes,
+    quantise,
+    sparse_bytes,
+)
 from src.privacy import epsilon_spent, laplace_scale
 from src.run import train
 from src.similarity import SimilarityAggregator, laplace
@@ -24,7 +34,7 @@ def random_upload(m: int, density: float, seed: int, lo: float = 0.5) -> np.ndar
 
 
 def test_index_bytes_is_the_smallest_unsigned_type():
-    assert [index_bytes(n) for n in (1, 256, 257, 65536, 65537, 2 ** 32, 2 ** 32 + 1)] == [1, 1, 2, 2, 4, 4, 8]
+    assert [index_bytes(n) for n in (1, 256, 257, 65536, 65537, 2**32, 2**32 + 1)] == [1, 1, 2, 2, 4, 4, 8]
 
 
 @pytest.mark.parametrize("fmt", ["csr", "coo"])
@@ -115,6 +125,7 @@ def test_laplace_noise_has_the_stated_scale_and_epsilon_accounting():
 
 def _cfg(epsilon=None, scale=None):
     from omegaconf import OmegaConf
+
     return OmegaConf.create({"epsilon": epsilon, "scale": scale, "sensitivity": 2.0})
 
 
@@ -123,8 +134,9 @@ def test_noise_changes_the_upload_and_the_seed_fixes_it():
     tabs = torch.randn(c, m, d, generator=torch.Generator().manual_seed(3))
     means = []
     for seed in (0, 0, 1):
-        agg = SimilarityAggregator(m, 0.5, True, block=40, device=CPU, rows=4, noise=0.2,
-                                   generator=torch.Generator().manual_seed(seed))
+        agg = SimilarityAggregator(
+            m, 0.5, True, block=40, device=CPU, rows=4, noise=0.2, generator=torch.Generator().manual_seed(seed)
+        )
         agg.add(tabs, torch.ones(c, dtype=torch.bool))
         means.append(agg.mean())
     plain = SimilarityAggregator(m, 0.5, True, block=40, device=CPU, rows=4)
@@ -134,11 +146,21 @@ def test_noise_changes_the_upload_and_the_seed_fixes_it():
     assert torch.equal(means[0], means[0].T) and float(means[0].max()) <= 1.0
 
 
-@pytest.mark.parametrize("ablation,extra", [("full", ["comm.bits=8", "comm.format=coo", "comm.delta=true"]),
-                                            ("backbone", [])])
+@pytest.mark.parametrize(
+    "ablation,extra", [("full", ["comm.bits=8", "comm.format=coo", "comm.delta=true"]), ("backbone", [])]
+)
 def test_a_run_reports_its_traffic(compose_cfg, tmp_path, ablation, extra):
-    cfg = compose_cfg(["dataset=synthetic", f"ablation={ablation}", "fl.rounds=2", "fl.checkpoint_every=0",
-                       "model.alignment=fast", "optim=adam", *extra])
+    cfg = compose_cfg(
+        [
+            "dataset=synthetic",
+            f"ablation={ablation}",
+            "fl.rounds=2",
+            "fl.checkpoint_every=0",
+            "model.alignment=fast",
+            "optim=adam",
+            *extra,
+        ]
+    )
     payload = train(cfg, tmp_path)
     m, d = payload["summary"]["items"], int(cfg.model.dim)
     last = payload["history"][-1]

@@ -1,4 +1,5 @@
 """Bad input fails early and says what is wrong: config ranges, unknown choices, bad files, checksums."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,35 +23,39 @@ def test_default_config_composes(compose_cfg):
     assert list(cfg.eval.ks) == [5, 10, 20]
 
 
-@pytest.mark.parametrize("override, key", [
-    ("fl.rounds=-1", "fl.rounds"),
-    ("fl.rounds=0", "fl.rounds"),
-    ("model.sigma=1.5", "model.sigma"),
-    ("model.sigma=-1.01", "model.sigma"),
-    ("model.tau=0", "model.tau"),
-    ("eval.ks=[0]", "eval.ks"),
-    ("eval.ks=[5,-1]", "eval.ks"),
-    ("eval.ks=[]", "eval.ks"),
-    ("fl.client_fraction=0", "fl.client_fraction"),
-    ("fl.client_fraction=1.5", "fl.client_fraction"),
-    ("protocol.train_negative_pool=everything", "protocol.train_negative_pool"),
-    ("comm.bits=3", "comm.bits"),
-    ("comm.format=json", "comm.format"),
-    ("comm.topk=0", "comm.topk"),
-    ("privacy.epsilon=-1", "privacy.epsilon"),
-    ("privacy.sensitivity=0", "privacy.sensitivity"),
-    ("model.alignment=approx", "model.alignment"),
-    ("model.fast_gsa=cols", "model.fast_gsa"),
-    ("fl.memory_fraction=0", "fl.memory_fraction"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("fl.rounds=-1", "fl.rounds"),
+        ("fl.rounds=0", "fl.rounds"),
+        ("model.sigma=1.5", "model.sigma"),
+        ("model.sigma=-1.01", "model.sigma"),
+        ("model.tau=0", "model.tau"),
+        ("eval.ks=[0]", "eval.ks"),
+        ("eval.ks=[5,-1]", "eval.ks"),
+        ("eval.ks=[]", "eval.ks"),
+        ("fl.client_fraction=0", "fl.client_fraction"),
+        ("fl.client_fraction=1.5", "fl.client_fraction"),
+        ("protocol.train_negative_pool=everything", "protocol.train_negative_pool"),
+        ("comm.bits=3", "comm.bits"),
+        ("comm.format=json", "comm.format"),
+        ("comm.topk=0", "comm.topk"),
+        ("privacy.epsilon=-1", "privacy.epsilon"),
+        ("privacy.sensitivity=0", "privacy.sensitivity"),
+        ("model.alignment=approx", "model.alignment"),
+        ("model.fast_gsa=cols", "model.fast_gsa"),
+        ("fl.memory_fraction=0", "fl.memory_fraction"),
+    ],
+)
 def test_out_of_range_value_fails_validation_naming_the_key(compose_cfg, override, key):
     with pytest.raises(ConfigError) as err:
         compose_cfg([override])
     assert key in str(err.value)
 
 
-@pytest.mark.parametrize("override", ["model.sigma=1", "model.sigma=-1", "fl.client_fraction=1",
-                                      "model.tau=0.01", "eval.ks=[1,10]"])
+@pytest.mark.parametrize(
+    "override", ["model.sigma=1", "model.sigma=-1", "fl.client_fraction=1", "model.tau=0.01", "eval.ks=[1,10]"]
+)
 def test_boundary_values_are_accepted(compose_cfg, override):
     compose_cfg([override])
 
@@ -65,11 +70,14 @@ def test_cli_validates_before_reading_any_data(monkeypatch):
         data_cli.main(["dataset=filmtrust", "fl.rounds=-1"])
 
 
-@pytest.mark.parametrize("group, valid", [
-    ("dataset", ["filmtrust", "lastfm-2k", "ml-100k", "ml-1m", "synthetic"]),
-    ("protocol", ["clean", "paper"]),
-    ("ablation", ["backbone", "central", "fedavg", "local"]),
-])
+@pytest.mark.parametrize(
+    "group, valid",
+    [
+        ("dataset", ["filmtrust", "lastfm-2k", "ml-100k", "ml-1m", "synthetic"]),
+        ("protocol", ["clean", "paper"]),
+        ("ablation", ["backbone", "central", "fedavg", "local"]),
+    ],
+)
 def test_unknown_choice_lists_valid_options(group, valid):
     with pytest.raises((MissingConfigException, HydraException)) as err:
         load_config([f"{group}=nope"])
@@ -135,10 +143,13 @@ def test_checksum_mismatch_names_expected_and_found(tmp_path: Path):
     assert err.value.expected == wrong_blob and err.value.found == blob
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["privacy.epsilon=1", "privacy.scale=0.1"], "privacy.scale"),
-    (["privacy.epsilon=1", "comm.topk=8"], "comm.topk"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["privacy.epsilon=1", "privacy.scale=0.1"], "privacy.scale"),
+        (["privacy.epsilon=1", "comm.topk=8"], "comm.topk"),
+    ],
+)
 def test_conflicting_privacy_and_encoding_options_name_the_key(compose_cfg, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_cfg(overrides)

@@ -1,5 +1,6 @@
 """A run's console: Lightning's start-up banners and its LeafSpec deprecation are silenced, nothing
 else is, and the run ends with the best round beside what its numbers mean."""
+
 from __future__ import annotations
 
 import logging
@@ -33,9 +34,13 @@ def test_only_the_banners_are_dropped():
     try:
         quiet_lightning()
         quiet_lightning()  # idempotent
-        for text in ("GPU available: False, used: False", "TPU available: False, using: 0 TPU cores",
-                     "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]",
-                     "`Trainer.fit` stopped: `max_epochs=2` reached.", "GPU out of memory"):
+        for text in (
+            "GPU available: False, used: False",
+            "TPU available: False, using: 0 TPU cores",
+            "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]",
+            "`Trainer.fit` stopped: `max_epochs=2` reached.",
+            "GPU out of memory",
+        ):
             rank_zero_info(text)
     finally:
         logger.removeHandler(handler)
@@ -48,21 +53,38 @@ def test_only_the_leafspec_deprecation_is_ignored():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
-        for message, category, module in [(leafspec, FutureWarning, "lightning.pytorch.utilities._pytree"),
-                                          ("something else is deprecated", FutureWarning,
-                                           "lightning.pytorch.utilities._pytree"),
-                                          (leafspec, FutureWarning, "src.model"),
-                                          (leafspec, UserWarning, "lightning.pytorch.utilities._pytree")]:
+        for message, category, module in [
+            (leafspec, FutureWarning, "lightning.pytorch.utilities._pytree"),
+            ("something else is deprecated", FutureWarning, "lightning.pytorch.utilities._pytree"),
+            (leafspec, FutureWarning, "src.model"),
+            (leafspec, UserWarning, "lightning.pytorch.utilities._pytree"),
+        ]:
             warnings.warn_explicit(message, category, "x.py", 1, module=module)
     assert [(str(w.message), w.category) for w in seen] == [
-        ("something else is deprecated", FutureWarning), (leafspec, FutureWarning), (leafspec, UserWarning)]
+        ("something else is deprecated", FutureWarning),
+        (leafspec, FutureWarning),
+        (leafspec, UserWarning),
+    ]
 
 
 def test_a_run_prints_no_banners_and_ends_with_what_its_numbers_mean(tmp_path, cache_dir):
-    out = subprocess.run([sys.executable, "-m", "src.run", "dataset=synthetic", "fl.rounds=2",
-                          f"data.cache_dir='{cache_dir}'", f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "default"}, capture_output=True, text=True,
-                         timeout=300, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.run",
+            "dataset=synthetic",
+            "fl.rounds=2",
+            f"data.cache_dir='{cache_dir}'",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     for banner in ("GPU available:", "TPU available:", "litlogger", "LeafSpec"):

@@ -1,4 +1,5 @@
 """The co-occurrence bound against a brute-force count over every item pair."""
+
 from __future__ import annotations
 
 import itertools

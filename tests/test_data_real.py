@@ -4,6 +4,7 @@ The expected splits are recomputed here from the raw files with the csv module a
 (latest time = test, second latest = validation, ties: the earlier line of the file is the more
 recent; ids in order of first appearance), independently of src/data.
 """
+
 from __future__ import annotations
 
 import csv
@@ -57,8 +58,8 @@ def loo_reference(rows: list[tuple]) -> dict:
         per_user[user].append((time, line, item))
     out = {}
     for user, events in per_user.items():
-        events.sort(key=lambda e: e[1])                  # file order
-        events.sort(key=lambda e: e[0], reverse=True)    # stable: latest first, ties keep file order
+        events.sort(key=lambda e: e[1])  # file order
+        events.sort(key=lambda e: e[0], reverse=True)  # stable: latest first, ties keep file order
         out[user] = (events[0][2], events[1][2], Counter(e[2] for e in events[2:]))
     return out
 
@@ -88,7 +89,7 @@ def read_lastfm_rows() -> list[tuple]:
 
 
 def user_rows(data, u: int) -> tuple[int, int, Counter]:
-    train = data.train_items[data.train_ptr[u]:data.train_ptr[u + 1]]
+    train = data.train_items[data.train_ptr[u] : data.train_ptr[u + 1]]
     return int(data.test_items[u]), int(data.val_items[u]), Counter(train.tolist())
 
 
@@ -171,7 +172,7 @@ def test_lastfm_split_matches_independent_computation(real_build):
     same = data.test_items == data.val_items
     assert same.any()
     u = int(np.flatnonzero(same)[0])
-    assert data.test_items[u] in data.train_items[data.train_ptr[u]:data.train_ptr[u + 1]]
+    assert data.test_items[u] in data.train_items[data.train_ptr[u] : data.train_ptr[u + 1]]
 
 
 def read_ml1m_reference() -> tuple[dict, dict, dict, dict]:
@@ -217,6 +218,7 @@ def test_same_seed_same_negatives_other_seed_different(real_build, compose_cfg):
     b = real_build("filmtrust", "paper", 1)
     # a fresh build of seed 0 in an empty cache draws the same negatives again
     from src.data.dataset import build
+
     cfg = compose_cfg(["dataset=filmtrust", "protocol=paper", "seed=0", f"data.root='{SHARED_DATA}'"])
     fresh_cache = Path(os.environ["ALIGNFEDREC_CACHE"]) / "fresh-seed-check"
     c = build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, str(fresh_cache))
@@ -237,7 +239,7 @@ def test_cache_file_written_and_reused(real_build, compose_cfg, cache_dir: Path,
         raise AssertionError("the split was recomputed instead of read from the cache")
 
     monkeypatch.setattr(dataset_mod, "leave_one_out", must_not_run)
-    monkeypatch.setattr(dataset_mod.raw, "read_ml100k", must_not_run)   # a cache hit does not even parse u.data
+    monkeypatch.setattr(dataset_mod.raw, "read_ml100k", must_not_run)  # a cache hit does not even parse u.data
     monkeypatch.setattr(dataset_mod, "draw_eval_negatives", must_not_run)
     cfg = compose_cfg(["dataset=ml-100k", "protocol=paper", "seed=0", f"data.root='{SHARED_DATA}'"])
     second = dataset_mod.build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir)
@@ -253,13 +255,30 @@ def test_cache_file_written_and_reused(real_build, compose_cfg, cache_dir: Path,
 def test_cli_prints_one_json_summary(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k != "ALIGNFEDREC_DATA"}
     env["ALIGNFEDREC_CACHE"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, "-m", "src.data", "dataset=filmtrust", "protocol=clean"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.data", "dataset=filmtrust", "protocol=clean"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)  # the whole stdout is one JSON object
     assert isinstance(summary, dict)
-    for key in ("users", "items", "interactions", "train", "val", "test", "interactions_per_user",
-                "protocol", "seed", "folder", "verified"):
+    for key in (
+        "users",
+        "items",
+        "interactions",
+        "train",
+        "val",
+        "test",
+        "interactions_per_user",
+        "protocol",
+        "seed",
+        "folder",
+        "verified",
+    ):
         assert key in summary, key
     assert summary["verified"] is True
     assert set(summary["interactions_per_user"]) >= {"min", "median", "max"}
@@ -280,4 +299,7 @@ def test_cli_prints_one_json_summary(tmp_path: Path):
     assert summary["val"] == summary["test"] == summary["users"]
     counts = list(per_user.values())
     assert summary["interactions_per_user"] == {
-        "min": min(counts), "median": statistics.median(counts), "max": max(counts)}
+        "min": min(counts),
+        "median": statistics.median(counts),
+        "max": max(counts),
+    }

@@ -2,6 +2,7 @@
 
 Modified inputs are copies of the real files in a pytest tmp_path; ../shared/data is only read.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,6 +52,7 @@ def cut_at_line(path: Path, n: int) -> None:
 @pytest.fixture
 def no_split_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make reading and splitting fail loudly, to show that a refusal comes before either."""
+
     def must_not_run(*args, **kwargs):
         raise AssertionError("the files were read or split before they were verified")
 
@@ -89,9 +91,11 @@ def test_known_digests_match_the_shared_files(name: str, files: list[str]):
 
 def test_ml1m_partial_digests_are_those_of_the_shared_readme():
     assert KNOWN_FILES["ml-1m", "chronological_order.tsv.gz"].sha256 == (
-        "8a1d303126316516a3f25c41b88047ad265b8cd79dbebcdce76d1e8dd7249239")
+        "8a1d303126316516a3f25c41b88047ad265b8cd79dbebcdce76d1e8dd7249239"
+    )
     assert KNOWN_FILES["ml-1m", "pfedrec_loo_split.tsv"].sha256 == (
-        "0c563f62008e9f5174b642ea31d7faaf185e64f3dd581c05def49e87c41ef7b9")
+        "0c563f62008e9f5174b642ea31d7faaf185e64f3dd581c05def49e87c41ef7b9"
+    )
 
 
 # ---------------------------------------------------------------- modified local files are refused
@@ -119,7 +123,7 @@ def test_modified_filmtrust_refused_before_any_split_work(compose_cfg, tmp_path:
 def test_truncated_ml1m_partial_gzip_refused_as_integrity_error(compose_cfg, tmp_path: Path, no_split_work):
     folder = copy_dataset(tmp_path, "ml-1m", ["chronological_order.tsv.gz", "pfedrec_loo_split.tsv"])
     bad = folder / "chronological_order.tsv.gz"
-    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])   # a partial copy: the gzip stream is cut
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # a partial copy: the gzip stream is cut
     with pytest.raises(DataIntegrityError, match="chronological_order.tsv.gz") as err:
         build_cfg(compose_cfg, ["dataset=ml-1m", f"data.root='{tmp_path}'"])
     assert KNOWN_FILES["ml-1m", "chronological_order.tsv.gz"].sha256 in str(err.value)
@@ -149,8 +153,14 @@ def test_modified_file_in_download_cache_refused(compose_cfg, tmp_path: Path, mo
 @requires_real_data
 def test_verified_copy_says_verified_and_exact(compose_cfg, tmp_path: Path):
     copy_dataset(tmp_path / "data", "filmtrust", ["ratings.txt"])
-    cfg = compose_cfg(["dataset=filmtrust", "protocol=paper", f"data.root='{tmp_path / 'data'}'",
-                       f"data.cache_dir='{tmp_path / 'cache'}'"])
+    cfg = compose_cfg(
+        [
+            "dataset=filmtrust",
+            "protocol=paper",
+            f"data.root='{tmp_path / 'data'}'",
+            f"data.cache_dir='{tmp_path / 'cache'}'",
+        ]
+    )
     assert cfg.data.verify is True
     s = load(cfg).summary()
     assert s["verified"] is True and s["exact_lineage_split"] is True
@@ -160,23 +170,31 @@ def test_verified_copy_says_verified_and_exact(compose_cfg, tmp_path: Path):
 def test_verify_false_uses_modified_data_and_never_claims_exactness(compose_cfg, tmp_path: Path):
     folder = copy_dataset(tmp_path / "data", "filmtrust", ["ratings.txt"])
     change_first_id(folder / "ratings.txt")
-    common = ["dataset=filmtrust", "protocol=paper", f"data.root='{tmp_path / 'data'}'",
-              f"data.cache_dir='{tmp_path / 'cache'}'"]
-    for _ in range(2):   # a fresh build, then the cached split
+    common = [
+        "dataset=filmtrust",
+        "protocol=paper",
+        f"data.root='{tmp_path / 'data'}'",
+        f"data.cache_dir='{tmp_path / 'cache'}'",
+    ]
+    for _ in range(2):  # a fresh build, then the cached split
         s = load(compose_cfg([*common, "data.verify=false"])).summary()
         assert s["verified"] is False and s["exact_lineage_split"] is False
         assert any("data.verify=false" in n and "ratings.txt" in n for n in s["notes"])
-    with pytest.raises(DataIntegrityError):   # the cached split of modified data is not served as verified
+    with pytest.raises(DataIntegrityError):  # the cached split of modified data is not served as verified
         load(compose_cfg(common))
 
 
 @requires_real_data
 def test_verify_false_on_good_files_is_still_not_verified(compose_cfg, tmp_path: Path):
     copy_dataset(tmp_path / "data", "filmtrust", ["ratings.txt"])
-    common = ["dataset=filmtrust", "protocol=paper", f"data.root='{tmp_path / 'data'}'",
-              f"data.cache_dir='{tmp_path / 'cache'}'"]
+    common = [
+        "dataset=filmtrust",
+        "protocol=paper",
+        f"data.root='{tmp_path / 'data'}'",
+        f"data.cache_dir='{tmp_path / 'cache'}'",
+    ]
     assert load(compose_cfg(common)).summary()["verified"] is True
-    s = load(compose_cfg([*common, "data.verify=false"])).summary()   # same split, from the cache
+    s = load(compose_cfg([*common, "data.verify=false"])).summary()  # same split, from the cache
     assert s["verified"] is False and s["exact_lineage_split"] is False
     assert load(compose_cfg(common)).summary()["exact_lineage_split"] is True
 
@@ -248,9 +266,8 @@ def test_cache_file_rewritten_with_other_arrays_is_refused(compose_cfg, tmp_path
     overrides, path = synthetic_cache(compose_cfg, tmp_path)
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
-    arrays["test_items"] = arrays["test_items"][::-1].copy()   # a valid zip whose content is not what was written
+    arrays["test_items"] = arrays["test_items"][::-1].copy()  # a valid zip whose content is not what was written
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
     with pytest.raises(SplitCacheError, match="differs from the digest"):
         load(compose_cfg(overrides))
-

@@ -1,5 +1,6 @@
 """Ready for a GPU without one: the device settings, where server state lives, and the host-device traffic
 of the round path, each checked on the CPU (the `meta` device or monkeypatched torch calls stand in for CUDA)."""
+
 from __future__ import annotations
 
 import copy
@@ -84,8 +85,9 @@ def test_configure_on_cpu_switches_nothing(fake_cuda):
 def test_run_configures_its_device_from_the_config(compose_cfg, monkeypatch):
     calls = []
     monkeypatch.setattr(dev, "configure", lambda *args: calls.append(args))
-    cfg = compose_cfg(["dataset=synthetic", "ablation=backbone", "compute.matmul_precision=high",
-                       "compute.deterministic=false"])
+    cfg = compose_cfg(
+        ["dataset=synthetic", "ablation=backbone", "compute.matmul_precision=high", "compute.deterministic=false"]
+    )
     data = build(cfg.dataset, cfg.protocol, 0, cfg.data.root, cfg.data.cache_dir)
     FederatedModule(cfg, data)
     assert calls == [(torch.device("cpu"), False, "high")]
@@ -94,10 +96,15 @@ def test_run_configures_its_device_from_the_config(compose_cfg, monkeypatch):
     assert dev.setup_device(cfg) == torch.device("cpu") and calls == [(torch.device("cpu"), True, "highest")]
 
 
-@pytest.mark.parametrize("override, key", [("compute.deterministic=1", "compute.deterministic"),
-                                           ("compute.matmul_precision=tf32", "compute.matmul_precision"),
-                                           ("fl.max_auto_chunk=0", "fl.max_auto_chunk"),
-                                           ("fl.max_auto_chunk=2.5", "fl.max_auto_chunk")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("compute.deterministic=1", "compute.deterministic"),
+        ("compute.matmul_precision=tf32", "compute.matmul_precision"),
+        ("fl.max_auto_chunk=0", "fl.max_auto_chunk"),
+        ("fl.max_auto_chunk=2.5", "fl.max_auto_chunk"),
+    ],
+)
 def test_new_keys_are_validated(compose_cfg, override, key):
     with pytest.raises(ConfigError, match=key):
         compose_cfg([override])
@@ -108,8 +115,11 @@ def test_new_keys_match_their_neutral_default():
     from src.campaign import identity
 
     old = {"seed": 0, "fl": {"chunk_size": 128}}
-    new = {"seed": 0, "fl": {"chunk_size": 128, "max_auto_chunk": 1024},
-           "compute": {"deterministic": True, "matmul_precision": "highest"}}
+    new = {
+        "seed": 0,
+        "fl": {"chunk_size": 128, "max_auto_chunk": 1024},
+        "compute": {"deterministic": True, "matmul_precision": "highest"},
+    }
     assert rundir.resume_mismatch(old, new) == [] and identity(old) == identity(new)
     tf32 = copy.deepcopy(new)
     tf32["compute"]["matmul_precision"] = "high"
@@ -274,7 +284,7 @@ def test_central_reads_the_losses_once_with_the_same_sum(compose_cfg):
     order = torch.randperm(len(users), generator=torch.Generator().manual_seed(5))
     total, n = 0.0, 0
     for start in range(0, len(order), old.batch):
-        idx = order[start:start + old.batch]
+        idx = order[start : start + old.batch]
         loss = F.binary_cross_entropy_with_logits(old.model(users[idx], samples.items[idx]), samples.labels[idx])
         old.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,4 +1,5 @@
 """Tests for the checksum-verifying dataset downloader, with local archives only (no internet)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -268,12 +269,15 @@ def test_file_digests_of_shared_u_data() -> None:
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data absent")
-@pytest.mark.parametrize("name, expected", [
-    ("ml-100k", ["u.data", "u.item", "u.user", "README"]),
-    ("ml-1m", ["movies.dat", "users.dat", "README"]),
-    ("filmtrust", ["ratings.txt", "trust.txt"]),
-    ("lastfm-2k", ["user_taggedartists.dat", "user_artists.dat", "artists.dat", "tags.dat"]),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("ml-100k", ["u.data", "u.item", "u.user", "README"]),
+        ("ml-1m", ["movies.dat", "users.dat", "README"]),
+        ("filmtrust", ["ratings.txt", "trust.txt"]),
+        ("lastfm-2k", ["user_taggedartists.dat", "user_artists.dat", "artists.dat", "tags.dat"]),
+    ],
+)
 def test_verify_dataset_on_shared_data(name: str, expected: list[str]) -> None:
     folder = SHARED_DATA / name
     if not folder.is_dir():

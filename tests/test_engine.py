@@ -1,5 +1,6 @@
 """The experiment engine end to end: results.json, determinism, kill and resume, dropout, client
 sampling, W&B offline and resume errors. Real FilmTrust where the data matters, synthetic elsewhere."""
+
 from __future__ import annotations
 
 import csv
@@ -25,8 +26,21 @@ from tests.conftest import requires_real_data
 REPO = Path(__file__).resolve().parents[1]
 # the engine tests run the PFedRec backbone with the lineage SGD (cheap rounds); AlignFedRec below
 FILMTRUST = ["dataset=filmtrust", "ablation=backbone", "optim=sgd", "fl.rounds=3", "fl.checkpoint_every=0"]
-PER_ROUND = ["round", "val/hit@10", "test/hit@10", "val/ndcg@10", "test/ndcg@10", "loss/bce",
-             "time/sample", "time/train", "time/aggregate", "time/eval", "time/round", "clients", "reported"]
+PER_ROUND = [
+    "round",
+    "val/hit@10",
+    "test/hit@10",
+    "val/ndcg@10",
+    "test/ndcg@10",
+    "loss/bce",
+    "time/sample",
+    "time/train",
+    "time/aggregate",
+    "time/eval",
+    "time/round",
+    "clients",
+    "reported",
+]
 
 
 def metrics(history: list[dict]) -> list[dict]:
@@ -60,12 +74,28 @@ def test_results_contract(filmtrust_run):
     cfg, run_dir, payload = filmtrust_run
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(payload))
-    for key in ("config", "dataset", "protocol", "ablation", "seed", "summary", "history", "best_round",
-                "best_val", "test_at_best", "timings", "finished"):
+    for key in (
+        "config",
+        "dataset",
+        "protocol",
+        "ablation",
+        "seed",
+        "summary",
+        "history",
+        "best_round",
+        "best_val",
+        "test_at_best",
+        "timings",
+        "finished",
+    ):
         assert key in on_disk, key
     assert on_disk["config"] == OmegaConf.to_container(cfg, resolve=True)
-    assert (on_disk["dataset"], on_disk["protocol"], on_disk["seed"], on_disk["finished"]) == \
-        ("filmtrust", "clean", 0, True)
+    assert (on_disk["dataset"], on_disk["protocol"], on_disk["seed"], on_disk["finished"]) == (
+        "filmtrust",
+        "clean",
+        0,
+        True,
+    )
 
     history = on_disk["history"]
     assert [r["round"] for r in history] == [1, 2, 3]
@@ -118,8 +148,10 @@ def test_kill_and_resume_matches_uninterrupted(compose_cfg, cache_dir, tmp_path)
     deadline = time.monotonic() + 150
     try:
         while True:
-            assert proc.poll() is None, f"run ended (rc {proc.returncode}) before it could be killed: " \
-                                        f"{(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert proc.poll() is None, (
+                f"run ended (rc {proc.returncode}) before it could be killed: "
+                f"{(tmp_path / 'killed.log').read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, "round 3 never finished"
             done = len(read_csv(csv_path)) if csv_path.is_file() else 0
             if done >= 3 and last.is_file():
@@ -169,8 +201,11 @@ def test_alignfedrec_resume_matches_uninterrupted(compose_cfg, tmp_path):
 
 
 def test_dropout_some_clients_fail(compose_cfg, tmp_path):
-    payload = train(compose_cfg(["dataset=synthetic", "fl.rounds=3", "fl.dropout=0.5", "fl.checkpoint_every=0"]),
-                    tmp_path, progress=False)
+    payload = train(
+        compose_cfg(["dataset=synthetic", "fl.rounds=3", "fl.dropout=0.5", "fl.checkpoint_every=0"]),
+        tmp_path,
+        progress=False,
+    )
     history = payload["history"]
     assert len(history) == 3
     assert all(r["reported"] <= r["clients"] for r in history)
@@ -179,8 +214,11 @@ def test_dropout_some_clients_fail(compose_cfg, tmp_path):
 
 
 def test_client_fraction(compose_cfg, tmp_path):
-    payload = train(compose_cfg(["dataset=synthetic", "fl.rounds=2", "fl.client_fraction=0.5",
-                                 "fl.checkpoint_every=0"]), tmp_path, progress=False)
+    payload = train(
+        compose_cfg(["dataset=synthetic", "fl.rounds=2", "fl.client_fraction=0.5", "fl.checkpoint_every=0"]),
+        tmp_path,
+        progress=False,
+    )
     n_users = payload["summary"]["users"]
     assert n_users > 1
     assert [r["clients"] for r in payload["history"]] == [round(0.5 * n_users)] * 2
@@ -195,8 +233,7 @@ def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
     (tmp_path / "wandb-dir").mkdir()
     run_files = []
     for seed in (0, 1):
-        cfg = compose_cfg(["dataset=synthetic", "fl.rounds=2", "fl.checkpoint_every=0", "logger=wandb",
-                           f"seed={seed}"])
+        cfg = compose_cfg(["dataset=synthetic", "fl.rounds=2", "fl.checkpoint_every=0", "logger=wandb", f"seed={seed}"])
         name = run_name(cfg)
         assert name == f"synthetic-full-clean-s{seed}"
         init = make_loggers(cfg, tmp_path / "probe")[0]._wandb_init  # lazy: nothing started yet
@@ -206,8 +243,9 @@ def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
         payload = train(cfg, run_dir, progress=False)
         assert len(payload["history"]) == 2
         assert wandb.run is None, "the W&B run was not finished"
-        found = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")) + \
-            sorted((tmp_path / "wandb-dir").glob("**/offline-run-*/run-*.wandb"))
+        found = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")) + sorted(
+            (tmp_path / "wandb-dir").glob("**/offline-run-*/run-*.wandb")
+        )
         assert len(found) == 1, found
         # wandb-core writes the run's records to disk a moment after finish() returns
         deadline = time.monotonic() + 20
@@ -266,8 +304,9 @@ def test_init_of_some_clients_equals_their_rows_of_the_full_init(compose_cfg, sh
 
     from src.model import init_params
 
-    cfg = compose_cfg([f"model.shared_init={str(shared).lower()}", "model.user_embedding=true",
-                       "model.score_hidden=[4]"])
+    cfg = compose_cfg(
+        [f"model.shared_init={str(shared).lower()}", "model.user_embedding=true", "model.score_hidden=[4]"]
+    )
     rows = torch.tensor([5, 1, 8])
     full = init_params(cfg.model, 10, 7, torch.Generator().manual_seed(3))
     part = init_params(cfg.model, 10, 7, torch.Generator().manual_seed(3), rows)
@@ -280,10 +319,22 @@ def test_init_of_some_clients_equals_their_rows_of_the_full_init(compose_cfg, sh
 @pytest.mark.parametrize("ablation", ["full", "no_ica", "no_gsa"])
 def test_every_alignment_ablation_trains_past_the_first_broadcast(compose_cfg, tmp_path, ablation, gsa, optim):
     """Round 1 has no broadcast yet; rounds 2-3 train with the alignment terms on (fast mode)."""
-    payload = train(compose_cfg(["dataset=synthetic", f"ablation={ablation}", f"optim={optim}", "fl.rounds=3",
-                                 "fl.checkpoint_every=0", "model.alignment=fast", f"model.fast_gsa={gsa}",
-                                 "model.sigma=0.0"]), tmp_path, progress=False)
+    payload = train(
+        compose_cfg(
+            [
+                "dataset=synthetic",
+                f"ablation={ablation}",
+                f"optim={optim}",
+                "fl.rounds=3",
+                "fl.checkpoint_every=0",
+                "model.alignment=fast",
+                f"model.fast_gsa={gsa}",
+                "model.sigma=0.0",
+            ]
+        ),
+        tmp_path,
+        progress=False,
+    )
     last = payload["history"][-1]
     assert payload["finished"] and math.isfinite(last["val/hit@10"])
     assert ("loss/ica" in last) == (ablation != "no_ica") and ("loss/gsa" in last) == (ablation != "no_gsa")
-

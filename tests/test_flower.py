@@ -4,6 +4,7 @@ The engine here is an in-process grid that hands each message to the real Client
 own `ClientApp.__call__`), so the server and client code under test are exactly those a
 SuperLink would run; `test_flower_deploy.py` runs them over real SuperNodes.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,14 @@ from src.run import train  # noqa: E402
 from tests.conftest import SHARED_DATA, requires_real_data  # noqa: E402
 
 pytestmark = requires_real_data
-SMALL = [f"data.root='{SHARED_DATA}'", "dataset=filmtrust", "data.max_users=20", "protocol=paper", "fl.rounds=3",
-         "logger=csv"]
+SMALL = [
+    f"data.root='{SHARED_DATA}'",
+    "dataset=filmtrust",
+    "data.max_users=20",
+    "protocol=paper",
+    "fl.rounds=3",
+    "logger=csv",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +51,16 @@ class LocalGrid:
 
     def __init__(self, cfg, n_nodes: int, fault=None):
         self.app = make_client_app(cfg)
-        self.contexts = {100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(), run_config={},
-                                          node_config={"partition-id": p, "num-partitions": n_nodes})
-                         for p in range(n_nodes)}
+        self.contexts = {
+            100 + p: Context(
+                run_id=1,
+                node_id=100 + p,
+                state=RecordDict(),
+                run_config={},
+                node_config={"partition-id": p, "num-partitions": n_nodes},
+            )
+            for p in range(n_nodes)
+        }
         self.fault = fault
 
     def get_node_ids(self):
@@ -133,8 +147,13 @@ def test_a_restarted_node_rejoins_with_its_state(compose_cfg, tmp_path):
 
     def fault(round_, node, reply):
         if node == 101 and round_ == 1:
-            grid.contexts[101] = Context(run_id=1, node_id=101, state=RecordDict(), run_config={},
-                                         node_config={"partition-id": 1, "num-partitions": 3})
+            grid.contexts[101] = Context(
+                run_id=1,
+                node_id=101,
+                state=RecordDict(),
+                run_config={},
+                node_config={"partition-id": 1, "num-partitions": 3},
+            )
         return reply
 
     grid.fault = fault
@@ -150,12 +169,26 @@ def test_reply_validation_names_the_problem():
     good = encode_entries(m, np.array([0, 1]), np.array([2, 5]), np.array([0.7, 0.9]), "csr", 32)
     shared = {"w0": torch.zeros(2, 3, 1)}
     ranks = {"val": torch.tensor([1, 5, 2]), "test": torch.tensor([3, 1, 9])}
-    args = dict(chosen={1, 4}, n_users=10, n_items=m, shared_shapes={"w0": (3, 1)}, similarity=True,
-                rank_limits={"val": 10, "test": 10}, max_bytes=10_000)
+    args = dict(
+        chosen={1, 4},
+        n_users=10,
+        n_items=m,
+        shared_shapes={"w0": (3, 1)},
+        similarity=True,
+        rank_limits={"val": 10, "test": 10},
+        max_bytes=10_000,
+    )
 
     def content(**change):
-        parts = dict(users=users, shared=shared, payloads=[good, good], eval_users=torch.tensor([1, 4, 7]),
-                     ranks=ranks, loss_sums={"bce": 1.0}, steps=4.0)
+        parts = dict(
+            users=users,
+            shared=shared,
+            payloads=[good, good],
+            eval_users=torch.tensor([1, 4, 7]),
+            ranks=ranks,
+            loss_sums={"bce": 1.0},
+            steps=4.0,
+        )
         parts.update(change)
         return pack_reply(**parts)
 
@@ -167,8 +200,9 @@ def test_reply_validation_names_the_problem():
         "finite floats": content(shared={"w0": torch.full((2, 3, 1), float("nan"))}),
         "lacks the similarity payload": content(payloads=[good]),
         "shorter than": content(payloads=[good, good[:5]]),
-        "announces m=": content(payloads=[good, encode_entries(7, np.array([0]), np.array([1]), np.array([.8]),
-                                                               "csr", 32)]),
+        "announces m=": content(
+            payloads=[good, encode_entries(7, np.array([0]), np.array([1]), np.array([0.8]), "csr", 32)]
+        ),
         "integers in [1, 10]": content(ranks={"val": torch.tensor([1, 50, 2]), "test": ranks["test"]}),
         "appears twice": content(eval_users=torch.tensor([1, 1, 7])),
     }
@@ -188,11 +222,15 @@ def test_payload_decoder_rejects_what_no_encoder_produces(fmt):
     if fmt == "csr":  # row 3 holding column 1
         lower = encode_entries(m, np.array([3]), np.array([1]), np.array([0.6]), fmt, 32)
     else:  # position 10 of the 10 upper-triangle pairs of 5 items
-        lower = bytes([64 + 32]) + np.array([m, 1], np.uint32).tobytes() + bytes([10]) + np.float32(.6).tobytes()
+        lower = bytes([64 + 32]) + np.array([m, 1], np.uint32).tobytes() + bytes([10]) + np.float32(0.6).tobytes()
     bad_value = encode_entries(m, np.array([0]), np.array([1]), np.array([7.0]), fmt, 32)
     flag = bytes([200]) + good[1:]
-    for payload, reason in [(lower, "strict upper triangle|outside the 10"), (bad_value, "outside \\[-1, 1\\]"),
-                            (flag, "unknown format byte"), (good + b"x", "bytes")]:
+    for payload, reason in [
+        (lower, "strict upper triangle|outside the 10"),
+        (bad_value, "outside \\[-1, 1\\]"),
+        (flag, "unknown format byte"),
+        (good + b"x", "bytes"),
+    ]:
         with pytest.raises(PayloadError, match=reason):
             decode_entries(payload, m_expected=m)
 
@@ -208,18 +246,27 @@ def test_simulation_runtime_matches_the_simulator(compose_cfg, tmp_path):
     compare(flower["history"], simulator["history"])
 
 
-
 def test_node_data_cache_is_keyed_by_everything_the_split_depends_on(compose_cfg, tmp_path):
     from src.flower.client_app import node_data_key
 
     base = ["dataset=synthetic"]
     key = node_data_key(compose_cfg(base))
     assert node_data_key(compose_cfg(base)) == key
-    for change in (["dataset.n_users=50"], ["dataset.n_items=200"], ["dataset.affinity=0.5"],
-                   ["dataset.generator_seed=3"], ["protocol=paper"], ["protocol.eval_negatives=49"],
-                   ["protocol.train_negative_pool=non_train_non_candidates"], ["seed=1"], ["data.max_users=10"],
-                   [f"data.cache_dir='{tmp_path}'"], [f"data.root='{tmp_path}'"], ["data.verify=false"],
-                   ["eval.ks=[10]"]):
+    for change in (
+        ["dataset.n_users=50"],
+        ["dataset.n_items=200"],
+        ["dataset.affinity=0.5"],
+        ["dataset.generator_seed=3"],
+        ["protocol=paper"],
+        ["protocol.eval_negatives=49"],
+        ["protocol.train_negative_pool=non_train_non_candidates"],
+        ["seed=1"],
+        ["data.max_users=10"],
+        [f"data.cache_dir='{tmp_path}'"],
+        [f"data.root='{tmp_path}'"],
+        ["data.verify=false"],
+        ["eval.ks=[10]"],
+    ):
         assert node_data_key(compose_cfg(base + change)) != key, change
     # what does not change the split shares the entry
     assert node_data_key(compose_cfg(base + ["fl.rounds=7", "model.alpha=0.1"])) == key
@@ -234,8 +281,13 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
     cfg = compose_cfg([*SMALL, "fl.chunk_size=auto"])
     from src.data.dataset import load
 
-    per = bytes_per_client(load(cfg).n_items, int(cfg.model.dim), str(cfg.model.alignment),
-                           int(cfg.model.fast_anchors), int(cfg.fl.batch_size))
+    per = bytes_per_client(
+        load(cfg).n_items,
+        int(cfg.model.dim),
+        str(cfg.model.alignment),
+        int(cfg.model.fast_anchors),
+        int(cfg.fl.batch_size),
+    )
     monkeypatch.setattr("src.federated.free_bytes", lambda device: int(2.5 * per / float(cfg.fl.memory_fraction)))
     used = []
     real = client_app.train_clients

@@ -4,6 +4,7 @@ Checks the three promises of the deployment: the run ends with the simulator's m
 seed and settings), a node killed mid-round neither stops the run nor loses its clients' state,
 and a node with the wrong CA or an unregistered key cannot join.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,11 +18,15 @@ pytest.importorskip("flwr")
 from src.data.paths import REPO_ROOT  # noqa: E402
 from src.flower.loopback import Loopback, wait_results  # noqa: E402
 from src.run import train  # noqa: E402
-from tests.conftest import SHARED_DATA, requires_real_data  # noqa: E402
+from tests.conftest import requires_real_data  # noqa: E402
 from tests.test_flower import SMALL, compare  # noqa: E402
 
-pytestmark = [requires_real_data, pytest.mark.skipif(
-    shutil.which("openssl") is None or shutil.which("ssh-keygen") is None, reason="needs openssl and ssh-keygen")]
+pytestmark = [
+    requires_real_data,
+    pytest.mark.skipif(
+        shutil.which("openssl") is None or shutil.which("ssh-keygen") is None, reason="needs openssl and ssh-keygen"
+    ),
+]
 NODES = 3
 
 
@@ -29,15 +34,24 @@ NODES = 3
 def deployment(tmp_path_factory):
     """One SuperLink and three SuperNodes for the module (certificates made by deploy/certificates.sh)."""
     work = tmp_path_factory.mktemp("loopback")
-    subprocess.run(["bash", str(REPO_ROOT / "deploy" / "certificates.sh"), str(work / "certs"), str(NODES)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["bash", str(REPO_ROOT / "deploy" / "certificates.sh"), str(work / "certs"), str(NODES)],
+        check=True,
+        capture_output=True,
+    )
     with Loopback(work / "fed", work / "certs", NODES) as fed:
         yield fed
 
 
 def overrides(cache_dir, run_dir, *extra):
-    return [*SMALL, f"data.cache_dir={cache_dir}", f"flower.run_dir={run_dir}", f"flower.min_nodes={NODES}",
-            "flower.connect_timeout=120", *extra]
+    return [
+        *SMALL,
+        f"data.cache_dir={cache_dir}",
+        f"flower.run_dir={run_dir}",
+        f"flower.min_nodes={NODES}",
+        "flower.connect_timeout=120",
+        *extra,
+    ]
 
 
 def test_wrong_ca_or_unregistered_key_cannot_join(deployment):
@@ -61,8 +75,11 @@ def test_loopback_run_matches_the_simulator(deployment, compose_cfg, cache_dir, 
 def test_a_node_killed_mid_round_rejoins_with_its_state(deployment, cache_dir, tmp_path):
     run_dir = tmp_path / "flower"
     started = len(re.findall(r"Start `flwr-clientapp` process", deployment.log("node1")))
-    deployment.submit(overrides(cache_dir, run_dir, "fl.rounds=4", "flower.round_timeout=60",
-                                f"flower.state_dir={tmp_path / 'state'}"))
+    deployment.submit(
+        overrides(
+            cache_dir, run_dir, "fl.rounds=4", "flower.round_timeout=60", f"flower.state_dir={tmp_path / 'state'}"
+        )
+    )
     wait_results(run_dir, timeout=600, rounds=1)
     deadline = time.monotonic() + 300
     # kill node 1 once its ClientApp of round 2 has started: the round is under way

@@ -1,4 +1,5 @@
 """`make gpu-check` on the CPU with tiny data: the check runs every path and notices a difference."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """`fl.chunk_size=auto`: the cohort follows the free memory of the device."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,9 @@ def test_auto_chunk_size_fits_the_budget():
 def test_module_uses_the_free_memory(compose_cfg, monkeypatch):
     cfg = compose_cfg(["dataset=synthetic", "fl.chunk_size=auto", "fl.memory_fraction=0.5"])
     data = build(cfg.dataset, cfg.protocol, 0, cfg.data.root, cfg.data.cache_dir)
-    per = memory.bytes_per_client(data.n_items, int(cfg.model.dim), "fast", int(cfg.model.fast_anchors),
-                                  int(cfg.fl.batch_size))
+    per = memory.bytes_per_client(
+        data.n_items, int(cfg.model.dim), "fast", int(cfg.model.fast_anchors), int(cfg.fl.batch_size)
+    )
     monkeypatch.setattr("src.federated.free_bytes", lambda device: 2 * 7 * per)
     module = FederatedModule(cfg, data)
     assert module.chunk_size == 7

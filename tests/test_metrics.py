@@ -1,4 +1,5 @@
 """Ranks with ties counted against the held-out item, hit@K and ndcg@K, against hand values and loops."""
+
 from __future__ import annotations
 
 import math
@@ -28,19 +29,23 @@ def brute_full_rank(row: list[float], target: int, exclude: list[bool]) -> int:
 
 def test_sampled_ranks_hand_values():
     pos = torch.tensor([0.5, 0.9, 0.1, 0.3])
-    neg = torch.tensor([[0.9, 0.5, 0.1],     # one above, one tie -> 3
-                        [0.1, 0.2, 0.3],     # none above -> 1
-                        [0.2, 0.3, 0.4],     # all above -> 4
-                        [0.3, 0.3, 0.3]])    # all tied -> 4 (ties against the positive)
+    neg = torch.tensor(
+        [
+            [0.9, 0.5, 0.1],  # one above, one tie -> 3
+            [0.1, 0.2, 0.3],  # none above -> 1
+            [0.2, 0.3, 0.4],  # all above -> 4
+            [0.3, 0.3, 0.3],
+        ]
+    )  # all tied -> 4 (ties against the positive)
     assert sampled_ranks(pos, neg).tolist() == [3, 1, 4, 4]
 
 
 def test_full_ranks_hand_values():
-    scores = torch.tensor([[0.1, 0.5, 0.5, 0.9, 0.2],
-                           [0.1, 0.5, 0.5, 0.9, 0.2]])
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.9, 0.2], [0.1, 0.5, 0.5, 0.9, 0.2]])
     target = torch.tensor([1, 1])
-    exclude = torch.tensor([[False, False, False, False, False],
-                            [False, True, False, True, False]])  # target excluded: still ranked
+    exclude = torch.tensor(
+        [[False, False, False, False, False], [False, True, False, True, False]]
+    )  # target excluded: still ranked
     # row 0: items 2 (tie) and 3 (above) count -> 3; row 1: item 3 excluded, 2 ties -> 2
     assert full_ranks(scores, target, exclude).tolist() == [3, 2]
 
@@ -114,8 +119,7 @@ def test_full_ranks_match_brute_force_with_ties_and_exclusions(seed: int):
     target = rng.integers(0, m, n)
     exclude = rng.random((n, m)) < 0.3
     exclude[: n // 4, :] |= np.eye(m, dtype=bool)[target[: n // 4]]  # some targets marked excluded
-    got = full_ranks(torch.from_numpy(scores), torch.from_numpy(target),
-                     torch.from_numpy(exclude)).tolist()
+    got = full_ranks(torch.from_numpy(scores), torch.from_numpy(target), torch.from_numpy(exclude)).tolist()
     want = [brute_full_rank(scores[i].tolist(), int(target[i]), exclude[i].tolist()) for i in range(n)]
     assert got == want
 

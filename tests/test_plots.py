@@ -1,4 +1,5 @@
 """The report command turns run folders into CSV/Markdown tables and PNG/SVG figures."""
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,17 @@ from src.run import train
 def runs(compose_cfg, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for i, extra in enumerate([["encoding=csr32"], ["encoding=csr8", "model.sigma=0.7"], ["privacy.epsilon=10"]]):
-        cfg = compose_cfg(["dataset=synthetic", "ablation=full", "fl.rounds=2", "fl.checkpoint_every=0",
-                           "model.alignment=fast", "optim=adam", *extra])
+        cfg = compose_cfg(
+            [
+                "dataset=synthetic",
+                "ablation=full",
+                "fl.rounds=2",
+                "fl.checkpoint_every=0",
+                "model.alignment=fast",
+                "optim=adam",
+                *extra,
+            ]
+        )
         train(cfg, root / f"run{i}")
     return root
 
@@ -25,8 +35,11 @@ def runs(compose_cfg, tmp_path_factory):
 def test_each_kind_writes_its_files(runs, tmp_path, kind):
     out = main([kind, str(runs), "--out", str(tmp_path)])
     names = {p.name for p in out.iterdir()}
-    stem = {"communication": "communication_synthetic_clean", "privacy": "privacy_synthetic_clean",
-            "curves": "curves_synthetic_clean"}[kind]
+    stem = {
+        "communication": "communication_synthetic_clean",
+        "privacy": "privacy_synthetic_clean",
+        "curves": "curves_synthetic_clean",
+    }[kind]
     assert {f"{stem}.png", f"{stem}.svg"} <= names
     if kind != "curves":
         rows = list(csv.DictReader((tmp_path / f"{kind}.csv").open()))
@@ -44,10 +57,19 @@ def test_encoding_label():
 def fake_run(folder: Path, history: list[dict] | None = None, **changes) -> Path:
     """A minimal finished results.json with what `curves` and `sensitivity` plot."""
     rows = history if history is not None else [{"round": r, "val/hit@10": 0.5, "test/hit@10": 0.4} for r in (1, 2)]
-    payload = {"config": {"seed": 0, "optim": {"name": "adam"}, "model": {"alpha": 0.005}}, "dataset": "synthetic",
-               "protocol": "clean", "ablation": "backbone", "seed": 0, "history": rows,
-               "test_at_best": {"test/hit@10": 0.4, "test/ndcg@10": 0.3}, "communication": {}, "privacy": {},
-               "finished": True, **changes}
+    payload = {
+        "config": {"seed": 0, "optim": {"name": "adam"}, "model": {"alpha": 0.005}},
+        "dataset": "synthetic",
+        "protocol": "clean",
+        "ablation": "backbone",
+        "seed": 0,
+        "history": rows,
+        "test_at_best": {"test/hit@10": 0.4, "test/ndcg@10": 0.3},
+        "communication": {},
+        "privacy": {},
+        "finished": True,
+        **changes,
+    }
     folder.mkdir(parents=True)
     path = folder / "results.json"
     path.write_text(json.dumps(payload))
@@ -64,11 +86,14 @@ def test_broken_results_json_is_named_and_skipped(tmp_path):
     assert (out / "curves_synthetic_clean.png").is_file()
 
 
-@pytest.mark.parametrize("kind, extra, field", [
-    ("curves", [], "val/hit@10"),
-    ("sensitivity", ["--param", "model.beta"], "config.model.beta"),
-    ("communication", [], "config.comm"),
-])
+@pytest.mark.parametrize(
+    "kind, extra, field",
+    [
+        ("curves", [], "val/hit@10"),
+        ("sensitivity", ["--param", "model.beta"], "config.model.beta"),
+        ("communication", [], "config.comm"),
+    ],
+)
 def test_missing_plotted_field_names_field_and_file(tmp_path, kind, extra, field):
     path = fake_run(tmp_path / "runs" / "r", history=[{"round": 1, "test/hit@10": 0.4}])
     with pytest.raises(MissingFieldError) as err:

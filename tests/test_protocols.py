@@ -1,11 +1,10 @@
 """Evaluation negatives and training-negative pools of the paper and clean protocols."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from src.streams import ClientStream
 
 from src.protocols import (
     TRAIN_NEGATIVE_POOLS,
@@ -13,6 +12,7 @@ from src.protocols import (
     draw_eval_negatives,
     excluded_for_training,
 )
+from src.streams import ClientStream
 
 
 def draws(users: torch.Tensor, seed: int = 0) -> tuple[ClientStream, torch.Tensor]:
@@ -190,7 +190,7 @@ def test_synthetic_build_under_clean_protocol_leaves_held_out_items_drawable(com
     data = build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir)
     train = np.zeros((data.n_users, data.n_items), dtype=bool)
     for u in range(data.n_users):
-        train[u, data.train_items[data.train_ptr[u]:data.train_ptr[u + 1]]] = True
+        train[u, data.train_items[data.train_ptr[u] : data.train_ptr[u + 1]]] = True
     interacted = train.copy()
     rows = np.arange(data.n_users)
     interacted[rows, data.val_items] = True

@@ -1,4 +1,5 @@
 """The report: mean ± std over seeds at the best validation round, the published number beside it."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,16 @@ def test_published_numbers_are_the_papers():
 
 
 def test_report_rows_mean_std_published_and_runs(compose_cfg, tmp_path):
-    payloads = [train(compose_cfg(["dataset=synthetic", "ablation=backbone", "fl.rounds=2", "fl.checkpoint_every=0",
-                                   f"seed={s}"]), tmp_path / f"s{s}", progress=False) for s in (0, 1)]
+    payloads = [
+        train(
+            compose_cfg(
+                ["dataset=synthetic", "ablation=backbone", "fl.rounds=2", "fl.checkpoint_every=0", f"seed={s}"]
+            ),
+            tmp_path / f"s{s}",
+            progress=False,
+        )
+        for s in (0, 1)
+    ]
     table = main([str(tmp_path), "--out", str(tmp_path / "out"), "--name", "t"])
     assert len(table) == 1
     row = table[0]
@@ -34,16 +43,24 @@ def test_report_rows_mean_std_published_and_runs(compose_cfg, tmp_path):
 
 def test_report_by_splits_variants_and_diffs_only_paper_rows(compose_cfg, tmp_path):
     for optim in ("sgd", "adam"):
-        train(compose_cfg(["dataset=synthetic", "ablation=backbone", "fl.rounds=1", "fl.checkpoint_every=0",
-                           f"optim={optim}"]), tmp_path / optim, progress=False)
+        train(
+            compose_cfg(
+                ["dataset=synthetic", "ablation=backbone", "fl.rounds=1", "fl.checkpoint_every=0", f"optim={optim}"]
+            ),
+            tmp_path / optim,
+            progress=False,
+        )
     table = main([str(tmp_path), "--by", "optim.name"])
     assert sorted(r["variant"] for r in table) == ["optim.name=adam", "optim.name=sgd"]
     assert all(r["seeds"] == 1 and r["diff hit@10"] is None for r in table)
 
 
 def test_report_rounds_cuts_runs_and_selects_on_validation_within(compose_cfg, tmp_path):
-    payload = train(compose_cfg(["dataset=synthetic", "ablation=backbone", "fl.rounds=3", "fl.checkpoint_every=0"]),
-                    tmp_path / "r", progress=False)
+    payload = train(
+        compose_cfg(["dataset=synthetic", "ablation=backbone", "fl.rounds=3", "fl.checkpoint_every=0"]),
+        tmp_path / "r",
+        progress=False,
+    )
     table = main([str(tmp_path), "--rounds", "2"])
     first_two = payload["history"][:2]
     best = max(first_two, key=lambda h: (h["val/hit@10"], -h["round"]))
@@ -53,8 +70,20 @@ def test_report_rounds_cuts_runs_and_selects_on_validation_within(compose_cfg, t
 def test_runs_differing_in_more_than_the_seed_are_never_averaged(compose_cfg, tmp_path):
     """Two overlays that both ran PFedRec (SGD 2 rounds, Adam 1 round) must give two rows, even without --by."""
     for seed, extra in ((0, ["optim=sgd", "fl.rounds=2"]), (1, ["optim=adam", "fl.rounds=1"])):
-        train(compose_cfg(["dataset=synthetic", "ablation=backbone", "fl.checkpoint_every=0", f"seed={seed}",
-                           f"data.cache_dir={tmp_path / 'cache'}", *extra]), tmp_path / str(seed), progress=False)
+        train(
+            compose_cfg(
+                [
+                    "dataset=synthetic",
+                    "ablation=backbone",
+                    "fl.checkpoint_every=0",
+                    f"seed={seed}",
+                    f"data.cache_dir={tmp_path / 'cache'}",
+                    *extra,
+                ]
+            ),
+            tmp_path / str(seed),
+            progress=False,
+        )
     table = main([str(tmp_path)])
     assert sorted(r["variant"] for r in table) == ["fl.rounds=1 optim.name=adam", "fl.rounds=2 optim.name=sgd"]
     assert all(r["seeds"] == 1 for r in table)
@@ -62,9 +91,17 @@ def test_runs_differing_in_more_than_the_seed_are_never_averaged(compose_cfg, tm
 
 def fake_run(folder: Path, **changes) -> Path:
     """A minimal finished results.json (the fields the report reads) in `folder`."""
-    payload = {"config": {"seed": 0}, "dataset": "synthetic", "protocol": "clean", "ablation": "backbone", "seed": 0,
-               "history": [{"round": 1, "val/hit@10": 0.5, "test/hit@10": 0.4, "test/ndcg@10": 0.3}],
-               "test_at_best": {"test/hit@10": 0.4, "test/ndcg@10": 0.3}, "finished": True, **changes}
+    payload = {
+        "config": {"seed": 0},
+        "dataset": "synthetic",
+        "protocol": "clean",
+        "ablation": "backbone",
+        "seed": 0,
+        "history": [{"round": 1, "val/hit@10": 0.5, "test/hit@10": 0.4, "test/ndcg@10": 0.3}],
+        "test_at_best": {"test/hit@10": 0.4, "test/ndcg@10": 0.3},
+        "finished": True,
+        **changes,
+    }
     folder.mkdir(parents=True)
     path = folder / "results.json"
     path.write_text(json.dumps(payload))

@@ -1,5 +1,6 @@
 """Trustworthy run folders: a resume under another config is refused, SIGTERM fails loudly and stays
 resumable, one run per folder, checkpoints carry a digest, refused configs leave nothing behind."""
+
 from __future__ import annotations
 
 import json
@@ -27,21 +28,28 @@ def cli(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
     """`python -m src.run <args>` in a fresh process with the test's isolated caches."""
     env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
     env.pop("ALIGNFEDREC_DATA", None)
-    return subprocess.run([sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` (but the lock and Hydra's log) with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in (rundir.LOCK_NAME, "run.log")}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (rundir.LOCK_NAME, "run.log")
+    }
 
 
 def test_resume_mismatch_lists_result_keys_only():
     saved = {"seed": 0, "protocol": {"name": "clean"}, "fl": {"rounds": 10, "lr_list": [1, 2]}, "logger": {"a": 1}}
     now = {"seed": 7, "protocol": {"name": "paper"}, "fl": {"rounds": 20, "lr_list": [1, 3]}, "logger": {"a": 2}}
-    assert rundir.resume_mismatch(saved, now) == ["fl.lr_list: [1, 2] -> [1, 3]", "protocol.name: 'clean' -> 'paper'",
-                                                  "seed: 0 -> 7"]
+    assert rundir.resume_mismatch(saved, now) == [
+        "fl.lr_list: [1, 2] -> [1, 3]",
+        "protocol.name: 'clean' -> 'paper'",
+        "seed: 0 -> 7",
+    ]
     assert rundir.resume_mismatch(saved, {**saved, "fl": {"rounds": 99, "lr_list": [1, 2]}}) == []
 
 

@@ -1,5 +1,6 @@
 """The selection metric (`eval.select`), the one best-round rule, early stopping, and the closing
 summary of a run: chance levels of the metrics and the published row."""
+
 from __future__ import annotations
 
 import logging
@@ -8,22 +9,31 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 import torch
+from omegaconf import OmegaConf
 
 from src.config import ConfigError
 from src.data.dataset import load
 from src.federated import FederatedModule
 from src.metrics import rank_metrics, sampled_ranks
 from src.report import truncate
-from src.results import (DEFAULT_SELECT, best_round, chance_level, meaning_lines, report_best, select_cutoff,
-                         select_key, selection_of)
+from src.results import (
+    DEFAULT_SELECT,
+    best_round,
+    chance_level,
+    meaning_lines,
+    report_best,
+    select_cutoff,
+    select_key,
+    selection_of,
+)
 from src.run import train
 
 SYNTHETIC = ["dataset=synthetic", "fl.checkpoint_every=0"]
 
 
 # --- chance levels -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("k, n", [(1, 1), (5, 100), (10, 100), (20, 100), (10, 7), (10, 10), (10, 2059), (50, 3)])
 def test_chance_level_is_the_metric_averaged_over_every_rank(k, n):
@@ -72,6 +82,7 @@ def test_chance_level_refuses_empty_inputs():
 
 # --- the selection metric ------------------------------------------------------------------------
 
+
 def test_select_defaults_to_validation_hit_at_10(compose_cfg):
     cfg = compose_cfg(SYNTHETIC)
     assert cfg.eval.select == select_key(cfg) == DEFAULT_SELECT == "val/hit@10"
@@ -83,23 +94,32 @@ def test_select_defaults_to_validation_hit_at_10(compose_cfg):
         select_cutoff("test/hit@10")
 
 
-@pytest.mark.parametrize("overrides", [
-    ["eval.select=val/ndcg@10"], ["eval.select=val/hit@5"], ["eval.select=val/ndcg@20"],
-    ["eval.ks=[5,20]", "eval.select=val/hit@5"], ["eval.ks=[1]", "eval.select=val/ndcg@1"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["eval.select=val/ndcg@10"],
+        ["eval.select=val/hit@5"],
+        ["eval.select=val/ndcg@20"],
+        ["eval.ks=[5,20]", "eval.select=val/hit@5"],
+        ["eval.ks=[1]", "eval.select=val/ndcg@1"],
+    ],
+)
 def test_valid_selection_is_accepted(compose_cfg, overrides):
     compose_cfg(overrides)
 
 
-@pytest.mark.parametrize("overrides, key, expected", [
-    (["eval.select=val/hit@50"], "eval.select", "eval.ks"),      # K not evaluated
-    (["eval.select=test/hit@10"], "eval.select", "val/hit@K"),   # test data never selects
-    (["eval.select=val/mrr@10"], "eval.select", "val/hit@K"),
-    (["eval.select=val_full/hit@10"], "eval.select", "val/hit@K"),
-    (["eval.select=val/hit@0"], "eval.select", "val/hit@K"),
-    (["eval.select=5"], "eval.select", "val/hit@K"),
-    (["eval.ks=[5,20]"], "eval.ks", "contains 10"),                # the default's K must be evaluated
-])
+@pytest.mark.parametrize(
+    "overrides, key, expected",
+    [
+        (["eval.select=val/hit@50"], "eval.select", "eval.ks"),  # K not evaluated
+        (["eval.select=test/hit@10"], "eval.select", "val/hit@K"),  # test data never selects
+        (["eval.select=val/mrr@10"], "eval.select", "val/hit@K"),
+        (["eval.select=val_full/hit@10"], "eval.select", "val/hit@K"),
+        (["eval.select=val/hit@0"], "eval.select", "val/hit@K"),
+        (["eval.select=5"], "eval.select", "val/hit@K"),
+        (["eval.ks=[5,20]"], "eval.ks", "contains 10"),  # the default's K must be evaluated
+    ],
+)
 def test_bad_selection_is_named(compose_cfg, overrides, key, expected):
     with pytest.raises(ConfigError) as err:
         compose_cfg(overrides)
@@ -133,21 +153,21 @@ def test_report_rounds_cut_selects_on_the_runs_selection_metric(tmp_path):
     for r, ndcg in zip(history, [0.2, 0.1, 0.3]):
         r["val/ndcg@10"] = ndcg
     payload = {"path": str(tmp_path), "config": {"eval": {"select": "val/ndcg@10"}}, "history": history}
-    assert truncate(payload, 2)["test_at_best"] == {"test/hit@10": 0.01}   # round 1 by ndcg
-    assert truncate(payload, 3)["test_at_best"] == {"test/hit@10": 0.03}   # round 3
+    assert truncate(payload, 2)["test_at_best"] == {"test/hit@10": 0.01}  # round 1 by ndcg
+    assert truncate(payload, 3)["test_at_best"] == {"test/hit@10": 0.03}  # round 3
     old = {"path": str(tmp_path), "config": {}, "history": rows([0.1, 0.3, 0.2])}
-    assert truncate(old, 3)["test_at_best"] == {"test/hit@10": 0.02}       # val/hit@10: round 2
+    assert truncate(old, 3)["test_at_best"] == {"test/hit@10": 0.02}  # val/hit@10: round 2
 
 
 def test_a_run_selects_on_eval_select(compose_cfg, tmp_path):
-    payload = train(compose_cfg([*SYNTHETIC, "fl.rounds=3", "eval.select=val/ndcg@5"]), tmp_path / "r",
-                    progress=False)
+    payload = train(compose_cfg([*SYNTHETIC, "fl.rounds=3", "eval.select=val/ndcg@5"]), tmp_path / "r", progress=False)
     best = best_round(payload["history"], "val/ndcg@5")
     assert payload["select"] == "val/ndcg@5" and payload["best_round"] == best["round"]
     assert payload["config"]["eval"]["select"] == "val/ndcg@5"
 
 
 # --- early stopping (eval.patience) ----------------------------------------------------------------
+
 
 def stop_round_before(values: list[float], patience: int) -> int:
     """The rule as it was before it called best_round: index of the best (earliest on ties) over the
@@ -184,10 +204,16 @@ def stop_round_now(cfg, data, values: list[float], key: str = "val/hit@10") -> i
     return len(values)
 
 
-@pytest.mark.parametrize("values", [
-    [0.1, 0.2, 0.2, 0.2, 0.2], [0.3, 0.1, 0.2, 0.3, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5], [0.5, 0.5, 0.5, 0.5, 0.5],
-    [0.2, 0.1, 0.3, 0.2, 0.1, 0.4, 0.4, 0.1],
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.1, 0.2, 0.2, 0.2, 0.2],
+        [0.3, 0.1, 0.2, 0.3, 0.3],
+        [0.1, 0.2, 0.3, 0.4, 0.5],
+        [0.5, 0.5, 0.5, 0.5, 0.5],
+        [0.2, 0.1, 0.3, 0.2, 0.1, 0.4, 0.4, 0.1],
+    ],
+)
 @pytest.mark.parametrize("patience", [1, 2, 3])
 def test_patience_stops_where_it_stopped_before(compose_cfg, values, patience):
     cfg = compose_cfg([*SYNTHETIC, f"eval.patience={patience}"])
@@ -211,22 +237,35 @@ def test_patience_in_a_real_run(compose_cfg, tmp_path):
 
 # --- the closing summary ---------------------------------------------------------------------------
 
+
 def payload_of(protocol: str, dataset: str = "filmtrust", ablation: str = "full", **extra) -> dict:
     full = protocol == "clean"
     test = {"test/hit@10": 0.5, "test/ndcg@10": 0.25}
     if full:
         test |= {"test_full/hit@10": 0.05, "test_full/ndcg@10": 0.02}
-    return {"config": {"protocol": {"name": protocol, "eval_negatives": 99, "full_ranking": full},
-                       "eval": {"ks": [5, 10, 20]}},
-            "dataset": dataset, "protocol": protocol, "ablation": ablation, "summary": {"items": 2071},
-            "best_round": 3, "best_val": {"val/hit@10": 0.6}, "test_at_best": test, **extra}
+    return {
+        "config": {
+            "protocol": {"name": protocol, "eval_negatives": 99, "full_ranking": full},
+            "eval": {"ks": [5, 10, 20]},
+        },
+        "dataset": dataset,
+        "protocol": protocol,
+        "ablation": ablation,
+        "summary": {"items": 2071},
+        "best_round": 3,
+        "best_val": {"val/hit@10": 0.6},
+        "test_at_best": test,
+        **extra,
+    }
 
 
 def test_clean_summary_shows_the_chance_levels():
     lines = meaning_lines(payload_of("clean"))
     assert len(lines) == 1
     sampled, full = chance_level(10, 100), chance_level(10, 2071)
-    assert f"hit@10 {sampled['hit@10']:.4f} ndcg@10 {sampled['ndcg@10']:.4f} at random (1 of 100 candidates)" in lines[0]
+    assert (
+        f"hit@10 {sampled['hit@10']:.4f} ndcg@10 {sampled['ndcg@10']:.4f} at random (1 of 100 candidates)" in lines[0]
+    )
     assert f"hit@10 {full['hit@10']:.4f} ndcg@10 {full['ndcg@10']:.4f} at random (1 of 2071 items)" in lines[0]
     assert "full ranking hit@10 0.0500 ndcg@10 0.0200" in lines[0]
 

@@ -4,6 +4,7 @@ Expected values are worked out by hand from the rule in the docstring of src/dat
 latest time = test, second latest = validation; among equal times the row that comes first in
 the file counts as more recent.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,9 @@ from src.data.split import dedupe_pairs, leave_one_out
 def make_frame(rows: list[tuple]) -> pd.DataFrame:
     """rows = [(user, item, time), ...] in file order; `row` is the position in that list."""
     users, items, times = zip(*rows)
-    return pd.DataFrame({"user": list(users), "item": list(items), "time": list(times),
-                         "row": np.arange(len(rows), dtype=np.int64)})
+    return pd.DataFrame(
+        {"user": list(users), "item": list(items), "time": list(times), "row": np.arange(len(rows), dtype=np.int64)}
+    )
 
 
 def split_by_original_ids(frame: pd.DataFrame) -> dict:
@@ -29,14 +31,18 @@ def split_by_original_ids(frame: pd.DataFrame) -> dict:
     out = {}
     for code, user in enumerate(loo.user_ids):
         train = loo.train_items[loo.train_users == code]
-        out[user] = (loo.item_ids[loo.test_items[code]], loo.item_ids[loo.val_items[code]],
-                     sorted(loo.item_ids[train].tolist()))
+        out[user] = (
+            loo.item_ids[loo.test_items[code]],
+            loo.item_ids[loo.val_items[code]],
+            sorted(loo.item_ids[train].tolist()),
+        )
     return out
 
 
 def test_distinct_times_latest_is_test_second_latest_is_val():
-    frame = make_frame([("u", "x", 10), ("u", "y", 30), ("u", "z", 20), ("u", "w", 5),
-                        ("v", "x", 7), ("v", "w", 9), ("v", "y", 8)])
+    frame = make_frame(
+        [("u", "x", 10), ("u", "y", 30), ("u", "z", 20), ("u", "w", 5), ("v", "x", 7), ("v", "w", 9), ("v", "y", 8)]
+    )
     result = split_by_original_ids(frame)
     assert result["u"] == ("y", "z", ["w", "x"])
     assert result["v"] == ("w", "y", ["x"])
@@ -99,12 +105,15 @@ def write_lastfm(folder: Path, rows: list[tuple[int, int, int, int, int, int]]) 
 def test_lastfm_repeated_pairs_without_dedupe_test_can_equal_val_and_train(tmp_path: Path):
     folder = tmp_path / "lastfm-2k"
     # user 2 tags artist 52 three times (twice on the latest day) and artist 60 once.
-    write_lastfm(folder, [
-        (2, 52, 13, 1, 4, 2009),
-        (2, 60, 13, 1, 5, 2009),
-        (2, 52, 14, 1, 5, 2011),
-        (2, 52, 15, 1, 5, 2011),
-    ])
+    write_lastfm(
+        folder,
+        [
+            (2, 52, 13, 1, 4, 2009),
+            (2, 60, 13, 1, 5, 2009),
+            (2, 52, 14, 1, 5, 2011),
+            (2, 52, 15, 1, 5, 2011),
+        ],
+    )
     raw = read_lastfm(folder)
     assert len(raw.frame) == 4
     test, val, train = split_by_original_ids(raw.frame)[2]
@@ -115,26 +124,31 @@ def test_lastfm_repeated_pairs_without_dedupe_test_can_equal_val_and_train(tmp_p
 def test_lastfm_time_is_the_date_ties_by_row(tmp_path: Path):
     folder = tmp_path / "lastfm-2k"
     # Dates out of file order; year outranks month outranks day. Two rows on the latest day.
-    write_lastfm(folder, [
-        (5, 1, 1, 31, 12, 2008),
-        (5, 2, 1, 1, 1, 2010),
-        (5, 3, 1, 2, 1, 2010),
-        (5, 4, 1, 30, 11, 2009),
-        (5, 5, 1, 2, 1, 2010),
-    ])
+    write_lastfm(
+        folder,
+        [
+            (5, 1, 1, 31, 12, 2008),
+            (5, 2, 1, 1, 1, 2010),
+            (5, 3, 1, 2, 1, 2010),
+            (5, 4, 1, 30, 11, 2009),
+            (5, 5, 1, 2, 1, 2010),
+        ],
+    )
     raw = read_lastfm(folder)
     assert split_by_original_ids(raw.frame)[5] == (3, 5, [1, 2, 4])
 
 
 def test_dedupe_keeps_first_occurrence_in_time():
-    frame = make_frame([
-        ("u", "A", 5),   # row 0: later in time than rows 1 and 2
-        ("u", "A", 2),   # row 1: earliest time, first of the tie -> kept
-        ("u", "B", 3),   # row 2
-        ("u", "A", 2),   # row 3: same time as row 1 but later in the file
-        ("v", "A", 9),   # row 4: another user, same item: not a duplicate
-        ("u", "B", 1),   # row 5: earlier than row 2 -> kept instead of row 2
-    ])
+    frame = make_frame(
+        [
+            ("u", "A", 5),  # row 0: later in time than rows 1 and 2
+            ("u", "A", 2),  # row 1: earliest time, first of the tie -> kept
+            ("u", "B", 3),  # row 2
+            ("u", "A", 2),  # row 3: same time as row 1 but later in the file
+            ("v", "A", 9),  # row 4: another user, same item: not a duplicate
+            ("u", "B", 1),  # row 5: earlier than row 2 -> kept instead of row 2
+        ]
+    )
     out = dedupe_pairs(frame)
     kept = sorted(zip(out["user"], out["item"], out["time"], out["row"]))
     assert kept == [("u", "A", 2, 1), ("u", "B", 1, 5), ("v", "A", 9, 4)]
@@ -158,8 +172,17 @@ def test_user_with_fewer_than_three_rows_raises_clear_error(n_rows: int):
 
 
 def test_ids_mapped_in_order_of_first_appearance_in_file():
-    rows = [("c", "z", 1), ("a", "y", 1), ("c", "x", 2), ("b", "z", 3), ("a", "w", 2),
-            ("b", "y", 1), ("a", "z", 3), ("c", "w", 3), ("b", "x", 2)]
+    rows = [
+        ("c", "z", 1),
+        ("a", "y", 1),
+        ("c", "x", 2),
+        ("b", "z", 3),
+        ("a", "w", 2),
+        ("b", "y", 1),
+        ("a", "z", 3),
+        ("c", "w", 3),
+        ("b", "x", 2),
+    ]
     frame = make_frame(rows)
     shuffled = frame.sample(frac=1.0, random_state=3).reset_index(drop=True)
     for f in (frame, shuffled):

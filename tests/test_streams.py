@@ -1,4 +1,5 @@
 """Per-client random streams: a client's draws must not depend on who is sampled with it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,10 +44,12 @@ def test_uniform_is_uniform_and_decorrelated():
     assert float(((hist - expected) ** 2 / expected).sum()) < 60  # chi-square, 19 dof
     v = s.uniform(torch.arange(1000).unsqueeze(1), torch.arange(1, 201).unsqueeze(0)).reshape(-1)
     assert abs(float(np.corrcoef(u.numpy(), v.numpy())[0, 1])) < 0.01
-    assert not torch.equal(ClientStream(0, 2, "x").uniform(torch.arange(5), torch.zeros(5)),
-                           s.uniform(torch.arange(5), torch.zeros(5)))
-    assert not torch.equal(ClientStream(1, 1, "x").uniform(torch.arange(5), torch.zeros(5)),
-                           s.uniform(torch.arange(5), torch.zeros(5)))
+    assert not torch.equal(
+        ClientStream(0, 2, "x").uniform(torch.arange(5), torch.zeros(5)), s.uniform(torch.arange(5), torch.zeros(5))
+    )
+    assert not torch.equal(
+        ClientStream(1, 1, "x").uniform(torch.arange(5), torch.zeros(5)), s.uniform(torch.arange(5), torch.zeros(5))
+    )
 
 
 def test_mix_matches_the_reference_splitmix64():
@@ -56,7 +59,7 @@ def test_mix_matches_the_reference_splitmix64():
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
         return z ^ (z >> 31)
 
-    xs = [0, 1, 12345, 2 ** 62 + 7, -5, -(2 ** 63)]
+    xs = [0, 1, 12345, 2**62 + 7, -5, -(2**63)]
     got = mix(torch.tensor(xs, dtype=torch.long)).tolist()
     assert [g & ((1 << 64) - 1) for g in got] == [ref(x) for x in xs]
 

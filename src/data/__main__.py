@@ -1,4 +1,5 @@
 """`python -m src.data dataset=<name> protocol=<paper|clean>`: print the split summary as JSON."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,14 @@ from src.data.dataset import build
 def main(argv: list[str]) -> None:
     """Compose the config from `argv` overrides, build (or load) the split, print its summary."""
     cfg = load_config(argv)
-    data = build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir,
-                 verify=bool(cfg.data.get("verify", True)))
+    data = build(
+        cfg.dataset,
+        cfg.protocol,
+        cfg.seed,
+        cfg.data.root,
+        cfg.data.cache_dir,
+        verify=bool(cfg.data.get("verify", True)),
+    )
     print(json.dumps(data.summary(), indent=2))
 
 

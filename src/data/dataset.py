@@ -1,4 +1,5 @@
 """From config to a cached, split, protocol-ready dataset (`FedData`) and its summary."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,15 +23,25 @@ from src.protocols import all_interactions, draw_eval_negatives, interaction_mat
 
 # 2: the .npz holds `digest` (sha256 of its arrays) and `exact`
 CACHE_VERSION = 2
-SPLIT_ARRAYS = ("shape", "exact", "train_ptr", "train_items", "val_items", "test_items", "val_negatives",
-                "test_negatives", "notes")
+SPLIT_ARRAYS = (
+    "shape",
+    "exact",
+    "train_ptr",
+    "train_items",
+    "val_items",
+    "test_items",
+    "val_negatives",
+    "test_negatives",
+    "notes",
+)
 
 # dataset -> the file sets a reader can use, preferred first, each with its reader(folder, lineage_quirks)
 LAYOUTS: dict[str, list[tuple[list[str], Callable[[Path, bool], raw.RawRatings]]]] = {
     "ml-100k": [(["u.data"], lambda folder, quirks: raw.read_ml100k(folder))],
-    "ml-1m": [(["ratings.dat"], lambda folder, quirks: raw.read_ml1m_original(folder)),
-              (["chronological_order.tsv.gz", "pfedrec_loo_split.tsv"],
-               lambda folder, quirks: raw.read_ml1m_partial(folder))],
+    "ml-1m": [
+        (["ratings.dat"], lambda folder, quirks: raw.read_ml1m_original(folder)),
+        (["chronological_order.tsv.gz", "pfedrec_loo_split.tsv"], lambda folder, quirks: raw.read_ml1m_partial(folder)),
+    ],
     "filmtrust": [(["ratings.txt"], lambda folder, quirks: raw.read_filmtrust(folder, quirks))],
     "lastfm-2k": [(["user_taggedartists.dat"], lambda folder, quirks: raw.read_lastfm(folder))],
 }
@@ -81,18 +92,26 @@ class FedData:
 
     def interacted_matrix(self) -> np.ndarray:
         """Boolean [users, items]: True at every interaction (training and held-out)."""
-        return all_interactions(self.n_users, self.n_items, self.train_users, self.train_items,
-                                self.val_items, self.test_items)
+        return all_interactions(
+            self.n_users, self.n_items, self.train_users, self.train_items, self.val_items, self.test_items
+        )
 
-    def head(self, n: int) -> "FedData":
+    def head(self, n: int) -> FedData:
         """The first `n` clients of the split (all items kept): smoke tests and parity checks only."""
         if n >= self.n_users:
             return self
         end = int(self.train_ptr[n])
         return dataclasses.replace(
-            self, n_users=n, train_ptr=self.train_ptr[:n + 1], train_items=self.train_items[:end],
-            val_items=self.val_items[:n], test_items=self.test_items[:n], val_negatives=self.val_negatives[:n],
-            test_negatives=self.test_negatives[:n], notes=[*self.notes, f"first {n} users only (data.max_users)"])
+            self,
+            n_users=n,
+            train_ptr=self.train_ptr[: n + 1],
+            train_items=self.train_items[:end],
+            val_items=self.val_items[:n],
+            test_items=self.test_items[:n],
+            val_negatives=self.val_negatives[:n],
+            test_negatives=self.test_negatives[:n],
+            notes=[*self.notes, f"first {n} users only (data.max_users)"],
+        )
 
     def summary(self) -> dict:
         """The facts a user checks first: sizes, per-user spread, protocol, seed, source.
@@ -102,14 +121,25 @@ class FedData:
         """
         per_user = np.diff(self.train_ptr) + 2
         return {
-            "dataset": self.name, "protocol": self.protocol, "seed": self.seed,
-            "users": self.n_users, "items": self.n_items, "interactions": int(per_user.sum()),
-            "train": int(len(self.train_items)), "val": int(self.n_users), "test": int(self.n_users),
-            "interactions_per_user": {"min": int(per_user.min()), "median": float(np.median(per_user)),
-                                      "max": int(per_user.max())},
+            "dataset": self.name,
+            "protocol": self.protocol,
+            "seed": self.seed,
+            "users": self.n_users,
+            "items": self.n_items,
+            "interactions": int(per_user.sum()),
+            "train": int(len(self.train_items)),
+            "val": int(self.n_users),
+            "test": int(self.n_users),
+            "interactions_per_user": {
+                "min": int(per_user.min()),
+                "median": float(np.median(per_user)),
+                "max": int(per_user.max()),
+            },
             "eval_negatives_per_user": int(self.val_negatives.shape[1] + self.test_negatives.shape[1]),
-            "folder": self.folder, "verified": self.verified,
-            "exact_lineage_split": bool(self.exact and self.verified), "notes": self.notes,
+            "folder": self.folder,
+            "verified": self.verified,
+            "exact_lineage_split": bool(self.exact and self.verified),
+            "notes": self.notes,
         }
 
 
@@ -136,8 +166,14 @@ def read_located(name: str, folder: Path, files: list[Path], lineage_quirks: boo
 def read_raw(dataset: DictConfig, lineage_quirks: bool, root: str | None) -> tuple[raw.RawRatings, np.ndarray | None]:
     """Read the dataset named in config from the first data root that has it (no verification)."""
     if dataset.name == "synthetic":
-        return planted_communities(dataset.n_users, dataset.n_items, dataset.n_communities,
-                                   dataset.per_user, dataset.affinity, dataset.generator_seed)
+        return planted_communities(
+            dataset.n_users,
+            dataset.n_items,
+            dataset.n_communities,
+            dataset.per_user,
+            dataset.affinity,
+            dataset.generator_seed,
+        )
     folder, files = locate(dataset, root)
     return read_located(dataset.name, folder, files, lineage_quirks), None
 
@@ -148,18 +184,31 @@ def check_files(name: str, digests: dict[Path, tuple[str, str]], verify: bool) -
         for path, found in digests.items():
             verify_known(name, path, found)
         return True, []
-    differ = [p.name for p, found in digests.items()
-              if (name, p.name) not in KNOWN_FILES or digest_mismatch(KNOWN_FILES[name, p.name], found)]
-    return False, [f"data.verify=false: files not verified; differing from the known release: "
-                   f"{', '.join(differ) if differ else 'none'}"]
+    differ = [
+        p.name
+        for p, found in digests.items()
+        if (name, p.name) not in KNOWN_FILES or digest_mismatch(KNOWN_FILES[name, p.name], found)
+    ]
+    return False, [
+        f"data.verify=false: files not verified; differing from the known release: "
+        f"{', '.join(differ) if differ else 'none'}"
+    ]
 
 
 def cache_key(dataset: DictConfig, protocol: DictConfig, seed: int, source_sha: str) -> str:
     """Hash of everything the split depends on."""
-    payload = json.dumps({"v": CACHE_VERSION, "dataset": OmegaConf.to_container(dataset, resolve=True),
-                          "dedupe": bool(protocol.dedupe_pairs), "quirks": bool(protocol.lineage_quirks),
-                          "negatives": int(protocol.eval_negatives), "seed": int(seed), "source": source_sha},
-                         sort_keys=True)
+    payload = json.dumps(
+        {
+            "v": CACHE_VERSION,
+            "dataset": OmegaConf.to_container(dataset, resolve=True),
+            "dedupe": bool(protocol.dedupe_pairs),
+            "quirks": bool(protocol.lineage_quirks),
+            "negatives": int(protocol.eval_negatives),
+            "seed": int(seed),
+            "source": source_sha,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -195,8 +244,14 @@ def load_npz_verified(path: Path, required: tuple[str, ...] = ()) -> dict[str, n
     return arrays
 
 
-def build(dataset: DictConfig, protocol: DictConfig, seed: int, root: str | None = None,
-          cache_dir: str | None = None, verify: bool = True) -> FedData:
+def build(
+    dataset: DictConfig,
+    protocol: DictConfig,
+    seed: int,
+    root: str | None = None,
+    cache_dir: str | None = None,
+    verify: bool = True,
+) -> FedData:
     """Locate and verify the files, then read, filter, split and draw the evaluation negatives.
 
     Every file a reader uses is checked against KNOWN_FILES before anything is read or split (DataIntegrityError
@@ -211,16 +266,22 @@ def build(dataset: DictConfig, protocol: DictConfig, seed: int, root: str | None
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "splits"
     key = cache_key(dataset, protocol, seed, source_sha)
     path = cache_root / f"{dataset.name}-{protocol.name}-seed{seed}-{key}.npz"
-    meta = dict(name=dataset.name, protocol=protocol.name, seed=int(seed), verified=verified,
-                folder=str(folder) if folder else "synthetic")
+    meta = dict(
+        name=dataset.name,
+        protocol=protocol.name,
+        seed=int(seed),
+        verified=verified,
+        folder=str(folder) if folder else "synthetic",
+    )
     if path.is_file():
         arrays = load_npz_verified(path, SPLIT_ARRAYS)
         notes = [*arrays.pop("notes").tolist(), *run_notes]
         community = arrays.pop("item_community", None)
         n_users, n_items = (int(v) for v in arrays.pop("shape"))
         exact = bool(arrays.pop("exact"))
-        return FedData(n_users=n_users, n_items=n_items, notes=notes, item_community=community, exact=exact,
-                       **meta, **arrays)
+        return FedData(
+            n_users=n_users, n_items=n_items, notes=notes, item_community=community, exact=exact, **meta, **arrays
+        )
     if synthetic:
         ratings, community = read_raw(dataset, bool(protocol.lineage_quirks), root)
     else:
@@ -238,27 +299,53 @@ def build(dataset: DictConfig, protocol: DictConfig, seed: int, root: str | None
         notes.append(f"{frame['user'].nunique() - kept['user'].nunique()} users with < 3 interactions dropped")
     loo = leave_one_out(kept)
     ptr = np.r_[0, np.cumsum(np.bincount(loo.train_users, minlength=loo.n_users))]
-    interacted = all_interactions(loo.n_users, loo.n_items, loo.train_users, loo.train_items,
-                                  loo.val_items, loo.test_items)
+    interacted = all_interactions(
+        loo.n_users, loo.n_items, loo.train_users, loo.train_items, loo.val_items, loo.test_items
+    )
     half = int(protocol.eval_negatives)
     negatives = draw_eval_negatives(interacted, 2 * half, seed)
     if community is not None:
         community = community[loo.item_ids]
-    data = FedData(n_users=loo.n_users, n_items=loo.n_items, train_ptr=ptr, train_items=loo.train_items,
-                   val_items=loo.val_items, test_items=loo.test_items, val_negatives=negatives[:, :half],
-                   test_negatives=negatives[:, half:], notes=[*notes, *run_notes], item_community=community,
-                   exact=ratings.exact, **meta)
+    data = FedData(
+        n_users=loo.n_users,
+        n_items=loo.n_items,
+        train_ptr=ptr,
+        train_items=loo.train_items,
+        val_items=loo.val_items,
+        test_items=loo.test_items,
+        val_negatives=negatives[:, :half],
+        test_negatives=negatives[:, half:],
+        notes=[*notes, *run_notes],
+        item_community=community,
+        exact=ratings.exact,
+        **meta,
+    )
     extra = {} if community is None else {"item_community": community}
-    save_npz_atomic(path, shape=np.array([loo.n_users, loo.n_items]), exact=np.array(bool(ratings.exact)),
-                    train_ptr=ptr, train_items=loo.train_items, val_items=loo.val_items, test_items=loo.test_items,
-                    val_negatives=data.val_negatives, test_negatives=data.test_negatives,
-                    notes=np.array(notes, dtype=str), **extra)
+    save_npz_atomic(
+        path,
+        shape=np.array([loo.n_users, loo.n_items]),
+        exact=np.array(bool(ratings.exact)),
+        train_ptr=ptr,
+        train_items=loo.train_items,
+        val_items=loo.val_items,
+        test_items=loo.test_items,
+        val_negatives=data.val_negatives,
+        test_negatives=data.test_negatives,
+        notes=np.array(notes, dtype=str),
+        **extra,
+    )
     return data
 
 
 def load(cfg: DictConfig) -> FedData:
     """The dataset a run uses: `build` from the config, cut to `data.max_users` clients when set."""
-    data = build(cfg.dataset, cfg.protocol, int(cfg.seed), cfg.data.root, cfg.data.cache_dir,
-                 verify=bool(cfg.data.get("verify", True)))
+    data = build(
+        cfg.dataset,
+        cfg.protocol,
+        int(cfg.seed),
+        cfg.data.root,
+        cfg.data.cache_dir,
+        verify=bool(cfg.data.get("verify", True)),
+    )
     max_users = cfg.data.get("max_users")
     return data if max_users is None else data.head(int(max_users))

@@ -1,4 +1,5 @@
 """Download the rating datasets from their official sources and verify every file's checksum before use."""
+
 from __future__ import annotations
 
 import argparse
@@ -55,65 +56,103 @@ SOURCES: dict[str, DatasetSource] = {
         name="ml-100k",
         url="https://files.grouplens.org/datasets/movielens/ml-100k.zip",
         files=(
-            FileSpec("ml-100k/u.data", "u.data",
-                     sha256="06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
-                     git_blob="16ef21ed827cae1a3f71e89e23cffb5a8f44baae"),
-            FileSpec("ml-100k/u.item", "u.item",
-                     sha256="553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
-                     git_blob="91bb56d53fcb5f8bbac079755593b48d34cfc9a7"),
-            FileSpec("ml-100k/u.user", "u.user",
-                     sha256="f120e114da2e8cf314fd28f99417c94ae9ddf1cb6db8ce0e4b5995d40e90e62c",
-                     git_blob="53d296f961959ad3a9389a6bbd7e8251aeeb6e17"),
-            FileSpec("ml-100k/README", "README",
-                     sha256="4883b8cf340ed0059971b33f56ad3adc88a40792108ebca3d24aafc4c82e8b52",
-                     git_blob="04ad704706f0290e503b863a00aebd4589e1e072"),
+            FileSpec(
+                "ml-100k/u.data",
+                "u.data",
+                sha256="06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
+                git_blob="16ef21ed827cae1a3f71e89e23cffb5a8f44baae",
+            ),
+            FileSpec(
+                "ml-100k/u.item",
+                "u.item",
+                sha256="553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
+                git_blob="91bb56d53fcb5f8bbac079755593b48d34cfc9a7",
+            ),
+            FileSpec(
+                "ml-100k/u.user",
+                "u.user",
+                sha256="f120e114da2e8cf314fd28f99417c94ae9ddf1cb6db8ce0e4b5995d40e90e62c",
+                git_blob="53d296f961959ad3a9389a6bbd7e8251aeeb6e17",
+            ),
+            FileSpec(
+                "ml-100k/README",
+                "README",
+                sha256="4883b8cf340ed0059971b33f56ad3adc88a40792108ebca3d24aafc4c82e8b52",
+                git_blob="04ad704706f0290e503b863a00aebd4589e1e072",
+            ),
         ),
     ),
     "ml-1m": DatasetSource(
         name="ml-1m",
         url="https://files.grouplens.org/datasets/movielens/ml-1m.zip",
         files=(
-            FileSpec("ml-1m/ratings.dat", "ratings.dat",
-                     git_blob="77a7c4b150f588c23bb9e1f068aa996c0b413695"),
-            FileSpec("ml-1m/movies.dat", "movies.dat",
-                     sha256="0140fc2356357c1a851d0f52e893a1e4d3696df632c4141cea8d5bc3d621f0b9",
-                     git_blob="9a735435722829dad68446ef1c30d001d5d00c1d"),
-            FileSpec("ml-1m/users.dat", "users.dat",
-                     sha256="1dc3a95300cb19f7c10e027daf29b8cdf1d908dab65b5edfb45950aa389a10a3",
-                     git_blob="2f86be06c70946984c0d5d56f9fcaa658eef139e"),
-            FileSpec("ml-1m/README", "README",
-                     sha256="2d5ddce86ccbd247207456165827b4b9ddf27282bca93807d4c763e28414f133",
-                     git_blob="3d0acab0029027ec47ef446ad12210f0d2c2a9f6"),
+            FileSpec("ml-1m/ratings.dat", "ratings.dat", git_blob="77a7c4b150f588c23bb9e1f068aa996c0b413695"),
+            FileSpec(
+                "ml-1m/movies.dat",
+                "movies.dat",
+                sha256="0140fc2356357c1a851d0f52e893a1e4d3696df632c4141cea8d5bc3d621f0b9",
+                git_blob="9a735435722829dad68446ef1c30d001d5d00c1d",
+            ),
+            FileSpec(
+                "ml-1m/users.dat",
+                "users.dat",
+                sha256="1dc3a95300cb19f7c10e027daf29b8cdf1d908dab65b5edfb45950aa389a10a3",
+                git_blob="2f86be06c70946984c0d5d56f9fcaa658eef139e",
+            ),
+            FileSpec(
+                "ml-1m/README",
+                "README",
+                sha256="2d5ddce86ccbd247207456165827b4b9ddf27282bca93807d4c763e28414f133",
+                git_blob="3d0acab0029027ec47ef446ad12210f0d2c2a9f6",
+            ),
         ),
     ),
     "filmtrust": DatasetSource(
         name="filmtrust",
         url="https://guoguibing.github.io/librec/datasets/filmtrust.zip",
         files=(
-            FileSpec("ratings.txt", "ratings.txt",
-                     sha256="5aba3481d6eecfd1275e49d50eaa6d3525fa0afd95c91b30ec832390af8a6f9c",
-                     git_blob="a3b2ab499521c593c86eee3296a954dc6510f271"),
-            FileSpec("trust.txt", "trust.txt",
-                     sha256="64573a033add72b988a0fb140fdbc0ad3464cb9821f940007aff6fda44b09603",
-                     git_blob="453890b13a6f576e942e2e371245f425b33871df"),
+            FileSpec(
+                "ratings.txt",
+                "ratings.txt",
+                sha256="5aba3481d6eecfd1275e49d50eaa6d3525fa0afd95c91b30ec832390af8a6f9c",
+                git_blob="a3b2ab499521c593c86eee3296a954dc6510f271",
+            ),
+            FileSpec(
+                "trust.txt",
+                "trust.txt",
+                sha256="64573a033add72b988a0fb140fdbc0ad3464cb9821f940007aff6fda44b09603",
+                git_blob="453890b13a6f576e942e2e371245f425b33871df",
+            ),
         ),
     ),
     "lastfm-2k": DatasetSource(
         name="lastfm-2k",
         url="https://files.grouplens.org/datasets/hetrec2011/hetrec2011-lastfm-2k.zip",
         files=(
-            FileSpec("user_taggedartists.dat", "user_taggedartists.dat",
-                     sha256="d31fe938fcfeed6f0059f37a36b156f63674d073fc2553e5cc9dc1595e365bc7",
-                     git_blob="767d371c20243df3deeae24ede577570e5e60566"),
-            FileSpec("user_artists.dat", "user_artists.dat",
-                     sha256="001400dc3c7d2667fca6e4ea6dc6acc31a9dd28ad5cd0f74cea988c019934d3b",
-                     git_blob="e01e8d142e3df2a58a89d33598616658dd136dc7"),
-            FileSpec("artists.dat", "artists.dat",
-                     sha256="c173881362c6b28551368fecb3c0be5a6a30a6cd859e1f5775413dfe46d48648",
-                     git_blob="c33103eeaf8f7024748f5b370d6689d9e61ab1e0"),
-            FileSpec("tags.dat", "tags.dat",
-                     sha256="e95175f259be4c0c47644ae23d66131cd6d5767142a1405000e79f5584691d70",
-                     git_blob="33dc23bcddbc42c0ab48be744152d356c63d66d6"),
+            FileSpec(
+                "user_taggedartists.dat",
+                "user_taggedartists.dat",
+                sha256="d31fe938fcfeed6f0059f37a36b156f63674d073fc2553e5cc9dc1595e365bc7",
+                git_blob="767d371c20243df3deeae24ede577570e5e60566",
+            ),
+            FileSpec(
+                "user_artists.dat",
+                "user_artists.dat",
+                sha256="001400dc3c7d2667fca6e4ea6dc6acc31a9dd28ad5cd0f74cea988c019934d3b",
+                git_blob="e01e8d142e3df2a58a89d33598616658dd136dc7",
+            ),
+            FileSpec(
+                "artists.dat",
+                "artists.dat",
+                sha256="c173881362c6b28551368fecb3c0be5a6a30a6cd859e1f5775413dfe46d48648",
+                git_blob="c33103eeaf8f7024748f5b370d6689d9e61ab1e0",
+            ),
+            FileSpec(
+                "tags.dat",
+                "tags.dat",
+                sha256="e95175f259be4c0c47644ae23d66131cd6d5767142a1405000e79f5584691d70",
+                git_blob="33dc23bcddbc42c0ab48be744152d356c63d66d6",
+            ),
         ),
     ),
 }
@@ -122,12 +161,18 @@ SOURCES: dict[str, DatasetSource] = {
 # Files no archive in SOURCES holds but a reader uses: the partial ML-1M files of ../shared/data (see its README).
 EXTRA_FILES: dict[str, tuple[FileSpec, ...]] = {
     "ml-1m": (
-        FileSpec("chronological_order.tsv.gz", "chronological_order.tsv.gz",
-                 sha256="8a1d303126316516a3f25c41b88047ad265b8cd79dbebcdce76d1e8dd7249239",
-                 git_blob="ab5de0ea1246355b54324fd5c99313f4c508f34b"),
-        FileSpec("pfedrec_loo_split.tsv", "pfedrec_loo_split.tsv",
-                 sha256="0c563f62008e9f5174b642ea31d7faaf185e64f3dd581c05def49e87c41ef7b9",
-                 git_blob="1b62deeb5a0ea9119f97d56c4c258b3d7a8f5984"),
+        FileSpec(
+            "chronological_order.tsv.gz",
+            "chronological_order.tsv.gz",
+            sha256="8a1d303126316516a3f25c41b88047ad265b8cd79dbebcdce76d1e8dd7249239",
+            git_blob="ab5de0ea1246355b54324fd5c99313f4c508f34b",
+        ),
+        FileSpec(
+            "pfedrec_loo_split.tsv",
+            "pfedrec_loo_split.tsv",
+            sha256="0c563f62008e9f5174b642ea31d7faaf185e64f3dd581c05def49e87c41ef7b9",
+            git_blob="1b62deeb5a0ea9119f97d56c4c258b3d7a8f5984",
+        ),
     ),
 }
 
@@ -144,8 +189,14 @@ DOWNLOAD_COMMAND = "python -m src.data.download"
 class DataIntegrityError(ValueError):
     """A local dataset file is not the release its known digests name, so no split is built from it."""
 
-    def __init__(self, path: Path | str, dataset: str, algorithm: str | None = None,
-                 expected: str | None = None, found: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        dataset: str,
+        algorithm: str | None = None,
+        expected: str | None = None,
+        found: str | None = None,
+    ) -> None:
         """Build a message naming the file, the expected and found digest, and how to get a good copy."""
         self.path = path
         self.dataset = dataset
@@ -154,22 +205,26 @@ class DataIntegrityError(ValueError):
         self.found = found
         name = Path(path).name
         if expected is None:
-            problem = (f"{path} has no known digest (no entry ({dataset!r}, {name!r}) in KNOWN_FILES of "
-                       f"src/data/download.py), so it cannot be verified.")
+            problem = (
+                f"{path} has no known digest (no entry ({dataset!r}, {name!r}) in KNOWN_FILES of "
+                f"src/data/download.py), so it cannot be verified."
+            )
         else:
-            problem = (f"{path} is not the known {dataset} file {name}: {algorithm} expected {expected}, "
-                       f"found {found}. It was modified, truncated or is another version.")
+            problem = (
+                f"{path} is not the known {dataset} file {name}: {algorithm} expected {expected}, "
+                f"found {found}. It was modified, truncated or is another version."
+            )
         super().__init__(
             f"{problem} Get a good copy with `{DOWNLOAD_COMMAND} {dataset} --dest {Path(path).parent.parent}`, "
             f"or restore it from the source listed in ../shared/data/README.md; "
-            f"to use deliberately modified data, pass data.verify=false.")
+            f"to use deliberately modified data, pass data.verify=false."
+        )
 
 
 class ChecksumError(ValueError):
     """A file's digest differs from the registry, so the file must not be used."""
 
-    def __init__(self, path: Path | str, algorithm: str, expected: str, found: str,
-                 url: str | None = None) -> None:
+    def __init__(self, path: Path | str, algorithm: str, expected: str, found: str, url: str | None = None) -> None:
         """Build a message naming the file, the digests and how to get a good copy."""
         self.path = path
         self.algorithm = algorithm
@@ -181,7 +236,8 @@ class ChecksumError(ValueError):
             f"checksum mismatch for {path}: {algorithm} expected {expected}, found {found}. "
             f"The file is corrupt or not the official release. To get a good copy, delete the file "
             f"and re-run so it is downloaded again from {source}, or point `data.root` / "
-            f"{DATA_ENV_VAR} at a verified copy.")
+            f"{DATA_ENV_VAR} at a verified copy."
+        )
 
 
 def file_digests(path: Path | str) -> tuple[str, str]:
@@ -281,7 +337,8 @@ def _fetch(url: str, target: Path, timeout: float) -> None:
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise RuntimeError(
             f"could not download {url}: {exc}. You can download the archive by hand, extract it, "
-            f"and set `data.root` (or {DATA_ENV_VAR}) to the folder that holds the dataset folder.") from exc
+            f"and set `data.root` (or {DATA_ENV_VAR}) to the folder that holds the dataset folder."
+        ) from exc
 
 
 def _find_member(archive: zipfile.ZipFile, member: str) -> zipfile.ZipInfo:
@@ -291,9 +348,11 @@ def _find_member(archive: zipfile.ZipFile, member: str) -> zipfile.ZipInfo:
         if info.filename == member:
             return info
     basename = PurePosixPath(member).name
-    matches = [info for info in infos
-               if PurePosixPath(info.filename).name == basename
-               and not info.filename.startswith("__MACOSX/")]
+    matches = [
+        info
+        for info in infos
+        if PurePosixPath(info.filename).name == basename and not info.filename.startswith("__MACOSX/")
+    ]
     if len(matches) == 1:
         return matches[0]
     if not matches:
@@ -314,14 +373,14 @@ def _extract_verified(source: DatasetSource, archive_path: Path, staging: Path, 
                 try:
                     verify_file(staged, spec, url=url)
                 except ChecksumError as exc:
-                    raise ChecksumError(f"{spec.target} (member {info.filename} of {url})",
-                                        exc.algorithm, exc.expected, exc.found, url) from None
+                    raise ChecksumError(
+                        f"{spec.target} (member {info.filename} of {url})", exc.algorithm, exc.expected, exc.found, url
+                    ) from None
     except zipfile.BadZipFile as exc:
         raise RuntimeError(f"{url} did not give a valid zip archive: {exc}") from exc
 
 
-def download(name: str | DatasetSource, dest_root: Path, *, url: str | None = None,
-             timeout: float = 60.0) -> Path:
+def download(name: str | DatasetSource, dest_root: Path, *, url: str | None = None, timeout: float = 60.0) -> Path:
     """Fetch a dataset archive, verify its files and move them into `dest_root/<name>/`; return that folder.
 
     `name` is a key of SOURCES or an explicit DatasetSource (e.g. with other digests, for tests);
@@ -354,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point: download and verify the named datasets into a data root."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("datasets", nargs="+", choices=sorted(SOURCES), help="datasets to fetch")
-    parser.add_argument("--dest", type=Path, default=None,
-                        help="data root to fill (default: <cache dir>/data)")
+    parser.add_argument("--dest", type=Path, default=None, help="data root to fill (default: <cache dir>/data)")
     parser.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds")
     args = parser.parse_args(argv)
     dest = args.dest if args.dest is not None else default_cache_dir() / "data"

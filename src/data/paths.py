@@ -1,4 +1,5 @@
 """Where dataset files are looked for: config, environment, ../shared/data, then the download cache."""
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,8 @@ def candidate_roots(config_root: str | None) -> list[tuple[str, Path]]:
         if not env_root.is_dir():
             raise FileNotFoundError(
                 f"${ENV_VAR}={os.environ[ENV_VAR]!r}: {env_root} is not an existing folder; set it to a data root "
-                f"holding <dataset>/ folders, or unset it to use ../shared/data or the download cache")
+                f"holding <dataset>/ folders, or unset it to use ../shared/data or the download cache"
+            )
         roots.append((ENV_VAR, env_root))
     if SHARED_DATA.is_dir():
         roots.append(("../shared/data", SHARED_DATA))
@@ -32,8 +34,9 @@ def candidate_roots(config_root: str | None) -> list[tuple[str, Path]]:
     return roots
 
 
-def resolve_dataset_dir(name: str, required: list[list[str]], config_root: str | None,
-                        allow_download: bool = True) -> Path:
+def resolve_dataset_dir(
+    name: str, required: list[list[str]], config_root: str | None, allow_download: bool = True
+) -> Path:
     """Return the first folder `<root>/<name>` holding one of the `required` file sets.
 
     `required` lists alternatives (e.g. the original ratings.dat, or the partial ML-1M files);
@@ -47,8 +50,8 @@ def resolve_dataset_dir(name: str, required: list[list[str]], config_root: str |
         tried.append(f"{folder} ({rule})")
         if rule == "data.root":
             raise FileNotFoundError(
-                f"data.root={config_root!r}: {folder} lacks the files of dataset {name!r}; "
-                f"expected one of {required}")
+                f"data.root={config_root!r}: {folder} lacks the files of dataset {name!r}; expected one of {required}"
+            )
         if rule == "download cache" and allow_download:
             download(name, root)
             return folder

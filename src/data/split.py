@@ -6,6 +6,7 @@ the more recent one. The most recent interaction is the test item, the second mo
 validation item, the rest are training positives. FilmTrust has no times, so time = row order
 and the last row of a user is the test item.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,8 +80,12 @@ def leave_one_out(frame: pd.DataFrame) -> LeaveOneOut:
     train = rank >= 2
     order = np.argsort(user_codes[train], kind="stable")
     return LeaveOneOut(
-        n_users=n_users, n_items=len(item_ids),
+        n_users=n_users,
+        n_items=len(item_ids),
         train_users=user_codes[train][order].astype(np.int64),
         train_items=item_codes[train][order].astype(np.int64),
-        val_items=val, test_items=test,
-        user_ids=np.asarray(user_ids), item_ids=np.asarray(item_ids))
+        val_items=val,
+        test_items=test,
+        user_ids=np.asarray(user_ids),
+        item_ids=np.asarray(item_ids),
+    )

@@ -1,4 +1,5 @@
 """A small synthetic dataset with planted item communities, for unit tests only."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,9 @@ import pandas as pd
 from src.data.raw import RawRatings
 
 
-def planted_communities(n_users: int, n_items: int, n_communities: int, per_user: int,
-                        affinity: float, seed: int) -> tuple[RawRatings, np.ndarray]:
+def planted_communities(
+    n_users: int, n_items: int, n_communities: int, per_user: int, affinity: float, seed: int
+) -> tuple[RawRatings, np.ndarray]:
     """Each user likes one community and draws a share `affinity` of its items from it.
 
     Returns the ratings (random time order) and the planted community of every item.

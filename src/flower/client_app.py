@@ -7,6 +7,7 @@ state (item tables, score functions) from Flower's `context.state` (or, after a 
 thresholded similarity matrix (`src/comm.py`) and evaluates all its clients with
 `evaluate_clients`; the item tables never leave the node.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,8 @@ from src.comm import Encoding, decode_entries, encode_entries
 from src.data.dataset import FedData, load
 from src.evaluation import Evaluator
 from src.federated import make_alignment, resolve_chunk_size, resolve_device, shared_keys
-from src.flower.settings import config_of, flower_checks
 from src.flower.messages import Task, pack_reply, unpack_task
+from src.flower.settings import config_of, flower_checks
 from src.model import Params, init_params
 from src.privacy import laplace_scale
 from src.protocols import NegativeSampler
@@ -49,10 +50,18 @@ def node_data_key(cfg: DictConfig) -> str:
     """Everything the cached `NodeData` depends on, as JSON: the resolved `dataset` (a synthetic one's
     sizes too), `protocol` and `data` subtrees, `seed`, `eval.ks` (the evaluator), and the environment
     variables that choose the data root and the split cache when `data.root` / `data.cache_dir` are null."""
+
     def tree(key: str):
         return OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
-    parts = {"dataset": tree("dataset"), "protocol": tree("protocol"), "data": tree("data"), "seed": int(cfg.seed),
-             "eval.ks": tree("eval.ks"), "env": {k: os.environ.get(k) for k in ("ALIGNFEDREC_DATA", "ALIGNFEDREC_CACHE")}}
+
+    parts = {
+        "dataset": tree("dataset"),
+        "protocol": tree("protocol"),
+        "data": tree("data"),
+        "seed": int(cfg.seed),
+        "eval.ks": tree("eval.ks"),
+        "env": {k: os.environ.get(k) for k in ("ALIGNFEDREC_DATA", "ALIGNFEDREC_CACHE")},
+    }
     return json.dumps(parts, sort_keys=True, default=str)
 
 
@@ -62,8 +71,9 @@ def node_data(cfg: DictConfig) -> NodeData:
     key = node_data_key(cfg)
     if key not in _DATA:
         data = load(cfg)
-        _DATA[key] = NodeData(data, training_sampler(cfg, data),
-                              Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking)))
+        _DATA[key] = NodeData(
+            data, training_sampler(cfg, data), Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking))
+        )
     return _DATA[key]
 
 
@@ -71,8 +81,10 @@ def partition(context: Context) -> tuple[int, int]:
     """(partition-id, num-partitions) from the node config (the simulation runtime sets both)."""
     conf = context.node_config
     if "partition-id" not in conf or "num-partitions" not in conf:
-        raise ValueError("node config needs partition-id and num-partitions, e.g. flower-supernode "
-                         "--node-config 'partition-id=0 num-partitions=2'")
+        raise ValueError(
+            "node config needs partition-id and num-partitions, e.g. flower-supernode "
+            "--node-config 'partition-id=0 num-partitions=2'"
+        )
     part, num = int(conf["partition-id"]), int(conf["num-partitions"])
     if not 0 <= part < num:
         raise ValueError(f"node config partition-id={part} must lie in [0, num-partitions={num})")
@@ -94,8 +106,10 @@ def restore_pool(cfg: DictConfig, context: Context, data: FedData, part: int, nu
     users = torch.arange(part, data.n_users, num)
     if "pool" in context.state:
         rec = context.state["pool"]
-        return ClientPool(torch.from_numpy(rec["users"].numpy().copy()),
-                          {k: torch.from_numpy(v.numpy().copy()) for k, v in rec.items() if k != "users"})
+        return ClientPool(
+            torch.from_numpy(rec["users"].numpy().copy()),
+            {k: torch.from_numpy(v.numpy().copy()) for k, v in rec.items() if k != "users"},
+        )
     path = state_file(cfg, context, part, num)
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
@@ -135,9 +149,19 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, pa
     noise_gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + task.round * 1009 + part)
     sims = None
     if align is not None:
-        sims = SimilarityAggregator(data.n_items, float(cfg.model.sigma), bool(cfg.model.centre),
-                                    int(cfg.server.sim_block), device, noise=scale, topk=encoding.topk,
-                                    bits=encoding.bits, collect=True, generator=noise_gen, accumulate=False)
+        sims = SimilarityAggregator(
+            data.n_items,
+            float(cfg.model.sigma),
+            bool(cfg.model.centre),
+            int(cfg.server.sim_block),
+            device,
+            noise=scale,
+            topk=encoding.topk,
+            bits=encoding.bits,
+            collect=True,
+            generator=noise_gen,
+            accumulate=False,
+        )
     users, shared, payloads = [], {k: [] for k in keys}, []
     m = data.n_items
 
@@ -149,8 +173,18 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, pa
             first = len(sims.entries)
             sims.add(params["items"], torch.ones(len(rows), dtype=torch.bool, device=params["items"].device))
             for pos, vals in sims.entries[first:]:
-                payloads.append(encode_entries(m, (pos // m).numpy(), (pos % m).numpy(), vals.double().numpy(),
-                                               encoding.format, encoding.bits, lo=float(cfg.model.sigma), hi=1.0))
+                payloads.append(
+                    encode_entries(
+                        m,
+                        (pos // m).numpy(),
+                        (pos % m).numpy(),
+                        vals.double().numpy(),
+                        encoding.format,
+                        encoding.bits,
+                        lo=float(cfg.model.sigma),
+                        hi=1.0,
+                    )
+                )
 
     chosen = torch.isin(pool.users, task.chosen).nonzero().squeeze(1)
     dense = align.value_and_grad if align is not None and align.active else None

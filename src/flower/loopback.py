@@ -5,6 +5,7 @@ on 127.0.0.1, registers the nodes' public keys, submits the app with `flwr run`,
 ServerApp's results.json and stops every process. Certificates and node keys come from
 `make certs` (deploy/certificates.sh). Across machines the same commands run on each host (README).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ class Loopback:
         self.workdir, self.certs, self.nodes = Path(workdir).resolve(), Path(certs).resolve(), int(nodes)
         for f in ["ca.crt", "server.pem", "server.key", *[f"node{p}" for p in range(self.nodes)]]:
             if not (self.certs / f).is_file():
-                raise FileNotFoundError(f"{self.certs / f} is missing; run `make certs` (deploy/certificates.sh "
-                                        f"{self.certs} {self.nodes})")
+                raise FileNotFoundError(
+                    f"{self.certs / f} is missing; run `make certs` (deploy/certificates.sh {self.certs} {self.nodes})"
+                )
         self.port = free_port()
         self.home = self.workdir / "flwr-home"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -48,8 +50,9 @@ class Loopback:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")
-        proc = subprocess.Popen(args, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs[name] = proc
         return proc
 
@@ -63,27 +66,60 @@ class Loopback:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.certs / "ca.crt"}"\n')
+            f'root-certificates = "{self.certs / "ca.crt"}"\n'
+        )
         c = self.certs
-        self._spawn("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"),
-                                  "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"),
-                                  "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                                  "--port", str(self.port), "--database", str(self.workdir / "superlink.db")])
+        self._spawn(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile",
+                str(c / "ca.crt"),
+                "--ssl-certfile",
+                str(c / "server.pem"),
+                "--ssl-keyfile",
+                str(c / "server.key"),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.workdir / "superlink.db"),
+            ],
+        )
         self._wait_listening(self.port, "superlink")
         for p in range(self.nodes):
             self.flwr(["supernode", "register", str(c / f"node{p}.pub"), "loopback"])
         for p in range(self.nodes):
             self.start_node(p)
 
-    def start_node(self, p: int, key: str | None = None, root_ca: str = "ca.crt", name: str | None = None,
-                   extra: list[str] | None = None) -> subprocess.Popen:
+    def start_node(
+        self,
+        p: int,
+        key: str | None = None,
+        root_ca: str = "ca.crt",
+        name: str | None = None,
+        extra: list[str] | None = None,
+    ) -> subprocess.Popen:
         """SuperNode `p` of the partition, authenticating with `key` (default node<p>)."""
         c = self.certs
-        return self._spawn(name or f"node{p}", [
-            str(BIN / "flower-supernode"), "--root-certificates", str(c / root_ca),
-            "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-            "--auth-supernode-private-key", str(c / (key or f"node{p}")),
-            "--node-config", f"partition-id={p} num-partitions={self.nodes}", *(extra or [])])
+        return self._spawn(
+            name or f"node{p}",
+            [
+                str(BIN / "flower-supernode"),
+                "--root-certificates",
+                str(c / root_ca),
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--port",
+                str(free_port()),
+                "--auth-supernode-private-key",
+                str(c / (key or f"node{p}")),
+                "--node-config",
+                f"partition-id={p} num-partitions={self.nodes}",
+                *(extra or []),
+            ],
+        )
 
     def kill(self, name: str) -> None:
         """Kill a process and its children at once (SIGKILL), as a crash would."""
@@ -96,8 +132,9 @@ class Loopback:
 
     def flwr(self, args: list[str], timeout: float = 120) -> str:
         """Run the `flwr` CLI against this SuperLink; raise with its output when it fails."""
-        out = subprocess.run([str(BIN / "flwr"), *args], cwd=REPO_ROOT, env=self.env, capture_output=True,
-                             text=True, timeout=timeout)
+        out = subprocess.run(
+            [str(BIN / "flwr"), *args], cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if out.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
         return out.stdout
@@ -124,7 +161,7 @@ class Loopback:
         for name in list(self.procs):
             self.kill(name)
 
-    def __enter__(self) -> "Loopback":
+    def __enter__(self) -> Loopback:
         self.start()
         return self
 
@@ -160,8 +197,10 @@ def main() -> None:
         fed.submit([*args.overrides, f"flower.run_dir={run_dir}", f"flower.min_nodes={args.nodes}"])
         payload = wait_results(run_dir, args.timeout)
     best = payload["test_at_best"]
-    print(f"{len(payload['history'])} rounds on {args.nodes} SuperNodes; best round {payload['best_round']}: "
-          f"test hit@10 {best.get('test/hit@10', float('nan')):.4f}; results in {run_dir}; logs in {workdir}")
+    print(
+        f"{len(payload['history'])} rounds on {args.nodes} SuperNodes; best round {payload['best_round']}: "
+        f"test hit@10 {best.get('test/hit@10', float('nan')):.4f}; results in {run_dir}; logs in {workdir}"
+    )
 
 
 if __name__ == "__main__":

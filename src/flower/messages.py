@@ -7,6 +7,7 @@ trained, its shared parameters and its encoded similarity upload; the evaluation
 client it holds; the training losses. `unpack_reply` checks everything before the server uses
 it and raises `RejectedReply` with the reason.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,17 +65,23 @@ def pack_task(task: Task) -> RecordDict:
 def unpack_task(content: RecordDict) -> Task:
     """Inverse of `pack_task` (the server is trusted by the node)."""
     arrays = content["task"]
-    shared = {k.split("/", 1)[1]: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()
-              if k.startswith("shared/")}
+    shared = {
+        k.split("/", 1)[1]: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items() if k.startswith("shared/")
+    }
     labels = torch.from_numpy(arrays["labels"].numpy().copy()) if "labels" in arrays else None
     sim = arrays["global_sim"].numpy().tobytes() if "global_sim" in arrays else None
-    return Task(int(content["round"]["round"]), torch.from_numpy(arrays["chosen"].numpy().copy()), shared, labels,
-                sim)
+    return Task(int(content["round"]["round"]), torch.from_numpy(arrays["chosen"].numpy().copy()), shared, labels, sim)
 
 
-def pack_reply(users: torch.Tensor, shared: dict[str, torch.Tensor], payloads: list[bytes],
-               eval_users: torch.Tensor, ranks: dict[str, torch.Tensor], loss_sums: dict[str, float],
-               steps: float) -> RecordDict:
+def pack_reply(
+    users: torch.Tensor,
+    shared: dict[str, torch.Tensor],
+    payloads: list[bytes],
+    eval_users: torch.Tensor,
+    ranks: dict[str, torch.Tensor],
+    loss_sums: dict[str, float],
+    steps: float,
+) -> RecordDict:
     """A node's answer; `payloads[i]` is the encoded similarity upload of `users[i]` (empty list: none);
     `loss_sums` are the loss terms summed over the node's `steps` client-steps."""
     up = {"users": _arr(users.long())}
@@ -83,13 +90,21 @@ def pack_reply(users: torch.Tensor, shared: dict[str, torch.Tensor], payloads: l
     ev = {"users": _arr(eval_users.long()), **{f"rank/{k}": _arr(v.long()) for k, v in ranks.items()}}
     metrics = {f"loss/{k}": float(v) for k, v in loss_sums.items()}
     metrics["steps"] = float(steps)
-    return RecordDict({"upload": ArrayRecord(array_dict=up), "eval": ArrayRecord(array_dict=ev),
-                       "train": MetricRecord(metrics)})
+    return RecordDict(
+        {"upload": ArrayRecord(array_dict=up), "eval": ArrayRecord(array_dict=ev), "train": MetricRecord(metrics)}
+    )
 
 
-def unpack_reply(content: RecordDict, chosen: set[int], n_users: int, n_items: int,
-                 shared_shapes: dict[str, tuple[int, ...]], similarity: bool, rank_limits: dict[str, int],
-                 max_bytes: int) -> Reply:
+def unpack_reply(
+    content: RecordDict,
+    chosen: set[int],
+    n_users: int,
+    n_items: int,
+    shared_shapes: dict[str, tuple[int, ...]],
+    similarity: bool,
+    rank_limits: dict[str, int],
+    max_bytes: int,
+) -> Reply:
     """Decode and check a node's answer; raise `RejectedReply` naming the first problem found."""
     try:
         up, ev, train = content["upload"], content["eval"], content["train"]
@@ -106,8 +121,10 @@ def unpack_reply(content: RecordDict, chosen: set[int], n_users: int, n_items: i
             raise RejectedReply(f"upload lacks shared parameter {k!r}")
         v = torch.from_numpy(up[f"shared/{k}"].numpy().copy())
         if tuple(v.shape) != (len(users), *shape) or not v.is_floating_point() or not bool(torch.isfinite(v).all()):
-            raise RejectedReply(f"shared parameter {k!r} has shape {tuple(v.shape)} {v.dtype}; expected finite "
-                                f"floats of shape {(len(users), *shape)}")
+            raise RejectedReply(
+                f"shared parameter {k!r} has shape {tuple(v.shape)} {v.dtype}; expected finite "
+                f"floats of shape {(len(users), *shape)}"
+            )
         shared[k] = v.float()
     sims, sizes = [], []
     if similarity:

@@ -8,6 +8,7 @@ for shared parameters, `SimilarityAggregator.add_entries` for the decoded upload
 come from the ranks the nodes computed for all their clients. The run folder receives
 config_resolved.yaml, csv/metrics.csv and results.json (rewritten atomically every round).
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,11 +60,14 @@ def wait_for_nodes(grid: Grid, cfg: DictConfig, first: bool) -> list[int]:
             break
         time.sleep(0.5)
     if not nodes or (first and len(nodes) < int(cfg.flower.min_nodes)):
-        raise TimeoutError(f"{len(nodes)} SuperNodes connected within flower.connect_timeout="
-                           f"{cfg.flower.connect_timeout} s; flower.min_nodes={cfg.flower.min_nodes} are needed")
+        raise TimeoutError(
+            f"{len(nodes)} SuperNodes connected within flower.connect_timeout="
+            f"{cfg.flower.connect_timeout} s; flower.min_nodes={cfg.flower.min_nodes} are needed"
+        )
     if len(nodes) < int(cfg.flower.min_nodes):
-        log.warning("only %d of flower.min_nodes=%d SuperNodes connected; the round goes on", len(nodes),
-                    cfg.flower.min_nodes)
+        log.warning(
+            "only %d of flower.min_nodes=%d SuperNodes connected; the round goes on", len(nodes), cfg.flower.min_nodes
+        )
     return nodes
 
 
@@ -75,8 +79,9 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     data = load(cfg)
     m, device = data.n_items, resolve_device(cfg.device)
-    init = init_params(cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)),
-                       torch.tensor([0]))
+    init = init_params(
+        cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)), torch.tensor([0])
+    )
     keys = shared_keys(cfg.ablation, init)
     server = {k: init[k][0] for k in keys}  # the simulator's server starts from client 0's draw
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
@@ -100,8 +105,10 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
         task = Task(r, clients, server, labels, broadcast)
         timeout = float(cfg.flower.round_timeout)
         # the TTL drops a task a dead node never pulled, so a restarted node does not train a stale round
-        messages = [Message(content=pack_task(task), dst_node_id=n, message_type="train", group_id=str(r),
-                            ttl=timeout) for n in nodes]
+        messages = [
+            Message(content=pack_task(task), dst_node_id=n, message_type="train", group_id=str(r), ttl=timeout)
+            for n in nodes
+        ]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         chosen, seen = set(clients.tolist()), set()
         accepted, rejected, failed = [], 0, 0
@@ -112,9 +119,16 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
                 log.warning("round %d: node %d failed: %s", r, node, rep.error.reason)
                 continue
             try:
-                reply = unpack_reply(rep.content, chosen - seen, data.n_users, m,
-                                     {k: tuple(v.shape) for k, v in server.items()}, aligned, limits,
-                                     int(cfg.flower.max_upload_bytes))
+                reply = unpack_reply(
+                    rep.content,
+                    chosen - seen,
+                    data.n_users,
+                    m,
+                    {k: tuple(v.shape) for k, v in server.items()},
+                    aligned,
+                    limits,
+                    int(cfg.flower.max_upload_bytes),
+                )
                 if seen & set(reply.eval_users.tolist()):
                     raise RejectedReply("holds clients another node already reported this round")
             except RejectedReply as err:
@@ -129,36 +143,67 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             broadcast = encode_upper(sim.numpy(), encoding.format, encoding.bits, lo=0.0, hi=1.0)
             down = float(len(broadcast) + labels_bytes(m, int(labels.max()) + 1))
             row.update({"comm/download_bytes_mean": down, "comm/download_bytes_total": down * len(clients)})
-        row.update({"round": r, "clients": float(len(clients)), "flower/nodes": float(len(nodes)),
-                    "flower/replies": float(len(replies)), "flower/failed": float(failed),
-                    "flower/rejected": float(rejected),
-                    "time/round": time.perf_counter() - tic})
+        row.update(
+            {
+                "round": r,
+                "clients": float(len(clients)),
+                "flower/nodes": float(len(nodes)),
+                "flower/replies": float(len(replies)),
+                "flower/failed": float(failed),
+                "flower/rejected": float(rejected),
+                "time/round": time.perf_counter() - tic,
+            }
+        )
         history.append(row)
-        log.info("round %d: %d/%d nodes accepted, %s %.4f", r, len(accepted), len(nodes), select,
-                 row.get(select, float("nan")))
+        log.info(
+            "round %d: %d/%d nodes accepted, %s %.4f",
+            r,
+            len(accepted),
+            len(nodes),
+            select,
+            row.get(select, float("nan")),
+        )
         atomic_write_text(run_dir / "csv" / "metrics.csv", history_csv(history))
         finished = r == int(cfg.fl.rounds)
-        timings = {"setup_s": t_setup, "total_s": time.perf_counter() - t0,
-                   "mean_round_s": sum(h["time/round"] for h in history) / len(history)}
+        timings = {
+            "setup_s": t_setup,
+            "total_s": time.perf_counter() - t0,
+            "mean_round_s": sum(h["time/round"] for h in history) / len(history),
+        }
         payload = build_results(cfg, data.summary(), history, timings, finished=finished)
         payload["engine"] = "flower"
         write_results(run_dir, payload)
     return payload
 
 
-def aggregate(cfg: DictConfig, replies: list, server: dict, keys: list[str], m: int, device: torch.device,
-              labels: torch.Tensor | None, round_: int, eps_round: float | None, encoding: Encoding,
-              clients: int) -> dict:
+def aggregate(
+    cfg: DictConfig,
+    replies: list,
+    server: dict,
+    keys: list[str],
+    m: int,
+    device: torch.device,
+    labels: torch.Tensor | None,
+    round_: int,
+    eps_round: float | None,
+    encoding: Encoding,
+    clients: int,
+) -> dict:
     """The server round on the accepted replies of a round that chose `clients` clients; updates
     `server` in place, returns the round's row."""
     agg = MeanAggregator()
-    sims = SimilarityAggregator(m, float(cfg.model.sigma), bool(cfg.model.centre), int(cfg.server.sim_block),
-                                device) if (cfg.ablation.ica or cfg.ablation.gsa) else None
+    sims = (
+        SimilarityAggregator(m, float(cfg.model.sigma), bool(cfg.model.centre), int(cfg.server.sim_block), device)
+        if (cfg.ablation.ica or cfg.ablation.gsa)
+        else None
+    )
     sizes, nnz, ranks, losses, steps, uploaders = [], [], {}, {}, 0.0, 0
     for rep in replies:
         n = len(rep.users)
         if n:
-            agg.add({k: v.to(device) for k, v in rep.shared.items()}, keys, torch.ones(n, dtype=torch.bool, device=device))
+            agg.add(
+                {k: v.to(device) for k, v in rep.shared.items()}, keys, torch.ones(n, dtype=torch.bool, device=device)
+            )
         uploaders += n
         for (rows, cols, vals), size in zip(rep.sims, rep.sim_bytes):
             sims.add_entries(rows, cols, vals)
@@ -172,14 +217,24 @@ def aggregate(cfg: DictConfig, replies: list, server: dict, keys: list[str], m: 
     server.update(agg.result(server))
     row: dict = split_metrics({k: torch.cat(v) for k, v in ranks.items()}, tuple(int(k) for k in cfg.eval.ks))
     row.update({f"loss/{k}": v / max(steps, 1.0) for k, v in losses.items()})
-    row.update({"steps": steps, "reported": float(uploaders), "flower/evaluated":
-                float(sum(len(r.eval_users) for r in replies)),
-                "comm/embedding_bytes": float(embedding_bytes(m, int(cfg.model.dim))), "comm/uploaders": float(uploaders)})
+    row.update(
+        {
+            "steps": steps,
+            "reported": float(uploaders),
+            "flower/evaluated": float(sum(len(r.eval_users) for r in replies)),
+            "comm/embedding_bytes": float(embedding_bytes(m, int(cfg.model.dim))),
+            "comm/uploaders": float(uploaders),
+        }
+    )
     if sims is None:
         return row | shared_traffic(list(server.values()), uploaders, clients)
-    row.update({"comm/upload_bytes_mean": float(np.mean(sizes)) if sizes else 0.0,
-                "comm/upload_bytes_total": float(np.sum(sizes)),
-                "comm/upload_nnz_mean": float(np.mean(nnz)) if nnz else 0.0})
+    row.update(
+        {
+            "comm/upload_bytes_mean": float(np.mean(sizes)) if sizes else 0.0,
+            "comm/upload_bytes_total": float(np.sum(sizes)),
+            "comm/upload_nnz_mean": float(np.mean(nnz)) if nnz else 0.0,
+        }
+    )
     row.update(epsilon_spent(eps_round, round_, m))
     global_sim = sims.mean()
     if global_sim is not None:

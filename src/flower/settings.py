@@ -1,4 +1,5 @@
 """The Hydra config of a Flower run: composed from the run config's `overrides`, checked for Flower."""
+
 from __future__ import annotations
 
 import shlex
@@ -24,8 +25,12 @@ def flower_checks(cfg: DictConfig) -> None:
     if cfg.ablation.central:
         raise ConfigError("ablation=central pools all data on one machine; it has no federated deployment")
     if float(cfg.fl.dropout) > 0:
-        raise ConfigError(f"config fl.dropout={cfg.fl.dropout} is simulated failure; on Flower nodes fail for real "
-                          "(set fl.dropout=0, and see flower.round_timeout)")
+        raise ConfigError(
+            f"config fl.dropout={cfg.fl.dropout} is simulated failure; on Flower nodes fail for real "
+            "(set fl.dropout=0, and see flower.round_timeout)"
+        )
     if bool(cfg.comm.delta):
-        raise ConfigError("config comm.delta=true is accounted in the simulator only; the Flower app sends full "
-                          "uploads (use an encoding without _delta)")
+        raise ConfigError(
+            "config comm.delta=true is accounted in the simulator only; the Flower app sends full "
+            "uploads (use an encoding without _delta)"
+        )

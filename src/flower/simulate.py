@@ -4,6 +4,7 @@ The same Hydra config as `python -m src.run`; `flower.supernodes` virtual SuperN
 every n-th client. The ServerApp writes results.json into the Hydra run folder, like a
 simulator run, so `src.report` and the notebook read both.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,12 +35,18 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
     lock = rundir.claim(run_dir, resuming=False)
     try:
         rundir.write_hydra_files(run_dir, cfg)
-        run_simulation(server_app=make_server_app(cfg, run_dir), client_app=make_client_app(cfg),
-                       num_supernodes=int(cfg.flower.supernodes),
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": max(1, min(int(cfg.flower.supernodes),
-                                                                            os.cpu_count() or 1)),
-                                                     "include_dashboard": False}})
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir),
+            client_app=make_client_app(cfg),
+            num_supernodes=int(cfg.flower.supernodes),
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": max(1, min(int(cfg.flower.supernodes), os.cpu_count() or 1)),
+                    "include_dashboard": False,
+                },
+            },
+        )
     finally:
         rundir.release(lock)
     results = run_dir / "results.json"

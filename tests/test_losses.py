@@ -1,177 +1,34 @@
-"""Similarity upload, ICA / GSA alignment losses and community detection (METHOD.md sections 1, 3, 7).
+"""ICA and GSA alignment losses: plain, blocked exact and fast forms, and AlignmentLoss (METHOD.md section 3).
 
 Every expectation is computed independently (numpy or plain loops in `tests/alignment_helpers.py`),
 never with the function under test. Tables are stacked over clients: [C, m, d].
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from alignment_helpers import (
+    F64,
+    LABELS,
+    central_fd,
+    gen,
+    min_gap_to,
+    naive_gsa,
+    naive_ica,
+    naive_loss_torch,
+    np_cosine,
+    np_e,
+    np_normalise,
+    pick_sigma,
+    random_global,
+    shuffled_labels,
+    tables,
+)
 
-from alignment_helpers import (brute_ari, central_fd, min_gap_to, naive_gsa, naive_ica, naive_loss_torch,
-                               np_adjacency, np_cosine, np_modularity, np_normalise, np_upload, pick_sigma,
-                               planted_blocks, random_orthogonal)
-from src.community import adjusted_rand_index, detect, relabel, similarity_graph
 from src.losses import AlignmentLoss, gsa_exact, gsa_pairs, ica_batch, ica_exact
-from src.similarity import SimilarityAggregator, normalised, similarity, thresholded_upload
-
-F64 = torch.float64
-CPU = torch.device("cpu")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def tables(c: int, m: int, d: int, seed: int, dtype=F64) -> torch.Tensor:
-    return torch.randn(c, m, d, generator=gen(seed), dtype=dtype)
-
-
-def np_e(table: torch.Tensor, centre: bool) -> list[np.ndarray]:
-    """Independent normalisation of every client's table."""
-    return [np_normalise(t.detach().numpy(), centre) for t in table]
-
-
-def random_global(m: int, seed: int, sigma: float) -> torch.Tensor:
-    """A symmetric S_g [m, m] in [0, 1], zero diagonal, a share of zeros and one entry exactly sigma."""
-    rng = np.random.default_rng(seed)
-    s = rng.uniform(0.0, 1.0, (m, m))
-    s[rng.uniform(size=(m, m)) < 0.3] = 0.0
-    s = np.triu(s, 1)
-    s[0, 1] = sigma
-    s = s + s.T
-    return torch.from_numpy(s)
-
-
-LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 3, 4, 5, 1, 6, 2])  # 3 singletons (3, 4, 5, 6 = 4)
-
-
-def shuffled_labels(seed: int) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    return torch.as_tensor(rng.permutation(LABELS), dtype=torch.long)
-
-
-# ============================================================================ 1. similarity
-@pytest.mark.parametrize("centre", [False, True])
-def test_similarity_matches_numpy_cosine(centre):
-    t = tables(3, 12, 5, seed=0)
-    s = similarity(t, centre)
-    assert s.shape == (3, 12, 12)
-    for c in range(3):
-        np.testing.assert_allclose(s[c].numpy(), np_cosine(t[c].numpy(), centre), atol=1e-12)
-    np.testing.assert_allclose(torch.diagonal(s, dim1=1, dim2=2).numpy(), 1.0, atol=1e-12)
-    e = normalised(t, centre)
-    np.testing.assert_allclose(e.norm(dim=-1).numpy(), 1.0, atol=1e-12)
-    if centre:
-        # each row: item-centred (optional), then unit length
-        np.testing.assert_allclose(e[0].numpy(), np_normalise(t[0].numpy(), True), atol=1e-12)
-
-
-@pytest.mark.parametrize("centre", [False, True])
-def test_similarity_invariant_to_rotation_and_positive_scale(centre):
-    t = tables(4, 20, 6, seed=1)
-    s = similarity(t, centre)
-    q = random_orthogonal(6, gen(2))
-    np.testing.assert_allclose((q.T @ q).numpy(), np.eye(6), atol=1e-12)
-    assert not torch.allclose(t @ q, t)
-    np.testing.assert_allclose(similarity(t @ q, centre).numpy(), s.numpy(), atol=1e-12)
-    # one scale per client, and one shared scale
-    scale = torch.tensor([0.01, 0.7, 3.0, 250.0], dtype=F64).view(4, 1, 1)
-    np.testing.assert_allclose(similarity(scale * t, centre).numpy(), s.numpy(), atol=1e-12)
-    np.testing.assert_allclose(similarity(42.0 * t, centre).numpy(), s.numpy(), atol=1e-12)
-    # rotation and scaling together
-    np.testing.assert_allclose(similarity(scale * (t @ q), centre).numpy(), s.numpy(), atol=1e-12)
-
-
-def test_similarity_translation_invariant_only_when_centred():
-    t = tables(3, 16, 4, seed=3)
-    shift = torch.randn(3, 1, 4, generator=gen(4), dtype=F64) * 3.0   # one row vector per client
-    np.testing.assert_allclose(similarity(t + shift, True).numpy(), similarity(t, True).numpy(), atol=1e-12)
-    # shared row vector, broadcast to every client and item
-    row = torch.randn(4, generator=gen(5), dtype=F64) * 2.0
-    np.testing.assert_allclose(similarity(t + row, True).numpy(), similarity(t, True).numpy(), atol=1e-12)
-    # sanity: without centring a translation changes S
-    diff = (similarity(t + shift, False) - similarity(t, False)).abs().max()
-    assert diff > 1e-2
-
-
-# ============================================================================ 2. upload + aggregation
-def test_thresholded_upload_elementwise():
-    sigma = 0.4
-    sim = similarity(tables(3, 14, 4, seed=6), True)
-    sim[0, 2, 5] = sim[0, 5, 2] = sigma          # exactly at the threshold: kept
-    sim[1, 3, 7] = sim[1, 7, 3] = sigma - 1e-9   # just below: dropped
-    up = thresholded_upload(sim, sigma)
-    assert up.shape == sim.shape and up.dtype == sim.dtype
-    for c in range(3):
-        expected = np_upload(sim[c].numpy(), sigma)
-        np.testing.assert_array_equal(up[c].numpy(), expected)
-        assert np.all(np.diag(up[c].numpy()) == 0)
-    assert up[0, 2, 5] == sigma and up[1, 3, 7] == 0
-    s, u = sim.numpy(), up.numpy()
-    off = ~np.eye(14, dtype=bool)[None].repeat(3, 0)
-    assert np.all(u[(s < sigma)] == 0)
-    assert np.array_equal(u[(s >= sigma) & off], s[(s >= sigma) & off])
-    # negative similarities are always below a non-negative sigma
-    assert np.all(u >= 0)
-
-
-def np_aggregate(tabs: np.ndarray, uploaded: np.ndarray, sigma: float, centre: bool):
-    """Plain loop: cosine, threshold, zero diagonal, average over the clients that uploaded."""
-    m = tabs.shape[1]
-    total, count, nnz = np.zeros((m, m)), 0, 0
-    for c in range(tabs.shape[0]):
-        if not uploaded[c]:
-            continue
-        up = np_upload(np_cosine(tabs[c], centre), sigma)
-        total += up
-        nnz += int((up != 0).sum())
-        count += 1
-    return (total / count if count else None), count, nnz
-
-
-@pytest.mark.parametrize("sigma", [0.5, -0.2])
-@pytest.mark.parametrize("centre", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_similarity_aggregator_matches_per_client_loop(centre, dtype, sigma):
-    c, m, d = 7, 15, 4
-    tabs = tables(c, m, d, seed=7, dtype=dtype)
-    uploaded = torch.tensor([True, False, True, True, False, True, True])
-    cos = np.stack([np_cosine(t, centre) for t in tabs.double().numpy()])
-    assert min_gap_to(cos, sigma) > 1e-5   # no entry near the threshold: fp32 rounding cannot flip one
-    expected, count, nnz = np_aggregate(tabs.double().numpy(), uploaded.numpy(), sigma, centre)
-    agg = SimilarityAggregator(m, sigma, centre, block=40, device=CPU, rows=4)
-    agg.add(tabs, uploaded)
-    mean = agg.mean()
-    assert mean is not None and mean.shape == (m, m) and mean.dtype == torch.float32
-    tol = 1e-12 if dtype == torch.float64 else 1e-6
-    np.testing.assert_allclose(mean.double().numpy(), expected, atol=max(tol, 1e-7))
-    assert np.all(np.diag(mean.numpy()) == 0)
-    assert agg.count == count == 5
-    assert agg.nnz == nnz
-    # every upload is symmetric, so is the mean
-    np.testing.assert_array_equal(mean.numpy(), mean.numpy().T)
-
-
-def test_similarity_aggregator_accumulates_over_calls_and_handles_nobody():
-    c, m, d, sigma = 6, 12, 4, 0.5
-    tabs = tables(c, m, d, seed=8)
-    uploaded = torch.tensor([True, True, False, True, True, True])
-    one = SimilarityAggregator(m, sigma, True, block=80, device=CPU, rows=4)
-    one.add(tabs, uploaded)
-    two = SimilarityAggregator(m, sigma, True, block=20, device=CPU, rows=4)
-    two.add(tabs[:3], uploaded[:3])
-    two.add(tabs[3:], uploaded[3:])
-    expected, count, _ = np_aggregate(tabs.numpy(), uploaded.numpy(), sigma, True)
-    np.testing.assert_allclose(two.mean().double().numpy(), expected, atol=1e-7)
-    np.testing.assert_allclose(one.mean().double().numpy(), two.mean().double().numpy(), atol=1e-7)
-    assert one.count == two.count == count == 5 and one.nnz == two.nnz
-    nobody = SimilarityAggregator(m, sigma, True, block=40, device=CPU, rows=4)
-    assert nobody.mean() is None
-    nobody.add(tabs, torch.zeros(c, dtype=torch.bool))
-    assert nobody.mean() is None and nobody.count == 0 and nobody.nnz == 0
-
+from src.similarity import normalised
 
 # ============================================================================ 3. GSA
 MASKS = ("local", "global", "union")
@@ -218,7 +75,7 @@ def tables_with_sigma(c: int, m: int, d: int, seed: int, lo: float, hi: float):
 def test_gsa_gradient_matches_finite_differences(mask, reduction):
     c, m, d = 2, 12, 4
     t, cos, sigma = tables_with_sigma(c, m, d, 12, 0.3, 0.6)
-    assert min_gap_to(cos[:, ~np.eye(m, dtype=bool)], sigma) > 1e-4   # no local mask entry can flip
+    assert min_gap_to(cos[:, ~np.eye(m, dtype=bool)], sigma) > 1e-4  # no local mask entry can flip
     gs = random_global(m, seed=13, sigma=sigma)
     x = t.clone().requires_grad_()
     val = gsa_exact(normalised(x, True), gs, sigma, mask, reduction)
@@ -226,7 +83,7 @@ def test_gsa_gradient_matches_finite_differences(mask, reduction):
     assert grad.abs().max() > 1e-3
     gsn = gs.numpy()
 
-    def f(arr):   # independent: own normalisation + double loop
+    def f(arr):  # independent: own normalisation + double loop
         return sum(naive_gsa(np_normalise(arr[i], True), gsn, sigma, mask, reduction) for i in range(c))
 
     fd = central_fd(f, t.numpy(), eps=1e-6)
@@ -304,7 +161,7 @@ def test_ica_exact_matches_per_anchor_formula(centre):
     t = tables(c, m, d, seed=20)
     labels = shuffled_labels(21)
     sizes = torch.bincount(labels)
-    assert (sizes == 1).sum() >= 3   # singleton clusters present (skipped anchors)
+    assert (sizes == 1).sum() >= 3  # singleton clusters present (skipped anchors)
     es = np_e(t, centre)
     got = ica_exact(torch.from_numpy(np.stack(es)), labels, sizes, TAU, TAU0)
     assert got.shape == (c,)
@@ -347,9 +204,9 @@ def test_ica_batch_subset_of_anchors_and_invalid_ones():
     single = int(torch.nonzero(sizes[labels] == 1)[0])
     rng = np.random.default_rng(28)
     rows = []
-    for i in range(c):
+    for _ in range(c):
         rest = [a for a in rng.permutation(m).tolist() if a != single][: b - 1]
-        rows.append(rest[:3] + [single] + rest[3:])     # every client also gets a singleton anchor
+        rows.append(rest[:3] + [single] + rest[3:])  # every client also gets a singleton anchor
     anchors = torch.tensor(rows, dtype=torch.long)
     valid = torch.ones(c, b, dtype=torch.bool)
     es = np_e(t, True)
@@ -388,11 +245,34 @@ def test_ica_gradient_matches_finite_differences(centre):
 
 
 # ============================================================================ 5. AlignmentLoss
-def make_loss(mode="exact", mask="local", reduction="mean", use_ica=True, use_gsa=True, chunk=2,
-              sigma=0.45, centre=True, fast_anchors=64, fast_gsa="rows") -> AlignmentLoss:
-    return AlignmentLoss(alpha=0.7, beta=5.0, tau=TAU, tau0=TAU0, sigma=sigma, centre=centre, mask=mask,
-                         reduction=reduction, mode=mode, chunk=chunk, use_ica=use_ica, use_gsa=use_gsa,
-                         fast_anchors=fast_anchors, fast_gsa=fast_gsa)
+def make_loss(
+    mode="exact",
+    mask="local",
+    reduction="mean",
+    use_ica=True,
+    use_gsa=True,
+    chunk=2,
+    sigma=0.45,
+    centre=True,
+    fast_anchors=64,
+    fast_gsa="rows",
+) -> AlignmentLoss:
+    return AlignmentLoss(
+        alpha=0.7,
+        beta=5.0,
+        tau=TAU,
+        tau0=TAU0,
+        sigma=sigma,
+        centre=centre,
+        mask=mask,
+        reduction=reduction,
+        mode=mode,
+        chunk=chunk,
+        use_ica=use_ica,
+        use_gsa=use_gsa,
+        fast_anchors=fast_anchors,
+        fast_gsa=fast_gsa,
+    )
 
 
 def test_alignment_loss_inactive_before_update():
@@ -453,18 +333,18 @@ def test_alignment_fast_mode_equals_per_client_with_batch_anchors():
     sigma = 0.5
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 4, 0, 5, 2])
     gs = random_global(m, seed=36, sigma=sigma)
-    loss = make_loss(mode="fast", mask="global", reduction="mean", chunk=2, sigma=sigma, fast_anchors=k,
-                     fast_gsa="pairs")
+    loss = make_loss(
+        mode="fast", mask="global", reduction="mean", chunk=2, sigma=sigma, fast_anchors=k, fast_gsa="pairs"
+    )
     loss.update(labels, gs)
     anchors = torch.stack([torch.randperm(m, generator=gen(37 + i))[:7] for i in range(c)])
     valid = torch.ones(c, 7, dtype=torch.bool)
     valid[3, 1] = False
     values, grad = loss.value_and_grad(t, anchors, valid)
     for i in range(c):
-        used = [int(a) for a, v in zip(anchors[i, :k], valid[i, :k]) if v]   # only the first k anchors
+        used = [int(a) for a, v in zip(anchors[i, :k], valid[i, :k]) if v]  # only the first k anchors
         x = t[i].clone().requires_grad_()
-        total, terms = naive_loss_torch(x, labels, gs, 0.7, 5.0, TAU, TAU0, sigma, True, "global", "mean",
-                                        anchors=used)
+        total, terms = naive_loss_torch(x, labels, gs, 0.7, 5.0, TAU, TAU0, sigma, True, "global", "mean", anchors=used)
         (g,) = torch.autograd.grad(total, x)
         assert values["ica"][i].item() == pytest.approx(terms["ica"].item(), rel=1e-10)
         assert values["gsa"][i].item() == pytest.approx(terms["gsa"].item(), rel=1e-10)
@@ -479,124 +359,9 @@ def test_alignment_update_builds_upper_pairs_of_global_mask():
     got = sorted(zip(loss.pairs[0].tolist(), loss.pairs[1].tolist()))
     gsn = gs.numpy()
     expected = [(j, k) for j in range(m) for k in range(j + 1, m) if gsn[j, k] >= sigma]
-    assert got == expected and (0, 1) in got   # the entry exactly at sigma is a pair
+    assert got == expected and (0, 1) in got  # the entry exactly at sigma is a pair
     for (j, kk), v in zip(zip(loss.pairs[0].tolist(), loss.pairs[1].tolist()), loss.targets.tolist()):
         assert v == gsn[j, kk]
-
-
-# ============================================================================ 6. communities
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_adjusted_rand_index_matches_pair_counting(seed):
-    rng = np.random.default_rng(seed)
-    for n, ka, kb in [(2, 1, 2), (7, 3, 2), (25, 4, 6), (40, 2, 9), (30, 30, 1), (12, 12, 12)]:
-        a = rng.integers(0, ka, n)
-        b = rng.integers(0, kb, n)
-        assert adjusted_rand_index(a, b) == pytest.approx(brute_ari(a, b), abs=1e-12)
-        # invariant to renaming, 1 on identical partitions
-        assert adjusted_rand_index(a, (b + 5) * 3) == pytest.approx(brute_ari(a, b), abs=1e-12)
-        assert adjusted_rand_index(a, a) == pytest.approx(1.0)
-    a = rng.integers(0, 4, 30)
-    b = np.where(rng.uniform(size=30) < 0.3, rng.integers(0, 4, 30), a)   # partly agreeing
-    assert adjusted_rand_index(a, b) == pytest.approx(brute_ari(a, b), abs=1e-12)
-
-
-def test_relabel_first_appearance():
-    labels = np.array([7, 7, 3, 9, 3, 0, 9, 7, 12])
-    out = relabel(labels)
-    assert out.tolist() == [0, 0, 1, 2, 1, 3, 2, 0, 4]
-    assert out.dtype == np.int64
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 20, 50)
-    out = relabel(x)
-    seen: dict[int, int] = {}
-    expected = [seen.setdefault(int(v), len(seen)) for v in x]
-    assert out.tolist() == expected
-    assert relabel(out).tolist() == out.tolist()
-
-
-PLANTED = planted_blocks(4, 15, seed=0)
-
-
-@pytest.mark.parametrize("method", ["igraph", "leidenalg", "leidenalg_rb"])
-def test_detect_recovers_planted_blocks(method):
-    sim_np, truth = PLANTED
-    sim = torch.from_numpy(sim_np).float()
-    sigma = 0.5
-    comms = detect(sim, sigma=sigma, method=method, resolution=1.0, seed=0)
-    labels = comms.labels
-    assert labels.shape == (60,)
-    assert brute_ari(labels, truth) > 0.9
-    assert adjusted_rand_index(labels, truth) == pytest.approx(brute_ari(labels, truth), abs=1e-12)
-    # labels canonical: 0..K-1 in order of first appearance
-    seen: dict[int, int] = {}
-    assert labels.tolist() == [seen.setdefault(int(v), len(seen)) for v in labels]
-    assert comms.sizes.sum() == 60
-    # modularity from the weighted adjacency, independently
-    adj = np_adjacency(sim.double().numpy(), sigma)
-    assert comms.modularity == pytest.approx(np_modularity(adj, labels), abs=1e-9)
-    assert comms.modularity > 0.5
-    # edge count: pairs j < k with sim >= sigma and sim > 0
-    s = sim.double().numpy()
-    edges = sum(1 for j in range(60) for k in range(j + 1, 60) if s[j, k] >= sigma and s[j, k] > 0)
-    assert comms.edges == edges == int((adj > 0).sum()) // 2
-    # same seed, same labels
-    again = detect(sim, sigma=sigma, method=method, resolution=1.0, seed=0)
-    assert np.array_equal(again.labels, labels) and again.modularity == comms.modularity
-
-
-def test_detect_modularity_with_resolution_and_isolated_items():
-    sim_np, _ = PLANTED
-    sim = sim_np.copy()
-    sim[:3, :] = 0.1   # three items without any edge -> singleton communities
-    sim[:, :3] = 0.1
-    np.fill_diagonal(sim, 0.0)
-    for method, res in [("leidenalg_rb", 0.8), ("igraph", 1.3), ("leidenalg", 1.0)]:
-        comms = detect(torch.from_numpy(sim), sigma=0.5, method=method, resolution=res, seed=3)
-        adj = np_adjacency(sim, 0.5)
-        assert comms.modularity == pytest.approx(np_modularity(adj, comms.labels, res), abs=1e-9)
-        sizes = comms.sizes
-        for i in range(3):
-            assert sizes[comms.labels[i]] == 1
-
-
-def test_similarity_graph_edges_and_weights():
-    rng = np.random.default_rng(4)
-    n = 20
-    s = rng.uniform(-0.5, 1.0, (n, n))
-    s = np.triu(s, 1)
-    s = s + s.T
-    s[2, 3] = s[3, 2] = 0.5   # exactly at sigma: an edge
-    for sigma in (0.5, 0.0, -0.2):   # a negative sigma must still give only positive weights
-        g = similarity_graph(torch.from_numpy(s), sigma)
-        expected = {(j, k): s[j, k] for j in range(n) for k in range(j + 1, n) if s[j, k] >= sigma and s[j, k] > 0}
-        got = {tuple(sorted(e.tuple)): w for e, w in zip(g.es, g.es["weight"])}
-        assert g.vcount() == n and not g.is_directed()
-        assert set(got) == set(expected)
-        for key, w in got.items():
-            assert w == pytest.approx(expected[key], abs=0) and w > 0
-
-
-def test_detect_empty_graph():
-    sim = torch.full((6, 6), 0.1)
-    comms = detect(sim, sigma=0.5, method="leidenalg", resolution=1.0, seed=0)
-    assert comms.edges == 0 and comms.modularity == 0.0
-    assert comms.labels.tolist() == [0, 1, 2, 3, 4, 5]
-
-
-@pytest.mark.parametrize("method", ["igraph", "leidenalg", "leidenalg_rb"])
-def test_detect_seeded_on_structureless_graph(method):
-    """Without planted structure the partition depends on the seed: the same seed must reproduce it,
-    whatever ran in between (no hidden global RNG state), and other seeds must be able to differ."""
-    rng = np.random.default_rng(5)
-    s = np.triu(rng.uniform(0.0, 1.0, (80, 80)), 1)
-    sim = torch.from_numpy(s + s.T)
-    first = detect(sim, sigma=0.5, method=method, resolution=1.0, seed=0).labels
-    others = [detect(sim, sigma=0.5, method=method, resolution=1.0, seed=k).labels for k in range(1, 6)]
-    torch.rand(3)
-    np.random.rand(3)
-    again = detect(sim, sigma=0.5, method=method, resolution=1.0, seed=0).labels
-    assert np.array_equal(first, again)
-    assert any(not np.array_equal(first, o) for o in others)   # the seed matters here (test is sensitive)
 
 
 # ============================================================================ blocked exact algebra
@@ -605,7 +370,8 @@ def test_detect_seeded_on_structureless_graph(method):
 @pytest.mark.parametrize("rows", [1, 4, 64])
 def test_blocked_exact_matches_plain_autograd(mask, reduction, rows):
     """The blocked value-and-gradient (no m x m per client) equals the plain autograd loss, fp32 within 1e-4."""
-    from src.losses import ica_exact, gsa_exact, AlignmentLoss
+    from src.losses import AlignmentLoss, gsa_exact, ica_exact
+
     c, m, d = 3, 23, 5
     table = torch.randn(c, m, d, generator=gen(40), dtype=torch.float32)
     labels = torch.randint(0, 5, (m,), generator=gen(41))
@@ -613,9 +379,21 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows):
     g = torch.rand(m, m, generator=gen(42)) * 0.9
     g = (g + g.T) / 2
     g.fill_diagonal_(0)
-    loss = AlignmentLoss(alpha=0.7, beta=3.0, tau=0.3, tau0=0.5, sigma=0.35, centre=True, mask=mask,
-                         reduction=reduction, mode="exact", chunk=2, use_ica=True, use_gsa=True,
-                         block=rows * 2 * m)
+    loss = AlignmentLoss(
+        alpha=0.7,
+        beta=3.0,
+        tau=0.3,
+        tau0=0.5,
+        sigma=0.35,
+        centre=True,
+        mask=mask,
+        reduction=reduction,
+        mode="exact",
+        chunk=2,
+        use_ica=True,
+        use_gsa=True,
+        block=rows * 2 * m,
+    )
     loss.update(labels, g)
     values, grad = loss.value_and_grad(table, torch.zeros(c, 1, dtype=torch.long), torch.ones(c, 1, dtype=torch.bool))
     # plain: dense m x m autograd in float64
@@ -635,6 +413,7 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gsa_rows_with_every_item_once_equals_exact(mask, reduction):
     from src.losses import gsa_rows
+
     c, m, d = 3, 13, 4
     t, _, sigma = tables_with_sigma(c, m, d, 50, 0.35, 0.6)
     gs = random_global(m, seed=51, sigma=sigma)
@@ -652,6 +431,7 @@ def test_gsa_rows_with_every_item_once_equals_exact(mask, reduction):
 @pytest.mark.parametrize("mask", MASKS)
 def test_gsa_rows_subset_equals_a_plain_loop_over_those_rows(mask):
     from src.losses import gsa_rows
+
     c, m, d = 3, 12, 4
     t, cos, sigma = tables_with_sigma(c, m, d, 53, 0.35, 0.6)
     gs = random_global(m, seed=54, sigma=sigma).numpy()
