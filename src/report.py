@@ -221,11 +221,15 @@ def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
 
 
 def engine(config: dict) -> str:
-    """The optimiser, and for the alignment methods the alignment mode: e.g. `adam`, `sgd+exact`."""
+    """What trains the method: the optimiser, with the alignment mode for the alignment methods (`adam+fast`,
+    `sgd+exact`); the centralised MF has its own Adam (`central-adam`); a calibration scorer trains nothing."""
     ablation = config.get("ablation", {})
-    aligned = ablation.get("ica") or ablation.get("gsa")
+    if "scorer" in ablation:
+        return "none"
+    if ablation.get("central"):
+        return "central-adam"
     optim = config_value(config, "optim.name")
-    return f"{optim}+{config_value(config, 'model.alignment')}" if aligned else optim
+    return f"{optim}+{config_value(config, 'model.alignment')}" if ablation.get("ica") or ablation.get("gsa") else optim
 
 
 def with_missing(table: list[dict], name: str) -> list[dict]:

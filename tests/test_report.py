@@ -138,3 +138,26 @@ def test_rounds_skips_a_run_without_the_selection_metric(tmp_path):
     with pytest.warns(UserWarning, match=r"no_val/results\.json.*val/hit@10"):
         table = main([str(tmp_path), "--rounds", "1"])
     assert table[0]["seeds"] == 1
+
+
+def test_paper_table_shows_every_cell_and_marks_missing_ones():
+    from src.report import markdown, with_missing
+
+    table = with_missing([], "table2")
+    cells = {(r["dataset"], r["method"], r["protocol"]) for r in table}
+    assert len(table) == len(cells) == 2 * 4 * 2  # ML-100K and ML-1M x four methods x two protocols
+    assert all(r["seeds"] == 0 for r in table)
+    text = markdown(table)
+    assert text.count("missing") == 4 * len(table) and "86.85 / 73.71" in text
+
+
+def test_engine_names_what_trains_the_method():
+    from src.report import engine
+
+    assert (
+        engine({"ablation": {"ica": True, "gsa": True}, "optim": {"name": "adam"}, "model": {"alignment": "fast"}})
+        == "adam+fast"
+    )
+    assert engine({"ablation": {"ica": False, "gsa": False}, "optim": {"name": "sgd"}}) == "sgd"
+    assert engine({"ablation": {"central": True}, "optim": {"name": "sgd"}}) == "central-adam"
+    assert engine({"ablation": {"central": True, "scorer": "itemknn"}}) == "none"
