@@ -14,8 +14,8 @@ but that matrix and the broadcast global matrix S_g:
    the mean cosine between recovered and true item vectors. The same alignment of a random table of
    the same shape gives the chance level, reported beside it.
 
-Prints a table and writes JSON to `audit.out` (atomically; a relative path is relative to the
-current directory, as the audit makes no run folder to put it in).
+Prints a table and writes JSON to `audit.out` (atomically), by default into a folder of its own,
+`outputs/audit/<dataset>-<ablation>-<protocol>-s<seed>_<time>/audit.json`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from src.config import ConfigError, load_config, validate
 from src.data.dataset import load
@@ -172,13 +173,17 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def default_out(cfg: DictConfig) -> str:
+    """The audit's own run folder when `audit.out` is null: outputs/audit/<run name>_<time>/audit.json."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return f"outputs/audit/{cfg.dataset.name}-{cfg.ablation.name}-{cfg.protocol.name}-s{cfg.seed}_{stamp}/audit.json"
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     """Compose the config from `argv`, run the audit, print the table, write `audit.out`."""
     cfg = load_config(argv)
     report = audit(cfg, argv)
-    # The audit trains in memory and makes no run folder (see the module docstring), so a relative
-    # audit.out stays relative to the current directory; validate() refused an existing directory.
-    publish_report(cfg.audit.out, report, table(report))
+    publish_report(cfg.audit.out or default_out(cfg), report, table(report))
     return report
 
 

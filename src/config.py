@@ -94,9 +94,11 @@ def _bool(cfg: DictConfig, key: str) -> bool:
     return value
 
 
-def _not_a_folder(cfg: DictConfig, key: str) -> None:
-    """An output file path: a non-empty string that does not name an existing directory."""
+def _not_a_folder(cfg: DictConfig, key: str, nullable: bool = False) -> None:
+    """An output file path: a non-empty string that does not name an existing directory (or null if allowed)."""
     value = _get(cfg, key)
+    if nullable and value is None:
+        return
     _check(isinstance(value, str) and value != "", key, _shown(value), "a file path")
     _check(not Path(value).is_dir(), key, value, "a file path, not an existing directory")
 
@@ -307,7 +309,7 @@ def _validate_commands(cfg: DictConfig) -> None:
     """The keys of python -m src.audit, src.bench and the Flower app."""
     _int(cfg, "audit.clients", 1)
     _int(cfg, "audit.recovery_iters", 1)
-    _not_a_folder(cfg, "audit.out")
+    _not_a_folder(cfg, "audit.out", nullable=True)
     _int(cfg, "bench.reference_clients", 0, note=" (0 = skip)")
     _not_a_folder(cfg, "bench.out")
     for key in ("supernodes", "round_timeout", "min_nodes", "connect_timeout", "max_upload_bytes"):

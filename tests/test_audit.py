@@ -53,7 +53,8 @@ def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeyp
             "privacy.epsilon=50",
         ]
     )
-    written = json.loads((tmp_path / "audit.json").read_text())
+    (path,) = (tmp_path / "outputs" / "audit").glob("synthetic-full-clean-s0_*/audit.json")  # its own run folder
+    written = json.loads(path.read_text())
     assert written["membership_auc"] == report["membership_auc"]
     assert set(report["membership_auc"]) == {"row_sum", "row_degree", "distance_from_global"}
     assert all(0.0 <= v <= 1.0 for v in report["membership_auc"].values())
