@@ -273,6 +273,8 @@ def _validate_compute(cfg: DictConfig) -> None:
         return
     _bool(cfg, "compute.deterministic")
     _choice(cfg, "compute.matmul_precision", MATMUL_PRECISIONS)
+    if OmegaConf.select(cfg, "compute.gpu_block_scale", default=None) is not None:
+        _int(cfg, "compute.gpu_block_scale", 1)
 
 
 def _validate_server(cfg: DictConfig) -> None:

@@ -96,6 +96,15 @@ def configure(device: torch.device, deterministic: bool = True, matmul_precision
     torch.use_deterministic_algorithms(deterministic)
 
 
+def block_elements(cfg: DictConfig, key: str, device: torch.device) -> int:
+    """A block size in elements (`model.align_block`, `server.sim_block`) for `device`: as configured on the
+    CPU (cache-sized), times `compute.gpu_block_scale` on CUDA (few large kernels instead of many small ones)."""
+    size = int(OmegaConf.select(cfg, key))
+    if device.type != "cuda":
+        return size
+    return size * int(OmegaConf.select(cfg, "compute.gpu_block_scale", default=64))
+
+
 def setup_device(cfg: DictConfig) -> torch.device:
     """The run's compute device (`device`), configured by `compute.*` (absent keys: their defaults)."""
     device = resolve_device(cfg.device)

@@ -20,7 +20,7 @@ from src.central import make_central
 from src.cohort import sample_round
 from src.comm import Encoding, Ledger, embedding_bytes, quantise, shared_traffic
 from src.data.dataset import FedData
-from src.device import resolve_device, setup_device  # noqa: F401 (resolve_device: re-exported for old imports)
+from src.device import block_elements, resolve_device, setup_device  # noqa: F401 (resolve_device: re-exported for old imports)
 from src.evaluation import Evaluator
 from src.losses import AlignmentLoss
 from src.memory import auto_chunk_size, bytes_per_client, free_bytes
@@ -48,8 +48,8 @@ def shared_keys(ablation: DictConfig, params: Params) -> list[str]:
     return keys
 
 
-def make_alignment(cfg: DictConfig) -> AlignmentLoss:
-    """The client-side alignment terms of the configured ablation."""
+def make_alignment(cfg: DictConfig, device: torch.device | None = None) -> AlignmentLoss:
+    """The client-side alignment terms of the configured ablation (exact blocks sized for `device`)."""
     m = cfg.model
     return AlignmentLoss(
         alpha=float(m.alpha),
@@ -65,7 +65,7 @@ def make_alignment(cfg: DictConfig) -> AlignmentLoss:
         use_ica=bool(cfg.ablation.ica),
         use_gsa=bool(cfg.ablation.gsa),
         fast_anchors=int(m.fast_anchors),
-        block=int(m.align_block),
+        block=block_elements(cfg, "model.align_block", device or torch.device("cpu")),
         fast_gsa=str(m.fast_gsa),
     )
 
@@ -111,7 +111,7 @@ class FederatedModule(L.LightningModule):
         self.train_items = torch.as_tensor(data.train_items)
         self.evaluator = Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking))
         self.history: list[dict] = []
-        self.align = make_alignment(cfg) if (cfg.ablation.ica or cfg.ablation.gsa) else None
+        self.align = make_alignment(cfg, self.compute_device) if (cfg.ablation.ica or cfg.ablation.gsa) else None
         self.central = make_central(cfg, data, self.compute_device) if cfg.ablation.central else None
         self.chunk_size = self.resolve_chunk_size()
         self.encoding = Encoding.from_cfg(cfg.comm)
@@ -161,7 +161,7 @@ class FederatedModule(L.LightningModule):
                 self.data.n_items,
                 float(cfg.model.sigma),
                 bool(cfg.model.centre),
-                int(cfg.server.sim_block),
+                block_elements(cfg, "server.sim_block", self.compute_device),
                 self.compute_device,
                 noise=self.noise_scale,
                 topk=self.encoding.topk,

@@ -43,6 +43,7 @@ ADDED_KEYS = {
     "compute.deterministic": True,
     "compute.matmul_precision": "highest",
     "fl.max_auto_chunk": 1024,
+    "compute.gpu_block_scale": 64,
 }
 
 

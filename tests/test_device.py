@@ -294,3 +294,17 @@ def test_central_reads_the_losses_once_with_the_same_sum(compose_cfg):
     assert len(order) % old.batch and got == total / n
     for a, b in zip(new.model.parameters(), old.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_block_sizes_grow_on_cuda_only(compose_cfg):
+    from src.device import block_elements
+
+    cfg = compose_cfg(["dataset=synthetic"])
+    cpu_block = int(cfg.server.sim_block)
+    assert block_elements(cfg, "server.sim_block", torch.device("cpu")) == cpu_block
+    scale = int(cfg.compute.gpu_block_scale)
+    assert scale > 1
+    assert block_elements(cfg, "server.sim_block", torch.device("cuda")) == cpu_block * scale
+    assert block_elements(cfg, "model.align_block", torch.device("cuda")) == int(cfg.model.align_block) * scale
+    assert make_alignment(cfg, torch.device("cuda")).block == int(cfg.model.align_block) * scale
+    assert make_alignment(cfg).block == int(cfg.model.align_block)

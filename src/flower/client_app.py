@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from src.atomic import atomic_path
 from src.comm import Encoding, decode_entries, encode_entries
 from src.data.dataset import FedData, load
+from src.device import block_elements, setup_device
 from src.evaluation import Evaluator
-from src.federated import make_alignment, resolve_chunk_size, resolve_device, shared_keys
+from src.federated import make_alignment, resolve_chunk_size, shared_keys
 from src.flower.messages import Task, pack_reply, unpack_task
 from src.flower.settings import config_of, flower_checks
 from src.model import Params, init_params
@@ -139,9 +140,9 @@ def decode_broadcast(payload: bytes, m: int) -> torch.Tensor:
 
 def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, part: int) -> RecordDict:
     """Train this node's chosen clients, encode their uploads, evaluate all its clients."""
-    data, device = nd.data, resolve_device(cfg.device)
+    data, device = nd.data, setup_device(cfg)  # deterministic CUDA kernels and matmul precision, as the simulator
     keys = shared_keys(cfg.ablation, pool.state)
-    align = make_alignment(cfg) if (cfg.ablation.ica or cfg.ablation.gsa) else None
+    align = make_alignment(cfg, device) if (cfg.ablation.ica or cfg.ablation.gsa) else None
     if align is not None and task.labels is not None:
         align.update(task.labels, decode_broadcast(task.global_sim, data.n_items))
     encoding = Encoding.from_cfg(cfg.comm)
@@ -153,7 +154,7 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, pa
             data.n_items,
             float(cfg.model.sigma),
             bool(cfg.model.centre),
-            int(cfg.server.sim_block),
+            block_elements(cfg, "server.sim_block", device),
             device,
             noise=scale,
             topk=encoding.topk,

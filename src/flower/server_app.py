@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.comm import Encoding, embedding_bytes, encode_upper, labels_bytes, quantise, shared_traffic
 from src.data.dataset import load
+from src.device import block_elements
 from src.evaluation import split_metrics
 from src.federated import resolve_device, shared_keys
 from src.flower.messages import RejectedReply, Task, pack_task, unpack_reply
@@ -193,7 +194,9 @@ def aggregate(
     `server` in place, returns the round's row."""
     agg = MeanAggregator()
     sims = (
-        SimilarityAggregator(m, float(cfg.model.sigma), bool(cfg.model.centre), int(cfg.server.sim_block), device)
+        SimilarityAggregator(
+            m, float(cfg.model.sigma), bool(cfg.model.centre), block_elements(cfg, "server.sim_block", device), device
+        )
         if (cfg.ablation.ica or cfg.ablation.gsa)
         else None
     )
