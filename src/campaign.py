@@ -50,6 +50,7 @@ AXES = ("dataset", "ablation", "protocol", "seed")
 # keys that do not change what a run computes: they never tell two runs apart
 NOT_IDENTITY = (
     "resume",
+    "diag.",
     "experiment_name",
     "logger.",
     "data.root",

@@ -21,6 +21,7 @@ from src.cohort import sample_round
 from src.comm import Encoding, Ledger, embedding_bytes, quantise, shared_traffic
 from src.data.dataset import FedData
 from src.device import block_elements, resolve_device, setup_device  # noqa: F401 (resolve_device: re-exported for old imports)
+from src.diagnostics import GraphDiagnostics
 from src.evaluation import Evaluator
 from src.losses import AlignmentLoss
 from src.memory import auto_chunk_size, bytes_per_client, free_bytes
@@ -111,6 +112,11 @@ class FederatedModule(L.LightningModule):
         self.train_items = torch.as_tensor(data.train_items)
         self.evaluator = Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking))
         self.history: list[dict] = []
+        self.diag = (
+            GraphDiagnostics(data, float(cfg.model.sigma))
+            if OmegaConf.select(cfg, "diag.graph", default=False) and (cfg.ablation.ica or cfg.ablation.gsa)
+            else None
+        )
         self.align = make_alignment(cfg, self.compute_device) if (cfg.ablation.ica or cfg.ablation.gsa) else None
         self.central = make_central(cfg, data, self.compute_device) if cfg.ablation.central else None
         self.chunk_size = self.resolve_chunk_size()
@@ -237,6 +243,8 @@ class FederatedModule(L.LightningModule):
         tic = time.perf_counter()
         comms, stats = server_alignment(self.cfg, global_sim, self.align.labels)
         timings["time/community"] = time.perf_counter() - tic
+        if self.diag is not None:  # evaluation-only: uses the clients' training data (src/diagnostics.py)
+            stats.update(self.diag(global_sim))
         broadcast = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
         down = float(self.ledger.similarity_download(broadcast, len(comms.sizes)))
         stats.update({"comm/download_bytes_mean": down, "comm/download_bytes_total": down * n_clients})
@@ -288,6 +296,7 @@ class FederatedModule(L.LightningModule):
             "align": (self.align.labels, self.align.global_sim) if self.align else None,
             "ledger": self.ledger.state_dict(),
             "noise_gen": self.noise_gen.get_state(),
+            "diag_first_edges": None if self.diag is None else self.diag.first_edges,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -302,3 +311,5 @@ class FederatedModule(L.LightningModule):
         self.ledger.load_state_dict(fed.get("ledger", {}))
         if "noise_gen" in fed:
             self.noise_gen.set_state(fed["noise_gen"])
+        if self.diag is not None:
+            self.diag.first_edges = fed.get("diag_first_edges")

@@ -136,6 +136,7 @@ def collect(
 # config keys that may differ between runs of one row: the seed, and where things are read or written
 SAME_ROW = (
     "seed",
+    "diag.",
     "experiment_name",
     "data.root",
     "data.cache_dir",

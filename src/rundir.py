@@ -19,6 +19,7 @@ LOCK_NAME = ".run.lock"
 HYDRA_FILES = {LOCK_NAME, ".hydra", "multirun.yaml"}
 # Keys a resume may change: how long to go on, where to log and write, where the (verified) data is read from.
 RESUMABLE_KEYS = (
+    "diag.",
     "resume",
     "fl.rounds",
     "fl.checkpoint_every",
