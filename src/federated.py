@@ -244,7 +244,7 @@ class FederatedModule(L.LightningModule):
         comms, stats = server_alignment(self.cfg, global_sim, self.align.labels)
         timings["time/community"] = time.perf_counter() - tic
         if self.diag is not None:  # evaluation-only: uses the clients' training data (src/diagnostics.py)
-            stats.update(self.diag(global_sim))
+            stats.update(self.diag(global_sim, comms.labels))
         broadcast = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
         down = float(self.ledger.similarity_download(broadcast, len(comms.sizes)))
         stats.update({"comm/download_bytes_mean": down, "comm/download_bytes_total": down * n_clients})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -41,3 +43,47 @@ def test_graph_diagnostics_on_a_split(compose_cfg):
     later[iu[0][j], iu[1][j]] = 0.9  # three new edges, none from round 1
     out = diag(later)
     assert out["diag/edges"] == 3.0 and out["diag/edges_from_round1"] == 0.0
+
+
+def brute_nmi(a, b):
+    """NMI from the definition, pair counts by loops."""
+    n = len(a)
+    ua, ub = sorted(set(a)), sorted(set(b))
+    pa = {x: sum(1 for v in a if v == x) / n for x in ua}
+    pb = {y: sum(1 for v in b if v == y) / n for y in ub}
+    mi = 0.0
+    for x in ua:
+        for y in ub:
+            pxy = sum(1 for i in range(n) if a[i] == x and b[i] == y) / n
+            if pxy > 0:
+                mi += pxy * np.log(pxy / (pa[x] * pb[y]))
+    ha = -sum(p * np.log(p) for p in pa.values())
+    hb = -sum(p * np.log(p) for p in pb.values())
+    return 2 * mi / (ha + hb)
+
+
+def test_nmi_matches_the_definition():
+    from src.diagnostics import nmi
+
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 4, 60), rng.integers(0, 3, 60)
+    assert abs(nmi(a, b) - brute_nmi(list(a), list(b))) < 1e-12
+    assert abs(nmi(a, a * 7 + 1) - 1.0) < 1e-12  # a relabelling carries all the information
+
+
+def test_genres_of_ml100k_items(real_build):
+    from src.data.genres import item_genres
+
+    data = real_build("ml-100k", "clean")
+    genres = item_genres(data)
+    assert genres.shape == (data.n_items,)
+    # Toy Story (item 1): Animation|Children's|Comedy -> counted under its first flag, Animation (u.genre 3)
+    toy = int(np.flatnonzero(data.item_ids == 1)[0])
+    golden = int(np.flatnonzero(data.item_ids == 2)[0])  # GoldenEye: Action|Adventure|Thriller -> Action (1)
+    assert genres[toy] != genres[golden]
+    first_flags = {}
+    for line in (Path(data.folder) / "u.item").read_text(encoding="latin-1").splitlines():
+        parts = line.split("|")
+        first_flags[int(parts[0])] = next(i for i, f in enumerate(parts[5:]) if f == "1")
+    animation = {i for i, g in first_flags.items() if g == 3}  # u.genre: Animation|3
+    assert {int(i) for i in data.item_ids[genres == genres[toy]]} == animation

@@ -21,8 +21,8 @@ from src.data.split import dedupe_pairs, filter_min_interactions, leave_one_out
 from src.data.synthetic import planted_communities
 from src.protocols import all_interactions, draw_eval_negatives, interaction_matrix
 
-# 2: the .npz holds `digest` (sha256 of its arrays) and `exact`
-CACHE_VERSION = 2
+# 2: the .npz holds `digest` (sha256 of its arrays) and `exact`; 3: `item_ids` (original id of each item index)
+CACHE_VERSION = 3
 SPLIT_ARRAYS = (
     "shape",
     "exact",
@@ -79,6 +79,7 @@ class FedData:
     exact: bool
     notes: list[str] = field(default_factory=list)
     item_community: np.ndarray | None = None
+    item_ids: np.ndarray | None = None  # original id of each item index [m] (genres, diagnostics)
     verified: bool | None = None
 
     @property
@@ -277,10 +278,18 @@ def build(
         arrays = load_npz_verified(path, SPLIT_ARRAYS)
         notes = [*arrays.pop("notes").tolist(), *run_notes]
         community = arrays.pop("item_community", None)
+        item_ids = arrays.pop("item_ids", None)
         n_users, n_items = (int(v) for v in arrays.pop("shape"))
         exact = bool(arrays.pop("exact"))
         return FedData(
-            n_users=n_users, n_items=n_items, notes=notes, item_community=community, exact=exact, **meta, **arrays
+            n_users=n_users,
+            n_items=n_items,
+            notes=notes,
+            item_community=community,
+            item_ids=item_ids,
+            exact=exact,
+            **meta,
+            **arrays,
         )
     if synthetic:
         ratings, community = read_raw(dataset, bool(protocol.lineage_quirks), root)
@@ -317,6 +326,7 @@ def build(
         test_negatives=negatives[:, half:],
         notes=[*notes, *run_notes],
         item_community=community,
+        item_ids=np.asarray(loo.item_ids).astype(np.int64),
         exact=ratings.exact,
         **meta,
     )
@@ -332,6 +342,7 @@ def build(
         val_negatives=data.val_negatives,
         test_negatives=data.test_negatives,
         notes=np.array(notes, dtype=str),
+        item_ids=data.item_ids,
         **extra,
     )
     return data
