@@ -28,24 +28,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from src.alignment.release import ReleaseSpec, release_blocks
+from src.alignment.server import SimilaritySum
+from src.alignment.similarity import normalised
 from src.config import ConfigError, load_config, validate
 from src.data.dataset import load
-from src.federated import FederatedModule
 from src.results import publish_report, select_key
-from src.similarity import SimilarityAggregator, normalised
+from src.simulator.federated import FederatedModule
 
 
-def decoded_upload(
-    table: torch.Tensor, sigma: float, centre: bool, noise: float, bits: int, generator: torch.Generator
-) -> torch.Tensor:
+def decoded_upload(table: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator) -> torch.Tensor:
     """The m x m matrix the server decodes from one client's upload (symmetric, zero diagonal): the
-    server's own aggregator run on that client alone, so noise, threshold and quantisation are the
-    ones a run applies."""
-    agg = SimilarityAggregator(
-        table.shape[0], sigma, centre, block=4_194_304, device=table.device, noise=noise, bits=bits, generator=generator
-    )
-    agg.add(table.double().unsqueeze(0), torch.ones(1, dtype=torch.bool, device=table.device))
-    return agg.upper + agg.upper.T
+    client's own release (`src/alignment/release.py`) summed by the server alone, so noise, threshold,
+    top-k and quantisation are the ones a run applies."""
+    total = SimilaritySum(table.shape[0], table.device)
+    for blk in release_blocks(table.double().unsqueeze(0), spec, generator):
+        total.add_block(blk)
+    return total.upper + total.upper.T
 
 
 def auc(scores: np.ndarray, truth: np.ndarray) -> float:
@@ -96,7 +95,7 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     """Run the attacks described in the module docstring; return the report."""
     validate(cfg)  # audit.clients, audit.recovery_iters, audit.out, device, ... before any data is read
     n_clients = cfg.audit.clients
-    if not (cfg.ablation.ica or cfg.ablation.gsa):
+    if cfg.ablation.method != "alignfedrec":
         raise ConfigError(
             f"config ablation={cfg.ablation.name!r} uploads no similarity matrix: use full, no_ica or no_gsa"
         )
@@ -110,14 +109,14 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(int(cfg.seed) + 11)
     chosen = torch.randperm(data.n_users, generator=gen)[:n_clients].sort().values.tolist()
     sigma, d = float(cfg.model.sigma), int(cfg.model.dim)
-    global_sim = module.align.global_sim if module.align is not None else None
+    global_sim = module.broadcast.global_sim
     aucs: dict[str, list[float]] = {}
     recovered, chance = [], []
     ptr = np.asarray(data.train_ptr)
     items = np.asarray(data.train_items)
     for u in chosen:
         table = module.state["items"][u]
-        upload = decoded_upload(table, sigma, bool(cfg.model.centre), module.noise_scale, module.encoding.bits, gen)
+        upload = decoded_upload(table, module.method.spec, gen)
         truth = np.zeros(data.n_items, dtype=bool)
         truth[items[ptr[u] : ptr[u + 1]]] = True
         for name, scores in membership_scores(upload, global_sim).items():
@@ -134,8 +133,8 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
         "rounds": int(cfg.fl.rounds),
         "clients": len(chosen),
         "sigma": sigma,
-        "noise_scale": module.noise_scale,
-        "epsilon_round_entry": module.eps_round,
+        "noise_scale": module.method.spec.noise,
+        "epsilon_round_entry": module.method.eps_round,
         "bits": module.encoding.bits,
         "overrides": list(overrides),
         "train_s": train_s,

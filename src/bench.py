@@ -11,7 +11,7 @@ no run folder), runs one warm-up round that is not counted, then R rounds, and r
 - host-device traffic per round: the tensors handed to the device and the values read back (each
   read a sync on a GPU) through `src/device.py`, mean over R; counted on the CPU too, where they cost
   nothing, so a CPU bench shows what a GPU round would do (a few per chunk, none per local step);
-- the stacked cohort against the per-client reference loop (`src/reference.py`) doing the same
+- the stacked cohort against the per-client reference loop (`src/clients/reference.py`) doing the same
   work: `bench.reference_clients` random clients, one set of round samples and batch layout,
   trained once stacked (`train_cohort`, chunked as a round chunks them) and once client by client
   (`train_client`, nn.Module + torch.optim), from the same parameters, in this process. Reported:
@@ -39,13 +39,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from src.cohort import batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
+from src.clients.cohort import batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
+from src.clients.reference import ExactAlignment, client_batches, make_client, train_client
 from src.config import load_config, validate
 from src.data.dataset import load
 from src.device import COUNTERS
-from src.federated import FederatedModule
-from src.reference import ExactAlignment, client_batches, make_client, train_client
 from src.results import publish_report, select_key
+from src.simulator.federated import FederatedModule
 
 PHASES = ("sample", "train", "aggregate", "community", "eval")
 
@@ -118,12 +118,12 @@ def reference_comparison(module: FederatedModule, n_clients: int, generator: tor
 
     def start(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         params = module.pool.params(rows, device)
-        for key in module.keys:
+        for key in module.server:
             params[key].copy_(module.server[key].to(device).expand_as(params[key]))
         return params
 
-    align = module.align if module.align is not None and module.align.active else None
-    dense = align.value_and_grad if align is not None else None
+    dense = module.method.dense_loss(module.broadcast)
+    align, b = (module.method.loss, module.broadcast) if dense is not None else (None, None)
     plain = None
     if align is not None:
         plain = ExactAlignment(
@@ -135,8 +135,8 @@ def reference_comparison(module: FederatedModule, n_clients: int, generator: tor
             align.centre,
             align.mask,
             align.reduction,
-            None if align.labels is None else align.labels.to(device),
-            None if align.global_sim is None else align.global_sim.to(device),
+            None if b.labels is None else b.labels.to(device),
+            None if b.global_sim is None else b.global_sim.to(device),
         )
     stacked_s, stacked_steps, stacked_bce, padded = 0.0, 0, 0.0, 0
     reference_s, reference_losses, max_diff = 0.0, [], 0.0

@@ -12,8 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from src.data.protocols import TRAIN_NEGATIVE_POOLS
 from src.device import MATMUL_PRECISIONS
-from src.protocols import TRAIN_NEGATIVE_POOLS
 from src.results import DEFAULT_SELECT, SELECT_PATTERN
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -181,19 +181,26 @@ def _validate_optim(cfg: DictConfig) -> None:
         _num(cfg, "optim.eps", _positive, "> 0")
 
 
+def method_modules() -> tuple[str, ...]:
+    """The method modules of src/methods/ (each has `build(cfg, device)`): the values `ablation.method` takes."""
+    folder = Path(__file__).resolve().parent / "methods"
+    return tuple(sorted(p.stem for p in folder.glob("*.py") if "\ndef build(" in p.read_text()))
+
+
 def _validate_ablation(cfg: DictConfig) -> None:
+    _choice(cfg, "ablation.method", method_modules())
     for key in ("item_table", "score_fn"):
         _choice(cfg, f"ablation.{key}", ("mean", "personal"))
     for key in ("central", "ica", "gsa"):
         _bool(cfg, f"ablation.{key}")
-    # the central ablation trains its own pooled model (src/central.py)
+    # the central ablation trains its own pooled model (src/methods/central.py)
     if "lr" in cfg.ablation:
         _num(cfg, "ablation.lr", _positive, "> 0")
     if "batch_size" in cfg.ablation:
         _int(cfg, "ablation.batch_size", 1)
     if "init_std" in cfg.ablation:
         _num(cfg, "ablation.init_std", _positive, "> 0")
-    # the calibration baselines (src/calibration.py): centralised scorers that train nothing
+    # the calibration baselines (src/methods/calibration.py): centralised scorers that train nothing
     if "scorer" in cfg.ablation:
         _choice(cfg, "ablation.scorer", CENTRAL_SCORERS)
         _check(

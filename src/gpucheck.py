@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from src.community import adjusted_rand_index
+from src.alignment.community import adjusted_rand_index
 from src.config import load_config
 from src.data.dataset import load
-from src.federated import FederatedModule
 from src.results import publish_report
+from src.simulator.federated import FederatedModule
 
 PATHS = {
     "pfedrec": ["ablation=backbone"],
@@ -75,8 +75,8 @@ def compare(overrides: list[str], device: str, rounds: int) -> dict[str, Any]:
             phases[key[5:]] = value
     diffs = {f"state/{k}": rel_diff(dev.state[k], cpu.state[k]) for k in cpu.state}
     diffs |= {f"server/{k}": rel_diff(dev.server[k], cpu.server[k]) for k in cpu.server}
-    if cpu.align is not None and cpu.align.global_sim is not None:
-        diffs["S_g"] = rel_diff(dev.align.global_sim, cpu.align.global_sim)
+    if cpu.broadcast.global_sim is not None:
+        diffs["S_g"] = rel_diff(dev.broadcast.global_sim, cpu.broadcast.global_sim)
     for key in rows_cpu[-1]:
         if key.startswith("loss/"):
             diffs[key] = abs(rows_dev[-1][key] - rows_cpu[-1][key]) / max(abs(rows_cpu[-1][key]), 1e-12)
@@ -89,8 +89,8 @@ def compare(overrides: list[str], device: str, rounds: int) -> dict[str, Any]:
             default=0.0,
         ),
     }
-    if cpu.align is not None and cpu.align.labels is not None:
-        out["community_ari"] = adjusted_rand_index(np.asarray(dev.align.labels), np.asarray(cpu.align.labels))
+    if cpu.broadcast.labels is not None:
+        out["community_ari"] = adjusted_rand_index(np.asarray(dev.broadcast.labels), np.asarray(cpu.broadcast.labels))
     return out
 
 

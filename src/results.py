@@ -128,7 +128,7 @@ def chance_level(k: int, candidates: int) -> dict[str, float]:
     """hit@K and ndcg@K of a random scorer: the held-out item's rank uniform on 1..`candidates`.
 
     hit@K = min(K, n) / n and ndcg@K = (1/n) * sum over r = 1..min(K, n) of 1 / log2(r + 1), exactly
-    (the metrics of `src.metrics.rank_metrics` averaged over every rank).
+    (the metrics of `src.evaluation.metrics.rank_metrics` averaged over every rank).
     """
     if k < 1 or candidates < 1:
         raise ValueError(f"chance_level needs K >= 1 and candidates >= 1, got K={k}, candidates={candidates}")

@@ -30,9 +30,9 @@ from src.atomic import atomic_write_text
 from src.checkpoint import AtomicCheckpoint
 from src.config import validate
 from src.data.dataset import FedData, load
-from src.federated import FederatedModule
 from src.loggers import LEAFSPEC_WARNING, RoundCSV, RoundProgress, finish_loggers, make_loggers, quiet_lightning
 from src.results import build_results, report_best, select_key, write_results
+from src.simulator.federated import FederatedModule
 
 log = logging.getLogger(__name__)
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM

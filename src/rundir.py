@@ -48,9 +48,17 @@ ADDED_KEYS = {
 }
 
 
+# Keys fixed by others (each ablation name has one method module), so runs made before they existed match.
+DERIVED_KEYS = ("ablation.method",)
+
+
 def normalised(config: dict) -> dict[str, Any]:
-    """A resolved config flattened, without the added keys that hold their neutral default."""
-    return {k: v for k, v in flatten(config).items() if not (k in ADDED_KEYS and ADDED_KEYS[k] == v)}
+    """A resolved config flattened, without the derived keys and the added keys that hold their neutral default."""
+    return {
+        k: v
+        for k, v in flatten(config).items()
+        if k not in DERIVED_KEYS and not (k in ADDED_KEYS and ADDED_KEYS[k] == v)
+    }
 
 
 class RunFolderError(RuntimeError):

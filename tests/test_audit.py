@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import src.audit as audit_mod
+from src.alignment.release import ReleaseSpec
+from src.alignment.similarity import normalised
 from src.audit import aligned_cosine, auc, complete_rank_d, decoded_upload, main
 from src.config import ConfigError
-from src.similarity import normalised
 
 
 def test_auc_is_the_pairwise_probability_with_half_ties():
@@ -29,9 +30,9 @@ def test_recovery_is_exact_from_the_full_matrix_and_worse_from_a_thresholded_noi
     gen = torch.Generator().manual_seed(0)
     table = torch.randn(60, 4, generator=gen, dtype=torch.float64)
     target = normalised(table.unsqueeze(0), True)[0]
-    full = decoded_upload(table, -1.0, True, 0.0, 32, gen)  # sigma -1: every entry released
+    full = decoded_upload(table, ReleaseSpec(-1.0, True), gen)  # sigma -1: every entry released
     assert aligned_cosine(complete_rank_d(full, 4, -1.0, 3), target) > 0.999
-    noisy = decoded_upload(table, 0.5, True, 0.5, 32, gen)
+    noisy = decoded_upload(table, ReleaseSpec(0.5, True, noise=0.5), gen)
     assert aligned_cosine(complete_rank_d(noisy, 4, 0.5, 10), target) < 0.95
     # a random factor is far from the truth after the same alignment
     assert aligned_cosine(torch.randn(60, 4, generator=gen, dtype=torch.float64), target) < 0.8

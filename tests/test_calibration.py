@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from src.calibration import ItemKNNScorer, PopularityScorer, knn_similarity
+from src.methods.calibration import ItemKNNScorer, PopularityScorer, knn_similarity
 
 
 def tiny_data(compose_cfg):

@@ -1,6 +1,6 @@
 """The stacked cohort trains every client exactly as a per-client nn.Module + torch.optim loop.
 
-`src/reference.py` (re-exported by `tests/reference.py`) is an independent per-client
+`src/clients/reference.py` (re-exported by `tests/reference.py`) is an independent per-client
 implementation (nn.Embedding, nn.Linear, nn.BCELoss / BCEWithLogitsLoss, torch.optim.SGD / Adam
 created fresh per client and round, the PFedRec two-optimiser engine for `optim.alternate`). Both
 consume the same round samples and batch layout; after one round every parameter of every client
@@ -15,12 +15,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from reference import client_batches, make_client, train_client
-from src.cohort import batch_layout, sample_round, train_cohort
-from src.model import init_params
-from src.protocols import NegativeSampler
-from src.server import MeanAggregator
+
+from src.clients.cohort import batch_layout, sample_round, train_cohort
+from src.clients.model import init_params
+from src.data.protocols import NegativeSampler
+from src.simulator.server import MeanAggregator
 
 N_ITEMS, DIM, BATCH, NEGATIVES = 40, 8, 4, 4
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -190,7 +190,8 @@ def test_mean_aggregator_chunked_equals_plain_mean():
     agg = MeanAggregator()
     for rows in chunks:
         rows = torch.tensor(rows)
-        agg.add({k: v[rows] for k, v in params.items()}, ["items", "b0"], uploaded[rows])
+        sent = uploaded[rows]
+        agg.add({k: params[k][rows][sent] for k in ("items", "b0")}, int(sent.sum()))
     previous = {"items": torch.zeros(5, 3), "b0": torch.zeros(1)}
     out = agg.result(previous)
     assert set(out) == {"items", "b0"}
@@ -204,8 +205,9 @@ def test_mean_aggregator_chunked_equals_plain_mean():
 def test_mean_aggregator_nobody_uploads_keeps_previous():
     params = {"items": torch.randn(4, 5, 3)}
     agg = MeanAggregator()
-    agg.add(params, ["items"], torch.zeros(4, dtype=torch.bool))
-    agg.add(params, ["items"], torch.zeros(4, dtype=torch.bool))
+    nobody = torch.zeros(4, dtype=torch.bool)
+    agg.add({"items": params["items"][nobody]}, 0)
+    agg.add({"items": params["items"][nobody]}, 0)
     previous = {"items": torch.randn(5, 3)}
     out = agg.result(previous)
     assert set(out) == {"items"}
@@ -219,7 +221,9 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
     """BCE + alpha ICA + beta GSA (exact mode, stacked, cluster-sum algebra) trains every client as
     the per-client loop with the loss written plainly (positive-pair mask, dense masked GSA)."""
     from reference import ExactAlignment
-    from src.federated import make_alignment
+
+    from src.alignment.broadcast import Broadcast
+    from src.methods.alignfedrec import build
 
     cfg = compose_cfg(
         [
@@ -248,10 +252,9 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
     global_sim = torch.rand(N_ITEMS, N_ITEMS, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     global_sim = (global_sim + global_sim.T) / 2
     global_sim.fill_diagonal_(0)
-    align = make_alignment(cfg)
-    align.update(labels, global_sim)
+    dense = build(cfg, torch.device("cpu")).dense_loss(Broadcast(labels, global_sim, float(cfg.model.sigma)))
     trained = copy.deepcopy(init)
-    losses = train_cohort(trained, samples, layout, cfg.optim, N_ITEMS, cfg.model.loss, align.value_and_grad)
+    losses = train_cohort(trained, samples, layout, cfg.optim, N_ITEMS, cfg.model.loss, dense)
     assert losses["ica"] > 0 and losses["gsa"] > 0
     m = cfg.model
     plain = ExactAlignment(

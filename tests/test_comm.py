@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from alignment_helpers import np_cosine, np_upload
+from uploads import Uploads
 
-from src.comm import (
+from src.comm.codec import (
     Encoding,
     Ledger,
     decode_upper,
@@ -20,9 +21,8 @@ from src.comm import (
     quantise,
     sparse_bytes,
 )
-from src.privacy import epsilon_spent, laplace_scale
+from src.comm.privacy import epsilon_spent, laplace, laplace_scale
 from src.run import train
-from src.similarity import SimilarityAggregator, laplace
 
 CPU = torch.device("cpu")
 
@@ -69,7 +69,7 @@ def upload_matrices(tabs: torch.Tensor, sigma: float, centre: bool) -> list[np.n
 def test_server_sums_what_it_would_decode(bits):
     c, m, d, sigma = 5, 14, 3, 0.4
     tabs = torch.randn(c, m, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    agg = SimilarityAggregator(m, sigma, True, block=50, device=CPU, rows=4, bits=bits)
+    agg = Uploads(m, sigma, True, block=50, rows=4, bits=bits)
     agg.add(tabs, torch.ones(c, dtype=torch.bool))
     decoded = [decode_upper(encode_upper(u, "csr", bits, lo=sigma, hi=1.0)) for u in upload_matrices(tabs, sigma, True)]
     np.testing.assert_allclose(agg.mean().double().numpy(), np.mean(decoded, axis=0), atol=1e-6)
@@ -79,7 +79,7 @@ def test_server_sums_what_it_would_decode(bits):
 def test_topk_keeps_the_k_largest_of_each_row_or_column():
     c, m, d, sigma, k = 3, 16, 4, 0.0, 2
     tabs = torch.randn(c, m, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    agg = SimilarityAggregator(m, sigma, True, block=64, device=CPU, rows=5, topk=k)
+    agg = Uploads(m, sigma, True, block=64, rows=5, topk=k)
     agg.add(tabs, torch.ones(c, dtype=torch.bool))
     expected = []
     for up in upload_matrices(tabs, sigma, True):
@@ -134,12 +134,10 @@ def test_noise_changes_the_upload_and_the_seed_fixes_it():
     tabs = torch.randn(c, m, d, generator=torch.Generator().manual_seed(3))
     means = []
     for seed in (0, 0, 1):
-        agg = SimilarityAggregator(
-            m, 0.5, True, block=40, device=CPU, rows=4, noise=0.2, generator=torch.Generator().manual_seed(seed)
-        )
+        agg = Uploads(m, 0.5, True, block=40, rows=4, noise=0.2, generator=torch.Generator().manual_seed(seed))
         agg.add(tabs, torch.ones(c, dtype=torch.bool))
         means.append(agg.mean())
-    plain = SimilarityAggregator(m, 0.5, True, block=40, device=CPU, rows=4)
+    plain = Uploads(m, 0.5, True, block=40, rows=4)
     plain.add(tabs, torch.ones(c, dtype=torch.bool))
     assert torch.equal(means[0], means[1]) and not torch.equal(means[0], means[2])
     assert not torch.allclose(means[0], plain.mean())

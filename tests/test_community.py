@@ -16,7 +16,7 @@ from alignment_helpers import (
     planted_blocks,
 )
 
-from src.community import adjusted_rand_index, detect, relabel, similarity_graph
+from src.alignment.community import adjusted_rand_index, detect, relabel, similarity_graph
 
 
 # ============================================================================ 6. communities

@@ -56,7 +56,7 @@ def test_only_the_leafspec_deprecation_is_ignored():
         for message, category, module in [
             (leafspec, FutureWarning, "lightning.pytorch.utilities._pytree"),
             ("something else is deprecated", FutureWarning, "lightning.pytorch.utilities._pytree"),
-            (leafspec, FutureWarning, "src.model"),
+            (leafspec, FutureWarning, "src.clients.model"),
             (leafspec, UserWarning, "lightning.pytorch.utilities._pytree"),
         ]:
             warnings.warn_explicit(message, category, "x.py", 1, module=module)

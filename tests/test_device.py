@@ -10,18 +10,23 @@ import torch
 import torch.nn.functional as F
 
 from src import device as dev
-from src import memory, rundir
-from src.central import CentralTrainer
-from src.cohort import batch_layout, sample_round, train_cohort
+from src import rundir
+from src.alignment.broadcast import Broadcast
+from src.clients.cohort import batch_layout, sample_round, train_cohort
+from src.clients.model import init_params
 from src.config import ConfigError
 from src.data.dataset import build
-from src.federated import FederatedModule, make_alignment, resolve_chunk_size
 from src.flower.messages import Task, pack_task
-from src.model import init_params
-from src.server import MeanAggregator
+from src.methods import alignfedrec
+from src.methods.central import CentralTrainer
+from src.simulator import memory
+from src.simulator.federated import FederatedModule
+from src.simulator.memory import resolve_chunk_size
+from src.simulator.server import MeanAggregator
 from tests.test_cohort_exact import N_ITEMS, NEGATIVES, make_problem
 
 META = torch.device("meta")
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +48,7 @@ def fake_cuda(monkeypatch):
     return calls
 
 
-def test_resolve_device_moved_and_reexported():
-    from src.federated import resolve_device
-
-    assert resolve_device is dev.resolve_device
+def test_resolve_device():
     assert dev.resolve_device("cpu") == torch.device("cpu")
     assert dev.resolve_device("cuda:1") == torch.device("cuda:1")
     assert dev.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,7 +133,7 @@ def test_auto_chunk_is_capped(compose_cfg, monkeypatch):
     assert memory.auto_chunk_size(6040, 1000, free=2**40, fraction=0.5) == 6040
     assert memory.auto_chunk_size(6040, 1000, free=2**40, fraction=0.5, cap=1024) == 1024
     assert memory.auto_chunk_size(6040, 1000, free=10**6, fraction=0.5, cap=1024) == 500
-    monkeypatch.setattr("src.federated.free_bytes", lambda device: 2**50)  # a device that fits everyone
+    monkeypatch.setattr("src.simulator.memory.free_bytes", lambda device: 2**50)  # a device that fits everyone
     cfg = compose_cfg(["fl.chunk_size=auto"])
     assert resolve_chunk_size(cfg, 3706, 6040, torch.device("cpu")) == 1024
     cfg = compose_cfg(["fl.chunk_size=auto", "fl.max_auto_chunk=7"])
@@ -146,13 +148,13 @@ def test_server_mean_lives_on_the_server_device():
     uploaded = torch.tensor([True, False, True, True])
     agg = MeanAggregator()
     syncs = dev.COUNTERS.syncs
-    agg.add(params, ["items", "b0"], uploaded)
-    assert dev.COUNTERS.syncs == syncs + 1 and agg.count == 3
+    agg.add({k: v[uploaded] for k, v in params.items()}, 3)
+    assert dev.COUNTERS.syncs == syncs and agg.count == 3  # the count comes from the CPU, no read-back
     out = agg.result(previous)
     assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in out.values())
     pack_task(Task(1, torch.arange(4), out, None, None))  # the Flower broadcast: `.numpy()` on each tensor
     elsewhere = MeanAggregator(META)
-    elsewhere.add(params, ["items", "b0"], uploaded)
+    elsewhere.add({k: v[uploaded] for k, v in params.items()}, 3)
     assert all(v.device == META for v in elsewhere.result(previous).values())
 
 
@@ -161,38 +163,37 @@ def test_alignment_copies_the_broadcast_once_per_device(compose_cfg, mode):
     """Steps reuse the copies made at the first step after a broadcast (`meta` stands in for the GPU)."""
     extra = ["model.fast_gsa=pairs"] if mode == "fast_pairs" else []
     cfg = compose_cfg(["ablation=full", f"model.alignment={mode.split('_')[0]}", "model.dim=4", *extra])
-    align = make_alignment(cfg)
+    align = alignfedrec.build(cfg, CPU).loss
     m = 12
     g = torch.rand(m, m, generator=torch.Generator().manual_seed(0))
     g = (g + g.T) / 2
     g.fill_diagonal_(0)
-    align.update(torch.arange(m) % 3, g)
+    b = Broadcast(torch.arange(m) % 3, g, align.sigma)
     table = torch.randn(3, m, 4, device=META)
     anchors = torch.zeros(3, 5, dtype=torch.long, device=META)
     valid = torch.ones(3, 5, dtype=torch.bool, device=META)
     first = dev.COUNTERS.transfers
-    align.value_and_grad(table, anchors, valid)
+    align.value_and_grad(table, anchors, valid, b)
     copied = dev.COUNTERS.transfers - first
     assert copied == (4 if mode == "fast_pairs" else 3)  # labels, sizes and S_g (or its pairs and targets)
-    cached = {name: align.on(name, META) for name in ("labels", "sizes", "global_sim", "pairs", "targets")}
+    cached = {name: b.on(name, META) for name in ("labels", "sizes", "global_sim", "pairs", "targets")}
     after = dev.COUNTERS.transfers
     for _ in range(3):
-        align.value_and_grad(table, anchors, valid)
+        align.value_and_grad(table, anchors, valid, b)
     assert dev.COUNTERS.transfers == after
-    assert all(align.on(name, META) is t and t.device == META for name, t in cached.items())
-    assert align.on("global_sim", torch.device("cpu")) is g  # on the device it is on: itself
-    align.update(torch.arange(m) % 2, g)  # a new broadcast is copied anew
-    assert align.on("labels", META) is not cached["labels"]
+    assert all(b.on(name, META) is t and t.device == META for name, t in cached.items())
+    assert b.on("global_sim", CPU) is g  # on the device it is on: itself
+    assert Broadcast(torch.arange(m) % 2, g, align.sigma).on("labels", META) is not cached["labels"]  # a new one
 
 
 def test_cpu_steps_make_no_copy_of_the_broadcast(compose_cfg, monkeypatch):
     """On the CPU too: no `.to(` call on any broadcast tensor inside a step."""
     cfg = compose_cfg(["ablation=full", "model.alignment=fast", "model.dim=4"])
-    align = make_alignment(cfg)
-    align.update(torch.arange(12) % 3, torch.rand(12, 12))
-    broadcast = {id(getattr(align, n)) for n in ("labels", "sizes", "global_sim", "pairs", "targets")}
+    align = alignfedrec.build(cfg, CPU).loss
+    b = Broadcast(torch.arange(12) % 3, torch.rand(12, 12), align.sigma)
+    broadcast = {id(getattr(b, n)) for n in ("labels", "sizes", "global_sim", "pairs", "targets")}
     table, anchors, valid = torch.randn(3, 12, 4), torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 5).bool()
-    align.value_and_grad(table, anchors, valid)
+    align.value_and_grad(table, anchors, valid, b)
     moved = []
     real_to = torch.Tensor.to
 
@@ -201,7 +202,7 @@ def test_cpu_steps_make_no_copy_of_the_broadcast(compose_cfg, monkeypatch):
         return real_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", to)
-    align.value_and_grad(table, anchors, valid)
+    align.value_and_grad(table, anchors, valid, b)
     assert moved and not broadcast & set(moved)
 
 
@@ -217,8 +218,8 @@ def cohort_traffic(cfg, batch_size: int, monkeypatch) -> tuple[int, dict[str, in
     layout = batch_layout(samples, rows, 2, batch_size, 1, 1)
     init = init_params(cfg.model, 7, N_ITEMS, torch.Generator().manual_seed(2))
     params = {k: v[rows].clone() for k, v in init.items()}
-    align = make_alignment(cfg)
-    align.update(torch.arange(N_ITEMS) % 5, torch.rand(N_ITEMS, N_ITEMS, generator=torch.Generator().manual_seed(3)))
+    g = torch.rand(N_ITEMS, N_ITEMS, generator=torch.Generator().manual_seed(3))
+    dense = alignfedrec.build(cfg, CPU).dense_loss(Broadcast(torch.arange(N_ITEMS) % 5, g, float(cfg.model.sigma)))
     implicit = {"reads": 0}
     for name in SYNC_METHODS:
         real = getattr(torch.Tensor, name)
@@ -229,7 +230,7 @@ def cohort_traffic(cfg, batch_size: int, monkeypatch) -> tuple[int, dict[str, in
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     before = dev.COUNTERS.snapshot()
-    losses = train_cohort(params, samples, layout, cfg.optim, N_ITEMS, cfg.model.loss, align.value_and_grad)
+    losses = train_cohort(params, samples, layout, cfg.optim, N_ITEMS, cfg.model.loss, dense)
     monkeypatch.undo()
     counts = {k: v - before[k] for k, v in dev.COUNTERS.snapshot().items()} | implicit
     return layout.index.shape[1], counts, losses
@@ -264,7 +265,7 @@ def test_round_syncs_do_not_grow_with_steps(compose_cfg):
     assert many_steps > 10 * few_steps
     assert many == few, per_round
     chunks = -(-60 // 16)
-    assert few["syncs"] == 2 * chunks  # per chunk: the losses, the server's count of uploads
+    assert few["syncs"] == chunks  # per chunk: the losses (the count of uploads is known on the CPU)
 
 
 def test_central_reads_the_losses_once_with_the_same_sum(compose_cfg):
@@ -306,5 +307,5 @@ def test_block_sizes_grow_on_cuda_only(compose_cfg):
     assert scale > 1
     assert block_elements(cfg, "server.sim_block", torch.device("cuda")) == cpu_block * scale
     assert block_elements(cfg, "model.align_block", torch.device("cuda")) == int(cfg.model.align_block) * scale
-    assert make_alignment(cfg, torch.device("cuda")).block == int(cfg.model.align_block) * scale
-    assert make_alignment(cfg).block == int(cfg.model.align_block)
+    assert alignfedrec.build(cfg, torch.device("cuda")).loss.block == int(cfg.model.align_block) * scale
+    assert alignfedrec.build(cfg, CPU).loss.block == int(cfg.model.align_block)

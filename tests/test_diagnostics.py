@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.diagnostics import GraphDiagnostics, average_ranks, spearman
+from src.alignment.diagnostics import GraphDiagnostics, average_ranks, spearman
 
 
 def brute_ranks(x: np.ndarray) -> np.ndarray:
@@ -63,7 +63,7 @@ def brute_nmi(a, b):
 
 
 def test_nmi_matches_the_definition():
-    from src.diagnostics import nmi
+    from src.alignment.diagnostics import nmi
 
     rng = np.random.default_rng(3)
     a, b = rng.integers(0, 4, 60), rng.integers(0, 3, 60)

@@ -275,7 +275,7 @@ def test_methods_share_what_they_should(compose_cfg):
     import torch
 
     from src.data.dataset import build
-    from src.federated import FederatedModule
+    from src.simulator.federated import FederatedModule
 
     tables = {}
     for ablation in ("backbone", "local", "fedavg"):
@@ -302,7 +302,7 @@ def test_methods_share_what_they_should(compose_cfg):
 def test_init_of_some_clients_equals_their_rows_of_the_full_init(compose_cfg, shared):
     import torch
 
-    from src.model import init_params
+    from src.clients.model import init_params
 
     cfg = compose_cfg(
         [f"model.shared_init={str(shared).lower()}", "model.user_embedding=true", "model.score_hidden=[4]"]

@@ -18,7 +18,7 @@ pytest.importorskip("flwr")
 from flwr.app import Array, Context, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from src.comm import PayloadError, decode_entries, encode_entries  # noqa: E402
+from src.comm.codec import PayloadError, decode_entries, encode_entries  # noqa: E402
 from src.flower.client_app import make_client_app  # noqa: E402
 from src.flower.messages import RejectedReply, pack_reply, unpack_reply  # noqa: E402
 from src.flower.server_app import serve  # noqa: E402
@@ -276,7 +276,7 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
     """fl.chunk_size=auto on a node: cohorts sized from its device's free memory (here: room for 2
     clients), not one cohort of all its clients; the run still matches the simulator."""
     from src.flower import client_app
-    from src.memory import bytes_per_client
+    from src.simulator.memory import bytes_per_client
 
     cfg = compose_cfg([*SMALL, "fl.chunk_size=auto"])
     from src.data.dataset import load
@@ -288,12 +288,14 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
         int(cfg.model.fast_anchors),
         int(cfg.fl.batch_size),
     )
-    monkeypatch.setattr("src.federated.free_bytes", lambda device: int(2.5 * per / float(cfg.fl.memory_fraction)))
+    monkeypatch.setattr(
+        "src.simulator.memory.free_bytes", lambda device: int(2.5 * per / float(cfg.fl.memory_fraction))
+    )
     used = []
     real = client_app.train_clients
 
     def spy(*args):
-        used.append(args[-2])  # chunk_size
+        used.append(args[-1])  # chunk_size
         return real(*args)
 
     monkeypatch.setattr(client_app, "train_clients", spy)
@@ -304,7 +306,7 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
 
 
 def test_the_server_advances_the_failure_stream_as_the_simulator_draws_it():
-    from src.rounds import advance_failure_stream, draw_failures
+    from src.simulator.rounds import advance_failure_stream, draw_failures
 
     a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     draw_failures(37, 0.3, a)

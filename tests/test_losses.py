@@ -6,6 +6,8 @@ never with the function under test. Tables are stacked over clients: [C, m, d].
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -27,8 +29,9 @@ from alignment_helpers import (
     tables,
 )
 
-from src.losses import AlignmentLoss, gsa_exact, gsa_pairs, ica_batch, ica_exact
-from src.similarity import normalised
+from src.alignment.broadcast import Broadcast
+from src.alignment.losses import AlignmentLoss, gsa_exact, gsa_pairs, ica_batch, ica_exact
+from src.alignment.similarity import normalised
 
 # ============================================================================ 3. GSA
 MASKS = ("local", "global", "union")
@@ -275,26 +278,25 @@ def make_loss(
     )
 
 
-def test_alignment_loss_inactive_before_update():
+def test_alignment_loss_inactive_before_a_broadcast():
     loss = make_loss()
     t = tables(5, 12, 4, seed=30)
-    assert loss.active is False
-    assert loss.terms(t) == {}
+    empty = Broadcast.empty(0.45)
+    assert loss.active(empty) is False
+    assert loss.terms(t, empty) == {}
     anchors = torch.zeros(5, 3, dtype=torch.long)
-    values, grad = loss.value_and_grad(t, anchors, torch.ones(5, 3, dtype=torch.bool))
+    values, grad = loss.value_and_grad(t, anchors, torch.ones(5, 3, dtype=torch.bool), empty)
     assert values == {} and grad.shape == t.shape and torch.count_nonzero(grad) == 0
     # only what an enabled term needs makes it active
     gs = random_global(12, seed=31, sigma=0.45)
+    labels_only, sim_only = Broadcast(torch.zeros(12, dtype=torch.long), None, 0.45), Broadcast(None, gs, 0.45)
+    both = Broadcast(torch.zeros(12, dtype=torch.long), gs, 0.45)
     only_gsa = make_loss(use_ica=False)
-    only_gsa.update(torch.zeros(12, dtype=torch.long), None)
-    assert only_gsa.active is False and only_gsa.terms(t) == {}
-    only_gsa.update(None, gs)
-    assert only_gsa.active is True and set(only_gsa.terms(t)) == {"gsa"}
+    assert only_gsa.active(labels_only) is False and only_gsa.terms(t, labels_only) == {}
+    assert only_gsa.active(sim_only) is True and set(only_gsa.terms(t, sim_only)) == {"gsa"}
     only_ica = make_loss(use_gsa=False)
-    only_ica.update(None, gs)
-    assert only_ica.active is False
-    only_ica.update(torch.zeros(12, dtype=torch.long), gs)
-    assert only_ica.active is True and set(only_ica.terms(t)) == {"ica"}
+    assert only_ica.active(sim_only) is False
+    assert only_ica.active(both) is True and set(only_ica.terms(t, both)) == {"ica"}
 
 
 @pytest.mark.parametrize("mask", MASKS)
@@ -305,10 +307,10 @@ def test_alignment_value_and_grad_equals_per_client_autograd(mask, reduction):
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 4, 0, 5, 2])
     gs = random_global(m, seed=33, sigma=sigma)
     loss = make_loss(mask=mask, reduction=reduction, chunk=2, sigma=sigma)
-    loss.update(labels, gs)
-    assert loss.active
+    b = Broadcast(labels, gs, sigma)
+    assert loss.active(b)
     anchors = torch.stack([torch.randperm(m, generator=gen(34 + i))[:6] for i in range(c)])
-    values, grad = loss.value_and_grad(t, anchors, torch.ones(c, 6, dtype=torch.bool))
+    values, grad = loss.value_and_grad(t, anchors, torch.ones(c, 6, dtype=torch.bool), b)
     assert set(values) == {"ica", "gsa"} and values["ica"].shape == (c,)
     for i in range(c):
         x = t[i].clone().requires_grad_()
@@ -318,11 +320,11 @@ def test_alignment_value_and_grad_equals_per_client_autograd(mask, reduction):
         assert values["gsa"][i].item() == pytest.approx(terms["gsa"].item(), rel=1e-10, abs=1e-14)
         np.testing.assert_allclose(grad[i].numpy(), g.numpy(), rtol=1e-8, atol=1e-12)
     # the chunk size does not change anything
-    loss.chunk = 5
-    values5, grad5 = loss.value_and_grad(t, anchors, torch.ones(c, 6, dtype=torch.bool))
+    loss = dataclasses.replace(loss, chunk=5)
+    values5, grad5 = loss.value_and_grad(t, anchors, torch.ones(c, 6, dtype=torch.bool), b)
     np.testing.assert_allclose(grad5.numpy(), grad.numpy(), rtol=1e-12, atol=1e-15)
     # and terms() agrees with value_and_grad's values
-    terms_all = loss.terms(t)
+    terms_all = loss.terms(t, b)
     for k in values:
         np.testing.assert_allclose(terms_all[k].detach().numpy(), values[k].numpy(), rtol=1e-12)
 
@@ -336,11 +338,10 @@ def test_alignment_fast_mode_equals_per_client_with_batch_anchors():
     loss = make_loss(
         mode="fast", mask="global", reduction="mean", chunk=2, sigma=sigma, fast_anchors=k, fast_gsa="pairs"
     )
-    loss.update(labels, gs)
     anchors = torch.stack([torch.randperm(m, generator=gen(37 + i))[:7] for i in range(c)])
     valid = torch.ones(c, 7, dtype=torch.bool)
     valid[3, 1] = False
-    values, grad = loss.value_and_grad(t, anchors, valid)
+    values, grad = loss.value_and_grad(t, anchors, valid, Broadcast(labels, gs, sigma))
     for i in range(c):
         used = [int(a) for a, v in zip(anchors[i, :k], valid[i, :k]) if v]  # only the first k anchors
         x = t[i].clone().requires_grad_()
@@ -351,11 +352,10 @@ def test_alignment_fast_mode_equals_per_client_with_batch_anchors():
         np.testing.assert_allclose(grad[i].numpy(), g.numpy(), rtol=1e-8, atol=1e-12)
 
 
-def test_alignment_update_builds_upper_pairs_of_global_mask():
+def test_broadcast_builds_upper_pairs_of_global_mask():
     m, sigma = 15, 0.5
     gs = random_global(m, seed=38, sigma=sigma)
-    loss = make_loss(sigma=sigma)
-    loss.update(torch.zeros(m, dtype=torch.long), gs)
+    loss = Broadcast(torch.zeros(m, dtype=torch.long), gs, sigma)
     got = sorted(zip(loss.pairs[0].tolist(), loss.pairs[1].tolist()))
     gsn = gs.numpy()
     expected = [(j, k) for j in range(m) for k in range(j + 1, m) if gsn[j, k] >= sigma]
@@ -370,7 +370,7 @@ def test_alignment_update_builds_upper_pairs_of_global_mask():
 @pytest.mark.parametrize("rows", [1, 4, 64])
 def test_blocked_exact_matches_plain_autograd(mask, reduction, rows):
     """The blocked value-and-gradient (no m x m per client) equals the plain autograd loss, fp32 within 1e-4."""
-    from src.losses import AlignmentLoss, gsa_exact, ica_exact
+    from src.alignment.losses import AlignmentLoss, gsa_exact, ica_exact
 
     c, m, d = 3, 23, 5
     table = torch.randn(c, m, d, generator=gen(40), dtype=torch.float32)
@@ -394,8 +394,10 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows):
         use_gsa=True,
         block=rows * 2 * m,
     )
-    loss.update(labels, g)
-    values, grad = loss.value_and_grad(table, torch.zeros(c, 1, dtype=torch.long), torch.ones(c, 1, dtype=torch.bool))
+    b = Broadcast(labels, g, 0.35)
+    values, grad = loss.value_and_grad(
+        table, torch.zeros(c, 1, dtype=torch.long), torch.ones(c, 1, dtype=torch.bool), b
+    )
     # plain: dense m x m autograd in float64
     t64 = table.double().requires_grad_()
     e = normalised(t64, True)
@@ -412,7 +414,7 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows):
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gsa_rows_with_every_item_once_equals_exact(mask, reduction):
-    from src.losses import gsa_rows
+    from src.alignment.losses import gsa_rows
 
     c, m, d = 3, 13, 4
     t, _, sigma = tables_with_sigma(c, m, d, 50, 0.35, 0.6)
@@ -430,7 +432,7 @@ def test_gsa_rows_with_every_item_once_equals_exact(mask, reduction):
 
 @pytest.mark.parametrize("mask", MASKS)
 def test_gsa_rows_subset_equals_a_plain_loop_over_those_rows(mask):
-    from src.losses import gsa_rows
+    from src.alignment.losses import gsa_rows
 
     c, m, d = 3, 12, 4
     t, cos, sigma = tables_with_sigma(c, m, d, 53, 0.35, 0.6)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.metrics import full_ranks, rank_metrics, sampled_ranks
+from src.evaluation.metrics import full_ranks, rank_metrics, sampled_ranks
 
 
 def brute_sampled_rank(pos: float, negs: list[float]) -> int:

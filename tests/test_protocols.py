@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from src.protocols import (
+from src.clients.streams import ClientStream
+from src.data.protocols import (
     TRAIN_NEGATIVE_POOLS,
     NegativeSampler,
     draw_eval_negatives,
     excluded_for_training,
 )
-from src.streams import ClientStream
 
 
 def draws(users: torch.Tensor, seed: int = 0) -> tuple[ClientStream, torch.Tensor]:

@@ -14,8 +14,7 @@ from omegaconf import OmegaConf
 
 from src.config import ConfigError
 from src.data.dataset import load
-from src.federated import FederatedModule
-from src.metrics import rank_metrics, sampled_ranks
+from src.evaluation.metrics import rank_metrics, sampled_ranks
 from src.report import truncate
 from src.results import (
     DEFAULT_SELECT,
@@ -28,6 +27,7 @@ from src.results import (
     selection_of,
 )
 from src.run import train
+from src.simulator.federated import FederatedModule
 
 SYNTHETIC = ["dataset=synthetic", "fl.checkpoint_every=0"]
 

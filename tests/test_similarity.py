@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from alignment_helpers import (
-    CPU,
     F64,
     gen,
     min_gap_to,
@@ -20,8 +19,9 @@ from alignment_helpers import (
     random_orthogonal,
     tables,
 )
+from uploads import Uploads
 
-from src.similarity import SimilarityAggregator, normalised, similarity, thresholded_upload
+from src.alignment.similarity import normalised, similarity, thresholded_upload
 
 
 # ============================================================================ 1. similarity
@@ -113,7 +113,7 @@ def test_similarity_aggregator_matches_per_client_loop(centre, dtype, sigma):
     cos = np.stack([np_cosine(t, centre) for t in tabs.double().numpy()])
     assert min_gap_to(cos, sigma) > 1e-5  # no entry near the threshold: fp32 rounding cannot flip one
     expected, count, nnz = np_aggregate(tabs.double().numpy(), uploaded.numpy(), sigma, centre)
-    agg = SimilarityAggregator(m, sigma, centre, block=40, device=CPU, rows=4)
+    agg = Uploads(m, sigma, centre, block=40, rows=4)
     agg.add(tabs, uploaded)
     mean = agg.mean()
     assert mean is not None and mean.shape == (m, m) and mean.dtype == torch.float32
@@ -130,16 +130,16 @@ def test_similarity_aggregator_accumulates_over_calls_and_handles_nobody():
     c, m, d, sigma = 6, 12, 4, 0.5
     tabs = tables(c, m, d, seed=8)
     uploaded = torch.tensor([True, True, False, True, True, True])
-    one = SimilarityAggregator(m, sigma, True, block=80, device=CPU, rows=4)
+    one = Uploads(m, sigma, True, block=80, rows=4)
     one.add(tabs, uploaded)
-    two = SimilarityAggregator(m, sigma, True, block=20, device=CPU, rows=4)
+    two = Uploads(m, sigma, True, block=20, rows=4)
     two.add(tabs[:3], uploaded[:3])
     two.add(tabs[3:], uploaded[3:])
     expected, count, _ = np_aggregate(tabs.numpy(), uploaded.numpy(), sigma, True)
     np.testing.assert_allclose(two.mean().double().numpy(), expected, atol=1e-7)
     np.testing.assert_allclose(one.mean().double().numpy(), two.mean().double().numpy(), atol=1e-7)
     assert one.count == two.count == count == 5 and one.nnz == two.nnz
-    nobody = SimilarityAggregator(m, sigma, True, block=40, device=CPU, rows=4)
+    nobody = Uploads(m, sigma, True, block=40, rows=4)
     assert nobody.mean() is None
     nobody.add(tabs, torch.zeros(c, dtype=torch.bool))
     assert nobody.mean() is None and nobody.count == 0 and nobody.nnz == 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from src.cohort import batch_layout, sample_round
-from src.protocols import NegativeSampler
-from src.streams import ClientStream, mix
+from src.clients.cohort import batch_layout, sample_round
+from src.clients.streams import ClientStream, mix
+from src.data.protocols import NegativeSampler
 
 
 def problem(n_users: int = 12, n_items: int = 30, seed: int = 0):

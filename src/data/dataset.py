@@ -17,9 +17,9 @@ from src.atomic import atomic_path
 from src.data import raw
 from src.data.download import KNOWN_FILES, default_cache_dir, digest_mismatch, file_digests, verify_known
 from src.data.paths import resolve_dataset_dir
+from src.data.protocols import all_interactions, draw_eval_negatives, interaction_matrix
 from src.data.split import dedupe_pairs, filter_min_interactions, leave_one_out
 from src.data.synthetic import planted_communities
-from src.protocols import all_interactions, draw_eval_negatives, interaction_matrix
 
 # 2: the .npz holds `digest` (sha256 of its arrays) and `exact`; 3: `item_ids` (original id of each item index)
 CACHE_VERSION = 3

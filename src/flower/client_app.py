@@ -4,7 +4,7 @@ Node `partition-id` of `num-partitions` holds clients partition-id, partition-id
 client per node in a real deployment). Per `train` message it restores its clients' private
 state (item tables, score functions) from Flower's `context.state` (or, after a restart, from
 `flower.state_dir`), trains the chosen ones with `train_clients`, encodes each client's
-thresholded similarity matrix (`src/comm.py`) and evaluates all its clients with
+thresholded similarity matrix (`src/comm/codec.py`) and evaluates all its clients with
 `evaluate_clients`; the item tables never leave the node.
 """
 
@@ -20,19 +20,20 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
+from src.alignment.broadcast import Broadcast
+from src.alignment.release import gather
 from src.atomic import atomic_path
-from src.comm import Encoding, decode_entries, encode_entries
+from src.clients.model import init_params
+from src.comm.codec import Encoding, decode_entries, encode_entries
 from src.data.dataset import FedData, load
-from src.device import block_elements, setup_device
-from src.evaluation import Evaluator
-from src.federated import make_alignment, resolve_chunk_size, shared_keys
+from src.data.protocols import NegativeSampler
+from src.device import setup_device
+from src.evaluation.evaluator import Evaluator
 from src.flower.messages import Task, pack_reply, unpack_task
 from src.flower.settings import config_of, flower_checks
-from src.model import Params, init_params
-from src.privacy import laplace_scale
-from src.protocols import NegativeSampler
-from src.rounds import ClientPool, evaluate_clients, train_clients, training_sampler
-from src.similarity import SimilarityAggregator
+from src.methods.base import build_method
+from src.simulator.memory import resolve_chunk_size
+from src.simulator.rounds import ClientPool, RoundWork, evaluate_clients, train_clients, training_sampler
 
 
 @dataclass
@@ -141,62 +142,40 @@ def decode_broadcast(payload: bytes, m: int) -> torch.Tensor:
 def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, part: int) -> RecordDict:
     """Train this node's chosen clients, encode their uploads, evaluate all its clients."""
     data, device = nd.data, setup_device(cfg)  # deterministic CUDA kernels and matmul precision, as the simulator
-    keys = shared_keys(cfg.ablation, pool.state)
-    align = make_alignment(cfg, device) if (cfg.ablation.ica or cfg.ablation.gsa) else None
-    if align is not None and task.labels is not None:
-        align.update(task.labels, decode_broadcast(task.global_sim, data.n_items))
+    method, m = build_method(cfg, device), data.n_items
+    keys = method.shared_keys(pool.state)
+    broadcast = Broadcast.empty(float(cfg.model.sigma))
+    if method.uploads_similarity and task.labels is not None:
+        broadcast = Broadcast(task.labels, decode_broadcast(task.global_sim, m), float(cfg.model.sigma))
     encoding = Encoding.from_cfg(cfg.comm)
-    scale, _ = laplace_scale(cfg.privacy)
     noise_gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + task.round * 1009 + part)
-    sims = None
-    if align is not None:
-        sims = SimilarityAggregator(
-            data.n_items,
-            float(cfg.model.sigma),
-            bool(cfg.model.centre),
-            block_elements(cfg, "server.sim_block", device),
-            device,
-            noise=scale,
-            topk=encoding.topk,
-            bits=encoding.bits,
-            collect=True,
-            generator=noise_gen,
-            accumulate=False,
-        )
     users, shared, payloads = [], {k: [] for k in keys}, []
-    m = data.n_items
-
-    def upload(params: Params, rows: torch.Tensor) -> None:
-        users.append(pool.users[rows])
-        for k in keys:
-            shared[k].append(params[k].detach().cpu())
-        if sims is not None:
-            first = len(sims.entries)
-            sims.add(params["items"], torch.ones(len(rows), dtype=torch.bool, device=params["items"].device))
-            for pos, vals in sims.entries[first:]:
-                payloads.append(
-                    encode_entries(
-                        m,
-                        (pos // m).numpy(),
-                        (pos % m).numpy(),
-                        vals.double().numpy(),
-                        encoding.format,
-                        encoding.bits,
-                        lo=float(cfg.model.sigma),
-                        hi=1.0,
-                    )
-                )
-
     chosen = torch.isin(pool.users, task.chosen).nonzero().squeeze(1)
-    dense = align.value_and_grad if align is not None and align.active else None
     server = {k: v for k, v in task.shared.items() if k in keys}
     # fl.chunk_size=auto: the cohort of this node's clients that fits its device, sized as the simulator sizes it
-    chunk = resolve_chunk_size(cfg, data.n_items, len(pool.users), device)
-    work = train_clients(cfg, pool, chosen, data, nd.sampler, server, dense, task.round, device, chunk, upload)
+    chunk = resolve_chunk_size(cfg, m, len(pool.users), device)
+    work = RoundWork()
+    dense = method.dense_loss(broadcast)
+    for trained in train_clients(cfg, pool, chosen, data, nd.sampler, server, dense, task.round, device, chunk):
+        work.add(trained)
+        everyone = torch.ones(len(trained.rows), dtype=torch.bool)
+        release = method.release(trained.params, pool.users[trained.rows], everyone, noise_gen, entries=True)
+        users.append(release.users)
+        for k in keys:
+            shared[k].append(release.shared[k].detach().cpu())
+        if release.blocks is None:
+            continue
+        for pos, vals in gather(release.blocks, len(release.users), m):
+            rows, cols = (pos // m).numpy(), (pos % m).numpy()
+            payloads.append(
+                encode_entries(
+                    m, rows, cols, vals.double().numpy(), encoding.format, encoding.bits, float(cfg.model.sigma), 1.0
+                )
+            )
     ranks = evaluate_clients(nd.evaluator, pool, device, chunk)
     sent = torch.cat(users) if users else torch.zeros(0, dtype=torch.long)
     stacked = {k: torch.cat(v) if v else torch.zeros(0, *pool.state[k].shape[1:]) for k, v in shared.items()}
-    return pack_reply(sent, stacked, payloads, pool.users, ranks, work.loss_sums, float(work.steps.sum()))
+    return pack_reply(sent, stacked, payloads, pool.users, ranks, work.loss_sums, work.steps)
 
 
 def make_client_app(cfg: DictConfig | None = None) -> ClientApp:

@@ -2,7 +2,7 @@
 
 Server -> node (`train` message): the round, the clients chosen this round, the server's shared
 parameters (FedAvg baselines) and the broadcast of AlignFedRec (community labels and S_g as an
-encoded sparse matrix, `src/comm.py`). Node -> server: for each of its chosen clients that
+encoded sparse matrix, `src/comm/codec.py`). Node -> server: for each of its chosen clients that
 trained, its shared parameters and its encoded similarity upload; the evaluation ranks of every
 client it holds; the training losses. `unpack_reply` checks everything before the server uses
 it and raises `RejectedReply` with the reason.
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from src.comm import PayloadError, decode_entries
+from src.comm.codec import PayloadError, decode_entries
 
 
 class RejectedReply(ValueError):

@@ -2,9 +2,8 @@
 
 Each round: choose clients (`choose_clients`, the simulator's generator), send every connected
 node a `train` message, wait up to `flower.round_timeout` for the replies, reject invalid ones
-with a logged reason, then aggregate what arrived exactly as the simulator does (`MeanAggregator`
-for shared parameters, `SimilarityAggregator.add_entries` for the decoded uploads,
-`server_alignment` for the communities) and broadcast the result with the next round. Metrics
+with a logged reason, then let the run's method (`src/methods/`) sum what arrived (`RoundSums.add_decoded`)
+and take its server step exactly as the simulator does, and broadcast the result with the next round. Metrics
 come from the ranks the nodes computed for all their clients. The run folder receives
 config_resolved.yaml, csv/metrics.csv and results.json (rewritten atomically every round).
 """
@@ -16,26 +15,23 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from src.comm import Encoding, embedding_bytes, encode_upper, labels_bytes, quantise, shared_traffic
+from src.alignment.broadcast import Broadcast
+from src.clients.model import init_params
+from src.comm.codec import Encoding, encode_upper
 from src.data.dataset import load
-from src.device import block_elements
-from src.evaluation import split_metrics
-from src.federated import resolve_device, shared_keys
+from src.device import resolve_device
+from src.evaluation.evaluator import split_metrics
 from src.flower.messages import RejectedReply, Task, pack_task, unpack_reply
 from src.flower.settings import config_of, flower_checks
 from src.loggers import history_csv
-from src.model import init_params
-from src.privacy import epsilon_spent, laplace_scale
+from src.methods.base import Method, ServerRound, build_method
 from src.results import atomic_write_text, build_results, select_key, write_results
-from src.rounds import advance_failure_stream, choose_clients, server_alignment
-from src.server import MeanAggregator
-from src.similarity import SimilarityAggregator
+from src.simulator.rounds import advance_failure_stream, choose_clients
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +76,19 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     data = load(cfg)
     m, device = data.n_items, resolve_device(cfg.device)
+    method = build_method(cfg, device)
     init = init_params(
         cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)), torch.tensor([0])
     )
-    keys = shared_keys(cfg.ablation, init)
-    server = {k: init[k][0] for k in keys}  # the simulator's server starts from client 0's draw
+    server = {k: init[k][0] for k in method.shared_keys(init)}  # the simulator's server starts from client 0's draw
+    broadcast = Broadcast.empty(float(cfg.model.sigma))
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-    aligned = bool(cfg.ablation.ica or cfg.ablation.gsa)
     encoding = Encoding.from_cfg(cfg.comm)
-    _, eps_round = laplace_scale(cfg.privacy)
     negatives = int(data.val_negatives.shape[1])
     limits = {"val": negatives + 1, "test": negatives + 1}
     if cfg.protocol.full_ranking:
         limits.update({"val_full": m, "test_full": m})
-    labels: torch.Tensor | None = None
-    broadcast: bytes | None = None
+    encoded: bytes | None = None  # the broadcast S_g as encoded
     history: list[dict] = []
     select = select_key(cfg)
     t_setup = time.perf_counter() - t0
@@ -103,7 +97,7 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
         clients = choose_clients(data.n_users, float(cfg.fl.client_fraction), gen)
         advance_failure_stream(data.n_users, gen)  # the simulator draws its failures here
         nodes = wait_for_nodes(grid, cfg, first=r == 1)
-        task = Task(r, clients, server, labels, broadcast)
+        task = Task(r, clients, server, broadcast.labels, encoded)
         timeout = float(cfg.flower.round_timeout)
         # the TTL drops a task a dead node never pulled, so a restarted node does not train a stale round
         messages = [
@@ -126,7 +120,7 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
                     data.n_users,
                     m,
                     {k: tuple(v.shape) for k, v in server.items()},
-                    aligned,
+                    method.uploads_similarity,
                     limits,
                     int(cfg.flower.max_upload_bytes),
                 )
@@ -138,12 +132,11 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
                 continue
             seen |= set(reply.eval_users.tolist())
             accepted.append(reply)
-        row = aggregate(cfg, accepted, server, keys, m, device, labels, r, eps_round, encoding, len(clients))
-        if "labels" in row:
-            labels, sim = row.pop("labels"), row.pop("broadcast")
-            broadcast = encode_upper(sim.numpy(), encoding.format, encoding.bits, lo=0.0, hi=1.0)
-            down = float(len(broadcast) + labels_bytes(m, int(labels.max()) + 1))
-            row.update({"comm/download_bytes_mean": down, "comm/download_bytes_total": down * len(clients)})
+        row, result = aggregate(cfg, method, accepted, server, broadcast, m, device, r, len(clients))
+        server = result.shared
+        if result.global_sim is not None:  # a new broadcast (else the clients keep the last one)
+            broadcast = result.broadcast
+            encoded = encode_upper(broadcast.global_sim.numpy(), encoding.format, encoding.bits, lo=0.0, hi=1.0)
         row.update(
             {
                 "round": r,
@@ -179,75 +172,41 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
 
 def aggregate(
     cfg: DictConfig,
+    method: Method,
     replies: list,
     server: dict,
-    keys: list[str],
+    broadcast: Broadcast,
     m: int,
     device: torch.device,
-    labels: torch.Tensor | None,
     round_: int,
-    eps_round: float | None,
-    encoding: Encoding,
     clients: int,
-) -> dict:
-    """The server round on the accepted replies of a round that chose `clients` clients; updates
-    `server` in place, returns the round's row."""
-    agg = MeanAggregator()
-    sims = (
-        SimilarityAggregator(
-            m, float(cfg.model.sigma), bool(cfg.model.centre), block_elements(cfg, "server.sim_block", device), device
-        )
-        if (cfg.ablation.ica or cfg.ablation.gsa)
-        else None
-    )
-    sizes, nnz, ranks, losses, steps, uploaders = [], [], {}, {}, 0.0, 0
+) -> tuple[dict, ServerRound]:
+    """The server round on the accepted replies of a round that chose `clients` clients: the method's
+    sums of the decoded uploads and its server step; returns the round's row and the server's new state."""
+    sums = method.round_sums(m, device)
+    sizes, ranks, losses, steps = [], {}, {}, 0.0
     for rep in replies:
-        n = len(rep.users)
-        if n:
-            agg.add(
-                {k: v.to(device) for k, v in rep.shared.items()}, keys, torch.ones(n, dtype=torch.bool, device=device)
-            )
-        uploaders += n
-        for (rows, cols, vals), size in zip(rep.sims, rep.sim_bytes):
-            sims.add_entries(rows, cols, vals)
-            sizes.append(float(size))
-            nnz.append(2.0 * len(rows))
+        sums.add_decoded(rep.users, {k: v.to(device) for k, v in rep.shared.items()}, rep.sims)
+        sizes.extend(float(size) for size in rep.sim_bytes)
         for split, rk in rep.ranks.items():
             ranks.setdefault(split, []).append(rk)
         for k, v in rep.loss_sums.items():
             losses[k] = losses.get(k, 0.0) + v
         steps += rep.steps
-    server.update(agg.result(server))
+    result = method.server_round(sums, server, broadcast, int(cfg.seed), clients)
     row: dict = split_metrics({k: torch.cat(v) for k, v in ranks.items()}, tuple(int(k) for k in cfg.eval.ks))
     row.update({f"loss/{k}": v / max(steps, 1.0) for k, v in losses.items()})
     row.update(
         {
             "steps": steps,
-            "reported": float(uploaders),
+            "reported": float(len(sums.senders)),
             "flower/evaluated": float(sum(len(r.eval_users) for r in replies)),
-            "comm/embedding_bytes": float(embedding_bytes(m, int(cfg.model.dim))),
-            "comm/uploaders": float(uploaders),
         }
     )
-    if sims is None:
-        return row | shared_traffic(list(server.values()), uploaders, clients)
-    row.update(
-        {
-            "comm/upload_bytes_mean": float(np.mean(sizes)) if sizes else 0.0,
-            "comm/upload_bytes_total": float(np.sum(sizes)),
-            "comm/upload_nnz_mean": float(np.mean(nnz)) if nnz else 0.0,
-        }
-    )
-    row.update(epsilon_spent(eps_round, round_, m))
-    global_sim = sims.mean()
-    if global_sim is not None:
-        tic = time.perf_counter()
-        comms, stats = server_alignment(cfg, global_sim, labels)
-        row.update(stats)
-        row["time/community"] = time.perf_counter() - tic
-        row["labels"] = torch.as_tensor(comms.labels)
-        row["broadcast"] = quantise(global_sim, 0.0, 1.0, encoding.bits).cpu()
-    return row
+    sent = torch.tensor(sizes, dtype=torch.float64) if method.uploads_similarity else None
+    row.update(method.traffic(sums, sent, clients, result.shared, round_, int(cfg.model.dim)))
+    row.update(result.stats)
+    return row, result
 
 
 def make_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None) -> ServerApp:

@@ -18,12 +18,12 @@ Both are batched tensor algebra: no loop over items, none over clients beyond ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from src.device import to_device
-from src.similarity import normalised
+from src.alignment.broadcast import Broadcast
+from src.alignment.similarity import normalised
 
 
 def cluster_sums(e: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
@@ -241,9 +241,9 @@ def ica_positive(e: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, tau
     return (e * (csum[:, labels] - e)).sum(dim=2) / tau / npos.clamp(min=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlignmentLoss:
-    """alpha * ICA + beta * GSA on stacked item tables, with the server's latest labels and S_g."""
+    """alpha * ICA + beta * GSA on stacked item tables, against the server's latest `Broadcast`."""
 
     alpha: float
     beta: float
@@ -260,45 +260,17 @@ class AlignmentLoss:
     fast_anchors: int = 64
     block: int = 4_194_304
     fast_gsa: str = "rows"
-    labels: torch.Tensor | None = None
-    global_sim: torch.Tensor | None = None
-    pairs: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
-    sizes: torch.Tensor | None = None
-    # (device, name) -> (the broadcast tensor as received, its copy on that device); see `on`
-    copies: dict[tuple[torch.device, str], tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, repr=False, compare=False
-    )
 
-    def update(self, labels: torch.Tensor | None, global_sim: torch.Tensor | None) -> None:
-        """Take the server's broadcast: community labels [m] (and the community sizes [K] they imply) and
-        the global similarity matrix [m, m] with its pairs above sigma [2, P] and their values [P]."""
-        self.labels, self.global_sim = labels, global_sim
-        self.sizes = None if labels is None else torch.bincount(labels)
-        if global_sim is not None:
-            upper = torch.triu(global_sim >= self.sigma, diagonal=1)
-            self.pairs = upper.nonzero().T.contiguous()
-            self.targets = global_sim[self.pairs[0], self.pairs[1]]
-        self.copies.clear()
-
-    def on(self, name: str, device: torch.device) -> torch.Tensor:
-        """The broadcast tensor `name` (labels, sizes, global_sim, pairs, targets) on `device`: copied once
-        per broadcast and device, then the same tensor for every step (a new tensor set on the attribute
-        without `update` is copied anew)."""
-        source = getattr(self, name)
-        cached = self.copies.get((device, name))
-        if cached is None or cached[0] is not source:
-            cached = (source, to_device(source, device))
-            self.copies[(device, name)] = cached
-        return cached[1]
-
-    @property
-    def active(self) -> bool:
+    def active(self, b: Broadcast) -> bool:
         """False until the server has broadcast something the enabled terms need."""
-        return (self.use_ica and self.labels is not None) or (self.use_gsa and self.global_sim is not None)
+        return (self.use_ica and b.labels is not None) or (self.use_gsa and b.global_sim is not None)
 
     def terms(
-        self, table: torch.Tensor, anchors: torch.Tensor | None = None, anchor_valid: torch.Tensor | None = None
+        self,
+        table: torch.Tensor,
+        b: Broadcast,
+        anchors: torch.Tensor | None = None,
+        anchor_valid: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Unweighted per-client ICA and GSA values [C] of `table` [C, m, d] (differentiable)."""
         e = normalised(table, self.centre)
@@ -306,21 +278,21 @@ class AlignmentLoss:
         s = None
         if self.mode == "fast" and anchors is not None:
             s = anchor_rows(e, anchors[:, : self.fast_anchors])
-        if self.use_ica and self.labels is not None:
-            labels, sizes = self.on("labels", table.device), self.on("sizes", table.device)
+        if self.use_ica and b.labels is not None:
+            labels, sizes = b.on("labels", table.device), b.on("sizes", table.device)
             if self.mode == "fast" and anchors is not None:
                 k = self.fast_anchors
                 out["ica"] = ica_batch(e, anchors[:, :k], anchor_valid[:, :k], labels, sizes, self.tau, self.tau0, s)
             else:
                 out["ica"] = ica_exact(e, labels, sizes, self.tau, self.tau0)
-        if self.use_gsa and self.global_sim is not None:
+        if self.use_gsa and b.global_sim is not None:
             if self.mode == "fast" and self.fast_gsa == "rows" and anchors is not None:
                 k = self.fast_anchors
                 out["gsa"] = gsa_rows(
                     e,
                     anchors[:, :k],
                     anchor_valid[:, :k],
-                    self.on("global_sim", table.device),
+                    b.on("global_sim", table.device),
                     self.sigma,
                     self.mask,
                     self.reduction,
@@ -328,18 +300,13 @@ class AlignmentLoss:
                 )
             elif self.mode == "fast" and self.fast_gsa == "pairs":
                 out["gsa"] = gsa_pairs(
-                    e,
-                    self.on("pairs", table.device),
-                    self.on("targets", table.device),
-                    self.sigma,
-                    self.mask,
-                    self.reduction,
+                    e, b.on("pairs", table.device), b.on("targets", table.device), self.sigma, self.mask, self.reduction
                 )
             else:
-                out["gsa"] = gsa_exact(e, self.on("global_sim", table.device), self.sigma, self.mask, self.reduction)
+                out["gsa"] = gsa_exact(e, b.on("global_sim", table.device), self.sigma, self.mask, self.reduction)
         return out
 
-    def exact_value_and_grad(self, table: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def exact_value_and_grad(self, table: torch.Tensor, b: Broadcast) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Exact ICA and GSA of `table` [C, m, d] with the blocked algebra: the gradient w.r.t. the
         normalised table comes from `gsa_blocked` / `lse_blocked`, and flows through the centring and
         normalisation (and the cheap positive term) by autograd."""
@@ -352,8 +319,8 @@ class AlignmentLoss:
             flat = e.detach()
             g_e = torch.zeros_like(flat)
             surrogate = e.new_zeros(())
-            if self.use_ica and self.labels is not None:
-                labels, sizes = self.on("labels", table.device), self.on("sizes", table.device)
+            if self.use_ica and b.labels is not None:
+                labels, sizes = b.on("labels", table.device), b.on("sizes", table.device)
                 valid = (sizes[labels] > 1).to(e.dtype)
                 weight = (self.tau / self.tau0) * valid / valid.sum().clamp(min=1)
                 lse, g_lse = lse_blocked(flat, weight.expand(c, m), self.tau, rows)
@@ -361,9 +328,9 @@ class AlignmentLoss:
                 values["ica"] = lse - pos.detach()
                 g_e += self.alpha * g_lse
                 surrogate = surrogate - self.alpha * pos.sum()
-            if self.use_gsa and self.global_sim is not None:
+            if self.use_gsa and b.global_sim is not None:
                 gsa, g_gsa = gsa_blocked(
-                    flat, self.on("global_sim", table.device), self.sigma, self.mask, self.reduction, rows
+                    flat, b.on("global_sim", table.device), self.sigma, self.mask, self.reduction, rows
                 )
                 values["gsa"] = gsa
                 g_e += self.beta * g_gsa
@@ -372,17 +339,19 @@ class AlignmentLoss:
         return values, grad
 
     def value_and_grad(
-        self, table: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor
+        self, table: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, b: Broadcast
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-client terms and the gradient of alpha * ICA + beta * GSA w.r.t. `table`: the exact mode in
         sub-chunks of `chunk` clients with the blocked algebra, the fast mode (anchor rows) by autograd."""
         if self.mode == "exact":
-            parts = [self.exact_value_and_grad(table[s : s + self.chunk]) for s in range(0, table.shape[0], self.chunk)]
+            parts = [
+                self.exact_value_and_grad(table[s : s + self.chunk], b) for s in range(0, table.shape[0], self.chunk)
+            ]
             grad = torch.cat([g for _, g in parts])
             return {k: torch.cat([v[k] for v, _ in parts]) for k in parts[0][0]}, grad
         part = table.detach().requires_grad_()
         with torch.enable_grad():
-            terms = self.terms(part, anchors, anchor_valid)
+            terms = self.terms(part, b, anchors, anchor_valid)
             total = sum({"ica": self.alpha, "gsa": self.beta}[k] * v.sum() for k, v in terms.items())
             grad = torch.autograd.grad(total, part)[0] if terms else torch.zeros_like(table)
         return {k: v.detach() for k, v in terms.items()}, grad

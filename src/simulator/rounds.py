@@ -1,31 +1,27 @@
-"""One federated round as plain functions: what the clients of one process do, and what the server does.
+"""One federated round as plain functions: what the clients of one process do, and how the server chooses them.
 
 The Lightning simulator (`federated.py`) and the Flower app (`src/flower/`) call these same
 functions; only the transport differs (in-process tensors there, encoded Flower messages here).
-Client side: `train_clients` (sample, train as stacked cohorts, hand each trained chunk to an
-`upload` callback) and `evaluate_clients`. Server side: `MeanAggregator` and
-`SimilarityAggregator` collect the uploads, `server_alignment` finds the communities of S_g.
+Client side: `train_clients` (sample, train as stacked cohorts, yield each trained chunk so that the
+caller hands it to the method's `release`) and `evaluate_clients`. What is sent and how the server
+sums it is the method's (`src/methods/`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from src.cohort import DenseLoss, batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
-from src.community import Communities, adjusted_rand_index, detect
+from src.clients.cohort import DenseLoss, batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
+from src.clients.model import Params, forward, score_all_items
 from src.data.dataset import FedData
-from src.evaluation import Evaluator
-from src.model import Params, forward, score_all_items
-from src.protocols import NegativeSampler, excluded_for_training
-
-# called with each trained chunk: its parameters on the compute device and its rows in the pool
-Upload = Callable[[Params, torch.Tensor], None]
+from src.data.protocols import NegativeSampler, excluded_for_training
+from src.evaluation.evaluator import Evaluator
 
 
 @dataclass
@@ -50,19 +46,36 @@ class ClientPool:
 
 
 @dataclass
+class TrainedChunk:
+    """One chunk after local training: its rows in the pool, its parameters on the compute device."""
+
+    rows: torch.Tensor
+    params: Params
+    loss_sums: dict[str, float]  # each loss term summed over the chunk's client-steps
+    steps: float  # client-steps trained
+    train_s: float
+
+
+@dataclass
 class RoundWork:
     """What local training of one round produced, besides the updated parameters."""
 
-    loss_sums: dict[str, float]  # each loss term summed over the client-steps trained
-    steps: torch.Tensor
-    train_s: float
-    upload_s: float
+    loss_sums: dict[str, float] = field(default_factory=dict)
+    steps: float = 0.0
+    train_s: float = 0.0
+    upload_s: float = 0.0
+
+    def add(self, chunk: TrainedChunk) -> None:
+        """Count a trained chunk in."""
+        for k, v in chunk.loss_sums.items():
+            self.loss_sums[k] = self.loss_sums.get(k, 0.0) + v
+        self.steps += chunk.steps
+        self.train_s += chunk.train_s
 
     @property
     def losses(self) -> dict[str, float]:
         """Mean of each loss term over all client-steps of the round."""
-        n = float(self.steps.sum())
-        return {k: v / max(n, 1.0) for k, v in self.loss_sums.items()}
+        return {k: v / max(self.steps, 1.0) for k, v in self.loss_sums.items()}
 
 
 def choose_clients(n_users: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -110,12 +123,11 @@ def train_clients(
     round_: int,
     device: torch.device,
     chunk_size: int | None,
-    upload: Upload,
-) -> RoundWork:
+) -> Iterator[TrainedChunk]:
     """Local training of the pool's rows `chosen` in round `round_`, chunk by chunk, in place.
 
     Each chunk starts from the server's `shared` parameters, trains as one stacked cohort and is
-    handed to `upload` before the next chunk is formed.
+    yielded (to be released) before the next chunk is formed.
     """
     fl = cfg.fl
     samples = sample_round(
@@ -128,8 +140,6 @@ def train_clients(
         users=pool.users,
     )
     steps = local_steps(samples, chosen, int(fl.local_epochs), int(fl.batch_size))
-    loss_sums: dict[str, float] = {}
-    train_s = upload_s = 0.0
     for rows in chunks_by_steps(chosen, steps, chunk_size):
         tic = time.perf_counter()
         params = pool.params(rows, device)
@@ -137,15 +147,11 @@ def train_clients(
             params[k].copy_(v.to(device).expand_as(params[k]))
         layout = batch_layout(samples, rows, int(fl.local_epochs), int(fl.batch_size), int(cfg.seed), round_)
         part = train_cohort(params, samples, layout, cfg.optim, data.n_items, cfg.model.loss, dense)
-        for k, v in part.items():  # per-chunk means over client-steps -> sums
-            loss_sums[k] = loss_sums.get(k, 0.0) + v * float(layout.steps.sum())
+        n_steps = float(layout.steps.sum())
         for k, v in params.items():
             pool.state[k][rows] = v.to(pool.state[k].device)
-        train_s += time.perf_counter() - tic
-        tic = time.perf_counter()
-        upload(params, rows)
-        upload_s += time.perf_counter() - tic
-    return RoundWork(loss_sums, steps, train_s, upload_s)
+        # per-chunk means over client-steps -> sums
+        yield TrainedChunk(rows, params, {k: v * n_steps for k, v in part.items()}, n_steps, time.perf_counter() - tic)
 
 
 def evaluate_clients(
@@ -163,24 +169,3 @@ def evaluate_clients(
 
     chunks = [pool.users[i : i + size] for i in range(0, len(pool.users), size)]
     return evaluator.ranks(score, chunks)
-
-
-def server_alignment(
-    cfg: DictConfig, global_sim: torch.Tensor, previous: torch.Tensor | None
-) -> tuple[Communities, dict[str, float]]:
-    """Communities of S_g by modularity (METHOD.md section 3, step 2) and the round's statistics."""
-    comms = detect(
-        global_sim, float(cfg.model.sigma), cfg.server.community, float(cfg.server.resolution), int(cfg.seed)
-    )
-    sizes = comms.sizes
-    stats = {
-        "community/count": float(len(sizes)),
-        "community/largest": float(sizes.max()),
-        "community/singletons": float((sizes == 1).sum()),
-        "community/non_singleton": float((sizes > 1).sum()),
-        "community/modularity": comms.modularity,
-        "community/edges": float(comms.edges),
-    }
-    if previous is not None:
-        stats["community/ari_prev"] = adjusted_rand_index(previous.numpy(), comms.labels)
-    return comms, stats

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from src.streams import ClientStream
+from src.clients.streams import ClientStream
 
 TRAIN_NEGATIVE_POOLS = ("non_interacted", "non_train", "non_train_non_candidates")
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
+
+from src.methods.base import build_method
 
 
 def free_bytes(device: torch.device) -> int:
@@ -50,3 +53,26 @@ def auto_chunk_size(n_clients: int, per_client: int, free: int, fraction: float,
     """
     size = min(n_clients, int(fraction * free) // max(per_client, 1))
     return max(1, size if cap is None else min(size, int(cap)))
+
+
+def resolve_chunk_size(cfg: DictConfig, n_items: int, n_clients: int, device: torch.device) -> int | None:
+    """`fl.chunk_size` (an int, or null = all), or with `auto` the largest cohort of the `n_clients`
+    a process holds that fits `fl.memory_fraction` of the free memory of `device` (src/simulator/memory.py).
+
+    The simulator (all clients) and a Flower node (its own clients) both size their cohorts here.
+    """
+    size = cfg.fl.chunk_size
+    if size != "auto":
+        return size
+    m = cfg.model
+    aligned = build_method(cfg, device).uploads_similarity
+    per = bytes_per_client(
+        n_items, int(m.dim), m.alignment if aligned else None, int(m.fast_anchors), int(cfg.fl.batch_size)
+    )
+    return auto_chunk_size(
+        n_clients,
+        per,
+        free_bytes(device),
+        float(cfg.fl.memory_fraction),
+        OmegaConf.select(cfg, "fl.max_auto_chunk", default=None),
+    )

@@ -1,7 +1,7 @@
 """A plain per-client reference of the client model and its local training.
 
-This is a reference, not the engine: the stacked cohort (`src.cohort`) is what runs experiments.
-It is written independently of `src.cohort` / `src.model`: one `nn.Module` per client, torch.optim
+This is a reference, not the engine: the stacked cohort (`src.clients.cohort`) is what runs experiments.
+It is written independently of `src.clients.cohort` / `src.clients.model`: one `nn.Module` per client, torch.optim
 optimisers created fresh for the client's round, and a Python loop over its batches, as the
 PFedRec lineage trains one user at a time (METHOD.md section 2). `tests/test_cohort_exact.py`
 checks the cohort against it, and `src.bench` times the cohort against this slow loop doing the

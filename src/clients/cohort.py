@@ -2,7 +2,7 @@
 
 Each round every chosen client gets its positives plus fresh negatives (`sample_round`), shuffled
 per local epoch and cut into batches (`batch_layout`), all drawn from the client's own random
-stream (`src/streams.py`). `train_cohort` then runs all clients'
+stream (`src/clients/streams.py`). `train_cohort` then runs all clients'
 step t at once; a client whose batches are used up is masked (no parameter or optimiser-state
 change), so each client trains exactly as it would alone (tested against a per-client loop).
 
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from src.clients.model import Params, flat_index, gather_items, score_embeddings
+from src.clients.streams import ClientStream
 from src.device import host_value, to_device
-from src.model import Params, flat_index, gather_items, score_embeddings
-from src.streams import ClientStream
 
 # Dense extra terms on a chunk's item tables (ICA, GSA): (tables [C, m, d], batch items [C, B], valid [C, B])
 # -> (per-client values [C] by name, gradient of the weighted sum w.r.t. the tables [C, m, d])
@@ -49,7 +49,7 @@ def sample_round(
     users: torch.Tensor | None = None,
 ) -> RoundSamples:
     """Each training positive of `users` (default all) followed by `num_negatives` negatives from its
-    client's pool; a client's draws depend only on (seed, round, client), see `src/streams.py`."""
+    client's pool; a client's draws depend only on (seed, round, client), see `src/clients/streams.py`."""
     users = torch.arange(len(train_ptr) - 1) if users is None else users.long()
     counts = train_ptr[users + 1] - train_ptr[users]
     ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from src.data.dataset import FedData
-from src.metrics import full_ranks, rank_metrics, sampled_ranks
+from src.evaluation.metrics import full_ranks, rank_metrics, sampled_ranks
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from src.device import host_value
-from src.model import Params
+from src.clients.model import Params
 
 
 class MeanAggregator:
@@ -20,13 +19,12 @@ class MeanAggregator:
         self.count = 0
         self.device = torch.device(device)
 
-    def add(self, params: Params, keys: list[str], uploaded: torch.Tensor) -> None:
-        """Add the chunk clients marked `uploaded` [C] to the running sums of `keys` (one sync: their count)."""
-        n = int(host_value(uploaded.sum()))
+    def add(self, shared: Params, n: int) -> None:
+        """Add the shared tensors [n, ...] of `n` uploading clients to the running sums."""
         if n == 0:
             return
-        for k in keys:
-            part = params[k][uploaded].sum(dim=0, dtype=torch.float64)
+        for k, v in shared.items():
+            part = v.sum(dim=0, dtype=torch.float64)
             self.sums[k] = self.sums[k] + part if k in self.sums else part
         self.count += n
 

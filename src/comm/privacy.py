@@ -8,12 +8,15 @@ P = m(m-1)/2 entries computed from the same data, so the whole matrix is only (P
 (basic composition), and T rounds give T ε per entry and T P ε for the matrix. Both are reported.
 `privacy.scale` sets b directly instead (the lineage's FedCIA uses b = 0.001), ε then = sensitivity / b.
 The noise is drawn from a CPU generator on every device, so a seed gives the same noise on a GPU (at the
-cost of one host-to-device copy per similarity block, `src.similarity.laplace`).
+cost of one host-to-device copy per similarity block, `laplace` below).
 """
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
+
+from src.device import to_device
 
 
 def laplace_scale(privacy: DictConfig) -> tuple[float, float | None]:
@@ -37,3 +40,14 @@ def epsilon_spent(eps_round: float | None, rounds: int, n_items: int) -> dict[st
         "privacy/epsilon_total_entry": rounds * eps_round,
         "privacy/epsilon_total_matrix": rounds * eps_round * pairs,
     }
+
+
+def laplace(shape: tuple[int, ...], scale: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Laplace(0, scale) samples by the inverse CDF of uniforms drawn from `generator` (reproducible).
+
+    The uniforms come from the CPU generator and are copied to `device` block by block: one host-to-device
+    copy per noisy block on a GPU. Kept so, because a device generator would draw other numbers (results
+    would then depend on the device); the noise is only drawn with `privacy.*` on.
+    """
+    u = to_device(torch.rand(shape, generator=generator), device) - 0.5
+    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())

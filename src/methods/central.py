@@ -6,14 +6,17 @@ pooled round samples. It bounds what federation costs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from src.calibration import ItemKNNScorer, PopularityScorer
-from src.cohort import RoundSamples
+from src.clients.cohort import RoundSamples
 from src.data.dataset import FedData
 from src.device import host_value, to_device
+from src.methods.base import Method
+from src.methods.calibration import ItemKNNScorer, PopularityScorer
 
 
 class CentralMF(torch.nn.Module):
@@ -95,3 +98,15 @@ def make_central(
     if scorer == "itemknn":
         return ItemKNNScorer(data, int(cfg.ablation.k), device)
     return CentralTrainer(cfg, data.n_users, data.n_items, device)
+
+
+@dataclass(frozen=True)
+class Central(Method):
+    """A centralised method: no clients, no messages; `make_central` builds what it trains or scores with."""
+
+    name: str
+    central = True
+
+
+def build(cfg: DictConfig, device: torch.device) -> Central:
+    return Central(str(cfg.ablation.name))

@@ -1,0 +1,174 @@
+"""What a client releases: its thresholded item-item similarity, as it would be sent (client side).
+
+A client sends the strict upper triangle of `thresholded_upload(similarity(E_u))`, changed on the way,
+in this order, by what the run configures: Laplace noise of scale `noise` on every entry (then
+clipped to [-1, 1]; `src/comm/privacy.py`), the sigma threshold, `topk` per row (an entry is kept
+when it is among the k largest of its row or of its column, so the upload stays symmetric), and
+quantisation to `bits` over [sigma, 1] (`src/comm/codec.py`). The values are those the server decodes.
+
+`release_blocks` computes this for a chunk of clients block by block (item rows r0..r0+b against
+all later items, as many clients per product as fit in `block` elements), so no client's m x m
+matrix ever exists whole. The simulator hands each block to the server's sum as it comes
+(`src/alignment/server.py`); the Flower client and the audit collect the entries of each client
+(`ChunkUploads`, `release_entries`) and encode them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from src.alignment.similarity import normalised
+from src.comm.codec import quantise
+from src.comm.privacy import laplace
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """How a client's similarity upload is made: threshold, centring, noise, top-k, bits, block sizes."""
+
+    sigma: float
+    centre: bool
+    block: int = 4_194_304  # elements of one block product (clients x rows x columns)
+    rows: int = 128  # item rows per block
+    noise: float = 0.0
+    topk: int | None = None
+    bits: int = 32
+
+    def __post_init__(self) -> None:
+        if self.noise > 0 and self.topk is not None:
+            raise ValueError("Laplace noise with top-k selection is not supported (top-k would see noiseless rows)")
+
+    @property
+    def below(self) -> float:
+        """The largest float32 below sigma: keep x >= sigma <=> x > below."""
+        return float(torch.nextafter(torch.tensor(self.sigma), torch.tensor(-float("inf"))))
+
+    def plain(self, entries: bool) -> bool:
+        """True when the upload is the thresholded matrix itself and no entries are listed (the fast path)."""
+        return self.noise == 0 and self.topk is None and self.bits == 32 and not entries and self.sigma > 0
+
+
+@dataclass
+class ReleasedBlock:
+    """Item rows r0..r0+b of what clients first..first+c of a chunk send (strict upper triangle, 0 = not sent)."""
+
+    first: int
+    r0: int
+    values: torch.Tensor  # [c, b, m - r0]
+    count: torch.Tensor  # [c] entries each of these clients sends in this block
+    keep: torch.Tensor | None  # [c, b, m - r0] the sent positions; None on the fast path
+
+
+def row_thresholds(e: torch.Tensor, spec: ReleaseSpec) -> torch.Tensor:
+    """k-th largest off-diagonal similarity of every row of every client [C, m] (top-k selection)."""
+    c, m = e.shape[0], e.shape[1]
+    k = min(int(spec.topk), m - 1)
+    out = torch.full((c, m), float("inf"), dtype=e.dtype, device=e.device)
+    if k < 1:
+        return out
+    per = max(1, spec.block // (spec.rows * m))
+    for r0 in range(0, m, spec.rows):
+        b = min(spec.rows, m - r0)
+        for s in range(0, c, per):
+            blk = e[s : s + per, r0 : r0 + b] @ e[s : s + per].transpose(-1, -2)
+            blk[:, torch.arange(b), torch.arange(r0, r0 + b)] = -float("inf")
+            out[s : s + per, r0 : r0 + b] = blk.topk(k, dim=-1).values[..., -1]
+    return out
+
+
+@torch.no_grad()
+def release_blocks(
+    tables: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator, entries: bool = False
+) -> Iterator[ReleasedBlock]:
+    """The uploads of the clients whose item tables are `tables` [C, m, d], block by block.
+
+    With `entries` every block also says which positions are sent (for encoding or delta accounting).
+    Noise is drawn from `generator` block by block in this order, so a seed gives the same uploads.
+    """
+    e = normalised(tables, spec.centre)
+    c, m = e.shape[0], e.shape[1]
+    plain = spec.plain(entries)
+    below = spec.below
+    thresholds = row_thresholds(e, spec) if spec.topk is not None else None
+    for r0 in range(0, m, spec.rows):
+        b, cols = min(spec.rows, m - r0), m - r0
+        strict = torch.ones(b, b, dtype=torch.bool, device=e.device).triu_(1)
+        per = max(1, spec.block // (b * cols))
+        for s in range(0, c, per):
+            blk = e[s : s + per, r0 : r0 + b] @ e[s : s + per, r0:].transpose(-1, -2)
+            if plain:
+                F.threshold(blk, below, 0.0, inplace=True)
+                blk[..., :b].masked_fill_(~strict, 0.0)
+                yield ReleasedBlock(s, r0, blk, torch.sign(blk).sum((1, 2)).long(), None)
+                continue
+            if spec.noise > 0:
+                blk = blk + laplace(tuple(blk.shape), spec.noise, generator, e.device).to(blk.dtype)
+                blk = blk.clamp_(-1.0, 1.0)
+            keep = blk >= spec.sigma
+            keep[..., :b] &= strict
+            if thresholds is not None:
+                t = thresholds[s : s + per]
+                keep &= (blk >= t[:, r0 : r0 + b, None]) | (blk >= t[:, None, r0:])
+            blk = torch.where(keep, quantise(blk, spec.sigma, 1.0, spec.bits), 0.0)
+            yield ReleasedBlock(s, r0, blk, keep.sum((1, 2)), keep)
+
+
+class ChunkUploads:
+    """What each client of a chunk sent, gathered from its released blocks: nonzero counts and entries."""
+
+    def __init__(self, n_clients: int, n_items: int, device: torch.device, entries: bool):
+        self.n, self.m, self.entries = n_clients, n_items, entries
+        self.count = torch.zeros(n_clients, dtype=torch.long, device=device)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def add(self, blk: ReleasedBlock) -> None:
+        """Count the block's entries per client and, when listing entries, keep their positions and values."""
+        c = blk.values.shape[0]
+        self.count[blk.first : blk.first + c] += blk.count
+        if self.entries:
+            m = self.m
+            ci, ri, ki = blk.keep.nonzero(as_tuple=True)
+            self.keys.append((ci + blk.first) * (m * m) + (ri + blk.r0) * m + (ki + blk.r0))
+            self.values.append(blk.values[ci, ri, ki])
+
+    def nnz(self) -> torch.Tensor:
+        """Nonzero entries of each client's whole matrix [C] (twice its upper-triangle entries), on the CPU."""
+        return 2 * self.count.cpu()
+
+    def client_entries(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per client: sorted linear upper-triangle positions j * m + k and the decoded values (CPU)."""
+        m = self.m
+        keys = torch.cat(self.keys) if self.keys else torch.zeros(0, dtype=torch.long)
+        vals = torch.cat(self.values) if self.values else torch.zeros(0)
+        order = torch.argsort(keys)
+        keys, vals = keys[order].cpu(), vals[order].cpu()
+        bounds = torch.searchsorted(keys // (m * m), torch.arange(self.n + 1))
+        return [
+            (keys[int(bounds[i]) : int(bounds[i + 1])] % (m * m), vals[int(bounds[i]) : int(bounds[i + 1])])
+            for i in range(self.n)
+        ]
+
+
+def gather(blocks: Iterator[ReleasedBlock], n_clients: int, n_items: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each of `n_clients` clients' upload from its released blocks (made with `entries`): (sorted linear
+    positions j * m + k with j < k, values), as it is encoded."""
+    uploads: ChunkUploads | None = None
+    for blk in blocks:
+        if uploads is None:
+            uploads = ChunkUploads(n_clients, n_items, blk.values.device, entries=True)
+        uploads.add(blk)
+    if uploads is None:
+        uploads = ChunkUploads(n_clients, n_items, torch.device("cpu"), entries=True)
+    return uploads.client_entries()
+
+
+def release_entries(
+    tables: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each client's upload of the tables [C, m, d], as (sorted positions, values)."""
+    return gather(release_blocks(tables, spec, generator, entries=True), tables.shape[0], tables.shape[1])

@@ -1,0 +1,130 @@
+"""AlignFedRec (Tu et al. 2026; METHOD.md section 3): item tables stay on the clients; each client
+sends its thresholded item-item similarity; the server averages them into S_g, finds communities of
+S_g, and broadcasts both; clients add ICA (Eq. 3-4) and/or GSA (Eq. 10) to their local loss.
+`ablation=full` uses both terms, `no_ica` GSA only, `no_gsa` ICA only."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from omegaconf import DictConfig
+
+from src.alignment.broadcast import Broadcast
+from src.alignment.losses import AlignmentLoss
+from src.alignment.release import ReleaseSpec, release_blocks
+from src.alignment.server import communities
+from src.clients.cohort import DenseLoss
+from src.clients.model import Params
+from src.comm.codec import Encoding, embedding_bytes, labels_bytes, quantise, sparse_bytes
+from src.comm.privacy import epsilon_spent, laplace_scale
+from src.device import block_elements
+from src.methods.base import Method, Release, RoundSums, ServerRound
+
+
+@dataclass(frozen=True)
+class AlignFedRec(Method):
+    """Similarity sharing with the alignment loss `loss`, uploads made by `spec`, communities by `community`."""
+
+    name: str
+    loss: AlignmentLoss
+    spec: ReleaseSpec
+    encoding: Encoding
+    community: str
+    resolution: float
+    eps_round: float | None
+    uploads_similarity = True
+
+    def dense_loss(self, broadcast: Broadcast) -> DenseLoss | None:
+        """ICA/GSA against the last broadcast, once there is one the enabled terms need."""
+        if not self.loss.active(broadcast):
+            return None
+        return partial(self.loss.value_and_grad, b=broadcast)
+
+    def release(
+        self, params: Params, users: torch.Tensor, uploaded: torch.Tensor, generator: torch.Generator, entries: bool
+    ) -> Release:
+        """The uploading clients' similarity blocks (made lazily, in order, from `generator`'s noise)."""
+        mask = uploaded.to(params["items"].device)
+        blocks = release_blocks(params["items"][mask], self.spec, generator, entries) if bool(uploaded.any()) else None
+        return Release(users[uploaded], {}, blocks)
+
+    def server_round(
+        self, sums: RoundSums, shared: Params, broadcast: Broadcast, seed: int, n_clients: int
+    ) -> ServerRound:
+        """S_g = mean upload, its communities by modularity, the broadcast as encoded (and its size)."""
+        global_sim = sums.sims.mean()
+        if global_sim is None:  # nobody reported: the clients keep the last broadcast
+            return ServerRound(shared, broadcast)
+        tic = time.perf_counter()
+        comms, stats = communities(global_sim, self.spec.sigma, self.community, self.resolution, seed, broadcast.labels)
+        stats["time/community"] = time.perf_counter() - tic
+        sent = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
+        down = float(self.download_bytes(sent, len(comms.sizes)))
+        stats.update({"comm/download_bytes_mean": down, "comm/download_bytes_total": down * n_clients})
+        return ServerRound(shared, Broadcast(torch.as_tensor(comms.labels), sent, self.spec.sigma), stats, global_sim)
+
+    def download_bytes(self, sent: torch.Tensor, n_labels: int) -> int:
+        """The broadcast's size: S_g's upper-triangle nonzeros, encoded, and the community labels."""
+        m = sent.shape[0]
+        nnz = int(torch.count_nonzero(torch.triu(sent, diagonal=1)))
+        return sparse_bytes(nnz, m, self.encoding.format, self.encoding.bits) + labels_bytes(m, n_labels)
+
+    def traffic(
+        self, sums: RoundSums, sizes: torch.Tensor | None, n_clients: int, shared: Params, round_: int, dim: int
+    ) -> dict[str, float]:
+        """Similarity uploads as encoded (`sizes` [senders]), what embedding sharing would have cost, and ε."""
+        m = sums.n_items
+        nnz = sums.sender_nnz()
+        sizes = torch.zeros(0, dtype=torch.float64) if sizes is None else sizes
+        out = {
+            "comm/embedding_bytes": float(embedding_bytes(m, dim)),
+            "comm/uploaders": float(len(sums.senders)),
+            "comm/upload_nnz_mean": float(nnz.double().mean()) if len(nnz) else 0.0,
+            "comm/upload_bytes_mean": float(sizes.mean()) if len(sizes) else 0.0,
+            "comm/upload_bytes_total": float(sizes.sum()),
+        }
+        return out | epsilon_spent(self.eps_round, round_, m)
+
+
+def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
+    """AlignFedRec with the run's model, server, encoding and privacy values (blocks sized for `device`)."""
+    m = cfg.model
+    noise, eps_round = laplace_scale(cfg.privacy)
+    encoding = Encoding.from_cfg(cfg.comm)
+    loss = AlignmentLoss(
+        alpha=float(m.alpha),
+        beta=float(m.beta),
+        tau=float(m.tau),
+        tau0=float(m.tau0),
+        sigma=float(m.sigma),
+        centre=bool(m.centre),
+        mask=str(m.gsa_mask),
+        reduction=str(m.gsa_reduction),
+        mode=str(m.alignment),
+        chunk=int(m.align_chunk),
+        use_ica=bool(cfg.ablation.ica),
+        use_gsa=bool(cfg.ablation.gsa),
+        fast_anchors=int(m.fast_anchors),
+        block=block_elements(cfg, "model.align_block", device),
+        fast_gsa=str(m.fast_gsa),
+    )
+    spec = ReleaseSpec(
+        float(m.sigma),
+        bool(m.centre),
+        block_elements(cfg, "server.sim_block", device),
+        noise=noise,
+        topk=encoding.topk,
+        bits=encoding.bits,
+    )
+    return AlignFedRec(
+        str(cfg.ablation.name),
+        loss,
+        spec,
+        encoding,
+        str(cfg.server.community),
+        float(cfg.server.resolution),
+        eps_round,
+    )

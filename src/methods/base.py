@@ -1,0 +1,147 @@
+"""What a federated method is (in the spirit of a Flower `Strategy`): one object per `ablation=` value.
+
+A method says, for one round,
+- what a client trains with besides its own BCE loss (`dense_loss`, given the last broadcast),
+- which parameters start from the server's values and are sent back (`shared_keys`),
+- what a chunk of clients releases (`release`, client side; the values as the server decodes them),
+- how the server sums the releases (`RoundSums`) and turns them into its new state and broadcast
+  (`server_round`),
+- and how many bytes crossed the network (`traffic`).
+
+The simulator (`src/simulator/federated.py`) and the Flower apps (`src/flower/`) call these same
+methods; only the transport differs. A method is chosen by `ablation.method`, the name of a module
+in `src/methods/` whose `build(cfg, device)` returns it; `conf/ablation/<name>.yaml` sets that key and the
+method's own values. A centralised method (no clients) instead has `central = True` and is trained
+on pooled samples (`src/methods/central.py`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+
+from src.alignment.broadcast import Broadcast
+from src.alignment.release import ChunkUploads, ReleasedBlock
+from src.alignment.server import SimilaritySum
+from src.clients.cohort import DenseLoss
+from src.clients.model import Params
+from src.comm.codec import embedding_bytes, shared_traffic
+from src.simulator.server import MeanAggregator
+
+
+@dataclass
+class Release:
+    """What the uploading clients of one chunk send: their shared parameters [n, ...] and, for a
+    similarity-sharing method, their released similarity blocks (an iterator, consumed once)."""
+
+    users: torch.Tensor  # [n] client ids that sent
+    shared: Params
+    blocks: Iterator[ReleasedBlock] | None = None
+
+
+class RoundSums:
+    """The server's sums of one round's releases: the shared parameters' mean and, when the method shares
+    similarities, their sum with each sender's nonzero count (and entries, for delta accounting)."""
+
+    def __init__(self, n_items: int, device: torch.device, similarity: bool, entries: bool = False):
+        self.mean = MeanAggregator()
+        self.sims = SimilaritySum(n_items, device) if similarity else None
+        self.n_items, self.device, self.keep_entries = n_items, device, entries
+        self.senders: list[int] = []
+        self.nnz: list[torch.Tensor] = []
+        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add(self, release: Release) -> None:
+        """Sum one chunk's release (the simulator: blocks straight into the sum, never a whole matrix)."""
+        self.mean.add(release.shared, len(release.users))
+        self.senders.extend(release.users.tolist())
+        if release.blocks is None or self.sims is None:
+            return
+        uploads = ChunkUploads(len(release.users), self.n_items, self.device, self.keep_entries)
+        for blk in release.blocks:
+            uploads.add(blk)
+            self.sims.add_block(blk)
+        self.sims.count += len(release.users)
+        self.nnz.append(uploads.nnz())
+        if self.keep_entries:
+            self.entries.extend(uploads.client_entries())
+
+    def add_decoded(self, users: torch.Tensor, shared: Params, entries: list[tuple[torch.Tensor, ...]]) -> None:
+        """Sum one node's decoded reply (Flower): shared parameters [n, ...] and (rows, cols, values) per upload."""
+        self.mean.add(shared, len(users))
+        self.senders.extend(users.tolist())
+        for rows, cols, vals in entries:
+            self.sims.add_entries(rows, cols, vals)
+            self.sims.count += 1
+            self.nnz.append(torch.tensor([2 * len(rows)]))
+
+    def sender_nnz(self) -> torch.Tensor:
+        """Whole-matrix nonzeros of every similarity upload this round [senders]."""
+        return torch.cat(self.nnz) if self.nnz else torch.zeros(0, dtype=torch.long)
+
+
+@dataclass
+class ServerRound:
+    """The server's new state after a round: shared parameters, the broadcast, and the round's statistics.
+    `global_sim` is S_g as aggregated (before encoding), for evaluation-only diagnostics."""
+
+    shared: Params
+    broadcast: Broadcast
+    stats: dict[str, float] = field(default_factory=dict)
+    global_sim: torch.Tensor | None = None
+
+
+class Method:
+    """A federated method; this base shares no parameters, adds no loss and sends nothing (override)."""
+
+    name: str
+    central = False  # True: no clients; trained on pooled samples (src/methods/central.py)
+    uploads_similarity = False  # True: clients send similarity uploads and receive a Broadcast
+
+    def shared_keys(self, params: Params) -> list[str]:
+        """Parameter names every client starts the round from (the server's mean) and uploads."""
+        return []
+
+    def dense_loss(self, broadcast: Broadcast) -> DenseLoss | None:
+        """Extra loss terms on the item tables during local training, or None."""
+        return None
+
+    def release(
+        self, params: Params, users: torch.Tensor, uploaded: torch.Tensor, generator: torch.Generator, entries: bool
+    ) -> Release:
+        """Client side: what the clients `users` [C] of a trained chunk marked `uploaded` [C] (CPU bool) send."""
+        mask = uploaded.to(params["items"].device)
+        keys = self.shared_keys(params)
+        return Release(users[uploaded], {k: params[k][mask] for k in keys})
+
+    def round_sums(self, n_items: int, device: torch.device, entries: bool = False) -> RoundSums:
+        """The server's empty sums for a round."""
+        return RoundSums(n_items, device, self.uploads_similarity, entries)
+
+    def server_round(
+        self, sums: RoundSums, shared: Params, broadcast: Broadcast, seed: int, n_clients: int
+    ) -> ServerRound:
+        """Server side: the mean of the shared parameters (the previous values when nobody reported)."""
+        return ServerRound(sums.mean.result(shared), broadcast)
+
+    def traffic(
+        self, sums: RoundSums, sizes: torch.Tensor | None, n_clients: int, shared: Params, round_: int, dim: int
+    ) -> dict[str, float]:
+        """Bytes uploaded and downloaded this round by the `n_clients` chosen (`sizes`: each similarity
+        upload's bytes, for methods that send them), and what embedding sharing would cost."""
+        out = {
+            "comm/embedding_bytes": float(embedding_bytes(sums.n_items, dim)),
+            "comm/uploaders": float(len(sums.senders)),
+        }
+        return out | shared_traffic(list(shared.values()), len(sums.senders), n_clients)
+
+
+def build_method(cfg: DictConfig, device: torch.device) -> Method:
+    """The method of `ablation.method` (a module of src/methods/ with `build(cfg, device)`), built once per run
+    (block sizes for `device`)."""
+    module = importlib.import_module(f"src.methods.{cfg.ablation.method}")
+    return module.build(cfg, device)

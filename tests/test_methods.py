@@ -1,0 +1,66 @@
+"""The method objects: every `ablation=` builds the method it names, with what it shares and sends;
+a client's released entries match the thresholded cosine written plainly; bad method names are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from alignment_helpers import np_cosine, np_upload
+
+from src.alignment.release import ReleaseSpec, release_entries
+from src.clients.model import init_params
+from src.config import CONF_DIR, ConfigError
+from src.methods.base import build_method
+
+CPU = torch.device("cpu")
+# ablation -> (method module, parameters the server averages, uploads similarity, central)
+EXPECTED = {
+    "backbone": ("sharing", ["items"], False, False),
+    "fedavg": ("sharing", ["items", "w0", "b0"], False, False),
+    "local": ("sharing", [], False, False),
+    "full": ("alignfedrec", [], True, False),
+    "no_ica": ("alignfedrec", [], True, False),
+    "no_gsa": ("alignfedrec", [], True, False),
+    "central": ("central", [], False, True),
+    "popularity": ("central", [], False, True),
+    "itemknn": ("central", [], False, True),
+}
+
+
+def test_every_ablation_file_is_listed_here():
+    assert {p.stem for p in (CONF_DIR / "ablation").glob("*.yaml")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("ablation", sorted(EXPECTED))
+def test_each_ablation_builds_its_method(compose_cfg, ablation):
+    module, shared, similarity, central = EXPECTED[ablation]
+    cfg = compose_cfg([f"ablation={ablation}", "model.score_hidden=[]"])
+    assert cfg.ablation.method == module
+    method = build_method(cfg, CPU)
+    assert type(method).__module__ == f"src.methods.{module}" and method.name == ablation
+    params = init_params(cfg.model, 3, 10, torch.Generator().manual_seed(0))
+    assert method.shared_keys(params) == shared
+    assert (method.uploads_similarity, method.central) == (similarity, central)
+    if similarity:
+        assert method.loss.use_ica == bool(cfg.ablation.ica) and method.loss.use_gsa == bool(cfg.ablation.gsa)
+
+
+def test_an_unknown_method_is_refused_before_any_work(compose_cfg):
+    with pytest.raises(ConfigError) as err:
+        compose_cfg(["ablation=full", "ablation.method=nope"])
+    assert "ablation.method" in str(err.value) and "alignfedrec" in str(err.value)
+
+
+@pytest.mark.parametrize("rows,block", [(4, 40), (128, 1 << 22)])
+def test_release_entries_are_the_thresholded_cosine_of_each_client(rows, block):
+    """Each client's listed entries are exactly the nonzero strict-upper entries of its thresholded cosine."""
+    c, m, d, sigma = 4, 13, 3, 0.3
+    tabs = torch.randn(c, m, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = release_entries(tabs, ReleaseSpec(sigma, True, block, rows), torch.Generator())
+    assert len(got) == c
+    for table, (pos, vals) in zip(tabs.numpy(), got):
+        up = np.triu(np_upload(np_cosine(table, True), sigma), 1)
+        j, k = np.nonzero(up)
+        np.testing.assert_array_equal(pos.numpy(), j * m + k)  # sorted row-major, as encoded
+        np.testing.assert_allclose(vals.numpy(), up[j, k], rtol=0, atol=1e-12)
