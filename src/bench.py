@@ -11,6 +11,11 @@ no run folder), runs one warm-up round that is not counted, then R rounds, and r
 - host-device traffic per round: the tensors handed to the device and the values read back (each
   read a sync on a GPU) through `src/device.py`, mean over R; counted on the CPU too, where they cost
   nothing, so a CPU bench shows what a GPU round would do (a few per chunk, none per local step);
+- a roofline of the train and aggregate phases (`roofline`): FLOPs and bytes of their dominant products
+  per round from the shapes, the rates achieved, and this machine's ceilings measured in the same run
+  (the same product class timed alone, and a large copy);
+- with `bench.baseline` (overrides, e.g. `["model.fast_block=null"]`), the same figures for that
+  implementation, benched first in a process of its own, and the ratios baseline / this;
 - the stacked cohort against the per-client reference loop (`src/clients/reference.py`) doing the same
   work: `bench.reference_clients` random clients, one set of round samples and batch layout,
   trained once stacked (`train_cohort`, chunked as a round chunks them) and once client by client
@@ -28,10 +33,13 @@ Prints a table and writes the same figures as JSON to `bench.out` (atomically).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -77,6 +85,86 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work so wall-clock timings cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def product_rate(batch: int, rows: int, inner: int, cols: int, device: torch.device, repeats: int = 3) -> float:
+    """GFLOP/s of this machine on one product class: [batch, rows, inner] @ [batch, inner, cols] in fp32 (best of
+    `repeats`), the ceiling the train and aggregate phases are held against."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(batch, rows, inner, generator=gen).to(device)
+    b = torch.randn(batch, inner, cols, generator=gen).to(device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        sync(device)
+        tic = time.perf_counter()
+        torch.bmm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - tic)
+    return 2.0 * batch * rows * inner * cols / best / 1e9
+
+
+def copy_rate(device: torch.device, mib: int = 256, repeats: int = 3) -> float:
+    """GB/s of a large out-of-cache copy (read + write counted), the memory ceiling."""
+    x = torch.empty(mib * 2**18, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        sync(device)
+        tic = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - tic)
+    return 2 * x.numel() * 4 / best / 1e9
+
+
+def roofline(cfg: DictConfig, module: FederatedModule, figures: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
+    """FLOPs and bytes per round of the train and aggregate phases' dominant products (from the shapes), their
+    achieved rates, and this machine's own ceilings for the same product class measured now.
+
+    Train (AlignFedRec, fast): per client-step the anchor rows s = e_a e^T and their two gradient products,
+    3 x 2 K m d FLOPs (K = model.fast_anchors), operands and result 3 x 4 (K d + m d + K m) bytes; exact mode:
+    10 m^2 d FLOPs (the blocked ICA and GSA products). Aggregate: every uploader's upper-triangle block products,
+    m (m + 1) d FLOPs, reading its table once per row block. BCE, optimiser and elementwise work are not counted
+    as FLOPs: a low compute fraction with bytes near the copy rate says the phase is bound by memory traffic.
+    """
+    m, d, k = module.data.n_items, int(cfg.model.dim), int(cfg.model.fast_anchors)
+    device = module.compute_device
+    method = module.method
+    secs = figures["seconds_per_round"]
+    out: dict[str, Any] = {"copy_gb_s": copy_rate(device)}
+    if not method.uploads_similarity:
+        return out | {"note": "no alignment products: the method's rounds are BCE and optimiser steps only"}
+    steps = figures["client_steps_per_round"] or 0.0
+    uploaders = sum(r.get("comm/uploaders", 0.0) for r in rows) / len(rows)
+    rows_per_block = 128
+    if cfg.model.alignment == "fast":
+        train_flops = steps * 6.0 * k * m * d
+        train_bytes = steps * 3 * 4.0 * (k * d + m * d + k * m)
+        sub = max(1, int(cfg.model.fast_block or k * m * 16) // (k * m))
+        train_peak = product_rate(sub, k, d, m, device)
+    else:
+        train_flops = steps * 10.0 * m * m * d
+        train_bytes = steps * 4.0 * (2 * m * d + 3 * m * m)
+        train_peak = product_rate(1, rows_per_block, d, m, device)
+    agg_flops = uploaders * m * (m + 1.0) * d
+    agg_bytes = uploaders * 4.0 * (m * d * -(-m // rows_per_block) + m * m / 2)
+    per = max(1, int(cfg.server.sim_block) // (rows_per_block * m))
+    agg_peak = product_rate(per, rows_per_block, d, m, device)
+    for phase, flops, nbytes, peak in (
+        ("train", train_flops, train_bytes, train_peak),
+        ("aggregate", agg_flops, agg_bytes, agg_peak),
+    ):
+        t = secs[phase]
+        rate = flops / t / 1e9 if t > 0 else None
+        out[phase] = {
+            "gflop_per_round": flops / 1e9,
+            "gb_per_round": nbytes / 1e9,
+            "achieved_gflop_s": rate,
+            "achieved_gb_s": nbytes / t / 1e9 if t > 0 else None,
+            "peak_gflop_s": peak,
+            "compute_fraction": None if rate is None else rate / peak,
+        }
+    return out
 
 
 def round_figures(rows: list[dict[str, float]], round_s: list[float]) -> dict[str, Any]:
@@ -145,7 +233,7 @@ def reference_comparison(module: FederatedModule, n_clients: int, generator: tor
         trained = {key: v.clone() for key, v in init.items()}
         sync(device)
         tic = time.perf_counter()
-        losses = train_cohort(trained, samples, layout, cfg.optim, n_items, cfg.model.loss, dense)
+        losses = train_cohort(trained, samples, layout, module.local.optim, n_items, module.local.loss, dense)
         sync(device)
         stacked_s += time.perf_counter() - tic
         chunk_steps = int(layout.steps.sum())
@@ -201,9 +289,19 @@ def table(report: dict[str, Any]) -> str:
         f"{report['warmup_rounds']} warm-up",
         f"device: {dev['type']}, {dev['name']} (torch threads {dev['torch_threads']}, cpu cores {dev['cpu_count']})",
         "",
-        f"{'phase':<12}{'s/round':>10}",
+        f"{'phase':<12}{'s/round':>10}" + (f"{'baseline':>12}{'speed-up':>10}" if "baseline" in report else ""),
     ]
-    lines += [f"{p:<12}{v:>10.4f}" for p, v in report["seconds_per_round"].items()]
+    for phase, v in report["seconds_per_round"].items():
+        line = f"{phase:<12}{v:>10.4f}"
+        if "baseline" in report:
+            line += f"{report['baseline']['seconds_per_round'][phase]:>12.4f}"
+            line += f"{fmt(report['speedup_vs_baseline'][f'{phase}_s'], '.2f', 'x'):>10}"
+        lines.append(line)
+    if "baseline" in report:
+        lines += [
+            f"baseline: {' '.join(report['baseline']['overrides'])}; peak resident memory "
+            f"{report['baseline']['peak_rss_mib']:.1f} MiB (ratio {report['speedup_vs_baseline']['peak_rss']:.2f})"
+        ]
     lines += [
         "",
         f"client-steps per round   {fmt(report['client_steps_per_round'], '.1f')}",
@@ -213,6 +311,19 @@ def table(report: dict[str, Any]) -> str:
         f"host-device per round    {report['host_device_per_round']['transfers']:.1f} transfers, "
         f"{report['host_device_per_round']['syncs']:.1f} syncs (calls through src/device.py)",
     ]
+    roof = report.get("roofline") or {}
+    lines += ["", f"roofline (copy rate {roof.get('copy_gb_s', 0.0):.1f} GB/s measured now):"]
+    for phase in ("train", "aggregate"):
+        r = roof.get(phase)
+        if r is None:
+            continue
+        lines.append(
+            f"  {phase:<10} {r['gflop_per_round']:10.1f} GFLOP {r['gb_per_round']:8.2f} GB/round, "
+            f"{fmt(r['achieved_gflop_s'], '.1f')} GFLOP/s of {r['peak_gflop_s']:.1f} "
+            f"({fmt(r['compute_fraction'], '.0%')}), {fmt(r['achieved_gb_s'], '.2f')} GB/s"
+        )
+    if "note" in roof:
+        lines.append(f"  {roof['note']}")
     ref = report["reference"]
     if ref is None:
         lines += ["", f"stacked vs per-client reference: not run ({report['reference_note']})"]
@@ -262,6 +373,7 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         reference_note = "bench.reference_clients=0"
     else:
         reference = reference_comparison(module, n_ref, torch.Generator().manual_seed(int(cfg.seed) + 7))
+    figures = round_figures(rows, round_s)
     return {
         "dataset": cfg.dataset.name,
         "protocol": cfg.protocol.name,
@@ -284,7 +396,8 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         "rounds": int(cfg.fl.rounds),
         "warmup_rounds": 1,
         "setup_s": setup_s,
-        **round_figures(rows, round_s),
+        **figures,
+        "roofline": roofline(cfg, module, figures, rows),
         "peak_rss_mib": peak_rss_mib(),
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "host_device_per_round": {k: v / int(cfg.fl.rounds) for k, v in traffic.items()},
@@ -296,10 +409,35 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     }
 
 
+def baseline_report(cfg: DictConfig, argv: list[str]) -> dict[str, Any]:
+    """Bench `argv` + `bench.baseline` in a child process (so its peak memory is its own); its report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "baseline.json"
+        extra = [*cfg.bench.baseline, "bench.baseline=null", "bench.reference_clients=0", f"bench.out={out}"]
+        subprocess.run([sys.executable, "-m", "src.bench", *argv, *extra], check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def ratios(baseline: dict[str, Any], report: dict[str, Any]) -> dict[str, float | None]:
+    """baseline / this for the seconds of every phase (> 1: this is faster) and the peak resident memory."""
+    out: dict[str, float | None] = {}
+    for phase, mine in report["seconds_per_round"].items():
+        theirs = baseline["seconds_per_round"][phase]
+        out[f"{phase}_s"] = theirs / mine if mine > 0 else None
+    out["peak_rss"] = baseline["peak_rss_mib"] / report["peak_rss_mib"]
+    return out
+
+
 def main(argv: list[str]) -> dict[str, Any]:
-    """Compose the config from `argv` overrides, run the bench, print the table, write `bench.out`."""
+    """Compose the config from `argv` overrides, run the bench (after the baseline's, when set), print the table,
+    write `bench.out`."""
     cfg = load_config(argv)
+    validate(cfg)
+    before = baseline_report(cfg, argv) if cfg.bench.baseline is not None else None
     report = bench(cfg, argv)
+    if before is not None:
+        report["baseline"] = {**before, "overrides": list(cfg.bench.baseline)}
+        report["speedup_vs_baseline"] = ratios(before, report)
     publish_report(cfg.bench.out, report, table(report))
     return report
 

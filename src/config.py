@@ -154,6 +154,8 @@ def _validate_model(cfg: DictConfig) -> None:
     _choice(cfg, "model.gsa_reduction", ("sum", "mean"))
     for key in ("fast_anchors", "align_chunk", "align_block"):
         _int(cfg, f"model.{key}", 1)
+    if "fast_block" in cfg.model:
+        _int(cfg, "model.fast_block", 1, nullable=True)
     hidden = _get(cfg, "model.score_hidden")
     _check(
         isinstance(hidden, ListConfig) and all(is_int(h) and h >= 1 for h in hidden),
@@ -320,6 +322,14 @@ def _validate_commands(cfg: DictConfig) -> None:
     _int(cfg, "audit.recovery_iters", 1)
     _not_a_folder(cfg, "audit.out", nullable=True)
     _int(cfg, "bench.reference_clients", 0, note=" (0 = skip)")
+    baseline = OmegaConf.select(cfg, "bench.baseline", default=None)
+    _check(
+        baseline is None
+        or (isinstance(baseline, ListConfig) and all(isinstance(o, str) and "=" in o for o in baseline)),
+        "bench.baseline",
+        _shown(baseline),
+        "null or a list of key=value overrides",
+    )
     _not_a_folder(cfg, "bench.out")
     for key in ("supernodes", "round_timeout", "min_nodes", "connect_timeout", "max_upload_bytes"):
         _int(cfg, f"flower.{key}", 1)

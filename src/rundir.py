@@ -45,6 +45,7 @@ ADDED_KEYS = {
     "compute.matmul_precision": "highest",
     "fl.max_auto_chunk": 1024,
     "compute.gpu_block_scale": 64,
+    "model.fast_block": None,
 }
 
 

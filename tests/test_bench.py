@@ -166,3 +166,41 @@ def test_bench_refuses_missing_cuda_before_reading_any_data(compose_cfg, monkeyp
     cfg.device = device
     with pytest.raises(ConfigError, match="device"):
         bench_mod.bench(cfg, [])
+
+
+def test_bench_times_a_baseline_side_by_side(cache_dir, tmp_path, capsys):
+    """`bench.baseline` benches those overrides in a child process first; the report holds its figures and
+    the ratio baseline / this for every phase and for the peak memory."""
+    report, _, _ = run_bench(
+        cache_dir, tmp_path, "ablation=full", "bench.reference_clients=0", 'bench.baseline=["model.fast_block=null"]'
+    )
+    base = report["baseline"]
+    assert base["overrides"] == ["model.fast_block=null"] and base["ablation"] == "full"
+    ratios = report["speedup_vs_baseline"]
+    for phase, mine in report["seconds_per_round"].items():
+        if mine > 0:
+            assert ratios[f"{phase}_s"] == pytest.approx(base["seconds_per_round"][phase] / mine)
+    assert ratios["peak_rss"] == pytest.approx(base["peak_rss_mib"] / report["peak_rss_mib"])
+    assert "baseline: model.fast_block=null" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_baseline_that_is_not_overrides(compose_cfg):
+    with pytest.raises(ConfigError, match="bench.baseline"):
+        main(["dataset=synthetic", "bench.baseline=[fast]"])
+
+
+def test_bench_roofline_counts_the_products_from_the_shapes(cache_dir, tmp_path):
+    """The aggregate phase's FLOPs are every uploader's upper-triangle products, m (m + 1) d; the fast train
+    phase's 6 K m d per client-step; the rates are those FLOPs over the phase's seconds; ceilings are positive."""
+    report, _, _ = run_bench(cache_dir, tmp_path, "ablation=full", "bench.reference_clients=0", "model.dim=8")
+    roof, m, n = report["roofline"], report["n_items"], report["n_users"]
+    assert roof["copy_gb_s"] > 0
+    agg, train = roof["aggregate"], roof["train"]
+    assert agg["gflop_per_round"] == pytest.approx(n * m * (m + 1) * 8 / 1e9)
+    assert train["gflop_per_round"] == pytest.approx(report["client_steps_per_round"] * 6 * 64 * m * 8 / 1e9)
+    for phase, r in (("aggregate", agg), ("train", train)):
+        assert r["peak_gflop_s"] > 0
+        assert r["achieved_gflop_s"] == pytest.approx(r["gflop_per_round"] / report["seconds_per_round"][phase])
+        assert r["compute_fraction"] == pytest.approx(r["achieved_gflop_s"] / r["peak_gflop_s"])
+    backbone, _, _ = run_bench(cache_dir, tmp_path, "ablation=backbone", "bench.reference_clients=0")
+    assert "train" not in backbone["roofline"] and "note" in backbone["roofline"]

@@ -17,8 +17,8 @@ import pytest
 import torch
 from reference import client_batches, make_client, train_client
 
-from src.clients.cohort import batch_layout, sample_round, train_cohort
-from src.clients.model import init_params
+from src.clients.cohort import OptimSpec, batch_layout, sample_round, train_cohort
+from src.clients.model import ModelSpec, init_params
 from src.data.protocols import NegativeSampler
 from src.simulator.server import MeanAggregator
 
@@ -59,10 +59,10 @@ def run_round(cfg, positives, rows, epochs, batch_size=BATCH, dtype=torch.float3
     samples.labels = samples.labels.to(dtype)
     rows = torch.as_tensor(rows, dtype=torch.long)
     layout = batch_layout(samples, rows, epochs, batch_size, seed + 1, 1)
-    init = init_params(cfg.model, len(positives), N_ITEMS, torch.Generator().manual_seed(seed + 2))
+    init = init_params(ModelSpec.from_cfg(cfg.model), len(positives), N_ITEMS, torch.Generator().manual_seed(seed + 2))
     init = {k: v[rows].to(dtype) for k, v in init.items()}
     trained = copy.deepcopy(init)
-    losses = train_cohort(trained, samples, layout, cfg.optim, N_ITEMS, cfg.model.loss)
+    losses = train_cohort(trained, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss)
     return init, trained, samples, layout, losses
 
 
@@ -245,7 +245,7 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
     samples.labels = samples.labels.double()
     rows = torch.as_tensor(ROWS)
     layout = batch_layout(samples, rows, 1, BATCH, 1, 1)
-    init = init_params(cfg.model, len(POSITIVES), N_ITEMS, torch.Generator().manual_seed(2))
+    init = init_params(ModelSpec.from_cfg(cfg.model), len(POSITIVES), N_ITEMS, torch.Generator().manual_seed(2))
     init = {k: v[rows].double() for k, v in init.items()}
     labels = torch.arange(N_ITEMS) % 6
     labels[:3] = torch.tensor([6, 7, 8])  # three singleton clusters: their anchors are skipped
@@ -254,7 +254,7 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
     global_sim.fill_diagonal_(0)
     dense = build(cfg, torch.device("cpu")).dense_loss(Broadcast(labels, global_sim, float(cfg.model.sigma)))
     trained = copy.deepcopy(init)
-    losses = train_cohort(trained, samples, layout, cfg.optim, N_ITEMS, cfg.model.loss, dense)
+    losses = train_cohort(trained, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss, dense)
     assert losses["ica"] > 0 and losses["gsa"] > 0
     m = cfg.model
     plain = ExactAlignment(
@@ -275,5 +275,5 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
         assert_row_equal(trained, client.to_stacked(), row, f"{optim}/{mask}")
     # and the alignment moved the tables: without it the result differs
     bce_only = copy.deepcopy(init)
-    train_cohort(bce_only, samples, layout, cfg.optim, N_ITEMS, cfg.model.loss)
+    train_cohort(bce_only, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss)
     assert (bce_only["items"] - trained["items"]).abs().max() > 1e-3

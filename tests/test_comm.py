@@ -115,18 +115,12 @@ def test_laplace_noise_has_the_stated_scale_and_epsilon_accounting():
     assert abs(float(x.mean())) < 0.005
     assert float(x.abs().mean()) == pytest.approx(b, rel=0.01)  # E|X| = b for Laplace(0, b)
     assert float(x.var()) == pytest.approx(2 * b * b, rel=0.02)
-    scale, eps = laplace_scale(_cfg(epsilon=4.0))
+    scale, eps = laplace_scale(4.0, None, 2.0)
     assert (scale, eps) == (0.5, 4.0)
-    assert laplace_scale(_cfg(scale=0.001)) == (0.001, pytest.approx(2000.0))
-    assert laplace_scale(_cfg()) == (0.0, None)
+    assert laplace_scale(None, 0.001, 2.0) == (0.001, pytest.approx(2000.0))
+    assert laplace_scale(None, None, 2.0) == (0.0, None)
     spent = epsilon_spent(4.0, rounds=10, n_items=5)
     assert spent["privacy/epsilon_total_entry"] == 40.0 and spent["privacy/epsilon_total_matrix"] == 400.0
-
-
-def _cfg(epsilon=None, scale=None):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.create({"epsilon": epsilon, "scale": scale, "sensitivity": 2.0})
 
 
 def test_noise_changes_the_upload_and_the_seed_fixes_it():

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from src import device as dev
 from src import rundir
 from src.alignment.broadcast import Broadcast
-from src.clients.cohort import batch_layout, sample_round, train_cohort
-from src.clients.model import init_params
+from src.clients.cohort import OptimSpec, batch_layout, sample_round, train_cohort
+from src.clients.model import ModelSpec, init_params
 from src.config import ConfigError
 from src.data.dataset import build
 from src.flower.messages import Task, pack_task
@@ -216,7 +216,7 @@ def cohort_traffic(cfg, batch_size: int, monkeypatch) -> tuple[int, dict[str, in
     samples = sample_round(ptr, items, sampler, NEGATIVES, 1, 1)
     rows = torch.tensor([2, 0, 6, 1, 4, 3, 5])
     layout = batch_layout(samples, rows, 2, batch_size, 1, 1)
-    init = init_params(cfg.model, 7, N_ITEMS, torch.Generator().manual_seed(2))
+    init = init_params(ModelSpec.from_cfg(cfg.model), 7, N_ITEMS, torch.Generator().manual_seed(2))
     params = {k: v[rows].clone() for k, v in init.items()}
     g = torch.rand(N_ITEMS, N_ITEMS, generator=torch.Generator().manual_seed(3))
     dense = alignfedrec.build(cfg, CPU).dense_loss(Broadcast(torch.arange(N_ITEMS) % 5, g, float(cfg.model.sigma)))
@@ -230,7 +230,7 @@ def cohort_traffic(cfg, batch_size: int, monkeypatch) -> tuple[int, dict[str, in
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     before = dev.COUNTERS.snapshot()
-    losses = train_cohort(params, samples, layout, cfg.optim, N_ITEMS, cfg.model.loss, dense)
+    losses = train_cohort(params, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss, dense)
     monkeypatch.undo()
     counts = {k: v - before[k] for k, v in dev.COUNTERS.snapshot().items()} | implicit
     return layout.index.shape[1], counts, losses

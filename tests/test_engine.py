@@ -302,14 +302,14 @@ def test_methods_share_what_they_should(compose_cfg):
 def test_init_of_some_clients_equals_their_rows_of_the_full_init(compose_cfg, shared):
     import torch
 
-    from src.clients.model import init_params
+    from src.clients.model import ModelSpec, init_params
 
     cfg = compose_cfg(
         [f"model.shared_init={str(shared).lower()}", "model.user_embedding=true", "model.score_hidden=[4]"]
     )
     rows = torch.tensor([5, 1, 8])
-    full = init_params(cfg.model, 10, 7, torch.Generator().manual_seed(3))
-    part = init_params(cfg.model, 10, 7, torch.Generator().manual_seed(3), rows)
+    full = init_params(ModelSpec.from_cfg(cfg.model), 10, 7, torch.Generator().manual_seed(3))
+    part = init_params(ModelSpec.from_cfg(cfg.model), 10, 7, torch.Generator().manual_seed(3), rows)
     for k in full:
         assert torch.equal(part[k], full[k][rows]), k
 

@@ -259,6 +259,7 @@ def make_loss(
     centre=True,
     fast_anchors=64,
     fast_gsa="rows",
+    fast_block=None,
 ) -> AlignmentLoss:
     return AlignmentLoss(
         alpha=0.7,
@@ -275,6 +276,7 @@ def make_loss(
         use_gsa=use_gsa,
         fast_anchors=fast_anchors,
         fast_gsa=fast_gsa,
+        fast_block=fast_block,
     )
 
 
@@ -329,14 +331,22 @@ def test_alignment_value_and_grad_equals_per_client_autograd(mask, reduction):
         np.testing.assert_allclose(terms_all[k].detach().numpy(), values[k].numpy(), rtol=1e-12)
 
 
-def test_alignment_fast_mode_equals_per_client_with_batch_anchors():
+@pytest.mark.parametrize("fast_block", [None, 4 * 14, 2 * 4 * 14 + 1])  # whole chunk, 1 and 2 clients at once
+def test_alignment_fast_mode_equals_per_client_with_batch_anchors(fast_block):
     c, m, d, k = 5, 14, 4, 4
     t = tables(c, m, d, seed=35)
     sigma = 0.5
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 4, 0, 5, 2])
     gs = random_global(m, seed=36, sigma=sigma)
     loss = make_loss(
-        mode="fast", mask="global", reduction="mean", chunk=2, sigma=sigma, fast_anchors=k, fast_gsa="pairs"
+        mode="fast",
+        mask="global",
+        reduction="mean",
+        chunk=2,
+        sigma=sigma,
+        fast_anchors=k,
+        fast_gsa="pairs",
+        fast_block=fast_block,
     )
     anchors = torch.stack([torch.randperm(m, generator=gen(37 + i))[:7] for i in range(c)])
     valid = torch.ones(c, 7, dtype=torch.bool)
@@ -458,3 +468,22 @@ def test_gsa_rows_subset_equals_a_plain_loop_over_those_rows(mask):
                     count += 1
         assert got_mean[i].item() == pytest.approx(total / max(count, 1), rel=1e-9)
         assert got_sum[i].item() == pytest.approx(total * m / used, rel=1e-9)
+
+
+@pytest.mark.parametrize("fast_gsa", ["rows", "pairs"])
+def test_fast_sub_chunks_give_the_whole_chunk_values(fast_gsa):
+    """Cache-sized sub-chunks (`model.fast_block`) only regroup independent clients: same values and gradient."""
+    c, m, d = 7, 20, 4
+    t = tables(c, m, d, seed=50)
+    labels = torch.randint(0, 4, (m,), generator=gen(51))
+    b = Broadcast(labels, random_global(m, seed=52, sigma=0.4), 0.4)
+    anchors = torch.stack([torch.randperm(m, generator=gen(53 + i))[:9] for i in range(c)])
+    valid = torch.rand(c, 9, generator=gen(60)) > 0.2
+    whole = make_loss(mode="fast", sigma=0.4, fast_anchors=6, fast_gsa=fast_gsa)
+    ref_values, ref_grad = whole.value_and_grad(t, anchors, valid, b)
+    for block in (1, 6 * m, 3 * 6 * m):
+        values, grad = dataclasses.replace(whole, fast_block=block).value_and_grad(t, anchors, valid, b)
+        assert set(values) == {"ica", "gsa"}
+        for key in values:
+            torch.testing.assert_close(values[key], ref_values[key], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)

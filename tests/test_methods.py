@@ -9,7 +9,7 @@ import torch
 from alignment_helpers import np_cosine, np_upload
 
 from src.alignment.release import ReleaseSpec, release_entries
-from src.clients.model import init_params
+from src.clients.model import ModelSpec, init_params
 from src.config import CONF_DIR, ConfigError
 from src.methods.base import build_method
 
@@ -39,7 +39,7 @@ def test_each_ablation_builds_its_method(compose_cfg, ablation):
     assert cfg.ablation.method == module
     method = build_method(cfg, CPU)
     assert type(method).__module__ == f"src.methods.{module}" and method.name == ablation
-    params = init_params(cfg.model, 3, 10, torch.Generator().manual_seed(0))
+    params = init_params(ModelSpec.from_cfg(cfg.model), 3, 10, torch.Generator().manual_seed(0))
     assert method.shared_keys(params) == shared
     assert (method.uploads_similarity, method.central) == (similarity, central)
     if similarity:

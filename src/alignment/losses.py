@@ -260,6 +260,7 @@ class AlignmentLoss:
     fast_anchors: int = 64
     block: int = 4_194_304
     fast_gsa: str = "rows"
+    fast_block: int | None = None  # fast mode: elements of anchor-row intermediates at once (None: whole chunk)
 
     def active(self, b: Broadcast) -> bool:
         """False until the server has broadcast something the enabled terms need."""
@@ -349,6 +350,21 @@ class AlignmentLoss:
             ]
             grad = torch.cat([g for _, g in parts])
             return {k: torch.cat([v[k] for v, _ in parts]) for k in parts[0][0]}, grad
+        c, m = table.shape[0], table.shape[1]
+        step = c if self.fast_block is None else max(1, self.fast_block // max(self.fast_anchors * m, 1))
+        if step >= c:
+            return self.fast_value_and_grad(table, anchors, anchor_valid, b)
+        # clients are independent: sub-chunks give the same values, with cache-sized intermediates
+        parts = [
+            self.fast_value_and_grad(table[s : s + step], anchors[s : s + step], anchor_valid[s : s + step], b)
+            for s in range(0, c, step)
+        ]
+        return {k: torch.cat([v[k] for v, _ in parts]) for k in parts[0][0]}, torch.cat([g for _, g in parts])
+
+    def fast_value_and_grad(
+        self, table: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, b: Broadcast
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The fast mode's per-client terms and gradient of `table` [C, m, d] by autograd."""
         part = table.detach().requires_grad_()
         with torch.enable_grad():
             terms = self.terms(part, b, anchors, anchor_valid)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
 from src.clients.model import Params, flat_index, gather_items, score_embeddings
 from src.clients.streams import ClientStream
@@ -163,6 +163,33 @@ class ChunkBatches:
         return self.items[t], self.labels[t], self.valid[t], Active(self.active[t], rows, n)
 
 
+@dataclass(frozen=True)
+class OptimSpec:
+    """The clients' optimiser (`optim.*`), typed once from the validated config: `sgd` or `adam`; with
+    `item_lr_eta` the item table steps at lr * n_items * item_lr_eta; `alternate` = the lineage's SGD order."""
+
+    name: str
+    lr: float
+    item_lr_eta: float | None = None
+    alternate: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    @classmethod
+    def from_cfg(cls, optim: Any) -> OptimSpec:
+        """From the `optim` config group (already validated by `src/config.py`)."""
+        eta = optim.get("item_lr_eta")
+        betas = optim.get("betas") or (0.9, 0.999)
+        return cls(
+            str(optim.name),
+            float(optim.lr),
+            None if eta is None else float(eta),
+            bool(optim.get("alternate", False)),
+            (float(betas[0]), float(betas[1])),
+            float(optim.get("eps", 1e-8)),
+        )
+
+
 class StackedOptimizer:
     """SGD or Adam over stacked client tensors, stepping only the clients marked active.
 
@@ -170,19 +197,17 @@ class StackedOptimizer:
     with a fresh optimiser per client per round as in the lineage.
     """
 
-    def __init__(self, optim: DictConfig, params: Params, n_items: int):
+    def __init__(self, optim: OptimSpec, params: Params, n_items: int):
         self.name = optim.name
-        self.lr = {k: float(optim.lr) for k in params}
-        if optim.get("item_lr_eta") is not None:
-            self.lr["items"] = float(optim.lr) * n_items * float(optim.item_lr_eta)
+        self.lr = {k: optim.lr for k in params}
+        if optim.item_lr_eta is not None:
+            self.lr["items"] = optim.lr * n_items * optim.item_lr_eta
         if self.name == "adam":
-            self.b1, self.b2 = (float(b) for b in optim.betas)
-            self.eps = float(optim.eps)
+            self.b1, self.b2 = optim.betas
+            self.eps = optim.eps
             self.m = {k: torch.zeros_like(v) for k, v in params.items()}
             self.v = {k: torch.zeros_like(v) for k, v in params.items()}
             self.t = {k: torch.zeros(v.shape[0], device=v.device) for k, v in params.items()}
-        elif self.name != "sgd":
-            raise ValueError(f"optim.name={self.name!r}; expected sgd or adam")
 
     def step(self, params: Params, grads: Params, active: Active) -> None:
         """Update `params` in place from `grads` for the `active` clients."""
@@ -251,7 +276,7 @@ def train_cohort(
     params: Params,
     samples: RoundSamples,
     layout: BatchLayout,
-    optim: DictConfig,
+    optim: OptimSpec,
     n_items: int,
     loss: str = "sigmoid_bce",
     dense_loss: DenseLoss | None = None,
@@ -265,7 +290,7 @@ def train_cohort(
     The loss values are read on the host once, after the last step (summed there in step order).
     """
     opt = StackedOptimizer(optim, params, n_items)
-    alternate = bool(optim.get("alternate", False))
+    alternate = optim.alternate
     device = params["items"].device
     score_keys = [k for k in params if k != "items"]
     batches = ChunkBatches.build(samples, layout, device, params["items"].dtype)

@@ -8,21 +8,44 @@ batched computation; `forward` is the math of one client applied to all C at onc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 Params = dict[str, torch.Tensor]
 
 
-def layer_sizes(model: DictConfig) -> list[tuple[int, int]]:
+@dataclass(frozen=True)
+class ModelSpec:
+    """The client model's shape and initialisation (`model.*`), typed once from the validated config."""
+
+    dim: int
+    init_std: float = 1.0
+    shared_init: bool = True
+    user_embedding: bool = False
+    score_hidden: tuple[int, ...] = ()
+
+    @classmethod
+    def from_cfg(cls, model: Any) -> ModelSpec:
+        """From the `model` config group (already validated by `src/config.py`)."""
+        return cls(
+            int(model.dim),
+            float(model.init_std),
+            bool(model.shared_init),
+            bool(model.user_embedding),
+            tuple(int(h) for h in model.score_hidden),
+        )
+
+
+def layer_sizes(model: ModelSpec) -> list[tuple[int, int]]:
     """(in, out) of every score layer: input is the item embedding (plus user embedding), output 1."""
-    dims = [int(model.dim) * (2 if model.user_embedding else 1), *[int(h) for h in model.score_hidden], 1]
+    dims = [model.dim * (2 if model.user_embedding else 1), *model.score_hidden, 1]
     return list(zip(dims[:-1], dims[1:]))
 
 
 def init_params(
-    model: DictConfig, n_clients: int, n_items: int, generator: torch.Generator, rows: torch.Tensor | None = None
+    model: ModelSpec, n_clients: int, n_items: int, generator: torch.Generator, rows: torch.Tensor | None = None
 ) -> Params:
     """Initial parameters of every client (or of clients `rows` only, with the same values):
     one shared draw (lineage) or one draw per client.
@@ -32,10 +55,10 @@ def init_params(
     the whole sequence is drawn before `rows` are kept (a subset must see the same numbers).
     """
     copies = 1 if model.shared_init else n_clients
-    d = int(model.dim)
-    p: Params = {"items": torch.randn(copies, n_items, d, generator=generator) * float(model.init_std)}
+    d = model.dim
+    p: Params = {"items": torch.randn(copies, n_items, d, generator=generator) * model.init_std}
     if model.user_embedding:
-        p["user"] = torch.randn(copies, d, generator=generator) * float(model.init_std)
+        p["user"] = torch.randn(copies, d, generator=generator) * model.init_std
     for i, (fan_in, fan_out) in enumerate(layer_sizes(model)):
         bound = 1.0 / math.sqrt(fan_in)
         p[f"w{i}"] = (torch.rand(copies, fan_in, fan_out, generator=generator) * 2 - 1) * bound

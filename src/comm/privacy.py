@@ -14,19 +14,16 @@ cost of one host-to-device copy per similarity block, `laplace` below).
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
 
 from src.device import to_device
 
 
-def laplace_scale(privacy: DictConfig) -> tuple[float, float | None]:
-    """(b, per-entry ε per round) from `privacy.epsilon` or `privacy.scale`; (0, None) when off."""
-    sens = float(privacy.sensitivity)
-    if privacy.epsilon is not None:
-        eps = float(privacy.epsilon)
-        return sens / eps, eps
-    if privacy.scale is not None and float(privacy.scale) > 0:
-        return float(privacy.scale), sens / float(privacy.scale)
+def laplace_scale(epsilon: float | None, scale: float | None, sensitivity: float) -> tuple[float, float | None]:
+    """(b, per-entry ε per round) from `privacy.epsilon` or `privacy.scale`; (0, None) when both are off."""
+    if epsilon is not None:
+        return sensitivity / epsilon, epsilon
+    if scale is not None and scale > 0:
+        return scale, sensitivity / scale
     return 0.0, None
 
 

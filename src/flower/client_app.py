@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.alignment.broadcast import Broadcast
 from src.alignment.release import gather
 from src.atomic import atomic_path
-from src.clients.model import init_params
+from src.clients.model import ModelSpec, init_params
 from src.comm.codec import Encoding, decode_entries, encode_entries
 from src.data.dataset import FedData, load
 from src.data.protocols import NegativeSampler
@@ -33,7 +33,7 @@ from src.flower.messages import Task, pack_reply, unpack_task
 from src.flower.settings import config_of, flower_checks
 from src.methods.base import build_method
 from src.simulator.memory import resolve_chunk_size
-from src.simulator.rounds import ClientPool, RoundWork, evaluate_clients, train_clients, training_sampler
+from src.simulator.rounds import ClientPool, LocalTraining, RoundWork, evaluate_clients, train_clients, training_sampler
 
 
 @dataclass
@@ -116,7 +116,9 @@ def restore_pool(cfg: DictConfig, context: Context, data: FedData, part: int, nu
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
         return ClientPool(saved["users"], saved["state"])
-    init = init_params(cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)), users)
+    init = init_params(
+        ModelSpec.from_cfg(cfg.model), data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)), users
+    )
     return ClientPool(users, init)
 
 
@@ -156,7 +158,9 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, pa
     chunk = resolve_chunk_size(cfg, m, len(pool.users), device)
     work = RoundWork()
     dense = method.dense_loss(broadcast)
-    for trained in train_clients(cfg, pool, chosen, data, nd.sampler, server, dense, task.round, device, chunk):
+    for trained in train_clients(
+        LocalTraining.from_cfg(cfg), pool, chosen, data, nd.sampler, server, dense, task.round, device, chunk
+    ):
         work.add(trained)
         everyone = torch.ones(len(trained.rows), dtype=torch.bool)
         release = method.release(trained.params, pool.users[trained.rows], everyone, noise_gen, entries=True)

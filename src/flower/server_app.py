@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from src.alignment.broadcast import Broadcast
-from src.clients.model import init_params
+from src.clients.model import ModelSpec, init_params
 from src.comm.codec import Encoding, encode_upper
 from src.data.dataset import load
 from src.device import resolve_device
@@ -78,7 +78,11 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     m, device = data.n_items, resolve_device(cfg.device)
     method = build_method(cfg, device)
     init = init_params(
-        cfg.model, data.n_users, data.n_items, torch.Generator().manual_seed(int(cfg.seed)), torch.tensor([0])
+        ModelSpec.from_cfg(cfg.model),
+        data.n_users,
+        data.n_items,
+        torch.Generator().manual_seed(int(cfg.seed)),
+        torch.tensor([0]),
     )
     server = {k: init[k][0] for k in method.shared_keys(init)}  # the simulator's server starts from client 0's draw
     broadcast = Broadcast.empty(float(cfg.model.sigma))

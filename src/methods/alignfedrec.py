@@ -92,7 +92,12 @@ class AlignFedRec(Method):
 def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     """AlignFedRec with the run's model, server, encoding and privacy values (blocks sized for `device`)."""
     m = cfg.model
-    noise, eps_round = laplace_scale(cfg.privacy)
+    p = cfg.privacy
+    noise, eps_round = laplace_scale(
+        None if p.epsilon is None else float(p.epsilon),
+        None if p.scale is None else float(p.scale),
+        float(p.sensitivity),
+    )
     encoding = Encoding.from_cfg(cfg.comm)
     loss = AlignmentLoss(
         alpha=float(m.alpha),
@@ -110,6 +115,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         fast_anchors=int(m.fast_anchors),
         block=block_elements(cfg, "model.align_block", device),
         fast_gsa=str(m.fast_gsa),
+        fast_block=None if m.get("fast_block") is None else block_elements(cfg, "model.fast_block", device),
     )
     spec = ReleaseSpec(
         float(m.sigma),

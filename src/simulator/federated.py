@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from src.alignment.broadcast import Broadcast
 from src.alignment.diagnostics import GraphDiagnostics
 from src.clients.cohort import sample_round
-from src.clients.model import Params, init_params
+from src.clients.model import ModelSpec, Params, init_params
 from src.comm.codec import Encoding, Ledger
 from src.data.dataset import FedData
 from src.device import setup_device
@@ -32,6 +32,7 @@ from src.results import best_round, select_key
 from src.simulator.memory import resolve_chunk_size
 from src.simulator.rounds import (
     ClientPool,
+    LocalTraining,
     RoundWork,
     choose_clients,
     draw_failures,
@@ -51,7 +52,8 @@ class FederatedModule(L.LightningModule):
         self.compute_device = setup_device(cfg)  # first: before any CUDA work of the run
         self.method = build_method(cfg, self.compute_device)
         init_gen = torch.Generator().manual_seed(int(cfg.seed))
-        self.state: Params = init_params(cfg.model, data.n_users, data.n_items, init_gen)
+        self.local = LocalTraining.from_cfg(cfg)
+        self.state: Params = init_params(ModelSpec.from_cfg(cfg.model), data.n_users, data.n_items, init_gen)
         self.server: Params = {k: self.state[k][0].clone() for k in self.method.shared_keys(self.state)}
         self.broadcast = Broadcast.empty(float(cfg.model.sigma))
         self.gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
@@ -110,7 +112,7 @@ class FederatedModule(L.LightningModule):
         sums = method.round_sums(self.data.n_items, self.compute_device, entries=self.encoding.delta)
         work = RoundWork()
         for chunk in train_clients(
-            cfg,
+            self.local,
             self.pool,
             clients,
             self.data,

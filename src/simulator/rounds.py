@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from src.clients.cohort import DenseLoss, batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
+from src.clients.cohort import (
+    DenseLoss,
+    OptimSpec,
+    batch_layout,
+    chunks_by_steps,
+    local_steps,
+    sample_round,
+    train_cohort,
+)
 from src.clients.model import Params, forward, score_all_items
 from src.data.dataset import FedData
 from src.data.protocols import NegativeSampler, excluded_for_training
@@ -112,8 +120,32 @@ def training_sampler(cfg: DictConfig, data: FedData) -> NegativeSampler:
     )
 
 
+@dataclass(frozen=True)
+class LocalTraining:
+    """How the clients of a round train, typed once from the config: local epochs, batch size, training
+    negatives per positive, the run's seed (client streams), the optimiser and the BCE form."""
+
+    epochs: int
+    batch_size: int
+    negatives: int
+    seed: int
+    optim: OptimSpec
+    loss: str = "sigmoid_bce"
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> LocalTraining:
+        return cls(
+            int(cfg.fl.local_epochs),
+            int(cfg.fl.batch_size),
+            int(cfg.protocol.train_negatives),
+            int(cfg.seed),
+            OptimSpec.from_cfg(cfg.optim),
+            str(cfg.model.loss),
+        )
+
+
 def train_clients(
-    cfg: DictConfig,
+    spec: LocalTraining,
     pool: ClientPool,
     chosen: torch.Tensor,
     data: FedData,
@@ -129,24 +161,23 @@ def train_clients(
     Each chunk starts from the server's `shared` parameters, trains as one stacked cohort and is
     yielded (to be released) before the next chunk is formed.
     """
-    fl = cfg.fl
     samples = sample_round(
         torch.as_tensor(data.train_ptr),
         torch.as_tensor(data.train_items),
         sampler,
-        int(cfg.protocol.train_negatives),
-        int(cfg.seed),
+        spec.negatives,
+        spec.seed,
         round_,
         users=pool.users,
     )
-    steps = local_steps(samples, chosen, int(fl.local_epochs), int(fl.batch_size))
+    steps = local_steps(samples, chosen, spec.epochs, spec.batch_size)
     for rows in chunks_by_steps(chosen, steps, chunk_size):
         tic = time.perf_counter()
         params = pool.params(rows, device)
         for k, v in shared.items():
             params[k].copy_(v.to(device).expand_as(params[k]))
-        layout = batch_layout(samples, rows, int(fl.local_epochs), int(fl.batch_size), int(cfg.seed), round_)
-        part = train_cohort(params, samples, layout, cfg.optim, data.n_items, cfg.model.loss, dense)
+        layout = batch_layout(samples, rows, spec.epochs, spec.batch_size, spec.seed, round_)
+        part = train_cohort(params, samples, layout, spec.optim, data.n_items, spec.loss, dense)
         n_steps = float(layout.steps.sum())
         for k, v in params.items():
             pool.state[k][rows] = v.to(pool.state[k].device)
