@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from src.atomic import atomic_write_text
 from src.config import CONF_DIR, validate
 from src.data.download import default_cache_dir
-from src.rundir import normalised
+from src.rundir import SPEED_KEYS, WHERE_KEYS, normalised
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "results" / "runs"
@@ -48,22 +48,7 @@ BENCH = REPO / "results" / "bench"
 # the grid axes that name a stored run's folder; every other override names its variant
 AXES = ("dataset", "ablation", "protocol", "seed")
 # keys that do not change what a run computes: they never tell two runs apart
-NOT_IDENTITY = (
-    "resume",
-    "diag.",
-    "experiment_name",
-    "logger.",
-    "data.root",
-    "data.cache_dir",
-    "fl.checkpoint_every",
-    "fl.chunk_size",
-    "fl.memory_fraction",
-    "device",
-    "bench.",
-    "audit.",
-    "flower.",
-    "hydra.",
-)
+NOT_IDENTITY = (*WHERE_KEYS, *SPEED_KEYS, "fl.checkpoint_every", "fl.chunk_size", "fl.memory_fraction", "device")
 
 
 @dataclass(eq=False)

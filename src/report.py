@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from src.results import atomic_write_text, best_round, selection_of
-from src.rundir import normalised
+from src.rundir import SPEED_KEYS, WHERE_KEYS, normalised
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
@@ -134,19 +134,7 @@ def collect(
 
 
 # config keys that may differ between runs of one row: the seed, and where things are read or written
-SAME_ROW = (
-    "seed",
-    "diag.",
-    "experiment_name",
-    "data.root",
-    "data.cache_dir",
-    "device",
-    "resume",
-    "logger.",
-    "flower.",
-    "audit.",
-    "bench.",
-)
+SAME_ROW = ("seed", *WHERE_KEYS, *SPEED_KEYS, "device")
 
 
 def flat(config: dict) -> dict[str, str]:

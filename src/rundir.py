@@ -17,13 +17,10 @@ from typing import Any
 LOCK_NAME = ".run.lock"
 # Hydra's own files in a folder it has just created for a job (and its `<job name>.log`): no run yet
 HYDRA_FILES = {LOCK_NAME, ".hydra", "multirun.yaml"}
-# Keys a resume may change: how long to go on, where to log and write, where the (verified) data is read from.
-RESUMABLE_KEYS = (
-    "diag.",
+# Keys that say where a run reads, writes and logs, or which tool looks at it: never what it computes.
+WHERE_KEYS = (
     "resume",
-    "fl.rounds",
-    "fl.checkpoint_every",
-    "eval.patience",
+    "diag.",
     "experiment_name",
     "logger.",
     "data.root",
@@ -33,6 +30,10 @@ RESUMABLE_KEYS = (
     "flower.",
     "hydra.",
 )
+# Keys that change only how fast a run computes: its results are bit-identical (each has a test saying so).
+SPEED_KEYS = ("model.fast_block",)
+# Keys a resume may change: the above, and how long to go on.
+RESUMABLE_KEYS = (*WHERE_KEYS, *SPEED_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
 
 
 # Keys added to the config after runs were made, with the value every run before them had. A config

@@ -190,3 +190,20 @@ def test_keys_added_later_match_their_neutral_default():
     other = {**new, "eval": {"ks": [10], "select": "val/ndcg@10"}}
     assert rundir.resume_mismatch(old, other) == ["eval.select: '<absent>' -> 'val/ndcg@10'"]
     assert identity(old) != identity(other)
+
+
+def test_speed_keys_never_tell_runs_apart():
+    """`model.fast_block` changes how fast, not what (bit-identical: tests/test_losses.py): a resume may change it,
+    the campaign stores runs with and without it as one, the report puts them in one row; a result key may not."""
+    from src import campaign, report
+
+    old = {"seed": 0, "model": {"dim": 8, "alignment": "fast"}}  # made before the key existed
+    new = {"seed": 0, "model": {"dim": 8, "alignment": "fast", "fast_block": 1048576}}
+    other = {"seed": 0, "model": {"dim": 16, "alignment": "fast", "fast_block": 1048576}}
+    assert rundir.resume_mismatch(old, new) == []
+    assert rundir.resume_mismatch(new, other) == ["model.dim: 8 -> 16"]
+    assert campaign.identity(old) == campaign.identity(new) != campaign.identity(other)
+    key = ("ml-100k", "full", "clean")
+    runs = [{"config": c} for c in (old, {**new, "seed": 1}, other)]
+    groups = report.split_differing(key, runs)
+    assert sorted(len(v) for v in groups.values()) == [1, 2]  # old and new in one row, model.dim apart
