@@ -198,9 +198,13 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]]) -> f
     for path in sorted(BENCH.glob(f"{ds}_*.json")):
         bench = json.loads(path.read_text())
         bench_aligned = bench.get("ablation") in ("full", "no_ica", "no_gsa")
-        mode = bench.get("reference", {}).get("stacked_alignment_mode") if bench_aligned else "-"
+        exact = any(o == "model.alignment=exact" for o in bench.get("overrides", []))
+        mode = ("exact" if exact else "fast") if bench_aligned else "-"
         if bench_aligned == aligned and (mode == kind[2] or not aligned):
-            return 2.0 * bench["seconds_per_round"]["round"]  # one thread per job, two jobs side by side
+            secs = bench["seconds_per_round"]
+            share = float(bench.get("config", {}).get("client_fraction", 1.0)) or 1.0
+            # the clients' phases scale with the share of clients the bench trained; two jobs side by side
+            return 2.0 * ((secs["train"] + secs["aggregate"]) / share + secs["eval"] + secs["community"])
     users, items = {
         "ml-100k": (943, 1682),
         "filmtrust": (1227, 2071),
