@@ -290,6 +290,11 @@ def _validate_server(cfg: DictConfig) -> None:
     _choice(cfg, "server.community", COMMUNITY_METHODS)
     _num(cfg, "server.resolution", _positive, "> 0")
     _int(cfg, "server.sim_block", 1)
+    if "graph" in cfg.server:
+        _choice(cfg, "server.graph", ("threshold", "knn"))
+        _num(cfg, "server.graph_sigma", lambda x: -1 <= x <= 1, "in [-1, 1]", nullable=True)
+        _int(cfg, "server.graph_k", 1)
+        _choice(cfg, "server.aggregate", ("mean", "support_mean"))
 
 
 def _validate_comm_privacy(cfg: DictConfig) -> None:

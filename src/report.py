@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from src.results import atomic_write_text, best_round, selection_of
-from src.rundir import SPEED_KEYS, WHERE_KEYS, normalised
+from src.rundir import ADDED_KEYS, SPEED_KEYS, WHERE_KEYS, normalised
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
@@ -157,7 +157,7 @@ def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, .
         return {key: runs}
     out: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     for run, conf in zip(runs, configs):
-        label = " ".join(f"{k}={conf.get(k, '-')}" for k in keys)
+        label = " ".join(f"{k}={conf.get(k, ADDED_KEYS.get(k, '-'))}" for k in keys)  # absent: its neutral default
         variant = f"{key[3]} {label}" if len(key) > 3 else label
         out[(*key[:3], variant)].append(run)
     return out

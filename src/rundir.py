@@ -47,6 +47,10 @@ ADDED_KEYS = {
     "fl.max_auto_chunk": 1024,
     "compute.gpu_block_scale": 64,
     "model.fast_block": None,
+    "server.graph": "threshold",
+    "server.graph_sigma": None,
+    "server.graph_k": 10,
+    "server.aggregate": "mean",
 }
 
 

@@ -87,7 +87,8 @@ def test_budget_cut_leaves_a_resumable_partial_run(tmp_path, capsys):
     ]
     assert campaign.main([*args, "--budget-min", "0.3"]) == 0
     out = capsys.readouterr().out
-    assert "partial 1" in out and "partial  campaign_smoke/synthetic/backbone/clean/fl.local_epochs=4_fl.rounds=400/seed0" in out
+    assert "partial 1" in out
+    assert "partial  campaign_smoke/synthetic/backbone/clean/fl.local_epochs=4_fl.rounds=400/seed0" in out
     assert not root.exists() or not list(root.rglob("run.json"))
     (key_dir,) = [p for p in work.iterdir() if p.is_dir()]
     done = json.loads((key_dir / "checkpoints" / "last.json").read_text())["round"]

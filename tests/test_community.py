@@ -16,7 +16,7 @@ from alignment_helpers import (
     planted_blocks,
 )
 
-from src.alignment.community import adjusted_rand_index, detect, relabel, similarity_graph
+from src.alignment.community import adjusted_rand_index, detect, knn_graph, relabel, similarity_graph
 
 
 # ============================================================================ 6. communities
@@ -132,3 +132,23 @@ def test_detect_seeded_on_structureless_graph(method):
     again = detect(sim, sigma=0.5, method=method, resolution=1.0, seed=0).labels
     assert np.array_equal(first, again)
     assert any(not np.array_equal(first, o) for o in others)  # the seed matters here (test is sensitive)
+
+
+def test_knn_graph_joins_each_item_to_its_k_most_similar():
+    """`server.graph=knn`: the edge set is the union over items of their k largest positive entries (brute force)."""
+    rng = np.random.default_rng(11)
+    m, k = 15, 3
+    s = rng.uniform(-0.5, 1.0, (m, m))
+    s = (s + s.T) / 2
+    np.fill_diagonal(s, 0.0)
+    expected = set()
+    for j in range(m):
+        order = [i for i in np.argsort(-s[j]) if i != j][:k]
+        expected |= {(min(j, i), max(j, i)) for i in order if s[j, i] > 0}
+    g = knn_graph(torch.from_numpy(s), k)
+    got = {tuple(sorted(e.tuple)) for e in g.es}
+    assert got == expected and g.vcount() == m
+    for e, w in zip(g.es, g.es["weight"]):
+        assert w == pytest.approx(s[e.tuple])
+    comms = detect(torch.from_numpy(s), sigma=0.99, method="igraph", resolution=1.0, seed=0, knn=k)
+    assert comms.edges == len(expected)  # the knn graph, not the (nearly empty) threshold graph

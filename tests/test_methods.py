@@ -64,3 +64,30 @@ def test_release_entries_are_the_thresholded_cosine_of_each_client(rows, block):
         j, k = np.nonzero(up)
         np.testing.assert_array_equal(pos.numpy(), j * m + k)  # sorted row-major, as encoded
         np.testing.assert_allclose(vals.numpy(), up[j, k], rtol=0, atol=1e-12)
+
+
+def test_server_graph_variants_change_only_the_server_side(compose_cfg):
+    """The variants (this project's) leave local training alone: round 1 (no broadcast yet) trains the same;
+    the community graph then follows `server.graph_sigma` / `server.graph=knn`, and support_mean S_g has no
+    value below sigma (every held entry is >= sigma)."""
+    from src.data.dataset import load
+    from src.simulator.federated import FederatedModule
+
+    base = ["dataset=synthetic", "ablation=full", "model.dim=8", "model.sigma=0.3"]
+    rows = {}
+    for name, extra in {
+        "paper": [],
+        "high": ["server.graph_sigma=0.95"],
+        "knn": ["server.graph_sigma=0.95", "server.graph=knn", "server.graph_k=3"],
+        "support": ["server.aggregate=support_mean"],
+    }.items():
+        cfg = compose_cfg([*base, *extra])
+        module = FederatedModule(cfg, load(cfg))
+        rows[name] = module.run_round()
+        if name == "support":
+            g = module.broadcast.global_sim
+            assert float(g[g > 0].min()) >= 0.3 - 1e-6
+    assert len({rows[n]["loss/bce"] for n in rows}) == 1
+    assert rows["high"]["community/edges"] < rows["paper"]["community/edges"]
+    assert 0 < rows["knn"]["community/edges"] <= 3 * load(compose_cfg(base)).n_items
+    assert rows["support"]["community/edges"] >= rows["paper"]["community/edges"]

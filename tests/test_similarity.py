@@ -143,3 +143,26 @@ def test_similarity_aggregator_accumulates_over_calls_and_handles_nobody():
     assert nobody.mean() is None
     nobody.add(tabs, torch.zeros(c, dtype=torch.bool))
     assert nobody.mean() is None and nobody.count == 0 and nobody.nnz == 0
+
+
+def test_support_mean_averages_each_pair_over_the_uploads_that_hold_it():
+    """`server.aggregate=support_mean`: sum of the uploads / number of uploads holding the pair (0 where none),
+    by a plain loop; decoded entries (Flower) and released blocks (simulator) count the same support."""
+    from src.alignment.server import SimilaritySum
+
+    c, m, d, sigma = 6, 14, 4, 0.4
+    tabs = tables(c, m, d, seed=71)
+    ups = [np_upload(np_cosine(t, True), sigma) for t in tabs.numpy()]
+    total, held = np.sum(ups, axis=0), np.sum([u != 0 for u in ups], axis=0)
+    expected = np.where(held > 0, total / np.maximum(held, 1), 0.0)
+    blocks = Uploads(m, sigma, True, block=40, rows=4)
+    blocks.sums.sims = SimilaritySum(m, support=True)
+    blocks.add(tabs, torch.ones(c, dtype=torch.bool))
+    np.testing.assert_allclose(blocks.sums.sims.support_mean().double().numpy(), expected, atol=1e-6)
+    decoded = SimilaritySum(m, support=True)
+    for u in ups:
+        rows, cols = np.nonzero(np.triu(u, 1))
+        decoded.add_entries(torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(u[rows, cols]))
+    decoded.count = c
+    np.testing.assert_allclose(decoded.support_mean().double().numpy(), expected, atol=1e-6)
+    assert held.max() > 1 and (held == 1).any()  # both averaging cases occur

@@ -14,16 +14,20 @@ from src.alignment.release import ReleasedBlock
 
 
 class SimilaritySum:
-    """Running sum of the uploaded matrices' strict upper triangles [m, m] in fp64, and the uploaders' count."""
+    """Running sum of the uploaded matrices' strict upper triangles [m, m] in fp64, and the uploaders' count;
+    with `support`, also how many uploads hold each pair (`server.aggregate=support_mean`, this project's)."""
 
-    def __init__(self, n_items: int, device: torch.device | str = "cpu"):
+    def __init__(self, n_items: int, device: torch.device | str = "cpu", support: bool = False):
         self.upper = torch.zeros(n_items, n_items, dtype=torch.float64, device=device)
+        self.support = torch.zeros(n_items, n_items, dtype=torch.int32, device=device) if support else None
         self.count = 0
 
     @torch.no_grad()
     def add_block(self, blk: ReleasedBlock) -> None:
         """Add a released block of some clients (summed over those clients in the block's dtype)."""
         self.upper[blk.r0 : blk.r0 + blk.values.shape[1], blk.r0 :] += blk.values.sum(0)
+        if self.support is not None:
+            self.support[blk.r0 : blk.r0 + blk.values.shape[1], blk.r0 :] += (blk.values != 0).sum(0, dtype=torch.int32)
 
     @torch.no_grad()
     def add_entries(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
@@ -31,12 +35,21 @@ class SimilaritySum:
         m = self.upper.shape[0]
         flat = (rows.long() * m + cols.long()).to(self.upper.device)
         self.upper.view(-1).index_add_(0, flat, values.to(self.upper.device, torch.float64))
+        if self.support is not None:
+            self.support.view(-1).index_add_(0, flat, (values != 0).to(self.support.device, torch.int32))
 
     def mean(self) -> torch.Tensor | None:
         """S_g = mean of the uploads [m, m] (float32, symmetric), or None when nobody uploaded."""
         if self.count == 0:
             return None
         return ((self.upper + self.upper.T) / self.count).float()
+
+    def support_mean(self) -> torch.Tensor | None:
+        """S_g = mean over the uploads that hold each pair (0 where none does) [m, m], or None when nobody uploaded."""
+        if self.count == 0:
+            return None
+        held = (self.support + self.support.T).double()
+        return torch.where(held > 0, (self.upper + self.upper.T) / held.clamp(min=1), 0.0).float()
 
 
 def communities(
@@ -46,9 +59,11 @@ def communities(
     resolution: float,
     seed: int,
     previous: torch.Tensor | None,
+    knn: int | None = None,
 ) -> tuple[Communities, dict[str, float]]:
-    """Communities of the graph S_g >= sigma by modularity and the round's statistics (`previous`: last labels)."""
-    comms = detect(global_sim, sigma, method, resolution, seed)
+    """Communities of the graph S_g >= sigma (or, with `knn`, each item's k nearest) by modularity and the
+    round's statistics (`previous`: last labels)."""
+    comms = detect(global_sim, sigma, method, resolution, seed, knn)
     sizes = comms.sizes
     stats = {
         "community/count": float(len(sizes)),

@@ -35,6 +35,11 @@ class AlignFedRec(Method):
     community: str
     resolution: float
     eps_round: float | None
+    # this project's variants (not the paper's; README "Server-graph variants"): the community graph's
+    # own threshold or k nearest neighbours, and S_g averaged over the uploads that hold each pair
+    graph_sigma: float | None = None
+    graph_knn: int | None = None
+    support_mean: bool = False
     uploads_similarity = True
 
     def dense_loss(self, broadcast: Broadcast) -> DenseLoss | None:
@@ -51,15 +56,22 @@ class AlignFedRec(Method):
         blocks = release_blocks(params["items"][mask], self.spec, generator, entries) if bool(uploaded.any()) else None
         return Release(users[uploaded], {}, blocks)
 
+    def round_sums(self, n_items: int, device: torch.device, entries: bool = False) -> RoundSums:
+        """The server's empty sums; with `support_mean` they also count each pair's uploads."""
+        return RoundSums(n_items, device, True, entries, support=self.support_mean)
+
     def server_round(
         self, sums: RoundSums, shared: Params, broadcast: Broadcast, seed: int, n_clients: int
     ) -> ServerRound:
         """S_g = mean upload, its communities by modularity, the broadcast as encoded (and its size)."""
-        global_sim = sums.sims.mean()
+        global_sim = sums.sims.support_mean() if self.support_mean else sums.sims.mean()
         if global_sim is None:  # nobody reported: the clients keep the last broadcast
             return ServerRound(shared, broadcast)
         tic = time.perf_counter()
-        comms, stats = communities(global_sim, self.spec.sigma, self.community, self.resolution, seed, broadcast.labels)
+        sigma = self.spec.sigma if self.graph_sigma is None else self.graph_sigma
+        comms, stats = communities(
+            global_sim, sigma, self.community, self.resolution, seed, broadcast.labels, self.graph_knn
+        )
         stats["time/community"] = time.perf_counter() - tic
         sent = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
         down = float(self.download_bytes(sent, len(comms.sizes)))
@@ -133,4 +145,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         str(cfg.server.community),
         float(cfg.server.resolution),
         eps_round,
+        None if cfg.server.get("graph_sigma") is None else float(cfg.server.graph_sigma),
+        int(cfg.server.graph_k) if cfg.server.get("graph", "threshold") == "knn" else None,
+        cfg.server.get("aggregate", "mean") == "support_mean",
     )

@@ -47,9 +47,11 @@ class RoundSums:
     """The server's sums of one round's releases: the shared parameters' mean and, when the method shares
     similarities, their sum with each sender's nonzero count (and entries, for delta accounting)."""
 
-    def __init__(self, n_items: int, device: torch.device, similarity: bool, entries: bool = False):
+    def __init__(
+        self, n_items: int, device: torch.device, similarity: bool, entries: bool = False, support: bool = False
+    ):
         self.mean = MeanAggregator()
-        self.sims = SimilaritySum(n_items, device) if similarity else None
+        self.sims = SimilaritySum(n_items, device, support) if similarity else None
         self.n_items, self.device, self.keep_entries = n_items, device, entries
         self.senders: list[int] = []
         self.nnz: list[torch.Tensor] = []
