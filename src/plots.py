@@ -259,22 +259,9 @@ def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
     for (dataset, protocol), group in group_by(rows, ("dataset", "protocol")).items():
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [g[param] for g in group]
-        ax.errorbar(
-            xs,
-            [g["test_hit@10"] for g in group],
-            yerr=[g["test_hit@10_std"] for g in group],
-            marker="o",
-            capsize=3,
-            label="hit@10",
-        )
-        ax.errorbar(
-            xs,
-            [g["test_ndcg@10"] for g in group],
-            yerr=[g["test_ndcg@10_std"] for g in group],
-            marker="s",
-            capsize=3,
-            label="ndcg@10",
-        )
+        for metric, marker in (("hit@10", "o"), ("ndcg@10", "s")):
+            ys = [g[f"test_{metric}"] for g in group]
+            ax.errorbar(xs, ys, yerr=[g[f"test_{metric}_std"] for g in group], marker=marker, capsize=3, label=metric)
         ax.set(
             xlabel=param,
             ylabel="test metric at best val round (%)",

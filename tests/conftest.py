@@ -68,3 +68,14 @@ def real_build(compose_cfg):
         return built[key]
 
     return get
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny tensors; the bench reports the thread count), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

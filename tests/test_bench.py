@@ -53,12 +53,7 @@ REFERENCE_FIELDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_bench(cache_dir, tmp_path, *overrides: str) -> tuple[dict, dict, str]:

@@ -30,12 +30,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def one_thread_highest():
+def highest_after(one_thread):
     """Tiny tensors (one thread is fastest); the matmul precision is process-wide: restore the default."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(before)
     torch.set_float32_matmul_precision("highest")
 
 
