@@ -19,6 +19,7 @@ from src.data.dataset import build
 from src.flower.messages import Task, pack_task
 from src.methods import alignfedrec
 from src.methods.central import CentralTrainer
+from src.methods.central import build as central_method
 from src.simulator import memory
 from src.simulator.federated import FederatedModule
 from src.simulator.memory import resolve_chunk_size
@@ -270,8 +271,9 @@ def test_central_reads_the_losses_once_with_the_same_sum(compose_cfg):
     cfg = compose_cfg(["dataset=synthetic", "ablation=central", "ablation.batch_size=7"])
     ptr, items, sampler = make_problem([3, 1, 9, 2, 5, 1, 4])
     samples = sample_round(ptr, items, sampler, NEGATIVES, 1, 1)
-    new = CentralTrainer(cfg, 7, N_ITEMS, torch.device("cpu"))
-    old = CentralTrainer(cfg, 7, N_ITEMS, torch.device("cpu"))
+    method = central_method(cfg, CPU)
+    new = CentralTrainer(method, 7, N_ITEMS, CPU)
+    old = CentralTrainer(method, 7, N_ITEMS, CPU)
     old.model.load_state_dict(new.model.state_dict())  # the head draws from the global generator
     before = dev.COUNTERS.syncs
     got = new.train_round(samples, torch.Generator().manual_seed(5))["bce"]

@@ -74,7 +74,9 @@ def node_data(cfg: DictConfig) -> NodeData:
     if key not in _DATA:
         data = load(cfg)
         _DATA[key] = NodeData(
-            data, training_sampler(cfg, data), Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking))
+            data,
+            training_sampler(str(cfg.protocol.train_negative_pool), data),
+            Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking)),
         )
     return _DATA[key]
 

@@ -36,11 +36,11 @@ class CentralMF(torch.nn.Module):
 class CentralTrainer:
     """Holds the central model and its optimiser across rounds."""
 
-    def __init__(self, cfg: DictConfig, n_users: int, n_items: int, device: torch.device):
-        gen = torch.Generator().manual_seed(int(cfg.seed))
-        self.model = CentralMF(n_users, n_items, int(cfg.model.dim), float(cfg.ablation.init_std), gen).to(device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(cfg.ablation.lr))
-        self.batch = int(cfg.ablation.batch_size)
+    def __init__(self, method: Central, n_users: int, n_items: int, device: torch.device):
+        gen = torch.Generator().manual_seed(method.seed)
+        self.model = CentralMF(n_users, n_items, method.dim, method.init_std, gen).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=method.lr)
+        self.batch = method.batch_size
         self.device = device
 
     def train_round(self, samples: RoundSamples, generator: torch.Generator) -> dict[str, float]:
@@ -87,26 +87,42 @@ class CentralTrainer:
         self.opt.load_state_dict(state["opt"])
 
 
-def make_central(
-    cfg: DictConfig, data: FedData, device: torch.device
-) -> CentralTrainer | PopularityScorer | ItemKNNScorer:
-    """The centralised method of the ablation: MF trained on the pooled samples (`central`), or a calibration
-    scorer that trains nothing (`ablation.scorer`: popularity, itemknn)."""
-    scorer = cfg.ablation.get("scorer", "mf")
-    if scorer == "popularity":
-        return PopularityScorer(data, device)
-    if scorer == "itemknn":
-        return ItemKNNScorer(data, int(cfg.ablation.k), device)
-    return CentralTrainer(cfg, data.n_users, data.n_items, device)
-
-
 @dataclass(frozen=True)
 class Central(Method):
-    """A centralised method: no clients, no messages; `make_central` builds what it trains or scores with."""
+    """A centralised method: no clients, no messages; `make_central` builds what it trains or scores with.
+    `scorer`: mf (MF with a GMF head, Adam, trained on the pooled samples), popularity or itemknn (`k`)."""
 
     name: str
+    scorer: str = "mf"
+    seed: int = 0
+    dim: int = 32
+    init_std: float = 0.01
+    lr: float = 0.001
+    batch_size: int = 1024
+    k: int = 50
     central = True
 
 
+def make_central(
+    method: Central, data: FedData, device: torch.device
+) -> CentralTrainer | PopularityScorer | ItemKNNScorer:
+    """What the centralised method trains or scores with."""
+    if method.scorer == "popularity":
+        return PopularityScorer(data, device)
+    if method.scorer == "itemknn":
+        return ItemKNNScorer(data, method.k, device)
+    return CentralTrainer(method, data.n_users, data.n_items, device)
+
+
 def build(cfg: DictConfig, device: torch.device) -> Central:
-    return Central(str(cfg.ablation.name))
+    a = cfg.ablation
+    return Central(
+        str(a.name),
+        str(a.get("scorer", "mf")),
+        int(cfg.seed),
+        int(cfg.model.dim),
+        float(a.get("init_std", 0.01)),
+        float(a.get("lr", 0.001)),
+        int(a.get("batch_size", 1024)),
+        int(a.get("k", 50)),
+    )

@@ -57,7 +57,7 @@ class FederatedModule(L.LightningModule):
         self.server: Params = {k: self.state[k][0].clone() for k in self.method.shared_keys(self.state)}
         self.broadcast = Broadcast.empty(float(cfg.model.sigma))
         self.gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-        self.sampler = training_sampler(cfg, data)
+        self.sampler = training_sampler(str(cfg.protocol.train_negative_pool), data)
         self.train_ptr = torch.as_tensor(data.train_ptr)
         self.train_items = torch.as_tensor(data.train_items)
         self.evaluator = Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking))
@@ -67,7 +67,7 @@ class FederatedModule(L.LightningModule):
             if OmegaConf.select(cfg, "diag.graph", default=False) and self.method.uploads_similarity
             else None
         )
-        self.central = make_central(cfg, data, self.compute_device) if self.method.central else None
+        self.central = make_central(self.method, data, self.compute_device) if self.method.central else None
         self.chunk_size = self.resolve_chunk_size()
         self.encoding = Encoding.from_cfg(cfg.comm)
         self.ledger = Ledger(self.encoding, data.n_items)

@@ -110,14 +110,10 @@ def advance_failure_stream(n_users: int, generator: torch.Generator) -> None:
     draw_failures(n_users, 0.0, generator)
 
 
-def training_sampler(cfg: DictConfig, data: FedData) -> NegativeSampler:
-    """The protocol's training-negative sampler over all clients' pools."""
+def training_sampler(pool: str, data: FedData) -> NegativeSampler:
+    """The protocol's training-negative sampler over all clients' pools (`protocol.train_negative_pool`)."""
     candidates = np.concatenate([data.val_negatives, data.test_negatives], 1)
-    return NegativeSampler(
-        excluded_for_training(
-            cfg.protocol.train_negative_pool, data.train_matrix(), data.interacted_matrix(), candidates
-        )
-    )
+    return NegativeSampler(excluded_for_training(pool, data.train_matrix(), data.interacted_matrix(), candidates))
 
 
 @dataclass(frozen=True)
