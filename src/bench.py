@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from src.clients.cohort import batch_layout, chunks_by_steps, local_steps, sample_round, train_cohort
+from src.clients.cohort import batch_layout, chunks_by_steps, local_steps, train_cohort
 from src.clients.reference import ExactAlignment, client_batches, make_client, train_client
 from src.config import load_config, validate
 from src.data.dataset import load
@@ -190,14 +190,7 @@ def reference_comparison(module: FederatedModule, n_clients: int, generator: tor
     epochs, batch_size, n_items = int(fl.local_epochs), int(fl.batch_size), module.data.n_items
     k = min(n_clients, module.data.n_users)
     clients = torch.randperm(module.data.n_users, generator=generator)[:k].sort().values
-    samples = sample_round(
-        module.train_ptr,
-        module.train_items,
-        module.sampler,
-        int(cfg.protocol.train_negatives),
-        int(cfg.seed),
-        module.current_round(),
-    )
+    samples = module.round_samples()
     steps = local_steps(samples, clients, epochs, batch_size)
     chunks = [
         (rows, batch_layout(samples, rows, epochs, batch_size, int(cfg.seed), module.current_round()))

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from src.alignment.broadcast import Broadcast
 from src.alignment.diagnostics import GraphDiagnostics
-from src.clients.cohort import sample_round
+from src.clients.cohort import RoundSamples, sample_round
 from src.clients.model import ModelSpec, Params, init_params
 from src.comm.codec import Encoding, Ledger
 from src.data.dataset import FedData
@@ -99,15 +99,7 @@ class FederatedModule(L.LightningModule):
         fails = draw_failures(self.data.n_users, float(fl.dropout), self.gen)
         timings["time/sample"] = time.perf_counter() - tic
         if self.central is not None:
-            samples = sample_round(
-                self.train_ptr,
-                self.train_items,
-                self.sampler,
-                int(cfg.protocol.train_negatives),
-                int(cfg.seed),
-                self.current_round(),
-            )
-            return self.run_central_round(samples, timings)
+            return self.run_central_round(self.round_samples(), timings)
         # the server's sums of this round; client entries are listed only when delta encoding needs them
         sums = method.round_sums(self.data.n_items, self.compute_device, entries=self.encoding.delta)
         work = RoundWork()
@@ -148,6 +140,13 @@ class FederatedModule(L.LightningModule):
         out["steps"] = work.steps  # client-steps of local training this round
         out["reported"] = float(len(clients) - int(fails[clients].sum()))
         return out
+
+    def round_samples(self) -> RoundSamples:
+        """Every client's training samples of the round being run (positives and the protocol's negatives)."""
+        local = self.local
+        return sample_round(
+            self.train_ptr, self.train_items, self.sampler, local.negatives, local.seed, self.current_round()
+        )
 
     def current_round(self) -> int:
         """1-based index of the round being run."""
