@@ -156,6 +156,8 @@ def _validate_model(cfg: DictConfig) -> None:
         _int(cfg, f"model.{key}", 1)
     if "fast_block" in cfg.model:
         _int(cfg, "model.fast_block", 1, nullable=True)
+    if "fast_kernel" in cfg.model:
+        _choice(cfg, "model.fast_kernel", ("fused", "autograd"))
     hidden = _get(cfg, "model.score_hidden")
     _check(
         isinstance(hidden, ListConfig) and all(is_int(h) and h >= 1 for h in hidden),
@@ -172,6 +174,8 @@ def _validate_optim(cfg: DictConfig) -> None:
         _num(cfg, "optim.item_lr_eta", _positive, "> 0", nullable=True)
     if "alternate" in cfg.optim:
         _bool(cfg, "optim.alternate")
+    if "fused" in cfg.optim:
+        _bool(cfg, "optim.fused")
     if name == "adam":
         betas = _get(cfg, "optim.betas")
         _check(
@@ -282,6 +286,8 @@ def _validate_compute(cfg: DictConfig) -> None:
         return
     _bool(cfg, "compute.deterministic")
     _choice(cfg, "compute.matmul_precision", MATMUL_PRECISIONS)
+    if OmegaConf.select(cfg, "compute.compile", default=None) is not None:
+        _bool(cfg, "compute.compile")
     if OmegaConf.select(cfg, "compute.gpu_block_scale", default=None) is not None:
         _int(cfg, "compute.gpu_block_scale", 1)
 

@@ -30,8 +30,10 @@ WHERE_KEYS = (
     "flower.",
     "hydra.",
 )
-# Keys that change only how fast a run computes: its results are bit-identical (each has a test saying so).
-SPEED_KEYS = ("model.fast_block",)
+# Keys that change only how fast a run computes: `model.fast_block` leaves results bit-identical; the fused and
+# compiled kernels compute the same math with another float rounding, as another device does (each has a test
+# saying so, with its tolerance).
+SPEED_KEYS = ("model.fast_block", "model.fast_kernel", "compute.compile", "optim.fused")
 # Keys a resume may change: the above, and how long to go on.
 RESUMABLE_KEYS = (*WHERE_KEYS, *SPEED_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
 
@@ -47,6 +49,9 @@ ADDED_KEYS = {
     "fl.max_auto_chunk": 1024,
     "compute.gpu_block_scale": 64,
     "model.fast_block": None,
+    "model.fast_kernel": "autograd",
+    "compute.compile": False,
+    "optim.fused": False,
     "server.graph": "threshold",
     "server.graph_sigma": None,
     "server.graph_k": 10,

@@ -73,7 +73,7 @@ def test_bench_report(cache_dir, tmp_path, capsys, ablation):
         "synthetic",
         ablation,
         1,
-        1,
+        2,
     )
     phases = report["seconds_per_round"]
     assert set(phases) == {*PHASES, "round"}

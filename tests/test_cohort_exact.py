@@ -85,6 +85,8 @@ OPTIMS = {
     "sgd_joint_eta80": ["optim=sgd", "optim.alternate=false"],
     "adam": ["optim=adam"],
     "adam_alternate": ["optim=adam", "optim.alternate=true"],
+    "adam_eight_ops": ["optim=adam", "optim.fused=false"],
+    "adam_alternate_eight_ops": ["optim=adam", "optim.alternate=true", "optim.fused=false"],
 }
 MODELS = {
     "linear": [],
@@ -118,7 +120,7 @@ def test_cohort_matches_per_client_reference(compose_cfg, optim, loss, model):
         assert not torch.equal(trained["items"][row], init["items"][row])
 
 
-@pytest.mark.parametrize("optim", ["sgd_alternate", "sgd_joint", "adam", "adam_alternate"])
+@pytest.mark.parametrize("optim", ["sgd_alternate", "sgd_joint", "adam", "adam_alternate", "adam_eight_ops"])
 def test_short_clients_are_not_moved_by_padding_steps(compose_cfg, optim):
     """A 1-step client (and a 0-step client) in a cohort whose longest client runs many steps."""
     cfg = compose_cfg([*OPTIMS[optim], f"model.dim={DIM}"])
@@ -216,7 +218,7 @@ def test_mean_aggregator_nobody_uploads_keeps_previous():
 
 
 @pytest.mark.parametrize("mask", ["local", "global", "union"])
-@pytest.mark.parametrize("optim", ["sgd_alternate", "adam"])
+@pytest.mark.parametrize("optim", ["sgd_alternate", "adam", "adam_eight_ops"])
 def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim, mask):
     """BCE + alpha ICA + beta GSA (exact mode, stacked, cluster-sum algebra) trains every client as
     the per-client loop with the loss written plainly (positive-pair mask, dense masked GSA)."""

@@ -23,14 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from src.alignment.broadcast import Broadcast
-from src.alignment.similarity import normalised
-
-
-def cluster_sums(e: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """Sum of the normalised embeddings of every cluster: [C, K, d] (a float `index_add`: its CUDA kernel
-    accumulates in varying order unless `compute.deterministic`, see src/device.py)."""
-    out = torch.zeros(e.shape[0], n_clusters, e.shape[2], dtype=e.dtype, device=e.device)
-    return out.index_add(1, labels, e)
+from src.alignment.fast_grad import compiled_fast_value_and_grad, fast_value_and_grad
+from src.alignment.similarity import cluster_sums, normalised
 
 
 def ica_exact(e: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, tau: float, tau0: float) -> torch.Tensor:
@@ -261,6 +255,8 @@ class AlignmentLoss:
     block: int = 4_194_304
     fast_gsa: str = "rows"
     fast_block: int | None = None  # fast mode: elements of anchor-row intermediates at once (None: whole chunk)
+    fast_kernel: str = "fused"  # fast mode: fused (closed form, src/alignment/fast_grad.py) or autograd
+    compile: bool = False  # the fused kernel through torch.compile
 
     def active(self, b: Broadcast) -> bool:
         """False until the server has broadcast something the enabled terms need."""
@@ -364,7 +360,31 @@ class AlignmentLoss:
     def fast_value_and_grad(
         self, table: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, b: Broadcast
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The fast mode's per-client terms and gradient of `table` [C, m, d] by autograd."""
+        """The fast mode's per-client terms and gradient of `table` [C, m, d]: in closed form (`fast_kernel=fused`,
+        fast_gsa=rows) or by autograd."""
+        if self.fast_kernel == "fused" and (self.fast_gsa == "rows" or not self.use_gsa):
+            use_ica = self.use_ica and b.labels is not None
+            use_gsa = self.use_gsa and b.global_sim is not None
+            if not (use_ica or use_gsa):
+                return {}, torch.zeros_like(table)
+            k, dev = self.fast_anchors, table.device
+            kernel = compiled_fast_value_and_grad() if self.compile else fast_value_and_grad
+            return kernel(
+                table.detach(),
+                anchors[:, :k],
+                anchor_valid[:, :k],
+                labels=b.on("labels", dev) if use_ica else None,
+                sizes=b.on("sizes", dev) if use_ica else None,
+                global_sim=b.on("global_sim", dev) if use_gsa else None,
+                alpha=self.alpha,
+                beta=self.beta,
+                tau=self.tau,
+                tau0=self.tau0,
+                sigma=self.sigma,
+                centre=self.centre,
+                mask=self.mask,
+                reduction=self.reduction,
+            )
         part = table.detach().requires_grad_()
         with torch.enable_grad():
             terms = self.terms(part, b, anchors, anchor_valid)

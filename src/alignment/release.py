@@ -8,8 +8,11 @@ quantisation to `bits` over [sigma, 1] (`src/comm/codec.py`). The values are tho
 
 `release_blocks` computes this for a chunk of clients block by block (item rows r0..r0+b against
 all later items, as many clients per product as fit in `block` elements), so no client's m x m
-matrix ever exists whole. The simulator hands each block to the server's sum as it comes
-(`src/alignment/server.py`); the Flower client and the audit collect the entries of each client
+matrix ever exists whole. With `compile` (`compute.compile`) the plain upload of a block is made by
+one compiled kernel that also sums it over the block's clients (what the server adds; the simulator's
+shortcut) and counts each client's entries, instead of five passes over the block; the same pairs,
+sums within float rounding (tests/test_release.py). The simulator hands each block to the server's sum
+as it comes (`src/alignment/server.py`); the Flower client and the audit collect the entries of each client
 (`ChunkUploads`, `release_entries`) and encode them.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,7 @@ class ReleaseSpec:
     noise: float = 0.0
     topk: int | None = None
     bits: int = 32
+    compile: bool = False  # plain uploads through the compiled kernel that also sums them over clients
 
     def __post_init__(self) -> None:
         if self.noise > 0 and self.topk is not None:
@@ -58,9 +63,19 @@ class ReleasedBlock:
 
     first: int
     r0: int
-    values: torch.Tensor  # [c, b, m - r0]
+    values: torch.Tensor | None  # [c, b, m - r0]; None when only their sum over the c clients was made
     count: torch.Tensor  # [c] entries each of these clients sends in this block
     keep: torch.Tensor | None  # [c, b, m - r0] the sent positions; None on the fast path
+    total: torch.Tensor | None = None  # [b, m - r0] sum of `values` over the c clients (the compiled path)
+    held: torch.Tensor | None = None  # [b, m - r0] how many of the c clients send each entry (with `total`)
+
+    def summed(self) -> torch.Tensor:
+        """The block summed over its clients [b, m - r0]."""
+        return self.total if self.total is not None else self.values.sum(0)
+
+    def holders(self) -> torch.Tensor:
+        """How many of the block's clients send each entry [b, m - r0] (int32)."""
+        return self.held if self.held is not None else (self.values != 0).sum(0, dtype=torch.int32)
 
 
 def row_thresholds(e: torch.Tensor, spec: ReleaseSpec) -> torch.Tensor:
@@ -80,25 +95,49 @@ def row_thresholds(e: torch.Tensor, spec: ReleaseSpec) -> torch.Tensor:
     return out
 
 
+def summed_plain_block(rows: torch.Tensor, cols: torch.Tensor, below: float, held: bool):
+    """Plain uploads of item rows r0..r0+b [c, b, d] against items r0.. [c, n, d] (n = m - r0), strict upper
+    triangle, entries > `below`: their sum over the c clients [b, n], each client's entry count [c] and, with
+    `held`, how many clients send each entry [b, n] (int32; else None)."""
+    blk = torch.bmm(rows, cols.transpose(1, 2))
+    i = torch.arange(rows.shape[1], device=rows.device).unsqueeze(1)
+    j = torch.arange(cols.shape[1], device=rows.device).unsqueeze(0)
+    keep = (blk > below) & (j > i)
+    holders = keep.sum(0, dtype=torch.int32) if held else None
+    return torch.where(keep, blk, 0.0).sum(0), keep.sum(dim=(1, 2)), holders
+
+
+@cache
+def compiled_plain_block():
+    """`summed_plain_block` compiled once per process (torch.compile, dynamic shapes: every block differs)."""
+    return torch.compile(summed_plain_block, dynamic=True)
+
+
 @torch.no_grad()
 def release_blocks(
-    tables: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator, entries: bool = False
+    tables: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator, entries: bool = False, held: bool = False
 ) -> Iterator[ReleasedBlock]:
     """The uploads of the clients whose item tables are `tables` [C, m, d], block by block.
 
-    With `entries` every block also says which positions are sent (for encoding or delta accounting).
+    With `entries` every block also says which positions are sent (for encoding or delta accounting);
+    with `held` a compiled block also counts the clients sending each entry (`server.aggregate=support_mean`).
     Noise is drawn from `generator` block by block in this order, so a seed gives the same uploads.
     """
     e = normalised(tables, spec.centre)
     c, m = e.shape[0], e.shape[1]
     plain = spec.plain(entries)
     below = spec.below
+    fused = compiled_plain_block() if plain and spec.compile else None
     thresholds = row_thresholds(e, spec) if spec.topk is not None else None
     for r0 in range(0, m, spec.rows):
         b, cols = min(spec.rows, m - r0), m - r0
         strict = torch.ones(b, b, dtype=torch.bool, device=e.device).triu_(1)
         per = max(1, spec.block // (b * cols))
         for s in range(0, c, per):
+            if fused is not None:
+                total, count, holders = fused(e[s : s + per, r0 : r0 + b], e[s : s + per, r0:], below, held)
+                yield ReleasedBlock(s, r0, None, count, None, total, holders)
+                continue
             blk = e[s : s + per, r0 : r0 + b] @ e[s : s + per, r0:].transpose(-1, -2)
             if plain:
                 F.threshold(blk, below, 0.0, inplace=True)
@@ -128,7 +167,7 @@ class ChunkUploads:
 
     def add(self, blk: ReleasedBlock) -> None:
         """Count the block's entries per client and, when listing entries, keep their positions and values."""
-        c = blk.values.shape[0]
+        c = blk.count.shape[0]
         self.count[blk.first : blk.first + c] += blk.count
         if self.entries:
             m = self.m

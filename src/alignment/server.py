@@ -25,9 +25,10 @@ class SimilaritySum:
     @torch.no_grad()
     def add_block(self, blk: ReleasedBlock) -> None:
         """Add a released block of some clients (summed over those clients in the block's dtype)."""
-        self.upper[blk.r0 : blk.r0 + blk.values.shape[1], blk.r0 :] += blk.values.sum(0)
+        total = blk.summed()
+        self.upper[blk.r0 : blk.r0 + total.shape[0], blk.r0 :] += total
         if self.support is not None:
-            self.support[blk.r0 : blk.r0 + blk.values.shape[1], blk.r0 :] += (blk.values != 0).sum(0, dtype=torch.int32)
+            self.support[blk.r0 : blk.r0 + total.shape[0], blk.r0 :] += blk.holders()
 
     @torch.no_grad()
     def add_entries(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:

@@ -31,3 +31,10 @@ def thresholded_upload(sim: torch.Tensor, sigma: float) -> torch.Tensor:
     out = torch.where(sim >= sigma, sim, 0.0)
     out.diagonal(dim1=-2, dim2=-1).zero_()
     return out
+
+
+def cluster_sums(e: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """Sum of the normalised embeddings of every cluster: [C, K, d] (a float `index_add`: its CUDA kernel
+    accumulates in varying order unless `compute.deterministic`, see src/device.py)."""
+    out = torch.zeros(e.shape[0], n_clusters, e.shape[2], dtype=e.dtype, device=e.device)
+    return out.index_add(1, labels, e)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.alignment.broadcast import Broadcast
 from src.alignment.losses import AlignmentLoss
@@ -53,7 +53,9 @@ class AlignFedRec(Method):
     ) -> Release:
         """The uploading clients' similarity blocks (made lazily, in order, from `generator`'s noise)."""
         mask = uploaded.to(params["items"].device)
-        blocks = release_blocks(params["items"][mask], self.spec, generator, entries) if bool(uploaded.any()) else None
+        blocks = None
+        if bool(uploaded.any()):
+            blocks = release_blocks(params["items"][mask], self.spec, generator, entries, held=self.support_mean)
         return Release(users[uploaded], {}, blocks)
 
     def round_sums(self, n_items: int, device: torch.device, entries: bool = False) -> RoundSums:
@@ -105,6 +107,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     """AlignFedRec with the run's model, server, encoding and privacy values (blocks sized for `device`)."""
     m = cfg.model
     p = cfg.privacy
+    compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False))
     noise, eps_round = laplace_scale(
         None if p.epsilon is None else float(p.epsilon),
         None if p.scale is None else float(p.scale),
@@ -128,6 +131,8 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         block=block_elements(cfg, "model.align_block", device),
         fast_gsa=str(m.fast_gsa),
         fast_block=None if m.get("fast_block") is None else block_elements(cfg, "model.fast_block", device),
+        fast_kernel=str(m.get("fast_kernel", "autograd")),
+        compile=compiled,
     )
     spec = ReleaseSpec(
         float(m.sigma),
@@ -136,6 +141,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         noise=noise,
         topk=encoding.topk,
         bits=encoding.bits,
+        compile=compiled,
     )
     return AlignFedRec(
         str(cfg.ablation.name),

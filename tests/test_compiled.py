@@ -1,0 +1,57 @@
+"""`compute.compile=true`: the compiled kernels against the eager ones on real tables (after a round of a
+real-data subset): uploads with exactly the same pairs and entry counts, sums within 1e-6; the fused
+alignment's values and gradient within float rounding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from alignment_helpers import gen
+from conftest import requires_real_data
+from test_fast_grad import module_after
+
+from src.alignment.release import ReleaseSpec, release_blocks
+from src.alignment.server import SimilaritySum
+
+
+def summed(tables: torch.Tensor, spec: ReleaseSpec) -> tuple[SimilaritySum, torch.Tensor]:
+    """The server's sum of these clients' uploads (with support counts) and each client's entry count."""
+    sums = SimilaritySum(tables.shape[1], support=True)
+    count = torch.zeros(tables.shape[0], dtype=torch.long)
+    for blk in release_blocks(tables, spec, torch.Generator(), held=True):
+        sums.add_block(blk)
+        count[blk.first : blk.first + len(blk.count)] += blk.count
+    return sums, count
+
+
+@requires_real_data
+@pytest.mark.parametrize("dataset", ["ml-100k", pytest.param("lastfm-2k", marks=pytest.mark.slow)])
+def test_compiled_upload_sums_keep_the_same_pairs(compose_cfg, dataset, one_thread):
+    module = module_after(compose_cfg, dataset, 1, [])
+    tables = module.state["items"]
+    eager = ReleaseSpec(0.5, True, block=1 << 20)
+    (s1, n1), (s2, n2) = summed(tables, eager), summed(tables, dataclasses.replace(eager, compile=True))
+    assert int(n1.sum()) > 0  # real uploads, not empty ones
+    assert torch.equal(n2, n1) and torch.equal(s2.support, s1.support)
+    assert torch.equal(s2.upper != 0, s1.upper != 0)
+    torch.testing.assert_close(s2.upper, s1.upper, rtol=0, atol=1e-6)
+
+
+@requires_real_data
+def test_compiled_fused_alignment_matches_eager(compose_cfg, one_thread):
+    module = module_after(compose_cfg, "ml-100k", 1, [])
+    loss, b = module.method.loss, module.broadcast
+    t = module.state["items"][:6].clone()
+    m = t.shape[1]
+    anchors = torch.stack([torch.randperm(m, generator=gen(95 + i))[:64] for i in range(6)])
+    valid = torch.ones(6, 64, dtype=torch.bool)
+    valid[2, 40:] = False
+    eager = dataclasses.replace(loss, fast_kernel="fused", compile=False, fast_block=3 * 64 * m)
+    v1, g1 = eager.value_and_grad(t, anchors, valid, b)
+    for block in (3 * 64 * m, 2 * 64 * m):  # sub-chunks of 3, then 2 and 2 and 2 clients: shapes change
+        v2, g2 = dataclasses.replace(eager, compile=True, fast_block=block).value_and_grad(t, anchors, valid, b)
+        for key in v1:
+            torch.testing.assert_close(v2[key], v1[key], rtol=1e-5, atol=1e-7)
+        assert (g2 - g1).abs().max() <= 1e-5 * g1.abs().max()
