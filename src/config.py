@@ -286,8 +286,9 @@ def _validate_compute(cfg: DictConfig) -> None:
         return
     _bool(cfg, "compute.deterministic")
     _choice(cfg, "compute.matmul_precision", MATMUL_PRECISIONS)
-    if OmegaConf.select(cfg, "compute.compile", default=None) is not None:
-        _bool(cfg, "compute.compile")
+    for key in ("compute.compile", "compute.keep_heap"):
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            _bool(cfg, key)
     if OmegaConf.select(cfg, "compute.gpu_block_scale", default=None) is not None:
         _int(cfg, "compute.gpu_block_scale", 1)
 

@@ -97,6 +97,22 @@ def configure(device: torch.device, deterministic: bool = True, matmul_precision
     torch.use_deterministic_algorithms(deterministic)
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back (no mmap for large blocks,
+    no trimming below 2 GiB of free heap): a round allocates and frees the same large temporaries chunk after
+    chunk, and fresh pages fault in at a few GB/s (a 60 MB copy: 18.6 -> 3.0 ms). True when applied (glibc only)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def block_elements(cfg: DictConfig, key: str, device: torch.device) -> int:
     """A block size in elements (`model.align_block`, `server.sim_block`) for `device`: as configured on the
     CPU (cache-sized), times `compute.gpu_block_scale` on CUDA (few large kernels instead of many small ones)."""
@@ -114,4 +130,6 @@ def setup_device(cfg: DictConfig) -> torch.device:
         bool(OmegaConf.select(cfg, "compute.deterministic", default=True)),
         str(OmegaConf.select(cfg, "compute.matmul_precision", default="highest")),
     )
+    if OmegaConf.select(cfg, "compute.keep_heap", default=False):
+        keep_freed_memory()
     return device
