@@ -1,5 +1,5 @@
 """`compute.compile=true`: the compiled kernels against the eager ones on real tables (after a round of a
-real-data subset): uploads with exactly the same pairs and entry counts, sums within 1e-6; the fused
+real-data subset): uploads with exactly the same pairs and entry counts, sums within 1e-6 relative; the fused
 alignment's values and gradient within float rounding."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def test_compiled_upload_sums_keep_the_same_pairs(compose_cfg, dataset, one_thre
     assert int(n1.sum()) > 0  # real uploads, not empty ones
     assert torch.equal(n2, n1) and torch.equal(s2.support, s1.support)
     assert torch.equal(s2.upper != 0, s1.upper != 0)
-    torch.testing.assert_close(s2.upper, s1.upper, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s2.upper, s1.upper, rtol=1e-6, atol=1e-6)  # fp32 sums in another order
 
 
 @requires_real_data

@@ -59,15 +59,22 @@ class ReleaseSpec:
 
 @dataclass
 class ReleasedBlock:
-    """Item rows r0..r0+b of what clients first..first+c of a chunk send (strict upper triangle, 0 = not sent)."""
+    """Item rows r0..r0+b (columns c0.., default r0..) of what clients first..first+c of a chunk send (strict
+    upper triangle, 0 = not sent)."""
 
     first: int
     r0: int
     values: torch.Tensor | None  # [c, b, m - r0]; None when only their sum over the c clients was made
     count: torch.Tensor  # [c] entries each of these clients sends in this block
     keep: torch.Tensor | None  # [c, b, m - r0] the sent positions; None on the fast path
-    total: torch.Tensor | None = None  # [b, m - r0] sum of `values` over the c clients (the compiled path)
-    held: torch.Tensor | None = None  # [b, m - r0] how many of the c clients send each entry (with `total`)
+    total: torch.Tensor | None = None  # [b, w] sum over the c clients of columns c0..c0+w (the compiled path)
+    held: torch.Tensor | None = None  # [b, w] how many of the c clients send each entry (with `total`)
+    c0: int | None = None  # the first column (None: r0)
+
+    @property
+    def col(self) -> int:
+        """The block's first column."""
+        return self.r0 if self.c0 is None else self.c0
 
     def summed(self) -> torch.Tensor:
         """The block summed over its clients [b, m - r0]."""
@@ -95,13 +102,13 @@ def row_thresholds(e: torch.Tensor, spec: ReleaseSpec) -> torch.Tensor:
     return out
 
 
-def summed_plain_block(rows: torch.Tensor, cols: torch.Tensor, below: float, held: bool):
-    """Plain uploads of item rows r0..r0+b [c, b, d] against items r0.. [c, n, d] (n = m - r0), strict upper
-    triangle, entries > `below`: their sum over the c clients [b, n], each client's entry count [c] and, with
-    `held`, how many clients send each entry [b, n] (int32; else None)."""
+def summed_plain_block(rows: torch.Tensor, cols: torch.Tensor, shift: int, below: float, held: bool):
+    """Plain uploads of a tile, item rows r0..r0+b [c, b, d] against items c0..c0+w [c, w, d] (shift = c0 - r0):
+    entries > `below` of the strict upper triangle, summed over the c clients [b, w], each client's entry
+    count [c] and, with `held`, how many clients send each entry [b, w] (int32; else None)."""
     blk = torch.bmm(rows, cols.transpose(1, 2))
     i = torch.arange(rows.shape[1], device=rows.device).unsqueeze(1)
-    j = torch.arange(cols.shape[1], device=rows.device).unsqueeze(0)
+    j = torch.arange(cols.shape[1], device=rows.device).unsqueeze(0) + shift
     keep = (blk > below) & (j > i)
     holders = keep.sum(0, dtype=torch.int32) if held else None
     return torch.where(keep, blk, 0.0).sum(0), keep.sum(dim=(1, 2)), holders
@@ -111,6 +118,30 @@ def summed_plain_block(rows: torch.Tensor, cols: torch.Tensor, below: float, hel
 def compiled_plain_block():
     """`summed_plain_block` compiled once per process (torch.compile, dynamic shapes: every block differs)."""
     return torch.compile(summed_plain_block, dynamic=True)
+
+
+TILE_COLS = 2048  # columns of one compiled tile: its [clients x rows x columns] products stay in cache
+
+
+def summed_tiles(e: torch.Tensor, spec: ReleaseSpec, held: bool) -> Iterator[ReleasedBlock]:
+    """The plain uploads of the normalised tables `e` [C, m, d] by the compiled kernel, one block per tile of
+    `spec.rows` rows x `TILE_COLS` columns summed over all C clients (the server adds each tile once)."""
+    kernel = compiled_plain_block()
+    c, m = e.shape[0], e.shape[1]
+    for r0 in range(0, m, spec.rows):
+        b = min(spec.rows, m - r0)
+        for c0 in range(r0, m, TILE_COLS):
+            w = min(TILE_COLS, m - c0)
+            per = max(1, spec.block // (b * w))
+            total, counts, holders = None, [], None
+            for s in range(0, c, per):
+                part, count, hold = kernel(
+                    e[s : s + per, r0 : r0 + b], e[s : s + per, c0 : c0 + w], c0 - r0, spec.below, held
+                )
+                total = part if total is None else total.add_(part)
+                holders = hold if holders is None or hold is None else holders.add_(hold)
+                counts.append(count)
+            yield ReleasedBlock(0, r0, None, torch.cat(counts), None, total, holders, c0)
 
 
 @torch.no_grad()
@@ -127,17 +158,15 @@ def release_blocks(
     c, m = e.shape[0], e.shape[1]
     plain = spec.plain(entries)
     below = spec.below
-    fused = compiled_plain_block() if plain and spec.compile else None
+    if plain and spec.compile:
+        yield from summed_tiles(e, spec, held)
+        return
     thresholds = row_thresholds(e, spec) if spec.topk is not None else None
     for r0 in range(0, m, spec.rows):
         b, cols = min(spec.rows, m - r0), m - r0
         strict = torch.ones(b, b, dtype=torch.bool, device=e.device).triu_(1)
         per = max(1, spec.block // (b * cols))
         for s in range(0, c, per):
-            if fused is not None:
-                total, count, holders = fused(e[s : s + per, r0 : r0 + b], e[s : s + per, r0:], below, held)
-                yield ReleasedBlock(s, r0, None, count, None, total, holders)
-                continue
             blk = e[s : s + per, r0 : r0 + b] @ e[s : s + per, r0:].transpose(-1, -2)
             if plain:
                 F.threshold(blk, below, 0.0, inplace=True)

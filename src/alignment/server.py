@@ -26,9 +26,10 @@ class SimilaritySum:
     def add_block(self, blk: ReleasedBlock) -> None:
         """Add a released block of some clients (summed over those clients in the block's dtype)."""
         total = blk.summed()
-        self.upper[blk.r0 : blk.r0 + total.shape[0], blk.r0 :] += total
+        rows, cols = slice(blk.r0, blk.r0 + total.shape[0]), slice(blk.col, blk.col + total.shape[1])
+        self.upper[rows, cols] += total
         if self.support is not None:
-            self.support[blk.r0 : blk.r0 + total.shape[0], blk.r0 :] += blk.holders()
+            self.support[rows, cols] += blk.holders()
 
     @torch.no_grad()
     def add_entries(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
