@@ -255,14 +255,16 @@ def checkpointed(folder: Path) -> bool:
     return (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "checkpoints" / "last.json").is_file()
 
 
-def launch(run: Run, work: Path, device: str | None, threads: int) -> subprocess.Popen:
-    """Start `python -m src.run` for `run` in its work folder, resuming its checkpoint when there is one."""
+def launch(run: Run, work: Path, device: str | None, threads: int, compiled: bool = False) -> subprocess.Popen:
+    """Start `python -m src.run` for `run` in its work folder, resuming its checkpoint when there is one
+    (`compiled`: with `compute.compile=true`, a speed key: the run's identity is unchanged)."""
     folder = work_dir(work, run)
     resume = checkpointed(folder)
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # a start that never reached a checkpoint: begin again
     on_device = [f"device={device}", *(["fl.chunk_size=auto"] if device.startswith("cuda") else [])] if device else []
-    args = [*run.overrides, *on_device, f"hydra.run.dir={folder}", *(["resume=true"] if resume else [])]
+    speed = ["compute.compile=true"] if compiled else []
+    args = [*run.overrides, *on_device, *speed, f"hydra.run.dir={folder}", *(["resume=true"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     folder.parent.mkdir(parents=True, exist_ok=True)
     run.extra["commit"] = git_commit()  # the code this process runs, dirty or not, read when it starts
@@ -282,6 +284,7 @@ def execute(
     threads: int,
     root: Path = RUNS,
     commit_each: bool = False,
+    compiled: bool = False,
 ) -> list[Run]:
     """Run the pending runs, cheapest first, `jobs` at a time, within the budget; store each as it ends."""
     pending = sorted((r for r in runs if r.status == "pending"), key=lambda r: r.est_s)
@@ -300,7 +303,7 @@ def execute(
             fits = [r for r in pending if left is None or r.est_s <= left]
             nxt = fits[0] if fits else pending[0]  # nothing fits: start the cheapest, it resumes next time
             pending.remove(nxt)
-            running[nxt] = launch(nxt, work, device, threads)
+            running[nxt] = launch(nxt, work, device, threads, compiled)
         for run, proc in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -356,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-min", type=float, default=None, help="stop (SIGTERM, checkpoint) after this long")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run with compute.compile=true (long runs repay its seconds of compiling; README, Benchmark)",
+    )
     parser.add_argument("--device", default=None, help="device= of every run; cuda also sizes cohorts from free memory")
     parser.add_argument("--work", type=Path, default=None, help="work folders (checkpoints), outside the repository")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where finished runs are stored")
@@ -392,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             ns.threads,
             ns.runs,
             ns.git_commit,
+            ns.compile,
         )
     print(summary(runs, work))
     return int(any(r.status == "failed" for r in runs))

@@ -61,8 +61,11 @@ def test_runs_are_stored_compactly_and_skipped_next_time(tmp_path, capsys):
         assert sum(p.stat().st_size for p in meta_path.parent.iterdir()) < 200_000
         assert not list(meta_path.parent.glob("**/*.ckpt"))
     assert not any(work.iterdir()) or all(p.suffix == ".log" for p in work.iterdir())
+    # runs ran compiled by default (a speed key), and a plan without compiling finds them stored all the same
+    for meta_path in root.rglob("run.json"):
+        assert "compile: true" in (meta_path.parent / "config_resolved.yaml").read_text()
     capsys.readouterr()
-    assert campaign.main(args) == 0
+    assert campaign.main([*args, "--no-compile"]) == 0
     out = capsys.readouterr().out
     assert "start" not in out and out.startswith("stored 2 partial 0 pending 0")
     # the report reads the stored runs like any run folder
