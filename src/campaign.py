@@ -263,7 +263,7 @@ def launch(run: Run, work: Path, device: str | None, threads: int, compiled: boo
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # a start that never reached a checkpoint: begin again
     on_device = [f"device={device}", *(["fl.chunk_size=auto"] if device.startswith("cuda") else [])] if device else []
-    # compiling is measured on the CPU only (README, Benchmark); a GPU run keeps eager kernels until gpu-check has run it
+    # compiling is measured on the CPU only (README, Benchmark); a GPU run keeps eager kernels until measured there
     speed = ["compute.compile=true"] if compiled and not (device or "").startswith("cuda") else []
     args = [*run.overrides, *on_device, *speed, f"hydra.run.dir={folder}", *(["resume=true"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
