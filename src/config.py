@@ -302,6 +302,17 @@ def _validate_server(cfg: DictConfig) -> None:
         _num(cfg, "server.graph_sigma", lambda x: -1 <= x <= 1, "in [-1, 1]", nullable=True)
         _int(cfg, "server.graph_k", 1)
         _choice(cfg, "server.aggregate", ("mean", "support_mean"))
+    if OmegaConf.select(cfg, "server.gsa_on_graph", default=False) is not False:
+        on = _bool(cfg, "server.gsa_on_graph")
+        if on and cfg.ablation.get("gsa", False):
+            m = cfg.model
+            _check(
+                m.alignment == "fast" and m.fast_gsa == "rows" and m.gsa_mask in ("global", "union"),
+                "server.gsa_on_graph",
+                on,
+                "model.alignment=fast, model.fast_gsa=rows and model.gsa_mask=global or union (it replaces the global "
+                f"part of GSA's mask; got alignment={m.alignment}, fast_gsa={m.fast_gsa}, gsa_mask={m.gsa_mask})",
+            )
 
 
 def _validate_comm_privacy(cfg: DictConfig) -> None:

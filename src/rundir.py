@@ -57,6 +57,7 @@ ADDED_KEYS = {
     "server.graph_sigma": None,
     "server.graph_k": 10,
     "server.aggregate": "mean",
+    "server.gsa_on_graph": False,
 }
 
 

@@ -16,7 +16,7 @@ from alignment_helpers import (
     planted_blocks,
 )
 
-from src.alignment.community import adjusted_rand_index, detect, knn_graph, relabel, similarity_graph
+from src.alignment.community import adjusted_rand_index, detect, graph_mask, relabel, weighted_graph
 
 
 # ============================================================================ 6. communities
@@ -102,13 +102,16 @@ def test_similarity_graph_edges_and_weights():
     s = s + s.T
     s[2, 3] = s[3, 2] = 0.5  # exactly at sigma: an edge
     for sigma in (0.5, 0.0, -0.2):  # a negative sigma must still give only positive weights
-        g = similarity_graph(torch.from_numpy(s), sigma)
+        g = weighted_graph(torch.from_numpy(s), sigma)
         expected = {(j, k): s[j, k] for j in range(n) for k in range(j + 1, n) if s[j, k] >= sigma and s[j, k] > 0}
         got = {tuple(sorted(e.tuple)): w for e, w in zip(g.es, g.es["weight"])}
         assert g.vcount() == n and not g.is_directed()
         assert set(got) == set(expected)
         for key, w in got.items():
             assert w == pytest.approx(expected[key], abs=0) and w > 0
+        mask = graph_mask(torch.from_numpy(s), sigma, None).numpy()  # what GSA aligns to on the graph
+        assert {(j, k) for j, k in zip(*np.nonzero(mask)) if j < k} == set(expected)
+        assert (mask == mask.T).all() and not mask.diagonal().any()
 
 
 def test_detect_empty_graph():
@@ -145,9 +148,11 @@ def test_knn_graph_joins_each_item_to_its_k_most_similar():
     for j in range(m):
         order = [i for i in np.argsort(-s[j]) if i != j][:k]
         expected |= {(min(j, i), max(j, i)) for i in order if s[j, i] > 0}
-    g = knn_graph(torch.from_numpy(s), k)
+    g = weighted_graph(torch.from_numpy(s), 0.5, knn=k)
     got = {tuple(sorted(e.tuple)) for e in g.es}
     assert got == expected and g.vcount() == m
+    mask = graph_mask(torch.from_numpy(s), 0.5, k).numpy()
+    assert {(j, i) for j, i in zip(*np.nonzero(mask)) if j < i} == expected and (mask == mask.T).all()
     for e, w in zip(g.es, g.es["weight"]):
         assert w == pytest.approx(s[e.tuple])
     comms = detect(torch.from_numpy(s), sigma=0.99, method="igraph", resolution=1.0, seed=0, knn=k)

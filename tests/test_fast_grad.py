@@ -19,8 +19,9 @@ TAU, TAU0, ALPHA, BETA = 0.3, 0.5, 0.7, 5.0
 BIG = [pytest.param(name, marks=pytest.mark.slow) for name in ("lastfm-2k", "ml-1m")]
 
 
-def oracle(table, anchors, valid, labels, gs, sigma, centre, mask, reduction):
-    """alpha ICA + beta GSA of one client's table [m, d] over its valid anchors, loops from the formulas."""
+def oracle(table, anchors, valid, labels, gs, sigma, centre, mask, reduction, graph=None):
+    """alpha ICA + beta GSA of one client's table [m, d] over its valid anchors, loops from the formulas
+    (`graph` [m, m]: the global part of GSA's mask, `server.gsa_on_graph`)."""
     x = table - table.mean(dim=0, keepdim=True) if centre else table
     e = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
     m = e.shape[0]
@@ -40,14 +41,15 @@ def oracle(table, anchors, valid, labels, gs, sigma, centre, mask, reduction):
         for a in used:  # the anchor rows of Eq. 10's mask, every column but the diagonal
             for k in range(m):
                 s = e[a] @ e[k]
-                local, glob = bool(s.detach() >= sigma), bool(gs[a, k] >= sigma)
+                local = bool(s.detach() >= sigma)
+                glob = bool(gs[a, k] >= sigma) if graph is None else bool(graph[a, k])
                 if k != a and {"local": local, "global": glob, "union": local or glob}[mask]:
                     total, count = total + (s - gs[a, k]) ** 2, count + 1
         terms["gsa"] = total / max(count, 1) if reduction == "mean" else total * m / max(len(used), 1)
     return sum((ALPHA if k == "ica" else BETA) * v for k, v in terms.items()), terms
 
 
-def make(kernel: str, mask: str, reduction: str, ica: bool, gsa: bool, centre: bool, sigma: float, k: int):
+def make(kernel: str, mask: str, reduction: str, ica: bool, gsa: bool, centre: bool, sigma: float, k: int, graph=None):
     return AlignmentLoss(
         alpha=ALPHA,
         beta=BETA,
@@ -63,6 +65,7 @@ def make(kernel: str, mask: str, reduction: str, ica: bool, gsa: bool, centre: b
         use_gsa=gsa,
         fast_anchors=k,
         fast_kernel=kernel,
+        gsa_graph=graph,
     )
 
 
@@ -106,6 +109,48 @@ def test_fused_kernel_equals_the_per_anchor_oracle(mask, reduction, terms, centr
         for key in values:
             assert values[key][i].item() == pytest.approx(want[key].item(), rel=1e-10, abs=1e-13)
         torch.testing.assert_close(grad[i], g, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "autograd"])
+@pytest.mark.parametrize("mask,reduction", list(itertools.product(["global", "union"], ["mean", "sum"])))
+@pytest.mark.parametrize("rule", [(0.2, None), (0.4, 3)])  # its own threshold; the 3-nearest-neighbour graph
+def test_gsa_on_the_server_graph_equals_the_oracle(kernel, mask, reduction, rule):
+    """`server.gsa_on_graph`: the global part of GSA's mask is the server graph (`community.graph_mask`)."""
+    from src.alignment.community import graph_mask
+
+    t, b, anchors, valid = case(seed=75)
+    k = 6
+    loss = make(kernel, mask, reduction, True, True, True, 0.4, k, graph=rule)
+    values, grad = loss.value_and_grad(t, anchors, valid, b)
+    graph = graph_mask(b.global_sim, *rule)
+    plain_values, _ = make(kernel, mask, reduction, True, True, True, 0.4, k).value_and_grad(t, anchors, valid, b)
+    assert not torch.allclose(values["gsa"], plain_values["gsa"])  # the graph does change what GSA aligns
+    for i in range(t.shape[0]):
+        x = t[i].clone().requires_grad_()
+        args = (anchors[i, :k], valid[i, :k], b.labels, b.global_sim, 0.4, True, mask, reduction, graph)
+        total, want = oracle(x, *args)
+        (g,) = torch.autograd.grad(total, x)
+        for key in values:
+            assert values[key][i].item() == pytest.approx(want[key].item(), rel=1e-10, abs=1e-13)
+        torch.testing.assert_close(grad[i], g, rtol=1e-9, atol=1e-12)
+
+
+def test_gsa_on_graph_is_checked_and_runs(compose_cfg, tmp_path):
+    from src.config import ConfigError
+    from src.data.dataset import load
+    from src.simulator.federated import FederatedModule
+
+    with pytest.raises(ConfigError, match="server.gsa_on_graph.*gsa_mask=global or union"):
+        compose_cfg(["dataset=synthetic", "server.gsa_on_graph=true"])  # the paper's local mask: it would do nothing
+    cfg = compose_cfg(
+        ["dataset=synthetic", "server.gsa_on_graph=true", "model.gsa_mask=global", "server.graph=knn", "fl.rounds=2"]
+    )
+    assert compose_cfg(["dataset=synthetic", "ablation=backbone", "server.gsa_on_graph=true"])  # no GSA to check
+    module = FederatedModule(cfg, load(cfg))
+    module.run_round()
+    row = module.run_round()
+    assert module.method.loss.gsa_graph == (float(cfg.model.sigma), int(cfg.server.graph_k))
+    assert row["loss/gsa"] > 0
 
 
 def test_fused_kernel_matches_the_autograd_kernel_in_float32_on_many_sub_chunks():

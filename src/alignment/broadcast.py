@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from src.alignment.community import graph_mask
 from src.device import to_device
 
 
@@ -45,4 +46,12 @@ class Broadcast:
         key = (device, name)
         if key not in self.copies:
             self.copies[key] = to_device(getattr(self, name), device)
+        return self.copies[key]
+
+    def graph(self, sigma: float, knn: int | None, device: torch.device) -> torch.Tensor:
+        """The server graph of S_g as a boolean [m, m] (`community.graph_mask`: S_g >= sigma, or its k nearest
+        neighbours), derived by the clients from what they received, once per broadcast and device."""
+        key = (device, f"graph/{sigma}/{knn}")
+        if key not in self.copies:
+            self.copies[key] = to_device(graph_mask(self.global_sim, sigma, knn), device)
         return self.copies[key]

@@ -33,32 +33,48 @@ class Communities:
         return np.bincount(self.labels)
 
 
-def similarity_graph(sim: torch.Tensor, sigma: float) -> ig.Graph:
-    """Undirected weighted graph of the pairs j < k with sim[j, k] >= max(sigma, 0) (weights > 0)."""
+def threshold_pairs(sim: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs j < k with sim[j, k] >= max(sigma, 0) and > 0: (j, k) [E] each."""
     upper = torch.triu(sim, diagonal=1)
-    keep = (upper >= sigma) & (upper > 0)
-    src, dst = keep.nonzero(as_tuple=True)
-    graph = ig.Graph(n=sim.shape[0], edges=list(zip(src.tolist(), dst.tolist())))
-    graph.es["weight"] = upper[src, dst].double().tolist()
-    return graph
+    return ((upper >= sigma) & (upper > 0)).nonzero(as_tuple=True)
 
 
-def knn_graph(sim: torch.Tensor, k: int) -> ig.Graph:
+def knn_pairs(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This project's variant (`server.graph=knn`, not the paper's): each item joined to its k most similar
-    items with sim > 0 (an edge when either end chooses it), weighted by sim."""
+    items with sim > 0, an edge when either end chooses it: the pairs j < k, (j, k) [E] each."""
     m = sim.shape[0]
     scores = sim.clone()
     scores.fill_diagonal_(-float("inf"))
     k = min(int(k), m - 1)
     if k < 1:
-        return ig.Graph(n=m)
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     values, index = scores.topk(k, dim=1)
     rows = torch.arange(m).repeat_interleave(k)
     cols, ok = index.reshape(-1), values.reshape(-1) > 0
     lo, hi = torch.minimum(rows[ok], cols[ok]), torch.maximum(rows[ok], cols[ok])
     key = torch.unique(lo * m + hi)
-    src, dst = key // m, key % m
-    graph = ig.Graph(n=m, edges=list(zip(src.tolist(), dst.tolist())))
+    return key // m, key % m
+
+
+def graph_pairs(sim: torch.Tensor, sigma: float, knn: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edges j < k of the server's graph: sim >= sigma (the paper), or with `knn` the k-nearest graph."""
+    return threshold_pairs(sim, sigma) if knn is None else knn_pairs(sim, knn)
+
+
+def graph_mask(sim: torch.Tensor, sigma: float, knn: int | None) -> torch.Tensor:
+    """The server graph as a symmetric boolean [m, m] (no diagonal): what GSA aligns to with
+    `server.gsa_on_graph` (clients derive it from the broadcast S_g by the same rule; nothing more is sent)."""
+    src, dst = graph_pairs(sim, sigma, knn)
+    mask = torch.zeros(sim.shape, dtype=torch.bool)
+    mask[src, dst] = True
+    mask[dst, src] = True
+    return mask
+
+
+def weighted_graph(sim: torch.Tensor, sigma: float, knn: int | None = None) -> ig.Graph:
+    """The server graph (`graph_pairs`) for igraph, weighted by sim."""
+    src, dst = graph_pairs(sim, sigma, knn)
+    graph = ig.Graph(n=sim.shape[0], edges=list(zip(src.tolist(), dst.tolist())))
     graph.es["weight"] = sim[src, dst].double().tolist()
     return graph
 
@@ -68,7 +84,7 @@ def detect(
 ) -> Communities:
     """Maximise modularity on the thresholded graph (or, with `knn`, the k-nearest-neighbour graph);
     isolated items become singleton communities."""
-    graph = similarity_graph(sim, sigma) if knn is None else knn_graph(sim, knn)
+    graph = weighted_graph(sim, sigma, knn)
     weights = graph.es["weight"] if graph.ecount() else None
     if method == "igraph":
         ig.set_random_number_generator(random.Random(seed))

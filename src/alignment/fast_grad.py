@@ -48,9 +48,11 @@ def fast_value_and_grad(
     centre: bool,
     mask: str,
     reduction: str,
+    graph: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """ICA (when `labels`) and GSA (when `global_sim`) of the tables [C, m, d] over the anchors [C, K]
-    (`anchor_valid` [C, K] marks real ones): per-client values [C] and d(alpha ICA + beta GSA)/d table."""
+    (`anchor_valid` [C, K] marks real ones): per-client values [C] and d(alpha ICA + beta GSA)/d table.
+    `graph` [m, m] (bool): the global part of GSA's mask is the server graph, not S_g >= sigma."""
     c, m, d = table.shape
     e, n = _normalise(table, centre)
     rows = torch.arange(c, device=table.device).unsqueeze(1)
@@ -86,12 +88,13 @@ def fast_value_and_grad(
         grad_ea += coef.unsqueeze(2) * (cs_a - 2 * ea)
     if global_sim is not None:
         diff = global_sim[anchors].to(e.dtype)  # S_g's anchor rows [C, K, m], then (S - S_g) o W
+        glob = graph[anchors] if graph is not None else diff >= sigma
         if mask == "local":
             keep = (s >= sigma).to(e.dtype)
         elif mask == "global":
-            keep = (diff >= sigma).to(e.dtype)
+            keep = glob.to(e.dtype)
         elif mask == "union":
-            keep = ((s >= sigma) | (diff >= sigma)).to(e.dtype)
+            keep = ((s >= sigma) | glob).to(e.dtype)
         else:
             raise ValueError(f"model.gsa_mask={mask!r}; expected local, global or union")
         keep.scatter_(2, self_col, 0.0)

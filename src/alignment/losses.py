@@ -102,8 +102,10 @@ def gsa_rows(
     mask: str,
     reduction: str,
     s: torch.Tensor | None = None,
+    graph: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 10 over the anchor rows [C, K] (all columns, diagonal excluded) (fast path); [C].
+    With `graph` [m, m] (bool) the global part of the mask is the server graph instead of S_g >= sigma.
 
     `mean` divides by the mask entries in those rows; `sum` scales the rows' sum by m / K to
     estimate the sum over all rows. With every item as an anchor once it equals `gsa_exact`.
@@ -113,12 +115,13 @@ def gsa_rows(
     s = anchor_rows(e, anchors) if s is None else s
     g = global_sim[anchors].to(e.dtype)
     with torch.no_grad():
+        glob = graph[anchors] if graph is not None else g >= sigma
         if mask == "local":
             w = s >= sigma
         elif mask == "global":
-            w = g >= sigma
+            w = glob.clone()
         elif mask == "union":
-            w = (s >= sigma) | (g >= sigma)
+            w = (s >= sigma) | glob
         else:
             raise ValueError(f"model.gsa_mask={mask!r}; expected local, global or union")
         w &= torch.arange(m, device=e.device) != anchors.unsqueeze(2)
@@ -257,6 +260,12 @@ class AlignmentLoss:
     fast_block: int | None = None  # fast mode: elements of anchor-row intermediates at once (None: whole chunk)
     fast_kernel: str = "fused"  # fast mode: fused (closed form, src/alignment/fast_grad.py) or autograd
     compile: bool = False  # the fused kernel through torch.compile
+    # this project's variant (`server.gsa_on_graph`): GSA's global mask is the server graph (sigma, knn k or None)
+    gsa_graph: tuple[float, int | None] | None = None
+
+    def graph(self, b: Broadcast, device: torch.device) -> torch.Tensor | None:
+        """The server graph GSA aligns to with `gsa_graph` (derived from the broadcast S_g), else None."""
+        return None if self.gsa_graph is None else b.graph(*self.gsa_graph, device)
 
     def active(self, b: Broadcast) -> bool:
         """False until the server has broadcast something the enabled terms need."""
@@ -294,6 +303,7 @@ class AlignmentLoss:
                     self.mask,
                     self.reduction,
                     s,
+                    self.graph(b, table.device),
                 )
             elif self.mode == "fast" and self.fast_gsa == "pairs":
                 out["gsa"] = gsa_pairs(
@@ -384,6 +394,7 @@ class AlignmentLoss:
                 centre=self.centre,
                 mask=self.mask,
                 reduction=self.reduction,
+                graph=self.graph(b, dev) if use_gsa else None,
             )
         part = table.detach().requires_grad_()
         with torch.enable_grad():

@@ -108,6 +108,9 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     m = cfg.model
     p = cfg.privacy
     compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False))
+    knn = int(cfg.server.graph_k) if cfg.server.get("graph", "threshold") == "knn" else None
+    graph_sigma = None if cfg.server.get("graph_sigma") is None else float(cfg.server.graph_sigma)
+    on_graph = bool(cfg.server.get("gsa_on_graph", False))
     noise, eps_round = laplace_scale(
         None if p.epsilon is None else float(p.epsilon),
         None if p.scale is None else float(p.scale),
@@ -133,6 +136,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         fast_block=None if m.get("fast_block") is None else block_elements(cfg, "model.fast_block", device),
         fast_kernel=str(m.get("fast_kernel", "autograd")),
         compile=compiled,
+        gsa_graph=(float(m.sigma) if graph_sigma is None else graph_sigma, knn) if on_graph else None,
     )
     spec = ReleaseSpec(
         float(m.sigma),
@@ -151,7 +155,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         str(cfg.server.community),
         float(cfg.server.resolution),
         eps_round,
-        None if cfg.server.get("graph_sigma") is None else float(cfg.server.graph_sigma),
-        int(cfg.server.graph_k) if cfg.server.get("graph", "threshold") == "knn" else None,
+        graph_sigma,
+        knn,
         cfg.server.get("aggregate", "mean") == "support_mean",
     )
