@@ -263,8 +263,7 @@ def launch(run: Run, work: Path, device: str | None, threads: int, compiled: boo
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # a start that never reached a checkpoint: begin again
     on_device = [f"device={device}", *(["fl.chunk_size=auto"] if device.startswith("cuda") else [])] if device else []
-    # compiling is measured on the CPU only (README, Benchmark); a GPU run keeps eager kernels until measured there
-    speed = ["compute.compile=true"] if compiled and not (device or "").startswith("cuda") else []
+    speed = ["compute.compile=true"] if compiled else []  # a run on a GPU keeps eager kernels (methods/alignfedrec.py)
     args = [*run.overrides, *on_device, *speed, f"hydra.run.dir={folder}", *(["resume=true"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -364,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on the CPU, run with compute.compile=true (long runs repay its seconds of compiling; README, Benchmark)",
+        help="run with compute.compile=true (CPU runs repay its seconds of compiling; README, Benchmark)",
     )
     parser.add_argument("--device", default=None, help="device= of every run; cuda also sizes cohorts from free memory")
     parser.add_argument("--work", type=Path, default=None, help="work folders (checkpoints), outside the repository")

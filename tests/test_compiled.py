@@ -55,3 +55,13 @@ def test_compiled_fused_alignment_matches_eager(compose_cfg, one_thread):
         for key in v1:
             torch.testing.assert_close(v2[key], v1[key], rtol=1e-5, atol=1e-7)
         assert (g2 - g1).abs().max() <= 1e-5 * g1.abs().max()
+
+
+def test_compiling_applies_on_the_cpu_only(compose_cfg):
+    """`compute.compile` is measured on the CPU only: another device keeps the eager kernels."""
+    from src.methods.base import build_method
+
+    cfg = compose_cfg(["dataset=synthetic", "compute.compile=true"])
+    on_cpu, on_gpu = build_method(cfg, torch.device("cpu")), build_method(cfg, torch.device("cuda"))
+    assert on_cpu.loss.compile and on_cpu.spec.compile
+    assert not on_gpu.loss.compile and not on_gpu.spec.compile

@@ -128,6 +128,8 @@ def summed_tiles(e: torch.Tensor, spec: ReleaseSpec, held: bool) -> Iterator[Rel
     `spec.rows` rows x `TILE_COLS` columns summed over all C clients (the server adds each tile once)."""
     kernel = compiled_plain_block()
     c, m = e.shape[0], e.shape[1]
+    if c == 0:
+        return
     for r0 in range(0, m, spec.rows):
         b = min(spec.rows, m - r0)
         for c0 in range(r0, m, TILE_COLS):

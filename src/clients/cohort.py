@@ -258,6 +258,7 @@ class StackedOptimizer:
             p, m, v = params[k], self.m[k], self.v[k]
             if sel is not None:
                 p, m, v, g = (x.index_select(0, sel) for x in (p, m, v, g))
+            g = g.contiguous()  # the CPU kernel assumes the parameter's layout
             step = torch.tensor(float(self.steps[k]), device=p.device)
             hyper = {"beta1": self.b1, "beta2": self.b2, "weight_decay": 0.0, "eps": self.eps}
             torch._fused_adam_([p], [g], [m], [v], [], [step], lr=self.lr[k], amsgrad=False, maximize=False, **hyper)

@@ -107,7 +107,8 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     """AlignFedRec with the run's model, server, encoding and privacy values (blocks sized for `device`)."""
     m = cfg.model
     p = cfg.privacy
-    compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False))
+    # compiled kernels are measured on the CPU only; on another device they stay eager (README, Benchmark)
+    compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False)) and device.type == "cpu"
     knn = int(cfg.server.graph_k) if cfg.server.get("graph", "threshold") == "knn" else None
     graph_sigma = None if cfg.server.get("graph_sigma") is None else float(cfg.server.graph_sigma)
     on_graph = bool(cfg.server.get("gsa_on_graph", False))
