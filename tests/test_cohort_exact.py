@@ -219,9 +219,11 @@ def test_mean_aggregator_nobody_uploads_keeps_previous():
 
 @pytest.mark.parametrize("mask", ["local", "global", "union"])
 @pytest.mark.parametrize("optim", ["sgd_alternate", "adam", "adam_eight_ops"])
-def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim, mask):
-    """BCE + alpha ICA + beta GSA (exact mode, stacked, cluster-sum algebra) trains every client as
-    the per-client loop with the loss written plainly (positive-pair mask, dense masked GSA)."""
+@pytest.mark.parametrize("kernel", ["fused", "autograd"])
+def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim, mask, kernel):
+    """BCE + alpha ICA + beta GSA (exact mode, stacked: the fused kernel with every item an anchor, or the
+    blocked cluster-sum algebra) trains every client as the per-client loop with the loss written plainly
+    (positive-pair mask, dense masked GSA)."""
     from reference import ExactAlignment
 
     from src.alignment.broadcast import Broadcast
@@ -233,6 +235,7 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
             f"model.dim={DIM}",
             "ablation=full",
             "model.alignment=exact",
+            f"model.fast_kernel={kernel}",
             "model.alpha=0.3",
             "model.beta=2.0",
             "model.tau=0.2",

@@ -378,8 +378,10 @@ def test_broadcast_builds_upper_pairs_of_global_mask():
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("rows", [1, 4, 64])
-def test_blocked_exact_matches_plain_autograd(mask, reduction, rows):
-    """The blocked value-and-gradient (no m x m per client) equals the plain autograd loss, fp32 within 1e-4."""
+@pytest.mark.parametrize("kernel", ["autograd", "fused"])
+def test_blocked_exact_matches_plain_autograd(mask, reduction, rows, kernel):
+    """The blocked value-and-gradient (no m x m per client; `fast_kernel=autograd`) and the fused kernel with
+    every item an anchor (`fast_kernel=fused`, m^2 small) equal the plain autograd loss, fp32 within 1e-4."""
     from src.alignment.losses import AlignmentLoss, gsa_exact, ica_exact
 
     c, m, d = 3, 23, 5
@@ -403,6 +405,7 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows):
         use_ica=True,
         use_gsa=True,
         block=rows * 2 * m,
+        fast_kernel=kernel,
     )
     b = Broadcast(labels, g, 0.35)
     values, grad = loss.value_and_grad(

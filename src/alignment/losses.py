@@ -18,7 +18,7 @@ Both are batched tensor algebra: no loop over items, none over clients beyond ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -238,6 +238,11 @@ def ica_positive(e: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, tau
     return (e * (csum[:, labels] - e)).sum(dim=2) / tau / npos.clamp(min=1)
 
 
+# exact mode with the fused kernel: every item is an anchor, so a client's [m, m] rows exist at once (m^2 elements,
+# a few buffers of them); above this the blocked algebra keeps memory at `block` elements (Lastfm-2k: 155M)
+EXACT_FUSED_MAX = 16_777_216
+
+
 @dataclass(frozen=True)
 class AlignmentLoss:
     """alpha * ICA + beta * GSA on stacked item tables, against the server's latest `Broadcast`."""
@@ -349,7 +354,14 @@ class AlignmentLoss:
         self, table: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, b: Broadcast
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-client terms and the gradient of alpha * ICA + beta * GSA w.r.t. `table`: the exact mode in
-        sub-chunks of `chunk` clients with the blocked algebra, the fast mode (anchor rows) by autograd."""
+        sub-chunks of `chunk` clients with the blocked algebra (or, with the fused kernel and m^2 <=
+        `EXACT_FUSED_MAX`, every item an anchor of the fused kernel), the fast mode over the batch's anchors."""
+        if self.mode == "exact" and self.fast_kernel == "fused" and table.shape[1] ** 2 <= EXACT_FUSED_MAX:
+            m = table.shape[1]
+            anchors = torch.arange(m, device=table.device).expand(table.shape[0], m)
+            valid = torch.ones(anchors.shape, dtype=torch.bool, device=table.device)
+            every_item = replace(self, mode="fast", fast_anchors=m, fast_gsa="rows", fast_block=self.block)
+            return every_item.value_and_grad(table, anchors, valid, b)
         if self.mode == "exact":
             parts = [
                 self.exact_value_and_grad(table[s : s + self.chunk], b) for s in range(0, table.shape[0], self.chunk)
