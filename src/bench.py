@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from src.alignment.losses import EXACT_FUSED_MAX
 from src.clients.cohort import batch_layout, chunks_by_steps, local_steps, train_cohort
 from src.clients.reference import ExactAlignment, client_batches, make_client, train_client
 from src.config import load_config, validate
@@ -125,7 +126,8 @@ def roofline(cfg: DictConfig, module: FederatedModule, figures: dict[str, Any], 
 
     Train (AlignFedRec, fast): per client-step the anchor rows s = e_a e^T and their two gradient products,
     3 x 2 K m d FLOPs (K = model.fast_anchors), operands and result 3 x 4 (K d + m d + K m) bytes; exact mode:
-    10 m^2 d FLOPs (the blocked ICA and GSA products). Aggregate: every uploader's upper-triangle block products,
+    the same with K = m through the fused kernel (m^2 <= EXACT_FUSED_MAX), else 10 m^2 d FLOPs (the blocked
+    ICA and GSA products). Aggregate: every uploader's upper-triangle block products,
     m (m + 1) d FLOPs, reading its table once per row block. BCE, optimiser and elementwise work are not counted
     as FLOPs: a low compute fraction with bytes near the copy rate says the phase is bound by memory traffic.
     """
@@ -144,6 +146,10 @@ def roofline(cfg: DictConfig, module: FederatedModule, figures: dict[str, Any], 
         train_bytes = steps * 3 * 4.0 * (k * d + m * d + k * m)
         sub = max(1, int(cfg.model.fast_block or k * m * 16) // (k * m))
         train_peak = product_rate(sub, k, d, m, device)
+    elif cfg.model.get("fast_kernel", "autograd") == "fused" and m * m <= EXACT_FUSED_MAX:
+        train_flops = steps * 6.0 * m * m * d
+        train_bytes = steps * 3 * 4.0 * (2 * m * d + m * m)
+        train_peak = product_rate(1, m, d, m, device)
     else:
         train_flops = steps * 10.0 * m * m * d
         train_bytes = steps * 4.0 * (2 * m * d + 3 * m * m)
