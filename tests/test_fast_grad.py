@@ -10,11 +10,10 @@ import pytest
 import torch
 from alignment_helpers import gen, random_global, tables
 from conftest import SHARED_DATA, requires_real_data
+from loss_factory import ALPHA, BETA, TAU, TAU0, make_loss
 
 from src.alignment.broadcast import Broadcast
-from src.alignment.losses import AlignmentLoss
 
-TAU, TAU0, ALPHA, BETA = 0.3, 0.5, 0.7, 5.0
 # the two large datasets take a minute or more each here: `make test-slow`
 BIG = [pytest.param(name, marks=pytest.mark.slow) for name in ("lastfm-2k", "ml-1m")]
 
@@ -50,23 +49,7 @@ def oracle(table, anchors, valid, labels, gs, sigma, centre, mask, reduction, gr
 
 
 def make(kernel: str, mask: str, reduction: str, ica: bool, gsa: bool, centre: bool, sigma: float, k: int, graph=None):
-    return AlignmentLoss(
-        alpha=ALPHA,
-        beta=BETA,
-        tau=TAU,
-        tau0=TAU0,
-        sigma=sigma,
-        centre=centre,
-        mask=mask,
-        reduction=reduction,
-        mode="fast",
-        chunk=4,
-        use_ica=ica,
-        use_gsa=gsa,
-        fast_anchors=k,
-        fast_kernel=kernel,
-        gsa_graph=graph,
-    )
+    return make_loss("fast", mask, reduction, ica, gsa, 4, sigma, centre, k, fast_kernel=kernel, gsa_graph=graph)
 
 
 def case(c=4, m=13, d=4, k=6, seed=70, sigma=0.4):

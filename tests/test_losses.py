@@ -28,9 +28,10 @@ from alignment_helpers import (
     shuffled_labels,
     tables,
 )
+from loss_factory import ALPHA, BETA, TAU, TAU0, make_loss
 
 from src.alignment.broadcast import Broadcast
-from src.alignment.losses import AlignmentLoss, gsa_exact, gsa_pairs, ica_batch, ica_exact
+from src.alignment.losses import gsa_exact, gsa_pairs, ica_batch, ica_exact
 from src.alignment.similarity import normalised
 
 # ============================================================================ 3. GSA
@@ -155,7 +156,6 @@ def test_gsa_pairs_local_mask_is_local_and_global():
 
 
 # ============================================================================ 4. ICA
-TAU, TAU0 = 0.3, 0.5
 
 
 @pytest.mark.parametrize("centre", [True, False])
@@ -248,38 +248,6 @@ def test_ica_gradient_matches_finite_differences(centre):
 
 
 # ============================================================================ 5. AlignmentLoss
-def make_loss(
-    mode="exact",
-    mask="local",
-    reduction="mean",
-    use_ica=True,
-    use_gsa=True,
-    chunk=2,
-    sigma=0.45,
-    centre=True,
-    fast_anchors=64,
-    fast_gsa="rows",
-    fast_block=None,
-) -> AlignmentLoss:
-    return AlignmentLoss(
-        alpha=0.7,
-        beta=5.0,
-        tau=TAU,
-        tau0=TAU0,
-        sigma=sigma,
-        centre=centre,
-        mask=mask,
-        reduction=reduction,
-        mode=mode,
-        chunk=chunk,
-        use_ica=use_ica,
-        use_gsa=use_gsa,
-        fast_anchors=fast_anchors,
-        fast_gsa=fast_gsa,
-        fast_block=fast_block,
-    )
-
-
 def test_alignment_loss_inactive_before_a_broadcast():
     loss = make_loss()
     t = tables(5, 12, 4, seed=30)
@@ -382,7 +350,7 @@ def test_broadcast_builds_upper_pairs_of_global_mask():
 def test_blocked_exact_matches_plain_autograd(mask, reduction, rows, kernel):
     """The blocked value-and-gradient (no m x m per client; `fast_kernel=autograd`) and the fused kernel with
     every item an anchor (`fast_kernel=fused`, m^2 small) equal the plain autograd loss, fp32 within 1e-4."""
-    from src.alignment.losses import AlignmentLoss, gsa_exact, ica_exact
+    from src.alignment.losses import gsa_exact, ica_exact
 
     c, m, d = 3, 23, 5
     table = torch.randn(c, m, d, generator=gen(40), dtype=torch.float32)
@@ -391,22 +359,7 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows, kernel):
     g = torch.rand(m, m, generator=gen(42)) * 0.9
     g = (g + g.T) / 2
     g.fill_diagonal_(0)
-    loss = AlignmentLoss(
-        alpha=0.7,
-        beta=3.0,
-        tau=0.3,
-        tau0=0.5,
-        sigma=0.35,
-        centre=True,
-        mask=mask,
-        reduction=reduction,
-        mode="exact",
-        chunk=2,
-        use_ica=True,
-        use_gsa=True,
-        block=rows * 2 * m,
-        fast_kernel=kernel,
-    )
+    loss = make_loss("exact", mask, reduction, sigma=0.35, block=rows * 2 * m, fast_kernel=kernel)
     b = Broadcast(labels, g, 0.35)
     values, grad = loss.value_and_grad(
         table, torch.zeros(c, 1, dtype=torch.long), torch.ones(c, 1, dtype=torch.bool), b
@@ -415,9 +368,9 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows, kernel):
     t64 = table.double().requires_grad_()
     e = normalised(t64, True)
     sizes = torch.bincount(labels)
-    ica = ica_exact(e, labels, sizes, 0.3, 0.5)
+    ica = ica_exact(e, labels, sizes, TAU, TAU0)
     gsa = gsa_exact(e, g.double(), 0.35, mask, reduction)
-    (ref_grad,) = torch.autograd.grad((0.7 * ica + 3.0 * gsa).sum(), t64)
+    (ref_grad,) = torch.autograd.grad((ALPHA * ica + BETA * gsa).sum(), t64)
     torch.testing.assert_close(values["ica"].double(), ica.detach(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(values["gsa"].double(), gsa.detach(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
