@@ -18,6 +18,7 @@ Both are batched tensor algebra: no loop over items, none over clients beyond ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -272,6 +273,18 @@ class AlignmentLoss:
         """The server graph GSA aligns to with `gsa_graph` (derived from the broadcast S_g), else None."""
         return None if self.gsa_graph is None else b.graph(*self.gsa_graph, device)
 
+    def inputs(self, b: Broadcast, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """The broadcast's tensors the enabled terms use, on `device` (None for a term that is off or not yet
+        broadcast): labels [m], sizes [n_communities], global_sim [m, m] and GSA's graph [m, m] or None."""
+        ica = self.use_ica and b.labels is not None
+        gsa = self.use_gsa and b.global_sim is not None
+        return {
+            "labels": b.on("labels", device) if ica else None,
+            "sizes": b.on("sizes", device) if ica else None,
+            "global_sim": b.on("global_sim", device) if gsa else None,
+            "graph": self.graph(b, device) if gsa else None,
+        }
+
     def active(self, b: Broadcast) -> bool:
         """False until the server has broadcast something the enabled terms need."""
         return (self.use_ica and b.labels is not None) or (self.use_gsa and b.global_sim is not None)
@@ -285,37 +298,37 @@ class AlignmentLoss:
     ) -> dict[str, torch.Tensor]:
         """Unweighted per-client ICA and GSA values [C] of `table` [C, m, d] (differentiable)."""
         e = normalised(table, self.centre)
+        x = self.inputs(b, table.device)
         out: dict[str, torch.Tensor] = {}
-        s = None
-        if self.mode == "fast" and anchors is not None:
-            s = anchor_rows(e, anchors[:, : self.fast_anchors])
-        if self.use_ica and b.labels is not None:
-            labels, sizes = b.on("labels", table.device), b.on("sizes", table.device)
-            if self.mode == "fast" and anchors is not None:
-                k = self.fast_anchors
-                out["ica"] = ica_batch(e, anchors[:, :k], anchor_valid[:, :k], labels, sizes, self.tau, self.tau0, s)
+        fast = self.mode == "fast" and anchors is not None
+        k = self.fast_anchors
+        s = anchor_rows(e, anchors[:, :k]) if fast else None
+        if x["labels"] is not None:
+            if fast:
+                out["ica"] = ica_batch(
+                    e, anchors[:, :k], anchor_valid[:, :k], x["labels"], x["sizes"], self.tau, self.tau0, s
+                )
             else:
-                out["ica"] = ica_exact(e, labels, sizes, self.tau, self.tau0)
-        if self.use_gsa and b.global_sim is not None:
-            if self.mode == "fast" and self.fast_gsa == "rows" and anchors is not None:
-                k = self.fast_anchors
+                out["ica"] = ica_exact(e, x["labels"], x["sizes"], self.tau, self.tau0)
+        if x["global_sim"] is not None:
+            if fast and self.fast_gsa == "rows":
                 out["gsa"] = gsa_rows(
                     e,
                     anchors[:, :k],
                     anchor_valid[:, :k],
-                    b.on("global_sim", table.device),
+                    x["global_sim"],
                     self.sigma,
                     self.mask,
                     self.reduction,
                     s,
-                    self.graph(b, table.device),
+                    x["graph"],
                 )
             elif self.mode == "fast" and self.fast_gsa == "pairs":
                 out["gsa"] = gsa_pairs(
                     e, b.on("pairs", table.device), b.on("targets", table.device), self.sigma, self.mask, self.reduction
                 )
             else:
-                out["gsa"] = gsa_exact(e, b.on("global_sim", table.device), self.sigma, self.mask, self.reduction)
+                out["gsa"] = gsa_exact(e, x["global_sim"], self.sigma, self.mask, self.reduction)
         return out
 
     def exact_value_and_grad(self, table: torch.Tensor, b: Broadcast) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -356,28 +369,23 @@ class AlignmentLoss:
         """Per-client terms and the gradient of alpha * ICA + beta * GSA w.r.t. `table`: the exact mode in
         sub-chunks of `chunk` clients with the blocked algebra (or, with the fused kernel and m^2 <=
         `EXACT_FUSED_MAX`, every item an anchor of the fused kernel), the fast mode over the batch's anchors."""
-        if self.mode == "exact" and self.fast_kernel == "fused" and table.shape[1] ** 2 <= EXACT_FUSED_MAX:
-            m = table.shape[1]
-            anchors = torch.arange(m, device=table.device).expand(table.shape[0], m)
-            valid = torch.ones(anchors.shape, dtype=torch.bool, device=table.device)
-            every_item = replace(self, mode="fast", fast_anchors=m, fast_gsa="rows", fast_block=self.block)
-            return every_item.value_and_grad(table, anchors, valid, b)
-        if self.mode == "exact":
-            parts = [
-                self.exact_value_and_grad(table[s : s + self.chunk], b) for s in range(0, table.shape[0], self.chunk)
-            ]
-            grad = torch.cat([g for _, g in parts])
-            return {k: torch.cat([v[k] for v, _ in parts]) for k in parts[0][0]}, grad
         c, m = table.shape[0], table.shape[1]
+        if self.mode == "exact" and self.fast_kernel == "fused" and m**2 <= EXACT_FUSED_MAX:
+            every = torch.arange(m, device=table.device).expand(c, m)
+            valid = torch.ones(every.shape, dtype=torch.bool, device=table.device)
+            return self.every_item_an_anchor(m).value_and_grad(table, every, valid, b)
+        if self.mode == "exact":
+            return _in_parts(lambda s, e: self.exact_value_and_grad(table[s:e], b), table, self.chunk)
         step = c if self.fast_block is None else max(1, self.fast_block // max(self.fast_anchors * m, 1))
-        if step >= c:
-            return self.fast_value_and_grad(table, anchors, anchor_valid, b)
         # clients are independent: sub-chunks give the same values, with cache-sized intermediates
-        parts = [
-            self.fast_value_and_grad(table[s : s + step], anchors[s : s + step], anchor_valid[s : s + step], b)
-            for s in range(0, c, step)
-        ]
-        return {k: torch.cat([v[k] for v, _ in parts]) for k in parts[0][0]}, torch.cat([g for _, g in parts])
+        return _in_parts(
+            lambda s, e: self.fast_value_and_grad(table[s:e], anchors[s:e], anchor_valid[s:e], b), table, step
+        )
+
+    def every_item_an_anchor(self, m: int) -> AlignmentLoss:
+        """Exact ICA and GSA as the fast mode's fused kernel with all `m` items as anchors (same terms: every
+        anchor row of the mask is every row), in sub-chunks of `block` elements."""
+        return replace(self, mode="fast", fast_anchors=m, fast_gsa="rows", fast_block=self.block)
 
     def fast_value_and_grad(
         self, table: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, b: Broadcast
@@ -385,19 +393,15 @@ class AlignmentLoss:
         """The fast mode's per-client terms and gradient of `table` [C, m, d]: in closed form (`fast_kernel=fused`,
         fast_gsa=rows) or by autograd."""
         if self.fast_kernel == "fused" and (self.fast_gsa == "rows" or not self.use_gsa):
-            use_ica = self.use_ica and b.labels is not None
-            use_gsa = self.use_gsa and b.global_sim is not None
-            if not (use_ica or use_gsa):
+            if not self.active(b):
                 return {}, torch.zeros_like(table)
-            k, dev = self.fast_anchors, table.device
+            k = self.fast_anchors
             kernel = compiled_fast_value_and_grad() if self.compile else fast_value_and_grad
             return kernel(
                 table.detach(),
                 anchors[:, :k],
                 anchor_valid[:, :k],
-                labels=b.on("labels", dev) if use_ica else None,
-                sizes=b.on("sizes", dev) if use_ica else None,
-                global_sim=b.on("global_sim", dev) if use_gsa else None,
+                **self.inputs(b, table.device),
                 alpha=self.alpha,
                 beta=self.beta,
                 tau=self.tau,
@@ -406,7 +410,6 @@ class AlignmentLoss:
                 centre=self.centre,
                 mask=self.mask,
                 reduction=self.reduction,
-                graph=self.graph(b, dev) if use_gsa else None,
             )
         part = table.detach().requires_grad_()
         with torch.enable_grad():
@@ -414,3 +417,21 @@ class AlignmentLoss:
             total = sum({"ica": self.alpha, "gsa": self.beta}[k] * v.sum() for k, v in terms.items())
             grad = torch.autograd.grad(total, part)[0] if terms else torch.zeros_like(table)
         return {k: v.detach() for k, v in terms.items()}, grad
+
+
+def _in_parts(
+    part: Callable[[int, int], tuple[dict[str, torch.Tensor], torch.Tensor]], table: torch.Tensor, step: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`part(s, e)` (values [e - s] per term, gradient [e - s, m, d]) over the clients of `table` [C, m, d] in
+    sub-chunks of `step`, written into one gradient buffer (no concatenation of the parts)."""
+    c = table.shape[0]
+    if step >= c:
+        return part(0, c)
+    grad = torch.empty_like(table)
+    values: dict[str, torch.Tensor] = {}
+    for s in range(0, c, step):
+        e = min(c, s + step)
+        v, grad[s:e] = part(s, e)
+        for key, val in v.items():
+            values.setdefault(key, val.new_empty(c))[s:e] = val
+    return values, grad
