@@ -13,6 +13,7 @@ per chunk (`src/device.py` counts both).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -213,7 +214,6 @@ class StackedOptimizer:
             self.eps = optim.eps
             self.m = {k: torch.zeros_like(v) for k, v in params.items()}
             self.v = {k: torch.zeros_like(v) for k, v in params.items()}
-            self.t = {k: torch.zeros(v.shape[0], device=v.device) for k, v in params.items()}
 
     def step(self, params: Params, grads: Params, active: Active) -> None:
         """Update `params` in place from `grads` for the `active` clients."""
@@ -234,15 +234,14 @@ class StackedOptimizer:
             return x if sel is None else x.index_select(0, sel)
 
         for k, g in grads.items():
-            self.t[k] += active.mask.to(self.t[k].dtype)
-            m, v, g, t = take(self.m[k]), take(self.v[k]), take(g), take(self.t[k])
-            shape = (-1, *([1] * (g.dim() - 1)))
+            m, v, g = take(self.m[k]), take(self.v[k]), take(g)
             m.mul_(self.b1).add_(g, alpha=1 - self.b1)
             v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            # in fp64 as torch.optim.Adam does (in fp32, 1 - 0.999 ** 1 is off by 1.3e-5 relative)
-            bias1 = (1 - self.b1 ** t.double()).to(g.dtype).view(shape)
-            bias2 = (1 - self.b2 ** t.double()).to(g.dtype).view(shape)
-            step = (v.sqrt() / bias2.sqrt()).add_(self.eps)
+            # in float64 as torch.optim.Adam does (in fp32, 1 - 0.999 ** 1 is off by 1.3e-5 relative); every active
+            # client is at step self.steps[k]
+            bias1 = 1 - self.b1 ** self.steps[k]
+            bias2 = 1 - self.b2 ** self.steps[k]
+            step = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
             step = torch.div(m, step).mul_(self.lr[k] / bias1)
             if sel is None:
                 params[k].sub_(step)
@@ -291,8 +290,8 @@ def dense_on_active(
     grad = torch.zeros_like(items)
     if active.count == 0:
         return {}, grad
-    values, part = dense_loss(items[rows], item_ids[rows], valid[rows])
-    grad[rows] = part
+    values, part = dense_loss(items.index_select(0, rows), item_ids.index_select(0, rows), valid.index_select(0, rows))
+    grad.index_copy_(0, rows, part)
     full = {
         k: torch.zeros(items.shape[0], dtype=v.dtype, device=v.device).index_copy(0, rows, v) for k, v in values.items()
     }
