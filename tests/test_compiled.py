@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from alignment_helpers import gen
 from conftest import requires_real_data
 from test_fast_grad import module_after
 
-from src.alignment.release import ReleaseSpec, release_blocks
+from src.alignment.release import ReleaseSpec, release_blocks, tiles
 from src.alignment.server import SimilaritySum
 
 
@@ -65,3 +66,16 @@ def test_compiling_applies_on_the_cpu_only(compose_cfg):
     on_cpu, on_gpu = build_method(cfg, torch.device("cpu")), build_method(cfg, torch.device("cuda"))
     assert on_cpu.loss.compile and on_cpu.spec.compile
     assert not on_gpu.loss.compile and not on_gpu.spec.compile
+
+
+@pytest.mark.parametrize("m,rows,cols", [(1, 128, None), (5, 2, None), (300, 128, None), (300, 128, 64), (70, 16, 7)])
+def test_tiles_cover_each_row_blocks_columns_once(m, rows, cols):
+    """`release.tiles` (both the eager and the compiled sums walk it): every entry (i, j) with j at or right of
+    the start of i's row block exactly once, and a block of clients within `block` elements unless it is one."""
+    block = 5000
+    seen = np.zeros((m, m), dtype=int)
+    for r0, b, c0, w, per in tiles(m, rows, cols, block):
+        seen[r0 : r0 + b, c0 : c0 + w] += 1
+        assert per == 1 or per * b * w <= block
+    want = np.array([[int(j >= (i // rows) * rows) for j in range(m)] for i in range(m)])
+    np.testing.assert_array_equal(seen, want)

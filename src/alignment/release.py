@@ -123,6 +123,18 @@ def compiled_plain_block():
 TILE_COLS = 2048  # columns of one compiled tile: its [clients x rows x columns] products stay in cache
 
 
+def tiles(m: int, rows: int, cols: int | None, block: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """The upper triangle of an m x m matrix in tiles: (r0, b, c0, w, per) for rows [r0, r0 + b) and columns
+    [c0, c0 + w) (from r0 on, `cols` at a time; None: all at once), and the clients `per` block so that one
+    block holds about `block` elements."""
+    for r0 in range(0, m, rows):
+        b = min(rows, m - r0)
+        width = m - r0 if cols is None else cols
+        for c0 in range(r0, m, width):
+            w = min(width, m - c0)
+            yield r0, b, c0, w, max(1, block // (b * w))
+
+
 def summed_tiles(e: torch.Tensor, spec: ReleaseSpec, held: bool) -> Iterator[ReleasedBlock]:
     """The plain uploads of the normalised tables `e` [C, m, d] by the compiled kernel, one block per tile of
     `spec.rows` rows x `TILE_COLS` columns summed over all C clients (the server adds each tile once)."""
@@ -130,20 +142,16 @@ def summed_tiles(e: torch.Tensor, spec: ReleaseSpec, held: bool) -> Iterator[Rel
     c, m = e.shape[0], e.shape[1]
     if c == 0:
         return
-    for r0 in range(0, m, spec.rows):
-        b = min(spec.rows, m - r0)
-        for c0 in range(r0, m, TILE_COLS):
-            w = min(TILE_COLS, m - c0)
-            per = max(1, spec.block // (b * w))
-            total, counts, holders = None, [], None
-            for s in range(0, c, per):
-                part, count, hold = kernel(
-                    e[s : s + per, r0 : r0 + b], e[s : s + per, c0 : c0 + w], c0 - r0, spec.below, held
-                )
-                total = part if total is None else total.add_(part)
-                holders = hold if holders is None or hold is None else holders.add_(hold)
-                counts.append(count)
-            yield ReleasedBlock(0, r0, None, torch.cat(counts), None, total, holders, c0)
+    for r0, b, c0, w, per in tiles(m, spec.rows, TILE_COLS, spec.block):
+        total, counts, holders = None, [], None
+        for s in range(0, c, per):
+            part, count, hold = kernel(
+                e[s : s + per, r0 : r0 + b], e[s : s + per, c0 : c0 + w], c0 - r0, spec.below, held
+            )
+            total = part if total is None else total.add_(part)
+            holders = hold if holders is None or hold is None else holders.add_(hold)
+            counts.append(count)
+        yield ReleasedBlock(0, r0, None, torch.cat(counts), None, total, holders, c0)
 
 
 @torch.no_grad()
@@ -164,10 +172,8 @@ def release_blocks(
         yield from summed_tiles(e, spec, held)
         return
     thresholds = row_thresholds(e, spec) if spec.topk is not None else None
-    for r0 in range(0, m, spec.rows):
-        b, cols = min(spec.rows, m - r0), m - r0
+    for r0, b, _, _, per in tiles(m, spec.rows, None, spec.block):
         strict = torch.ones(b, b, dtype=torch.bool, device=e.device).triu_(1)
-        per = max(1, spec.block // (b * cols))
         for s in range(0, c, per):
             blk = e[s : s + per, r0 : r0 + b] @ e[s : s + per, r0:].transpose(-1, -2)
             if plain:
