@@ -164,12 +164,14 @@ def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, .
 
 
 def published() -> dict[str, dict[str, list[float]]]:
-    """method -> dataset -> [hit@10, ndcg@10] from Table 1 and Table 2 (they agree where they overlap)."""
+    """method -> dataset -> [hit@10, ndcg@10] (None: not in the paper) from Table 1 and Table 2 (they agree where
+    they overlap)."""
     tables = yaml.safe_load(PUBLISHED.read_text())
     out: dict[str, dict[str, list[float]]] = defaultdict(dict)
     for table in tables.values():
         for method, per_dataset in table.items():
-            out[method].update(per_dataset)
+            for dataset, ref in per_dataset.items():
+                out[method][dataset] = ref or out[method].get(dataset)
     return dict(out)
 
 
@@ -240,8 +242,8 @@ def with_missing(table: list[dict], name: str) -> list[dict]:
                         "engine": "-",
                         **{c: None for c in COLUMNS},
                         **{f"{c} std": None for c in COLUMNS},
-                        "published hit@10": ref[0],
-                        "published ndcg@10": ref[1],
+                        "published hit@10": ref[0] if ref else None,
+                        "published ndcg@10": ref[1] if ref else None,
                         "diff hit@10": None,
                         "diff ndcg@10": None,
                         "runs": "",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from alignment_helpers import np_cosine, np_upload
+from alignment_helpers import np_cosine, np_normalise, np_upload
 
 from src.alignment.release import ReleaseSpec, release_entries
 from src.clients.model import ModelSpec, init_params
@@ -25,6 +25,8 @@ EXPECTED = {
     "central": ("central", [], False, True),
     "popularity": ("central", [], False, True),
     "itemknn": ("central", [], False, True),
+    "knn_ica": ("alignfedrec", [], True, False),
+    "knn_full": ("alignfedrec", [], True, False),
 }
 
 
@@ -91,3 +93,50 @@ def test_server_graph_variants_change_only_the_server_side(compose_cfg):
     assert rows["high"]["community/edges"] < rows["paper"]["community/edges"]
     assert 0 < rows["knn"]["community/edges"] <= 3 * load(compose_cfg(base)).n_items
     assert rows["support"]["community/edges"] >= rows["paper"]["community/edges"]
+
+
+@pytest.mark.parametrize("ablation", ["knn_ica", "knn_full"])
+def test_knn_variants_against_a_numpy_server(compose_cfg, ablation):
+    """`ablation=knn_ica|knn_full` (this project's): one random initialisation per client; after a round, S_g is
+    the mean over all clients of their thresholded cosines (numpy), the graph is each item's k largest S_g entries
+    > 0 (brute force), and every community of more than one item is connected in that graph."""
+    from src.data.dataset import load
+    from src.simulator.federated import FederatedModule
+
+    k = 3
+    cfg = compose_cfg(["dataset=synthetic", f"ablation={ablation}", "model.dim=8", f"server.graph_k={k}"])
+    assert (cfg.server.graph, cfg.model.shared_init) == ("knn", False)
+    assert bool(cfg.server.gsa_on_graph) == (ablation == "knn_full")
+    module = FederatedModule(cfg, load(cfg))
+    first = module.state["items"].numpy()
+    assert not np.allclose(first[0], first[1])  # per-client initialisation
+    stats = module.run_round()
+    sigma, tables = float(cfg.model.sigma), module.state["items"].double().numpy()
+    mean = np.zeros((tables.shape[1],) * 2)
+    for table in tables:
+        e = np_normalise(table, bool(cfg.model.centre))
+        sim = e @ e.T
+        np.fill_diagonal(sim, 0.0)
+        mean += np.where(sim >= sigma, sim, 0.0) / len(tables)
+    got = module.broadcast.global_sim.double().numpy()
+    np.testing.assert_allclose(got, mean, atol=1e-5)
+    m = len(mean)
+    edges = set()
+    for j in range(m):
+        row = [(got[j, x], x) for x in range(m) if x != j and got[j, x] > 0]
+        edges |= {(min(j, x), max(j, x)) for _, x in sorted(row, reverse=True)[:k]}
+    assert stats["community/edges"] == len(edges) > 0
+    labels = module.broadcast.labels.numpy()
+    neighbours = {j: set() for j in range(m)}
+    for a, b in edges:
+        neighbours[a].add(b)
+        neighbours[b].add(a)
+    for community in set(labels.tolist()):
+        members = set(np.flatnonzero(labels == community).tolist())
+        seen, todo = set(), [min(members)]
+        while todo:
+            j = todo.pop()
+            if j not in seen:
+                seen.add(j)
+                todo += [x for x in neighbours[j] if x in members]
+        assert seen == members
