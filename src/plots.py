@@ -9,6 +9,8 @@ default `results/<kind>`; every row names the run folder it came from):
 - `curves`: the selection metric (validation, `eval.select`, default hit@10) and its test
   counterpart against rounds per run, and, for AlignFedRec runs, the number of communities and the
   modularity against rounds;
+- `diagnostics`: the server graph's evaluation-only diagnostics of runs with `diag.graph=true` (Spearman
+  of S_g with co-occurrence, edges kept from round 1, NMI with genres beside random partitions) per round;
 - `sensitivity --param model.alpha`: test hit@10 / ndcg@10 (mean ± std over seeds) against the
   value of one swept config key.
 """
@@ -228,6 +230,58 @@ def curves(runs: list[dict[str, Any]], out: Path) -> None:
         plt.close(fig)
 
 
+def diagnostics(runs: list[dict[str, Any]], out: Path) -> None:
+    """The server graph's evaluation-only diagnostics (`diag.graph=true`, src/alignment/diagnostics.py) against
+    rounds: Spearman of S_g with the co-occurrence share, the share of edges already in round 1's graph, NMI of
+    the communities with genres beside size-matched random partitions, and the selection metric."""
+    import matplotlib.pyplot as plt
+
+    logged = [r for r in runs if any("diag/spearman_cooccurrence" in h for h in r["history"])]
+    if not logged:
+        raise SystemExit("no run logged diag/* (run with diag.graph=true)")
+    rows = []
+    for (dataset, protocol), group in group_by(logged, ("dataset", "protocol")).items():
+        fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+        for r in group:
+            hist = [h for h in r["history"] if "diag/spearman_cooccurrence" in h]
+            label = f"{r['ablation']} s{r['seed']}"
+            x = [h["round"] for h in hist]
+            kept = [h["diag/edges_from_round1"] / h["diag/edges"] if h["diag/edges"] else None for h in hist]
+            (line,) = axes[0].plot(x, [h["diag/spearman_cooccurrence"] for h in hist], label=label)
+            axes[1].plot(x, [None if k is None else 100 * k for k in kept], color=line.get_color(), label=label)
+            if any("diag/nmi_genre" in h for h in hist):
+                axes[2].plot(x, [h.get("diag/nmi_genre") for h in hist], color=line.get_color(), label=label)
+                axes[2].plot(
+                    x, [h.get("diag/nmi_genre_random") for h in hist], ls=":", color=line.get_color(), label="random"
+                )
+            select = selection_of(r)
+            axes[3].plot(x, [pct(field(r, select, h)) for h in hist], color=line.get_color(), label=label)
+            for h, k in zip(hist, kept):
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "protocol": protocol,
+                        "ablation": r["ablation"],
+                        "seed": r["seed"],
+                        "round": h["round"],
+                        "spearman_cooccurrence": h["diag/spearman_cooccurrence"],
+                        "edges": h["diag/edges"],
+                        "edges_from_round1_share": k,
+                        "nmi_genre": h.get("diag/nmi_genre"),
+                        "nmi_genre_random": h.get("diag/nmi_genre_random"),
+                        "val_select": field(r, select, h),
+                        "run": r["path"],
+                    }
+                )
+        titles = ("Spearman(S_g, co-occurrence)", "edges from round 1 (%)", "NMI with genres (dotted: random)")
+        for ax, title in zip(axes, (*titles, "validation metric (%)")):
+            ax.set(xlabel="round", title=f"{dataset}, {protocol}: {title}")
+        axes[0].legend(fontsize=7)
+        save(fig, out, f"diagnostics_{dataset}_{protocol}")
+        plt.close(fig)
+    write_table(rows, out, "diagnostics")
+
+
 def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
     """Table and plot of test hit@10 / ndcg@10 against one swept config value, mean ± std over seeds."""
     import statistics
@@ -281,7 +335,13 @@ def group_by(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple, l
     return dict(groups)
 
 
-KINDS = {"communication": communication, "privacy": privacy, "curves": curves, "sensitivity": sensitivity}
+KINDS = {
+    "communication": communication,
+    "privacy": privacy,
+    "curves": curves,
+    "diagnostics": diagnostics,
+    "sensitivity": sensitivity,
+}
 
 
 def main(argv: list[str] | None = None) -> Path:

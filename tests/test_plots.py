@@ -99,3 +99,47 @@ def test_missing_plotted_field_names_field_and_file(tmp_path, kind, extra, field
     with pytest.raises(MissingFieldError) as err:
         main([kind, str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *extra])
     assert str(path) in str(err.value) and repr(field) in str(err.value), str(err.value)
+
+
+def test_diagnostics_table_follows_the_logged_rounds(tmp_path):
+    """`diagnostics`: one CSV row per logged round, the kept-edge share computed from the logged counts."""
+    hist = [
+        {
+            "round": 1,
+            "val/hit@10": 0.1,
+            "diag/spearman_cooccurrence": 0.01,
+            "diag/edges": 40.0,
+            "diag/edges_from_round1": 40.0,
+            "diag/nmi_genre": 0.2,
+            "diag/nmi_genre_random": 0.19,
+        },
+        {
+            "round": 2,
+            "val/hit@10": 0.2,
+            "diag/spearman_cooccurrence": 0.05,
+            "diag/edges": 50.0,
+            "diag/edges_from_round1": 10.0,
+            "diag/nmi_genre": 0.3,
+            "diag/nmi_genre_random": 0.1,
+        },
+        {
+            "round": 3,
+            "val/hit@10": 0.3,
+            "diag/spearman_cooccurrence": 0.07,
+            "diag/edges": 0.0,
+            "diag/edges_from_round1": 0.0,
+        },
+    ]
+    fake_run(tmp_path / "runs" / "r", history=hist, ablation="knn_ica")
+    out = main(["diagnostics", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert {"diagnostics_synthetic_clean.png", "diagnostics_synthetic_clean.svg"} <= {p.name for p in out.iterdir()}
+    rows = list(csv.DictReader((out / "diagnostics.csv").open()))
+    assert [r["round"] for r in rows] == ["1", "2", "3"]
+    assert [r["edges_from_round1_share"] for r in rows] == ["1.0", "0.2", ""]
+    assert rows[1]["nmi_genre"] == "0.3" and rows[2]["nmi_genre"] == "" and rows[2]["val_select"] == "0.3"
+
+
+def test_diagnostics_without_logged_diagnostics_says_how(tmp_path):
+    fake_run(tmp_path / "runs" / "r")
+    with pytest.raises(SystemExit, match="diag.graph=true"):
+        main(["diagnostics", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
