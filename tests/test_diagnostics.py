@@ -87,3 +87,21 @@ def test_genres_of_ml100k_items(real_build):
         first_flags[int(parts[0])] = next(i for i, f in enumerate(parts[5:]) if f == "1")
     animation = {i for i, g in first_flags.items() if g == 3}  # u.genre: Animation|3
     assert {int(i) for i in data.item_ids[genres == genres[toy]]} == animation
+
+
+def test_graph_diagnostics_count_the_knn_graph_the_communities_use(compose_cfg):
+    """With `server.graph=knn` the edges are those of the k-nearest-neighbour graph (brute force here)."""
+    from src.data.dataset import load
+
+    data = load(compose_cfg(["dataset=synthetic", "dataset.n_users=30"]))
+    m, k = data.n_items, 2
+    sim = torch.rand(m, m, generator=torch.Generator().manual_seed(3))
+    sim = (sim + sim.T) / 2
+    sim.fill_diagonal_(0)
+    s = sim.numpy()
+    edges = set()
+    for j in range(m):
+        for x in np.argsort(-s[j])[:k]:
+            edges.add((min(j, int(x)), max(j, int(x))))
+    out = GraphDiagnostics(data, sigma=0.5, knn=k)(sim)
+    assert out["diag/edges"] == float(len(edges)) and out["diag/edges_from_round1"] == 1.0

@@ -5,7 +5,8 @@ for analysis only: nothing selects on them, nothing trains on them.
 
 - `diag/spearman_cooccurrence`: Spearman correlation of S_g's upper triangle with the share of
   clients holding both items of each pair in their training data (ties get average ranks);
-- `diag/edges`: pairs with S_g >= sigma (the graph the communities come from);
+- `diag/edges`: the edges of the graph the communities come from (pairs with S_g >= sigma, or with
+  `server.graph=knn` the k-nearest-neighbour graph; `community.graph_pairs`);
 - `diag/edges_from_round1`: the share of this round's edges already in the first round's graph
   (near 1 when the graph only keeps what the shared initialisation put there);
 - `diag/nmi_genre` (ML-100K, ML-1M): normalised mutual information of the communities with the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from src.alignment.community import graph_pairs
 from src.data.dataset import FedData
 from src.data.genres import item_genres
 
@@ -54,19 +56,21 @@ def nmi(a: np.ndarray, b: np.ndarray) -> float:
 class GraphDiagnostics:
     """Holds the training co-occurrence of a split and the first round's graph; called with each round's S_g."""
 
-    def __init__(self, data: FedData, sigma: float):
+    def __init__(self, data: FedData, sigma: float, knn: int | None = None):
         x = torch.from_numpy(data.train_matrix().astype(np.float32))
         self.rows, self.cols = np.triu_indices(data.n_items, k=1)
         share = ((x.T @ x) / data.n_users).numpy()[self.rows, self.cols]
         self.share_ranks = average_ranks(share)
-        self.sigma = sigma
+        self.sigma, self.knn, self.m = sigma, knn, data.n_items
         self.first_edges: np.ndarray | None = None
         self.genres = item_genres(data)
 
     def __call__(self, global_sim: torch.Tensor, labels: np.ndarray | None = None) -> dict[str, float]:
         """The round's diagnostics of S_g [m, m] and, when given, of the communities `labels` [m]."""
-        s = global_sim.detach().cpu().double().numpy()[self.rows, self.cols]
-        edges = np.flatnonzero((s >= self.sigma) & (s > 0))
+        sim = global_sim.detach().cpu()
+        s = sim.double().numpy()[self.rows, self.cols]
+        src, dst = graph_pairs(sim, self.sigma, self.knn)  # the server's community graph, j < k
+        edges = np.unique(src.numpy() * self.m + dst.numpy())
         if self.first_edges is None:
             self.first_edges = edges
         kept = np.isin(edges, self.first_edges).mean() if len(edges) else 0.0

@@ -42,6 +42,10 @@ class AlignFedRec(Method):
     support_mean: bool = False
     uploads_similarity = True
 
+    def graph_rule(self) -> tuple[float, int | None]:
+        """(sigma, k) of the server's community graph: S_g >= sigma, or each item's k nearest when k is set."""
+        return (self.spec.sigma if self.graph_sigma is None else self.graph_sigma), self.graph_knn
+
     def dense_loss(self, broadcast: Broadcast) -> DenseLoss | None:
         """ICA/GSA against the last broadcast, once there is one the enabled terms need."""
         if not self.loss.active(broadcast):
@@ -70,7 +74,7 @@ class AlignFedRec(Method):
         if global_sim is None:  # nobody reported: the clients keep the last broadcast
             return ServerRound(shared, broadcast)
         tic = time.perf_counter()
-        sigma = self.spec.sigma if self.graph_sigma is None else self.graph_sigma
+        sigma, _ = self.graph_rule()
         comms, stats = communities(
             global_sim, sigma, self.community, self.resolution, seed, broadcast.labels, self.graph_knn
         )

@@ -63,7 +63,7 @@ class FederatedModule(L.LightningModule):
         self.evaluator = Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking))
         self.history: list[dict] = []
         self.diag = (
-            GraphDiagnostics(data, float(cfg.model.sigma))
+            GraphDiagnostics(data, *self.method.graph_rule())
             if OmegaConf.select(cfg, "diag.graph", default=False) and self.method.uploads_similarity
             else None
         )
