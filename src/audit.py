@@ -97,7 +97,8 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     n_clients = cfg.audit.clients
     if cfg.ablation.method != "alignfedrec":
         raise ConfigError(
-            f"config ablation={cfg.ablation.name!r} uploads no similarity matrix: use full, no_ica or no_gsa"
+            f"config ablation={cfg.ablation.name!r} uploads no similarity matrix: use an AlignFedRec ablation "
+            "(full, no_ica, no_gsa, knn_ica, knn_full)"
         )
     torch.manual_seed(int(cfg.seed))
     data = load(cfg)

@@ -187,6 +187,16 @@ def store(
     return dest
 
 
+def aligns(ablation: str) -> bool:
+    """Whether `conf/ablation/<ablation>.yaml` trains with an alignment term (ICA or GSA)."""
+    path = CONF_DIR / "ablation" / f"{ablation}.yaml"
+    if not path.is_file():
+        return False
+    spec = yaml.safe_load(path.read_text()) or {}
+    spec = spec.get("ablation", spec)  # a `# @package _global_` ablation nests its values under ablation:
+    return bool(spec.get("ica") or spec.get("gsa"))
+
+
 def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]]) -> float:
     """Estimated seconds per round: stored runs of the same kind, else a bench report, else scaled from ML-100K."""
     ds, ab = config["dataset"]["name"], config["ablation"]
@@ -197,7 +207,7 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]]) -> f
         return sum(same) / len(same)
     for path in sorted(BENCH.glob(f"{ds}_*.json")):
         bench = json.loads(path.read_text())
-        bench_aligned = bench.get("ablation") in ("full", "no_ica", "no_gsa")
+        bench_aligned = aligns(str(bench.get("ablation")))
         exact = any(o == "model.alignment=exact" for o in bench.get("overrides", []))
         mode = ("exact" if exact else "fast") if bench_aligned else "-"
         if bench_aligned == aligned and (mode == kind[2] or not aligned):

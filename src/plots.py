@@ -246,7 +246,7 @@ def diagnostics(runs: list[dict[str, Any]], out: Path) -> None:
             hist = [h for h in r["history"] if "diag/spearman_cooccurrence" in h]
             label = f"{r['ablation']} s{r['seed']}"
             x = [h["round"] for h in hist]
-            kept = [h["diag/edges_from_round1"] / h["diag/edges"] if h["diag/edges"] else None for h in hist]
+            kept = [h["diag/edges_from_round1"] if h["diag/edges"] else None for h in hist]  # a share already
             (line,) = axes[0].plot(x, [h["diag/spearman_cooccurrence"] for h in hist], label=label)
             axes[1].plot(x, [None if k is None else 100 * k for k in kept], color=line.get_color(), label=label)
             if any("diag/nmi_genre" in h for h in hist):

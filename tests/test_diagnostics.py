@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from src.alignment.diagnostics import GraphDiagnostics, average_ranks, spearman
@@ -103,5 +104,44 @@ def test_graph_diagnostics_count_the_knn_graph_the_communities_use(compose_cfg):
     for j in range(m):
         for x in np.argsort(-s[j])[:k]:
             edges.add((min(j, int(x)), max(j, int(x))))
-    out = GraphDiagnostics(data, sigma=0.5, knn=k)(sim)
+    diag = GraphDiagnostics(data, sigma=0.5, knn=k)
+    out = diag(sim)
     assert out["diag/edges"] == float(len(edges)) and out["diag/edges_from_round1"] == 1.0
+    # later, only the pairs (2i, 2i + 1) are positive: each item's one neighbour; some were round-1 edges
+    pairs = {(j, j + 1) for j in range(0, m - 1, 2)}
+    later = torch.zeros(m, m)
+    for j, x in pairs:
+        later[j, x] = later[x, j] = 0.9
+    out = diag(later)
+    assert out["diag/edges"] == float(len(pairs))
+    assert out["diag/edges_from_round1"] == pytest.approx(len(pairs & edges) / len(pairs))
+    assert 0 < len(pairs & edges) < len(pairs)
+
+
+def test_a_run_counts_the_edges_of_its_own_community_graph(compose_cfg):
+    """`diag.graph=true` in a run: diag/edges are the community graph's edges (kNN or its own threshold)."""
+    from src.data.dataset import load
+    from src.simulator.federated import FederatedModule
+
+    for extra in (["ablation=knn_ica", "server.graph_k=3"], ["ablation=full", "server.graph_sigma=0.3"]):
+        cfg = compose_cfg(["dataset=synthetic", "model.dim=8", "diag.graph=true", *extra])
+        stats = FederatedModule(cfg, load(cfg)).run_round()
+        assert stats["diag/edges"] == stats["community/edges"] > 0, extra
+
+
+def test_round1_edges_restore_from_old_and_new_checkpoints(compose_cfg):
+    """Checkpoints before the kNN graph was counted held positions in the upper triangle's flat order."""
+    from src.data.dataset import load
+
+    data = load(compose_cfg(["dataset=synthetic", "dataset.n_users=30"]))
+    m = data.n_items
+    sim = torch.rand(m, m, generator=torch.Generator().manual_seed(4))
+    sim = (sim + sim.T) / 2
+    diag = GraphDiagnostics(data, sigma=0.9)
+    diag(sim)
+    iu = np.triu_indices(m, 1)
+    old_positions = np.flatnonzero(sim.numpy()[iu] >= 0.9)
+    for fed in ({"diag_first_edges": old_positions}, {"diag_first_edge_keys": diag.first_edges}):
+        again = GraphDiagnostics(data, sigma=0.9)
+        again.restore(fed)
+        np.testing.assert_array_equal(again.first_edges, diag.first_edges)

@@ -49,7 +49,19 @@ def oracle(table, anchors, valid, labels, gs, sigma, centre, mask, reduction, gr
 
 
 def make(kernel: str, mask: str, reduction: str, ica: bool, gsa: bool, centre: bool, sigma: float, k: int, graph=None):
-    return make_loss("fast", mask, reduction, ica, gsa, 4, sigma, centre, k, fast_kernel=kernel, gsa_graph=graph)
+    return make_loss(
+        mode="fast",
+        mask=mask,
+        reduction=reduction,
+        use_ica=ica,
+        use_gsa=gsa,
+        chunk=4,
+        sigma=sigma,
+        centre=centre,
+        fast_anchors=k,
+        fast_kernel=kernel,
+        gsa_graph=graph,
+    )
 
 
 def case(c=4, m=13, d=4, k=6, seed=70, sigma=0.4):

@@ -284,7 +284,7 @@ def test_alignment_value_and_grad_equals_per_client_autograd(mask, reduction):
     assert set(values) == {"ica", "gsa"} and values["ica"].shape == (c,)
     for i in range(c):
         x = t[i].clone().requires_grad_()
-        total, terms = naive_loss_torch(x, labels, gs, 0.7, 5.0, TAU, TAU0, sigma, True, mask, reduction)
+        total, terms = naive_loss_torch(x, labels, gs, ALPHA, BETA, TAU, TAU0, sigma, True, mask, reduction)
         (g,) = torch.autograd.grad(total, x)
         assert values["ica"][i].item() == pytest.approx(terms["ica"].item(), rel=1e-10)
         assert values["gsa"][i].item() == pytest.approx(terms["gsa"].item(), rel=1e-10, abs=1e-14)
@@ -323,7 +323,9 @@ def test_alignment_fast_mode_equals_per_client_with_batch_anchors(fast_block):
     for i in range(c):
         used = [int(a) for a, v in zip(anchors[i, :k], valid[i, :k]) if v]  # only the first k anchors
         x = t[i].clone().requires_grad_()
-        total, terms = naive_loss_torch(x, labels, gs, 0.7, 5.0, TAU, TAU0, sigma, True, "global", "mean", anchors=used)
+        total, terms = naive_loss_torch(
+            x, labels, gs, ALPHA, BETA, TAU, TAU0, sigma, True, "global", "mean", anchors=used
+        )
         (g,) = torch.autograd.grad(total, x)
         assert values["ica"][i].item() == pytest.approx(terms["ica"].item(), rel=1e-10)
         assert values["gsa"][i].item() == pytest.approx(terms["gsa"].item(), rel=1e-10)

@@ -102,14 +102,14 @@ def test_missing_plotted_field_names_field_and_file(tmp_path, kind, extra, field
 
 
 def test_diagnostics_table_follows_the_logged_rounds(tmp_path):
-    """`diagnostics`: one CSV row per logged round, the kept-edge share computed from the logged counts."""
+    """`diagnostics`: one CSV row per logged round with the logged values (no edges: no kept share)."""
     hist = [
         {
             "round": 1,
             "val/hit@10": 0.1,
             "diag/spearman_cooccurrence": 0.01,
             "diag/edges": 40.0,
-            "diag/edges_from_round1": 40.0,
+            "diag/edges_from_round1": 1.0,
             "diag/nmi_genre": 0.2,
             "diag/nmi_genre_random": 0.19,
         },
@@ -118,7 +118,7 @@ def test_diagnostics_table_follows_the_logged_rounds(tmp_path):
             "val/hit@10": 0.2,
             "diag/spearman_cooccurrence": 0.05,
             "diag/edges": 50.0,
-            "diag/edges_from_round1": 10.0,
+            "diag/edges_from_round1": 0.2,
             "diag/nmi_genre": 0.3,
             "diag/nmi_genre_random": 0.1,
         },

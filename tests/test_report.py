@@ -161,3 +161,18 @@ def test_engine_names_what_trains_the_method():
     assert engine({"ablation": {"ica": False, "gsa": False}, "optim": {"name": "sgd"}}) == "sgd"
     assert engine({"ablation": {"central": True}, "optim": {"name": "sgd"}}) == "central-adam"
     assert engine({"ablation": {"central": True, "scorer": "itemknn"}}) == "none"
+
+
+def test_a_row_the_paper_has_no_number_for_is_listed_without_one():
+    """experiments/published.yaml: null = the paper has no number (fedavg, local, knn_ica in Table 1); a null
+    never hides another table's number for the same method (full is in both tables)."""
+    from src.report import published, with_missing
+
+    pub = published()
+    assert pub["local"]["ml-100k"] is None and pub["knn_ica"]["filmtrust"] is None
+    assert pub["full"]["ml-100k"] == [86.85, 73.71]
+    rows = with_missing([], "table1")
+    knn = [r for r in rows if r["method"] == "knn_ica"]
+    assert len(knn) == 8 and all(r["published hit@10"] is None and r["seeds"] == 0 for r in knn)
+    full = [r for r in rows if r["method"] == "full" and r["dataset"] == "ml-1m"]
+    assert {r["published hit@10"] for r in full} == {86.21}

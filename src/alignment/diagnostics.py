@@ -65,6 +65,15 @@ class GraphDiagnostics:
         self.first_edges: np.ndarray | None = None
         self.genres = item_genres(data)
 
+    def restore(self, fed: dict) -> None:
+        """The first round's edges from a checkpoint: keys j * m + k, or (checkpoints before the kNN graph was
+        counted) positions in the upper triangle's flat order."""
+        if "diag_first_edge_keys" in fed:
+            self.first_edges = fed["diag_first_edge_keys"]
+        elif fed.get("diag_first_edges") is not None:
+            pos = fed["diag_first_edges"]
+            self.first_edges = np.unique(self.rows[pos] * self.m + self.cols[pos])
+
     def __call__(self, global_sim: torch.Tensor, labels: np.ndarray | None = None) -> dict[str, float]:
         """The round's diagnostics of S_g [m, m] and, when given, of the communities `labels` [m]."""
         sim = global_sim.detach().cpu()

@@ -432,6 +432,8 @@ def _in_parts(
     for s in range(0, c, step):
         e = min(c, s + step)
         v, grad[s:e] = part(s, e)
+        if s and set(v) != set(values):
+            raise RuntimeError(f"sub-chunk {s}:{e} has terms {sorted(v)}, the first had {sorted(values)}")
         for key, val in v.items():
             values.setdefault(key, val.new_empty(c))[s:e] = val
     return values, grad

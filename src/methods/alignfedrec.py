@@ -74,10 +74,8 @@ class AlignFedRec(Method):
         if global_sim is None:  # nobody reported: the clients keep the last broadcast
             return ServerRound(shared, broadcast)
         tic = time.perf_counter()
-        sigma, _ = self.graph_rule()
-        comms, stats = communities(
-            global_sim, sigma, self.community, self.resolution, seed, broadcast.labels, self.graph_knn
-        )
+        sigma, knn = self.graph_rule()
+        comms, stats = communities(global_sim, sigma, self.community, self.resolution, seed, broadcast.labels, knn)
         stats["time/community"] = time.perf_counter() - tic
         sent = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
         down = float(self.download_bytes(sent, len(comms.sizes)))
@@ -114,7 +112,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     # compiled kernels are measured on the CPU only; on another device they stay eager (README, Benchmark)
     compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False)) and device.type == "cpu"
     knn = int(cfg.server.graph_k) if cfg.server.get("graph", "threshold") == "knn" else None
-    graph_sigma = None if cfg.server.get("graph_sigma") is None else float(cfg.server.graph_sigma)
+    graph_sigma = float(m.sigma if cfg.server.get("graph_sigma") is None else cfg.server.graph_sigma)
     on_graph = bool(cfg.server.get("gsa_on_graph", False))
     noise, eps_round = laplace_scale(
         None if p.epsilon is None else float(p.epsilon),
@@ -141,7 +139,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         fast_block=None if m.get("fast_block") is None else block_elements(cfg, "model.fast_block", device),
         fast_kernel=str(m.get("fast_kernel", "autograd")),
         compile=compiled,
-        gsa_graph=(float(m.sigma) if graph_sigma is None else graph_sigma, knn) if on_graph else None,
+        gsa_graph=(graph_sigma, knn) if on_graph else None,
     )
     spec = ReleaseSpec(
         float(m.sigma),

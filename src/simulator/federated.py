@@ -197,7 +197,7 @@ class FederatedModule(L.LightningModule):
             "align": (self.broadcast.labels, self.broadcast.global_sim) if self.method.uploads_similarity else None,
             "ledger": self.ledger.state_dict(),
             "noise_gen": self.noise_gen.get_state(),
-            "diag_first_edges": None if self.diag is None else self.diag.first_edges,
+            "diag_first_edge_keys": None if self.diag is None else self.diag.first_edges,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -213,4 +213,4 @@ class FederatedModule(L.LightningModule):
         if "noise_gen" in fed:
             self.noise_gen.set_state(fed["noise_gen"])
         if self.diag is not None:
-            self.diag.first_edges = fed.get("diag_first_edges")
+            self.diag.restore(fed)
