@@ -275,15 +275,21 @@ class AlignmentLoss:
 
     def inputs(self, b: Broadcast, device: torch.device) -> dict[str, torch.Tensor | None]:
         """The broadcast's tensors the enabled terms use, on `device` (None for a term that is off or not yet
-        broadcast): labels [m], sizes [n_communities], global_sim [m, m] and GSA's graph [m, m] or None."""
+        broadcast): labels [m], sizes [n_communities], global_sim [m, m] and GSA's graph [m, m] or None. GSA
+        over pairs (`fast_gsa=pairs`) reads `b.on("pairs")` and `b.on("targets")` instead of S_g."""
         ica = self.use_ica and b.labels is not None
-        gsa = self.use_gsa and b.global_sim is not None
+        dense_gsa = self.use_gsa and b.global_sim is not None and not self.pairs_gsa
         return {
             "labels": b.on("labels", device) if ica else None,
             "sizes": b.on("sizes", device) if ica else None,
-            "global_sim": b.on("global_sim", device) if gsa else None,
-            "graph": self.graph(b, device) if gsa else None,
+            "global_sim": b.on("global_sim", device) if dense_gsa else None,
+            "graph": self.graph(b, device) if dense_gsa else None,
         }
+
+    @property
+    def pairs_gsa(self) -> bool:
+        """GSA over the pairs of the global mask only (`fast_gsa=pairs`, fast mode)."""
+        return self.mode == "fast" and self.fast_gsa == "pairs"
 
     def active(self, b: Broadcast) -> bool:
         """False until the server has broadcast something the enabled terms need."""
@@ -310,7 +316,7 @@ class AlignmentLoss:
                 )
             else:
                 out["ica"] = ica_exact(e, x["labels"], x["sizes"], self.tau, self.tau0)
-        if x["global_sim"] is not None:
+        if self.use_gsa and b.global_sim is not None:
             if fast and self.fast_gsa == "rows":
                 out["gsa"] = gsa_rows(
                     e,
@@ -323,7 +329,7 @@ class AlignmentLoss:
                     s,
                     x["graph"],
                 )
-            elif self.mode == "fast" and self.fast_gsa == "pairs":
+            elif self.pairs_gsa:
                 out["gsa"] = gsa_pairs(
                     e, b.on("pairs", table.device), b.on("targets", table.device), self.sigma, self.mask, self.reduction
                 )
