@@ -244,7 +244,9 @@ def diagnostics(runs: list[dict[str, Any]], out: Path) -> None:
         fig, axes = plt.subplots(1, 4, figsize=(18, 4))
         for r in group:
             hist = [h for h in r["history"] if "diag/spearman_cooccurrence" in h]
-            label = f"{r['ablation']} s{r['seed']}"
+            folder = Path(r["path"])
+            variant = folder.parent.name if folder.name.startswith("seed") else ""  # results/runs/.../<variant>/seedK
+            label = f"{r['ablation']} {variant} s{r['seed']}".replace("  ", " ")
             x = [h["round"] for h in hist]
             kept = [h["diag/edges_from_round1"] if h["diag/edges"] else None for h in hist]  # a share already
             (line,) = axes[0].plot(x, [h["diag/spearman_cooccurrence"] for h in hist], label=label)
@@ -275,8 +277,9 @@ def diagnostics(runs: list[dict[str, Any]], out: Path) -> None:
                 )
         titles = ("Spearman(S_g, co-occurrence)", "edges from round 1 (%)", "NMI with genres (dotted: random)")
         for ax, title in zip(axes, (*titles, "validation metric (%)")):
-            ax.set(xlabel="round", title=f"{dataset}, {protocol}: {title}")
-        axes[0].legend(fontsize=7)
+            ax.set(xlabel="round", title=title)
+        fig.suptitle(f"{dataset}, {protocol} protocol: the server graph per round (evaluation-only diagnostics)")
+        axes[3].legend(fontsize=6, loc="lower right")
         save(fig, out, f"diagnostics_{dataset}_{protocol}")
         plt.close(fig)
     write_table(rows, out, "diagnostics")
