@@ -112,10 +112,10 @@ class Method:
         """Extra loss terms on the item tables during local training, or None."""
         return None
 
-    def graph_rule(self) -> tuple[float, int | None]:
-        """(sigma, k) of the server's item graph (S_g >= sigma, or each item's k nearest): methods that upload
-        similarity say theirs (the diagnostics count its edges)."""
-        raise NotImplementedError(f"{self.name} builds no server graph")
+    def graph_rule(self) -> tuple[float, int | None] | None:
+        """(sigma, k) of the server's item graph (S_g >= sigma, or each item's k nearest); None: the method
+        builds no server graph (nothing for the graph diagnostics to count)."""
+        return None
 
     def release(
         self, params: Params, users: torch.Tensor, uploaded: torch.Tensor, generator: torch.Generator, entries: bool

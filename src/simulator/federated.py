@@ -62,9 +62,10 @@ class FederatedModule(L.LightningModule):
         self.train_items = torch.as_tensor(data.train_items)
         self.evaluator = Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking))
         self.history: list[dict] = []
+        rule = self.method.graph_rule()
         self.diag = (
-            GraphDiagnostics(data, *self.method.graph_rule())
-            if OmegaConf.select(cfg, "diag.graph", default=False) and self.method.uploads_similarity
+            GraphDiagnostics(data, *rule)
+            if OmegaConf.select(cfg, "diag.graph", default=False) and rule is not None
             else None
         )
         self.central = make_central(self.method, data, self.compute_device) if self.method.central else None
