@@ -38,13 +38,18 @@ def test_recovery_is_exact_from_the_full_matrix_and_worse_from_a_thresholded_noi
     assert aligned_cosine(torch.randn(60, 4, generator=gen, dtype=torch.float64), target) < 0.8
 
 
-def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "ablation, extra",
+    [("full", []), ("knn_ica", ["server.aggregate=support_mean"])],  # the paper's construction; a server-graph variant
+)
+def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeypatch, ablation, extra):
     monkeypatch.chdir(tmp_path)
     compose_cfg()  # isolated split cache for the tests
     report = main(
         [
             "dataset=synthetic",
-            "ablation=full",
+            f"ablation={ablation}",
+            *extra,
             "fl.rounds=2",
             "model.alignment=fast",
             "optim=adam",
@@ -54,7 +59,7 @@ def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeyp
             "privacy.epsilon=50",
         ]
     )
-    (path,) = (tmp_path / "outputs" / "audit").glob("synthetic-full-clean-s0_*/audit.json")  # its own run folder
+    (path,) = (tmp_path / "outputs" / "audit").glob(f"synthetic-{ablation}-clean-s0_*/audit.json")  # its own run folder
     written = json.loads(path.read_text())
     assert written["membership_auc"] == report["membership_auc"]
     assert set(report["membership_auc"]) == {"row_sum", "row_degree", "distance_from_global"}

@@ -139,7 +139,12 @@ def test_noise_changes_the_upload_and_the_seed_fixes_it():
 
 
 @pytest.mark.parametrize(
-    "ablation,extra", [("full", ["comm.bits=8", "comm.format=coo", "comm.delta=true"]), ("backbone", [])]
+    "ablation,extra",
+    [
+        ("full", ["comm.bits=8", "comm.format=coo", "comm.delta=true"]),
+        ("knn_ica", ["server.aggregate=support_mean", "comm.bits=8", "comm.format=coo", "comm.delta=true"]),
+        ("backbone", []),
+    ],
 )
 def test_a_run_reports_its_traffic(compose_cfg, tmp_path, ablation, extra):
     cfg = compose_cfg(
