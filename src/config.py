@@ -217,6 +217,14 @@ def _validate_ablation(cfg: DictConfig) -> None:
         )
         if cfg.ablation.scorer == "itemknn":
             _int(cfg, "ablation.k", 1)
+    if cfg.ablation.method == "fed_itemknn":  # item-kNN on the broadcast S_g (src/methods/fed_itemknn.py)
+        _int(cfg, "ablation.k", 1)
+        _check(
+            not cfg.ablation.ica and not cfg.ablation.gsa and not cfg.ablation.central,
+            "ablation.ica",
+            f"ica={cfg.ablation.ica} gsa={cfg.ablation.gsa} central={cfg.ablation.central}",
+            "all false for fed_itemknn (clients train without alignment terms and score by item-kNN on S_g)",
+        )
 
 
 def _validate_fl(cfg: DictConfig) -> None:

@@ -57,7 +57,7 @@ def test_itemknn_matches_brute_force():
 
 def test_itemknn_scores_sum_neighbours_of_the_users_items(compose_cfg):
     data = tiny_data(compose_cfg)
-    scorer = ItemKNNScorer(data, 10, torch.device("cpu"))
+    scorer = ItemKNNScorer.pooled(data, 10, torch.device("cpu"))
     sim = scorer.sim.to_dense().numpy()
     train = data.train_matrix()
     rows = torch.tensor([0, 3, 7])

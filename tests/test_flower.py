@@ -91,7 +91,7 @@ def compare(flower: list[dict], simulator: list[dict], tol: float = 1e-4) -> flo
     return worst
 
 
-@pytest.mark.parametrize("ablation", ["full", "fedavg"])
+@pytest.mark.parametrize("ablation", ["full", "fedavg", "fed_itemknn"])
 def test_flower_run_matches_the_simulator(compose_cfg, tmp_path, ablation):
     cfg = compose_cfg([*SMALL, f"ablation={ablation}"])
     flower = serve(LocalGrid(cfg, 3), cfg, tmp_path / "flower")

@@ -27,6 +27,7 @@ EXPECTED = {
     "itemknn": ("central", [], False, True),
     "knn_ica": ("alignfedrec", [], True, False),
     "knn_full": ("alignfedrec", [], True, False),
+    "fed_itemknn": ("fed_itemknn", [], True, False),
 }
 
 

@@ -149,7 +149,7 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, pa
     method, m = build_method(cfg, device), data.n_items
     keys = method.shared_keys(pool.state)
     broadcast = Broadcast.empty(float(cfg.model.sigma))
-    if method.uploads_similarity and task.labels is not None:
+    if method.uploads_similarity and task.global_sim is not None:
         broadcast = Broadcast(task.labels, decode_broadcast(task.global_sim, m), float(cfg.model.sigma))
     encoding = Encoding.from_cfg(cfg.comm)
     noise_gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + task.round * 1009 + part)
@@ -178,7 +178,7 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, pa
                     m, rows, cols, vals.double().numpy(), encoding.format, encoding.bits, float(cfg.model.sigma), 1.0
                 )
             )
-    ranks = evaluate_clients(nd.evaluator, pool, device, chunk)
+    ranks = evaluate_clients(nd.evaluator, pool, device, chunk, method.client_scorer(broadcast, data, device))
     sent = torch.cat(users) if users else torch.zeros(0, dtype=torch.long)
     stacked = {k: torch.cat(v) if v else torch.zeros(0, *pool.state[k].shape[1:]) for k, v in shared.items()}
     return pack_reply(sent, stacked, payloads, pool.users, ranks, work.loss_sums, work.steps)

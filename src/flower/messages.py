@@ -58,6 +58,7 @@ def pack_task(task: Task) -> RecordDict:
     arrays.update({f"shared/{k}": _arr(v) for k, v in task.shared.items()})
     if task.labels is not None:
         arrays["labels"] = _arr(task.labels.long())
+    if task.global_sim is not None:
         arrays["global_sim"] = _arr(np.frombuffer(task.global_sim, dtype=np.uint8))
     return RecordDict({"task": ArrayRecord(array_dict=arrays), "round": ConfigRecord({"round": int(task.round)})})
 

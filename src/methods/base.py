@@ -30,6 +30,8 @@ from src.alignment.server import SimilaritySum
 from src.clients.cohort import DenseLoss
 from src.clients.model import Params
 from src.comm.codec import embedding_bytes, shared_traffic
+from src.data.dataset import FedData
+from src.evaluation.evaluator import ScoreFn
 from src.simulator.server import MeanAggregator
 
 
@@ -115,6 +117,11 @@ class Method:
     def graph_rule(self) -> tuple[float, int | None] | None:
         """(sigma, k) of the server's item graph (S_g >= sigma, or each item's k nearest); None: the method
         builds no server graph (nothing for the graph diagnostics to count)."""
+        return None
+
+    def client_scorer(self, broadcast: Broadcast, data: FedData, device: torch.device) -> ScoreFn | None:
+        """How a client scores items at evaluation, given the broadcast it holds and its own training positives
+        (each client reads its own row of `data`); None: with its own model."""
         return None
 
     def release(

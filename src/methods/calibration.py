@@ -14,6 +14,9 @@ run treats them as `ablation.central` methods whose rounds train nothing.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -25,28 +28,39 @@ def item_popularity(data: FedData) -> torch.Tensor:
     return torch.from_numpy(np.bincount(data.train_items, minlength=data.n_items).astype(np.float32))
 
 
-def knn_similarity(train: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
-    """Sparse [m, m] cosine similarity of items' user columns, row i keeping its top-k other items.
+def keep_top_k(rows_of: Callable[[int, int], torch.Tensor], m: int, k: int, block: int = 2048) -> torch.Tensor:
+    """Sparse CSR [m, m]: row i keeps its k largest positive entries of the similarity, never i itself.
 
-    `train` [users, m] bool. Rows are built in blocks of `block` items (never all m x m dense at once).
-    """
-    x = train.to(torch.float32)
-    counts = x.sum(dim=0)
-    norms = counts.sqrt().clamp_min(1e-12)
-    m = x.shape[1]
+    `rows_of(start, stop)` gives rows start..stop-1 of the dense similarity [stop - start, m]; they are
+    built `block` rows at a time (never all m x m at once)."""
     k = min(k, m - 1)
     rows, cols, vals = [], [], []
     for start in range(0, m, block):
         stop = min(start + block, m)
-        cos = (x[:, start:stop].T @ x) / (norms[start:stop, None] * norms[None, :])  # [b, m]
-        cos[torch.arange(stop - start), torch.arange(start, stop)] = -1.0  # never an item's own neighbour
-        top = cos.topk(k, dim=1)
+        sim = rows_of(start, stop).to(torch.float32).clone()  # [b, m]
+        sim[torch.arange(stop - start), torch.arange(start, stop)] = -1.0  # never an item's own neighbour
+        top = sim.topk(k, dim=1)
         keep = top.values > 0
         rows.append(torch.arange(start, stop).unsqueeze(1).expand(-1, k)[keep])
         cols.append(top.indices[keep])
         vals.append(top.values[keep])
     index = torch.stack([torch.cat(rows), torch.cat(cols)])
-    return torch.sparse_coo_tensor(index, torch.cat(vals), (m, m)).coalesce().to_sparse_csr()
+    with warnings.catch_warnings():  # torch's notes that sparse CSR is beta and unchecked
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_coo_tensor(index, torch.cat(vals), (m, m)).coalesce().to_sparse_csr()
+
+
+def knn_similarity(train: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
+    """Sparse [m, m] cosine similarity of items' user columns, row i keeping its top-k other items.
+
+    `train` [users, m] bool."""
+    x = train.to(torch.float32)
+    norms = x.sum(dim=0).sqrt().clamp_min(1e-12)
+
+    def cosine(start: int, stop: int) -> torch.Tensor:
+        return (x[:, start:stop].T @ x) / (norms[start:stop, None] * norms[None, :])  # [b, m]
+
+    return keep_top_k(cosine, x.shape[1], k, block)
 
 
 class PopularityScorer:
@@ -75,12 +89,20 @@ class PopularityScorer:
 
 
 class ItemKNNScorer:
-    """Item-based kNN over the pooled training co-occurrence (cosine, top-k neighbours per item)."""
+    """Item-based kNN: a client's score for item i sums sim(i, j) over the items j it trained on.
 
-    def __init__(self, data: FedData, k: int, device: torch.device):
+    `train` [users, m] bool (each client reads its own row), `sim` [m, m] sparse: each item's kept neighbours."""
+
+    def __init__(self, train: torch.Tensor, sim: torch.Tensor, device: torch.device):
         self.device = device
-        self.train = torch.as_tensor(data.train_matrix())
-        self.sim = knn_similarity(self.train, int(k)).to(device)
+        self.train = train
+        self.sim = sim.to(device)
+
+    @classmethod
+    def pooled(cls, data: FedData, k: int, device: torch.device) -> ItemKNNScorer:
+        """The calibration baseline: cosine of co-occurrence over the pooled training data, top-k per item."""
+        train = torch.as_tensor(data.train_matrix())
+        return cls(train, knn_similarity(train, int(k)), device)
 
     def train_round(self, samples: object, generator: torch.Generator) -> dict[str, float]:
         """Nothing to train: the neighbourhoods are fixed by the training data."""

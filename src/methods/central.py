@@ -110,7 +110,7 @@ def make_central(
     if method.scorer == "popularity":
         return PopularityScorer(data, device)
     if method.scorer == "itemknn":
-        return ItemKNNScorer(data, method.k, device)
+        return ItemKNNScorer.pooled(data, method.k, device)
     return CentralTrainer(method, data.n_users, data.n_items, device)
 
 

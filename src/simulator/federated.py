@@ -123,7 +123,8 @@ class FederatedModule(L.LightningModule):
             work.upload_s += time.perf_counter() - tic
         timings["time/train"] = work.train_s
         tic = time.perf_counter()
-        result = method.server_round(sums, self.server, self.broadcast, int(cfg.seed), len(clients))
+        held = self.broadcast  # what the clients hold until the next round's download
+        result = method.server_round(sums, self.server, held, int(cfg.seed), len(clients))
         self.server, self.broadcast = result.shared, result.broadcast
         timings["time/aggregate"] = time.perf_counter() - tic + work.upload_s - result.stats.get("time/community", 0.0)
         sizes = None
@@ -134,7 +135,7 @@ class FederatedModule(L.LightningModule):
         if self.diag is not None and result.global_sim is not None:  # evaluation-only (src/alignment/diagnostics.py)
             stats.update(self.diag(result.global_sim, result.broadcast.labels.numpy()))
         tic = time.perf_counter()
-        metrics = self.evaluate()
+        metrics = self.evaluate(held)
         timings["time/eval"] = time.perf_counter() - tic
         out = {**metrics, **{f"loss/{k}": v for k, v in work.losses.items()}, **stats, **timings}
         out["clients"] = float(len(clients))
@@ -169,9 +170,12 @@ class FederatedModule(L.LightningModule):
         size = int(self.chunk_size or self.data.n_users)
         return [torch.arange(i, min(i + size, self.data.n_users)) for i in range(0, self.data.n_users, size)]
 
-    def evaluate(self) -> dict[str, float]:
-        """Every client scored with its own current parameters."""
-        return self.evaluator.metrics(evaluate_clients(self.evaluator, self.pool, self.compute_device, self.chunk_size))
+    def evaluate(self, held: Broadcast) -> dict[str, float]:
+        """Every client scored with its own current parameters, or as its method scores with the broadcast
+        `held` (the one it trained with; `Method.client_scorer`)."""
+        scorer = self.method.client_scorer(held, self.data, self.compute_device)
+        ranks = evaluate_clients(self.evaluator, self.pool, self.compute_device, self.chunk_size, scorer)
+        return self.evaluator.metrics(ranks)
 
     def training_step(self, batch, batch_idx: int) -> None:
         """Run one round and record it."""

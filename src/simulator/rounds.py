@@ -29,7 +29,7 @@ from src.clients.cohort import (
 from src.clients.model import Params, forward, score_all_items
 from src.data.dataset import FedData
 from src.data.protocols import NegativeSampler, excluded_for_training
-from src.evaluation.evaluator import Evaluator
+from src.evaluation.evaluator import Evaluator, ScoreFn
 
 
 @dataclass
@@ -182,12 +182,17 @@ def train_clients(
 
 
 def evaluate_clients(
-    evaluator: Evaluator, pool: ClientPool, device: torch.device, chunk_size: int | None
+    evaluator: Evaluator,
+    pool: ClientPool,
+    device: torch.device,
+    chunk_size: int | None,
+    scorer: ScoreFn | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Ranks of every client of the pool (own current parameters) on its validation and test items."""
+    """Ranks of every client of the pool on its validation and test items: scored by its own current
+    parameters, or by `scorer(users, item_ids)` when the method gives one (`Method.client_scorer`)."""
     size = int(chunk_size or len(pool.users)) or 1
 
-    def score(users: torch.Tensor, item_ids: torch.Tensor | None) -> torch.Tensor:
+    def model_score(users: torch.Tensor, item_ids: torch.Tensor | None) -> torch.Tensor:
         params = pool.params(pool.rows_of(users), device)
         with torch.no_grad():
             if item_ids is None:
@@ -195,4 +200,4 @@ def evaluate_clients(
             return forward(params, item_ids.to(device))
 
     chunks = [pool.users[i : i + size] for i in range(0, len(pool.users), size)]
-    return evaluator.ranks(score, chunks)
+    return evaluator.ranks(model_score if scorer is None else scorer, chunks)

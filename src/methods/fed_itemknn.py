@@ -1,0 +1,82 @@
+"""Federated item-kNN over the shared similarity (this project's method, not the paper's; README
+"Does similarity sharing transfer?").
+
+Clients train their own model (BCE only, no alignment term, one random initialisation each) and
+upload what AlignFedRec's clients upload: their thresholded item-item similarity. The server
+averages the uploads into S_g (the paper's mean over all uploaders) and broadcasts it, without
+communities. A client scores item i by item-kNN on what it received:
+
+    score(u, i) = sum over j in train(u) of S_k[i, j],
+
+S_k keeping each item's `ablation.k` largest entries of S_g (itself excluded), as the pooled
+`itemknn` calibration does with co-occurrence cosine. S_g counts how many clients hold a pair above
+sigma, and two items a client trained on as positives end up similar in its table, so S_g carries
+co-occurrence; no embedding ever leaves a client. A client evaluates with the broadcast it holds
+(the previous round's S_g), as a Flower node does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from src.alignment.broadcast import Broadcast
+from src.alignment.community import graph_mask
+from src.clients.model import Params
+from src.comm.codec import quantise, sparse_bytes
+from src.data.dataset import FedData
+from src.evaluation.evaluator import ScoreFn
+from src.methods import alignfedrec
+from src.methods.alignfedrec import AlignFedRec
+from src.methods.base import RoundSums, ServerRound
+from src.methods.calibration import ItemKNNScorer, keep_top_k
+
+
+def neighbour_kernel(global_sim: torch.Tensor, k: int) -> torch.Tensor:
+    """S_k [m, m] sparse CSR: row i keeps the k largest positive entries of S_g [m, m] (not S_g[i, i])."""
+    return keep_top_k(lambda start, stop: global_sim[start:stop], global_sim.shape[0], k)
+
+
+@dataclass(frozen=True)
+class FedItemKNN(AlignFedRec):
+    """AlignFedRec's uploads and S_g, no alignment loss, no communities; clients score by item-kNN on S_g."""
+
+    k: int = 50
+
+    def graph_rule(self) -> None:
+        """No community graph."""
+        return None
+
+    def client_scorer(self, broadcast: Broadcast, data: FedData, device: torch.device) -> ScoreFn:
+        """Item-kNN on the S_g the client holds (all scores equal before the first broadcast)."""
+        if broadcast.global_sim is None:
+            return lambda rows, items: torch.zeros(len(rows), data.n_items if items is None else items.shape[1])
+        train = torch.as_tensor(data.train_matrix())
+        return ItemKNNScorer(train, neighbour_kernel(broadcast.global_sim, self.k), device).score
+
+    def server_round(
+        self, sums: RoundSums, shared: Params, broadcast: Broadcast, seed: int, n_clients: int
+    ) -> ServerRound:
+        """S_g = mean upload (or support mean), broadcast as encoded on its k-nearest-neighbour pairs, without
+        community labels."""
+        global_sim = sums.sims.support_mean() if self.support_mean else sums.sims.mean()
+        if global_sim is None:  # nobody reported: the clients keep the last broadcast
+            return ServerRound(shared, broadcast)
+        quantised = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
+        # only the pairs some item keeps as a neighbour are sent: each row's k largest entries are all among them,
+        # so a client's kernel is the same as from the whole S_g, and the broadcast holds at most m k pairs
+        sent = torch.where(graph_mask(quantised, 0.0, self.k), quantised, 0.0)
+        m = sent.shape[0]
+        nnz = int(torch.count_nonzero(torch.triu(sent, diagonal=1)))
+        down = float(sparse_bytes(nnz, m, self.encoding.format, self.encoding.bits))
+        stats = {"comm/download_bytes_mean": down, "comm/download_bytes_total": down * n_clients}
+        return ServerRound(shared, Broadcast(None, sent, self.spec.sigma), stats, global_sim)
+
+
+def build(cfg: DictConfig, device: torch.device) -> FedItemKNN:
+    """AlignFedRec's release, encoding and privacy values (no alignment terms), with `ablation.k` neighbours."""
+    base = alignfedrec.build(cfg, device)
+    fields = {name: getattr(base, name) for name in base.__dataclass_fields__}
+    return FedItemKNN(**fields, k=int(cfg.ablation.k))

@@ -1,0 +1,87 @@
+"""`ablation=fed_itemknn` (this project's method): the neighbour kernel against a brute-force top-k, and a
+simulated run against a numpy client: S_g is the mean of every client's thresholded cosine, and a client
+scores with item-kNN on the S_g it held during the round (the previous round's), summed over its training items."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from alignment_helpers import np_normalise
+
+from src.config import ConfigError
+from src.data.dataset import load
+from src.methods.fed_itemknn import neighbour_kernel
+from src.simulator.federated import FederatedModule
+
+
+def brute_kernel(sim: np.ndarray, k: int) -> np.ndarray:
+    """Row i keeps its k largest positive entries other than sim[i, i], found by sorting each row in Python."""
+    out = np.zeros_like(sim)
+    for i, row in enumerate(sim):
+        ranked = sorted(((row[j], j) for j in range(len(row)) if j != i and row[j] > 0), reverse=True)
+        for value, j in ranked[:k]:
+            out[i, j] = value
+    return out
+
+
+def test_neighbour_kernel_keeps_each_items_k_largest_entries():
+    rng = np.random.default_rng(0)
+    m, k = 23, 4
+    sim = np.where(rng.random((m, m)) < 0.4, rng.random((m, m)), 0.0)
+    sim = (sim + sim.T) / 2  # symmetric like S_g, with many zeros and distinct values
+    got = neighbour_kernel(torch.from_numpy(sim).float(), k).to_dense().double().numpy()
+    np.testing.assert_allclose(got, brute_kernel(sim, k), atol=1e-7)
+    assert (np.diag(got) == 0).all() and ((got > 0).sum(axis=1) <= k).all()
+
+
+def numpy_global_sim(tables: np.ndarray, sigma: float, centre: bool) -> np.ndarray:
+    """The paper's S_g: mean over all clients of cos(e_j, e_k) where it is >= sigma (0 elsewhere, 0 diagonal)."""
+    out = np.zeros((tables.shape[1],) * 2)
+    for table in tables:
+        e = np_normalise(table, centre)
+        sim = e @ e.T
+        np.fill_diagonal(sim, 0.0)
+        out += np.where(sim >= sigma, sim, 0.0) / len(tables)
+    return out
+
+
+def test_a_run_scores_by_item_knn_on_the_held_broadcast(compose_cfg):
+    k = 5
+    cfg = compose_cfg(["dataset=synthetic", "ablation=fed_itemknn", "model.dim=8", f"ablation.k={k}"])
+    data = load(cfg)
+    module = FederatedModule(cfg, data)
+    first = module.state["items"].numpy()
+    assert not np.allclose(first[0], first[1])  # one random initialisation per client
+    stats = module.run_round()
+    assert stats["val/hit@10"] == 0.0  # no broadcast yet: every candidate ties with the held-out item
+    assert not any(k.startswith(("loss/ica", "loss/gsa", "community/")) for k in stats)
+    s_g = numpy_global_sim(module.state["items"].double().numpy(), float(cfg.model.sigma), bool(cfg.model.centre))
+    kept = brute_kernel(s_g, k) > 0
+    kept |= kept.T  # the broadcast: S_g on the pairs some item keeps among its k nearest
+    np.testing.assert_allclose(module.broadcast.global_sim.double().numpy(), np.where(kept, s_g, 0.0), atol=1e-5)
+    np.testing.assert_allclose(
+        brute_kernel(module.broadcast.global_sim.double().numpy(), k), brute_kernel(s_g, k), atol=1e-5
+    )
+    assert module.broadcast.labels is None  # no communities
+    held = module.broadcast.global_sim.double().numpy()
+    stats = module.run_round()  # evaluated with round 1's S_g, the one the clients held in round 2
+    kernel = brute_kernel(held, k)
+    train = data.train_matrix()
+
+    def numpy_score(rows: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        full = np.array([[kernel[i, np.flatnonzero(train[u])].sum() for i in range(data.n_items)] for u in rows])
+        full = torch.from_numpy(full)
+        return full if items is None else full.gather(1, items)
+
+    chunks = [torch.arange(data.n_users)]
+    want = module.evaluator.run(numpy_score, chunks)
+    for key, value in want.items():
+        assert stats[key] == pytest.approx(value, abs=1e-9), key
+    assert stats["test/hit@10"] > 0
+
+
+@pytest.mark.parametrize("override, key", [(["ablation.k=0"], "ablation.k"), (["ablation.ica=true"], "ablation.ica")])
+def test_bad_values_are_refused_before_any_work(compose_cfg, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose_cfg(["dataset=synthetic", "ablation=fed_itemknn", *override])
