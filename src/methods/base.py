@@ -6,7 +6,8 @@ A method says, for one round,
 - what a chunk of clients releases (`release`, client side; the values as the server decodes them),
 - how the server sums the releases (`RoundSums`) and turns them into its new state and broadcast
   (`server_round`),
-- and how many bytes crossed the network (`traffic`).
+- how many bytes crossed the network (`traffic`),
+- and how a client scores items at evaluation when not with its own model (`client_scorer`).
 
 The simulator (`src/simulator/federated.py`) and the Flower apps (`src/flower/`) call these same
 methods; only the transport differs. A method is chosen by `ablation.method`, the name of a module
