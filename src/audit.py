@@ -33,6 +33,7 @@ from src.alignment.server import SimilaritySum
 from src.alignment.similarity import normalised
 from src.config import ConfigError, load_config, validate
 from src.data.dataset import load
+from src.methods.base import build_method
 from src.results import publish_report, select_key
 from src.simulator.federated import FederatedModule
 
@@ -95,10 +96,10 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     """Run the attacks described in the module docstring; return the report."""
     validate(cfg)  # audit.clients, audit.recovery_iters, audit.out, device, ... before any data is read
     n_clients = cfg.audit.clients
-    if cfg.ablation.method != "alignfedrec":
+    if not build_method(cfg, torch.device("cpu")).uploads_similarity:
         raise ConfigError(
-            f"config ablation={cfg.ablation.name!r} uploads no similarity matrix: use an AlignFedRec ablation "
-            "(full, no_ica, no_gsa, knn_ica, knn_full)"
+            f"config ablation={cfg.ablation.name!r} uploads no similarity matrix: use a similarity-sharing ablation "
+            "(full, no_ica, no_gsa, knn_ica, knn_full, fed_itemknn)"
         )
     torch.manual_seed(int(cfg.seed))
     data = load(cfg)

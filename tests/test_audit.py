@@ -40,7 +40,8 @@ def test_recovery_is_exact_from_the_full_matrix_and_worse_from_a_thresholded_noi
 
 @pytest.mark.parametrize(
     "ablation, extra",
-    [("full", []), ("knn_ica", ["server.aggregate=support_mean"])],  # the paper's construction; a server-graph variant
+    # the paper's construction; a server-graph variant; item-kNN on S_g
+    [("full", []), ("knn_ica", ["server.aggregate=support_mean"]), ("fed_itemknn", [])],
 )
 def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeypatch, ablation, extra):
     monkeypatch.chdir(tmp_path)
@@ -78,5 +79,7 @@ def test_audit_validates_before_reading_any_data(compose_cfg, monkeypatch):
     cfg.audit.recovery_iters = 0
     with pytest.raises(ConfigError, match=r"audit\.recovery_iters"):
         audit_mod.audit(cfg, [])
+    with pytest.raises(ConfigError, match="uploads no similarity matrix"):
+        audit_mod.audit(compose_cfg(["dataset=synthetic", "ablation=backbone"]), [])
     with pytest.raises(ConfigError, match=r"audit\.clients='abc'"):
         main(["dataset=synthetic", "ablation=full", "audit.clients=abc"])
