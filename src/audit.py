@@ -111,7 +111,7 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(int(cfg.seed) + 11)
     chosen = torch.randperm(data.n_users, generator=gen)[:n_clients].sort().values.tolist()
     sigma, d = float(cfg.model.sigma), int(cfg.model.dim)
-    global_sim = module.broadcast.global_sim
+    global_sim = module.server_sim  # what an honest-but-curious server holds (fed_itemknn broadcasts less)
     aucs: dict[str, list[float]] = {}
     recovered, chance = [], []
     ptr = np.asarray(data.train_ptr)

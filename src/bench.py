@@ -141,7 +141,10 @@ def roofline(cfg: DictConfig, module: FederatedModule, figures: dict[str, Any], 
     steps = figures["client_steps_per_round"] or 0.0
     uploaders = sum(r.get("comm/uploaders", 0.0) for r in rows) / len(rows)
     rows_per_block = 128
-    if cfg.model.alignment == "fast":
+    if not (method.loss.use_ica or method.loss.use_gsa):  # fed_itemknn: uploads similarities, trains BCE only
+        train_flops = train_bytes = 0.0
+        train_peak = product_rate(1, rows_per_block, d, m, device)
+    elif cfg.model.alignment == "fast":
         train_flops = steps * 6.0 * k * m * d
         train_bytes = steps * 3 * 4.0 * (k * d + m * d + k * m)
         sub = max(1, int(cfg.model.fast_block or k * m * 16) // (k * m))

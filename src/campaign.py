@@ -201,7 +201,7 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]]) -> f
     """Estimated seconds per round: stored runs of the same kind, else a bench report, else scaled from ML-100K."""
     ds, ab = config["dataset"]["name"], config["ablation"]
     aligned = bool(ab.get("ica") or ab.get("gsa"))
-    kind = (ds, aligned, config["model"]["alignment"] if aligned else "-", ab.get("central"))
+    kind = (ds, aligned, config["model"]["alignment"] if aligned else "-", ab.get("central"), ab.get("method"))
     same = [r["mean_round_s"] for r in stored if r["kind"] == kind and r["mean_round_s"]]
     if same:
         return sum(same) / len(same)
@@ -238,7 +238,13 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]
         aligned = bool(ab.get("ica") or ab.get("gsa"))
         stats.append(
             {
-                "kind": (c["dataset"]["name"], aligned, c["model"]["alignment"] if aligned else "-", ab.get("central")),
+                "kind": (
+                    c["dataset"]["name"],
+                    aligned,
+                    c["model"]["alignment"] if aligned else "-",
+                    ab.get("central"),
+                    ab.get("method"),
+                ),
                 "mean_round_s": payload.get("timings", {}).get("mean_round_s"),
             }
         )

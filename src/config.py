@@ -219,12 +219,13 @@ def _validate_ablation(cfg: DictConfig) -> None:
             _int(cfg, "ablation.k", 1)
     if cfg.ablation.method == "fed_itemknn":  # item-kNN on the broadcast S_g (src/methods/fed_itemknn.py)
         _int(cfg, "ablation.k", 1)
-        _check(
-            not cfg.ablation.ica and not cfg.ablation.gsa and not cfg.ablation.central,
-            "ablation.ica",
-            f"ica={cfg.ablation.ica} gsa={cfg.ablation.gsa} central={cfg.ablation.central}",
-            "all false for fed_itemknn (clients train without alignment terms and score by item-kNN on S_g)",
-        )
+        for key in ("ica", "gsa", "central"):
+            _check(
+                not cfg.ablation[key],
+                f"ablation.{key}",
+                cfg.ablation[key],
+                "false for fed_itemknn (clients train without alignment terms and score by item-kNN on S_g)",
+            )
 
 
 def _validate_fl(cfg: DictConfig) -> None:

@@ -35,6 +35,7 @@ PATHS = {
     "pfedrec": ["ablation=backbone"],
     "fast": ["ablation=full", "model.alignment=fast"],
     "exact": ["ablation=full", "model.alignment=exact"],
+    "fed_itemknn": ["ablation=fed_itemknn"],  # sparse item-kNN scoring on the device
 }
 DATASETS = ("ml-100k", "ml-1m", "filmtrust", "lastfm-2k")
 

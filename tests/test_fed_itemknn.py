@@ -25,6 +25,31 @@ def brute_kernel(sim: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def brute_kernel_ties_low_index(sim: np.ndarray, k: int) -> np.ndarray:
+    """As brute_kernel, equal values kept in order of their index (the rule that makes the choice unique)."""
+    out = np.zeros_like(sim)
+    for i, row in enumerate(sim):
+        ranked = sorted((-row[j], j) for j in range(len(row)) if j != i and row[j] > 0)
+        for value, j in ranked[:k]:
+            out[i, j] = -value
+    return out
+
+
+def test_neighbour_kernel_breaks_ties_by_index_and_the_masked_broadcast_keeps_it():
+    """With 3-bit values most entries tie; the kernel keeps the lower indices, and the broadcast restricted to the
+    pairs some item keeps gives every client the kernel of the whole S_g."""
+    rng = np.random.default_rng(3)
+    m, k = 40, 6
+    sim = np.round(rng.random((m, m)) * 7) / 7
+    sim = np.triu(sim, 1) + np.triu(sim, 1).T
+    got = neighbour_kernel(torch.from_numpy(sim).float(), k).to_dense().double().numpy()
+    np.testing.assert_allclose(got, brute_kernel_ties_low_index(sim, k), atol=1e-6)
+    kept = got > 0
+    masked = np.where(kept | kept.T, sim, 0.0)
+    again = neighbour_kernel(torch.from_numpy(masked).float(), k).to_dense().double().numpy()
+    np.testing.assert_array_equal(again, got)
+
+
 def test_neighbour_kernel_keeps_each_items_k_largest_entries():
     rng = np.random.default_rng(0)
     m, k = 23, 4
@@ -64,6 +89,7 @@ def test_a_run_scores_by_item_knn_on_the_held_broadcast(compose_cfg):
         brute_kernel(module.broadcast.global_sim.double().numpy(), k), brute_kernel(s_g, k), atol=1e-5
     )
     assert module.broadcast.labels is None  # no communities
+    np.testing.assert_allclose(module.server_sim.double().numpy(), s_g, atol=1e-5)  # the server's whole S_g
     held = module.broadcast.global_sim.double().numpy()
     stats = module.run_round()  # evaluated with round 1's S_g, the one the clients held in round 2
     kernel = brute_kernel(held, k)

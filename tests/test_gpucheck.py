@@ -13,7 +13,7 @@ def test_gpu_check_runs_every_path_on_cpu(tmp_path):
     out = tmp_path / "gc.json"
     assert gpucheck.main(["--device", "cpu", "--datasets", "synthetic", "--no-full", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["ok"] and [r["path"] for r in report["results"]] == ["pfedrec", "fast", "exact"]
+    assert report["ok"] and [r["path"] for r in report["results"]] == ["pfedrec", "fast", "exact", "fed_itemknn"]
     fast = report["results"][1]
     assert {"state/items", "S_g", "loss/bce"} <= fast["diffs"].keys()
     assert fast["community_ari"] > 0.99 and fast["seconds"]["train"] > 0

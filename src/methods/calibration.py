@@ -29,7 +29,8 @@ def item_popularity(data: FedData) -> torch.Tensor:
 
 
 def keep_top_k(rows_of: Callable[[int, int], torch.Tensor], m: int, k: int, block: int = 2048) -> torch.Tensor:
-    """Sparse CSR [m, m]: row i keeps its k largest positive entries of the similarity, never i itself.
+    """Sparse CSR [m, m]: row i keeps its k largest positive entries of the similarity, never i itself; of
+    equal values the lower item index first (so the choice depends on the values alone, not on their layout).
 
     `rows_of(start, stop)` gives rows start..stop-1 of the dense similarity [stop - start, m]; they are
     built `block` rows at a time (never all m x m at once)."""
@@ -39,11 +40,12 @@ def keep_top_k(rows_of: Callable[[int, int], torch.Tensor], m: int, k: int, bloc
         stop = min(start + block, m)
         sim = rows_of(start, stop).to(torch.float32).clone()  # [b, m]
         sim[torch.arange(stop - start), torch.arange(start, stop)] = -1.0  # never an item's own neighbour
-        top = sim.topk(k, dim=1)
-        keep = top.values > 0
+        values, indices = sim.sort(dim=1, descending=True, stable=True)
+        values, indices = values[:, :k], indices[:, :k]
+        keep = values > 0
         rows.append(torch.arange(start, stop).unsqueeze(1).expand(-1, k)[keep])
-        cols.append(top.indices[keep])
-        vals.append(top.values[keep])
+        cols.append(indices[keep])
+        vals.append(values[keep])
     index = torch.stack([torch.cat(rows), torch.cat(cols)])
     with warnings.catch_warnings():  # torch's notes that sparse CSR is beta and unchecked
         warnings.simplefilter("ignore", UserWarning)

@@ -23,7 +23,6 @@ import torch
 from omegaconf import DictConfig
 
 from src.alignment.broadcast import Broadcast
-from src.alignment.community import graph_mask
 from src.clients.model import Params
 from src.comm.codec import quantise, sparse_bytes
 from src.data.dataset import FedData
@@ -65,9 +64,15 @@ class FedItemKNN(AlignFedRec):
         if global_sim is None:  # nobody reported: the clients keep the last broadcast
             return ServerRound(shared, broadcast)
         quantised = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
-        # only the pairs some item keeps as a neighbour are sent: each row's k largest entries are all among them,
-        # so a client's kernel is the same as from the whole S_g, and the broadcast holds at most m k pairs
-        sent = torch.where(graph_mask(quantised, 0.0, self.k), quantised, 0.0)
+        # only the pairs some item keeps as a neighbour are sent (at most m k): each row's kept entries are among
+        # them and every other entry sent in a row is no larger and, when equal, of a higher index than the
+        # row's own last kept one, so a client's kernel (the same rule, ties to the lower index) is the one of
+        # the whole S_g
+        rows, cols = neighbour_kernel(quantised, self.k).to_sparse_coo().indices()
+        kept = torch.zeros(quantised.shape, dtype=torch.bool)
+        kept[rows, cols] = True
+        kept[cols, rows] = True
+        sent = torch.where(kept, quantised, 0.0)
         m = sent.shape[0]
         nnz = int(torch.count_nonzero(torch.triu(sent, diagonal=1)))
         down = float(sparse_bytes(nnz, m, self.encoding.format, self.encoding.bits))

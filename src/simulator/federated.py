@@ -56,6 +56,7 @@ class FederatedModule(L.LightningModule):
         self.state: Params = init_params(ModelSpec.from_cfg(cfg.model), data.n_users, data.n_items, init_gen)
         self.server: Params = {k: self.state[k][0].clone() for k in self.method.shared_keys(self.state)}
         self.broadcast = Broadcast.empty(float(cfg.model.sigma))
+        self.server_sim: torch.Tensor | None = None
         self.gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
         self.sampler = training_sampler(str(cfg.protocol.train_negative_pool), data)
         self.train_ptr = torch.as_tensor(data.train_ptr)
@@ -126,6 +127,8 @@ class FederatedModule(L.LightningModule):
         held = self.broadcast  # what the clients hold until the next round's download
         result = method.server_round(sums, self.server, held, int(cfg.seed), len(clients))
         self.server, self.broadcast = result.shared, result.broadcast
+        if result.global_sim is not None:
+            self.server_sim = result.global_sim  # S_g as the server aggregated it (the broadcast may hold less)
         timings["time/aggregate"] = time.perf_counter() - tic + work.upload_s - result.stats.get("time/community", 0.0)
         sizes = None
         if method.uploads_similarity:

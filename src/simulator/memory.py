@@ -65,7 +65,8 @@ def resolve_chunk_size(cfg: DictConfig, n_items: int, n_clients: int, device: to
     if size != "auto":
         return size
     m = cfg.model
-    aligned = build_method(cfg, device).uploads_similarity
+    method = build_method(cfg, device)
+    aligned = method.uploads_similarity and (method.loss.use_ica or method.loss.use_gsa)
     per = bytes_per_client(
         n_items, int(m.dim), m.alignment if aligned else None, int(m.fast_anchors), int(cfg.fl.batch_size)
     )
