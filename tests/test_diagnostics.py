@@ -145,3 +145,16 @@ def test_round1_edges_restore_from_old_and_new_checkpoints(compose_cfg):
         again = GraphDiagnostics(data, sigma=0.9)
         again.restore(fed)
         np.testing.assert_array_equal(again.first_edges, diag.first_edges)
+
+
+def test_fed_itemknn_diagnostics_count_the_pairs_it_broadcasts(compose_cfg):
+    """`ablation=fed_itemknn` has no communities: diag/edges are the neighbour pairs its broadcast holds."""
+    from src.data.dataset import load
+    from src.simulator.federated import FederatedModule
+
+    cfg = compose_cfg(["dataset=synthetic", "model.dim=8", "diag.graph=true", "ablation=fed_itemknn", "ablation.k=3"])
+    module = FederatedModule(cfg, load(cfg))
+    stats = module.run_round()
+    sent = module.broadcast.global_sim
+    assert stats["diag/edges"] == float(torch.count_nonzero(torch.triu(sent, diagonal=1))) > 0
+    assert "diag/nmi_genre" not in stats and -1.0 <= stats["diag/spearman_cooccurrence"] <= 1.0

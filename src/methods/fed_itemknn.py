@@ -44,9 +44,9 @@ class FedItemKNN(AlignFedRec):
 
     k: int = 50
 
-    def graph_rule(self) -> None:
-        """No community graph."""
-        return None
+    def graph_rule(self) -> tuple[float, int]:
+        """The broadcast's graph: each item's k largest S_g entries (for the diagnostics; no communities)."""
+        return 0.0, self.k
 
     def client_scorer(self, broadcast: Broadcast, data: FedData, device: torch.device) -> ScoreFn:
         """Item-kNN on the S_g the client holds (all scores equal before the first broadcast)."""

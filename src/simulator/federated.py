@@ -136,7 +136,8 @@ class FederatedModule(L.LightningModule):
         stats = method.traffic(sums, sizes, len(clients), self.server, self.current_round(), int(cfg.model.dim))
         stats.update(result.stats)
         if self.diag is not None and result.global_sim is not None:  # evaluation-only (src/alignment/diagnostics.py)
-            stats.update(self.diag(result.global_sim, result.broadcast.labels.numpy()))
+            labels = result.broadcast.labels
+            stats.update(self.diag(result.global_sim, None if labels is None else labels.numpy()))
         tic = time.perf_counter()
         metrics = self.evaluate(held)
         timings["time/eval"] = time.perf_counter() - tic
