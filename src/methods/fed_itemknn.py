@@ -4,7 +4,8 @@
 Clients train their own model (BCE only, no alignment term, one random initialisation each) and
 upload what AlignFedRec's clients upload: their thresholded item-item similarity. The server
 averages the uploads into S_g (the paper's mean over all uploaders) and broadcasts it, without
-communities. A client scores item i by item-kNN on what it received:
+communities, on the pairs some item keeps among its k largest entries (all a client's kernel
+needs). A client scores item i by item-kNN on what it received:
 
     score(u, i) = sum over j in train(u) of S_k[i, j],
 
