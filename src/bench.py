@@ -141,7 +141,7 @@ def roofline(cfg: DictConfig, module: FederatedModule, figures: dict[str, Any], 
     steps = figures["client_steps_per_round"] or 0.0
     uploaders = sum(r.get("comm/uploaders", 0.0) for r in rows) / len(rows)
     rows_per_block = 128
-    if not (method.loss.use_ica or method.loss.use_gsa):  # fed_itemknn: uploads similarities, trains BCE only
+    if not method.loss.has_terms:  # fed_itemknn: uploads similarities, trains BCE only
         train_flops = train_bytes = 0.0
         train_peak = product_rate(1, rows_per_block, d, m, device)
     elif cfg.model.alignment == "fast":

@@ -16,7 +16,8 @@ from alignment_helpers import (
     planted_blocks,
 )
 
-from src.alignment.community import adjusted_rand_index, detect, graph_mask, relabel, weighted_graph
+from src.alignment.community import adjusted_rand_index, detect, graph_mask, knn_pairs, relabel, weighted_graph
+from src.alignment.neighbours import nearest_mask
 
 
 # ============================================================================ 6. communities
@@ -157,3 +158,31 @@ def test_knn_graph_joins_each_item_to_its_k_most_similar():
         assert w == pytest.approx(s[e.tuple])
     comms = detect(torch.from_numpy(s), sigma=0.99, method="igraph", resolution=1.0, seed=0, knn=k)
     assert comms.edges == len(expected)  # the knn graph, not the (nearly empty) threshold graph
+
+
+@pytest.mark.parametrize("block", [2048, 4])
+def test_knn_graph_breaks_ties_to_the_lower_index(block):
+    """With 2-bit values most entries tie: each item keeps, of equal values, the lower-indexed ones (a sort in
+    plain Python on (-value, index)), whatever block of rows it is found in."""
+    rng = np.random.default_rng(5)
+    m, k = 23, 4
+    s = np.round(rng.uniform(0, 1, (m, m)) * 3) / 3
+    s = (s + s.T) / 2
+    expected = set()
+    for j in range(m):
+        order = sorted((i for i in range(m) if i != j), key=lambda i: (-s[j, i], i))[:k]
+        expected |= {(min(j, i), max(j, i)) for i in order if s[j, i] > 0}
+    src, dst = knn_pairs(torch.from_numpy(s), k, block=block)
+    assert set(zip(src.tolist(), dst.tolist())) == expected
+    assert (src < dst).all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 9])
+def test_nearest_mask_is_the_head_of_a_stable_descending_sort(k):
+    """Each row keeps exactly min(k, m) entries: those a stable sort in plain Python puts first."""
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 3, (6, 7)).astype(np.float32)
+    got = nearest_mask(torch.from_numpy(scores), k).numpy()
+    for row, kept in zip(scores, got):
+        head = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+        assert set(np.nonzero(kept)[0]) == set(head)

@@ -17,6 +17,8 @@ import leidenalg
 import numpy as np
 import torch
 
+from src.alignment.neighbours import nearest_mask
+
 METHODS = ("igraph", "leidenalg", "leidenalg_rb")
 
 
@@ -39,20 +41,24 @@ def threshold_pairs(sim: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torc
     return ((upper >= sigma) & (upper > 0)).nonzero(as_tuple=True)
 
 
-def knn_pairs(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_pairs(sim: torch.Tensor, k: int, block: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """This project's variant (`server.graph=knn`, not the paper's): each item joined to its k most similar
-    items with sim > 0, an edge when either end chooses it: the pairs j < k, (j, k) [E] each."""
+    items with sim > 0 (ties to the lower index, `nearest_mask`), an edge when either end chooses it: the
+    pairs j < k, (j, k) [E] each. Rows are taken `block` at a time."""
     m = sim.shape[0]
-    scores = sim.clone()
-    scores.fill_diagonal_(-float("inf"))
     k = min(int(k), m - 1)
     if k < 1:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    values, index = scores.topk(k, dim=1)
-    rows = torch.arange(m).repeat_interleave(k)
-    cols, ok = index.reshape(-1), values.reshape(-1) > 0
-    lo, hi = torch.minimum(rows[ok], cols[ok]), torch.maximum(rows[ok], cols[ok])
-    key = torch.unique(lo * m + hi)
+    keys = []
+    for start in range(0, m, block):
+        stop = min(start + block, m)
+        scores = sim[start:stop].clone()  # [b, m]
+        own = torch.arange(start, stop, device=sim.device)
+        scores[own - start, own] = -float("inf")  # never an item's own neighbour
+        rows, cols = (nearest_mask(scores, k) & (scores > 0)).nonzero(as_tuple=True)
+        rows = rows + start
+        keys.append(torch.minimum(rows, cols) * m + torch.maximum(rows, cols))
+    key = torch.unique(torch.cat(keys))
     return key // m, key % m
 
 

@@ -269,6 +269,11 @@ class AlignmentLoss:
     # this project's variant (`server.gsa_on_graph`): GSA's global mask is the server graph (sigma, knn k or None)
     gsa_graph: tuple[float, int | None] | None = None
 
+    @property
+    def has_terms(self) -> bool:
+        """Whether any alignment term trains (False: BCE only, as in fed_itemknn)."""
+        return self.use_ica or self.use_gsa
+
     def graph(self, b: Broadcast, device: torch.device) -> torch.Tensor | None:
         """The server graph GSA aligns to with `gsa_graph` (derived from the broadcast S_g), else None."""
         return None if self.gsa_graph is None else b.graph(*self.gsa_graph, device)

@@ -70,7 +70,7 @@ class AlignFedRec(Method):
         self, sums: RoundSums, shared: Params, broadcast: Broadcast, seed: int, n_clients: int
     ) -> ServerRound:
         """S_g = mean upload, its communities by modularity, the broadcast as encoded (and its size)."""
-        global_sim = sums.sims.support_mean() if self.support_mean else sums.sims.mean()
+        global_sim = self.aggregate(sums)
         if global_sim is None:  # nobody reported: the clients keep the last broadcast
             return ServerRound(shared, broadcast)
         tic = time.perf_counter()
@@ -78,15 +78,21 @@ class AlignFedRec(Method):
         comms, stats = communities(global_sim, sigma, self.community, self.resolution, seed, broadcast.labels, knn)
         stats["time/community"] = time.perf_counter() - tic
         sent = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
-        down = float(self.download_bytes(sent, len(comms.sizes)))
-        stats.update({"comm/download_bytes_mean": down, "comm/download_bytes_total": down * n_clients})
+        stats.update(self.download_stats(sent, len(comms.sizes), n_clients))
         return ServerRound(shared, Broadcast(torch.as_tensor(comms.labels), sent, self.spec.sigma), stats, global_sim)
 
-    def download_bytes(self, sent: torch.Tensor, n_labels: int) -> int:
-        """The broadcast's size: S_g's upper-triangle nonzeros, encoded, and the community labels."""
+    def aggregate(self, sums: RoundSums) -> torch.Tensor | None:
+        """S_g [m, m]: the mean of the round's uploads (the paper's), or their support mean; None if none came."""
+        return sums.sims.support_mean() if self.support_mean else sums.sims.mean()
+
+    def download_stats(self, sent: torch.Tensor, n_labels: int | None, n_clients: int) -> dict[str, float]:
+        """The broadcast's size per client and over the cohort: S_g's upper-triangle nonzeros, encoded, and the
+        community labels (`n_labels` communities; None: no labels are sent)."""
         m = sent.shape[0]
         nnz = int(torch.count_nonzero(torch.triu(sent, diagonal=1)))
-        return sparse_bytes(nnz, m, self.encoding.format, self.encoding.bits) + labels_bytes(m, n_labels)
+        down = sparse_bytes(nnz, m, self.encoding.format, self.encoding.bits)
+        down = float(down + (0 if n_labels is None else labels_bytes(m, n_labels)))
+        return {"comm/download_bytes_mean": down, "comm/download_bytes_total": down * n_clients}
 
     def traffic(
         self, sums: RoundSums, sizes: torch.Tensor | None, n_clients: int, shared: Params, round_: int, dim: int

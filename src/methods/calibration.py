@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from src.alignment.neighbours import nearest_mask
 from src.data.dataset import FedData
 
 
@@ -30,7 +31,7 @@ def item_popularity(data: FedData) -> torch.Tensor:
 
 def keep_top_k(rows_of: Callable[[int, int], torch.Tensor], m: int, k: int, block: int = 2048) -> torch.Tensor:
     """Sparse CSR [m, m]: row i keeps its k largest positive entries of the similarity, never i itself; of
-    equal values the lower item index first (so the choice depends on the values alone, not on their layout).
+    equal values the lower item index first (`nearest_mask`, the rule of the server's kNN graph too).
 
     `rows_of(start, stop)` gives rows start..stop-1 of the dense similarity [stop - start, m]; they are
     built `block` rows at a time (never all m x m at once)."""
@@ -40,12 +41,10 @@ def keep_top_k(rows_of: Callable[[int, int], torch.Tensor], m: int, k: int, bloc
         stop = min(start + block, m)
         sim = rows_of(start, stop).to(torch.float32).clone()  # [b, m]
         sim[torch.arange(stop - start), torch.arange(start, stop)] = -1.0  # never an item's own neighbour
-        values, indices = sim.sort(dim=1, descending=True, stable=True)
-        values, indices = values[:, :k], indices[:, :k]
-        keep = values > 0
-        rows.append(torch.arange(start, stop).unsqueeze(1).expand(-1, k)[keep])
-        cols.append(indices[keep])
-        vals.append(values[keep])
+        r, c = (nearest_mask(sim, k) & (sim > 0)).nonzero(as_tuple=True)
+        rows.append(r + start)
+        cols.append(c)
+        vals.append(sim[r, c])
     index = torch.stack([torch.cat(rows), torch.cat(cols)])
     with warnings.catch_warnings():  # torch's notes that sparse CSR is beta and unchecked
         warnings.simplefilter("ignore", UserWarning)

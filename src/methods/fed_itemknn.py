@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from src.alignment.broadcast import Broadcast
 from src.clients.model import Params
-from src.comm.codec import quantise, sparse_bytes
+from src.comm.codec import quantise
 from src.data.dataset import FedData
 from src.evaluation.evaluator import ScoreFn
 from src.methods import alignfedrec
@@ -61,7 +61,7 @@ class FedItemKNN(AlignFedRec):
     ) -> ServerRound:
         """S_g = mean upload (or support mean), broadcast as encoded on its k-nearest-neighbour pairs, without
         community labels."""
-        global_sim = sums.sims.support_mean() if self.support_mean else sums.sims.mean()
+        global_sim = self.aggregate(sums)
         if global_sim is None:  # nobody reported: the clients keep the last broadcast
             return ServerRound(shared, broadcast)
         quantised = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
@@ -74,10 +74,7 @@ class FedItemKNN(AlignFedRec):
         kept[rows, cols] = True
         kept[cols, rows] = True
         sent = torch.where(kept, quantised, 0.0)
-        m = sent.shape[0]
-        nnz = int(torch.count_nonzero(torch.triu(sent, diagonal=1)))
-        down = float(sparse_bytes(nnz, m, self.encoding.format, self.encoding.bits))
-        stats = {"comm/download_bytes_mean": down, "comm/download_bytes_total": down * n_clients}
+        stats = self.download_stats(sent, None, n_clients)
         return ServerRound(shared, Broadcast(None, sent, self.spec.sigma), stats, global_sim)
 
 

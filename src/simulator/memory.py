@@ -66,7 +66,7 @@ def resolve_chunk_size(cfg: DictConfig, n_items: int, n_clients: int, device: to
         return size
     m = cfg.model
     method = build_method(cfg, device)
-    aligned = method.uploads_similarity and (method.loss.use_ica or method.loss.use_gsa)
+    aligned = method.uploads_similarity and method.loss.has_terms
     per = bytes_per_client(
         n_items, int(m.dim), m.alignment if aligned else None, int(m.fast_anchors), int(cfg.fl.batch_size)
     )
