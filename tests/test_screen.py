@@ -1,6 +1,7 @@
 """`server.sim_screen=true`: the plain uploads' products screened in bfloat16, the entries near sigma recomputed
-in fp32. Against the fp32 computation: exactly the same pairs, entry counts and support counts, sums within
-1e-6, on real tables of every dataset and on tables built to put many entries within 1e-3 of sigma."""
+in fp32. Against the fp32 computation: the same pairs, entry counts and support counts (but for a cosine
+within 1e-6 of sigma, where fp32 rounding decides either way), sums within 1e-6, on real tables of every
+dataset and on tables built to put many entries within 1e-3 of sigma."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from test_compiled import summed
 from test_fast_grad import BIG, module_after
 
 from src.alignment.release import ReleaseSpec
+from src.alignment.similarity import normalised
 
 
 def near_sigma_tables(clients: int, m: int, d: int, sigma: float, seed: int) -> torch.Tensor:
@@ -33,12 +35,24 @@ def near_sigma_tables(clients: int, m: int, d: int, sigma: float, seed: int) -> 
 
 
 def assert_same_uploads(tables: torch.Tensor, sigma: float) -> torch.Tensor:
-    """The screened sums against the fp32 ones; returns how many clients sent each pair [m, m] (upper)."""
+    """The screened sums against the fp32 ones; returns how many clients sent each pair [m, m] (upper).
+
+    The same pairs, but where a client's cosine lies within 1e-6 of sigma (float64): there the fp32 product's
+    rounding decides, and two fp32 computations may round either way (one entry of 1.4M on Lastfm-2k)."""
     fp32 = ReleaseSpec(sigma, False, block=1 << 16)
     (s1, n1), (s2, n2) = summed(tables, fp32), summed(tables, dataclasses.replace(fp32, screen=True))
-    assert torch.equal(n2, n1) and torch.equal(s2.support, s1.support)
-    assert torch.equal(s2.upper != 0, s1.upper != 0)
-    torch.testing.assert_close(s2.upper, s1.upper, rtol=1e-6, atol=1e-6)
+    e = normalised(tables, False).double()
+    moved = (s1.support != s2.support).nonzero().tolist()
+    for i, j in moved:
+        near = ((e[:, i] * e[:, j]).sum(-1) - sigma).abs() < 1e-6
+        assert abs(int(s1.support[i, j]) - int(s2.support[i, j])) <= int(near.sum()) > 0, (i, j)
+    assert int((n1 - n2).abs().sum()) <= len(moved) * tables.shape[0]
+    same = torch.ones_like(s1.upper, dtype=torch.bool)
+    for i, j in moved:
+        same[i, j] = False
+    assert torch.equal((s2.upper != 0) & same, (s1.upper != 0) & same)
+    torch.testing.assert_close(s2.upper[same], s1.upper[same], rtol=1e-6, atol=1e-6)
+    assert len(moved) <= 1e-5 * max(1, int((s1.support > 0).sum()))
     return s1.support
 
 
