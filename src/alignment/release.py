@@ -43,7 +43,7 @@ class ReleaseSpec:
     topk: int | None = None
     bits: int = 32
     compile: bool = False  # plain uploads through the compiled kernel that also sums them over clients
-    screen: bool = False  # plain uploads: bfloat16 products screen the entries, fp32 rechecks the few near sigma
+    screen: bool = False  # plain uploads: bfloat16 products screen the entries, fp32 rechecks those near sigma (CPU)
 
     def __post_init__(self) -> None:
         if self.noise > 0 and self.topk is not None:
@@ -122,10 +122,22 @@ def compiled_plain_block():
     return torch.compile(summed_plain_block, dynamic=True)
 
 
-# |bf16 product - fp32 product| of unit rows: inputs rounded to 8 bits (<= 2^-8 over the dot product), the output
-# rounded to bf16 (<= 2^-9), fp32 accumulation (~1e-6): an entry above sigma always passes sigma - 2^-7
-SCREEN_MARGIN = 2.0**-7
+# |bf16 product - fp32 product| of unit rows: each input rounded to bf16 (unit roundoff 2^-8, so <= 2^-7 + 2^-16
+# over the dot product), the output rounded to bf16 (<= 2^-8), fp32 accumulation (~1e-6): below 2^-6 in all
+SCREEN_MARGIN = 2.0**-6
 SCREEN_GROUP = 64  # entries whose largest screens a group first (one int16 reduction) before each entry
+SCREEN_DENSE = 1 / 16  # candidates above this share of a tile's entries: the tile is left to the fp32 kernel
+
+
+def screen_line(below: float) -> int | None:
+    """The screen's threshold as int16 bits of the largest bf16 at or below `below` - SCREEN_MARGIN; None when
+    that is not positive (bf16 bits read as int16 order like the values only for non-negative values)."""
+    x = below - SCREEN_MARGIN
+    if x <= 0:
+        return None
+    line = torch.tensor(x, dtype=torch.float32).to(torch.bfloat16)
+    bits = int(line.view(torch.int16))
+    return bits - 1 if float(line) > x else bits  # rounded down: a positive bf16's predecessor is bits - 1
 
 
 def screened_plain_block(
@@ -135,23 +147,27 @@ def screened_plain_block(
     cols_bf: torch.Tensor,
     shift: int,
     below: float,
+    line: int,
     held: bool,
 ):
-    """`summed_plain_block` with the products screened in bfloat16 (`ReleaseSpec.screen`): the same pairs, the
-    values as fp32 dot products (within float rounding of the fp32 product).
+    """`summed_plain_block` with the products screened in bfloat16 (`ReleaseSpec.screen`), or None when too many
+    entries pass the screen to gain from it. The same pairs but where a cosine lies within fp32 rounding of
+    sigma (which either fp32 product may round across); values as fp32 dot products.
 
     A tile's products are made in bf16 (`rows_bf` [c, b, d], `cols_bf` [c, w, d], about twice as fast as fp32 on
-    CPUs with bf16 dot instructions); only entries above `below` - SCREEN_MARGIN (a few per cent of a row near
-    sigma, where an entry of the fp32 product above sigma must lie) are recomputed in fp32 from the unit rows
-    `rows`, `cols` and thresholded exactly. bf16 bit patterns, read as int16, order like their values, so the
-    screen compares integers: first each group of SCREEN_GROUP entries by its largest, then the groups' entries."""
+    CPUs with bf16 dot instructions); only entries at or above `line` (`screen_line`: sigma - SCREEN_MARGIN,
+    where every entry whose fp32 product passes sigma must lie) are recomputed in fp32 from the unit rows
+    `rows`, `cols` and thresholded exactly. Non-negative bf16 bit patterns read as int16 order like their
+    values and negative ones read as negative integers, so with a positive line the screen compares integers:
+    first each group of SCREEN_GROUP entries by its largest, then the groups' entries."""
     c, b, w = rows.shape[0], rows.shape[1], cols.shape[1]
-    line = torch.tensor(below - SCREEN_MARGIN, dtype=torch.bfloat16).view(torch.int16).item()
     bits = torch.bmm(rows_bf, cols_bf.transpose(1, 2)).view(torch.int16)  # [c, b, w]
     group = math.gcd(bits.numel(), SCREEN_GROUP)
     groups = bits.view(-1, group)
-    hot = (groups.amax(-1) > line).nonzero().squeeze(1)  # groups holding a candidate
-    n, j = (groups.index_select(0, hot) > line).nonzero(as_tuple=True)
+    hot = (groups.amax(-1) >= line).nonzero().squeeze(1)  # groups holding a candidate
+    n, j = (groups.index_select(0, hot) >= line).nonzero(as_tuple=True)
+    if len(n) > SCREEN_DENSE * bits.numel():  # the recheck's gathers would cost more than the fp32 product
+        return None
     flat = hot.index_select(0, n) * group + j  # candidates' positions in [c, b, w]
     client, rest = flat // (b * w), flat % (b * w)
     row, col = rest // w, rest % w
@@ -187,24 +203,26 @@ def tiles(m: int, rows: int, cols: int | None, block: int) -> Iterator[tuple[int
 
 
 def summed_tiles(e: torch.Tensor, spec: ReleaseSpec, held: bool) -> Iterator[ReleasedBlock]:
-    """The plain uploads of the normalised tables `e` [C, m, d] by the compiled kernel (or the bf16 screen),
-    one block per tile of `spec.rows` rows x `TILE_COLS` columns summed over all C clients (the server adds
-    each tile once)."""
+    """The plain uploads of the normalised tables `e` [C, m, d], one block per tile of `spec.rows` rows x
+    `TILE_COLS` columns summed over all C clients (the server adds each tile once): through the bf16 screen
+    with `spec.screen` (a tile it leaves, or all when sigma is too small for it, by the fp32 kernel), the fp32
+    kernel compiled with `spec.compile`."""
     c, m = e.shape[0], e.shape[1]
     if c == 0:
         return
-    e_bf = e.to(torch.bfloat16) if spec.screen else None
-    compiled = None if spec.screen else compiled_plain_block()
+    line = screen_line(spec.below) if spec.screen else None
+    e_bf = e.to(torch.bfloat16) if line is not None else None
+    fp32 = compiled_plain_block() if spec.compile else summed_plain_block
     for r0, b, c0, w, per in tiles(m, spec.rows, TILE_COLS, spec.block):
         total, counts, holders = None, [], None
         for s in range(0, c, per):
             who, rows, cols = slice(s, s + per), slice(r0, r0 + b), slice(c0, c0 + w)
+            sums = None
             if e_bf is not None:
-                part, count, hold = screened_plain_block(
-                    e[who, rows], e[who, cols], e_bf[who, rows], e_bf[who, cols], c0 - r0, spec.below, held
+                sums = screened_plain_block(
+                    e[who, rows], e[who, cols], e_bf[who, rows], e_bf[who, cols], c0 - r0, spec.below, line, held
                 )
-            else:
-                part, count, hold = compiled(e[who, rows], e[who, cols], c0 - r0, spec.below, held)
+            part, count, hold = sums or fp32(e[who, rows], e[who, cols], c0 - r0, spec.below, held)
             total = part if total is None else total.add_(part)
             holders = hold if holders is None or hold is None else holders.add_(hold)
             counts.append(count)
