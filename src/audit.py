@@ -20,7 +20,6 @@ Prints a table and writes JSON to `audit.out` (atomically), by default into a fo
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from typing import Any
@@ -44,8 +43,7 @@ def decoded_upload(table: torch.Tensor, spec: ReleaseSpec, generator: torch.Gene
     client's own release (`src/alignment/release.py`) summed by the server alone, so noise, threshold,
     top-k and quantisation are the ones a run applies."""
     total = SimilaritySum(table.shape[0], table.device)
-    exact = dataclasses.replace(spec, screen=False)  # float64 products, never the bf16 screen (a speed key)
-    for blk in release_blocks(table.double().unsqueeze(0), exact, generator):
+    for blk in release_blocks(table.double().unsqueeze(0), spec, generator):
         total.add_block(blk)
     return total.upper + total.upper.T
 

@@ -306,8 +306,6 @@ def _validate_server(cfg: DictConfig) -> None:
     _choice(cfg, "server.community", COMMUNITY_METHODS)
     _num(cfg, "server.resolution", _positive, "> 0")
     _int(cfg, "server.sim_block", 1)
-    if OmegaConf.select(cfg, "server.sim_screen", default=None) is not None:
-        _bool(cfg, "server.sim_screen")
     if "graph" in cfg.server:
         _choice(cfg, "server.graph", ("threshold", "knn"))
         _num(cfg, "server.graph_sigma", lambda x: -1 <= x <= 1, "in [-1, 1]", nullable=True)

@@ -33,14 +33,7 @@ WHERE_KEYS = (
 # Keys that change only how fast a run computes: `model.fast_block` leaves results bit-identical; the fused and
 # compiled kernels compute the same math with another float rounding, as another device does (each has a test
 # saying so, with its tolerance).
-SPEED_KEYS = (
-    "model.fast_block",
-    "model.fast_kernel",
-    "compute.compile",
-    "optim.fused",
-    "compute.keep_heap",
-    "server.sim_screen",
-)
+SPEED_KEYS = ("model.fast_block", "model.fast_kernel", "compute.compile", "optim.fused", "compute.keep_heap")
 # Keys a resume may change: the above, and how long to go on.
 RESUMABLE_KEYS = (*WHERE_KEYS, *SPEED_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
 
@@ -65,7 +58,6 @@ ADDED_KEYS = {
     "server.graph_k": 10,
     "server.aggregate": "mean",
     "server.gsa_on_graph": False,
-    "server.sim_screen": False,
 }
 
 

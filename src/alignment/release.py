@@ -18,7 +18,6 @@ as it comes (`src/alignment/server.py`); the Flower client and the audit collect
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -43,7 +42,6 @@ class ReleaseSpec:
     topk: int | None = None
     bits: int = 32
     compile: bool = False  # plain uploads through the compiled kernel that also sums them over clients
-    screen: bool = False  # plain uploads: bfloat16 products screen the entries, fp32 rechecks those near sigma (CPU)
 
     def __post_init__(self) -> None:
         if self.noise > 0 and self.topk is not None:
@@ -122,71 +120,6 @@ def compiled_plain_block():
     return torch.compile(summed_plain_block, dynamic=True)
 
 
-# |bf16 product - fp32 product| of unit rows: each input rounded to bf16 (unit roundoff 2^-8, so <= 2^-7 + 2^-16
-# over the dot product), the output rounded to bf16 (<= 2^-8), fp32 accumulation (~1e-6): below 2^-6 in all
-SCREEN_MARGIN = 2.0**-6
-SCREEN_GROUP = 64  # entries whose largest screens a group first (one int16 reduction) before each entry
-SCREEN_DENSE = 1 / 16  # candidates above this share of a tile's entries: the tile is left to the fp32 kernel
-
-
-def screen_line(below: float) -> int | None:
-    """The screen's threshold as int16 bits of the largest bf16 at or below `below` - SCREEN_MARGIN; None when
-    that is not positive (bf16 bits read as int16 order like the values only for non-negative values)."""
-    x = below - SCREEN_MARGIN
-    if x <= 0:
-        return None
-    line = torch.tensor(x, dtype=torch.float32).to(torch.bfloat16)
-    bits = int(line.view(torch.int16))
-    return bits - 1 if float(line) > x else bits  # rounded down: a positive bf16's predecessor is bits - 1
-
-
-def screened_plain_block(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    rows_bf: torch.Tensor,
-    cols_bf: torch.Tensor,
-    shift: int,
-    below: float,
-    line: int,
-    held: bool,
-):
-    """`summed_plain_block` with the products screened in bfloat16 (`ReleaseSpec.screen`), or None when too many
-    entries pass the screen to gain from it. The same pairs but where a cosine lies within fp32 rounding of
-    sigma (which either fp32 product may round across); values as fp32 dot products.
-
-    A tile's products are made in bf16 (`rows_bf` [c, b, d], `cols_bf` [c, w, d], about twice as fast as fp32 on
-    CPUs with bf16 dot instructions); only entries at or above `line` (`screen_line`: sigma - SCREEN_MARGIN,
-    where every entry whose fp32 product passes sigma must lie) are recomputed in fp32 from the unit rows
-    `rows`, `cols` and thresholded exactly. Non-negative bf16 bit patterns read as int16 order like their
-    values and negative ones read as negative integers, so with a positive line the screen compares integers:
-    first each group of SCREEN_GROUP entries by its largest, then the groups' entries."""
-    c, b, w = rows.shape[0], rows.shape[1], cols.shape[1]
-    bits = torch.bmm(rows_bf, cols_bf.transpose(1, 2)).view(torch.int16)  # [c, b, w]
-    group = math.gcd(bits.numel(), SCREEN_GROUP)
-    groups = bits.view(-1, group)
-    hot = (groups.amax(-1) >= line).nonzero().squeeze(1)  # groups holding a candidate
-    n, j = (groups.index_select(0, hot) >= line).nonzero(as_tuple=True)
-    if len(n) > SCREEN_DENSE * bits.numel():  # the recheck's gathers would cost more than the fp32 product
-        return None
-    flat = hot.index_select(0, n) * group + j  # candidates' positions in [c, b, w]
-    client, rest = flat // (b * w), flat % (b * w)
-    row, col = rest // w, rest % w
-    upper = col + shift > row  # strict upper triangle (column c0 + col > row r0 + row)
-    client, row, col = client[upper], row[upper], col[upper]
-    d = rows.shape[2]
-    exact = (
-        rows.reshape(-1, d).index_select(0, client * b + row) * cols.reshape(-1, d).index_select(0, client * w + col)
-    ).sum(-1)
-    keep = exact > below
-    where = row * w + col
-    total = torch.zeros(b * w, dtype=rows.dtype, device=rows.device).index_add_(0, where, torch.where(keep, exact, 0.0))
-    counts = torch.zeros(c, dtype=torch.long, device=rows.device).index_add_(0, client, keep.long())
-    holders = None
-    if held:
-        holders = torch.zeros(b * w, dtype=torch.int32, device=rows.device).index_add_(0, where, keep.int()).view(b, w)
-    return total.view(b, w), counts, holders
-
-
 TILE_COLS = 2048  # columns of one compiled tile: its [clients x rows x columns] products stay in cache
 
 
@@ -203,26 +136,18 @@ def tiles(m: int, rows: int, cols: int | None, block: int) -> Iterator[tuple[int
 
 
 def summed_tiles(e: torch.Tensor, spec: ReleaseSpec, held: bool) -> Iterator[ReleasedBlock]:
-    """The plain uploads of the normalised tables `e` [C, m, d], one block per tile of `spec.rows` rows x
-    `TILE_COLS` columns summed over all C clients (the server adds each tile once): through the bf16 screen
-    with `spec.screen` (a tile it leaves, or all when sigma is too small for it, by the fp32 kernel), the fp32
-    kernel compiled with `spec.compile`."""
+    """The plain uploads of the normalised tables `e` [C, m, d] by the compiled kernel, one block per tile of
+    `spec.rows` rows x `TILE_COLS` columns summed over all C clients (the server adds each tile once)."""
+    kernel = compiled_plain_block()
     c, m = e.shape[0], e.shape[1]
     if c == 0:
         return
-    line = screen_line(spec.below) if spec.screen else None
-    e_bf = e.to(torch.bfloat16) if line is not None else None
-    fp32 = compiled_plain_block() if spec.compile else summed_plain_block
     for r0, b, c0, w, per in tiles(m, spec.rows, TILE_COLS, spec.block):
         total, counts, holders = None, [], None
         for s in range(0, c, per):
-            who, rows, cols = slice(s, s + per), slice(r0, r0 + b), slice(c0, c0 + w)
-            sums = None
-            if e_bf is not None:
-                sums = screened_plain_block(
-                    e[who, rows], e[who, cols], e_bf[who, rows], e_bf[who, cols], c0 - r0, spec.below, line, held
-                )
-            part, count, hold = sums or fp32(e[who, rows], e[who, cols], c0 - r0, spec.below, held)
+            part, count, hold = kernel(
+                e[s : s + per, r0 : r0 + b], e[s : s + per, c0 : c0 + w], c0 - r0, spec.below, held
+            )
             total = part if total is None else total.add_(part)
             holders = hold if holders is None or hold is None else holders.add_(hold)
             counts.append(count)
@@ -243,7 +168,7 @@ def release_blocks(
     c, m = e.shape[0], e.shape[1]
     plain = spec.plain(entries)
     below = spec.below
-    if plain and (spec.compile or spec.screen):
+    if plain and spec.compile:
         yield from summed_tiles(e, spec, held)
         return
     thresholds = row_thresholds(e, spec) if spec.topk is not None else None

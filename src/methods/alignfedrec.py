@@ -155,7 +155,6 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         topk=encoding.topk,
         bits=encoding.bits,
         compile=compiled,
-        screen=bool(cfg.server.get("sim_screen", False)) and device.type == "cpu",
     )
     return AlignFedRec(
         str(cfg.ablation.name),
