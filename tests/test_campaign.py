@@ -125,3 +125,23 @@ def test_store_refuses_an_unfinished_run(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"finished": False, "config": {}}))
     with pytest.raises(ValueError, match="did not finish"):
         campaign.store(tmp_path, "x", [], "abc", tmp_path / "runs")
+
+
+def test_cost_estimate_takes_the_fastest_matching_bench_report(tmp_path):
+    """Without stored runs of its kind a run is costed from bench reports of its dataset and kind (the fastest:
+    older reports measured slower code), scaled to all clients and to two one-thread jobs side by side."""
+
+    def report(name: str, dataset: str, ablation: str, train: float, share: float) -> None:
+        secs = {"train": train, "aggregate": 1.0, "eval": 0.5, "community": 0.1, "sample": 0.0, "round": 9.9}
+        body = {"dataset": dataset, "ablation": ablation, "overrides": [], "config": {"client_fraction": share}}
+        (tmp_path / name).write_text(json.dumps({**body, "seconds_per_round": secs}))
+
+    report("ml-1m_old.json", "ml-1m", "full", 20.0, 0.05)
+    report("speed_ml-1m_new.json", "ml-1m", "full", 3.0, 0.1)
+    report("speed_ml-100k.json", "ml-100k", "full", 0.1, 1.0)
+    report("speed_ml-1m_backbone.json", "ml-1m", "backbone", 0.2, 1.0)
+    (tmp_path / "kernels.json").write_text(json.dumps({"dataset": "ml-1m", "rows": []}))
+    config = {"dataset": {"name": "ml-1m"}, "ablation": {"ica": True, "gsa": True}, "model": {"alignment": "fast"}}
+    assert campaign.seconds_per_round(config, [], tmp_path) == pytest.approx(2.0 * ((3.0 + 1.0) / 0.1 + 0.6))
+    plain = {**config, "ablation": {"ica": False, "gsa": False}}
+    assert campaign.seconds_per_round(plain, [], tmp_path) == pytest.approx(2.0 * (0.2 + 1.0 + 0.6))
