@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.alignment.broadcast import Broadcast
+from src.alignment.community import graph_mask
 from src.clients.model import Params
 from src.comm.codec import quantise
 from src.data.dataset import FedData
@@ -68,12 +69,8 @@ class FedItemKNN(AlignFedRec):
         # only the pairs some item keeps as a neighbour are sent (at most m k): each row's kept entries are among
         # them and every other entry sent in a row is no larger and, when equal, of a higher index than the
         # row's own last kept one, so a client's kernel (the same rule, ties to the lower index) is the one of
-        # the whole S_g
-        rows, cols = neighbour_kernel(quantised, self.k).to_sparse_coo().indices()
-        kept = torch.zeros(quantised.shape, dtype=torch.bool)
-        kept[rows, cols] = True
-        kept[cols, rows] = True
-        sent = torch.where(kept, quantised, 0.0)
+        # the whole S_g (`graph_mask`: the kNN graph's pairs, by the same rule)
+        sent = torch.where(graph_mask(quantised, 0.0, self.k), quantised, 0.0)
         stats = self.download_stats(sent, None, n_clients)
         return ServerRound(shared, Broadcast(None, sent, self.spec.sigma), stats, global_sim)
 
