@@ -17,7 +17,7 @@ import leidenalg
 import numpy as np
 import torch
 
-from src.alignment.neighbours import nearest_mask
+from src.alignment.neighbours import nearest_entries
 
 METHODS = ("igraph", "leidenalg", "leidenalg_rb")
 
@@ -49,16 +49,8 @@ def knn_pairs(sim: torch.Tensor, k: int, block: int = 2048) -> tuple[torch.Tenso
     k = min(int(k), m - 1)
     if k < 1:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    keys = []
-    for start in range(0, m, block):
-        stop = min(start + block, m)
-        scores = sim[start:stop].clone()  # [b, m]
-        own = torch.arange(start, stop, device=sim.device)
-        scores[own - start, own] = -float("inf")  # never an item's own neighbour
-        rows, cols = (nearest_mask(scores, k) & (scores > 0)).nonzero(as_tuple=True)
-        rows = rows + start
-        keys.append(torch.minimum(rows, cols) * m + torch.maximum(rows, cols))
-    key = torch.unique(torch.cat(keys))
+    rows, cols, _ = nearest_entries(lambda start, stop: sim[start:stop], m, k, block)
+    key = torch.unique(torch.minimum(rows, cols) * m + torch.maximum(rows, cols))
     return key // m, key % m
 
 

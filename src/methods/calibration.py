@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from src.alignment.neighbours import nearest_mask
+from src.alignment.neighbours import nearest_entries
 from src.data.dataset import FedData
 
 
@@ -35,20 +35,11 @@ def keep_top_k(rows_of: Callable[[int, int], torch.Tensor], m: int, k: int, bloc
 
     `rows_of(start, stop)` gives rows start..stop-1 of the dense similarity [stop - start, m]; they are
     built `block` rows at a time (never all m x m at once)."""
-    k = min(k, m - 1)
-    rows, cols, vals = [], [], []
-    for start in range(0, m, block):
-        stop = min(start + block, m)
-        sim = rows_of(start, stop).to(torch.float32).clone()  # [b, m]
-        sim[torch.arange(stop - start), torch.arange(start, stop)] = -1.0  # never an item's own neighbour
-        r, c = (nearest_mask(sim, k) & (sim > 0)).nonzero(as_tuple=True)
-        rows.append(r + start)
-        cols.append(c)
-        vals.append(sim[r, c])
-    index = torch.stack([torch.cat(rows), torch.cat(cols)])
+    rows, cols, vals = nearest_entries(lambda start, stop: rows_of(start, stop).to(torch.float32), m, k, block)
+    index = torch.stack([rows, cols])
     with warnings.catch_warnings():  # torch's notes that sparse CSR is beta and unchecked
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_coo_tensor(index, torch.cat(vals), (m, m)).coalesce().to_sparse_csr()
+        return torch.sparse_coo_tensor(index, vals, (m, m)).coalesce().to_sparse_csr()
 
 
 def knn_similarity(train: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
