@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from src.alignment.native_sums import compiler
 from src.data.protocols import TRAIN_NEGATIVE_POOLS
 from src.device import MATMUL_PRECISIONS
 from src.results import DEFAULT_SELECT, SELECT_PATTERN
@@ -21,6 +22,7 @@ COMMUNITY_METHODS = ("igraph", "leidenalg", "leidenalg_rb")
 LOSSES = ("sigmoid_bce", "logits_bce")
 CENTRAL_SCORERS = ("mf", "popularity", "itemknn")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+NATIVE_CHOICES = (True, False, "auto")
 
 
 class ConfigError(ValueError):
@@ -298,6 +300,10 @@ def _validate_compute(cfg: DictConfig) -> None:
     for key in ("compute.compile", "compute.keep_heap"):
         if OmegaConf.select(cfg, key, default=None) is not None:
             _bool(cfg, key)
+    if OmegaConf.select(cfg, "compute.native", default=None) is not None:
+        native = _choice(cfg, "compute.native", NATIVE_CHOICES)
+        no_cc = "auto or false on a machine with no C compiler ($CC, cc or gcc)"
+        _check(native is not True or compiler() is not None, "compute.native", "true", no_cc)
     if OmegaConf.select(cfg, "compute.gpu_block_scale", default=None) is not None:
         _int(cfg, "compute.gpu_block_scale", 1)
 

@@ -33,7 +33,14 @@ WHERE_KEYS = (
 # Keys that change only how fast a run computes: `model.fast_block` leaves results bit-identical; the fused and
 # compiled kernels compute the same math with another float rounding, as another device does (each has a test
 # saying so, with its tolerance).
-SPEED_KEYS = ("model.fast_block", "model.fast_kernel", "compute.compile", "optim.fused", "compute.keep_heap")
+SPEED_KEYS = (
+    "model.fast_block",
+    "model.fast_kernel",
+    "compute.compile",
+    "compute.native",
+    "optim.fused",
+    "compute.keep_heap",
+)
 # Keys a resume may change: the above, and how long to go on.
 RESUMABLE_KEYS = (*WHERE_KEYS, *SPEED_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
 
@@ -53,6 +60,7 @@ ADDED_KEYS = {
     "compute.compile": False,
     "optim.fused": False,
     "compute.keep_heap": False,
+    "compute.native": False,
     "server.graph": "threshold",
     "server.graph_sigma": None,
     "server.graph_k": 10,

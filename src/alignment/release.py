@@ -11,9 +11,10 @@ all later items, as many clients per product as fit in `block` elements), so no 
 matrix ever exists whole. With `compile` (`compute.compile`) the plain upload of a block is made by
 one compiled kernel that also sums it over the block's clients (what the server adds; the simulator's
 shortcut) and counts each client's entries, instead of five passes over the block; the same pairs,
-sums within float rounding (tests/test_release.py). The simulator hands each block to the server's sum
-as it comes (`src/alignment/server.py`); the Flower client and the audit collect the entries of each client
-(`ChunkUploads`, `release_entries`) and encode them.
+sums within float rounding (tests/test_compiled.py). With `native` (`compute.native`) the C kernel of
+`src/alignment/native_sums.py` makes those sums with the threshold in the product's epilogue instead.
+The simulator hands each block to the server's sum as it comes (`src/alignment/server.py`); the Flower client
+and the audit collect the entries of each client (`ChunkUploads`, `release_entries`) and encode them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from src.alignment import native_sums
 from src.alignment.similarity import normalised
 from src.comm.codec import quantise
 from src.comm.privacy import laplace
@@ -42,6 +44,8 @@ class ReleaseSpec:
     topk: int | None = None
     bits: int = 32
     compile: bool = False  # plain uploads through the compiled kernel that also sums them over clients
+    native: bool = False  # plain uploads of float32 CPU tables summed by the C kernel (src/alignment/native_sums.py)
+    threads: int = 1  # threads of the C kernel
 
     def __post_init__(self) -> None:
         if self.noise > 0 and self.topk is not None:
@@ -154,6 +158,22 @@ def summed_tiles(e: torch.Tensor, spec: ReleaseSpec, held: bool) -> Iterator[Rel
         yield ReleasedBlock(0, r0, None, torch.cat(counts), None, total, holders, c0)
 
 
+NATIVE_BAND = 512  # item rows of one block of the C kernel's sums (a multiple of native_sums.TILE_ROWS)
+
+
+def native_bands(e: torch.Tensor, spec: ReleaseSpec, held: bool) -> Iterator[ReleasedBlock]:
+    """The plain uploads of the normalised tables `e` [C, m, d] (float32, CPU) summed by the C kernel, one block
+    per band of `NATIVE_BAND` item rows against the items from the band on."""
+    c, m = e.shape[0], e.shape[1]
+    if c == 0:
+        return
+    rows, cols = native_sums.padded(e)
+    for r0 in range(0, m, NATIVE_BAND):
+        r1 = min(r0 + NATIVE_BAND, m)
+        total, holders, counts = native_sums.band_sums(rows, cols, m, spec.below, r0, r1, held, spec.threads)
+        yield ReleasedBlock(0, r0, None, counts, None, total, holders, r0)
+
+
 @torch.no_grad()
 def release_blocks(
     tables: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator, entries: bool = False, held: bool = False
@@ -168,6 +188,9 @@ def release_blocks(
     c, m = e.shape[0], e.shape[1]
     plain = spec.plain(entries)
     below = spec.below
+    if plain and spec.native and e.dtype == torch.float32 and e.device.type == "cpu":
+        yield from native_bands(e, spec, held)
+        return
     if plain and spec.compile:
         yield from summed_tiles(e, spec, held)
         return
