@@ -12,9 +12,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from src.alignment.native_sums import compiler
 from src.data.protocols import TRAIN_NEGATIVE_POOLS
 from src.device import MATMUL_PRECISIONS
+from src.native import compiler
 from src.results import DEFAULT_SELECT, SELECT_PATTERN
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

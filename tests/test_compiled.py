@@ -49,7 +49,7 @@ def test_compiled_fused_alignment_matches_eager(compose_cfg, one_thread):
     anchors = torch.stack([torch.randperm(m, generator=gen(95 + i))[:64] for i in range(6)])
     valid = torch.ones(6, 64, dtype=torch.bool)
     valid[2, 40:] = False
-    eager = dataclasses.replace(loss, fast_kernel="fused", compile=False, fast_block=3 * 64 * m)
+    eager = dataclasses.replace(loss, fast_kernel="fused", compile=False, fast_block=3 * 64 * m, native_threads=0)
     v1, g1 = eager.value_and_grad(t, anchors, valid, b)
     for block in (3 * 64 * m, 2 * 64 * m):  # sub-chunks of 3, then 2 and 2 and 2 clients: shapes change
         v2, g2 = dataclasses.replace(eager, compile=True, fast_block=block).value_and_grad(t, anchors, valid, b)

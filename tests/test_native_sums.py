@@ -16,6 +16,7 @@ from src.alignment import native_sums
 from src.alignment.release import NATIVE_BAND, ReleaseSpec, release_blocks
 from src.alignment.server import SimilaritySum
 from src.alignment.similarity import normalised
+from src.native import compiler
 
 
 def summed(tables: torch.Tensor, spec: ReleaseSpec) -> tuple[SimilaritySum, torch.Tensor]:
@@ -43,7 +44,7 @@ def brute_force(tables: torch.Tensor, sigma: float) -> tuple[np.ndarray, np.ndar
     return total, held, np.array(counts)
 
 
-pytestmark = pytest.mark.skipif(native_sums.compiler() is None, reason="no C compiler on PATH")
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on PATH")
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from src.alignment import native_align
 from src.alignment.broadcast import Broadcast
 from src.alignment.fast_grad import compiled_fast_value_and_grad, fast_value_and_grad
 from src.alignment.similarity import cluster_sums, normalised
@@ -266,6 +267,7 @@ class AlignmentLoss:
     fast_block: int | None = None  # fast mode: elements of anchor-row intermediates at once (None: whole chunk)
     fast_kernel: str = "fused"  # fast mode: fused (closed form, src/alignment/fast_grad.py) or autograd
     compile: bool = False  # the fused kernel through torch.compile
+    native_threads: int = 0  # > 0: the fused kernel by its C form on that many threads (native_align)
     # this project's variant (`server.gsa_on_graph`): GSA's global mask is the server graph (sigma, knn k or None)
     gsa_graph: tuple[float, int | None] | None = None
 
@@ -388,6 +390,8 @@ class AlignmentLoss:
         if self.mode == "exact":
             return _in_parts(lambda s, e: self.exact_value_and_grad(table[s:e], b), table, self.chunk)
         step = c if self.fast_block is None else max(1, self.fast_block // max(self.fast_anchors * m, 1))
+        if self.native_threads and native_align.applies(table):
+            step = c  # the C kernel keeps one client at a time in cache: no sub-chunks
         # clients are independent: sub-chunks give the same values, with cache-sized intermediates
         return _in_parts(
             lambda s, e: self.fast_value_and_grad(table[s:e], anchors[s:e], anchor_valid[s:e], b), table, step
@@ -407,7 +411,9 @@ class AlignmentLoss:
             if not self.active(b):
                 return {}, torch.zeros_like(table)
             k = self.fast_anchors
-            kernel = compiled_fast_value_and_grad() if self.compile else fast_value_and_grad
+            kernel, extra = compiled_fast_value_and_grad() if self.compile else fast_value_and_grad, {}
+            if self.native_threads and native_align.applies(table):
+                kernel, extra = native_align.value_and_grad, {"threads": self.native_threads}
             return kernel(
                 table.detach(),
                 anchors[:, :k],
@@ -421,6 +427,7 @@ class AlignmentLoss:
                 centre=self.centre,
                 mask=self.mask,
                 reduction=self.reduction,
+                **extra,
             )
         part = table.detach().requires_grad_()
         with torch.enable_grad():

@@ -4,11 +4,14 @@
    For item rows [r0, r1) against the items from r0 on, every client's cosines x = <e_i, e_j> with j > i are
    computed in registers (an MR x 32 tile, d multiply-adds each), those with x > below are added to a tile of
    sums that stays in cache while all the chunk's clients pass over it, and counted per pair and per client.
-   GCC vector extensions, no intrinsics: -march=native picks the vector width. Workers share the tiles through
-   one atomic counter, so any number of threads may call `upper_sums` at once with the same arguments. */
+   GCC vector extensions, no intrinsics: -march=native picks the vector width. The tiles are shared by OpenMP
+   threads (torch's own runtime when the process has loaded it, so no second pool spins beside torch's). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MR 8            /* item rows of a register tile */
 #define NV 2            /* vectors of 16 columns of a register tile */
@@ -25,15 +28,17 @@ typedef int32_t vi16u __attribute__((vector_size(64), aligned(4)));
    counts [C] how many entries each client sends. R (a multiple of MR) x W (a multiple of NR): the cache tile. */
 void upper_sums(const float *e, const float *et, int64_t C, int64_t m, int64_t mp, int64_t d, float below,
                 int64_t r0, int64_t r1, float *total, int32_t *held, int64_t *counts, int64_t R, int64_t W,
-                int64_t *next) {
+                int threads) {
   const int64_t nr = (r1 - r0 + R - 1) / R, nc = (m - r0 + W - 1) / W, ntiles = nr * nc, stride = m - r0;
+  const v16 vb = (v16){} + below;
+  const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#pragma omp parallel num_threads(threads)
+  {
   float *S = malloc(sizeof(float) * R * W);
   int32_t *H = malloc(sizeof(int32_t) * R * W);
   int64_t *cnt = calloc(C, sizeof(int64_t));
-  const v16 vb = (v16){} + below;
-  const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  for (int64_t t = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); t < ntiles;
-       t = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) {
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t t = 0; t < ntiles; t++) {
     const int64_t i1 = r0 + (t / nc) * R, j1 = r0 + (t % nc) * W;
     if (j1 + W <= i1 + 1) continue; /* wholly on or below the diagonal */
     const int64_t rb = (i1 + R <= r1) ? R : r1 - i1, cw = (j1 + W <= m) ? W : m - j1;
@@ -86,4 +91,5 @@ void upper_sums(const float *e, const float *et, int64_t C, int64_t m, int64_t m
   free(S);
   free(H);
   free(cnt);
+  }
 }

@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from src.alignment import native_sums
+from src import native
 from src.alignment.broadcast import Broadcast
 from src.alignment.losses import AlignmentLoss
 from src.alignment.release import ReleaseSpec, release_blocks
@@ -118,8 +118,8 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     p = cfg.privacy
     # compiled kernels are measured on the CPU only; on another device they stay eager (README, Benchmark)
     compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False)) and device.type == "cpu"
-    native = OmegaConf.select(cfg, "compute.native", default=False)
-    native = device.type == "cpu" and (native is True or (native == "auto" and native_sums.compiler() is not None))
+    asked = OmegaConf.select(cfg, "compute.native", default=False)
+    use_native = device.type == "cpu" and (asked is True or (asked == "auto" and native.compiler() is not None))
     knn = int(cfg.server.graph_k) if cfg.server.get("graph", "threshold") == "knn" else None
     graph_sigma = float(m.sigma if cfg.server.get("graph_sigma") is None else cfg.server.graph_sigma)
     on_graph = bool(cfg.server.get("gsa_on_graph", False))
@@ -148,6 +148,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         fast_block=None if m.get("fast_block") is None else block_elements(cfg, "model.fast_block", device),
         fast_kernel=str(m.get("fast_kernel", "autograd")),
         compile=compiled,
+        native_threads=torch.get_num_threads() if use_native else 0,
         gsa_graph=(graph_sigma, knn) if on_graph else None,
     )
     spec = ReleaseSpec(
@@ -158,7 +159,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         topk=encoding.topk,
         bits=encoding.bits,
         compile=compiled,
-        native=native,
+        native=use_native,
         threads=torch.get_num_threads(),
     )
     return AlignFedRec(

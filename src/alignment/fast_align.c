@@ -1,0 +1,338 @@
+/* The fast alignment's value and gradient, one client at a time in cache: src/alignment/fast_grad.py's
+   fast_value_and_grad written out in C for d = 32 (src/alignment/native_align.py calls this).
+
+   Per client: the table normalised (centred over items), ICA's positive terms through the community sums, the
+   anchor rows S = e_A e^T [K, m] (register tiles of 8 anchors x 32 items), then per anchor row:
+   ICA (Eq. 3-4), lse_a = log sum_{k != a} exp(s_ak / tau) and its gradient coef_a softmax_k;
+   GSA (Eq. 10), d_ak = W_ak (s_ak - S_g[a, k]) with W the configured mask, sum d^2 and its gradient
+   2 beta scale d_ak, scale = 1 / (entries of W) (mean) or m / (valid anchors) (sum); the rows then hold
+   G = dL/dS, G^T e_A and G e go to the gradient of e (register tiles again), and that gradient goes back through
+   the normalisation and the centring.
+   GCC vector extensions, no intrinsics; the clients are shared by OpenMP threads (torch's own runtime when the
+   process has loaded it, so no second pool spins beside torch's). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint8_t vb16 __attribute__((vector_size(16)));
+typedef uint8_t vb16u __attribute__((vector_size(16), aligned(1)));
+
+static const vi16 LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+static inline v16 load(const float *p, int64_t n) {
+  if (n == 16) return *(const v16u *)p;
+  v16 x = {};
+  memcpy(&x, p, sizeof(float) * n);
+  return x;
+}
+
+static inline void store(float *p, v16 x, int64_t n) {
+  if (n == 16) *(v16u *)p = x;
+  else memcpy(p, &x, sizeof(float) * n);
+}
+
+static inline vi16 load_mask(const uint8_t *p, int64_t n) {
+  vb16 b = {};
+  if (n == 16) b = *(const vb16u *)p;
+  else memcpy(&b, p, n);
+  return __builtin_convertvector(b, vi16) != 0;
+}
+
+static inline v16 pick(vi16 mask, v16 yes, v16 no) { return (v16)(((vi16)yes & mask) | ((vi16)no & ~mask)); }
+
+/* exp(x) for x <= 0 within a few float ulps (x below -87 gives about 1e-38, not 0): 2^n e^f, |f| <= ln2 / 2 */
+static inline v16 vexp(v16 x) {
+  const v16 lo = (v16){} - 87.0f;
+  x = pick(x < lo, lo, x);
+  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+  const v16 f = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  v16 p = f * (1.0f / 720) + (1.0f / 120);
+  p = p * f + (1.0f / 24);
+  p = p * f + (1.0f / 6);
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  return p * (v16)bits;
+}
+
+/* Whether W_ak holds, for columns k0..k0+n of anchor a's row: mask 0 local (s >= sigma), 1 global (the server
+   graph, or S_g >= sigma without one), 2 union; never the anchor's own column, nor past n. */
+static inline vi16 kept(v16 x, const float *sg, const uint8_t *graph, int mask, float sigma, int64_t k0, int64_t n,
+                        int64_t a) {
+  vi16 w;
+  vi16 glob = {};
+  if (mask != 0) glob = graph ? load_mask(graph + k0, n) : load(sg + k0, n) >= sigma;
+  if (mask == 0) w = x >= sigma;
+  else if (mask == 1) w = glob;
+  else w = (x >= sigma) | glob;
+  return w & (LANE < (int32_t)n) & ((LANE + (int32_t)k0) != (int32_t)a);
+}
+
+#define SUM_BLOCK 128 /* items per partial sum of a long reduction */
+#define D 32 /* the embedding width this kernel is written for (model.dim; others use the torch form) */
+
+/* S [kp, mp] = A [kp, D] B [D, mp] in register tiles of 8 rows x 32 columns (kp a multiple of 8, mp of 32) */
+static void rows_product(const float *A, const float *B, float *S, int64_t kp, int64_t mp) {
+  for (int64_t i0 = 0; i0 < kp; i0 += 8)
+    for (int64_t j0 = 0; j0 < mp; j0 += 32) {
+      v16 acc[8][2];
+      for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = (v16){};
+      for (int j = 0; j < D; j++) {
+        const v16 b0 = *(const v16u *)(B + j * mp + j0), b1 = *(const v16u *)(B + j * mp + j0 + 16);
+        for (int r = 0; r < 8; r++) {
+          const v16 a = (v16){} + A[(i0 + r) * D + j];
+          acc[r][0] += a * b0;
+          acc[r][1] += a * b1;
+        }
+      }
+      for (int r = 0; r < 8; r++) {
+        *(v16u *)(S + (i0 + r) * mp + j0) = acc[r][0];
+        *(v16u *)(S + (i0 + r) * mp + j0 + 16) = acc[r][1];
+      }
+    }
+}
+
+/* From G [K, mp] (zero past m): gk [m, D] += G^T ea (s_ak = e_a . e_k: d/de_k = sum_a G_ak e_a), in tiles of
+   8 items; ga [K, D] += G e (d/de_a = sum_k G_ak e_k), in tiles of 4 anchors */
+static void grads(const float *G, const float *e, const float *ea, int64_t K, int64_t m, int64_t mp, float *gk,
+                  float *ga) {
+  for (int64_t k0 = 0; k0 < m; k0 += 8) {
+    v16 acc[8][2];
+    for (int i = 0; i < 8; i++) acc[i][0] = acc[i][1] = (v16){};
+    for (int64_t a = 0; a < K; a++) {
+      const v16 x0 = *(const v16u *)(ea + a * D), x1 = *(const v16u *)(ea + a * D + 16);
+      for (int i = 0; i < 8; i++) {
+        const v16 g = (v16){} + G[a * mp + k0 + i];
+        acc[i][0] += g * x0;
+        acc[i][1] += g * x1;
+      }
+    }
+    for (int i = 0; i < 8 && k0 + i < m; i++) {
+      *(v16u *)(gk + (k0 + i) * D) += acc[i][0];
+      *(v16u *)(gk + (k0 + i) * D + 16) += acc[i][1];
+    }
+  }
+  for (int64_t a0 = 0; a0 < K; a0 += 4) {
+    const int na = K - a0 < 4 ? (int)(K - a0) : 4;
+    v16 total[4][2];
+    for (int i = 0; i < 4; i++) total[i][0] = total[i][1] = (v16){};
+    for (int64_t b0 = 0; b0 < m; b0 += SUM_BLOCK) { /* partial sums of SUM_BLOCK items: rounding as a blocked GEMM */
+      const int64_t b1 = b0 + SUM_BLOCK < m ? b0 + SUM_BLOCK : m;
+      v16 acc[4][2];
+      for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = (v16){};
+      for (int64_t k = b0; k < b1; k++) {
+        const v16 x0 = *(const v16u *)(e + k * D), x1 = *(const v16u *)(e + k * D + 16);
+        for (int i = 0; i < 4; i++) {
+          const v16 g = (v16){} + G[(a0 + (i < na ? i : 0)) * mp + k];
+          acc[i][0] += g * x0;
+          acc[i][1] += g * x1;
+        }
+      }
+      for (int i = 0; i < 4; i++) {
+        total[i][0] += acc[i][0];
+        total[i][1] += acc[i][1];
+      }
+    }
+    for (int i = 0; i < na; i++) {
+      *(v16u *)(ga + (a0 + i) * D) += total[i][0];
+      *(v16u *)(ga + (a0 + i) * D + 16) += total[i][1];
+    }
+  }
+}
+
+/* tables [C, m, D]; anchors [C, K]; valid [C, K] (0/1); labels [m] and sizes [L] (NULL: no ICA); gsim [m, m]
+   (NULL: no GSA; graph [m, m] 0/1 or NULL). Writes ica [C] and gsa [C] (the per-client terms, as fast_grad's
+   values) and grad [C, m, D] = d(alpha ICA + beta GSA)/d table. */
+void fast_align(const float *tables, int64_t C, int64_t K, int64_t m, const int64_t *anchors, const uint8_t *valid,
+                const int64_t *labels, const int64_t *sizes, int64_t L, const float *gsim, const uint8_t *graph,
+                float alpha, float beta, float tau, float tau0, float sigma, int centre, int mask, int mean,
+                float *ica, float *gsa, float *grad, int threads) {
+  const int64_t mp = (m + 31) / 32 * 32, kp = (K + 7) / 8 * 8;
+  const float eps = 1e-12f, inv_tau = 1.0f / tau, two_beta = 2.0f * beta;
+#pragma omp parallel num_threads(threads)
+  {
+  float *p = malloc(sizeof(float) * (mp + 16));
+  float *et = calloc(D * mp, sizeof(float));
+  float *ea = calloc(kp * D, sizeof(float));
+  float *s = malloc(sizeof(float) * kp * mp);
+  float *e = malloc(sizeof(float) * m * D);
+  float *nrm = malloc(sizeof(float) * m);
+  float *ge = malloc(sizeof(float) * m * D);
+  float *gea = malloc(sizeof(float) * K * D);
+  float *w = malloc(sizeof(float) * K), *coef = malloc(sizeof(float) * K), *pos = malloc(sizeof(float) * K);
+  float *lse = malloc(sizeof(float) * K);
+  float *csum = labels ? malloc(sizeof(float) * L * D) : NULL, *spread = labels ? malloc(sizeof(float) * L * D) : NULL;
+  double *csum64 = labels ? malloc(sizeof(double) * L * D) : NULL;
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t c = 0; c < C; c++) {
+    const float *t = tables + c * m * D;
+    const int64_t *anc = anchors + c * K;
+    const uint8_t *ok = valid + c * K;
+    /* e = x / max(|x|, eps), x = the table centred over items */
+    float mu[D] = {0};
+    if (centre) {
+      double acc[D] = {0};
+      for (int64_t k = 0; k < m; k++)
+        for (int j = 0; j < D; j++) acc[j] += t[k * D + j];
+      for (int j = 0; j < D; j++) mu[j] = (float)(acc[j] / (double)m);
+    }
+    for (int64_t k = 0; k < m; k++) {
+      float x[D], sq = 0.0f;
+      for (int j = 0; j < D; j++) {
+        x[j] = t[k * D + j] - mu[j];
+        sq += x[j] * x[j];
+      }
+      float n = sqrtf(sq);
+      n = n > eps ? n : eps;
+      nrm[k] = n;
+      for (int j = 0; j < D; j++) e[k * D + j] = x[j] / n;
+    }
+    memset(ge, 0, sizeof(float) * m * D);
+    memset(gea, 0, sizeof(float) * K * D);
+    for (int64_t r = 0; r < K; r++) coef[r] = 0.0f;
+    if (labels) {
+      /* Eq. 3-4, positives: sum_{p in P(a)} s_ap = e_a . (sum of a's community - e_a) */
+      memset(csum64, 0, sizeof(double) * L * D);
+      memset(spread, 0, sizeof(float) * L * D);
+      for (int64_t k = 0; k < m; k++)
+        for (int j = 0; j < D; j++) csum64[labels[k] * D + j] += e[k * D + j];
+      for (int64_t i = 0; i < L * D; i++) csum[i] = (float)csum64[i];
+      int64_t nv = 0;
+      for (int64_t r = 0; r < K; r++) nv += ok[r] && sizes[labels[anc[r]]] > 1;
+      for (int64_t r = 0; r < K; r++) {
+        const int64_t a = anc[r], l = labels[a];
+        const float npos = sizes[l] - 1 > 1 ? (float)(sizes[l] - 1) : 1.0f;
+        w[r] = (ok[r] && sizes[l] > 1) ? 1.0f / (float)(nv > 1 ? nv : 1) : 0.0f;
+        coef[r] = alpha * w[r] / tau0;
+        float dot = 0.0f;
+        for (int j = 0; j < D; j++) dot += e[a * D + j] * (csum[l * D + j] - e[a * D + j]);
+        pos[r] = dot / tau / npos;
+        const float pc = (-alpha / tau0) * w[r] / npos;
+        for (int j = 0; j < D; j++) {
+          spread[l * D + j] += pc * e[a * D + j];
+          gea[r * D + j] = pc * (csum[l * D + j] - 2 * e[a * D + j]);
+        }
+      }
+      for (int64_t k = 0; k < m; k++)
+        for (int j = 0; j < D; j++) ge[k * D + j] = spread[labels[k] * D + j];
+    }
+    /* the anchor rows */
+    for (int64_t k = 0; k < m; k++)
+      for (int j = 0; j < D; j++) et[j * mp + k] = e[k * D + j];
+    for (int64_t r = 0; r < K; r++) memcpy(ea + r * D, e + anc[r] * D, sizeof(float) * D);
+    rows_product(ea, et, s, kp, mp);
+    float sc = 0.0f, tbs = 0.0f;
+    if (gsim) {
+      int64_t nvalid = 0, nkept = 0;
+      for (int64_t r = 0; r < K; r++) {
+        const int64_t a = anc[r];
+        nvalid += ok[r] != 0;
+        if (!mean || !ok[r]) continue;
+        const float *row = s + r * mp;
+        vi16 cnt = {};
+        for (int64_t k0 = 0; k0 < m; k0 += 16) {
+          const int64_t n = m - k0 < 16 ? m - k0 : 16;
+          cnt -= kept(load(row + k0, n), gsim + a * m, graph ? graph + a * m : NULL, mask, sigma, k0, n, a);
+        }
+        for (int l = 0; l < 16; l++) nkept += cnt[l];
+      }
+      sc = mean ? 1.0f / (float)(nkept > 1 ? nkept : 1) : (float)m / (float)(nvalid > 1 ? nvalid : 1);
+      tbs = two_beta * sc;
+    }
+    double sq = 0.0;
+    for (int64_t r = 0; r < K; r++) {
+      const int64_t a = anc[r];
+      float *row = s + r * mp;
+      float cz = 0.0f;
+      if (labels) {
+        const float own = row[a];
+        row[a] = -INFINITY;
+        v16 top = (v16){} - INFINITY;
+        for (int64_t k0 = 0; k0 < m; k0 += 16) {
+          const int64_t n = m - k0 < 16 ? m - k0 : 16;
+          const v16 x = load(row + k0, n);
+          top = pick((x > top) & (LANE < (int32_t)n), x, top);
+        }
+        float tp = -INFINITY;
+        for (int l = 0; l < 16; l++) tp = top[l] > tp ? top[l] : tp;
+        tp *= inv_tau;
+        v16 z = {};
+        for (int64_t k0 = 0; k0 < m; k0 += 16) {
+          const int64_t n = m - k0 < 16 ? m - k0 : 16;
+          const v16 x = pick(LANE < (int32_t)n, vexp(load(row + k0, n) * inv_tau - tp), (v16){});
+          z += x;
+          *(v16u *)(p + k0) = x;
+        }
+        row[a] = own;
+        float zs = 0.0f;
+        for (int l = 0; l < 16; l++) zs += z[l];
+        zs -= p[a];
+        p[a] = 0.0f;
+        lse[r] = tp + logf(zs);
+        cz = coef[r] / zs;
+      }
+      if (!gsim) {
+        for (int64_t k0 = 0; k0 < m; k0 += 16) {
+          const int64_t n = m - k0 < 16 ? m - k0 : 16;
+          store(row + k0, *(const v16u *)(p + k0) * cz, n);
+        }
+        continue;
+      }
+      const float *sg = gsim + a * m;
+      const uint8_t *gr = graph ? graph + a * m : NULL;
+      v16 acc = {};
+      for (int64_t k0 = 0; k0 < m; k0 += 16) {
+        const int64_t n = m - k0 < 16 ? m - k0 : 16;
+        const v16 x = load(row + k0, n);
+        const vi16 keep = ok[r] ? kept(x, sg, gr, mask, sigma, k0, n, a) : (vi16){};
+        const v16 d = (v16)((vi16)(x - load(sg + k0, n)) & keep); /* Eq. 10: W o (S_u - S_g) */
+        acc += d * d;
+        v16 g = d * tbs;
+        if (labels) g += *(const v16u *)(p + k0) * cz;
+        store(row + k0, g, n);
+      }
+      for (int l = 0; l < 16; l++) sq += acc[l];
+    }
+    if (labels || gsim) grads(s, e, ea, K, m, mp, ge, gea);
+    if (labels) {
+      float a1 = 0.0f, a2 = 0.0f;
+      for (int64_t r = 0; r < K; r++) {
+        a1 += w[r] * lse[r];
+        a2 += w[r] * pos[r];
+      }
+      ica[c] = (tau / tau0) * (a1 - a2);
+    }
+    if (gsim) gsa[c] = (float)sq * sc;
+    for (int64_t r = 0; r < K; r++)
+      for (int j = 0; j < D; j++) ge[anc[r] * D + j] += gea[r * D + j];
+    /* back through e = x / |x|: (g - e (e . g)) / |x| (g / eps where |x| <= eps), then minus its item mean */
+    float *out = grad + c * m * D;
+    double gsum[D] = {0};
+    for (int64_t k = 0; k < m; k++) {
+      float radial = 0.0f;
+      for (int j = 0; j < D; j++) radial += e[k * D + j] * ge[k * D + j];
+      if (!(nrm[k] > eps)) radial = 0.0f;
+      for (int j = 0; j < D; j++) {
+        out[k * D + j] = (ge[k * D + j] - e[k * D + j] * radial) / nrm[k];
+        gsum[j] += out[k * D + j];
+      }
+    }
+    if (centre) {
+      float gm[D];
+      for (int j = 0; j < D; j++) gm[j] = (float)(gsum[j] / (double)m);
+      for (int64_t k = 0; k < m; k++)
+        for (int j = 0; j < D; j++) out[k * D + j] -= gm[j];
+    }
+  }
+  free(p); free(et); free(ea); free(s); free(e); free(nrm); free(ge); free(gea);
+  free(w); free(coef); free(pos); free(lse); free(csum); free(spread); free(csum64);
+  }
+}
