@@ -14,7 +14,7 @@ compiles what `compute.compile` compiles), then R rounds, and reports:
   nothing, so a CPU bench shows what a GPU round would do (a few per chunk, none per local step);
 - a roofline of the train and aggregate phases (`roofline`): FLOPs and bytes of their dominant products
   per round from the shapes, the rates achieved, and this machine's ceilings measured in the same run
-  (the same product class timed alone, and a large copy);
+  (the same product class timed alone, the fp32 multiply-add peak from registers, and a large copy);
 - with `bench.baseline` (overrides, e.g. `["model.fast_block=null"]`), the same figures for that
   implementation, benched first in a process of its own, and the ratios baseline / this;
 - the stacked cohort against the per-client reference loop (`src/clients/reference.py`) doing the same
@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from src import native
 from src.alignment.losses import EXACT_FUSED_MAX
 from src.clients.cohort import batch_layout, chunks_by_steps, local_steps, train_cohort
 from src.clients.reference import ExactAlignment, client_batches, make_client, train_client
@@ -106,6 +107,27 @@ def product_rate(batch: int, rows: int, inner: int, cols: int, device: torch.dev
     return 2.0 * batch * rows * inner * cols / best / 1e9
 
 
+def fma_rate(seconds: float = 0.5, repeats: int = 3) -> float | None:
+    """GFLOP/s of this machine's fp32 multiply-adds from registers on torch's threads (`src/fma_peak.c`, best of
+    `repeats` runs of about `seconds`): the CPU's own peak, which no product can pass. None without a C compiler."""
+    source = Path(__file__).with_name("fma_peak.c")
+    if not native.usable(source):
+        return None
+    fn = native.library(source).fma_peak
+    fn.restype, fn.argtypes = native.F32, [native.I64, native.INT]
+    threads = torch.get_num_threads()
+    fn(10_000, threads)
+    iters, best = 1_000_000, float("inf")
+    tic = time.perf_counter()
+    fn(iters, threads)
+    iters = max(1, int(iters * seconds / max(time.perf_counter() - tic, 1e-6)))
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn(iters, threads)
+        best = min(best, time.perf_counter() - tic)
+    return threads * iters * 12 * 16 * 2 / best / 1e9
+
+
 def copy_rate(device: torch.device, mib: int = 256, repeats: int = 3) -> float:
     """GB/s of a large out-of-cache copy (read + write counted), the memory ceiling."""
     x = torch.empty(mib * 2**18, device=device).fill_(1.0)
@@ -122,7 +144,9 @@ def copy_rate(device: torch.device, mib: int = 256, repeats: int = 3) -> float:
 
 def roofline(cfg: DictConfig, module: FederatedModule, figures: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
     """FLOPs and bytes per round of the train and aggregate phases' dominant products (from the shapes), their
-    achieved rates, and this machine's own ceilings for the same product class measured now.
+    achieved rates, and this machine's own ceilings measured now: torch's product of the same shape class (the
+    rate a phase built on torch's products can reach) and, on the CPU, the multiply-add peak (`fma_rate`: what no
+    kernel can pass; the C kernels of `compute.native` are held against it).
 
     Train (AlignFedRec, fast): per client-step the anchor rows s = e_a e^T and their two gradient products,
     3 x 2 K m d FLOPs (K = model.fast_anchors), operands and result 3 x 4 (K d + m d + K m) bytes; exact mode:
@@ -135,7 +159,8 @@ def roofline(cfg: DictConfig, module: FederatedModule, figures: dict[str, Any], 
     device = module.compute_device
     method = module.method
     secs = figures["seconds_per_round"]
-    out: dict[str, Any] = {"copy_gb_s": copy_rate(device)}
+    fma = fma_rate() if device.type == "cpu" else None
+    out: dict[str, Any] = {"copy_gb_s": copy_rate(device), "fma_peak_gflop_s": fma}
     if not method.uploads_similarity:
         return out | {"note": "no alignment products: the method's rounds are BCE and optimiser steps only"}
     steps = figures["client_steps_per_round"] or 0.0
@@ -174,6 +199,7 @@ def roofline(cfg: DictConfig, module: FederatedModule, figures: dict[str, Any], 
             "achieved_gb_s": nbytes / t / 1e9 if t > 0 else None,
             "peak_gflop_s": peak,
             "compute_fraction": None if rate is None else rate / peak,
+            "fma_fraction": None if rate is None or not fma else rate / fma,
         }
     return out
 
@@ -316,7 +342,9 @@ def table(report: dict[str, Any]) -> str:
         f"{report['host_device_per_round']['syncs']:.1f} syncs (calls through src/device.py)",
     ]
     roof = report.get("roofline") or {}
-    lines += ["", f"roofline (copy rate {roof.get('copy_gb_s', 0.0):.1f} GB/s measured now):"]
+    fma = roof.get("fma_peak_gflop_s")
+    peak = f", fp32 multiply-add peak {fma:.1f} GFLOP/s" if fma else ""
+    lines += ["", f"roofline (copy rate {roof.get('copy_gb_s', 0.0):.1f} GB/s{peak} measured now):"]
     for phase in ("train", "aggregate"):
         r = roof.get(phase)
         if r is None:
@@ -325,6 +353,7 @@ def table(report: dict[str, Any]) -> str:
             f"  {phase:<10} {r['gflop_per_round']:10.1f} GFLOP {r['gb_per_round']:8.2f} GB/round, "
             f"{fmt(r['achieved_gflop_s'], '.1f')} GFLOP/s of {r['peak_gflop_s']:.1f} "
             f"({fmt(r['compute_fraction'], '.0%')}), {fmt(r['achieved_gb_s'], '.2f')} GB/s"
+            + (f", {fmt(r.get('fma_fraction'), '.0%')} of the multiply-add peak" if r.get("fma_fraction") else "")
         )
     if "note" in roof:
         lines.append(f"  {roof['note']}")

@@ -32,6 +32,11 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def usable(*sources: Path) -> bool:
+    """Whether these kernels can be built here: a C compiler and their sources (a Flower FAB carries no C files)."""
+    return compiler() is not None and all(source.is_file() for source in sources)
+
+
 def _cpu() -> str:
     """What -march=native depends on: the CPU's model and feature flags (Linux), else the platform's name."""
     try:

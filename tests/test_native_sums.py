@@ -131,3 +131,12 @@ def test_native_is_a_speed_key():
     from src.rundir import SPEED_KEYS
 
     assert "compute.native" in SPEED_KEYS
+
+
+def test_auto_falls_back_where_the_kernel_sources_are_missing(compose_cfg, monkeypatch, tmp_path):
+    """A Flower FAB carries Python and YAML only: `auto` then keeps the torch path on that node."""
+    from src.methods.base import build_method
+
+    monkeypatch.setattr(native_sums, "SOURCE", tmp_path / "absent.c")
+    method = build_method(compose_cfg(["dataset=synthetic"]), torch.device("cpu"))
+    assert not method.spec.native and method.loss.native_threads == 0

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src import native
+from src.alignment import native_align, native_sums
 from src.alignment.broadcast import Broadcast
 from src.alignment.losses import AlignmentLoss
 from src.alignment.release import ReleaseSpec, release_blocks
@@ -119,7 +120,8 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     # compiled kernels are measured on the CPU only; on another device they stay eager (README, Benchmark)
     compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False)) and device.type == "cpu"
     asked = OmegaConf.select(cfg, "compute.native", default=False)
-    use_native = device.type == "cpu" and (asked is True or (asked == "auto" and native.compiler() is not None))
+    usable = native.usable(native_sums.SOURCE, native_align.SOURCE)
+    use_native = device.type == "cpu" and (asked is True or (asked == "auto" and usable))
     knn = int(cfg.server.graph_k) if cfg.server.get("graph", "threshold") == "knn" else None
     graph_sigma = float(m.sigma if cfg.server.get("graph_sigma") is None else cfg.server.graph_sigma)
     on_graph = bool(cfg.server.get("gsa_on_graph", False))
