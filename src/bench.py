@@ -4,7 +4,8 @@ Builds the data and a `FederatedModule` as `src.run` does (no Lightning Trainer,
 no run folder), runs two warm-up rounds that are not counted (the second is the first that aligns, and
 compiles what `compute.compile` compiles), then R rounds, and reports:
 
-- seconds per round by phase (the `time/*` values `run_round` returns: sample, train, aggregate,
+- seconds per round by phase (the `time/*` values `run_round` returns: sample, train, aggregate (the uploads
+  made and summed, chunk by chunk), server (S_g and the broadcast, once a round),
   community, eval; a phase the method does not have counts 0) and the whole round, mean over R;
 - client-steps per second: local steps of all chosen clients per round / train seconds;
 - peak resident memory of the process (MiB), peak GPU memory allocated (MiB, null without CUDA),
@@ -58,7 +59,7 @@ from src.device import COUNTERS
 from src.results import publish_report, select_key
 from src.simulator.federated import FederatedModule
 
-PHASES = ("sample", "train", "aggregate", "community", "eval")
+PHASES = ("sample", "train", "aggregate", "server", "community", "eval")
 WARMUP = 2  # round 2 is the first with a broadcast to align to
 
 

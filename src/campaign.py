@@ -218,7 +218,8 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], benc
             secs = bench["seconds_per_round"]
             share = float(bench.get("config", {}).get("client_fraction", 1.0)) or 1.0
             # the clients' phases scale with the share of clients the bench trained; two jobs side by side
-            benched.append(2.0 * ((secs["train"] + secs["aggregate"]) / share + secs["eval"] + secs["community"]))
+            fixed = secs["eval"] + secs["community"] + secs.get("server", 0.0)
+            benched.append(2.0 * ((secs["train"] + secs["aggregate"]) / share + fixed))
     if benched:
         return min(benched)
     users, items = {

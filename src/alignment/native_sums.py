@@ -35,12 +35,13 @@ def kernel():
 
 def padded(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's operands from normalised tables e [C, m, d] (float32, CPU): e with its rows padded with zeros
-    to a multiple of 32 [C, mp, d], and its transpose [C, d, mp]."""
+    to a multiple of 32 [C, mp, d], and its transpose in panels of 32 items [C, mp / 32, d, 32] (a register tile's
+    columns contiguous: fewer pages touched per tile than rows of the whole transpose)."""
     c, m, d = e.shape
     mp = -(-m // NR) * NR
     rows = torch.zeros(c, mp, d, dtype=torch.float32)
     rows[:, :m] = e
-    return rows, rows.transpose(1, 2).contiguous()
+    return rows, rows.view(c, mp // NR, NR, d).transpose(2, 3).contiguous()
 
 
 def band_sums(

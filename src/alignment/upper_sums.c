@@ -22,7 +22,8 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 typedef int32_t vi16u __attribute__((vector_size(64), aligned(4)));
 
-/* e [C, mp, d]: the normalised tables, rows m..mp zero (mp a multiple of 32); et [C, d, mp]: the same transposed.
+/* e [C, mp, d]: the normalised tables, rows m..mp zero (mp a multiple of 32); et [C, mp / 32, d, 32]: the same
+   transposed in panels of 32 items, so the columns of a register tile are one contiguous 4 KB block (d = 32).
    Adds into total [r1 - r0, m - r0] (float32, column j at j - r0) the entries x > below with j > i summed over
    the C clients, into held (same shape, int32; NULL: not counted) how many clients send each, and into
    counts [C] how many entries each client sends. R (a multiple of MR) x W (a multiple of NR): the cache tile. */
@@ -55,7 +56,7 @@ void upper_sums(const float *e, const float *et, int64_t C, int64_t m, int64_t m
             for (int v = 0; v < NV; v++) acc[r][v] = (v16){};
           for (int64_t k = 0; k < d; k++) {
             v16 b[NV];
-            for (int v = 0; v < NV; v++) b[v] = *(const v16u *)(B + k * mp + j0 + 16 * v);
+            for (int v = 0; v < NV; v++) b[v] = *(const v16u *)(B + (j0 / NR) * d * NR + k * NR + 16 * v);
             for (int r = 0; r < MR; r++) {
               const v16 a = (v16){} + A[(i0 + r) * d + k];
               for (int v = 0; v < NV; v++) acc[r][v] += a * b[v];
