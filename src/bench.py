@@ -114,8 +114,10 @@ def fma_rate(seconds: float = 0.5, repeats: int = 3) -> float | None:
     source = Path(__file__).with_name("fma_peak.c")
     if not native.usable(source):
         return None
-    fn = native.library(source).fma_peak
+    lib = native.library(source)
+    fn = lib.fma_peak
     fn.restype, fn.argtypes = native.F32, [native.I64, native.INT]
+    lanes = lib.fma_width()  # floats per register: the chains are that wide
     threads = torch.get_num_threads()
     fn(10_000, threads)
     iters, best = 1_000_000, float("inf")
@@ -126,7 +128,7 @@ def fma_rate(seconds: float = 0.5, repeats: int = 3) -> float | None:
         tic = time.perf_counter()
         fn(iters, threads)
         best = min(best, time.perf_counter() - tic)
-    return threads * iters * 12 * 16 * 2 / best / 1e9
+    return threads * iters * 12 * lanes * 2 / best / 1e9
 
 
 def copy_rate(device: torch.device, mib: int = 256, repeats: int = 3) -> float:

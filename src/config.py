@@ -12,9 +12,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from src.alignment import native_align, native_sums
 from src.data.protocols import TRAIN_NEGATIVE_POOLS
 from src.device import MATMUL_PRECISIONS
-from src.native import compiler
+from src.native import usable
 from src.results import DEFAULT_SELECT, SELECT_PATTERN
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -302,8 +303,8 @@ def _validate_compute(cfg: DictConfig) -> None:
             _bool(cfg, key)
     if OmegaConf.select(cfg, "compute.native", default=None) is not None:
         native = _choice(cfg, "compute.native", NATIVE_CHOICES)
-        no_cc = "auto or false on a machine with no C compiler ($CC, cc or gcc)"
-        _check(native is not True or compiler() is not None, "compute.native", "true", no_cc)
+        no_cc = "auto or false on a machine with no C compiler ($CC, cc or gcc) or without the kernels' C sources"
+        _check(native is not True or usable(native_sums.SOURCE, native_align.SOURCE), "compute.native", "true", no_cc)
     if OmegaConf.select(cfg, "compute.gpu_block_scale", default=None) is not None:
         _int(cfg, "compute.gpu_block_scale", 1)
 

@@ -1,10 +1,12 @@
 """Small C kernels of this project, built once per machine at first use and loaded with ctypes.
 
 Each kernel is one C file beside the Python module that calls it (`src/alignment/upper_sums.c`,
-`src/alignment/anchor_rows.c`), written with GCC vector extensions and no intrinsics, built with the C compiler
-on PATH (`$CC`, else `cc`, else `gcc`) at -O3 -march=native into `$ALIGNFEDREC_CACHE/native/` (default
-~/.cache/alignfedrec), named by a hash of the source, the compiler and the CPU, so a cache shared between
-machines never loads a build made for another CPU. Built with -fopenmp where the compiler has it: the kernels'
+`src/alignment/fast_align.c`, `src/fma_peak.c`), written with GCC vector extensions and no intrinsics, built
+with the C compiler on PATH (`$CC`, else `cc`, else `gcc`) at -O3 -march=native into
+`$ALIGNFEDREC_CACHE/native/` (default ~/.cache/alignfedrec), named by a hash of the source, the compiler, the
+flags and the CPU, so a cache shared between machines never loads a build made for another CPU. The register
+tiles are sized for AVX-512 (32 vector registers of 16 floats), where they were measured: `compute.native=auto`
+uses them on such CPUs only (`fast_cpu`). Built with -fopenmp where the compiler has it: the kernels'
 threads then come from the OpenMP runtime torch has loaded (libgomp.so.1 is resolved to the copy already in
 the process), so a kernel's threads never spin beside torch's idle pool on a machine with few cores.
 `compute.native` (conf/config.yaml) says whether runs use them.
@@ -37,6 +39,11 @@ def usable(*sources: Path) -> bool:
     return compiler() is not None and all(source.is_file() for source in sources)
 
 
+def fast_cpu() -> bool:
+    """Whether this CPU has AVX-512, which the kernels' register tiles are sized for (on AVX2 they would spill)."""
+    return "avx512f" in _cpu().split()
+
+
 def _cpu() -> str:
     """What -march=native depends on: the CPU's model and feature flags (Linux), else the platform's name."""
     try:
@@ -53,21 +60,29 @@ def library(source: Path) -> ctypes.CDLL:
     cc = compiler()
     if cc is None:
         raise RuntimeError("compute.native: no C compiler found ($CC, cc or gcc on PATH); set compute.native=false")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    ident = source.read_bytes() + version.encode() + _cpu().encode() + platform.machine().encode()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    except OSError as err:
+        raise RuntimeError(f"compute.native: the C compiler {cc!r} cannot be run ({err})") from err
+    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
+    ident = source.read_bytes() + version.encode() + " ".join(flags).encode() + _cpu().encode()
     folder = default_cache_dir() / "native"
-    target = folder / f"{source.stem}-{hashlib.sha256(ident).hexdigest()[:16]}.so"
+    target = folder / f"{source.stem}-{hashlib.sha256(ident + platform.machine().encode()).hexdigest()[:16]}.so"
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
-        cmd = [cc, "-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-o", tmp, str(source), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:  # a compiler without OpenMP: the same kernel on one thread
-            cmd.remove("-fopenmp")
+        try:
+            cmd = [cc, *flags, "-fopenmp", "-o", tmp, str(source), "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"compute.native: building {source} failed ({' '.join(cmd)}):\n{done.stderr}")
-        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same file
+            if done.returncode != 0 and "openmp" in done.stderr.lower():  # no OpenMP: the kernel on one thread
+                cmd.remove("-fopenmp")
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"compute.native: building {source} failed ({' '.join(cmd)}):\n{done.stderr}")
+            os.chmod(tmp, 0o755)  # mkstemp made it private; a shared cache is read by others
+            os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return ctypes.CDLL(str(target))

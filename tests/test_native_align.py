@@ -153,3 +153,22 @@ def test_an_aligning_round_with_the_native_kernels_matches_the_torch_path(compos
     diff = (fast.state["items"] - plain.state["items"]).abs()
     assert diff.max() <= 2e-3
     assert (diff > 1e-5).float().mean() <= 1e-3
+
+
+def test_out_of_range_anchors_are_refused_before_the_kernel():
+    t, b, anchors, valid = case()
+    kw = dict(
+        labels=b.labels,
+        sizes=b.sizes,
+        global_sim=None,
+        alpha=1.0,
+        beta=1.0,
+        tau=0.5,
+        tau0=0.5,
+        sigma=0.3,
+        centre=True,
+        mask="local",
+        reduction="mean",
+    )
+    with pytest.raises(ValueError, match="anchors must index"):
+        native_align.value_and_grad(t.float(), anchors + 100, valid, **kw)

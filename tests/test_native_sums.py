@@ -12,6 +12,7 @@ import torch
 from conftest import requires_real_data
 from test_fast_grad import BIG, module_after
 
+from src import native
 from src.alignment import native_sums
 from src.alignment.release import NATIVE_BAND, ReleaseSpec, release_blocks
 from src.alignment.server import SimilaritySum
@@ -108,11 +109,12 @@ def test_native_sums_keep_the_torch_pairs_on_real_tables(compose_cfg, dataset, o
 
 
 def test_native_applies_to_the_cpu_only_and_when_asked(compose_cfg):
-    """auto: on the CPU when a compiler exists; never on another device; false: never."""
+    """auto: on a CPU with AVX-512 when the kernels build; true: on any CPU; never on another device; false: never."""
     from src.methods.base import build_method
 
     cfg = compose_cfg(["dataset=synthetic"])
-    assert build_method(cfg, torch.device("cpu")).spec.native
+    assert build_method(cfg, torch.device("cpu")).spec.native == native.fast_cpu()  # measured on AVX-512 only
+    assert build_method(compose_cfg(["dataset=synthetic", "compute.native=true"]), torch.device("cpu")).spec.native
     assert not build_method(cfg, torch.device("cuda")).spec.native
     assert not build_method(compose_cfg(["dataset=synthetic", "compute.native=false"]), torch.device("cpu")).spec.native
 
@@ -120,7 +122,7 @@ def test_native_applies_to_the_cpu_only_and_when_asked(compose_cfg):
 def test_native_true_without_a_compiler_is_refused_before_work(compose_cfg, monkeypatch):
     import src.config
 
-    monkeypatch.setattr(src.config, "compiler", lambda: None)
+    monkeypatch.setattr(src.config, "usable", lambda *sources: False)
     with pytest.raises(ValueError, match="compute.native"):
         compose_cfg(["dataset=synthetic", "compute.native=true"])
     compose_cfg(["dataset=synthetic", "compute.native=auto"])  # auto falls back to the torch path
@@ -140,3 +142,9 @@ def test_auto_falls_back_where_the_kernel_sources_are_missing(compose_cfg, monke
     monkeypatch.setattr(native_sums, "SOURCE", tmp_path / "absent.c")
     method = build_method(compose_cfg(["dataset=synthetic"]), torch.device("cpu"))
     assert not method.spec.native and method.loss.native_threads == 0
+
+
+def test_a_negative_threshold_is_refused():
+    rows, cols = native_sums.padded(torch.zeros(1, 40, 8))
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        native_sums.band_sums(rows, cols, 40, -0.1, 0, 40, False, 1)

@@ -150,11 +150,12 @@ static void grads(const float *G, const float *e, const float *ea, int64_t K, in
 
 /* tables [C, m, D]; anchors [C, K]; valid [C, K] (0/1); labels [m] and sizes [L] (NULL: no ICA); gsim [m, m]
    (NULL: no GSA; graph [m, m] 0/1 or NULL). Writes ica [C] and gsa [C] (the per-client terms, as fast_grad's
-   values) and grad [C, m, D] = d(alpha ICA + beta GSA)/d table. */
+   values) and grad [C, m, D] = d(alpha ICA + beta GSA)/d table. *status = 1 when a thread could not allocate
+   its buffers (K x m floats and a few m x D). */
 void fast_align(const float *tables, int64_t C, int64_t K, int64_t m, const int64_t *anchors, const uint8_t *valid,
                 const int64_t *labels, const int64_t *sizes, int64_t L, const float *gsim, const uint8_t *graph,
                 float alpha, float beta, float tau, float tau0, float sigma, int centre, int mask, int mean,
-                float *ica, float *gsa, float *grad, int threads) {
+                float *ica, float *gsa, float *grad, int threads, int *status) {
   const int64_t mp = (m + 31) / 32 * 32, kp = (K + 7) / 8 * 8;
   const float eps = 1e-12f, inv_tau = 1.0f / tau, two_beta = 2.0f * beta;
 #pragma omp parallel num_threads(threads)
@@ -171,8 +172,12 @@ void fast_align(const float *tables, int64_t C, int64_t K, int64_t m, const int6
   float *lse = malloc(sizeof(float) * K);
   float *csum = labels ? malloc(sizeof(float) * L * D) : NULL, *spread = labels ? malloc(sizeof(float) * L * D) : NULL;
   double *csum64 = labels ? malloc(sizeof(double) * L * D) : NULL;
+  const int ok = p && et && ea && s && e && nrm && ge && gea && w && coef && pos && lse &&
+                 (!labels || (csum && spread && csum64));
+  if (!ok) __atomic_store_n(status, 1, __ATOMIC_RELAXED); /* out of memory: the caller raises */
 #pragma omp for schedule(dynamic, 1)
   for (int64_t c = 0; c < C; c++) {
+    if (!ok) continue;
     const float *t = tables + c * m * D;
     const int64_t *anc = anchors + c * K;
     const uint8_t *ok = valid + c * K;

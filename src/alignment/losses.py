@@ -390,12 +390,20 @@ class AlignmentLoss:
         if self.mode == "exact":
             return _in_parts(lambda s, e: self.exact_value_and_grad(table[s:e], b), table, self.chunk)
         step = c if self.fast_block is None else max(1, self.fast_block // max(self.fast_anchors * m, 1))
-        if self.native_threads and native_align.applies(table):
+        if self.uses_native(table):
             step = c  # the C kernel keeps one client at a time in cache: no sub-chunks
         # clients are independent: sub-chunks give the same values, with cache-sized intermediates
         return _in_parts(
             lambda s, e: self.fast_value_and_grad(table[s:e], anchors[s:e], anchor_valid[s:e], b), table, step
         )
+
+    def uses_fused(self) -> bool:
+        """Whether the fast mode runs the fused kernel (closed form): fast_kernel=fused, GSA over anchor rows or off."""
+        return self.fast_kernel == "fused" and (self.fast_gsa == "rows" or not self.use_gsa)
+
+    def uses_native(self, table: torch.Tensor) -> bool:
+        """Whether the fused kernel runs in C for these tables (`native_threads`, float32 CPU tables of width 32)."""
+        return self.uses_fused() and self.native_threads > 0 and native_align.applies(table)
 
     def every_item_an_anchor(self, m: int) -> AlignmentLoss:
         """Exact ICA and GSA as the fast mode's fused kernel with all `m` items as anchors (same terms: every
@@ -407,12 +415,12 @@ class AlignmentLoss:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The fast mode's per-client terms and gradient of `table` [C, m, d]: in closed form (`fast_kernel=fused`,
         fast_gsa=rows) or by autograd."""
-        if self.fast_kernel == "fused" and (self.fast_gsa == "rows" or not self.use_gsa):
+        if self.uses_fused():
             if not self.active(b):
                 return {}, torch.zeros_like(table)
             k = self.fast_anchors
             kernel, extra = compiled_fast_value_and_grad() if self.compile else fast_value_and_grad, {}
-            if self.native_threads and native_align.applies(table):
+            if self.uses_native(table):
                 kernel, extra = native_align.value_and_grad, {"threads": self.native_threads}
             return kernel(
                 table.detach(),

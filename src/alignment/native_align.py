@@ -29,7 +29,7 @@ def kernel():
     fn.restype = None
     i64, ptr, f32, i32 = native.I64, native.PTR, native.F32, native.INT
     fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, f32, f32, f32, f32, f32, i32, i32, i32]
-    fn.argtypes += [ptr, ptr, ptr, i32]
+    fn.argtypes += [ptr, ptr, ptr, i32, ptr]
     return fn
 
 
@@ -69,13 +69,17 @@ def value_and_grad(
         )
     c, m, _ = table.shape
     k = anchors.shape[1]
+    if anchors.numel() and (int(anchors.min()) < 0 or int(anchors.max()) >= m):
+        raise ValueError(f"anchors must index the {m} items, got [{int(anchors.min())}, {int(anchors.max())}]")
+    if labels is not None and (labels.shape != (m,) or int(labels.min()) < 0 or int(labels.max()) >= len(sizes)):
+        raise ValueError(f"labels must give each of the {m} items one of the {len(sizes)} communities")
     table = table.detach().contiguous()
     anchors = anchors.contiguous().long()
     valid = anchor_valid.contiguous().to(torch.uint8)
     labels = None if labels is None else labels.contiguous().long()
     sizes = None if sizes is None else sizes.contiguous().long()
     gsim = None if global_sim is None else global_sim.contiguous().float()
-    graph = None if graph is None or gsim is None else graph.contiguous().to(torch.uint8)
+    graph = None if graph is None or gsim is None else graph.contiguous().view(torch.uint8)
     ica = torch.zeros(c, dtype=torch.float32)
     gsa = torch.zeros(c, dtype=torch.float32)
     grad = torch.empty_like(table)
@@ -86,8 +90,11 @@ def value_and_grad(
     n_labels = 0 if sizes is None else sizes.shape[0]
     args = (ptr(table), c, k, m, ptr(anchors), ptr(valid), ptr(labels), ptr(sizes), n_labels, ptr(gsim), ptr(graph))
     args += (alpha, beta, tau, tau0, sigma, int(centre), GSA_MASKS[mask], int(reduction == "mean"))
-    args += (ptr(ica), ptr(gsa), ptr(grad), threads)
+    status = torch.zeros(1, dtype=torch.int32)
+    args += (ptr(ica), ptr(gsa), ptr(grad), threads, ptr(status))
     kernel()(*args)
+    if status.item():
+        raise MemoryError(f"fast_align: a thread could not allocate its buffers ({k} x {m} floats and more)")
     values = {}
     if labels is not None:
         values["ica"] = ica

@@ -29,7 +29,7 @@ def kernel():
     fn = native.library(SOURCE).upper_sums
     fn.restype = None
     i64, ptr = native.I64, native.PTR
-    fn.argtypes = [ptr, ptr, i64, i64, i64, i64, native.F32, i64, i64, ptr, ptr, ptr, i64, i64, native.INT]
+    fn.argtypes = [ptr, ptr, i64, i64, i64, i64, native.F32, i64, i64, ptr, ptr, ptr, i64, i64, native.INT, ptr]
     return fn
 
 
@@ -52,11 +52,16 @@ def band_sums(
     send each entry (int32, else None), and each client's entry count [C] (int64). r0 a multiple of TILE_ROWS."""
     if r0 % TILE_ROWS or (r1 % TILE_ROWS and r1 != m):
         raise ValueError(f"band [{r0}, {r1}) must start and end on a multiple of {TILE_ROWS} rows (or end at m={m})")
+    if below < 0:
+        raise ValueError(f"below={below}: the kernel's zero padding would count as sent entries (sigma must be > 0)")
     c, mp, d = rows.shape
     total = torch.zeros(r1 - r0, m - r0, dtype=torch.float32)
     hold = torch.zeros(r1 - r0, m - r0, dtype=torch.int32) if held else None
     counts = torch.zeros(c, dtype=torch.int64)
     args = (rows.data_ptr(), cols.data_ptr(), c, m, mp, d, below, r0, r1, total.data_ptr())
+    status = torch.zeros(1, dtype=torch.int32)
     args += (0 if hold is None else hold.data_ptr(), counts.data_ptr(), TILE_ROWS, TILE_COLS, threads)
-    kernel()(*args)
+    kernel()(*args, status.data_ptr())
+    if status.item():
+        raise MemoryError("upper_sums: a thread could not allocate its cache tile")
     return total, hold, counts

@@ -26,20 +26,24 @@ typedef int32_t vi16u __attribute__((vector_size(64), aligned(4)));
    transposed in panels of 32 items, so the columns of a register tile are one contiguous 4 KB block (d = 32).
    Adds into total [r1 - r0, m - r0] (float32, column j at j - r0) the entries x > below with j > i summed over
    the C clients, into held (same shape, int32; NULL: not counted) how many clients send each, and into
-   counts [C] how many entries each client sends. R (a multiple of MR) x W (a multiple of NR): the cache tile. */
+   counts [C] how many entries each client sends. R (a multiple of MR) x W (a multiple of NR): the cache tile.
+   below >= 0 (the padding's zeros are never sent). *status = 1 when a thread could not allocate its tile. */
 void upper_sums(const float *e, const float *et, int64_t C, int64_t m, int64_t mp, int64_t d, float below,
                 int64_t r0, int64_t r1, float *total, int32_t *held, int64_t *counts, int64_t R, int64_t W,
-                int threads) {
+                int threads, int *status) {
   const int64_t nr = (r1 - r0 + R - 1) / R, nc = (m - r0 + W - 1) / W, ntiles = nr * nc, stride = m - r0;
   const v16 vb = (v16){} + below;
   const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 #pragma omp parallel num_threads(threads)
   {
   float *S = malloc(sizeof(float) * R * W);
-  int32_t *H = malloc(sizeof(int32_t) * R * W);
+  int32_t *H = held ? malloc(sizeof(int32_t) * R * W) : NULL;
   int64_t *cnt = calloc(C, sizeof(int64_t));
+  const int ok = S && cnt && (H || !held);
+  if (!ok) __atomic_store_n(status, 1, __ATOMIC_RELAXED); /* out of memory: the caller raises */
 #pragma omp for schedule(dynamic, 1)
   for (int64_t t = 0; t < ntiles; t++) {
+    if (!ok) continue;
     const int64_t i1 = r0 + (t / nc) * R, j1 = r0 + (t % nc) * W;
     if (j1 + W <= i1 + 1) continue; /* wholly on or below the diagonal */
     const int64_t rb = (i1 + R <= r1) ? R : r1 - i1, cw = (j1 + W <= m) ? W : m - j1;
@@ -88,7 +92,8 @@ void upper_sums(const float *e, const float *et, int64_t C, int64_t m, int64_t m
       }
     }
   }
-  for (int64_t c = 0; c < C; c++) __atomic_fetch_add(counts + c, cnt[c], __ATOMIC_RELAXED);
+  if (ok)
+    for (int64_t c = 0; c < C; c++) __atomic_fetch_add(counts + c, cnt[c], __ATOMIC_RELAXED);
   free(S);
   free(H);
   free(cnt);

@@ -5,6 +5,7 @@ S_g, and broadcasts both; clients add ICA (Eq. 3-4) and/or GSA (Eq. 10) to their
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +25,8 @@ from src.comm.codec import Encoding, embedding_bytes, labels_bytes, quantise, sp
 from src.comm.privacy import epsilon_spent, laplace_scale
 from src.device import block_elements
 from src.methods.base import Method, Release, RoundSums, ServerRound
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,15 +116,31 @@ class AlignFedRec(Method):
         return out | epsilon_spent(self.eps_round, round_, m)
 
 
+def native_kernels(asked: bool | str, device: torch.device) -> bool:
+    """Whether this run uses the C kernels (`compute.native`): true = required (built now, so a failing build stops
+    the run before its first round); auto = on a CPU with AVX-512 (where they were measured) when they build here,
+    else the torch path, said in the log; false = never. On another device: never."""
+    if device.type != "cpu" or asked is False:
+        return False
+    if asked == "auto" and not (native.usable(native_sums.SOURCE, native_align.SOURCE) and native.fast_cpu()):
+        return False
+    try:
+        native_sums.kernel(), native_align.kernel()
+    except (RuntimeError, OSError) as err:
+        if asked is True:
+            raise
+        log.warning("compute.native=auto: the C kernels did not build, the torch path runs instead (%s)", err)
+        return False
+    return True
+
+
 def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     """AlignFedRec with the run's model, server, encoding and privacy values (blocks sized for `device`)."""
     m = cfg.model
     p = cfg.privacy
     # compiled kernels are measured on the CPU only; on another device they stay eager (README, Benchmark)
     compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False)) and device.type == "cpu"
-    asked = OmegaConf.select(cfg, "compute.native", default=False)
-    usable = native.usable(native_sums.SOURCE, native_align.SOURCE)
-    use_native = device.type == "cpu" and (asked is True or (asked == "auto" and usable))
+    use_native = native_kernels(OmegaConf.select(cfg, "compute.native", default=False), device)
     knn = int(cfg.server.graph_k) if cfg.server.get("graph", "threshold") == "knn" else None
     graph_sigma = float(m.sigma if cfg.server.get("graph_sigma") is None else cfg.server.graph_sigma)
     on_graph = bool(cfg.server.get("gsa_on_graph", False))
