@@ -145,8 +145,11 @@ def test_paper_table_shows_every_cell_and_marks_missing_ones():
 
     table = with_missing([], "table2")
     cells = {(r["dataset"], r["method"], r["protocol"]) for r in table}
-    assert len(table) == len(cells) == 2 * 4 * 2  # ML-100K and ML-1M x four methods x two protocols
+    # ML-100K, ML-1M and FilmTrust (the campaign's, unpublished) x four methods x two protocols
+    assert len(table) == len(cells) == 3 * 4 * 2
     assert all(r["seeds"] == 0 for r in table)
+    unpublished = [r for r in table if r["dataset"] == "filmtrust"]
+    assert len(unpublished) == 8 and all(r["published hit@10"] is None for r in unpublished)
     text = markdown(table)
     assert text.count("missing") == 4 * len(table) and "86.85 / 73.71" in text
 
