@@ -108,7 +108,7 @@ def product_rate(batch: int, rows: int, inner: int, cols: int, device: torch.dev
     return 2.0 * batch * rows * inner * cols / best / 1e9
 
 
-def fma_rate(seconds: float = 0.5, repeats: int = 3) -> float | None:
+def fma_rate(seconds: float = 0.15, repeats: int = 3) -> float | None:
     """GFLOP/s of this machine's fp32 multiply-adds from registers on torch's threads (`src/fma_peak.c`, best of
     `repeats` runs of about `seconds`): the CPU's own peak, which no product can pass. None without a C compiler."""
     source = Path(__file__).with_name("fma_peak.c")
