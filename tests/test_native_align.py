@@ -19,6 +19,8 @@ from src.alignment.broadcast import Broadcast
 from src.native import compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on PATH")
+# the loss weights of the direct calls of the kernel (the cases through `make_loss` use its own)
+HYPER = dict(alpha=1.0, beta=1.0, tau=0.5, tau0=0.5, centre=True, mask="local", reduction="mean")
 
 
 def case(c=4, m=45, k=13, seed=80, sigma=0.3):
@@ -101,14 +103,8 @@ def test_native_applies_to_float32_width_32_cpu_tables_only():
             labels=None,
             sizes=None,
             global_sim=None,
-            alpha=1.0,
-            beta=1.0,
-            tau=0.5,
-            tau0=0.5,
             sigma=0.5,
-            centre=True,
-            mask="local",
-            reduction="mean",
+            **HYPER,
         )
 
 
@@ -157,18 +153,6 @@ def test_an_aligning_round_with_the_native_kernels_matches_the_torch_path(compos
 
 def test_out_of_range_anchors_are_refused_before_the_kernel():
     t, b, anchors, valid = case()
-    kw = dict(
-        labels=b.labels,
-        sizes=b.sizes,
-        global_sim=None,
-        alpha=1.0,
-        beta=1.0,
-        tau=0.5,
-        tau0=0.5,
-        sigma=0.3,
-        centre=True,
-        mask="local",
-        reduction="mean",
-    )
+    kw = dict(labels=b.labels, sizes=b.sizes, global_sim=None, sigma=0.3, **HYPER)
     with pytest.raises(ValueError, match="anchors must index"):
         native_align.value_and_grad(t.float(), anchors + 100, valid, **kw)

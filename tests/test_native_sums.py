@@ -10,24 +10,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import requires_real_data
+from test_compiled import summed
 from test_fast_grad import BIG, module_after
 
 from src import native
 from src.alignment import native_sums
 from src.alignment.release import NATIVE_BAND, ReleaseSpec, release_blocks
-from src.alignment.server import SimilaritySum
 from src.alignment.similarity import normalised
 from src.native import compiler
-
-
-def summed(tables: torch.Tensor, spec: ReleaseSpec) -> tuple[SimilaritySum, torch.Tensor]:
-    """The server's sum of these clients' uploads (with support counts) and each client's entry count."""
-    sums = SimilaritySum(tables.shape[1], support=True)
-    count = torch.zeros(tables.shape[0], dtype=torch.long)
-    for blk in release_blocks(tables, spec, torch.Generator(), held=True):
-        sums.add_block(blk)
-        count[blk.first : blk.first + len(blk.count)] += blk.count
-    return sums, count
 
 
 def brute_force(tables: torch.Tensor, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
