@@ -119,7 +119,7 @@ def collect(
     """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol[, variant]);
     with `rounds`, each run is cut to its first `rounds` rounds (`truncate`)."""
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
-    for payload in load_runs(folders):
+    for payload in distinct(load_runs(folders)):
         if rounds is not None:
             try:
                 payload = truncate(payload, rounds)
@@ -135,6 +135,24 @@ def collect(
 
 # config keys that may differ between runs of one row: the seed, and where things are read or written
 SAME_ROW = ("seed", *WHERE_KEYS, *SPEED_KEYS, "device")
+
+
+def distinct(runs: list[dict]) -> list[dict]:
+    """The runs with one of each computation: two runs of one config and seed (stored twice, or an `optim=`
+    sweep of a method that never reads `optim`) would count as two seeds; the first by path is kept and
+    the other named in a warning."""
+    kept: dict[str, dict] = {}
+    for run in runs:
+        conf = flat(run["config"])
+        key = json.dumps({k: v for k, v in conf.items() if k == "seed" or not k.startswith(SAME_ROW)}, sort_keys=True)
+        if key in kept:
+            warnings.warn(
+                f"{run['path']} is the computation of {kept[key]['path']} (same config and seed): counted once",
+                stacklevel=2,
+            )
+            continue
+        kept[key] = run
+    return list(kept.values())
 
 
 def flat(config: dict) -> dict[str, str]:

@@ -71,14 +71,20 @@ ADDED_KEYS = {
 
 # Keys fixed by others (each ablation name has one method module), so runs made before they existed match.
 DERIVED_KEYS = ("ablation.method",)
+# Keys a centralised method (`ablation.central: true`) never reads: it trains with its own Adam (`ablation.lr`,
+# `ablation.batch_size`), so `optim=sgd` and `optim=adam` runs of it are one computation.
+UNREAD_BY_CENTRAL = ("optim.",)
 
 
 def normalised(config: dict) -> dict[str, Any]:
-    """A resolved config flattened, without the derived keys and the added keys that hold their neutral default."""
+    """A resolved config flattened, without the derived keys, the added keys that hold their neutral default
+    and the keys the run's method never reads."""
+    flat = flatten(config)
+    unread = UNREAD_BY_CENTRAL if flat.get("ablation.central") is True else ()
     return {
         k: v
-        for k, v in flatten(config).items()
-        if k not in DERIVED_KEYS and not (k in ADDED_KEYS and ADDED_KEYS[k] == v)
+        for k, v in flat.items()
+        if k not in DERIVED_KEYS and not (k in ADDED_KEYS and ADDED_KEYS[k] == v) and not k.startswith(unread)
     }
 
 

@@ -8,6 +8,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from omegaconf import OmegaConf
 
 from src import campaign
 from src.report import collect, rows
@@ -33,6 +34,19 @@ def test_identity_ignores_where_and_how_a_run_is_written():
     assert campaign.identity(base) == campaign.identity(same)
     assert campaign.identity(base) != campaign.identity({**base, "seed": 1})
     assert campaign.identity(base) != campaign.identity({**base, "fl": {"rounds": 4, "checkpoint_every": 1}})
+
+
+def test_identity_drops_only_what_the_method_never_reads():
+    """The centralised MF trains with its own Adam: `optim=sgd` and `optim=adam` are one run of it, and two of
+    PFedRec (which does read `optim`)."""
+
+    def key(*overrides: str) -> str:
+        cfg = campaign.compose_config(["dataset=synthetic", *overrides])
+        return campaign.identity(OmegaConf.to_container(cfg, resolve=True))
+
+    assert key("ablation=central", "optim=sgd") == key("ablation=central", "optim=adam")
+    assert key("ablation=central", "ablation.lr=0.01") != key("ablation=central")
+    assert key("ablation=backbone", "optim=sgd") != key("ablation=backbone", "optim=adam")
 
 
 def test_expand_narrows_and_widens_the_grid():

@@ -132,9 +132,22 @@ def test_broken_results_are_named_and_skipped(tmp_path):
         assert [r["path"] for r in load_runs([tmp_path])] == [str(tmp_path / "good")]
 
 
+def test_one_computation_stored_twice_counts_once(tmp_path):
+    """A run stored under two experiments (same config and seed) is one seed, not two; another seed is another."""
+    fake_run(tmp_path / "a" / "seed0", test_at_best={"test/hit@10": 0.4, "test/ndcg@10": 0.3})
+    fake_run(tmp_path / "b" / "seed0", test_at_best={"test/hit@10": 0.9, "test/ndcg@10": 0.9})
+    fake_run(
+        tmp_path / "b" / "seed1", config={"seed": 1}, seed=1, test_at_best={"test/hit@10": 0.6, "test/ndcg@10": 0.5}
+    )
+    with pytest.warns(UserWarning, match=r"b/seed0 is the computation of .*a/seed0"):
+        table = main([str(tmp_path)])
+    assert len(table) == 1 and table[0]["seeds"] == 2
+    assert table[0]["test/hit@10"] == pytest.approx(statistics.mean([40, 60]))
+
+
 def test_rounds_skips_a_run_without_the_selection_metric(tmp_path):
     fake_run(tmp_path / "good")
-    fake_run(tmp_path / "no_val", history=[{"round": 1, "test/hit@10": 0.4}])
+    fake_run(tmp_path / "no_val", config={"seed": 1}, seed=1, history=[{"round": 1, "test/hit@10": 0.4}])
     with pytest.warns(UserWarning, match=r"no_val/results\.json.*val/hit@10"):
         table = main([str(tmp_path), "--rounds", "1"])
     assert table[0]["seeds"] == 1
