@@ -198,14 +198,18 @@ def aligns(ablation: str) -> bool:
 
 
 def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None) -> float:
-    """Estimated seconds per round: stored runs of the same kind, else bench reports of the dataset, else scaled
-    from ML-100K. Of several bench reports the fastest counts: older ones measured slower implementations."""
+    """Estimated seconds per round: the newest stored runs of the same kind, else bench reports of the dataset,
+    else scaled from ML-100K. Older runs and bench reports measured slower implementations: of stored runs the
+    three stored last count, of bench reports the fastest."""
     ds, ab = config["dataset"]["name"], config["ablation"]
     aligned = bool(ab.get("ica") or ab.get("gsa"))
     kind = (ds, aligned, config["model"]["alignment"] if aligned else "-", ab.get("central"), ab.get("method"))
-    same = [r["mean_round_s"] for r in stored if r["kind"] == kind and r["mean_round_s"]]
+    same = sorted(
+        (r.get("stored_at", ""), r["mean_round_s"]) for r in stored if r["kind"] == kind and r["mean_round_s"]
+    )
     if same:
-        return sum(same) / len(same)
+        newest = [secs for _, secs in same[-3:]]
+        return sum(newest) / len(newest)
     benched = []
     for path in sorted((bench_dir or BENCH).glob("*.json")):
         bench = json.loads(path.read_text())
@@ -239,6 +243,7 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]
     for folder in done.values():
         try:
             payload = json.loads((folder / "results.json").read_text())
+            stored_at = str(json.loads((folder / "run.json").read_text()).get("stored_at", ""))
         except (OSError, ValueError):
             continue
         c, ab = payload["config"], payload["config"]["ablation"]
@@ -253,6 +258,7 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]
                     ab.get("method"),
                 ),
                 "mean_round_s": payload.get("timings", {}).get("mean_round_s"),
+                "stored_at": stored_at,
             }
         )
     runs, seen = [], set()

@@ -141,6 +141,24 @@ def test_store_refuses_an_unfinished_run(tmp_path):
         campaign.store(tmp_path, "x", [], "abc", tmp_path / "runs")
 
 
+def test_cost_estimate_takes_the_newest_stored_runs_of_the_kind():
+    """Stored runs of the run's kind cost it, the three stored last only (older ones ran slower code)."""
+    kind = ("ml-100k", True, "fast", None, "alignfedrec")
+    stored = [
+        {"kind": kind, "mean_round_s": 30.0, "stored_at": "2026-11-29T10:00:00Z"},
+        {"kind": kind, "mean_round_s": 4.0, "stored_at": "2026-12-01T10:00:00Z"},
+        {"kind": kind, "mean_round_s": 5.0, "stored_at": "2026-12-01T11:00:00Z"},
+        {"kind": kind, "mean_round_s": 3.0, "stored_at": "2026-11-30T10:00:00Z"},
+        {"kind": ("ml-100k", False, "-", None, "sharing"), "mean_round_s": 0.5, "stored_at": "2026-12-02T00:00:00Z"},
+    ]
+    config = {
+        "dataset": {"name": "ml-100k"},
+        "ablation": {"ica": True, "gsa": True, "method": "alignfedrec"},
+        "model": {"alignment": "fast"},
+    }
+    assert campaign.seconds_per_round(config, stored) == pytest.approx((4.0 + 5.0 + 3.0) / 3)
+
+
 def test_cost_estimate_takes_the_fastest_matching_bench_report(tmp_path):
     """Without stored runs of its kind a run is costed from bench reports of its dataset and kind (the fastest:
     older reports measured slower code), scaled to all clients and to two one-thread jobs side by side."""
