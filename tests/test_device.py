@@ -296,6 +296,25 @@ def test_central_reads_the_losses_once_with_the_same_sum(compose_cfg):
         assert torch.equal(a, b)
 
 
+def test_central_fused_adam_is_the_per_op_adam(compose_cfg):
+    """The centralised MF's fused Adam takes the per-op Adam's steps, up to float rounding, over a round."""
+    cfg = compose_cfg(["dataset=synthetic", "ablation=central", "ablation.batch_size=4", "ablation.lr=0.01"])
+    ptr, items, sampler = make_problem([3, 1, 9, 2, 5, 1, 4])
+    samples = sample_round(ptr, items, sampler, NEGATIVES, 1, 1)
+    method = central_method(cfg, CPU)
+    fused = CentralTrainer(method, 7, N_ITEMS, CPU)
+    per_op = CentralTrainer(method, 7, N_ITEMS, CPU, fused=False)
+    assert fused.opt.defaults["fused"] and not per_op.opt.defaults["fused"]
+    per_op.model.load_state_dict(fused.model.state_dict())  # the head draws from the global generator
+    start = [p.detach().clone() for p in fused.model.parameters()]
+    a = fused.train_round(samples, torch.Generator().manual_seed(5))["bce"]
+    b = per_op.train_round(samples, torch.Generator().manual_seed(5))["bce"]
+    assert a == pytest.approx(b, rel=1e-5)
+    for x, y, x0 in zip(fused.model.parameters(), per_op.model.parameters(), start):
+        assert not torch.equal(x, x0)
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
 def test_block_sizes_grow_on_cuda_only(compose_cfg):
     from src.device import block_elements
 
