@@ -179,6 +179,8 @@ def _validate_optim(cfg: DictConfig) -> None:
         _bool(cfg, "optim.alternate")
     if "fused" in cfg.optim:
         _bool(cfg, "optim.fused")
+    if "touched_rows" in cfg.optim:
+        _bool(cfg, "optim.touched_rows")
     if name == "adam":
         betas = _get(cfg, "optim.betas")
         _check(

@@ -39,6 +39,7 @@ SPEED_KEYS = (
     "compute.compile",
     "compute.native",
     "optim.fused",
+    "optim.touched_rows",
     "compute.keep_heap",
 )
 # Keys a resume may change: the above, and how long to go on.
@@ -59,6 +60,7 @@ ADDED_KEYS = {
     "model.fast_kernel": "autograd",
     "compute.compile": False,
     "optim.fused": False,
+    "optim.touched_rows": False,
     "compute.keep_heap": False,
     "compute.native": False,
     "server.graph": "threshold",
