@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -115,11 +115,33 @@ class Active:
     count: int
 
 
+def touched_rows(items: torch.Tensor, valid: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The item rows each client's batches touch: `rows` [C, U] (ascending, padded with -1; U the most any client
+    touches) and each sample's slot among its client's rows [T, C, B] (padding samples: slot 0).
+
+    Without a dense term an item row no batch of the round touches has zero gradient at every step, so Adam
+    (fresh each round: m = v = 0) leaves it and its moments exactly as they are; stepping the touched rows only
+    (here ~600 of Lastfm-2k's 12,454 per client) gives the same tables.
+    """
+    c = items.shape[1]
+    mark = torch.zeros(c, n_items, dtype=torch.bool, device=items.device)
+    client = torch.arange(c, device=items.device).view(1, c, 1).expand_as(items)
+    mark[client[valid], items[valid]] = True
+    slot_of = mark.long().cumsum(dim=1) - 1  # [C, m]: a touched item's slot
+    width = max(int(mark.sum(dim=1).max()) if c else 0, 1)
+    rows = torch.full((c, width), -1, dtype=torch.long, device=items.device)
+    hit = mark.nonzero()
+    rows[hit[:, 0], slot_of[hit[:, 0], hit[:, 1]]] = hit[:, 1]
+    slots = torch.where(valid, slot_of[client, items], torch.zeros_like(items))
+    return rows, slots
+
+
 @dataclass
 class ChunkBatches:
     """A chunk's batches on the compute device, moved there once: items and labels [T, C, B] (padding:
     the item and label of sample 0, `valid` False), `active` [T, C] (a client steps while it has a batch),
-    the active rows of all steps concatenated [sum_t A_t] and, on the host, each step's count A_t."""
+    the active rows of all steps concatenated [sum_t A_t] and, on the host, each step's count A_t; with
+    `item_rows` [C, U], `items` are slots among each client's touched rows (`touched_rows`)."""
 
     items: torch.Tensor
     labels: torch.Tensor
@@ -128,12 +150,21 @@ class ChunkBatches:
     rows: torch.Tensor
     counts: list[int]
     bounds: list[int]
+    item_rows: torch.Tensor | None = None
 
     @classmethod
     def build(
-        cls, samples: RoundSamples, layout: BatchLayout, device: torch.device, dtype: torch.dtype
+        cls,
+        samples: RoundSamples,
+        layout: BatchLayout,
+        device: torch.device,
+        dtype: torch.dtype,
+        n_items: int | None = None,
     ) -> ChunkBatches:
-        """Gather the chunk's samples on the host in step-major order and move them (five transfers)."""
+        """Gather the chunk's samples on the host in step-major order and move them (five transfers).
+
+        With `n_items`, `items` are slots among each client's touched rows and `item_rows` [C, U] those rows
+        (`touched_rows`, on the host: one transfer more, no sync)."""
         index = layout.index.transpose(0, 1).contiguous()
         valid = index >= 0
         safe = index.clamp(min=0)
@@ -142,14 +173,19 @@ class ChunkBatches:
         bounds = [0]
         for n in counts:
             bounds.append(bounds[-1] + n)
+        items, item_rows = samples.items[safe], None
+        if n_items is not None:
+            item_rows, items = touched_rows(items, valid, n_items)
+            item_rows = to_device(item_rows, device)
         return cls(
-            to_device(samples.items[safe], device),
+            to_device(items, device),
             to_device(samples.labels[safe], device, dtype),
             to_device(valid, device),
             to_device(active, device),
             to_device(active.nonzero()[:, 1], device),
             counts,
             bounds,
+            item_rows,
         )
 
     @property
@@ -301,27 +337,6 @@ def dense_on_active(
     return full, grad
 
 
-def touched_rows(items: torch.Tensor, valid: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The item rows each client's batches touch: `rows` [C, U] (ascending, padded with -1; U the most any client
-    touches) and each sample's slot among its client's rows [T, C, B] (padding samples: slot 0).
-
-    Without a dense term an item row no batch of the round touches has zero gradient at every step, so Adam
-    (fresh each round: m = v = 0) leaves it and its moments exactly as they are; stepping the touched rows only
-    (here ~600 of Lastfm-2k's 12,454 per client) gives the same tables.
-    """
-    c = items.shape[1]
-    mark = torch.zeros(c, n_items, dtype=torch.bool, device=items.device)
-    client = torch.arange(c, device=items.device).view(1, c, 1).expand_as(items)
-    mark[client[valid], items[valid]] = True
-    slot_of = mark.long().cumsum(dim=1) - 1  # [C, m]: a touched item's slot
-    width = max(host_value(mark.sum(dim=1).max()) if c else 0, 1)  # one counted sync per chunk
-    rows = torch.full((c, width), -1, dtype=torch.long, device=items.device)
-    hit = mark.nonzero()
-    rows[hit[:, 0], slot_of[hit[:, 0], hit[:, 1]]] = hit[:, 1]
-    slots = torch.where(valid, slot_of[client, items], torch.zeros_like(items))
-    return rows, slots
-
-
 def train_cohort(
     params: Params,
     samples: RoundSamples,
@@ -342,12 +357,11 @@ def train_cohort(
     alternate = optim.alternate
     device = params["items"].device
     score_keys = [k for k in params if k != "items"]
-    batches = ChunkBatches.build(samples, layout, device, params["items"].dtype)
     full = params
     compact = optim.touched_rows and optim.name == "adam" and dense_loss is None
+    batches = ChunkBatches.build(samples, layout, device, params["items"].dtype, n_items if compact else None)
     if compact:
-        rows, slots = touched_rows(batches.items, batches.valid, n_items)
-        batches = replace(batches, items=slots)
+        rows = batches.item_rows
         params = {**params, "items": gather_items(full["items"], rows.clamp(min=0))}  # [C, U, d]
     opt = StackedOptimizer(optim, params, n_items)
     pending: list[tuple[str, torch.Tensor]] = []
