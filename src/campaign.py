@@ -364,12 +364,15 @@ def commit_run(run: Run) -> None:
 
 
 def summary(runs: list[Run], work: Path) -> str:
-    """One line per run state, then the partial and pending runs by name."""
+    """One line per run state, the estimated hours left, then the partial and pending runs by name."""
     for run in runs:
         if run.status == "pending" and checkpointed(work_dir(work, run)):
             run.status = "partial"
     counts = {s: sum(r.status == s for r in runs) for s in ("stored", "partial", "pending", "cut", "failed")}
     lines = [" ".join(f"{k} {v}" for k, v in counts.items()) + f" of {len(runs)} runs"]
+    left = sum(r.est_s for r in runs if r.status in ("pending", "partial", "cut"))
+    if left:
+        lines.append(f"  left: about {left / 3600:.1f} h of one-thread jobs (partial and cut runs counted whole)")
     for state in ("partial", "cut", "failed", "pending"):
         for run in sorted(runs, key=lambda r: r.est_s):
             if run.status == state:

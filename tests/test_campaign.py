@@ -49,6 +49,22 @@ def test_identity_drops_only_what_the_method_never_reads():
     assert key("ablation=backbone", "optim=sgd") != key("ablation=backbone", "optim=adam")
 
 
+def test_summary_counts_states_and_the_hours_left(tmp_path):
+    config = {"dataset": {"name": "ml-1m"}, "ablation": {"name": "full"}, "protocol": {"name": "clean"}, "seed": 0}
+    runs = [
+        campaign.Run("t", [], {**config, "seed": seed}, f"k{seed}", "default", est_s=est, status=status)
+        for seed, (est, status) in enumerate(
+            [(0.0, "stored"), (1800.0, "pending"), (5400.0, "cut"), (3600.0, "failed")]
+        )
+    ]
+    text = campaign.summary(runs, tmp_path)
+    assert text.splitlines()[:2] == [
+        "stored 1 partial 0 pending 1 cut 1 failed 1 of 4 runs",
+        "  left: about 2.0 h of one-thread jobs (partial and cut runs counted whole)",
+    ]
+    assert "  pending  t/ml-1m/full/clean/default/seed1, est 30.0 min" in text
+
+
 def test_expand_narrows_and_widens_the_grid():
     runs = campaign.expand("campaign_smoke", [])
     assert len(runs) == 4 and len({r.key for r in runs}) == 4
