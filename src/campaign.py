@@ -20,7 +20,6 @@ round and checkpoints) and resumes from there the next time, while its checkpoin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import os
@@ -40,7 +39,7 @@ from omegaconf import OmegaConf
 from src.atomic import atomic_write_text
 from src.config import CONF_DIR, validate
 from src.data.download import default_cache_dir
-from src.rundir import SPEED_KEYS, WHERE_KEYS, normalised
+from src.rundir import identity
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "results" / "runs"
@@ -48,7 +47,6 @@ BENCH = REPO / "results" / "bench"
 # the grid axes that name a stored run's folder; every other override names its variant
 AXES = ("dataset", "ablation", "protocol", "seed")
 # keys that do not change what a run computes: they never tell two runs apart
-NOT_IDENTITY = (*WHERE_KEYS, *SPEED_KEYS, "fl.checkpoint_every", "fl.chunk_size", "fl.memory_fraction", "device")
 
 
 @dataclass(eq=False)
@@ -72,12 +70,6 @@ class Run:
             f"{self.experiment}/{c['dataset']['name']}/{c['ablation']['name']}/{c['protocol']['name']}/"
             f"{self.variant}/seed{c['seed']}"
         )
-
-
-def identity(config: dict[str, Any]) -> str:
-    """sha256 of the resolved config without the keys that cannot change the results."""
-    flat = {k: v for k, v in normalised(config).items() if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def variant_name(overrides: list[str]) -> str:
@@ -203,7 +195,8 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], benc
     three stored last count, of bench reports the fastest."""
     ds, ab = config["dataset"]["name"], config["ablation"]
     aligned = bool(ab.get("ica") or ab.get("gsa"))
-    kind = (ds, aligned, config["model"]["alignment"] if aligned else "-", ab.get("central"), ab.get("method"))
+    mode = config["model"]["alignment"] if aligned else "-"
+    kind = (ds, aligned, mode, ab.get("central"), ab.get("method"), str(config.get("device", "auto")))
     same = sorted(
         (r.get("stored_at", ""), r["mean_round_s"]) for r in stored if r["kind"] == kind and r["mean_round_s"]
     )
@@ -217,8 +210,8 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], benc
             continue
         bench_aligned = aligns(str(bench.get("ablation")))
         exact = any(o == "model.alignment=exact" for o in bench.get("overrides", []))
-        mode = ("exact" if exact else "fast") if bench_aligned else "-"
-        if bench_aligned == aligned and (mode == kind[2] or not aligned):
+        bench_mode = ("exact" if exact else "fast") if bench_aligned else "-"
+        if bench_aligned == aligned and (bench_mode == mode or not aligned):
             secs = bench["seconds_per_round"]
             share = float(bench.get("config", {}).get("client_fraction", 1.0)) or 1.0
             # the clients' phases scale with the share of clients the bench trained; two jobs side by side
@@ -256,6 +249,7 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]
                     c["model"]["alignment"] if aligned else "-",
                     ab.get("central"),
                     ab.get("method"),
+                    str(c.get("device", "auto")),
                 ),
                 "mean_round_s": payload.get("timings", {}).get("mean_round_s"),
                 "stored_at": stored_at,

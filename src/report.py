@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from src.results import atomic_write_text, best_round, selection_of
-from src.rundir import ADDED_KEYS, SPEED_KEYS, WHERE_KEYS, normalised
+from src.rundir import ADDED_KEYS, SPEED_KEYS, WHERE_KEYS, identity, normalised
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
@@ -119,13 +119,16 @@ def collect(
     """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol[, variant]);
     with `rounds`, each run is cut to its first `rounds` rounds (`truncate`)."""
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
-    for payload in distinct(load_runs(folders)):
+    usable = []
+    for payload in load_runs(folders):
         if rounds is not None:
             try:
                 payload = truncate(payload, rounds)
             except ValueError as err:
                 warnings.warn(f"skipped {err}", stacklevel=2)
                 continue
+        usable.append(payload)
+    for payload in distinct(usable):
         key = (payload["dataset"], payload["ablation"], payload["protocol"])
         if by:
             key += (" ".join(f"{k}={config_value(payload['config'], k)}" for k in by),)
@@ -138,13 +141,12 @@ SAME_ROW = ("seed", *WHERE_KEYS, *SPEED_KEYS, "device")
 
 
 def distinct(runs: list[dict]) -> list[dict]:
-    """The runs with one of each computation: two runs of one config and seed (stored twice, or an `optim=`
-    sweep of a method that never reads `optim`) would count as two seeds; the first by path is kept and
-    the other named in a warning."""
+    """The runs with one of each computation (`identity`: the campaign's key, the seed included): two runs of one
+    config and seed (stored twice, or an `optim=` sweep of a method that never reads `optim`) would count as two
+    seeds; the first by path is kept and the other named in a warning."""
     kept: dict[str, dict] = {}
     for run in runs:
-        conf = flat(run["config"])
-        key = json.dumps({k: v for k, v in conf.items() if k == "seed" or not k.startswith(SAME_ROW)}, sort_keys=True)
+        key = identity(run["config"])
         if key in kept:
             warnings.warn(
                 f"{run['path']} is the computation of {kept[key]['path']} (same config and seed): counted once",

@@ -9,6 +9,8 @@ differs from the checkpointed run; only keys that cannot change the computed rou
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -182,3 +184,15 @@ def write_hydra_files(run_dir: Path, cfg: Any) -> None:
     atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
     atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)))
     atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+
+
+# Keys that cannot change a run's results: where it reads and writes, how fast it computes, how its clients are
+# chunked (a chunk trains its clients as they would train alone) and on which device.
+NOT_IDENTITY = (*WHERE_KEYS, *SPEED_KEYS, "fl.checkpoint_every", "fl.chunk_size", "fl.memory_fraction", "device")
+
+
+def identity(config: dict[str, Any]) -> str:
+    """sha256 of the resolved config without the keys that cannot change the results: one key per computation
+    (the campaign's run identity; the report counts one run per key)."""
+    flat = {k: v for k, v in normalised(config).items() if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:20]

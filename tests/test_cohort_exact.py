@@ -17,6 +17,7 @@ import pytest
 import torch
 from reference import client_batches, make_client, train_client
 
+from src.clients import cohort
 from src.clients.cohort import OptimSpec, batch_layout, sample_round, touched_rows, train_cohort
 from src.clients.model import ModelSpec, init_params
 from src.data.protocols import NegativeSampler
@@ -170,13 +171,25 @@ def test_touched_rows_are_each_clients_set_of_batch_items():
     assert rows.shape[1] == max(len({int(i) for i in items[:, c][valid[:, c]]}) for c in range(4))
 
 
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("loss", ["sigmoid_bce", "logits_bce"])
 @pytest.mark.parametrize("optim", ["adam", "adam_eight_ops", "adam_alternate"])
-def test_touched_rows_give_the_every_row_tables_bit_for_bit(compose_cfg, optim):
-    """Adam on the touched rows only leaves every table, moment and loss as Adam on every row does."""
+def test_touched_rows_give_the_every_row_tables_bit_for_bit(compose_cfg, monkeypatch, optim, loss, model):
+    """Adam on the touched rows only (it does run: `touched_rows` is called once per chunk) leaves every table and
+    the losses as Adam on every row does."""
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return touched_rows(*args)
+
+    monkeypatch.setattr(cohort, "touched_rows", spy)
     outs = []
     for touched in ("true", "false"):
-        cfg = compose_cfg([*OPTIMS[optim], f"optim.touched_rows={touched}", f"model.dim={DIM}"])
+        overrides = [*OPTIMS[optim], *MODELS[model], f"model.loss={loss}", f"model.dim={DIM}"]
+        cfg = compose_cfg([*overrides, f"optim.touched_rows={touched}"])
         outs.append(run_round(cfg, POSITIVES, ROWS, epochs=2))
+        assert len(calls) == 1, (touched, calls)
     (init, a, _, _, loss_a), (_, b, _, _, loss_b) = outs
     untouched = (a["items"] == init["items"]).all(dim=2)
     assert untouched.any() and not untouched.all()  # the test is sharp: some rows stay, others move

@@ -147,7 +147,7 @@ def test_one_computation_stored_twice_counts_once(tmp_path):
 
 def test_rounds_skips_a_run_without_the_selection_metric(tmp_path):
     fake_run(tmp_path / "good")
-    fake_run(tmp_path / "no_val", config={"seed": 1}, seed=1, history=[{"round": 1, "test/hit@10": 0.4}])
+    fake_run(tmp_path / "no_val", history=[{"round": 1, "test/hit@10": 0.4}])
     with pytest.warns(UserWarning, match=r"no_val/results\.json.*val/hit@10"):
         table = main([str(tmp_path), "--rounds", "1"])
     assert table[0]["seeds"] == 1

@@ -127,7 +127,7 @@ def touched_rows(items: torch.Tensor, valid: torch.Tensor, n_items: int) -> tupl
     mark = torch.zeros(c, n_items, dtype=torch.bool, device=items.device)
     client = torch.arange(c, device=items.device).view(1, c, 1).expand_as(items)
     mark[client[valid], items[valid]] = True
-    slot_of = mark.long().cumsum(dim=1) - 1  # [C, m]: a touched item's slot
+    slot_of = mark.to(torch.int32).cumsum(dim=1, dtype=torch.int32).long() - 1  # [C, m]: a touched item's slot
     width = max(int(mark.sum(dim=1).max()) if c else 0, 1)
     rows = torch.full((c, width), -1, dtype=torch.long, device=items.device)
     hit = mark.nonzero()
@@ -151,6 +151,7 @@ class ChunkBatches:
     counts: list[int]
     bounds: list[int]
     item_rows: torch.Tensor | None = None
+    item_back: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -163,8 +164,9 @@ class ChunkBatches:
     ) -> ChunkBatches:
         """Gather the chunk's samples on the host in step-major order and move them (five transfers).
 
-        With `n_items`, `items` are slots among each client's touched rows and `item_rows` [C, U] those rows
-        (`touched_rows`, on the host: one transfer more, no sync)."""
+        With `n_items`, `items` are slots among each client's touched rows, `item_rows` [C, U] those rows (padding:
+        row 0) and `item_back` the flat positions [N] of the real ones in the [C, U] and [C, m] tables (found on the
+        host by `touched_rows`: three transfers more, no sync)."""
         index = layout.index.transpose(0, 1).contiguous()
         valid = index >= 0
         safe = index.clamp(min=0)
@@ -173,10 +175,13 @@ class ChunkBatches:
         bounds = [0]
         for n in counts:
             bounds.append(bounds[-1] + n)
-        items, item_rows = samples.items[safe], None
+        items, item_rows, item_back = samples.items[safe], None, None
         if n_items is not None:
-            item_rows, items = touched_rows(items, valid, n_items)
-            item_rows = to_device(item_rows, device)
+            rows, items = touched_rows(items, valid, n_items)
+            kept = (rows >= 0).reshape(-1)
+            full_pos = (torch.arange(rows.shape[0]).unsqueeze(1) * n_items + rows).reshape(-1)
+            item_rows = to_device(rows.clamp(min=0), device)
+            item_back = (to_device(kept.nonzero().squeeze(1), device), to_device(full_pos[kept], device))
         return cls(
             to_device(items, device),
             to_device(samples.labels[safe], device, dtype),
@@ -186,6 +191,7 @@ class ChunkBatches:
             counts,
             bounds,
             item_rows,
+            item_back,
         )
 
     @property
@@ -361,8 +367,7 @@ def train_cohort(
     compact = optim.touched_rows and optim.name == "adam" and dense_loss is None
     batches = ChunkBatches.build(samples, layout, device, params["items"].dtype, n_items if compact else None)
     if compact:
-        rows = batches.item_rows
-        params = {**params, "items": gather_items(full["items"], rows.clamp(min=0))}  # [C, U, d]
+        params = {**params, "items": gather_items(full["items"], batches.item_rows)}  # [C, U, d]
     opt = StackedOptimizer(optim, params, n_items)
     pending: list[tuple[str, torch.Tensor]] = []
     counted = 0
@@ -404,11 +409,9 @@ def train_cohort(
                 pending += [(k, (v.detach() * active.mask).sum()) for k, v in terms.items()]
                 counted += active.count
     if compact:
-        kept = rows >= 0
         dim = full["items"].shape[2]
-        full["items"].view(-1, dim).index_copy_(
-            0, flat_index(full["items"], rows.clamp(min=0))[kept.reshape(-1)], params["items"][kept]
-        )
+        src, dst = batches.item_back
+        full["items"].view(-1, dim).index_copy_(0, dst, params["items"].reshape(-1, dim).index_select(0, src))
     totals: dict[str, float] = {}
     values = host_value(torch.stack([v.double() for _, v in pending])) if pending else []
     for (k, _), value in zip(pending, values):

@@ -38,6 +38,7 @@ class CentralTrainer:
 
     `fused`: Adam in one kernel per tensor where torch has it (CPU, CUDA), the same update as the per-op
     Adam up to float rounding and 1.8x faster a step on ML-1M (its dense 310k-parameter update is most of a step).
+    A checkpoint written before goes on with the per-op Adam (loading restores its parameter groups).
     """
 
     def __init__(self, method: Central, n_users: int, n_items: int, device: torch.device, fused: bool = True):
