@@ -23,13 +23,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from src.published import published, published_tables
 from src.results import atomic_write_text, best_round, selection_of
 from src.rundir import ADDED_KEYS, SPEED_KEYS, WHERE_KEYS, identity, normalised
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
-PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
 
 
 def config_value(config: dict, dotted: str) -> str:
@@ -183,18 +181,6 @@ def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, .
     return out
 
 
-def published() -> dict[str, dict[str, list[float]]]:
-    """method -> dataset -> [hit@10, ndcg@10] (None: not in the paper) from Table 1 and Table 2 (they agree where
-    they overlap)."""
-    tables = yaml.safe_load(PUBLISHED.read_text())
-    out: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    for table in tables.values():
-        for method, per_dataset in table.items():
-            for dataset, ref in per_dataset.items():
-                out[method][dataset] = ref or out[method].get(dataset)
-    return dict(out)
-
-
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and standard deviation over seeds, in percent (std 0 for one seed)."""
     if not values:
@@ -247,7 +233,7 @@ def with_missing(table: list[dict], name: str) -> list[dict]:
     """The rows of published table `name` (every dataset x method, both protocols), each cell not yet run
     added as a row with 0 seeds, so a missing cell shows instead of being left out."""
     have = {(r["dataset"], r["method"], r["protocol"]) for r in table}
-    spec = yaml.safe_load(PUBLISHED.read_text())[name]
+    spec = published_tables()[name]
     out = list(table)
     for method, per_dataset in spec.items():
         for dataset, ref in per_dataset.items():

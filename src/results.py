@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from src.atomic import atomic_write_text
+from src.published import published
 
 # the validation metric that picks the best round when `eval.select` is not set (and in results.json
 # files written before the key existed)
@@ -172,8 +173,6 @@ def meaning_lines(payload: dict[str, Any]) -> list[str]:
         )
     lines = ["test at best round: " + "; ".join(parts)] if parts else []
     if payload.get("protocol") == "paper":
-        from src.report import published  # src.report imports this module
-
         dataset, ablation = payload.get("dataset"), payload.get("ablation")
         ref = published().get(ablation, {}).get(dataset)
         if ref is None:
