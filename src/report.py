@@ -6,8 +6,8 @@ One row per (dataset, method, protocol), or per (dataset, method, protocol, vari
 `--by optim.name model.alignment ...` (config keys that tell runs apart): seeds, rounds, engine, test
 hit@10 / ndcg@10 (sampled) and, under the clean protocol, the full-ranking ones, the published hit@10 /
 ndcg@10 (`experiments/published.yaml`, paper protocol) and, for paper-protocol rows, the difference,
-and the run folders the row was computed from. `--table table1|table2`: the paper's table, every cell
-not yet run shown as missing. Printed as
+and the run folders the row was computed from. `--table table1|table2`: the paper's table (its rows,
+runs of its 100 rounds), every cell not yet run shown as missing. Printed as
 Markdown; with `--out`, also written as `<name>.md` and `<name>.csv` (atomically).
 """
 
@@ -28,6 +28,7 @@ from src.results import atomic_write_text, best_round, selection_of
 from src.rundir import ADDED_KEYS, SPEED_KEYS, WHERE_KEYS, identity, normalised
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
+TABLE_ROUNDS = 100  # the paper's tables train 100 rounds: `--table` leaves out shorter probes and longer sweeps
 
 
 def config_value(config: dict, dotted: str) -> str:
@@ -112,13 +113,21 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
 
 
 def collect(
-    folders: list[Path], by: tuple[str, ...] = (), rounds: int | None = None
+    folders: list[Path], by: tuple[str, ...] = (), rounds: int | None = None, planned: int | None = None
 ) -> dict[tuple[str, ...], list[dict]]:
     """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol[, variant]);
-    with `rounds`, each run is cut to its first `rounds` rounds (`truncate`)."""
+    with `rounds`, each run is cut to its first `rounds` rounds (`truncate`); with `planned`, only runs
+    configured for that many rounds (`fl.rounds`) are kept, the others counted in one warning."""
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     usable = []
-    for payload in load_runs(folders):
+    payloads = load_runs(folders)
+    if planned is not None:
+        other = [p for p in payloads if config_value(p["config"], "fl.rounds") != str(planned)]
+        if other:
+            lengths = ", ".join(sorted({config_value(p["config"], "fl.rounds") for p in other}))
+            warnings.warn(f"left out {len(other)} run(s) not of {planned} rounds (fl.rounds {lengths})", stacklevel=2)
+        payloads = [p for p in payloads if p not in other]
+    for payload in payloads:
         if rounds is not None:
             try:
                 payload = truncate(payload, rounds)
@@ -337,10 +346,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--table",
         choices=("table1", "table2"),
         default=None,
-        help="the paper's table: its rows only, every cell not yet run shown as missing",
+        help=f"the paper's table: its rows, its {TABLE_ROUNDS}-round runs, every cell not yet run shown as missing",
     )
     args = parser.parse_args(argv)
-    table = rows(collect(args.folders, tuple(args.by), args.rounds))
+    planned = TABLE_ROUNDS if args.table else None
+    table = rows(collect(args.folders, tuple(args.by), args.rounds, planned))
     if args.table:
         table = with_missing(table, args.table)
     if not table:

@@ -167,6 +167,24 @@ def test_paper_table_shows_every_cell_and_marks_missing_ones():
     assert text.count("missing") == 4 * len(table) and "86.85 / 73.71" in text
 
 
+def test_paper_table_keeps_its_100_round_runs_and_says_what_it_left_out(tmp_path):
+    """A 30-round probe of a table's cell is not that cell's number: `--table` leaves it out, with a warning."""
+    for name, rounds, hit in (("table", 100, 0.4), ("probe", 30, 0.9)):
+        fake_run(
+            tmp_path / name,
+            config={"seed": 0, "fl": {"rounds": rounds}},
+            dataset="ml-100k",
+            ablation="full",
+            protocol="paper",
+            test_at_best={"test/hit@10": hit, "test/ndcg@10": 0.3},
+        )
+    with pytest.warns(UserWarning, match=r"left out 1 run\(s\) not of 100 rounds \(fl.rounds 30\)"):
+        table = main([str(tmp_path), "--table", "table2"])
+    (row,) = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == ("ml-100k", "full", "paper")]
+    assert row["seeds"] == 1 and row["test/hit@10"] == pytest.approx(40) and row["runs"] == str(tmp_path / "table")
+    assert "variant" not in row
+
+
 def test_engine_names_what_trains_the_method():
     from src.report import engine
 
