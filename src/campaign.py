@@ -189,14 +189,27 @@ def aligns(ablation: str) -> bool:
     return bool(spec.get("ica") or spec.get("gsa"))
 
 
+def run_kind(config: dict[str, Any]) -> tuple:
+    """What a run's round time depends on: dataset, whether and how it aligns, the method, the device."""
+    ab = config["ablation"]
+    aligned = bool(ab.get("ica") or ab.get("gsa"))
+    mode = config["model"]["alignment"] if aligned else "-"
+    return (
+        config["dataset"]["name"],
+        aligned,
+        mode,
+        ab.get("central"),
+        ab.get("method"),
+        str(config.get("device", "auto")),
+    )
+
+
 def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None) -> float:
     """Estimated seconds per round: the newest stored runs of the same kind, else bench reports of the dataset,
     else scaled from ML-100K. Older runs and bench reports measured slower implementations: of stored runs the
     three stored last count, of bench reports the fastest."""
-    ds, ab = config["dataset"]["name"], config["ablation"]
-    aligned = bool(ab.get("ica") or ab.get("gsa"))
-    mode = config["model"]["alignment"] if aligned else "-"
-    kind = (ds, aligned, mode, ab.get("central"), ab.get("method"), str(config.get("device", "auto")))
+    kind = run_kind(config)
+    ds, aligned, mode = kind[:3]
     same = sorted(
         (r.get("stored_at", ""), r["mean_round_s"]) for r in stored if r["kind"] == kind and r["mean_round_s"]
     )
@@ -239,18 +252,9 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]
             stored_at = str(json.loads((folder / "run.json").read_text()).get("stored_at", ""))
         except (OSError, ValueError):
             continue
-        c, ab = payload["config"], payload["config"]["ablation"]
-        aligned = bool(ab.get("ica") or ab.get("gsa"))
         stats.append(
             {
-                "kind": (
-                    c["dataset"]["name"],
-                    aligned,
-                    c["model"]["alignment"] if aligned else "-",
-                    ab.get("central"),
-                    ab.get("method"),
-                    str(c.get("device", "auto")),
-                ),
+                "kind": run_kind(payload["config"]),
                 "mean_round_s": payload.get("timings", {}).get("mean_round_s"),
                 "stored_at": stored_at,
             }

@@ -122,11 +122,14 @@ def collect(
     usable = []
     payloads = load_runs(folders)
     if planned is not None:
-        other = [p for p in payloads if config_value(p["config"], "fl.rounds") != str(planned)]
+        lengths = [config_value(p["config"], "fl.rounds") for p in payloads]
+        other = sorted({n for n in lengths if n != str(planned)})
         if other:
-            lengths = ", ".join(sorted({config_value(p["config"], "fl.rounds") for p in other}))
-            warnings.warn(f"left out {len(other)} run(s) not of {planned} rounds (fl.rounds {lengths})", stacklevel=2)
-        payloads = [p for p in payloads if p not in other]
+            left = sum(n != str(planned) for n in lengths)
+            warnings.warn(
+                f"left out {left} run(s) not of {planned} rounds (fl.rounds {', '.join(other)})", stacklevel=2
+            )
+        payloads = [p for p, n in zip(payloads, lengths) if n == str(planned)]
     for payload in payloads:
         if rounds is not None:
             try:
