@@ -4,6 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test lint format test-slow bench gpu-check data reproduce reproduce-small certs flower-sim flower-loopback clean
@@ -25,8 +26,8 @@ install: $(STAMP) ## Create .venv and install torch 2.13.0 (CPU) and the project
 run: install ## Run the default experiment (ML-100K); extra Hydra overrides via ARGS="dataset=filmtrust ..."
 	$(BIN)/python -m src.run $(ARGS)
 
-test: install ## Run the test suite (fast tests; slow ones with `make test-slow`)
-	$(BIN)/python -m pytest -q $(ARGS)
+test: install ## Run the test suite (fast tests, TEST_WORKERS=2 processes of one torch thread each; slow ones with `make test-slow`)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: install ## ruff: lint rules and formatting check (configured in pyproject.toml); CI runs it before the tests
 	$(BIN)/ruff check src tests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,20 @@ requires_real_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real 
 def isolated_env(tmp_path_factory: pytest.TempPathFactory):
     """Point every default cache location at a temporary folder for the whole session.
 
-    Also drops ALIGNFEDREC_DATA so that a user's own data root cannot change what the tests read.
+    Also drops ALIGNFEDREC_DATA so that a user's own data root cannot change what the tests read, and
+    under pytest-xdist (`make test`) gives each worker one torch thread.
     """
     mp = pytest.MonkeyPatch()
     mp.setenv("ALIGNFEDREC_CACHE", str(tmp_path_factory.mktemp("alignfedrec-cache")))
     mp.delenv("ALIGNFEDREC_DATA", raising=False)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs one pytest worker per core: one torch thread each (and in the runs they start),
+        # so that the workers do not oversubscribe the cores
+        import torch
+
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MKL_NUM_THREADS", "1")
+        torch.set_num_threads(1)
     yield
     mp.undo()
 

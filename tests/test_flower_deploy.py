@@ -91,10 +91,12 @@ def test_a_node_killed_mid_round_rejoins_with_its_state(deployment, cache_dir, t
     deployment.start_node(1)
     history = wait_results(run_dir, timeout=600)["history"]
     # round 2: the dead node's reply is missing (timeout) or an error the SuperLink sends for it once it
-    # sees the node offline; nodes 0 and 2 are aggregated, and the run goes on
+    # sees the node offline; nodes 0 and 2 are aggregated, and the run goes on. The restarted node is back
+    # by round 4 (on a loaded machine its start can miss round 3, which then aggregates nodes 0 and 2 again)
     lost = [r["flower/nodes"] - r["flower/replies"] + r["flower/failed"] for r in history]
-    assert lost == [0, 1, 0, 0]
-    assert [r["flower/evaluated"] for r in history] == [20, 13, 20, 20]
+    evaluated = [r["flower/evaluated"] for r in history]
+    assert lost[:2] == [0, 1] and lost[3] == 0 and lost[2] in (0, 1), lost
+    assert evaluated[:2] == [20, 13] and evaluated[3] == 20 and evaluated[2] == (20 if lost[2] == 0 else 13), evaluated
     assert [r["reported"] for r in history][1] < [r["reported"] for r in history][0]
     # node 1 came back with the state it saved after round 1, not a fresh initialisation
     assert (tmp_path / "state").is_dir() and len(list((tmp_path / "state").glob("run*-part1of3.pt"))) == 1
