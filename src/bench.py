@@ -36,9 +36,6 @@ Prints a table and writes the same figures as JSON to `bench.out` (atomically).
 from __future__ import annotations
 
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,35 +52,12 @@ from src.clients.cohort import batch_layout, chunks_by_steps, local_steps, train
 from src.clients.reference import ExactAlignment, client_batches, make_client, train_client
 from src.config import load_config, validate
 from src.data.dataset import load
-from src.device import COUNTERS
+from src.device import COUNTERS, device_info, peak_rss_mib
 from src.results import publish_report, select_key
 from src.simulator.federated import FederatedModule
 
 PHASES = ("sample", "train", "aggregate", "server", "community", "eval")
 WARMUP = 2  # round 2 is the first with a broadcast to align to
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def device_info(device: torch.device) -> dict[str, Any]:
-    """What ran the bench: GPU name, or CPU model; torch intra-op threads and visible CPU cores."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    return {"type": device.type, "name": name, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def sync(device: torch.device) -> None:

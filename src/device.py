@@ -35,7 +35,11 @@ it per round).
 from __future__ import annotations
 
 import os
+import platform
+import resource
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,3 +137,32 @@ def setup_device(cfg: DictConfig) -> torch.device:
     if OmegaConf.select(cfg, "compute.keep_heap", default=False):
         keep_freed_memory()
     return device
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    """What ran the bench or a run: GPU name, or CPU model; torch intra-op threads and visible CPU cores."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return {"type": device.type, "name": name, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def run_resources(device: torch.device) -> dict[str, Any]:
+    """What ran a run and the peak memory of this process (a resumed run: of the process that finished it)."""
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {**device_info(device), "peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": gpu}

@@ -3,9 +3,10 @@
 Fields (later work may add, never remove): config, dataset, protocol, ablation, seed, summary,
 history (per round: validation and test metrics, losses, timings), select (the validation metric
 that picks the best round, `eval.select`; files without it used val/hit@10), best_round (highest
-select metric, earliest on ties), best_val, test_at_best, timings, finished, communication (bytes
-over the run: upload and download totals, mean upload per client and round, and the
-embedding-sharing size for comparison), privacy (the epsilon spent by the last round, when noise is on).
+select metric, earliest on ties), best_val, test_at_best, timings, resources (device, CPU or GPU
+model, torch threads, peak resident and GPU memory of the process that finished the run), finished,
+communication (bytes over the run: upload and download totals, mean upload per client and round, and
+the embedding-sharing size for comparison), privacy (the epsilon spent by the last round, when noise is on).
 """
 
 from __future__ import annotations
@@ -92,9 +93,15 @@ def communication_totals(history: list[dict]) -> dict[str, float]:
 
 
 def build_results(
-    cfg: DictConfig, summary: dict, history: list[dict], timings: dict[str, float], finished: bool
+    cfg: DictConfig,
+    summary: dict,
+    history: list[dict],
+    timings: dict[str, float],
+    finished: bool,
+    resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the results.json payload from the run's config, data summary and round history."""
+    """Assemble the results.json payload from the run's config, data summary and round history
+    (`resources`: what ran it and its peak memory, `src.device.run_resources`)."""
     select = select_key(cfg)
     best = best_round(history, select)
     return {
@@ -110,6 +117,7 @@ def build_results(
         "best_val": {k: v for k, v in best.items() if k.startswith("val")} if best else {},
         "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
         "timings": timings,
+        "resources": resources or {},
         "finished": finished,
         "communication": communication_totals(history),
         "privacy": {k.split("/", 1)[1]: v for k, v in history[-1].items() if k.startswith("privacy/")}

@@ -30,6 +30,7 @@ from src.atomic import atomic_write_text
 from src.checkpoint import AtomicCheckpoint
 from src.config import validate
 from src.data.dataset import FedData, load
+from src.device import run_resources
 from src.loggers import LEAFSPEC_WARNING, RoundCSV, RoundProgress, finish_loggers, make_loggers, quiet_lightning
 from src.results import build_results, report_best, select_key, write_results
 from src.simulator.federated import FederatedModule
@@ -177,7 +178,8 @@ def fit(run: Prepared, progress: bool = True) -> dict:
             "this_process_s": time.perf_counter() - run.start,
             "mean_round_s": sum(r["time/round"] for r in module.history) / max(len(module.history), 1),
         }
-        payload = build_results(cfg, run.data.summary(), module.history, timings, finished=True)
+        resources = run_resources(module.compute_device)
+        payload = build_results(cfg, run.data.summary(), module.history, timings, True, resources)
         write_results(run_dir, payload)
         summary = {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]}
         finish_loggers(loggers, summary)

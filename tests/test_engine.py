@@ -113,6 +113,15 @@ def test_results_contract(filmtrust_run):
     assert set(on_disk["timings"]) >= {"setup_s", "total_s", "mean_round_s"}
     assert all(v > 0 for v in on_disk["timings"].values())
 
+    # what ran it and its peak memory: the kernel's own high-water mark of this process bounds the recorded
+    # peak (the run happened in this process, earlier), and the run's FilmTrust tables alone need some MiB
+    res = on_disk["resources"]
+    status = Path("/proc/self/status").read_text().splitlines()
+    hwm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+    assert 50 < res["peak_rss_mib"] <= hwm_kib / 1024
+    assert (res["type"], res["peak_gpu_mib"], res["cpu_count"]) == ("cpu", None, os.cpu_count())
+    assert res["torch_threads"] >= 1 and res["name"]
+
     resolved = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
     assert resolved == on_disk["config"]
 
