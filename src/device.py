@@ -30,6 +30,9 @@ broadcast copies (`src/alignment/losses.py`), the server's mean (`src/simulator/
 baseline move tensors and read values back; `COUNTERS` counts their calls. Each call counts whether or not it
 copies (on the CPU none does), so a CPU run counts what a CUDA run would move and wait for (`src.bench` prints
 it per round).
+
+`device_info`, `peak_rss_mib` and `run_resources` say what ran a bench or a run and its peak memory
+(results.json `resources`).
 """
 
 from __future__ import annotations
@@ -136,6 +139,8 @@ def setup_device(cfg: DictConfig) -> torch.device:
     )
     if OmegaConf.select(cfg, "compute.keep_heap", default=False):
         keep_freed_memory()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # `run_resources`: this run's GPU peak, not an earlier job's
     return device
 
 
@@ -163,6 +168,7 @@ def peak_rss_mib() -> float:
 
 
 def run_resources(device: torch.device) -> dict[str, Any]:
-    """What ran a run and the peak memory of this process (a resumed run: of the process that finished it)."""
+    """What ran a run and its peak memory: GPU memory since `setup_device`; resident memory of this process,
+    which a resumed run counts from its last process and a Hydra multirun's later jobs share with earlier ones."""
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {**device_info(device), "peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": gpu}

@@ -4,7 +4,8 @@ Fields (later work may add, never remove): config, dataset, protocol, ablation, 
 history (per round: validation and test metrics, losses, timings), select (the validation metric
 that picks the best round, `eval.select`; files without it used val/hit@10), best_round (highest
 select metric, earliest on ties), best_val, test_at_best, timings, resources (device, CPU or GPU
-model, torch threads, peak resident and GPU memory of the process that finished the run), finished,
+model, torch threads, peak resident and GPU memory of the process that finished the run; empty for a
+Flower run, which spans processes and hosts), finished,
 communication (bytes over the run: upload and download totals, mean upload per client and round, and
 the embedding-sharing size for comparison), privacy (the epsilon spent by the last round, when noise is on).
 """

@@ -26,8 +26,8 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("ALIGNFEDREC_CACHE", str(tmp_path_factory.mktemp("alignfedrec-cache")))
     mp.delenv("ALIGNFEDREC_DATA", raising=False)
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # `make test` runs one pytest worker per core: one torch thread each (and in the runs they start),
-        # so that the workers do not oversubscribe the cores
+        # `make test` runs TEST_WORKERS (2) pytest workers: one torch thread each (and in the runs they
+        # start), so that the workers do not oversubscribe a 2-core machine
         import torch
 
         mp.setenv("OMP_NUM_THREADS", "1")

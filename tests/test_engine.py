@@ -116,11 +116,12 @@ def test_results_contract(filmtrust_run):
     # what ran it and its peak memory: the kernel's own high-water mark of this process bounds the recorded
     # peak (the run happened in this process, earlier), and the run's FilmTrust tables alone need some MiB
     res = on_disk["resources"]
-    status = Path("/proc/self/status").read_text().splitlines()
-    hwm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
-    assert 50 < res["peak_rss_mib"] <= hwm_kib / 1024
-    assert (res["type"], res["peak_gpu_mib"], res["cpu_count"]) == ("cpu", None, os.cpu_count())
-    assert res["torch_threads"] >= 1 and res["name"]
+    assert res["peak_rss_mib"] > 50 and res["cpu_count"] == os.cpu_count() and res["torch_threads"] >= 1
+    if Path("/proc/self/status").is_file():
+        status = Path("/proc/self/status").read_text().splitlines()
+        assert res["peak_rss_mib"] <= next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+    on_gpu = res["type"] == "cuda"
+    assert res["type"] in ("cpu", "cuda") and res["name"] and (res["peak_gpu_mib"] is not None) == on_gpu
 
     resolved = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
     assert resolved == on_disk["config"]

@@ -92,11 +92,16 @@ def test_a_node_killed_mid_round_rejoins_with_its_state(deployment, cache_dir, t
     history = wait_results(run_dir, timeout=600)["history"]
     # round 2: the dead node's reply is missing (timeout) or an error the SuperLink sends for it once it
     # sees the node offline; nodes 0 and 2 are aggregated, and the run goes on. The restarted node is back
-    # by round 4 (on a loaded machine its start can miss round 3, which then aggregates nodes 0 and 2 again)
+    # by round 4: on a loaded machine its start can miss round 3, which then aggregates nodes 0 and 2 again
+    # (the node still listed and lost, or no longer listed)
+    nodes = [int(r["flower/nodes"]) for r in history]
     lost = [r["flower/nodes"] - r["flower/replies"] + r["flower/failed"] for r in history]
     evaluated = [r["flower/evaluated"] for r in history]
-    assert lost[:2] == [0, 1] and lost[3] == 0 and lost[2] in (0, 1), lost
-    assert evaluated[:2] == [20, 13] and evaluated[3] == 20 and evaluated[2] == (20 if lost[2] == 0 else 13), evaluated
+    assert (nodes[0], lost[0], evaluated[0]) == (3, 0, 20) and (lost[1], evaluated[1]) == (1, 13)
+    assert (nodes[2], lost[2], evaluated[2]) in {(3, 0, 20), (3, 1, 13), (2, 0, 13)}, history[2]
+    assert (nodes[3], lost[3], evaluated[3]) == (3, 0, 20)
+    assert all(r["flower/rejected"] == 0 for r in history)
+    assert "Traceback" not in deployment.log("node1"), deployment.log("node1")[-2000:]
     assert [r["reported"] for r in history][1] < [r["reported"] for r in history][0]
     # node 1 came back with the state it saved after round 1, not a fresh initialisation
     assert (tmp_path / "state").is_dir() and len(list((tmp_path / "state").glob("run*-part1of3.pt"))) == 1
