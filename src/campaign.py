@@ -179,20 +179,24 @@ def store(
     return dest
 
 
+def trains_aligned(ablation: dict[str, Any]) -> bool:
+    """Whether an ablation group's values (resolved or as written in its yaml) train with ICA or GSA."""
+    return bool(ablation.get("ica") or ablation.get("gsa"))
+
+
 def aligns(ablation: str) -> bool:
     """Whether `conf/ablation/<ablation>.yaml` trains with an alignment term (ICA or GSA)."""
     path = CONF_DIR / "ablation" / f"{ablation}.yaml"
     if not path.is_file():
         return False
     spec = yaml.safe_load(path.read_text()) or {}
-    spec = spec.get("ablation", spec)  # a `# @package _global_` ablation nests its values under ablation:
-    return bool(spec.get("ica") or spec.get("gsa"))
+    return trains_aligned(spec.get("ablation", spec))  # a `# @package _global_` file nests under ablation:
 
 
 def run_kind(config: dict[str, Any]) -> tuple:
     """What a run's round time depends on: dataset, whether and how it aligns, the method, the device."""
     ab = config["ablation"]
-    aligned = bool(ab.get("ica") or ab.get("gsa"))
+    aligned = trains_aligned(ab)
     mode = config["model"]["alignment"] if aligned else "-"
     return (
         config["dataset"]["name"],

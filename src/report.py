@@ -41,6 +41,13 @@ def config_value(config: dict, dotted: str) -> str:
     return str(value)
 
 
+def planned_rounds(config: dict) -> int | None:
+    """The rounds a resolved config planned (`fl.rounds`), None when it names none."""
+    fl = config.get("fl")
+    value = fl.get("rounds") if isinstance(fl, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def truncate(payload: dict, rounds: int) -> dict:
     """The run as if it had stopped after `rounds` rounds: best validation round (by the run's selection
     metric, `selection_of`) and its test metrics chosen again within them (test data still selects nothing)."""
@@ -122,14 +129,15 @@ def collect(
     usable = []
     payloads = load_runs(folders)
     if planned is not None:
-        lengths = [config_value(p["config"], "fl.rounds") for p in payloads]
-        other = sorted({n for n in lengths if n != str(planned)})
+        lengths = [planned_rounds(p["config"]) for p in payloads]
+        other = sorted({n for n in lengths if n != planned}, key=str)
         if other:
-            left = sum(n != str(planned) for n in lengths)
+            left = sum(n != planned for n in lengths)
             warnings.warn(
-                f"left out {left} run(s) not of {planned} rounds (fl.rounds {', '.join(other)})", stacklevel=2
+                f"left out {left} run(s) not of {planned} rounds (fl.rounds {', '.join(map(str, other))})",
+                stacklevel=2,
             )
-        payloads = [p for p, n in zip(payloads, lengths) if n == str(planned)]
+        payloads = [p for p, n in zip(payloads, lengths) if n == planned]
     for payload in payloads:
         if rounds is not None:
             try:

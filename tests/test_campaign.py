@@ -195,3 +195,12 @@ def test_cost_estimate_takes_the_fastest_matching_bench_report(tmp_path):
     assert campaign.seconds_per_round(config, [], tmp_path) == pytest.approx(2.0 * ((3.0 + 1.0) / 0.1 + 0.6))
     plain = {**config, "ablation": {"ica": False, "gsa": False}}
     assert campaign.seconds_per_round(plain, [], tmp_path) == pytest.approx(2.0 * (0.2 + 1.0 + 0.6))
+
+
+@pytest.mark.parametrize("ablation", sorted(p.stem for p in (campaign.CONF_DIR / "ablation").glob("*.yaml")))
+def test_cost_kind_and_bench_matching_agree_on_whether_an_ablation_aligns(ablation, compose_cfg):
+    """The estimate reads an ablation's yaml (bench reports) and a composed config (stored runs): both must say
+    the same of it, else a run's cost is taken from the wrong kind of measurement."""
+    config = OmegaConf.to_container(compose_cfg(["dataset=synthetic", f"ablation={ablation}"]), resolve=True)
+    composed = bool(config["ablation"].get("ica")) or bool(config["ablation"].get("gsa"))
+    assert campaign.aligns(ablation) == composed == campaign.run_kind(config)[1]

@@ -210,3 +210,20 @@ def test_a_row_the_paper_has_no_number_for_is_listed_without_one():
     assert len(knn) == 8 and all(r["published hit@10"] is None and r["seeds"] == 0 for r in knn)
     full = [r for r in rows if r["method"] == "full" and r["dataset"] == "ml-1m"]
     assert {r["published hit@10"] for r in full} == {86.21}
+
+
+def test_paper_table_leaves_out_a_run_whose_config_names_no_rounds(tmp_path):
+    """`fl.rounds` is compared as a number; a run without it is no table's cell and is named in the warning."""
+    for name, fl in (("table", {"rounds": 100}), ("bare", {})):
+        fake_run(
+            tmp_path / name,
+            config={"seed": 0, "fl": fl},
+            dataset="ml-100k",
+            ablation="full",
+            protocol="paper",
+            test_at_best={"test/hit@10": 0.4, "test/ndcg@10": 0.3},
+        )
+    with pytest.warns(UserWarning, match=r"left out 1 run\(s\) not of 100 rounds \(fl.rounds None\)"):
+        table = main([str(tmp_path), "--table", "table2"])
+    (row,) = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == ("ml-100k", "full", "paper")]
+    assert row["seeds"] == 1
