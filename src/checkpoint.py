@@ -10,6 +10,7 @@ corrupted or truncated checkpoint before Lightning reads it.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import time
 from pathlib import Path
@@ -112,7 +113,7 @@ class AtomicCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer, done: int) -> None:
         """Checkpoint through a temporary sibling, then its record; both renamed into place."""
         with atomic_path(self.last) as tmp:
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)
             digest = sha256_file(tmp)
         record = {
             "format": RECORD_FORMAT,
@@ -132,3 +133,11 @@ class AtomicCheckpoint(L.Callback):
             done % self.every == 0 or done == trainer.max_epochs or trainer.should_stop or trainer.received_sigterm
         ):
             self.save(trainer, done)
+
+
+def full_load(trainer: L.Trainer, ckpt: str | None) -> dict[str, bool]:
+    """`trainer.fit`'s keyword that loads our own checkpoint whole (client tables, RNG state, history; its digest
+    is checked before): `weights_only=False` where Lightning takes it (2.6+); older ones load whole already."""
+    if ckpt is None or "weights_only" not in inspect.signature(trainer.fit).parameters:
+        return {}
+    return {"weights_only": False}

@@ -162,8 +162,7 @@ def fit(run: Prepared, progress: bool = True) -> dict:
             warnings.filterwarnings("ignore", ".*configure_optimizers.*")
             warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
             try:
-                # our own checkpoint (client tables, RNG state, history), its digest checked: no weights_only
-                trainer.fit(module, ckpt_path=run.ckpt, weights_only=False if run.ckpt else None)
+                trainer.fit(module, ckpt_path=run.ckpt, **checkpoint.full_load(trainer, run.ckpt))
             except SIGTERMException:
                 finish_loggers(loggers, None)
                 print(stopped_message(run_dir, ckpt), file=sys.stderr, flush=True)

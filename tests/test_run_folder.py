@@ -207,3 +207,18 @@ def test_speed_keys_never_tell_runs_apart():
     runs = [{"config": c} for c in (old, {**new, "seed": 1}, other)]
     groups = report.split_differing(key, runs)
     assert sorted(len(v) for v in groups.values()) == [1, 2]  # old and new in one row, model.dim apart
+
+
+def test_resume_loads_our_checkpoint_whole_on_every_lightning_the_project_allows():
+    """Lightning 2.6 takes `fit(weights_only=)` and must be told False for our checkpoint; older ones (allowed by
+    pyproject) take no such keyword and would fail on it."""
+    from src.checkpoint import full_load
+
+    class Older:
+        def fit(self, model, ckpt_path=None): ...
+
+    class Newer:
+        def fit(self, model, ckpt_path=None, weights_only=None): ...
+
+    assert full_load(Older(), "last.ckpt") == {} and full_load(Newer(), None) == {}
+    assert full_load(Newer(), "last.ckpt") == {"weights_only": False}
