@@ -348,3 +348,19 @@ def test_every_alignment_ablation_trains_past_the_first_broadcast(compose_cfg, t
     last = payload["history"][-1]
     assert payload["finished"] and math.isfinite(last["val/hit@10"])
     assert ("loss/ica" in last) == (ablation != "no_ica") and ("loss/gsa" in last) == (ablation != "no_gsa")
+
+
+@pytest.mark.parametrize("ablation", ["central", "popularity"])
+def test_central_holds_no_client_tables_and_resumes(compose_cfg, tmp_path, ablation):
+    """A centralised method trains its own model: the module keeps no per-client tables (nor its checkpoint),
+    and a resumed run gives the uninterrupted one's numbers."""
+    from src.data.dataset import load
+    from src.simulator.federated import FederatedModule
+
+    base = ["dataset=synthetic", f"ablation={ablation}", "fl.checkpoint_every=1"]
+    module = FederatedModule(compose_cfg(base), load(compose_cfg(base)))
+    assert sum(v.numel() for v in module.state.values()) == 0
+    straight = train(compose_cfg(base + ["fl.rounds=3"]), tmp_path / "a", progress=False)
+    train(compose_cfg(base + ["fl.rounds=2"]), tmp_path / "b", progress=False)
+    resumed = train(compose_cfg(base + ["fl.rounds=3", "resume=true"]), tmp_path / "b", progress=False)
+    assert metrics(resumed["history"]) == metrics(straight["history"])
