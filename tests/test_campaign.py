@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from src import campaign
 from src.report import collect, rows
 
+pytestmark = pytest.mark.heavy
+
 SMOKE = "experiment=campaign_smoke"
 
 

@@ -153,3 +153,9 @@ def test_checksum_mismatch_names_expected_and_found(tmp_path: Path):
 def test_conflicting_privacy_and_encoding_options_name_the_key(compose_cfg, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_cfg(overrides)
+
+
+def test_heavy_files_are_collected_first(request: pytest.FixtureRequest):
+    """`make test` hands files to its workers in collection order: the `heavy` ones must lead."""
+    heavy = [item.get_closest_marker("heavy") is not None for item in request.session.items]
+    assert heavy == sorted(heavy, reverse=True)
