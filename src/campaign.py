@@ -20,6 +20,7 @@ round and checkpoints) and resumes from there the next time, while its checkpoin
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -34,10 +35,12 @@ from typing import Any
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from hydra.core.override_parser.types import Override, OverrideType
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from src.atomic import atomic_write_text
-from src.config import CONF_DIR, validate
+from src.config import CONF_DIR, ConfigError, validate
 from src.data.download import default_cache_dir
 from src.rundir import identity
 
@@ -46,7 +49,6 @@ RUNS = REPO / "results" / "runs"
 BENCH = REPO / "results" / "bench"
 # the grid axes that name a stored run's folder; every other override names its variant
 AXES = ("dataset", "ablation", "protocol", "seed")
-# keys that do not change what a run computes: they never tell two runs apart
 
 
 @dataclass(eq=False)
@@ -95,6 +97,39 @@ def compose_config(overrides: list[str], hydra_node: bool = False):
     return cfg
 
 
+def value_overrides(overrides: list[str]) -> tuple[list[str], list[Override]]:
+    """Split overrides into those Hydra must compose (config groups, `+`/`~`/`@`, hydra's own) and plain
+    `key=value` changes of existing values, which Hydra applies to the composed config as `OmegaConf.update`."""
+    composed, values = [], []
+    for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        key = parsed.key_or_group
+        plain = parsed.type == OverrideType.CHANGE and parsed.package is None and not parsed.is_hydra_override()
+        if plain and not (CONF_DIR / key).is_dir():
+            values.append(parsed)
+        else:
+            composed.append(line)
+    return composed, values
+
+
+def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
+    """The config of each run's overrides, composing once per set of group choices: a grid's seeds and other
+    value axes are applied to a copy as Hydra applies them (struct mode: an unknown key is an error)."""
+    cache: dict[tuple[str, ...], DictConfig] = {}
+    out = []
+    for overrides in grid:
+        composed, values = value_overrides(overrides)
+        if tuple(composed) not in cache:
+            cache[tuple(composed)] = compose_config(composed)
+        cfg = copy.deepcopy(cache[tuple(composed)])
+        for parsed in values:
+            try:
+                OmegaConf.update(cfg, parsed.key_or_group, parsed.value(), merge=True)
+            except (ConfigAttributeError, ConfigKeyError) as err:
+                raise ConfigError(f"override {parsed.input_line}: no key {parsed.key_or_group} in the config") from err
+        out.append(cfg)
+    return out
+
+
 def expand(experiment: str, cli: list[str]) -> list[Run]:
     """The runs of one overlay: its sweeper grid with the command line's values replacing or adding axes."""
     params = (
@@ -104,10 +139,12 @@ def expand(experiment: str, cli: list[str]) -> list[Run]:
     for override in cli:
         key, values = sweep_values(override)
         grid[key] = values
+    every = [
+        [f"experiment={experiment}", *(f"{k}={v}" for k, v in zip(grid, combo))]
+        for combo in itertools.product(*grid.values())
+    ]
     runs = []
-    for combo in itertools.product(*grid.values()):
-        overrides = [f"experiment={experiment}", *(f"{k}={v}" for k, v in zip(grid, combo))]
-        cfg = compose_config(overrides)
+    for overrides, cfg in zip(every, compose_runs(every)):
         validate(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
         runs.append(Run(experiment, overrides, config, identity(config), variant_name(overrides)))

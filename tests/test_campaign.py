@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from src import campaign
+from src.config import ConfigError
 from src.report import collect, rows
 
 pytestmark = pytest.mark.heavy
@@ -76,6 +77,26 @@ def test_expand_narrows_and_widens_the_grid():
     assert {r.config["seed"] for r in narrowed} == {1}
     assert {r.variant for r in narrowed} == {"fl.rounds=2", "fl.rounds=3"}
     assert {r.key for r in narrowed} & {r.key for r in runs}  # fl.rounds=3 seed 1 is the same run
+
+
+def test_value_axes_applied_to_one_composition_equal_hydra_composing_each_run():
+    """`expand` composes once per group choice and sets seeds and other values on copies: each run's resolved
+    config must be the one Hydra composes from that run's own overrides."""
+    cli = ["ablation=backbone,no_ica", "seed=0,2", "fl.rounds=2", "model.alpha=0.25", "optim=sgd"]
+    runs = campaign.expand("campaign_smoke", cli)
+    assert len(runs) == 4
+    for run in runs:
+        alone = OmegaConf.to_container(campaign.compose_config(run.overrides), resolve=True)
+        assert run.config == alone, run.overrides
+    assert {(r.config["seed"], r.config["fl"]["rounds"], r.config["model"]["alpha"]) for r in runs} == {
+        (0, 2, 0.25),
+        (2, 2, 0.25),
+    }
+
+
+def test_an_unknown_value_axis_is_named():
+    with pytest.raises(ConfigError, match="fl.roundz"):
+        campaign.expand("campaign_smoke", ["fl.roundz=2"])
 
 
 def test_runs_are_stored_compactly_and_skipped_next_time(tmp_path, capsys):
