@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import igraph as ig
-import leidenalg
 import numpy as np
 import torch
 
 from src.alignment.neighbours import nearest_entries
+
+if TYPE_CHECKING:
+    import igraph as ig
 
 METHODS = ("igraph", "leidenalg", "leidenalg_rb")
 
@@ -71,6 +73,10 @@ def graph_mask(sim: torch.Tensor, sigma: float, knn: int | None) -> torch.Tensor
 
 def weighted_graph(sim: torch.Tensor, sigma: float, knn: int | None = None) -> ig.Graph:
     """The server graph (`graph_pairs`) for igraph, weighted by sim."""
+    # imported here: igraph (and the matplotlib it loads) costs ~2 s of start-up, which every process that
+    # never builds a graph (a Flower ClientApp, each round) would pay
+    import igraph as ig
+
     src, dst = graph_pairs(sim, sigma, knn)
     graph = ig.Graph(n=sim.shape[0], edges=list(zip(src.tolist(), dst.tolist())))
     graph.es["weight"] = sim[src, dst].double().tolist()
@@ -82,6 +88,9 @@ def detect(
 ) -> Communities:
     """Maximise modularity on the thresholded graph (or, with `knn`, the k-nearest-neighbour graph);
     isolated items become singleton communities."""
+    import igraph as ig
+    import leidenalg
+
     graph = weighted_graph(sim, sigma, knn)
     weights = graph.es["weight"] if graph.ecount() else None
     if method == "igraph":
