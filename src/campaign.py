@@ -37,7 +37,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from src.atomic import atomic_write_text
 from src.config import CONF_DIR, ConfigError, validate
@@ -103,7 +103,12 @@ def value_overrides(overrides: list[str]) -> tuple[list[str], list[Override]]:
     composed, values = [], []
     for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
         key = parsed.key_or_group
-        plain = parsed.type == OverrideType.CHANGE and parsed.package is None and not parsed.is_hydra_override()
+        plain = (
+            parsed.type == OverrideType.CHANGE
+            and parsed.package is None
+            and not parsed.is_hydra_override()
+            and not parsed.is_sweep_override()
+        )
         if plain and not (CONF_DIR / key).is_dir():
             values.append(parsed)
         else:
@@ -126,6 +131,8 @@ def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
                 OmegaConf.update(cfg, parsed.key_or_group, parsed.value(), merge=True)
             except (ConfigAttributeError, ConfigKeyError) as err:
                 raise ConfigError(f"override {parsed.input_line}: no key {parsed.key_or_group} in the config") from err
+            except OmegaConfBaseException as err:
+                raise ConfigError(f"override {parsed.input_line}: {err}") from err
         out.append(cfg)
     return out
 
