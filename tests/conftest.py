@@ -15,16 +15,6 @@ SHARED_DATA = Path(src.__file__).resolve().parents[2] / "shared" / "data"
 requires_real_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real datasets not found at {SHARED_DATA}")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Put the files marked `heavy` (a minute or more each) first, so that small files fill the end.
-
-    `make test` hands whole files to its two workers in collection order (`--dist loadfile
-    --no-loadscope-reorder`). xdist's own order (most tests first) left the Flower deployment (3 tests,
-    about 5 minutes) running alone at the end: 10 minutes where the CPU time asks for about 7.
-    """
-    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def isolated_env(tmp_path_factory: pytest.TempPathFactory):
     """Point every default cache location at a temporary folder for the whole session.

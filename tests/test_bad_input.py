@@ -12,8 +12,6 @@ import torch
 from src.config import CONF_DIR, ConfigError, load_config
 from src.data.raw import DataFormatError, read_lastfm, read_ml100k
 
-pytestmark = pytest.mark.heavy
-
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 SEARCHES = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
 

@@ -14,8 +14,6 @@ from src import campaign
 from src.config import ConfigError
 from src.report import collect, rows
 
-pytestmark = pytest.mark.heavy
-
 SMOKE = "experiment=campaign_smoke"
 
 

@@ -153,18 +153,3 @@ def test_checksum_mismatch_names_expected_and_found(tmp_path: Path):
 def test_conflicting_privacy_and_encoding_options_name_the_key(compose_cfg, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_cfg(overrides)
-
-
-def test_heavy_files_are_collected_first(request: pytest.FixtureRequest):
-    """`make test` hands files to its workers in collection order: the `heavy` ones must lead, in their order."""
-    from types import SimpleNamespace
-
-    from tests.conftest import pytest_collection_modifyitems
-
-    def item(name: str, heavy: bool):
-        marker = SimpleNamespace(name="heavy") if heavy else None
-        return SimpleNamespace(name=name, get_closest_marker=lambda m: marker if m == "heavy" else None)
-
-    items = [item("a", False), item("b", True), item("c", False), item("d", True), item("e", False)]
-    pytest_collection_modifyitems(request.config, items)
-    assert [i.name for i in items] == ["b", "d", "a", "c", "e"]

@@ -23,8 +23,6 @@ from src.results import DEFAULT_SELECT
 from src.run import train
 from tests.conftest import requires_real_data
 
-pytestmark = pytest.mark.heavy
-
 REPO = Path(__file__).resolve().parents[1]
 # the engine tests run the PFedRec backbone with the lineage SGD (cheap rounds); AlignFedRec below
 FILMTRUST = ["dataset=filmtrust", "ablation=backbone", "optim=sgd", "fl.rounds=3", "fl.checkpoint_every=0"]

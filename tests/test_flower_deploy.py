@@ -22,7 +22,6 @@ from tests.conftest import requires_real_data  # noqa: E402
 from tests.test_flower import SMALL, compare  # noqa: E402
 
 pytestmark = [
-    pytest.mark.heavy,
     requires_real_data,
     pytest.mark.skipif(
         shutil.which("openssl") is None or shutil.which("ssh-keygen") is None, reason="needs openssl and ssh-keygen"

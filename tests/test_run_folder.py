@@ -19,8 +19,6 @@ from src.checkpoint import CheckpointError, read_record, sha256_file
 from src.run import ResumeError, train
 from tests.conftest import requires_real_data
 
-pytestmark = pytest.mark.heavy
-
 REPO = Path(__file__).resolve().parents[1]
 SYNTH = ["dataset=synthetic", "ablation=backbone", "optim=sgd", "fl.checkpoint_every=1"]
 SMALL_FILMTRUST = ["dataset=filmtrust", "data.max_users=30", "ablation=backbone", "optim=sgd"]
