@@ -14,6 +14,9 @@ torch thread each. A finished run is stored compactly:
 Work folders (checkpoints) live outside the repository (`--work`, default
 `$ALIGNFEDREC_CACHE/campaign`): a run cut by the budget is stopped with SIGTERM (it finishes its
 round and checkpoints) and resumes from there the next time, while its checkpoint is still there.
+Campaigns may share a work folder: each run is claimed by a lock (`<key>.lock`, held by the campaign and
+the run's own process), so two campaigns never run the same run, and a run another campaign stored
+since this one planned is not run again.
 `python -m src.campaign store <run folder> ...` stores runs made by hand (`python -m src.run`).
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import itertools
 import json
 import os
@@ -188,6 +192,22 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def destination(root: Path, experiment: str, config: dict[str, Any], variant: str) -> Path:
+    """Where a run of `config` is stored: <root>/<experiment>/<dataset>/<ablation>/<protocol>/<variant>/seed<k>."""
+    names = (config["dataset"]["name"], config["ablation"]["name"], config["protocol"]["name"])
+    return root.joinpath(experiment, *names, variant, f"seed{config['seed']}")
+
+
+def stored_since(run: Run, root: Path) -> Path | None:
+    """The run's folder when it is stored under `root` now (by another campaign since this one planned)."""
+    folder = destination(root, run.experiment, run.config, run.variant)
+    try:
+        same = identity(json.loads((folder / "results.json").read_text())["config"]) == run.key
+    except (OSError, ValueError, KeyError):
+        return None
+    return folder if same and (folder / "run.json").is_file() else None
+
+
 def store(
     run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS, variant: str | None = None
 ) -> Path:
@@ -197,15 +217,7 @@ def store(
         raise ValueError(f"{run_dir}/results.json: the run did not finish; nothing stored")
     config = payload["config"]
     key = identity(config)
-    dest = (
-        root
-        / experiment
-        / config["dataset"]["name"]
-        / config["ablation"]["name"]
-        / config["protocol"]["name"]
-        / (variant or variant_name(overrides))
-        / f"seed{config['seed']}"
-    )
+    dest = destination(root, experiment, config, variant or variant_name(overrides))
     atomic_write_text(dest / "results.json", json.dumps(payload, separators=(",", ":")))
     atomic_write_text(dest / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
     meta = {
@@ -330,9 +342,39 @@ def checkpointed(folder: Path) -> bool:
     return (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "checkpoints" / "last.json").is_file()
 
 
+def claim(work: Path, run: Run) -> int | None:
+    """Lock `<work>/<key>.lock` (flock) and return its descriptor, or None when another process holds it. The lock
+    lasts while any process holding the descriptor lives: the campaign, and the run it passes it to."""
+    fd = os.open(work / f"{run.key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def claimed_elsewhere(work: Path, run: Run) -> bool:
+    """Whether another campaign (or a run it left behind) holds the run's lock now."""
+    if not (work / f"{run.key}.lock").is_file():
+        return False
+    fd = claim(work, run)
+    if fd is not None:
+        os.close(fd)
+    return fd is None
+
+
+def release(run: Run) -> None:
+    """Close this campaign's descriptor of the run's lock (the lock ends when the run's process has ended too)."""
+    fd = run.extra.pop("lock", None)
+    if fd is not None:
+        os.close(fd)
+
+
 def launch(run: Run, work: Path, device: str | None, threads: int, compiled: bool = False) -> subprocess.Popen:
     """Start `python -m src.run` for `run` in its work folder, resuming its checkpoint when there is one
-    (`compiled`: with `compute.compile=true`, a speed key: the run's identity is unchanged)."""
+    (`compiled`: with `compute.compile=true`, a speed key: the run's identity is unchanged). The run's process
+    inherits the run's lock (`claim`), so a run outliving its campaign stays claimed."""
     folder = work_dir(work, run)
     resume = checkpointed(folder)
     if folder.exists() and not resume:
@@ -345,8 +387,14 @@ def launch(run: Run, work: Path, device: str | None, threads: int, compiled: boo
     run.extra["commit"] = git_commit()  # the code this process runs, dirty or not, read when it starts
     log = open(work / f"{run.key}.log", "a")
     print(f"start  {run.label} ({'resume' if resume else 'new'}, est {run.est_s / 60:.1f} min)", flush=True)
+    lock = run.extra.get("lock")
     return subprocess.Popen(
-        [sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "src.run", *args],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        pass_fds=() if lock is None else (lock,),
     )
 
 
@@ -372,17 +420,29 @@ def execute(
                 proc.send_signal(15)  # SIGTERM: the run finishes its round, checkpoints, exits
             for run, proc in running.items():
                 proc.wait()
+                release(run)
                 run.status = "partial" if checkpointed(work_dir(work, run)) else "cut"
             break
         while pending and len(running) < jobs:
             fits = [r for r in pending if left is None or r.est_s <= left]
             nxt = fits[0] if fits else pending[0]  # nothing fits: start the cheapest, it resumes next time
             pending.remove(nxt)
+            if (lock := claim(work, nxt)) is None:
+                nxt.status = "elsewhere"
+                print(f"skip   {nxt.label} (another campaign runs it)", flush=True)
+                continue
+            nxt.extra["lock"] = lock
+            if (folder := stored_since(nxt, root)) is not None:
+                release(nxt)
+                nxt.status, nxt.stored = "stored", folder
+                print(f"skip   {nxt.label} (stored since this campaign planned)", flush=True)
+                continue
             running[nxt] = launch(nxt, work, device, threads, compiled)
         for run, proc in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[run]
+            release(run)
             folder = work_dir(work, run)
             if proc.returncode == 0 and (folder / "results.json").is_file():
                 run.stored = store(folder, run.experiment, run.overrides, run.extra["commit"], root)
@@ -412,14 +472,19 @@ def commit_run(run: Run) -> None:
 def summary(runs: list[Run], work: Path) -> str:
     """One line per run state, the estimated hours left, then the partial and pending runs by name."""
     for run in runs:
-        if run.status == "pending" and checkpointed(work_dir(work, run)):
+        if run.status == "pending" and claimed_elsewhere(work, run):
+            run.status = "elsewhere"
+        elif run.status == "pending" and checkpointed(work_dir(work, run)):
             run.status = "partial"
     counts = {s: sum(r.status == s for r in runs) for s in ("stored", "partial", "pending", "cut", "failed")}
+    elsewhere = sum(r.status == "elsewhere" for r in runs)
     lines = [" ".join(f"{k} {v}" for k, v in counts.items()) + f" of {len(runs)} runs"]
+    if elsewhere:
+        lines[0] += f" ({elsewhere} running in another campaign)"
     left = sum(r.est_s for r in runs if r.status in ("pending", "partial", "cut"))
     if left:
         lines.append(f"  left: about {left / 3600:.1f} h of one-thread jobs (partial and cut runs counted whole)")
-    for state in ("partial", "cut", "failed", "pending"):
+    for state in ("elsewhere", "partial", "cut", "failed", "pending"):
         for run in sorted(runs, key=lambda r: r.est_s):
             if run.status == state:
                 cost = f", est {run.est_s / 60:.1f} min" if state == "pending" else ""

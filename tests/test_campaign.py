@@ -3,7 +3,9 @@ resolved config, a budget cuts long runs with SIGTERM into resumable checkpoints
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
 from types import SimpleNamespace
 
@@ -113,7 +115,7 @@ def test_runs_are_stored_compactly_and_skipped_next_time(tmp_path, capsys):
         assert len(meta["commit"]) >= 7
         assert sum(p.stat().st_size for p in meta_path.parent.iterdir()) < 200_000
         assert not list(meta_path.parent.glob("**/*.ckpt"))
-    assert not any(work.iterdir()) or all(p.suffix == ".log" for p in work.iterdir())
+    assert not any(work.iterdir()) or all(p.suffix in (".log", ".lock") for p in work.iterdir())
     # runs ran compiled by default (a speed key), and a plan without compiling finds them stored all the same
     for meta_path in root.rglob("run.json"):
         assert "compile: true" in (meta_path.parent / "config_resolved.yaml").read_text()
@@ -170,6 +172,56 @@ def test_budget_cut_leaves_a_resumable_partial_run(tmp_path, capsys, monkeypatch
     (meta,) = root.rglob("run.json")
     payload = json.loads((meta.parent / "results.json").read_text())
     assert len(payload["history"]) == 400 and payload["timings"]["processes"] == 2
+
+
+def hold_lock(path) -> int:
+    """Lock a file as another campaign would (flock on a descriptor of our own)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_run_another_campaign_holds_or_stored_is_left_to_it(tmp_path, capsys):
+    root, work = tmp_path / "runs", tmp_path / "work"
+    args = [SMOKE, "seed=0", "--runs", str(root), "--work", str(work), "--jobs", "2"]
+    (backbone,) = campaign.expand("campaign_smoke", ["seed=0", "ablation=backbone"])
+    label = "campaign_smoke/synthetic/backbone/clean/default/seed0"
+    fd = hold_lock(work / f"{backbone.key}.lock")
+    try:
+        assert campaign.main(args) == 0
+        out = capsys.readouterr().out
+        assert f"skip   {label} (another campaign runs it)" in out and f"start  {label}" not in out
+        assert [p.parent.relative_to(root).parts[2] for p in root.rglob("run.json")] == ["local"]
+        assert campaign.main([*args, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("stored 1 partial 0 pending 0 cut 0 failed 0 of 2 runs (1 running in another campaign)")
+        assert f"  elsewhere {label}" in out
+        (planned,) = [r for r in campaign.plan(["campaign_smoke"], ["seed=0"], root) if r.status == "pending"]
+    finally:
+        os.close(fd)
+    assert campaign.main(args) == 0  # the other campaign, now that it runs the run
+    out = capsys.readouterr().out
+    assert f"start  {label}" in out and out.count("start") == 1
+    assert sorted(p.parent.relative_to(root).parts[2] for p in root.rglob("run.json")) == ["backbone", "local"]
+    (run,) = campaign.execute([planned], None, 1, work, None, 1, root)  # planned before it was stored
+    out = capsys.readouterr().out
+    assert "start" not in out and f"skip   {label} (stored since this campaign planned)" in out
+    assert run.status == "stored" and (run.stored / "run.json").is_file()
+
+
+def test_the_run_process_keeps_its_claim_after_the_campaign_lets_go(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (run,) = campaign.expand("campaign_smoke", ["seed=0", "ablation=backbone"])
+    run.extra["lock"] = campaign.claim(work, run)
+    proc = campaign.launch(run, work, None, 1)
+    campaign.release(run)  # the campaign is gone (killed, say): the run's process still holds the lock
+    try:
+        assert campaign.claimed_elsewhere(work, run)
+    finally:
+        assert proc.wait(timeout=300) == 0
+    assert not campaign.claimed_elsewhere(work, run)
 
 
 def test_store_refuses_an_unfinished_run(tmp_path):
