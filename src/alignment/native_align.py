@@ -38,7 +38,6 @@ def applies(table: torch.Tensor) -> bool:
     return table.dtype == torch.float32 and table.device.type == "cpu" and table.shape[-1] == DIM
 
 
-@torch.compiler.disable
 def value_and_grad(
     table: torch.Tensor,
     anchors: torch.Tensor,
