@@ -198,16 +198,6 @@ def destination(root: Path, experiment: str, config: dict[str, Any], variant: st
     return root.joinpath(experiment, *names, variant, f"seed{config['seed']}")
 
 
-def stored_since(run: Run, root: Path) -> Path | None:
-    """The run's folder when it is stored under `root` now (by another campaign since this one planned)."""
-    folder = destination(root, run.experiment, run.config, run.variant)
-    try:
-        same = identity(json.loads((folder / "results.json").read_text())["config"]) == run.key
-    except (OSError, ValueError, KeyError):
-        return None
-    return folder if same and (folder / "run.json").is_file() else None
-
-
 def store(
     run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS, variant: str | None = None
 ) -> Path:
@@ -342,23 +332,27 @@ def checkpointed(folder: Path) -> bool:
     return (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "checkpoints" / "last.json").is_file()
 
 
-def claim(work: Path, run: Run) -> int | None:
+def claim(work: Path, run: Run, tries: int = 3) -> int | None:
     """Lock `<work>/<key>.lock` (flock) and return its descriptor, or None when another process holds it. The lock
-    lasts while any process holding the descriptor lives: the campaign, and the run it passes it to."""
+    lasts while any process holding the descriptor lives: the campaign, and the run it passes it to. A refusal is
+    retried (`tries`, 0.2 s apart): another campaign's `claimed_elsewhere` holds the lock for an instant."""
     fd = os.open(work / f"{run.key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.2)
+    os.close(fd)
+    return None
 
 
 def claimed_elsewhere(work: Path, run: Run) -> bool:
     """Whether another campaign (or a run it left behind) holds the run's lock now."""
     if not (work / f"{run.key}.lock").is_file():
         return False
-    fd = claim(work, run)
+    fd = claim(work, run, tries=1)
     if fd is not None:
         os.close(fd)
     return fd is None
@@ -432,34 +426,44 @@ def execute(
                 print(f"skip   {nxt.label} (another campaign runs it)", flush=True)
                 continue
             nxt.extra["lock"] = lock
-            if (folder := stored_since(nxt, root)) is not None:
+            if (folder := stored_runs(root).get(nxt.key)) is not None:  # by another campaign since planning
                 release(nxt)
                 nxt.status, nxt.stored = "stored", folder
                 print(f"skip   {nxt.label} (stored since this campaign planned)", flush=True)
                 continue
-            running[nxt] = launch(nxt, work, device, threads, compiled)
+            try:
+                running[nxt] = launch(nxt, work, device, threads, compiled)
+            except BaseException:
+                release(nxt)
+                raise
         for run, proc in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[run]
-            release(run)
-            folder = work_dir(work, run)
-            if proc.returncode == 0 and (folder / "results.json").is_file():
-                run.stored = store(folder, run.experiment, run.overrides, run.extra["commit"], root)
-                run.status = "stored"
-                print(
-                    f"stored {run.label} -> "
-                    f"{run.stored.relative_to(REPO) if run.stored.is_relative_to(REPO) else run.stored}",
-                    flush=True,
-                )
-                if commit_each:
-                    commit_run(run)
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                run.status = "failed"
-                print(f"FAILED {run.label} (exit {proc.returncode}); log: {work / (run.key + '.log')}", flush=True)
+            try:
+                finish(run, proc.returncode, work, root, commit_each)
+            finally:
+                release(run)  # only once stored and its work folder gone: no other campaign resumes it meanwhile
         time.sleep(1.0)
     return runs
+
+
+def finish(run: Run, returncode: int, work: Path, root: Path, commit_each: bool) -> None:
+    """Store a run whose process ended well (and drop its work folder), or mark it failed."""
+    folder = work_dir(work, run)
+    if returncode == 0 and (folder / "results.json").is_file():
+        run.stored = store(folder, run.experiment, run.overrides, run.extra["commit"], root)
+        run.status = "stored"
+        print(
+            f"stored {run.label} -> {run.stored.relative_to(REPO) if run.stored.is_relative_to(REPO) else run.stored}",
+            flush=True,
+        )
+        if commit_each:
+            commit_run(run)
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        run.status = "failed"
+        print(f"FAILED {run.label} (exit {returncode}); log: {work / (run.key + '.log')}", flush=True)
 
 
 def commit_run(run: Run) -> None:
@@ -470,7 +474,8 @@ def commit_run(run: Run) -> None:
 
 
 def summary(runs: list[Run], work: Path) -> str:
-    """One line per run state, the estimated hours left, then the partial and pending runs by name."""
+    """One line per run state (and how many run in another campaign now), the estimated hours left, then the runs
+    in flight elsewhere, partial, cut, failed and pending by name."""
     for run in runs:
         if run.status == "pending" and claimed_elsewhere(work, run):
             run.status = "elsewhere"

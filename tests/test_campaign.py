@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -174,7 +175,7 @@ def test_budget_cut_leaves_a_resumable_partial_run(tmp_path, capsys, monkeypatch
     assert len(payload["history"]) == 400 and payload["timings"]["processes"] == 2
 
 
-def hold_lock(path) -> int:
+def hold_lock(path: Path) -> int:
     """Lock a file as another campaign would (flock on a descriptor of our own)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
@@ -208,6 +209,7 @@ def test_a_run_another_campaign_holds_or_stored_is_left_to_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "start" not in out and f"skip   {label} (stored since this campaign planned)" in out
     assert run.status == "stored" and (run.stored / "run.json").is_file()
+    assert not campaign.claimed_elsewhere(work, run)  # the skip let go of its claim
 
 
 def test_the_run_process_keeps_its_claim_after_the_campaign_lets_go(tmp_path):
