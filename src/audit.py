@@ -35,6 +35,7 @@ from src.config import ConfigError, load_config, validate
 from src.data.dataset import load
 from src.methods.base import build_method
 from src.results import publish_report, select_key
+from src.runtime.errors import reported
 from src.simulator.federated import FederatedModule
 
 
@@ -189,4 +190,5 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with reported():
+        main(sys.argv[1:])

@@ -54,6 +54,7 @@ from src.config import load_config, validate
 from src.data.dataset import load
 from src.device import COUNTERS, device_info, peak_rss_mib
 from src.results import publish_report, select_key
+from src.runtime.errors import reported
 from src.simulator.federated import FederatedModule
 
 PHASES = ("sample", "train", "aggregate", "server", "community", "eval")
@@ -454,4 +455,5 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with reported():
+        main(sys.argv[1:])

@@ -23,9 +23,7 @@ since this one planned is not run again.
 from __future__ import annotations
 
 import argparse
-import copy
 import fcntl
-import itertools
 import json
 import os
 import shutil
@@ -37,16 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf import OmegaConf
 
 from src.atomic import atomic_write_text
-from src.config import CONF_DIR, ConfigError, validate
+from src.config import CONF_DIR, validate, validate_device
 from src.data.download import default_cache_dir
 from src.rundir import identity
+from src.runtime.errors import OneLineParser, UserError, reported
+from src.runtime.jobs import compose_config, compose_runs, grid_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "results" / "runs"
@@ -85,75 +81,12 @@ def variant_name(overrides: list[str]) -> str:
     return "".join(ch if ch.isalnum() or ch in "=._-,+" else "-" for ch in name)
 
 
-def sweep_values(override: str) -> tuple[str, list[str]]:
-    """`key=a,b` -> (key, ['a', 'b']); `key=a` -> (key, ['a'])."""
-    parsed = OverridesParser.create().parse_overrides([override])[0]
-    key = parsed.get_key_element()
-    if parsed.is_sweep_override():
-        return key, list(parsed.sweep_string_iterator())
-    return key, [parsed.get_value_element_as_str()]
-
-
-def compose_config(overrides: list[str], hydra_node: bool = False):
-    """The composed config of a run's overrides (validated), optionally with the hydra node."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=hydra_node)
-    return cfg
-
-
-def value_overrides(overrides: list[str]) -> tuple[list[str], list[Override]]:
-    """Split overrides into those Hydra must compose (config groups, `+`/`~`/`@`, hydra's own) and plain
-    `key=value` changes of existing values, which Hydra applies to the composed config as `OmegaConf.update`."""
-    composed, values = [], []
-    for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
-        key = parsed.key_or_group
-        plain = (
-            parsed.type == OverrideType.CHANGE
-            and parsed.package is None
-            and not parsed.is_hydra_override()
-            and not parsed.is_sweep_override()
-        )
-        if plain and not (CONF_DIR / key).is_dir():
-            values.append(parsed)
-        else:
-            composed.append(line)
-    return composed, values
-
-
-def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
-    """The config of each run's overrides, composing once per set of group choices: a grid's seeds and other
-    value axes are applied to a copy as Hydra applies them (struct mode: an unknown key is an error)."""
-    cache: dict[tuple[str, ...], DictConfig] = {}
-    out = []
-    for overrides in grid:
-        composed, values = value_overrides(overrides)
-        if tuple(composed) not in cache:
-            cache[tuple(composed)] = compose_config(composed)
-        cfg = copy.deepcopy(cache[tuple(composed)])
-        for parsed in values:
-            try:
-                OmegaConf.update(cfg, parsed.key_or_group, parsed.value(), merge=True)
-            except (ConfigAttributeError, ConfigKeyError) as err:
-                raise ConfigError(f"override {parsed.input_line}: no key {parsed.key_or_group} in the config") from err
-            except OmegaConfBaseException as err:
-                raise ConfigError(f"override {parsed.input_line}: {err}") from err
-        out.append(cfg)
-    return out
-
-
 def expand(experiment: str, cli: list[str]) -> list[Run]:
     """The runs of one overlay: its sweeper grid with the command line's values replacing or adding axes."""
     params = (
         OmegaConf.select(compose_config([f"experiment={experiment}"], hydra_node=True), "hydra.sweeper.params") or {}
     )
-    grid: dict[str, list[str]] = {k: sweep_values(f"{k}={v}")[1] for k, v in params.items()}
-    for override in cli:
-        key, values = sweep_values(override)
-        grid[key] = values
-    every = [
-        [f"experiment={experiment}", *(f"{k}={v}" for k, v in zip(grid, combo))]
-        for combo in itertools.product(*grid.values())
-    ]
+    every = [[f"experiment={experiment}", *job] for job in grid_jobs(dict(params), cli)]
     runs = []
     for overrides, cfg in zip(every, compose_runs(every)):
         validate(cfg)
@@ -202,9 +135,11 @@ def store(
     run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS, variant: str | None = None
 ) -> Path:
     """Copy a finished run's results.json (compact), config and a run.json into `root`; return its folder."""
+    if not (run_dir / "results.json").is_file():
+        raise UserError(f"{run_dir} holds no results.json; expected the folder of a finished run")
     payload = json.loads((run_dir / "results.json").read_text())
     if not payload.get("finished"):
-        raise ValueError(f"{run_dir}/results.json: the run did not finish; nothing stored")
+        raise UserError(f"{run_dir}/results.json: the run did not finish, nothing stored; expected a finished run")
     config = payload["config"]
     key = identity(config)
     dest = destination(root, experiment, config, variant or variant_name(overrides))
@@ -498,7 +433,7 @@ def summary(runs: list[Run], work: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.campaign", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(prog="python -m src.campaign", description=__doc__.split("\n\n")[1])
     parser.add_argument(
         "args",
         nargs="*",
@@ -522,6 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", help="store: the variant folder name (default: from the overrides)")
     parser.add_argument("--commit", help="store: the commit the runs ran at (default: this checkout's)")
     ns = parser.parse_args(argv)
+    for flag, value in (("--jobs", ns.jobs), ("--threads", ns.threads)):
+        if value < 1:
+            parser.error(f"{flag} {value} is invalid; expected an integer >= 1")
+    if ns.budget_min is not None and not ns.budget_min > 0:
+        parser.error(f"--budget-min {ns.budget_min} is invalid; expected a number of minutes > 0")
+    if ns.device is not None:
+        validate_device(ns.device)
     if ns.args[:1] == ["store"]:
         if not ns.experiment:
             parser.error("store needs --experiment")
@@ -556,4 +498,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reported():
+        sys.exit(main())

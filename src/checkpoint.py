@@ -19,11 +19,12 @@ from typing import Any
 import lightning as L
 
 from src.atomic import atomic_path, atomic_write_text
+from src.runtime.errors import UserError
 
 RECORD_FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or its record is missing, unreadable or does not match; the message says what to do."""
 
 

@@ -17,6 +17,7 @@ from src.data.protocols import TRAIN_NEGATIVE_POOLS
 from src.device import MATMUL_PRECISIONS
 from src.native import usable
 from src.results import DEFAULT_SELECT, SELECT_PATTERN
+from src.runtime.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 COMMUNITY_METHODS = ("igraph", "leidenalg", "leidenalg_rb")
@@ -26,13 +27,13 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 NATIVE_CHOICES = (True, False, "auto")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is out of its valid range; the message names the key."""
 
 
 def _check(ok: bool, key: str, value: object, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"config {key}={value!r} is invalid: expected {expected}")
+        raise ConfigError(f"{key}={value!r} is invalid; expected {expected}")
 
 
 def _shown(value: Any) -> Any:
@@ -45,7 +46,7 @@ def _get(cfg: DictConfig, key: str) -> Any:
     missing = object()
     value = OmegaConf.select(cfg, key, default=missing)
     if value is missing:
-        raise ConfigError(f"config {key} is missing")
+        raise ConfigError(f"{key} is missing; expected it in the composed config (conf/)")
     return value
 
 

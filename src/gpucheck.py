@@ -17,7 +17,6 @@ Exit status 1 when any comparison fails. `--device cpu --datasets synthetic --no
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import Any
@@ -29,6 +28,7 @@ from src.alignment.community import adjusted_rand_index
 from src.config import load_config
 from src.data.dataset import load
 from src.results import publish_report
+from src.runtime.errors import OneLineParser
 from src.simulator.federated import FederatedModule
 
 PATHS = {
@@ -166,7 +166,7 @@ def line(entry: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.gpucheck", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(prog="python -m src.gpucheck", description=__doc__.split("\n\n")[1])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--clients", type=int, default=48, help="clients of the subset compared with the CPU")

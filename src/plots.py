@@ -17,7 +17,6 @@ default `results/<kind>`; every row names the run folder it came from):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -27,9 +26,10 @@ from typing import Any
 
 from src.report import load_runs
 from src.results import atomic_write_text, selection_of
+from src.runtime.errors import OneLineParser, UserError, reported
 
 
-class MissingFieldError(ValueError):
+class MissingFieldError(UserError, ValueError):
     """A run lacks a field a plot needs; the message names the field and the results.json."""
 
 
@@ -238,7 +238,7 @@ def diagnostics(runs: list[dict[str, Any]], out: Path) -> None:
 
     logged = [r for r in runs if any("diag/spearman_cooccurrence" in h for h in r["history"])]
     if not logged:
-        raise SystemExit("no run logged diag/* (run with diag.graph=true)")
+        raise UserError("no run logged diag/*; expected runs made with diag.graph=true")
     rows = []
     for (dataset, protocol), group in group_by(logged, ("dataset", "protocol")).items():
         fig, axes = plt.subplots(1, 4, figsize=(18, 4))
@@ -292,7 +292,7 @@ def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
     import matplotlib.pyplot as plt
 
     if not param:
-        raise SystemExit("sensitivity needs --param, e.g. --param model.alpha")
+        raise UserError("sensitivity needs --param; expected e.g. --param model.alpha")
     rows = []
     keyed = group_by([{**r, "_v": field(r, f"config.{param}")} for r in runs], ("dataset", "protocol", "_v"))
     for (dataset, protocol, value), group in sorted(keyed.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
@@ -348,7 +348,7 @@ KINDS = {
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m src.plots", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m src.plots", description=__doc__.split("\n")[0])
     parser.add_argument("kind", choices=sorted(KINDS))
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None)
@@ -361,7 +361,9 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(args.folders)
     if not runs:
-        raise SystemExit(f"no finished results.json under {', '.join(map(str, args.folders))}")
+        raise UserError(
+            f"no finished results.json under {', '.join(map(str, args.folders))}; expected folders holding runs"
+        )
     if args.kind == "sensitivity":
         sensitivity(runs, out, args.param)
     else:
@@ -371,4 +373,5 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    with reported():
+        main()

@@ -13,7 +13,6 @@ Markdown; with `--out`, also written as `<name>.md` and `<name>.csv` (atomically
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -26,6 +25,7 @@ from typing import Any
 from src.published import published, published_tables
 from src.results import atomic_write_text, best_round, selection_of
 from src.rundir import ADDED_KEYS, SPEED_KEYS, WHERE_KEYS, identity, normalised
+from src.runtime.errors import OneLineParser, UserError, reported
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 TABLE_ROUNDS = 100  # the paper's tables train 100 rounds: `--table` leaves out shorter probes and longer sweeps
@@ -342,7 +342,7 @@ def write(table: list[dict], out: Path, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m src.report", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m src.report", description=__doc__.split("\n")[0])
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="also write <name>.md and <name>.csv here")
     parser.add_argument("--name", default="table")
@@ -360,12 +360,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help=f"the paper's table: its rows, its {TABLE_ROUNDS}-round runs, every cell not yet run shown as missing",
     )
     args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds {args.rounds} is invalid; expected an integer >= 1")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; expected a folder (created when missing)")
     planned = TABLE_ROUNDS if args.table else None
     table = rows(collect(args.folders, tuple(args.by), args.rounds, planned))
     if args.table:
         table = with_missing(table, args.table)
     if not table:
-        raise SystemExit(f"no finished results.json under {', '.join(map(str, args.folders))}")
+        raise UserError(
+            f"no finished results.json under {', '.join(map(str, args.folders))}; expected folders holding runs"
+        )
     print(markdown(table))
     if args.out is not None:
         write(table, args.out, args.name)
@@ -373,4 +379,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    with reported():
+        main()

@@ -33,13 +33,15 @@ from src.data.dataset import FedData, load
 from src.device import run_resources
 from src.loggers import LEAFSPEC_WARNING, RoundCSV, RoundProgress, finish_loggers, make_loggers, quiet_lightning
 from src.results import build_results, report_best, select_key, write_results
+from src.runtime.errors import UserError, reported
+from src.runtime.jobs import check_command_line
 from src.simulator.federated import FederatedModule
 
 log = logging.getLogger(__name__)
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A resume that would continue a run under another config or other data; names what differs."""
 
 
@@ -210,13 +212,16 @@ def main(cfg: DictConfig) -> float:
     validation hit@10: the objective of sweeps)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run = prepare(cfg, run_dir)
+        with reported():
+            run = prepare(cfg, run_dir)
     except BaseException:
         rundir.remove_if_empty_of_runs(run_dir)  # a refused run leaves no folder behind
         raise
     rundir.write_hydra_files(run_dir, cfg)
-    return report_best(fit(run), run_dir, log)
+    with reported():
+        return report_best(fit(run), run_dir, log)
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])  # every job composes and validates before Hydra starts the first
     main()

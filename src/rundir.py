@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from src.runtime.errors import UserError
+
 LOCK_NAME = ".run.lock"
 # Hydra's own files in a folder it has just created for a job (and its `<job name>.log`): no run yet
 HYDRA_FILES = {LOCK_NAME, ".hydra", "multirun.yaml"}
@@ -92,7 +94,7 @@ def normalised(config: dict) -> dict[str, Any]:
     }
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError, RuntimeError):
     """The run folder cannot be used for this run; the message says why and what to do."""
 
 

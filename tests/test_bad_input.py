@@ -127,13 +127,13 @@ def test_bad_value_is_named_with_what_was_expected(compose_cfg, overrides, key):
     with pytest.raises(ConfigError) as err:
         compose_cfg(overrides)
     msg = str(err.value)
-    assert msg.startswith(f"config {key}=") and "expected" in msg, msg
+    assert msg.startswith(f"{key}=") and "; expected" in msg, msg
 
 
 def test_message_shows_the_value_and_the_expectation(compose_cfg):
     with pytest.raises(ConfigError) as err:
         compose_cfg(["fl.rounds=abc"])
-    assert str(err.value) == "config fl.rounds='abc' is invalid: expected an integer >= 1"
+    assert str(err.value) == "fl.rounds='abc' is invalid; expected an integer >= 1"
     with pytest.raises(ConfigError, match=r"fl\.rounds=2\.9 .*an integer >= 1"):
         compose_cfg(["fl.rounds=2.9"])
     with pytest.raises(ConfigError, match=r"eval\.ks=\[5, 20\] .*contains 10"):
@@ -229,7 +229,7 @@ def test_every_run_of_every_experiment_overlay_composes(name):
 def test_every_hparams_search_sweeps_keys_that_exist(name):
     from omegaconf import OmegaConf
 
-    from src.campaign import compose_config
+    from src.runtime.jobs import compose_config
 
     cfg = compose_config([f"hparams_search={name}"], hydra_node=True)
     params = OmegaConf.select(cfg, "hydra.sweeper.params")

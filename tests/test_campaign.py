@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 from src import campaign
 from src.config import ConfigError
 from src.report import collect, rows
+from src.runtime.errors import UserError
+from src.runtime.jobs import compose_config
 
 SMOKE = "experiment=campaign_smoke"
 
@@ -45,7 +47,7 @@ def test_identity_drops_only_what_the_method_never_reads():
     PFedRec (which does read `optim`)."""
 
     def key(*overrides: str) -> str:
-        cfg = campaign.compose_config(["dataset=synthetic", *overrides])
+        cfg = compose_config(["dataset=synthetic", *overrides])
         return campaign.identity(OmegaConf.to_container(cfg, resolve=True))
 
     assert key("ablation=central", "optim=sgd") == key("ablation=central", "optim=adam")
@@ -87,7 +89,7 @@ def test_value_axes_applied_to_one_composition_equal_hydra_composing_each_run():
     runs = campaign.expand("campaign_smoke", cli)
     assert len(runs) == 4
     for run in runs:
-        alone = OmegaConf.to_container(campaign.compose_config(run.overrides), resolve=True)
+        alone = OmegaConf.to_container(compose_config(run.overrides), resolve=True)
         assert run.config == alone, run.overrides
     assert {(r.config["seed"], r.config["fl"]["rounds"], r.config["model"]["alpha"]) for r in runs} == {
         (0, 2, 0.25),
@@ -228,7 +230,7 @@ def test_the_run_process_keeps_its_claim_after_the_campaign_lets_go(tmp_path):
 
 def test_store_refuses_an_unfinished_run(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"finished": False, "config": {}}))
-    with pytest.raises(ValueError, match="did not finish"):
+    with pytest.raises(UserError, match="did not finish"):
         campaign.store(tmp_path, "x", [], "abc", tmp_path / "runs")
 
 

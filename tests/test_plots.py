@@ -10,6 +10,7 @@ import pytest
 
 from src.plots import MissingFieldError, encoding_label, main
 from src.run import train
+from src.runtime.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -141,5 +142,5 @@ def test_diagnostics_table_follows_the_logged_rounds(tmp_path):
 
 def test_diagnostics_without_logged_diagnostics_says_how(tmp_path):
     fake_run(tmp_path / "runs" / "r")
-    with pytest.raises(SystemExit, match="diag.graph=true"):
+    with pytest.raises(UserError, match="diag.graph=true"):
         main(["diagnostics", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])

@@ -7,6 +7,7 @@ import sys
 
 from src.config import load_config
 from src.data.dataset import build
+from src.runtime.errors import reported
 
 
 def main(argv: list[str]) -> None:
@@ -24,4 +25,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with reported():
+        main(sys.argv[1:])

@@ -20,6 +20,7 @@ from src.data.paths import resolve_dataset_dir
 from src.data.protocols import all_interactions, draw_eval_negatives, interaction_matrix
 from src.data.split import dedupe_pairs, filter_min_interactions, leave_one_out
 from src.data.synthetic import planted_communities
+from src.runtime.errors import UserError
 
 # 2: the .npz holds `digest` (sha256 of its arrays) and `exact`; 3: `item_ids` (original id of each item index)
 CACHE_VERSION = 3
@@ -47,7 +48,7 @@ LAYOUTS: dict[str, list[tuple[list[str], Callable[[Path, bool], raw.RawRatings]]
 }
 
 
-class SplitCacheError(ValueError):
+class SplitCacheError(UserError, ValueError):
     """A cached split file cannot be read or its content digest differs: it must not be used."""
 
     def __init__(self, path: Path, reason: str) -> None:

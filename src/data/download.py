@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import os
@@ -14,6 +13,8 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from src.runtime.errors import OneLineParser, UserError
 
 CHUNK_SIZE = 1 << 20
 CACHE_ENV_VAR = "ALIGNFEDREC_CACHE"
@@ -186,7 +187,7 @@ KNOWN_FILES: dict[tuple[str, str], FileSpec] = {
 DOWNLOAD_COMMAND = "python -m src.data.download"
 
 
-class DataIntegrityError(ValueError):
+class DataIntegrityError(UserError, ValueError):
     """A local dataset file is not the release its known digests name, so no split is built from it."""
 
     def __init__(
@@ -221,7 +222,7 @@ class DataIntegrityError(ValueError):
         )
 
 
-class ChecksumError(ValueError):
+class ChecksumError(UserError, ValueError):
     """A file's digest differs from the registry, so the file must not be used."""
 
     def __init__(self, path: Path | str, algorithm: str, expected: str, found: str, url: str | None = None) -> None:
@@ -411,7 +412,7 @@ def download(name: str | DatasetSource, dest_root: Path, *, url: str | None = No
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point: download and verify the named datasets into a data root."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineParser(description=__doc__)
     parser.add_argument("datasets", nargs="+", choices=sorted(SOURCES), help="datasets to fetch")
     parser.add_argument("--dest", type=Path, default=None, help="data root to fill (default: <cache dir>/data)")
     parser.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds")

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from src.runtime.errors import UserError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(UserError, ValueError):
     """A dataset file is empty, or a line of it does not have the expected shape; names file and line."""
 
 

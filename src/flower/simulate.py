@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,8 @@ from src.flower.client_app import make_client_app
 from src.flower.server_app import make_server_app
 from src.flower.settings import flower_checks
 from src.results import report_best
+from src.runtime.errors import reported
+from src.runtime.jobs import check_command_line
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the best round's value of the selection metric (`eval.select`)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        payload = simulate(cfg, run_dir)
+        with reported():
+            payload = simulate(cfg, run_dir)
     except BaseException:
         rundir.remove_if_empty_of_runs(run_dir)  # a refused run leaves no folder behind
         raise
@@ -68,4 +72,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])  # every job composes and validates before Hydra starts the first
     main()

@@ -1,0 +1,121 @@
+"""The jobs of a command line: compose each run's config from its overrides, and expand a sweep into its jobs.
+
+`src.run -m` checks every job of a multirun this way before the first starts, and the campaign plans with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from src.config import CONF_DIR, ConfigError, validate
+from src.runtime.errors import reported
+
+# hydra's flags that take no value and leave the config as it is; any other flag skips the check (Hydra's own)
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def sweep_values(override: str) -> tuple[str, list[str]]:
+    """`key=a,b` -> (key, ['a', 'b']); `key=a` -> (key, ['a'])."""
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    key = parsed.get_key_element()
+    if parsed.is_sweep_override():
+        return key, list(parsed.sweep_string_iterator())
+    return key, [parsed.get_value_element_as_str()]
+
+
+def compose_config(overrides: list[str], hydra_node: bool = False) -> DictConfig:
+    """The composed config of a run's overrides (not yet validated), optionally with the hydra node."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_node)
+
+
+def value_overrides(overrides: list[str]) -> tuple[list[str], list[Override]]:
+    """Split overrides into those Hydra must compose (config groups, `+`/`~`/`@`, hydra's own) and plain
+    `key=value` changes of existing values, which Hydra applies to the composed config as `OmegaConf.update`."""
+    composed, values = [], []
+    for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        key = parsed.key_or_group
+        plain = (
+            parsed.type == OverrideType.CHANGE
+            and parsed.package is None
+            and not parsed.is_hydra_override()
+            and not parsed.is_sweep_override()
+        )
+        if plain and not (CONF_DIR / key).is_dir():
+            values.append(parsed)
+        else:
+            composed.append(line)
+    return composed, values
+
+
+def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
+    """The config of each run's overrides, composing once per set of group choices: a grid's seeds and other
+    value axes are applied to a copy as Hydra applies them (struct mode: an unknown key is an error)."""
+    cache: dict[tuple[str, ...], DictConfig] = {}
+    out = []
+    for overrides in grid:
+        composed, values = value_overrides(overrides)
+        if tuple(composed) not in cache:
+            cache[tuple(composed)] = compose_config(composed)
+        cfg = copy.deepcopy(cache[tuple(composed)])
+        for parsed in values:
+            try:
+                OmegaConf.update(cfg, parsed.key_or_group, parsed.value(), merge=True)
+            except (ConfigAttributeError, ConfigKeyError) as err:
+                raise ConfigError(
+                    f"override {parsed.input_line}: no key {parsed.key_or_group} in the config; expected a key of "
+                    f"conf/ (add a new one with +{parsed.input_line})"
+                ) from err
+            except OmegaConfBaseException as err:
+                raise ConfigError(f"override {parsed.input_line}: {err}") from err
+        out.append(cfg)
+    return out
+
+
+def grid_jobs(params: dict[str, str], overrides: list[str]) -> list[list[str]]:
+    """The jobs of a basic sweep: the overlay's `hydra.sweeper.params` with the command line's values replacing
+    or adding axes, one list of `key=value` overrides per combination."""
+    grid: dict[str, list[str]] = {k: sweep_values(f"{k}={v}")[1] for k, v in params.items()}
+    for override in overrides:
+        key, values = sweep_values(override)
+        grid[key] = values
+    return [[f"{k}={v}" for k, v in zip(grid, combo)] for combo in itertools.product(*grid.values())]
+
+
+def command_jobs(argv: list[str]) -> list[list[str]] | None:
+    """The overrides of each job a `src.run` command line starts (one job without -m), or None when the command
+    line holds flags other than -m (--help, --cfg, --config-name, ...), which Hydra handles itself."""
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in MULTIRUN_FLAGS for f in flags):
+        return None
+    overrides = [a for a in argv if not a.startswith("-")]
+    if not flags:
+        return [overrides]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [line for line, p in zip(overrides, parsed) if not p.is_sweep_override()]
+    hydra = compose_config(fixed, hydra_node=True).hydra
+    if "BasicSweeper" not in str(OmegaConf.select(hydra, "sweeper._target_", default="")):
+        return [fixed]  # another sweeper (Optuna) draws its own values: check the config its values change
+    params = hydra.sweeper.params
+    grid = {} if params is None else OmegaConf.to_container(params, resolve=False)
+    return grid_jobs({str(k): str(v) for k, v in grid.items()}, overrides)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Compose and validate every job of a `src.run`-style command line before any starts; the first bad one ends
+    the command with one line naming the job (`src.runtime.errors`)."""
+    with reported():
+        jobs = command_jobs(argv)
+    if jobs is None:
+        return
+    for num, job in enumerate(jobs):
+        prefix = f"job {num} of {len(jobs)} ({' '.join(job)}): " if len(jobs) > 1 else ""
+        with reported(prefix):
+            validate(compose_runs([job])[0])

@@ -1,0 +1,84 @@
+"""One-line errors: every command reports a bad config, override, path or flag as `error: ...; expected ...`,
+exits 2, prints no traceback (unless HYDRA_FULL_ERROR=1) and starts nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+
+from src.runtime.errors import describe, flatten
+from src.runtime.jobs import command_jobs, grid_jobs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def command(module: str, args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in a fresh process, with the test's isolated caches."""
+    environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    environ.update(ALIGNFEDREC_CACHE=str(tmp_path / "cache"), **env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=environ, capture_output=True, text=True, timeout=300
+    )
+
+
+CASES = [
+    ("src.run", ["dataset=filmtrust", "fl.rounds=abc"], "fl.rounds='abc' is invalid; expected an integer >= 1"),
+    ("src.run", ["dataset=nope"], "no config 'dataset/nope' in conf/; expected one of dataset: filmtrust"),
+    ("src.run", ["fl.roundz=3"], "no key fl.roundz in the config; expected a key of conf/"),
+    ("src.run", ["model.alpha=["], "cannot parse override 'model.alpha=['; expected key=value"),
+    ("src.campaign", ["experiment=table1", "--jobs", "0"], "--jobs 0 is invalid; expected an integer >= 1"),
+    ("src.campaign", ["experiment=nope", "--dry-run"], "no config 'experiment/nope' in conf/; expected one of"),
+    ("src.report", ["results/runs", "--out", "README.md"], "--out README.md is a file; expected a folder"),
+    ("src.data", ["dataset=nope"], "no config 'dataset/nope'"),
+    ("src.audit", ["fl.rounds=0"], "fl.rounds=0 is invalid; expected an integer >= 1"),
+    ("src.bench", ["fl.rounds=0"], "fl.rounds=0 is invalid; expected an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("module", "args", "message"), CASES, ids=[f"{m}:{' '.join(a)}" for m, a, _ in CASES])
+def test_a_bad_input_is_one_line_and_exit_2(module, args, message, tmp_path):
+    out = command(module, [*args, f"hydra.run.dir={tmp_path / 'run'}"] if module == "src.run" else args, tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert lines == [lines[-1]] and lines[0].startswith("error: ") and message in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_full_error_shows_the_traceback(tmp_path):
+    out = command("src.run", ["fl.rounds=abc", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, HYDRA_FULL_ERROR="1")
+    assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
+
+
+def test_every_job_of_a_multirun_is_checked_before_the_first_starts(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = command(
+        "src.run",
+        ["-m", "dataset=synthetic", "fl.rounds=1", "model.sigma=0.5,1.5", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().startswith("error: job 1 of 2 (") and "model.sigma=1.5 is invalid" in out.stderr
+    assert not sweep.exists()  # job 0 never started
+
+
+def test_the_jobs_of_a_command_line():
+    assert command_jobs(["a=1", "b=2"]) == [["a=1", "b=2"]]
+    assert command_jobs(["--cfg", "job"]) is None  # Hydra's own flags: left to Hydra
+    jobs = command_jobs(["-m", "seed=0,1", "fl.rounds=2"])
+    assert jobs == [["seed=0", "fl.rounds=2"], ["seed=1", "fl.rounds=2"]]
+    # an overlay's grid with a command-line axis replacing one of its axes, in place
+    assert grid_jobs({"x": "1,2", "y": "a"}, ["x=3"]) == [["x=3", "y=a"]]
+    sweep = command_jobs(["-m", "experiment=sweep_sigma", "seed=0"])
+    assert sorted(j[0] for j in sweep) == sorted(f"model.sigma={s}" for s in ("0.3", "0.5", "0.7", "0.9"))
+
+
+def test_messages_are_flattened_to_one_line():
+    assert flatten("first.\n\n  second\n") == "first; second"
+    err = MissingConfigException("In 'config': Could not find 'dataset/x'", "dataset/x", ["b", "a"])
+    assert describe(err) == "no config 'dataset/x' in conf/; expected one of dataset: a, b"
