@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import lightning as L
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,10 +31,10 @@ from src.checkpoint import AtomicCheckpoint
 from src.config import validate
 from src.data.dataset import FedData, load
 from src.device import run_resources
-from src.loggers import LEAFSPEC_WARNING, RoundCSV, RoundProgress, finish_loggers, make_loggers, quiet_lightning
 from src.results import build_results, report_best, select_key, write_results
 from src.runtime.errors import UserError, reported
 from src.runtime.jobs import check_command_line
+from src.runtime.loggers import LEAFSPEC_WARNING, RoundProgress, finish_loggers, make_loggers, quiet_lightning
 from src.simulator.federated import FederatedModule
 
 log = logging.getLogger(__name__)
@@ -142,22 +142,15 @@ def fit(run: Prepared, progress: bool = True) -> dict:
         )
         loggers = make_loggers(cfg, run_dir)
         quiet_lightning()
-        trainer = L.Trainer(
-            max_epochs=int(cfg.fl.rounds),
+        callbacks = [instantiate(spec) for spec in cfg.callbacks.values() if "_target_" in spec]
+        # the checkpoint last: it saves after early stopping has decided whether this round is the last
+        callbacks += [RoundProgress(int(cfg.fl.rounds), progress, select_key(cfg)), ckpt]
+        trainer = instantiate(
+            cfg.trainer,
             logger=loggers,
-            callbacks=[
-                RoundProgress(int(cfg.fl.rounds), progress, select_key(cfg)),
-                RoundCSV(run_dir / "csv" / "metrics.csv"),
-                ckpt,
-            ],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
+            callbacks=callbacks,
             accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
-            devices=1,
             default_root_dir=str(run_dir),
-            log_every_n_steps=1,
         )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")

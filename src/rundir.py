@@ -27,6 +27,8 @@ WHERE_KEYS = (
     "diag.",
     "experiment_name",
     "logger.",
+    "trainer.",
+    "callbacks.",
     "data.root",
     "data.cache_dir",
     "bench.",

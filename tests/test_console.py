@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from src.loggers import LEAFSPEC_WARNING, quiet_lightning
+from src.runtime.loggers import LEAFSPEC_WARNING, quiet_lightning
 
 REPO = Path(__file__).resolve().parents[1]
 

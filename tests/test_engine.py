@@ -18,10 +18,11 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from src.loggers import make_loggers, run_name
 from src.results import DEFAULT_SELECT
 from src.run import train
+from src.runtime.loggers import make_loggers, run_name
 from tests.conftest import requires_real_data
+from tests.wandb_records import run_contents
 
 REPO = Path(__file__).resolve().parents[1]
 # the engine tests run the PFedRec backbone with the lineage SGD (cheap rounds); AlignFedRec below
@@ -246,7 +247,9 @@ def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
         cfg = compose_cfg(["dataset=synthetic", "fl.rounds=2", "fl.checkpoint_every=0", "logger=wandb", f"seed={seed}"])
         name = run_name(cfg)
         assert name == f"synthetic-full-clean-s{seed}"
-        init = make_loggers(cfg, tmp_path / "probe")[0]._wandb_init  # lazy: nothing started yet
+        loggers = make_loggers(cfg, tmp_path / "probe")
+        assert [type(lg).__name__ for lg in loggers] == ["RoundCSVLogger", "ResumableWandbLogger"]
+        init = loggers[1]._wandb_init  # lazy: nothing started yet
         assert (init["name"], init["group"], init["mode"]) == (name, "adhoc", "offline")
 
         run_dir = tmp_path / f"s{seed}"
@@ -264,6 +267,16 @@ def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
         assert name.encode() in found[0].read_bytes()
         run_files.append(found[0])
     assert run_files[0].name != run_files[1].name  # two run ids
+    # what the W&B run holds, read from its file: every round's metrics as the history has them (the step is the
+    # round), the resolved config, and the best round's test metrics as its summary
+    history, config, summary = run_contents(run_files[1])
+    payload = json.loads((tmp_path / "s1" / "results.json").read_text())
+    assert [row["trainer/global_step"] for row in history] == [1, 2]
+    for logged, row in zip(history, payload["history"]):
+        assert {k: logged[k] for k in row if k != "round"} == {k: v for k, v in row.items() if k != "round"}
+    assert config["model"] == payload["config"]["model"] and config["seed"] == 1
+    assert summary["best_round"] == payload["best_round"]
+    assert {k: summary[k] for k in payload["test_at_best"]} == payload["test_at_best"]
     assert b"synthetic-full-clean-s0" not in run_files[1].read_bytes()
     assert b"synthetic-full-clean-s1" not in run_files[0].read_bytes()
 

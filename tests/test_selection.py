@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from src.config import ConfigError
@@ -27,7 +28,6 @@ from src.results import (
     selection_of,
 )
 from src.run import train
-from src.simulator.federated import FederatedModule
 
 SYNTHETIC = ["dataset=synthetic", "fl.checkpoint_every=0"]
 
@@ -124,7 +124,7 @@ def test_bad_selection_is_named(compose_cfg, overrides, key, expected):
     with pytest.raises(ConfigError) as err:
         compose_cfg(overrides)
     msg = str(err.value)
-    assert msg.startswith(f"config {key}=") and expected in msg, msg
+    assert msg.startswith(f"{key}=") and expected in msg, msg
 
 
 def rows(values: list[float], key: str = "val/hit@10") -> list[dict]:
@@ -181,24 +181,16 @@ def stop_round_before(values: list[float], patience: int) -> int:
     return len(values)
 
 
-class ScriptedModule(FederatedModule):
-    """FederatedModule whose rounds return scripted validation metrics, driven without a Trainer."""
-
-    def __init__(self, cfg, data, values: list[float], key: str):
-        super().__init__(cfg, data)
-        self.values, self.key = values, key
-
-    def run_round(self) -> dict[str, float]:
-        return {"val/hit@10": 0.0, self.key: self.values[len(self.history)]}
-
-
 def stop_round_now(cfg, data, values: list[float], key: str = "val/hit@10") -> int:
-    module = ScriptedModule(cfg, data, values, key)
-    trainer = SimpleNamespace(should_stop=False, loggers=[], current_epoch=0)
-    module._trainer = trainer
-    for epoch in range(len(values)):
+    """The round the run's early-stopping callback (conf/callbacks/, instantiated as the run does) stops after,
+    when the rounds log `values` for `key`."""
+    callback = instantiate(cfg.callbacks.early_stopping)
+    module = SimpleNamespace(history=[])
+    trainer = SimpleNamespace(should_stop=False, lightning_module=module, current_epoch=0)
+    for epoch, value in enumerate(values):
         trainer.current_epoch = epoch
-        module.training_step(None, 0)
+        module.history.append({"round": epoch + 1, "val/hit@10": 0.0, key: value})
+        callback._run_early_stopping_check(trainer)
         if trainer.should_stop:
             return epoch + 1
     return len(values)

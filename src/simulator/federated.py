@@ -28,7 +28,7 @@ from src.device import setup_device
 from src.evaluation.evaluator import Evaluator
 from src.methods.base import build_method
 from src.methods.central import make_central
-from src.results import best_round, select_key
+from src.runtime.loggers import RoundCSVLogger
 from src.simulator.memory import resolve_chunk_size
 from src.simulator.rounds import (
     ClientPool,
@@ -47,7 +47,10 @@ class FederatedModule(L.LightningModule):
 
     def __init__(self, cfg: DictConfig, data: FedData):
         super().__init__()
+        # manual optimisation: every client of the stacked cohort steps its own optimiser state inside a round
+        # (src/clients/), so no single loss.backward() and optimizer.step() describes a round
         self.automatic_optimization = False
+        self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True))  # the loggers' config (W&B, CSV)
         self.cfg, self.data = cfg, data
         self.compute_device = setup_device(cfg)  # first: before any CUDA work of the run
         self.method = build_method(cfg, self.compute_device)
@@ -87,7 +90,7 @@ class FederatedModule(L.LightningModule):
         return DataLoader([0], batch_size=1)
 
     def configure_optimizers(self) -> None:
-        """Optimisers are per client and per round, inside `train_cohort`."""
+        """None for Lightning: the optimisers are per client and per round, inside the stacked cohort."""
         return None
 
     @property
@@ -193,13 +196,15 @@ class FederatedModule(L.LightningModule):
         row = {"round": self.current_epoch + 1, **self.run_round()}
         row["time/round"] = time.perf_counter() - tic
         self.history.append(row)
+        # float64 tensors: Lightning keeps their precision (a float would become float32); step = the round
+        metrics = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in row.items() if k != "round"}
+        self.log_dict({**metrics, "step": float(row["round"])}, on_step=False, on_epoch=True, batch_size=1)
+
+    def on_train_start(self) -> None:
+        """A resumed run redoes the rounds after its checkpoint: the CSV forgets the rows it logged after it."""
         for logger in self.loggers:
-            logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
-        patience = self.cfg.eval.patience
-        if patience is not None:
-            best = best_round(self.history, select_key(self.cfg))  # the rule results.json uses
-            if row["round"] - best["round"] >= int(patience):
-                self.trainer.should_stop = True
+            if isinstance(logger, RoundCSVLogger):
+                logger.rewind(len(self.history))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Client states, server state, RNG state and history go into the checkpoint."""

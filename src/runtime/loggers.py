@@ -1,4 +1,8 @@
-"""Run logging: a per-round CSV always, Weights & Biases when `logger=wandb`, a progress bar over rounds."""
+"""Run logging: Lightning loggers (`conf/logger/*.yaml`, instantiated by Hydra) and a progress bar over rounds.
+
+The module logs each round with `self.log_dict` (step = round); `RoundCSVLogger` writes `<run>/csv/metrics.csv`,
+`ResumableWandbLogger` a W&B run (offline unless keyed) that a resumed run continues.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,14 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import Logger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from omegaconf import DictConfig
+from torch import Tensor
 from tqdm import tqdm
 
 from src.results import DEFAULT_SELECT, atomic_write_text, best_round
@@ -65,31 +73,8 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """W&B (offline unless keyed) grouped by experiment (`experiment_name`), or none; the CSV is written by `RoundCSV`.
-
-    The W&B run id is kept in `<run_dir>/wandb_run_id`, so a resumed run continues the same W&B run.
-    """
-    loggers: list[Logger] = []
-    if cfg.logger.wandb:
-        id_file = Path(run_dir) / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        atomic_write_text(id_file, run_id)
-        loggers.append(
-            WandbLogger(
-                id=run_id,
-                resume="allow",
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                name=run_name(cfg),
-                group=cfg.logger.group,
-                tags=list(cfg.logger.tags),
-                save_dir=str(run_dir),
-                mode=wandb_mode(cfg.logger.mode),
-                config=OmegaConf.to_container(cfg, resolve=True),
-                reinit="finish_previous",
-            )
-        )
-    return loggers
+    """The Lightning loggers of `cfg.logger` (each entry with a `_target_`), instantiated with the run folder."""
+    return [instantiate(spec, save_dir=str(run_dir)) for spec in cfg.logger.values() if "_target_" in spec]
 
 
 def finish_loggers(loggers: list[Logger], summary: dict | None) -> None:
@@ -106,6 +91,19 @@ def finish_loggers(loggers: list[Logger], summary: dict | None) -> None:
             logger.experiment.finish(exit_code=0 if summary is not None else 1)
 
 
+class ResumableWandbLogger(WandbLogger):
+    """Lightning's WandbLogger whose run id is kept in `<run_dir>/wandb_run_id`, so a resumed run continues the same
+    W&B run, and whose `mode=auto` is offline unless an API key is configured."""
+
+    def __init__(self, save_dir: str, mode: str = "auto", **kwargs: Any):
+        id_file = Path(save_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        atomic_write_text(id_file, run_id)
+        super().__init__(
+            id=run_id, resume="allow", save_dir=save_dir, mode=wandb_mode(mode), reinit="finish_previous", **kwargs
+        )
+
+
 def history_csv(history: list[dict]) -> str:
     """The round history as CSV text: a `round` column first, then every key in order of first use."""
     keys = ["round"] + list(dict.fromkeys(k for row in history for k in row if k != "round"))
@@ -116,25 +114,58 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-class RoundCSV(L.Callback):
-    """`<run_dir>/csv/metrics.csv`, one row per round, rewritten atomically from `module.history`.
+class RoundWriter:
+    """The rows of `metrics.csv`, one per round, rewritten atomically on every save.
 
-    Rewriting from the history (which a checkpoint restores) rather than appending keeps the file
-    free of duplicated rounds after a resume: rounds logged after the last checkpoint of a killed
-    run are dropped at the start of the resumed run and written again when they are redone.
+    It starts from the rows already in the file (a resumed run); a round logged again (a resumed run redoes
+    the rounds after its checkpoint) replaces that row and drops every later one, so no round is ever listed twice.
     """
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    NAME_METRICS_FILE = "metrics.csv"
 
-    def write(self, module: L.LightningModule) -> None:
-        atomic_write_text(self.path, history_csv(module.history))
+    def __init__(self, log_dir: str):
+        self.path = Path(log_dir) / self.NAME_METRICS_FILE
+        self.rows: list[dict[str, Any]] = []
+        if self.path.is_file():
+            with open(self.path, newline="") as fh:
+                self.rows = [{**row, "round": int(row["round"])} for row in csv.DictReader(fh)]
 
-    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.write(module)
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Record round `step` (default: the next round)."""
+        step = len(self.rows) + 1 if step is None else int(step)
+        self.rewind(step - 1)
+        values = {k: v.item() if isinstance(v, Tensor) else v for k, v in metrics.items()}
+        self.rows.append({"round": step, **values})
 
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.write(module)
+    def rewind(self, rounds: int) -> None:
+        """Keep the rows of the first `rounds` rounds (what a restored checkpoint holds)."""
+        self.rows = [row for row in self.rows if row["round"] <= rounds]
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        """The config is in `config_resolved.yaml`; nothing to write here."""
+
+    def save(self) -> None:
+        atomic_write_text(self.path, history_csv(self.rows))
+
+
+class RoundCSVLogger(CSVLogger):
+    """Lightning's CSVLogger writing `<save_dir>/csv/metrics.csv` with one row per round, never a round twice
+    (`RoundWriter`), atomically (nothing half-written)."""
+
+    def __init__(self, save_dir: str, name: str = "", version: str = "csv"):
+        super().__init__(save_dir, name=name, version=version)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> RoundWriter:
+        if self._experiment is None:
+            self._experiment = RoundWriter(self.log_dir)
+        return self._experiment
+
+    def rewind(self, rounds: int) -> None:
+        """Drop the rows after round `rounds` (the round a resumed run starts after) and save."""
+        self.experiment.rewind(rounds)
+        self.experiment.save()
 
 
 class RoundProgress(L.Callback):

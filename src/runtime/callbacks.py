@@ -1,0 +1,35 @@
+"""Lightning callbacks of a run that Hydra instantiates (`conf/callbacks/`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+
+from src.results import best_round
+
+
+class RoundEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping with the rule results.json uses: stop once the selection metric (`monitor`) has
+    not improved for `patience` rounds, the best round read from the module's whole history (`best_round`), so a
+    resumed run stops where an unbroken one would. `patience=None`: never stop early."""
+
+    def __init__(self, monitor: str, patience: int | None):
+        super().__init__(monitor=monitor, patience=patience or 0, mode="max", check_on_train_epoch_end=True)
+        self.enabled = patience is not None
+
+    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+        history = trainer.lightning_module.history
+        if not self.enabled or not history:
+            return
+        best = best_round(history, self.monitor)
+        self.best_score = torch.tensor(best[self.monitor])
+        self.wait_count = history[-1]["round"] - best["round"]
+        if self.wait_count >= self.patience:
+            self.stopped_epoch = trainer.current_epoch
+            trainer.should_stop = True
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the state is read from the history, and a resume may change `patience`."""
