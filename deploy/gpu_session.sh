@@ -16,7 +16,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export ALIGNFEDREC_DATA=${ALIGNFEDREC_DATA:-$PWD/.data} ALIGNFEDREC_CACHE=/tmp/afr-cache PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
-timeout 300 python3 -m src.gpucheck --device cuda --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 300 python3 -m src.perf.gpucheck --device cuda --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu-check failed: no campaign on this machine" >&2; exit 1; }
 python3 -m src.campaign experiment=table1 dataset=ml-1m,lastfm-2k ablation=full,backbone,local,fedavg,central \
   --device cuda --jobs 1 --threads 8 --budget-min "${BUDGET_MIN:-5}" --work /tmp/campaign 2>&1 | tee "$OUT/campaign.log"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import src
-from src.config import load_config
+from src.cli.config import load_config
 
 SHARED_DATA = Path(src.__file__).resolve().parents[2] / "shared" / "data"
 
@@ -45,7 +45,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def compose_cfg(cache_dir: Path):
-    """`compose_cfg(overrides)` composes conf/ through `src.config.load_config` (Hydra compose).
+    """`compose_cfg(overrides)` composes conf/ through `src.cli.config.load_config` (Hydra compose).
 
     `data.cache_dir` is set to the session's temporary cache unless the overrides set it.
     """

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import src.audit as audit_mod
+import src.analysis.audit as audit_mod
 from src.alignment.release import ReleaseSpec
 from src.alignment.similarity import normalised
-from src.audit import aligned_cosine, auc, complete_rank_d, decoded_upload, main
-from src.config import ConfigError
+from src.analysis.audit import aligned_cosine, auc, complete_rank_d, decoded_upload, main
+from src.cli.config import ConfigError
 
 
 def test_auc_is_the_pairwise_probability_with_half_ties():

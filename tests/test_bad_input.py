@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.config import CONF_DIR, ConfigError, load_config
+from src.cli.config import CONF_DIR, ConfigError, load_config
 from src.data.raw import DataFormatError, read_lastfm, read_ml100k
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -219,7 +219,7 @@ def test_experiment_list_is_not_empty():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_run_of_every_experiment_overlay_composes(name):
     """Not only the overlay: every run of its sweeper grid, composed and validated as the campaign does."""
-    from src.campaign import expand
+    from src.cli.campaign import expand
 
     runs = expand(name, [])
     assert runs and all(r.config["experiment_name"] == name for r in runs)
@@ -229,7 +229,7 @@ def test_every_run_of_every_experiment_overlay_composes(name):
 def test_every_hparams_search_sweeps_keys_that_exist(name):
     from omegaconf import OmegaConf
 
-    from src.runtime.jobs import compose_config
+    from src.cli.jobs import compose_config
 
     cfg = compose_config([f"hparams_search={name}"], hydra_node=True)
     params = OmegaConf.select(cfg, "hydra.sweeper.params")

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-import src.bench as bench_mod
-from src.bench import PHASES, main
-from src.config import ConfigError
+import src.perf.bench as bench_mod
+from src.cli.config import ConfigError
+from src.perf.bench import PHASES, main
 
 FIELDS = [
     "dataset",

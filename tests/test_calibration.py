@@ -71,7 +71,7 @@ def test_itemknn_scores_sum_neighbours_of_the_users_items(compose_cfg):
 
 
 def test_scorer_ablations_run_end_to_end(compose_cfg, tmp_path):
-    from src.run import train
+    from src.cli.train import train
 
     for name in ("popularity", "itemknn"):
         payload = train(

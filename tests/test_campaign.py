@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from src import campaign
-from src.config import ConfigError
-from src.report import collect, rows
+from src.analysis.report import collect, rows
+from src.cli import campaign
+from src.cli.config import ConfigError
+from src.cli.jobs import compose_config
 from src.runtime.errors import UserError
-from src.runtime.jobs import compose_config
 
 SMOKE = "experiment=campaign_smoke"
 

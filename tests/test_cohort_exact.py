@@ -21,7 +21,7 @@ from src.clients import cohort
 from src.clients.cohort import OptimSpec, batch_layout, sample_round, touched_rows, train_cohort
 from src.clients.model import ModelSpec, init_params
 from src.data.protocols import NegativeSampler
-from src.simulator.server import MeanAggregator
+from src.server.aggregation import MeanAggregator
 
 N_ITEMS, DIM, BATCH, NEGATIVES = 40, 8, 4, 4
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ import torch
 from alignment_helpers import np_cosine, np_upload
 from uploads import Uploads
 
+from src.cli.train import train
 from src.comm.codec import (
     Encoding,
     Ledger,
@@ -22,7 +23,6 @@ from src.comm.codec import (
     sparse_bytes,
 )
 from src.comm.privacy import epsilon_spent, laplace, laplace_scale
-from src.run import train
 
 CPU = torch.device("cpu")
 

@@ -16,8 +16,9 @@ from alignment_helpers import (
     planted_blocks,
 )
 
-from src.alignment.community import adjusted_rand_index, detect, graph_mask, knn_pairs, relabel, weighted_graph
+from src.alignment.graph import graph_mask, knn_pairs
 from src.alignment.neighbours import nearest_mask
+from src.server.communities import adjusted_rand_index, detect, relabel, weighted_graph
 
 
 # ============================================================================ 6. communities

@@ -14,7 +14,7 @@ from conftest import requires_real_data
 from test_fast_grad import module_after
 
 from src.alignment.release import ReleaseSpec, release_blocks, tiles
-from src.alignment.server import SimilaritySum
+from src.server.global_similarity import SimilaritySum
 
 
 def summed(tables: torch.Tensor, spec: ReleaseSpec) -> tuple[SimilaritySum, torch.Tensor]:

@@ -11,7 +11,7 @@ from hydra.errors import HydraException, MissingConfigException
 
 import src.data.__main__ as data_cli
 import src.data.dataset as dataset_mod
-from src.config import ConfigError, load_config
+from src.cli.config import ConfigError, load_config
 from src.data.dataset import build
 from src.data.download import ChecksumError, FileSpec, verify_file
 from src.data.raw import DataFormatError

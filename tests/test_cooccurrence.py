@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from src.cooccurrence import pair_shares
+from src.analysis.cooccurrence import pair_shares
 
 
 def test_pair_shares_match_brute_force():

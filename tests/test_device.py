@@ -9,21 +9,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src import device as dev
-from src import rundir
 from src.alignment.broadcast import Broadcast
+from src.cli.config import ConfigError
 from src.clients.cohort import OptimSpec, batch_layout, sample_round, train_cohort
 from src.clients.model import ModelSpec, init_params
-from src.config import ConfigError
 from src.data.dataset import build
 from src.flower.messages import Task, pack_task
 from src.methods import alignfedrec
 from src.methods.central import CentralTrainer
 from src.methods.central import build as central_method
+from src.runtime import device as dev
+from src.runtime import rundir
+from src.server.aggregation import MeanAggregator
 from src.simulator import memory
 from src.simulator.federated import FederatedModule
 from src.simulator.memory import resolve_chunk_size
-from src.simulator.server import MeanAggregator
 from tests.test_cohort_exact import N_ITEMS, NEGATIVES, make_problem
 
 META = torch.device("meta")
@@ -112,7 +112,7 @@ def test_new_keys_are_validated(compose_cfg, override, key):
 
 def test_new_keys_match_their_neutral_default():
     """Checkpoints and stored runs from before these keys are the same runs as ones holding the defaults."""
-    from src.campaign import identity
+    from src.cli.campaign import identity
 
     old = {"seed": 0, "fl": {"chunk_size": 128}}
     new = {
@@ -316,7 +316,7 @@ def test_central_fused_adam_is_the_per_op_adam(compose_cfg):
 
 
 def test_block_sizes_grow_on_cuda_only(compose_cfg):
-    from src.device import block_elements
+    from src.runtime.device import block_elements
 
     cfg = compose_cfg(["dataset=synthetic"])
     cpu_block = int(cfg.server.sim_block)

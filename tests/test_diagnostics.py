@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.alignment.diagnostics import GraphDiagnostics, average_ranks, spearman
+from src.server.diagnostics import GraphDiagnostics, average_ranks, spearman
 
 
 def brute_ranks(x: np.ndarray) -> np.ndarray:
@@ -64,7 +64,7 @@ def brute_nmi(a, b):
 
 
 def test_nmi_matches_the_definition():
-    from src.alignment.diagnostics import nmi
+    from src.server.diagnostics import nmi
 
     rng = np.random.default_rng(3)
     a, b = rng.integers(0, 4, 60), rng.integers(0, 3, 60)

@@ -17,12 +17,12 @@ from src.data.download import (
     ChecksumError,
     DatasetSource,
     FileSpec,
-    default_cache_dir,
     download,
     file_digests,
     main,
     verify_dataset,
 )
+from src.runtime.cache import default_cache_dir
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

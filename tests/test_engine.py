@@ -18,9 +18,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from src.results import DEFAULT_SELECT
-from src.run import train
+from src.cli.train import train
 from src.runtime.loggers import make_loggers, run_name
+from src.runtime.results import DEFAULT_SELECT
 from tests.conftest import requires_real_data
 from tests.wandb_records import run_contents
 

@@ -110,8 +110,8 @@ def test_fused_kernel_equals_the_per_anchor_oracle(mask, reduction, terms, centr
 @pytest.mark.parametrize("mask,reduction", list(itertools.product(["global", "union"], ["mean", "sum"])))
 @pytest.mark.parametrize("rule", [(0.2, None), (0.4, 3)])  # its own threshold; the 3-nearest-neighbour graph
 def test_gsa_on_the_server_graph_equals_the_oracle(kernel, mask, reduction, rule):
-    """`server.gsa_on_graph`: the global part of GSA's mask is the server graph (`community.graph_mask`)."""
-    from src.alignment.community import graph_mask
+    """`server.gsa_on_graph`: the global part of GSA's mask is the server graph (`graph.graph_mask`)."""
+    from src.server.communities import graph_mask
 
     t, b, anchors, valid = case(seed=75)
     k = 6
@@ -131,7 +131,7 @@ def test_gsa_on_the_server_graph_equals_the_oracle(kernel, mask, reduction, rule
 
 
 def test_gsa_on_graph_is_checked_and_runs(compose_cfg, tmp_path):
-    from src.config import ConfigError
+    from src.cli.config import ConfigError
     from src.data.dataset import load
     from src.simulator.federated import FederatedModule
 

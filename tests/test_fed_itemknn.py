@@ -9,7 +9,7 @@ import pytest
 import torch
 from alignment_helpers import np_normalise
 
-from src.config import ConfigError
+from src.cli.config import ConfigError
 from src.data.dataset import load
 from src.methods.fed_itemknn import neighbour_kernel
 from src.simulator.federated import FederatedModule

@@ -18,11 +18,11 @@ pytest.importorskip("flwr")
 from flwr.app import Array, Context, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from src.cli.train import train  # noqa: E402
 from src.comm.codec import PayloadError, decode_entries, encode_entries  # noqa: E402
 from src.flower.client_app import make_client_app  # noqa: E402
 from src.flower.messages import RejectedReply, pack_reply, unpack_reply  # noqa: E402
 from src.flower.server_app import serve  # noqa: E402
-from src.run import train  # noqa: E402
 from tests.conftest import SHARED_DATA, requires_real_data  # noqa: E402
 
 pytestmark = requires_real_data

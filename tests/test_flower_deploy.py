@@ -15,9 +15,9 @@ import time
 import pytest
 
 pytest.importorskip("flwr")
+from src.cli.train import train  # noqa: E402
 from src.data.paths import REPO_ROOT  # noqa: E402
 from src.flower.loopback import Loopback, wait_results  # noqa: E402
-from src.run import train  # noqa: E402
 from tests.conftest import requires_real_data  # noqa: E402
 from tests.test_flower import SMALL, compare  # noqa: E402
 

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from src import gpucheck
+from src.perf import gpucheck
 
 
 def test_gpu_check_runs_every_path_on_cpu(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from src.config import ConfigError
+from src.cli.config import ConfigError
 from src.data.dataset import build
 from src.simulator import memory
 from src.simulator.federated import FederatedModule

@@ -9,8 +9,8 @@ import torch
 from alignment_helpers import np_cosine, np_normalise, np_upload
 
 from src.alignment.release import ReleaseSpec, release_entries
+from src.cli.config import CONF_DIR, ConfigError
 from src.clients.model import ModelSpec, init_params
-from src.config import CONF_DIR, ConfigError
 from src.methods.base import build_method
 
 CPU = torch.device("cpu")

@@ -16,7 +16,7 @@ from test_fast_grad import BIG, module_after
 
 from src.alignment import native_align
 from src.alignment.broadcast import Broadcast
-from src.native import compiler
+from src.runtime.native import compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on PATH")
 # the loss weights of the direct calls of the kernel (the cases through `make_loss` use its own)

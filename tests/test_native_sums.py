@@ -13,11 +13,11 @@ from conftest import requires_real_data
 from test_compiled import summed
 from test_fast_grad import BIG, module_after
 
-from src import native
 from src.alignment import native_sums
 from src.alignment.release import NATIVE_BAND, ReleaseSpec, release_blocks
 from src.alignment.similarity import normalised
-from src.native import compiler
+from src.runtime import native
+from src.runtime.native import compiler
 
 
 def brute_force(tables: torch.Tensor, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,9 +110,9 @@ def test_native_applies_to_the_cpu_only_and_when_asked(compose_cfg):
 
 
 def test_native_true_without_a_compiler_is_refused_before_work(compose_cfg, monkeypatch):
-    import src.config
+    import src.cli.config
 
-    monkeypatch.setattr(src.config, "usable", lambda *sources: False)
+    monkeypatch.setattr(src.cli.config, "usable", lambda *sources: False)
     with pytest.raises(ValueError, match="compute.native"):
         compose_cfg(["dataset=synthetic", "compute.native=true"])
     compose_cfg(["dataset=synthetic", "compute.native=auto"])  # auto falls back to the torch path
@@ -120,7 +120,7 @@ def test_native_true_without_a_compiler_is_refused_before_work(compose_cfg, monk
 
 def test_native_is_a_speed_key():
     """A run's identity ignores it (resume, campaign, report rows)."""
-    from src.rundir import SPEED_KEYS
+    from src.runtime.rundir import SPEED_KEYS
 
     assert "compute.native" in SPEED_KEYS
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from src.run import train
+from src.cli.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

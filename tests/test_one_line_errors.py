@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hydra.errors import MissingConfigException
 
+from src.cli.jobs import command_jobs, grid_jobs
 from src.runtime.errors import describe, flatten
-from src.runtime.jobs import command_jobs, grid_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from src.plots import MissingFieldError, encoding_label, main
-from src.run import train
+from src.analysis.plots import MissingFieldError, encoding_label, main
+from src.cli.train import train
 from src.runtime.errors import UserError
 
 

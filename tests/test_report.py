@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from src.report import load_runs, main, published
-from src.run import train
+from src.analysis.report import load_runs, main, published
+from src.cli.train import train
 
 
 def test_published_numbers_are_the_papers():
@@ -154,7 +154,7 @@ def test_rounds_skips_a_run_without_the_selection_metric(tmp_path):
 
 
 def test_paper_table_shows_every_cell_and_marks_missing_ones():
-    from src.report import markdown, with_missing
+    from src.analysis.report import markdown, with_missing
 
     table = with_missing([], "table2")
     cells = {(r["dataset"], r["method"], r["protocol"]) for r in table}
@@ -186,7 +186,7 @@ def test_paper_table_keeps_its_100_round_runs_and_says_what_it_left_out(tmp_path
 
 
 def test_engine_names_what_trains_the_method():
-    from src.report import engine
+    from src.analysis.report import engine
 
     assert (
         engine({"ablation": {"ica": True, "gsa": True}, "optim": {"name": "adam"}, "model": {"alignment": "fast"}})
@@ -200,7 +200,7 @@ def test_engine_names_what_trains_the_method():
 def test_a_row_the_paper_has_no_number_for_is_listed_without_one():
     """experiments/published.yaml: null = the paper has no number (fedavg, local, knn_ica in Table 1); a null
     never hides another table's number for the same method (full is in both tables)."""
-    from src.report import published, with_missing
+    from src.analysis.report import published, with_missing
 
     pub = published()
     assert pub["local"]["ml-100k"] is None and pub["knn_ica"]["filmtrust"] is None

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from src import rundir
-from src.checkpoint import CheckpointError, read_record, sha256_file
-from src.run import ResumeError, train
+from src.cli.train import ResumeError, train
+from src.runtime import rundir
+from src.runtime.checkpoint import CheckpointError, read_record, sha256_file
 from tests.conftest import requires_real_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +181,7 @@ def test_sigterm_fails_and_stays_resumable(tmp_path, multirun):
 
 def test_keys_added_later_match_their_neutral_default():
     """A checkpoint or stored run from before `eval.select` existed is the same run as one with its default."""
-    from src.campaign import identity
+    from src.cli.campaign import identity
 
     old = {"seed": 0, "eval": {"ks": [10]}, "data": {"max_users": None}}
     new = {"seed": 0, "eval": {"ks": [10], "select": "val/hit@10"}, "data": {"max_users": None, "verify": True}}
@@ -195,7 +195,8 @@ def test_keys_added_later_match_their_neutral_default():
 def test_speed_keys_never_tell_runs_apart():
     """`model.fast_block` changes how fast, not what (bit-identical: tests/test_losses.py): a resume may change it,
     the campaign stores runs with and without it as one, the report puts them in one row; a result key may not."""
-    from src import campaign, report
+    from src.analysis import report
+    from src.cli import campaign
 
     old = {"seed": 0, "model": {"dim": 8, "alignment": "fast"}}  # made before the key existed
     new = {"seed": 0, "model": {"dim": 8, "alignment": "fast", "fast_block": 1048576}}
@@ -212,7 +213,7 @@ def test_speed_keys_never_tell_runs_apart():
 def test_resume_loads_our_checkpoint_whole_on_every_lightning_the_project_allows():
     """Lightning 2.6 takes `fit(weights_only=)` and must be told False for our checkpoint; older ones (allowed by
     pyproject) take no such keyword and would fail on it."""
-    from src.checkpoint import full_load
+    from src.runtime.checkpoint import full_load
 
     class Older:
         def fit(self, model, ckpt_path=None): ...

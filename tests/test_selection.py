@@ -13,11 +13,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.config import ConfigError
+from src.analysis.report import truncate
+from src.cli.config import ConfigError
+from src.cli.train import train
 from src.data.dataset import load
 from src.evaluation.metrics import rank_metrics, sampled_ranks
-from src.report import truncate
-from src.results import (
+from src.runtime.results import (
     DEFAULT_SELECT,
     best_round,
     chance_level,
@@ -27,7 +28,6 @@ from src.results import (
     select_key,
     selection_of,
 )
-from src.run import train
 
 SYNTHETIC = ["dataset=synthetic", "fl.checkpoint_every=0"]
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from src.alignment.community import graph_mask
-from src.device import to_device
+from src.alignment.graph import graph_mask
+from src.runtime.device import to_device
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Broadcast:
         return self.copies[key]
 
     def graph(self, sigma: float, knn: int | None, device: torch.device) -> torch.Tensor:
-        """The server graph of S_g as a boolean [m, m] (`community.graph_mask`: S_g >= sigma, or its k nearest
+        """The server graph of S_g as a boolean [m, m] (`graph.graph_mask`: S_g >= sigma, or its k nearest
         neighbours), derived by the clients from what they received, once per broadcast and device."""
         key = (device, f"graph/{sigma}/{knn}")
         if key not in self.copies:

@@ -1,4 +1,4 @@
-"""The fast alignment's value and gradient by a small C kernel (`fast_align.c`; built by `src/native.py`).
+"""The fast alignment's value and gradient by a small C kernel (`fast_align.c`; built by `src/runtime/native.py`).
 
 `fast_grad.fast_value_and_grad` in torch makes about thirty passes over [clients x anchors x items] and
 [clients x items x d] buffers larger than the cache, around three batched products whose shapes (K = 64 rows
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from src import native
+from src.runtime import native
 
 SOURCE = Path(__file__).with_name("fast_align.c")
 DIM = 32  # the embedding width the kernel is written for (model.dim); other widths use the torch form

@@ -1,4 +1,4 @@
-"""The server's sums of plain uploads by a small C kernel (`upper_sums.c`; built by `src/native.py`).
+"""The server's sums of plain uploads by a small C kernel (`upper_sums.c`; built by `src/runtime/native.py`).
 
 The compiled torch tile (`release.summed_plain_block`) runs the similarity product as a separate GEMM whose
 [clients x rows x columns] output goes through memory before the threshold and the sum read it back; with
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from src import native
+from src.runtime import native
 
 SOURCE = Path(__file__).with_name("upper_sums.c")
 MR, NR = 8, 32  # the kernel's register tile: rows, columns

@@ -13,7 +13,7 @@ one compiled kernel that also sums it over the block's clients (what the server 
 shortcut) and counts each client's entries, instead of five passes over the block; the same pairs,
 sums within float rounding (tests/test_compiled.py). With `native` (`compute.native`) the C kernel of
 `src/alignment/native_sums.py` makes those sums with the threshold in the product's epilogue instead.
-The simulator hands each block to the server's sum as it comes (`src/alignment/server.py`); the Flower client
+The simulator hands each block to the server's sum as it comes (`src/server/global_similarity.py`); the Flower client
 and the audit collect the entries of each client (`ChunkUploads`, `release_entries`) and encode them.
 """
 

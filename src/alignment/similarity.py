@@ -35,6 +35,6 @@ def thresholded_upload(sim: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def cluster_sums(e: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
     """Sum of the normalised embeddings of every cluster: [C, K, d] (a float `index_add`: its CUDA kernel
-    accumulates in varying order unless `compute.deterministic`, see src/device.py)."""
+    accumulates in varying order unless `compute.deterministic`, see src/runtime/device.py)."""
     out = torch.zeros(e.shape[0], n_clusters, e.shape[2], dtype=e.dtype, device=e.device)
     return out.index_add(1, labels, e)

@@ -8,7 +8,7 @@ change), so each client trains exactly as it would alone (tested against a per-c
 
 On a GPU the step loop neither copies nor waits: a chunk's batches, which clients step when and
 their rows go to the device once per chunk (`ChunkBatches`), and the loss values come back once
-per chunk (`src/device.py` counts both).
+per chunk (`src/runtime/device.py` counts both).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from src.clients.model import Params, flat_index, gather_items, score_embeddings
 from src.clients.streams import ClientStream
-from src.device import host_value, to_device
+from src.runtime.device import host_value, to_device
 
 # Dense extra terms on a chunk's item tables (ICA, GSA): (tables [C, m, d], batch items [C, B], valid [C, B])
 # -> (per-client values [C] by name, gradient of the weighted sum w.r.t. the tables [C, m, d])
@@ -224,7 +224,7 @@ class OptimSpec:
 
     @classmethod
     def from_cfg(cls, optim: Any) -> OptimSpec:
-        """From the `optim` config group (already validated by `src/config.py`)."""
+        """From the `optim` config group (already validated by `src/cli/config.py`)."""
         eta = optim.get("item_lr_eta")
         betas = optim.get("betas") or (0.9, 0.999)
         return cls(

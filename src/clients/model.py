@@ -28,7 +28,7 @@ class ModelSpec:
 
     @classmethod
     def from_cfg(cls, model: Any) -> ModelSpec:
-        """From the `model` config group (already validated by `src/config.py`)."""
+        """From the `model` config group (already validated by `src/cli/config.py`)."""
         return cls(
             int(model.dim),
             float(model.init_std),

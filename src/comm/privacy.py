@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from src.device import to_device
+from src.runtime.device import to_device
 
 
 def laplace_scale(epsilon: float | None, scale: float | None, sensitivity: float) -> tuple[float, float | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from src.config import load_config
+from src.cli.config import load_config
 from src.data.dataset import build
 from src.runtime.errors import reported
 

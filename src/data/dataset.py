@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from src.atomic import atomic_path
 from src.data import raw
-from src.data.download import KNOWN_FILES, default_cache_dir, digest_mismatch, file_digests, verify_known
+from src.data.download import KNOWN_FILES, digest_mismatch, file_digests, verify_known
 from src.data.paths import resolve_dataset_dir
 from src.data.protocols import all_interactions, draw_eval_negatives, interaction_matrix
 from src.data.split import dedupe_pairs, filter_min_interactions, leave_one_out
 from src.data.synthetic import planted_communities
+from src.runtime.atomic import atomic_path
+from src.runtime.cache import default_cache_dir
 from src.runtime.errors import UserError
 
 # 2: the .npz holds `digest` (sha256 of its arrays) and `exact`; 3: `item_ids` (original id of each item index)

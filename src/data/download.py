@@ -14,10 +14,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from src.runtime.cache import default_cache_dir
 from src.runtime.errors import OneLineParser, UserError
 
 CHUNK_SIZE = 1 << 20
-CACHE_ENV_VAR = "ALIGNFEDREC_CACHE"
 DATA_ENV_VAR = "ALIGNFEDREC_DATA"
 
 
@@ -304,17 +304,6 @@ def verify_dataset(name: str | DatasetSource, folder: Path) -> list[Path]:
             verify_file(path, spec, url=source.url)
             verified.append(path)
     return verified
-
-
-def default_cache_dir() -> Path:
-    """Return $ALIGNFEDREC_CACHE, else $XDG_CACHE_HOME/alignfedrec, else ~/.cache/alignfedrec."""
-    explicit = os.environ.get(CACHE_ENV_VAR)
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "alignfedrec"
-    return Path.home() / ".cache" / "alignfedrec"
 
 
 def _is_complete(source: DatasetSource, folder: Path) -> bool:

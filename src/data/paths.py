@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from src.data.download import default_cache_dir, download
+from src.data.download import download
+from src.runtime.cache import default_cache_dir
 
 ENV_VAR = "ALIGNFEDREC_DATA"
 REPO_ROOT = Path(__file__).resolve().parents[2]

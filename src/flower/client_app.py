@@ -22,16 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.alignment.broadcast import Broadcast
 from src.alignment.release import gather
-from src.atomic import atomic_path
 from src.clients.model import ModelSpec, init_params
 from src.comm.codec import Encoding, decode_entries, encode_entries
 from src.data.dataset import FedData, load
 from src.data.protocols import NegativeSampler
-from src.device import setup_device
 from src.evaluation.evaluator import Evaluator
 from src.flower.messages import Task, pack_reply, unpack_task
 from src.flower.settings import config_of, flower_checks
 from src.methods.base import build_method
+from src.runtime.atomic import atomic_path
+from src.runtime.device import setup_device
 from src.simulator.memory import resolve_chunk_size
 from src.simulator.rounds import ClientPool, LocalTraining, RoundWork, evaluate_clients, train_clients, training_sampler
 

@@ -24,13 +24,13 @@ from src.alignment.broadcast import Broadcast
 from src.clients.model import ModelSpec, init_params
 from src.comm.codec import Encoding, encode_upper
 from src.data.dataset import load
-from src.device import resolve_device
 from src.evaluation.evaluator import split_metrics
 from src.flower.messages import RejectedReply, Task, pack_task, unpack_reply
 from src.flower.settings import config_of, flower_checks
 from src.methods.base import Method, ServerRound, build_method
-from src.results import atomic_write_text, build_results, select_key, write_results
+from src.runtime.device import resolve_device
 from src.runtime.loggers import history_csv
+from src.runtime.results import atomic_write_text, build_results, select_key, write_results
 from src.simulator.rounds import advance_failure_stream, choose_clients
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import shlex
 
 from omegaconf import DictConfig
 
-from src.config import ConfigError, load_config
+from src.cli.config import ConfigError, load_config
 
 _CACHE: dict[str, DictConfig] = {}
 

@@ -17,14 +17,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from src import rundir
-from src.config import validate
+from src.cli.config import validate
+from src.cli.jobs import check_command_line
 from src.flower.client_app import make_client_app
 from src.flower.server_app import make_server_app
 from src.flower.settings import flower_checks
-from src.results import report_best
+from src.runtime import rundir
 from src.runtime.errors import reported
-from src.runtime.jobs import check_command_line
+from src.runtime.results import report_best
 
 log = logging.getLogger(__name__)
 

@@ -13,18 +13,18 @@ from functools import partial
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from src import native
 from src.alignment import native_align, native_sums
 from src.alignment.broadcast import Broadcast
 from src.alignment.losses import AlignmentLoss
 from src.alignment.release import ReleaseSpec, release_blocks
-from src.alignment.server import communities
 from src.clients.cohort import DenseLoss
 from src.clients.model import Params
 from src.comm.codec import Encoding, embedding_bytes, labels_bytes, quantise, sparse_bytes
 from src.comm.privacy import epsilon_spent, laplace_scale
-from src.device import block_elements
 from src.methods.base import Method, Release, RoundSums, ServerRound
+from src.runtime import native
+from src.runtime.device import block_elements
+from src.server.global_similarity import communities
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ from omegaconf import DictConfig
 
 from src.alignment.broadcast import Broadcast
 from src.alignment.release import ChunkUploads, ReleasedBlock
-from src.alignment.server import SimilaritySum
 from src.clients.cohort import DenseLoss
 from src.clients.model import Params
 from src.comm.codec import embedding_bytes, shared_traffic
 from src.data.dataset import FedData
 from src.evaluation.evaluator import ScoreFn
-from src.simulator.server import MeanAggregator
+from src.server.aggregation import MeanAggregator
+from src.server.global_similarity import SimilaritySum
 
 
 @dataclass

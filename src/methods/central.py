@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 
 from src.clients.cohort import RoundSamples
 from src.data.dataset import FedData
-from src.device import host_value, to_device
 from src.methods.base import Method
 from src.methods.calibration import ItemKNNScorer, PopularityScorer
+from src.runtime.device import host_value, to_device
 
 
 class CentralMF(torch.nn.Module):

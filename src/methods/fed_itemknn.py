@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.alignment.broadcast import Broadcast
-from src.alignment.community import graph_mask
+from src.alignment.graph import graph_mask
 from src.clients.model import Params
 from src.comm.codec import quantise
 from src.data.dataset import FedData

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-from src.results import best_round
+from src.runtime.results import best_round
 
 
 class RoundEarlyStopping(EarlyStopping):

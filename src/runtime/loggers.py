@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 from tqdm import tqdm
 
-from src.results import DEFAULT_SELECT, atomic_write_text, best_round
+from src.runtime.results import DEFAULT_SELECT, atomic_write_text, best_round
 
 # Lightning's start-up lines that say nothing about the run (`rank_zero_info` of the Trainer): the
 # accelerators it found (`device` says which one runs) and an advertisement for its cloud logger

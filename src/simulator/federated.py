@@ -19,16 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from src.alignment.broadcast import Broadcast
-from src.alignment.diagnostics import GraphDiagnostics
 from src.clients.cohort import RoundSamples, sample_round
 from src.clients.model import ModelSpec, Params, init_params
 from src.comm.codec import Encoding, Ledger
 from src.data.dataset import FedData
-from src.device import setup_device
 from src.evaluation.evaluator import Evaluator
 from src.methods.base import build_method
 from src.methods.central import make_central
+from src.runtime.device import setup_device
 from src.runtime.loggers import RoundCSVLogger
+from src.server.diagnostics import GraphDiagnostics
 from src.simulator.memory import resolve_chunk_size
 from src.simulator.rounds import (
     ClientPool,
@@ -144,7 +144,7 @@ class FederatedModule(L.LightningModule):
             sizes = self.ledger.similarity_uploads(sums.senders, sums.sender_nnz(), sums.entries or None)
         stats = method.traffic(sums, sizes, len(clients), self.server, self.current_round(), int(cfg.model.dim))
         stats.update(result.stats)
-        if self.diag is not None and result.global_sim is not None:  # evaluation-only (src/alignment/diagnostics.py)
+        if self.diag is not None and result.global_sim is not None:  # evaluation-only (src/server/diagnostics.py)
             labels = result.broadcast.labels
             stats.update(self.diag(result.global_sim, None if labels is None else labels.numpy()))
         tic = time.perf_counter()

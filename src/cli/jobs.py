@@ -14,7 +14,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from src.config import CONF_DIR, ConfigError, validate
+from src.cli.config import CONF_DIR, ConfigError, validate
 from src.runtime.errors import reported
 
 # hydra's flags that take no value and leave the config as it is; any other flag skips the check (Hydra's own)

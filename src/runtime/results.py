@@ -21,8 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.atomic import atomic_write_text
-from src.published import published
+from src.runtime.atomic import atomic_write_text
+from src.runtime.published import published
 
 # the validation metric that picks the best round when `eval.select` is not set (and in results.json
 # files written before the key existed)
@@ -102,7 +102,7 @@ def build_results(
     resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the results.json payload from the run's config, data summary and round history
-    (`resources`: what ran it and its peak memory, `src.device.run_resources`)."""
+    (`resources`: what ran it and its peak memory, `src.runtime.device.run_resources`)."""
     select = select_key(cfg)
     best = best_round(history, select)
     return {

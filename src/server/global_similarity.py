@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from src.alignment.community import Communities, adjusted_rand_index, detect
 from src.alignment.release import ReleasedBlock
+from src.server.communities import Communities, adjusted_rand_index, detect
 
 
 class SimilaritySum:

@@ -26,7 +26,7 @@ run in another order): `python -m src.gpucheck` requires client tables, S_g and 
 where near-tied scores swap.
 
 `to_device` and `host_value` are how the round's step loop (`src/clients/cohort.py`), the alignment's
-broadcast copies (`src/alignment/losses.py`), the server's mean (`src/simulator/server.py`) and the centralised
+broadcast copies (`src/alignment/losses.py`), the server's mean (`src/server/aggregation.py`) and the centralised
 baseline move tensors and read values back; `COUNTERS` counts their calls. Each call counts whether or not it
 copies (on the CPU none does), so a CPU run counts what a CUDA run would move and wait for (`src.bench` prints
 it per round).

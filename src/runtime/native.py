@@ -1,7 +1,7 @@
 """Small C kernels of this project, built once per machine at first use and loaded with ctypes.
 
 Each kernel is one C file beside the Python module that calls it (`src/alignment/upper_sums.c`,
-`src/alignment/fast_align.c`, `src/fma_peak.c`), written with GCC vector extensions and no intrinsics, built
+`src/alignment/fast_align.c`, `src/perf/fma_peak.c`), written with GCC vector extensions and no intrinsics, built
 with the C compiler on PATH (`$CC`, else `cc`, else `gcc`) at -O3 -march=native into
 `$ALIGNFEDREC_CACHE/native/` (default ~/.cache/alignfedrec), named by a hash of the source, the compiler, the
 flags and the CPU, so a cache shared between machines never loads a build made for another CPU. The register
@@ -24,7 +24,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from src.data.download import default_cache_dir
+from src.runtime.cache import default_cache_dir
 
 I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 

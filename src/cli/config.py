@@ -14,12 +14,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from src.alignment import native_align, native_sums
 from src.data.protocols import TRAIN_NEGATIVE_POOLS
-from src.device import MATMUL_PRECISIONS
-from src.native import usable
-from src.results import DEFAULT_SELECT, SELECT_PATTERN
+from src.runtime.device import MATMUL_PRECISIONS
 from src.runtime.errors import UserError
+from src.runtime.native import usable
+from src.runtime.results import DEFAULT_SELECT, SELECT_PATTERN
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 COMMUNITY_METHODS = ("igraph", "leidenalg", "leidenalg_rb")
 LOSSES = ("sigmoid_bce", "logits_bce")
 CENTRAL_SCORERS = ("mf", "popularity", "itemknn")
@@ -195,7 +195,7 @@ def _validate_optim(cfg: DictConfig) -> None:
 
 def method_modules() -> tuple[str, ...]:
     """The method modules of src/methods/ (each has `build(cfg, device)`): the values `ablation.method` takes."""
-    folder = Path(__file__).resolve().parent / "methods"
+    folder = Path(__file__).resolve().parents[1] / "methods"
     return tuple(sorted(p.stem for p in folder.glob("*.py") if "\ndef build(" in p.read_text()))
 
 
@@ -296,7 +296,7 @@ def _validate_select(cfg: DictConfig, ks: ListConfig) -> None:
 
 
 def _validate_compute(cfg: DictConfig) -> None:
-    """`compute.*` (src/device.py); absent in configs older than the block, which then mean its defaults."""
+    """`compute.*` (src/runtime/device.py); absent in configs older than the block, which then mean its defaults."""
     if OmegaConf.select(cfg, "compute", default=None) is None:
         return
     _bool(cfg, "compute.deterministic")
@@ -359,7 +359,7 @@ def _validate_comm_privacy(cfg: DictConfig) -> None:
 
 
 def _validate_commands(cfg: DictConfig) -> None:
-    """The keys of python -m src.audit, src.bench and the Flower app."""
+    """The keys of python -m src.audit, src.perf.bench and the Flower app."""
     _int(cfg, "audit.clients", 1)
     _int(cfg, "audit.recovery_iters", 1)
     _not_a_folder(cfg, "audit.out", nullable=True)

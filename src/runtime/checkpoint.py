@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 
-from src.atomic import atomic_path, atomic_write_text
+from src.runtime.atomic import atomic_path, atomic_write_text
 from src.runtime.errors import UserError
 
 RECORD_FORMAT = 1

@@ -179,7 +179,7 @@ def write_hydra_files(run_dir: Path, cfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from src.atomic import atomic_write_text
+    from src.runtime.atomic import atomic_write_text
 
     if not HydraConfig.initialized():
         return  # called outside a Hydra app (tests, notebooks): there is no composed Hydra config to keep

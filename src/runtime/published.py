@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.yaml"
+PUBLISHED = Path(__file__).resolve().parents[2] / "experiments" / "published.yaml"
 
 
 def published_tables() -> dict[str, dict[str, dict[str, list[float] | None]]]:

@@ -1,0 +1,187 @@
+"""`python -m src.audit [overrides]`: what an honest-but-curious server learns from one upload.
+
+Trains `fl.rounds` rounds as `src.run` would (no run folder), then, for `audit.clients` random
+clients, takes the matrix each uploads (thresholded, with the configured Laplace noise and
+quantisation, exactly as the aggregator would decode it) and mounts two attacks with nothing else
+but that matrix and the broadcast global matrix S_g:
+
+1. Interaction inference: score every item by its row in the upload (row sum, row degree, and the
+   L1 distance of the row from S_g's row) and report the ROC AUC of each score against the client's
+   training positives (mean over clients; 0.5 = chance).
+2. Embedding recovery up to rotation: complete the matrix to rank d (known entries = the uploaded
+   ones and the unit diagonal, unknown entries held below sigma, alternating projections), factor
+   it, align the factor to the client's true normalised table by orthogonal Procrustes and report
+   the mean cosine between recovered and true item vectors. The same alignment of a random table of
+   the same shape gives the chance level, reported beside it.
+
+Prints a table and writes JSON to `audit.out` (atomically), by default into a folder of its own,
+`outputs/audit/<dataset>-<ablation>-<protocol>-s<seed>_<time>/audit.json`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from src.alignment.release import ReleaseSpec, release_blocks
+from src.alignment.similarity import normalised
+from src.cli.config import ConfigError, load_config, validate
+from src.data.dataset import load
+from src.methods.base import build_method
+from src.runtime.results import publish_report, select_key
+from src.server.global_similarity import SimilaritySum
+from src.simulator.federated import FederatedModule
+
+
+def decoded_upload(table: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator) -> torch.Tensor:
+    """The m x m matrix the server decodes from one client's upload (symmetric, zero diagonal): the
+    client's own release (`src/alignment/release.py`) summed by the server alone, so noise, threshold,
+    top-k and quantisation are the ones a run applies."""
+    total = SimilaritySum(table.shape[0], table.device)
+    for blk in release_blocks(table.double().unsqueeze(0), spec, generator):
+        total.add_block(blk)
+    return total.upper + total.upper.T
+
+
+def auc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """ROC AUC = P(score of a positive > score of a negative), ties counting one half."""
+    pos, neg = np.sort(scores[truth]), np.sort(scores[~truth])
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    below = np.searchsorted(neg, pos, side="left")
+    equal = np.searchsorted(neg, pos, side="right") - below
+    return float((below + 0.5 * equal).sum() / (len(pos) * len(neg)))
+
+
+def membership_scores(upload: torch.Tensor, global_sim: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """Per-item scores the server can compute from the upload (and the broadcast S_g)."""
+    up = upload.double()
+    out = {"row_sum": up.sum(1).numpy(), "row_degree": (up != 0).sum(1).double().numpy()}
+    if global_sim is not None:
+        out["distance_from_global"] = (up - global_sim.double()).abs().sum(1).numpy()
+    return out
+
+
+def complete_rank_d(upload: torch.Tensor, d: int, sigma: float, iters: int) -> torch.Tensor:
+    """A rank-d factor X [m, d] with X Xᵀ ≈ the upload where known, < sigma where dropped."""
+    known = upload != 0
+    z = upload.double().clone()
+    z.fill_diagonal_(1.0)
+    known.fill_diagonal_(True)
+    x = torch.zeros(upload.shape[0], d, dtype=torch.float64)
+    for _ in range(max(iters, 1)):
+        vals, vecs = torch.linalg.eigh(z.float())
+        top = vals[-d:].double().clamp(min=0)
+        x = vecs[:, -d:].double() * top.sqrt()
+        low = x @ x.T
+        z = torch.where(known, upload.double(), torch.minimum(low, torch.tensor(sigma, dtype=torch.float64)))
+        z.fill_diagonal_(1.0)
+    return x
+
+
+def aligned_cosine(x: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean cosine between the rows of x R and target, R the orthogonal Procrustes rotation."""
+    u, _, vt = torch.linalg.svd(x.T @ target)
+    rotated = x @ (u @ vt)
+    cos = torch.nn.functional.cosine_similarity(rotated, target, dim=1)
+    return float(cos.mean())
+
+
+def audit(cfg, overrides: list[str]) -> dict[str, Any]:
+    """Run the attacks described in the module docstring; return the report."""
+    validate(cfg)  # audit.clients, audit.recovery_iters, audit.out, device, ... before any data is read
+    n_clients = cfg.audit.clients
+    if not build_method(cfg, torch.device("cpu")).uploads_similarity:
+        raise ConfigError(
+            f"config ablation={cfg.ablation.name!r} uploads no similarity matrix: use a similarity-sharing ablation "
+            "(full, no_ica, no_gsa, knn_ica, knn_full, fed_itemknn)"
+        )
+    torch.manual_seed(int(cfg.seed))
+    data = load(cfg)
+    module = FederatedModule(cfg, data)
+    tic = time.perf_counter()
+    for _ in range(int(cfg.fl.rounds)):
+        module.history.append(module.run_round())
+    train_s = time.perf_counter() - tic
+    gen = torch.Generator().manual_seed(int(cfg.seed) + 11)
+    chosen = torch.randperm(data.n_users, generator=gen)[:n_clients].sort().values.tolist()
+    sigma, d = float(cfg.model.sigma), int(cfg.model.dim)
+    global_sim = module.server_sim  # what an honest-but-curious server holds (fed_itemknn broadcasts less)
+    aucs: dict[str, list[float]] = {}
+    recovered, chance = [], []
+    ptr = np.asarray(data.train_ptr)
+    items = np.asarray(data.train_items)
+    for u in chosen:
+        table = module.state["items"][u]
+        upload = decoded_upload(table, module.method.spec, gen)
+        truth = np.zeros(data.n_items, dtype=bool)
+        truth[items[ptr[u] : ptr[u + 1]]] = True
+        for name, scores in membership_scores(upload, global_sim).items():
+            aucs.setdefault(name, []).append(auc(scores, truth))
+        target = normalised(table.double().unsqueeze(0), bool(cfg.model.centre))[0]
+        x = complete_rank_d(upload, d, sigma, int(cfg.audit.recovery_iters))
+        recovered.append(aligned_cosine(x, target))
+        noise_x = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        chance.append(aligned_cosine(noise_x, target))
+    return {
+        "dataset": cfg.dataset.name,
+        "protocol": cfg.protocol.name,
+        "ablation": cfg.ablation.name,
+        "rounds": int(cfg.fl.rounds),
+        "clients": len(chosen),
+        "sigma": sigma,
+        "noise_scale": module.method.spec.noise,
+        "epsilon_round_entry": module.method.eps_round,
+        "bits": module.encoding.bits,
+        "overrides": list(overrides),
+        "train_s": train_s,
+        "val_hit@10_last": module.history[-1].get("val/hit@10"),  # None when eval.ks lacks 10
+        "select": select_key(cfg),
+        "val_select_last": module.history[-1].get(select_key(cfg)),
+        "upload_nnz_mean": module.history[-1].get("comm/upload_nnz_mean"),
+        "membership_auc": {k: float(np.nanmean(v)) for k, v in aucs.items()},
+        "membership_auc_std": {k: float(np.nanstd(v)) for k, v in aucs.items()},
+        "recovery_cosine": float(np.mean(recovered)),
+        "recovery_cosine_chance": float(np.mean(chance)),
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    """The human-readable summary of an audit report."""
+    eps = report["epsilon_round_entry"]
+    lines = [
+        f"audit: {report['dataset']} / {report['ablation']} / {report['protocol']}, after {report['rounds']} "
+        f"rounds, {report['clients']} clients, sigma {report['sigma']}, noise b={report['noise_scale']:.4g}"
+        f" (epsilon per entry per round {'-' if eps is None else f'{eps:.4g}'}), {report['bits']}-bit",
+        f"upload nonzeros per client {report['upload_nnz_mean']:.0f}, "
+        f"{report['select']} {report['val_select_last']:.4f}",
+        "",
+        "interaction inference (ROC AUC vs training positives, 0.5 = chance):",
+    ]
+    for name, value in report["membership_auc"].items():
+        lines.append(f"  {name:<22}{value:.4f} ± {report['membership_auc_std'][name]:.4f}")
+    lines += [
+        "",
+        "embedding recovery up to rotation (mean cosine to the true normalised item vectors):",
+        f"  recovered from the upload  {report['recovery_cosine']:.4f}",
+        f"  random table (chance)      {report['recovery_cosine_chance']:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+def default_out(cfg: DictConfig) -> str:
+    """The audit's own run folder when `audit.out` is null: outputs/audit/<run name>_<time>/audit.json."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return f"outputs/audit/{cfg.dataset.name}-{cfg.ablation.name}-{cfg.protocol.name}-s{cfg.seed}_{stamp}/audit.json"
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """Compose the config from `argv`, run the audit, print the table, write `audit.out`."""
+    cfg = load_config(argv)
+    report = audit(cfg, argv)
+    publish_report(cfg.audit.out or default_out(cfg), report, table(report))
+    return report

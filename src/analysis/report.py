@@ -1,0 +1,378 @@
+"""`python -m src.report <folder> [...] [--out DIR] [--name NAME]`: mean and standard deviation over
+seeds of every run's test metrics at its best validation round, beside the published number.
+
+`--rounds N` cuts every run to its first N rounds (best validation round chosen within them).
+One row per (dataset, method, protocol), or per (dataset, method, protocol, variant) with
+`--by optim.name model.alignment ...` (config keys that tell runs apart): seeds, rounds, engine, test
+hit@10 / ndcg@10 (sampled) and, under the clean protocol, the full-ranking ones, the published hit@10 /
+ndcg@10 (`experiments/published.yaml`, paper protocol) and, for paper-protocol rows, the difference,
+and the run folders the row was computed from. `--table table1|table2`: the paper's table (its rows,
+runs of its 100 rounds), every cell not yet run shown as missing. Printed as
+Markdown; with `--out`, also written as `<name>.md` and `<name>.csv` (atomically).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from src.runtime.errors import OneLineParser, UserError
+from src.runtime.published import published, published_tables
+from src.runtime.results import atomic_write_text, best_round, selection_of
+from src.runtime.rundir import ADDED_KEYS, SPEED_KEYS, WHERE_KEYS, identity, normalised
+
+COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
+TABLE_ROUNDS = 100  # the paper's tables train 100 rounds: `--table` leaves out shorter probes and longer sweeps
+
+
+def config_value(config: dict, dotted: str) -> str:
+    """`a.b.c` of a resolved config as text ('-' when absent)."""
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "-"
+        value = value[part]
+    return str(value)
+
+
+def planned_rounds(config: dict) -> int | None:
+    """The rounds a resolved config planned (`fl.rounds`), None when it names none."""
+    fl = config.get("fl")
+    value = fl.get("rounds") if isinstance(fl, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def truncate(payload: dict, rounds: int) -> dict:
+    """The run as if it had stopped after `rounds` rounds: best validation round (by the run's selection
+    metric, `selection_of`) and its test metrics chosen again within them (test data still selects nothing)."""
+    history = [h for h in payload["history"] if h["round"] <= rounds]
+    select = selection_of(payload)
+    lacking = [h["round"] for h in history if select not in h]
+    if lacking:
+        raise ValueError(f"{Path(payload['path']) / 'results.json'}: history round {lacking[0]} has no {select!r}")
+    best = best_round(history, select)
+    return {
+        **payload,
+        "history": history,
+        "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
+    }
+
+
+# the fields of results.json (src/runtime/results.py) that the report and the plots need in every finished run
+REQUIRED = {
+    "config": dict,
+    "dataset": str,
+    "protocol": str,
+    "ablation": str,
+    "seed": int,
+    "history": list,
+    "test_at_best": dict,
+}
+
+
+def read_run(path: Path) -> dict[str, Any] | None:
+    """One results.json with its folder as `path`; None when the run is not finished.
+
+    A broken file (not JSON, truncated, a required field missing or of the wrong type, a history
+    row without its round) raises ValueError naming the file and what is wrong.
+    """
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(payload).__name__}")
+    if not payload.get("finished"):
+        return None
+    for field, kind in REQUIRED.items():
+        if not isinstance(payload.get(field), kind):
+            found = "missing" if field not in payload else f"a {type(payload[field]).__name__}"
+            raise ValueError(f"{path}: field {field!r} must be a {kind.__name__}, found {found}")
+    for i, row in enumerate(payload["history"]):
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            raise ValueError(f"{path}: history entry {i} has no integer 'round'")
+    payload["path"] = str(path.parent)
+    return payload
+
+
+def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
+    """Every finished results.json under `folders` (sorted by path), each with its folder as `path`.
+
+    A broken results.json is named in a warning and skipped, so one bad run does not stop a report.
+    """
+    runs = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("results.json")):
+            try:
+                payload = read_run(path)
+            except ValueError as err:
+                warnings.warn(f"skipped {err}", stacklevel=2)
+                continue
+            if payload is not None:
+                runs.append(payload)
+    return runs
+
+
+def collect(
+    folders: list[Path], by: tuple[str, ...] = (), rounds: int | None = None, planned: int | None = None
+) -> dict[tuple[str, ...], list[dict]]:
+    """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol[, variant]);
+    with `rounds`, each run is cut to its first `rounds` rounds (`truncate`); with `planned`, only runs
+    configured for that many rounds (`fl.rounds`) are kept, the others counted in one warning."""
+    groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
+    usable = []
+    payloads = load_runs(folders)
+    if planned is not None:
+        lengths = [planned_rounds(p["config"]) for p in payloads]
+        other = sorted({n for n in lengths if n != planned}, key=str)
+        if other:
+            left = sum(n != planned for n in lengths)
+            warnings.warn(
+                f"left out {left} run(s) not of {planned} rounds (fl.rounds {', '.join(map(str, other))})",
+                stacklevel=2,
+            )
+        payloads = [p for p, n in zip(payloads, lengths) if n == planned]
+    for payload in payloads:
+        if rounds is not None:
+            try:
+                payload = truncate(payload, rounds)
+            except ValueError as err:
+                warnings.warn(f"skipped {err}", stacklevel=2)
+                continue
+        usable.append(payload)
+    for payload in distinct(usable):
+        key = (payload["dataset"], payload["ablation"], payload["protocol"])
+        if by:
+            key += (" ".join(f"{k}={config_value(payload['config'], k)}" for k in by),)
+        groups[key].append(payload)
+    return {k: v for key, runs in groups.items() for k, v in split_differing(key, runs).items()}
+
+
+# config keys that may differ between runs of one row: the seed, and where things are read or written
+SAME_ROW = ("seed", *WHERE_KEYS, *SPEED_KEYS, "device")
+
+
+def distinct(runs: list[dict]) -> list[dict]:
+    """The runs with one of each computation (`identity`: the campaign's key, the seed included): two runs of one
+    config and seed (stored twice, or an `optim=` sweep of a method that never reads `optim`) would count as two
+    seeds; the first by path is kept and the other named in a warning."""
+    kept: dict[str, dict] = {}
+    for run in runs:
+        key = identity(run["config"])
+        if key in kept:
+            warnings.warn(
+                f"{run['path']} is the computation of {kept[key]['path']} (same config and seed): counted once",
+                stacklevel=2,
+            )
+            continue
+        kept[key] = run
+    return list(kept.values())
+
+
+def flat(config: dict) -> dict[str, str]:
+    """A resolved config as {dotted key: value as text}, keys added later at their default left out (so a
+    run made before such a key existed groups with one made after)."""
+    return {k: str(v) for k, v in normalised(config).items()}
+
+
+def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, ...], list[dict]]:
+    """Never average runs whose configs differ in more than the seed: such a group is split by the
+    keys that differ, which become (part of) the row's variant."""
+    configs = [flat(r["config"]) for r in runs]
+    keys = sorted(
+        {k for c in configs for k in c if not k.startswith(SAME_ROW) and len({c.get(k) for c in configs}) > 1}
+    )
+    named = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".name")}
+    # a group whose choice differs is shown by its name alone (optim.name=sgd, not its lr, betas, ...)
+    keys = [k for k in keys if k.endswith(".name") or k.rsplit(".", 1)[0] not in named]
+    if not keys:
+        return {key: runs}
+    out: dict[tuple[str, ...], list[dict]] = defaultdict(list)
+    for run, conf in zip(runs, configs):
+        label = " ".join(f"{k}={conf.get(k, ADDED_KEYS.get(k, '-'))}" for k in keys)  # absent: its neutral default
+        variant = f"{key[3]} {label}" if len(key) > 3 else label
+        out[(*key[:3], variant)].append(run)
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and standard deviation over seeds, in percent (std 0 for one seed)."""
+    if not values:
+        return None, None
+    pct = [100 * v for v in values]
+    return statistics.mean(pct), (statistics.stdev(pct) if len(pct) > 1 else 0.0)
+
+
+def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
+    """One summary row per group, with the published number and the difference."""
+    pub = published()
+    out = []
+    for key, runs in sorted(groups.items()):
+        dataset, ablation, protocol = key[:3]
+        row: dict = {"dataset": dataset, "method": ablation, "protocol": protocol}
+        if len(key) > 3:
+            row["variant"] = key[3]
+        row |= {
+            "seeds": len(runs),
+            "rounds": "/".join(map(str, sorted({len(r["history"]) for r in runs}))),
+            "engine": "/".join(sorted({engine(r["config"]) for r in runs})),
+        }
+        for col in COLUMNS:
+            mean, std = mean_std([r["test_at_best"][col] for r in runs if col in r["test_at_best"]])
+            row[col], row[f"{col} std"] = mean, std
+        ref = pub.get(ablation, {}).get(dataset)
+        row["published hit@10"], row["published ndcg@10"] = ref if ref else (None, None)
+        # the paper's numbers are paper-protocol figures: a difference is only like for like there
+        comparable = ref is not None and protocol == "paper" and row["test/hit@10"] is not None
+        row["diff hit@10"] = row["test/hit@10"] - ref[0] if comparable else None
+        row["diff ndcg@10"] = row["test/ndcg@10"] - ref[1] if comparable else None
+        row["runs"] = " ".join(r["path"] for r in runs)
+        out.append(row)
+    return out
+
+
+def engine(config: dict) -> str:
+    """What trains the method: the optimiser, with the alignment mode for the alignment methods (`adam+fast`,
+    `sgd+exact`); the centralised MF has its own Adam (`central-adam`); a calibration scorer trains nothing."""
+    ablation = config.get("ablation", {})
+    if "scorer" in ablation:
+        return "none"
+    if ablation.get("central"):
+        return "central-adam"
+    optim = config_value(config, "optim.name")
+    return f"{optim}+{config_value(config, 'model.alignment')}" if ablation.get("ica") or ablation.get("gsa") else optim
+
+
+def with_missing(table: list[dict], name: str) -> list[dict]:
+    """The rows of published table `name` (every dataset x method, both protocols), each cell not yet run
+    added as a row with 0 seeds, so a missing cell shows instead of being left out."""
+    have = {(r["dataset"], r["method"], r["protocol"]) for r in table}
+    spec = published_tables()[name]
+    out = list(table)
+    for method, per_dataset in spec.items():
+        for dataset, ref in per_dataset.items():
+            for protocol in ("paper", "clean"):
+                if (dataset, method, protocol) not in have:
+                    row = {
+                        "dataset": dataset,
+                        "method": method,
+                        "protocol": protocol,
+                        "seeds": 0,
+                        "rounds": "-",
+                        "engine": "-",
+                        **{c: None for c in COLUMNS},
+                        **{f"{c} std": None for c in COLUMNS},
+                        "published hit@10": ref[0] if ref else None,
+                        "published ndcg@10": ref[1] if ref else None,
+                        "diff hit@10": None,
+                        "diff ndcg@10": None,
+                        "runs": "",
+                    }
+                    if any("variant" in r for r in table):
+                        row["variant"] = ""
+                    out.append(row)
+    order = {m: i for i, m in enumerate(spec)}
+    datasets = {d: i for i, d in enumerate(dict.fromkeys(d for per in spec.values() for d in per))}
+    keep = [r for r in out if r["method"] in order and r["dataset"] in datasets]
+    return sorted(
+        keep, key=lambda r: (datasets[r["dataset"]], r["protocol"] != "paper", order[r["method"]], r.get("variant", ""))
+    )
+
+
+def cell(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def markdown(table: list[dict]) -> str:
+    """The rows as a Markdown table (published numbers are paper-protocol figures)."""
+    variant = any("variant" in r for r in table)
+    head = [
+        "dataset",
+        "method",
+        "protocol",
+        *(["variant"] if variant else []),
+        "seeds",
+        "rounds",
+        "engine",
+        *COLUMNS,
+        "published",
+        "diff hit@10 / ndcg@10",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in table:
+        pub = "-" if r["published hit@10"] is None else f"{r['published hit@10']:.2f} / {r['published ndcg@10']:.2f}"
+        diff = "-" if r["diff hit@10"] is None else f"{r['diff hit@10']:+.2f} / {r['diff ndcg@10']:+.2f}"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["dataset"],
+                    r["method"],
+                    r["protocol"],
+                    *([r.get("variant", "")] if variant else []),
+                    str(r["seeds"]),
+                    r["rounds"],
+                    r.get("engine", "-"),
+                    *[cell(r[c], r[f"{c} std"]) if r["seeds"] else "missing" for c in COLUMNS],
+                    pub,
+                    diff,
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def write(table: list[dict], out: Path, name: str) -> None:
+    """`name`.md and `name`.csv in `out`."""
+    atomic_write_text(out / f"{name}.md", markdown(table) + "\n\nRuns per row: see the `runs` column of the CSV.\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write_text(out / f"{name}.csv", buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = OneLineParser(prog="python -m src.report", description=__doc__.split("\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="also write <name>.md and <name>.csv here")
+    parser.add_argument("--name", default="table")
+    parser.add_argument("--by", nargs="*", default=[], help="config keys that split rows, e.g. optim.name")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="compare runs of different lengths: cut each to its first N rounds, best val round within",
+    )
+    parser.add_argument(
+        "--table",
+        choices=("table1", "table2"),
+        default=None,
+        help=f"the paper's table: its rows, its {TABLE_ROUNDS}-round runs, every cell not yet run shown as missing",
+    )
+    args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds {args.rounds} is invalid; expected an integer >= 1")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; expected a folder (created when missing)")
+    planned = TABLE_ROUNDS if args.table else None
+    table = rows(collect(args.folders, tuple(args.by), args.rounds, planned))
+    if args.table:
+        table = with_missing(table, args.table)
+    if not table:
+        raise UserError(
+            f"no finished results.json under {', '.join(map(str, args.folders))}; expected folders holding runs"
+        )
+    print(markdown(table))
+    if args.out is not None:
+        write(table, args.out, args.name)
+    return table

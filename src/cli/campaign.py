@@ -1,0 +1,497 @@
+"""`python -m src.campaign experiment=table1 [experiment=table2 ...] [overrides] --budget-min 150 --jobs 2`
+
+A resumable campaign that keeps its runs in the repository. It expands each experiment overlay's
+grid (`hydra.sweeper.params`, narrowed or widened by `key=a,b` on the command line), skips every
+run already stored under `results/runs/` (identified by its resolved config, not by the commit),
+orders the rest by estimated cost, and runs what fits in the budget, `--jobs` at a time with one
+torch thread each. A finished run is stored compactly:
+
+    results/runs/<experiment>/<dataset>/<ablation>/<protocol>/<variant>/seed<k>/
+        results.json   the run's results with its whole history (compact JSON)
+        config_resolved.yaml
+        run.json       identity key, overrides, commit it ran at, device, seconds
+
+Work folders (checkpoints) live outside the repository (`--work`, default
+`$ALIGNFEDREC_CACHE/campaign`): a run cut by the budget is stopped with SIGTERM (it finishes its
+round and checkpoints) and resumes from there the next time, while its checkpoint is still there.
+Campaigns may share a work folder: each run is claimed by a lock (`<key>.lock`, held by the campaign and
+the run's own process), so two campaigns never run the same run, and a run another campaign stored
+since this one planned is not run again.
+`python -m src.campaign store <run folder> ...` stores runs made by hand (`python -m src.run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from src.cli.config import CONF_DIR, validate, validate_device
+from src.cli.jobs import compose_config, compose_runs, grid_jobs
+from src.runtime.atomic import atomic_write_text
+from src.runtime.cache import default_cache_dir
+from src.runtime.errors import OneLineParser, UserError
+from src.runtime.rundir import identity
+
+REPO = Path(__file__).resolve().parents[2]
+RUNS = REPO / "results" / "runs"
+BENCH = REPO / "results" / "bench"
+# the grid axes that name a stored run's folder; every other override names its variant
+AXES = ("dataset", "ablation", "protocol", "seed")
+
+
+@dataclass(eq=False)
+class Run:
+    """One run of the campaign: where it belongs, how to start it, what it is, what it costs."""
+
+    experiment: str
+    overrides: list[str]
+    config: dict[str, Any]
+    key: str
+    variant: str
+    est_s: float = 0.0
+    status: str = "pending"
+    stored: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return (
+            f"{self.experiment}/{c['dataset']['name']}/{c['ablation']['name']}/{c['protocol']['name']}/"
+            f"{self.variant}/seed{c['seed']}"
+        )
+
+
+def variant_name(overrides: list[str]) -> str:
+    """The overrides beyond the grid axes and the experiment, as a folder name ('default' when none)."""
+    extra = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*AXES, "experiment"))
+    name = "_".join(extra) or "default"
+    return "".join(ch if ch.isalnum() or ch in "=._-,+" else "-" for ch in name)
+
+
+def expand(experiment: str, cli: list[str]) -> list[Run]:
+    """The runs of one overlay: its sweeper grid with the command line's values replacing or adding axes."""
+    params = (
+        OmegaConf.select(compose_config([f"experiment={experiment}"], hydra_node=True), "hydra.sweeper.params") or {}
+    )
+    every = [[f"experiment={experiment}", *job] for job in grid_jobs(dict(params), cli)]
+    runs = []
+    for overrides, cfg in zip(every, compose_runs(every)):
+        validate(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        runs.append(Run(experiment, overrides, config, identity(config), variant_name(overrides)))
+    return runs
+
+
+def stored_runs(root: Path = RUNS) -> dict[str, Path]:
+    """identity key -> folder of every run stored under `root`, the key computed anew from each stored config
+    (so runs stored before the identity rule last changed are still recognised)."""
+    out = {}
+    for meta in sorted(root.rglob("run.json")):
+        try:
+            out[identity(json.loads((meta.parent / "results.json").read_text())["config"])] = meta.parent
+        except (OSError, ValueError, KeyError):
+            print(f"warning: skipped unreadable {meta.parent / 'results.json'}", file=sys.stderr)
+    return out
+
+
+def git_commit() -> str:
+    """The checkout's commit, with `+dirty` when tracked source or config files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def destination(root: Path, experiment: str, config: dict[str, Any], variant: str) -> Path:
+    """Where a run of `config` is stored: <root>/<experiment>/<dataset>/<ablation>/<protocol>/<variant>/seed<k>."""
+    names = (config["dataset"]["name"], config["ablation"]["name"], config["protocol"]["name"])
+    return root.joinpath(experiment, *names, variant, f"seed{config['seed']}")
+
+
+def store(
+    run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS, variant: str | None = None
+) -> Path:
+    """Copy a finished run's results.json (compact), config and a run.json into `root`; return its folder."""
+    if not (run_dir / "results.json").is_file():
+        raise UserError(f"{run_dir} holds no results.json; expected the folder of a finished run")
+    payload = json.loads((run_dir / "results.json").read_text())
+    if not payload.get("finished"):
+        raise UserError(f"{run_dir}/results.json: the run did not finish, nothing stored; expected a finished run")
+    config = payload["config"]
+    key = identity(config)
+    dest = destination(root, experiment, config, variant or variant_name(overrides))
+    atomic_write_text(dest / "results.json", json.dumps(payload, separators=(",", ":")))
+    atomic_write_text(dest / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
+    meta = {
+        "key": key,
+        "experiment": experiment,
+        "overrides": overrides,
+        "commit": commit,
+        "device": config.get("device"),
+        "rounds": len(payload["history"]),
+        "total_s": payload.get("timings", {}).get("total_s"),
+        "source": str(run_dir),
+        "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_text(dest / "run.json", json.dumps(meta, indent=1) + "\n")
+    return dest
+
+
+def trains_aligned(ablation: dict[str, Any]) -> bool:
+    """Whether an ablation group's values (resolved or as written in its yaml) train with ICA or GSA."""
+    return bool(ablation.get("ica") or ablation.get("gsa"))
+
+
+def aligns(ablation: str) -> bool:
+    """Whether `conf/ablation/<ablation>.yaml` trains with an alignment term (ICA or GSA)."""
+    path = CONF_DIR / "ablation" / f"{ablation}.yaml"
+    if not path.is_file():
+        return False
+    spec = yaml.safe_load(path.read_text()) or {}
+    return trains_aligned(spec.get("ablation", spec))  # a `# @package _global_` file nests under ablation:
+
+
+def run_kind(config: dict[str, Any]) -> tuple:
+    """What a run's round time depends on: dataset, whether and how it aligns, the method, the device."""
+    ab = config["ablation"]
+    aligned = trains_aligned(ab)
+    mode = config["model"]["alignment"] if aligned else "-"
+    return (
+        config["dataset"]["name"],
+        aligned,
+        mode,
+        ab.get("central"),
+        ab.get("method"),
+        str(config.get("device", "auto")),
+    )
+
+
+def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None) -> float:
+    """Estimated seconds per round: the newest stored runs of the same kind, else bench reports of the dataset,
+    else scaled from ML-100K. Older runs and bench reports measured slower implementations: of stored runs the
+    three stored last count, of bench reports the fastest."""
+    kind = run_kind(config)
+    ds, aligned, mode = kind[:3]
+    same = sorted(
+        (r.get("stored_at", ""), r["mean_round_s"]) for r in stored if r["kind"] == kind and r["mean_round_s"]
+    )
+    if same:
+        newest = [secs for _, secs in same[-3:]]
+        return sum(newest) / len(newest)
+    benched = []
+    for path in sorted((bench_dir or BENCH).glob("*.json")):
+        bench = json.loads(path.read_text())
+        if bench.get("dataset") != ds or not isinstance(bench.get("seconds_per_round"), dict):
+            continue
+        bench_aligned = aligns(str(bench.get("ablation")))
+        exact = any(o == "model.alignment=exact" for o in bench.get("overrides", []))
+        bench_mode = ("exact" if exact else "fast") if bench_aligned else "-"
+        if bench_aligned == aligned and (bench_mode == mode or not aligned):
+            secs = bench["seconds_per_round"]
+            share = float(bench.get("config", {}).get("client_fraction", 1.0)) or 1.0
+            # the clients' phases scale with the share of clients the bench trained; two jobs side by side
+            fixed = secs["eval"] + secs["community"] + secs.get("server", 0.0)
+            benched.append(2.0 * ((secs["train"] + secs["aggregate"]) / share + fixed))
+    if benched:
+        return min(benched)
+    users, items = {
+        "ml-100k": (943, 1682),
+        "filmtrust": (1227, 2071),
+        "ml-1m": (6040, 3706),
+        "lastfm-2k": (1600, 12454),
+    }.get(ds, (943, 1682))
+    scale = users * items / (943 * 1682) * (items / 1682 if aligned else 1.0)
+    return (15.0 if aligned else 1.0) * scale
+
+
+def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]:
+    """Every run of the experiments, each marked stored or pending, pending ones costed; duplicates dropped."""
+    done = stored_runs(root)
+    stats = []
+    for folder in done.values():
+        try:
+            payload = json.loads((folder / "results.json").read_text())
+            stored_at = str(json.loads((folder / "run.json").read_text()).get("stored_at", ""))
+        except (OSError, ValueError):
+            continue
+        stats.append(
+            {
+                "kind": run_kind(payload["config"]),
+                "mean_round_s": payload.get("timings", {}).get("mean_round_s"),
+                "stored_at": stored_at,
+            }
+        )
+    runs, seen = [], set()
+    for experiment in experiments:
+        for run in expand(experiment, cli):
+            if run.key in seen:
+                continue
+            seen.add(run.key)
+            if run.key in done:
+                run.status, run.stored = "stored", done[run.key]
+            else:
+                run.est_s = seconds_per_round(run.config, stats) * int(run.config["fl"]["rounds"])
+            runs.append(run)
+    return runs
+
+
+def work_dir(work: Path, run: Run) -> Path:
+    return work / run.key
+
+
+def checkpointed(folder: Path) -> bool:
+    """A work folder whose last checkpoint and its record are both there (the run can resume)."""
+    return (folder / "checkpoints" / "last.ckpt").is_file() and (folder / "checkpoints" / "last.json").is_file()
+
+
+def claim(work: Path, run: Run, tries: int = 3) -> int | None:
+    """Lock `<work>/<key>.lock` (flock) and return its descriptor, or None when another process holds it. The lock
+    lasts while any process holding the descriptor lives: the campaign, and the run it passes it to. A refusal is
+    retried (`tries`, 0.2 s apart): another campaign's `claimed_elsewhere` holds the lock for an instant."""
+    fd = os.open(work / f"{run.key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.2)
+    os.close(fd)
+    return None
+
+
+def claimed_elsewhere(work: Path, run: Run) -> bool:
+    """Whether another campaign (or a run it left behind) holds the run's lock now."""
+    if not (work / f"{run.key}.lock").is_file():
+        return False
+    fd = claim(work, run, tries=1)
+    if fd is not None:
+        os.close(fd)
+    return fd is None
+
+
+def release(run: Run) -> None:
+    """Close this campaign's descriptor of the run's lock (the lock ends when the run's process has ended too)."""
+    fd = run.extra.pop("lock", None)
+    if fd is not None:
+        os.close(fd)
+
+
+def launch(run: Run, work: Path, device: str | None, threads: int, compiled: bool = False) -> subprocess.Popen:
+    """Start `python -m src.run` for `run` in its work folder, resuming its checkpoint when there is one
+    (`compiled`: with `compute.compile=true`, a speed key: the run's identity is unchanged). The run's process
+    inherits the run's lock (`claim`), so a run outliving its campaign stays claimed."""
+    folder = work_dir(work, run)
+    resume = checkpointed(folder)
+    if folder.exists() and not resume:
+        shutil.rmtree(folder)  # a start that never reached a checkpoint: begin again
+    on_device = [f"device={device}", *(["fl.chunk_size=auto"] if device.startswith("cuda") else [])] if device else []
+    speed = ["compute.compile=true"] if compiled else []  # a run on a GPU keeps eager kernels (methods/alignfedrec.py)
+    args = [*run.overrides, *on_device, *speed, f"hydra.run.dir={folder}", *(["resume=true"] if resume else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    run.extra["commit"] = git_commit()  # the code this process runs, dirty or not, read when it starts
+    log = open(work / f"{run.key}.log", "a")
+    print(f"start  {run.label} ({'resume' if resume else 'new'}, est {run.est_s / 60:.1f} min)", flush=True)
+    lock = run.extra.get("lock")
+    return subprocess.Popen(
+        [sys.executable, "-m", "src.run", *args],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        pass_fds=() if lock is None else (lock,),
+    )
+
+
+def execute(
+    runs: list[Run],
+    budget_s: float | None,
+    jobs: int,
+    work: Path,
+    device: str | None,
+    threads: int,
+    root: Path = RUNS,
+    commit_each: bool = False,
+    compiled: bool = False,
+) -> list[Run]:
+    """Run the pending runs, cheapest first, `jobs` at a time, within the budget; store each as it ends."""
+    pending = sorted((r for r in runs if r.status == "pending"), key=lambda r: r.est_s)
+    running: dict[Run, subprocess.Popen] = {}
+    start = time.monotonic()
+    while pending or running:
+        left = None if budget_s is None else budget_s - (time.monotonic() - start)
+        if left is not None and left <= 0:
+            for proc in running.values():
+                proc.send_signal(15)  # SIGTERM: the run finishes its round, checkpoints, exits
+            for run, proc in running.items():
+                proc.wait()
+                release(run)
+                run.status = "partial" if checkpointed(work_dir(work, run)) else "cut"
+            break
+        while pending and len(running) < jobs:
+            fits = [r for r in pending if left is None or r.est_s <= left]
+            nxt = fits[0] if fits else pending[0]  # nothing fits: start the cheapest, it resumes next time
+            pending.remove(nxt)
+            if (lock := claim(work, nxt)) is None:
+                nxt.status = "elsewhere"
+                print(f"skip   {nxt.label} (another campaign runs it)", flush=True)
+                continue
+            nxt.extra["lock"] = lock
+            if (folder := stored_runs(root).get(nxt.key)) is not None:  # by another campaign since planning
+                release(nxt)
+                nxt.status, nxt.stored = "stored", folder
+                print(f"skip   {nxt.label} (stored since this campaign planned)", flush=True)
+                continue
+            try:
+                running[nxt] = launch(nxt, work, device, threads, compiled)
+            except BaseException:
+                release(nxt)
+                raise
+        for run, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[run]
+            try:
+                finish(run, proc.returncode, work, root, commit_each)
+            finally:
+                release(run)  # only once stored and its work folder gone: no other campaign resumes it meanwhile
+        time.sleep(1.0)
+    return runs
+
+
+def finish(run: Run, returncode: int, work: Path, root: Path, commit_each: bool) -> None:
+    """Store a run whose process ended well (and drop its work folder), or mark it failed."""
+    folder = work_dir(work, run)
+    if returncode == 0 and (folder / "results.json").is_file():
+        run.stored = store(folder, run.experiment, run.overrides, run.extra["commit"], root)
+        run.status = "stored"
+        print(
+            f"stored {run.label} -> {run.stored.relative_to(REPO) if run.stored.is_relative_to(REPO) else run.stored}",
+            flush=True,
+        )
+        if commit_each:
+            commit_run(run)
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        run.status = "failed"
+        print(f"FAILED {run.label} (exit {returncode}); log: {work / (run.key + '.log')}", flush=True)
+
+
+def commit_run(run: Run) -> None:
+    """`git commit` the stored run's folder alone (nothing else staged goes with it)."""
+    rel = str(run.stored.relative_to(REPO))
+    subprocess.run(["git", "add", "--", rel], cwd=REPO, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", f"results: {run.label}", "--", rel], cwd=REPO, check=True)
+
+
+def summary(runs: list[Run], work: Path) -> str:
+    """One line per run state (and how many run in another campaign now), the estimated hours left, then the runs
+    in flight elsewhere, partial, cut, failed and pending by name."""
+    for run in runs:
+        if run.status == "pending" and claimed_elsewhere(work, run):
+            run.status = "elsewhere"
+        elif run.status == "pending" and checkpointed(work_dir(work, run)):
+            run.status = "partial"
+    counts = {s: sum(r.status == s for r in runs) for s in ("stored", "partial", "pending", "cut", "failed")}
+    elsewhere = sum(r.status == "elsewhere" for r in runs)
+    lines = [" ".join(f"{k} {v}" for k, v in counts.items()) + f" of {len(runs)} runs"]
+    if elsewhere:
+        lines[0] += f" ({elsewhere} running in another campaign)"
+    left = sum(r.est_s for r in runs if r.status in ("pending", "partial", "cut"))
+    if left:
+        lines.append(f"  left: about {left / 3600:.1f} h of one-thread jobs (partial and cut runs counted whole)")
+    for state in ("elsewhere", "partial", "cut", "failed", "pending"):
+        for run in sorted(runs, key=lambda r: r.est_s):
+            if run.status == state:
+                cost = f", est {run.est_s / 60:.1f} min" if state == "pending" else ""
+                lines.append(f"  {state:8s} {run.label}{cost}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m src.campaign", description=__doc__.split("\n\n")[1])
+    parser.add_argument(
+        "args",
+        nargs="*",
+        help="experiment=<overlay> (repeatable) and key=value[,value] overrides; or `store <run folder>...`",
+    )
+    parser.add_argument("--budget-min", type=float, default=None, help="stop (SIGTERM, checkpoint) after this long")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run with compute.compile=true (CPU runs repay its seconds of compiling; README, Benchmark)",
+    )
+    parser.add_argument("--device", default=None, help="device= of every run; cuda also sizes cohorts from free memory")
+    parser.add_argument("--work", type=Path, default=None, help="work folders (checkpoints), outside the repository")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where finished runs are stored")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    parser.add_argument("--git-commit", action="store_true", help="git commit each stored run as it lands")
+    parser.add_argument("--experiment", help="store: the experiment the runs belong to")
+    parser.add_argument("--variant", help="store: the variant folder name (default: from the overrides)")
+    parser.add_argument("--commit", help="store: the commit the runs ran at (default: this checkout's)")
+    ns = parser.parse_args(argv)
+    for flag, value in (("--jobs", ns.jobs), ("--threads", ns.threads)):
+        if value < 1:
+            parser.error(f"{flag} {value} is invalid; expected an integer >= 1")
+    if ns.budget_min is not None and not ns.budget_min > 0:
+        parser.error(f"--budget-min {ns.budget_min} is invalid; expected a number of minutes > 0")
+    if ns.device is not None:
+        validate_device(ns.device)
+    if ns.args[:1] == ["store"]:
+        if not ns.experiment:
+            parser.error("store needs --experiment")
+        for folder in map(Path, ns.args[1:]):
+            dest = store(folder, ns.experiment, [], ns.commit or git_commit(), ns.runs, ns.variant)
+            print(f"stored {folder} -> {dest}")
+        return 0
+    experiments = [a.split("=", 1)[1] for a in ns.args if a.startswith("experiment=")]
+    overrides = [a for a in ns.args if not a.startswith("experiment=")]
+    if not experiments:
+        parser.error("name at least one experiment=<overlay> (conf/experiment/)")
+    bad = [a for a in overrides if "=" not in a]
+    if bad:
+        parser.error(f"expected key=value overrides, got {bad}")
+    work = ns.work or default_cache_dir() / "campaign"
+    runs = plan(experiments, overrides, ns.runs)
+    if not ns.dry_run:
+        work.mkdir(parents=True, exist_ok=True)
+        execute(
+            runs,
+            None if ns.budget_min is None else 60 * ns.budget_min,
+            ns.jobs,
+            work,
+            ns.device,
+            ns.threads,
+            ns.runs,
+            ns.git_commit,
+            ns.compile,
+        )
+    print(summary(runs, work))
+    return int(any(r.status == "failed" for r in runs))

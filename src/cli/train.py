@@ -1,0 +1,212 @@
+"""`python -m src.run [overrides]`: one federated experiment, written to its Hydra run folder.
+
+The folder receives .hydra/ (composed config), config_resolved.yaml, csv/metrics.csv (per round),
+checkpoints/last.ckpt with its record last.json, and results.json (see `results.py`). Every check
+(config values, the folder's lock, a resume's config, checkpoint and data digests) runs before the
+run writes anything into the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from src.cli.config import validate
+from src.data.dataset import FedData, load
+from src.runtime import checkpoint, rundir
+from src.runtime.atomic import atomic_write_text
+from src.runtime.checkpoint import AtomicCheckpoint
+from src.runtime.device import run_resources
+from src.runtime.errors import UserError, reported
+from src.runtime.loggers import LEAFSPEC_WARNING, RoundProgress, finish_loggers, make_loggers, quiet_lightning
+from src.runtime.results import build_results, report_best, select_key, write_results
+from src.simulator.federated import FederatedModule
+
+log = logging.getLogger(__name__)
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+
+
+class ResumeError(UserError, RuntimeError):
+    """A resume that would continue a run under another config or other data; names what differs."""
+
+
+def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """`resume=true`: this run folder's last checkpoint; `resume=<run folder or .ckpt>`: that one."""
+    if cfg.resume in (False, None):
+        return None
+    target = run_dir if cfg.resume is True else Path(str(cfg.resume))
+    path = target if target.suffix == ".ckpt" else target / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resume={cfg.resume!r}: no checkpoint at {path}; pass hydra.run.dir=<the run "
+            f"folder> resume=true, or resume=<path to last.ckpt>"
+        )
+    return path
+
+
+def data_digest(data: FedData) -> str:
+    """sha256 over the split a run trains and evaluates on (sizes, positives, held-out items, negatives)."""
+    h = hashlib.sha256(f"{data.name}/{data.protocol}/{data.seed}/{data.n_users}/{data.n_items}".encode())
+    for arr in (
+        data.train_ptr,
+        data.train_items,
+        data.val_items,
+        data.test_items,
+        data.val_negatives,
+        data.test_negatives,
+    ):
+        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Prepared:
+    """A run that passed every check: its config, folder (locked), data and what it resumes from."""
+
+    cfg: DictConfig
+    run_dir: Path
+    lock: int
+    data: FedData
+    digest: str
+    start: float
+    setup_s: float
+    ckpt: Path | None
+    record: dict | None
+
+
+def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
+    """Check the config, claim the folder, check a resume against its checkpoint, load the data; write nothing."""
+    start = time.perf_counter()
+    validate(cfg)
+    ckpt = resume_path(cfg, run_dir)
+    lock = rundir.claim(run_dir, resuming=ckpt is not None)
+    try:
+        record = None
+        if ckpt is not None:
+            record = checkpoint.read_record(ckpt)
+            differ = rundir.resume_mismatch(record["config"], OmegaConf.to_container(cfg, resolve=True))
+            if differ:
+                raise ResumeError(
+                    f"resume refused: checkpoint {ckpt} was trained with another config; "
+                    f"differing keys (checkpoint -> now): {'; '.join(differ)}. Resume with the run's "
+                    f"own overrides (see {ckpt.parents[1] / '.hydra' / 'overrides.yaml'}), or start "
+                    f"a new run in a new folder"
+                )
+            checkpoint.verify(ckpt, record)
+        torch.manual_seed(int(cfg.seed))
+        data = load(cfg)
+        digest = data_digest(data)
+        if record is not None and record["data"] != digest:
+            raise ResumeError(
+                f"resume refused: the data split differs from the one checkpoint {ckpt} was trained "
+                f"on (split digest {record['data'][:16]}... then, {digest[:16]}... now); restore "
+                f"the original data files or start a new run in a new folder"
+            )
+    except BaseException:
+        rundir.release(lock)
+        raise
+    return Prepared(cfg, run_dir, lock, data, digest, start, time.perf_counter() - start, ckpt, record)
+
+
+def fit(run: Prepared, progress: bool = True) -> dict:
+    """Run all rounds of a prepared run, write results.json; return it. Releases the folder's lock."""
+    cfg, run_dir = run.cfg, run.run_dir
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        module = FederatedModule(cfg, run.data)
+        prior = run.record or {}
+        ckpt = AtomicCheckpoint(
+            run_dir / "checkpoints",
+            int(cfg.fl.checkpoint_every),
+            config,
+            run.digest,
+            run.start,
+            float(prior.get("elapsed_s", 0.0)),
+            int(prior.get("processes", 0)) + 1,
+        )
+        loggers = make_loggers(cfg, run_dir)
+        quiet_lightning()
+        callbacks = [instantiate(spec) for spec in cfg.callbacks.values() if "_target_" in spec]
+        # the checkpoint last: it saves after early stopping has decided whether this round is the last
+        callbacks += [RoundProgress(int(cfg.fl.rounds), progress, select_key(cfg)), ckpt]
+        trainer = instantiate(
+            cfg.trainer,
+            logger=loggers,
+            callbacks=callbacks,
+            accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
+            default_root_dir=str(run_dir),
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*configure_optimizers.*")
+            warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
+            try:
+                trainer.fit(module, ckpt_path=run.ckpt, **checkpoint.full_load(trainer, run.ckpt))
+            except SIGTERMException:
+                finish_loggers(loggers, None)
+                print(stopped_message(run_dir, ckpt), file=sys.stderr, flush=True)
+                raise SystemExit(SIGTERM_EXIT) from None
+            except BaseException:
+                finish_loggers(loggers, None)
+                raise
+        timings = {
+            "setup_s": run.setup_s,
+            "total_s": ckpt.elapsed(),
+            "processes": ckpt.processes,
+            "this_process_s": time.perf_counter() - run.start,
+            "mean_round_s": sum(r["time/round"] for r in module.history) / max(len(module.history), 1),
+        }
+        resources = run_resources(module.compute_device)
+        payload = build_results(cfg, run.data.summary(), module.history, timings, True, resources)
+        write_results(run_dir, payload)
+        summary = {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]}
+        finish_loggers(loggers, summary)
+        return payload
+    finally:
+        rundir.release(run.lock)
+
+
+def stopped_message(run_dir: Path, ckpt: AtomicCheckpoint) -> str:
+    """What a run stopped by SIGTERM prints: where its last checkpoint is and the command that resumes it."""
+    if not ckpt.last.is_file():
+        return "stopped by SIGTERM; no checkpoint was written (fl.checkpoint_every=0), so the run cannot resume"
+    try:
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    except ValueError:
+        overrides = ["<the run's overrides>"]
+    cmd = shlex.join(["python", "-m", "src.run", *overrides, f"hydra.run.dir={run_dir}", "resume=true"])
+    return f"stopped by SIGTERM after round {ckpt.saved_round or '?'}; its checkpoint {ckpt.last} resumes with:\n{cmd}"
+
+
+def train(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
+    """Check, then run: `prepare` and `fit` (what the tests and tools call without Hydra)."""
+    return fit(prepare(cfg, run_dir), progress)
+
+
+def hydra_job(cfg: DictConfig) -> float:
+    """One job of `python -m src.run` in its Hydra run folder; returns the best round's value of the selection
+    metric (`eval.select`, by default validation hit@10: the objective of sweeps)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        with reported():
+            run = prepare(cfg, run_dir)
+    except BaseException:
+        rundir.remove_if_empty_of_runs(run_dir)  # a refused run leaves no folder behind
+        raise
+    rundir.write_hydra_files(run_dir, cfg)
+    with reported():
+        return report_best(fit(run), run_dir, log)

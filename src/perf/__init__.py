@@ -1,0 +1,1 @@
+"""Performance tools: the benchmark (round phases, roofline) and the GPU check."""
