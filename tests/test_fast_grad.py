@@ -111,7 +111,7 @@ def test_fused_kernel_equals_the_per_anchor_oracle(mask, reduction, terms, centr
 @pytest.mark.parametrize("rule", [(0.2, None), (0.4, 3)])  # its own threshold; the 3-nearest-neighbour graph
 def test_gsa_on_the_server_graph_equals_the_oracle(kernel, mask, reduction, rule):
     """`server.gsa_on_graph`: the global part of GSA's mask is the server graph (`graph.graph_mask`)."""
-    from src.server.communities import graph_mask
+    from src.alignment.graph import graph_mask
 
     t, b, anchors, valid = case(seed=75)
     k = 6
