@@ -210,8 +210,8 @@ def test_an_aligning_round_with_the_fused_kernel_matches_the_autograd_kernel(com
     differ by up to an Adam step (lr); measured: ML-100K, 24 clients, 17 of 1.3M entries, largest 3e-5;
     FilmTrust 4 in 10^6, largest 1.1e-4. S_g within 1e-6 but where one client's entry, computed from those
     tables, crosses sigma (Lastfm-2k: a few in 10^6)."""
-    auto = module_after(compose_cfg, dataset, 2, ["model.fast_kernel=autograd", "compute.native=false"])
-    fused = module_after(compose_cfg, dataset, 2, ["model.fast_kernel=fused", "compute.native=false"])
+    auto = module_after(compose_cfg, dataset, 2, ["compute=reference"])
+    fused = module_after(compose_cfg, dataset, 2, ["compute=fused"])
     sims, sims_f = auto.broadcast.global_sim, fused.broadcast.global_sim
     assert ((sims_f - sims).abs() > 1e-6).float().mean() <= 1e-5
     diff = (fused.state["items"] - auto.state["items"]).abs()

@@ -30,8 +30,9 @@ from alignment_helpers import (
 )
 from loss_factory import ALPHA, BETA, TAU, TAU0, make_loss
 
+from src.alignment import spec
 from src.alignment.broadcast import Broadcast
-from src.alignment.losses import gsa_exact, gsa_pairs, ica_batch, ica_exact
+from src.alignment.losses import gsa_pairs, ica_batch
 from src.alignment.similarity import normalised
 
 # ============================================================================ 3. GSA
@@ -48,7 +49,7 @@ def test_gsa_exact_matches_double_loop(mask, reduction, centre):
     gs = random_global(m, seed=11, sigma=sigma)
     es = np_e(t, centre)
     e = torch.from_numpy(np.stack(es))
-    got = gsa_exact(e, gs, sigma, mask, reduction)
+    got = spec.gsa(e, gs, sigma, mask, reduction)
     assert got.shape == (c,)
     for i in range(c):
         expected = naive_gsa(es[i], gs.numpy(), sigma, mask, reduction)
@@ -62,7 +63,7 @@ def test_gsa_masks_differ_and_nest():
     t = tables(3, 13, 4, seed=10)
     e = normalised(t, True)
     gs = random_global(13, seed=11, sigma=sigma)
-    loc, glo, uni = (gsa_exact(e, gs, sigma, k, "sum") for k in MASKS)
+    loc, glo, uni = (spec.gsa(e, gs, sigma, k, "sum") for k in MASKS)
     assert (uni >= loc - 1e-12).all() and (uni >= glo - 1e-12).all()
     assert not torch.allclose(loc, glo)
 
@@ -82,7 +83,7 @@ def test_gsa_gradient_matches_finite_differences(mask, reduction):
     assert min_gap_to(cos[:, ~np.eye(m, dtype=bool)], sigma) > 1e-4  # no local mask entry can flip
     gs = random_global(m, seed=13, sigma=sigma)
     x = t.clone().requires_grad_()
-    val = gsa_exact(normalised(x, True), gs, sigma, mask, reduction)
+    val = spec.gsa(normalised(x, True), gs, sigma, mask, reduction)
     (grad,) = torch.autograd.grad(val.sum(), x)
     assert grad.abs().max() > 1e-3
     gsn = gs.numpy()
@@ -99,10 +100,10 @@ def test_gsa_detached_table_has_zero_gradient_ours_does_not():
     sigma = 0.45
     t = tables(2, 12, 4, seed=14).requires_grad_()
     gs = random_global(12, seed=15, sigma=sigma)
-    ours = gsa_exact(normalised(t, True), gs, sigma, "local", "mean").sum()
+    ours = spec.gsa(normalised(t, True), gs, sigma, "local", "mean").sum()
     (g_ours,) = torch.autograd.grad(ours, t)
     assert g_ours.abs().max() > 1e-3
-    detached = gsa_exact(normalised(t.detach(), True), gs, sigma, "local", "mean").sum()
+    detached = spec.gsa(normalised(t.detach(), True), gs, sigma, "local", "mean").sum()
     assert not detached.requires_grad
     # the defect: "backpropagating" it (with a zero-gradient hook-up) leaves E unchanged
     (g_det,) = torch.autograd.grad(detached + 0 * t.sum(), t)
@@ -130,7 +131,7 @@ def test_gsa_pairs_equals_exact_with_global_mask(reduction):
     assert 0 < pairs.shape[1] < m * (m - 1) // 2
     e = normalised(t, True)
     fast = gsa_pairs(e, pairs, targets, sigma, "global", reduction)
-    exact = gsa_exact(e, gs, sigma, "global", reduction)
+    exact = spec.gsa(e, gs, sigma, "global", reduction)
     np.testing.assert_allclose(fast.detach().numpy(), exact.detach().numpy(), rtol=1e-12)
     for i, x in enumerate(np_e(t, True)):
         assert fast[i].item() == pytest.approx(naive_gsa(x, gsn, sigma, "global", reduction), rel=1e-10)
@@ -166,7 +167,7 @@ def test_ica_exact_matches_per_anchor_formula(centre):
     sizes = torch.bincount(labels)
     assert (sizes == 1).sum() >= 3  # singleton clusters present (skipped anchors)
     es = np_e(t, centre)
-    got = ica_exact(torch.from_numpy(np.stack(es)), labels, sizes, TAU, TAU0)
+    got = spec.ica(torch.from_numpy(np.stack(es)), labels, TAU, TAU0)
     assert got.shape == (c,)
     for i in range(c):
         assert got[i].item() == pytest.approx(naive_ica(es[i], labels.numpy(), TAU, TAU0), rel=1e-10)
@@ -178,9 +179,9 @@ def test_ica_exact_all_singletons_is_zero_and_one_cluster():
     es = np_e(t, True)
     e = torch.from_numpy(np.stack(es))
     singles = torch.arange(m)
-    assert torch.count_nonzero(ica_exact(e, singles, torch.bincount(singles), TAU, TAU0)) == 0
+    assert torch.count_nonzero(spec.ica(e, singles, TAU, TAU0)) == 0
     one = torch.zeros(m, dtype=torch.long)
-    got = ica_exact(e, one, torch.bincount(one), TAU, TAU0)
+    got = spec.ica(e, one, TAU, TAU0)
     for i in range(2):
         assert got[i].item() == pytest.approx(naive_ica(es[i], one.numpy(), TAU, TAU0), rel=1e-10)
 
@@ -194,7 +195,7 @@ def test_ica_batch_all_anchors_equals_exact():
     anchors = torch.stack([torch.randperm(m, generator=gen(25 + i)) for i in range(c)])
     valid = torch.ones(c, m, dtype=torch.bool)
     got = ica_batch(e, anchors, valid, labels, sizes, TAU, TAU0)
-    np.testing.assert_allclose(got.numpy(), ica_exact(e, labels, sizes, TAU, TAU0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(got.numpy(), spec.ica(e, labels, TAU, TAU0).numpy(), rtol=1e-12)
     for i, x in enumerate(np_e(t, True)):
         assert got[i].item() == pytest.approx(naive_ica(x, labels.numpy(), TAU, TAU0), rel=1e-10)
 
@@ -234,9 +235,8 @@ def test_ica_gradient_matches_finite_differences(centre):
     c, m, d = 2, 12, 4
     t = tables(c, m, d, seed=29)
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 4, 0])
-    sizes = torch.bincount(labels)
     x = t.clone().requires_grad_()
-    val = ica_exact(normalised(x, centre), labels, sizes, TAU, TAU0)
+    val = spec.ica(normalised(x, centre), labels, TAU, TAU0)
     (grad,) = torch.autograd.grad(val.sum(), x)
     assert grad.abs().max() > 1e-3
 
@@ -352,7 +352,6 @@ def test_broadcast_builds_upper_pairs_of_global_mask():
 def test_blocked_exact_matches_plain_autograd(mask, reduction, rows, kernel):
     """The blocked value-and-gradient (no m x m per client; `fast_kernel=autograd`) and the fused kernel with
     every item an anchor (`fast_kernel=fused`, m^2 small) equal the plain autograd loss, fp32 within 1e-4."""
-    from src.alignment.losses import gsa_exact, ica_exact
 
     c, m, d = 3, 23, 5
     table = torch.randn(c, m, d, generator=gen(40), dtype=torch.float32)
@@ -369,9 +368,8 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows, kernel):
     # plain: dense m x m autograd in float64
     t64 = table.double().requires_grad_()
     e = normalised(t64, True)
-    sizes = torch.bincount(labels)
-    ica = ica_exact(e, labels, sizes, TAU, TAU0)
-    gsa = gsa_exact(e, g.double(), 0.35, mask, reduction)
+    ica = spec.ica(e, labels, TAU, TAU0)
+    gsa = spec.gsa(e, g.double(), 0.35, mask, reduction)
     (ref_grad,) = torch.autograd.grad((ALPHA * ica + BETA * gsa).sum(), t64)
     torch.testing.assert_close(values["ica"].double(), ica.detach(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(values["gsa"].double(), gsa.detach(), rtol=1e-4, atol=1e-6)
@@ -391,7 +389,7 @@ def test_gsa_rows_with_every_item_once_equals_exact(mask, reduction):
     x1 = t.clone().requires_grad_()
     x2 = t.clone().requires_grad_()
     rows = gsa_rows(normalised(x1, True), anchors, torch.ones(c, m, dtype=torch.bool), gs, sigma, mask, reduction)
-    full = gsa_exact(normalised(x2, True), gs, sigma, mask, reduction)
+    full = spec.gsa(normalised(x2, True), gs, sigma, mask, reduction)
     torch.testing.assert_close(rows, full, rtol=1e-10, atol=1e-12)
     (g1,) = torch.autograd.grad(rows.sum(), x1)
     (g2,) = torch.autograd.grad(full.sum(), x2)

@@ -16,6 +16,7 @@ from test_fast_grad import BIG, module_after
 
 from src.alignment import native_align
 from src.alignment.broadcast import Broadcast
+from src.runtime import native
 from src.runtime.native import compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on PATH")
@@ -114,7 +115,7 @@ def test_native_alignment_matches_the_torch_path_on_real_tables(compose_cfg, dat
     """One step on real tables after a round, against its broadcast: values within 1e-5 of the float32 torch path
     and the gradient within 1e-5 of its largest entry; against the float64 torch path, an error of the same order
     as the float32 torch path's own (measured on ML-100K: 5.8e-7 and 3.8e-7 of the largest entry)."""
-    module = module_after(compose_cfg, dataset, 1, ["compute.native=false"])
+    module = module_after(compose_cfg, dataset, 1, ["compute=fused"])
     loss, b = module.method.loss, module.broadcast
     t = module.state["items"][:4].clone()
     m = t.shape[1]
@@ -134,14 +135,17 @@ def test_native_alignment_matches_the_torch_path_on_real_tables(compose_cfg, dat
 
 @requires_real_data
 @pytest.mark.parametrize("dataset", ["ml-100k", "filmtrust", *BIG])
-def test_an_aligning_round_with_the_native_kernels_matches_the_torch_path(compose_cfg, dataset, one_thread):
+def test_an_aligning_round_with_the_native_kernels_matches_the_torch_path(
+    compose_cfg, dataset, one_thread, monkeypatch
+):
     """Two rounds (the second aligns) with both C kernels (the step and the server's sums) against the torch path.
     The two torch kernels share MKL's products, so their rounding agrees more closely than either's with float64;
     the C kernel rounds on its own, and Adam's m / (sqrt(v) + eps) turns gradient entries near eps = 1e-8, whose
     last bits differ, into steps up to lr apart: ML-100K, 12 clients: 176 of 646K entries above 1e-5, largest
     5.6e-4 (the torch kernels against each other: 12, largest 8e-5). Bounds: 1e-3 of the entries, 2e-3."""
-    plain = module_after(compose_cfg, dataset, 2, ["compute.native=false"])
-    fast = module_after(compose_cfg, dataset, 2, ["compute.native=true"])
+    monkeypatch.setattr(native, "fast_cpu", lambda: True)  # the C kernels on any CPU, as on AVX-512
+    plain = module_after(compose_cfg, dataset, 2, ["compute=fused"])
+    fast = module_after(compose_cfg, dataset, 2, ["compute=native"])
     assert fast.method.spec.native and fast.method.loss.native_threads > 0
     assert not plain.method.spec.native and plain.method.loss.native_threads == 0
     sims, sims_f = plain.broadcast.global_sim, fast.broadcast.global_sim

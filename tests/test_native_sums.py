@@ -16,6 +16,7 @@ from test_fast_grad import BIG, module_after
 from src.alignment import native_sums
 from src.alignment.release import NATIVE_BAND, ReleaseSpec, release_blocks
 from src.alignment.similarity import normalised
+from src.cli.config import ConfigError
 from src.runtime import native
 from src.runtime.native import compiler
 
@@ -88,7 +89,7 @@ def test_native_band_must_start_on_a_tile():
 def test_native_sums_keep_the_torch_pairs_on_real_tables(compose_cfg, dataset, one_thread):
     """Real tables after an aligning round: exactly the eager fp32 path's pairs, entry and support counts, sums
     within 1e-6 relative (fp32 sums over the chunk's clients in another order)."""
-    module = module_after(compose_cfg, dataset, 2, ["compute.native=false"])
+    module = module_after(compose_cfg, dataset, 2, ["compute=fused"])
     tables = module.state["items"]
     eager = ReleaseSpec(0.5, True, block=1 << 20)
     (s1, n1), (s2, n2) = summed(tables, eager), summed(tables, dataclasses.replace(eager, native=True, threads=2))
@@ -98,31 +99,34 @@ def test_native_sums_keep_the_torch_pairs_on_real_tables(compose_cfg, dataset, o
     torch.testing.assert_close(s2.upper, s1.upper, rtol=1e-6, atol=1e-6)
 
 
-def test_native_applies_to_the_cpu_only_and_when_asked(compose_cfg):
-    """auto: on a CPU with AVX-512 when the kernels build; true: on any CPU; never on another device; false: never."""
+def test_native_applies_to_the_cpu_only_and_when_asked(compose_cfg, monkeypatch):
+    """compute=native (the default): on a CPU with AVX-512 when the kernels build; never on another device;
+    compute=fused and compute=reference: never."""
     from src.methods.base import build_method
 
     cfg = compose_cfg(["dataset=synthetic"])
+    assert cfg.compute.kernel == "native"
     assert build_method(cfg, torch.device("cpu")).spec.native == native.fast_cpu()  # measured on AVX-512 only
-    assert build_method(compose_cfg(["dataset=synthetic", "compute.native=true"]), torch.device("cpu")).spec.native
     assert not build_method(cfg, torch.device("cuda")).spec.native
-    assert not build_method(compose_cfg(["dataset=synthetic", "compute.native=false"]), torch.device("cpu")).spec.native
+    for other in ("fused", "reference"):
+        assert not build_method(compose_cfg(["dataset=synthetic", f"compute={other}"]), torch.device("cpu")).spec.native
+    monkeypatch.setattr(native, "fast_cpu", lambda: True)
+    assert build_method(cfg, torch.device("cpu")).spec.native
+    monkeypatch.setattr(native, "usable", lambda *sources: False)  # no C compiler: the torch path, no error
+    assert not build_method(cfg, torch.device("cpu")).spec.native
 
 
-def test_native_true_without_a_compiler_is_refused_before_work(compose_cfg, monkeypatch):
-    import src.cli.config
-
-    monkeypatch.setattr(src.cli.config, "usable", lambda *sources: False)
-    with pytest.raises(ValueError, match="compute.native"):
-        compose_cfg(["dataset=synthetic", "compute.native=true"])
-    compose_cfg(["dataset=synthetic", "compute.native=auto"])  # auto falls back to the torch path
+def test_the_replaced_keys_name_their_successor(compose_cfg):
+    for old in ("compute.native=true", "model.fast_kernel=autograd"):
+        with pytest.raises(ConfigError, match=r"was replaced .*; expected compute="):
+            compose_cfg(["dataset=synthetic", old])
 
 
-def test_native_is_a_speed_key():
-    """A run's identity ignores it (resume, campaign, report rows)."""
+def test_the_kernel_is_a_speed_key():
+    """A run's identity ignores it (resume, campaign, report rows): every kernel computes the same values."""
     from src.runtime.rundir import SPEED_KEYS
 
-    assert "compute.native" in SPEED_KEYS
+    assert {"compute.kernel", "compute.native", "model.fast_kernel"} <= set(SPEED_KEYS)
 
 
 def test_auto_falls_back_where_the_kernel_sources_are_missing(compose_cfg, monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""The fast alignment's values and gradient in closed form (`model.fast_kernel=fused`, the default).
+"""The fast alignment's values and gradient in closed form (`compute=fused`; `compute=native` where C does not apply).
 
 Same math as the autograd path of `src/alignment/losses.py` (`ica_batch` + `gsa_rows`, fast_gsa=rows):
 ICA over the step's K anchors (Eq. 3-4) and GSA over those anchor rows (Eq. 10). Written out, the

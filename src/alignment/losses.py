@@ -4,10 +4,11 @@ ICA (Eq. 3-4): supervised contrastive loss over the normalised item table, posit
 the anchor's community; GSA (Eq. 10): masked squared Frobenius distance between the client's
 similarity matrix and the global one, with its gradient flowing into the item table.
 
-`exact` evaluates both over the whole table (all anchors, all m x m pairs) with the blocked algebra
-below (`gsa_blocked`, `lse_blocked`): item rows in blocks, value and gradient in one pass, so only
-[clients x rows x m] exists at a time, never a client's m x m matrix; `ica_exact` / `gsa_exact` are
-the plain autograd forms it is tested against. `fast` takes the first `fast_anchors` items of the
+The specification of both terms is `src/alignment/spec.py` (plain autograd, `compute=reference`); what
+follows are faster backends of it, tested against it. `exact` evaluates both over the whole table (all
+anchors, all m x m pairs) with the blocked algebra below (`gsa_blocked`, `lse_blocked`): item rows in
+blocks, value and gradient in one pass, so only [clients x rows x m] exists at a time, never a client's
+m x m matrix. `fast` takes the first `fast_anchors` items of the
 current (shuffled) batch as anchor rows: ICA over those anchors (each still contrasted with all m
 items) and, with `fast_gsa=rows` (default), GSA over those rows of the mask (every column), which
 estimates the exact masked mean without bias in the rows drawn and keeps the mask's meaning (local,
@@ -23,28 +24,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from src.alignment import native_align
+from src.alignment import native_align, spec
 from src.alignment.broadcast import Broadcast
 from src.alignment.fast_grad import compiled_fast_value_and_grad, fast_value_and_grad
 from src.alignment.similarity import cluster_sums, normalised
-
-
-def ica_exact(e: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor, tau: float, tau0: float) -> torch.Tensor:
-    """Eq. 3-4 over every anchor: (tau/tau0) * mean_a [lse_{k!=a} s_ak/tau - mean_{p in P(a)} s_ap/tau]; [C].
-
-    The positive term uses cluster sums (sum_p s_ap = e_a . (sum of a's cluster - e_a)), so only the
-    log-sum-exp needs the m x m logits. Anchors in singleton clusters are skipped.
-    """
-    m = e.shape[1]
-    logits = (e @ e.transpose(1, 2)) / tau
-    logits = logits.masked_fill(torch.eye(m, dtype=torch.bool, device=e.device), float("-inf"))
-    lse = torch.logsumexp(logits, dim=2)
-    csum = cluster_sums(e, labels, int(sizes.shape[0]))
-    npos = (sizes[labels] - 1).to(e.dtype)
-    pos = (e * (csum[:, labels] - e)).sum(dim=2) / tau
-    valid = npos > 0
-    per_anchor = lse - pos / npos.clamp(min=1)
-    return (tau / tau0) * (per_anchor * valid).sum(dim=1) / valid.sum().clamp(min=1)
 
 
 def anchor_rows(e: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -110,7 +93,7 @@ def gsa_rows(
     With `graph` [m, m] (bool) the global part of the mask is the server graph instead of S_g >= sigma.
 
     `mean` divides by the mask entries in those rows; `sum` scales the rows' sum by m / K to
-    estimate the sum over all rows. With every item as an anchor once it equals `gsa_exact`.
+    estimate the sum over all rows. With every item as an anchor once it equals `spec.gsa`.
     `s` = `anchor_rows(e, anchors)` when already computed.
     """
     m = e.shape[1]
@@ -149,21 +132,10 @@ class _MaskedSquares(torch.autograd.Function):
         return diff * (2 * grad_out).view(-1, 1, 1), None, None
 
 
-def gsa_exact(e: torch.Tensor, global_sim: torch.Tensor, sigma: float, mask: str, reduction: str) -> torch.Tensor:
-    """Eq. 10: sum_{j!=k} W[j,k] (S_u[j,k] - S_g[j,k])^2, W from `mask` (local | global | union); [C]."""
-    s = e @ e.transpose(1, 2)
-    off = ~torch.eye(s.shape[1], dtype=torch.bool, device=s.device)
-    local = (s.detach() >= sigma) & off
-    glob = ((global_sim >= sigma) & off).unsqueeze(0)
-    w = {"local": local, "global": glob.expand_as(local), "union": local | glob}[mask]
-    sq = ((s - global_sim) ** 2 * w).sum(dim=(1, 2))
-    return sq / w.sum(dim=(1, 2)).clamp(min=1) if reduction == "mean" else sq
-
-
 def gsa_pairs(
     e: torch.Tensor, pairs: torch.Tensor, targets: torch.Tensor, sigma: float, mask: str, reduction: str
 ) -> torch.Tensor:
-    """Eq. 10 restricted to the global mask's pairs j < k [2, P] (fast path); equals `gsa_exact` with
+    """Eq. 10 restricted to the global mask's pairs j < k [2, P] (fast path); equals `spec.gsa` with
     mask=global. With mask=local it keeps the pairs also above sigma locally (local AND global)."""
     s = (e[:, pairs[0]] * e[:, pairs[1]]).sum(dim=2)
     w = torch.ones_like(s, dtype=torch.bool) if mask != "local" else s.detach() >= sigma
@@ -265,7 +237,9 @@ class AlignmentLoss:
     block: int = 4_194_304
     fast_gsa: str = "rows"
     fast_block: int | None = None  # fast mode: elements of anchor-row intermediates at once (None: whole chunk)
-    fast_kernel: str = "fused"  # fast mode: fused (closed form, src/alignment/fast_grad.py) or autograd
+    # fused (closed form, src/alignment/fast_grad.py), autograd (the same terms through autograd, with memory-lean
+    # custom functions) or reference (the specification, src/alignment/spec.py, plain autograd; `compute=reference`)
+    fast_kernel: str = "fused"
     compile: bool = False  # the fused kernel through torch.compile
     native_threads: int = 0  # > 0: the fused kernel by its C form on that many threads (native_align)
     # this project's variant (`server.gsa_on_graph`): GSA's global mask is the server graph (sigma, knn k or None)
@@ -315,6 +289,8 @@ class AlignmentLoss:
         out: dict[str, torch.Tensor] = {}
         fast = self.mode == "fast" and anchors is not None
         k = self.fast_anchors
+        if self.fast_kernel == "reference":
+            return self.spec_terms(e, x, b, anchors[:, :k] if fast else None, anchor_valid[:, :k] if fast else None)
         s = anchor_rows(e, anchors[:, :k]) if fast else None
         if x["labels"] is not None:
             if fast:
@@ -322,7 +298,7 @@ class AlignmentLoss:
                     e, anchors[:, :k], anchor_valid[:, :k], x["labels"], x["sizes"], self.tau, self.tau0, s
                 )
             else:
-                out["ica"] = ica_exact(e, x["labels"], x["sizes"], self.tau, self.tau0)
+                out["ica"] = spec.ica(e, x["labels"], self.tau, self.tau0)
         if self.use_gsa and b.global_sim is not None:
             if fast and self.fast_gsa == "rows":
                 out["gsa"] = gsa_rows(
@@ -341,7 +317,29 @@ class AlignmentLoss:
                     e, b.on("pairs", table.device), b.on("targets", table.device), self.sigma, self.mask, self.reduction
                 )
             else:
-                out["gsa"] = gsa_exact(e, x["global_sim"], self.sigma, self.mask, self.reduction)
+                out["gsa"] = spec.gsa(e, x["global_sim"], self.sigma, self.mask, self.reduction)
+        return out
+
+    def spec_terms(
+        self,
+        e: torch.Tensor,
+        x: dict[str, torch.Tensor | None],
+        b: Broadcast,
+        anchors: torch.Tensor | None,
+        anchor_valid: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """ICA and GSA [C] of the normalised table `e` as `spec.py` writes them (`compute=reference`): over the anchor
+        rows [C, K] in the fast mode, over every item in the exact mode (anchors None)."""
+        out: dict[str, torch.Tensor] = {}
+        if x["labels"] is not None:
+            out["ica"] = spec.ica(e, x["labels"], self.tau, self.tau0, anchors, anchor_valid)
+        if self.use_gsa and b.global_sim is not None:
+            if self.pairs_gsa:
+                on = e.device
+                out["gsa"] = gsa_pairs(e, b.on("pairs", on), b.on("targets", on), self.sigma, self.mask, self.reduction)
+            else:
+                g, graph = x["global_sim"], x["graph"]
+                out["gsa"] = spec.gsa(e, g, self.sigma, self.mask, self.reduction, anchors, anchor_valid, graph)
         return out
 
     def exact_value_and_grad(self, table: torch.Tensor, b: Broadcast) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -383,6 +381,9 @@ class AlignmentLoss:
         sub-chunks of `chunk` clients with the blocked algebra (or, with the fused kernel and m^2 <=
         `EXACT_FUSED_MAX`, every item an anchor of the fused kernel), the fast mode over the batch's anchors."""
         c, m = table.shape[0], table.shape[1]
+        if self.fast_kernel == "reference":  # the specification by autograd, `chunk` clients at a time
+            part = self.autograd_value_and_grad
+            return _in_parts(lambda s, e: part(table[s:e], anchors[s:e], anchor_valid[s:e], b), table, self.chunk)
         if self.mode == "exact" and self.fast_kernel == "fused" and m**2 <= EXACT_FUSED_MAX:
             every = torch.arange(m, device=table.device).expand(c, m)
             valid = torch.ones(every.shape, dtype=torch.bool, device=table.device)
@@ -437,6 +438,12 @@ class AlignmentLoss:
                 reduction=self.reduction,
                 **extra,
             )
+        return self.autograd_value_and_grad(table, anchors, anchor_valid, b)
+
+    def autograd_value_and_grad(
+        self, table: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, b: Broadcast
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """`terms` of `table` [C, m, d] and the gradient of alpha * ICA + beta * GSA by autograd."""
         part = table.detach().requires_grad_()
         with torch.enable_grad():
             terms = self.terms(part, b, anchors, anchor_valid)

@@ -11,7 +11,7 @@ all later items, as many clients per product as fit in `block` elements), so no 
 matrix ever exists whole. With `compile` (`compute.compile`) the plain upload of a block is made by
 one compiled kernel that also sums it over the block's clients (what the server adds; the simulator's
 shortcut) and counts each client's entries, instead of five passes over the block; the same pairs,
-sums within float rounding (tests/test_compiled.py). With `native` (`compute.native`) the C kernel of
+sums within float rounding (tests/test_compiled.py). With `native` (`compute=native`) the C kernel of
 `src/alignment/native_sums.py` makes those sums with the threshold in the product's epilogue instead.
 The simulator hands each block to the server's sum as it comes (`src/server/global_similarity.py`); the Flower client
 and the audit collect the entries of each client (`ChunkUploads`, `release_entries`) and encode them.

@@ -12,11 +12,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from src.alignment import native_align, native_sums
 from src.data.protocols import TRAIN_NEGATIVE_POOLS
 from src.runtime.device import MATMUL_PRECISIONS
 from src.runtime.errors import UserError
-from src.runtime.native import usable
 from src.runtime.results import DEFAULT_SELECT, SELECT_PATTERN
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -24,7 +22,12 @@ COMMUNITY_METHODS = ("igraph", "leidenalg", "leidenalg_rb")
 LOSSES = ("sigmoid_bce", "logits_bce")
 CENTRAL_SCORERS = ("mf", "popularity", "itemknn")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-NATIVE_CHOICES = (True, False, "auto")
+KERNELS = ("native", "fused", "reference")
+# keys that were replaced: an override of one is refused naming its successor
+MOVED_KEYS = {
+    "model.fast_kernel": "compute=fused or compute=reference (the config group conf/compute/)",
+    "compute.native": "compute=native or compute=fused (the config group conf/compute/)",
+}
 
 
 class ConfigError(UserError, ValueError):
@@ -160,8 +163,6 @@ def _validate_model(cfg: DictConfig) -> None:
         _int(cfg, f"model.{key}", 1)
     if "fast_block" in cfg.model:
         _int(cfg, "model.fast_block", 1, nullable=True)
-    if "fast_kernel" in cfg.model:
-        _choice(cfg, "model.fast_kernel", ("fused", "autograd"))
     hidden = _get(cfg, "model.score_hidden")
     _check(
         isinstance(hidden, ListConfig) and all(is_int(h) and h >= 1 for h in hidden),
@@ -304,10 +305,7 @@ def _validate_compute(cfg: DictConfig) -> None:
     for key in ("compute.compile", "compute.keep_heap"):
         if OmegaConf.select(cfg, key, default=None) is not None:
             _bool(cfg, key)
-    if OmegaConf.select(cfg, "compute.native", default=None) is not None:
-        native = _choice(cfg, "compute.native", NATIVE_CHOICES)
-        no_cc = "auto or false on a machine with no C compiler ($CC, cc or gcc) or without the kernels' C sources"
-        _check(native is not True or usable(native_sums.SOURCE, native_align.SOURCE), "compute.native", "true", no_cc)
+    _choice(cfg, "compute.kernel", KERNELS)
     if OmegaConf.select(cfg, "compute.gpu_block_scale", default=None) is not None:
         _int(cfg, "compute.gpu_block_scale", 1)
 
@@ -396,8 +394,17 @@ def validate(cfg: DictConfig) -> None:
     _validate_commands(cfg)
 
 
+def refuse_moved(overrides: list[str]) -> None:
+    """A ConfigError naming the successor of the first override of a replaced key (`MOVED_KEYS`)."""
+    for line in overrides:
+        key = line.split("=", 1)[0].lstrip("+~")
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{key} was replaced (override {line}); expected {MOVED_KEYS[key]}")
+
+
 def load_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose conf/config.yaml with command-line style overrides (used by the CLIs and tests)."""
+    refuse_moved(list(overrides or []))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides or []))
     validate(cfg)

@@ -14,7 +14,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from src.cli.config import CONF_DIR, ConfigError, validate
+from src.cli.config import CONF_DIR, ConfigError, refuse_moved, validate
 from src.runtime.errors import reported
 
 # hydra's flags that take no value and leave the config as it is; any other flag skips the check (Hydra's own)
@@ -61,6 +61,7 @@ def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
     cache: dict[tuple[str, ...], DictConfig] = {}
     out = []
     for overrides in grid:
+        refuse_moved(overrides)
         composed, values = value_overrides(overrides)
         if tuple(composed) not in cache:
             cache[tuple(composed)] = compose_config(composed)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.alignment import spec
+
 
 class ReferenceClient(nn.Module):
     """Item table (nn.Embedding), optional user embedding, score MLP (nn.Linear + ReLU), sigmoid."""
@@ -117,25 +119,12 @@ class ExactAlignment:
 
     def __call__(self, table: torch.Tensor) -> torch.Tensor:
         e = table - table.mean(dim=0, keepdim=True) if self.centre else table
-        e = F.normalize(e, dim=1, eps=1e-12)
-        s = e @ e.T
-        off = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
-        total = s.new_zeros(())
+        e = F.normalize(e, dim=1, eps=1e-12).unsqueeze(0)  # one client: [1, m, d]
+        total = e.new_zeros(())
         if self.alpha and self.labels is not None:
-            logits = (s / self.tau).masked_fill(~off, float("-inf"))
-            log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-            positive = (self.labels.unsqueeze(0) == self.labels.unsqueeze(1)) & off
-            n_pos = positive.sum(dim=1)
-            anchors = n_pos > 0
-            per_anchor = -(log_prob.masked_fill(~positive, 0.0).sum(dim=1)[anchors] / n_pos[anchors])
-            if anchors.any():
-                total = total + self.alpha * (self.tau / self.tau0) * per_anchor.mean()
+            total = total + self.alpha * spec.ica(e, self.labels, self.tau, self.tau0)[0]
         if self.beta and self.global_sim is not None:
-            local = (s.detach() >= self.sigma) & off
-            glob = (self.global_sim >= self.sigma) & off
-            w = {"local": local, "global": glob, "union": local | glob}[self.mask]
-            sq = ((s - self.global_sim) ** 2)[w].sum()
-            total = total + self.beta * (sq / w.sum().clamp(min=1) if self.reduction == "mean" else sq)
+            total = total + self.beta * spec.gsa(e, self.global_sim, self.sigma, self.mask, self.reduction)[0]
         return total
 
 

@@ -116,20 +116,15 @@ class AlignFedRec(Method):
         return out | epsilon_spent(self.eps_round, round_, m)
 
 
-def native_kernels(asked: bool | str, device: torch.device) -> bool:
-    """Whether this run uses the C kernels (`compute.native`): true = required (built now, so a failing build stops
-    the run before its first round); auto = on a CPU with AVX-512 (where they were measured) when they build here,
-    else the torch path, said in the log; false = never. On another device: never."""
-    if device.type != "cpu" or asked is False:
-        return False
-    if asked == "auto" and not (native.usable(native_sums.SOURCE, native_align.SOURCE) and native.fast_cpu()):
+def native_kernels(device: torch.device) -> bool:
+    """Whether a `compute=native` run uses the C kernels: on a CPU with AVX-512 (where they were measured) when they
+    build here, else the torch path (`compute=fused`), said in the log. On another device: never."""
+    if device.type != "cpu" or not (native.usable(native_sums.SOURCE, native_align.SOURCE) and native.fast_cpu()):
         return False
     try:
         native_sums.kernel(), native_align.kernel()
     except (RuntimeError, OSError) as err:
-        if asked is True:
-            raise
-        log.warning("compute.native=auto: the C kernels did not build, the torch path runs instead (%s)", err)
+        log.warning("compute=native: the C kernels did not build, the torch path runs instead (%s)", err)
         return False
     return True
 
@@ -140,7 +135,8 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     p = cfg.privacy
     # compiled kernels are measured on the CPU only; on another device they stay eager (README, Benchmark)
     compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False)) and device.type == "cpu"
-    use_native = native_kernels(OmegaConf.select(cfg, "compute.native", default=False), device)
+    kernel = str(cfg.compute.kernel)  # native | fused | reference (conf/compute/)
+    use_native = kernel == "native" and native_kernels(device)
     knn = int(cfg.server.graph_k) if cfg.server.get("graph", "threshold") == "knn" else None
     graph_sigma = float(m.sigma if cfg.server.get("graph_sigma") is None else cfg.server.graph_sigma)
     on_graph = bool(cfg.server.get("gsa_on_graph", False))
@@ -167,7 +163,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         block=block_elements(cfg, "model.align_block", device),
         fast_gsa=str(m.fast_gsa),
         fast_block=None if m.get("fast_block") is None else block_elements(cfg, "model.fast_block", device),
-        fast_kernel=str(m.get("fast_kernel", "autograd")),
+        fast_kernel="reference" if kernel == "reference" else "fused",
         compile=compiled,
         native_threads=torch.get_num_threads() if use_native else 0,
         gsa_graph=(graph_sigma, knn) if on_graph else None,

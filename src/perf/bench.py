@@ -123,7 +123,7 @@ def roofline(cfg: DictConfig, module: FederatedModule, figures: dict[str, Any], 
     """FLOPs and bytes per round of the train and aggregate phases' dominant products (from the shapes), their
     achieved rates, and this machine's own ceilings measured now: torch's product of the same shape class (the
     rate a phase built on torch's products can reach) and, on the CPU, the multiply-add peak (`fma_rate`: what no
-    kernel can pass; the C kernels of `compute.native` are held against it).
+    kernel can pass; the C kernels of `compute=native` are held against it).
 
     Train (AlignFedRec, fast): per client-step the anchor rows s = e_a e^T and their two gradient products,
     3 x 2 K m d FLOPs (K = model.fast_anchors), operands and result 3 x 4 (K d + m d + K m) bytes; exact mode:
@@ -151,7 +151,7 @@ def roofline(cfg: DictConfig, module: FederatedModule, figures: dict[str, Any], 
         train_bytes = steps * 3 * 4.0 * (k * d + m * d + k * m)
         sub = max(1, int(cfg.model.fast_block or k * m * 16) // (k * m))
         train_peak = product_rate(sub, k, d, m, device)
-    elif cfg.model.get("fast_kernel", "autograd") == "fused" and m * m <= EXACT_FUSED_MAX:
+    elif cfg.compute.kernel != "reference" and m * m <= EXACT_FUSED_MAX:
         train_flops = steps * 6.0 * m * m * d
         train_bytes = steps * 3 * 4.0 * (2 * m * d + m * m)
         train_peak = product_rate(1, m, d, m, device)

@@ -5,11 +5,11 @@ Each kernel is one C file beside the Python module that calls it (`src/alignment
 with the C compiler on PATH (`$CC`, else `cc`, else `gcc`) at -O3 -march=native into
 `$ALIGNFEDREC_CACHE/native/` (default ~/.cache/alignfedrec), named by a hash of the source, the compiler, the
 flags and the CPU, so a cache shared between machines never loads a build made for another CPU. The register
-tiles are sized for AVX-512 (32 vector registers of 16 floats), where they were measured: `compute.native=auto`
+tiles are sized for AVX-512 (32 vector registers of 16 floats), where they were measured: `compute=native`
 uses them on such CPUs only (`fast_cpu`). Built with -fopenmp where the compiler has it: the kernels'
 threads then come from the OpenMP runtime torch has loaded (libgomp.so.1 is resolved to the copy already in
 the process), so a kernel's threads never spin beside torch's idle pool on a machine with few cores.
-`compute.native` (conf/config.yaml) says whether runs use them.
+`compute.kernel` (conf/compute/) says whether runs use them.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ def library(source: Path) -> ctypes.CDLL:
     """The built kernel of `source` (building it first when this machine has no build of this source yet)."""
     cc = compiler()
     if cc is None:
-        raise RuntimeError("compute.native: no C compiler found ($CC, cc or gcc on PATH); set compute.native=false")
+        raise RuntimeError("compute=native: no C compiler found ($CC, cc or gcc on PATH); use compute=fused")
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     except OSError as err:
-        raise RuntimeError(f"compute.native: the C compiler {cc!r} cannot be run ({err})") from err
+        raise RuntimeError(f"compute=native: the C compiler {cc!r} cannot be run ({err})") from err
     flags = ["-O3", "-march=native", "-shared", "-fPIC"]
     ident = source.read_bytes() + version.encode() + " ".join(flags).encode() + _cpu().encode()
     folder = default_cache_dir() / "native"
@@ -79,7 +79,7 @@ def library(source: Path) -> ctypes.CDLL:
                 cmd.remove("-fopenmp")
                 done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                raise RuntimeError(f"compute.native: building {source} failed ({' '.join(cmd)}):\n{done.stderr}")
+                raise RuntimeError(f"compute=native: building {source} failed ({' '.join(cmd)}):\n{done.stderr}")
             os.chmod(tmp, 0o755)  # mkstemp made it private; a shared cache is read by others
             os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same file
         finally:

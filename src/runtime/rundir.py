@@ -44,6 +44,7 @@ SPEED_KEYS = (
     "model.fast_kernel",
     "compute.compile",
     "compute.native",
+    "compute.kernel",
     "optim.fused",
     "optim.touched_rows",
     "compute.keep_heap",
