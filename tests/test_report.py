@@ -167,6 +167,19 @@ def test_paper_table_shows_every_cell_and_marks_missing_ones():
     assert text.count("missing") == 4 * len(table) and "86.85 / 73.71" in text
 
 
+def test_a_cells_rows_list_the_lineage_engine_first():
+    """The engine that reproduces the published backbone (SGD) comes before Adam in each cell, whatever the order
+    the rows arrive in or their variant names."""
+    from src.analysis.report import with_missing
+
+    def row(engine: str, variant: str) -> dict:
+        return {"dataset": "ml-1m", "method": "backbone", "protocol": "paper", "engine": engine, "variant": variant}
+
+    rows = [row("adam", "a"), row("sgd", "z"), row("sgd+fast", "b")]
+    ordered = [r for r in with_missing(rows, "table1") if r["method"] == "backbone" and r["dataset"] == "ml-1m"]
+    assert [r["engine"].split("+")[0] for r in ordered[:3]] == ["sgd", "sgd", "adam"]
+
+
 def test_paper_table_keeps_its_100_round_runs_and_says_what_it_left_out(tmp_path):
     """A 30-round probe of a table's cell is not that cell's number: `--table` leaves it out, with a warning."""
     for name, rounds, hit in (("table", 100, 0.4), ("probe", 30, 0.9)):
@@ -183,6 +196,23 @@ def test_paper_table_keeps_its_100_round_runs_and_says_what_it_left_out(tmp_path
     (row,) = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == ("ml-100k", "full", "paper")]
     assert row["seeds"] == 1 and row["test/hit@10"] == pytest.approx(40) and row["runs"] == str(tmp_path / "table")
     assert "variant" not in row
+
+
+def test_paper_table_leaves_out_the_sensitivity_sweeps(tmp_path):
+    """A sweep's off-default point (experiment sweep_*) is not the table's cell: `--table` leaves it out, saying so."""
+    for name, experiment, hit in (("table", "table2", 0.4), ("sweep", "sweep_alpha", 0.9)):
+        fake_run(
+            tmp_path / name,
+            config={"seed": 0, "fl": {"rounds": 100}, "experiment_name": experiment},
+            dataset="ml-100k",
+            ablation="full",
+            protocol="paper",
+            test_at_best={"test/hit@10": hit, "test/ndcg@10": 0.3},
+        )
+    with pytest.warns(UserWarning, match=r"left out 1 sensitivity-sweep run"):
+        table = main([str(tmp_path), "--table", "table2"])
+    (row,) = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == ("ml-100k", "full", "paper")]
+    assert row["seeds"] == 1 and row["test/hit@10"] == pytest.approx(40)
 
 
 def test_engine_names_what_trains_the_method():
