@@ -7,7 +7,7 @@ ARGS    ?=
 TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint format test-slow bench gpu-check data reproduce reproduce-small certs flower-sim flower-loopback clean
+.PHONY: help install run test lint format test-slow bench gpu-check data reproduce reproduce-small certs flower-sim flower-loopback clean docs
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -81,4 +81,7 @@ flower-loopback: install ## A real Flower deployment on 127.0.0.1: SuperLink + N
 	$(BIN)/python -m src.flower.loopback --nodes $(or $(NODES),2) $(ARGS)
 
 clean: ## Remove run outputs (not the virtual environment or the split cache)
-	rm -rf outputs multirun lightning_logs wandb .pytest_cache
+	rm -rf outputs multirun lightning_logs wandb .pytest_cache site
+
+docs: install ## Build the documentation site from docs/ (mkdocs-material, --strict: a broken link or page fails)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

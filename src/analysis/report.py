@@ -367,6 +367,70 @@ def write(table: list[dict], out: Path, name: str) -> None:
     atomic_write_text(out / f"{name}.csv", buf.getvalue())
 
 
+# the headline: the main methods of Table 1, a row per method and engine, both protocols side by side
+HEADLINE_METHODS = ("central", "backbone", "fedavg", "local", "full", "fed_itemknn")
+
+
+def headline(table1: list[dict]) -> list[dict]:
+    """Table 1's main methods as one row per (dataset, method, engine): test hit@10 under the paper and the clean
+    protocol (mean ± std, seeds), the clean protocol's full-ranking hit@10, and the published number."""
+    out: dict[tuple[str, str, str], dict] = {}
+    for r in table1:
+        if r["method"] not in HEADLINE_METHODS or (r["seeds"] and "aggregate=" in r.get("variant", "")):
+            continue
+        key = (r["dataset"], r["method"], r["engine"] if r["seeds"] else "-")
+        row = out.setdefault(key, {"dataset": key[0], "method": key[1], "engine": key[2]})
+        seeds = f" ({r['seeds']})" if r["seeds"] else ""
+        row[r["protocol"]] = cell(r["test/hit@10"], r["test/hit@10 std"]) + seeds if r["seeds"] else "missing"
+        if r["protocol"] == "clean":
+            row["clean, full ranking"] = cell(r["test_full/hit@10"], r["test_full/hit@10 std"]) if r["seeds"] else "-"
+        row["published"] = cell(r["published hit@10"])
+    rows_ = [
+        r
+        for r in out.values()
+        if not (r["engine"] == "-" and any(k[:2] == (r["dataset"], r["method"]) and k[2] != "-" for k in out))
+    ]
+    return rows_
+
+
+def headline_markdown(rows_: list[dict]) -> str:
+    cols = ("dataset", "method", "engine", "paper", "clean", "clean, full ranking", "published")
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows_]
+    return "\n".join(lines)
+
+
+def generated(kind: str, root: Path) -> str:
+    """The markdown of a generated block: `table1`, `table2` (the paper's tables), `headline` (Table 1's main
+    methods, both protocols side by side) or `calibration` (the runs under <root>/calibration)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "calibration":
+            return markdown(rows(collect([root / "calibration"])))
+        table = with_missing(rows(collect([root], planned=TABLE_ROUNDS)), "table1" if kind == "headline" else kind)
+    return headline_markdown(headline(table)) if kind == "headline" else markdown(table)
+
+
+GENERATED = ("table1", "table2", "headline", "calibration")
+
+
+def update(files: list[Path], root: Path) -> list[str]:
+    """Rewrite every generated block (`<!-- kind -->` ... `<!-- /kind -->`, kind in GENERATED) of `files` from the
+    runs under `root`; return the kinds found. A file is written only when a block changed."""
+    found = []
+    for path in files:
+        text = new = path.read_text()
+        for kind in GENERATED:
+            head, tail = f"<!-- {kind} -->\n", f"\n<!-- /{kind} -->"
+            if head in new and tail in new:
+                start, end = new.index(head) + len(head), new.index(tail)
+                new = new[:start] + generated(kind, root) + new[end:]
+                found.append(kind)
+        if new != text:
+            atomic_write_text(path, new)
+    return found
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = OneLineParser(prog="python -m src.report", description=__doc__.split("\n")[0])
     parser.add_argument("folders", nargs="+", type=Path)
@@ -380,6 +444,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="compare runs of different lengths: cut each to its first N rounds, best val round within",
     )
     parser.add_argument(
+        "--update",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="rewrite the generated blocks (<!-- table1 --> ...) of these Markdown files from the runs under FOLDER",
+    )
+    parser.add_argument(
         "--table",
         choices=("table1", "table2"),
         default=None,
@@ -390,6 +461,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--rounds {args.rounds} is invalid; expected an integer >= 1")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; expected a folder (created when missing)")
+    if args.update:
+        missing = [str(f) for f in args.update if not f.is_file()]
+        if missing:
+            parser.error(f"--update {' '.join(missing)}: no such file; expected Markdown files with generated blocks")
+        kinds = update(args.update, args.folders[0])
+        print(f"updated {', '.join(kinds) or 'no'} generated block(s) in {', '.join(map(str, args.update))}")
+        return []
     planned = TABLE_ROUNDS if args.table else None
     table = rows(collect(args.folders, tuple(args.by), args.rounds, planned))
     if args.table:

@@ -1,0 +1,54 @@
+"""The documentation cannot rot: the site builds with `mkdocs build --strict` (a broken link or a page missing from
+the nav fails), and every generated table in README.md and docs/ equals what `src.report` makes of results/runs/."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.analysis.report import GENERATED, generated
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATED_IN = [REPO / "README.md", REPO / "docs" / "reproducing.md"]
+
+
+def test_the_site_builds_strictly(tmp_path):
+    pytest.importorskip("mkdocs")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "site" / "methods" / "index.html").is_file()
+
+
+def test_every_page_is_in_the_nav():
+    nav = (REPO / "mkdocs.yml").read_text()
+    assert {p.name for p in (REPO / "docs").glob("*.md")} == set(re.findall(r": (\S+\.md)$", nav, flags=re.M))
+
+
+@pytest.mark.parametrize("path", GENERATED_IN, ids=lambda p: p.name)
+def test_generated_tables_are_up_to_date_with_the_stored_runs(path):
+    text = path.read_text()
+    kinds = [k for k in GENERATED if f"<!-- {k} -->" in text]
+    assert kinds, f"{path} holds no generated block"
+    for kind in kinds:
+        block = text.split(f"<!-- {kind} -->\n", 1)[1].split(f"\n<!-- /{kind} -->", 1)[0]
+        assert block == generated(kind, REPO / "results" / "runs"), (
+            f"{path.name}: the {kind} block is out of date; run "
+            f"`python -m src.report results/runs --update README.md docs/reproducing.md`"
+        )
+
+
+def test_the_readme_is_a_how_to():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 300
