@@ -396,7 +396,8 @@ def headline(table1: list[dict]) -> list[dict]:
 def headline_markdown(rows_: list[dict]) -> str:
     cols = ("dataset", "method", "engine", "paper", "clean", "clean, full ranking", "published")
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows_]
+    absent = {"paper": "missing", "clean": "missing"}  # a protocol this engine has not run yet
+    lines += ["| " + " | ".join(str(r.get(c, absent.get(c, "-"))) for c in cols) + " |" for r in rows_]
     return "\n".join(lines)
 
 
