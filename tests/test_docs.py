@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from src.analysis.report import GENERATED, generated
+from src.analysis.report import GENERATED, generated, results_page_text
 
 REPO = Path(__file__).resolve().parents[1]
-GENERATED_IN = [REPO / "README.md", REPO / "docs" / "reproducing.md"]
+GENERATED_IN = [REPO / "README.md", REPO / "docs" / "reproducing.md", REPO / "docs" / "findings.md"]
 
 
 def test_the_site_builds_strictly(tmp_path):
@@ -46,9 +46,19 @@ def test_generated_tables_are_up_to_date_with_the_stored_runs(path):
         block = text.split(f"<!-- {kind} -->\n", 1)[1].split(f"\n<!-- /{kind} -->", 1)[0]
         assert block == generated(kind, REPO / "results" / "runs"), (
             f"{path.name}: the {kind} block is out of date; run "
-            f"`python -m src.report results/runs --update README.md docs/reproducing.md`"
+            f"`python -m src.report results/runs --update README.md docs/reproducing.md docs/findings.md`"
         )
 
 
 def test_the_readme_is_a_how_to():
     assert len((REPO / "README.md").read_text().splitlines()) <= 300
+
+
+def test_the_results_page_is_up_to_date_with_the_stored_runs(monkeypatch):
+    monkeypatch.chdir(REPO)
+    page = (REPO / "results" / "README.md").read_text()
+    assert page == results_page_text(Path("results/runs"), Path("results")), (
+        "results/README.md is out of date; run `python -m src.report results/runs --out results`"
+    )
+    for image in re.findall(r"\]\((curves/[^)]+\.png)\)", page):
+        assert (REPO / "results" / image).is_file() and (REPO / "results" / image).with_suffix(".svg").is_file()

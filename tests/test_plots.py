@@ -144,3 +144,22 @@ def test_diagnostics_without_logged_diagnostics_says_how(tmp_path):
     fake_run(tmp_path / "runs" / "r")
     with pytest.raises(UserError, match="diag.graph=true"):
         main(["diagnostics", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+
+
+def test_a_figure_is_saved_byte_for_byte_the_same(tmp_path):
+    """Regenerated figures of unchanged runs change nothing in the repository (no date, fixed SVG ids)."""
+    import matplotlib.pyplot as plt
+
+    from src.analysis.plots import save
+
+    def draw(out):
+        fig, ax = plt.subplots()
+        ax.plot([1, 2, 3], [3, 1, 2], label="x")
+        ax.legend()
+        save(fig, out, "f")
+        plt.close(fig)
+
+    draw(tmp_path / "a")
+    draw(tmp_path / "b")
+    for ext in ("png", "svg"):
+        assert (tmp_path / "a" / f"f.{ext}").read_bytes() == (tmp_path / "b" / f"f.{ext}").read_bytes()
