@@ -18,7 +18,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,plots,sweep,flower]'
+	$(BIN)/pip install -q -e '.[dev,plots,sweep,flower,launchers]'
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install torch 2.13.0 (CPU) and the project; no-op when up to date
@@ -30,12 +30,12 @@ test: install ## Run the test suite (fast tests, TEST_WORKERS=2 processes of one
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: install ## ruff: lint rules and formatting check (configured in pyproject.toml); CI runs it before the tests
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests hydra_plugins
+	$(BIN)/ruff format --check src tests hydra_plugins
 
 format: install ## ruff: fix what the lint rules can fix, then format
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests hydra_plugins
+	$(BIN)/ruff format src tests hydra_plugins
 
 test-slow: install ## Run only the slow tests (long runs on real data)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)

@@ -9,6 +9,7 @@ import copy
 import itertools
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, OmegaConf
@@ -31,9 +32,18 @@ def sweep_values(override: str) -> tuple[str, list[str]]:
 
 
 def compose_config(overrides: list[str], hydra_node: bool = False) -> DictConfig:
-    """The composed config of a run's overrides (not yet validated), optionally with the hydra node."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_node)
+    """The composed config of a run's overrides (not yet validated), optionally with the hydra node. Inside a Hydra
+    app (the campaign sweeper) the app's global Hydra is set aside for the compose and restored after."""
+    running = GlobalHydra.instance()
+    app = running.hydra if running.is_initialized() else None
+    running.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_node)
+    finally:
+        if app is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(app)
 
 
 def value_overrides(overrides: list[str]) -> tuple[list[str], list[Override]]:

@@ -1,0 +1,122 @@
+"""`hydra/sweeper=campaign`: the campaign's planning and storing around whatever Hydra launcher runs the jobs.
+
+    python -m src.run -m hydra/sweeper=campaign hydra/launcher=campaign_joblib experiment=table1 dataset=ml-100k
+
+The sweeper keeps what only the campaign does (src/cli/campaign.py): it expands the experiment overlays' grids, skips
+every run already stored in `runs` (identified by its resolved config) or claimed by another campaign (the run's
+lock in `work`), resumes a run whose work folder holds a checkpoint, hands the rest to the configured launcher in
+one batch (each job a plain `src.run` job in `<work>/<run key>`, which checkpoints and exits non-zero on SIGTERM),
+and stores each completed run compactly in `runs`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+from src.cli import campaign
+from src.cli.jobs import sweep_values
+from src.runtime.cache import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+
+def finished(folder: Path) -> bool:
+    """Whether a work folder holds a finished run's results.json."""
+    try:
+        return bool(json.loads((folder / "results.json").read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+class CampaignSweeper(Sweeper):
+    """Plans a campaign from the command line's `experiment=` and axis overrides and launches its pending runs."""
+
+    def __init__(
+        self,
+        runs: str | None = None,
+        work: str | None = None,
+        threads: int = 1,
+        compile: bool = True,
+        params: Any = None,
+    ) -> None:
+        self.runs = Path(runs) if runs else campaign.RUNS
+        self.work = Path(work) if work else default_cache_dir() / "campaign"
+        self.threads, self.compile = int(threads), bool(compile)
+        self.launcher = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> list[Any]:
+        experiments, axes = [], []
+        for line, parsed in zip(arguments, OverridesParser.create().parse_overrides(arguments)):
+            if parsed.key_or_group == "experiment":
+                experiments += sweep_values(line)[1]
+            else:
+                axes.append(line)
+        if not experiments:
+            raise ValueError("hydra/sweeper=campaign needs experiment=<overlay>[,<overlay>...] (conf/experiment/)")
+        runs = campaign.plan(experiments, axes, self.runs)
+        self.work.mkdir(parents=True, exist_ok=True)
+        todo = []
+        for run in runs:
+            if run.status != "pending":
+                continue
+            lock = campaign.claim(self.work, run)
+            if lock is None:
+                run.status = "elsewhere"
+                continue
+            run.extra["lock"] = lock
+            todo.append(run)
+        # the jobs' processes (joblib workers, SLURM tasks) read their torch threads from the environment
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(self.threads)
+        batch = [self.job(run) for run in todo]
+        log.info("campaign: %d runs, %d stored, %d to launch", len(runs), len(runs) - len(todo), len(todo))
+        results, broken = [], None
+        try:
+            results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
+        except Exception as err:  # a job's process ended abnormally (SIGTERM, OOM): the launcher gives up the batch
+            broken = err
+        try:
+            done = {id(run) for run, result in zip(todo, results) if result.status == JobStatus.COMPLETED}
+            for run in todo:
+                folder = campaign.work_dir(self.work, run)
+                if id(run) in done or (broken is not None and finished(folder)):
+                    run.stored = campaign.store(
+                        folder, run.experiment, run.overrides, campaign.git_commit(), self.runs, run.variant
+                    )
+                    run.status = "stored"
+                else:
+                    run.status = "partial" if campaign.checkpointed(folder) else "failed"
+        finally:
+            for run in todo:
+                campaign.release(run)
+        print(campaign.summary(runs, self.work), flush=True)
+        if broken is not None:
+            raise RuntimeError(
+                f"the launcher stopped the batch ({type(broken).__name__}: a job's process ended, e.g. by SIGTERM); "
+                "the finished runs are stored, the others resume from their checkpoints in the next campaign"
+            ) from broken
+        return [results]
+
+    def job(self, run: campaign.Run) -> list[str]:
+        """The overrides of a run's job: its own, its work folder `<work>/<key>`, a resume when it checkpointed."""
+        folder = campaign.work_dir(self.work, run)
+        resume = campaign.checkpointed(folder)
+        speed = ["compute.compile=true"] if self.compile else []
+        where = [f"hydra.sweep.dir={self.work}", f"hydra.sweep.subdir={run.key}"]
+        return [*run.overrides, *speed, *where, *(["resume=true"] if resume else [])]
