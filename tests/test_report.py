@@ -180,17 +180,23 @@ def test_a_cells_rows_list_the_lineage_engine_first():
     assert [r["engine"].split("+")[0] for r in ordered[:3]] == ["sgd", "sgd", "adam"]
 
 
-def test_paper_table_keeps_its_100_round_runs_and_says_what_it_left_out(tmp_path):
-    """A 30-round probe of a table's cell is not that cell's number: `--table` leaves it out, with a warning."""
-    for name, rounds, hit in (("table", 100, 0.4), ("probe", 30, 0.9)):
+def table_and_other_run(tmp_path, other: dict) -> None:
+    """Two ML-100K `full` paper-protocol runs of 100 rounds: `table` (hit@10 0.4), and `other` (0.9) whose config
+    differs by `other`, which a paper table must leave out."""
+    for name, extra, hit in (("table", {}, 0.4), ("other", other, 0.9)):
         fake_run(
             tmp_path / name,
-            config={"seed": 0, "fl": {"rounds": rounds}},
+            config={"seed": 0, "fl": {"rounds": 100}, **extra},
             dataset="ml-100k",
             ablation="full",
             protocol="paper",
             test_at_best={"test/hit@10": hit, "test/ndcg@10": 0.3},
         )
+
+
+def test_paper_table_keeps_its_100_round_runs_and_says_what_it_left_out(tmp_path):
+    """A 30-round probe of a table's cell is not that cell's number: `--table` leaves it out, with a warning."""
+    table_and_other_run(tmp_path, {"fl": {"rounds": 30}})
     with pytest.warns(UserWarning, match=r"left out 1 run\(s\) not of 100 rounds \(fl.rounds 30\)"):
         table = main([str(tmp_path), "--table", "table2"])
     (row,) = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == ("ml-100k", "full", "paper")]
@@ -200,15 +206,7 @@ def test_paper_table_keeps_its_100_round_runs_and_says_what_it_left_out(tmp_path
 
 def test_paper_table_leaves_out_the_sensitivity_sweeps(tmp_path):
     """A sweep's off-default point (experiment sweep_*) is not the table's cell: `--table` leaves it out, saying so."""
-    for name, experiment, hit in (("table", "table2", 0.4), ("sweep", "sweep_alpha", 0.9)):
-        fake_run(
-            tmp_path / name,
-            config={"seed": 0, "fl": {"rounds": 100}, "experiment_name": experiment},
-            dataset="ml-100k",
-            ablation="full",
-            protocol="paper",
-            test_at_best={"test/hit@10": hit, "test/ndcg@10": 0.3},
-        )
+    table_and_other_run(tmp_path, {"experiment_name": "sweep_alpha"})
     with pytest.warns(UserWarning, match=r"left out 1 sensitivity-sweep run"):
         table = main([str(tmp_path), "--table", "table2"])
     (row,) = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == ("ml-100k", "full", "paper")]

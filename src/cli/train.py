@@ -201,12 +201,7 @@ def hydra_job(cfg: DictConfig) -> float:
     """One job of `python -m src.run` in its Hydra run folder; returns the best round's value of the selection
     metric (`eval.select`, by default validation hit@10: the objective of sweeps)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        with reported():
-            run = prepare(cfg, run_dir)
-    except BaseException:
-        rundir.remove_if_empty_of_runs(run_dir)  # a refused run leaves no folder behind
-        raise
+    run = rundir.checked_in(run_dir, lambda: prepare(cfg, run_dir))
     rundir.write_hydra_files(run_dir, cfg)
     with reported():
         return report_best(fit(run), run_dir, log)

@@ -23,7 +23,6 @@ from src.flower.client_app import make_client_app
 from src.flower.server_app import make_server_app
 from src.flower.settings import flower_checks
 from src.runtime import rundir
-from src.runtime.errors import reported
 from src.runtime.results import report_best
 
 log = logging.getLogger(__name__)
@@ -62,12 +61,7 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the best round's value of the selection metric (`eval.select`)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        with reported():
-            payload = simulate(cfg, run_dir)
-    except BaseException:
-        rundir.remove_if_empty_of_runs(run_dir)  # a refused run leaves no folder behind
-        raise
+    payload = rundir.checked_in(run_dir, lambda: simulate(cfg, run_dir))
     return report_best(payload, run_dir, log)
 
 

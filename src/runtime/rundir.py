@@ -13,11 +13,13 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from src.runtime.errors import UserError
+from src.runtime.errors import UserError, reported
 
+T = TypeVar("T")
 LOCK_NAME = ".run.lock"
 # Hydra's own files in a folder it has just created for a job (and its `<job name>.log`): no run yet
 HYDRA_FILES = {LOCK_NAME, ".hydra", "multirun.yaml"}
@@ -201,3 +203,14 @@ def identity(config: dict[str, Any]) -> str:
     (the campaign's run identity; the report counts one run per key)."""
     flat = {k: v for k, v in normalised(config).items() if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def checked_in(run_dir: Path, work: Callable[[], T]) -> T:
+    """`work()` (a run's checks and set-up in `run_dir`): a user error becomes one line (`reported`), and a refused
+    run leaves no folder behind."""
+    try:
+        with reported():
+            return work()
+    except BaseException:
+        remove_if_empty_of_runs(run_dir)
+        raise
