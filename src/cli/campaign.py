@@ -26,6 +26,7 @@ import argparse
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -432,6 +433,25 @@ def summary(runs: list[Run], work: Path) -> str:
     return "\n".join(lines)
 
 
+def through_launcher(
+    experiments: list[str], overrides: list[str], work: Path, runs: Path, threads: int, compiled: bool
+) -> int:
+    """Hand the campaign to a Hydra launcher (`hydra/launcher=...` among the overrides): the same planning and
+    storing as a Hydra sweeper (`hydra/sweeper=campaign`, hydra_plugins/alignfedrec_campaign), in a `src.run`
+    multirun; returns its exit status."""
+    sweeper = [
+        "hydra/sweeper=campaign",
+        f"experiment={','.join(experiments)}",
+        f"hydra.sweeper.work={work}",
+        f"hydra.sweeper.runs={runs}",
+        f"hydra.sweeper.threads={threads}",
+        f"hydra.sweeper.compile={str(compiled).lower()}",
+    ]
+    cmd = [sys.executable, "-m", "src.run", "-m", *sweeper, *overrides]
+    print("through a Hydra launcher:", shlex.join(cmd[1:]), flush=True)
+    return subprocess.run(cmd, cwd=REPO).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m src.campaign", description=__doc__.split("\n\n")[1])
     parser.add_argument(
@@ -479,6 +499,16 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"expected key=value overrides, got {bad}")
     work = ns.work or default_cache_dir() / "campaign"
+    # a launcher and its settings say where runs execute, never what a run is: not part of the plan
+    launcher = [a for a in overrides if a.startswith(("hydra/launcher=", "hydra.launcher."))]
+    overrides = [a for a in overrides if a not in launcher]
+    if launcher and not ns.dry_run:
+        if ns.budget_min is not None or ns.git_commit or ns.device is not None:
+            parser.error(
+                "--budget-min, --git-commit and --device are the process loop's; expected them without "
+                "hydra/launcher=, or the launcher's own settings (e.g. hydra.launcher.timeout_min)"
+            )
+        return through_launcher(experiments, overrides + launcher, work, ns.runs, ns.threads, ns.compile)
     runs = plan(experiments, overrides, ns.runs)
     if not ns.dry_run:
         work.mkdir(parents=True, exist_ok=True)
