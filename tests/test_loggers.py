@@ -35,9 +35,11 @@ def test_a_round_logged_again_replaces_it_and_every_later_row(tmp_path):
     assert [r["loss"] for r in found] == ["1", "2", "30"] and found[0]["new/key"] == ""
     assert not list(path.parent.glob("*.tmp"))
 
-    # a resume that has no round left to run keeps only the checkpoint's rounds
-    RoundCSVLogger(str(tmp_path)).rewind(2)
-    assert [int(r["round"]) for r in rows(path)] == [1, 2]
+    # a resumed run starts from its checkpoint's history: exactly those rounds, even one whose row the killed process
+    # never wrote, and none after it
+    history = [{"round": r, "val/hit@10": r / 10, "loss": float(r)} for r in (1, 2)]
+    RoundCSVLogger(str(tmp_path)).restore(history)
+    assert [(int(r["round"]), float(r["loss"])) for r in rows(path)] == [(1, 1.0), (2, 2.0)]
 
 
 @pytest.mark.parametrize("logger", ["csv", "wandb"])

@@ -3,6 +3,7 @@ summary of a run: chance levels of the metrics and the published row."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from types import SimpleNamespace
@@ -222,9 +223,13 @@ def test_patience_follows_eval_select(compose_cfg):
 
 
 def test_patience_in_a_real_run(compose_cfg, tmp_path):
-    payload = train(compose_cfg([*SYNTHETIC, "fl.rounds=8", "eval.patience=1"]), tmp_path / "p", progress=False)
+    overrides = ["dataset=synthetic", "fl.checkpoint_every=100", "fl.rounds=8", "eval.patience=1"]
+    payload = train(compose_cfg(overrides), tmp_path / "p", progress=False)
     values = [h["val/hit@10"] for h in payload["history"]]
     assert len(values) == stop_round_before(values, 1)
+    # the round early stopping ends on is checkpointed (the checkpoint callback runs after early stopping decides)
+    record = json.loads((tmp_path / "p" / "checkpoints" / "last.json").read_text())
+    assert len(values) < 8 and record["round"] == len(values)
 
 
 # --- the closing summary ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,13 @@ class CampaignSweeper(Sweeper):
                 run.status = "elsewhere"
                 continue
             run.extra["lock"] = lock
+            if run.key in campaign.stored_runs(self.runs):  # stored by another campaign since this one planned
+                run.status = "stored"
+                campaign.release(run)
+                continue
+            folder = campaign.work_dir(self.work, run)
+            if folder.exists() and not campaign.checkpointed(folder):
+                shutil.rmtree(folder)  # a start that never reached a checkpoint: begin again
             todo.append(run)
         # the jobs' processes (joblib workers, SLURM tasks) read their torch threads from the environment
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(self.threads)
@@ -89,7 +97,7 @@ class CampaignSweeper(Sweeper):
         results, broken = [], None
         try:
             results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
-        except Exception as err:  # a job's process ended abnormally (SIGTERM, OOM): the launcher gives up the batch
+        except BaseException as err:  # a job ended abnormally (SIGTERM's SystemExit, a dead worker): the batch stops
             broken = err
         try:
             done = {id(run) for run, result in zip(todo, results) if result.status == JobStatus.COMPLETED}
@@ -106,11 +114,16 @@ class CampaignSweeper(Sweeper):
             for run in todo:
                 campaign.release(run)
         print(campaign.summary(runs, self.work), flush=True)
+        if isinstance(broken, SystemExit):
+            raise broken  # a job stopped by SIGTERM (143) or refused (2): the campaign exits with its status
         if broken is not None:
             raise RuntimeError(
-                f"the launcher stopped the batch ({type(broken).__name__}: a job's process ended, e.g. by SIGTERM); "
-                "the finished runs are stored, the others resume from their checkpoints in the next campaign"
+                f"the launcher stopped the batch ({type(broken).__name__}: a job's process ended); the finished runs "
+                "are stored, the others resume from their checkpoints in the next campaign"
             ) from broken
+        failed = [run.label for run in todo if run.status == "failed"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are in {self.work}")
         return [results]
 
     def job(self, run: campaign.Run) -> list[str]:

@@ -141,7 +141,7 @@ def fit(run: Prepared, progress: bool = True) -> dict:
         loggers = make_loggers(cfg, run_dir)
         quiet_lightning()
         callbacks = [instantiate(spec) for spec in cfg.callbacks.values() if "_target_" in spec]
-        # the checkpoint last: it saves after early stopping has decided whether this round is the last
+        # the checkpoint (a Lightning Checkpoint: called after early stopping has decided whether the round is the last)
         callbacks += [RoundProgress(int(cfg.fl.rounds), progress, select_key(cfg)), ckpt]
         trainer = instantiate(
             cfg.trainer,

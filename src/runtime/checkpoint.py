@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
 from src.runtime.atomic import atomic_path, atomic_write_text
 from src.runtime.errors import UserError
@@ -76,8 +77,11 @@ def verify(ckpt: Path, record: dict[str, Any]) -> None:
         )
 
 
-class AtomicCheckpoint(L.Callback):
+class AtomicCheckpoint(Checkpoint):
     """Save `<dir>/last.ckpt` and its record every `every` rounds, after the last round and on SIGTERM.
+
+    A Lightning `Checkpoint`: Lightning calls it after the other callbacks of a round (early stopping has decided
+    whether this round is the last), and adds no checkpoint callback of its own.
 
     `config` and `data_digest` go into every record; `prior_s`/`processes` carry the time spent and
     the number of processes of the run before this one (a resume), `start` is this process's start.

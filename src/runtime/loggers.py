@@ -138,8 +138,13 @@ class RoundWriter:
         self.rows.append({"round": step, **values})
 
     def rewind(self, rounds: int) -> None:
-        """Keep the rows of the first `rounds` rounds (what a restored checkpoint holds)."""
+        """Keep the rows of the first `rounds` rounds."""
         self.rows = [row for row in self.rows if row["round"] <= rounds]
+
+    def restore(self, history: list[dict[str, Any]]) -> None:
+        """Start from a restored checkpoint's history: exactly its rounds, whatever the file held (a process killed
+        between a round's checkpoint and its row, or after rows the checkpoint does not hold)."""
+        self.rows = [dict(row) for row in history]
 
     def log_hparams(self, params: dict[str, Any]) -> None:
         """The config is in `config_resolved.yaml`; nothing to write here."""
@@ -162,9 +167,9 @@ class RoundCSVLogger(CSVLogger):
             self._experiment = RoundWriter(self.log_dir)
         return self._experiment
 
-    def rewind(self, rounds: int) -> None:
-        """Drop the rows after round `rounds` (the round a resumed run starts after) and save."""
-        self.experiment.rewind(rounds)
+    def restore(self, history: list[dict[str, Any]]) -> None:
+        """The rows of a restored history (the rounds a resumed run starts after), saved."""
+        self.experiment.restore(history)
         self.experiment.save()
 
 

@@ -201,10 +201,10 @@ class FederatedModule(L.LightningModule):
         self.log_dict({**metrics, "step": float(row["round"])}, on_step=False, on_epoch=True, batch_size=1)
 
     def on_train_start(self) -> None:
-        """A resumed run redoes the rounds after its checkpoint: the CSV forgets the rows it logged after it."""
+        """A resumed run redoes the rounds after its checkpoint: the CSV holds exactly the checkpoint's rounds."""
         for logger in self.loggers:
             if isinstance(logger, RoundCSVLogger):
-                logger.rewind(len(self.history))
+                logger.restore(self.history)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Client states, server state, RNG state and history go into the checkpoint."""
