@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +85,7 @@ class CampaignSweeper(Sweeper):
                 run.status = "stored"
                 campaign.release(run)
                 continue
-            folder = campaign.work_dir(self.work, run)
-            if folder.exists() and not campaign.checkpointed(folder):
-                shutil.rmtree(folder)  # a start that never reached a checkpoint: begin again
+            run.extra["resume"] = campaign.resumes(self.work, run)
             todo.append(run)
         # the jobs' processes (joblib workers, SLURM tasks) read their torch threads from the environment
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(self.threads)
@@ -128,8 +125,6 @@ class CampaignSweeper(Sweeper):
 
     def job(self, run: campaign.Run) -> list[str]:
         """The overrides of a run's job: its own, its work folder `<work>/<key>`, a resume when it checkpointed."""
-        folder = campaign.work_dir(self.work, run)
-        resume = campaign.checkpointed(folder)
         speed = ["compute.compile=true"] if self.compile else []
         where = [f"hydra.sweep.dir={self.work}", f"hydra.sweep.subdir={run.key}"]
-        return [*run.overrides, *speed, *where, *(["resume=true"] if resume else [])]
+        return [*run.overrides, *speed, *where, *(["resume=true"] if run.extra["resume"] else [])]

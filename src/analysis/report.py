@@ -385,12 +385,8 @@ def headline(table1: list[dict]) -> list[dict]:
         if r["protocol"] == "clean":
             row["clean, full ranking"] = cell(r["test_full/hit@10"], r["test_full/hit@10 std"]) if r["seeds"] else "-"
         row["published"] = cell(r["published hit@10"])
-    rows_ = [
-        r
-        for r in out.values()
-        if not (r["engine"] == "-" and any(k[:2] == (r["dataset"], r["method"]) and k[2] != "-" for k in out))
-    ]
-    return rows_
+    ran = {key[:2] for key in out if key[2] != "-"}  # cells some engine has run: their "not run" row goes
+    return [row for key, row in out.items() if key[2] != "-" or key[:2] not in ran]
 
 
 def headline_markdown(rows_: list[dict]) -> str:

@@ -301,14 +301,22 @@ def release(run: Run) -> None:
         os.close(fd)
 
 
+def resumes(work: Path, run: Run) -> bool:
+    """Whether `run` resumes from its work folder's checkpoint; a folder that never reached one is removed (the run
+    begins again there)."""
+    folder = work_dir(work, run)
+    resume = checkpointed(folder)
+    if folder.exists() and not resume:
+        shutil.rmtree(folder)
+    return resume
+
+
 def launch(run: Run, work: Path, device: str | None, threads: int, compiled: bool = False) -> subprocess.Popen:
     """Start `python -m src.run` for `run` in its work folder, resuming its checkpoint when there is one
     (`compiled`: with `compute.compile=true`, a speed key: the run's identity is unchanged). The run's process
     inherits the run's lock (`claim`), so a run outliving its campaign stays claimed."""
     folder = work_dir(work, run)
-    resume = checkpointed(folder)
-    if folder.exists() and not resume:
-        shutil.rmtree(folder)  # a start that never reached a checkpoint: begin again
+    resume = resumes(work, run)
     on_device = [f"device={device}", *(["fl.chunk_size=auto"] if device.startswith("cuda") else [])] if device else []
     speed = ["compute.compile=true"] if compiled else []  # a run on a GPU keeps eager kernels (methods/alignfedrec.py)
     args = [*run.overrides, *on_device, *speed, f"hydra.run.dir={folder}", *(["resume=true"] if resume else [])]
