@@ -21,7 +21,7 @@ def summed(tables: torch.Tensor, spec: ReleaseSpec) -> tuple[SimilaritySum, torc
     """The server's sum of these clients' uploads (with support counts) and each client's entry count."""
     sums = SimilaritySum(tables.shape[1], support=True)
     count = torch.zeros(tables.shape[0], dtype=torch.long)
-    for blk in release_blocks(tables, spec, torch.Generator(), held=True):
+    for blk in release_blocks(tables, spec, held=True):
         sums.add_block(blk)
         count[blk.first : blk.first + len(blk.count)] += blk.count
     return sums, count

@@ -18,12 +18,12 @@ from src.flower.messages import Task, pack_task
 from src.methods import alignfedrec
 from src.methods.central import CentralTrainer
 from src.methods.central import build as central_method
+from src.rounds import memory
+from src.rounds.memory import resolve_chunk_size
+from src.rounds.simulator import FederatedModule
 from src.runtime import device as dev
 from src.runtime import rundir
 from src.server.aggregation import MeanAggregator
-from src.simulator import memory
-from src.simulator.federated import FederatedModule
-from src.simulator.memory import resolve_chunk_size
 from tests.test_cohort_exact import N_ITEMS, NEGATIVES, make_problem
 
 META = torch.device("meta")
@@ -131,7 +131,7 @@ def test_auto_chunk_is_capped(compose_cfg, monkeypatch):
     assert memory.auto_chunk_size(6040, 1000, free=2**40, fraction=0.5) == 6040
     assert memory.auto_chunk_size(6040, 1000, free=2**40, fraction=0.5, cap=1024) == 1024
     assert memory.auto_chunk_size(6040, 1000, free=10**6, fraction=0.5, cap=1024) == 500
-    monkeypatch.setattr("src.simulator.memory.free_bytes", lambda device: 2**50)  # a device that fits everyone
+    monkeypatch.setattr("src.rounds.memory.free_bytes", lambda device: 2**50)  # a device that fits everyone
     cfg = compose_cfg(["fl.chunk_size=auto"])
     assert resolve_chunk_size(cfg, 3706, 6040, torch.device("cpu")) == 1024
     cfg = compose_cfg(["fl.chunk_size=auto", "fl.max_auto_chunk=7"])
@@ -150,7 +150,8 @@ def test_server_mean_lives_on_the_server_device():
     assert dev.COUNTERS.syncs == syncs and agg.count == 3  # the count comes from the CPU, no read-back
     out = agg.result(previous)
     assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in out.values())
-    pack_task(Task(1, torch.arange(4), out, None, None))  # the Flower broadcast: `.numpy()` on each tensor
+    none = torch.zeros(0, dtype=torch.long)
+    pack_task(Task(1, torch.arange(4), out, None, None, none))  # the Flower broadcast: `.numpy()` on each tensor
     elsewhere = MeanAggregator(META)
     elsewhere.add({k: v[uploaded] for k, v in params.items()}, 3)
     assert all(v.device == META for v in elsewhere.result(previous).values())

@@ -121,7 +121,7 @@ def test_graph_diagnostics_count_the_knn_graph_the_communities_use(compose_cfg):
 def test_a_run_counts_the_edges_of_its_own_community_graph(compose_cfg):
     """`diag.graph=true` in a run: diag/edges are the community graph's edges (kNN or its own threshold)."""
     from src.data.dataset import load
-    from src.simulator.federated import FederatedModule
+    from src.rounds.simulator import FederatedModule
 
     for extra in (["ablation=knn_ica", "server.graph_k=3"], ["ablation=full", "server.graph_sigma=0.3"]):
         cfg = compose_cfg(["dataset=synthetic", "model.dim=8", "diag.graph=true", *extra])
@@ -150,7 +150,7 @@ def test_round1_edges_restore_from_old_and_new_checkpoints(compose_cfg):
 def test_fed_itemknn_diagnostics_count_the_pairs_it_broadcasts(compose_cfg):
     """`ablation=fed_itemknn` has no communities: diag/edges are the neighbour pairs its broadcast holds."""
     from src.data.dataset import load
-    from src.simulator.federated import FederatedModule
+    from src.rounds.simulator import FederatedModule
 
     cfg = compose_cfg(["dataset=synthetic", "model.dim=8", "diag.graph=true", "ablation=fed_itemknn", "ablation.k=3"])
     module = FederatedModule(cfg, load(cfg))

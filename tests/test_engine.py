@@ -196,7 +196,7 @@ def test_kill_and_resume_matches_uninterrupted(compose_cfg, cache_dir, tmp_path)
 
 
 def test_alignfedrec_resume_matches_uninterrupted(compose_cfg, tmp_path):
-    """Labels, S_g, the delta ledger and the noise generator come back from the checkpoint."""
+    """Labels, S_g, the delta ledger and the client choice come back from the checkpoint (noise is keyed by round)."""
     base = ["dataset=synthetic", "ablation=full", "encoding=csr8_delta", "privacy.epsilon=200", "fl.checkpoint_every=1"]
     straight = train(compose_cfg(base + ["fl.rounds=4"]), tmp_path / "a", progress=False)
     train(compose_cfg(base + ["fl.rounds=2"]), tmp_path / "b", progress=False)
@@ -298,7 +298,7 @@ def test_methods_share_what_they_should(compose_cfg):
     import torch
 
     from src.data.dataset import build
-    from src.simulator.federated import FederatedModule
+    from src.rounds.simulator import FederatedModule
 
     tables = {}
     for ablation in ("backbone", "local", "fedavg"):
@@ -368,7 +368,7 @@ def test_central_holds_no_client_tables_and_resumes(compose_cfg, tmp_path, ablat
     """A centralised method trains its own model: the module keeps no per-client tables (nor its checkpoint),
     and a resumed run gives the uninterrupted one's numbers."""
     from src.data.dataset import load
-    from src.simulator.federated import FederatedModule
+    from src.rounds.simulator import FederatedModule
 
     base = ["dataset=synthetic", f"ablation={ablation}", "fl.checkpoint_every=1"]
     module = FederatedModule(compose_cfg(base), load(compose_cfg(base)))

@@ -133,7 +133,7 @@ def test_gsa_on_the_server_graph_equals_the_oracle(kernel, mask, reduction, rule
 def test_gsa_on_graph_is_checked_and_runs(compose_cfg, tmp_path):
     from src.cli.config import ConfigError
     from src.data.dataset import load
-    from src.simulator.federated import FederatedModule
+    from src.rounds.simulator import FederatedModule
 
     with pytest.raises(ConfigError, match="server.gsa_on_graph.*gsa_mask=global or union"):
         compose_cfg(["dataset=synthetic", "server.gsa_on_graph=true"])  # the paper's local mask: it would do nothing
@@ -163,7 +163,7 @@ def test_fused_kernel_matches_the_autograd_kernel_in_float32_on_many_sub_chunks(
 def module_after(compose_cfg, dataset: str, rounds: int, overrides: list[str]):
     """A real-data subset's simulator after `rounds` rounds (the second one aligns to the first's broadcast)."""
     from src.data.dataset import load
-    from src.simulator.federated import FederatedModule
+    from src.rounds.simulator import FederatedModule
 
     cfg = compose_cfg(
         [

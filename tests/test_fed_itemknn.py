@@ -12,7 +12,7 @@ from alignment_helpers import np_normalise
 from src.cli.config import ConfigError
 from src.data.dataset import load
 from src.methods.fed_itemknn import neighbour_kernel
-from src.simulator.federated import FederatedModule
+from src.rounds.simulator import FederatedModule
 
 
 def brute_kernel(sim: np.ndarray, k: int) -> np.ndarray:

@@ -276,7 +276,7 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
     """fl.chunk_size=auto on a node: cohorts sized from its device's free memory (here: room for 2
     clients), not one cohort of all its clients; the run still matches the simulator."""
     from src.flower import client_app
-    from src.simulator.memory import bytes_per_client
+    from src.rounds.memory import bytes_per_client
 
     cfg = compose_cfg([*SMALL, "fl.chunk_size=auto"])
     from src.data.dataset import load
@@ -288,9 +288,7 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
         int(cfg.model.fast_anchors),
         int(cfg.fl.batch_size),
     )
-    monkeypatch.setattr(
-        "src.simulator.memory.free_bytes", lambda device: int(2.5 * per / float(cfg.fl.memory_fraction))
-    )
+    monkeypatch.setattr("src.rounds.memory.free_bytes", lambda device: int(2.5 * per / float(cfg.fl.memory_fraction)))
     used = []
     real = client_app.train_clients
 
@@ -305,11 +303,46 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
     compare(flower["history"], simulator["history"])
 
 
-def test_the_server_advances_the_failure_stream_as_the_simulator_draws_it():
-    from src.simulator.rounds import advance_failure_stream, draw_failures
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["ablation=full", "privacy.epsilon=50"],  # Laplace noise: each client's stream, whichever node trains it
+        ["ablation=full", "encoding=csr8_delta"],  # delta encoding, counted by the same ledger
+        ["ablation=fed_itemknn", "fl.dropout=0.3"],  # simulated failures: the chosen clients that do not report
+        ["ablation=fedavg", "fl.dropout=0.3", "fl.client_fraction=0.5"],
+    ],
+    ids=["dp_noise", "comm_delta", "dropout", "fedavg_dropout_fraction"],
+)
+def test_flower_matches_the_simulator_with(compose_cfg, tmp_path, extra):
+    """One round loop: what the simulator does with noise, delta accounting and failures, Flower does alike."""
+    cfg = compose_cfg([*SMALL, *extra])
+    flower = serve(LocalGrid(cfg, 3), cfg, tmp_path / "flower")
+    simulator = train(cfg, tmp_path / "sim", progress=False)
+    compare(flower["history"], simulator["history"])
+    keys = {k for row in simulator["history"] for k in row}
+    assert {"reported", "comm/upload_bytes_total"} <= keys
+    if "fl.dropout=0.3" in extra:
+        assert any(r["reported"] < r["clients"] for r in flower["history"])
+    if "encoding=csr8_delta" in extra:  # the delta pays from round 2 on, on both
+        first, last = flower["history"][0], flower["history"][-1]
+        assert last["comm/upload_bytes_mean"] < first["comm/upload_bytes_mean"]
 
-    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    draw_failures(37, 0.3, a)
-    advance_failure_stream(37, b)
-    assert torch.equal(a.get_state(), b.get_state())
-    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+
+def test_flower_stops_early_where_the_simulator_does(compose_cfg, tmp_path):
+    cfg = compose_cfg([*SMALL, "ablation=fedavg", "fl.rounds=12", "eval.patience=2", "fl.checkpoint_every=0"])
+    flower = serve(LocalGrid(cfg, 2), cfg, tmp_path / "flower")
+    simulator = train(cfg, tmp_path / "sim", progress=False)
+    assert len(simulator["history"]) < 12  # it did stop early
+    compare(flower["history"], simulator["history"])
+    assert flower["finished"] and flower["best_round"] == simulator["best_round"]
+
+
+def test_a_clients_noise_does_not_depend_on_its_chunk(compose_cfg, tmp_path):
+    """Each client draws its Laplace noise from its own (seed, round, client) stream: cohorts of 3 clients give
+    the run one cohort of all gives, and another seed gives other noise."""
+    base = [*SMALL, "ablation=full", "privacy.epsilon=20", "fl.rounds=2"]
+    whole = train(compose_cfg([*base, "fl.chunk_size=null"]), tmp_path / "a", progress=False)["history"]
+    threes = train(compose_cfg([*base, "fl.chunk_size=3"]), tmp_path / "b", progress=False)["history"]
+    compare(whole, threes, tol=1e-6)
+    other = train(compose_cfg([*base, "seed=1"]), tmp_path / "c", progress=False)["history"]
+    assert other[0]["comm/upload_bytes_total"] != whole[0]["comm/upload_bytes_total"]

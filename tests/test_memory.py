@@ -6,8 +6,8 @@ import pytest
 
 from src.cli.config import ConfigError
 from src.data.dataset import build
-from src.simulator import memory
-from src.simulator.federated import FederatedModule
+from src.rounds import memory
+from src.rounds.simulator import FederatedModule
 
 
 def test_auto_chunk_size_fits_the_budget():
@@ -26,7 +26,7 @@ def test_module_uses_the_free_memory(compose_cfg, monkeypatch):
     per = memory.bytes_per_client(
         data.n_items, int(cfg.model.dim), "fast", int(cfg.model.fast_anchors), int(cfg.fl.batch_size)
     )
-    monkeypatch.setattr("src.simulator.memory.free_bytes", lambda device: 2 * 7 * per)
+    monkeypatch.setattr("src.rounds.memory.free_bytes", lambda device: 2 * 7 * per)
     module = FederatedModule(cfg, data)
     assert module.chunk_size == 7
     out = module.run_round()

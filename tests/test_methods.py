@@ -60,7 +60,7 @@ def test_release_entries_are_the_thresholded_cosine_of_each_client(rows, block):
     """Each client's listed entries are exactly the nonzero strict-upper entries of its thresholded cosine."""
     c, m, d, sigma = 4, 13, 3, 0.3
     tabs = torch.randn(c, m, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    got = release_entries(tabs, ReleaseSpec(sigma, True, block, rows), torch.Generator())
+    got = release_entries(tabs, ReleaseSpec(sigma, True, block, rows))
     assert len(got) == c
     for table, (pos, vals) in zip(tabs.numpy(), got):
         up = np.triu(np_upload(np_cosine(table, True), sigma), 1)
@@ -74,7 +74,7 @@ def test_server_graph_variants_change_only_the_server_side(compose_cfg):
     the community graph then follows `server.graph_sigma` / `server.graph=knn`, and support_mean S_g has no
     value below sigma (every held entry is >= sigma)."""
     from src.data.dataset import load
-    from src.simulator.federated import FederatedModule
+    from src.rounds.simulator import FederatedModule
 
     base = ["dataset=synthetic", "ablation=full", "model.dim=8", "model.sigma=0.3"]
     rows = {}
@@ -102,7 +102,7 @@ def test_knn_variants_against_a_numpy_server(compose_cfg, ablation):
     the mean over all clients of their thresholded cosines (numpy), the graph is each item's k largest S_g entries
     > 0 (brute force), and every community of more than one item is connected in that graph."""
     from src.data.dataset import load
-    from src.simulator.federated import FederatedModule
+    from src.rounds.simulator import FederatedModule
 
     k = 3
     cfg = compose_cfg(["dataset=synthetic", f"ablation={ablation}", "model.dim=8", f"server.graph_k={k}"])

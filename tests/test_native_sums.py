@@ -69,7 +69,7 @@ def test_native_bands_are_blocks_the_server_adds():
     """The kernel's blocks are what `SimilaritySum.add_block` takes: bands of rows, each from its first row on."""
     tables = torch.randn(3, NATIVE_BAND + 40, 8, generator=torch.Generator().manual_seed(1))
     spec = ReleaseSpec(0.3, True, native=True)
-    blocks = list(release_blocks(tables, spec, torch.Generator(), held=True))
+    blocks = list(release_blocks(tables, spec, held=True))
     assert [(b.r0, b.col, tuple(b.total.shape)) for b in blocks] == [
         (0, 0, (NATIVE_BAND, NATIVE_BAND + 40)),
         (NATIVE_BAND, NATIVE_BAND, (40, 40)),

@@ -35,7 +35,8 @@ class Uploads:
     def add(self, tables: torch.Tensor, uploaded: torch.Tensor) -> None:
         """The clients of `tables` [C, m, d] marked `uploaded` [C] release their uploads; the server sums them."""
         users = torch.arange(len(tables))[uploaded]
-        blocks = release_blocks(tables[uploaded], self.spec, self.gen, self.sums.keep_entries) if len(users) else None
+        noise = [self.gen] * len(users) if self.spec.noise > 0 else None  # one shared stream: order as drawn
+        blocks = release_blocks(tables[uploaded], self.spec, noise, self.sums.keep_entries) if len(users) else None
         self.sums.add(Release(users, {}, blocks))
 
     def mean(self) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ and the audit collect the entries of each client (`ChunkUploads`, `release_entri
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -81,8 +81,11 @@ class ReleasedBlock:
         return self.r0 if self.c0 is None else self.c0
 
     def summed(self) -> torch.Tensor:
-        """The block summed over its clients [b, m - r0]."""
-        return self.total if self.total is not None else self.values.sum(0)
+        """The block summed over its clients [b, m - r0]; listed (encoded) values in fp64, as the server sums decoded
+        uploads one by one, so the simulator's S_g is the deployment's."""
+        if self.total is not None:
+            return self.total
+        return self.values.sum(0, dtype=torch.float64) if self.keep is not None else self.values.sum(0)
 
     def holders(self) -> torch.Tensor:
         """How many of the block's clients send each entry [b, m - r0] (int32)."""
@@ -176,14 +179,21 @@ def native_bands(e: torch.Tensor, spec: ReleaseSpec, held: bool) -> Iterator[Rel
 
 @torch.no_grad()
 def release_blocks(
-    tables: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator, entries: bool = False, held: bool = False
+    tables: torch.Tensor,
+    spec: ReleaseSpec,
+    noise: Sequence[torch.Generator] | None = None,
+    entries: bool = False,
+    held: bool = False,
 ) -> Iterator[ReleasedBlock]:
     """The uploads of the clients whose item tables are `tables` [C, m, d], block by block.
 
     With `entries` every block also says which positions are sent (for encoding or delta accounting);
     with `held` a compiled block also counts the clients sending each entry (`server.aggregate=support_mean`).
-    Noise is drawn from `generator` block by block in this order, so a seed gives the same uploads.
+    With `spec.noise` > 0 client i's noise comes from `noise[i]` (one generator per client, `NoiseStreams`),
+    block by block in this order, so a client's upload does not depend on the chunk it is released in.
     """
+    if spec.noise > 0 and (noise is None or len(noise) != tables.shape[0]):
+        raise ValueError(f"noisy release of {tables.shape[0]} clients needs one noise generator per client")
     e = normalised(tables, spec.centre)
     c, m = e.shape[0], e.shape[1]
     plain = spec.plain(entries)
@@ -205,7 +215,8 @@ def release_blocks(
                 yield ReleasedBlock(s, r0, blk, torch.sign(blk).sum((1, 2)).long(), None)
                 continue
             if spec.noise > 0:
-                blk = blk + laplace(tuple(blk.shape), spec.noise, generator, e.device).to(blk.dtype)
+                draws = [laplace(tuple(blk.shape[1:]), spec.noise, g, e.device) for g in noise[s : s + per]]
+                blk = blk + torch.stack(draws).to(blk.dtype)
                 blk = blk.clamp_(-1.0, 1.0)
             keep = blk >= spec.sigma
             keep[..., :b] &= strict
@@ -267,7 +278,7 @@ def gather(blocks: Iterator[ReleasedBlock], n_clients: int, n_items: int) -> lis
 
 
 def release_entries(
-    tables: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator
+    tables: torch.Tensor, spec: ReleaseSpec, noise: Sequence[torch.Generator] | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each client's upload of the tables [C, m, d], as (sorted positions, values)."""
-    return gather(release_blocks(tables, spec, generator, entries=True), tables.shape[0], tables.shape[1])
+    return gather(release_blocks(tables, spec, noise, entries=True), tables.shape[0], tables.shape[1])

@@ -32,9 +32,9 @@ from src.alignment.similarity import normalised
 from src.cli.config import ConfigError, load_config, validate
 from src.data.dataset import load
 from src.methods.base import build_method
+from src.rounds.simulator import FederatedModule
 from src.runtime.results import publish_report, select_key
 from src.server.global_similarity import SimilaritySum
-from src.simulator.federated import FederatedModule
 
 
 def decoded_upload(table: torch.Tensor, spec: ReleaseSpec, generator: torch.Generator) -> torch.Tensor:
@@ -42,7 +42,7 @@ def decoded_upload(table: torch.Tensor, spec: ReleaseSpec, generator: torch.Gene
     client's own release (`src/alignment/release.py`) summed by the server alone, so noise, threshold,
     top-k and quantisation are the ones a run applies."""
     total = SimilaritySum(table.shape[0], table.device)
-    for blk in release_blocks(table.double().unsqueeze(0), spec, generator):
+    for blk in release_blocks(table.double().unsqueeze(0), spec, [generator]):
         total.add_block(blk)
     return total.upper + total.upper.T
 
@@ -136,7 +136,7 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
         "sigma": sigma,
         "noise_scale": module.method.spec.noise,
         "epsilon_round_entry": module.method.eps_round,
-        "bits": module.encoding.bits,
+        "bits": module.strategy.encoding.bits,
         "overrides": list(overrides),
         "train_s": train_s,
         "val_hit@10_last": module.history[-1].get("val/hit@10"),  # None when eval.ks lacks 10

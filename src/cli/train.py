@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.cli.config import validate
 from src.data.dataset import FedData, load
+from src.rounds.simulator import FederatedModule
 from src.runtime import checkpoint, rundir
 from src.runtime.atomic import atomic_write_text
 from src.runtime.checkpoint import AtomicCheckpoint
@@ -33,7 +34,6 @@ from src.runtime.device import run_resources
 from src.runtime.errors import UserError, reported
 from src.runtime.loggers import LEAFSPEC_WARNING, RoundProgress, finish_loggers, make_loggers, quiet_lightning
 from src.runtime.results import build_results, report_best, select_key, write_results
-from src.simulator.federated import FederatedModule
 
 log = logging.getLogger(__name__)
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM

@@ -88,9 +88,9 @@ def quantise(values: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Ten
     if bits == 16:
         return values.half().to(values.dtype)
     levels = 2**bits - 1
-    span = max(hi - lo, 1e-12)
-    codes = torch.round((values.clamp(lo, hi) - lo) / span * levels)
-    return lo + codes * (span / levels)
+    codes = torch.round((values.double().clamp(lo, hi) - lo) / max(hi - lo, 1e-12) * levels)  # as encoded
+    lo32, hi32 = float(np.float32(lo)), float(np.float32(hi))  # as the payload stores the range
+    return (lo32 + codes * (max(hi32 - lo32, 1e-12) / levels)).to(values.dtype)  # as decoded, to the last bit
 
 
 @dataclass(frozen=True)

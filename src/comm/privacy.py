@@ -8,14 +8,30 @@ P = m(m-1)/2 entries computed from the same data, so the whole matrix is only (P
 (basic composition), and T rounds give T ε per entry and T P ε for the matrix. Both are reported.
 `privacy.scale` sets b directly instead (the lineage's FedCIA uses b = 0.001), ε then = sensitivity / b.
 The noise is drawn from a CPU generator on every device, so a seed gives the same noise on a GPU (at the
-cost of one host-to-device copy per similarity block, `laplace` below).
+cost of one host-to-device copy per similarity block, `laplace` below). Each client of each round draws from
+its own stream (`NoiseStreams`), so its noise is the same whichever chunk, cohort or Flower node trains it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from src.runtime.device import to_device
+
+
+@dataclass(frozen=True)
+class NoiseStreams:
+    """The noise of one round's uploads: one CPU generator per client, seeded by (run seed, round, client id)."""
+
+    seed: int
+    round: int
+
+    def for_clients(self, users: torch.Tensor) -> list[torch.Generator]:
+        """A fresh generator for each client id of `users` [C], in that order."""
+        base = (self.seed * 1_000_003 + self.round) * 1_000_033
+        return [torch.Generator().manual_seed((base + int(u)) % 2**63) for u in users.tolist()]
 
 
 def laplace_scale(epsilon: float | None, scale: float | None, sensitivity: float) -> tuple[float, float | None]:

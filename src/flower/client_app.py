@@ -24,16 +24,17 @@ from src.alignment.broadcast import Broadcast
 from src.alignment.release import gather
 from src.clients.model import ModelSpec, init_params
 from src.comm.codec import Encoding, decode_entries, encode_entries
+from src.comm.privacy import NoiseStreams
 from src.data.dataset import FedData, load
 from src.data.protocols import NegativeSampler
 from src.evaluation.evaluator import Evaluator
 from src.flower.messages import Task, pack_reply, unpack_task
 from src.flower.settings import config_of, flower_checks
 from src.methods.base import build_method
+from src.rounds.local import ClientPool, LocalTraining, RoundWork, evaluate_clients, train_clients, training_sampler
+from src.rounds.memory import resolve_chunk_size
 from src.runtime.atomic import atomic_path
 from src.runtime.device import setup_device
-from src.simulator.memory import resolve_chunk_size
-from src.simulator.rounds import ClientPool, LocalTraining, RoundWork, evaluate_clients, train_clients, training_sampler
 
 
 @dataclass
@@ -143,7 +144,7 @@ def decode_broadcast(payload: bytes, m: int) -> torch.Tensor:
     return out + out.T
 
 
-def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, part: int) -> RecordDict:
+def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) -> RecordDict:
     """Train this node's chosen clients, encode their uploads, evaluate all its clients."""
     data, device = nd.data, setup_device(cfg)  # deterministic CUDA kernels and matmul precision, as the simulator
     method, m = build_method(cfg, device), data.n_items
@@ -152,7 +153,7 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, pa
     if method.uploads_similarity and task.global_sim is not None:
         broadcast = Broadcast(task.labels, decode_broadcast(task.global_sim, m), float(cfg.model.sigma))
     encoding = Encoding.from_cfg(cfg.comm)
-    noise_gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + task.round * 1009 + part)
+    noise = NoiseStreams(int(cfg.seed), task.round)  # each client's stream, as in the simulator
     users, shared, payloads = [], {k: [] for k in keys}, []
     chosen = torch.isin(pool.users, task.chosen).nonzero().squeeze(1)
     server = {k: v for k, v in task.shared.items() if k in keys}
@@ -164,8 +165,9 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task, pa
         LocalTraining.from_cfg(cfg), pool, chosen, data, nd.sampler, server, dense, task.round, device, chunk
     ):
         work.add(trained)
-        everyone = torch.ones(len(trained.rows), dtype=torch.bool)
-        release = method.release(trained.params, pool.users[trained.rows], everyone, noise_gen, entries=True)
+        ids = pool.users[trained.rows]
+        reports = ~torch.isin(ids, task.absent)  # a simulated failure trains and sends nothing (`fl.dropout`)
+        release = method.release(trained.params, ids, reports, noise, entries=True)
         users.append(release.users)
         for k in keys:
             shared[k].append(release.shared[k].detach().cpu())
@@ -195,7 +197,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         nd = node_data(conf)
         part, num = partition(context)
         pool = restore_pool(conf, context, nd.data, part, num)
-        content = client_round(conf, nd, pool, unpack_task(msg.content), part)
+        content = client_round(conf, nd, pool, unpack_task(msg.content))
         save_pool(conf, context, pool, part, num)
         return Message(content=content, reply_to=msg)
 

@@ -1,6 +1,7 @@
 """What the ServerApp and the ClientApps send each other, as Flower records, and its validation.
 
-Server -> node (`train` message): the round, the clients chosen this round, the server's shared
+Server -> node (`train` message): the round, the clients chosen this round (and which of them fail to
+report, when failures are simulated), the server's shared
 parameters (FedAvg baselines) and the broadcast of AlignFedRec (community labels and S_g as an
 encoded sparse matrix, `src/comm/codec.py`). Node -> server: for each of its chosen clients that
 trained, its shared parameters and its encoded similarity upload; the evaluation ranks of every
@@ -32,6 +33,7 @@ class Task:
     shared: dict[str, torch.Tensor]
     labels: torch.Tensor | None
     global_sim: bytes | None
+    absent: torch.Tensor  # chosen clients that train but do not report (simulated failures, `fl.dropout`)
 
 
 @dataclass
@@ -54,7 +56,7 @@ def _arr(x: torch.Tensor | np.ndarray) -> Array:
 
 def pack_task(task: Task) -> RecordDict:
     """The `train` message content."""
-    arrays = {"chosen": _arr(task.chosen.long())}
+    arrays = {"chosen": _arr(task.chosen.long()), "absent": _arr(task.absent.long())}
     arrays.update({f"shared/{k}": _arr(v) for k, v in task.shared.items()})
     if task.labels is not None:
         arrays["labels"] = _arr(task.labels.long())
@@ -71,7 +73,8 @@ def unpack_task(content: RecordDict) -> Task:
     }
     labels = torch.from_numpy(arrays["labels"].numpy().copy()) if "labels" in arrays else None
     sim = arrays["global_sim"].numpy().tobytes() if "global_sim" in arrays else None
-    return Task(int(content["round"]["round"]), torch.from_numpy(arrays["chosen"].numpy().copy()), shared, labels, sim)
+    chosen, absent = (torch.from_numpy(arrays[k].numpy().copy()) for k in ("chosen", "absent"))
+    return Task(int(content["round"]["round"]), chosen, shared, labels, sim, absent)
 
 
 def pack_reply(

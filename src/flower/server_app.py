@@ -1,9 +1,9 @@
-"""The Flower ServerApp: the simulator's server round over Flower messages.
+"""The Flower ServerApp: the simulator's `RoundStrategy` over Flower messages.
 
-Each round: choose clients (`choose_clients`, the simulator's generator), send every connected
-node a `train` message, wait up to `flower.round_timeout` for the replies, reject invalid ones
-with a logged reason, then let the run's method (`src/methods/`) sum what arrived (`RoundSums.add_decoded`)
-and take its server step exactly as the simulator does, and broadcast the result with the next round. Metrics
+Each round: the strategy's `configure_fit` (the simulator's client choice and failures), a `train` message
+to every connected node, up to `flower.round_timeout` for the replies, invalid ones rejected with a logged
+reason, the method's sums of what arrived (`RoundSums.add_decoded`), then the strategy's `aggregate_fit`,
+exactly as the simulator runs it, and the new broadcast sent with the next round. Metrics
 come from the ranks the nodes computed for all their clients. The run folder receives
 config_resolved.yaml, csv/metrics.csv and results.json (rewritten atomically every round).
 """
@@ -20,18 +20,24 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from src.alignment.broadcast import Broadcast
 from src.clients.model import ModelSpec, init_params
-from src.comm.codec import Encoding, encode_upper
-from src.data.dataset import load
+from src.comm.codec import encode_upper
+from src.data.dataset import FedData, load
 from src.evaluation.evaluator import split_metrics
-from src.flower.messages import RejectedReply, Task, pack_task, unpack_reply
+from src.flower.messages import RejectedReply, Reply, Task, pack_task, unpack_reply
 from src.flower.settings import config_of, flower_checks
-from src.methods.base import Method, ServerRound, build_method
+from src.methods.base import Method, build_method
+from src.rounds.strategy import RoundStrategy
 from src.runtime.device import resolve_device
 from src.runtime.loggers import history_csv
-from src.runtime.results import atomic_write_text, build_results, select_key, write_results
-from src.simulator.rounds import advance_failure_stream, choose_clients
+from src.runtime.results import (
+    atomic_write_text,
+    build_results,
+    rounds_without_improvement,
+    select_key,
+    write_results,
+)
+from src.server.diagnostics import GraphDiagnostics
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +75,8 @@ def wait_for_nodes(grid: Grid, cfg: DictConfig, first: bool) -> list[int]:
 
 
 def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
-    """Run all rounds over the connected nodes; write and return results.json's payload."""
+    """Run all rounds over the connected nodes through the simulator's `RoundStrategy`; write and return
+    results.json's payload."""
     flower_checks(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -84,10 +91,8 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
         torch.Generator().manual_seed(int(cfg.seed)),
         torch.tensor([0]),
     )
-    server = {k: init[k][0] for k in method.shared_keys(init)}  # the simulator's server starts from client 0's draw
-    broadcast = Broadcast.empty(float(cfg.model.sigma))
-    gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-    encoding = Encoding.from_cfg(cfg.comm)
+    shared = {k: init[k][0] for k in method.shared_keys(init)}  # the simulator's server starts from client 0's draw
+    strategy = RoundStrategy(cfg, method, data.n_users, m, shared, device, graph_diagnostics(cfg, data, method))
     negatives = int(data.val_negatives.shape[1])
     limits = {"val": negatives + 1, "test": negatives + 1}
     if cfg.protocol.full_ranking:
@@ -98,10 +103,9 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     t_setup = time.perf_counter() - t0
     for r in range(1, int(cfg.fl.rounds) + 1):
         tic = time.perf_counter()
-        clients = choose_clients(data.n_users, float(cfg.fl.client_fraction), gen)
-        advance_failure_stream(data.n_users, gen)  # the simulator draws its failures here
+        plan = strategy.configure_fit(r)
         nodes = wait_for_nodes(grid, cfg, first=r == 1)
-        task = Task(r, clients, server, broadcast.labels, encoded)
+        task = Task(r, plan.clients, plan.shared, plan.broadcast.labels, encoded, plan.absent)
         timeout = float(cfg.flower.round_timeout)
         # the TTL drops a task a dead node never pulled, so a restarted node does not train a stale round
         messages = [
@@ -109,7 +113,7 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             for n in nodes
         ]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
-        chosen, seen = set(clients.tolist()), set()
+        expected, seen = set(plan.clients.tolist()) - set(plan.absent.tolist()), set()
         accepted, rejected, failed = [], 0, 0
         for rep in replies:
             node = rep.metadata.src_node_id
@@ -120,10 +124,10 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             try:
                 reply = unpack_reply(
                     rep.content,
-                    chosen - seen,
+                    expected - seen,
                     data.n_users,
                     m,
-                    {k: tuple(v.shape) for k, v in server.items()},
+                    {k: tuple(v.shape) for k, v in plan.shared.items()},
                     method.uploads_similarity,
                     limits,
                     int(cfg.flower.max_upload_bytes),
@@ -136,15 +140,18 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
                 continue
             seen |= set(reply.eval_users.tolist())
             accepted.append(reply)
-        row, result = aggregate(cfg, method, accepted, server, broadcast, m, device, r, len(clients))
-        server = result.shared
-        if result.global_sim is not None:  # a new broadcast (else the clients keep the last one)
-            broadcast = result.broadcast
-            encoded = encode_upper(broadcast.global_sim.numpy(), encoding.format, encoding.bits, lo=0.0, hi=1.0)
+        sums, row = strategy.round_sums(), node_rows(cfg, accepted)
+        for rep in accepted:
+            sums.add_decoded(rep.users, {k: v.to(device) for k, v in rep.shared.items()}, rep.sims)
+        stats, result = strategy.aggregate_fit(plan, sums)
+        row.update(stats)
+        if result.broadcast is not plan.broadcast and result.broadcast.global_sim is not None:  # a new broadcast
+            encoded = encode_upper(
+                result.broadcast.global_sim.numpy(), strategy.encoding.format, strategy.encoding.bits, lo=0.0, hi=1.0
+            )
         row.update(
             {
                 "round": r,
-                "clients": float(len(clients)),
                 "flower/nodes": float(len(nodes)),
                 "flower/replies": float(len(replies)),
                 "flower/failed": float(failed),
@@ -162,7 +169,9 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             row.get(select, float("nan")),
         )
         atomic_write_text(run_dir / "csv" / "metrics.csv", history_csv(history))
-        finished = r == int(cfg.fl.rounds)
+        patience = cfg.eval.patience  # early stopping, the simulator's rule (src/runtime/callbacks.py)
+        stop = patience is not None and rounds_without_improvement(history, select) >= int(patience)
+        finished = stop or r == int(cfg.fl.rounds)
         timings = {
             "setup_s": t_setup,
             "total_s": time.perf_counter() - t0,
@@ -171,46 +180,35 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
         payload = build_results(cfg, data.summary(), history, timings, finished=finished)
         payload["engine"] = "flower"
         write_results(run_dir, payload)
+        if finished:
+            break
     return payload
 
 
-def aggregate(
-    cfg: DictConfig,
-    method: Method,
-    replies: list,
-    server: dict,
-    broadcast: Broadcast,
-    m: int,
-    device: torch.device,
-    round_: int,
-    clients: int,
-) -> tuple[dict, ServerRound]:
-    """The server round on the accepted replies of a round that chose `clients` clients: the method's
-    sums of the decoded uploads and its server step; returns the round's row and the server's new state."""
-    sums = method.round_sums(m, device)
-    sizes, ranks, losses, steps = [], {}, {}, 0.0
+def graph_diagnostics(cfg: DictConfig, data: FedData, method: Method) -> GraphDiagnostics | None:
+    """The evaluation-only graph diagnostics (`diag.graph`), as the simulator makes them."""
+    rule = method.graph_rule()
+    if not OmegaConf.select(cfg, "diag.graph", default=False) or rule is None:
+        return None
+    return GraphDiagnostics(data, *rule)
+
+
+def node_rows(cfg: DictConfig, replies: list[Reply]) -> dict:
+    """The round's metrics from the ranks the nodes computed for all their clients, the mean training losses,
+    and what the nodes sent (the bytes on the wire, beside the ledger's `comm/` counts)."""
+    ranks, losses, steps = {}, {}, 0.0
     for rep in replies:
-        sums.add_decoded(rep.users, {k: v.to(device) for k, v in rep.shared.items()}, rep.sims)
-        sizes.extend(float(size) for size in rep.sim_bytes)
         for split, rk in rep.ranks.items():
             ranks.setdefault(split, []).append(rk)
         for k, v in rep.loss_sums.items():
             losses[k] = losses.get(k, 0.0) + v
         steps += rep.steps
-    result = method.server_round(sums, server, broadcast, int(cfg.seed), clients)
     row: dict = split_metrics({k: torch.cat(v) for k, v in ranks.items()}, tuple(int(k) for k in cfg.eval.ks))
     row.update({f"loss/{k}": v / max(steps, 1.0) for k, v in losses.items()})
-    row.update(
-        {
-            "steps": steps,
-            "reported": float(len(sums.senders)),
-            "flower/evaluated": float(sum(len(r.eval_users) for r in replies)),
-        }
-    )
-    sent = torch.tensor(sizes, dtype=torch.float64) if method.uploads_similarity else None
-    row.update(method.traffic(sums, sent, clients, result.shared, round_, int(cfg.model.dim)))
-    row.update(result.stats)
-    return row, result
+    row["steps"] = steps
+    row["flower/evaluated"] = float(sum(len(r.eval_users) for r in replies))
+    row["flower/upload_bytes"] = float(sum(sum(r.sim_bytes) for r in replies))
+    return row
 
 
 def make_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None) -> ServerApp:

@@ -24,13 +24,3 @@ def flower_checks(cfg: DictConfig) -> None:
     """What the Flower app does not do (the simulator does), refused with the key to change."""
     if cfg.ablation.central:
         raise ConfigError("ablation=central pools all data on one machine; it has no federated deployment")
-    if float(cfg.fl.dropout) > 0:
-        raise ConfigError(
-            f"config fl.dropout={cfg.fl.dropout} is simulated failure; on Flower nodes fail for real "
-            "(set fl.dropout=0, and see flower.round_timeout)"
-        )
-    if bool(cfg.comm.delta):
-        raise ConfigError(
-            "config comm.delta=true is accounted in the simulator only; the Flower app sends full "
-            "uploads (use an encoding without _delta)"
-        )

@@ -20,7 +20,7 @@ from src.alignment.release import ReleaseSpec, release_blocks
 from src.clients.cohort import DenseLoss
 from src.clients.model import Params
 from src.comm.codec import Encoding, embedding_bytes, labels_bytes, quantise, sparse_bytes
-from src.comm.privacy import epsilon_spent, laplace_scale
+from src.comm.privacy import NoiseStreams, epsilon_spent, laplace_scale
 from src.methods.base import Method, Release, RoundSums, ServerRound
 from src.runtime import native
 from src.runtime.device import block_elements
@@ -58,13 +58,14 @@ class AlignFedRec(Method):
         return partial(self.loss.value_and_grad, b=broadcast)
 
     def release(
-        self, params: Params, users: torch.Tensor, uploaded: torch.Tensor, generator: torch.Generator, entries: bool
+        self, params: Params, users: torch.Tensor, uploaded: torch.Tensor, noise: NoiseStreams, entries: bool
     ) -> Release:
-        """The uploading clients' similarity blocks (made lazily, in order, from `generator`'s noise)."""
+        """The uploading clients' similarity blocks (made lazily, in order; each client's noise from its own stream)."""
         mask = uploaded.to(params["items"].device)
         blocks = None
         if bool(uploaded.any()):
-            blocks = release_blocks(params["items"][mask], self.spec, generator, entries, held=self.support_mean)
+            gens = noise.for_clients(users[uploaded]) if self.spec.noise > 0 else None
+            blocks = release_blocks(params["items"][mask], self.spec, gens, entries, held=self.support_mean)
         return Release(users[uploaded], {}, blocks)
 
     def round_sums(self, n_items: int, device: torch.device, entries: bool = False) -> RoundSums:

@@ -9,7 +9,7 @@ A method says, for one round,
 - how many bytes crossed the network (`traffic`),
 - and how a client scores items at evaluation when not with its own model (`client_scorer`).
 
-The simulator (`src/simulator/federated.py`) and the Flower apps (`src/flower/`) call these same
+The simulator (`src/rounds/simulator.py`) and the Flower apps (`src/flower/`) call these same
 methods; only the transport differs. A method is chosen by `ablation.method`, the name of a module
 in `src/methods/` whose `build(cfg, device)` returns it; `conf/ablation/<name>.yaml` sets that key and the
 method's own values. A centralised method (no clients) instead has `central = True` and is trained
@@ -30,6 +30,7 @@ from src.alignment.release import ChunkUploads, ReleasedBlock
 from src.clients.cohort import DenseLoss
 from src.clients.model import Params
 from src.comm.codec import embedding_bytes, shared_traffic
+from src.comm.privacy import NoiseStreams
 from src.data.dataset import FedData
 from src.evaluation.evaluator import ScoreFn
 from src.server.aggregation import MeanAggregator
@@ -80,9 +81,14 @@ class RoundSums:
         self.mean.add(shared, len(users))
         self.senders.extend(users.tolist())
         for rows, cols, vals in entries:
+            vals = vals.float()  # the decoded values in the clients' dtype, as the simulator's releases hold them
             self.sims.add_entries(rows, cols, vals)
             self.sims.count += 1
             self.nnz.append(torch.tensor([2 * len(rows)]))
+            if self.keep_entries:  # as the simulator lists them: sorted positions j * m + k (j < k), values
+                keys = rows.long() * self.n_items + cols.long()
+                order = torch.argsort(keys)
+                self.entries.append((keys[order].cpu(), vals[order].float().cpu()))
 
     def sender_nnz(self) -> torch.Tensor:
         """Whole-matrix nonzeros of every similarity upload this round [senders]."""
@@ -126,7 +132,7 @@ class Method:
         return None
 
     def release(
-        self, params: Params, users: torch.Tensor, uploaded: torch.Tensor, generator: torch.Generator, entries: bool
+        self, params: Params, users: torch.Tensor, uploaded: torch.Tensor, noise: NoiseStreams, entries: bool
     ) -> Release:
         """Client side: what the clients `users` [C] of a trained chunk marked `uploaded` [C] (CPU bool) send."""
         mask = uploaded.to(params["items"].device)

@@ -51,10 +51,10 @@ from src.cli.config import load_config, validate
 from src.clients.cohort import batch_layout, chunks_by_steps, local_steps, train_cohort
 from src.clients.reference import ExactAlignment, client_batches, make_client, train_client
 from src.data.dataset import load
+from src.rounds.simulator import FederatedModule
 from src.runtime import native
 from src.runtime.device import COUNTERS, device_info, peak_rss_mib
 from src.runtime.results import publish_report, select_key
-from src.simulator.federated import FederatedModule
 
 PHASES = ("sample", "train", "aggregate", "server", "community", "eval")
 WARMUP = 2  # round 2 is the first with a broadcast to align to

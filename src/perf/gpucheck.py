@@ -25,10 +25,10 @@ import torch
 
 from src.cli.config import load_config
 from src.data.dataset import load
+from src.rounds.simulator import FederatedModule
 from src.runtime.errors import OneLineParser
 from src.runtime.results import publish_report
 from src.server.communities import adjusted_rand_index
-from src.simulator.federated import FederatedModule
 
 PATHS = {
     "pfedrec": ["ablation=backbone"],

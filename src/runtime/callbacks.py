@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
-from src.runtime.results import best_round
+from src.runtime.results import best_round, rounds_without_improvement
 
 
 class RoundEarlyStopping(EarlyStopping):
@@ -24,9 +24,8 @@ class RoundEarlyStopping(EarlyStopping):
         history = trainer.lightning_module.history
         if not self.enabled or not history:
             return
-        best = best_round(history, self.monitor)
-        self.best_score = torch.tensor(best[self.monitor])
-        self.wait_count = history[-1]["round"] - best["round"]
+        self.best_score = torch.tensor(best_round(history, self.monitor)[self.monitor])
+        self.wait_count = rounds_without_improvement(history, self.monitor)
         if self.wait_count >= self.patience:
             self.stopped_epoch = trainer.current_epoch
             trainer.should_stop = True

@@ -77,6 +77,13 @@ def best_round(history: list[dict], select: str = DEFAULT_SELECT) -> dict | None
     return max(history, key=lambda r: (r[select], -r["round"]))
 
 
+def rounds_without_improvement(history: list[dict], select: str = DEFAULT_SELECT) -> int:
+    """Rounds since the best round (`best_round`); early stopping (`eval.patience`) stops when it reaches the
+    patience, in the simulator's callback and in the Flower ServerApp alike."""
+    best = best_round(history, select)
+    return 0 if best is None else history[-1]["round"] - best["round"]
+
+
 def communication_totals(history: list[dict]) -> dict[str, float]:
     """Bytes moved over the whole run, from the per-round `comm/*` figures."""
     if not history or "comm/upload_bytes_total" not in history[0]:

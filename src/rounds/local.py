@@ -1,10 +1,10 @@
-"""One federated round as plain functions: what the clients of one process do, and how the server chooses them.
+"""The clients' side of a round as plain functions: local training of the chosen clients, and evaluation.
 
-The Lightning simulator (`federated.py`) and the Flower app (`src/flower/`) call these same
-functions; only the transport differs (in-process tensors there, encoded Flower messages here).
-Client side: `train_clients` (sample, train as stacked cohorts, yield each trained chunk so that the
-caller hands it to the method's `release`) and `evaluate_clients`. What is sent and how the server
-sums it is the method's (`src/methods/`).
+The Lightning simulator (`simulator.py`) and the Flower ClientApp (`src/flower/`) call these same
+functions; only the transport differs (in-process tensors there, encoded Flower messages here):
+`train_clients` (sample, train as stacked cohorts, yield each trained chunk so that the caller hands it
+to the method's `release`) and `evaluate_clients`. What is sent and how the server sums it is the
+method's (`src/methods/`); which clients train, and the server's step, are the `RoundStrategy`'s.
 """
 
 from __future__ import annotations
@@ -84,30 +84,6 @@ class RoundWork:
     def losses(self) -> dict[str, float]:
         """Mean of each loss term over all client-steps of the round."""
         return {k: v / max(self.steps, 1.0) for k, v in self.loss_sums.items()}
-
-
-def choose_clients(n_users: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """The clients of a round (server side): a random `fraction` of all, sorted (all when 1)."""
-    k = max(1, round(float(fraction) * n_users))
-    if k >= n_users:
-        return torch.arange(n_users)
-    return torch.randperm(n_users, generator=generator)[:k].sort().values
-
-
-def draw_failures(n_users: int, dropout: float, generator: torch.Generator) -> torch.Tensor:
-    """Simulated failures to report [n_users] (drawn every round, so the stream stays aligned)."""
-    return torch.rand(n_users, generator=generator) < float(dropout)
-
-
-def advance_failure_stream(n_users: int, generator: torch.Generator) -> None:
-    """Move `generator` past one round's `draw_failures` without simulating failures.
-
-    The simulator draws the round's failures (n_users uniforms) after choosing its clients, every
-    round, even with fl.dropout=0; the Flower server, whose nodes fail for real, calls this instead
-    so that its client choice of the next round comes from the same point of the stream as the
-    simulator's. It consumes exactly what `draw_failures` consumes.
-    """
-    draw_failures(n_users, 0.0, generator)
 
 
 def training_sampler(pool: str, data: FedData) -> NegativeSampler:

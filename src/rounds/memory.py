@@ -57,7 +57,7 @@ def auto_chunk_size(n_clients: int, per_client: int, free: int, fraction: float,
 
 def resolve_chunk_size(cfg: DictConfig, n_items: int, n_clients: int, device: torch.device) -> int | None:
     """`fl.chunk_size` (an int, or null = all), or with `auto` the largest cohort of the `n_clients`
-    a process holds that fits `fl.memory_fraction` of the free memory of `device` (src/simulator/memory.py).
+    a process holds that fits `fl.memory_fraction` of the free memory of `device` (src/rounds/memory.py).
 
     The simulator (all clients) and a Flower node (its own clients) both size their cohorts here.
     """

@@ -1,0 +1,133 @@
+"""The server side of every round, whatever carries the messages (in the spirit of a Flower `Strategy`).
+
+`configure_fit` chooses the round's clients and their simulated failures and says what they start from
+(a `FitPlan`); the clients train and release (`local.py` + the method's `release`) into the method's
+`RoundSums`; `aggregate_fit` turns those sums into the server's new state and broadcast, and gives the
+round's server statistics (traffic, communities, timings). The Lightning simulator (`simulator.py`) and
+the Flower ServerApp (`src/flower/server_app.py`) run every round through one `RoundStrategy`: they differ
+only in how a plan reaches the clients and how the releases reach the sums.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from src.alignment.broadcast import Broadcast
+from src.clients.model import Params
+from src.comm.codec import Encoding, Ledger
+from src.comm.privacy import NoiseStreams
+from src.methods.base import Method, RoundSums, ServerRound
+from src.server.diagnostics import GraphDiagnostics
+
+
+def choose_clients(n_users: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """The clients of a round: a random `fraction` of all, sorted (all when 1)."""
+    k = max(1, round(float(fraction) * n_users))
+    if k >= n_users:
+        return torch.arange(n_users)
+    return torch.randperm(n_users, generator=generator)[:k].sort().values
+
+
+def draw_failures(n_users: int, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    """Simulated failures to report [n_users] (drawn every round, even at 0, so the stream stays aligned)."""
+    return torch.rand(n_users, generator=generator) < float(dropout)
+
+
+@dataclass
+class FitPlan:
+    """One round's instructions to the clients."""
+
+    round: int
+    clients: torch.Tensor  # [k] the chosen client ids, sorted
+    failed: torch.Tensor  # [n_users] bool: simulated failures (`fl.dropout`); a failed client trains, sends nothing
+    shared: Params  # the server's shared parameters every chosen client starts from
+    broadcast: Broadcast  # what the clients hold (the last broadcast) while training and at evaluation
+    noise: NoiseStreams  # each client's upload noise stream this round
+
+    def uploads(self, users: torch.Tensor) -> torch.Tensor:
+        """Which of `users` [C] send their upload [C] bool."""
+        return ~self.failed[users]
+
+    @property
+    def absent(self) -> torch.Tensor:
+        """The chosen clients that fail to report."""
+        return self.clients[self.failed[self.clients]]
+
+
+class RoundStrategy:
+    """The server's state between rounds and its two steps of a round."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        method: Method,
+        n_users: int,
+        n_items: int,
+        shared: Params,
+        device: torch.device,
+        diag: GraphDiagnostics | None = None,
+    ):
+        self.method, self.n_users, self.n_items, self.device, self.diag = method, n_users, n_items, device, diag
+        self.fraction, self.dropout = float(cfg.fl.client_fraction), float(cfg.fl.dropout)
+        self.seed, self.dim = int(cfg.seed), int(cfg.model.dim)
+        self.shared = shared
+        self.broadcast = Broadcast.empty(float(cfg.model.sigma))
+        self.global_sim: torch.Tensor | None = None  # S_g as the server aggregated it (the broadcast may hold less)
+        self.gen = torch.Generator().manual_seed(self.seed + 1)
+        self.encoding = Encoding.from_cfg(cfg.comm)
+        self.ledger = Ledger(self.encoding, n_items)
+
+    def configure_fit(self, round_: int) -> FitPlan:
+        """Choose the round's clients and their failures; the plan they train from."""
+        clients = choose_clients(self.n_users, self.fraction, self.gen)
+        failed = draw_failures(self.n_users, self.dropout, self.gen)
+        return FitPlan(round_, clients, failed, self.shared, self.broadcast, NoiseStreams(self.seed, round_))
+
+    def round_sums(self) -> RoundSums:
+        """The server's empty sums of a round (listing each upload's entries when delta encoding counts them)."""
+        return self.method.round_sums(self.n_items, self.device, entries=self.encoding.delta)
+
+    def aggregate_fit(self, plan: FitPlan, sums: RoundSums) -> tuple[dict[str, float], ServerRound]:
+        """The method's server step on the round's sums; the server's new state; the round's server statistics."""
+        tic = time.perf_counter()
+        result = self.method.server_round(sums, self.shared, plan.broadcast, self.seed, len(plan.clients))
+        self.shared, self.broadcast = result.shared, result.broadcast
+        if result.global_sim is not None:
+            self.global_sim = result.global_sim
+        # what the server makes of the sums once a round (S_g, the broadcast); the communities are timed apart
+        stats = {"time/server": time.perf_counter() - tic - result.stats.get("time/community", 0.0)}
+        sizes = None
+        if self.method.uploads_similarity:
+            sizes = self.ledger.similarity_uploads(sums.senders, sums.sender_nnz(), sums.entries or None)
+        stats.update(self.method.traffic(sums, sizes, len(plan.clients), self.shared, plan.round, self.dim))
+        stats.update(result.stats)
+        if self.diag is not None and result.global_sim is not None:  # evaluation-only (src/server/diagnostics.py)
+            labels = result.broadcast.labels
+            stats.update(self.diag(result.global_sim, None if labels is None else labels.numpy()))
+        stats["clients"] = float(len(plan.clients))
+        stats["reported"] = float(len(sums.senders))
+        return stats, result
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the server."""
+        return {
+            "server": self.shared,
+            "gen": self.gen.get_state(),
+            "align": (self.broadcast.labels, self.broadcast.global_sim) if self.method.uploads_similarity else None,
+            "ledger": self.ledger.state_dict(),
+            "diag_first_edge_keys": None if self.diag is None else self.diag.first_edges,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` kept."""
+        self.shared = state["server"]
+        self.gen.set_state(state["gen"])
+        if self.method.uploads_similarity:
+            self.broadcast = Broadcast(*state["align"], self.broadcast.sigma)
+        self.ledger.load_state_dict(state.get("ledger", {}))
+        if self.diag is not None:
+            self.diag.restore(state)
