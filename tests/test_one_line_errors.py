@@ -31,6 +31,16 @@ CASES = [
     ("src.run", ["dataset=nope"], "no config 'dataset/nope' in conf/; expected one of dataset: filmtrust"),
     ("src.run", ["fl.roundz=3"], "no key fl.roundz in the config; expected a key of conf/"),
     ("src.run", ["model.alpha=["], "cannot parse override 'model.alpha=['; expected key=value"),
+    (
+        "src.run",
+        ["+fl.roundz=3"],
+        "override +fl.roundz=3 adds a key the config does not have; expected a key of conf/ "
+        "(did you mean fl.rounds=3?)",
+    ),
+    ("src.run", ["model.sigma=-0.5"], "model.sigma=-0.5 is invalid; expected a finite number in (0, 1)"),
+    ("src.run", ["server.graph_sigma=1.0"], "server.graph_sigma=1.0 is invalid; expected a finite number in (0, 1)"),
+    ("src.campaign", ["experiment=table1", "--jobs", "-1"], "--jobs -1 is invalid; expected an integer >= 1"),
+    ("src.campaign", ["experiment=table1", "--budget-min", "-5"], "--budget-min -5.0 is invalid; expected a number"),
     ("src.campaign", ["experiment=table1", "--jobs", "0"], "--jobs 0 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=nope", "--dry-run"], "no config 'experiment/nope' in conf/; expected one of"),
     ("src.report", ["results/runs", "--out", "README.md"], "--out README.md is a file; expected a folder"),
@@ -82,3 +92,27 @@ def test_messages_are_flattened_to_one_line():
     assert flatten("first.\n\n  second\n") == "first; second"
     err = MissingConfigException("In 'config': Could not find 'dataset/x'", "dataset/x", ["b", "a"])
     assert describe(err) == "no config 'dataset/x' in conf/; expected one of dataset: a, b"
+
+
+def test_an_output_folder_under_a_file_is_refused_before_hydra_makes_it(tmp_path):
+    (tmp_path / "afile").write_text("")
+    out = command(
+        "src.run", ["dataset=synthetic", "fl.rounds=1", f"hydra.run.dir={tmp_path / 'afile' / 'x'}"], tmp_path
+    )
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: hydra.run.dir={tmp_path / 'afile' / 'x'}: {tmp_path / 'afile'} is a file; expected a folder (or a "
+        "path under one)"
+    ]
+
+
+def test_flower_simulation_with_more_nodes_than_clients_is_refused_first(tmp_path):
+    pytest.importorskip("flwr")
+    run = tmp_path / "run"
+    args = ["dataset=synthetic", "dataset.n_users=5", "flower.supernodes=8", "fl.rounds=1", f"hydra.run.dir={run}"]
+    out = command("src.flower.simulate", args, tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: flower.supernodes=8 but the split has 5 clients; expected at most 5 (node p holds clients p, p + n, "
+        "...: a node without clients cannot train)"
+    )
+    assert "Traceback" not in out.stderr and not run.exists()

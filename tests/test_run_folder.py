@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from src.cli.train import ResumeError, train
 from src.runtime import rundir
@@ -77,6 +78,10 @@ def test_resume_refuses_a_corrupted_checkpoint(compose_cfg, tmp_path):
     with open(ckpt, "r+b") as fh:
         fh.truncate(ckpt.stat().st_size // 2)
     with pytest.raises(CheckpointError, match=rf"{ckpt} is corrupted or truncated.*restart"):
+        train(compose_cfg(SYNTH + ["fl.rounds=3", "resume=true"]), run_dir, progress=False)
+    record = read_record(ckpt)  # the record "mended" to match the truncated file: still refused, in one line
+    (run_dir / "checkpoints" / "last.json").write_text(json.dumps({**record, "sha256": sha256_file(ckpt)}))
+    with pytest.raises(CheckpointError, match=rf"{ckpt} matches its record but is not a readable torch checkpoint"):
         train(compose_cfg(SYNTH + ["fl.rounds=3", "resume=true"]), run_dir, progress=False)
     (run_dir / "checkpoints" / "last.json").unlink()
     with pytest.raises(CheckpointError, match="has no record last.json"):
@@ -223,3 +228,126 @@ def test_resume_loads_our_checkpoint_whole_on_every_lightning_the_project_allows
 
     assert full_load(Older(), "last.ckpt") == {} and full_load(Newer(), None) == {}
     assert full_load(Newer(), "last.ckpt") == {"weights_only": False}
+
+
+def test_a_refused_run_never_touches_a_folder_another_process_holds(tmp_path):
+    """Issue 36's race, with two real processes: while one holds a folder (still loading its data), runs refused
+    there leave its lock file (the same inode) and its log in place, so no third run can take the folder beside it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.log").write_text("the holder's log\n")
+    hold = "import sys, time; from pathlib import Path; from src.runtime import rundir; "
+    hold += "rundir.claim(Path(sys.argv[1]), False); print('locked', flush=True); time.sleep(300)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        inode = (run_dir / rundir.LOCK_NAME).stat().st_ino
+        for attempt in range(2):  # the second would have found no lock file, and run beside the holder
+            out = cli([*SYNTH, "fl.rounds=1", f"hydra.run.dir={run_dir}"], tmp_path)
+            assert out.returncode == 2, out.stderr[-2000:]
+            assert "is in use by another run" in out.stderr, (attempt, out.stderr[-2000:])
+            assert (run_dir / rundir.LOCK_NAME).stat().st_ino == inode
+            assert (run_dir / "run.log").read_text().startswith("the holder's log\n")
+        rundir.remove_if_empty_of_runs(run_dir)  # the clean-up itself, in this process
+        assert (run_dir / rundir.LOCK_NAME).stat().st_ino == inode
+    finally:
+        holder.kill()
+        holder.wait()
+    rundir.remove_if_empty_of_runs(run_dir)  # nobody holds it now: an empty folder goes
+    assert not run_dir.exists()
+
+
+def test_resume_with_fewer_rounds_is_refused(compose_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose_cfg(SYNTH + ["fl.rounds=3"]), run_dir, progress=False)
+    before = snapshot(run_dir)
+    with pytest.raises(ResumeError, match=r"has run 3 rounds and fl\.rounds=2 is fewer; expected fl\.rounds >= 3"):
+        train(compose_cfg(SYNTH + ["fl.rounds=2", "resume=true"]), run_dir, progress=False)
+    assert snapshot(run_dir) == before
+
+
+def test_a_patience_that_would_have_stopped_the_run_earlier_is_refused(compose_cfg, tmp_path):
+    """The curve 0.1 0.3 0.2 0.25 0.4 (best at round 2): patience 2 stops at round 4, so a 5-round checkpoint cannot
+    be resumed under it; patience 3 would not have stopped before round 5, and no patience never stops."""
+    from src.cli.train import check_resume_length
+
+    cfg = compose_cfg(SYNTH + ["fl.rounds=9"])
+    record = {"round": 5, "config": {"eval": {"patience": None}}, "curve": [0.1, 0.3, 0.2, 0.25, 0.4]}
+    cfg.eval.patience = 2
+    with pytest.raises(ResumeError, match=r"eval\.patience=2 would have stopped this run at round 4"):
+        check_resume_length(cfg, tmp_path / "last.ckpt", record)
+    for patience in (3, None):
+        cfg.eval.patience = patience
+        check_resume_length(cfg, tmp_path / "last.ckpt", record)
+    cfg.eval.patience = 2
+    with pytest.raises(ResumeError, match="keeps no curve"):
+        check_resume_length(cfg, tmp_path / "last.ckpt", {k: v for k, v in record.items() if k != "curve"})
+
+
+def test_the_checkpoint_keeps_the_curve_a_patience_change_is_checked_against(compose_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    payload = train(compose_cfg(SYNTH + ["fl.rounds=3"]), run_dir, progress=False)
+    record = read_record(run_dir / "checkpoints" / "last.ckpt")
+    assert record["curve"] == [row["val/hit@10"] for row in payload["history"]]
+
+
+def test_a_resume_records_the_speed_keys_it_changed_per_round_span(compose_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose_cfg(SYNTH + ["fl.rounds=2"]), run_dir, progress=False)
+    resumed = train(compose_cfg(SYNTH + ["fl.rounds=3", "compute=fused", "resume=true"]), run_dir, progress=False)
+    assert resumed["resumes"] == [
+        {"after_round": 2, "changed": {"compute.kernel": ["native", "fused"], "fl.rounds": [2, 3]}}
+    ]
+    again = train(compose_cfg(SYNTH + ["fl.rounds=4", "compute=fused", "resume=true"]), run_dir, progress=False)
+    assert again["resumes"] == [*resumed["resumes"], {"after_round": 3, "changed": {"fl.rounds": [3, 4]}}]
+    assert json.loads((run_dir / "results.json").read_text())["resumes"] == again["resumes"]
+
+
+@requires_real_data
+def test_a_failed_resume_leaves_the_folder_labelled_as_it_ran(tmp_path):
+    """A resume cut before it finishes (SIGTERM) leaves .hydra/, config_resolved.yaml and results.json as the run
+    that made them; a resume that finishes relabels all three."""
+    run_dir = tmp_path / "X"
+    base = SMALL_FILMTRUST + ["fl.checkpoint_every=1", f"hydra.run.dir={run_dir}"]
+    assert cli([*base, "fl.rounds=2"], tmp_path).returncode == 0
+    labels = {p: (run_dir / p).read_bytes() for p in (".hydra/overrides.yaml", "config_resolved.yaml", "results.json")}
+    env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
+    env.pop("ALIGNFEDREC_DATA", None)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        args = [*base, "fl.rounds=400", "resume=true"]
+        proc = subprocess.Popen([sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, stdout=fh, stderr=fh)
+        try:
+            wait_for_rounds(proc, run_dir / "csv" / "metrics.csv", 3, log)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 143
+        finally:
+            proc.kill()
+    assert {p: (run_dir / p).read_bytes() for p in labels} == labels
+    rounds = read_record(run_dir / "checkpoints" / "last.ckpt")["round"] + 1
+    assert rounds >= 4
+    done = cli([*base, f"fl.rounds={rounds}", "resume=true"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert yaml.safe_load((run_dir / "config_resolved.yaml").read_text())["fl"]["rounds"] == rounds
+    assert f"fl.rounds={rounds}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert len(json.loads((run_dir / "results.json").read_text())["history"]) == rounds
+
+
+def test_a_full_disk_while_checkpointing_ends_the_run_with_one_line(compose_cfg, tmp_path, monkeypatch):
+    import errno
+
+    from src.runtime import checkpoint
+
+    run_dir = tmp_path / "run"
+    train(compose_cfg(SYNTH + ["fl.rounds=1"]), run_dir, progress=False)
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_path", full)
+    with pytest.raises(
+        CheckpointError, match=r"could not write checkpoint .* after round 2 \(No space left on device\)"
+    ):
+        train(compose_cfg(SYNTH + ["fl.rounds=2", "resume=true"]), run_dir, progress=False)
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before

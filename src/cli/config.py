@@ -154,7 +154,9 @@ def _validate_model(cfg: DictConfig) -> None:
     _num(cfg, "model.beta", _non_negative, ">= 0")
     _num(cfg, "model.tau", _positive, "> 0")
     _num(cfg, "model.tau0", _positive, "> 0")
-    _num(cfg, "model.sigma", lambda x: -1 <= x <= 1, "in [-1, 1]")
+    # sigma thresholds cosines: entries below it are not uploaded, uploads are quantised over [sigma, 1], and the
+    # server graph keeps S_g >= sigma; 0 or less would upload (nearly) every pair, 1 none (docs/configuration.md)
+    _num(cfg, "model.sigma", lambda x: 0 < x < 1, "in (0, 1), a cosine threshold (the paper's 0.5)")
     _choice(cfg, "model.gsa_mask", ("local", "global", "union"))
     _choice(cfg, "model.alignment", ("exact", "fast"))
     _choice(cfg, "model.fast_gsa", ("rows", "pairs"))
@@ -316,7 +318,7 @@ def _validate_server(cfg: DictConfig) -> None:
     _int(cfg, "server.sim_block", 1)
     if "graph" in cfg.server:
         _choice(cfg, "server.graph", ("threshold", "knn"))
-        _num(cfg, "server.graph_sigma", lambda x: -1 <= x <= 1, "in [-1, 1]", nullable=True)
+        _num(cfg, "server.graph_sigma", lambda x: 0 < x < 1, "in (0, 1), a cosine threshold", nullable=True)
         _int(cfg, "server.graph_k", 1)
         _choice(cfg, "server.aggregate", ("mean", "support_mean"))
     if OmegaConf.select(cfg, "server.gsa_on_graph", default=False) is not False:

@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
+import os
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -17,6 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from src.cli.config import CONF_DIR, ConfigError, refuse_moved, validate
 from src.runtime.errors import reported
+from src.runtime.rundir import flatten
 
 # hydra's flags that take no value and leave the config as it is; any other flag skips the check (Hydra's own)
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -65,6 +69,19 @@ def value_overrides(overrides: list[str]) -> tuple[list[str], list[Override]]:
     return composed, values
 
 
+def refuse_added_keys(overrides: list[str], cfg: DictConfig) -> None:
+    """A `+key=value` that adds a key the config does not have (a typo such as `+fl.roundz=3` would otherwise be
+    saved and change the run's identity) is refused, naming the closest known key; `+group=option` stays."""
+    for line, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        key = parsed.key_or_group
+        if parsed.type != OverrideType.ADD or parsed.is_hydra_override() or (CONF_DIR / key).is_dir():
+            continue
+        known = [k for k in flatten(OmegaConf.to_container(cfg, resolve=False)) if k != key]
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {close[0]}={parsed.get_value_element_as_str()}?" if close else "see conf/config.yaml"
+        raise ConfigError(f"override {line} adds a key the config does not have; expected a key of conf/ ({hint})")
+
+
 def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
     """The config of each run's overrides, composing once per set of group choices: a grid's seeds and other
     value axes are applied to a copy as Hydra applies them (struct mode: an unknown key is an error)."""
@@ -75,6 +92,7 @@ def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
         composed, values = value_overrides(overrides)
         if tuple(composed) not in cache:
             cache[tuple(composed)] = compose_config(composed)
+            refuse_added_keys(composed, cache[tuple(composed)])
         cfg = copy.deepcopy(cache[tuple(composed)])
         for parsed in values:
             try:
@@ -119,10 +137,27 @@ def command_jobs(argv: list[str]) -> list[list[str]] | None:
     return grid_jobs({str(k): str(v) for k, v in grid.items()}, overrides)
 
 
+def check_output_dir(key: str, folder: str) -> None:
+    """`hydra.run.dir` / `hydra.sweep.dir` must be a folder this process can create or write: checked before Hydra
+    creates it (which would end in a raw OSError)."""
+    path = Path(folder).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}={folder}: {probe} is a file; expected a folder (or a path under one)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={folder}: {probe} is not writable; expected a folder this user can write")
+
+
 def check_command_line(argv: list[str]) -> None:
     """Compose and validate every job of a `src.run`-style command line before any starts; the first bad one ends
     the command with one line naming the job (`src.runtime.errors`)."""
     with reported():
+        for arg in argv:
+            key, _, value = arg.partition("=")
+            if key in ("hydra.run.dir", "hydra.sweep.dir") and value:
+                check_output_dir(key, value)
         jobs = command_jobs(argv)
     if jobs is None:
         return

@@ -33,7 +33,7 @@ from src.runtime.checkpoint import AtomicCheckpoint
 from src.runtime.device import run_resources
 from src.runtime.errors import UserError, reported
 from src.runtime.loggers import LEAFSPEC_WARNING, RoundProgress, finish_loggers, make_loggers, quiet_lightning
-from src.runtime.results import build_results, report_best, select_key, write_results
+from src.runtime.results import build_results, report_best, rounds_without_improvement, select_key, write_results
 
 log = logging.getLogger(__name__)
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
@@ -85,6 +85,7 @@ class Prepared:
     setup_s: float
     ckpt: Path | None
     record: dict | None
+    resumes: list[dict]  # each resume of the run: the round it went on after and the resumable keys it changed
 
 
 def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
@@ -105,6 +106,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
                     f"own overrides (see {ckpt.parents[1] / '.hydra' / 'overrides.yaml'}), or start "
                     f"a new run in a new folder"
                 )
+            check_resume_length(cfg, ckpt, record)
             checkpoint.verify(ckpt, record)
         torch.manual_seed(int(cfg.seed))
         data = load(cfg)
@@ -118,7 +120,42 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
     except BaseException:
         rundir.release(lock)
         raise
-    return Prepared(cfg, run_dir, lock, data, digest, start, time.perf_counter() - start, ckpt, record)
+    resumes = list((record or {}).get("resumes", []))
+    if record is not None:
+        changed = rundir.resume_changes(record["config"], OmegaConf.to_container(cfg, resolve=True))
+        if changed:
+            resumes.append({"after_round": int(record["round"]), "changed": changed})
+    return Prepared(cfg, run_dir, lock, data, digest, start, time.perf_counter() - start, ckpt, record, resumes)
+
+
+def check_resume_length(cfg: DictConfig, ckpt: Path, record: dict) -> None:
+    """A resume may go on longer, never shorter: `fl.rounds` below the rounds already run, or an `eval.patience`
+    that would have stopped the run before them, is refused (the run would be labelled with a length it did not
+    run)."""
+    done = int(record["round"])
+    if int(cfg.fl.rounds) < done:
+        raise ResumeError(
+            f"resume refused: checkpoint {ckpt} has run {done} rounds and fl.rounds={cfg.fl.rounds} is fewer; "
+            f"expected fl.rounds >= {done} (or a new run in a new folder)"
+        )
+    before = OmegaConf.select(OmegaConf.create(record["config"]), "eval.patience", default=None)
+    patience = cfg.eval.patience
+    if patience == before or patience is None:
+        return
+    curve = record.get("curve")
+    if curve is None:
+        raise ResumeError(
+            f"resume refused: eval.patience {before} -> {patience}, and checkpoint {ckpt} keeps no curve to check "
+            f"that the new patience would not have stopped the run earlier; expected eval.patience={before}"
+        )
+    select = select_key(cfg)
+    rows = [{"round": r + 1, select: v} for r, v in enumerate(curve)]
+    for r in range(1, done):
+        if rounds_without_improvement(rows[:r], select) >= int(patience):
+            raise ResumeError(
+                f"resume refused: eval.patience={patience} would have stopped this run at round {r}, and checkpoint "
+                f"{ckpt} has {done} rounds; expected eval.patience={before} (as run) or a new run in a new folder"
+            )
 
 
 def fit(run: Prepared, progress: bool = True) -> dict:
@@ -126,7 +163,8 @@ def fit(run: Prepared, progress: bool = True) -> dict:
     cfg, run_dir = run.cfg, run.run_dir
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
-        atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if run.ckpt is None:  # a resume relabels the folder only once it has run (a failed one leaves it as it was)
+            label_folder(cfg, run_dir)
         module = FederatedModule(cfg, run.data)
         prior = run.record or {}
         ckpt = AtomicCheckpoint(
@@ -137,6 +175,7 @@ def fit(run: Prepared, progress: bool = True) -> dict:
             run.start,
             float(prior.get("elapsed_s", 0.0)),
             int(prior.get("processes", 0)) + 1,
+            run.resumes,
         )
         loggers = make_loggers(cfg, run_dir)
         quiet_lightning()
@@ -172,12 +211,21 @@ def fit(run: Prepared, progress: bool = True) -> dict:
         }
         resources = run_resources(module.compute_device)
         payload = build_results(cfg, run.data.summary(), module.history, timings, True, resources)
+        payload["resumes"] = run.resumes
+        if run.ckpt is not None:
+            label_folder(cfg, run_dir)
         write_results(run_dir, payload)
         summary = {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]}
         finish_loggers(loggers, summary)
         return payload
     finally:
         rundir.release(run.lock)
+
+
+def label_folder(cfg: DictConfig, run_dir: Path) -> None:
+    """The run folder's config: config_resolved.yaml and Hydra's .hydra/ (within a Hydra app)."""
+    atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    rundir.write_hydra_files(run_dir, cfg)
 
 
 def stopped_message(run_dir: Path, ckpt: AtomicCheckpoint) -> str:
@@ -202,6 +250,5 @@ def hydra_job(cfg: DictConfig) -> float:
     metric (`eval.select`, by default validation hit@10: the objective of sweeps)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run = rundir.checked_in(run_dir, lambda: prepare(cfg, run_dir))
-    rundir.write_hydra_files(run_dir, cfg)
     with reported():
         return report_best(fit(run), run_dir, log)

@@ -17,8 +17,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from src.cli.config import validate
+from src.cli.config import ConfigError, validate
 from src.cli.jobs import check_command_line
+from src.data.dataset import load
 from src.flower.client_app import make_client_app
 from src.flower.server_app import make_server_app
 from src.flower.settings import flower_checks
@@ -34,6 +35,12 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
 
     validate(cfg)
     flower_checks(cfg)
+    n_users = load(cfg).n_users  # the split (cached); every virtual node must hold a client
+    if int(cfg.flower.supernodes) > n_users:
+        raise ConfigError(
+            f"flower.supernodes={cfg.flower.supernodes} but the split has {n_users} clients; expected at most "
+            f"{n_users} (node p holds clients p, p + n, ...: a node without clients cannot train)"
+        )
     lock = rundir.claim(run_dir, resuming=False)
     try:
         rundir.write_hydra_files(run_dir, cfg)

@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,16 @@ def verify(ckpt: Path, record: dict[str, Any]) -> None:
             f"expects {record['sha256']}. Resume from an intact copy (resume=<path to last.ckpt>) or restart "
             f"the run without resume in a new folder"
         )
+    try:  # a torch checkpoint is a zip archive: a truncated or damaged one fails here, before torch reads it
+        with zipfile.ZipFile(ckpt) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as exc:
+        bad = str(exc)
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {ckpt} matches its record but is not a readable torch checkpoint ({bad}); resume from an "
+            f"intact copy (resume=<path to last.ckpt>) or restart the run without resume in a new folder"
+        )
 
 
 class AtomicCheckpoint(Checkpoint):
@@ -96,10 +107,13 @@ class AtomicCheckpoint(Checkpoint):
         start: float,
         prior_s: float = 0.0,
         processes: int = 1,
+        resumes: list[dict] | None = None,
     ):
         self.dirpath, self.every = Path(dirpath), int(every)
         self.config, self.data_digest = config, data_digest
         self.start, self.prior_s, self.processes = start, prior_s, processes
+        self.resumes = list(resumes or [])
+        self.monitor = str(config.get("eval", {}).get("select", "val/hit@10"))
         self.saved_round = 0
 
     @property
@@ -116,10 +130,17 @@ class AtomicCheckpoint(Checkpoint):
             stale.unlink(missing_ok=True)
 
     def save(self, trainer: L.Trainer, done: int) -> None:
-        """Checkpoint through a temporary sibling, then its record; both renamed into place."""
-        with atomic_path(self.last) as tmp:
-            trainer.save_checkpoint(tmp, weights_only=False)
-            digest = sha256_file(tmp)
+        """Checkpoint through a temporary sibling, then its record; both renamed into place (a full disk leaves the
+        previous pair intact and ends the run with one line)."""
+        try:
+            with atomic_path(self.last) as tmp:
+                trainer.save_checkpoint(tmp, weights_only=False)
+                digest = sha256_file(tmp)
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not write checkpoint {self.last} after round {done} ({exc.strerror or exc}); the previous "
+                f"checkpoint is intact; expected free space and write access in {self.dirpath}"
+            ) from None
         record = {
             "format": RECORD_FORMAT,
             "round": done,
@@ -128,6 +149,8 @@ class AtomicCheckpoint(Checkpoint):
             "data": self.data_digest,
             "elapsed_s": self.elapsed(),
             "processes": self.processes,
+            "resumes": self.resumes,  # each resume: after which round, and the resumable keys it changed
+            "curve": [row[self.monitor] for row in trainer.lightning_module.history],  # to check a patience change
         }
         atomic_write_text(record_path(self.last), json.dumps(record, indent=1))
         self.saved_round = done

@@ -117,11 +117,8 @@ def claim(run_dir: Path, resuming: bool) -> int:
     holds a run, finished or not.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(run_dir)
+    if fd is None:
         raise RunFolderError(
             f"run folder {run_dir} is in use by another run (locked: {run_dir / LOCK_NAME}); "
             f"wait for it to end or choose another folder (hydra.run.dir=...)"
@@ -137,15 +134,49 @@ def claim(run_dir: Path, resuming: bool) -> int:
     return fd
 
 
+def try_lock(run_dir: Path) -> int | None:
+    """The folder's lock for this process (its descriptor), or None when another process holds it.
+
+    The lock file is the one at its path when the lock is taken: a lock won on a file that a refused run's clean-up
+    has just removed would lock nothing, so that case takes the new file's lock instead.
+    """
+    path = run_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 def release(fd: int) -> None:
     """Unlock the folder (closing the descriptor drops the flock)."""
     os.close(fd)
 
 
 def remove_if_empty_of_runs(run_dir: Path) -> None:
-    """Delete a folder Hydra created for a run that was refused before writing anything of its own."""
-    if run_dir.is_dir() and not holds_run(run_dir):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    """Delete a folder Hydra created for a run that was refused before writing anything of its own, holding its
+    lock while it does: a folder another process has locked (still loading its data, say) is never touched."""
+    if not run_dir.is_dir() or holds_run(run_dir):
+        return
+    try:
+        fd = try_lock(run_dir)
+    except OSError:
+        return
+    if fd is None:
+        return
+    try:
+        if not holds_run(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -171,6 +202,14 @@ def resume_mismatch(saved: dict, current: dict) -> list[str]:
         if a.get(key, missing) != b.get(key, missing):
             out.append(f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}")
     return out
+
+
+def resume_changes(saved: dict, current: dict) -> dict[str, list]:
+    """{key: [before, now]} for the keys a resume may change that change what or how the rounds compute (speed
+    keys, length, checkpoints, patience; not where the run writes): results.json records them per resume."""
+    a, b = normalised(saved), normalised(current)
+    keys = (*SPEED_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if k in keys and a.get(k) != b.get(k)}
 
 
 def write_hydra_files(run_dir: Path, cfg: Any) -> None:
