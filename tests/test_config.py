@@ -30,6 +30,8 @@ def test_default_config_composes(compose_cfg):
         ("fl.rounds=0", "fl.rounds"),
         ("model.sigma=1.5", "model.sigma"),
         ("model.sigma=-1.01", "model.sigma"),
+        ("model.sigma=0", "model.sigma"),
+        ("model.sigma=1", "model.sigma"),
         ("model.tau=0", "model.tau"),
         ("eval.ks=[0]", "eval.ks"),
         ("eval.ks=[5,-1]", "eval.ks"),
@@ -54,7 +56,7 @@ def test_out_of_range_value_fails_validation_naming_the_key(compose_cfg, overrid
 
 
 @pytest.mark.parametrize(
-    "override", ["model.sigma=1", "model.sigma=-1", "fl.client_fraction=1", "model.tau=0.01", "eval.ks=[1,10]"]
+    "override", ["model.sigma=0.999", "model.sigma=0.001", "fl.client_fraction=1", "model.tau=0.01", "eval.ks=[1,10]"]
 )
 def test_boundary_values_are_accepted(compose_cfg, override):
     compose_cfg([override])

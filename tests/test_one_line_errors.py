@@ -13,6 +13,7 @@ from hydra.errors import MissingConfigException
 
 from src.cli.jobs import command_jobs, grid_jobs
 from src.runtime.errors import describe, flatten
+from tests.conftest import requires_real_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,11 @@ CASES = [
         "(did you mean fl.rounds=3?)",
     ),
     ("src.run", ["model.sigma=-0.5"], "model.sigma=-0.5 is invalid; expected a finite number in (0, 1)"),
-    ("src.run", ["server.graph_sigma=1.0"], "server.graph_sigma=1.0 is invalid; expected a finite number in (0, 1)"),
+    (
+        "src.run",
+        ["server.graph_sigma=1.0"],
+        "server.graph_sigma=1.0 is invalid; expected null or a finite number in (0, 1)",
+    ),
     ("src.campaign", ["experiment=table1", "--jobs", "-1"], "--jobs -1 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=table1", "--budget-min", "-5"], "--budget-min -5.0 is invalid; expected a number"),
     ("src.campaign", ["experiment=table1", "--jobs", "0"], "--jobs 0 is invalid; expected an integer >= 1"),
@@ -105,10 +110,11 @@ def test_an_output_folder_under_a_file_is_refused_before_hydra_makes_it(tmp_path
     ]
 
 
+@requires_real_data
 def test_flower_simulation_with_more_nodes_than_clients_is_refused_first(tmp_path):
     pytest.importorskip("flwr")
     run = tmp_path / "run"
-    args = ["dataset=synthetic", "dataset.n_users=5", "flower.supernodes=8", "fl.rounds=1", f"hydra.run.dir={run}"]
+    args = ["dataset=filmtrust", "data.max_users=5", "flower.supernodes=8", "fl.rounds=1", f"hydra.run.dir={run}"]
     out = command("src.flower.simulate", args, tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == (
