@@ -310,8 +310,9 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
         ["ablation=full", "encoding=csr8_delta"],  # delta encoding, counted by the same ledger
         ["ablation=fed_itemknn", "fl.dropout=0.3"],  # simulated failures: the chosen clients that do not report
         ["ablation=fedavg", "fl.dropout=0.3", "fl.client_fraction=0.5"],
+        ["ablation=backbone", "comm.tables=rows", "fl.client_fraction=0.5"],  # tables counted as changed rows
     ],
-    ids=["dp_noise", "comm_delta", "dropout", "fedavg_dropout_fraction"],
+    ids=["dp_noise", "comm_delta", "dropout", "fedavg_dropout_fraction", "table_rows"],
 )
 def test_flower_matches_the_simulator_with(compose_cfg, tmp_path, extra):
     """One round loop: what the simulator does with noise, delta accounting and failures, Flower does alike."""

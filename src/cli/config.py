@@ -340,6 +340,7 @@ def _validate_comm_privacy(cfg: DictConfig) -> None:
     _int(cfg, "comm.topk", 1, nullable=True)
     _choice(cfg, "comm.bits", (32, 16, 8, 4))
     _bool(cfg, "comm.delta")
+    _choice(cfg, "comm.tables", ("dense", "rows"))
     epsilon = _num(cfg, "privacy.epsilon", _positive, "> 0", nullable=True)
     scale = _num(cfg, "privacy.scale", _non_negative, ">= 0", nullable=True)
     _check(

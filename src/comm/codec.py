@@ -71,6 +71,12 @@ def embedding_bytes(m: int, d: int) -> int:
     return 4 * m * d
 
 
+def table_rows_bytes(rows: int, m: int, d: int) -> int:
+    """Size of `rows` rows of an m x d fp32 table sent with their row indices, or of the dense table when that is
+    smaller (the lossless sparse table)."""
+    return min(HEADER_BYTES + rows * (index_bytes(m) + 4 * d), 4 * m * d)
+
+
 def shared_traffic(tensors: list[torch.Tensor], uploaders: int, clients: int) -> dict[str, float]:
     """Parameter sharing (FedAvg-style baselines): each uploader sends, and each chosen client
     receives, one client's shared tensors in fp32."""
@@ -101,10 +107,12 @@ class Encoding:
     topk: int | None = None
     bits: int = 32
     delta: bool = False
+    tables: str = "dense"  # shared item tables: dense | rows (only the changed rows, with their indices)
 
     @classmethod
     def from_cfg(cls, comm: DictConfig) -> Encoding:
-        return cls(str(comm.format), None if comm.topk is None else int(comm.topk), int(comm.bits), bool(comm.delta))
+        topk = None if comm.topk is None else int(comm.topk)
+        return cls(str(comm.format), topk, int(comm.bits), bool(comm.delta), str(comm.get("tables", "dense")))
 
     def upload_bytes(self, nnz: int, m: int) -> int:
         return sparse_bytes(nnz, m, self.format, self.bits)
@@ -268,6 +276,42 @@ class Ledger:
     def __init__(self, encoding: Encoding, n_items: int):
         self.encoding, self.m = encoding, n_items
         self.previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.row_changed = torch.zeros(n_items, dtype=torch.long)  # the round each shared table row last changed
+        self.downloaded: dict[int, int] = {}  # client -> the round it last downloaded the shared table
+
+    def table_traffic(
+        self,
+        round_: int,
+        clients: torch.Tensor,
+        changed_rows: list[int],
+        before: torch.Tensor,
+        after: torch.Tensor,
+        other_bytes: int,
+    ) -> dict[str, float]:
+        """`comm.tables=rows`: the bytes of a parameter-sharing round when tables travel as their changed rows.
+
+        Each uploader sends the rows of its item table that differ from the server's table it started from
+        (`changed_rows`, one count per uploader), each chosen client `clients` receives the rows of the server's
+        table `before` [m, d] (what the round starts from) that changed since its last download (all of them the
+        first time), and both directions carry the other shared tensors densely (`other_bytes`). `after` is the
+        server's new table, whose changed rows date from this round.
+        """
+        m, d = before.shape
+        up = [float(table_rows_bytes(n, m, d) + other_bytes) for n in changed_rows]
+        down = []
+        for c in clients.tolist():
+            last = self.downloaded.get(c)  # it then received the table as it was at the start of round `last`
+            rows = m if last is None else int((self.row_changed >= last).sum())
+            down.append(float(table_rows_bytes(rows, m, d) + other_bytes))
+            self.downloaded[c] = round_
+        self.row_changed[(after.cpu() != before.cpu()).any(1)] = round_
+        return {
+            "comm/upload_bytes_mean": sum(up) / len(up) if up else 0.0,
+            "comm/upload_bytes_total": sum(up),
+            "comm/upload_rows_mean": sum(changed_rows) / len(changed_rows) if changed_rows else 0.0,
+            "comm/download_bytes_mean": sum(down) / len(down) if down else 0.0,
+            "comm/download_bytes_total": sum(down),
+        }
 
     def similarity_uploads(
         self, clients: list[int], nnz: torch.Tensor, entries: list[tuple[torch.Tensor, torch.Tensor]] | None
@@ -291,7 +335,9 @@ class Ledger:
         return sparse_bytes(nnz, self.m, self.encoding.format, self.encoding.bits) + labels_bytes(self.m, n_labels)
 
     def state_dict(self) -> dict:
-        return {"previous": self.previous}
+        return {"previous": self.previous, "row_changed": self.row_changed, "downloaded": self.downloaded}
 
     def load_state_dict(self, state: dict) -> None:
         self.previous = dict(state.get("previous", {}))
+        self.row_changed = state.get("row_changed", self.row_changed)
+        self.downloaded = dict(state.get("downloaded", {}))

@@ -68,7 +68,9 @@ class AlignFedRec(Method):
             blocks = release_blocks(params["items"][mask], self.spec, gens, entries, held=self.support_mean)
         return Release(users[uploaded], {}, blocks)
 
-    def round_sums(self, n_items: int, device: torch.device, entries: bool = False) -> RoundSums:
+    def round_sums(
+        self, n_items: int, device: torch.device, entries: bool = False, start: Params | None = None
+    ) -> RoundSums:
         """The server's empty sums; with `support_mean` they also count each pair's uploads."""
         return RoundSums(n_items, device, True, entries, support=self.support_mean)
 

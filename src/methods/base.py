@@ -52,18 +52,33 @@ class RoundSums:
     similarities, their sum with each sender's nonzero count (and entries, for delta accounting)."""
 
     def __init__(
-        self, n_items: int, device: torch.device, similarity: bool, entries: bool = False, support: bool = False
+        self,
+        n_items: int,
+        device: torch.device,
+        similarity: bool,
+        entries: bool = False,
+        support: bool = False,
+        start: Params | None = None,
     ):
         self.mean = MeanAggregator()
+        self.start = start  # the shared item table the clients started from, to count the rows each changed
+        self.changed_rows: list[int] = []
         self.sims = SimilaritySum(n_items, device, support) if similarity else None
         self.n_items, self.device, self.keep_entries = n_items, device, entries
         self.senders: list[int] = []
         self.nnz: list[torch.Tensor] = []
         self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def count_changed_rows(self, shared: Params) -> None:
+        """With `start` (`comm.tables=rows`): the rows of each uploaded item table [n, m, d] that changed."""
+        if self.start is not None and "items" in shared:
+            table = shared["items"]
+            self.changed_rows.extend((table != self.start["items"].to(table.device)).any(-1).sum(-1).tolist())
+
     def add(self, release: Release) -> None:
         """Sum one chunk's release (the simulator: blocks straight into the sum, never a whole matrix)."""
         self.mean.add(release.shared, len(release.users))
+        self.count_changed_rows(release.shared)
         self.senders.extend(release.users.tolist())
         if release.blocks is None or self.sims is None:
             return
@@ -79,6 +94,7 @@ class RoundSums:
     def add_decoded(self, users: torch.Tensor, shared: Params, entries: list[tuple[torch.Tensor, ...]]) -> None:
         """Sum one node's decoded reply (Flower): shared parameters [n, ...] and (rows, cols, values) per upload."""
         self.mean.add(shared, len(users))
+        self.count_changed_rows(shared)
         self.senders.extend(users.tolist())
         for rows, cols, vals in entries:
             vals = vals.float()  # the decoded values in the clients' dtype, as the simulator's releases hold them
@@ -139,9 +155,12 @@ class Method:
         keys = self.shared_keys(params)
         return Release(users[uploaded], {k: params[k][mask] for k in keys})
 
-    def round_sums(self, n_items: int, device: torch.device, entries: bool = False) -> RoundSums:
-        """The server's empty sums for a round."""
-        return RoundSums(n_items, device, self.uploads_similarity, entries)
+    def round_sums(
+        self, n_items: int, device: torch.device, entries: bool = False, start: Params | None = None
+    ) -> RoundSums:
+        """The server's empty sums for a round (`start`: the shared parameters the round starts from, to count
+        the table rows each upload changed)."""
+        return RoundSums(n_items, device, self.uploads_similarity, entries, start=start)
 
     def server_round(
         self, sums: RoundSums, shared: Params, broadcast: Broadcast, seed: int, n_clients: int

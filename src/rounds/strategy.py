@@ -88,8 +88,15 @@ class RoundStrategy:
         return FitPlan(round_, clients, failed, self.shared, self.broadcast, NoiseStreams(self.seed, round_))
 
     def round_sums(self) -> RoundSums:
-        """The server's empty sums of a round (listing each upload's entries when delta encoding counts them)."""
-        return self.method.round_sums(self.n_items, self.device, entries=self.encoding.delta)
+        """The server's empty sums of a round (listing each upload's entries when delta encoding counts them, and
+        the start table when its changed rows are counted)."""
+        start = self.shared if self.rows_counted else None
+        return self.method.round_sums(self.n_items, self.device, entries=self.encoding.delta, start=start)
+
+    @property
+    def rows_counted(self) -> bool:
+        """`comm.tables=rows` and the method shares an item table."""
+        return self.encoding.tables == "rows" and "items" in self.shared
 
     def aggregate_fit(self, plan: FitPlan, sums: RoundSums) -> tuple[dict[str, float], ServerRound]:
         """The method's server step on the round's sums; the server's new state; the round's server statistics."""
@@ -104,6 +111,10 @@ class RoundStrategy:
         if self.method.uploads_similarity:
             sizes = self.ledger.similarity_uploads(sums.senders, sums.sender_nnz(), sums.entries or None)
         stats.update(self.method.traffic(sums, sizes, len(plan.clients), self.shared, plan.round, self.dim))
+        if self.rows_counted:  # the tables as their changed rows (what a lossless sparse encoding sends)
+            rest = sum(4 * v.numel() for k, v in self.shared.items() if k != "items")
+            before, after = plan.shared["items"], self.shared["items"]
+            stats.update(self.ledger.table_traffic(plan.round, plan.clients, sums.changed_rows, before, after, rest))
         stats.update(result.stats)
         if self.diag is not None and result.global_sim is not None:  # evaluation-only (src/server/diagnostics.py)
             labels = result.broadcast.labels

@@ -77,6 +77,7 @@ ADDED_KEYS = {
     "server.graph_k": 10,
     "server.aggregate": "mean",
     "server.gsa_on_graph": False,
+    "comm.tables": "dense",
 }
 
 
