@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
+import importlib
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +12,22 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from src.data.protocols import TRAIN_NEGATIVE_POOLS
+from src.runtime.checks import ConfigError, is_int, is_number
+from src.runtime.checks import boolean as _bool
+from src.runtime.checks import check as _check
+from src.runtime.checks import choice as _choice
+from src.runtime.checks import get as _get
+from src.runtime.checks import integer as _int
+from src.runtime.checks import non_negative as _non_negative
+from src.runtime.checks import number as _num
+from src.runtime.checks import positive as _positive
+from src.runtime.checks import shown as _shown
 from src.runtime.device import MATMUL_PRECISIONS
-from src.runtime.errors import UserError
 from src.runtime.results import DEFAULT_SELECT, SELECT_PATTERN
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 COMMUNITY_METHODS = ("igraph", "leidenalg", "leidenalg_rb")
 LOSSES = ("sigmoid_bce", "logits_bce")
-CENTRAL_SCORERS = ("mf", "popularity", "itemknn")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 KERNELS = ("native", "fused", "reference")
 # keys that were replaced: an override of one is refused naming its successor
@@ -30,77 +37,6 @@ MOVED_KEYS = {
 }
 
 
-class ConfigError(UserError, ValueError):
-    """A config value is out of its valid range; the message names the key."""
-
-
-def _check(ok: bool, key: str, value: object, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid; expected {expected}")
-
-
-def _shown(value: Any) -> Any:
-    """A config value as plain Python (lists and dicts of a DictConfig), for messages."""
-    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
-
-
-def _get(cfg: DictConfig, key: str) -> Any:
-    """The (resolved) value at dotted `key`; a missing key is a ConfigError."""
-    missing = object()
-    value = OmegaConf.select(cfg, key, default=missing)
-    if value is missing:
-        raise ConfigError(f"{key} is missing; expected it in the composed config (conf/)")
-    return value
-
-
-def is_int(value: Any) -> bool:
-    """An integer, and not a bool (True is not 1 here)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """A finite int or float, and not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int(cfg: DictConfig, key: str, minimum: int, nullable: bool = False, note: str = "") -> int | None:
-    """The integer at `key`, >= minimum (or null when `nullable`); a float is refused, never truncated."""
-    value = _get(cfg, key)
-    if nullable and value is None:
-        return None
-    expected = f"{'null or ' if nullable else ''}an integer >= {minimum}{note}"
-    _check(is_int(value) and value >= minimum, key, _shown(value), expected)
-    return value
-
-
-def _num(cfg: DictConfig, key: str, ok: Callable[[float], bool], bounds: str, nullable: bool = False) -> float | None:
-    """The finite number at `key` with ok(value) true (`bounds` says which, e.g. '> 0' or 'in (0, 1]')."""
-    value = _get(cfg, key)
-    if nullable and value is None:
-        return None
-    expected = f"{'null or ' if nullable else ''}a finite number {bounds}"
-    _check(is_number(value) and ok(value), key, _shown(value), expected)
-    return float(value)
-
-
-def _choice(cfg: DictConfig, key: str, options: tuple[Any, ...]) -> Any:
-    """The value at `key`, one of `options` (compared with its type: 8.0 is not the choice 8)."""
-    value = _get(cfg, key)
-    _check(
-        any(type(value) is type(o) and value == o for o in options),
-        key,
-        _shown(value),
-        "one of " + ", ".join(map(str, options)),
-    )
-    return value
-
-
-def _bool(cfg: DictConfig, key: str) -> bool:
-    value = _get(cfg, key)
-    _check(isinstance(value, bool), key, _shown(value), "true or false")
-    return value
-
-
 def _not_a_folder(cfg: DictConfig, key: str, nullable: bool = False) -> None:
     """An output file path: a non-empty string that does not name an existing directory (or null if allowed)."""
     value = _get(cfg, key)
@@ -108,14 +44,6 @@ def _not_a_folder(cfg: DictConfig, key: str, nullable: bool = False) -> None:
         return
     _check(isinstance(value, str) and value != "", key, _shown(value), "a file path")
     _check(not Path(value).is_dir(), key, value, "a file path, not an existing directory")
-
-
-def _positive(x: float) -> bool:
-    return x > 0
-
-
-def _non_negative(x: float) -> bool:
-    return x >= 0
 
 
 def validate_device(device: Any) -> None:
@@ -208,33 +136,10 @@ def _validate_ablation(cfg: DictConfig) -> None:
         _choice(cfg, f"ablation.{key}", ("mean", "personal"))
     for key in ("central", "ica", "gsa"):
         _bool(cfg, f"ablation.{key}")
-    # the central ablation trains its own pooled model (src/methods/central.py)
-    if "lr" in cfg.ablation:
-        _num(cfg, "ablation.lr", _positive, "> 0")
-    if "batch_size" in cfg.ablation:
-        _int(cfg, "ablation.batch_size", 1)
-    if "init_std" in cfg.ablation:
-        _num(cfg, "ablation.init_std", _positive, "> 0")
-    # the calibration baselines (src/methods/calibration.py): centralised scorers that train nothing
-    if "scorer" in cfg.ablation:
-        _choice(cfg, "ablation.scorer", CENTRAL_SCORERS)
-        _check(
-            bool(cfg.ablation.central),
-            "ablation.central",
-            cfg.ablation.central,
-            "true for a scorer ablation (it scores from the pooled training data)",
-        )
-        if cfg.ablation.scorer == "itemknn":
-            _int(cfg, "ablation.k", 1)
-    if cfg.ablation.method == "fed_itemknn":  # item-kNN on the broadcast S_g (src/methods/fed_itemknn.py)
-        _int(cfg, "ablation.k", 1)
-        for key in ("ica", "gsa", "central"):
-            _check(
-                not cfg.ablation[key],
-                f"ablation.{key}",
-                cfg.ablation[key],
-                "false for fed_itemknn (clients train without alignment terms and score by item-kNN on S_g)",
-            )
+    # the method's own keys: checked by its module (`validate(cfg)` in src/methods/<ablation.method>.py)
+    check_method = getattr(importlib.import_module(f"src.methods.{cfg.ablation.method}"), "validate", None)
+    if check_method is not None:
+        check_method(cfg)
 
 
 def _validate_fl(cfg: DictConfig) -> None:
@@ -322,16 +227,7 @@ def _validate_server(cfg: DictConfig) -> None:
         _int(cfg, "server.graph_k", 1)
         _choice(cfg, "server.aggregate", ("mean", "support_mean"))
     if OmegaConf.select(cfg, "server.gsa_on_graph", default=False) is not False:
-        on = _bool(cfg, "server.gsa_on_graph")
-        if on and cfg.ablation.get("gsa", False):
-            m = cfg.model
-            _check(
-                m.alignment == "fast" and m.fast_gsa == "rows" and m.gsa_mask in ("global", "union"),
-                "server.gsa_on_graph",
-                on,
-                "model.alignment=fast, model.fast_gsa=rows and model.gsa_mask=global or union (it replaces the global "
-                f"part of GSA's mask; got alignment={m.alignment}, fast_gsa={m.fast_gsa}, gsa_mask={m.gsa_mask})",
-            )
+        _bool(cfg, "server.gsa_on_graph")  # what it needs of GSA: src/methods/alignfedrec.py:validate
 
 
 def _validate_comm_privacy(cfg: DictConfig) -> None:

@@ -16,6 +16,7 @@ from src.clients.cohort import RoundSamples
 from src.data.dataset import FedData
 from src.methods.base import Method
 from src.methods.calibration import ItemKNNScorer, PopularityScorer
+from src.runtime import checks
 from src.runtime.device import host_value, to_device
 
 
@@ -118,6 +119,27 @@ def make_central(
     if method.scorer == "itemknn":
         return ItemKNNScorer.pooled(data, method.k, device)
     return CentralTrainer(method, data.n_users, data.n_items, device)
+
+
+SCORERS = ("mf", "popularity", "itemknn")
+
+
+def validate(cfg: DictConfig) -> None:
+    """The central ablations' keys: its own pooled model's Adam (`ablation.lr`, `batch_size`, `init_std`), or a
+    calibration scorer (src/methods/calibration.py) that scores from the pooled training data."""
+    a = cfg.ablation
+    if "lr" in a:
+        checks.number(cfg, "ablation.lr", checks.positive, "> 0")
+    if "batch_size" in a:
+        checks.integer(cfg, "ablation.batch_size", 1)
+    if "init_std" in a:
+        checks.number(cfg, "ablation.init_std", checks.positive, "> 0")
+    if "scorer" in a:
+        checks.choice(cfg, "ablation.scorer", SCORERS)
+        expected = "true for a scorer ablation (it scores from the pooled training data)"
+        checks.check(bool(a.central), "ablation.central", a.central, expected)
+        if a.scorer == "itemknn":
+            checks.integer(cfg, "ablation.k", 1)
 
 
 def build(cfg: DictConfig, device: torch.device) -> Central:

@@ -33,6 +33,7 @@ from src.methods import alignfedrec
 from src.methods.alignfedrec import AlignFedRec
 from src.methods.base import RoundSums, ServerRound
 from src.methods.calibration import ItemKNNScorer, keep_top_k
+from src.runtime import checks
 
 
 def neighbour_kernel(global_sim: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,6 +74,15 @@ class FedItemKNN(AlignFedRec):
         sent = torch.where(graph_mask(quantised, 0.0, self.k), quantised, 0.0)
         stats = self.download_stats(sent, None, n_clients)
         return ServerRound(shared, Broadcast(None, sent, self.spec.sigma), stats, global_sim)
+
+
+def validate(cfg: DictConfig) -> None:
+    """`ablation.k` neighbours, and no alignment term: clients train alone and score by item-kNN on S_g."""
+    checks.integer(cfg, "ablation.k", 1)
+    expected = "false for fed_itemknn (clients train without alignment terms and score by item-kNN on S_g)"
+    for key in ("ica", "gsa", "central"):
+        checks.check(not cfg.ablation[key], f"ablation.{key}", cfg.ablation[key], expected)
+    alignfedrec.validate(cfg)
 
 
 def build(cfg: DictConfig, device: torch.device) -> FedItemKNN:
