@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 import warnings
 from collections import defaultdict
@@ -143,7 +144,11 @@ def collect(
         # their own figures (`src.plots sensitivity`); their default points are the tables' own runs
         sweeps = [p for p in payloads if str(p["config"].get("experiment_name", "")).startswith(SWEEPS)]
         if sweeps:
-            warnings.warn(f"left out {len(sweeps)} sensitivity-sweep run(s) (experiment {SWEEPS}*)", stacklevel=2)
+            warnings.warn(
+                f"left out {len(sweeps)} run(s) of sensitivity sweeps and traffic counts (experiment "
+                f"{', '.join(s + '*' for s in SWEEPS)})",
+                stacklevel=2,
+            )
         payloads = [p for p in payloads if p not in sweeps]
     for payload in payloads:
         if rounds is not None:
@@ -161,7 +166,9 @@ def collect(
     return {k: v for key, runs in groups.items() for k, v in split_differing(key, runs).items()}
 
 
-SWEEPS = "sweep_"
+# experiments whose runs are not the paper tables' cells: the sensitivity sweeps, and the traffic counts (the same
+# computation as a table's run, counted another way)
+SWEEPS = ("sweep_", "traffic")
 # config keys that may differ between runs of one row: the seed, and where things are read or written
 SAME_ROW = ("seed", *WHERE_KEYS, *SPEED_KEYS, "device")
 
@@ -407,6 +414,14 @@ def generated(kind: str, root: Path) -> str:
             return markdown(rows(collect([root / "calibration"])))
         if kind == "variants":
             return markdown(rows(collect([root / f for f in VARIANT_FOLDERS])))
+        if kind == "traffic":
+            return traffic_markdown(root)
+        if kind == "audit":
+            return audit_markdown(root)
+        if kind == "claims":
+            return claims_markdown(root)
+        if kind.startswith(RUNS_BLOCK):  # `runs:a,b`: the table of the stored runs under <root>/a and <root>/b
+            return markdown(rows(collect([root / f for f in kind[len(RUNS_BLOCK) :].split(",")])))
         table = with_missing(rows(collect([root], planned=TABLE_ROUNDS)), "table1" if kind == "headline" else kind)
     return headline_markdown(headline(table)) if kind == "headline" else markdown(table)
 
@@ -424,16 +439,155 @@ VARIANT_FOLDERS = (
     "table2/filmtrust/full",
     "table1/filmtrust/full",
 )
-GENERATED = ("table1", "table2", "headline", "calibration", "variants")
+GENERATED = ("table1", "table2", "headline", "calibration", "variants", "traffic", "audit", "claims")
+
+
+def claims_markdown(root: Path) -> str:
+    """The README's findings as sentences whose every figure is read from the stored runs (Table 1/2 cells, the
+    traffic table): sampled test hit@10 in percent, mean over the seeds stored (their number in brackets)."""
+    table = rows(collect([root], planned=TABLE_ROUNDS))
+
+    def hit(dataset: str, method: str, protocol: str, optim: str) -> str:
+        found = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == (dataset, method, protocol)]
+        found = [r for r in found if r["engine"].split("+")[0] == optim and r["seeds"]]
+        if not found:
+            return "missing"
+        r = max(found, key=lambda r: r["seeds"])
+        return f"{r['test/hit@10']:.2f}" + ("" if r["seeds"] == 3 else f" ({r['seeds']} seed{'s' * (r['seeds'] > 1)})")
+
+    def pub(dataset: str, method: str) -> str:
+        ref = published().get(method, {}).get(dataset)
+        return f"{ref[0]:.2f}" if ref else "-"
+
+    names = {"ml-100k": "ML-100K", "filmtrust": "FilmTrust", "ml-1m": "ML-1M", "lastfm-2k": "Lastfm-2k"}
+    backbone = ", ".join(f"{names[d]} ({hit(d, 'backbone', 'paper', 'sgd')} vs {pub(d, 'backbone')})" for d in names)
+    return "\n".join(
+        [
+            f"- **The paper protocol leaks.** The `local` canary, which never federates, reaches "
+            f"{hit('ml-100k', 'local', 'paper', 'sgd')} hit@10 on ML-100K with the lineage engine under it, and "
+            f"{hit('ml-100k', 'local', 'clean', 'sgd')} (chance is 10) under the clean protocol "
+            "([Data and protocols](docs/data.md)).",
+            f"- **The lineage SGD engine reproduces the published PFedRec backbone** (paper protocol, here vs "
+            f"published): {backbone}; Adam does not (ML-100K {hit('ml-100k', 'backbone', 'paper', 'adam')}).",
+            f"- **AlignFedRec is at chance under the clean protocol** (ML-100K {hit('ml-100k', 'full', 'clean', 'sgd')}"
+            f" with SGD), and no engine reproduces its published rows under the paper protocol (ML-100K: "
+            f"{hit('ml-100k', 'full', 'paper', 'sgd')} with SGD, {hit('ml-100k', 'full', 'paper', 'adam')} with "
+            f"Adam, against {pub('ml-100k', 'full')}).",
+            f"- **`fed_itemknn`** (this project's: item-kNN on the shared similarity) is level with PFedRec under the "
+            f"clean protocol without sharing an embedding (ML-100K {hit('ml-100k', 'fed_itemknn', 'clean', 'adam')} "
+            f"vs {hit('ml-100k', 'backbone', 'clean', 'sgd')}), but its uploads leak membership and, counted as "
+            "sent, it moves more bytes than PFedRec ([Privacy and traffic](docs/communication-privacy.md)).",
+        ]
+    )
+
+
+# the audits at the operating point of stored runs (`src.audit ... fl.rounds=<the run's best round>`), beside the runs
+AUDITS = "audit/operating_point"
+
+
+def audit_markdown(root: Path) -> str:
+    """The membership and recovery attacks on the uploads at the best validation round of each stored run audited
+    (`<root>/../audit/operating_point/*.json`), each beside its run's accuracy at that round."""
+    head = "| dataset | method | protocol | seed | round (best val) | val hit@10 (audit / run) | test hit@10 (run) "
+    head += "| upload nonzeros | AUC row sum | AUC row degree | AUC distance from S_g | recovery (chance) |"
+    lines = [head, "|" + "---|" * 12]
+    for path in sorted((root.parent / AUDITS).glob("*.json")):
+        a = json.loads(path.read_text())
+        o = dict(x.split("=", 1) for x in a["overrides"] if "=" in x)
+        run = read_run(
+            root
+            / o["experiment"]
+            / a["dataset"]
+            / a["ablation"]
+            / a["protocol"]
+            / "default"
+            / f"seed{o['seed']}"
+            / "results.json"
+        )
+        best = next(r for r in run["history"] if r["round"] == run["best_round"])
+        auc = {k: f"{v:.2f} ± {a['membership_auc_std'][k]:.2f}" for k, v in a["membership_auc"].items()}
+        lines.append(
+            f"| {a['dataset']} | {a['ablation']} | {a['protocol']} | {o['seed']} | {a['rounds']} "
+            f"| {100 * a['val_hit@10_last']:.2f} / {100 * best['val/hit@10']:.2f} | {100 * best['test/hit@10']:.2f} "
+            f"| {a['upload_nnz_mean']:,.0f} | {auc.get('row_sum', '-')} | {auc.get('row_degree', '-')} "
+            f"| {auc.get('distance_from_global', '-')} "
+            f"| {a['recovery_cosine']:.2f} ({a['recovery_cosine_chance']:.2f}) |"
+        )
+    return "\n".join(lines)
+
+
+# the runs the traffic table compares, per dataset: the parameter-sharing baselines counted densely (Table 1) and
+# as changed rows (experiment=traffic), beside the similarity-sharing methods (Table 2's full, fed_itemknn)
+TRAFFIC_FOLDERS = (
+    "traffic/{d}",
+    "table1/{d}/backbone",
+    "table1/{d}/fedavg",
+    "table2/{d}/full",
+    "graph_variants/{d}/fed_itemknn",
+)
+TRAFFIC_DATASETS = ("ml-100k", "filmtrust")
+
+
+def per_client_round(history: list[dict]) -> tuple[float, float]:
+    """(upload, download) bytes per client and round over a run: all bytes sent over all client-rounds."""
+    up = sum(r.get("comm/upload_bytes_total", 0.0) for r in history) / max(sum(r["comm/uploaders"] for r in history), 1)
+    down = sum(r.get("comm/download_bytes_total", 0.0) for r in history) / max(sum(r["clients"] for r in history), 1)
+    return up, down
+
+
+def traffic_markdown(root: Path) -> str:
+    """Upload, download and their total per client and round, side by side per method (clean protocol, seed 0,
+    100 rounds), each with the test hit@10 of its run; `rows` = tables counted as their changed rows."""
+    head = (
+        "| dataset | method | tables counted | engine | upload KiB | download KiB | total KiB | total / PFedRec rows "
+    )
+    head += "| test hit@10 | run (under results/runs) |"
+    lines = [head, "|" + "---|" * 10]
+    for d in TRAFFIC_DATASETS:
+        runs = [
+            r
+            for r in distinct(load_runs([root / f.format(d=d) for f in TRAFFIC_FOLDERS]))
+            if r["protocol"] == "clean"
+            and r["config"].get("seed") == 0
+            and planned_rounds(r["config"]) == TABLE_ROUNDS
+            and "comm/uploaders" in r["history"][0]
+        ]
+        table = []
+        for r in runs:
+            up, down = per_client_round(r["history"])
+            tables = "-"  # a similarity-sharing method shares no table
+            if r["ablation"] in ("backbone", "fedavg"):  # runs made before comm.tables existed counted them densely
+                tables = {"-": "dense"}.get(
+                    config_value(r["config"], "comm.tables"), config_value(r["config"], "comm.tables")
+                )
+            table.append((r["ablation"], tables, engine(r["config"]), up, down, r))
+        ref = next((t[3] + t[4] for t in table if t[0] == "backbone" and t[1] == "rows"), None)
+        for method, tables, eng, up, down, r in sorted(table, key=lambda t: (t[0], t[1], t[2])):
+            ratio = f"{(up + down) / ref:.2f}" if ref else "-"
+            hit = cell(100 * r["test_at_best"]["test/hit@10"])
+            lines.append(
+                f"| {d} | {method} | {tables} | {eng} | {up / 1024:.1f} | {down / 1024:.1f} | {(up + down) / 1024:.1f} "
+                f"| {ratio} | {hit} | {Path(r['path']).resolve().relative_to(root.resolve())} |"
+            )
+    return "\n".join(lines)
+
+
+RUNS_BLOCK = "runs:"  # a block of any stored folders: `<!-- runs:issue3_baselines -->` ... `<!-- /runs:... -->`
+
+
+def block_kinds(text: str) -> list[str]:
+    """The generated blocks a text holds: the kinds of GENERATED, and every `runs:<folders>` block."""
+    named = re.findall(r"<!-- (runs:[^ >]+) -->", text)
+    return [k for k in GENERATED if f"<!-- {k} -->" in text] + sorted(set(named))
 
 
 def update(files: list[Path], root: Path) -> list[str]:
-    """Rewrite every generated block (`<!-- kind -->` ... `<!-- /kind -->`, kind in GENERATED) of `files` from the
+    """Rewrite every generated block (`<!-- kind -->` ... `<!-- /kind -->`, `block_kinds`) of `files` from the
     runs under `root`; return the kinds found. A file is written only when a block changed."""
     found = []
     for path in files:
         text = new = path.read_text()
-        for kind in GENERATED:
+        for kind in block_kinds(text):
             head, tail = f"<!-- {kind} -->\n", f"\n<!-- /{kind} -->"
             if head in new and tail in new:
                 start, end = new.index(head) + len(head), new.index(tail)
@@ -450,6 +604,7 @@ PAGE_SECTIONS = (
     ("Table 2: the ablations", "table2"),
     ("Calibration: what co-occurrence alone reaches (centralised, nothing trained)", "calibration"),
     ("Server-graph variants (this project's, not the paper's) beside the methods they vary", "variants"),
+    ("Traffic per client and round, every method counted as sent (clean protocol, seed 0)", "traffic"),
 )
 
 
