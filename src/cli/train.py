@@ -142,6 +142,7 @@ def check_resume_length(cfg: DictConfig, ckpt: Path, record: dict) -> None:
     patience = cfg.eval.patience
     if patience == before or patience is None:
         return
+    before = "null" if before is None else before  # as it is written on the command line
     curve = record.get("curve")
     if curve is None:
         raise ResumeError(
