@@ -317,6 +317,11 @@ def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
         )
     name = param.split(".")[-1]
     write_table(rows, out, f"sensitivity_{name}")
+    from omegaconf import OmegaConf
+
+    from src.cli.config import load_config
+
+    default = OmegaConf.select(load_config([]), param)  # the composed default, marked on every figure
     for (dataset, protocol), group in group_by(rows, ("dataset", "protocol")).items():
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [g[param] for g in group]
@@ -330,6 +335,10 @@ def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
         )
         if all(isinstance(x, (int, float)) and x > 0 for x in xs) and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
+        if isinstance(default, (int, float)):
+            ax.axvline(default, color="grey", linestyle=":", label=f"default {name} = {default:g}")
+        seeds = "/".join(str(g["seeds"]) for g in group)
+        ax.text(0.01, 0.01, f"seeds per point: {seeds} (bars: std over seeds)", transform=ax.transAxes, fontsize=8)
         ax.legend()
         save(fig, out, f"sensitivity_{name}_{dataset}_{protocol}")
         plt.close(fig)
