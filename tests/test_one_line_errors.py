@@ -46,6 +46,13 @@ CASES = [
     ),
     ("src.campaign", ["experiment=table1", "--jobs", "-1"], "--jobs -1 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=table1", "--budget-min", "-5"], "--budget-min -5.0 is invalid; expected a number"),
+    (
+        "src.campaign",
+        ["experiment=table1", "--device", "cuda", "--dry-run"],
+        "device='cuda' is invalid; expected a device",
+    ),
+    ("src.campaign", ["store", "/nonexistent"], "store needs --experiment; expected the usage of"),
+    ("src.report", ["results/runs", "--rounds", "0"], "--rounds 0 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=table1", "--jobs", "0"], "--jobs 0 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=nope", "--dry-run"], "no config 'experiment/nope' in conf/; expected one of"),
     ("src.report", ["results/runs", "--out", "README.md"], "--out README.md is a file; expected a folder"),
