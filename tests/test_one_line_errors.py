@@ -46,11 +46,6 @@ CASES = [
     ),
     ("src.campaign", ["experiment=table1", "--jobs", "-1"], "--jobs -1 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=table1", "--budget-min", "-5"], "--budget-min -5.0 is invalid; expected a number"),
-    (
-        "src.campaign",
-        ["experiment=table1", "--device", "cuda", "--dry-run"],
-        "device='cuda' is invalid; expected a device",
-    ),
     ("src.campaign", ["store", "/nonexistent"], "store needs --experiment; expected the usage of"),
     ("src.report", ["results/runs", "--rounds", "0"], "--rounds 0 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=table1", "--jobs", "0"], "--jobs 0 is invalid; expected an integer >= 1"),
@@ -129,3 +124,12 @@ def test_flower_simulation_with_more_nodes_than_clients_is_refused_first(tmp_pat
         "...: a node without clients cannot train)"
     )
     assert "Traceback" not in out.stderr and not run.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_campaign_on_a_missing_gpu_is_refused_before_any_run(tmp_path):
+    out = command("src.campaign", ["experiment=table1", "--device", "cuda", "--dry-run"], tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: device='cuda' is invalid; expected a device this machine has: CUDA is not available here (use "
+        "device=auto or device=cpu)"
+    ]
