@@ -133,3 +133,15 @@ def test_a_campaign_on_a_missing_gpu_is_refused_before_any_run(tmp_path):
         "error: device='cuda' is invalid; expected a device this machine has: CUDA is not available here (use "
         "device=auto or device=cpu)"
     ]
+
+
+def test_an_unwritable_output_folder_is_refused(tmp_path, monkeypatch):
+    """(root writes anywhere, so the folder's permission bits cannot show it here: os.access stands in)"""
+    from src.cli import jobs
+    from src.cli.config import ConfigError
+
+    monkeypatch.setattr(jobs.os, "access", lambda path, mode: False)
+    with pytest.raises(
+        ConfigError, match=rf"hydra.run.dir={tmp_path}/x: {tmp_path} is not writable; expected a folder"
+    ):
+        jobs.check_output_dir("hydra.run.dir", str(tmp_path / "x"))
