@@ -102,33 +102,50 @@ def table_audit(cfg, overrides, module, data, start, n_clients: int, train_s: fl
     """The membership attack on the item-table uploads of parameter-sharing methods (PFedRec, FedAvg): a client's
     last-round upload against the table the server sent it. The upload is the client's item table itself, so its
     embeddings are recovered exactly (cosine 1 by construction)."""
-    gen = torch.Generator().manual_seed(int(cfg.seed) + 11)
-    chosen = torch.randperm(data.n_users, generator=gen)[:n_clients].sort().values.tolist()
-    ptr, items = np.asarray(data.train_ptr), np.asarray(data.train_items)
+    gen, chosen = attacked_clients(cfg, data.n_users, n_clients)
     aucs: dict[str, list[float]] = {}
     for u in chosen:
-        truth = np.zeros(data.n_items, dtype=bool)
-        truth[items[ptr[u] : ptr[u + 1]]] = True
+        truth = training_items(data, u)
         for name, scores in table_scores(module.state["items"][u], start).items():
             aucs.setdefault(name, []).append(auc(scores, truth))
-    last = module.history[-1]
+    return {
+        **report_fields(cfg, overrides, module, len(chosen), train_s, aucs),
+        "upload": "item table",
+        "upload_nnz_mean": float(int(data.n_items) * int(cfg.model.dim)),
+        "recovery_cosine": 1.0,
+        "recovery_cosine_chance": float("nan"),
+    }
+
+
+def attacked_clients(cfg, n_users: int, n_clients: int) -> tuple[torch.Generator, list[int]]:
+    """The audit's generator and the `n_clients` random clients it attacks (sorted)."""
+    gen = torch.Generator().manual_seed(int(cfg.seed) + 11)
+    return gen, torch.randperm(n_users, generator=gen)[:n_clients].sort().values.tolist()
+
+
+def training_items(data, u: int) -> np.ndarray:
+    """Client u's training positives as a boolean mask over the items [m]: the attacks' truth."""
+    truth = np.zeros(data.n_items, dtype=bool)
+    truth[np.asarray(data.train_items)[data.train_ptr[u] : data.train_ptr[u + 1]]] = True
+    return truth
+
+
+def report_fields(cfg, overrides, module, clients: int, train_s: float, aucs: dict[str, list[float]]) -> dict:
+    """What every audit report holds: the run, where it stopped, and each score's AUC over the clients."""
+    last, select = module.history[-1], select_key(cfg)
     return {
         "dataset": cfg.dataset.name,
         "protocol": cfg.protocol.name,
         "ablation": cfg.ablation.name,
         "rounds": int(cfg.fl.rounds),
-        "clients": len(chosen),
-        "upload": "item table",
+        "clients": clients,
         "overrides": list(overrides),
         "train_s": train_s,
-        "val_hit@10_last": last.get("val/hit@10"),
-        "select": select_key(cfg),
-        "val_select_last": last.get(select_key(cfg)),
-        "upload_nnz_mean": float(int(data.n_items) * int(cfg.model.dim)),
+        "val_hit@10_last": last.get("val/hit@10"),  # None when eval.ks lacks 10
+        "select": select,
+        "val_select_last": last.get(select),
         "membership_auc": {k: float(np.nanmean(v)) for k, v in aucs.items()},
         "membership_auc_std": {k: float(np.nanstd(v)) for k, v in aucs.items()},
-        "recovery_cosine": 1.0,
-        "recovery_cosine_chance": float("nan"),
     }
 
 
@@ -155,19 +172,15 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     train_s = time.perf_counter() - tic
     if shares_table:
         return table_audit(cfg, overrides, module, data, start, n_clients, train_s)
-    gen = torch.Generator().manual_seed(int(cfg.seed) + 11)
-    chosen = torch.randperm(data.n_users, generator=gen)[:n_clients].sort().values.tolist()
+    gen, chosen = attacked_clients(cfg, data.n_users, n_clients)
     sigma, d = float(cfg.model.sigma), int(cfg.model.dim)
     global_sim = module.server_sim  # what an honest-but-curious server holds (fed_itemknn broadcasts less)
     aucs: dict[str, list[float]] = {}
     recovered, chance = [], []
-    ptr = np.asarray(data.train_ptr)
-    items = np.asarray(data.train_items)
     for u in chosen:
         table = module.state["items"][u]
         upload = decoded_upload(table, module.method.spec, gen)
-        truth = np.zeros(data.n_items, dtype=bool)
-        truth[items[ptr[u] : ptr[u + 1]]] = True
+        truth = training_items(data, u)
         for name, scores in membership_scores(upload, global_sim).items():
             aucs.setdefault(name, []).append(auc(scores, truth))
         target = normalised(table.double().unsqueeze(0), bool(cfg.model.centre))[0]
@@ -176,23 +189,12 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
         noise_x = torch.randn(x.shape, generator=gen, dtype=torch.float64)
         chance.append(aligned_cosine(noise_x, target))
     return {
-        "dataset": cfg.dataset.name,
-        "protocol": cfg.protocol.name,
-        "ablation": cfg.ablation.name,
-        "rounds": int(cfg.fl.rounds),
-        "clients": len(chosen),
+        **report_fields(cfg, overrides, module, len(chosen), train_s, aucs),
         "sigma": sigma,
         "noise_scale": module.method.spec.noise,
         "epsilon_round_entry": module.method.eps_round,
         "bits": module.strategy.encoding.bits,
-        "overrides": list(overrides),
-        "train_s": train_s,
-        "val_hit@10_last": module.history[-1].get("val/hit@10"),  # None when eval.ks lacks 10
-        "select": select_key(cfg),
-        "val_select_last": module.history[-1].get(select_key(cfg)),
         "upload_nnz_mean": module.history[-1].get("comm/upload_nnz_mean"),
-        "membership_auc": {k: float(np.nanmean(v)) for k, v in aucs.items()},
-        "membership_auc_std": {k: float(np.nanstd(v)) for k, v in aucs.items()},
         "recovery_cosine": float(np.mean(recovered)),
         "recovery_cosine_chance": float(np.mean(chance)),
     }

@@ -298,12 +298,12 @@ class Ledger:
         """
         m, d = before.shape
         up = [float(table_rows_bytes(n, m, d) + other_bytes) for n in changed_rows]
-        down = []
-        for c in clients.tolist():
-            last = self.downloaded.get(c)  # it then received the table as it was at the start of round `last`
-            rows = m if last is None else int((self.row_changed >= last).sum())
-            down.append(float(table_rows_bytes(rows, m, d) + other_bytes))
-            self.downloaded[c] = round_
+        # rows changed since each client's last download (at the start of that round; all rows the first time)
+        last = torch.tensor([self.downloaded.get(c, -1) for c in clients.tolist()], dtype=torch.long)
+        older = torch.searchsorted(torch.sort(self.row_changed).values, last.clamp(min=0))
+        rows = torch.where(last < 0, m, m - older)
+        down = [float(table_rows_bytes(int(n), m, d) + other_bytes) for n in rows]
+        self.downloaded.update(dict.fromkeys(clients.tolist(), round_))
         self.row_changed[(after.cpu() != before.cpu()).any(1)] = round_
         return {
             "comm/upload_bytes_mean": sum(up) / len(up) if up else 0.0,
