@@ -351,3 +351,31 @@ def test_a_full_disk_while_checkpointing_ends_the_run_with_one_line(compose_cfg,
     ):
         train(compose_cfg(SYNTH + ["fl.rounds=2", "resume=true"]), run_dir, progress=False)
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_a_sigterm_after_the_save_decision_still_checkpoints_the_round(compose_cfg, tmp_path, monkeypatch):
+    """SIGTERM landing once the checkpoint callback has passed (Lightning raises it at the round's end) still leaves
+    a checkpoint of that round with its record, and the resumed run ends where an uninterrupted one does."""
+    from src.runtime.checkpoint import AtomicCheckpoint
+
+    overrides = ["dataset=synthetic", "ablation=backbone", "optim=sgd", "fl.checkpoint_every=50", "fl.rounds=4"]
+    whole = train(compose_cfg(overrides), tmp_path / "whole", progress=False)
+    decide = AtomicCheckpoint.on_train_epoch_end
+
+    def late_sigterm(self, trainer, module) -> None:
+        decide(self, trainer, module)
+        if len(module.history) == 2:  # the signal lands right after the round's save decision
+            trainer._signal_connector.received_sigterm = True
+
+    monkeypatch.setattr(AtomicCheckpoint, "on_train_epoch_end", late_sigterm)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train(compose_cfg(overrides), run_dir, progress=False)
+    assert stopped.value.code == 143
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    record = read_record(ckpt)
+    assert record["round"] == 2 and record["sha256"] == sha256_file(ckpt)
+    monkeypatch.undo()
+    resumed = train(compose_cfg(overrides + ["resume=true"]), run_dir, progress=False)
+    assert [row["round"] for row in resumed["history"]] == [1, 2, 3, 4]
+    assert [row["val/hit@10"] for row in resumed["history"]] == [row["val/hit@10"] for row in whole["history"]]

@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.runtime.atomic import atomic_path, atomic_write_text
 from src.runtime.errors import UserError
@@ -160,6 +161,13 @@ class AtomicCheckpoint(Checkpoint):
         if self.every > 0 and (
             done % self.every == 0 or done == trainer.max_epochs or trainer.should_stop or trainer.received_sigterm
         ):
+            self.save(trainer, done)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        """A SIGTERM that lands after this round's save decision is raised by Lightning once the round is complete
+        (`trainer.current_epoch` counts it): checkpoint that round, so a stopped run always resumes."""
+        done = trainer.current_epoch
+        if isinstance(exception, SIGTERMException) and self.every > 0 and done > self.saved_round:
             self.save(trainer, done)
 
 
