@@ -1,4 +1,4 @@
-"""`python -m src.cooccurrence [--datasets ...] [--protocols paper,clean] [--thresholds 0.5,0.3,0.1]`
+"""`python -m src.cooccurrence [--datasets ...] [--protocols paper,clean] [--thresholds 0.5,0.3,0.1] [--out F.json]`
 
 What the server graph can hold at most, from the data alone. AlignFedRec's server averages the
 clients' thresholded similarities over all clients and keeps the item pairs with S_g >= sigma.
@@ -7,18 +7,22 @@ every other client 0, S_g of that pair would be the share of clients holding bot
 pairs whose co-occurrence share reaches sigma bound the collaborative edges the graph can carry.
 Printed per dataset and protocol, on the training positives the clients hold (and on all
 interactions): users, items, the largest share of any pair, and the number of pairs whose share
-reaches each threshold.
+reaches each threshold. `--out` also writes the rows as JSON (atomically): the docs' `<!-- cooccurrence -->`
+block is generated from `results/cooccurrence.json` (`src.report --update`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from src.cli.config import load_config
 from src.data.dataset import load
+from src.runtime.atomic import atomic_write_text
 
 DATASETS = ("ml-100k", "ml-1m", "filmtrust", "lastfm-2k")
 
@@ -91,8 +95,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--protocols", default="paper,clean")
     parser.add_argument("--thresholds", default="0.5,0.3,0.1")
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows and thresholds as JSON here")
     ns = parser.parse_args(argv)
     thresholds = tuple(float(t) for t in ns.thresholds.split(","))
     rows = table(ns.datasets.split(","), ns.protocols.split(","), thresholds)
     print(markdown(rows, thresholds))
+    if ns.out is not None:
+        atomic_write_text(ns.out, json.dumps({"thresholds": list(thresholds), "rows": rows}, indent=1) + "\n")
     return rows

@@ -21,103 +21,17 @@ import statistics
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
+from src.analysis import record_tables
+from src.analysis.record_tables import per_client_round
+from src.analysis.runs import config_value, load_runs, planned_rounds, read_run, truncate
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.published import published, published_tables
-from src.runtime.results import atomic_write_text, best_round, selection_of
+from src.runtime.results import atomic_write_text
 from src.runtime.rundir import ADDED_KEYS, SPEED_KEYS, WHERE_KEYS, identity, normalised
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 TABLE_ROUNDS = 100  # the paper's tables train 100 rounds: `--table` leaves out shorter probes and longer sweeps
-
-
-def config_value(config: dict, dotted: str) -> str:
-    """`a.b.c` of a resolved config as text ('-' when absent)."""
-    value = config
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return "-"
-        value = value[part]
-    return str(value)
-
-
-def planned_rounds(config: dict) -> int | None:
-    """The rounds a resolved config planned (`fl.rounds`), None when it names none."""
-    fl = config.get("fl")
-    value = fl.get("rounds") if isinstance(fl, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def truncate(payload: dict, rounds: int) -> dict:
-    """The run as if it had stopped after `rounds` rounds: best validation round (by the run's selection
-    metric, `selection_of`) and its test metrics chosen again within them (test data still selects nothing)."""
-    history = [h for h in payload["history"] if h["round"] <= rounds]
-    select = selection_of(payload)
-    lacking = [h["round"] for h in history if select not in h]
-    if lacking:
-        raise ValueError(f"{Path(payload['path']) / 'results.json'}: history round {lacking[0]} has no {select!r}")
-    best = best_round(history, select)
-    return {
-        **payload,
-        "history": history,
-        "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
-    }
-
-
-# the fields of results.json (src/runtime/results.py) that the report and the plots need in every finished run
-REQUIRED = {
-    "config": dict,
-    "dataset": str,
-    "protocol": str,
-    "ablation": str,
-    "seed": int,
-    "history": list,
-    "test_at_best": dict,
-}
-
-
-def read_run(path: Path) -> dict[str, Any] | None:
-    """One results.json with its folder as `path`; None when the run is not finished.
-
-    A broken file (not JSON, truncated, a required field missing or of the wrong type, a history
-    row without its round) raises ValueError naming the file and what is wrong.
-    """
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(payload).__name__}")
-    if not payload.get("finished"):
-        return None
-    for field, kind in REQUIRED.items():
-        if not isinstance(payload.get(field), kind):
-            found = "missing" if field not in payload else f"a {type(payload[field]).__name__}"
-            raise ValueError(f"{path}: field {field!r} must be a {kind.__name__}, found {found}")
-    for i, row in enumerate(payload["history"]):
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-            raise ValueError(f"{path}: history entry {i} has no integer 'round'")
-    payload["path"] = str(path.parent)
-    return payload
-
-
-def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
-    """Every finished results.json under `folders` (sorted by path), each with its folder as `path`.
-
-    A broken results.json is named in a warning and skipped, so one bad run does not stop a report.
-    """
-    runs = []
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("results.json")):
-            try:
-                payload = read_run(path)
-            except ValueError as err:
-                warnings.warn(f"skipped {err}", stacklevel=2)
-                continue
-            if payload is not None:
-                runs.append(payload)
-    return runs
 
 
 def collect(
@@ -420,6 +334,13 @@ def generated(kind: str, root: Path) -> str:
             return audit_markdown(root)
         if kind == "claims":
             return claims_markdown(root)
+        if kind == "audit10":
+            return record_tables.audit10_markdown(root.parent)
+        if kind == "cooccurrence":
+            return record_tables.cooccurrence_markdown(root.parent)
+        for prefix, render in record_tables.BLOCKS.items():  # `diag:<folder>@<rounds>`, `comm:<dataset>`, ...
+            if kind.startswith(prefix):
+                return render(root, kind[len(prefix) :])
         if kind.startswith(RUNS_BLOCK):  # `runs:a,b`: the table of the stored runs under <root>/a and <root>/b
             return markdown(rows(collect([root / f for f in kind[len(RUNS_BLOCK) :].split(",")])))
         table = with_missing(rows(collect([root], planned=TABLE_ROUNDS)), "table1" if kind == "headline" else kind)
@@ -439,7 +360,18 @@ VARIANT_FOLDERS = (
     "table2/filmtrust/full",
     "table1/filmtrust/full",
 )
-GENERATED = ("table1", "table2", "headline", "calibration", "variants", "traffic", "audit", "claims")
+GENERATED = (
+    "table1",
+    "table2",
+    "headline",
+    "calibration",
+    "variants",
+    "traffic",
+    "audit",
+    "claims",
+    "audit10",
+    "cooccurrence",
+)
 
 
 def claims_markdown(root: Path) -> str:
@@ -527,13 +459,6 @@ TRAFFIC_FOLDERS = (
 TRAFFIC_DATASETS = ("ml-100k", "filmtrust")
 
 
-def per_client_round(history: list[dict]) -> tuple[float, float]:
-    """(upload, download) bytes per client and round over a run: all bytes sent over all client-rounds."""
-    up = sum(r.get("comm/upload_bytes_total", 0.0) for r in history) / max(sum(r["comm/uploaders"] for r in history), 1)
-    down = sum(r.get("comm/download_bytes_total", 0.0) for r in history) / max(sum(r["clients"] for r in history), 1)
-    return up, down
-
-
 def traffic_markdown(root: Path) -> str:
     """Upload, download and their total per client and round, side by side per method (clean protocol, seed 0,
     100 rounds), each with the test hit@10 of its run; `rows` = tables counted as their changed rows."""
@@ -576,7 +501,8 @@ RUNS_BLOCK = "runs:"  # a block of any stored folders: `<!-- runs:issue3_baselin
 
 def block_kinds(text: str) -> list[str]:
     """The generated blocks a text holds: the kinds of GENERATED, and every `runs:<folders>` block."""
-    named = re.findall(r"<!-- (runs:[^ >]+) -->", text)
+    prefixes = "|".join(re.escape(p) for p in (RUNS_BLOCK, *record_tables.BLOCKS))
+    named = re.findall(rf"<!-- ((?:{prefixes})[^ >]+) -->", text)
     return [k for k in GENERATED if f"<!-- {k} -->" in text] + sorted(set(named))
 
 

@@ -1,0 +1,210 @@
+"""Docs tables read from single stored records rather than from cells over seeds: a run's per-round server-graph
+diagnostics, the communication and privacy probes (10 rounds, one seed), the 10-round audits and the co-occurrence
+bound. Each is a generated block of `src.report --update` (`<!-- kind:argument -->`), so no figure is pasted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from src.analysis import cooccurrence
+from src.analysis.runs import config_value, load_runs, read_run
+from src.runtime.errors import UserError
+
+COOCCURRENCE = "cooccurrence.json"  # results/<this>: `python -m src.cooccurrence --out results/cooccurrence.json`
+
+
+def per_client_round(history: list[dict]) -> tuple[float, float]:
+    """(upload, download) bytes per client and round over a run: all bytes sent over all client-rounds."""
+    up = sum(r.get("comm/upload_bytes_total", 0.0) for r in history) / max(sum(r["comm/uploaders"] for r in history), 1)
+    down = sum(r.get("comm/download_bytes_total", 0.0) for r in history) / max(sum(r["clients"] for r in history), 1)
+    return up, down
+
+
+def one_run(root: Path, folder: str) -> dict:
+    """The finished run stored in `<root>/<folder>` (its results.json), or UserError naming the folder."""
+    run = read_run(root / folder / "results.json") if (root / folder / "results.json").is_file() else None
+    if run is None:
+        raise UserError(f"no finished run in {root / folder}; expected a stored run folder holding results.json")
+    return run
+
+
+def split_spec(spec: str) -> tuple[list[str], list[int]]:
+    """`a,b@1,5,10` -> (['a', 'b'], [1, 5, 10]): the run folders and the rounds of a diagnostics block."""
+    folders, _, rounds = spec.partition("@")
+    if not rounds:
+        raise UserError(f"diagnostics block {spec!r} names no rounds; expected <folder>[,<folder>...]@<round>,<round>")
+    return folders.split(","), [int(r) for r in rounds.split(",")]
+
+
+def round_row(run: dict, round_: int) -> dict:
+    """History row `round_` of a run, or UserError naming the run and its last round."""
+    row = next((r for r in run["history"] if r["round"] == round_), None)
+    if row is None:
+        last = run["history"][-1]["round"]
+        raise UserError(f"{run['path']} has no round {round_}; expected a round from 1 to {last}")
+    return row
+
+
+def diag_markdown(root: Path, spec: str) -> str:
+    """`diag:<folder>@<rounds>`: one run's server graph per round (`diag.graph=true`): validation hit@10, Spearman of
+    S_g with co-occurrence, graph edges, the share of them already in round 1, communities, NMI with genres beside
+    size-matched random partitions; the best validation round is marked."""
+    (folder,), rounds = split_spec(spec)
+    run = one_run(root, folder)
+    head = "| round | val hit@10 | Spearman with co-occurrence | edges | edges from round 1 | communities "
+    head += "| NMI with genres | NMI, size-matched random |"
+    lines = [head, "| ---: " * 8 + "|"]
+    for k in rounds:
+        r = round_row(run, k)
+        mark = " (best)" if k == run["best_round"] else ""
+        nmi = [f"{r[key]:.3f}" if key in r else "-" for key in ("diag/nmi_genre", "diag/nmi_genre_random")]
+        lines.append(
+            f"| {k}{mark} | {100 * r['val/hit@10']:.2f} | {r['diag/spearman_cooccurrence']:.3f} | "
+            f"{r['diag/edges']:,.0f} | {100 * r['diag/edges_from_round1']:.0f}% | "
+            f"{r.get('community/count', float('nan')):,.0f} | {nmi[0]} | {nmi[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def variant_label(run: dict) -> str:
+    """A run's method as a column head: `knn_ica`, and `, support mean` where S_g is averaged over supporters."""
+    support = config_value(run["config"], "server.aggregate") == "support_mean"
+    return f"`{run['ablation']}`" + (", support mean" if support else "")
+
+
+def diagvs_markdown(root: Path, spec: str) -> str:
+    """`diagvs:<folder>,<folder>...@<rounds>`: several runs side by side, each cell Spearman of S_g with co-occurrence
+    / share of the graph's edges already in round 1 / validation hit@10."""
+    folders, rounds = split_spec(spec)
+    runs = [one_run(root, f) for f in folders]
+    lines = ["| round | " + " | ".join(variant_label(r) for r in runs) + " |", "| ---: " * (len(runs) + 1) + "|"]
+    for k in rounds:
+        cells = []
+        for run in runs:
+            r = round_row(run, k)
+            cells.append(
+                f"{r['diag/spearman_cooccurrence']:.2f} / {100 * r['diag/edges_from_round1']:.0f}% / "
+                f"{100 * r['val/hit@10']:.1f}"
+            )
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def graph_markdown(root: Path, spec: str) -> str:
+    """`graph:<folder>,<folder>...@<rounds>`: the server graph of several runs side by side, each cell its edges /
+    its communities of two or more items (`community/edges`, `community/non_singleton`)."""
+    folders, rounds = split_spec(spec)
+    runs = [one_run(root, f) for f in folders]
+    heads = [f"`{r['ablation']}`, {config_value(r['config'], 'optim.name')}, seed {r['seed']}" for r in runs]
+    lines = ["| round | " + " | ".join(heads) + " |", "| ---: " * (len(runs) + 1) + "|"]
+    for k in rounds:
+        cells = [round_row(run, k) for run in runs]
+        lines.append(
+            f"| {k} | "
+            + " | ".join(f"{c['community/edges']:,.0f} / {c['community/non_singleton']:,.0f}" for c in cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def encoding_label(config: dict) -> str:
+    """`csr8`, `csr8+delta`, `top16 csr8`, ... from a run's `comm` keys."""
+    name = f"{config_value(config, 'comm.format')}{config_value(config, 'comm.bits')}"
+    topk = config_value(config, "comm.topk")
+    if topk not in ("-", "None"):
+        name = f"top{topk} {name}"
+    return name + ("+delta" if config_value(config, "comm.delta") == "True" else "")
+
+
+def test_pair(run: dict) -> str:
+    """Test hit@10 / ndcg@10 (%) at the run's best validation round."""
+    t = run["test_at_best"]
+    return f"{100 * t['test/hit@10']:.2f} / {100 * t['test/ndcg@10']:.2f}"
+
+
+def comm_markdown(root: Path, dataset: str) -> str:
+    """`comm:<dataset>`: upload and download per client and round against sigma and the encoding (the stored
+    `experiment=comm_sigma` and `experiment=comm_encoding` runs), beside the embedding upload and test metrics."""
+    runs = load_runs([root / "comm_sigma" / dataset, root / "comm_encoding" / dataset])
+    if not runs:
+        raise UserError(f"no stored comm_sigma or comm_encoding run for {dataset} under {root}")
+    seen, table = set(), []
+    for run in runs:
+        key = (float(config_value(run["config"], "model.sigma")), encoding_label(run["config"]))
+        if key not in seen:  # csr32 at sigma 0.5 is in both sweeps: the same config, shown once
+            seen.add(key)
+            table.append((key, run))
+    order = ["csr32", "coo32", "csr16", "csr8", "csr4", "csr8+delta", "top16 csr8"]
+    table.sort(key=lambda t: (t[0][0], order.index(t[0][1]) if t[0][1] in order else len(order), t[0][1]))
+    head = "| sigma | encoding | upload (KiB) | of the embedding upload | download (KiB) | test hit@10 / ndcg@10 |"
+    lines = [head, "| ---: | --- | ---: | ---: | ---: | --- |"]
+    for (sigma, name), run in table:
+        up, down = per_client_round(run["history"])
+        embedding = run["communication"]["embedding_bytes_per_client_round"]
+        lines.append(
+            f"| {sigma:g} | {name} | {up / 1024:,.1f} | {100 * up / embedding:.1f}% | {down / 1024:,.1f} "
+            f"| {test_pair(run)} |"
+        )
+    return "\n".join(lines)
+
+
+def privacy_markdown(root: Path, dataset: str) -> str:
+    """`privacy:<dataset>`: test metrics and upload size against the Laplace epsilon per entry and round (the stored
+    `experiment=privacy_epsilon` runs; `none` = no noise)."""
+    runs = load_runs([root / "privacy_epsilon" / dataset])
+    if not runs:
+        raise UserError(f"no stored privacy_epsilon run for {dataset} under {root}")
+
+    def epsilon(run: dict) -> float:
+        value = config_value(run["config"], "privacy.epsilon")
+        return float("inf") if value in ("-", "None") else float(value)
+
+    lines = ["| epsilon per entry and round | upload (KiB) | test hit@10 / ndcg@10 |", "| ---: | ---: | --- |"]
+    for run in sorted(runs, key=epsilon):
+        eps = epsilon(run)
+        up, _ = per_client_round(run["history"])
+        lines.append(f"| {'none' if eps == float('inf') else f'{eps:,g}'} | {up / 1024:,.1f} | {test_pair(run)} |")
+    return "\n".join(lines)
+
+
+def audit10_markdown(results: Path) -> str:
+    """`audit10`: the attacks on uploads after 10 rounds of the paper protocol (`results/audit/*.json`, written by
+    `src.audit`): mean ± std over the attacked clients of each membership AUC, and the recovery cosine."""
+    head = "| dataset | method | epsilon per entry and round | kept entries per upload | AUC row sum | AUC row degree "
+    head += "| AUC distance from S_g | recovery cosine (chance) |"
+    lines = [head, "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    audits = [json.loads(p.read_text()) for p in sorted((results / "audit").glob("*.json"))]
+    for a in sorted(audits, key=lambda a: (a["dataset"], a["ablation"], -(a["epsilon_round_entry"] or float("inf")))):
+        auc = [
+            f"{a['membership_auc'][k]:.2f} ± {a['membership_auc_std'][k]:.2f}"
+            for k in ("row_sum", "row_degree", "distance_from_global")
+        ]
+        eps = a["epsilon_round_entry"]
+        noise = "none" if eps is None else f"{eps:g} (b = {a['noise_scale']:g})"
+        lines.append(
+            f"| {a['dataset']} | {a['ablation']} | {noise} | {a['upload_nnz_mean']:,.0f} | {' | '.join(auc)} "
+            f"| {a['recovery_cosine']:.2f} ({a['recovery_cosine_chance']:.2f}) |"
+        )
+    return "\n".join(lines)
+
+
+def cooccurrence_markdown(results: Path) -> str:
+    """`cooccurrence`: the share of clients holding both items of a pair, per dataset, protocol and view
+    (`results/cooccurrence.json`, written by `python -m src.cooccurrence --out`)."""
+    path = results / COOCCURRENCE
+    if not path.is_file():
+        raise UserError(f"{path} is absent; expected the output of python -m src.cooccurrence --out {path}")
+    stored = json.loads(path.read_text())
+    return cooccurrence.markdown(stored["rows"], tuple(stored["thresholds"]))
+
+
+# the generated blocks with an argument (`<!-- comm:ml-100k -->`): prefix -> render(runs' root, argument)
+BLOCKS = {
+    "graph:": graph_markdown,
+    "diag:": diag_markdown,
+    "diagvs:": diagvs_markdown,
+    "comm:": comm_markdown,
+    "privacy:": privacy_markdown,
+}

@@ -1,0 +1,99 @@
+"""Stored runs as the tools read them: one results.json checked and loaded, every finished run under folders, a
+resolved config's value by dotted key, and a run cut to its first rounds (best validation round chosen again)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from src.runtime.results import best_round, selection_of
+
+
+def config_value(config: dict, dotted: str) -> str:
+    """`a.b.c` of a resolved config as text ('-' when absent)."""
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "-"
+        value = value[part]
+    return str(value)
+
+
+def planned_rounds(config: dict) -> int | None:
+    """The rounds a resolved config planned (`fl.rounds`), None when it names none."""
+    fl = config.get("fl")
+    value = fl.get("rounds") if isinstance(fl, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def truncate(payload: dict, rounds: int) -> dict:
+    """The run as if it had stopped after `rounds` rounds: best validation round (by the run's selection
+    metric, `selection_of`) and its test metrics chosen again within them (test data still selects nothing)."""
+    history = [h for h in payload["history"] if h["round"] <= rounds]
+    select = selection_of(payload)
+    lacking = [h["round"] for h in history if select not in h]
+    if lacking:
+        raise ValueError(f"{Path(payload['path']) / 'results.json'}: history round {lacking[0]} has no {select!r}")
+    best = best_round(history, select)
+    return {
+        **payload,
+        "history": history,
+        "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
+    }
+
+
+# the fields of results.json (src/runtime/results.py) that the report and the plots need in every finished run
+REQUIRED = {
+    "config": dict,
+    "dataset": str,
+    "protocol": str,
+    "ablation": str,
+    "seed": int,
+    "history": list,
+    "test_at_best": dict,
+}
+
+
+def read_run(path: Path) -> dict[str, Any] | None:
+    """One results.json with its folder as `path`; None when the run is not finished.
+
+    A broken file (not JSON, truncated, a required field missing or of the wrong type, a history
+    row without its round) raises ValueError naming the file and what is wrong.
+    """
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(payload).__name__}")
+    if not payload.get("finished"):
+        return None
+    for field, kind in REQUIRED.items():
+        if not isinstance(payload.get(field), kind):
+            found = "missing" if field not in payload else f"a {type(payload[field]).__name__}"
+            raise ValueError(f"{path}: field {field!r} must be a {kind.__name__}, found {found}")
+    for i, row in enumerate(payload["history"]):
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            raise ValueError(f"{path}: history entry {i} has no integer 'round'")
+    payload["path"] = str(path.parent)
+    return payload
+
+
+def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
+    """Every finished results.json under `folders` (sorted by path), each with its folder as `path`.
+
+    A broken results.json is named in a warning and skipped, so one bad run does not stop a report.
+    """
+    runs = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("results.json")):
+            try:
+                payload = read_run(path)
+            except ValueError as err:
+                warnings.warn(f"skipped {err}", stacklevel=2)
+                continue
+            if payload is not None:
+                runs.append(payload)
+    return runs

@@ -1,0 +1,111 @@
+"""The docs tables read from single stored records (`src/analysis/record_tables.py`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from src.analysis import record_tables
+from src.analysis.report import block_kinds, generated
+from src.cli.train import train
+from src.runtime.errors import UserError
+from tests.test_report import fake_run
+
+
+def diag_row(round_: int, hit: float, spearman: float, edges: int, share: float, communities: int) -> dict:
+    return {
+        "round": round_,
+        "val/hit@10": hit,
+        "diag/spearman_cooccurrence": spearman,
+        "diag/edges": float(edges),
+        "diag/edges_from_round1": share,
+        "community/count": float(communities),
+        "community/edges": float(edges),
+        "community/non_singleton": float(communities - 1),
+    }
+
+
+def test_diag_rows_are_the_named_rounds_of_the_run_with_its_best_marked(tmp_path):
+    history = [diag_row(k, 0.1 * k, 0.01 * k, 1000 - k, 1.0 / k, 10 + k) for k in range(1, 6)]
+    fake_run(tmp_path / "probe", history=history, best_round=4)
+    text = generated("diag:probe@1,4", tmp_path)
+    lines = text.splitlines()
+    assert len(lines) == 4
+    assert lines[2] == "| 1 | 10.00 | 0.010 | 999 | 100% | 11 | - | - |"
+    assert lines[3] == "| 4 (best) | 40.00 | 0.040 | 996 | 25% | 14 | - | - |"
+    side = generated("diagvs:probe,probe@2", tmp_path).splitlines()
+    assert (
+        side[0] == "| round | `backbone` | `backbone` |" and side[2] == "| 2 | 0.02 / 50% / 20.0 | 0.02 / 50% / 20.0 |"
+    )
+    graph = generated("graph:probe@3", tmp_path).splitlines()
+    assert graph[2] == "| 3 | 997 / 12 |"
+
+
+def test_a_missing_round_run_or_round_list_is_named(tmp_path):
+    fake_run(tmp_path / "probe", history=[diag_row(1, 0.1, 0.0, 5, 1.0, 2)], best_round=1)
+    with pytest.raises(UserError, match=r"has no round 7; expected a round from 1 to 1"):
+        generated("diag:probe@7", tmp_path)
+    with pytest.raises(UserError, match=r"no finished run in .*absent"):
+        generated("diag:absent@1", tmp_path)
+    with pytest.raises(UserError, match=r"names no rounds"):
+        generated("diag:probe", tmp_path)
+
+
+def test_block_kinds_finds_every_block_with_an_argument():
+    text = "<!-- comm:ml-100k -->\n<!-- /comm:ml-100k -->\n<!-- diag:a/b@1,2 -->\n<!-- audit10 -->\n<!-- runs:x -->"
+    assert block_kinds(text) == ["audit10", "comm:ml-100k", "diag:a/b@1,2", "runs:x"]
+
+
+def test_comm_table_counts_bytes_per_client_round_and_shows_a_config_once(compose_cfg, tmp_path):
+    base = ["dataset=synthetic", "ablation=full", "fl.rounds=2", "fl.checkpoint_every=0", "model.sigma=0.3"]
+    runs = {
+        "comm_sigma/synthetic/a": ["encoding=csr32"],
+        "comm_sigma/synthetic/b": ["encoding=csr8"],
+        "comm_encoding/synthetic/c": ["encoding=csr32"],  # the same config in the other sweep: one row
+    }
+    payloads = {k: train(compose_cfg(base + extra), tmp_path / k, progress=False) for k, extra in runs.items()}
+    lines = record_tables.comm_markdown(tmp_path, "synthetic").splitlines()
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["csr32", "csr8"]
+    for line, key in zip(lines[2:], ("comm_sigma/synthetic/a", "comm_sigma/synthetic/b"), strict=True):
+        history = payloads[key]["history"]
+        embedding = payloads[key]["summary"]["items"] * 32 * 4  # items x dim x fp32: the upload PFedRec would send
+        up = sum(r["comm/upload_bytes_mean"] * r["comm/uploaders"] for r in history)
+        up /= sum(r["comm/uploaders"] for r in history)
+        cells = line.split(" | ")
+        assert cells[2] == f"{up / 1024:,.1f}" and cells[3] == f"{100 * up / embedding:.1f}%"
+        test = payloads[key]["test_at_best"]
+        assert cells[5] == f"{100 * test['test/hit@10']:.2f} / {100 * test['test/ndcg@10']:.2f} |"
+    with pytest.raises(UserError, match="no stored comm_sigma or comm_encoding run for ml-1m"):
+        record_tables.comm_markdown(tmp_path, "ml-1m")
+
+
+def test_audit10_rows_read_the_audit_reports(tmp_path):
+    (tmp_path / "audit").mkdir()
+    report = {
+        "dataset": "ml-100k",
+        "ablation": "full",
+        "epsilon_round_entry": 10.0,
+        "noise_scale": 0.2,
+        "upload_nnz_mean": 1234.4,
+        "membership_auc": {"row_sum": 0.5, "row_degree": 0.25, "distance_from_global": 0.75},
+        "membership_auc_std": {"row_sum": 0.1, "row_degree": 0.2, "distance_from_global": 0.3},
+        "recovery_cosine": 0.671,
+        "recovery_cosine_chance": 0.114,
+    }
+    (tmp_path / "audit" / "a.json").write_text(json.dumps(report))
+    line = record_tables.audit10_markdown(tmp_path).splitlines()[2]
+    assert line == ("| ml-100k | full | 10 (b = 0.2) | 1,234 | 0.50 ± 0.10 | 0.25 ± 0.20 | 0.75 ± 0.30 | 0.67 (0.11) |")
+
+
+def test_cooccurrence_out_is_what_the_block_shows(tmp_path, monkeypatch, cache_dir: Path):
+    from src.analysis import cooccurrence
+
+    out = tmp_path / "cooccurrence.json"
+    rows = cooccurrence.main(
+        ["--datasets", "synthetic", "--protocols", "clean", "--thresholds", "0.5,0.1", "--out", str(out)]
+    )
+    assert record_tables.cooccurrence_markdown(tmp_path) == cooccurrence.markdown(rows, (0.5, 0.1))
+    with pytest.raises(UserError, match="is absent; expected the output of python -m src.cooccurrence"):
+        record_tables.cooccurrence_markdown(tmp_path / "elsewhere")
