@@ -68,10 +68,10 @@ reproduce: install ## Run every missing run of Table 1, Table 2 and the sweeps i
 	$(BIN)/python -m src.plots curves results/runs/table1 results/runs/table2 --out results/curves
 
 reproduce-small: install ## A one-hour CPU version: baselines and AlignFedRec ablations on ML-100K/FilmTrust, 1 seed
-	$(BIN)/python -m src.run -m experiment=small_baselines $(ARGS)
-	$(BIN)/python -m src.run -m experiment=small_alignfedrec $(ARGS)
-	$(BIN)/python -m src.report multirun/reproduce-small --out results/small --name tables
-	$(BIN)/python -m src.plots curves multirun/reproduce-small --out results/small/curves
+	$(BIN)/python -m src.campaign experiment=small_baselines $(ARGS)
+	$(BIN)/python -m src.campaign experiment=small_alignfedrec $(ARGS)
+	$(BIN)/python -m src.report results/runs --update docs/reproducing.md
+	$(BIN)/python -m src.plots curves results/runs/small_baselines results/runs/small_alignfedrec --out results/small/curves
 
 certs: ## Certificates (CA, SuperLink) and SuperNode keys for the Flower deployment, in certificates/ (NODES=4)
 	bash deploy/certificates.sh certificates $(or $(NODES),4)

@@ -22,7 +22,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from src.analysis import record_tables
+from src.analysis import bench_tables, record_tables
 from src.analysis.record_tables import per_client_round
 from src.analysis.runs import config_value, load_runs, planned_rounds, read_run, truncate
 from src.runtime.errors import OneLineParser, UserError
@@ -338,7 +338,7 @@ def generated(kind: str, root: Path) -> str:
             return record_tables.audit10_markdown(root.parent)
         if kind == "cooccurrence":
             return record_tables.cooccurrence_markdown(root.parent)
-        for prefix, render in record_tables.BLOCKS.items():  # `diag:<folder>@<rounds>`, `comm:<dataset>`, ...
+        for prefix, render in BLOCKS.items():  # `diag:<folder>@<rounds>`, `comm:<dataset>`, `speed:<bench>`, ...
             if kind.startswith(prefix):
                 return render(root, kind[len(prefix) :])
         if kind.startswith(RUNS_BLOCK):  # `runs:a,b`: the table of the stored runs under <root>/a and <root>/b
@@ -496,12 +496,14 @@ def traffic_markdown(root: Path) -> str:
     return "\n".join(lines)
 
 
+# the generated blocks with an argument, from single run records and from the bench reports
+BLOCKS = {**record_tables.BLOCKS, **bench_tables.BLOCKS}
 RUNS_BLOCK = "runs:"  # a block of any stored folders: `<!-- runs:issue3_baselines -->` ... `<!-- /runs:... -->`
 
 
 def block_kinds(text: str) -> list[str]:
     """The generated blocks a text holds: the kinds of GENERATED, and every `runs:<folders>` block."""
-    prefixes = "|".join(re.escape(p) for p in (RUNS_BLOCK, *record_tables.BLOCKS))
+    prefixes = "|".join(re.escape(p) for p in (RUNS_BLOCK, *BLOCKS))
     named = re.findall(rf"<!-- ((?:{prefixes})[^ >]+) -->", text)
     return [k for k in GENERATED if f"<!-- {k} -->" in text] + sorted(set(named))
 

@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from src.analysis.bench_tables import full_round
 from src.cli.config import CONF_DIR, validate, validate_device
 from src.cli.jobs import compose_config, compose_runs, grid_jobs
 from src.runtime.atomic import atomic_write_text
@@ -211,11 +212,7 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], benc
         exact = any(o == "model.alignment=exact" for o in bench.get("overrides", []))
         bench_mode = ("exact" if exact else "fast") if bench_aligned else "-"
         if bench_aligned == aligned and (bench_mode == mode or not aligned):
-            secs = bench["seconds_per_round"]
-            share = float(bench.get("config", {}).get("client_fraction", 1.0)) or 1.0
-            # the clients' phases scale with the share of clients the bench trained; two jobs side by side
-            fixed = secs["eval"] + secs["community"] + secs.get("server", 0.0)
-            benched.append(2.0 * ((secs["train"] + secs["aggregate"]) / share + fixed))
+            benched.append(2.0 * full_round(bench))  # two jobs side by side
     if benched:
         return min(benched)
     users, items = {
