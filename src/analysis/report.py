@@ -167,15 +167,10 @@ def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
 
 
 def engine(config: dict) -> str:
-    """What trains the method: the optimiser, with the alignment mode for the alignment methods (`adam+fast`,
-    `sgd+exact`); the centralised MF has its own Adam (`central-adam`); a calibration scorer trains nothing."""
-    ablation = config.get("ablation", {})
-    if "scorer" in ablation:
-        return "none"
-    if ablation.get("central"):
-        return "central-adam"
-    optim = config_value(config, "optim.name")
-    return f"{optim}+{config_value(config, 'model.alignment')}" if ablation.get("ica") or ablation.get("gsa") else optim
+    """What trains the method, as its yaml names it (`ablation.engine`): the optimiser, with the alignment mode for
+    the alignment methods (`adam+fast`, `sgd+exact`); `central-adam` for the centralised MF's own Adam; `none` for
+    a calibration scorer, which trains nothing."""
+    return config_value(config, "ablation.engine")
 
 
 def with_missing(table: list[dict], name: str) -> list[dict]:

@@ -185,8 +185,7 @@ def run_kind(config: dict[str, Any]) -> tuple:
         config["dataset"]["name"],
         aligned,
         mode,
-        ab.get("central"),
-        ab.get("method"),
+        ab.get("name"),
         str(config.get("device", "auto")),
     )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from src.data.protocols import TRAIN_NEGATIVE_POOLS
+from src.methods.base import method_module
 from src.runtime.checks import ConfigError, is_int, is_number
 from src.runtime.checks import boolean as _bool
 from src.runtime.checks import check as _check
@@ -136,8 +136,13 @@ def _validate_ablation(cfg: DictConfig) -> None:
         _choice(cfg, f"ablation.{key}", ("mean", "personal"))
     for key in ("central", "ica", "gsa"):
         _bool(cfg, f"ablation.{key}")
+    _check(isinstance(_get(cfg, "ablation.engine"), str), "ablation.engine", _get(cfg, "ablation.engine"), "a name")
+    unread = _get(cfg, "ablation.unread")
+    expected = "a list of config key prefixes the method never reads, e.g. [optim.]"
+    ok = isinstance(unread, ListConfig) and all(isinstance(u, str) for u in unread)
+    _check(ok, "ablation.unread", _shown(unread), expected)
     # the method's own keys: checked by its module (`validate(cfg)` in src/methods/<ablation.method>.py)
-    check_method = getattr(importlib.import_module(f"src.methods.{cfg.ablation.method}"), "validate", None)
+    check_method = getattr(method_module(cfg), "validate", None)
     if check_method is not None:
         check_method(cfg)
 

@@ -7,6 +7,7 @@ import shlex
 from omegaconf import DictConfig
 
 from src.cli.config import ConfigError, load_config
+from src.methods.base import not_federated
 
 _CACHE: dict[str, DictConfig] = {}
 
@@ -22,5 +23,6 @@ def config_of(run_config: dict) -> DictConfig:
 
 def flower_checks(cfg: DictConfig) -> None:
     """What the Flower app does not do (the simulator does), refused with the key to change."""
-    if cfg.ablation.central:
-        raise ConfigError("ablation=central pools all data on one machine; it has no federated deployment")
+    refusal = not_federated(cfg)
+    if refusal is not None:
+        raise ConfigError(f"ablation={cfg.ablation.name}: {refusal}")

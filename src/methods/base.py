@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 from omegaconf import DictConfig
@@ -127,6 +128,7 @@ class Method:
 
     name: str
     central = False  # True: no clients; trained on pooled samples (src/methods/central.py)
+    no_reference: str | None = None  # why `src.bench` has no per-client reference to compare it with, or None
     uploads_similarity = False  # True: clients send similarity uploads and receive a Broadcast
 
     def shared_keys(self, params: Params) -> list[str]:
@@ -180,8 +182,18 @@ class Method:
         return out | shared_traffic(list(shared.values()), len(sums.senders), n_clients)
 
 
+def method_module(cfg: DictConfig) -> ModuleType:
+    """The module of `ablation.method` in src/methods/: `build(cfg, device)`, and optionally `validate(cfg)` and
+    `NOT_FEDERATED` (why the Flower app refuses the method)."""
+    return importlib.import_module(f"src.methods.{cfg.ablation.method}")
+
+
+def not_federated(cfg: DictConfig) -> str | None:
+    """Why the Flower app refuses the configured method (its module's `NOT_FEDERATED`), or None: it deploys."""
+    return getattr(method_module(cfg), "NOT_FEDERATED", None)
+
+
 def build_method(cfg: DictConfig, device: torch.device) -> Method:
     """The method of `ablation.method` (a module of src/methods/ with `build(cfg, device)`), built once per run
     (block sizes for `device`)."""
-    module = importlib.import_module(f"src.methods.{cfg.ablation.method}")
-    return module.build(cfg, device)
+    return method_module(cfg).build(cfg, device)

@@ -108,6 +108,7 @@ class Central(Method):
     batch_size: int = 1024
     k: int = 50
     central = True
+    no_reference = "it trains one pooled model, there is no per-client training to compare"
 
 
 def make_central(
@@ -122,6 +123,8 @@ def make_central(
 
 
 SCORERS = ("mf", "popularity", "itemknn")
+# why the Flower app refuses every central ablation (src/flower/settings.py); the simulator runs them
+NOT_FEDERATED = "it pools all data on one machine; it has no federated deployment"
 
 
 def validate(cfg: DictConfig) -> None:

@@ -378,8 +378,8 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         round_s.append(time.perf_counter() - tic)
         traffic = {k: v + COUNTERS.snapshot()[k] - before[k] for k, v in traffic.items()}
     reference, reference_note = None, None
-    if cfg.ablation.central:
-        reference_note = "ablation=central trains one pooled model, there is no per-client training to compare"
+    if module.method.no_reference is not None:
+        reference_note = f"ablation={cfg.ablation.name}: {module.method.no_reference}"
     elif n_ref == 0:
         reference_note = "bench.reference_clients=0"
     else:

@@ -81,18 +81,16 @@ ADDED_KEYS = {
 }
 
 
-# Keys fixed by others (each ablation name has one method module), so runs made before they existed match.
-DERIVED_KEYS = ("ablation.method",)
-# Keys a centralised method (`ablation.central: true`) never reads: it trains with its own Adam (`ablation.lr`,
-# `ablation.batch_size`), so `optim=sgd` and `optim=adam` runs of it are one computation.
-UNREAD_BY_CENTRAL = ("optim.",)
+# Keys fixed by others, so runs made before they existed match: each ablation name has one method module, and the
+# method's yaml names its engine and the keys it never reads (labels of the computation, not part of it).
+DERIVED_KEYS = ("ablation.method", "ablation.engine", "ablation.unread")
 
 
 def normalised(config: dict) -> dict[str, Any]:
     """A resolved config flattened, without the derived keys, the added keys that hold their neutral default
-    and the keys the run's method never reads."""
+    and the keys the run's method never reads (the prefixes its yaml lists under `ablation.unread`)."""
     flat = flatten(config)
-    unread = UNREAD_BY_CENTRAL if flat.get("ablation.central") is True else ()
+    unread = tuple(flat.get("ablation.unread") or ())
     return {
         k: v
         for k, v in flat.items()

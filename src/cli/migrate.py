@@ -1,0 +1,81 @@
+"""`python -m src.migrate [FOLDER ...]`: bring stored run records up to the current method labels.
+
+A method's yaml (`conf/ablation/<name>.yaml`) names what trains it (`ablation.engine`, e.g. `${optim.name}` or
+`central-adam`) and the config keys it never reads (`ablation.unread`). Records stored before those keys existed
+lack them; this adds them to each record's config (`results.json`, `config_resolved.yaml`), resolved against the
+record's own config, and notes the migration in `run.json`. Both keys are labels, not part of the computation
+(`rundir.DERIVED_KEYS`): a record's identity is the same before and after. Records that have them are left as they
+are, so it can run after every campaign.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import cache
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from src.cli.config import load_config
+from src.runtime.atomic import atomic_write_text
+from src.runtime.errors import OneLineParser
+
+LABELS = ("engine", "unread")
+
+
+@cache
+def templates(ablation: str) -> dict:
+    """The labels of `ablation=<name>` as its yaml writes them (interpolations unresolved)."""
+    composed = OmegaConf.to_container(load_config([f"ablation={ablation}"]).ablation, resolve=False)
+    return {k: composed[k] for k in LABELS}
+
+
+def labels(config: dict) -> dict:
+    """The labels of a record's method, resolved against the record's own config."""
+    ablation = {**config["ablation"], **templates(str(config["ablation"]["name"]))}
+    resolved = OmegaConf.to_container(OmegaConf.create({**config, "ablation": ablation}), resolve=True)
+    return {k: resolved["ablation"][k] for k in LABELS}
+
+
+def with_labels(ablation: dict, added: dict) -> dict:
+    """The ablation group with the labels placed after `gsa`, where the yamls write them."""
+    out = {}
+    for key, value in ablation.items():
+        out[key] = value
+        if key == "gsa":
+            out.update(added)
+    return out | added
+
+
+def migrate(run_dir: Path) -> bool:
+    """Add the labels to one stored run; False when it has them already."""
+    payload = json.loads((run_dir / "results.json").read_text())
+    config = payload["config"]
+    if all(k in config["ablation"] for k in LABELS):
+        return False
+    added = labels(config)
+    config["ablation"] = with_labels(config["ablation"], added)
+    atomic_write_text(run_dir / "results.json", json.dumps(payload, separators=(",", ":")))  # as the campaign stores
+    if (run_dir / "config_resolved.yaml").is_file():
+        atomic_write_text(run_dir / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
+    if (run_dir / "run.json").is_file():
+        meta = json.loads((run_dir / "run.json").read_text())
+        note = "ablation.engine and ablation.unread added by src.migrate (labels of the method, not its computation)"
+        meta["migrated"] = [*meta.get("migrated", []), note]
+        atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=1) + "\n")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m src.migrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="*", type=Path, default=[Path("results/runs")])
+    ns: argparse.Namespace = parser.parse_args(argv)
+    missing = [str(f) for f in ns.folders if not f.is_dir()]
+    if missing:
+        parser.error(f"{' '.join(missing)}: no such folder; expected folders of stored runs (results/runs)")
+    runs = sorted({p.parent for f in ns.folders for p in f.rglob("results.json")})
+    changed = sum(migrate(r) for r in runs)
+    print(f"migrated {changed} of {len(runs)} stored run(s)")
+    return changed
