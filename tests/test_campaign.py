@@ -236,18 +236,18 @@ def test_store_refuses_an_unfinished_run(tmp_path):
 
 def test_cost_estimate_takes_the_newest_stored_runs_of_the_kind():
     """Stored runs of the run's kind cost it, the three stored last only (older ones ran other code)."""
-    kind = ("ml-100k", True, "fast", None, "alignfedrec", "auto")
+    kind = ("ml-100k", True, "fast", "full", "auto")
     stored = [
         {"kind": kind, "mean_round_s": 1.0, "stored_at": "2026-11-29T10:00:00Z"},
         {"kind": kind, "mean_round_s": 4.0, "stored_at": "2026-12-01T10:00:00Z"},
         {"kind": kind, "mean_round_s": 5.0, "stored_at": "2026-12-01T11:00:00Z"},
         {"kind": kind, "mean_round_s": 3.0, "stored_at": "2026-11-30T10:00:00Z"},
-        {"kind": ("ml-100k", False, "-", None, "sharing", "auto"), "mean_round_s": 0.5, "stored_at": "2026-12-02"},
-        {"kind": (*kind[:5], "cuda"), "mean_round_s": 0.1, "stored_at": "2026-12-02T00:00:00Z"},
+        {"kind": ("ml-100k", False, "-", "backbone", "auto"), "mean_round_s": 0.5, "stored_at": "2026-12-02"},
+        {"kind": (*kind[:4], "cuda"), "mean_round_s": 0.1, "stored_at": "2026-12-02T00:00:00Z"},
     ]
     config = {
         "dataset": {"name": "ml-100k"},
-        "ablation": {"ica": True, "gsa": True, "method": "alignfedrec"},
+        "ablation": {"ica": True, "gsa": True, "name": "full"},
         "model": {"alignment": "fast"},
         "device": "auto",
     }
