@@ -7,7 +7,8 @@ but that matrix and the broadcast global matrix S_g:
 
 1. Interaction inference: score every item by its row in the upload (row sum, row degree, and the
    L1 distance of the row from S_g's row) and report the ROC AUC of each score against the client's
-   training positives (mean over clients; 0.5 = chance).
+   training positives (mean over clients; 0.5 = chance); and a learned attack: a logistic regression on all
+   of these scores, trained on half of the attacked clients and applied to the other half (`learned`).
 2. Embedding recovery up to rotation: complete the matrix to rank d (known entries = the uploaded
    ones and the unit diagonal, unknown entries held below sigma, alternating projections), factor
    it, align the factor to the client's true normalised table by orthogonal Procrustes and report
@@ -66,6 +67,51 @@ def membership_scores(upload: torch.Tensor, global_sim: torch.Tensor | None) -> 
     return out
 
 
+def standardised(features: np.ndarray) -> np.ndarray:
+    """Each column of one client's per-item features [m, F] to mean 0 and std 1 (a constant column to 0), so a
+    model learnt on other clients reads relative scores, whatever a client's scale."""
+    std = features.std(axis=0)
+    return (features - features.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, steps: int = 25) -> np.ndarray:
+    """Logistic regression weights [F + 1] (the last is the bias) by Newton's method on the class-balanced
+    log-loss with an L2 ridge: x [n, F] features, y [n] bool labels."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    weight = np.where(y, 0.5 / max(y.sum(), 1), 0.5 / max((~y).sum(), 1))
+    w = np.zeros(xb.shape[1])
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-np.clip(xb @ w, -30, 30)))
+        grad = xb.T @ (weight * (p - y)) + ridge * w
+        hess = (xb * (weight * p * (1 - p))[:, None]).T @ xb + ridge * np.eye(len(w))
+        w -= np.linalg.solve(hess, grad)
+    return w
+
+
+def learned_aucs(features: list[np.ndarray], truths: list[np.ndarray], folds: int = 2) -> list[float]:
+    """The learned membership attack: a logistic regression on every per-item score of the upload (standardised
+    within each client), trained on the other folds' attacked clients and applied to held-out ones (cross-fitting:
+    no client is scored by a model that saw its upload); the AUC of each client [clients]. features: one [m, F]
+    array per client; truths: one [m] bool array per client."""
+    out = [float("nan")] * len(features)
+    for fold in range(folds):
+        held = [i for i in range(len(features)) if i % folds == fold]
+        seen = [i for i in range(len(features)) if i % folds != fold]
+        if not held or not seen:
+            continue
+        w = fit_logistic(
+            np.concatenate([standardised(features[i]) for i in seen]), np.concatenate([truths[i] for i in seen])
+        )
+        for i in held:
+            out[i] = auc(standardised(features[i]) @ w[:-1] + w[-1], truths[i])
+    return out
+
+
+def stacked(scores: dict[str, np.ndarray]) -> np.ndarray:
+    """A client's per-item scores as features [m, F], in the scores' name order."""
+    return np.stack([scores[k] for k in sorted(scores)], axis=1)
+
+
 def complete_rank_d(upload: torch.Tensor, d: int, sigma: float, iters: int) -> torch.Tensor:
     """A rank-d factor X [m, d] with X Xᵀ ≈ the upload where known, < sigma where dropped."""
     known = upload != 0
@@ -104,10 +150,15 @@ def table_audit(cfg, overrides, module, data, start, n_clients: int, train_s: fl
     embeddings are recovered exactly (cosine 1 by construction)."""
     gen, chosen = attacked_clients(cfg, data.n_users, n_clients)
     aucs: dict[str, list[float]] = {}
+    features, truths = [], []
     for u in chosen:
         truth = training_items(data, u)
-        for name, scores in table_scores(module.state["items"][u], start).items():
-            aucs.setdefault(name, []).append(auc(scores, truth))
+        scores = table_scores(module.state["items"][u], start)
+        for name, score in scores.items():
+            aucs.setdefault(name, []).append(auc(score, truth))
+        features.append(stacked(scores))
+        truths.append(truth)
+    aucs["learned"] = learned_aucs(features, truths)
     return {
         **report_fields(cfg, overrides, module, len(chosen), train_s, aucs),
         "upload": "item table",
@@ -176,18 +227,22 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     sigma, d = float(cfg.model.sigma), int(cfg.model.dim)
     global_sim = module.server_sim  # what an honest-but-curious server holds (fed_itemknn broadcasts less)
     aucs: dict[str, list[float]] = {}
-    recovered, chance = [], []
+    recovered, chance, features, truths = [], [], [], []
     for u in chosen:
         table = module.state["items"][u]
         upload = decoded_upload(table, module.method.spec, gen)
         truth = training_items(data, u)
-        for name, scores in membership_scores(upload, global_sim).items():
-            aucs.setdefault(name, []).append(auc(scores, truth))
+        scores = membership_scores(upload, global_sim)
+        for name, score in scores.items():
+            aucs.setdefault(name, []).append(auc(score, truth))
+        features.append(stacked(scores))
+        truths.append(truth)
         target = normalised(table.double().unsqueeze(0), bool(cfg.model.centre))[0]
         x = complete_rank_d(upload, d, sigma, int(cfg.audit.recovery_iters))
         recovered.append(aligned_cosine(x, target))
         noise_x = torch.randn(x.shape, generator=gen, dtype=torch.float64)
         chance.append(aligned_cosine(noise_x, target))
+    aucs["learned"] = learned_aucs(features, truths)
     return {
         **report_fields(cfg, overrides, module, len(chosen), train_s, aucs),
         "sigma": sigma,
