@@ -231,7 +231,7 @@ class OptimSpec:
             str(optim.name),
             float(optim.lr),
             None if eta is None else float(eta),
-            bool(optim.get("alternate", False)),
+            bool(optim.alternate),
             (float(betas[0]), float(betas[1])),
             float(optim.get("eps", 1e-8)),
             bool(optim.get("fused", False)),

@@ -170,7 +170,7 @@ def train_client(
     item_lr = lr * n_items * float(eta) if eta is not None else lr
     dtype = client.embedding_item.weight.dtype
     losses: list[float] = []
-    if bool(optim_cfg.get("alternate", False)):
+    if bool(optim_cfg.alternate):
         opt_score = _make_optimizer(optim_cfg, [{"params": client.score_parameters(), "lr": lr}])
         opt_items = _make_optimizer(optim_cfg, [{"params": client.item_parameters(), "lr": item_lr}])
         for items, labels in batches:

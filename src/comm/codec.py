@@ -112,7 +112,7 @@ class Encoding:
     @classmethod
     def from_cfg(cls, comm: DictConfig) -> Encoding:
         topk = None if comm.topk is None else int(comm.topk)
-        return cls(str(comm.format), topk, int(comm.bits), bool(comm.delta), str(comm.get("tables", "dense")))
+        return cls(str(comm.format), topk, int(comm.bits), bool(comm.delta), str(comm.tables))
 
     def upload_bytes(self, nnz: int, m: int) -> int:
         return sparse_bytes(nnz, m, self.format, self.bits)

@@ -19,7 +19,7 @@ def main(argv: list[str]) -> None:
         cfg.seed,
         cfg.data.root,
         cfg.data.cache_dir,
-        verify=bool(cfg.data.get("verify", True)),
+        verify=bool(cfg.data.verify),
     )
     print(json.dumps(data.summary(), indent=2))
 

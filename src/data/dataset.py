@@ -358,7 +358,7 @@ def load(cfg: DictConfig) -> FedData:
         int(cfg.seed),
         cfg.data.root,
         cfg.data.cache_dir,
-        verify=bool(cfg.data.get("verify", True)),
+        verify=bool(cfg.data.verify),
     )
     max_users = cfg.data.get("max_users")
     return data if max_users is None else data.head(int(max_users))

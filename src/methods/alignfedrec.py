@@ -155,9 +155,9 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False)) and device.type == "cpu"
     kernel = str(cfg.compute.kernel)  # native | fused | reference (conf/compute/)
     use_native = kernel == "native" and native_kernels(device)
-    knn = int(cfg.server.graph_k) if cfg.server.get("graph", "threshold") == "knn" else None
-    graph_sigma = float(m.sigma if cfg.server.get("graph_sigma") is None else cfg.server.graph_sigma)
-    on_graph = bool(cfg.server.get("gsa_on_graph", False))
+    knn = int(cfg.server.graph_k) if cfg.server.graph == "knn" else None
+    graph_sigma = float(m.sigma if cfg.server.graph_sigma is None else cfg.server.graph_sigma)
+    on_graph = bool(cfg.server.gsa_on_graph)
     noise, eps_round = laplace_scale(
         None if p.epsilon is None else float(p.epsilon),
         None if p.scale is None else float(p.scale),
@@ -207,5 +207,5 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         eps_round,
         graph_sigma,
         knn,
-        cfg.server.get("aggregate", "mean") == "support_mean",
+        cfg.server.aggregate == "support_mean",
     )

@@ -114,7 +114,7 @@ class AtomicCheckpoint(Checkpoint):
         self.config, self.data_digest = config, data_digest
         self.start, self.prior_s, self.processes = start, prior_s, processes
         self.resumes = list(resumes or [])
-        self.monitor = str(config.get("eval", {}).get("select", "val/hit@10"))
+        self.monitor = str(config["eval"]["select"])
         self.saved_round = 0
 
     @property
