@@ -62,7 +62,7 @@ reproduce: install ## Run every missing run of Table 1, Table 2 and the sweeps i
 	$(BIN)/python -m src.report results/runs --table table1 --out results --name table1
 	$(BIN)/python -m src.report results/runs --table table2 --out results --name table2
 	$(BIN)/python -m src.report results/runs --out results
-	$(BIN)/python -m src.report results/runs --update README.md docs/reproducing.md docs/findings.md docs/communication-privacy.md
+	$(BIN)/python -m src.report results/runs --update README.md docs/*.md
 	for p in alpha beta tau sigma; do \
 	  $(BIN)/python -m src.plots sensitivity results/runs/sweep_$$p --param model.$$p --out results/sensitivity || exit 1; done
 	$(BIN)/python -m src.plots curves results/runs/table1 results/runs/table2 --out results/curves

@@ -63,7 +63,7 @@ def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeyp
     (path,) = (tmp_path / "outputs" / "audit").glob(f"synthetic-{ablation}-clean-s0_*/audit.json")  # its own run folder
     written = json.loads(path.read_text())
     assert written["membership_auc"] == report["membership_auc"]
-    assert set(report["membership_auc"]) == {"row_sum", "row_degree", "distance_from_global"}
+    assert set(report["membership_auc"]) == {"row_sum", "row_degree", "distance_from_global", "learned"}
     assert all(0.0 <= v <= 1.0 for v in report["membership_auc"].values())
     assert report["epsilon_round_entry"] == 50.0 and report["noise_scale"] == 2.0 / 50
 
@@ -108,7 +108,7 @@ def test_audit_of_a_table_sharing_method_runs(compose_cfg, tmp_path):
     cfg = compose_cfg(["dataset=synthetic", "ablation=backbone", "fl.rounds=2", "audit.clients=5"])
     report = audit(cfg, ["ablation=backbone"])
     assert report["upload"] == "item table" and report["clients"] == 5
-    assert set(report["membership_auc"]) == {"row_change", "row_changed"}
+    assert set(report["membership_auc"]) == {"row_change", "row_changed", "learned"}
     assert all(0.5 < v <= 1.0 for v in report["membership_auc"].values())  # trained rows are the positives' and more
 
 

@@ -14,10 +14,10 @@ import pytest
 from src.analysis.report import block_kinds, generated, results_page_text
 
 REPO = Path(__file__).resolve().parents[1]
-GENERATED_IN = [
-    REPO / "README.md",
-    *(REPO / "docs" / f"{p}.md" for p in ("reproducing", "findings", "communication-privacy")),
-]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+GENERATED_IN = [p for p in PAGES if block_kinds(p.read_text())]
+BLOCK = re.compile(r"<!-- (\S+) -->\n(.*?)\n<!-- /\1 -->", re.S)
+MEAN_STD = re.compile(r"\d+\.\d\d ± \d+\.\d\d")  # a figure over seeds, as the generated tables print it
 
 
 def test_the_site_builds_strictly(tmp_path):
@@ -51,6 +51,20 @@ def test_generated_tables_are_up_to_date_with_the_stored_runs(path):
             f"{path.name}: the {kind} block is out of date; run "
             "`python -m src.report results/runs --update README.md docs/*.md`"
         )
+
+
+def test_generated_tables_are_found_in_every_page_that_has_them():
+    names = {p.name for p in GENERATED_IN}
+    assert {"README.md", "reproducing.md", "findings.md", "communication-privacy.md", "performance.md"} <= names
+
+
+def test_every_figure_over_seeds_in_the_prose_is_one_a_generated_table_shows():
+    """Prose may quote a table's mean ± std, never a figure of its own: once the tables are regenerated from new
+    runs, a quote that no longer matches fails here instead of going stale."""
+    pages = [*PAGES, REPO / "results" / "README.md"]
+    shown = {f for p in pages for m in BLOCK.finditer(p.read_text()) for f in MEAN_STD.findall(m.group(2))}
+    quoted = [(p.name, f) for p in pages for f in MEAN_STD.findall(BLOCK.sub("", p.read_text()))]
+    assert quoted and [q for q in quoted if q[1] not in shown] == []
 
 
 def test_the_readme_is_a_how_to():

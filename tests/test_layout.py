@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-COMMANDS = {"run", "campaign", "report", "plots", "audit", "bench", "gpucheck", "cooccurrence"}
+COMMANDS = {"run", "campaign", "report", "plots", "audit", "bench", "gpucheck", "cooccurrence", "migrate"}
 
 
 def package_imports() -> dict[str, set[str]]:

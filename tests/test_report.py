@@ -214,15 +214,22 @@ def test_paper_table_leaves_out_the_sensitivity_sweeps(tmp_path):
 
 
 def test_engine_names_what_trains_the_method():
-    from src.analysis.report import engine
+    """The engine is the label the method's yaml resolves to (`ablation.engine`), '-' on a record without one."""
+    from omegaconf import OmegaConf
 
-    assert (
-        engine({"ablation": {"ica": True, "gsa": True}, "optim": {"name": "adam"}, "model": {"alignment": "fast"}})
-        == "adam+fast"
-    )
-    assert engine({"ablation": {"ica": False, "gsa": False}, "optim": {"name": "sgd"}}) == "sgd"
-    assert engine({"ablation": {"central": True}, "optim": {"name": "sgd"}}) == "central-adam"
-    assert engine({"ablation": {"central": True, "scorer": "itemknn"}}) == "none"
+    from src.analysis.report import engine
+    from src.cli.config import load_config
+
+    cases = {
+        ("ablation=full",): "adam+fast",
+        ("ablation=no_gsa", "optim=sgd", "model.alignment=exact"): "sgd+exact",
+        ("ablation=backbone", "optim=sgd"): "sgd",
+        ("ablation=central", "optim=sgd"): "central-adam",
+        ("ablation=itemknn",): "none",
+    }
+    for overrides, name in cases.items():
+        assert engine(OmegaConf.to_container(load_config(list(overrides)), resolve=True)) == name
+    assert engine({"ablation": {"name": "full"}}) == "-"
 
 
 def test_a_row_the_paper_has_no_number_for_is_listed_without_one():

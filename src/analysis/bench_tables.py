@@ -8,19 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from src.cli.campaign import full_round
 from src.runtime.errors import UserError
 
 NAMES = {"ml-100k": "ML-100K", "ml-1m": "ML-1M", "filmtrust": "FilmTrust", "lastfm-2k": "Lastfm-2k"}
-
-
-def full_round(bench: dict) -> float:
-    """Seconds of a whole round estimated from a bench of a share of the clients: train and aggregate (the uploads
-    made and summed) grow with the clients chosen; the server's once-a-round work, communities and evaluation do
-    not (the campaign estimates its runs the same way)."""
-    secs = bench["seconds_per_round"]
-    share = float(bench.get("config", {}).get("client_fraction", 1.0)) or 1.0
-    fixed = secs["eval"] + secs["community"] + secs.get("server", 0.0)
-    return (secs["train"] + secs["aggregate"]) / share + fixed
 
 
 def reports(root: Path, spec: str) -> list[dict]:

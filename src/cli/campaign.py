@@ -38,7 +38,6 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from src.analysis.bench_tables import full_round
 from src.cli.config import CONF_DIR, validate, validate_device
 from src.cli.jobs import compose_config, compose_runs, grid_jobs
 from src.runtime.atomic import atomic_write_text
@@ -188,6 +187,16 @@ def run_kind(config: dict[str, Any]) -> tuple:
         ab.get("name"),
         str(config.get("device", "auto")),
     )
+
+
+def full_round(bench: dict) -> float:
+    """Seconds of a whole round estimated from a bench of a share of the clients: train and aggregate (the uploads
+    made and summed) grow with the clients chosen; the server's once-a-round work, communities and evaluation do
+    not (also the speed table of docs/performance.md, src/analysis/bench_tables.py)."""
+    secs = bench["seconds_per_round"]
+    share = float(bench.get("config", {}).get("client_fraction", 1.0)) or 1.0
+    fixed = secs["eval"] + secs["community"] + secs.get("server", 0.0)
+    return (secs["train"] + secs["aggregate"]) / share + fixed
 
 
 def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None) -> float:
