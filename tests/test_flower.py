@@ -347,3 +347,14 @@ def test_a_clients_noise_does_not_depend_on_its_chunk(compose_cfg, tmp_path):
     compare(whole, threes, tol=1e-6)
     other = train(compose_cfg([*base, "seed=1"]), tmp_path / "c", progress=False)["history"]
     assert other[0]["comm/upload_bytes_total"] != whole[0]["comm/upload_bytes_total"]
+
+
+def test_the_flower_app_refuses_a_pooled_method_with_its_reason():
+    import pytest
+
+    from src.cli.config import ConfigError, load_config
+    from src.flower.settings import flower_checks
+
+    with pytest.raises(ConfigError, match=r"ablation=itemknn: it pools all data on one machine"):
+        flower_checks(load_config(["ablation=itemknn"]))
+    flower_checks(load_config(["ablation=fed_itemknn"]))

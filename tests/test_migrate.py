@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from src.cli.config import load_config
 from src.cli.migrate import main
-from src.runtime.rundir import identity
+from src.runtime.rundir import identity, resume_mismatch
 
 
 def stored(folder, overrides: list[str]) -> dict:
@@ -43,17 +43,21 @@ def test_records_gain_the_labels_resolved_against_their_own_config(tmp_path):
         assert yaml.safe_load((tmp_path / name / "config_resolved.yaml").read_text()) == config
         meta = json.loads((tmp_path / name / "run.json").read_text())
         assert identity(config) == meta["key"] and len(meta["migrated"]) == 1
+        bare = {k: v for k, v in config["ablation"].items() if k not in ("engine", "unread")}
+        unlabelled = {**config, "ablation": bare}
+        assert identity(unlabelled) == meta["key"]  # read by the rule the labels replace
+        assert resume_mismatch(unlabelled, config) == []  # a checkpoint from before the labels resumes
     snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert main([str(tmp_path)]) == 0  # a second pass changes nothing
     assert snapshot == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
 
-def test_the_flower_app_refuses_a_pooled_method_with_its_reason():
+def test_an_override_of_a_method_label_is_refused():
+    """`ablation.unread` decides which keys tell a method's runs apart: only its yaml sets it."""
     import pytest
 
     from src.cli.config import ConfigError
-    from src.flower.settings import flower_checks
 
-    with pytest.raises(ConfigError, match=r"ablation=itemknn: it pools all data on one machine"):
-        flower_checks(load_config(["ablation=itemknn"]))
-    flower_checks(load_config(["ablation=fed_itemknn"]))
+    for line in ("ablation.unread=[model.]", "ablation.engine=sgd"):
+        with pytest.raises(ConfigError, match="sets a label of the method; expected it in the method's yaml only"):
+            load_config([line])

@@ -51,6 +51,15 @@ def test_a_missing_round_run_or_round_list_is_named(tmp_path):
         generated("diag:absent@1", tmp_path)
     with pytest.raises(UserError, match=r"names no rounds"):
         generated("diag:probe", tmp_path)
+    with pytest.raises(UserError, match=r"names no rounds"):
+        generated("diag:probe@1,x", tmp_path)
+    with pytest.raises(UserError, match=r"names 2 runs; expected one"):
+        generated("diag:probe,probe@1", tmp_path)
+    fake_run(tmp_path / "plain", best_round=1)
+    with pytest.raises(UserError, match=r"logged no graph diagnostics; expected a run made with diag.graph=true"):
+        generated("diag:plain@1", tmp_path)
+    with pytest.raises(UserError, match=r"no audit report in"):
+        record_tables.audit10_markdown(tmp_path)
 
 
 def test_block_kinds_finds_every_block_with_an_argument():

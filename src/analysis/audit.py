@@ -93,7 +93,7 @@ def learned_aucs(features: list[np.ndarray], truths: list[np.ndarray], folds: in
     within each client), trained on the other folds' attacked clients and applied to held-out ones (cross-fitting:
     no client is scored by a model that saw its upload); the AUC of each client [clients]. features: one [m, F]
     array per client; truths: one [m] bool array per client."""
-    out = [float("nan")] * len(features)
+    out = [float("nan")] * len(features)  # with fewer clients than folds there is nobody to learn from: NaN
     for fold in range(folds):
         held = [i for i in range(len(features)) if i % folds == fold]
         seen = [i for i in range(len(features)) if i % folds != fold]
@@ -184,6 +184,7 @@ def training_items(data, u: int) -> np.ndarray:
 def report_fields(cfg, overrides, module, clients: int, train_s: float, aucs: dict[str, list[float]]) -> dict:
     """What every audit report holds: the run, where it stopped, and each score's AUC over the clients."""
     last, select = module.history[-1], select_key(cfg)
+    aucs = {k: v for k, v in aucs.items() if np.isfinite(v).any()}  # the learned attack needs two clients or more
     return {
         "dataset": cfg.dataset.name,
         "protocol": cfg.protocol.name,

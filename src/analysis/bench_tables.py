@@ -32,6 +32,7 @@ def command(bench: dict) -> str:
 
 
 def seconds(secs: dict, phase: str) -> str:
+    """A phase's seconds per round as a cell ('-' for a phase the report does not time)."""
     return f"{secs[phase]:.2f}" if phase in secs else "-"
 
 
@@ -60,6 +61,7 @@ def cell_name(b: dict) -> str:
 
 
 def duration(total_s: float) -> str:
+    """Seconds as minutes under an hour, else hours."""
     return f"{total_s / 60:.0f} min" if total_s < 3600 else f"{total_s / 3600:.1f} h"
 
 
@@ -75,7 +77,7 @@ def speed_markdown(root: Path, spec: str) -> str:
         if not isinstance(base, dict):
             raise UserError(f"bench report for {cell_name(b)} has no baseline; expected one run with bench.baseline=")
         s, before = b["seconds_per_round"], base["seconds_per_round"]["round"]
-        share = float(b["config"].get("client_fraction", 1.0))
+        share = float(b.get("config", {}).get("client_fraction", 1.0)) or 1.0
         full, full_before = full_round(b), full_round(base)
         lines.append(
             f"| {cell_name(b)} | {'all' if share == 1.0 else f'{share:.0%}'} | {seconds(s, 'train')} "

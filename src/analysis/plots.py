@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from src.analysis.report import load_runs
+from src.analysis.runs import load_runs
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.results import atomic_write_text, selection_of
 

@@ -33,17 +33,26 @@ def one_run(root: Path, folder: str) -> dict:
 def split_spec(spec: str) -> tuple[list[str], list[int]]:
     """`a,b@1,5,10` -> (['a', 'b'], [1, 5, 10]): the run folders and the rounds of a diagnostics block."""
     folders, _, rounds = spec.partition("@")
-    if not rounds:
-        raise UserError(f"diagnostics block {spec!r} names no rounds; expected <folder>[,<folder>...]@<round>,<round>")
-    return folders.split(","), [int(r) for r in rounds.split(",")]
+    numbers = rounds.split(",")
+    if not rounds or not all(r.isdigit() for r in numbers):
+        raise UserError(f"block {spec!r} names no rounds; expected <folder>[,<folder>...]@<round>,<round>")
+    return folders.split(","), [int(r) for r in numbers]
 
 
 def round_row(run: dict, round_: int) -> dict:
     """History row `round_` of a run, or UserError naming the run and its last round."""
     row = next((r for r in run["history"] if r["round"] == round_), None)
     if row is None:
-        last = run["history"][-1]["round"]
+        last = run["history"][-1]["round"] if run["history"] else 0
         raise UserError(f"{run['path']} has no round {round_}; expected a round from 1 to {last}")
+    return row
+
+
+def diag_row(run: dict, round_: int) -> dict:
+    """History row `round_` of a run that logged the graph diagnostics, or UserError naming the run."""
+    row = round_row(run, round_)
+    if "diag/edges" not in row:
+        raise UserError(f"{run['path']} logged no graph diagnostics; expected a run made with diag.graph=true")
     return row
 
 
@@ -51,13 +60,15 @@ def diag_markdown(root: Path, spec: str) -> str:
     """`diag:<folder>@<rounds>`: one run's server graph per round (`diag.graph=true`): validation hit@10, Spearman of
     S_g with co-occurrence, graph edges, the share of them already in round 1, communities, NMI with genres beside
     size-matched random partitions; the best validation round is marked."""
-    (folder,), rounds = split_spec(spec)
-    run = one_run(root, folder)
+    folders, rounds = split_spec(spec)
+    if len(folders) != 1:
+        raise UserError(f"block diag:{spec} names {len(folders)} runs; expected one (diagvs: compares several)")
+    run = one_run(root, folders[0])
     head = "| round | val hit@10 | Spearman with co-occurrence | edges | edges from round 1 | communities "
     head += "| NMI with genres | NMI, size-matched random |"
     lines = [head, "| ---: " * 8 + "|"]
     for k in rounds:
-        r = round_row(run, k)
+        r = diag_row(run, k)
         mark = " (best)" if k == run["best_round"] else ""
         nmi = [f"{r[key]:.3f}" if key in r else "-" for key in ("diag/nmi_genre", "diag/nmi_genre_random")]
         lines.append(
@@ -83,7 +94,7 @@ def diagvs_markdown(root: Path, spec: str) -> str:
     for k in rounds:
         cells = []
         for run in runs:
-            r = round_row(run, k)
+            r = diag_row(run, k)
             cells.append(
                 f"{r['diag/spearman_cooccurrence']:.2f} / {100 * r['diag/edges_from_round1']:.0f}% / "
                 f"{100 * r['val/hit@10']:.1f}"
@@ -176,6 +187,8 @@ def audit10_markdown(results: Path) -> str:
     head += "| AUC distance from S_g | recovery cosine (chance) |"
     lines = [head, "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     audits = [json.loads(p.read_text()) for p in sorted((results / "audit").glob("*.json"))]
+    if not audits:
+        raise UserError(f"no audit report in {results / 'audit'}; expected the JSON that src.audit writes there")
     for a in sorted(audits, key=lambda a: (a["dataset"], a["ablation"], -(a["epsilon_round_entry"] or float("inf")))):
         auc = [
             f"{a['membership_auc'][k]:.2f} ± {a['membership_auc_std'][k]:.2f}"

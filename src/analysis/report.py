@@ -315,8 +315,10 @@ def headline_markdown(rows_: list[dict]) -> str:
 
 def generated(kind: str, root: Path) -> str:
     """The markdown of a generated block: `table1`, `table2` (the paper's tables), `headline` (Table 1's main
-    methods, both protocols side by side), `calibration` (the runs under <root>/calibration) or `variants` (the
-    graph variants beside the methods they vary, `VARIANT_FOLDERS`)."""
+    methods, both protocols side by side), `calibration` (the runs under <root>/calibration), `variants` (the
+    graph variants beside the methods they vary, `VARIANT_FOLDERS`), `traffic`, `audit`, `claims`, `audit10`,
+    `cooccurrence`, `runs:<folders>`, and the blocks with an argument of `BLOCKS` (single run records,
+    src/analysis/record_tables.py; bench reports, src/analysis/bench_tables.py)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "calibration":
@@ -497,7 +499,8 @@ RUNS_BLOCK = "runs:"  # a block of any stored folders: `<!-- runs:issue3_baselin
 
 
 def block_kinds(text: str) -> list[str]:
-    """The generated blocks a text holds: the kinds of GENERATED, and every `runs:<folders>` block."""
+    """The generated blocks a text holds: the kinds of GENERATED, and every block with an argument (`runs:<folders>`
+    and the prefixes of `BLOCKS`)."""
     prefixes = "|".join(re.escape(p) for p in (RUNS_BLOCK, *BLOCKS))
     named = re.findall(rf"<!-- ((?:{prefixes})[^ >]+) -->", text)
     return [k for k in GENERATED if f"<!-- {k} -->" in text] + sorted(set(named))

@@ -138,8 +138,8 @@ def _validate_ablation(cfg: DictConfig) -> None:
         _bool(cfg, f"ablation.{key}")
     _check(isinstance(_get(cfg, "ablation.engine"), str), "ablation.engine", _get(cfg, "ablation.engine"), "a name")
     unread = _get(cfg, "ablation.unread")
-    expected = "a list of config key prefixes the method never reads, e.g. [optim.]"
-    ok = isinstance(unread, ListConfig) and all(isinstance(u, str) for u in unread)
+    expected = "a list of config groups the method never reads, each ending in '.', e.g. [optim.]"
+    ok = isinstance(unread, ListConfig) and all(isinstance(u, str) and u.endswith(".") for u in unread)
     _check(ok, "ablation.unread", _shown(unread), expected)
     # the method's own keys: checked by its module (`validate(cfg)` in src/methods/<ablation.method>.py)
     check_method = getattr(method_module(cfg), "validate", None)
@@ -298,12 +298,23 @@ def validate(cfg: DictConfig) -> None:
     _validate_commands(cfg)
 
 
+# a method's labels, set by its yaml only: `unread` decides which keys tell its runs apart, so an override could
+# make two different runs one (src/runtime/rundir.py:normalised)
+METHOD_LABELS = ("ablation.engine", "ablation.unread")
+
+
 def refuse_moved(overrides: list[str]) -> None:
-    """A ConfigError naming the successor of the first override of a replaced key (`MOVED_KEYS`)."""
+    """A ConfigError naming the successor of the first override of a replaced key (`MOVED_KEYS`), or refusing an
+    override of a method's labels (`METHOD_LABELS`)."""
     for line in overrides:
         key = line.split("=", 1)[0].lstrip("+~")
         if key in MOVED_KEYS:
             raise ConfigError(f"{key} was replaced (override {line}); expected {MOVED_KEYS[key]}")
+        if key in METHOD_LABELS:
+            raise ConfigError(
+                f"override {line} sets a label of the method; expected it in the method's yaml only "
+                f"(conf/ablation/<name>.yaml)"
+            )
 
 
 def load_config(overrides: list[str] | None = None) -> DictConfig:

@@ -4,7 +4,8 @@ A method's yaml (`conf/ablation/<name>.yaml`) names what trains it (`ablation.en
 `central-adam`) and the config keys it never reads (`ablation.unread`). Records stored before those keys existed
 lack them; this adds them to each record's config (`results.json`, `config_resolved.yaml`), resolved against the
 record's own config, and notes the migration in `run.json`. Both keys are labels, not part of the computation
-(`rundir.DERIVED_KEYS`): a record's identity is the same before and after. Records that have them are left as they
+(`rundir.DERIVED_KEYS`): a record's identity is the same before and after (`rundir.normalised` reads a record without
+them by the rule they replace). Records that have them are left as they
 are, so it can run after every campaign.
 """
 
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf
 
 from src.cli.config import load_config
 from src.runtime.atomic import atomic_write_text
-from src.runtime.errors import OneLineParser
+from src.runtime.errors import OneLineParser, UserError
 
 LABELS = ("engine", "unread")
 
@@ -55,7 +56,13 @@ def migrate(run_dir: Path) -> bool:
     config = payload["config"]
     if all(k in config["ablation"] for k in LABELS):
         return False
-    added = labels(config)
+    try:
+        added = labels(config)
+    except Exception as exc:  # a deleted ablation yaml, a config without the keys the labels read
+        raise UserError(
+            f"{run_dir / 'results.json'}: cannot label its method ({type(exc).__name__}: {exc}); expected a record "
+            f"whose ablation.name has a yaml in conf/ablation/ and a config holding the keys its labels read"
+        ) from None
     config["ablation"] = with_labels(config["ablation"], added)
     atomic_write_text(run_dir / "results.json", json.dumps(payload, separators=(",", ":")))  # as the campaign stores
     if (run_dir / "config_resolved.yaml").is_file():

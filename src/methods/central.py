@@ -108,7 +108,7 @@ class Central(Method):
     batch_size: int = 1024
     k: int = 50
     central = True
-    no_reference = "it trains one pooled model, there is no per-client training to compare"
+    no_reference = "it trains one pooled model or scores the pooled data; there is no per-client training to compare"
 
 
 def make_central(

@@ -167,7 +167,8 @@ class AtomicCheckpoint(Checkpoint):
         """A SIGTERM that lands after this round's save decision is raised by Lightning once the round is complete
         (`trainer.current_epoch` counts it): checkpoint that round, so a stopped run always resumes."""
         done = trainer.current_epoch
-        if isinstance(exception, SIGTERMException) and self.every > 0 and done > self.saved_round:
+        complete = len(getattr(module, "history", ())) == done  # the module holds exactly the rounds counted
+        if isinstance(exception, SIGTERMException) and self.every > 0 and done > self.saved_round and complete:
             self.save(trainer, done)
 
 

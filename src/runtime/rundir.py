@@ -88,13 +88,15 @@ DERIVED_KEYS = ("ablation.method", "ablation.engine", "ablation.unread")
 
 def normalised(config: dict) -> dict[str, Any]:
     """A resolved config flattened, without the derived keys, the added keys that hold their neutral default
-    and the keys the run's method never reads (the prefixes its yaml lists under `ablation.unread`)."""
+    and the keys the run's method never reads (the groups its yaml lists under `ablation.unread`)."""
     flat = flatten(config)
-    unread = tuple(flat.get("ablation.unread") or ())
+    unread = flat.get("ablation.unread")
+    if unread is None:  # a record from before the label (src.migrate adds it): a central method never read optim.
+        unread = ("optim.",) if flat.get("ablation.central") is True else ()
     return {
         k: v
         for k, v in flat.items()
-        if k not in DERIVED_KEYS and not (k in ADDED_KEYS and ADDED_KEYS[k] == v) and not k.startswith(unread)
+        if k not in DERIVED_KEYS and not (k in ADDED_KEYS and ADDED_KEYS[k] == v) and not k.startswith(tuple(unread))
     }
 
 
