@@ -118,3 +118,16 @@ def test_cooccurrence_out_is_what_the_block_shows(tmp_path, monkeypatch, cache_d
     assert record_tables.cooccurrence_markdown(tmp_path) == cooccurrence.markdown(rows, (0.5, 0.1))
     with pytest.raises(UserError, match="is absent; expected the output of python -m src.cooccurrence"):
         record_tables.cooccurrence_markdown(tmp_path / "elsewhere")
+
+
+def test_the_noiseless_privacy_point_is_found_under_a_communication_sweep(compose_cfg, tmp_path):
+    """The campaign runs one computation once: the privacy sweep's `none` point may be stored as a communication
+    sweep's run; the privacy table shows it, and no run that differs in more than the noise."""
+    base = ["dataset=synthetic", "ablation=full", "fl.rounds=2", "fl.checkpoint_every=0"]
+    train(compose_cfg([*base, "privacy.epsilon=50"]), tmp_path / "privacy_epsilon/synthetic/a", progress=False)
+    plain = train(compose_cfg(base), tmp_path / "comm_sigma/synthetic/b", progress=False)
+    train(compose_cfg([*base, "encoding=csr8"]), tmp_path / "comm_encoding/synthetic/c", progress=False)
+    lines = record_tables.privacy_markdown(tmp_path, "synthetic").splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| 50", "| none"]
+    test = plain["test_at_best"]
+    assert lines[3].endswith(f"| {100 * test['test/hit@10']:.2f} / {100 * test['test/ndcg@10']:.2f} |")

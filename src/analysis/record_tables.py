@@ -5,12 +5,14 @@ bound. Each is a generated block of `src.report --update` (`<!-- kind:argument -
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 from src.analysis import cooccurrence
 from src.analysis.runs import config_value, load_runs, read_run
 from src.runtime.errors import UserError
+from src.runtime.rundir import identity
 
 COOCCURRENCE = "cooccurrence.json"  # results/<this>: `python -m src.cooccurrence --out results/cooccurrence.json`
 
@@ -163,10 +165,17 @@ def comm_markdown(root: Path, dataset: str) -> str:
 
 def privacy_markdown(root: Path, dataset: str) -> str:
     """`privacy:<dataset>`: test metrics and upload size against the Laplace epsilon per entry and round (the stored
-    `experiment=privacy_epsilon` runs; `none` = no noise)."""
+    `experiment=privacy_epsilon` runs; `none` = no noise, which may be stored under a communication sweep: the
+    campaign runs one computation once)."""
     runs = load_runs([root / "privacy_epsilon" / dataset])
     if not runs:
         raise UserError(f"no stored privacy_epsilon run for {dataset} under {root}")
+    if all(run["config"]["privacy"]["epsilon"] is not None for run in runs):
+        # the noiseless point is one computation with a communication sweep's run, which the campaign stored first
+        noiseless = copy.deepcopy(runs[0]["config"])
+        noiseless["privacy"]["epsilon"] = None
+        same = load_runs([root / "comm_sigma" / dataset, root / "comm_encoding" / dataset])
+        runs += [r for r in same if identity(r["config"]) == identity(noiseless)][:1]
 
     def epsilon(run: dict) -> float:
         value = config_value(run["config"], "privacy.epsilon")
