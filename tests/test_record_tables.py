@@ -131,3 +131,15 @@ def test_the_noiseless_privacy_point_is_found_under_a_communication_sweep(compos
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| 50", "| none"]
     test = plain["test_at_best"]
     assert lines[3].endswith(f"| {100 * test['test/hit@10']:.2f} / {100 * test['test/ndcg@10']:.2f} |")
+
+
+def test_cost_rows_read_each_runs_own_timings(tmp_path):
+    timings = {"total_s": 5400.0, "mean_round_s": 54.0, "processes": 2}
+    config = {"seed": 0, "ablation": {"engine": "adam+fast"}}
+    fake_run(tmp_path / "t" / "a", timings=timings, config=config, ablation="full")
+    fake_run(tmp_path / "t" / "b", timings={"total_s": 600.0, "mean_round_s": 6.0}, config=config)
+    lines = generated("cost:t", tmp_path).splitlines()
+    assert lines[2] == "| synthetic | backbone | clean | adam+fast | 0 | 1 | 6.0 | 10 min | 1 |"
+    assert lines[3] == "| synthetic | full | clean | adam+fast | 0 | 1 | 54.0 | 1.5 h | 2 |"
+    with pytest.raises(UserError, match="no stored run under 'nothing'"):
+        generated("cost:nothing", tmp_path)

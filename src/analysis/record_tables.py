@@ -222,9 +222,34 @@ def cooccurrence_markdown(results: Path) -> str:
     return cooccurrence.markdown(stored["rows"], tuple(stored["thresholds"]))
 
 
+def cost_markdown(root: Path, spec: str) -> str:
+    """`cost:<folder>,<folder>...`: what each stored run under the folders cost, from its own record: rounds, mean
+    seconds per round, the time over all its processes (a resumed run has several) and how many there were. The
+    machine and what shared it differ between runs: compare rows, not machines."""
+    runs = load_runs([root / f for f in spec.split(",")])
+    if not runs:
+        raise UserError(f"no stored run under {spec!r} in {root}; expected folders of results/runs")
+    lines = [
+        "| dataset | method | protocol | engine | seed | rounds | s / round | time | processes |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in sorted(runs, key=lambda r: (r["dataset"], r["ablation"], r["protocol"], r["path"])):
+        t = run.get("timings", {})
+        total = float(t.get("total_s", 0.0))
+        when = f"{total / 60:.0f} min" if total < 3600 else f"{total / 3600:.1f} h"
+        engine = config_value(run["config"], "ablation.engine")
+        lines.append(
+            f"| {run['dataset']} | {run['ablation']} | {run['protocol']} | {engine} "
+            f"| {run['seed']} | {len(run['history'])} | {float(t.get('mean_round_s', 0.0)):.1f} | {when} "
+            f"| {t.get('processes', 1)} |"
+        )
+    return "\n".join(lines)
+
+
 # the generated blocks with an argument (`<!-- comm:ml-100k -->`): prefix -> render(runs' root, argument)
 BLOCKS = {
     "graph:": graph_markdown,
+    "cost:": cost_markdown,
     "diag:": diag_markdown,
     "diagvs:": diagvs_markdown,
     "comm:": comm_markdown,
