@@ -311,8 +311,10 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
         ["ablation=fed_itemknn", "fl.dropout=0.3"],  # simulated failures: the chosen clients that do not report
         ["ablation=fedavg", "fl.dropout=0.3", "fl.client_fraction=0.5"],
         ["ablation=backbone", "comm.tables=rows", "fl.client_fraction=0.5"],  # tables counted as changed rows
+        # user-level DP: clipped uploads, the server's noise on the sum, the one-shot upload, the accountant
+        ["ablation=fed_itemknn", "privacy.clip=1", "privacy.noise_multiplier=0.5", "ablation.upload_round=2"],
     ],
-    ids=["dp_noise", "comm_delta", "dropout", "fedavg_dropout_fraction", "table_rows"],
+    ids=["dp_noise", "comm_delta", "dropout", "fedavg_dropout_fraction", "table_rows", "user_dp_one_shot"],
 )
 def test_flower_matches_the_simulator_with(compose_cfg, tmp_path, extra):
     """One round loop: what the simulator does with noise, delta accounting and failures, Flower does alike."""
@@ -324,6 +326,9 @@ def test_flower_matches_the_simulator_with(compose_cfg, tmp_path, extra):
     assert {"reported", "comm/upload_bytes_total"} <= keys
     if "fl.dropout=0.3" in extra:
         assert any(r["reported"] < r["clients"] for r in flower["history"])
+    if "privacy.clip=1" in extra:
+        assert [r["privacy/user_releases"] for r in flower["history"]] == [0.0, 1.0, 1.0]
+        assert flower["history"][-1]["privacy/user_epsilon"] > 0
     if "encoding=csr8_delta" in extra:  # the delta pays from round 2 on, on both
         first, last = flower["history"][0], flower["history"][-1]
         assert last["comm/upload_bytes_mean"] < first["comm/upload_bytes_mean"]

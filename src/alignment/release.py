@@ -20,7 +20,7 @@ and the audit collect the entries of each client (`ChunkUploads`, `release_entri
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import torch
@@ -46,10 +46,13 @@ class ReleaseSpec:
     compile: bool = False  # plain uploads through the compiled kernel that also sums them over clients
     native: bool = False  # plain uploads of float32 CPU tables summed by the C kernel (src/alignment/native_sums.py)
     threads: int = 1  # threads of the C kernel
+    clip: float | None = None  # user-level DP: each client's whole upload scaled to L2 norm <= clip
 
     def __post_init__(self) -> None:
         if self.noise > 0 and self.topk is not None:
             raise ValueError("Laplace noise with top-k selection is not supported (top-k would see noiseless rows)")
+        if self.clip is not None and (self.noise > 0 or self.bits != 32):
+            raise ValueError("a clipped upload needs no Laplace noise and 32-bit values (quantisation would undo it)")
 
     @property
     def below(self) -> float:
@@ -58,7 +61,8 @@ class ReleaseSpec:
 
     def plain(self, entries: bool) -> bool:
         """True when the upload is the thresholded matrix itself and no entries are listed (the fast path)."""
-        return self.noise == 0 and self.topk is None and self.bits == 32 and not entries and self.sigma > 0
+        plain = self.noise == 0 and self.topk is None and self.bits == 32 and self.clip is None
+        return plain and not entries and self.sigma > 0
 
 
 @dataclass
@@ -194,6 +198,9 @@ def release_blocks(
     """
     if spec.noise > 0 and (noise is None or len(noise) != tables.shape[0]):
         raise ValueError(f"noisy release of {tables.shape[0]} clients needs one noise generator per client")
+    if spec.clip is not None:
+        yield from clipped_blocks(tables, spec, entries)
+        return
     e = normalised(tables, spec.centre)
     c, m = e.shape[0], e.shape[1]
     plain = spec.plain(entries)
@@ -225,6 +232,19 @@ def release_blocks(
                 keep &= (blk >= t[:, r0 : r0 + b, None]) | (blk >= t[:, None, r0:])
             blk = torch.where(keep, quantise(blk, spec.sigma, 1.0, spec.bits), 0.0)
             yield ReleasedBlock(s, r0, blk, keep.sum((1, 2)), keep)
+
+
+def clipped_blocks(tables: torch.Tensor, spec: ReleaseSpec, entries: bool) -> Iterator[ReleasedBlock]:
+    """The uploads of `tables` [C, m, d] with each client's whole upload scaled by min(1, clip / its L2 norm): a
+    first pass sums each client's squared entries over all its blocks, the second releases the blocks scaled."""
+    inner = replace(spec, clip=None, native=False, compile=False)  # blocks that hold each client's values
+    squares = torch.zeros(tables.shape[0], dtype=torch.float64, device=tables.device)
+    for blk in release_blocks(tables, inner):
+        squares[blk.first : blk.first + blk.values.shape[0]] += blk.values.double().square().sum((1, 2))
+    scale = (spec.clip / squares.sqrt()).clamp(max=1.0)  # an empty upload (norm 0) is left as it is
+    for blk in release_blocks(tables, inner, entries=entries):
+        blk.values = blk.values * scale[blk.first : blk.first + blk.values.shape[0], None, None].to(blk.values.dtype)
+        yield blk
 
 
 class ChunkUploads:

@@ -1,6 +1,7 @@
 """`python -m src.audit [overrides]`: what an honest-but-curious server learns from one upload.
 
-Trains `fl.rounds` rounds as `src.run` would (no run folder), then, for `audit.clients` random
+Trains `fl.rounds` rounds as `src.run` would (no run folder; a one-shot method up to the round it uploads in),
+then, for `audit.clients` random
 clients, takes the matrix each uploads (thresholded, with the configured Laplace noise and
 quantisation, exactly as the aggregator would decode it) and mounts two attacks with nothing else
 but that matrix and the broadcast global matrix S_g:
@@ -14,6 +15,10 @@ but that matrix and the broadcast global matrix S_g:
    it, align the factor to the client's true normalised table by orthogonal Procrustes and report
    the mean cosine between recovered and true item vectors. The same alignment of a random table of
    the same shape gives the chance level, reported beside it.
+3. With user-level DP (`privacy.clip` and noise; src/comm/user_dp.py) the server's noise does not hide an upload from
+   the server, which sees it before adding noise (1 and 2 are unchanged); what it protects is the release. A
+   worst-case attacker who knows all uploads but whether the target took part tests the noisy sum for the
+   target's upload (`release_audit`): its AUC, and the Gaussian mechanism's value beside it.
 
 Prints a table and writes JSON to `audit.out` (atomically), by default into a folder of its own,
 `outputs/audit/<dataset>-<ablation>-<protocol>-s<seed>_<time>/audit.json`.
@@ -21,6 +26,7 @@ Prints a table and writes JSON to `audit.out` (atomically), by default into a fo
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -159,8 +165,10 @@ def table_audit(cfg, overrides, module, data, start, n_clients: int, train_s: fl
         features.append(stacked(scores))
         truths.append(truth)
     aucs["learned"] = learned_aucs(features, truths)
+    dp = module.strategy.dp
     return {
         **report_fields(cfg, overrides, module, len(chosen), train_s, aucs),
+        **({} if dp is None or dp.noise_multiplier == 0 else release_audit(module, chosen, gen)),
         "upload": "item table",
         "upload_nnz_mean": float(int(data.n_items) * int(cfg.model.dim)),
         "recovery_cosine": 1.0,
@@ -179,6 +187,37 @@ def training_items(data, u: int) -> np.ndarray:
     truth = np.zeros(data.n_items, dtype=bool)
     truth[np.asarray(data.train_items)[data.train_ptr[u] : data.train_ptr[u + 1]]] = True
     return truth
+
+
+def release_audit(module: FederatedModule, chosen: list[int], gen: torch.Generator, draws: int = 25) -> dict:
+    """User-level DP seen from the release: a worst-case attacker who knows every upload but the target's presence
+    tests whether the noisy sum holds the target's clipped upload v by t = <sum - others, v>, on `draws` noise
+    draws of the server's own mechanism per world; the AUC of t over the two worlds, against the Gaussian
+    mechanism's Phi(|v| / (sqrt(2) z C)) (src/comm/user_dp.py)."""
+    dp = module.strategy.dp
+    aucs, analytic = [], []
+    for u in chosen:
+        v = decoded_upload(module.state["items"][u], module.method.spec, gen).triu(1)
+        norm = float(v.norm())
+        if norm == 0:
+            continue
+        stats = []
+        for world in (0, 1):
+            for _ in range(draws):
+                noise = torch.zeros_like(v)
+                dp.add_noise(noise, torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen))))
+                stats.append(float(((noise + world * v) * v).sum()))
+        t = np.array(stats)
+        aucs.append(auc(t, np.arange(2 * draws) >= draws))
+        z, c = dp.noise_multiplier, dp.clip
+        analytic.append(0.5 * math.erfc(-norm / (2 * z * c)))  # Phi(|v| / (sqrt 2 z C)) = erfc(-|v| / (2 z C)) / 2
+    return {
+        "user_epsilon": module.history[-1]["privacy/user_epsilon"],
+        "user_delta": dp.delta,
+        "user_noise_multiplier": dp.noise_multiplier,
+        "release_membership_auc": float(np.mean(aucs)),
+        "release_membership_auc_gaussian": float(np.mean(analytic)),
+    }
 
 
 def report_fields(cfg, overrides, module, clients: int, train_s: float, aucs: dict[str, list[float]]) -> dict:
@@ -217,8 +256,10 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     module = FederatedModule(cfg, data)
     tic = time.perf_counter()
     start = None  # the item table the server sent in the last round (what a table upload is compared with)
-    for r in range(int(cfg.fl.rounds)):
-        if r == int(cfg.fl.rounds) - 1 and shares_table:
+    # the last round the clients upload in (a one-shot method uploads once): its uploads are attacked
+    rounds = max(r for r in range(1, int(cfg.fl.rounds) + 1) if method.uploads_in(r))
+    for r in range(rounds):
+        if r == rounds - 1 and shares_table:
             start = module.server["items"].detach().clone()
         module.history.append(module.run_round())
     train_s = time.perf_counter() - tic
@@ -244,8 +285,10 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
         noise_x = torch.randn(x.shape, generator=gen, dtype=torch.float64)
         chance.append(aligned_cosine(noise_x, target))
     aucs["learned"] = learned_aucs(features, truths)
+    dp = module.strategy.dp
     return {
         **report_fields(cfg, overrides, module, len(chosen), train_s, aucs),
+        **({} if dp is None or dp.noise_multiplier == 0 else release_audit(module, chosen, gen)),
         "sigma": sigma,
         "noise_scale": module.method.spec.noise,
         "epsilon_round_entry": module.method.eps_round,
@@ -287,6 +330,14 @@ def table(report: dict[str, Any]) -> str:
         f"  recovered from the upload  {report['recovery_cosine']:.4f}",
         f"  random table (chance)      {report['recovery_cosine_chance']:.4f}",
     ]
+    if "release_membership_auc" in report:
+        lines += [
+            "",
+            f"user-level DP (epsilon {report['user_epsilon']:.3g} at delta {report['user_delta']:.3g}): whether a user "
+            "took part, from the noisy release by a worst-case attacker (ROC AUC, 0.5 = chance):",
+            f"  measured                   {report['release_membership_auc']:.4f}",
+            f"  Gaussian mechanism         {report['release_membership_auc_gaussian']:.4f}",
+        ]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from src.comm.accountant import ACCOUNTANTS
 from src.data.protocols import TRAIN_NEGATIVE_POOLS
 from src.methods.base import method_module
 from src.runtime.checks import ConfigError, is_int, is_number
@@ -257,6 +258,29 @@ def _validate_comm_privacy(cfg: DictConfig) -> None:
         "comm.topk",
         comm.topk,
         "null when privacy noise is on (top-k would select on noiseless rows)",
+    )
+    _validate_user_dp(cfg, noisy)
+
+
+def _validate_user_dp(cfg: DictConfig, laplace: bool) -> None:
+    """User-level DP (src/comm/user_dp.py): a clip norm, then a noise multiplier or a target epsilon, not both."""
+    clip = _num(cfg, "privacy.clip", _positive, "> 0", nullable=True)
+    z = _num(cfg, "privacy.noise_multiplier", _non_negative, ">= 0", nullable=True)
+    target = _num(cfg, "privacy.target_epsilon", _positive, "> 0", nullable=True)
+    _num(cfg, "privacy.delta", lambda x: 0 < x < 1, "in (0, 1)", nullable=True)
+    _choice(cfg, "privacy.accountant", ACCOUNTANTS)
+    _check(z is None or target is None, "privacy.target_epsilon", target, "null when privacy.noise_multiplier is set")
+    if clip is None:
+        _check(z is None and target is None, "privacy.clip", None, "a clip norm > 0 when user-level noise is set")
+        return
+    _check(not laplace, "privacy.clip", clip, "null with the Laplace option (privacy.epsilon/scale): one mechanism")
+    bits = cfg.comm.bits
+    _check(bits == 32, "privacy.clip", clip, f"comm.bits=32 (quantisation would undo the clip; got {bits})")
+    _check(
+        cfg.server.aggregate == "mean",
+        "privacy.clip",
+        clip,
+        "server.aggregate=mean (the noisy sum is divided by the public count of chosen clients)",
     )
 
 

@@ -196,6 +196,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         compile=compiled,
         native=use_native,
         threads=torch.get_num_threads(),
+        clip=None if p.clip is None else float(p.clip),
     )
     return AlignFedRec(
         str(cfg.ablation.name),

@@ -135,6 +135,10 @@ class Method:
         """Parameter names every client starts the round from (the server's mean) and uploads."""
         return []
 
+    def uploads_in(self, round_: int) -> bool:
+        """Whether the chosen clients upload in round `round_` (1-based); in the others they train and send nothing."""
+        return True
+
     def dense_loss(self, broadcast: Broadcast) -> DenseLoss | None:
         """Extra loss terms on the item tables during local training, or None."""
         return None

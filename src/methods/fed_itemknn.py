@@ -41,11 +41,26 @@ def neighbour_kernel(global_sim: torch.Tensor, k: int) -> torch.Tensor:
     return keep_top_k(lambda start, stop: global_sim[start:stop], global_sim.shape[0], k)
 
 
+def low_rank(global_sim: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-r approximation [m, m] of the symmetric S_g [m, m] (its r eigenpairs of largest magnitude),
+    with a zero diagonal: co-occurrence is low rank, per-entry noise is not (post-processing of the release)."""
+    values, vectors = torch.linalg.eigh(global_sim.double())
+    keep = values.abs().argsort(descending=True)[:rank]
+    approx = (vectors[:, keep] * values[keep]) @ vectors[:, keep].T
+    return approx.fill_diagonal_(0.0).to(global_sim.dtype)
+
+
 @dataclass(frozen=True)
 class FedItemKNN(AlignFedRec):
     """AlignFedRec's uploads and S_g, no alignment loss, no communities; clients score by item-kNN on S_g."""
 
     k: int = 50
+    upload_round: int | None = None  # one-shot: the clients upload in this round only (None: every round)
+    rank: int | None = None  # S_g replaced by its best rank-r approximation at the server (None: as aggregated)
+
+    def uploads_in(self, round_: int) -> bool:
+        """Every round, or only `upload_round` (one-shot: a user-level DP budget is spent once)."""
+        return self.upload_round is None or round_ == self.upload_round
 
     def graph_rule(self) -> tuple[float, int]:
         """The broadcast's graph: each item's k largest S_g entries (for the diagnostics; no communities)."""
@@ -66,6 +81,8 @@ class FedItemKNN(AlignFedRec):
         global_sim = self.aggregate(sums)
         if global_sim is None:  # nobody reported: the clients keep the last broadcast
             return ServerRound(shared, broadcast)
+        if self.rank is not None:
+            global_sim = low_rank(global_sim, self.rank)
         quantised = quantise(global_sim, 0.0, 1.0, self.encoding.bits).cpu()
         # only the pairs some item keeps as a neighbour are sent (at most m k): each row's kept entries are among
         # them and every other entry sent in a row is no larger and, when equal, of a higher index than the
@@ -77,8 +94,18 @@ class FedItemKNN(AlignFedRec):
 
 
 def validate(cfg: DictConfig) -> None:
-    """`ablation.k` neighbours, and no alignment term: clients train alone and score by item-kNN on S_g."""
+    """`ablation.k` neighbours, the upload round, and no alignment term: clients train alone and score by item-kNN on
+    S_g."""
     checks.integer(cfg, "ablation.k", 1)
+    checks.integer(cfg, "ablation.rank", 1, nullable=True)
+    upload = checks.integer(cfg, "ablation.upload_round", 1, nullable=True)
+    checks.check(
+        upload is None or upload < cfg.fl.rounds,
+        "ablation.upload_round",
+        upload,
+        f"null or below fl.rounds={cfg.fl.rounds} (the clients score with the broadcast of that round from the next "
+        "round on)",
+    )
     expected = "false for fed_itemknn (clients train without alignment terms and score by item-kNN on S_g)"
     for key in ("ica", "gsa", "central"):
         checks.check(not cfg.ablation[key], f"ablation.{key}", cfg.ablation[key], expected)
@@ -89,4 +116,10 @@ def build(cfg: DictConfig, device: torch.device) -> FedItemKNN:
     """AlignFedRec's release, encoding and privacy values (no alignment terms), with `ablation.k` neighbours."""
     base = alignfedrec.build(cfg, device)
     fields = {name: getattr(base, name) for name in base.__dataclass_fields__}
-    return FedItemKNN(**fields, k=int(cfg.ablation.k))
+    upload, rank = cfg.ablation.upload_round, cfg.ablation.rank
+    return FedItemKNN(
+        **fields,
+        k=int(cfg.ablation.k),
+        upload_round=None if upload is None else int(upload),
+        rank=None if rank is None else int(rank),
+    )

@@ -20,7 +20,9 @@ from src.alignment.broadcast import Broadcast
 from src.clients.model import Params
 from src.comm.codec import Encoding, Ledger
 from src.comm.privacy import NoiseStreams
+from src.comm.user_dp import UserLevelDP, server_generator
 from src.methods.base import Method, RoundSums, ServerRound
+from src.runtime.checks import ConfigError
 from src.server.diagnostics import GraphDiagnostics
 
 
@@ -43,7 +45,9 @@ class FitPlan:
 
     round: int
     clients: torch.Tensor  # [k] the chosen client ids, sorted
-    failed: torch.Tensor  # [n_users] bool: simulated failures (`fl.dropout`); a failed client trains, sends nothing
+    # [n_users] bool: clients that train and send nothing: simulated failures (`fl.dropout`), or everyone in a round
+    # the method does not upload in (`Method.uploads_in`)
+    failed: torch.Tensor
     shared: Params  # the server's shared parameters every chosen client starts from
     broadcast: Broadcast  # what the clients hold (the last broadcast) while training and at evaluation
     noise: NoiseStreams  # each client's upload noise stream this round
@@ -80,11 +84,23 @@ class RoundStrategy:
         self.gen = torch.Generator().manual_seed(self.seed + 1)
         self.encoding = Encoding.from_cfg(cfg.comm)
         self.ledger = Ledger(self.encoding, n_items)
+        # user-level DP of the similarity sum (privacy.clip; src/comm/user_dp.py), its budget spread over the rounds
+        # the method uploads in
+        rounds = range(1, int(cfg.fl.rounds) + 1)
+        self.dp = UserLevelDP.from_cfg(cfg, n_users, sum(method.uploads_in(r) for r in rounds))
+        if self.dp is not None and not method.uploads_similarity:
+            raise ConfigError(
+                f"privacy.clip={cfg.privacy.clip} clips similarity uploads; expected null for ablation="
+                f"{cfg.ablation.name}, which uploads none"
+            )
+        self.releases = 0  # rounds whose noisy sum the server released
 
     def configure_fit(self, round_: int) -> FitPlan:
         """Choose the round's clients and their failures; the plan they train from."""
         clients = choose_clients(self.n_users, self.fraction, self.gen)
         failed = draw_failures(self.n_users, self.dropout, self.gen)
+        if not self.method.uploads_in(round_):
+            failed = torch.ones_like(failed)
         return FitPlan(round_, clients, failed, self.shared, self.broadcast, NoiseStreams(self.seed, round_))
 
     def round_sums(self) -> RoundSums:
@@ -101,6 +117,10 @@ class RoundStrategy:
     def aggregate_fit(self, plan: FitPlan, sums: RoundSums) -> tuple[dict[str, float], ServerRound]:
         """The method's server step on the round's sums; the server's new state; the round's server statistics."""
         tic = time.perf_counter()
+        if self.dp is not None and sums.sims.count > 0:  # the noisy sum over the chosen clients, a public count
+            self.dp.add_noise(sums.sims.upper, server_generator(self.seed, plan.round))
+            sums.sims.count = len(plan.clients)
+            self.releases += 1
         result = self.method.server_round(sums, self.shared, plan.broadcast, self.seed, len(plan.clients))
         self.shared, self.broadcast = result.shared, result.broadcast
         if result.global_sim is not None:
@@ -119,6 +139,8 @@ class RoundStrategy:
         if self.diag is not None and result.global_sim is not None:  # evaluation-only (src/server/diagnostics.py)
             labels = result.broadcast.labels
             stats.update(self.diag(result.global_sim, None if labels is None else labels.numpy()))
+        if self.dp is not None:
+            stats.update(self.dp.spent(self.releases))
         stats["clients"] = float(len(plan.clients))
         stats["reported"] = float(len(sums.senders))
         return stats, result
@@ -131,6 +153,7 @@ class RoundStrategy:
             "align": (self.broadcast.labels, self.broadcast.global_sim) if self.method.uploads_similarity else None,
             "ledger": self.ledger.state_dict(),
             "diag_first_edge_keys": None if self.diag is None else self.diag.first_edges,
+            "releases": self.releases,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -140,5 +163,6 @@ class RoundStrategy:
         if self.method.uploads_similarity:
             self.broadcast = Broadcast(*state["align"], self.broadcast.sigma)
         self.ledger.load_state_dict(state.get("ledger", {}))
+        self.releases = state.get("releases", 0)
         if self.diag is not None:
             self.diag.restore(state)

@@ -78,6 +78,13 @@ ADDED_KEYS = {
     "server.aggregate": "mean",
     "server.gsa_on_graph": False,
     "comm.tables": "dense",
+    "ablation.upload_round": None,
+    "ablation.rank": None,
+    "privacy.clip": None,
+    "privacy.noise_multiplier": None,
+    "privacy.target_epsilon": None,
+    "privacy.delta": None,
+    "privacy.accountant": "pld",
 }
 
 
