@@ -163,3 +163,29 @@ def test_a_figure_is_saved_byte_for_byte_the_same(tmp_path):
     draw(tmp_path / "b")
     for ext in ("png", "svg"):
         assert (tmp_path / "a" / f"f.{ext}").read_bytes() == (tmp_path / "b" / f"f.{ext}").read_bytes()
+
+
+def test_user_privacy_plots_the_seed_mean_per_epsilon(tmp_path):
+    """One point per target epsilon (mean ± std over seeds, computed here by hand), `none` as a line."""
+    root = tmp_path / "runs"
+    for i, (eps, hit) in enumerate([(2.0, 0.40), (2.0, 0.44), (None, 0.60)]):
+        folder = root / f"r{i}"
+        folder.mkdir(parents=True)
+        run = {
+            "config": {"seed": i, "privacy": {"target_epsilon": eps}},
+            "dataset": "synthetic",
+            "protocol": "clean",
+            "ablation": "private_itemknn",
+            "seed": i,
+            "history": [{"round": 1, "val/hit@10": 0.5}],
+            "test_at_best": {"test/hit@10": hit, "test_full/hit@10": hit / 4},
+            "finished": True,
+        }
+        (folder / "results.json").write_text(json.dumps(run))
+    out = main(["user_privacy", str(root), "--out", str(tmp_path / "out")])
+    assert {"user_privacy_synthetic_clean.png", "user_privacy_synthetic_clean.svg"} <= {p.name for p in out.iterdir()}
+    rows = list(csv.DictReader((out / "user_privacy.csv").open()))
+    assert [r["epsilon"] for r in rows] == ["2.0", "inf"]
+    assert float(rows[0]["test_hit@10"]) == pytest.approx(42.0)
+    assert float(rows[0]["test_hit@10_std"]) == pytest.approx(2.8284, abs=1e-3)
+    assert float(rows[1]["test_full_hit@10"]) == pytest.approx(15.0) and rows[1]["seeds"] == "1"

@@ -143,3 +143,37 @@ def test_cost_rows_read_each_runs_own_timings(tmp_path):
     assert lines[3] == "| synthetic | full | clean | adam+fast | 0 | 1 | 54.0 | 1.5 h | 2 |"
     with pytest.raises(UserError, match="no stored run under 'nothing'"):
         generated("cost:nothing", tmp_path)
+
+
+def test_user_dp_rows_are_the_seed_means_per_target_epsilon(tmp_path):
+    """`userdp:<dataset>` groups the stored private_epsilon runs by target epsilon (none last) and shows the mean ±
+    std over seeds (numbers computed here by hand), the largest epsilon spent and the noise multiplier."""
+    hits = {(4.0, 0): 0.50, (4.0, 1): 0.54, (None, 0): 0.60}
+    for (eps, seed), hit in hits.items():
+        fake_run(
+            tmp_path / "private_epsilon" / "synthetic" / f"e{eps}_s{seed}",
+            config={"seed": seed, "privacy": {"target_epsilon": eps}},
+            seed=seed,
+            privacy={"user_epsilon": 3.999 + seed / 1000, "user_noise_multiplier": 0.8} if eps else {},
+            test_at_best={"test/hit@10": hit, "test/ndcg@10": hit / 2, "test_full/hit@10": hit / 10},
+        )
+    lines = generated("userdp:synthetic", tmp_path).splitlines()
+    assert len(lines) == 4
+    assert lines[2] == "| 4 | 4.000 | 0.800 | 2 | 52.00 ± 2.83 | 26.00 ± 1.41 | 5.20 ± 0.28 | - |"
+    assert lines[3] == "| none | - | 0.000 | 1 | 60.00 ± 0.00 | 30.00 ± 0.00 | 6.00 ± 0.00 | - |"
+    with pytest.raises(UserError, match="private_epsilon"):
+        generated("userdp:ml-1m", tmp_path)
+
+
+def test_user_dp_audit_rows_read_the_audit_reports(tmp_path):
+    folder = tmp_path / "audit" / "user_dp"
+    folder.mkdir(parents=True)
+    base = {"dataset": "synthetic", "clients": 20, "membership_auc": {"learned": 0.987}}
+    (folder / "a.json").write_text(
+        json.dumps(
+            {**base, "user_epsilon": 8.0, "release_membership_auc": 0.91, "release_membership_auc_gaussian": 0.93}
+        )
+    )
+    (folder / "b.json").write_text(json.dumps(base))
+    lines = generated("userdp_audit", tmp_path / "runs").splitlines()
+    assert lines[2:] == ["| synthetic | 8 | 20 | 0.99 | 0.91 | 0.93 |", "| synthetic | none | 20 | 0.99 | - | - |"]

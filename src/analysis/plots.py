@@ -6,6 +6,8 @@ default `results/<kind>`; every row names the run folder it came from):
 - `communication`: upload bytes per client and round against sigma and against the encoding,
   beside the embedding-sharing size, with test hit@10 / ndcg@10 at the best validation round;
 - `privacy`: test hit@10 / ndcg@10 against the per-entry epsilon of the Laplace mechanism;
+- `user_privacy`: sampled and full-ranking test hit@10 (mean ± std over seeds) against the user-level epsilon of
+  `privacy.target_epsilon` (`experiment=private_epsilon`), the noiseless clipped run as a line;
 - `curves`: the selection metric (validation, `eval.select`, default hit@10) and its test
   counterpart against rounds per run, and, for AlignFedRec runs, the number of communities and the
   modularity against rounds;
@@ -344,6 +346,56 @@ def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
         plt.close(fig)
 
 
+def user_privacy(runs: list[dict[str, Any]], out: Path) -> None:
+    """Table and plot of test hit@10 (sampled and full ranking) against the user-level epsilon, mean ± std over
+    seeds; `inf` = the clipped uploads without noise."""
+    import statistics
+
+    import matplotlib.pyplot as plt
+
+    rows = []
+    keyed = group_by(
+        [{**r, "_e": field(r, "config.privacy.target_epsilon")} for r in runs], ("dataset", "protocol", "_e")
+    )
+    for (dataset, protocol, eps), group in keyed.items():
+        row = {"dataset": dataset, "protocol": protocol, "epsilon": math.inf if eps is None else float(eps)}
+        for metric in ("test/hit@10", "test_full/hit@10"):
+            values = [pct(r["test_at_best"].get(metric)) for r in group]
+            row[metric.replace("/", "_")] = statistics.mean(values)
+            row[metric.replace("/", "_") + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append({**row, "seeds": len(group), "runs": " ".join(r["path"] for r in group)})
+    rows.sort(key=lambda x: (x["dataset"], x["protocol"], x["epsilon"]))
+    write_table(rows, out, "user_privacy")
+    for (dataset, protocol), group in group_by(rows, ("dataset", "protocol")).items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        noisy = [g for g in group if math.isfinite(g["epsilon"])]
+        for metric, marker, colour in (("test_hit@10", "o", "C0"), ("test_full_hit@10", "s", "C1")):
+            label = "sampled hit@10" if metric == "test_hit@10" else "full-ranking hit@10"
+            ax.errorbar(
+                [g["epsilon"] for g in noisy],
+                [g[metric] for g in noisy],
+                yerr=[g[f"{metric}_std"] for g in noisy],
+                marker=marker,
+                color=colour,
+                capsize=3,
+                label=label,
+            )
+            for g in group:
+                if not math.isfinite(g["epsilon"]):
+                    ax.axhline(g[metric], color=colour, ls="--", lw=1, label=f"{label}, no noise (clipped)")
+        seeds = "/".join(str(g["seeds"]) for g in group)
+        ax.text(0.01, 0.01, f"seeds per point: {seeds} (bars: std over seeds)", transform=ax.transAxes, fontsize=8)
+        ax.set(
+            xscale="log",
+            xlabel="user-level epsilon (delta = 1 / users), one release",
+            ylabel="test metric at best val round (%)",
+            title=f"{dataset}, {protocol} protocol: private_itemknn",
+        )
+        ax.legend(fontsize=8)
+        save(fig, out, f"user_privacy_{dataset}_{protocol}")
+        plt.close(fig)
+
+
 def group_by(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple, list[dict[str, Any]]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -354,6 +406,7 @@ def group_by(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple, l
 KINDS = {
     "communication": communication,
     "privacy": privacy,
+    "user_privacy": user_privacy,
     "curves": curves,
     "diagnostics": diagnostics,
     "sensitivity": sensitivity,

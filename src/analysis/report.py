@@ -22,7 +22,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from src.analysis import bench_tables, record_tables
+from src.analysis import bench_tables, record_tables, user_dp_tables
 from src.analysis.record_tables import per_client_round
 from src.analysis.runs import config_value, load_runs, planned_rounds, read_run, truncate
 from src.runtime.errors import OneLineParser, UserError
@@ -335,6 +335,8 @@ def generated(kind: str, root: Path) -> str:
             return record_tables.audit10_markdown(root.parent)
         if kind == "cooccurrence":
             return record_tables.cooccurrence_markdown(root.parent)
+        if kind == "userdp_audit":
+            return user_dp_tables.userdp_audit_markdown(root.parent)
         for prefix, render in BLOCKS.items():  # `diag:<folder>@<rounds>`, `comm:<dataset>`, `speed:<bench>`, ...
             if kind.startswith(prefix):
                 return render(root, kind[len(prefix) :])
@@ -368,6 +370,7 @@ GENERATED = (
     "claims",
     "audit10",
     "cooccurrence",
+    "userdp_audit",
 )
 
 
@@ -494,7 +497,7 @@ def traffic_markdown(root: Path) -> str:
 
 
 # the generated blocks with an argument, from single run records and from the bench reports
-BLOCKS = {**record_tables.BLOCKS, **bench_tables.BLOCKS}
+BLOCKS = {**record_tables.BLOCKS, **bench_tables.BLOCKS, **user_dp_tables.BLOCKS}
 RUNS_BLOCK = "runs:"  # a block of any stored folders: `<!-- runs:issue3_baselines -->` ... `<!-- /runs:... -->`
 
 

@@ -1,0 +1,94 @@
+"""Docs tables of user-level DP (this project's `private_itemknn`; docs/communication-privacy.md), generated blocks of
+`src.report --update`: accuracy against epsilon over seeds (`userdp:<dataset>`, the stored
+`experiment=private_epsilon` runs) and the audits at each epsilon (`userdp_audit`, results/audit/user_dp/*.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from src.analysis.runs import config_value, load_runs
+from src.runtime.errors import UserError
+
+EXPERIMENT = "private_epsilon"
+AUDITS = "audit/user_dp"  # under results/
+
+
+def target_epsilon(config: dict) -> float:
+    """A run's `privacy.target_epsilon` (inf when none: the clipped uploads without noise)."""
+    value = config_value(config, "privacy.target_epsilon")
+    return math.inf if value in ("-", "None") else float(value)
+
+
+def cell(values: list[float], scale: float = 100.0) -> str:
+    """Mean ± std over seeds (std 0 for one), scaled (percent by default); `-` when nothing was measured."""
+    values = [scale * v for v in values if v is not None]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+
+def userdp_markdown(root: Path, dataset: str) -> str:
+    """`userdp:<dataset>`: test metrics at the best validation round against the target epsilon (mean ± std over the
+    seeds), the epsilon the accountant reports for the run and the noise multiplier it calibrated."""
+    runs = load_runs([root / EXPERIMENT / dataset])
+    if not runs:
+        raise UserError(f"no stored {EXPERIMENT} run for {dataset} under {root}; expected experiment={EXPERIMENT}")
+    groups: dict[float, list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[target_epsilon(run["config"])].append(run)
+    head = (
+        "| epsilon (target) | epsilon (spent) | noise multiplier | seeds | sampled hit@10 | sampled ndcg@10 "
+        "| full-ranking hit@10 | full-ranking ndcg@10 |"
+    )
+    lines = [head, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for eps in sorted(groups):
+        group = groups[eps]
+        privacy = [run["privacy"] for run in group]
+        spent = [p.get("user_epsilon") for p in privacy]
+        z = statistics.mean(p.get("user_noise_multiplier", 0.0) for p in privacy)
+        tests = [run["test_at_best"] for run in group]
+        lines.append(
+            f"| {'none' if math.isinf(eps) else f'{eps:g}'} "
+            f"| {'-' if None in spent else f'{max(spent):.3f}'} | {z:.3f} | {len(group)} | "
+            + " | ".join(cell([t.get(k) for t in tests]) for k in ("test/hit@10", "test/ndcg@10"))
+            + " | "
+            + " | ".join(cell([t.get(k) for t in tests]) for k in ("test_full/hit@10", "test_full/ndcg@10"))
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def userdp_audit_markdown(results: Path) -> str:
+    """`userdp_audit`: at each epsilon, what the server learns from one upload (it sees the upload before its noise:
+    the learned attack's membership AUC) and what the release gives a worst-case attacker (measured AUC, and the
+    Gaussian mechanism's)."""
+    reports = [json.loads(p.read_text()) for p in sorted((results / AUDITS).glob("*.json"))]
+    if not reports:
+        raise UserError(f"no user-DP audit in {results / AUDITS}; expected `python -m src.audit ...` reports there")
+    head = (
+        "| dataset | epsilon | clients | server: membership AUC of one upload (learned) "
+        "| release: user membership AUC, measured | release: Gaussian mechanism |"
+    )
+    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def order(r: dict) -> tuple[str, float]:
+        return r["dataset"], r.get("user_epsilon", math.inf)
+
+    for r in sorted(reports, key=order):
+        eps = r.get("user_epsilon")
+        learned = r["membership_auc"]["learned"]
+        measured = r.get("release_membership_auc")
+        gaussian = r.get("release_membership_auc_gaussian")
+        lines.append(
+            f"| {r['dataset']} | {'none' if eps is None else f'{eps:.3g}'} | {r['clients']} | {learned:.2f} "
+            f"| {'-' if measured is None else f'{measured:.2f}'} | {'-' if gaussian is None else f'{gaussian:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+BLOCKS = {"userdp:": userdp_markdown}
