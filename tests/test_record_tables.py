@@ -177,3 +177,16 @@ def test_user_dp_audit_rows_read_the_audit_reports(tmp_path):
     (folder / "b.json").write_text(json.dumps(base))
     lines = generated("userdp_audit", tmp_path / "runs").splitlines()
     assert lines[2:] == ["| synthetic | 8 | 20 | 0.99 | 0.91 | 0.93 |", "| synthetic | none | 20 | 0.99 | - | - |"]
+
+
+def test_the_user_dp_claim_quotes_the_largest_epsilon_within_8(tmp_path):
+    from src.analysis.user_dp_tables import claim
+
+    assert claim(tmp_path, "55.71") is None  # nothing stored: no sentence
+    for eps, hit in ((4.0, 0.40), (8.0, 0.50), (16.0, 0.60), (None, 0.70)):
+        fake_run(
+            tmp_path / "private_epsilon" / "ml-100k" / f"e{eps}",
+            config={"seed": 0, "privacy": {"target_epsilon": eps}},
+            test_at_best={"test/hit@10": hit, "test/ndcg@10": hit / 2},
+        )
+    assert "hit@10 50.00 at epsilon 8 (1 seed), below PFedRec's 55.71" in claim(tmp_path, "55.71")

@@ -399,6 +399,7 @@ def claims_markdown(root: Path) -> str:
     leak = f" (membership AUC {min(aucs):.2f}-{max(aucs):.2f} from one upload at its operating point)" if aucs else ""
     names = {"ml-100k": "ML-100K", "filmtrust": "FilmTrust", "ml-1m": "ML-1M", "lastfm-2k": "Lastfm-2k"}
     backbone = ", ".join(f"{names[d]} ({hit(d, 'backbone', 'paper', 'sgd')} vs {pub(d, 'backbone')})" for d in names)
+    private = user_dp_tables.claim(root, hit("ml-100k", "backbone", "clean", "sgd"))
     return "\n".join(
         [
             f"- **The paper protocol leaks.** The `local` canary, which never federates, reaches "
@@ -416,6 +417,7 @@ def claims_markdown(root: Path) -> str:
             f"vs {hit('ml-100k', 'backbone', 'clean', 'sgd')}), but its uploads give away a client's training items"
             f"{leak} and, counted as sent, it moves more bytes than PFedRec "
             "([Privacy and traffic](docs/communication-privacy.md)).",
+            *([private] if private else []),
         ]
     )
 
