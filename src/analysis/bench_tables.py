@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from src.cli.campaign import full_round
 from src.runtime.errors import UserError
+from src.runtime.round_estimate import estimated_round_seconds
 
 NAMES = {"ml-100k": "ML-100K", "ml-1m": "ML-1M", "filmtrust": "FilmTrust", "lastfm-2k": "Lastfm-2k"}
 
@@ -68,7 +68,8 @@ def duration(total_s: float) -> str:
 def speed_markdown(root: Path, spec: str) -> str:
     """`speed:<names>`: each report's phases against the baseline benched first in the same command (its
     `baseline`), the measured round and the whole round estimated from the share of clients benched
-    (`full_round`), the speed-ups, 100 rounds at that pace and the peak RSS (the baseline's in brackets)."""
+    (`estimated_round_seconds`), the speed-ups, 100 rounds at that pace and the peak RSS (the baseline's in
+    brackets)."""
     head = "| dataset, protocol (clients x items) | clients benched | train | aggregate | server | community | eval "
     head += "| round | before | speed-up | full round (est.) | before | speed-up | 100 rounds | peak RSS (before) |"
     lines = [head, "| --- " + "| ---: " * 14 + "|"]
@@ -78,7 +79,7 @@ def speed_markdown(root: Path, spec: str) -> str:
             raise UserError(f"bench report for {cell_name(b)} has no baseline; expected one run with bench.baseline=")
         s, before = b["seconds_per_round"], base["seconds_per_round"]["round"]
         share = float(b.get("config", {}).get("client_fraction", 1.0)) or 1.0
-        full, full_before = full_round(b), full_round(base)
+        full, full_before = estimated_round_seconds(b), estimated_round_seconds(base)
         lines.append(
             f"| {cell_name(b)} | {'all' if share == 1.0 else f'{share:.0%}'} | {seconds(s, 'train')} "
             f"| {seconds(s, 'aggregate')} | {seconds(s, 'server')} | {seconds(s, 'community')} | {seconds(s, 'eval')} "

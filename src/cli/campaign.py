@@ -43,6 +43,7 @@ from src.cli.jobs import compose_config, compose_runs, grid_jobs
 from src.runtime.atomic import atomic_write_text
 from src.runtime.cache import default_cache_dir
 from src.runtime.errors import OneLineParser, UserError
+from src.runtime.round_estimate import estimated_round_seconds
 from src.runtime.rundir import identity
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,16 +190,6 @@ def run_kind(config: dict[str, Any]) -> tuple:
     )
 
 
-def full_round(bench: dict) -> float:
-    """Seconds of a whole round estimated from a bench of a share of the clients: train and aggregate (the uploads
-    made and summed) grow with the clients chosen; the server's once-a-round work, communities and evaluation do
-    not (also the speed table of docs/performance.md, src/analysis/bench_tables.py)."""
-    secs = bench["seconds_per_round"]
-    share = float(bench.get("config", {}).get("client_fraction", 1.0)) or 1.0
-    fixed = secs["eval"] + secs["community"] + secs.get("server", 0.0)
-    return (secs["train"] + secs["aggregate"]) / share + fixed
-
-
 def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None) -> float:
     """Estimated seconds per round: the newest stored runs of the same kind, else bench reports of the dataset,
     else scaled from ML-100K. Older runs and bench reports measured slower implementations: of stored runs the
@@ -220,7 +211,7 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], benc
         exact = any(o == "model.alignment=exact" for o in bench.get("overrides", []))
         bench_mode = ("exact" if exact else "fast") if bench_aligned else "-"
         if bench_aligned == aligned and (bench_mode == mode or not aligned):
-            benched.append(2.0 * full_round(bench))  # two jobs side by side
+            benched.append(2.0 * estimated_round_seconds(bench))  # two jobs side by side
     if benched:
         return min(benched)
     users, items = {
