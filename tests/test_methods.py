@@ -28,6 +28,7 @@ EXPECTED = {
     "knn_ica": ("alignfedrec", [], True, False),
     "knn_full": ("alignfedrec", [], True, False),
     "fed_itemknn": ("fed_itemknn", [], True, False),
+    "private_itemknn": ("fed_itemknn", [], True, False),
 }
 
 
@@ -45,6 +46,9 @@ def test_each_ablation_builds_its_method(compose_cfg, ablation):
     params = init_params(ModelSpec.from_cfg(cfg.model), 3, 10, torch.Generator().manual_seed(0))
     assert method.shared_keys(params) == shared
     assert (method.uploads_similarity, method.central) == (similarity, central)
+    if ablation == "private_itemknn":  # one upload, clipped, the rank-10 release (conf/ablation/private_itemknn.yaml)
+        assert (method.upload_round, method.rank, method.spec.clip) == (40, 10, 1.0)
+        assert [r for r in range(1, 42) if method.uploads_in(r)] == [40]
     if similarity:
         assert method.loss.use_ica == bool(cfg.ablation.ica) and method.loss.use_gsa == bool(cfg.ablation.gsa)
 
