@@ -158,6 +158,7 @@ def test_the_release_audit_measures_what_the_gaussian_mechanism_allows(compose_c
             "privacy.accountant=rdp",
         ]
     )
+    assert report["attacked_round"] == 2  # the one-shot upload's round, not fl.rounds
     expected = 0.5 * math.erfc(-1 / (2 * z))  # every synthetic upload is clipped to norm 1
     assert report["release_membership_auc_gaussian"] == pytest.approx(expected, abs=1e-6)
     assert report["release_membership_auc"] == pytest.approx(expected, abs=0.12)

@@ -229,6 +229,7 @@ def report_fields(cfg, overrides, module, clients: int, train_s: float, aucs: di
         "protocol": cfg.protocol.name,
         "ablation": cfg.ablation.name,
         "rounds": int(cfg.fl.rounds),
+        "attacked_round": len(module.history),  # the uploads attacked (a one-shot method's upload round)
         "clients": clients,
         "overrides": list(overrides),
         "train_s": train_s,
