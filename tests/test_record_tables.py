@@ -180,7 +180,7 @@ def test_user_dp_audit_rows_read_the_audit_reports(tmp_path):
 
 
 def test_the_user_dp_claim_quotes_the_largest_epsilon_within_8(tmp_path):
-    from src.analysis.user_dp_tables import claim
+    from src.analysis.privacy_tables import claim
 
     assert claim(tmp_path, "55.71") is None  # nothing stored: no sentence
     for eps, hit in ((4.0, 0.40), (8.0, 0.50), (16.0, 0.60), (None, 0.70)):
@@ -190,3 +190,25 @@ def test_the_user_dp_claim_quotes_the_largest_epsilon_within_8(tmp_path):
             test_at_best={"test/hit@10": hit, "test/ndcg@10": hit / 2},
         )
     assert "hit@10 50.00 at epsilon 8 (1 seed), below PFedRec's 55.71" in claim(tmp_path, "55.71")
+
+
+def test_secagg_cost_counts_the_dense_vector_against_the_measured_uploads(tmp_path):
+    """m = 101 items: 5,050 pairs at 4 bytes = 20,200 bytes dense (19.7 KiB) against the runs' own upload figures."""
+    summary = {"items": 101, "users": 4}
+    history = [{"round": r, "val/hit@10": 0.5, "comm/upload_bytes_total": 4096.0} for r in (1, 2)]
+    fake_run(
+        tmp_path / "graph_variants" / "ml-100k" / "fed_itemknn" / "clean" / "s0",
+        history=history,
+        summary=summary,
+        communication={"upload_bytes_mean_per_client_round": 2048.0},
+    )
+    with pytest.raises(UserError, match="fed_itemknn and private_epsilon"):
+        generated("secagg_cost", tmp_path)
+    fake_run(
+        tmp_path / "private_epsilon" / "ml-100k" / "none",
+        config={"seed": 0, "privacy": {"target_epsilon": None}},
+        summary=summary,
+        communication={"upload_bytes_mean_per_client_round": 512.0},
+    )
+    lines = generated("secagg_cost", tmp_path).splitlines()
+    assert lines[2] == "| ml-100k | 101 | 5,050 | 20 | 2.0 | 10x | 2 | 0.5 |"

@@ -22,7 +22,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from src.analysis import bench_tables, record_tables, user_dp_tables
+from src.analysis import bench_tables, privacy_tables, record_tables
 from src.analysis.record_tables import per_client_round
 from src.analysis.runs import config_value, load_runs, planned_rounds, read_run, truncate
 from src.runtime.errors import OneLineParser, UserError
@@ -336,7 +336,9 @@ def generated(kind: str, root: Path) -> str:
         if kind == "cooccurrence":
             return record_tables.cooccurrence_markdown(root.parent)
         if kind == "userdp_audit":
-            return user_dp_tables.userdp_audit_markdown(root.parent)
+            return privacy_tables.userdp_audit_markdown(root.parent)
+        if kind == "secagg_cost":
+            return privacy_tables.secagg_cost_markdown(root)
         for prefix, render in BLOCKS.items():  # `diag:<folder>@<rounds>`, `comm:<dataset>`, `speed:<bench>`, ...
             if kind.startswith(prefix):
                 return render(root, kind[len(prefix) :])
@@ -371,6 +373,7 @@ GENERATED = (
     "audit10",
     "cooccurrence",
     "userdp_audit",
+    "secagg_cost",
 )
 
 
@@ -399,7 +402,7 @@ def claims_markdown(root: Path) -> str:
     leak = f" (membership AUC {min(aucs):.2f}-{max(aucs):.2f} from one upload at its operating point)" if aucs else ""
     names = {"ml-100k": "ML-100K", "filmtrust": "FilmTrust", "ml-1m": "ML-1M", "lastfm-2k": "Lastfm-2k"}
     backbone = ", ".join(f"{names[d]} ({hit(d, 'backbone', 'paper', 'sgd')} vs {pub(d, 'backbone')})" for d in names)
-    private = user_dp_tables.claim(root, hit("ml-100k", "backbone", "clean", "sgd"))
+    private = privacy_tables.claim(root, hit("ml-100k", "backbone", "clean", "sgd"))
     return "\n".join(
         [
             f"- **The paper protocol leaks.** The `local` canary, which never federates, reaches "
@@ -499,7 +502,7 @@ def traffic_markdown(root: Path) -> str:
 
 
 # the generated blocks with an argument, from single run records and from the bench reports
-BLOCKS = {**record_tables.BLOCKS, **bench_tables.BLOCKS, **user_dp_tables.BLOCKS}
+BLOCKS = {**record_tables.BLOCKS, **bench_tables.BLOCKS, **privacy_tables.BLOCKS}
 RUNS_BLOCK = "runs:"  # a block of any stored folders: `<!-- runs:issue3_baselines -->` ... `<!-- /runs:... -->`
 
 

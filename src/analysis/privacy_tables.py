@@ -121,4 +121,37 @@ def claim(root: Path, reference: str) -> str | None:
     )
 
 
+SECAGG_BYTES = 4  # bytes per entry of a SecAgg+ vector: Flower's default modulus 2**32
+
+
+def secagg_cost_markdown(root: Path) -> str:
+    """`secagg_cost`: what secure aggregation's fixed-size dense vectors would cost against the sparse uploads the
+    stored runs measured: `fed_itemknn` (every round, `graph_variants`, clean) and the one-shot `private_itemknn`
+    (`private_epsilon`, no noise), per client: one round, and the whole run."""
+    head = (
+        "| dataset | items | pairs m(m-1)/2 | dense SecAgg vector (KiB) | fed_itemknn upload, one round (KiB) "
+        "| dense / sparse | fed_itemknn, 100 rounds (KiB) | private_itemknn, one upload (KiB) |"
+    )
+    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for dataset in ("ml-100k", "filmtrust", "ml-1m", "lastfm-2k"):
+        every = load_runs([root / "graph_variants" / dataset / "fed_itemknn" / "clean"])
+        once = [r for r in load_runs([root / EXPERIMENT / dataset]) if math.isinf(target_epsilon(r["config"]))]
+        if not every or not once:
+            continue
+        items = int(once[0]["summary"]["items"])
+        pairs = items * (items - 1) // 2
+        dense = SECAGG_BYTES * pairs / 1024
+        sparse = statistics.mean(r["communication"]["upload_bytes_mean_per_client_round"] for r in every) / 1024
+        total = statistics.mean(sum(h.get("comm/upload_bytes_total", 0.0) for h in r["history"]) for r in every)
+        one = statistics.mean(r["communication"]["upload_bytes_mean_per_client_round"] for r in once) / 1024
+        users = int(once[0]["summary"]["users"])
+        lines.append(
+            f"| {dataset} | {items:,} | {pairs:,} | {dense:,.0f} | {sparse:,.1f} | {dense / sparse:,.0f}x "
+            f"| {total / users / 1024:,.0f} | {one:,.1f} |"
+        )
+    if len(lines) == 2:
+        raise UserError(f"no stored fed_itemknn and private_epsilon runs of one dataset under {root}")
+    return "\n".join(lines)
+
+
 BLOCKS = {"userdp:": userdp_markdown}
