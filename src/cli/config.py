@@ -273,6 +273,12 @@ def _validate_user_dp(cfg: DictConfig, laplace: bool) -> None:
     if clip is None:
         _check(z is None and target is None, "privacy.clip", None, "a clip norm > 0 when user-level noise is set")
         return
+    _check(
+        getattr(method_module(cfg), "UPLOADS_SIMILARITY", False),
+        "privacy.clip",
+        clip,
+        f"null for ablation={cfg.ablation.name}: it clips similarity uploads, and this method uploads none",
+    )
     _check(not laplace, "privacy.clip", clip, "null with the Laplace option (privacy.epsilon/scale): one mechanism")
     bits = cfg.comm.bits
     _check(bits == 32, "privacy.clip", clip, f"comm.bits=32 (quantisation would undo the clip; got {bits})")

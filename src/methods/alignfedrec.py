@@ -28,6 +28,9 @@ from src.server.global_similarity import communities
 
 log = logging.getLogger(__name__)
 
+# what a client of this method sends is a similarity upload (privacy.clip applies to it: src/cli/config.py)
+UPLOADS_SIMILARITY = True
+
 
 @dataclass(frozen=True)
 class AlignFedRec(Method):

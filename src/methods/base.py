@@ -187,8 +187,9 @@ class Method:
 
 
 def method_module(cfg: DictConfig) -> ModuleType:
-    """The module of `ablation.method` in src/methods/: `build(cfg, device)`, and optionally `validate(cfg)` and
-    `NOT_FEDERATED` (why the Flower app refuses the method)."""
+    """The module of `ablation.method` in src/methods/: `build(cfg, device)`, and optionally `validate(cfg)`,
+    `NOT_FEDERATED` (why the Flower app refuses the method) and `UPLOADS_SIMILARITY` (its clients send similarity
+    uploads, which `privacy.clip` clips)."""
     return importlib.import_module(f"src.methods.{cfg.ablation.method}")
 
 

@@ -35,6 +35,9 @@ from src.methods.base import RoundSums, ServerRound
 from src.methods.calibration import ItemKNNScorer, keep_top_k
 from src.runtime import checks
 
+# what a client of this method sends is a similarity upload (privacy.clip applies to it: src/cli/config.py)
+UPLOADS_SIMILARITY = True
+
 
 def neighbour_kernel(global_sim: torch.Tensor, k: int) -> torch.Tensor:
     """S_k [m, m] sparse CSR: row i keeps the k largest positive entries of S_g [m, m] (not S_g[i, i])."""

@@ -22,7 +22,6 @@ from src.comm.codec import Encoding, Ledger
 from src.comm.privacy import NoiseStreams
 from src.comm.user_dp import UserLevelDP, server_generator
 from src.methods.base import Method, RoundSums, ServerRound
-from src.runtime.checks import ConfigError
 from src.server.diagnostics import GraphDiagnostics
 
 
@@ -88,11 +87,6 @@ class RoundStrategy:
         # the method uploads in
         rounds = range(1, int(cfg.fl.rounds) + 1)
         self.dp = UserLevelDP.from_cfg(cfg, n_users, sum(method.uploads_in(r) for r in rounds))
-        if self.dp is not None and not method.uploads_similarity:
-            raise ConfigError(
-                f"privacy.clip={cfg.privacy.clip} clips similarity uploads; expected null for ablation="
-                f"{cfg.ablation.name}, which uploads none"
-            )
         self.releases = 0  # rounds whose noisy sum the server released
 
     def configure_fit(self, round_: int) -> FitPlan:
