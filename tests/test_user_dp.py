@@ -129,6 +129,8 @@ def test_with_every_client_clipped_the_shared_similarity_does_not_depend_on_the_
         (["privacy.clip=1", "privacy.target_epsilon=1", "privacy.noise_multiplier=1"], "privacy.target_epsilon"),
         (["privacy.clip=1", "privacy.accountant=moments"], "privacy.accountant"),
         (["ablation=fed_itemknn", "fl.rounds=5", "ablation.upload_round=5"], "ablation.upload_round"),
+        (["ablation=fed_itemknn", "privacy.clip=1", "fl.client_fraction=0.5"], "fl.client_fraction"),
+        (["ablation=fed_itemknn", "privacy.clip=1", "privacy.server_noise=os"], "privacy.server_noise"),
     ],
 )
 def test_user_dp_settings_that_cannot_run_are_refused_naming_the_key(compose_cfg, tmp_path, overrides, key):
@@ -163,3 +165,57 @@ def test_the_release_audit_measures_what_the_gaussian_mechanism_allows(compose_c
     assert report["release_membership_auc_gaussian"] == pytest.approx(expected, abs=1e-6)
     assert report["release_membership_auc"] == pytest.approx(expected, abs=0.12)
     assert report["user_epsilon"] == pytest.approx(accountant.epsilon(z, 1, report["user_delta"], "rdp"))
+
+
+def test_removing_one_user_moves_the_sum_by_at_most_the_clip():
+    """The sensitivity the accountant assumes, on the product's summed path: the round's sum over all clients and over
+    all but one differ by that client's clipped upload, whose L2 norm is at most C."""
+    from src.server.global_similarity import SimilaritySum
+
+    c, m, d, clip = 7, 40, 4, 0.7
+    tabs = torch.randn(c, m, d, generator=torch.Generator().manual_seed(5))
+    spec = ReleaseSpec(0.2, True, block=300, rows=9, clip=clip)
+
+    def total(tables: torch.Tensor) -> torch.Tensor:
+        from src.alignment.release import release_blocks
+
+        sums = SimilaritySum(m)
+        for blk in release_blocks(tables, spec):
+            sums.add_block(blk)
+        return sums.upper
+
+    whole = total(tabs)
+    for u in range(c):
+        moved = float((whole - total(torch.cat([tabs[:u], tabs[u + 1 :]]))).norm())
+        oracle = np.sqrt((np.triu(np_upload(np_cosine(tabs[u].double().numpy(), True), 0.2), 1) ** 2).sum())
+        assert moved == pytest.approx(min(clip, oracle), rel=1e-4)
+
+
+def test_the_server_clips_a_decoded_upload_a_node_did_not_clip():
+    """On Flower the server sums decoded uploads: one above the clip (a duplicated position counted once, summed) is
+    scaled to norm C; one a node clipped is left as it is."""
+    from src.methods.base import RoundSums
+
+    sums = RoundSums(5, torch.device("cpu"), similarity=True)
+    sums.clip = 1.0
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([1, 1, 3])
+    sums.add_decoded(torch.tensor([0]), {}, [(rows, cols, torch.tensor([3.0, 1.0, 3.0]))])  # (4, 3): norm 5
+    sums.add_decoded(torch.tensor([1]), {}, [(torch.tensor([2]), torch.tensor([4]), torch.tensor([0.6]))])
+    upper = sums.sims.upper
+    assert float(upper[0, 1]) == pytest.approx(0.8) and float(upper[1, 3]) == pytest.approx(0.6)
+    assert float(upper[2, 4]) == pytest.approx(0.6)
+
+
+def test_a_resume_that_would_recalibrate_the_noise_is_refused(compose_cfg, tmp_path):
+    """More fl.rounds to spend the same target over would give later rounds less noise than the earlier ones had:
+    the accountant's epsilon would be wrong, so the resume is refused naming what changed."""
+    base = [*SYNTH, "ablation=fed_itemknn", "privacy.clip=1", "privacy.target_epsilon=4", "privacy.accountant=rdp"]
+    train(compose_cfg([*base, "fl.rounds=2", "fl.checkpoint_every=1"]), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="noise multiplier"):
+        train(compose_cfg([*base, "fl.rounds=4", "fl.checkpoint_every=1", "resume=true"]), tmp_path, progress=False)
+
+
+def test_secret_server_noise_is_not_the_seeded_stream():
+    seeded = torch.randn(5, generator=server_generator(0, 1))
+    assert torch.equal(seeded, torch.randn(5, generator=server_generator(0, 1)))
+    assert not torch.equal(seeded, torch.randn(5, generator=server_generator(0, 1, secret=True)))

@@ -280,6 +280,13 @@ def _validate_user_dp(cfg: DictConfig, laplace: bool) -> None:
         f"null for ablation={cfg.ablation.name}: it clips similarity uploads, and this method uploads none",
     )
     _check(not laplace, "privacy.clip", clip, "null with the Laplace option (privacy.epsilon/scale): one mechanism")
+    _check(
+        cfg.fl.client_fraction == 1,
+        "fl.client_fraction",
+        cfg.fl.client_fraction,
+        "1 with privacy.clip (a fixed-size draw lets one user displace another: twice the sensitivity accounted)",
+    )
+    _choice(cfg, "privacy.server_noise", ("seeded", "secret"))
     bits = cfg.comm.bits
     _check(bits == 32, "privacy.clip", clip, f"comm.bits=32 (quantisation would undo the clip; got {bits})")
     _check(

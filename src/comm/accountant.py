@@ -3,8 +3,8 @@
 A run releases the round's noisy sum (`src/comm/user_dp.py`) once per round in which some client uploads; each
 release is a Gaussian mechanism with noise multiplier z (the noise's std over the L2 sensitivity C of one user),
 so `releases` of them are one `SelfComposedDpEvent`. Neighbouring datasets differ by adding or removing one
-user. No amplification by sampling is claimed: a round's clients are a fixed-size draw (`fl.client_fraction`),
-not Poisson sampling, so the composition over every release is an upper bound whatever the fraction.
+user; every client is chosen every round (`fl.client_fraction=1`, checked in src/cli/config.py: a fixed-size draw
+would let one user displace another, twice the sensitivity), so no amplification by sampling is claimed or needed.
 `rdp` is the Renyi accountant (Mironov 2017), `pld` the privacy-loss-distribution accountant (tighter).
 """
 

@@ -67,6 +67,7 @@ class RoundSums:
         self.sims = SimilaritySum(n_items, device, support) if similarity else None
         self.n_items, self.device, self.keep_entries = n_items, device, entries
         self.senders: list[int] = []
+        self.clip: float | None = None  # user-level DP: the L2 norm the server enforces on each decoded upload
         self.nnz: list[torch.Tensor] = []
         self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -99,6 +100,8 @@ class RoundSums:
         self.senders.extend(users.tolist())
         for rows, cols, vals in entries:
             vals = vals.float()  # the decoded values in the clients' dtype, as the simulator's releases hold them
+            if self.clip is not None:
+                vals = self.clipped(rows, cols, vals)
             self.sims.add_entries(rows, cols, vals)
             self.sims.count += 1
             self.nnz.append(torch.tensor([2 * len(rows)]))
@@ -106,6 +109,15 @@ class RoundSums:
                 keys = rows.long() * self.n_items + cols.long()
                 order = torch.argsort(keys)
                 self.entries.append((keys[order].cpu(), vals[order].float().cpu()))
+
+    def clipped(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """One decoded upload's values [k] scaled to L2 norm `clip` when above it (entries at one position summed
+        first, as the server adds them): the server enforces the bound it accounts for, whatever a node sent. An
+        upload its node clipped (norm <= clip, to float rounding) is left as it is."""
+        keys = rows.long() * self.n_items + cols.long()
+        unique, index = torch.unique(keys, return_inverse=True)
+        norm = float(torch.zeros(len(unique), dtype=torch.float64).index_add_(0, index, vals.double()).norm())
+        return vals * (self.clip / norm) if norm > self.clip * (1 + 1e-5) else vals
 
     def sender_nnz(self) -> torch.Tensor:
         """Whole-matrix nonzeros of every similarity upload this round [senders]."""

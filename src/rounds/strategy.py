@@ -22,6 +22,7 @@ from src.comm.codec import Encoding, Ledger
 from src.comm.privacy import NoiseStreams
 from src.comm.user_dp import UserLevelDP, server_generator
 from src.methods.base import Method, RoundSums, ServerRound
+from src.runtime.checks import ConfigError
 from src.server.diagnostics import GraphDiagnostics
 
 
@@ -101,7 +102,9 @@ class RoundStrategy:
         """The server's empty sums of a round (listing each upload's entries when delta encoding counts them, and
         the start table when its changed rows are counted)."""
         start = self.shared if self.rows_counted else None
-        return self.method.round_sums(self.n_items, self.device, entries=self.encoding.delta, start=start)
+        sums = self.method.round_sums(self.n_items, self.device, entries=self.encoding.delta, start=start)
+        sums.clip = None if self.dp is None else self.dp.clip  # decoded uploads are clipped again (Flower)
+        return sums
 
     @property
     def rows_counted(self) -> bool:
@@ -112,7 +115,7 @@ class RoundStrategy:
         """The method's server step on the round's sums; the server's new state; the round's server statistics."""
         tic = time.perf_counter()
         if self.dp is not None and sums.sims.count > 0:  # the noisy sum over the chosen clients, a public count
-            self.dp.add_noise(sums.sims.upper, server_generator(self.seed, plan.round))
+            self.dp.add_noise(sums.sims.upper, server_generator(self.seed, plan.round, self.dp.secret))
             sums.sims.count = len(plan.clients)
             self.releases += 1
         result = self.method.server_round(sums, self.shared, plan.broadcast, self.seed, len(plan.clients))
@@ -148,6 +151,7 @@ class RoundStrategy:
             "ledger": self.ledger.state_dict(),
             "diag_first_edge_keys": None if self.diag is None else self.diag.first_edges,
             "releases": self.releases,
+            "noise_multiplier": None if self.dp is None else self.dp.noise_multiplier,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -158,5 +162,13 @@ class RoundStrategy:
             self.broadcast = Broadcast(*state["align"], self.broadcast.sigma)
         self.ledger.load_state_dict(state.get("ledger", {}))
         self.releases = state.get("releases", 0)
+        before = state.get("noise_multiplier")
+        if self.dp is not None and before is not None and abs(before - self.dp.noise_multiplier) > 1e-9:
+            # the accountant composes releases of one z: a resume that recalibrates z (more fl.rounds to spend the
+            # same target epsilon over) would report less epsilon than its earlier releases spent
+            raise ConfigError(
+                f"the resumed run's rounds released with noise multiplier {before:.6g}, this config calibrates "
+                f"{self.dp.noise_multiplier:.6g}; expected the fl.rounds and privacy.* the run started with"
+            )
         if self.diag is not None:
             self.diag.restore(state)

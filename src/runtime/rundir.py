@@ -85,6 +85,7 @@ ADDED_KEYS = {
     "privacy.target_epsilon": None,
     "privacy.delta": None,
     "privacy.accountant": "pld",
+    "privacy.server_noise": "seeded",
 }
 
 
