@@ -182,7 +182,23 @@ def test_user_privacy_plots_the_seed_mean_per_epsilon(tmp_path):
             "finished": True,
         }
         (folder / "results.json").write_text(json.dumps(run))
-    out = main(["user_privacy", str(root), "--out", str(tmp_path / "out")])
+    reference = tmp_path / "reference" / "r"
+    reference.mkdir(parents=True)
+    (reference / "results.json").write_text(
+        json.dumps(
+            {
+                "config": {"seed": 0},
+                "dataset": "synthetic",
+                "protocol": "clean",
+                "ablation": "backbone",
+                "seed": 0,
+                "history": [{"round": 1, "val/hit@10": 0.5}],
+                "test_at_best": {"test/hit@10": 0.5},
+                "finished": True,
+            }
+        )
+    )
+    out = main(["user_privacy", str(root), "--out", str(tmp_path / "out"), "--reference", str(reference.parent)])
     assert {"user_privacy_synthetic_clean.png", "user_privacy_synthetic_clean.svg"} <= {p.name for p in out.iterdir()}
     rows = list(csv.DictReader((out / "user_privacy.csv").open()))
     assert [r["epsilon"] for r in rows] == ["2.0", "inf"]

@@ -6,8 +6,9 @@ default `results/<kind>`; every row names the run folder it came from):
 - `communication`: upload bytes per client and round against sigma and against the encoding,
   beside the embedding-sharing size, with test hit@10 / ndcg@10 at the best validation round;
 - `privacy`: test hit@10 / ndcg@10 against the per-entry epsilon of the Laplace mechanism;
-- `user_privacy`: sampled and full-ranking test hit@10 (mean ± std over seeds) against the user-level epsilon of
-  `privacy.target_epsilon` (`experiment=private_epsilon`), the noiseless clipped run as a line;
+- `user_privacy [--reference <folders>]`: sampled and full-ranking test hit@10 (mean ± std over seeds) against the
+  user-level epsilon of `privacy.target_epsilon` (`experiment=private_epsilon`), the noiseless clipped run as a
+  line, and the reference runs (e.g. PFedRec) as another;
 - `curves`: the selection metric (validation, `eval.select`, default hit@10) and its test
   counterpart against rounds per run, and, for AlignFedRec runs, the number of communities and the
   modularity against rounds;
@@ -346,9 +347,10 @@ def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
         plt.close(fig)
 
 
-def user_privacy(runs: list[dict[str, Any]], out: Path) -> None:
+def user_privacy(runs: list[dict[str, Any]], out: Path, reference: list[dict[str, Any]] | None = None) -> None:
     """Table and plot of test hit@10 (sampled and full ranking) against the user-level epsilon, mean ± std over
-    seeds; `inf` = the clipped uploads without noise."""
+    seeds; `inf` = the clipped uploads without noise. `reference` runs (e.g. PFedRec, no protection) of the same
+    dataset and protocol are drawn as a line at their mean sampled hit@10."""
     import statistics
 
     import matplotlib.pyplot as plt
@@ -383,6 +385,12 @@ def user_privacy(runs: list[dict[str, Any]], out: Path) -> None:
             for g in group:
                 if not math.isfinite(g["epsilon"]):
                     ax.axhline(g[metric], color=colour, ls="--", lw=1, label=f"{label}, no noise (clipped)")
+        same = [r for r in reference or [] if (r["dataset"], r["protocol"]) == (dataset, protocol)]
+        if same:
+            hit = statistics.mean(pct(r["test_at_best"].get("test/hit@10")) for r in same)
+            names = sorted({r["ablation"] for r in same})
+            label = f"{'/'.join(names)}, no protection: sampled hit@10 ({len(same)} seeds)"
+            ax.axhline(hit, color="k", ls=":", lw=1, label=label)
         seeds = "/".join(str(g["seeds"]) for g in group)
         ax.text(0.01, 0.01, f"seeds per point: {seeds} (bars: std over seeds)", transform=ax.transAxes, fontsize=8)
         ax.set(
@@ -419,6 +427,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--param", default="", help="sensitivity: the swept config key, e.g. model.alpha")
+    parser.add_argument(
+        "--reference", nargs="*", type=Path, default=[], help="user_privacy: runs drawn as a line (e.g. PFedRec)"
+    )
     args = parser.parse_args(argv)
     import matplotlib
 
@@ -432,6 +443,8 @@ def main(argv: list[str] | None = None) -> Path:
         )
     if args.kind == "sensitivity":
         sensitivity(runs, out, args.param)
+    elif args.kind == "user_privacy":
+        user_privacy(runs, out, load_runs(args.reference))
     else:
         KINDS[args.kind](runs, out)
     print(f"wrote {out}")
