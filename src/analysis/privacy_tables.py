@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from src.analysis.runs import config_value, load_runs
+from src.analysis.runs import cell, config_value, load_runs, mean_std
 from src.runtime.errors import UserError
 
 EXPERIMENT = "private_epsilon"
@@ -23,13 +23,9 @@ def target_epsilon(config: dict) -> float:
     return math.inf if value in ("-", "None") else float(value)
 
 
-def cell(values: list[float], scale: float = 100.0) -> str:
-    """Mean ± std over seeds (std 0 for one), scaled (percent by default); `-` when nothing was measured."""
-    values = [scale * v for v in values if v is not None]
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+def seed_cell(values: list[float | None]) -> str:
+    """Mean ± std over the seeds that measured it, in percent; `-` when none did."""
+    return cell(*mean_std([v for v in values if v is not None]))
 
 
 def userdp_markdown(root: Path, dataset: str) -> str:
@@ -55,9 +51,9 @@ def userdp_markdown(root: Path, dataset: str) -> str:
         lines.append(
             f"| {'none' if math.isinf(eps) else f'{eps:g}'} "
             f"| {'-' if None in spent else f'{max(spent):.3f}'} | {z:.3f} | {len(group)} | "
-            + " | ".join(cell([t.get(k) for t in tests]) for k in ("test/hit@10", "test/ndcg@10"))
+            + " | ".join(seed_cell([t.get(k) for t in tests]) for k in ("test/hit@10", "test/ndcg@10"))
             + " | "
-            + " | ".join(cell([t.get(k) for t in tests]) for k in ("test_full/hit@10", "test_full/ndcg@10"))
+            + " | ".join(seed_cell([t.get(k) for t in tests]) for k in ("test_full/hit@10", "test_full/ndcg@10"))
             + " |"
         )
     return "\n".join(lines)

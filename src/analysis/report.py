@@ -17,14 +17,13 @@ import csv
 import io
 import json
 import re
-import statistics
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 from src.analysis import bench_tables, privacy_tables, record_tables
 from src.analysis.record_tables import per_client_round
-from src.analysis.runs import config_value, load_runs, planned_rounds, read_run, truncate
+from src.analysis.runs import cell, config_value, load_runs, mean_std, planned_rounds, read_run, truncate
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.published import published, published_tables
 from src.runtime.results import atomic_write_text
@@ -130,14 +129,6 @@ def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, .
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and standard deviation over seeds, in percent (std 0 for one seed)."""
-    if not values:
-        return None, None
-    pct = [100 * v for v in values]
-    return statistics.mean(pct), (statistics.stdev(pct) if len(pct) > 1 else 0.0)
-
-
 def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
     """One summary row per group, with the published number and the difference."""
     pub = published()
@@ -225,12 +216,6 @@ def engine_rank(name: str) -> int:
     """A row's place by its engine (`ENGINE_ORDER`; others after, then rows not run)."""
     base = name.split("+")[0]
     return ENGINE_ORDER.index(base) if base in ENGINE_ORDER else len(ENGINE_ORDER) + (name == "-")
-
-
-def cell(mean: float | None, std: float | None = None) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
 def markdown(table: list[dict]) -> str:

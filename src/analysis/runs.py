@@ -4,6 +4,7 @@ resolved config's value by dotted key, and a run cut to its first rounds (best v
 from __future__ import annotations
 
 import json
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,17 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
             if payload is not None:
                 runs.append(payload)
     return runs
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and standard deviation over seeds, in percent (std 0 for one seed)."""
+    if not values:
+        return None, None
+    pct = [100 * v for v in values]
+    return statistics.mean(pct), (statistics.stdev(pct) if len(pct) > 1 else 0.0)
+
+
+def cell(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
