@@ -13,6 +13,7 @@ from src.alignment.broadcast import Broadcast
 from src.cli.config import ConfigError
 from src.clients.cohort import OptimSpec, batch_layout, sample_round, train_cohort
 from src.clients.model import ModelSpec, init_params
+from src.config.identity import resume_mismatch
 from src.data.dataset import build
 from src.flower.messages import Task, pack_task
 from src.methods import alignfedrec
@@ -22,7 +23,6 @@ from src.rounds import memory
 from src.rounds.memory import resolve_chunk_size
 from src.rounds.simulator import FederatedModule
 from src.runtime import device as dev
-from src.runtime import rundir
 from src.server.aggregation import MeanAggregator
 from tests.test_cohort_exact import N_ITEMS, NEGATIVES, make_problem
 
@@ -120,10 +120,10 @@ def test_new_keys_match_their_neutral_default():
         "fl": {"chunk_size": 128, "max_auto_chunk": 1024},
         "compute": {"deterministic": True, "matmul_precision": "highest"},
     }
-    assert rundir.resume_mismatch(old, new) == [] and identity(old) == identity(new)
+    assert resume_mismatch(old, new) == [] and identity(old) == identity(new)
     tf32 = copy.deepcopy(new)
     tf32["compute"]["matmul_precision"] = "high"
-    assert rundir.resume_mismatch(old, tf32) == ["compute.matmul_precision: '<absent>' -> 'high'"]
+    assert resume_mismatch(old, tf32) == ["compute.matmul_precision: '<absent>' -> 'high'"]
     assert identity(old) != identity(tf32)
 
 

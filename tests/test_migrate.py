@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from src.cli.config import load_config
 from src.cli.migrate import main
-from src.runtime.rundir import identity, resume_mismatch
+from src.config.identity import identity, resume_mismatch
 
 
 def stored(folder, overrides: list[str]) -> dict:

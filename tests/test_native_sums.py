@@ -124,7 +124,7 @@ def test_the_replaced_keys_name_their_successor(compose_cfg):
 
 def test_the_kernel_is_a_speed_key():
     """A run's identity ignores it (resume, campaign, report rows): every kernel computes the same values."""
-    from src.runtime.rundir import SPEED_KEYS
+    from src.config.identity import SPEED_KEYS
 
     assert {"compute.kernel", "compute.native", "model.fast_kernel"} <= set(SPEED_KEYS)
 

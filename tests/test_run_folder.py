@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from src.cli.train import ResumeError, train
+from src.config.identity import resume_mismatch
 from src.runtime import rundir
 from src.runtime.checkpoint import CheckpointError, read_record, sha256_file
 from tests.conftest import requires_real_data
@@ -46,12 +47,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def test_resume_mismatch_lists_result_keys_only():
     saved = {"seed": 0, "protocol": {"name": "clean"}, "fl": {"rounds": 10, "lr_list": [1, 2]}, "logger": {"a": 1}}
     now = {"seed": 7, "protocol": {"name": "paper"}, "fl": {"rounds": 20, "lr_list": [1, 3]}, "logger": {"a": 2}}
-    assert rundir.resume_mismatch(saved, now) == [
+    assert resume_mismatch(saved, now) == [
         "fl.lr_list: [1, 2] -> [1, 3]",
         "protocol.name: 'clean' -> 'paper'",
         "seed: 0 -> 7",
     ]
-    assert rundir.resume_mismatch(saved, {**saved, "fl": {"rounds": 99, "lr_list": [1, 2]}}) == []
+    assert resume_mismatch(saved, {**saved, "fl": {"rounds": 99, "lr_list": [1, 2]}}) == []
 
 
 def test_resume_with_another_config_is_refused_before_writing(compose_cfg, tmp_path):
@@ -190,10 +191,10 @@ def test_keys_added_later_match_their_neutral_default():
 
     old = {"seed": 0, "eval": {"ks": [10]}, "data": {"max_users": None}}
     new = {"seed": 0, "eval": {"ks": [10], "select": "val/hit@10"}, "data": {"max_users": None, "verify": True}}
-    assert rundir.resume_mismatch(old, new) == []
+    assert resume_mismatch(old, new) == []
     assert identity(old) == identity(new)
     other = {**new, "eval": {"ks": [10], "select": "val/ndcg@10"}}
-    assert rundir.resume_mismatch(old, other) == ["eval.select: '<absent>' -> 'val/ndcg@10'"]
+    assert resume_mismatch(old, other) == ["eval.select: '<absent>' -> 'val/ndcg@10'"]
     assert identity(old) != identity(other)
 
 
@@ -206,8 +207,8 @@ def test_speed_keys_never_tell_runs_apart():
     old = {"seed": 0, "model": {"dim": 8, "alignment": "fast"}}  # made before the key existed
     new = {"seed": 0, "model": {"dim": 8, "alignment": "fast", "fast_block": 1048576}}
     other = {"seed": 0, "model": {"dim": 16, "alignment": "fast", "fast_block": 1048576}}
-    assert rundir.resume_mismatch(old, new) == []
-    assert rundir.resume_mismatch(new, other) == ["model.dim: 8 -> 16"]
+    assert resume_mismatch(old, new) == []
+    assert resume_mismatch(new, other) == ["model.dim: 8 -> 16"]
     assert campaign.identity(old) == campaign.identity(new) != campaign.identity(other)
     key = ("ml-100k", "full", "clean")
     runs = [{"config": c} for c in (old, {**new, "seed": 1}, other)]

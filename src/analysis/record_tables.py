@@ -11,8 +11,8 @@ from pathlib import Path
 
 from src.analysis import cooccurrence
 from src.analysis.runs import config_value, load_runs, read_run
+from src.config.identity import identity
 from src.runtime.errors import UserError
-from src.runtime.rundir import identity
 
 COOCCURRENCE = "cooccurrence.json"  # results/<this>: `python -m src.cooccurrence --out results/cooccurrence.json`
 

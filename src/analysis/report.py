@@ -24,10 +24,10 @@ from pathlib import Path
 from src.analysis import bench_tables, privacy_tables, record_tables
 from src.analysis.record_tables import per_client_round
 from src.analysis.runs import cell, config_value, load_runs, mean_std, planned_rounds, read_run, truncate
+from src.config.identity import SPEED_KEYS, WHERE_KEYS, identity, neutral_values, normalised
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.published import published, published_tables
 from src.runtime.results import atomic_write_text
-from src.runtime.rundir import ADDED_KEYS, SPEED_KEYS, WHERE_KEYS, identity, normalised
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 TABLE_ROUNDS = 100  # the paper's tables train 100 rounds: `--table` leaves out shorter probes and longer sweeps
@@ -123,7 +123,9 @@ def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, .
         return {key: runs}
     out: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     for run, conf in zip(runs, configs):
-        label = " ".join(f"{k}={conf.get(k, ADDED_KEYS.get(k, '-'))}" for k in keys)  # absent: its neutral default
+        label = " ".join(
+            f"{k}={conf.get(k, neutral_values().get(k, '-'))}" for k in keys
+        )  # absent: its neutral default
         variant = f"{key[3]} {label}" if len(key) > 3 else label
         out[(*key[:3], variant)].append(run)
     return out

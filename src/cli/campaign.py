@@ -40,11 +40,11 @@ from omegaconf import OmegaConf
 
 from src.cli.config import CONF_DIR, validate, validate_device
 from src.cli.jobs import compose_config, compose_runs, grid_jobs
+from src.config.identity import identity
 from src.runtime.atomic import atomic_write_text
 from src.runtime.cache import default_cache_dir
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.round_estimate import estimated_round_seconds
-from src.runtime.rundir import identity
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = REPO / "results" / "runs"

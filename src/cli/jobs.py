@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from src.cli.config import CONF_DIR, ConfigError, refuse_moved, validate
+from src.config.identity import flatten
 from src.runtime.errors import reported
-from src.runtime.rundir import flatten
 
 # hydra's flags that take no value and leave the config as it is; any other flag skips the check (Hydra's own)
 MULTIRUN_FLAGS = ("-m", "--multirun")

@@ -4,9 +4,9 @@ A method's yaml (`conf/ablation/<name>.yaml`) names what trains it (`ablation.en
 `central-adam`) and the config keys it never reads (`ablation.unread`). Records stored before those keys existed
 lack them; this adds them to each record's config (`results.json`, `config_resolved.yaml`), resolved against the
 record's own config, and notes the migration in `run.json`. Both keys are labels, not part of the computation
-(`rundir.DERIVED_KEYS`): a record's identity is the same before and after (`rundir.normalised` reads a record without
-them by the rule they replace). Records that have them are left as they
-are, so it can run after every campaign.
+(`src/config/identity.py:DERIVED_KEYS`): a record's identity is the same before and after (`normalised` reads a
+record without them by the rule they replace). Records that have them are left as they are, so it can run after
+every campaign.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from src.cli.config import validate
+from src.config.identity import resume_changes, resume_mismatch
 from src.data.dataset import FedData, load
 from src.rounds.simulator import FederatedModule
 from src.runtime import checkpoint, rundir
@@ -98,7 +99,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
         record = None
         if ckpt is not None:
             record = checkpoint.read_record(ckpt)
-            differ = rundir.resume_mismatch(record["config"], OmegaConf.to_container(cfg, resolve=True))
+            differ = resume_mismatch(record["config"], OmegaConf.to_container(cfg, resolve=True))
             if differ:
                 raise ResumeError(
                     f"resume refused: checkpoint {ckpt} was trained with another config; "
@@ -122,7 +123,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
         raise
     resumes = list((record or {}).get("resumes", []))
     if record is not None:
-        changed = rundir.resume_changes(record["config"], OmegaConf.to_container(cfg, resolve=True))
+        changed = resume_changes(record["config"], OmegaConf.to_container(cfg, resolve=True))
         if changed:
             resumes.append({"after_round": int(record["round"]), "changed": changed})
     return Prepared(cfg, run_dir, lock, data, digest, start, time.perf_counter() - start, ckpt, record, resumes)

@@ -21,8 +21,9 @@ from src.clients.cohort import DenseLoss
 from src.clients.model import Params
 from src.comm.codec import Encoding, embedding_bytes, labels_bytes, quantise, sparse_bytes
 from src.comm.privacy import NoiseStreams, epsilon_spent, laplace_scale
+from src.config import schema
 from src.methods.base import Method, Release, RoundSums, ServerRound
-from src.runtime import checks, native
+from src.runtime import native
 from src.runtime.device import block_elements
 from src.server.global_similarity import communities
 
@@ -141,13 +142,13 @@ def validate(cfg: DictConfig) -> None:
     if not (OmegaConf.select(cfg, "server.gsa_on_graph", default=False) is True and cfg.ablation.gsa):
         return
     m = cfg.model
-    checks.check(
-        m.alignment == "fast" and m.fast_gsa == "rows" and m.gsa_mask in ("global", "union"),
-        "server.gsa_on_graph",
-        True,
-        "model.alignment=fast, model.fast_gsa=rows and model.gsa_mask=global or union (it replaces the global "
-        f"part of GSA's mask; got alignment={m.alignment}, fast_gsa={m.fast_gsa}, gsa_mask={m.gsa_mask})",
-    )
+    if not (m.alignment == "fast" and m.fast_gsa == "rows" and m.gsa_mask in ("global", "union")):
+        schema.refuse(
+            "server.gsa_on_graph",
+            True,
+            "model.alignment=fast, model.fast_gsa=rows and model.gsa_mask=global or union (it replaces the global "
+            f"part of GSA's mask; got alignment={m.alignment}, fast_gsa={m.fast_gsa}, gsa_mask={m.gsa_mask})",
+        )
 
 
 def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:

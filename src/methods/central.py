@@ -7,16 +7,17 @@ pooled round samples. It bounds what federation costs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from src.clients.cohort import RoundSamples
+from src.config import schema
 from src.data.dataset import FedData
 from src.methods.base import Method
 from src.methods.calibration import ItemKNNScorer, PopularityScorer
-from src.runtime import checks
 from src.runtime.device import host_value, to_device
 
 
@@ -127,22 +128,29 @@ SCORERS = ("mf", "popularity", "itemknn")
 NOT_FEDERATED = "it pools all data on one machine; it has no federated deployment"
 
 
-def validate(cfg: DictConfig) -> None:
-    """The central ablations' keys: its own pooled model's Adam (`ablation.lr`, `batch_size`, `init_std`), or a
-    calibration scorer (src/methods/calibration.py) that scores from the pooled training data."""
-    a = cfg.ablation
-    if "lr" in a:
-        checks.number(cfg, "ablation.lr", checks.positive, "> 0")
-    if "batch_size" in a:
-        checks.integer(cfg, "ablation.batch_size", 1)
-    if "init_std" in a:
-        checks.number(cfg, "ablation.init_std", checks.positive, "> 0")
-    if "scorer" in a:
-        checks.choice(cfg, "ablation.scorer", SCORERS)
-        expected = "true for a scorer ablation (it scores from the pooled training data)"
-        checks.check(bool(a.central), "ablation.central", a.central, expected)
-        if a.scorer == "itemknn":
-            checks.integer(cfg, "ablation.k", 1)
+@dataclass(kw_only=True)
+class CentralKeys(schema.Ablation):
+    """The central ablations' keys: its own pooled model's Adam (`lr`, `batch_size`, `init_std`), or a calibration
+    scorer (src/methods/calibration.py) that scores from the pooled training data (`scorer`, `k`)."""
+
+    lr: Any = schema.key(schema.number(lambda x: x > 0, "> 0", nullable=True), default=None)
+    batch_size: Any = schema.key(schema.integer(1, nullable=True), default=None)
+    init_std: Any = schema.key(schema.number(lambda x: x > 0, "> 0", nullable=True), default=None)
+    scorer: Any = schema.key(
+        schema.Rule(lambda v: v is None or v in SCORERS, "one of " + ", ".join(SCORERS)), default=None
+    )
+    k: Any = schema.key(schema.integer(1, nullable=True), default=None)
+
+    def check(self) -> None:
+        if self.scorer is not None and not self.central:
+            schema.refuse(
+                "ablation.central", self.central, "true for a scorer ablation (it scores from the pooled training data)"
+            )
+        if self.scorer == "itemknn" and self.k is None:
+            schema.refuse("ablation.k", None, "an integer >= 1")
+
+
+KEYS = CentralKeys
 
 
 def build(cfg: DictConfig, device: torch.device) -> Central:

@@ -19,6 +19,7 @@ co-occurrence; no embedding ever leaves a client. A client evaluates with the br
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -27,13 +28,13 @@ from src.alignment.broadcast import Broadcast
 from src.alignment.graph import graph_mask
 from src.clients.model import Params
 from src.comm.codec import quantise
+from src.config import schema
 from src.data.dataset import FedData
 from src.evaluation.evaluator import ScoreFn
 from src.methods import alignfedrec
 from src.methods.alignfedrec import AlignFedRec
 from src.methods.base import RoundSums, ServerRound
 from src.methods.calibration import ItemKNNScorer, keep_top_k
-from src.runtime import checks
 
 # what a client of this method sends is a similarity upload (privacy.clip applies to it: src/cli/config.py)
 UPLOADS_SIMILARITY = True
@@ -96,22 +97,36 @@ class FedItemKNN(AlignFedRec):
         return ServerRound(shared, Broadcast(None, sent, self.spec.sigma), stats, global_sim)
 
 
+@dataclass(kw_only=True)
+class FedItemKNNKeys(schema.Ablation):
+    """`k` neighbours, the one-shot upload round and the rank of the released S_g; no alignment term: clients train
+    alone and score by item-kNN on S_g."""
+
+    k: int = schema.key(schema.integer(1))
+    # added after runs were stored: every earlier run uploaded every round and released S_g at full rank
+    upload_round: Any = schema.key(schema.integer(1, nullable=True), added=None)
+    rank: Any = schema.key(schema.integer(1, nullable=True), added=None)
+
+    def check(self) -> None:
+        expected = "false for fed_itemknn (clients train without alignment terms and score by item-kNN on S_g)"
+        for name in ("ica", "gsa", "central"):
+            if getattr(self, name):
+                schema.refuse(f"ablation.{name}", True, expected)
+
+
+KEYS = FedItemKNNKeys
+
+
 def validate(cfg: DictConfig) -> None:
-    """`ablation.k` neighbours, the upload round, and no alignment term: clients train alone and score by item-kNN on
-    S_g."""
-    checks.integer(cfg, "ablation.k", 1)
-    checks.integer(cfg, "ablation.rank", 1, nullable=True)
-    upload = checks.integer(cfg, "ablation.upload_round", 1, nullable=True)
-    checks.check(
-        upload is None or upload < cfg.fl.rounds,
-        "ablation.upload_round",
-        upload,
-        f"null or below fl.rounds={cfg.fl.rounds} (the clients score with the broadcast of that round from the next "
-        "round on)",
-    )
-    expected = "false for fed_itemknn (clients train without alignment terms and score by item-kNN on S_g)"
-    for key in ("ica", "gsa", "central"):
-        checks.check(not cfg.ablation[key], f"ablation.{key}", cfg.ablation[key], expected)
+    """The upload round is below fl.rounds; AlignFedRec's server-graph rules."""
+    upload = cfg.ablation.upload_round
+    if upload is not None and upload >= cfg.fl.rounds:
+        schema.refuse(
+            "ablation.upload_round",
+            upload,
+            f"null or below fl.rounds={cfg.fl.rounds} (the clients score with the broadcast of that round from the "
+            "next round on)",
+        )
     alignfedrec.validate(cfg)
 
 

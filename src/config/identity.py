@@ -1,0 +1,123 @@
+"""Which configs are one computation: the run identity of the campaign and the report, and what a resume may change.
+
+A config is flattened to `group.key` leaves; keys that say only where a run writes or how fast it computes are left
+out, and so is every key added after runs were stored while it holds the value those runs had (the schema marks
+them: `key(..., added=...)` in src/config/schema.py and in the methods' `KEYS`), or a retired key its old value
+(`schema.RETIRED`). A record stored before a key existed and one made today with its neutral value are one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from functools import cache
+from typing import Any
+
+from src.config import schema
+
+
+@cache
+def neutral_values() -> dict[str, Any]:
+    """`group.key` -> the value of the runs stored before the key existed (or after it was retired)."""
+    methods = [importlib.import_module(f"src.methods.{name}") for name in schema.method_modules()]
+    keys = {getattr(m, "KEYS", schema.Ablation) for m in methods}
+    return {**schema.added_keys((*schema.GROUPS, *sorted(keys, key=lambda k: k.__name__))), **schema.RETIRED}
+
+
+# Keys that say where a run reads, writes and logs, or which tool looks at it: never what it computes.
+WHERE_KEYS = (
+    "resume",
+    "diag.",
+    "experiment_name",
+    "logger.",
+    "trainer.",
+    "callbacks.",
+    "data.root",
+    "data.cache_dir",
+    "bench.",
+    "audit.",
+    "flower.",
+    "hydra.",
+)
+# Keys that change only how fast a run computes: `model.fast_block` leaves results bit-identical; the fused and
+# compiled kernels compute the same math with another float rounding, as another device does (each has a test
+# saying so, with its tolerance).
+SPEED_KEYS = (
+    "model.fast_block",
+    "model.fast_kernel",
+    "compute.compile",
+    "compute.native",
+    "compute.kernel",
+    "optim.fused",
+    "optim.touched_rows",
+    "compute.keep_heap",
+)
+# Keys a resume may change: the above, and how long to go on.
+RESUMABLE_KEYS = (*WHERE_KEYS, *SPEED_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
+
+
+# Keys fixed by others, so runs made before they existed match: each ablation name has one method module, and the
+# method's yaml names its engine and the keys it never reads (labels of the computation, not part of it).
+DERIVED_KEYS = ("ablation.method", "ablation.engine", "ablation.unread")
+
+
+def normalised(config: dict) -> dict[str, Any]:
+    """A resolved config flattened, without the derived keys, the added or retired keys that hold the value of the
+    runs made without them (`neutral_values`) and the keys the run's method never reads (the groups its yaml lists
+    under `ablation.unread`)."""
+    neutral = neutral_values()
+    flat = flatten(config)
+    unread = flat.get("ablation.unread")
+    if unread is None:  # a record from before the label (src.migrate adds it): a central method never read optim.
+        unread = ("optim.",) if flat.get("ablation.central") is True else ()
+    return {
+        k: v
+        for k, v in flat.items()
+        if k not in DERIVED_KEYS and not (k in neutral and neutral[k] == v) and not k.startswith(tuple(unread))
+    }
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"a.b.c": leaf}; lists stay leaves."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    if not tree and prefix:
+        out[prefix[:-1]] = {}
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def resume_mismatch(saved: dict, current: dict) -> list[str]:
+    """`key: saved -> current` for every key that differs, except those in `RESUMABLE_KEYS`."""
+    a, b = normalised(saved), normalised(current)
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        if any(key == k or key.startswith(k) for k in RESUMABLE_KEYS if k.endswith(".")) or key in RESUMABLE_KEYS:
+            continue
+        missing = "<absent>"
+        if a.get(key, missing) != b.get(key, missing):
+            out.append(f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}")
+    return out
+
+
+def resume_changes(saved: dict, current: dict) -> dict[str, list]:
+    """{key: [before, now]} for the keys a resume may change that change what or how the rounds compute (speed
+    keys, length, checkpoints, patience; not where the run writes): results.json records them per resume."""
+    a, b = normalised(saved), normalised(current)
+    keys = (*SPEED_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if k in keys and a.get(k) != b.get(k)}
+
+
+# Keys that cannot change a run's results: where it reads and writes, how fast it computes, how its clients are
+# chunked (a chunk trains its clients as they would train alone) and on which device.
+NOT_IDENTITY = (*WHERE_KEYS, *SPEED_KEYS, "fl.checkpoint_every", "fl.chunk_size", "fl.memory_fraction", "device")
+
+
+def identity(config: dict[str, Any]) -> str:
+    """sha256 of the resolved config without the keys that cannot change the results: one key per computation
+    (the campaign's run identity; the report counts one run per key)."""
+    flat = {k: v for k, v in normalised(config).items() if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:20]

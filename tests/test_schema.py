@@ -1,0 +1,123 @@
+"""The config schema (src/config/schema.py): every composed key is declared with a type and a rule, checked in the
+dataclass's `__post_init__`; a method's own keys are its module's `KEYS`; the keys added after runs were stored keep
+the value those runs had, so their identities never move."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from src.cli.config import ConfigError, load_config, typed
+from src.config import schema
+from src.config.identity import identity, neutral_values
+
+# Keys stored runs may lack, with the value those runs computed with (the table rundir.ADDED_KEYS held before the
+# schema): a schema edit that moved one would silently change the identity of every record stored without it.
+STORED_WITHOUT = {
+    "data.verify": True,
+    "eval.select": "val/hit@10",
+    "compute.deterministic": True,
+    "compute.matmul_precision": "highest",
+    "fl.max_auto_chunk": 1024,
+    "compute.gpu_block_scale": 64,
+    "model.fast_block": None,
+    "model.fast_kernel": "autograd",
+    "compute.compile": False,
+    "optim.fused": False,
+    "optim.touched_rows": False,
+    "compute.keep_heap": False,
+    "compute.native": False,
+    "server.graph": "threshold",
+    "server.graph_sigma": None,
+    "server.graph_k": 10,
+    "server.aggregate": "mean",
+    "server.gsa_on_graph": False,
+    "comm.tables": "dense",
+    "ablation.upload_round": None,
+    "ablation.rank": None,
+    "privacy.clip": None,
+    "privacy.noise_multiplier": None,
+    "privacy.target_epsilon": None,
+    "privacy.delta": None,
+    "privacy.accountant": "pld",
+    "privacy.server_noise": "seeded",
+}
+
+
+def test_the_keys_stored_runs_lack_keep_their_values():
+    assert {k: v for k, v in neutral_values().items() if k in STORED_WITHOUT} == STORED_WITHOUT
+    assert set(neutral_values()) == set(STORED_WITHOUT), "a new added key: list it above with its neutral value"
+
+
+def test_a_record_without_the_added_keys_is_the_same_run(compose_cfg):
+    """A record stored before the keys existed (each dropped from today's config, which holds the neutral value)
+    and today's config are one computation."""
+    config = OmegaConf.to_container(compose_cfg(["ablation=fed_itemknn"]), resolve=True)
+    old = {g: dict(v) if isinstance(v, dict) else v for g, v in config.items()}
+    dropped = 0
+    for dotted in STORED_WITHOUT:
+        group, name = dotted.split(".")
+        if name in old.get(group, {}) and old[group][name] == STORED_WITHOUT[dotted]:
+            del old[group][name]
+            dropped += 1
+    assert dropped >= 10
+    assert identity(old) == identity(config)
+    old["server"]["graph_k"] = 11  # a non-neutral value is part of the run
+    assert identity(old) != identity(config)
+
+
+def test_every_group_is_a_typed_structured_config_in_the_config_store():
+    schema.register()
+    stored = ConfigStore.instance().repo["schema"]
+    for group in (*schema.GROUPS, schema.Ablation):
+        assert f"{group.PATH or 'top'}.yaml" in stored
+        typed_cfg = OmegaConf.structured(group)
+        assert set(typed_cfg) == {f.name for f in fields(group)}
+
+
+def test_the_dataclass_checks_its_keys_in_post_init():
+    """Built directly, without Hydra: the group's rules are the dataclass's own."""
+    cfg = load_config([])
+    good = {f.name: cfg.fl[f.name] for f in fields(schema.Fl)}
+    assert schema.Fl(**good).rounds == 100
+    with pytest.raises(ConfigError, match=r"^fl\.rounds=0 is invalid; expected an integer >= 1$"):
+        schema.Fl(**{**good, "rounds": 0})
+    with pytest.raises(ConfigError, match=r"^fl\.dropout=1 is invalid"):
+        schema.Fl(**{**good, "dropout": 1})
+    with pytest.raises(ConfigError, match="privacy.scale"):
+        schema.Privacy(epsilon=1.0, scale=0.1, sensitivity=2.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+model.alpah=1"], r"^model\.alpah is not a key of model; expected one of .*alpha"),
+        (["ablation=backbone", "+ablation.k=5"], r"^ablation\.k is not a key of ablation"),
+        (["ablation=fed_itemknn", "ablation.k=0"], r"^ablation\.k=0 is invalid; expected an integer >= 1$"),
+        (["ablation=fed_itemknn", "ablation.rank=1.5"], r"^ablation\.rank=1\.5 is invalid"),
+        (["ablation=fed_itemknn", "ablation.ica=true"], r"^ablation\.ica=True is invalid; expected false for"),
+        (["ablation=itemknn", "ablation.scorer=svd"], r"^ablation\.scorer='svd' is invalid; expected one of mf"),
+        (["ablation=central", "ablation.lr=0"], r"^ablation\.lr=0 is invalid"),
+        (["~fl.rounds"], r"^fl\.rounds is missing; expected it in the composed config"),
+        (["optim=adam", "~optim.eps"], r"^optim\.eps=None is invalid; expected a finite number > 0$"),
+        (["dataset=synthetic", "~dataset.n_users"], r"^dataset\.n_users=None is invalid; expected a value"),
+    ],
+)
+def test_a_bad_key_of_a_group_or_of_a_method_is_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides)
+
+
+def test_a_method_brings_its_own_keys():
+    """fed_itemknn's `k` is in its KEYS (src/methods/fed_itemknn.py), not in the keys every method has."""
+    from src.cli.config import method_keys
+    from src.methods import fed_itemknn
+
+    cfg = load_config(["ablation=fed_itemknn"])
+    assert method_keys(cfg) is fed_itemknn.KEYS
+    assert issubclass(fed_itemknn.KEYS, schema.Ablation)
+    assert "k" not in {f.name for f in fields(schema.Ablation)}
+    assert typed(cfg, method_keys(cfg)).k == 50
