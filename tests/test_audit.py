@@ -41,7 +41,7 @@ def test_recovery_is_exact_from_the_full_matrix_and_worse_from_a_thresholded_noi
 @pytest.mark.parametrize(
     "ablation, extra",
     # the paper's construction; a server-graph variant; item-kNN on S_g
-    [("full", []), ("knn_ica", ["server.aggregate=support_mean"]), ("fed_itemknn", [])],
+    [("full", []), ("knn_ica", ["ablation.aggregate=support_mean"]), ("fed_itemknn", [])],
 )
 def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeypatch, ablation, extra):
     monkeypatch.chdir(tmp_path)
@@ -56,7 +56,7 @@ def test_audit_command_runs_and_writes_its_report(compose_cfg, tmp_path, monkeyp
             "optim=adam",
             "audit.clients=4",
             "audit.recovery_iters=2",
-            "model.sigma=0.2",
+            "ablation.sigma=0.2",
             "privacy.epsilon=50",
         ]
     )

@@ -282,12 +282,12 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
             "ablation=full",
             "model.alignment=exact",
             f"compute={'reference' if kernel == 'reference' else 'fused'}",
-            "model.alpha=0.3",
-            "model.beta=2.0",
-            "model.tau=0.2",
-            "model.tau0=0.5",
-            "model.sigma=0.3",
-            f"model.gsa_mask={mask}",
+            "ablation.alpha=0.3",
+            "ablation.beta=2.0",
+            "ablation.tau=0.2",
+            "ablation.tau0=0.5",
+            "ablation.sigma=0.3",
+            f"ablation.gsa_mask={mask}",
             "model.align_chunk=3",
         ]
     )
@@ -306,7 +306,7 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
     method = build(cfg, torch.device("cpu"))
     if kernel == "blocked":  # the blocked algebra, what the exact mode runs where m^2 > EXACT_FUSED_MAX (Lastfm-2k)
         method = dataclasses.replace(method, loss=dataclasses.replace(method.loss, fast_kernel="autograd"))
-    dense = method.dense_loss(Broadcast(labels, global_sim, float(cfg.model.sigma)))
+    dense = method.dense_loss(Broadcast(labels, global_sim, float(cfg.ablation.sigma)))
     trained = copy.deepcopy(init)
     losses = train_cohort(trained, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss, dense)
     assert losses["ica"] > 0 and losses["gsa"] > 0

@@ -142,7 +142,7 @@ def test_noise_changes_the_upload_and_the_seed_fixes_it():
     "ablation,extra",
     [
         ("full", ["comm.bits=8", "comm.format=coo", "comm.delta=true"]),
-        ("knn_ica", ["server.aggregate=support_mean", "comm.bits=8", "comm.format=coo", "comm.delta=true"]),
+        ("knn_ica", ["ablation.aggregate=support_mean", "comm.bits=8", "comm.format=coo", "comm.delta=true"]),
         ("backbone", []),
     ],
 )

@@ -140,7 +140,7 @@ def test_detect_seeded_on_structureless_graph(method):
 
 
 def test_knn_graph_joins_each_item_to_its_k_most_similar():
-    """`server.graph=knn`: the edge set is the union over items of their k largest positive entries (brute force)."""
+    """`ablation.graph=knn`: the edge set is the union over items of their k largest positive entries (brute force)."""
     rng = np.random.default_rng(11)
     m, k = 15, 3
     s = rng.uniform(-0.5, 1.0, (m, m))

@@ -28,11 +28,11 @@ def test_default_config_composes(compose_cfg):
     [
         ("fl.rounds=-1", "fl.rounds"),
         ("fl.rounds=0", "fl.rounds"),
-        ("model.sigma=1.5", "model.sigma"),
-        ("model.sigma=-1.01", "model.sigma"),
-        ("model.sigma=0", "model.sigma"),
-        ("model.sigma=1", "model.sigma"),
-        ("model.tau=0", "model.tau"),
+        ("ablation.sigma=1.5", "ablation.sigma"),
+        ("ablation.sigma=-1.01", "ablation.sigma"),
+        ("ablation.sigma=0", "ablation.sigma"),
+        ("ablation.sigma=1", "ablation.sigma"),
+        ("ablation.tau=0", "ablation.tau"),
         ("eval.ks=[0]", "eval.ks"),
         ("eval.ks=[5,-1]", "eval.ks"),
         ("eval.ks=[]", "eval.ks"),
@@ -56,7 +56,7 @@ def test_out_of_range_value_fails_validation_naming_the_key(compose_cfg, overrid
 
 
 @pytest.mark.parametrize(
-    "override", ["model.sigma=0.999", "model.sigma=0.001", "fl.client_fraction=1", "model.tau=0.01", "eval.ks=[1,10]"]
+    "override", ["ablation.sigma=0.999", "ablation.sigma=0.001", "fl.client_fraction=1", "ablation.tau=0.01", "eval.ks=[1,10]"]
 )
 def test_boundary_values_are_accepted(compose_cfg, override):
     compose_cfg([override])

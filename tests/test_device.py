@@ -218,7 +218,7 @@ def cohort_traffic(cfg, batch_size: int, monkeypatch) -> tuple[int, dict[str, in
     init = init_params(ModelSpec.from_cfg(cfg.model), 7, N_ITEMS, torch.Generator().manual_seed(2))
     params = {k: v[rows].clone() for k, v in init.items()}
     g = torch.rand(N_ITEMS, N_ITEMS, generator=torch.Generator().manual_seed(3))
-    dense = alignfedrec.build(cfg, CPU).dense_loss(Broadcast(torch.arange(N_ITEMS) % 5, g, float(cfg.model.sigma)))
+    dense = alignfedrec.build(cfg, CPU).dense_loss(Broadcast(torch.arange(N_ITEMS) % 5, g, float(cfg.ablation.sigma)))
     implicit = {"reads": 0}
     for name in SYNC_METHODS:
         real = getattr(torch.Tensor, name)

@@ -91,7 +91,7 @@ def test_genres_of_ml100k_items(real_build):
 
 
 def test_graph_diagnostics_count_the_knn_graph_the_communities_use(compose_cfg):
-    """With `server.graph=knn` the edges are those of the k-nearest-neighbour graph (brute force here)."""
+    """With `ablation.graph=knn` the edges are those of the k-nearest-neighbour graph (brute force here)."""
     from src.data.dataset import load
 
     data = load(compose_cfg(["dataset=synthetic", "dataset.n_users=30"]))
@@ -123,7 +123,7 @@ def test_a_run_counts_the_edges_of_its_own_community_graph(compose_cfg):
     from src.data.dataset import load
     from src.rounds.simulator import FederatedModule
 
-    for extra in (["ablation=knn_ica", "server.graph_k=3"], ["ablation=full", "server.graph_sigma=0.3"]):
+    for extra in (["ablation=knn_ica", "ablation.graph_k=3"], ["ablation=full", "ablation.graph_sigma=0.3"]):
         cfg = compose_cfg(["dataset=synthetic", "model.dim=8", "diag.graph=true", *extra])
         stats = FederatedModule(cfg, load(cfg)).run_round()
         assert stats["diag/edges"] == stats["community/edges"] > 0, extra

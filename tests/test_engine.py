@@ -352,7 +352,7 @@ def test_every_alignment_ablation_trains_past_the_first_broadcast(compose_cfg, t
                 "fl.checkpoint_every=0",
                 "model.alignment=fast",
                 f"model.fast_gsa={gsa}",
-                "model.sigma=0.01",
+                "ablation.sigma=0.01",
             ]
         ),
         tmp_path,

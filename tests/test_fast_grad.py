@@ -20,7 +20,7 @@ BIG = [pytest.param(name, marks=pytest.mark.slow) for name in ("lastfm-2k", "ml-
 
 def oracle(table, anchors, valid, labels, gs, sigma, centre, mask, reduction, graph=None):
     """alpha ICA + beta GSA of one client's table [m, d] over its valid anchors, loops from the formulas
-    (`graph` [m, m]: the global part of GSA's mask, `server.gsa_on_graph`)."""
+    (`graph` [m, m]: the global part of GSA's mask, `ablation.gsa_on_graph`)."""
     x = table - table.mean(dim=0, keepdim=True) if centre else table
     e = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
     m = e.shape[0]
@@ -110,7 +110,7 @@ def test_fused_kernel_equals_the_per_anchor_oracle(mask, reduction, terms, centr
 @pytest.mark.parametrize("mask,reduction", list(itertools.product(["global", "union"], ["mean", "sum"])))
 @pytest.mark.parametrize("rule", [(0.2, None), (0.4, 3)])  # its own threshold; the 3-nearest-neighbour graph
 def test_gsa_on_the_server_graph_equals_the_oracle(kernel, mask, reduction, rule):
-    """`server.gsa_on_graph`: the global part of GSA's mask is the server graph (`graph.graph_mask`)."""
+    """`ablation.gsa_on_graph`: the global part of GSA's mask is the server graph (`graph.graph_mask`)."""
     from src.alignment.graph import graph_mask
 
     t, b, anchors, valid = case(seed=75)
@@ -135,16 +135,16 @@ def test_gsa_on_graph_is_checked_and_runs(compose_cfg, tmp_path):
     from src.data.dataset import load
     from src.rounds.simulator import FederatedModule
 
-    with pytest.raises(ConfigError, match="server.gsa_on_graph.*gsa_mask=global or union"):
-        compose_cfg(["dataset=synthetic", "server.gsa_on_graph=true"])  # the paper's local mask: it would do nothing
+    with pytest.raises(ConfigError, match="ablation.gsa_on_graph.*gsa_mask=global or union"):
+        compose_cfg(["dataset=synthetic", "ablation.gsa_on_graph=true"])  # the paper's local mask: it would do nothing
     cfg = compose_cfg(
-        ["dataset=synthetic", "server.gsa_on_graph=true", "model.gsa_mask=global", "server.graph=knn", "fl.rounds=2"]
+        ["dataset=synthetic", "ablation.gsa_on_graph=true", "ablation.gsa_mask=global", "ablation.graph=knn", "fl.rounds=2"]
     )
-    assert compose_cfg(["dataset=synthetic", "ablation=backbone", "server.gsa_on_graph=true"])  # no GSA to check
+    assert compose_cfg(["dataset=synthetic", "ablation=backbone", "ablation.gsa_on_graph=true"])  # no GSA to check
     module = FederatedModule(cfg, load(cfg))
     module.run_round()
     row = module.run_round()
-    assert module.method.loss.gsa_graph == (float(cfg.model.sigma), int(cfg.server.graph_k))
+    assert module.method.loss.gsa_graph == (float(cfg.ablation.sigma), int(cfg.ablation.graph_k))
     assert row["loss/gsa"] > 0
 
 

@@ -81,7 +81,7 @@ def test_a_run_scores_by_item_knn_on_the_held_broadcast(compose_cfg):
     stats = module.run_round()
     assert stats["val/hit@10"] == 0.0  # no broadcast yet: every candidate ties with the held-out item
     assert not any(k.startswith(("loss/ica", "loss/gsa", "community/")) for k in stats)
-    s_g = numpy_global_sim(module.state["items"].double().numpy(), float(cfg.model.sigma), bool(cfg.model.centre))
+    s_g = numpy_global_sim(module.state["items"].double().numpy(), float(cfg.ablation.sigma), bool(cfg.ablation.centre))
     kept = brute_kernel(s_g, k) > 0
     kept |= kept.T  # the broadcast: S_g on the pairs some item keeps among its k nearest
     np.testing.assert_allclose(module.broadcast.global_sim.double().numpy(), np.where(kept, s_g, 0.0), atol=1e-5)

@@ -269,7 +269,7 @@ def test_node_data_cache_is_keyed_by_everything_the_split_depends_on(compose_cfg
     ):
         assert node_data_key(compose_cfg(base + change)) != key, change
     # what does not change the split shares the entry
-    assert node_data_key(compose_cfg(base + ["fl.rounds=7", "model.alpha=0.1"])) == key
+    assert node_data_key(compose_cfg(base + ["fl.rounds=7", "ablation.alpha=0.1"])) == key
 
 
 def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monkeypatch):

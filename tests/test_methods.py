@@ -77,18 +77,18 @@ def test_release_entries_are_the_thresholded_cosine_of_each_client(rows, block):
 
 def test_server_graph_variants_change_only_the_server_side(compose_cfg):
     """The variants (this project's) leave local training alone: round 1 (no broadcast yet) trains the same;
-    the community graph then follows `server.graph_sigma` / `server.graph=knn`, and support_mean S_g has no
+    the community graph then follows `ablation.graph_sigma` / `ablation.graph=knn`, and support_mean S_g has no
     value below sigma (every held entry is >= sigma)."""
     from src.data.dataset import load
     from src.rounds.simulator import FederatedModule
 
-    base = ["dataset=synthetic", "ablation=full", "model.dim=8", "model.sigma=0.3"]
+    base = ["dataset=synthetic", "ablation=full", "model.dim=8", "ablation.sigma=0.3"]
     rows = {}
     for name, extra in {
         "paper": [],
-        "high": ["server.graph_sigma=0.95"],
-        "knn": ["server.graph_sigma=0.95", "server.graph=knn", "server.graph_k=3"],
-        "support": ["server.aggregate=support_mean"],
+        "high": ["ablation.graph_sigma=0.95"],
+        "knn": ["ablation.graph_sigma=0.95", "ablation.graph=knn", "ablation.graph_k=3"],
+        "support": ["ablation.aggregate=support_mean"],
     }.items():
         cfg = compose_cfg([*base, *extra])
         module = FederatedModule(cfg, load(cfg))
@@ -111,17 +111,17 @@ def test_knn_variants_against_a_numpy_server(compose_cfg, ablation):
     from src.rounds.simulator import FederatedModule
 
     k = 3
-    cfg = compose_cfg(["dataset=synthetic", f"ablation={ablation}", "model.dim=8", f"server.graph_k={k}"])
-    assert (cfg.server.graph, cfg.model.shared_init) == ("knn", False)
-    assert bool(cfg.server.gsa_on_graph) == (ablation == "knn_full")
+    cfg = compose_cfg(["dataset=synthetic", f"ablation={ablation}", "model.dim=8", f"ablation.graph_k={k}"])
+    assert (cfg.ablation.graph, cfg.model.shared_init) == ("knn", False)
+    assert bool(cfg.ablation.gsa_on_graph) == (ablation == "knn_full")
     module = FederatedModule(cfg, load(cfg))
     first = module.state["items"].numpy()
     assert not np.allclose(first[0], first[1])  # per-client initialisation
     stats = module.run_round()
-    sigma, tables = float(cfg.model.sigma), module.state["items"].double().numpy()
+    sigma, tables = float(cfg.ablation.sigma), module.state["items"].double().numpy()
     mean = np.zeros((tables.shape[1],) * 2)
     for table in tables:
-        e = np_normalise(table, bool(cfg.model.centre))
+        e = np_normalise(table, bool(cfg.ablation.centre))
         sim = e @ e.T
         np.fill_diagonal(sim, 0.0)
         mean += np.where(sim >= sigma, sim, 0.0) / len(tables)

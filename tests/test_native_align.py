@@ -78,7 +78,7 @@ def test_native_alignment_equals_the_float64_fused_kernel(mask, reduction, terms
 
 @pytest.mark.parametrize("mask", ["global", "union"])
 def test_native_alignment_on_the_server_graph(mask):
-    """`server.gsa_on_graph`: GSA's global mask is the server graph (3 nearest neighbours), not S_g >= sigma."""
+    """`ablation.gsa_on_graph`: GSA's global mask is the server graph (3 nearest neighbours), not S_g >= sigma."""
     t, b, anchors, valid = case(seed=81)
     loss = make_loss(mode="fast", mask=mask, sigma=0.3, fast_anchors=anchors.shape[1], gsa_graph=(0.3, 3))
     close(*both(loss, t, anchors, valid, b))

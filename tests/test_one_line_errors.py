@@ -31,18 +31,18 @@ CASES = [
     ("src.run", ["dataset=filmtrust", "fl.rounds=abc"], "fl.rounds='abc' is invalid; expected an integer >= 1"),
     ("src.run", ["dataset=nope"], "no config 'dataset/nope' in conf/; expected one of dataset: filmtrust"),
     ("src.run", ["fl.roundz=3"], "no key fl.roundz in the config; expected a key of conf/"),
-    ("src.run", ["model.alpha=["], "cannot parse override 'model.alpha=['; expected key=value"),
+    ("src.run", ["ablation.alpha=["], "cannot parse override 'ablation.alpha=['; expected key=value"),
     (
         "src.run",
         ["+fl.roundz=3"],
         "override +fl.roundz=3 adds a key the config does not have; expected a key of conf/ "
         "(did you mean fl.rounds=3?)",
     ),
-    ("src.run", ["model.sigma=-0.5"], "model.sigma=-0.5 is invalid; expected a finite number in (0, 1)"),
+    ("src.run", ["ablation.sigma=-0.5"], "ablation.sigma=-0.5 is invalid; expected a finite number in (0, 1)"),
     (
         "src.run",
-        ["server.graph_sigma=1.0"],
-        "server.graph_sigma=1.0 is invalid; expected null or a finite number in (0, 1)",
+        ["ablation.graph_sigma=1.0"],
+        "ablation.graph_sigma=1.0 is invalid; expected null or a finite number in (0, 1)",
     ),
     ("src.campaign", ["experiment=table1", "--jobs", "-1"], "--jobs -1 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=table1", "--budget-min", "-5"], "--budget-min -5.0 is invalid; expected a number"),
@@ -76,11 +76,11 @@ def test_every_job_of_a_multirun_is_checked_before_the_first_starts(tmp_path):
     sweep = tmp_path / "sweep"
     out = command(
         "src.run",
-        ["-m", "dataset=synthetic", "fl.rounds=1", "model.sigma=0.5,1.5", f"hydra.sweep.dir={sweep}"],
+        ["-m", "dataset=synthetic", "fl.rounds=1", "ablation.sigma=0.5,1.5", f"hydra.sweep.dir={sweep}"],
         tmp_path,
     )
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().startswith("error: job 1 of 2 (") and "model.sigma=1.5 is invalid" in out.stderr
+    assert out.stderr.strip().startswith("error: job 1 of 2 (") and "ablation.sigma=1.5 is invalid" in out.stderr
     assert not sweep.exists()  # job 0 never started
 
 
@@ -92,7 +92,7 @@ def test_the_jobs_of_a_command_line():
     # an overlay's grid with a command-line axis replacing one of its axes, in place
     assert grid_jobs({"x": "1,2", "y": "a"}, ["x=3"]) == [["x=3", "y=a"]]
     sweep = command_jobs(["-m", "experiment=sweep_sigma", "seed=0"])
-    assert sorted(j[0] for j in sweep) == sorted(f"model.sigma={s}" for s in ("0.3", "0.5", "0.7", "0.9"))
+    assert sorted(j[0] for j in sweep) == sorted(f"ablation.sigma={s}" for s in ("0.3", "0.5", "0.7", "0.9"))
 
 
 def test_messages_are_flattened_to_one_line():

@@ -91,7 +91,7 @@ def test_broken_results_json_is_named_and_skipped(tmp_path):
     "kind, extra, field",
     [
         ("curves", [], "val/hit@10"),
-        ("sensitivity", ["--param", "model.beta"], "config.model.beta"),
+        ("sensitivity", ["--param", "model.beta"], "config.ablation.beta"),  # a moved key reads as its new name
         ("communication", [], "config.comm"),
     ],
 )

@@ -68,7 +68,7 @@ def test_block_kinds_finds_every_block_with_an_argument():
 
 
 def test_comm_table_counts_bytes_per_client_round_and_shows_a_config_once(compose_cfg, tmp_path):
-    base = ["dataset=synthetic", "ablation=full", "fl.rounds=2", "fl.checkpoint_every=0", "model.sigma=0.3"]
+    base = ["dataset=synthetic", "ablation=full", "fl.rounds=2", "fl.checkpoint_every=0", "ablation.sigma=0.3"]
     runs = {
         "comm_sigma/synthetic/a": ["encoding=csr32"],
         "comm_sigma/synthetic/b": ["encoding=csr8"],

@@ -15,7 +15,8 @@ from src.config import schema
 from src.config.identity import identity, neutral_values
 
 # Keys stored runs may lack, with the value those runs computed with (the table rundir.ADDED_KEYS held before the
-# schema): a schema edit that moved one would silently change the identity of every record stored without it.
+# schema; the server.graph* keys and server.aggregate are ablation.* since they moved to the method's keys): a schema
+# edit that changed one would silently change the identity of every record stored without it.
 STORED_WITHOUT = {
     "data.verify": True,
     "eval.select": "val/hit@10",
@@ -30,11 +31,11 @@ STORED_WITHOUT = {
     "optim.touched_rows": False,
     "compute.keep_heap": False,
     "compute.native": False,
-    "server.graph": "threshold",
-    "server.graph_sigma": None,
-    "server.graph_k": 10,
-    "server.aggregate": "mean",
-    "server.gsa_on_graph": False,
+    "ablation.graph": "threshold",
+    "ablation.graph_sigma": None,
+    "ablation.graph_k": 10,
+    "ablation.aggregate": "mean",
+    "ablation.gsa_on_graph": False,
     "comm.tables": "dense",
     "ablation.upload_round": None,
     "ablation.rank": None,
@@ -94,7 +95,8 @@ def test_the_dataclass_checks_its_keys_in_post_init():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["+model.alpah=1"], r"^model\.alpah is not a key of model; expected one of .*alpha"),
+        (["+model.dimm=1"], r"^model\.dimm is not a key of model; expected one of .*dim"),
+        (["+ablation.alpah=1"], r"^ablation\.alpah is not a key of ablation; expected one of .*alpha"),
         (["ablation=backbone", "+ablation.k=5"], r"^ablation\.k is not a key of ablation"),
         (["ablation=fed_itemknn", "ablation.k=0"], r"^ablation\.k=0 is invalid; expected an integer >= 1$"),
         (["ablation=fed_itemknn", "ablation.rank=1.5"], r"^ablation\.rank=1\.5 is invalid"),
@@ -121,3 +123,38 @@ def test_a_method_brings_its_own_keys():
     assert issubclass(fed_itemknn.KEYS, schema.Ablation)
     assert "k" not in {f.name for f in fields(schema.Ablation)}
     assert typed(cfg, method_keys(cfg)).k == 50
+
+
+def test_a_moved_key_runs_under_its_new_name_with_a_notice(capsys):
+    """model.beta and server.graph are the method's keys now (ablation.beta, ablation.graph): an override of the old
+    name is the same config as one of the new name, with one notice line; a method without the key refuses it."""
+    from src.cli import config as config_module
+
+    config_module.NOTICED.clear()
+    old = load_config(["model.beta=2.0", "server.graph=knn"])
+    assert "notice: model.beta is now ablation.beta" in capsys.readouterr().err
+    new = load_config(["ablation.beta=2.0", "ablation.graph=knn"])
+    assert OmegaConf.to_container(old, resolve=True) == OmegaConf.to_container(new, resolve=True)
+    assert (new.ablation.beta, new.ablation.graph) == (2.0, "knn") and "beta" not in new.model
+    with pytest.raises(Exception, match="beta"):
+        load_config(["ablation=backbone", "model.beta=2.0"])
+
+
+def test_a_record_stored_under_the_old_names_is_the_run_of_today(compose_cfg):
+    """A record made before the move (model.sigma, server.aggregate, ...) reads under today's names and is the same
+    computation; a PFedRec record's model.sigma, which PFedRec never read, is dropped."""
+    from src.config.identity import moved
+
+    for ablation in ("full", "fed_itemknn", "backbone"):
+        today = OmegaConf.to_container(compose_cfg([f"ablation={ablation}"]), resolve=True)
+        before = {g: dict(v) if isinstance(v, dict) else v for g, v in today.items()}
+        before["ablation"] = {k: v for k, v in today["ablation"].items()}
+        before["model"] = dict(today["model"], sigma=0.5, alpha=0.005)
+        before["server"] = dict(today["server"], aggregate="mean", community="igraph")
+        for name in ("sigma", "alpha", "aggregate", "community"):
+            before["ablation"].pop(name, None)
+        if ablation != "backbone":
+            assert moved(before) == today
+        else:
+            assert "sigma" not in moved(before)["ablation"] and "sigma" not in moved(before)["model"]
+        assert identity(before) == identity(today)

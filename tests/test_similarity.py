@@ -146,7 +146,7 @@ def test_similarity_aggregator_accumulates_over_calls_and_handles_nobody():
 
 
 def test_support_mean_averages_each_pair_over_the_uploads_that_hold_it():
-    """`server.aggregate=support_mean`: sum of the uploads / number of uploads holding the pair (0 where none),
+    """`ablation.aggregate=support_mean`: sum of the uploads / number of uploads holding the pair (0 where none),
     by a plain loop; decoded entries (Flower) and released blocks (simulator) count the same support."""
     from src.server.global_similarity import SimilaritySum
 

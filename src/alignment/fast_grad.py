@@ -96,7 +96,7 @@ def fast_value_and_grad(
         elif mask == "union":
             keep = ((s >= sigma) | glob).to(e.dtype)
         else:
-            raise ValueError(f"model.gsa_mask={mask!r}; expected local, global or union")
+            raise ValueError(f"ablation.gsa_mask={mask!r}; expected local, global or union")
         keep.scatter_(2, self_col, 0.0)
         keep.mul_(anchor_valid.unsqueeze(2))
         torch.sub(s, diff, out=diff).mul_(keep)  # Eq. 10: W o (S_u - S_g) on the anchor rows

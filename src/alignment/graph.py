@@ -15,7 +15,7 @@ def threshold_pairs(sim: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torc
 
 
 def knn_pairs(sim: torch.Tensor, k: int, block: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """This project's variant (`server.graph=knn`, not the paper's): each item joined to its k most similar
+    """This project's variant (`ablation.graph=knn`, not the paper's): each item joined to its k most similar
     items with sim > 0 (ties to the lower index, `nearest_mask`), an edge when either end chooses it: the
     pairs j < k, (j, k) [E] each. Rows are taken `block` at a time."""
     m = sim.shape[0]
@@ -34,7 +34,7 @@ def graph_pairs(sim: torch.Tensor, sigma: float, knn: int | None) -> tuple[torch
 
 def graph_mask(sim: torch.Tensor, sigma: float, knn: int | None) -> torch.Tensor:
     """The server graph as a symmetric boolean [m, m] (no diagonal): what GSA aligns to with
-    `server.gsa_on_graph` (clients derive it from the broadcast S_g by the same rule; nothing more is sent)."""
+    `ablation.gsa_on_graph` (clients derive it from the broadcast S_g by the same rule; nothing more is sent)."""
     src, dst = graph_pairs(sim, sigma, knn)
     mask = torch.zeros(sim.shape, dtype=torch.bool)
     mask[src, dst] = True

@@ -108,7 +108,7 @@ def gsa_rows(
         elif mask == "union":
             w = (s >= sigma) | glob
         else:
-            raise ValueError(f"model.gsa_mask={mask!r}; expected local, global or union")
+            raise ValueError(f"ablation.gsa_mask={mask!r}; expected local, global or union")
         w &= torch.arange(m, device=e.device) != anchors.unsqueeze(2)
         w &= anchor_valid.unsqueeze(2)
     sq = _MaskedSquares.apply(s, g, w)
@@ -242,7 +242,7 @@ class AlignmentLoss:
     fast_kernel: str = "fused"
     compile: bool = False  # the fused kernel through torch.compile
     native_threads: int = 0  # > 0: the fused kernel by its C form on that many threads (native_align)
-    # this project's variant (`server.gsa_on_graph`): GSA's global mask is the server graph (sigma, knn k or None)
+    # this project's variant (`ablation.gsa_on_graph`): GSA's global mask is the server graph (sigma, knn k or None)
     gsa_graph: tuple[float, int | None] | None = None
 
     @property

@@ -60,7 +60,7 @@ def value_and_grad(
     """`fast_grad.fast_value_and_grad` (same arguments and results) for tables [C, m, 32] (float32, CPU) on
     `threads` threads."""
     if mask not in GSA_MASKS:
-        raise ValueError(f"model.gsa_mask={mask!r}; expected local, global or union")
+        raise ValueError(f"ablation.gsa_mask={mask!r}; expected local, global or union")
     if not applies(table):
         raise ValueError(
             f"the fast-alignment kernel takes float32 CPU tables [C, m, {DIM}], got {table.dtype} "

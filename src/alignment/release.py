@@ -192,7 +192,7 @@ def release_blocks(
     """The uploads of the clients whose item tables are `tables` [C, m, d], block by block.
 
     With `entries` every block also says which positions are sent (for encoding or delta accounting);
-    with `held` a compiled block also counts the clients sending each entry (`server.aggregate=support_mean`).
+    with `held` a compiled block also counts the clients sending each entry (`ablation.aggregate=support_mean`).
     With `spec.noise` > 0 client i's noise comes from `noise[i]` (one generator per client, `NoiseStreams`),
     block by block in this order, so a client's upload does not depend on the chunk it is released in.
     """

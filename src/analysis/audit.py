@@ -267,7 +267,8 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     if shares_table:
         return table_audit(cfg, overrides, module, data, start, n_clients, train_s)
     gen, chosen = attacked_clients(cfg, data.n_users, n_clients)
-    sigma, d = float(cfg.model.sigma), int(cfg.model.dim)
+    spec = module.method.spec  # the method's release: its threshold and centring
+    sigma, d = float(spec.sigma), int(cfg.model.dim)
     global_sim = module.server_sim  # what an honest-but-curious server holds (fed_itemknn broadcasts less)
     aucs: dict[str, list[float]] = {}
     recovered, chance, features, truths = [], [], [], []
@@ -280,7 +281,7 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
             aucs.setdefault(name, []).append(auc(score, truth))
         features.append(stacked(scores))
         truths.append(truth)
-        target = normalised(table.double().unsqueeze(0), bool(cfg.model.centre))[0]
+        target = normalised(table.double().unsqueeze(0), bool(spec.centre))[0]
         x = complete_rank_d(upload, d, sigma, int(cfg.audit.recovery_iters))
         recovered.append(aligned_cosine(x, target))
         noise_x = torch.randn(x.shape, generator=gen, dtype=torch.float64)

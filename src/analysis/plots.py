@@ -14,7 +14,7 @@ default `results/<kind>`; every row names the run folder it came from):
   modularity against rounds;
 - `diagnostics`: the server graph's evaluation-only diagnostics of runs with `diag.graph=true` (Spearman
   of S_g with co-occurrence, edges kept from round 1, NMI with genres beside random partitions) per round;
-- `sensitivity --param model.alpha`: test hit@10 / ndcg@10 (mean ± std over seeds) against the
+- `sensitivity --param ablation.alpha`: test hit@10 / ndcg@10 (mean ± std over seeds) against the
   value of one swept config key.
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from src.analysis.runs import load_runs
+from src.config.schema import MOVED
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.results import atomic_write_text, selection_of
 
@@ -107,7 +108,7 @@ def communication(runs: list[dict[str, Any]], out: Path) -> None:
             {
                 "dataset": r["dataset"],
                 "protocol": r["protocol"],
-                "sigma": field(r, "config.model.sigma"),
+                "sigma": field(r, "config.ablation.sigma"),
                 "encoding": encoding_label(comm),
                 "seed": r["seed"],
                 "rounds": len(r["history"]),
@@ -299,7 +300,8 @@ def sensitivity(runs: list[dict[str, Any]], out: Path, param: str) -> None:
     import matplotlib.pyplot as plt
 
     if not param:
-        raise UserError("sensitivity needs --param; expected e.g. --param model.alpha")
+        raise UserError("sensitivity needs --param; expected e.g. --param ablation.alpha")
+    param = MOVED.get(param, param)  # a key's old name (model.alpha) reads as its new one
     rows = []
     keyed = group_by([{**r, "_v": field(r, f"config.{param}")} for r in runs], ("dataset", "protocol", "_v"))
     for (dataset, protocol, value), group in sorted(keyed.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("kind", choices=sorted(KINDS))
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--param", default="", help="sensitivity: the swept config key, e.g. model.alpha")
+    parser.add_argument("--param", default="", help="sensitivity: the swept config key, e.g. ablation.alpha")
     parser.add_argument(
         "--reference", nargs="*", type=Path, default=[], help="user_privacy: runs drawn as a line (e.g. PFedRec)"
     )

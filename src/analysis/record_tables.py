@@ -83,7 +83,7 @@ def diag_markdown(root: Path, spec: str) -> str:
 
 def variant_label(run: dict) -> str:
     """A run's method as a column head: `knn_ica`, and `, support mean` where S_g is averaged over supporters."""
-    support = config_value(run["config"], "server.aggregate") == "support_mean"
+    support = config_value(run["config"], "ablation.aggregate") == "support_mean"
     return f"`{run['ablation']}`" + (", support mean" if support else "")
 
 
@@ -145,7 +145,7 @@ def comm_markdown(root: Path, dataset: str) -> str:
         raise UserError(f"no stored comm_sigma or comm_encoding run for {dataset} under {root}")
     seen, table = set(), []
     for run in runs:
-        key = (float(config_value(run["config"], "model.sigma")), encoding_label(run["config"]))
+        key = (float(config_value(run["config"], "ablation.sigma")), encoding_label(run["config"]))
         if key not in seen:  # csr32 at sigma 0.5 is in both sweeps: the same config, shown once
             seen.add(key)
             table.append((key, run))

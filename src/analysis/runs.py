@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from src.config.identity import moved
 from src.runtime.results import best_round, selection_of
 
 
@@ -79,6 +80,7 @@ def read_run(path: Path) -> dict[str, Any] | None:
         if not isinstance(row, dict) or not isinstance(row.get("round"), int):
             raise ValueError(f"{path}: history entry {i} has no integer 'round'")
     payload["path"] = str(path.parent)
+    payload["config"] = moved(payload["config"])  # read under today's key names (a record keeps the names it ran with)
     return payload
 
 

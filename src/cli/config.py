@@ -7,6 +7,7 @@ module's `validate(cfg)`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -117,12 +118,35 @@ def _validate_user_dp(cfg: DictConfig, clip: float) -> None:
         )
     if cfg.comm.bits != 32:
         refuse("privacy.clip", clip, f"comm.bits=32 (quantisation would undo the clip; got {cfg.comm.bits})")
-    if cfg.server.aggregate != "mean":
+    if cfg.ablation.aggregate != "mean":
         refuse(
             "privacy.clip",
             clip,
-            "server.aggregate=mean (the noisy sum is divided by the public count of chosen clients)",
+            "ablation.aggregate=mean (the noisy sum is divided by the public count of chosen clients)",
         )
+
+
+NOTICED: set[str] = set()
+
+
+def renamed(overrides: list[str]) -> list[str]:
+    """The overrides with each moved key (`schema.MOVED`, e.g. model.beta -> ablation.beta) under its new name; one
+    notice line per key on stderr (once per process)."""
+    out = []
+    for line in overrides:
+        body = line.lstrip("+~")
+        prefix = line[: len(line) - len(body)]
+        key, sep, value = body.partition("=")
+        if key in schema.MOVED:
+            line = f"{prefix}{schema.MOVED[key]}{sep}{value}"
+            if key not in NOTICED:
+                NOTICED.add(key)
+                print(
+                    f"notice: {key} is now {schema.MOVED[key]} (the method's keys: conf/ablation/); running {line}",
+                    file=sys.stderr,
+                )
+        out.append(line)
+    return out
 
 
 def refuse_moved(overrides: list[str]) -> None:
@@ -141,8 +165,9 @@ def refuse_moved(overrides: list[str]) -> None:
 
 def load_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose conf/config.yaml with command-line style overrides (used by the CLIs and tests)."""
-    refuse_moved(list(overrides or []))
+    overrides = renamed(list(overrides or []))
+    refuse_moved(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
+        cfg = compose(config_name="config", overrides=overrides)
     validate(cfg)
     return cfg

@@ -18,7 +18,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from src.cli.config import CONF_DIR, ConfigError, refuse_moved, validate
+from src.cli.config import CONF_DIR, ConfigError, refuse_moved, renamed, validate
 from src.config.identity import flatten
 from src.runtime.errors import reported
 
@@ -88,6 +88,7 @@ def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
     cache: dict[tuple[str, ...], DictConfig] = {}
     out = []
     for overrides in grid:
+        overrides = renamed(overrides)
         refuse_moved(overrides)
         composed, values = value_overrides(overrides)
         if tuple(composed) not in cache:
@@ -150,9 +151,11 @@ def check_output_dir(key: str, folder: str) -> None:
         raise ConfigError(f"{key}={folder}: {probe} is not writable; expected a folder this user can write")
 
 
-def check_command_line(argv: list[str]) -> None:
+def check_command_line(argv: list[str]) -> list[str]:
     """Compose and validate every job of a `src.run`-style command line before any starts; the first bad one ends
-    the command with one line naming the job (`src.runtime.errors`)."""
+    the command with one line naming the job (`src.runtime.errors`). Returns the command line with moved keys under
+    their new names (`renamed`), which the command then runs."""
+    argv = renamed(argv)
     with reported():
         for arg in argv:
             key, _, value = arg.partition("=")
@@ -160,8 +163,9 @@ def check_command_line(argv: list[str]) -> None:
                 check_output_dir(key, value)
         jobs = command_jobs(argv)
     if jobs is None:
-        return
+        return argv
     for num, job in enumerate(jobs):
         prefix = f"job {num} of {len(jobs)} ({' '.join(job)}): " if len(jobs) > 1 else ""
         with reported(prefix):
             validate(compose_runs([job])[0])
+    return argv

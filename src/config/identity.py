@@ -1,6 +1,7 @@
 """Which configs are one computation: the run identity of the campaign and the report, and what a resume may change.
 
-A config is flattened to `group.key` leaves; keys that say only where a run writes or how fast it computes are left
+A stored config is first read under today's key names (`moved`: the keys `schema.MOVED` lists at their new place),
+then flattened to `group.key` leaves; keys that say only where a run writes or how fast it computes are left
 out, and so is every key added after runs were stored while it holds the value those runs had (the schema marks
 them: `key(..., added=...)` in src/config/schema.py and in the methods' `KEYS`), or a retired key its old value
 (`schema.RETIRED`). A record stored before a key existed and one made today with its neutral value are one run.
@@ -8,13 +9,55 @@ them: `key(..., added=...)` in src/config/schema.py and in the methods' `KEYS`),
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
+from dataclasses import fields
 from functools import cache
 from typing import Any
 
 from src.config import schema
+
+# the method module of each ablation in records stored before `ablation.method` existed (frozen: those records are)
+METHOD_BEFORE_THE_KEY = {
+    "full": "alignfedrec",
+    "no_ica": "alignfedrec",
+    "no_gsa": "alignfedrec",
+    "backbone": "sharing",
+    "fedavg": "sharing",
+    "local": "sharing",
+    "central": "central",
+    "popularity": "central",
+    "itemknn": "central",
+}
+
+
+@cache
+def declared(method: str) -> frozenset[str]:
+    """The `ablation.*` keys method module `method` declares (its `KEYS`)."""
+    module = importlib.import_module(f"src.methods.{method}")
+    return frozenset(f.name for f in fields(getattr(module, "KEYS", schema.Ablation)))
+
+
+def moved(config: dict) -> dict:
+    """A stored config (nested, resolved) under today's key names: each key of `schema.MOVED` at its new place when
+    the run's method declares it, and dropped when it does not (the method never read it: e.g. a PFedRec record's
+    model.sigma). A config already under today's names is returned equal."""
+    ablation = config.get("ablation", {})
+    method = ablation.get("method") or METHOD_BEFORE_THE_KEY.get(ablation.get("name"))
+    if not any(old.split(".")[1] in config.get(old.split(".")[0], {}) for old in schema.MOVED):
+        return config
+    out = copy.deepcopy(config)
+    for old, new in schema.MOVED.items():
+        group, name = old.split(".")
+        if name not in out.get(group, {}):
+            continue
+        value = out[group].pop(name)
+        target, key = new.split(".")
+        if method is None or key in declared(method):
+            out.setdefault(target, {})[key] = value
+    return out
 
 
 @cache
@@ -67,7 +110,7 @@ def normalised(config: dict) -> dict[str, Any]:
     runs made without them (`neutral_values`) and the keys the run's method never reads (the groups its yaml lists
     under `ablation.unread`)."""
     neutral = neutral_values()
-    flat = flatten(config)
+    flat = flatten(moved(config))
     unread = flat.get("ablation.unread")
     if unread is None:  # a record from before the label (src.migrate adds it): a central method never read optim.
         unread = ("optim.",) if flat.get("ablation.central") is True else ()

@@ -154,7 +154,8 @@ def sizes(v: Any) -> bool:
 
 @dataclass(kw_only=True)
 class Model(Group):
-    """The client model and AlignFedRec's alignment terms (conf/model/)."""
+    """The client model and how the alignment terms are computed (conf/model/); the terms' hyperparameters are the
+    method's keys (`AlignFedRecKeys` in src/methods/alignfedrec.py)."""
 
     PATH = "model"
     name: str = key(TEXT)
@@ -164,16 +165,6 @@ class Model(Group):
     init_std: float = key(POSITIVE)
     loss: str = key(one_of("sigmoid_bce", "logits_bce"))
     shared_init: bool = key(BOOLEAN)
-    alpha: float = key(NON_NEGATIVE)
-    beta: float = key(NON_NEGATIVE)
-    tau: float = key(POSITIVE)
-    tau0: float = key(POSITIVE)
-    # sigma thresholds cosines: entries below it are not uploaded, uploads are quantised over [sigma, 1], and the
-    # server graph keeps S_g >= sigma; 0 or less would upload (nearly) every pair, 1 none (docs/configuration.md)
-    sigma: float = key(number(lambda x: 0 < x < 1, "in (0, 1), a cosine threshold (the paper's 0.5)"))
-    centre: bool = key(BOOLEAN)
-    gsa_mask: str = key(one_of("local", "global", "union"))
-    gsa_reduction: str = key(one_of("sum", "mean"))
     alignment: str = key(one_of("exact", "fast"))
     fast_anchors: int = key(integer(1))
     fast_gsa: str = key(one_of("rows", "pairs"))
@@ -331,17 +322,10 @@ class Compute(Group):
 
 @dataclass(kw_only=True)
 class Server(Group):
-    """Aggregation, the server graph and its communities."""
+    """How the server aggregates uploads (the graph, communities and aggregation rule are the method's keys)."""
 
     PATH = "server"
-    community: str = key(one_of("igraph", "leidenalg", "leidenalg_rb"))
-    resolution: float = key(POSITIVE)
     sim_block: int = key(integer(1))
-    graph: str = key(one_of("threshold", "knn"), added="threshold")
-    graph_sigma: Any = key(number(lambda x: 0 < x < 1, "in (0, 1), a cosine threshold", nullable=True), added=None)
-    graph_k: int = key(integer(1), added=10)
-    aggregate: str = key(one_of("mean", "support_mean"), added="mean")
-    gsa_on_graph: bool = key(BOOLEAN, added=False)  # what it needs of GSA: src/methods/alignfedrec.py:validate
 
 
 @dataclass(kw_only=True)
@@ -455,6 +439,16 @@ INSTANTIATED = ("logger", "trainer", "callbacks", "hydra")
 
 # Keys that no longer exist, with the value every run that held them computed with (src/config/identity.py)
 RETIRED = {"model.fast_kernel": "autograd", "compute.native": False}
+# Keys that moved into the method's keys (conf/ablation/full.yaml): an override of the old name is run as the new one
+# with a notice (src/cli/config.py), and a stored record is read under the new names (src/config/identity.py)
+MOVED = {
+    **{f"model.{k}": f"ablation.{k}" for k in ("alpha", "beta", "tau", "tau0", "sigma", "centre", "gsa_mask")},
+    "model.gsa_reduction": "ablation.gsa_reduction",
+    **{
+        f"server.{k}": f"ablation.{k}"
+        for k in ("community", "resolution", "graph", "graph_sigma", "graph_k", "aggregate", "gsa_on_graph")
+    },
+}
 
 
 def register(store: ConfigStore | None = None) -> None:

@@ -149,9 +149,9 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) ->
     data, device = nd.data, setup_device(cfg)  # deterministic CUDA kernels and matmul precision, as the simulator
     method, m = build_method(cfg, device), data.n_items
     keys = method.shared_keys(pool.state)
-    broadcast = Broadcast.empty(float(cfg.model.sigma))
+    broadcast = method.empty_broadcast()
     if method.uploads_similarity and task.global_sim is not None:
-        broadcast = Broadcast(task.labels, decode_broadcast(task.global_sim, m), float(cfg.model.sigma))
+        broadcast = Broadcast(task.labels, decode_broadcast(task.global_sim, m), broadcast.sigma)
     encoding = Encoding.from_cfg(cfg.comm)
     noise = NoiseStreams(int(cfg.seed), task.round)  # each client's stream, as in the simulator
     users, shared, payloads = [], {k: [] for k in keys}, []
@@ -177,7 +177,7 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) ->
             rows, cols = (pos // m).numpy(), (pos % m).numpy()
             payloads.append(
                 encode_entries(
-                    m, rows, cols, vals.double().numpy(), encoding.format, encoding.bits, float(cfg.model.sigma), 1.0
+                    m, rows, cols, vals.double().numpy(), encoding.format, encoding.bits, broadcast.sigma, 1.0
                 )
             )
     ranks = evaluate_clients(nd.evaluator, pool, device, chunk, method.client_scorer(broadcast, data, device))

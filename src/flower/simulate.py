@@ -73,5 +73,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv[1:])  # every job composes and validates before Hydra starts the first
+    # every job composes and validates before Hydra starts the first; a moved key runs under its new name
+    sys.argv[1:] = check_command_line(sys.argv[1:])
     main()

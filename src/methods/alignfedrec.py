@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -50,6 +51,10 @@ class AlignFedRec(Method):
     graph_knn: int | None = None
     support_mean: bool = False
     uploads_similarity = True
+
+    def empty_broadcast(self) -> Broadcast:
+        """Nothing yet, thresholded at the uploads' sigma (the GSA mask's global part reads it)."""
+        return Broadcast.empty(self.spec.sigma)
 
     def graph_rule(self) -> tuple[float, int | None]:
         """(sigma, k) of the server's community graph: S_g >= sigma, or each item's k nearest when k is set."""
@@ -136,32 +141,62 @@ def native_kernels(device: torch.device) -> bool:
     return True
 
 
+@dataclass(kw_only=True)
+class AlignFedRecKeys(schema.Ablation):
+    """The method's hyperparameters (conf/ablation/full.yaml; METHOD.md sections 2-3) and this project's server-graph
+    variants. Every similarity-sharing method has them (fed_itemknn uses the release's: sigma, centre, aggregate)."""
+
+    alpha: float = schema.key(schema.NON_NEGATIVE)
+    beta: float = schema.key(schema.NON_NEGATIVE)
+    tau: float = schema.key(schema.POSITIVE)
+    tau0: float = schema.key(schema.POSITIVE)
+    # sigma thresholds cosines: entries below it are not uploaded, uploads are quantised over [sigma, 1], and the
+    # server graph keeps S_g >= sigma; 0 or less would upload (nearly) every pair, 1 none (docs/configuration.md)
+    sigma: float = schema.key(schema.number(lambda x: 0 < x < 1, "in (0, 1), a cosine threshold (the paper's 0.5)"))
+    centre: bool = schema.key(schema.BOOLEAN)
+    gsa_mask: str = schema.key(schema.one_of("local", "global", "union"))
+    gsa_reduction: str = schema.key(schema.one_of("sum", "mean"))
+    community: str = schema.key(schema.one_of("igraph", "leidenalg", "leidenalg_rb"))
+    resolution: float = schema.key(schema.POSITIVE)
+    # added after runs were stored: every earlier run had the paper's threshold graph and mean
+    graph: str = schema.key(schema.one_of("threshold", "knn"), added="threshold")
+    graph_sigma: Any = schema.key(
+        schema.number(lambda x: 0 < x < 1, "in (0, 1), a cosine threshold", nullable=True), added=None
+    )
+    graph_k: int = schema.key(schema.integer(1), added=10)
+    aggregate: str = schema.key(schema.one_of("mean", "support_mean"), added="mean")
+    gsa_on_graph: bool = schema.key(schema.BOOLEAN, added=False)
+
+
+KEYS = AlignFedRecKeys
+
+
 def validate(cfg: DictConfig) -> None:
-    """`server.gsa_on_graph` replaces the global part of GSA's mask, so it needs the fast rows form of GSA with a
+    """`ablation.gsa_on_graph` replaces the global part of GSA's mask, so it needs the fast rows form of GSA with a
     global mask."""
-    if not (OmegaConf.select(cfg, "server.gsa_on_graph", default=False) is True and cfg.ablation.gsa):
+    a, m = cfg.ablation, cfg.model
+    if not (a.gsa_on_graph and a.gsa):
         return
-    m = cfg.model
-    if not (m.alignment == "fast" and m.fast_gsa == "rows" and m.gsa_mask in ("global", "union")):
+    if not (m.alignment == "fast" and m.fast_gsa == "rows" and a.gsa_mask in ("global", "union")):
         schema.refuse(
-            "server.gsa_on_graph",
+            "ablation.gsa_on_graph",
             True,
-            "model.alignment=fast, model.fast_gsa=rows and model.gsa_mask=global or union (it replaces the global "
-            f"part of GSA's mask; got alignment={m.alignment}, fast_gsa={m.fast_gsa}, gsa_mask={m.gsa_mask})",
+            "model.alignment=fast, model.fast_gsa=rows and ablation.gsa_mask=global or union (it replaces the global "
+            f"part of GSA's mask; got alignment={m.alignment}, fast_gsa={m.fast_gsa}, gsa_mask={a.gsa_mask})",
         )
 
 
 def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
-    """AlignFedRec with the run's model, server, encoding and privacy values (blocks sized for `device`)."""
-    m = cfg.model
+    """AlignFedRec with the run's keys, model, encoding and privacy values (blocks sized for `device`)."""
+    a, m = cfg.ablation, cfg.model
     p = cfg.privacy
     # compiled kernels are measured on the CPU only; on another device they stay eager (README, Benchmark)
     compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False)) and device.type == "cpu"
     kernel = str(cfg.compute.kernel)  # native | fused | reference (conf/compute/)
     use_native = kernel == "native" and native_kernels(device)
-    knn = int(cfg.server.graph_k) if cfg.server.graph == "knn" else None
-    graph_sigma = float(m.sigma if cfg.server.graph_sigma is None else cfg.server.graph_sigma)
-    on_graph = bool(cfg.server.gsa_on_graph)
+    knn = int(a.graph_k) if a.graph == "knn" else None
+    graph_sigma = float(a.sigma if a.graph_sigma is None else a.graph_sigma)
+    on_graph = bool(a.gsa_on_graph)
     noise, eps_round = laplace_scale(
         None if p.epsilon is None else float(p.epsilon),
         None if p.scale is None else float(p.scale),
@@ -169,18 +204,18 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     )
     encoding = Encoding.from_cfg(cfg.comm)
     loss = AlignmentLoss(
-        alpha=float(m.alpha),
-        beta=float(m.beta),
-        tau=float(m.tau),
-        tau0=float(m.tau0),
-        sigma=float(m.sigma),
-        centre=bool(m.centre),
-        mask=str(m.gsa_mask),
-        reduction=str(m.gsa_reduction),
+        alpha=float(a.alpha),
+        beta=float(a.beta),
+        tau=float(a.tau),
+        tau0=float(a.tau0),
+        sigma=float(a.sigma),
+        centre=bool(a.centre),
+        mask=str(a.gsa_mask),
+        reduction=str(a.gsa_reduction),
         mode=str(m.alignment),
         chunk=int(m.align_chunk),
-        use_ica=bool(cfg.ablation.ica),
-        use_gsa=bool(cfg.ablation.gsa),
+        use_ica=bool(a.ica),
+        use_gsa=bool(a.gsa),
         fast_anchors=int(m.fast_anchors),
         block=block_elements(cfg, "model.align_block", device),
         fast_gsa=str(m.fast_gsa),
@@ -191,8 +226,8 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         gsa_graph=(graph_sigma, knn) if on_graph else None,
     )
     spec = ReleaseSpec(
-        float(m.sigma),
-        bool(m.centre),
+        float(a.sigma),
+        bool(a.centre),
         block_elements(cfg, "server.sim_block", device),
         noise=noise,
         topk=encoding.topk,
@@ -203,14 +238,14 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
         clip=None if p.clip is None else float(p.clip),
     )
     return AlignFedRec(
-        str(cfg.ablation.name),
+        str(a.name),
         loss,
         spec,
         encoding,
-        str(cfg.server.community),
-        float(cfg.server.resolution),
+        str(a.community),
+        float(a.resolution),
         eps_round,
         graph_sigma,
         knn,
-        cfg.server.aggregate == "support_mean",
+        a.aggregate == "support_mean",
     )

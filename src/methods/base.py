@@ -151,6 +151,11 @@ class Method:
         """Whether the chosen clients upload in round `round_` (1-based); in the others they train and send nothing."""
         return True
 
+    def empty_broadcast(self) -> Broadcast:
+        """The broadcast before the first round: nothing yet (a method without similarity uploads never reads it; its
+        threshold is then moot)."""
+        return Broadcast.empty(1.0)
+
     def dense_loss(self, broadcast: Broadcast) -> DenseLoss | None:
         """Extra loss terms on the item tables during local training, or None."""
         return None

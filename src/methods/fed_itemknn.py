@@ -98,9 +98,10 @@ class FedItemKNN(AlignFedRec):
 
 
 @dataclass(kw_only=True)
-class FedItemKNNKeys(schema.Ablation):
-    """`k` neighbours, the one-shot upload round and the rank of the released S_g; no alignment term: clients train
-    alone and score by item-kNN on S_g."""
+class FedItemKNNKeys(alignfedrec.AlignFedRecKeys):
+    """AlignFedRec's keys (its release's sigma, centre and aggregate are read) with `k` neighbours, the one-shot
+    upload round and the rank of the released S_g; no alignment term: clients train alone and score by item-kNN on
+    S_g."""
 
     k: int = schema.key(schema.integer(1))
     # added after runs were stored: every earlier run uploaded every round and released S_g at full rank

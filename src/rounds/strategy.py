@@ -79,7 +79,7 @@ class RoundStrategy:
         self.fraction, self.dropout = float(cfg.fl.client_fraction), float(cfg.fl.dropout)
         self.seed, self.dim = int(cfg.seed), int(cfg.model.dim)
         self.shared = shared
-        self.broadcast = Broadcast.empty(float(cfg.model.sigma))
+        self.broadcast = method.empty_broadcast()
         self.global_sim: torch.Tensor | None = None  # S_g as the server aggregated it (the broadcast may hold less)
         self.gen = torch.Generator().manual_seed(self.seed + 1)
         self.encoding = Encoding.from_cfg(cfg.comm)

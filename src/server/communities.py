@@ -74,7 +74,7 @@ def detect(
             graph, leidenalg.RBConfigurationVertexPartition, weights=weights, resolution_parameter=resolution, seed=seed
         ).membership
     else:
-        raise ValueError(f"server.community={method!r}; expected one of {METHODS}")
+        raise ValueError(f"ablation.community={method!r}; expected one of {METHODS}")
     labels = relabel(np.asarray(membership))
     q = graph.modularity(labels.tolist(), weights=weights, resolution=resolution) if graph.ecount() else 0.0
     return Communities(labels=labels, modularity=float(q), edges=graph.ecount())

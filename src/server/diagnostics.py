@@ -6,7 +6,7 @@ for analysis only: nothing selects on them, nothing trains on them.
 - `diag/spearman_cooccurrence`: Spearman correlation of S_g's upper triangle with the share of
   clients holding both items of each pair in their training data (ties get average ranks);
 - `diag/edges`: the edges of the graph the communities come from (pairs with S_g >= sigma, or with
-  `server.graph=knn` the k-nearest-neighbour graph; `src.alignment.graph.graph_pairs`);
+  `ablation.graph=knn` the k-nearest-neighbour graph; `src.alignment.graph.graph_pairs`);
 - `diag/edges_from_round1`: the share of this round's edges already in the first round's graph
   (near 1 when the graph only keeps what the shared initialisation put there);
 - `diag/nmi_genre` (ML-100K, ML-1M): normalised mutual information of the communities with the

@@ -15,7 +15,7 @@ from src.server.communities import Communities, adjusted_rand_index, detect
 
 class SimilaritySum:
     """Running sum of the uploaded matrices' strict upper triangles [m, m] in fp64, and the uploaders' count;
-    with `support`, also how many uploads hold each pair (`server.aggregate=support_mean`, this project's)."""
+    with `support`, also how many uploads hold each pair (`ablation.aggregate=support_mean`, this project's)."""
 
     def __init__(self, n_items: int, device: torch.device | str = "cpu", support: bool = False):
         self.upper = torch.zeros(n_items, n_items, dtype=torch.float64, device=device)
