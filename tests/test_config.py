@@ -56,7 +56,8 @@ def test_out_of_range_value_fails_validation_naming_the_key(compose_cfg, overrid
 
 
 @pytest.mark.parametrize(
-    "override", ["ablation.sigma=0.999", "ablation.sigma=0.001", "fl.client_fraction=1", "ablation.tau=0.01", "eval.ks=[1,10]"]
+    "override",
+    ["ablation.sigma=0.999", "ablation.sigma=0.001", "fl.client_fraction=1", "ablation.tau=0.01", "eval.ks=[1,10]"],
 )
 def test_boundary_values_are_accepted(compose_cfg, override):
     compose_cfg([override])

@@ -138,9 +138,15 @@ def test_gsa_on_graph_is_checked_and_runs(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="ablation.gsa_on_graph.*gsa_mask=global or union"):
         compose_cfg(["dataset=synthetic", "ablation.gsa_on_graph=true"])  # the paper's local mask: it would do nothing
     cfg = compose_cfg(
-        ["dataset=synthetic", "ablation.gsa_on_graph=true", "ablation.gsa_mask=global", "ablation.graph=knn", "fl.rounds=2"]
+        [
+            "dataset=synthetic",
+            "ablation.gsa_on_graph=true",
+            "ablation.gsa_mask=global",
+            "ablation.graph=knn",
+            "fl.rounds=2",
+        ]
     )
-    assert compose_cfg(["dataset=synthetic", "ablation=backbone", "ablation.gsa_on_graph=true"])  # no GSA to check
+    assert compose_cfg(["dataset=synthetic", "ablation=no_gsa", "ablation.gsa_on_graph=true"])  # no GSA to check
     module = FederatedModule(cfg, load(cfg))
     module.run_round()
     row = module.run_round()
