@@ -39,7 +39,7 @@ from src.alignment.similarity import normalised
 from src.cli.config import ConfigError, load_config, validate
 from src.data.dataset import load
 from src.methods.base import build_method
-from src.rounds.simulator import FederatedModule
+from src.rounds.simulator import FederatedModule, fit_rounds
 from src.runtime.results import publish_report, select_key
 from src.server.global_similarity import SimilaritySum
 
@@ -256,13 +256,11 @@ def audit(cfg, overrides: list[str]) -> dict[str, Any]:
     data = load(cfg)
     module = FederatedModule(cfg, data)
     tic = time.perf_counter()
-    start = None  # the item table the server sent in the last round (what a table upload is compared with)
     # the last round the clients upload in (a one-shot method uploads once): its uploads are attacked
     rounds = max(r for r in range(1, int(cfg.fl.rounds) + 1) if method.uploads_in(r))
-    for r in range(rounds):
-        if r == rounds - 1 and shares_table:
-            start = module.server["items"].detach().clone()
-        module.history.append(module.run_round())
+    fit_rounds(module, rounds - 1)
+    start = module.server["items"].detach().clone() if shares_table else None  # what the last round's clients got
+    fit_rounds(module, 1)
     train_s = time.perf_counter() - tic
     if shares_table:
         return table_audit(cfg, overrides, module, data, start, n_clients, train_s)

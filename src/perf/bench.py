@@ -365,6 +365,8 @@ def bench(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     setup_s = time.perf_counter() - t0
+    # rounds are called one at a time between device syncs, not through the Lightning Trainer (src.audit and runs
+    # use it): what is timed is the round's own work, with no Trainer hook inside the clock
     for _ in range(WARMUP):  # allocator, kernels, first-call overheads, compiling
         module.run_round()
     rows, round_s = [], []

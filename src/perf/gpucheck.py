@@ -63,6 +63,8 @@ def compare(overrides: list[str], device: str, rounds: int) -> dict[str, Any]:
     cpu = build(overrides, "cpu", "128")
     phases: dict[str, float] = {}
     rows_dev, rows_cpu = [], []
+    # the two modules step in lockstep, one round at a time between syncs (the timing and the comparison need it;
+    # the Lightning Trainer would run each to the end)
     for _ in range(rounds):
         sync(dev.compute_device)
         rows_dev.append(dev.run_round())

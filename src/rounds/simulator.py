@@ -12,6 +12,7 @@ checkpoints and loggers; all state lives in plain tensors so chunks can move bet
 from __future__ import annotations
 
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -29,7 +30,7 @@ from src.rounds.local import ClientPool, LocalTraining, RoundWork, evaluate_clie
 from src.rounds.memory import resolve_chunk_size
 from src.rounds.strategy import RoundStrategy
 from src.runtime.device import setup_device
-from src.runtime.loggers import RoundCSVLogger
+from src.runtime.loggers import LEAFSPEC_WARNING, RoundCSVLogger, quiet_lightning
 from src.server.diagnostics import GraphDiagnostics
 
 
@@ -174,7 +175,7 @@ class FederatedModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         """Run one round and record it."""
         tic = time.perf_counter()
-        row = {"round": self.current_epoch + 1, **self.run_round()}
+        row = {"round": self.current_round(), **self.run_round()}
         row["time/round"] = time.perf_counter() - tic
         self.history.append(row)
         # float64 tensors: Lightning keeps their precision (a float would become float32); step = the round
@@ -203,3 +204,27 @@ class FederatedModule(L.LightningModule):
         self.strategy.load_state_dict(fed)
         if self.central is not None:
             self.central.load_state_dict(fed["central"])
+
+
+def fit_rounds(module: FederatedModule, rounds: int, callbacks: list[L.Callback] | None = None) -> None:
+    """`rounds` more rounds of `module` through a bare Lightning Trainer (no logger, no checkpoint): a tool that
+    trains before it looks (`src.audit`) runs its rounds as a run does (`training_step`), with hooks as callbacks."""
+    if rounds <= 0:
+        return
+    quiet_lightning()
+    trainer = L.Trainer(
+        max_epochs=rounds,  # a fresh Trainer counts its epochs from 0; the module counts rounds by its history
+        devices=1,
+        accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks or [],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*configure_optimizers.*")
+        warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
+        trainer.fit(module)
