@@ -85,13 +85,13 @@ def test_expand_narrows_and_widens_the_grid():
 def test_value_axes_applied_to_one_composition_equal_hydra_composing_each_run():
     """`expand` composes once per group choice and sets seeds and other values on copies: each run's resolved
     config must be the one Hydra composes from that run's own overrides."""
-    cli = ["ablation=backbone,no_ica", "seed=0,2", "fl.rounds=2", "ablation.alpha=0.25", "optim=sgd"]
+    cli = ["ablation=backbone,no_ica", "seed=0,2", "fl.rounds=2", "model.init_std=0.25", "optim=sgd"]
     runs = campaign.expand("campaign_smoke", cli)
     assert len(runs) == 4
     for run in runs:
         alone = OmegaConf.to_container(compose_config(run.overrides), resolve=True)
         assert run.config == alone, run.overrides
-    assert {(r.config["seed"], r.config["fl"]["rounds"], r.config["model"]["alpha"]) for r in runs} == {
+    assert {(r.config["seed"], r.config["fl"]["rounds"], r.config["model"]["init_std"]) for r in runs} == {
         (0, 2, 0.25),
         (2, 2, 0.25),
     }

@@ -310,7 +310,7 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
     trained = copy.deepcopy(init)
     losses = train_cohort(trained, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss, dense)
     assert losses["ica"] > 0 and losses["gsa"] > 0
-    m = cfg.model
+    m = cfg.ablation
     plain = ExactAlignment(
         float(m.alpha),
         float(m.beta),

@@ -94,7 +94,8 @@ def pct(value: float | None) -> float:
 
 
 def communication(runs: list[dict[str, Any]], out: Path) -> None:
-    """Table and plots of upload size and accuracy against sigma and encoding."""
+    """Table and plots of upload size and accuracy against sigma and encoding: the runs of methods that upload
+    similarities (a method without `ablation.sigma`, e.g. PFedRec, has no point on that axis)."""
     import matplotlib.pyplot as plt
 
     rows = []
@@ -104,6 +105,8 @@ def communication(runs: list[dict[str, Any]], out: Path) -> None:
             "format": field(r, "config.comm.format"),
             "bits": field(r, "config.comm.bits"),
         }
+        if r["config"].get("ablation", {}).get("sigma") is None:
+            continue
         rows.append(
             {
                 "dataset": r["dataset"],

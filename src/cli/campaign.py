@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +168,13 @@ def trains_aligned(ablation: dict[str, Any]) -> bool:
     return bool(ablation.get("ica") or ablation.get("gsa"))
 
 
+@cache
 def aligns(ablation: str) -> bool:
-    """Whether `conf/ablation/<ablation>.yaml` trains with an alignment term (ICA or GSA)."""
-    path = CONF_DIR / "ablation" / f"{ablation}.yaml"
-    if not path.is_file():
+    """Whether `ablation=<ablation>` trains with an alignment term (ICA or GSA), as composed (a yaml may take its
+    keys from another: no_ica includes full)."""
+    if not (CONF_DIR / "ablation" / f"{ablation}.yaml").is_file():
         return False
-    spec = yaml.safe_load(path.read_text()) or {}
-    return trains_aligned(spec.get("ablation", spec))  # a `# @package _global_` file nests under ablation:
+    return trains_aligned(OmegaConf.to_container(compose_config([f"ablation={ablation}"]).ablation, resolve=False))
 
 
 def run_kind(config: dict[str, Any]) -> tuple:
