@@ -158,3 +158,12 @@ def test_a_record_stored_under_the_old_names_is_the_run_of_today(compose_cfg):
         else:
             assert "sigma" not in moved(before)["ablation"] and "sigma" not in moved(before)["model"]
         assert identity(before) == identity(today)
+
+
+def test_a_key_the_method_lacks_names_the_method_and_a_moved_typo_finds_its_new_home():
+    from src.cli.jobs import compose_runs
+
+    with pytest.raises(ConfigError, match=r"ablation=backbone has no key ablation\.sigma; expected one of its keys"):
+        compose_runs([["ablation=backbone", "model.sigma=0.3"]])
+    with pytest.raises(ConfigError, match=r"did you mean ablation\.alpha=1\?"):
+        compose_runs([["+model.alpah=1"]])

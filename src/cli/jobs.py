@@ -77,7 +77,10 @@ def refuse_added_keys(overrides: list[str], cfg: DictConfig) -> None:
         if parsed.type != OverrideType.ADD or parsed.is_hydra_override() or (CONF_DIR / key).is_dir():
             continue
         known = [k for k in flatten(OmegaConf.to_container(cfg, resolve=False)) if k != key]
-        close = difflib.get_close_matches(key, known, n=1)
+        # the leaf first (a key may have moved to another group: +model.alpah means ablation.alpha), then the whole key
+        leaves = {k.rsplit(".", 1)[-1]: k for k in known}
+        leaf = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.8)
+        close = [leaves[leaf[0]]] if leaf else difflib.get_close_matches(key, known, n=1)
         hint = f"did you mean {close[0]}={parsed.get_value_element_as_str()}?" if close else "see conf/config.yaml"
         raise ConfigError(f"override {line} adds a key the config does not have; expected a key of conf/ ({hint})")
 
@@ -99,6 +102,12 @@ def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
             try:
                 OmegaConf.update(cfg, parsed.key_or_group, parsed.value(), merge=True)
             except (ConfigAttributeError, ConfigKeyError) as err:
+                if parsed.key_or_group.startswith("ablation."):  # a method's keys are its yaml's (conf/ablation/)
+                    name = cfg.ablation.name
+                    raise ConfigError(
+                        f"override {parsed.input_line}: ablation={name} has no key {parsed.key_or_group}; expected one "
+                        f"of its keys ({', '.join(sorted(cfg.ablation))}; conf/ablation/{name}.yaml)"
+                    ) from err
                 raise ConfigError(
                     f"override {parsed.input_line}: no key {parsed.key_or_group} in the config; expected a key of "
                     f"conf/ (add a new one with +{parsed.input_line})"
