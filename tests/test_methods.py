@@ -11,7 +11,7 @@ from alignment_helpers import np_cosine, np_normalise, np_upload
 from src.alignment.release import ReleaseSpec, release_entries
 from src.cli.config import CONF_DIR, ConfigError
 from src.clients.model import ModelSpec, init_params
-from src.methods.base import build_method, method_module
+from src.methods.base import build_method, method_class
 
 CPU = torch.device("cpu")
 # ablation -> (method module, parameters the server averages, uploads similarity, central)
@@ -46,8 +46,8 @@ def test_each_ablation_builds_its_method(compose_cfg, ablation):
     params = init_params(ModelSpec.from_cfg(cfg.model), 3, 10, torch.Generator().manual_seed(0))
     assert method.shared_keys(params) == shared
     assert (method.uploads_similarity, method.central) == (similarity, central)
-    # the module's constant, which the config checks read before any method is built (privacy.clip)
-    assert getattr(method_module(cfg), "UPLOADS_SIMILARITY", False) == similarity
+    # the class the config checks read before any method is built (privacy.clip)
+    assert method_class(cfg) is type(method)
     if ablation == "private_itemknn":  # one upload, clipped, the rank-10 release (conf/ablation/private_itemknn.yaml)
         assert (method.upload_round, method.rank, method.spec.clip) == (40, 10, 1.0)
         assert [r for r in range(1, 42) if method.uploads_in(r)] == [40]

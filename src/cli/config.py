@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config import schema
 from src.config.schema import Ablation, Group, refuse
-from src.methods.base import method_module
+from src.methods.base import method_class, method_module
 from src.runtime.checks import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -36,7 +36,7 @@ schema.register()
 
 def validate_device(device: Any) -> None:
     """`device`: auto, cpu, cuda or cuda:N, and a CUDA device must exist on this machine."""
-    rule = next(f for f in fields(schema.Top) if f.name == "device").metadata["rule"]
+    rule = schema.rule_of(schema.Top, "device")
     if not rule.ok(device):
         refuse("device", device, rule.expected)
     if not device.startswith("cuda"):
@@ -53,7 +53,7 @@ def validate_device(device: Any) -> None:
 
 def method_keys(cfg: DictConfig) -> type[Ablation]:
     """The dataclass of the method's keys: its module's `KEYS`, or the keys every method has."""
-    rule = next(f for f in fields(Ablation) if f.name == "method").metadata["rule"]
+    rule = schema.rule_of(Ablation, "method")
     method = OmegaConf.select(cfg, "ablation.method", default=None)
     if not rule.ok(method):
         refuse("ablation.method", method, f"one of {', '.join(schema.method_modules())} ({rule.expected})")
@@ -104,7 +104,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_user_dp(cfg: DictConfig, clip: float) -> None:
     """User-level DP (src/comm/user_dp.py) clips similarity uploads, summed over every user, unquantised."""
-    if not getattr(method_module(cfg), "UPLOADS_SIMILARITY", False):
+    if not method_class(cfg).uploads_similarity:
         refuse(
             "privacy.clip",
             clip,

@@ -13,7 +13,6 @@ import logging
 import shlex
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from src.runtime.atomic import atomic_write_text
 from src.runtime.checkpoint import AtomicCheckpoint
 from src.runtime.device import run_resources
 from src.runtime.errors import UserError, reported
-from src.runtime.loggers import LEAFSPEC_WARNING, RoundProgress, finish_loggers, make_loggers, quiet_lightning
+from src.runtime.loggers import RoundProgress, finish_loggers, make_loggers, quiet_fit, quiet_lightning
 from src.runtime.results import build_results, report_best, rounds_without_improvement, select_key, write_results
 
 log = logging.getLogger(__name__)
@@ -191,10 +190,7 @@ def fit(run: Prepared, progress: bool = True) -> dict:
             accelerator="gpu" if module.compute_device.type == "cuda" else "cpu",
             default_root_dir=str(run_dir),
         )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*configure_optimizers.*")
-            warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
+        with quiet_fit():
             try:
                 trainer.fit(module, ckpt_path=run.ckpt, **checkpoint.full_load(trainer, run.ckpt))
             except SIGTERMException:

@@ -89,6 +89,11 @@ def key(rule: Rule | None, default: Any = MISSING, added: Any = NOT_ADDED) -> An
     return field(default=default, metadata=meta)
 
 
+def rule_of(group: type, name: str) -> Rule:
+    """The rule declared for key `name` of the dataclass `group`."""
+    return {f.name: f for f in fields(group)}[name].metadata["rule"]
+
+
 def shown(value: Any) -> Any:
     """A value as plain Python (lists and dicts of a DictConfig), for messages."""
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value

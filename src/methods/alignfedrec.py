@@ -30,9 +30,6 @@ from src.server.global_similarity import communities
 
 log = logging.getLogger(__name__)
 
-# what a client of this method sends is a similarity upload (privacy.clip applies to it: src/cli/config.py)
-UPLOADS_SIMILARITY = True
-
 
 @dataclass(frozen=True)
 class AlignFedRec(Method):
@@ -168,6 +165,7 @@ class AlignFedRecKeys(schema.Ablation):
     gsa_on_graph: bool = schema.key(schema.BOOLEAN, added=False)
 
 
+METHOD = AlignFedRec
 KEYS = AlignFedRecKeys
 
 

@@ -204,10 +204,15 @@ class Method:
 
 
 def method_module(cfg: DictConfig) -> ModuleType:
-    """The module of `ablation.method` in src/methods/: `build(cfg, device)`, and optionally `validate(cfg)`,
-    `NOT_FEDERATED` (why the Flower app refuses the method) and `UPLOADS_SIMILARITY` (its clients send similarity
-    uploads, which `privacy.clip` clips)."""
+    """The module of `ablation.method` in src/methods/: `build(cfg, device)`, `METHOD` (the class it builds), and
+    optionally `validate(cfg)` and `NOT_FEDERATED` (why the Flower app refuses the method)."""
     return importlib.import_module(f"src.methods.{cfg.ablation.method}")
+
+
+def method_class(cfg: DictConfig) -> type[Method]:
+    """The class `ablation.method` builds, whose traits (`uploads_similarity`, `central`) the config checks read
+    before any method is built."""
+    return method_module(cfg).METHOD
 
 
 def not_federated(cfg: DictConfig) -> str | None:

@@ -150,6 +150,7 @@ class CentralKeys(schema.Ablation):
             schema.refuse("ablation.k", None, "an integer >= 1")
 
 
+METHOD = Central
 KEYS = CentralKeys
 
 

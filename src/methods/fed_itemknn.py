@@ -36,9 +36,6 @@ from src.methods.alignfedrec import AlignFedRec
 from src.methods.base import RoundSums, ServerRound
 from src.methods.calibration import ItemKNNScorer, keep_top_k
 
-# what a client of this method sends is a similarity upload (privacy.clip applies to it: src/cli/config.py)
-UPLOADS_SIMILARITY = True
-
 
 def neighbour_kernel(global_sim: torch.Tensor, k: int) -> torch.Tensor:
     """S_k [m, m] sparse CSR: row i keeps the k largest positive entries of S_g [m, m] (not S_g[i, i])."""
@@ -115,6 +112,7 @@ class FedItemKNNKeys(alignfedrec.AlignFedRecKeys):
                 schema.refuse(f"ablation.{name}", True, expected)
 
 
+METHOD = FedItemKNN
 KEYS = FedItemKNNKeys
 
 

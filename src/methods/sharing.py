@@ -27,6 +27,9 @@ class ParameterSharing(Method):
         return keys
 
 
+METHOD = ParameterSharing
+
+
 def build(cfg: DictConfig, device: torch.device) -> ParameterSharing:
     a = cfg.ablation
     return ParameterSharing(str(a.name), str(a.item_table), str(a.score_fn))

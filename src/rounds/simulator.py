@@ -12,7 +12,6 @@ checkpoints and loggers; all state lives in plain tensors so chunks can move bet
 from __future__ import annotations
 
 import time
-import warnings
 
 import lightning as L
 import torch
@@ -30,7 +29,7 @@ from src.rounds.local import ClientPool, LocalTraining, RoundWork, evaluate_clie
 from src.rounds.memory import resolve_chunk_size
 from src.rounds.strategy import RoundStrategy
 from src.runtime.device import setup_device
-from src.runtime.loggers import LEAFSPEC_WARNING, RoundCSVLogger, quiet_lightning
+from src.runtime.loggers import RoundCSVLogger, quiet_fit, quiet_lightning
 from src.server.diagnostics import GraphDiagnostics
 
 
@@ -223,8 +222,5 @@ def fit_rounds(module: FederatedModule, rounds: int, callbacks: list[L.Callback]
         num_sanity_val_steps=0,
         callbacks=callbacks or [],
     )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*configure_optimizers.*")
-        warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
+    with quiet_fit():
         trainer.fit(module)

@@ -11,6 +11,9 @@ import io
 import logging
 import os
 import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +48,23 @@ class _DropBanners(logging.Filter):
 def quiet_lightning() -> None:
     """Silence Lightning's start-up banners (idempotent); its other messages and all warnings stay.
 
-    Call before creating the Trainer; the LeafSpec deprecation is silenced separately, around
-    `trainer.fit`, with `warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)`.
+    Call before creating the Trainer; the warnings are silenced separately, around `trainer.fit`
+    (`quiet_fit`).
     """
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropBanners) for f in rank_zero.filters):
         rank_zero.addFilter(_DropBanners())
+
+
+@contextmanager
+def quiet_fit() -> Iterator[None]:
+    """Around `trainer.fit`: silence the warnings that do not apply to a round-per-epoch module (one dummy batch,
+    so no data-loader workers; manual optimisation, so `configure_optimizers` returns None) and `LEAFSPEC_WARNING`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*configure_optimizers.*")
+        warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
+        yield
 
 
 def wandb_mode(requested: str) -> str:
