@@ -15,12 +15,11 @@ import pytest
 import torch
 
 pytest.importorskip("flwr")
-from flwr.app import Array, Context, Message, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import Array, Message  # noqa: E402
 
 from src.cli.train import train  # noqa: E402
 from src.comm.codec import PayloadError, decode_entries, encode_entries  # noqa: E402
-from src.flower.client_app import make_client_app  # noqa: E402
+from src.flower.inprocess import InProcessGrid, flower_task, node_context  # noqa: E402
 from src.flower.messages import RejectedReply, pack_reply, unpack_reply  # noqa: E402
 from src.flower.server_app import serve  # noqa: E402
 from tests.conftest import SHARED_DATA, requires_real_data  # noqa: E402
@@ -38,44 +37,8 @@ SMALL = [
 
 @pytest.fixture(autouse=True)
 def task_identity():
-    """Flower builds messages only inside a task; give this process one (what a SuperLink assigns)."""
-    before = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = before
-
-
-class LocalGrid:
-    """A grid whose nodes are ClientApps in this process; `fault(round, node, reply)` may drop
-    (return None) or alter a reply, as a dead or misbehaving SuperNode would."""
-
-    def __init__(self, cfg, n_nodes: int, fault=None):
-        self.app = make_client_app(cfg)
-        self.contexts = {
-            100 + p: Context(
-                run_id=1,
-                node_id=100 + p,
-                state=RecordDict(),
-                run_config={},
-                node_config={"partition-id": p, "num-partitions": n_nodes},
-            )
-            for p in range(n_nodes)
-        }
-        self.fault = fault
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            reply = self.app(msg, self.contexts[node])
-            if self.fault is not None:
-                reply = self.fault(int(msg.metadata.group_id), node, reply)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+    with flower_task():
+        yield
 
 
 def compare(flower: list[dict], simulator: list[dict], tol: float = 1e-4) -> float:
@@ -94,7 +57,7 @@ def compare(flower: list[dict], simulator: list[dict], tol: float = 1e-4) -> flo
 @pytest.mark.parametrize("ablation", ["full", "fedavg", "fed_itemknn"])
 def test_flower_run_matches_the_simulator(compose_cfg, tmp_path, ablation):
     cfg = compose_cfg([*SMALL, f"ablation={ablation}"])
-    flower = serve(LocalGrid(cfg, 3), cfg, tmp_path / "flower")
+    flower = serve(InProcessGrid(cfg, 3), cfg, tmp_path / "flower")
     simulator = train(cfg, tmp_path / "sim", progress=False)
     compare(flower["history"], simulator["history"])
     last = flower["history"][-1]
@@ -129,7 +92,7 @@ def test_dead_and_malformed_nodes_do_not_stop_the_run(compose_cfg, tmp_path, cap
         return reply
 
     with caplog.at_level(logging.WARNING):
-        result = serve(LocalGrid(cfg, 3, fault), cfg, tmp_path)
+        result = serve(InProcessGrid(cfg, 3, fault), cfg, tmp_path)
     rounds = result["history"]
     assert [r["flower/replies"] for r in rounds] == [3, 2, 3]
     assert [r["flower/rejected"] for r in rounds] == [0, 1, 1]
@@ -143,17 +106,11 @@ def test_dead_and_malformed_nodes_do_not_stop_the_run(compose_cfg, tmp_path, cap
 def test_a_restarted_node_rejoins_with_its_state(compose_cfg, tmp_path):
     """Node 101 loses its memory (a new process) after round 1; its state file brings its clients back."""
     cfg = compose_cfg([*SMALL, f"flower.state_dir='{tmp_path / 'state'}'"])
-    grid = LocalGrid(cfg, 3)
+    grid = InProcessGrid(cfg, 3)
 
     def fault(round_, node, reply):
         if node == 101 and round_ == 1:
-            grid.contexts[101] = Context(
-                run_id=1,
-                node_id=101,
-                state=RecordDict(),
-                run_config={},
-                node_config={"partition-id": 1, "num-partitions": 3},
-            )
+            grid.contexts[101] = node_context(101, 1, 3)
         return reply
 
     grid.fault = fault
@@ -297,7 +254,7 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
         return real(*args)
 
     monkeypatch.setattr(client_app, "train_clients", spy)
-    flower = serve(LocalGrid(cfg, 3), cfg, tmp_path / "flower")
+    flower = serve(InProcessGrid(cfg, 3), cfg, tmp_path / "flower")
     assert used and set(used) == {2}
     simulator = train(cfg, tmp_path / "sim", progress=False)
     compare(flower["history"], simulator["history"])
@@ -319,7 +276,7 @@ def test_nodes_size_auto_cohorts_like_the_simulator(compose_cfg, tmp_path, monke
 def test_flower_matches_the_simulator_with(compose_cfg, tmp_path, extra):
     """One round loop: what the simulator does with noise, delta accounting and failures, Flower does alike."""
     cfg = compose_cfg([*SMALL, *extra])
-    flower = serve(LocalGrid(cfg, 3), cfg, tmp_path / "flower")
+    flower = serve(InProcessGrid(cfg, 3), cfg, tmp_path / "flower")
     simulator = train(cfg, tmp_path / "sim", progress=False)
     compare(flower["history"], simulator["history"])
     keys = {k for row in simulator["history"] for k in row}
@@ -336,7 +293,7 @@ def test_flower_matches_the_simulator_with(compose_cfg, tmp_path, extra):
 
 def test_flower_stops_early_where_the_simulator_does(compose_cfg, tmp_path):
     cfg = compose_cfg([*SMALL, "ablation=fedavg", "fl.rounds=12", "eval.patience=2", "fl.checkpoint_every=0"])
-    flower = serve(LocalGrid(cfg, 2), cfg, tmp_path / "flower")
+    flower = serve(InProcessGrid(cfg, 2), cfg, tmp_path / "flower")
     simulator = train(cfg, tmp_path / "sim", progress=False)
     assert len(simulator["history"]) < 12  # it did stop early
     compare(flower["history"], simulator["history"])

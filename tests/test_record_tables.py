@@ -193,7 +193,7 @@ def test_the_user_dp_claim_quotes_the_largest_epsilon_within_8(tmp_path):
 
 
 def test_secagg_cost_counts_the_dense_vector_against_the_measured_uploads(tmp_path):
-    """m = 101 items: 5,050 pairs at 4 bytes = 20,200 bytes dense (19.7 KiB) against the runs' own upload figures."""
+    """m = 101 items: 5,050 pairs at 8 bytes = 40,400 bytes dense (39.5 KiB) against the runs' own upload figures."""
     summary = {"items": 101, "users": 4}
     history = [{"round": r, "val/hit@10": 0.5, "comm/upload_bytes_total": 4096.0} for r in (1, 2)]
     fake_run(
@@ -211,4 +211,4 @@ def test_secagg_cost_counts_the_dense_vector_against_the_measured_uploads(tmp_pa
         communication={"upload_bytes_mean_per_client_round": 512.0},
     )
     lines = generated("secagg_cost", tmp_path).splitlines()
-    assert lines[2] == "| ml-100k | 101 | 5,050 | 20 | 2.0 | 10x | 2 | 0.5 |"
+    assert lines[2] == "| ml-100k | 101 | 5,050 | 39 | 2.0 | 20x | 2 | 0.5 |"

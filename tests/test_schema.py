@@ -45,6 +45,10 @@ STORED_WITHOUT = {
     "privacy.delta": None,
     "privacy.accountant": "pld",
     "privacy.server_noise": "seeded",
+    "flower.secagg": False,
+    "flower.secagg_shares": 3,
+    "flower.secagg_threshold": 2,
+    "flower.secagg_clip": 8.0,
 }
 
 

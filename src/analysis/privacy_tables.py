@@ -9,6 +9,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from src.analysis.runs import cell, config_value, load_runs, mean_std
 from src.runtime.errors import UserError
@@ -117,7 +118,8 @@ def claim(root: Path, reference: str) -> str | None:
     )
 
 
-SECAGG_BYTES = 4  # bytes per entry of a SecAgg+ vector: Flower's default modulus 2**32
+# bytes per entry of a SecAgg+ vector as flwr sends it: masked modulo 2**32 (4 bytes would do) but serialised as int64
+SECAGG_BYTES = 8
 
 
 def secagg_cost_markdown(root: Path) -> str:
@@ -148,6 +150,48 @@ def secagg_cost_markdown(root: Path) -> str:
     if len(lines) == 2:
         raise UserError(f"no stored fed_itemknn and private_epsilon runs of one dataset under {root}")
     return "\n".join(lines)
+
+
+def secagg_report_markdown(report: dict[str, Any]) -> str:
+    """One `python -m src.perf.secagg_cost` report (results/secagg/*.json) as markdown: the cost table and the audit."""
+    lines = [
+        f"SecAgg+ cost, {report['dataset']} {report['ablation']}: {report['runs']['plain']['clients']} clients, one "
+        f"per node, {report['runs']['plain']['rounds']} rounds; m = {report['items']} items, a dense vector of "
+        f"{report['pairs']:,} pairs = {report['masked_bytes_per_client_upload'] / 1e6:.2f} MB per client per upload",
+        "",
+        "| upload | bytes / client / round | bytes / client, run | x plain | s / round | of it SecAgg+ | x plain "
+        f"| best {report['runs']['plain']['select']} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in report["runs"].items():
+        lines.append(
+            f"| {name} | {r['bytes_per_client_round']:,.0f} | {r['bytes_per_client_run']:,.0f} | "
+            f"{r['bytes_vs_plain']:.1f} | {r['s_per_round']:.2f} | {r['secagg_s_per_round']:.2f} | "
+            f"{r['time_vs_plain']:.2f} | {r['best']:.4f} |"
+        )
+    lines += [
+        "",
+        "membership audit of what the server holds of each client (ROC AUC vs its training items, mean ± std over "
+        "the clients, 0.5 = chance):",
+        "",
+        "| feature | the upload (plain) | the masked vector (SecAgg+) |",
+        "| --- | ---: | ---: |",
+    ]
+    a = report["audit"]
+    for f in (k for k in a["upload"] if not k.endswith("_std")):
+        lines.append(
+            f"| {f} | {a['upload'][f]:.3f} ± {a['upload'][f + '_std']:.3f} "
+            f"| {a['masked'][f]:.3f} ± {a['masked'][f + '_std']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def secagg_measured_markdown(root: Path) -> str:
+    """`secagg_measured`: every SecAgg+ cost report in results/secagg/ (beside the runs folder `root`)."""
+    reports = sorted((root.parent / "secagg").glob("*.json"))
+    if not reports:
+        raise UserError(f"no SecAgg+ reports in {root.parent / 'secagg'}; run python -m src.perf.secagg_cost")
+    return "\n\n".join(secagg_report_markdown(json.loads(p.read_text())) for p in reports)
 
 
 BLOCKS = {"userdp:": userdp_markdown}

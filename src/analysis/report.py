@@ -326,6 +326,8 @@ def generated(kind: str, root: Path) -> str:
             return privacy_tables.userdp_audit_markdown(root.parent)
         if kind == "secagg_cost":
             return privacy_tables.secagg_cost_markdown(root)
+        if kind == "secagg_measured":
+            return privacy_tables.secagg_measured_markdown(root)
         for prefix, render in BLOCKS.items():  # `diag:<folder>@<rounds>`, `comm:<dataset>`, `speed:<bench>`, ...
             if kind.startswith(prefix):
                 return render(root, kind[len(prefix) :])
@@ -361,6 +363,7 @@ GENERATED = (
     "cooccurrence",
     "userdp_audit",
     "secagg_cost",
+    "secagg_measured",
 )
 
 

@@ -412,6 +412,18 @@ class Flower(Group):
     max_upload_bytes: int = key(integer(1))
     state_dir: Any = key(FILE)
     run_dir: Any = key(FILE)
+    secagg: bool = key(BOOLEAN, added=False)
+    secagg_shares: int = key(integer(3), added=3)
+    secagg_threshold: int = key(integer(2), added=2)
+    secagg_clip: float = key(POSITIVE, added=8.0)
+
+    def check(self) -> None:
+        if self.secagg_threshold >= self.secagg_shares:
+            refuse(
+                "flower.secagg_threshold",
+                self.secagg_threshold,
+                f"fewer than flower.secagg_shares={self.secagg_shares} (the shares a key is split into)",
+            )
 
 
 @dataclass(kw_only=True)

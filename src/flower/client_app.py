@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -25,10 +26,12 @@ from src.alignment.release import gather
 from src.clients.model import ModelSpec, init_params
 from src.comm.codec import Encoding, decode_entries, encode_entries
 from src.comm.privacy import NoiseStreams
+from src.comm.secure_sum import SecureLayout
 from src.data.dataset import FedData, load
 from src.data.protocols import NegativeSampler
 from src.evaluation.evaluator import Evaluator
 from src.flower.messages import Task, pack_reply, unpack_task
+from src.flower.secagg import is_secagg_stage, keep_vector, secagg_stage
 from src.flower.settings import config_of, flower_checks
 from src.methods.base import build_method
 from src.rounds.local import ClientPool, LocalTraining, RoundWork, evaluate_clients, train_clients, training_sampler
@@ -144,8 +147,10 @@ def decode_broadcast(payload: bytes, m: int) -> torch.Tensor:
     return out + out.T
 
 
-def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) -> RecordDict:
-    """Train this node's chosen clients, encode their uploads, evaluate all its clients."""
+def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) -> tuple[RecordDict, np.ndarray | None]:
+    """Train this node's chosen clients, encode their uploads, evaluate all its clients. With `flower.secagg` the
+    uploads are not sent: they come back (decoded, as the server would decode them) summed into the node's
+    secure-sum vector, for SecAgg+ (src/flower/secagg.py)."""
     data, device = nd.data, setup_device(cfg)  # deterministic CUDA kernels and matmul precision, as the simulator
     method, m = build_method(cfg, device), data.n_items
     keys = method.shared_keys(pool.state)
@@ -183,7 +188,14 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) ->
     ranks = evaluate_clients(nd.evaluator, pool, device, chunk, method.client_scorer(broadcast, data, device))
     sent = torch.cat(users) if users else torch.zeros(0, dtype=torch.long)
     stacked = {k: torch.cat(v) if v else torch.zeros(0, *pool.state[k].shape[1:]) for k, v in shared.items()}
-    return pack_reply(sent, stacked, payloads, pool.users, ranks, work.loss_sums, work.steps)
+    vector = None
+    if cfg.flower.secagg:
+        # the values the server's decoder delivers, in the clients' dtype (`RoundSums.add_decoded`)
+        uploads = [decode_entries(p, m_expected=m)[1:] for p in payloads]
+        layout = SecureLayout(m, method.holder_counts())
+        vector = layout.pack([(r, c, v.astype(np.float32).astype(np.float64)) for r, c, v in uploads])
+        payloads = []
+    return pack_reply(sent, stacked, payloads, pool.users, ranks, work.loss_sums, work.steps), vector
 
 
 def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
@@ -192,12 +204,16 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if is_secagg_stage(msg.content):  # a stage of SecAgg+ over the vector this node kept (src/flower/secagg.py)
+            return secagg_stage(msg, context)
         conf = cfg if cfg is not None else config_of(context.run_config)
         flower_checks(conf)
         nd = node_data(conf)
         part, num = partition(context)
         pool = restore_pool(conf, context, nd.data, part, num)
-        content = client_round(conf, nd, pool, unpack_task(msg.content))
+        content, vector = client_round(conf, nd, pool, unpack_task(msg.content))
+        if vector is not None:
+            keep_vector(context, vector, float(conf.flower.secagg_clip))
         save_pool(conf, context, pool, part, num)
         return Message(content=content, reply_to=msg)
 

@@ -22,12 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.clients.model import ModelSpec, init_params
 from src.comm.codec import encode_upper
+from src.comm.secure_sum import SecureLayout
 from src.data.dataset import FedData, load
 from src.evaluation.evaluator import split_metrics
 from src.flower.messages import RejectedReply, Reply, Task, pack_task, unpack_reply
+from src.flower.secagg import SecAggSettings, secure_sum
 from src.flower.settings import config_of, flower_checks
-from src.methods.base import Method, build_method
+from src.methods.base import Method, RoundSums, build_method
 from src.rounds.strategy import RoundStrategy
+from src.runtime.checks import ConfigError
 from src.runtime.device import resolve_device
 from src.runtime.loggers import history_csv
 from src.runtime.results import (
@@ -93,6 +96,13 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     )
     shared = {k: init[k][0] for k in method.shared_keys(init)}  # the simulator's server starts from client 0's draw
     strategy = RoundStrategy(cfg, method, data.n_users, m, shared, device, graph_diagnostics(cfg, data, method))
+    secure = SecAggSettings.from_cfg(cfg.flower) if cfg.flower.secagg else None
+    if secure is not None and shared:
+        raise ConfigError(
+            f"flower.secagg=true: ablation={cfg.ablation.name} also shares {sorted(shared)}, which would go in the "
+            "clear; expected a method that shares only similarity uploads"
+        )
+    layout = SecureLayout(m, method.holder_counts())
     negatives = int(data.val_negatives.shape[1])
     limits = {"val": negatives + 1, "test": negatives + 1}
     if cfg.protocol.full_ranking:
@@ -114,7 +124,7 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
         ]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         expected, seen = set(plan.clients.tolist()) - set(plan.absent.tolist()), set()
-        accepted, rejected, failed = [], 0, 0
+        accepted, senders, rejected, failed = [], [], 0, 0
         for rep in replies:
             node = rep.metadata.src_node_id
             if rep.has_error():  # the node crashed or went offline (the SuperLink answers for it)
@@ -128,7 +138,7 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
                     data.n_users,
                     m,
                     {k: tuple(v.shape) for k, v in plan.shared.items()},
-                    method.uploads_similarity,
+                    method.uploads_similarity and secure is None,
                     limits,
                     int(cfg.flower.max_upload_bytes),
                 )
@@ -140,9 +150,13 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
                 continue
             seen |= set(reply.eval_users.tolist())
             accepted.append(reply)
+            senders.append(node)
         sums, row = strategy.round_sums(), node_rows(cfg, accepted)
-        for rep in accepted:
-            sums.add_decoded(rep.users, {k: v.to(device) for k, v in rep.shared.items()}, rep.sims)
+        if secure is None:
+            for rep in accepted:
+                sums.add_decoded(rep.users, {k: v.to(device) for k, v in rep.shared.items()}, rep.sims)
+        elif method.uploads_in(r) and accepted:
+            row.update(add_secure_sum(grid, sums, dict(zip(senders, accepted, strict=True)), r, layout, secure))
         stats, result = strategy.aggregate_fit(plan, sums)
         row.update(stats)
         if result.broadcast is not plan.broadcast and result.broadcast.global_sim is not None:  # a new broadcast
@@ -183,6 +197,27 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
         if finished:
             break
     return payload
+
+
+def add_secure_sum(
+    grid: Grid, sums: RoundSums, replies: dict[int, Reply], round_: int, layout: SecureLayout, settings: SecAggSettings
+) -> dict[str, float]:
+    """SecAgg+ over the nodes that replied (`replies` by node id); the sum of the vectors it unmasks goes into
+    `sums`, with the clients of the nodes whose vectors it holds. Returns the round's SecAgg+ figures."""
+    tic = time.perf_counter()
+    result = secure_sum(grid, sorted(replies), round_, layout, settings)
+    if result.total is None:
+        log.warning("round %d: SecAgg+ halted (fewer nodes than its threshold); no upload is summed", round_)
+    else:
+        upper, support, count = layout.unpack(result.total, sums.sims.upper.device)
+        users = [replies[n].users for n in result.summed]
+        sums.add_secure(torch.cat(users) if users else torch.zeros(0, dtype=torch.long), upper, support, count)
+    return {
+        "flower/secagg_nodes": float(len(result.summed)),
+        "flower/secagg_bytes": float(result.masked_bytes),
+        "flower/secagg_messages": float(result.messages),
+        "time/secagg": time.perf_counter() - tic,
+    }
 
 
 def graph_diagnostics(cfg: DictConfig, data: FedData, method: Method) -> GraphDiagnostics | None:

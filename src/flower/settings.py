@@ -7,7 +7,7 @@ import shlex
 from omegaconf import DictConfig
 
 from src.cli.config import ConfigError, load_config
-from src.methods.base import not_federated
+from src.methods.base import method_class, not_federated
 
 _CACHE: dict[str, DictConfig] = {}
 
@@ -26,3 +26,14 @@ def flower_checks(cfg: DictConfig) -> None:
     refusal = not_federated(cfg)
     if refusal is not None:
         raise ConfigError(f"ablation={cfg.ablation.name}: {refusal}")
+    if cfg.flower.secagg:  # SecAgg+ sums the similarity uploads (src/flower/secagg.py)
+        if not method_class(cfg).uploads_similarity:
+            raise ConfigError(
+                f"flower.secagg=true: ablation={cfg.ablation.name} sends no similarity upload; expected a "
+                "similarity-sharing method (SecAgg+ here sums similarity uploads)"
+            )
+        if cfg.comm.delta:
+            raise ConfigError(
+                "comm.delta=true with flower.secagg=true: a delta is taken against one client's last upload, which "
+                "the server never sees under secure aggregation; expected comm.delta=false"
+            )

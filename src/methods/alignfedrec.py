@@ -78,7 +78,11 @@ class AlignFedRec(Method):
         self, n_items: int, device: torch.device, entries: bool = False, start: Params | None = None
     ) -> RoundSums:
         """The server's empty sums; with `support_mean` they also count each pair's uploads."""
-        return RoundSums(n_items, device, True, entries, support=self.support_mean)
+        return RoundSums(n_items, device, True, entries, support=self.holder_counts())
+
+    def holder_counts(self) -> bool:
+        """S_g averaged over each pair's holders (`ablation.aggregate=support_mean`) needs their counts."""
+        return self.support_mean
 
     def server_round(
         self, sums: RoundSums, shared: Params, broadcast: Broadcast, seed: int, n_clients: int

@@ -110,6 +110,18 @@ class RoundSums:
                 order = torch.argsort(keys)
                 self.entries.append((keys[order].cpu(), vals[order].float().cpu()))
 
+    def add_secure(self, users: torch.Tensor, upper: torch.Tensor, support: torch.Tensor | None, count: int) -> None:
+        """Sum a round's secure sum (Flower with SecAgg+: src/flower/secagg.py): the uploads' upper triangles
+        [m, m], their holder counts, and how many uploads they hold, as one total the server cannot split; each of
+        `users` [n] sent a dense upload (every pair), which the traffic counts. The server cannot clip an upload it
+        never sees: `privacy.clip` holds by the clients' own clipping alone."""
+        self.senders.extend(users.tolist())
+        self.sims.upper += upper.to(self.sims.upper.device)
+        if self.sims.support is not None and support is not None:
+            self.sims.support += support.to(self.sims.support.device)
+        self.sims.count += count
+        self.nnz.append(torch.full((len(users),), self.n_items * (self.n_items - 1), dtype=torch.long))
+
     def clipped(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """One decoded upload's values [k] scaled to L2 norm `clip` when above it (entries at one position summed
         first, as the server adds them): the server enforces the bound it accounts for, whatever a node sent. An
@@ -146,6 +158,10 @@ class Method:
     def shared_keys(self, params: Params) -> list[str]:
         """Parameter names every client starts the round from (the server's mean) and uploads."""
         return []
+
+    def holder_counts(self) -> bool:
+        """Whether the server's sums count each pair's uploads besides summing them (`RoundSums` support)."""
+        return False
 
     def uploads_in(self, round_: int) -> bool:
         """Whether the chosen clients upload in round `round_` (1-based); in the others they train and send nothing."""

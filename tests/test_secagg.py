@@ -1,0 +1,227 @@
+"""Secure aggregation (flwr SecAgg+) of the similarity uploads on the Flower app.
+
+Checked against independent computations: the dense layout against a brute-force sum, the secure sum against the
+plain sum of the nodes' vectors (within SecAgg+'s quantisation), a whole run against the simulator, nodes dropping
+out within and beyond the threshold, and what the server holds of one node (its masked vector) against the
+membership audit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+from flwr.common import bytes_to_ndarray  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
+
+from src.analysis.audit import auc, membership_scores, training_items  # noqa: E402
+from src.cli.config import ConfigError, load_config  # noqa: E402
+from src.cli.train import train  # noqa: E402
+from src.comm.secure_sum import SecureLayout  # noqa: E402
+from src.data.dataset import load  # noqa: E402
+from src.flower.inprocess import InProcessGrid, flower_task  # noqa: E402
+from src.flower.secagg import VECTOR_RECORD, SecAggSettings, keep_vector, secure_sum  # noqa: E402
+from src.flower.server_app import serve  # noqa: E402
+from src.flower.settings import flower_checks  # noqa: E402
+from src.rounds.strategy import RoundStrategy  # noqa: E402
+from tests.conftest import requires_real_data  # noqa: E402
+from tests.test_flower import SMALL, compare  # noqa: E402
+
+SETTINGS = SecAggSettings(shares=3, threshold=2, clip=8.0, timeout=60.0)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    with flower_task():
+        yield
+
+
+def random_uploads(rng: np.random.Generator, m: int, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`n` sparse uploads of strict-upper-triangle entries, some positions repeated across uploads."""
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(1, m * 2))
+        r, c = rng.integers(0, m, k), rng.integers(0, m, k)
+        keep = r < c
+        pos = np.unique(r[keep] * m + c[keep])
+        out.append((pos // m, pos % m, rng.uniform(0.3, 1.0, len(pos))))
+    return out
+
+
+@pytest.mark.parametrize("support", [False, True])
+def test_the_layout_holds_what_a_dense_sum_holds(support):
+    m, uploads = 9, random_uploads(np.random.default_rng(0), 9, 5)
+    dense, held = np.zeros((m, m)), np.zeros((m, m), dtype=int)
+    for rows, cols, vals in uploads:  # the brute-force oracle: entry by entry
+        for r, c, v in zip(rows, cols, vals, strict=True):
+            dense[r, c] += v
+            held[r, c] += 1
+    layout = SecureLayout(m, support)
+    vector = layout.pack(uploads)
+    assert vector.shape == (layout.size,) == (m * (m - 1) // 2 * (2 if support else 1) + 1,)
+    upper, holders, count = layout.unpack(vector)
+    np.testing.assert_allclose(upper.numpy(), dense)
+    assert count == 5 and (holders is None) == (not support)
+    if support:
+        np.testing.assert_array_equal(holders.numpy(), held)
+    with pytest.raises(ValueError, match="on or below the diagonal"):
+        layout.pack([(np.array([2]), np.array([2]), np.array([1.0]))])
+
+
+@pytest.fixture
+def small_cfg():
+    return load_config([*SMALL, "ablation=fed_itemknn", "flower.secagg=true"])
+
+
+def nodes_holding(cfg, vectors: list[np.ndarray], fault=None) -> InProcessGrid:
+    """A grid of len(vectors) nodes, node 100 + p holding vectors[p] as its round's vector."""
+    grid = InProcessGrid(cfg, len(vectors), fault)
+    for ctx, vec in zip(grid.contexts.values(), vectors, strict=True):
+        keep_vector(ctx, vec, SETTINGS.clip)
+    return grid
+
+
+def test_the_secure_sum_is_the_plain_sum_within_the_quantisation(small_cfg):
+    rng = np.random.default_rng(1)
+    layout = SecureLayout(40, True)
+    vectors = [layout.pack(random_uploads(rng, 40, 3)) for _ in range(4)]
+    result = secure_sum(nodes_holding(small_cfg, vectors), [100, 101, 102, 103], 1, layout, SETTINGS)
+    assert result.summed == [100, 101, 102, 103]
+    # each node's entry is stochastically rounded to one of 2**22 levels over [-clip, clip]
+    np.testing.assert_allclose(result.total, np.sum(vectors, axis=0), atol=4 * SETTINGS.step())
+    assert result.masked_bytes == 4 * layout.masked_bytes()
+    upper, holders, count = layout.unpack(result.total)
+    assert count == 12 and int(holders.sum()) == int(sum(v[layout.pairs : 2 * layout.pairs].sum() for v in vectors))
+
+
+def masked_stage(reply) -> bool:
+    conf = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    return conf is not None and Key.MASKED_PARAMETERS in conf
+
+
+def unmask_stage(reply) -> bool:
+    conf = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    return conf is not None and Key.SHARE_LIST in conf
+
+
+def test_nodes_that_drop_out_within_the_threshold_are_survived(small_cfg):
+    rng = np.random.default_rng(2)
+    layout = SecureLayout(30, False)
+    vectors = [layout.pack(random_uploads(rng, 30, 2)) for _ in range(5)]
+    nodes = [100, 101, 102, 103, 104]
+
+    def drop(stage, who):
+        return lambda round_, node, reply: None if node in who and stage(reply) else reply
+
+    # a node that never sends its masked vector: the sum of the others (its pairwise masks recovered from shares)
+    result = secure_sum(nodes_holding(small_cfg, vectors, drop(masked_stage, {101})), nodes, 1, layout, SETTINGS)
+    assert result.summed == [100, 102, 103, 104]
+    np.testing.assert_allclose(result.total, np.sum(vectors, axis=0) - vectors[1], atol=5 * SETTINGS.step())
+    # a node that sent its vector and then dropped out: still summed (its own mask recovered from shares)
+    result = secure_sum(nodes_holding(small_cfg, vectors, drop(unmask_stage, {103})), nodes, 1, layout, SETTINGS)
+    assert result.summed == nodes
+    np.testing.assert_allclose(result.total, np.sum(vectors, axis=0), atol=5 * SETTINGS.step())
+    # beyond the threshold (a node left with fewer live neighbours than shares needed): nothing is unmasked
+    halted = secure_sum(
+        nodes_holding(small_cfg, vectors, drop(masked_stage, {101, 102, 103})), nodes, 1, layout, SETTINGS
+    )
+    assert halted.total is None
+
+
+@requires_real_data
+def test_a_secure_run_matches_the_simulator(compose_cfg, tmp_path):
+    """fed_itemknn (item-kNN on S_g, no threshold cut on it): the whole run is the simulator's."""
+    extra = ["ablation=fed_itemknn"]
+    cfg = compose_cfg([*SMALL, *extra])
+    secure = compose_cfg([*SMALL, *extra, "flower.secagg=true"])
+    flower = serve(InProcessGrid(secure, 3), secure, tmp_path / "flower")
+    simulator = train(cfg, tmp_path / "sim", progress=False)
+    # everything the run learns and reports is the simulator's; the traffic is what SecAgg+ sends (dense, counted
+    # below), not the sparse uploads the simulator counts
+    traffic = [{k: v for k, v in row.items() if not k.startswith("comm/")} for row in flower["history"]]
+    compare(traffic, simulator["history"])
+    layout = SecureLayout(load(cfg).n_items, False)
+    for row in flower["history"]:
+        assert row["flower/secagg_nodes"] == 3 and row["flower/upload_bytes"] == 0  # nothing in the clear
+        assert row["flower/secagg_bytes"] == 3 * layout.masked_bytes()
+        assert row["comm/upload_nnz_mean"] == 2 * layout.pairs  # every pair, in the codec's whole-matrix count
+
+
+@requires_real_data
+@pytest.mark.parametrize("extra", [["ablation=full"], ["ablation=knn_ica", "ablation.aggregate=support_mean"]])
+def test_the_secure_global_matrix_is_the_plain_one_within_the_quantisation(compose_cfg, tmp_path, monkeypatch, extra):
+    """Communities cut S_g at sigma: S_g after round 1, plain Flower against SecAgg+, differs by at most the three
+    nodes' quantisation steps (over the uploads' or holders' count), and the round's metrics are the same. Later
+    rounds may differ where an entry of S_g lies that close to sigma (a community gains or loses an item)."""
+    seen: dict[str, list[torch.Tensor]] = {"plain": [], "secure": []}
+    original = RoundStrategy.aggregate_fit
+
+    def recording(self, plan, sums):
+        stats, result = original(self, plan, sums)
+        seen[key].append(result.global_sim.clone())
+        return stats, result
+
+    monkeypatch.setattr(RoundStrategy, "aggregate_fit", recording)
+    histories = {}
+    for key, secure in (("plain", []), ("secure", ["flower.secagg=true"])):
+        cfg = compose_cfg([*SMALL, *extra, "fl.rounds=1", *secure])
+        histories[key] = serve(InProcessGrid(cfg, 3), cfg, tmp_path / key)["history"]
+    gap = float((seen["secure"][0] - seen["plain"][0]).abs().max())
+    assert 0 < gap <= 3 * SETTINGS.step() + 1e-7, gap  # (+ S_g's float32 rounding)
+    assert histories["secure"][0]["val/hit@10"] == histories["plain"][0]["val/hit@10"]
+
+
+@requires_real_data
+def test_what_the_server_holds_of_one_client_is_at_chance(compose_cfg):
+    """One client per node (as deployed), 8 FilmTrust clients, each upload made of pairs of its training items (the
+    clearest membership signal an upload can carry): the audit's row statistics recover the training items from the
+    upload itself (AUC 1), and nothing from the masked vector a SecAgg+ server receives (AUC near 0.5)."""
+    n = 8
+    cfg = compose_cfg([*SMALL, f"data.max_users={n}", "ablation=fed_itemknn", "flower.secagg=true"])
+    data = load(cfg)
+    layout = SecureLayout(data.n_items, False)
+    rng = np.random.default_rng(3)
+    truths, vectors = [], []
+    for u in range(n):
+        truth = training_items(data, u)
+        items = np.flatnonzero(truth)
+        r, c = np.triu_indices(len(items), 1)
+        vectors.append(layout.pack([(items[r], items[c], rng.uniform(0.5, 1.0, len(r)))]))
+        truths.append(truth)
+    nodes = list(range(100, 100 + n))
+    result = secure_sum(nodes_holding(cfg, vectors), nodes, 1, layout, SETTINGS, keep_masked=True)
+    np.testing.assert_allclose(result.total, np.sum(vectors, axis=0), atol=n * SETTINGS.step())
+    assert sorted(r.metadata.src_node_id for r in result.masked) == nodes
+    plain, masked, order = [], [], []
+    for rep in result.masked:
+        p = rep.metadata.src_node_id - 100  # node 100 + p holds client p
+        held = bytes_to_ndarray(rep.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS][1])
+        plain.append(auc(membership_scores(upload_matrix(layout, vectors[p]), None)["row_sum"], truths[p]))
+        scores = membership_scores(upload_matrix(layout, held.astype(np.float64)), None)["row_sum"]
+        masked.append(np.argsort(np.argsort(scores)) / len(scores))  # ranked within the client's own items
+        order.append(p)
+    assert min(plain) == 1.0
+    # pooled over the clients (one with few training items gives a noisy AUC on its own)
+    pooled = auc(np.concatenate(masked), np.concatenate([truths[p] for p in order]))
+    assert abs(pooled - 0.5) < 0.05, pooled
+
+
+def upload_matrix(layout: SecureLayout, vector: np.ndarray) -> torch.Tensor:
+    """The symmetric [m, m] matrix of a vector's pair block, as the server would read an upload."""
+    upper, _, _ = layout.unpack(np.concatenate([vector[: layout.pairs], [0.0]]))
+    return upper + upper.T
+
+
+def test_secure_aggregation_refuses_what_it_cannot_protect(compose_cfg):
+    with pytest.raises(ConfigError, match="sends no similarity upload"):
+        flower_checks(compose_cfg([*SMALL, "ablation=fedavg", "flower.secagg=true"]))
+    with pytest.raises(ConfigError, match="comm.delta=true with flower.secagg=true"):
+        flower_checks(compose_cfg([*SMALL, "ablation=full", "flower.secagg=true", "comm.delta=true"]))
+    with pytest.raises(ConfigError, match="flower.secagg_threshold=3 is invalid; expected fewer than"):
+        load_config([*SMALL, "flower.secagg_threshold=3"])
+    context = InProcessGrid(compose_cfg(SMALL), 1).contexts[100]
+    with pytest.raises(ValueError, match="expected flower.secagg_clip >= that"):
+        keep_vector(context, np.array([0.5, 9.0]), 8.0)
+    assert VECTOR_RECORD not in context.state
