@@ -72,6 +72,10 @@ def test_loopback_run_matches_the_simulator(deployment, compose_cfg, cache_dir, 
     assert [r["flower/replies"] for r in flower["history"]] == [NODES] * 3
 
 
+# slow (about two minutes of real processes): the same promise is checked in-process in tests/test_flower.py (a node
+# that sends nothing in a round, a node restarted with an empty memory that rejoins from its state file); this is
+# the end-to-end form, run by `make test-slow`
+@pytest.mark.slow
 def test_a_node_killed_mid_round_rejoins_with_its_state(deployment, cache_dir, tmp_path):
     run_dir = tmp_path / "flower"
     started = len(re.findall(r"Start `flwr-clientapp` process", deployment.log("node1")))

@@ -44,17 +44,17 @@ def stored(tmp_path: Path) -> list[dict]:
 
 
 def test_a_campaign_through_joblib_stores_its_runs_and_skips_them_again(tmp_path):
-    first = sweep(tmp_path, "campaign_joblib")
+    first = sweep(tmp_path, "campaign_joblib", "seed=0")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "stored 4 partial 0 pending 0 cut 0 failed 0 of 4 runs" in first.stdout
+    assert "stored 2 partial 0 pending 0 cut 0 failed 0 of 2 runs" in first.stdout
     runs = stored(tmp_path)
     assert sorted((r["overrides"][1:]) for r in runs) == sorted(
-        [f"ablation={a}", "protocol=clean", f"seed={s}"] for a in ("backbone", "local") for s in (0, 1)
+        [f"ablation={a}", "protocol=clean", "seed=0"] for a in ("backbone", "local")
     )
     assert all(r["rounds"] == 3 and len(r["key"]) == 20 for r in runs)
-    again = sweep(tmp_path, "campaign_joblib")
-    assert again.returncode == 0 and "4 runs, 4 stored, 0 to launch" in again.stderr + again.stdout
-    assert len(stored(tmp_path)) == 4
+    again = sweep(tmp_path, "campaign_joblib", "seed=0")
+    assert again.returncode == 0 and "2 runs, 2 stored, 0 to launch" in again.stderr + again.stdout
+    assert len(stored(tmp_path)) == 2
 
 
 def test_a_run_claimed_by_another_campaign_is_left_to_it(tmp_path):

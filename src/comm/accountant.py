@@ -11,14 +11,19 @@ would let one user displace another, twice the sensitivity), so no amplification
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
-import dp_accounting
-from dp_accounting import pld, rdp
+if TYPE_CHECKING:
+    import dp_accounting
 
 ACCOUNTANTS = ("rdp", "pld")
 
 
+# dp_accounting (and the scipy it pulls in, seconds of start-up) is imported when epsilon is first computed, not by
+# every command that reads the config schema
 def _accountant(name: str) -> dp_accounting.PrivacyAccountant:
+    from dp_accounting import pld, rdp
+
     if name not in ACCOUNTANTS:
         raise ValueError(f"privacy accountant {name!r}; expected one of {ACCOUNTANTS}")
     return rdp.RdpAccountant() if name == "rdp" else pld.PLDAccountant()
@@ -26,6 +31,8 @@ def _accountant(name: str) -> dp_accounting.PrivacyAccountant:
 
 def gaussian_releases(noise_multiplier: float, releases: int) -> dp_accounting.DpEvent:
     """`releases` Gaussian mechanisms of noise multiplier z, composed."""
+    import dp_accounting
+
     return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier), releases)
 
 
@@ -44,6 +51,8 @@ def calibrate(target_epsilon: float, releases: int, delta: float, accountant: st
     """The smallest noise multiplier z (to 1e-4) whose `releases` releases spend at most `target_epsilon` at
     `delta`, by the library's bracketing search (PLD searched from half the Renyi answer up: it is tighter, and
     its discretised loss is too large to build for a tiny z)."""
+    import dp_accounting
+
     lower, guess = 1e-3, 1.0
     if accountant == "pld":
         guess = calibrate(target_epsilon, releases, delta, "rdp")
