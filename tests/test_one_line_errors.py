@@ -44,6 +44,12 @@ CASES = [
         ["ablation.graph_sigma=1.0"],
         "ablation.graph_sigma=1.0 is invalid; expected null or a finite number in (0, 1)",
     ),
+    (
+        "src.run",
+        ["flower.secagg=true"],
+        "flower.secagg=true: secure aggregation hides each upload from a server in another process, and the "
+        "simulator has none; expected flower.secagg=false",
+    ),
     ("src.campaign", ["experiment=table1", "--jobs", "-1"], "--jobs -1 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=table1", "--budget-min", "-5"], "--budget-min -5.0 is invalid; expected a number"),
     ("src.campaign", ["store", "/nonexistent"], "store needs --experiment; expected the usage of"),

@@ -17,7 +17,7 @@ from flwr.common import bytes_to_ndarray  # noqa: E402
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
 
 from src.analysis.audit import auc, membership_scores, training_items  # noqa: E402
-from src.cli.config import ConfigError, load_config  # noqa: E402
+from src.cli.config import ConfigError, load_config, simulator_checks  # noqa: E402
 from src.cli.train import train  # noqa: E402
 from src.comm.secure_sum import SecureLayout  # noqa: E402
 from src.data.dataset import load  # noqa: E402
@@ -150,6 +150,21 @@ def test_a_secure_run_matches_the_simulator(compose_cfg, tmp_path):
 
 
 @requires_real_data
+def test_a_secure_run_survives_a_node_that_drops_out_mid_protocol(compose_cfg, tmp_path):
+    """Node 101 never sends its masked vector in round 2: the round sums the other two nodes' clients (13 of 20),
+    recovered from the key shares, and the run goes on."""
+    cfg = compose_cfg([*SMALL, "ablation=fed_itemknn", "flower.secagg=true"])
+
+    def fault(round_, node, reply):
+        return None if (round_, node) == (2, 101) and masked_stage(reply) else reply
+
+    history = serve(InProcessGrid(cfg, 3, fault), cfg, tmp_path)["history"]
+    assert [r["flower/secagg_nodes"] for r in history] == [3, 2, 3]
+    assert [r["reported"] for r in history] == [20, 13, 20]
+    assert all(np.isfinite(r["val/hit@10"]) for r in history)
+
+
+@requires_real_data
 @pytest.mark.parametrize("extra", [["ablation=full"], ["ablation=knn_ica", "ablation.aggregate=support_mean"]])
 def test_the_secure_global_matrix_is_the_plain_one_within_the_quantisation(compose_cfg, tmp_path, monkeypatch, extra):
     """Communities cut S_g at sigma: S_g after round 1, plain Flower against SecAgg+, differs by at most the three
@@ -219,6 +234,8 @@ def test_secure_aggregation_refuses_what_it_cannot_protect(compose_cfg):
         flower_checks(compose_cfg([*SMALL, "ablation=fedavg", "flower.secagg=true"]))
     with pytest.raises(ConfigError, match="comm.delta=true with flower.secagg=true"):
         flower_checks(compose_cfg([*SMALL, "ablation=full", "flower.secagg=true", "comm.delta=true"]))
+    with pytest.raises(ConfigError, match="the simulator has none; expected flower.secagg=false"):
+        simulator_checks(compose_cfg([*SMALL, "ablation=fed_itemknn", "flower.secagg=true"]))
     with pytest.raises(ConfigError, match="flower.secagg_threshold=3 is invalid; expected fewer than"):
         load_config([*SMALL, "flower.secagg_threshold=3"])
     context = InProcessGrid(compose_cfg(SMALL), 1).contexts[100]

@@ -393,6 +393,7 @@ def claims_markdown(root: Path) -> str:
     names = {"ml-100k": "ML-100K", "filmtrust": "FilmTrust", "ml-1m": "ML-1M", "lastfm-2k": "Lastfm-2k"}
     backbone = ", ".join(f"{names[d]} ({hit(d, 'backbone', 'paper', 'sgd')} vs {pub(d, 'backbone')})" for d in names)
     private = privacy_tables.claim(root, hit("ml-100k", "backbone", "clean", "sgd"))
+    secure = privacy_tables.secagg_claim(root)
     return "\n".join(
         [
             f"- **The paper protocol leaks.** The `local` canary, which never federates, reaches "
@@ -411,6 +412,7 @@ def claims_markdown(root: Path) -> str:
             f"{leak} and, counted as sent, it moves more bytes than PFedRec "
             "([Privacy and traffic](docs/communication-privacy.md)).",
             *([private] if private else []),
+            *([secure] if secure else []),
         ]
     )
 

@@ -102,6 +102,16 @@ def validate(cfg: DictConfig) -> None:
         check_method(cfg)
 
 
+def simulator_checks(cfg: DictConfig) -> None:
+    """What only the Flower app does, refused in the simulator with the reason (the mirror of
+    `src.flower.settings.flower_checks`), so that no stored run is labelled with what it did not do."""
+    if cfg.flower.secagg:
+        raise ConfigError(
+            "flower.secagg=true: secure aggregation hides each upload from a server in another process, and the "
+            "simulator has none; expected flower.secagg=false, or the Flower app (python -m src.flower.simulate)"
+        )
+
+
 def _validate_user_dp(cfg: DictConfig, clip: float) -> None:
     """User-level DP (src/comm/user_dp.py) clips similarity uploads, summed over every user, unquantised."""
     if not method_class(cfg).uploads_similarity:

@@ -9,6 +9,7 @@ import copy
 import difflib
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -160,7 +161,7 @@ def check_output_dir(key: str, folder: str) -> None:
         raise ConfigError(f"{key}={folder}: {probe} is not writable; expected a folder this user can write")
 
 
-def check_command_line(argv: list[str]) -> list[str]:
+def check_command_line(argv: list[str], checks: Callable[[DictConfig], None] | None = None) -> list[str]:
     """Compose and validate every job of a `src.run`-style command line before any starts; the first bad one ends
     the command with one line naming the job (`src.runtime.errors`). Returns the command line with moved keys under
     their new names (`renamed`), which the command then runs."""
@@ -176,5 +177,8 @@ def check_command_line(argv: list[str]) -> list[str]:
     for num, job in enumerate(jobs):
         prefix = f"job {num} of {len(jobs)} ({' '.join(job)}): " if len(jobs) > 1 else ""
         with reported(prefix):
-            validate(compose_runs([job])[0])
+            cfg = compose_runs([job])[0]
+            validate(cfg)
+            if checks is not None:  # what the command's engine refuses (simulator or Flower app)
+                checks(cfg)
     return argv

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from src.cli.config import validate
+from src.cli.config import simulator_checks, validate
 from src.config.identity import resume_changes, resume_mismatch
 from src.data.dataset import FedData, load
 from src.rounds.simulator import FederatedModule
@@ -92,6 +92,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
     """Check the config, claim the folder, check a resume against its checkpoint, load the data; write nothing."""
     start = time.perf_counter()
     validate(cfg)
+    simulator_checks(cfg)
     ckpt = resume_path(cfg, run_dir)
     lock = rundir.claim(run_dir, resuming=ckpt is not None)
     try:

@@ -74,5 +74,5 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     # every job composes and validates before Hydra starts the first; a moved key runs under its new name
-    sys.argv[1:] = check_command_line(sys.argv[1:])
+    sys.argv[1:] = check_command_line(sys.argv[1:], flower_checks)
     main()
