@@ -22,9 +22,10 @@ from src.cli.train import train  # noqa: E402
 from src.comm.secure_sum import SecureLayout  # noqa: E402
 from src.data.dataset import load  # noqa: E402
 from src.flower.inprocess import InProcessGrid, flower_task  # noqa: E402
-from src.flower.secagg import VECTOR_RECORD, SecAggSettings, keep_vector, secure_sum  # noqa: E402
+from src.flower.secagg import VECTOR_RECORD, SecAggSettings, keep_vector, on_grid, secure_sum  # noqa: E402
 from src.flower.server_app import serve  # noqa: E402
 from src.flower.settings import flower_checks  # noqa: E402
+from src.flower.simulate import simulate  # noqa: E402
 from src.rounds.strategy import RoundStrategy  # noqa: E402
 from tests.conftest import requires_real_data  # noqa: E402
 from tests.test_flower import SMALL, compare  # noqa: E402
@@ -70,6 +71,16 @@ def test_the_layout_holds_what_a_dense_sum_holds(support):
         layout.pack([(np.array([2]), np.array([2]), np.array([1.0]))])
 
 
+def test_a_node_rounds_its_vector_onto_the_secagg_grid_reproducibly():
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-3, 3, 200_000)
+    a, b = on_grid(x, 8.0, np.random.default_rng([1, 2])), on_grid(x, 8.0, np.random.default_rng([1, 2]))
+    np.testing.assert_array_equal(a, b)
+    levels = (a + 8.0) * 2**18  # 2**22 levels over [-8, 8]: a step of 2**-18
+    np.testing.assert_array_equal(levels, np.round(levels))
+    assert np.abs(a - x).max() <= 2**-18 and abs(float((a - x).mean())) < 2**-18 / 100  # within a level, unbiased
+
+
 @pytest.fixture
 def small_cfg():
     return load_config([*SMALL, "ablation=fed_itemknn", "flower.secagg=true"])
@@ -101,6 +112,16 @@ def masked_stage(reply) -> bool:
     return conf is not None and Key.MASKED_PARAMETERS in conf
 
 
+def setup_stage(reply) -> bool:
+    conf = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    return conf is not None and Key.PUBLIC_KEY_1 in conf
+
+
+def share_keys_stage(reply) -> bool:
+    conf = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    return conf is not None and Key.CIPHERTEXT_LIST in conf
+
+
 def unmask_stage(reply) -> bool:
     conf = reply.content.config_records.get(RECORD_KEY_CONFIGS)
     return conf is not None and Key.SHARE_LIST in conf
@@ -123,6 +144,11 @@ def test_nodes_that_drop_out_within_the_threshold_are_survived(small_cfg):
     result = secure_sum(nodes_holding(small_cfg, vectors, drop(unmask_stage, {103})), nodes, 1, layout, SETTINGS)
     assert result.summed == nodes
     np.testing.assert_allclose(result.total, np.sum(vectors, axis=0), atol=5 * SETTINGS.step())
+    # a node lost before it shared its keys halts flwr's SecAgg+: it is run again over the others
+    for stage in (setup_stage, share_keys_stage):
+        result = secure_sum(nodes_holding(small_cfg, vectors, drop(stage, {102})), nodes, 1, layout, SETTINGS)
+        assert result.summed == [100, 101, 103, 104]
+        np.testing.assert_allclose(result.total, np.sum(vectors, axis=0) - vectors[2], atol=5 * SETTINGS.step())
     # beyond the threshold (a node left with fewer live neighbours than shares needed): nothing is unmasked
     halted = secure_sum(
         nodes_holding(small_cfg, vectors, drop(masked_stage, {101, 102, 103})), nodes, 1, layout, SETTINGS
@@ -162,6 +188,16 @@ def test_a_secure_run_survives_a_node_that_drops_out_mid_protocol(compose_cfg, t
     assert [r["flower/secagg_nodes"] for r in history] == [3, 2, 3]
     assert [r["reported"] for r in history] == [20, 13, 20]
     assert all(np.isfinite(r["val/hit@10"]) for r in history)
+
+
+@requires_real_data
+def test_a_round_with_one_uploading_node_sums_nothing(compose_cfg, tmp_path, caplog):
+    """One client chosen per round (fl.client_fraction=0.05 of 20): a sum over one node would be its upload, so the
+    round sums no upload, and says why."""
+    cfg = compose_cfg([*SMALL, "ablation=fed_itemknn", "flower.secagg=true", "fl.client_fraction=0.05", "fl.rounds=2"])
+    history = serve(InProcessGrid(cfg, 3), cfg, tmp_path)["history"]
+    assert [(r["flower/secagg_nodes"], r["reported"]) for r in history] == [(0, 0), (0, 0)]
+    assert "SecAgg+ needs two (one node's sum is its upload)" in caplog.text
 
 
 @requires_real_data
@@ -229,7 +265,7 @@ def upload_matrix(layout: SecureLayout, vector: np.ndarray) -> torch.Tensor:
     return upper + upper.T
 
 
-def test_secure_aggregation_refuses_what_it_cannot_protect(compose_cfg):
+def test_secure_aggregation_refuses_what_it_cannot_protect(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="sends no similarity upload"):
         flower_checks(compose_cfg([*SMALL, "ablation=fedavg", "flower.secagg=true"]))
     with pytest.raises(ConfigError, match="comm.delta=true with flower.secagg=true"):
@@ -239,6 +275,9 @@ def test_secure_aggregation_refuses_what_it_cannot_protect(compose_cfg):
     with pytest.raises(ConfigError, match="flower.secagg_threshold=3 is invalid; expected fewer than"):
         load_config([*SMALL, "flower.secagg_threshold=3"])
     context = InProcessGrid(compose_cfg(SMALL), 1).contexts[100]
-    with pytest.raises(ValueError, match="expected flower.secagg_clip >= that"):
-        keep_vector(context, np.array([0.5, 9.0]), 8.0)
+    with pytest.raises(ValueError, match="beyond flower.secagg_clip=8.0, which SecAgg[+] would clip") as err:
+        keep_vector(context, np.array([0.5, 9.25]), 8.0)
+    assert "9.25" not in str(err.value)  # the reason reaches the server: no value of the upload in it
     assert VECTOR_RECORD not in context.state
+    with pytest.raises(ConfigError, match="a node holds up to 10 clients, whose summed uploads SecAgg[+] would clip"):
+        simulate(compose_cfg([*SMALL, "ablation=fed_itemknn", "flower.secagg=true", "flower.supernodes=2"]), tmp_path)

@@ -211,9 +211,10 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
         nd = node_data(conf)
         part, num = partition(context)
         pool = restore_pool(conf, context, nd.data, part, num)
-        content, vector = client_round(conf, nd, pool, unpack_task(msg.content))
+        task = unpack_task(msg.content)
+        content, vector = client_round(conf, nd, pool, task)
         if vector is not None:
-            keep_vector(context, vector, float(conf.flower.secagg_clip))
+            keep_vector(context, vector, float(conf.flower.secagg_clip), (int(conf.seed), task.round, part))
         save_pool(conf, context, pool, part, num)
         return Message(content=content, reply_to=msg)
 

@@ -1,8 +1,9 @@
 """A Flower grid whose SuperNodes are ClientApps in this process: the deployment's server and client code, without
 processes or sockets, for tests and side-by-side measurements (`src.perf.secagg_cost`).
 
-Each message reaches its node as a copy, as over a wire. `fault(round, node, reply)` may drop a reply (return None)
-or alter it, as a dead or misbehaving SuperNode would.
+Each message reaches its node as a copy, as over a wire; a node whose ClientApp raises answers with an error reply,
+as a SuperNode does. `fault(round, node, reply)` may drop a reply (return None) or alter it, as a dead or
+misbehaving SuperNode would.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import DictConfig
 
@@ -37,7 +39,11 @@ class InProcessGrid:
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            reply = self.app(copy.deepcopy(msg), self.contexts[node])
+            try:
+                reply = self.app(copy.deepcopy(msg), self.contexts[node])
+            except Exception as err:  # what flwr's ClientApp runtime sends for it (supernode/runtime/run_clientapp.py)
+                reason = f"{type(err).__name__}: {err}"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
             if self.fault is not None:
                 reply = self.fault(int(msg.metadata.group_id), node, reply)
             if reply is not None:

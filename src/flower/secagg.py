@@ -12,6 +12,7 @@ instruction is empty (the node already holds its vector) and `aggregate_fit` kee
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -43,6 +44,8 @@ from src.comm.secure_sum import SecureLayout
 # where a node keeps its round's vector between the `train` message and the SecAgg+ stages
 VECTOR_RECORD = "secagg_vector"
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SecAggSettings:
@@ -73,15 +76,29 @@ def is_secagg_stage(content: RecordDict) -> bool:
     return RECORD_KEY_CONFIGS in content.config_records
 
 
-def keep_vector(context: Context, vector: np.ndarray, clip: float) -> None:
-    """Node side: keep this round's vector for the SecAgg+ stages; refuse one that SecAgg+ would clip."""
-    peak = float(np.abs(vector).max()) if vector.size else 0.0
-    if peak > clip:
-        raise ValueError(
-            f"this node's secure-sum vector holds an entry of {peak:.6g}; expected flower.secagg_clip >= that "
-            f"(now {clip}: SecAgg+ would clip it; a node holding many clients sums many uploads)"
+def on_grid(vector: np.ndarray, clip: float, generator: np.random.Generator) -> np.ndarray:
+    """The vector [n] stochastically rounded to SecAgg+'s grid of 2**22 levels over [-clip, clip] from `generator`:
+    flwr's own rounding (from numpy's unseeded global state) then leaves it as it is (exactly so for a power-of-two
+    clip), so a run's sums are reproducible from its seed."""
+    scale = 2**22 / (2 * clip)
+    pre = (np.clip(vector, -clip, clip) + clip) * scale
+    low = np.floor(pre)
+    return (low + (generator.random(pre.shape) < pre - low)) / scale - clip
+
+
+def keep_vector(context: Context, vector: np.ndarray, clip: float, seed: tuple[int, ...] = (0,)) -> None:
+    """Node side: keep this round's vector for the SecAgg+ stages, on SecAgg+'s grid (`on_grid`, drawn from `seed`:
+    run seed, round, node); refuse one that SecAgg+ would clip (without its value: the reason reaches the server)."""
+    if vector.size and float(np.abs(vector).max()) > clip:
+        log.warning(
+            "this node's secure-sum vector peaks at %.6g, beyond flower.secagg_clip=%s", np.abs(vector).max(), clip
         )
-    context.state[VECTOR_RECORD] = ArrayRecord(numpy_ndarrays=[vector])
+        raise ValueError(
+            f"this node's secure-sum vector holds an entry beyond flower.secagg_clip={clip}, which SecAgg+ would "
+            "clip; expected flower.secagg_clip >= the most clients a node holds"
+        )
+    grid = on_grid(vector, clip, np.random.default_rng(list(seed)))
+    context.state[VECTOR_RECORD] = ArrayRecord(numpy_ndarrays=[grid])
 
 
 def stored_fit(msg: Message, context: Context) -> Message:
@@ -137,6 +154,8 @@ class _Metered:
     messages: int = 0
     replies: list = field(default_factory=list)
     keep: bool = False
+    keyed: set[int] = field(default_factory=set)  # nodes that sent their public keys (setup)
+    shared: set[int] = field(default_factory=set)  # nodes that sent their encrypted key shares (share keys)
 
     @property
     def run(self) -> Any:
@@ -150,6 +169,10 @@ class _Metered:
             if rep.has_error():
                 continue
             conf = rep.content.config_records.get(RECORD_KEY_CONFIGS)
+            if conf is not None and Key.PUBLIC_KEY_1 in conf:
+                self.keyed.add(rep.metadata.src_node_id)
+            if conf is not None and Key.CIPHERTEXT_LIST in conf:
+                self.shared.add(rep.metadata.src_node_id)
             if conf is not None and Key.MASKED_PARAMETERS in conf:
                 self.masked_bytes += sum(len(b) for b in cast(list, conf[Key.MASKED_PARAMETERS]))
                 if self.keep:
@@ -181,8 +204,34 @@ def secure_sum(
     workflow: Callable[..., SecAggPlusWorkflow] = SecAggPlusWorkflow,
 ) -> SecureRound:
     """Server side: run SecAgg+ over `nodes` (each holding its vector of `layout`) and return the sum, or None when
-    the protocol halted (too few nodes left for the threshold)."""
+    the protocol halted with fewer than two nodes left. flwr's SecAgg+ survives nodes that drop out once they have
+    shared their keys; a node lost before (setup, share keys) halts it, so it is run again over the nodes that
+    answered both stages (each node's SecAgg+ state restarts from setup)."""
     metered = _Metered(grid, keep=keep_masked)
+    while True:
+        result = _secure_sum_once(metered, nodes, round_, layout, settings, workflow)
+        alive = sorted(metered.keyed & metered.shared & set(nodes))
+        if result.total is not None or len(alive) < 2 or len(alive) == len(nodes):
+            return result
+        log.warning(
+            "round %d: SecAgg+ lost nodes %s before they shared keys; again over %s",
+            round_,
+            sorted(set(nodes) - set(alive)),
+            alive,
+        )
+        nodes, metered.keyed, metered.shared = alive, set(), set()
+
+
+def _secure_sum_once(
+    metered: _Metered,
+    nodes: list[int],
+    round_: int,
+    layout: SecureLayout,
+    settings: SecAggSettings,
+    workflow: Callable[..., SecAggPlusWorkflow],
+) -> SecureRound:
+    """One run of the SecAgg+ workflow over `nodes`."""
+    grid = metered.grid
     strategy = _SecureSum(metered, nodes)  # type: ignore[arg-type]
     state = RecordDict(
         {

@@ -202,12 +202,19 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
 def add_secure_sum(
     grid: Grid, sums: RoundSums, replies: dict[int, Reply], round_: int, layout: SecureLayout, settings: SecAggSettings
 ) -> dict[str, float]:
-    """SecAgg+ over the nodes that replied (`replies` by node id); the sum of the vectors it unmasks goes into
-    `sums`, with the clients of the nodes whose vectors it holds. Returns the round's SecAgg+ figures."""
+    """SecAgg+ over the nodes that replied with uploads (`replies` by node id); the sum of the vectors it unmasks
+    goes into `sums`, with the clients of the nodes whose vectors it holds. Fewer than two such nodes are not summed
+    (the sum of one node's vector is that vector). Returns the round's SecAgg+ figures."""
     tic = time.perf_counter()
-    result = secure_sum(grid, sorted(replies), round_, layout, settings)
+    senders = sorted(n for n, rep in replies.items() if len(rep.users))
+    if len(senders) < 2:
+        log.warning(
+            "round %d: %d node(s) with uploads; SecAgg+ needs two (one node's sum is its upload)", round_, len(senders)
+        )
+        return {"flower/secagg_nodes": 0.0, "flower/secagg_bytes": 0.0, "flower/secagg_messages": 0.0}
+    result = secure_sum(grid, senders, round_, layout, settings)
     if result.total is None:
-        log.warning("round %d: SecAgg+ halted (fewer nodes than its threshold); no upload is summed", round_)
+        log.warning("round %d: SecAgg+ halted (too few nodes left for its threshold); no upload is summed", round_)
     else:
         upper, support, count = layout.unpack(result.total, sums.sims.upper.device)
         users = [replies[n].users for n in result.summed]

@@ -41,6 +41,12 @@ def simulate(cfg: DictConfig, run_dir: Path) -> dict:
             f"flower.supernodes={cfg.flower.supernodes} but the split has {n_users} clients; expected at most "
             f"{n_users} (node p holds clients p, p + n, ...: a node without clients cannot train)"
         )
+    per_node = -(-n_users // int(cfg.flower.supernodes))
+    if cfg.flower.secagg and per_node > float(cfg.flower.secagg_clip):
+        raise ConfigError(
+            f"flower.secagg_clip={cfg.flower.secagg_clip} but a node holds up to {per_node} clients, whose summed "
+            f"uploads SecAgg+ would clip; expected flower.secagg_clip >= {per_node} (or more flower.supernodes)"
+        )
     lock = rundir.claim(run_dir, resuming=False)
     try:
         rundir.write_hydra_files(run_dir, cfg)
