@@ -265,6 +265,7 @@ def upload_matrix(layout: SecureLayout, vector: np.ndarray) -> torch.Tensor:
     return upper + upper.T
 
 
+@requires_real_data  # src.flower.simulate reads the split to count the clients per node
 def test_secure_aggregation_refuses_what_it_cannot_protect(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="sends no similarity upload"):
         flower_checks(compose_cfg([*SMALL, "ablation=fedavg", "flower.secagg=true"]))
