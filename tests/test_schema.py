@@ -171,3 +171,13 @@ def test_a_key_the_method_lacks_names_the_method_and_a_moved_typo_finds_its_new_
         compose_runs([["ablation=backbone", "model.sigma=0.3"]])
     with pytest.raises(ConfigError, match=r"did you mean ablation\.alpha=1\?"):
         compose_runs([["+model.alpah=1"]])
+
+
+def test_a_whole_number_written_either_way_is_one_run(compose_cfg):
+    """`ablation.beta=1` (a grid in a yaml) and `ablation.beta=1.0` (a stored run's override) are one computation;
+    1.5 and 1 are not."""
+    as_int = OmegaConf.to_container(compose_cfg(["ablation.beta=1"]), resolve=True)
+    as_float = OmegaConf.to_container(compose_cfg(["ablation.beta=1.0"]), resolve=True)
+    other = OmegaConf.to_container(compose_cfg(["ablation.beta=1.5"]), resolve=True)
+    assert as_int["ablation"]["beta"] == 1 and type(as_float["ablation"]["beta"]) is float
+    assert identity(as_int) == identity(as_float) != identity(other)

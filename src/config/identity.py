@@ -115,10 +115,16 @@ def normalised(config: dict) -> dict[str, Any]:
     if unread is None:  # a record from before the label (src.migrate adds it): a central method never read optim.
         unread = ("optim.",) if flat.get("ablation.central") is True else ()
     return {
-        k: v
+        k: same_number(v)
         for k, v in flat.items()
         if k not in DERIVED_KEYS and not (k in neutral and neutral[k] == v) and not k.startswith(tuple(unread))
     }
+
+
+def same_number(value: Any) -> Any:
+    """A whole float as the int it equals (`ablation.beta=1` and `1.0` are one computation: a grid written either way
+    finds the runs stored the other way); every other value as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
