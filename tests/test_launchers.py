@@ -111,12 +111,12 @@ def test_the_slurm_launcher_config_makes_an_sbatch_script(tmp_path):
 def test_the_campaign_command_hands_its_runs_to_a_launcher(tmp_path):
     """`python -m src.campaign ... hydra/launcher=campaign_joblib`: the same runs stored, through the sweeper."""
     env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "src.campaign", "experiment=campaign_smoke", "seed=0"]
+    cmd = [sys.executable, "-m", "src.campaign", "experiment=campaign_smoke", "seed=0", "ablation=backbone"]
     cmd.append("hydra/launcher=campaign_joblib")
     where = ["--runs", str(tmp_path / "runs"), "--work", str(tmp_path / "work"), "--no-compile"]
     out = subprocess.run(cmd + where, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "hydra/sweeper=campaign" in out.stdout and "stored 2 partial 0 pending 0" in out.stdout
-    assert len(stored(tmp_path)) == 2
+    assert "hydra/sweeper=campaign" in out.stdout and "stored 1 partial 0 pending 0" in out.stdout
+    assert len(stored(tmp_path)) == 1
     budget = subprocess.run(cmd + where + ["--budget-min", "5"], cwd=REPO, env=env, capture_output=True, text=True)
     assert budget.returncode == 2 and budget.stderr.startswith("error: --budget-min, --git-commit and --device")
