@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("flwr")
 from flwr.common import bytes_to_ndarray  # noqa: E402
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage  # noqa: E402
 
 from src.analysis.audit import auc, membership_scores, training_items  # noqa: E402
 from src.cli.config import ConfigError, load_config, simulator_checks  # noqa: E402
@@ -22,7 +22,14 @@ from src.cli.train import train  # noqa: E402
 from src.comm.secure_sum import SecureLayout  # noqa: E402
 from src.data.dataset import load  # noqa: E402
 from src.flower.inprocess import InProcessGrid, flower_task  # noqa: E402
-from src.flower.secagg import VECTOR_RECORD, SecAggSettings, keep_vector, on_grid, secure_sum  # noqa: E402
+from src.flower.secagg import (  # noqa: E402
+    VECTOR_RECORD,
+    SecAggSettings,
+    keep_vector,
+    on_grid,
+    reply_stage,
+    secure_sum,
+)
 from src.flower.server_app import serve  # noqa: E402
 from src.flower.settings import flower_checks  # noqa: E402
 from src.flower.simulate import simulate  # noqa: E402
@@ -107,51 +114,37 @@ def test_the_secure_sum_is_the_plain_sum_within_the_quantisation(small_cfg):
     assert count == 12 and int(holders.sum()) == int(sum(v[layout.pairs : 2 * layout.pairs].sum() for v in vectors))
 
 
-def masked_stage(reply) -> bool:
-    conf = reply.content.config_records.get(RECORD_KEY_CONFIGS)
-    return conf is not None and Key.MASKED_PARAMETERS in conf
-
-
-def setup_stage(reply) -> bool:
-    conf = reply.content.config_records.get(RECORD_KEY_CONFIGS)
-    return conf is not None and Key.PUBLIC_KEY_1 in conf
-
-
-def share_keys_stage(reply) -> bool:
-    conf = reply.content.config_records.get(RECORD_KEY_CONFIGS)
-    return conf is not None and Key.CIPHERTEXT_LIST in conf
-
-
-def unmask_stage(reply) -> bool:
-    conf = reply.content.config_records.get(RECORD_KEY_CONFIGS)
-    return conf is not None and Key.SHARE_LIST in conf
-
-
 def test_nodes_that_drop_out_within_the_threshold_are_survived(small_cfg):
     rng = np.random.default_rng(2)
     layout = SecureLayout(30, False)
     vectors = [layout.pack(random_uploads(rng, 30, 2)) for _ in range(5)]
     nodes = [100, 101, 102, 103, 104]
 
+    masked = Stage.COLLECT_MASKED_VECTORS
+
     def drop(stage, who):
-        return lambda round_, node, reply: None if node in who and stage(reply) else reply
+        return lambda round_, node, reply: None if node in who and reply_stage(reply) == stage else reply
 
     # a node that never sends its masked vector: the sum of the others (its pairwise masks recovered from shares)
-    result = secure_sum(nodes_holding(small_cfg, vectors, drop(masked_stage, {101})), nodes, 1, layout, SETTINGS)
+    result = secure_sum(nodes_holding(small_cfg, vectors, drop(masked, {101})), nodes, 1, layout, SETTINGS)
     assert result.summed == [100, 102, 103, 104]
     np.testing.assert_allclose(result.total, np.sum(vectors, axis=0) - vectors[1], atol=5 * SETTINGS.step())
     # a node that sent its vector and then dropped out: still summed (its own mask recovered from shares)
-    result = secure_sum(nodes_holding(small_cfg, vectors, drop(unmask_stage, {103})), nodes, 1, layout, SETTINGS)
+    result = secure_sum(nodes_holding(small_cfg, vectors, drop(Stage.UNMASK, {103})), nodes, 1, layout, SETTINGS)
     assert result.summed == nodes
     np.testing.assert_allclose(result.total, np.sum(vectors, axis=0), atol=5 * SETTINGS.step())
     # a node lost before it shared its keys halts flwr's SecAgg+: it is run again over the others
-    for stage in (setup_stage, share_keys_stage):
+    for stage in (Stage.SETUP, Stage.SHARE_KEYS):
         result = secure_sum(nodes_holding(small_cfg, vectors, drop(stage, {102})), nodes, 1, layout, SETTINGS)
         assert result.summed == [100, 101, 103, 104]
         np.testing.assert_allclose(result.total, np.sum(vectors, axis=0) - vectors[2], atol=5 * SETTINGS.step())
     # beyond the threshold (a node left with fewer live neighbours than shares needed): nothing is unmasked
     halted = secure_sum(
-        nodes_holding(small_cfg, vectors, drop(masked_stage, {101, 102, 103})), nodes, 1, layout, SETTINGS
+        nodes_holding(small_cfg, vectors, drop(masked, {101, 102, 103})),
+        nodes,
+        1,
+        layout,
+        SETTINGS,
     )
     assert halted.total is None
 
@@ -182,7 +175,7 @@ def test_a_secure_run_survives_a_node_that_drops_out_mid_protocol(compose_cfg, t
     cfg = compose_cfg([*SMALL, "ablation=fed_itemknn", "flower.secagg=true"])
 
     def fault(round_, node, reply):
-        return None if (round_, node) == (2, 101) and masked_stage(reply) else reply
+        return None if (round_, node) == (2, 101) and reply_stage(reply) == Stage.COLLECT_MASKED_VECTORS else reply
 
     history = serve(InProcessGrid(cfg, 3, fault), cfg, tmp_path)["history"]
     assert [r["flower/secagg_nodes"] for r in history] == [3, 2, 3]
@@ -249,20 +242,14 @@ def test_what_the_server_holds_of_one_client_is_at_chance(compose_cfg):
     for rep in result.masked:
         p = rep.metadata.src_node_id - 100  # node 100 + p holds client p
         held = bytes_to_ndarray(rep.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS][1])
-        plain.append(auc(membership_scores(upload_matrix(layout, vectors[p]), None)["row_sum"], truths[p]))
-        scores = membership_scores(upload_matrix(layout, held.astype(np.float64)), None)["row_sum"]
+        plain.append(auc(membership_scores(layout.pair_matrix(vectors[p]), None)["row_sum"], truths[p]))
+        scores = membership_scores(layout.pair_matrix(held), None)["row_sum"]
         masked.append(np.argsort(np.argsort(scores)) / len(scores))  # ranked within the client's own items
         order.append(p)
     assert min(plain) == 1.0
     # pooled over the clients (one with few training items gives a noisy AUC on its own)
     pooled = auc(np.concatenate(masked), np.concatenate([truths[p] for p in order]))
     assert abs(pooled - 0.5) < 0.05, pooled
-
-
-def upload_matrix(layout: SecureLayout, vector: np.ndarray) -> torch.Tensor:
-    """The symmetric [m, m] matrix of a vector's pair block, as the server would read an upload."""
-    upper, _, _ = layout.unpack(np.concatenate([vector[: layout.pairs], [0.0]]))
-    return upper + upper.T
 
 
 @requires_real_data  # src.flower.simulate reads the split to count the clients per node

@@ -147,6 +147,11 @@ class PayloadError(ValueError):
     """A received payload that does not decode to a valid similarity upload (the reason is the message)."""
 
 
+def upper_position(rows: np.ndarray, cols: np.ndarray, m: int) -> np.ndarray:
+    """Row-major position [k] of each entry (rows[i] < cols[i]) in the strict upper triangle of an m x m matrix."""
+    return rows * m - rows * (rows + 1) // 2 + (cols - rows - 1)
+
+
 def encode_entries(
     m: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, fmt: str, bits: int, lo: float = 0.0, hi: float = 1.0
 ) -> bytes:
@@ -172,8 +177,7 @@ def encode_entries(
         index = np.cumsum(ptr).astype(_UTYPE[index_bytes(nnz + 1)]).tobytes()
         index += cols.astype(_UTYPE[index_bytes(m)]).tobytes()
     else:
-        lin = rows * m - rows * (rows + 1) // 2 + (cols - rows - 1)
-        index = lin.astype(_UTYPE[index_bytes(m * (m - 1) // 2)]).tobytes()
+        index = upper_position(rows, cols, m).astype(_UTYPE[index_bytes(m * (m - 1) // 2)]).tobytes()
     if bits == 32:
         body = vals.astype(np.float32).tobytes()
     elif bits == 16:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from src.comm.codec import upper_position
+
 # flwr's SecAgg+ masks each quantised entry in [0, 2**32) and sends it as an int64, in two arrays (the weight, then
 # the vector), each serialised with numpy's .npy header
 MASKED_ENTRY_BYTES = 8
@@ -47,20 +49,27 @@ class SecureLayout:
         return idx[0], idx[1]
 
     def pack(self, uploads: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-        """The vector [size] of a node's decoded uploads, each (rows, cols, values) with rows < cols."""
-        m, pairs = self.m, self.pairs
+        """The vector [size] of a node's decoded uploads, each (rows, cols, values) with rows < cols: all of them
+        summed at once."""
         out = np.zeros(self.size, dtype=np.float64)
-        for rows, cols, vals in uploads:
+        if uploads:
+            rows, cols, vals = (np.concatenate([u[i] for u in uploads]) for i in range(3))
             rows, cols = rows.astype(np.int64), cols.astype(np.int64)
             if np.any(rows >= cols):
                 raise ValueError("a similarity upload holds an entry on or below the diagonal")
-            # row-major position of (r, c), r < c, in the strict upper triangle
-            pos = rows * m - rows * (rows + 1) // 2 + (cols - rows - 1)
-            np.add.at(out, pos, vals)
+            pos = upper_position(rows, cols, self.m)
+            out[: self.pairs] = np.bincount(pos, weights=vals.astype(np.float64), minlength=self.pairs)
             if self.support:
-                np.add.at(out, pairs + pos, (vals != 0).astype(np.float64))
+                out[self.pairs : 2 * self.pairs] = np.bincount(pos, weights=vals != 0, minlength=self.pairs)
         out[-1] = len(uploads)
         return out
+
+    def pair_matrix(self, vector: np.ndarray) -> torch.Tensor:
+        """The symmetric [m, m] matrix of a vector's pair block (float64), as a server would read one upload."""
+        rows, cols = self.triu()
+        upper = torch.zeros(self.m, self.m, dtype=torch.float64)
+        upper[rows, cols] = torch.from_numpy(np.ascontiguousarray(vector[: self.pairs], dtype=np.float64))
+        return upper + upper.T
 
     def unpack(
         self, total: np.ndarray, device: torch.device | str = "cpu"

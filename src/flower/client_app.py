@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.alignment.broadcast import Broadcast
 from src.alignment.release import gather
 from src.clients.model import ModelSpec, init_params
-from src.comm.codec import Encoding, decode_entries, encode_entries
+from src.comm.codec import Encoding, decode_entries, encode_entries, quantise
 from src.comm.privacy import NoiseStreams
 from src.comm.secure_sum import SecureLayout
 from src.data.dataset import FedData, load
@@ -160,6 +160,8 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) ->
     encoding = Encoding.from_cfg(cfg.comm)
     noise = NoiseStreams(int(cfg.seed), task.round)  # each client's stream, as in the simulator
     users, shared, payloads = [], {k: [] for k in keys}, []
+    secure = bool(cfg.flower.secagg)  # uploads summed into the node's secure-sum vector, never sent
+    uploads: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     chosen = torch.isin(pool.users, task.chosen).nonzero().squeeze(1)
     server = {k: v for k, v in task.shared.items() if k in keys}
     # fl.chunk_size=auto: the cohort of this node's clients that fits its device, sized as the simulator sizes it
@@ -180,6 +182,10 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) ->
             continue
         for pos, vals in gather(release.blocks, len(release.users), m):
             rows, cols = (pos // m).numpy(), (pos % m).numpy()
+            if secure:  # the values the server's decoder would deliver, in the clients' dtype (`add_decoded`)
+                decoded = quantise(vals.double(), broadcast.sigma, 1.0, encoding.bits).float().double().numpy()
+                uploads.append((rows, cols, decoded))
+                continue
             payloads.append(
                 encode_entries(
                     m, rows, cols, vals.double().numpy(), encoding.format, encoding.bits, broadcast.sigma, 1.0
@@ -188,13 +194,7 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) ->
     ranks = evaluate_clients(nd.evaluator, pool, device, chunk, method.client_scorer(broadcast, data, device))
     sent = torch.cat(users) if users else torch.zeros(0, dtype=torch.long)
     stacked = {k: torch.cat(v) if v else torch.zeros(0, *pool.state[k].shape[1:]) for k, v in shared.items()}
-    vector = None
-    if cfg.flower.secagg:
-        # the values the server's decoder delivers, in the clients' dtype (`RoundSums.add_decoded`)
-        uploads = [decode_entries(p, m_expected=m)[1:] for p in payloads]
-        layout = SecureLayout(m, method.holder_counts())
-        vector = layout.pack([(r, c, v.astype(np.float32).astype(np.float64)) for r, c, v in uploads])
-        payloads = []
+    vector = SecureLayout(m, method.holder_counts()).pack(uploads) if secure else None
     return pack_reply(sent, stacked, payloads, pool.users, ranks, work.loss_sums, work.steps), vector
 
 

@@ -29,7 +29,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -69,6 +69,23 @@ class SecAggSettings:
     def step(self) -> float:
         """One quantisation level of one node's entry."""
         return 2 * self.clip / 2**22
+
+
+# the key a node's reply to each SecAgg+ stage holds (flwr's secaggplus_mod)
+REPLY_KEYS = {
+    Stage.SETUP: Key.PUBLIC_KEY_1,
+    Stage.SHARE_KEYS: Key.CIPHERTEXT_LIST,
+    Stage.COLLECT_MASKED_VECTORS: Key.MASKED_PARAMETERS,
+    Stage.UNMASK: Key.SHARE_LIST,
+}
+
+
+def reply_stage(reply: Message) -> str | None:
+    """The SecAgg+ stage a node's reply answers, or None (an error, or any other reply)."""
+    if reply.has_error():
+        return None
+    conf = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    return next((stage for stage, key in REPLY_KEYS.items() if conf is not None and key in conf), None)
 
 
 def is_secagg_stage(content: RecordDict) -> bool:
@@ -166,15 +183,14 @@ class _Metered:
         replies = list(self.grid.send_and_receive(sent, timeout=timeout))
         self.messages += len(sent) + len(replies)
         for rep in replies:
-            if rep.has_error():
-                continue
-            conf = rep.content.config_records.get(RECORD_KEY_CONFIGS)
-            if conf is not None and Key.PUBLIC_KEY_1 in conf:
+            stage = reply_stage(rep)
+            if stage == Stage.SETUP:
                 self.keyed.add(rep.metadata.src_node_id)
-            if conf is not None and Key.CIPHERTEXT_LIST in conf:
+            elif stage == Stage.SHARE_KEYS:
                 self.shared.add(rep.metadata.src_node_id)
-            if conf is not None and Key.MASKED_PARAMETERS in conf:
-                self.masked_bytes += sum(len(b) for b in cast(list, conf[Key.MASKED_PARAMETERS]))
+            elif stage == Stage.COLLECT_MASKED_VECTORS:
+                masked = rep.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+                self.masked_bytes += sum(len(b) for b in cast(list, masked))
                 if self.keep:
                     self.replies.append(rep)
         return replies

@@ -86,8 +86,7 @@ def audit_masked(grid: InProcessGrid, cfg: DictConfig, layout: SecureLayout) -> 
         own = grid.contexts[node].state[VECTOR_RECORD].to_numpy_ndarrays()[0]
         held = bytes_to_ndarray(rep.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS][1])
         for name, vec in (("upload", own), ("masked", held.astype(np.float64))):
-            part, _, _ = layout.unpack(np.concatenate([vec[: layout.pairs], [0.0]]))
-            for feature, scores in membership_scores(part + part.T, global_sim).items():
+            for feature, scores in membership_scores(layout.pair_matrix(vec), global_sim).items():
                 aucs[name].setdefault(feature, []).append(auc(scores, truth))
     return {
         name: {f: float(np.mean(v)) for f, v in feats.items()}
