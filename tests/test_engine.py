@@ -22,7 +22,7 @@ from src.cli.train import train
 from src.runtime.loggers import make_loggers, run_name
 from src.runtime.results import DEFAULT_SELECT
 from tests.conftest import requires_real_data
-from tests.wandb_records import run_contents
+from tests.wandb_records import finished_contents
 
 REPO = Path(__file__).resolve().parents[1]
 # the engine tests run the PFedRec backbone with the lineage SGD (cheap rounds); AlignFedRec below
@@ -260,16 +260,13 @@ def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
             (tmp_path / "wandb-dir").glob("**/offline-run-*/run-*.wandb")
         )
         assert len(found) == 1, found
-        # wandb-core writes the run's records to disk a moment after finish() returns
-        deadline = time.monotonic() + 20
-        while name.encode() not in found[0].read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        finished_contents(found[0])  # wandb-core writes the run's records a moment after finish() returns
         assert name.encode() in found[0].read_bytes()
         run_files.append(found[0])
     assert run_files[0].name != run_files[1].name  # two run ids
     # what the W&B run holds, read from its file: every round's metrics as the history has them (the step is the
     # round), the resolved config, and the best round's test metrics as its summary
-    history, config, summary = run_contents(run_files[1])
+    history, config, summary = finished_contents(run_files[1])
     payload = json.loads((tmp_path / "s1" / "results.json").read_text())
     assert [row["trainer/global_step"] for row in history] == [1, 2]
     for logged, row in zip(history, payload["history"]):

@@ -1,13 +1,16 @@
 """Read the records of an offline W&B run file (`run-<id>.wandb`) without a W&B server.
 
 The file is wandb's record log: a 7-byte header, then 32 KiB blocks of chunks, each with a 7-byte header
-(crc32, length, type: 1 full, 2 first, 3 middle, 4 last); chunks join into protobuf `Record`s.
+(crc32, length, type: 1 full, 2 first, 3 middle, 4 last); chunks join into protobuf `Record`s. wandb-core
+writes the file after `finish()` returns, so a reader may meet a half-written tail: `records` stops before it,
+and `finished_contents` waits for the run's `exit` record.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ HEADER = 7
 
 
 def records(path: Path) -> Iterator[Any]:
-    """Every `wandb_internal_pb2.Record` of the file, in order."""
+    """Every complete `wandb_internal_pb2.Record` of the file, in order; a half-written tail is left out."""
     from wandb.proto import wandb_internal_pb2
 
     data, pos, parts = Path(path).read_bytes(), HEADER, b""
@@ -30,6 +33,8 @@ def records(path: Path) -> Iterator[Any]:
         if length == 0 and kind == 0:
             pos += left
             continue
+        if pos + HEADER + length > len(data):  # the chunk is still being written
+            return
         parts += data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind in (1, 4):
@@ -53,3 +58,15 @@ def run_contents(path: Path) -> tuple[list[dict], dict, dict]:
         elif kind == "summary":
             summary.update({item.key: json.loads(item.value_json) for item in record.summary.update if item.key})
     return history, config, summary
+
+
+def finished_contents(path: Path, timeout: float = 30.0) -> tuple[list[dict], dict, dict]:
+    """`run_contents` once the file holds the run's `exit` record (wandb-core writes it last)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kinds = [record.WhichOneof("record_type") for record in records(path)]
+        if "exit" in kinds:
+            return run_contents(path)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no exit record after {timeout:.0f} s (records so far: {kinds[-5:]})")
+        time.sleep(0.1)
