@@ -207,7 +207,7 @@ def test_paper_table_keeps_its_100_round_runs_and_says_what_it_left_out(tmp_path
 def test_paper_table_leaves_out_the_sensitivity_sweeps(tmp_path):
     """A sweep's off-default point (experiment sweep_*) is not the table's cell: `--table` leaves it out, saying so."""
     table_and_other_run(tmp_path, {"experiment_name": "sweep_alpha"})
-    with pytest.warns(UserWarning, match=r"left out 1 run\(s\) of sensitivity sweeps and traffic counts"):
+    with pytest.warns(UserWarning, match=r"left out 1 run\(s\) of sensitivity sweeps, traffic counts and searches"):
         table = main([str(tmp_path), "--table", "table2"])
     (row,) = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == ("ml-100k", "full", "paper")]
     assert row["seeds"] == 1 and row["test/hit@10"] == pytest.approx(40)

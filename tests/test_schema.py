@@ -49,6 +49,7 @@ STORED_WITHOUT = {
     "flower.secagg_shares": 3,
     "flower.secagg_threshold": 2,
     "flower.secagg_clip": 8.0,
+    "search.store": None,
 }
 
 
@@ -68,6 +69,8 @@ def test_a_record_without_the_added_keys_is_the_same_run(compose_cfg):
         if name in old.get(group, {}) and old[group][name] == STORED_WITHOUT[dotted]:
             del old[group][name]
             dropped += 1
+            if not old[group]:  # a group all of whose keys came later (search) is absent from the old record
+                del old[group]
     assert dropped >= 10
     assert identity(old) == identity(config)
     old["server"]["graph_k"] = 11  # a non-neutral value is part of the run

@@ -58,7 +58,7 @@ def collect(
         sweeps = [p for p in payloads if str(p["config"].get("experiment_name", "")).startswith(SWEEPS)]
         if sweeps:
             warnings.warn(
-                f"left out {len(sweeps)} run(s) of sensitivity sweeps and traffic counts (experiment "
+                f"left out {len(sweeps)} run(s) of sensitivity sweeps, traffic counts and searches (experiment "
                 f"{', '.join(s + '*' for s in SWEEPS)})",
                 stacklevel=2,
             )
@@ -79,9 +79,9 @@ def collect(
     return {k: v for key, runs in groups.items() for k, v in split_differing(key, runs).items()}
 
 
-# experiments whose runs are not the paper tables' cells: the sensitivity sweeps, and the traffic counts (the same
-# computation as a table's run, counted another way)
-SWEEPS = ("sweep_", "traffic")
+# experiments whose runs are not the paper tables' cells: the sensitivity sweeps, the traffic counts (the same
+# computation as a table's run, counted another way) and the trials of hyperparameter searches
+SWEEPS = ("sweep_", "traffic", "search")
 # config keys that may differ between runs of one row: the seed, and where things are read or written
 SAME_ROW = ("seed", *WHERE_KEYS, *SPEED_KEYS, "device")
 

@@ -36,22 +36,17 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 
 from src.cli.config import CONF_DIR, validate, validate_device
 from src.cli.jobs import compose_config, compose_runs, grid_jobs
+from src.cli.store import REPO, RUNS, git_commit, store, stored_runs, variant_name
 from src.config.identity import identity
-from src.runtime.atomic import atomic_write_text
 from src.runtime.cache import default_cache_dir
-from src.runtime.errors import OneLineParser, UserError
+from src.runtime.errors import OneLineParser
 from src.runtime.round_estimate import estimated_round_seconds
 
-REPO = Path(__file__).resolve().parents[2]
-RUNS = REPO / "results" / "runs"
 BENCH = REPO / "results" / "bench"
-# the grid axes that name a stored run's folder; every other override names its variant
-AXES = ("dataset", "ablation", "protocol", "seed")
 
 
 @dataclass(eq=False)
@@ -77,13 +72,6 @@ class Run:
         )
 
 
-def variant_name(overrides: list[str]) -> str:
-    """The overrides beyond the grid axes and the experiment, as a folder name ('default' when none)."""
-    extra = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*AXES, "experiment"))
-    name = "_".join(extra) or "default"
-    return "".join(ch if ch.isalnum() or ch in "=._-,+" else "-" for ch in name)
-
-
 def expand(experiment: str, cli: list[str]) -> list[Run]:
     """The runs of one overlay: its sweeper grid with the command line's values replacing or adding axes."""
     params = (
@@ -96,71 +84,6 @@ def expand(experiment: str, cli: list[str]) -> list[Run]:
         config = OmegaConf.to_container(cfg, resolve=True)
         runs.append(Run(experiment, overrides, config, identity(config), variant_name(overrides)))
     return runs
-
-
-def stored_runs(root: Path = RUNS) -> dict[str, Path]:
-    """identity key -> folder of every run stored under `root`, the key computed anew from each stored config
-    (so runs stored before the identity rule last changed are still recognised)."""
-    out = {}
-    for meta in sorted(root.rglob("run.json")):
-        try:
-            out[identity(json.loads((meta.parent / "results.json").read_text())["config"])] = meta.parent
-        except (OSError, ValueError, KeyError):
-            print(f"warning: skipped unreadable {meta.parent / 'results.json'}", file=sys.stderr)
-    return out
-
-
-def git_commit() -> str:
-    """The checkout's commit, with `+dirty` when tracked source or config files differ from it."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def destination(root: Path, experiment: str, config: dict[str, Any], variant: str) -> Path:
-    """Where a run of `config` is stored: <root>/<experiment>/<dataset>/<ablation>/<protocol>/<variant>/seed<k>."""
-    names = (config["dataset"]["name"], config["ablation"]["name"], config["protocol"]["name"])
-    return root.joinpath(experiment, *names, variant, f"seed{config['seed']}")
-
-
-def store(
-    run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS, variant: str | None = None
-) -> Path:
-    """Copy a finished run's results.json (compact), config and a run.json into `root`; return its folder."""
-    if not (run_dir / "results.json").is_file():
-        raise UserError(f"{run_dir} holds no results.json; expected the folder of a finished run")
-    payload = json.loads((run_dir / "results.json").read_text())
-    if not payload.get("finished"):
-        raise UserError(f"{run_dir}/results.json: the run did not finish, nothing stored; expected a finished run")
-    config = payload["config"]
-    key = identity(config)
-    dest = destination(root, experiment, config, variant or variant_name(overrides))
-    atomic_write_text(dest / "results.json", json.dumps(payload, separators=(",", ":")))
-    atomic_write_text(dest / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
-    meta = {
-        "key": key,
-        "experiment": experiment,
-        "overrides": overrides,
-        "commit": commit,
-        "device": config.get("device"),
-        "rounds": len(payload["history"]),
-        "total_s": payload.get("timings", {}).get("total_s"),
-        "source": str(run_dir),
-        "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    atomic_write_text(dest / "run.json", json.dumps(meta, indent=1) + "\n")
-    return dest
 
 
 def trains_aligned(ablation: dict[str, Any]) -> bool:

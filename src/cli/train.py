@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import instantiate, to_absolute_path
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from src.cli.config import simulator_checks, validate
+from src.cli.store import git_commit, store, stored_trial, trial_variant
 from src.config.identity import resume_changes, resume_mismatch
 from src.data.dataset import FedData, load
 from src.rounds.simulator import FederatedModule
@@ -248,6 +249,18 @@ def hydra_job(cfg: DictConfig) -> float:
     """One job of `python -m src.run` in its Hydra run folder; returns the best round's value of the selection
     metric (`eval.select`, by default validation hit@10: the objective of sweeps)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    store_root = None if cfg.search.store is None else Path(to_absolute_path(str(cfg.search.store)))
+    if store_root is not None:
+        validate(cfg)
+        if (found := stored_trial(OmegaConf.to_container(cfg, resolve=True), store_root)) is not None:
+            folder, payload = found
+            log.info("this computation is stored (%s): its result is read, not run again", folder)
+            return report_best(payload, folder, log)
     run = rundir.checked_in(run_dir, lambda: prepare(cfg, run_dir))
     with reported():
-        return report_best(fit(run), run_dir, log)
+        best = report_best(fit(run), run_dir, log)
+    if store_root is not None:
+        overrides = list(HydraConfig.get().overrides.task)
+        folder = store(run_dir, str(cfg.experiment_name), overrides, git_commit(), store_root, trial_variant(overrides))
+        log.info("trial stored -> %s", folder)
+    return best

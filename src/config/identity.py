@@ -82,6 +82,7 @@ WHERE_KEYS = (
     "audit.",
     "flower.",
     "hydra.",
+    "search.",
 )
 # Keys that change only how fast a run computes: `model.fast_block` leaves results bit-identical; the fused and
 # compiled kernels compute the same math with another float rounding, as another device does (each has a test

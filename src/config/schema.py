@@ -392,6 +392,18 @@ def overrides(v: Any) -> bool:
 
 
 @dataclass(kw_only=True)
+class Search(Group):
+    """Where a search keeps its trials as stored runs (null = nowhere): a stored trial is answered, not rerun."""
+
+    PATH = "search"
+    store: Any = key(FILE, added=None)
+
+    def check(self) -> None:
+        if self.store is not None and Path(self.store).exists() and not Path(self.store).is_dir():
+            refuse("search.store", self.store, "null or a folder (results/runs)")
+
+
+@dataclass(kw_only=True)
 class Bench(Group):
     PATH = "bench"
     reference_clients: int = key(integer(0, note=" (0 = skip)"))
@@ -451,6 +463,7 @@ GROUPS: tuple[type[Group], ...] = (
     Bench,
     Flower,
     Diag,
+    Search,
 )
 INSTANTIATED = ("logger", "trainer", "callbacks", "hydra")
 

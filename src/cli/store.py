@@ -1,0 +1,121 @@
+"""The run store: finished runs kept compactly in the repository (`results/runs/`), one folder per computation.
+
+    <root>/<experiment>/<dataset>/<ablation>/<protocol>/<variant>/seed<k>/
+        results.json   the run's results with its whole history (compact JSON)
+        config_resolved.yaml
+        run.json       identity key, overrides, commit it ran at, device, seconds
+
+A run is found again by its identity key (`src.config.identity`: the resolved config without the keys that cannot
+change results), never by its folder name or commit: the campaign skips stored runs, and a resumable search
+(`search.store`) answers a stored trial from its record.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from src.config.identity import identity
+from src.runtime.atomic import atomic_write_text
+from src.runtime.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+RUNS = REPO / "results" / "runs"
+# the grid axes that name a stored run's folder; every other override names its variant
+AXES = ("dataset", "ablation", "protocol", "seed")
+
+
+def variant_name(overrides: list[str]) -> str:
+    """The overrides beyond the grid axes and the experiment, as a folder name ('default' when none)."""
+    extra = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*AXES, "experiment"))
+    name = "_".join(extra) or "default"
+    return "".join(ch if ch.isalnum() or ch in "=._-,+" else "-" for ch in name)
+
+
+def stored_runs(root: Path = RUNS) -> dict[str, Path]:
+    """identity key -> folder of every run stored under `root`, the key computed anew from each stored config
+    (so runs stored before the identity rule last changed are still recognised)."""
+    out = {}
+    for meta in sorted(root.rglob("run.json")):
+        try:
+            out[identity(json.loads((meta.parent / "results.json").read_text())["config"])] = meta.parent
+        except (OSError, ValueError, KeyError):
+            print(f"warning: skipped unreadable {meta.parent / 'results.json'}", file=sys.stderr)
+    return out
+
+
+def git_commit() -> str:
+    """The checkout's commit, with `+dirty` when tracked source or config files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def destination(root: Path, experiment: str, config: dict[str, Any], variant: str) -> Path:
+    """Where a run of `config` is stored: <root>/<experiment>/<dataset>/<ablation>/<protocol>/<variant>/seed<k>."""
+    names = (config["dataset"]["name"], config["ablation"]["name"], config["protocol"]["name"])
+    return root.joinpath(experiment, *names, variant, f"seed{config['seed']}")
+
+
+def store(
+    run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS, variant: str | None = None
+) -> Path:
+    """Copy a finished run's results.json (compact), config and a run.json into `root`; return its folder."""
+    if not (run_dir / "results.json").is_file():
+        raise UserError(f"{run_dir} holds no results.json; expected the folder of a finished run")
+    payload = json.loads((run_dir / "results.json").read_text())
+    if not payload.get("finished"):
+        raise UserError(f"{run_dir}/results.json: the run did not finish, nothing stored; expected a finished run")
+    config = payload["config"]
+    key = identity(config)
+    dest = destination(root, experiment, config, variant or variant_name(overrides))
+    atomic_write_text(dest / "results.json", json.dumps(payload, separators=(",", ":")))
+    atomic_write_text(dest / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
+    meta = {
+        "key": key,
+        "experiment": experiment,
+        "overrides": overrides,
+        "commit": commit,
+        "device": config.get("device"),
+        "rounds": len(payload["history"]),
+        "total_s": payload.get("timings", {}).get("total_s"),
+        "source": str(run_dir),
+        "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_text(dest / "run.json", json.dumps(meta, indent=1) + "\n")
+    return dest
+
+
+# keys of a search job's overrides that say how it was launched, not what it computes (left out of its variant)
+LAUNCH_KEYS = ("hparams_search", "hydra.", "search.", "experiment_name")
+
+
+def trial_variant(overrides: list[str]) -> str:
+    """A search trial's folder name: its sampled and fixed overrides, without the ones that launched it."""
+    return variant_name([o for o in overrides if not o.lstrip("+~").startswith(LAUNCH_KEYS)])
+
+
+def stored_trial(config: dict[str, Any], root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The stored run (folder, results) of this computation under `root/<experiment_name>`, if any: a search trial
+    already run, possibly by an earlier search that was cut short."""
+    folder = stored_runs(root / str(config["experiment_name"])).get(identity(config))
+    if folder is None:
+        return None
+    return folder, json.loads((folder / "results.json").read_text())
