@@ -212,3 +212,28 @@ def test_secagg_cost_counts_the_dense_vector_against_the_measured_uploads(tmp_pa
     )
     lines = generated("secagg_cost", tmp_path).splitlines()
     assert lines[2] == "| ml-100k | 101 | 5,050 | 39 | 2.0 | 20x | 2 | 0.5 |"
+
+
+def test_a_search_block_lists_the_trials_best_validation_first_with_their_values(tmp_path):
+    def trial(name: str, alpha: float, lr: float, engine: str, val: float, best_round: int) -> None:
+        config = {"seed": 0, "ablation": {"alpha": alpha, "beta": 5.0, "tau": 0.1, "sigma": 0.5}}
+        config["optim"] = {"name": engine, "lr": lr}
+        fake_run(
+            tmp_path / "search_x" / name,
+            config=config,
+            ablation="full",
+            protocol="paper",
+            best_round=best_round,
+            best_val={"val/hit@10": val},
+            timings={"mean_round_s": 6.25},
+        )
+
+    trial("a", 0.001, 0.1, "sgd", 0.5, 40)
+    trial("b", 0.0123456, 0.01, "adam", 0.625, 7)
+    lines = generated("search:search_x", tmp_path).splitlines()
+    assert lines[0] == "2 trials stored (synthetic, full, paper protocol, seed 0), best val/hit@10 first."
+    assert lines[2].count("|") == lines[3].count("|") == lines[4].count("|") == 11
+    assert lines[4] == "| 1 | adam | 0.01 | 0.0123 | 5 | 0.1 | 0.5 | 7 | 62.50 | 6.2 |"
+    assert lines[5] == "| 2 | sgd | 0.1 | 0.001 | 5 | 0.1 | 0.5 | 40 | 50.00 | 6.2 |"
+    with pytest.raises(UserError, match=r"no stored trial under .*absent"):
+        generated("search:absent", tmp_path)

@@ -246,6 +246,44 @@ def cost_markdown(root: Path, spec: str) -> str:
     return "\n".join(lines)
 
 
+# the keys a search varies (conf/hparams_search/), as column heads
+SEARCHED = (
+    ("optim.name", "engine"),
+    ("optim.lr", "lr"),
+    ("ablation.alpha", "alpha"),
+    ("ablation.beta", "beta"),
+    ("ablation.tau", "tau"),
+    ("ablation.sigma", "sigma"),
+)
+
+
+def search_markdown(root: Path, folder: str) -> str:
+    """`search:<folder>`: the stored trials of a search (`search.store`), best validation value first, with the values
+    they were run with. Only the selection metric is shown: a trial's test numbers pick nothing, and the best setting's
+    are reported from its own seeds."""
+    runs = load_runs([root / folder])
+    if not runs:
+        raise UserError(f"no stored trial under {root / folder}; expected the folder a search stores into")
+    select = runs[0]["config"].get("eval", {}).get("select", "val/hit@10")
+    lines = [
+        f"{len(runs)} trials stored ({runs[0]['dataset']}, {runs[0]['ablation']}, {runs[0]['protocol']} protocol, "
+        f"seed {runs[0]['seed']}), best {select} first.",
+        "",
+        f"| rank | {' | '.join(head for _, head in SEARCHED)} | best round | {select} (%) | s / round |",
+        "| ---: | --- |" + " ---: |" * (len(SEARCHED) + 2),
+    ]
+    ordered = sorted(runs, key=lambda r: (-float(r["best_val"].get(select, 0.0)), r["path"]))
+    for rank, run in enumerate(ordered, 1):
+        values = []
+        for key, _ in SEARCHED:
+            value = config_value(run["config"], key)
+            values.append(value if key == "optim.name" or value == "-" else f"{float(value):.3g}")
+        best = 100 * float(run["best_val"].get(select, 0.0))
+        seconds = float(run.get("timings", {}).get("mean_round_s", 0.0))
+        lines.append(f"| {rank} | {' | '.join(values)} | {run['best_round']} | {best:.2f} | {seconds:.1f} |")
+    return "\n".join(lines)
+
+
 # the generated blocks with an argument (`<!-- comm:ml-100k -->`): prefix -> render(runs' root, argument)
 BLOCKS = {
     "graph:": graph_markdown,
@@ -254,4 +292,5 @@ BLOCKS = {
     "diagvs:": diagvs_markdown,
     "comm:": comm_markdown,
     "privacy:": privacy_markdown,
+    "search:": search_markdown,
 }
