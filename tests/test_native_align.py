@@ -20,6 +20,7 @@ from src.runtime import native
 from src.runtime.native import compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on PATH")
+KERNEL = native_align.kernel  # the build of any vector width (a test below patches `kernel` to one)
 # the loss weights of the direct calls of the kernel (the cases through `make_loss` use its own)
 HYPER = dict(alpha=1.0, beta=1.0, tau=0.5, tau0=0.5, centre=True, mask="local", reduction="mean")
 
@@ -74,6 +75,17 @@ def test_native_alignment_equals_the_float64_fused_kernel(mask, reduction, terms
     assert set(want[0]) == ({"ica", "gsa"} if terms == "both" else {terms})
     assert want[1].abs().max() > 0
     close(want, got)
+
+
+@pytest.mark.parametrize("lanes", [16, 8, 4])
+@pytest.mark.parametrize("mask", ["local", "union"])
+def test_every_vector_width_equals_the_float64_fused_kernel(lanes, mask, monkeypatch):
+    """The kernel built for 16 (AVX-512), 8 (AVX2) and 4 lanes, whatever this CPU has: each register-tile shape
+    and lane count gives the values and gradient of the float64 torch kernel (m = 45: a partial vector)."""
+    monkeypatch.setattr(native_align, "kernel", lambda: KERNEL((f"VL={lanes}",)))
+    t, b, anchors, valid = case(seed=83 + lanes)
+    loss = make_loss(mode="fast", mask=mask, sigma=0.3, fast_anchors=anchors.shape[1])
+    close(*both(loss, t, anchors, valid, b))
 
 
 @pytest.mark.parametrize("mask", ["global", "union"])

@@ -37,6 +37,7 @@ def brute_force(tables: torch.Tensor, sigma: float) -> tuple[np.ndarray, np.ndar
 
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on PATH")
+KERNEL = native_sums.kernel  # the build of any vector width (the tests below patch `kernel` to one)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +64,24 @@ def test_native_sums_match_a_float64_brute_force(clients, m, threads):
         assert held.sum() > 0  # real uploads, not empty ones
     np.testing.assert_allclose(sums.upper.numpy()[far], total[far], rtol=1e-5, atol=1e-5)
     assert not sums.upper.numpy()[np.tril_indices(m)].any()  # the strict upper triangle only
+
+
+@pytest.mark.parametrize("lanes", [16, 8, 4])
+def test_every_vector_width_sends_the_pairs_of_the_brute_force(lanes, monkeypatch):
+    """The kernel built for 16 (AVX-512), 8 (AVX2) and 4 lanes, whatever this CPU has: each register-tile shape
+    sends the oracle's pairs with its sums (m spans two bands, tiles and a partial register tile)."""
+    monkeypatch.setattr(native_sums, "kernel", lambda: KERNEL((f"VL={lanes}",)))
+    m, sigma = NATIVE_BAND + 45, 0.5
+    g = torch.Generator().manual_seed(lanes)
+    tables = torch.randn(m, 8, generator=g) + 0.7 * torch.randn(3, m, 8, generator=g)
+    sums, count = summed(tables, ReleaseSpec(sigma, True, native=True, threads=2))
+    total, held, counts = brute_force(tables, sigma)
+    near = np.zeros((m, m), dtype=bool)
+    for client in normalised(tables.double(), True).numpy():
+        near |= np.abs(client @ client.T - sigma) < 1e-6
+    assert held.sum() > 0 and np.array_equal(sums.support.numpy()[~near], held[~near])
+    assert np.abs(count.numpy() - counts).max() <= near.sum()
+    np.testing.assert_allclose(sums.upper.numpy()[~near], total[~near], rtol=1e-5, atol=1e-5)
 
 
 def test_native_bands_are_blocks_the_server_adds():

@@ -2,14 +2,17 @@
    fast_value_and_grad written out in C for d = 32 (src/alignment/native_align.py calls this).
 
    Per client: the table normalised (centred over items), ICA's positive terms through the community sums, the
-   anchor rows S = e_A e^T [K, m] (register tiles of 8 anchors x 32 items), then per anchor row:
+   anchor rows S = e_A e^T [K, m] (register tiles of MR anchors x 32 items), then per anchor row:
    ICA (Eq. 3-4), lse_a = log sum_{k != a} exp(s_ak / tau) and its gradient coef_a softmax_k;
    GSA (Eq. 10), d_ak = W_ak (s_ak - S_g[a, k]) with W the configured mask, sum d^2 and its gradient
    2 beta scale d_ak, scale = 1 / (entries of W) (mean) or m / (valid anchors) (sum); the rows then hold
    G = dL/dS, G^T e_A and G e go to the gradient of e (register tiles again), and that gradient goes back through
    the normalisation and the centring.
-   GCC vector extensions, no intrinsics; the clients are shared by OpenMP threads (torch's own runtime when the
-   process has loaded it, so no second pool spins beside torch's). */
+   GCC vector extensions, no intrinsics, in vectors of the CPU's own width (VL floats: 16 with AVX-512, 8 with
+   AVX2; a vector wider than the registers is lowered through memory): -march=native picks it, -DVL= overrides it
+   (the tests build both); the register tiles shrink with the width so their accumulators stay in registers. The
+   clients are shared by OpenMP threads (torch's own runtime when the process has loaded it, so no second pool
+   spins beside torch's). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,57 +21,78 @@
 #include <omp.h>
 #endif
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-typedef uint8_t vb16 __attribute__((vector_size(16)));
-typedef uint8_t vb16u __attribute__((vector_size(16), aligned(1)));
+#ifndef VL
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX2__)
+#define VL 8
+#else
+#define VL 4
+#endif
+#endif
+#define D 32 /* the embedding width this kernel is written for (model.dim; others use the torch form) */
+#define DV (D / VL) /* vectors of one embedding row */
+#define MR (VL == 16 ? 8 : 2) /* anchor rows of the product's register tile (x 32 items) */
+#define GI (VL == 16 ? 8 : 2) /* items of a register tile of G^T e_A */
+#define GA (VL == 16 ? 4 : 2) /* anchors of a register tile of G e */
 
-static const vi16 LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef float vfu __attribute__((vector_size(4 * VL), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
+typedef uint8_t vb __attribute__((vector_size(VL)));
+typedef uint8_t vbu __attribute__((vector_size(VL), aligned(1)));
 
-static inline v16 load(const float *p, int64_t n) {
-  if (n == 16) return *(const v16u *)p;
-  v16 x = {};
+#if VL == 16
+static const vi LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#elif VL == 8
+static const vi LANE = {0, 1, 2, 3, 4, 5, 6, 7};
+#else
+static const vi LANE = {0, 1, 2, 3};
+#endif
+
+static inline vf load(const float *p, int64_t n) {
+  if (n == VL) return *(const vfu *)p;
+  vf x = {};
   memcpy(&x, p, sizeof(float) * n);
   return x;
 }
 
-static inline void store(float *p, v16 x, int64_t n) {
-  if (n == 16) *(v16u *)p = x;
+static inline void store(float *p, vf x, int64_t n) {
+  if (n == VL) *(vfu *)p = x;
   else memcpy(p, &x, sizeof(float) * n);
 }
 
-static inline vi16 load_mask(const uint8_t *p, int64_t n) {
-  vb16 b = {};
-  if (n == 16) b = *(const vb16u *)p;
+static inline vi load_mask(const uint8_t *p, int64_t n) {
+  vb b = {};
+  if (n == VL) b = *(const vbu *)p;
   else memcpy(&b, p, n);
-  return __builtin_convertvector(b, vi16) != 0;
+  return __builtin_convertvector(b, vi) != 0;
 }
 
-static inline v16 pick(vi16 mask, v16 yes, v16 no) { return (v16)(((vi16)yes & mask) | ((vi16)no & ~mask)); }
+static inline vf pick(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
 
 /* exp(x) for x <= 0 within a few float ulps (x below -87 gives about 1e-38, not 0): 2^n e^f, |f| <= ln2 / 2 */
-static inline v16 vexp(v16 x) {
-  const v16 lo = (v16){} - 87.0f;
+static inline vf vexp(vf x) {
+  const vf lo = (vf){} - 87.0f;
   x = pick(x < lo, lo, x);
-  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-  const v16 f = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  v16 p = f * (1.0f / 720) + (1.0f / 120);
+  const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+  const vf f = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  vf p = f * (1.0f / 720) + (1.0f / 120);
   p = p * f + (1.0f / 24);
   p = p * f + (1.0f / 6);
   p = p * f + 0.5f;
   p = p * f + 1.0f;
   p = p * f + 1.0f;
-  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  return p * (v16)bits;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * (vf)bits;
 }
 
 /* Whether W_ak holds, for columns k0..k0+n of anchor a's row: mask 0 local (s >= sigma), 1 global (the server
    graph, or S_g >= sigma without one), 2 union; never the anchor's own column, nor past n. */
-static inline vi16 kept(v16 x, const float *sg, const uint8_t *graph, int mask, float sigma, int64_t k0, int64_t n,
+static inline vi kept(vf x, const float *sg, const uint8_t *graph, int mask, float sigma, int64_t k0, int64_t n,
                         int64_t a) {
-  vi16 w;
-  vi16 glob = {};
+  vi w;
+  vi glob = {};
   if (mask != 0) glob = graph ? load_mask(graph + k0, n) : load(sg + k0, n) >= sigma;
   if (mask == 0) w = x >= sigma;
   else if (mask == 1) w = glob;
@@ -77,74 +101,68 @@ static inline vi16 kept(v16 x, const float *sg, const uint8_t *graph, int mask, 
 }
 
 #define SUM_BLOCK 128 /* items per partial sum of a long reduction */
-#define D 32 /* the embedding width this kernel is written for (model.dim; others use the torch form) */
-
-/* S [kp, mp] = A [kp, D] B [D, mp] in register tiles of 8 rows x 32 columns (kp a multiple of 8, mp of 32) */
+/* S [kp, mp] = A [kp, D] B [D, mp] in register tiles of MR rows x 32 columns (kp a multiple of 8, mp of 32) */
 static void rows_product(const float *A, const float *B, float *S, int64_t kp, int64_t mp) {
-  for (int64_t i0 = 0; i0 < kp; i0 += 8)
+  for (int64_t i0 = 0; i0 < kp; i0 += MR)
     for (int64_t j0 = 0; j0 < mp; j0 += 32) {
-      v16 acc[8][2];
-      for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = (v16){};
+      vf acc[MR][32 / VL];
+      for (int r = 0; r < MR; r++)
+        for (int v = 0; v < 32 / VL; v++) acc[r][v] = (vf){};
       for (int j = 0; j < D; j++) {
-        const v16 b0 = *(const v16u *)(B + j * mp + j0), b1 = *(const v16u *)(B + j * mp + j0 + 16);
-        for (int r = 0; r < 8; r++) {
-          const v16 a = (v16){} + A[(i0 + r) * D + j];
-          acc[r][0] += a * b0;
-          acc[r][1] += a * b1;
+        vf b[32 / VL];
+        for (int v = 0; v < 32 / VL; v++) b[v] = *(const vfu *)(B + j * mp + j0 + VL * v);
+        for (int r = 0; r < MR; r++) {
+          const vf a = (vf){} + A[(i0 + r) * D + j];
+          for (int v = 0; v < 32 / VL; v++) acc[r][v] += a * b[v];
         }
       }
-      for (int r = 0; r < 8; r++) {
-        *(v16u *)(S + (i0 + r) * mp + j0) = acc[r][0];
-        *(v16u *)(S + (i0 + r) * mp + j0 + 16) = acc[r][1];
-      }
+      for (int r = 0; r < MR; r++)
+        for (int v = 0; v < 32 / VL; v++) *(vfu *)(S + (i0 + r) * mp + j0 + VL * v) = acc[r][v];
     }
 }
 
 /* From G [K, mp] (zero past m): gk [m, D] += G^T ea (s_ak = e_a . e_k: d/de_k = sum_a G_ak e_a), in tiles of
-   8 items; ga [K, D] += G e (d/de_a = sum_k G_ak e_k), in tiles of 4 anchors */
+   GI items; ga [K, D] += G e (d/de_a = sum_k G_ak e_k), in tiles of GA anchors */
 static void grads(const float *G, const float *e, const float *ea, int64_t K, int64_t m, int64_t mp, float *gk,
                   float *ga) {
-  for (int64_t k0 = 0; k0 < m; k0 += 8) {
-    v16 acc[8][2];
-    for (int i = 0; i < 8; i++) acc[i][0] = acc[i][1] = (v16){};
+  for (int64_t k0 = 0; k0 < m; k0 += GI) {
+    vf acc[GI][DV];
+    for (int i = 0; i < GI; i++)
+      for (int v = 0; v < DV; v++) acc[i][v] = (vf){};
     for (int64_t a = 0; a < K; a++) {
-      const v16 x0 = *(const v16u *)(ea + a * D), x1 = *(const v16u *)(ea + a * D + 16);
-      for (int i = 0; i < 8; i++) {
-        const v16 g = (v16){} + G[a * mp + k0 + i];
-        acc[i][0] += g * x0;
-        acc[i][1] += g * x1;
+      vf x[DV];
+      for (int v = 0; v < DV; v++) x[v] = *(const vfu *)(ea + a * D + VL * v);
+      for (int i = 0; i < GI; i++) {
+        const vf g = (vf){} + G[a * mp + k0 + i];
+        for (int v = 0; v < DV; v++) acc[i][v] += g * x[v];
       }
     }
-    for (int i = 0; i < 8 && k0 + i < m; i++) {
-      *(v16u *)(gk + (k0 + i) * D) += acc[i][0];
-      *(v16u *)(gk + (k0 + i) * D + 16) += acc[i][1];
-    }
+    for (int i = 0; i < GI && k0 + i < m; i++)
+      for (int v = 0; v < DV; v++) *(vfu *)(gk + (k0 + i) * D + VL * v) += acc[i][v];
   }
-  for (int64_t a0 = 0; a0 < K; a0 += 4) {
-    const int na = K - a0 < 4 ? (int)(K - a0) : 4;
-    v16 total[4][2];
-    for (int i = 0; i < 4; i++) total[i][0] = total[i][1] = (v16){};
+  for (int64_t a0 = 0; a0 < K; a0 += GA) {
+    const int na = K - a0 < GA ? (int)(K - a0) : GA;
+    vf total[GA][DV];
+    for (int i = 0; i < GA; i++)
+      for (int v = 0; v < DV; v++) total[i][v] = (vf){};
     for (int64_t b0 = 0; b0 < m; b0 += SUM_BLOCK) { /* partial sums of SUM_BLOCK items: rounding as a blocked GEMM */
       const int64_t b1 = b0 + SUM_BLOCK < m ? b0 + SUM_BLOCK : m;
-      v16 acc[4][2];
-      for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = (v16){};
+      vf acc[GA][DV];
+      for (int i = 0; i < GA; i++)
+        for (int v = 0; v < DV; v++) acc[i][v] = (vf){};
       for (int64_t k = b0; k < b1; k++) {
-        const v16 x0 = *(const v16u *)(e + k * D), x1 = *(const v16u *)(e + k * D + 16);
-        for (int i = 0; i < 4; i++) {
-          const v16 g = (v16){} + G[(a0 + (i < na ? i : 0)) * mp + k];
-          acc[i][0] += g * x0;
-          acc[i][1] += g * x1;
+        vf x[DV];
+        for (int v = 0; v < DV; v++) x[v] = *(const vfu *)(e + k * D + VL * v);
+        for (int i = 0; i < GA; i++) {
+          const vf g = (vf){} + G[(a0 + (i < na ? i : 0)) * mp + k];
+          for (int v = 0; v < DV; v++) acc[i][v] += g * x[v];
         }
       }
-      for (int i = 0; i < 4; i++) {
-        total[i][0] += acc[i][0];
-        total[i][1] += acc[i][1];
-      }
+      for (int i = 0; i < GA; i++)
+        for (int v = 0; v < DV; v++) total[i][v] += acc[i][v];
     }
-    for (int i = 0; i < na; i++) {
-      *(v16u *)(ga + (a0 + i) * D) += total[i][0];
-      *(v16u *)(ga + (a0 + i) * D + 16) += total[i][1];
-    }
+    for (int i = 0; i < na; i++)
+      for (int v = 0; v < DV; v++) *(vfu *)(ga + (a0 + i) * D + VL * v) += total[i][v];
   }
 }
 
@@ -242,12 +260,12 @@ void fast_align(const float *tables, int64_t C, int64_t K, int64_t m, const int6
         nvalid += ok[r] != 0;
         if (!mean || !ok[r]) continue;
         const float *row = s + r * mp;
-        vi16 cnt = {};
-        for (int64_t k0 = 0; k0 < m; k0 += 16) {
-          const int64_t n = m - k0 < 16 ? m - k0 : 16;
+        vi cnt = {};
+        for (int64_t k0 = 0; k0 < m; k0 += VL) {
+          const int64_t n = m - k0 < VL ? m - k0 : VL;
           cnt -= kept(load(row + k0, n), gsim + a * m, graph ? graph + a * m : NULL, mask, sigma, k0, n, a);
         }
-        for (int l = 0; l < 16; l++) nkept += cnt[l];
+        for (int l = 0; l < VL; l++) nkept += cnt[l];
       }
       sc = mean ? 1.0f / (float)(nkept > 1 ? nkept : 1) : (float)m / (float)(nvalid > 1 ? nvalid : 1);
       tbs = two_beta * sc;
@@ -260,51 +278,51 @@ void fast_align(const float *tables, int64_t C, int64_t K, int64_t m, const int6
       if (labels) {
         const float own = row[a];
         row[a] = -INFINITY;
-        v16 top = (v16){} - INFINITY;
-        for (int64_t k0 = 0; k0 < m; k0 += 16) {
-          const int64_t n = m - k0 < 16 ? m - k0 : 16;
-          const v16 x = load(row + k0, n);
+        vf top = (vf){} - INFINITY;
+        for (int64_t k0 = 0; k0 < m; k0 += VL) {
+          const int64_t n = m - k0 < VL ? m - k0 : VL;
+          const vf x = load(row + k0, n);
           top = pick((x > top) & (LANE < (int32_t)n), x, top);
         }
         float tp = -INFINITY;
-        for (int l = 0; l < 16; l++) tp = top[l] > tp ? top[l] : tp;
+        for (int l = 0; l < VL; l++) tp = top[l] > tp ? top[l] : tp;
         tp *= inv_tau;
-        v16 z = {};
-        for (int64_t k0 = 0; k0 < m; k0 += 16) {
-          const int64_t n = m - k0 < 16 ? m - k0 : 16;
-          const v16 x = pick(LANE < (int32_t)n, vexp(load(row + k0, n) * inv_tau - tp), (v16){});
+        vf z = {};
+        for (int64_t k0 = 0; k0 < m; k0 += VL) {
+          const int64_t n = m - k0 < VL ? m - k0 : VL;
+          const vf x = pick(LANE < (int32_t)n, vexp(load(row + k0, n) * inv_tau - tp), (vf){});
           z += x;
-          *(v16u *)(p + k0) = x;
+          *(vfu *)(p + k0) = x;
         }
         row[a] = own;
         float zs = 0.0f;
-        for (int l = 0; l < 16; l++) zs += z[l];
+        for (int l = 0; l < VL; l++) zs += z[l];
         zs -= p[a];
         p[a] = 0.0f;
         lse[r] = tp + logf(zs);
         cz = coef[r] / zs;
       }
       if (!gsim) {
-        for (int64_t k0 = 0; k0 < m; k0 += 16) {
-          const int64_t n = m - k0 < 16 ? m - k0 : 16;
-          store(row + k0, *(const v16u *)(p + k0) * cz, n);
+        for (int64_t k0 = 0; k0 < m; k0 += VL) {
+          const int64_t n = m - k0 < VL ? m - k0 : VL;
+          store(row + k0, *(const vfu *)(p + k0) * cz, n);
         }
         continue;
       }
       const float *sg = gsim + a * m;
       const uint8_t *gr = graph ? graph + a * m : NULL;
-      v16 acc = {};
-      for (int64_t k0 = 0; k0 < m; k0 += 16) {
-        const int64_t n = m - k0 < 16 ? m - k0 : 16;
-        const v16 x = load(row + k0, n);
-        const vi16 keep = ok[r] ? kept(x, sg, gr, mask, sigma, k0, n, a) : (vi16){};
-        const v16 d = (v16)((vi16)(x - load(sg + k0, n)) & keep); /* Eq. 10: W o (S_u - S_g) */
+      vf acc = {};
+      for (int64_t k0 = 0; k0 < m; k0 += VL) {
+        const int64_t n = m - k0 < VL ? m - k0 : VL;
+        const vf x = load(row + k0, n);
+        const vi keep = ok[r] ? kept(x, sg, gr, mask, sigma, k0, n, a) : (vi){};
+        const vf d = (vf)((vi)(x - load(sg + k0, n)) & keep); /* Eq. 10: W o (S_u - S_g) */
         acc += d * d;
-        v16 g = d * tbs;
-        if (labels) g += *(const v16u *)(p + k0) * cz;
+        vf g = d * tbs;
+        if (labels) g += *(const vfu *)(p + k0) * cz;
         store(row + k0, g, n);
       }
-      for (int l = 0; l < 16; l++) sq += acc[l];
+      for (int l = 0; l < VL; l++) sq += acc[l];
     }
     if (labels || gsim) grads(s, e, ea, K, m, mp, ge, gea);
     if (labels) {

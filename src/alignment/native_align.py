@@ -23,9 +23,9 @@ GSA_MASKS = {"local": 0, "global": 1, "union": 2}
 
 
 @cache
-def kernel():
-    """The C function `fast_align`, typed."""
-    fn = native.library(SOURCE).fast_align
+def kernel(defines: tuple[str, ...] = ()):
+    """The C function `fast_align`, typed (built for this CPU's vector width; `defines` as `native.library`)."""
+    fn = native.library(SOURCE, defines).fast_align
     fn.restype = None
     i64, ptr, f32, i32 = native.I64, native.PTR, native.F32, native.INT
     fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, f32, f32, f32, f32, f32, i32, i32, i32]

@@ -19,14 +19,14 @@ import torch
 from src.runtime import native
 
 SOURCE = Path(__file__).with_name("upper_sums.c")
-MR, NR = 8, 32  # the kernel's register tile: rows, columns
-TILE_ROWS, TILE_COLS = 128, 256  # its cache tile: a multiple of MR rows x a multiple of NR columns (measured)
+NR = 32  # the columns of the kernel's register tile (its rows: 8 with AVX-512, 2 with AVX2)
+TILE_ROWS, TILE_COLS = 128, 256  # its cache tile: a multiple of 8 rows x a multiple of NR columns (measured)
 
 
 @cache
-def kernel():
-    """The C function `upper_sums`, typed."""
-    fn = native.library(SOURCE).upper_sums
+def kernel(defines: tuple[str, ...] = ()):
+    """The C function `upper_sums`, typed (built for this CPU's vector width; `defines` as `native.library`)."""
+    fn = native.library(SOURCE, defines).upper_sums
     fn.restype = None
     i64, ptr = native.I64, native.PTR
     fn.argtypes = [ptr, ptr, i64, i64, i64, i64, native.F32, i64, i64, ptr, ptr, ptr, i64, i64, native.INT, ptr]

@@ -4,8 +4,11 @@
    For item rows [r0, r1) against the items from r0 on, every client's cosines x = <e_i, e_j> with j > i are
    computed in registers (an MR x 32 tile, d multiply-adds each), those with x > below are added to a tile of
    sums that stays in cache while all the chunk's clients pass over it, and counted per pair and per client.
-   GCC vector extensions, no intrinsics: -march=native picks the vector width. The tiles are shared by OpenMP
-   threads (torch's own runtime when the process has loaded it, so no second pool spins beside torch's). */
+   GCC vector extensions, no intrinsics, in vectors of the CPU's own width (VL floats: 16 with AVX-512, 8 with
+   AVX2; a vector wider than the registers is lowered through memory, 20x slower): -march=native picks it, -DVL=
+   overrides it (the tests build both). The register tile is MR x 32 (MR = 8 with 32 registers, 2 with 16: 2 x 4
+   accumulators, measured on AVX2). The tiles are shared by OpenMP threads (torch's own runtime when the process
+   has loaded it, so no second pool spins beside torch's). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,14 +16,23 @@
 #include <omp.h>
 #endif
 
-#define MR 8            /* item rows of a register tile */
-#define NV 2            /* vectors of 16 columns of a register tile */
-#define NR (16 * NV)    /* columns of a register tile */
+#ifndef VL
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX2__)
+#define VL 8
+#else
+#define VL 4
+#endif
+#endif
+#define MR (VL == 16 ? 8 : 2) /* item rows of a register tile */
+#define NR 32                 /* columns of a register tile (the panel width of et) */
+#define NV (NR / VL)          /* vectors of a register tile's row */
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-typedef int32_t vi16u __attribute__((vector_size(64), aligned(4)));
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef float vfu __attribute__((vector_size(4 * VL), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
+typedef int32_t viu __attribute__((vector_size(4 * VL), aligned(4)));
 
 /* e [C, mp, d]: the normalised tables, rows m..mp zero (mp a multiple of 32); et [C, mp / 32, d, 32]: the same
    transposed in panels of 32 items, so the columns of a register tile are one contiguous 4 KB block (d = 32).
@@ -32,8 +44,9 @@ void upper_sums(const float *e, const float *et, int64_t C, int64_t m, int64_t m
                 int64_t r0, int64_t r1, float *total, int32_t *held, int64_t *counts, int64_t R, int64_t W,
                 int threads, int *status) {
   const int64_t nr = (r1 - r0 + R - 1) / R, nc = (m - r0 + W - 1) / W, ntiles = nr * nc, stride = m - r0;
-  const v16 vb = (v16){} + below;
-  const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vf vb = (vf){} + below;
+  vi lane;
+  for (int l = 0; l < VL; l++) lane[l] = l;
 #pragma omp parallel num_threads(threads)
   {
   float *S = malloc(sizeof(float) * R * W);
@@ -51,18 +64,18 @@ void upper_sums(const float *e, const float *et, int64_t C, int64_t m, int64_t m
     if (held) memset(H, 0, sizeof(int32_t) * R * W);
     for (int64_t c = 0; c < C; c++) {
       const float *A = e + c * mp * d, *B = et + c * d * mp;
-      vi16 vc = (vi16){};
+      vi vc = (vi){};
       for (int64_t i0 = i1; i0 < i1 + rb; i0 += MR) {
         for (int64_t j0 = j1; j0 < j1 + cw; j0 += NR) {
           if (j0 + NR - 1 <= i0) continue; /* no j > i in this register tile */
-          v16 acc[MR][NV];
+          vf acc[MR][NV];
           for (int r = 0; r < MR; r++)
-            for (int v = 0; v < NV; v++) acc[r][v] = (v16){};
+            for (int v = 0; v < NV; v++) acc[r][v] = (vf){};
           for (int64_t k = 0; k < d; k++) {
-            v16 b[NV];
-            for (int v = 0; v < NV; v++) b[v] = *(const v16u *)(B + (j0 / NR) * d * NR + k * NR + 16 * v);
+            vf b[NV];
+            for (int v = 0; v < NV; v++) b[v] = *(const vfu *)(B + (j0 / NR) * d * NR + k * NR + VL * v);
             for (int r = 0; r < MR; r++) {
-              const v16 a = (v16){} + A[(i0 + r) * d + k];
+              const vf a = (vf){} + A[(i0 + r) * d + k];
               for (int v = 0; v < NV; v++) acc[r][v] += a * b[v];
             }
           }
@@ -71,16 +84,16 @@ void upper_sums(const float *e, const float *et, int64_t C, int64_t m, int64_t m
             float *srow = S + (i0 - i1 + r) * W + (j0 - j1);
             int32_t *hrow = H + (i0 - i1 + r) * W + (j0 - j1);
             for (int v = 0; v < NV; v++) {
-              vi16 keep = acc[r][v] > vb; /* -1 where sent, 0 elsewhere */
-              if (diag) keep &= (lane + (int32_t)(j0 + 16 * v)) > (int32_t)(i0 + r);
-              *(v16u *)(srow + 16 * v) += (v16)((vi16)acc[r][v] & keep);
-              if (held) *(vi16u *)(hrow + 16 * v) -= keep;
+              vi keep = acc[r][v] > vb; /* -1 where sent, 0 elsewhere */
+              if (diag) keep &= (lane + (int32_t)(j0 + VL * v)) > (int32_t)(i0 + r);
+              *(vfu *)(srow + VL * v) += (vf)((vi)acc[r][v] & keep);
+              if (held) *(viu *)(hrow + VL * v) -= keep;
               vc -= keep;
             }
           }
         }
       }
-      for (int l = 0; l < 16; l++) cnt[c] += vc[l];
+      for (int l = 0; l < VL; l++) cnt[c] += vc[l];
     }
     /* rows past r1 and columns past m are zero rows of e and et: nothing was kept there */
     for (int64_t i = 0; i < rb; i++) {

@@ -130,8 +130,8 @@ class AlignFedRec(Method):
 
 
 def native_kernels(device: torch.device) -> bool:
-    """Whether a `compute=native` run uses the C kernels: on a CPU with AVX-512 (where they were measured) when they
-    build here, else the torch path (`compute=fused`), said in the log. On another device: never."""
+    """Whether a `compute=native` run uses the C kernels: on a CPU with AVX-512 or AVX2 (where they were measured)
+    when they build here, else the torch path (`compute=fused`), said in the log. On another device: never."""
     if device.type != "cpu" or not (native.usable(native_sums.SOURCE, native_align.SOURCE) and native.fast_cpu()):
         return False
     try:

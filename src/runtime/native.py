@@ -4,10 +4,11 @@ Each kernel is one C file beside the Python module that calls it (`src/alignment
 `src/alignment/fast_align.c`, `src/perf/fma_peak.c`), written with GCC vector extensions and no intrinsics, built
 with the C compiler on PATH (`$CC`, else `cc`, else `gcc`) at -O3 -march=native into
 `$ALIGNFEDREC_CACHE/native/` (default ~/.cache/alignfedrec), named by a hash of the source, the compiler, the
-flags and the CPU, so a cache shared between machines never loads a build made for another CPU. The register
-tiles are sized for AVX-512 (32 vector registers of 16 floats), where they were measured: `compute=native`
-uses them on such CPUs only (`fast_cpu`). Built with -fopenmp where the compiler has it: the kernels'
-threads then come from the OpenMP runtime torch has loaded (libgomp.so.1 is resolved to the copy already in
+flags and the CPU, so a cache shared between machines never loads a build made for another CPU. The kernels'
+vectors are the CPU's own width (16 floats with AVX-512, 8 with AVX2, picked by -march=native; a wider GCC vector
+is lowered through memory) and their register tiles shrink with it: `compute=native` uses them on CPUs with
+AVX-512 or AVX2 and FMA, where they were measured (`fast_cpu`). Built with -fopenmp where the compiler has it: the
+kernels' threads then come from the OpenMP runtime torch has loaded (libgomp.so.1 is resolved to the copy already in
 the process), so a kernel's threads never spin beside torch's idle pool on a machine with few cores.
 `compute.kernel` (conf/compute/) says whether runs use them.
 """
@@ -40,8 +41,9 @@ def usable(*sources: Path) -> bool:
 
 
 def fast_cpu() -> bool:
-    """Whether this CPU has AVX-512, which the kernels' register tiles are sized for (on AVX2 they would spill)."""
-    return "avx512f" in _cpu().split()
+    """Whether this CPU has the vector units the kernels' tiles are sized and measured for: AVX-512, or AVX2 + FMA."""
+    flags = _cpu().split()
+    return "avx512f" in flags or {"avx2", "fma"} <= set(flags)
 
 
 def _cpu() -> str:
@@ -55,8 +57,9 @@ def _cpu() -> str:
 
 
 @cache
-def library(source: Path) -> ctypes.CDLL:
-    """The built kernel of `source` (building it first when this machine has no build of this source yet)."""
+def library(source: Path, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The built kernel of `source` (building it first when this machine has no build of this source yet), with
+    `defines` (`("VL=16",)`: another vector width than this CPU's, as the tests build)."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("compute=native: no C compiler found ($CC, cc or gcc on PATH); use compute=fused")
@@ -64,7 +67,7 @@ def library(source: Path) -> ctypes.CDLL:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     except OSError as err:
         raise RuntimeError(f"compute=native: the C compiler {cc!r} cannot be run ({err})") from err
-    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", *(f"-D{d}" for d in defines)]
     ident = source.read_bytes() + version.encode() + " ".join(flags).encode() + _cpu().encode()
     folder = default_cache_dir() / "native"
     target = folder / f"{source.stem}-{hashlib.sha256(ident + platform.machine().encode()).hexdigest()[:16]}.so"
