@@ -235,5 +235,13 @@ def test_a_search_block_lists_the_trials_best_validation_first_with_their_values
     assert lines[2].count("|") == lines[3].count("|") == lines[4].count("|") == 11
     assert lines[4] == "| 1 | adam | 0.01 | 0.0123 | 5 | 0.1 | 0.5 | 7 | 62.50 | 6.2 |"
     assert lines[5] == "| 2 | sgd | 0.1 | 0.001 | 5 | 0.1 | 0.5 | 40 | 50.00 | 6.2 |"
+    # the best trial's values, to full precision, in the campaign commands of its seeds
+    engine = "optim=adam optim.lr=0.01"
+    assert lines[-3:] == [
+        f"python -m src.campaign experiment=search_best ablation.alpha=0.0123456 ablation.beta=5.0 ablation.tau=0.1 "
+        f"ablation.sigma=0.5 {engine}",
+        f"python -m src.campaign experiment=search_best ablation=backbone {engine}",
+        "```",
+    ]
     with pytest.raises(UserError, match=r"no stored trial under .*absent"):
         generated("search:absent", tmp_path)

@@ -281,6 +281,19 @@ def search_markdown(root: Path, folder: str) -> str:
         best = 100 * float(run["best_val"].get(select, 0.0))
         seconds = float(run.get("timings", {}).get("mean_round_s", 0.0))
         lines.append(f"| {rank} | {' | '.join(values)} | {run['best_round']} | {best:.2f} | {seconds:.1f} |")
+    top = ordered[0]["config"]
+    engine = f"optim={top['optim']['name']} optim.lr={top['optim']['lr']!r}"
+    method = " ".join(f"ablation.{k}={top['ablation'][k]!r}" for k in ("alpha", "beta", "tau", "sigma"))
+    lines += [
+        "",
+        "The best trial's setting, 3 seeds under both protocols (`conf/experiment/search_best.yaml`), and the backbone",
+        "at its engine and learning rate:",
+        "",
+        "```bash",
+        f"python -m src.campaign experiment=search_best {method} {engine}",
+        f"python -m src.campaign experiment=search_best ablation=backbone {engine}",
+        "```",
+    ]
     return "\n".join(lines)
 
 
