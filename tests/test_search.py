@@ -81,3 +81,24 @@ def test_a_stored_trial_is_found_by_its_computation(compose_cfg, tmp_path):
         assert stored_trial(changed, tmp_path / "runs") is None, other
     elsewhere = OmegaConf.to_container(compose_cfg([*overrides[:-1], "experiment_name=search_published"]), resolve=True)
     assert stored_trial(elsewhere, tmp_path / "runs") is None
+
+
+def test_a_folder_holding_another_computation_is_kept(compose_cfg, tmp_path, capsys):
+    """Two computations under one folder name (a fixed key changed between two stores): the first record stays, the
+    second goes beside it, and both are found by their computation."""
+    from src.cli.store import store
+    from src.cli.train import train
+
+    first = ["dataset=synthetic", "fl.rounds=1", "fl.checkpoint_every=0"]
+    second = [*first, "ablation.tau0=0.7"]  # not in the folder's name
+    folders = []
+    for overrides in (first, second):
+        cfg = compose_cfg(overrides)
+        run = tmp_path / str(len(folders))
+        train(cfg, run, progress=False)
+        folders.append(store(run, "search", overrides, "abc", tmp_path / "runs", "trial"))
+    assert folders[0].parent.name == "trial" and folders[1].parent.name.startswith("trial-")
+    assert "holds another computation" in capsys.readouterr().err
+    for overrides, folder in zip((first, second), folders):
+        config = OmegaConf.to_container(compose_cfg([*overrides, "experiment_name=search"]), resolve=True)
+        assert stored_trial(config, tmp_path / "runs")[0] == folder

@@ -74,10 +74,20 @@ def destination(root: Path, experiment: str, config: dict[str, Any], variant: st
     return root.joinpath(experiment, *names, variant, f"seed{config['seed']}")
 
 
+def stored_key(folder: Path) -> str | None:
+    """The identity key of the run stored in `folder` (computed anew from its config), None when it holds none."""
+    try:
+        return identity(json.loads((folder / "results.json").read_text())["config"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def store(
     run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS, variant: str | None = None
 ) -> Path:
-    """Copy a finished run's results.json (compact), config and a run.json into `root`; return its folder."""
+    """Copy a finished run's results.json (compact), config and a run.json into `root`; return its folder. A folder
+    of that name holding another computation (a fixed key changed since it was stored) is kept: the run goes into
+    `<variant>-<key prefix of its config at seed 0>` beside it."""
     if not (run_dir / "results.json").is_file():
         raise UserError(f"{run_dir} holds no results.json; expected the folder of a finished run")
     payload = json.loads((run_dir / "results.json").read_text())
@@ -86,6 +96,10 @@ def store(
     config = payload["config"]
     key = identity(config)
     dest = destination(root, experiment, config, variant or variant_name(overrides))
+    if (held := stored_key(dest)) is not None and held != key:  # the folder's name, another computation's record
+        taken, seeds = dest, identity({**config, "seed": 0})[:8]  # one suffix for all seeds of this config
+        dest = taken.parent.with_name(f"{taken.parent.name}-{seeds}") / taken.name
+        print(f"warning: {taken} holds another computation; this run is stored in {dest}", file=sys.stderr)
     atomic_write_text(dest / "results.json", json.dumps(payload, separators=(",", ":")))
     atomic_write_text(dest / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
     meta = {
