@@ -9,8 +9,8 @@
    G = dL/dS, G^T e_A and G e go to the gradient of e (register tiles again), and that gradient goes back through
    the normalisation and the centring.
    GCC vector extensions, no intrinsics, in vectors of the CPU's own width (VL floats: 16 with AVX-512, 8 with
-   AVX2; a vector wider than the registers is lowered through memory): -march=native picks it, -DVL= overrides it
-   (the tests build both); the register tiles shrink with the width so their accumulators stay in registers. The
+   AVX2; a vector wider than the registers is lowered through memory), given as -DVL= by src/runtime/native.py
+   (the tests build each width); the register tiles shrink with the width so their accumulators stay in registers. The
    clients are shared by OpenMP threads (torch's own runtime when the process has loaded it, so no second pool
    spins beside torch's). */
 #include <math.h>
@@ -22,13 +22,7 @@
 #endif
 
 #ifndef VL
-#if defined(__AVX512F__)
-#define VL 16
-#elif defined(__AVX2__)
-#define VL 8
-#else
-#define VL 4
-#endif
+#error "build with -DVL=<float lanes> (src/runtime/native.py: vector_lanes)"
 #endif
 #define D 32 /* the embedding width this kernel is written for (model.dim; others use the torch form) */
 #define DV (D / VL) /* vectors of one embedding row */

@@ -5,8 +5,8 @@
    computed in registers (an MR x 32 tile, d multiply-adds each), those with x > below are added to a tile of
    sums that stays in cache while all the chunk's clients pass over it, and counted per pair and per client.
    GCC vector extensions, no intrinsics, in vectors of the CPU's own width (VL floats: 16 with AVX-512, 8 with
-   AVX2; a vector wider than the registers is lowered through memory, 20x slower): -march=native picks it, -DVL=
-   overrides it (the tests build both). The register tile is MR x 32 (MR = 8 with 32 registers, 2 with 16: 2 x 4
+   AVX2; a vector wider than the registers is lowered through memory, 20x slower), given as -DVL= by
+   src/runtime/native.py (the tests build each width). The register tile is MR x 32 (MR = 8 with 32 registers, 2 with 16: 2 x 4
    accumulators, measured on AVX2). The tiles are shared by OpenMP threads (torch's own runtime when the process
    has loaded it, so no second pool spins beside torch's). */
 #include <stdint.h>
@@ -17,13 +17,7 @@
 #endif
 
 #ifndef VL
-#if defined(__AVX512F__)
-#define VL 16
-#elif defined(__AVX2__)
-#define VL 8
-#else
-#define VL 4
-#endif
+#error "build with -DVL=<float lanes> (src/runtime/native.py: vector_lanes)"
 #endif
 #define MR (VL == 16 ? 8 : 2) /* item rows of a register tile */
 #define NR 32                 /* columns of a register tile (the panel width of et) */

@@ -5,8 +5,8 @@ Each kernel is one C file beside the Python module that calls it (`src/alignment
 with the C compiler on PATH (`$CC`, else `cc`, else `gcc`) at -O3 -march=native into
 `$ALIGNFEDREC_CACHE/native/` (default ~/.cache/alignfedrec), named by a hash of the source, the compiler, the
 flags and the CPU, so a cache shared between machines never loads a build made for another CPU. The kernels'
-vectors are the CPU's own width (16 floats with AVX-512, 8 with AVX2, picked by -march=native; a wider GCC vector
-is lowered through memory) and their register tiles shrink with it: `compute=native` uses them on CPUs with
+vectors are the CPU's own width (16 floats with AVX-512, 8 with AVX2: `vector_lanes`, passed as -DVL=; a wider
+GCC vector is lowered through memory) and their register tiles shrink with it: `compute=native` uses them on CPUs with
 AVX-512 or AVX2 and FMA, where they were measured (`fast_cpu`). Built with -fopenmp where the compiler has it: the
 kernels' threads then come from the OpenMP runtime torch has loaded (libgomp.so.1 is resolved to the copy already in
 the process), so a kernel's threads never spin beside torch's idle pool on a machine with few cores.
@@ -40,10 +40,16 @@ def usable(*sources: Path) -> bool:
     return compiler() is not None and all(source.is_file() for source in sources)
 
 
+def vector_lanes() -> int:
+    """float32 lanes of this CPU's vector registers, the width the kernels are built for (`-DVL=`): 16 with
+    AVX-512, 8 with AVX2 + FMA, else 4."""
+    flags = set(_cpu().split())
+    return 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
+
+
 def fast_cpu() -> bool:
     """Whether this CPU has the vector units the kernels' tiles are sized and measured for: AVX-512, or AVX2 + FMA."""
-    flags = _cpu().split()
-    return "avx512f" in flags or {"avx2", "fma"} <= set(flags)
+    return vector_lanes() > 4
 
 
 def _cpu() -> str:
@@ -67,6 +73,8 @@ def library(source: Path, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     except OSError as err:
         raise RuntimeError(f"compute=native: the C compiler {cc!r} cannot be run ({err})") from err
+    if not any(d.startswith("VL=") for d in defines):
+        defines = (*defines, f"VL={vector_lanes()}")
     flags = ["-O3", "-march=native", "-shared", "-fPIC", *(f"-D{d}" for d in defines)]
     ident = source.read_bytes() + version.encode() + " ".join(flags).encode() + _cpu().encode()
     folder = default_cache_dir() / "native"
