@@ -147,7 +147,8 @@ def test_same_seed_same_metrics(filmtrust_run, compose_cfg, tmp_path):
 
 @requires_real_data
 def test_kill_and_resume_matches_uninterrupted(compose_cfg, cache_dir, tmp_path):
-    overrides = ["dataset=filmtrust", "ablation=backbone", "optim=sgd", "fl.rounds=6", f"data.cache_dir='{cache_dir}'"]
+    overrides = ["dataset=filmtrust", "data.max_users=300", "ablation=backbone", "optim=sgd", "fl.rounds=6"]
+    overrides.append(f"data.cache_dir='{cache_dir}'")
     run_dir = tmp_path / "a"
     env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
     env.pop("ALIGNFEDREC_DATA", None)

@@ -63,6 +63,10 @@ def test_wrong_ca_or_unregistered_key_cannot_join(deployment):
     assert "Failed to activate SuperNode" in deployment.log("intruder")
 
 
+# slow (a minute of real processes: a ClientApp process per node and stage of each round): the parity of the Flower
+# app with the simulator is checked in-process in tests/test_flower.py (full, fedavg, fed_itemknn, DP noise,
+# comm.delta, dropout); this is its end-to-end form over TLS, run by `make test-slow`
+@pytest.mark.slow
 def test_loopback_run_matches_the_simulator(deployment, compose_cfg, cache_dir, tmp_path):
     deployment.submit(overrides(cache_dir, tmp_path / "flower", "fl.rounds=2"))
     flower = wait_results(tmp_path / "flower", timeout=600)

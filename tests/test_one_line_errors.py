@@ -1,9 +1,15 @@
 """One-line errors: every command reports a bad config, override, path or flag as `error: ...; expected ...`,
-exits 2, prints no traceback (unless HYDRA_FULL_ERROR=1) and starts nothing."""
+exits 2, prints no traceback (unless HYDRA_FULL_ERROR=1) and starts nothing.
+
+Each case runs the command's `__main__` in the test process (`runpy`, as `python -m` runs it); the cases in
+`IN_A_PROCESS` and the tests below them run it as a fresh `python -m` process, so that what the shell sees (the exit
+status, stderr, no traceback) is checked end to end for a Hydra command and an argparse command.
+"""
 
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +31,25 @@ def command(module: str, args: list[str], tmp_path: Path, **env: str) -> subproc
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO, env=environ, capture_output=True, text=True, timeout=300
     )
+
+
+def in_process(module: str, args: list[str], tmp_path: Path, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` run in this process (its `__main__` block through runpy), with the test's caches;
+    an exception other than SystemExit propagates and fails the test, as a traceback would."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("ALIGNFEDREC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [module, *args])
+    for name in (module, f"{module}.__main__"):  # run as a fresh `python -m` runs it, not over an imported copy
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    capsys.readouterr()
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([module, *args], code, out.out, out.err)
 
 
 CASES = [
@@ -63,9 +88,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("module", "args", "message"), CASES, ids=[f"{m}:{' '.join(a)}" for m, a, _ in CASES])
-def test_a_bad_input_is_one_line_and_exit_2(module, args, message, tmp_path):
-    out = command(module, [*args, f"hydra.run.dir={tmp_path / 'run'}"] if module == "src.run" else args, tmp_path)
+# what a fresh process prints for these is checked end to end (a Hydra command, an argparse command)
+IN_A_PROCESS = {"src.run:dataset=filmtrust fl.rounds=abc", "src.campaign:experiment=table1 --jobs 0"}
+IDS = [f"{m}:{' '.join(a)}" for m, a, _ in CASES]
+
+
+@pytest.mark.parametrize(("module", "args", "message", "case"), [(*c, i) for c, i in zip(CASES, IDS)], ids=IDS)
+def test_a_bad_input_is_one_line_and_exit_2(module, args, message, case, tmp_path, monkeypatch, capsys):
+    args = [*args, f"hydra.run.dir={tmp_path / 'run'}"] if module == "src.run" else args
+    run = command if case in IN_A_PROCESS else lambda *a: in_process(*a, monkeypatch, capsys)
+    out = run(module, args, tmp_path)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2, out.stderr[-2000:]
     assert lines == [lines[-1]] and lines[0].startswith("error: ") and message in lines[0], out.stderr[-2000:]
@@ -78,12 +110,14 @@ def test_full_error_shows_the_traceback(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
 
 
-def test_every_job_of_a_multirun_is_checked_before_the_first_starts(tmp_path):
+def test_every_job_of_a_multirun_is_checked_before_the_first_starts(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
-    out = command(
+    out = in_process(
         "src.run",
         ["-m", "dataset=synthetic", "fl.rounds=1", "ablation.sigma=0.5,1.5", f"hydra.sweep.dir={sweep}"],
         tmp_path,
+        monkeypatch,
+        capsys,
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().startswith("error: job 1 of 2 (") and "ablation.sigma=1.5 is invalid" in out.stderr
@@ -107,11 +141,10 @@ def test_messages_are_flattened_to_one_line():
     assert describe(err) == "no config 'dataset/x' in conf/; expected one of dataset: a, b"
 
 
-def test_an_output_folder_under_a_file_is_refused_before_hydra_makes_it(tmp_path):
+def test_an_output_folder_under_a_file_is_refused_before_hydra_makes_it(tmp_path, monkeypatch, capsys):
     (tmp_path / "afile").write_text("")
-    out = command(
-        "src.run", ["dataset=synthetic", "fl.rounds=1", f"hydra.run.dir={tmp_path / 'afile' / 'x'}"], tmp_path
-    )
+    args = ["dataset=synthetic", "fl.rounds=1", f"hydra.run.dir={tmp_path / 'afile' / 'x'}"]
+    out = in_process("src.run", args, tmp_path, monkeypatch, capsys)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         f"error: hydra.run.dir={tmp_path / 'afile' / 'x'}: {tmp_path / 'afile'} is a file; expected a folder (or a "
         "path under one)"
@@ -119,11 +152,11 @@ def test_an_output_folder_under_a_file_is_refused_before_hydra_makes_it(tmp_path
 
 
 @requires_real_data
-def test_flower_simulation_with_more_nodes_than_clients_is_refused_first(tmp_path):
+def test_flower_simulation_with_more_nodes_than_clients_is_refused_first(tmp_path, monkeypatch, capsys):
     pytest.importorskip("flwr")
     run = tmp_path / "run"
     args = ["dataset=filmtrust", "data.max_users=5", "flower.supernodes=8", "fl.rounds=1", f"hydra.run.dir={run}"]
-    out = command("src.flower.simulate", args, tmp_path)
+    out = in_process("src.flower.simulate", args, tmp_path, monkeypatch, capsys)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == (
         "error: flower.supernodes=8 but the split has 5 clients; expected at most 5 (node p holds clients p, p + n, "
@@ -133,8 +166,10 @@ def test_flower_simulation_with_more_nodes_than_clients_is_refused_first(tmp_pat
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
-def test_a_campaign_on_a_missing_gpu_is_refused_before_any_run(tmp_path):
-    out = command("src.campaign", ["experiment=table1", "--device", "cuda", "--dry-run"], tmp_path)
+def test_a_campaign_on_a_missing_gpu_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    out = in_process(
+        "src.campaign", ["experiment=table1", "--device", "cuda", "--dry-run"], tmp_path, monkeypatch, capsys
+    )
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: device='cuda' is invalid; expected a device this machine has: CUDA is not available here (use "
         "device=auto or device=cpu)"
