@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from src.analysis.report import load_runs, main, published
+from src.analysis.report import block_folders, load_runs, main, published
 from src.cli.train import train
 
 
@@ -262,3 +262,13 @@ def test_paper_table_leaves_out_a_run_whose_config_names_no_rounds(tmp_path):
         table = main([str(tmp_path), "--table", "table2"])
     (row,) = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == ("ml-100k", "full", "paper")]
     assert row["seeds"] == 1
+
+
+def test_a_runs_block_takes_folders_and_glob_patterns(tmp_path):
+    for folder in ("a/x/s1", "a/y/s1", "a/y/s2", "b/z"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "a" / "w").mkdir()
+    (tmp_path / "a" / "w" / "s1").write_text("a file, not a run folder")
+    assert block_folders(tmp_path, "a/*/s1,b") == [tmp_path / "a/x/s1", tmp_path / "a/y/s1", tmp_path / "b"]
+    assert block_folders(tmp_path, "a/y/s[0-9]") == [tmp_path / "a/y/s1", tmp_path / "a/y/s2"]
+    assert block_folders(tmp_path, "nothing/*,b/z") == [tmp_path / "b/z"]

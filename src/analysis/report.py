@@ -332,9 +332,18 @@ def generated(kind: str, root: Path) -> str:
             if kind.startswith(prefix):
                 return render(root, kind[len(prefix) :])
         if kind.startswith(RUNS_BLOCK):  # `runs:a,b`: the table of the stored runs under <root>/a and <root>/b
-            return markdown(rows(collect([root / f for f in kind[len(RUNS_BLOCK) :].split(",")])))
+            return markdown(rows(collect(block_folders(root, kind[len(RUNS_BLOCK) :]))))
         table = with_missing(rows(collect([root], planned=TABLE_ROUNDS)), "table1" if kind == "headline" else kind)
     return headline_markdown(headline(table)) if kind == "headline" else markdown(table)
+
+
+def block_folders(root: Path, spec: str) -> list[Path]:
+    """The folders of a `runs:` block: comma-separated paths under `root`, each a folder or a glob pattern
+    (`search_best/ml-100k/*/*/*lr=0.005_optim=sgd`: one setting of every method and protocol)."""
+    out: list[Path] = []
+    for item in spec.split(","):
+        out.extend(sorted(p for p in root.glob(item) if p.is_dir()) if set(item) & set("*?[") else [root / item])
+    return out
 
 
 # the runs the graph-variants table compares (this project's kNN variants beside the paper's methods and the
