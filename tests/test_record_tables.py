@@ -245,3 +245,30 @@ def test_a_search_block_lists_the_trials_best_validation_first_with_their_values
     ]
     with pytest.raises(UserError, match=r"no stored trial under .*absent"):
         generated("search:absent", tmp_path)
+
+
+def test_the_search_claim_reads_every_method_at_the_best_trials_setting_only(tmp_path):
+    def run(folder: str, ablation: str, protocol: str, seed: int, alpha: float, lr: float, engine: str, **kw) -> None:
+        config = {"seed": seed, "ablation": {"alpha": alpha, "beta": 5.0, "tau": 0.1, "sigma": 0.5}}
+        config["optim"] = {"name": engine, "lr": lr}
+        fake_run(tmp_path / folder, config=config, ablation=ablation, protocol=protocol, seed=seed, **kw)
+
+    def result(hit: float) -> dict:
+        return {"test_at_best": {"test/hit@10": hit, "test/ndcg@10": 0.0}}
+
+    assert record_tables.search_claim(tmp_path, {}) is None  # no search stored yet
+    run("search_published/a", "full", "paper", 0, 0.001, 0.1, "sgd", best_val={"val/hit@10": 0.5}, **result(0.99))
+    run("search_published/b", "full", "paper", 0, 0.02, 0.01, "adam", best_val={"val/hit@10": 0.625}, **result(0.7))
+    for seed, hit in ((1, 0.9), (2, 0.8)):
+        run(f"search_best/full/paper/s{seed}", "full", "paper", seed, 0.02, 0.01, "adam", **result(hit))
+    run("search_best/full/clean/s0", "full", "clean", 0, 0.02, 0.01, "adam", **result(0.15))
+    run("search_best/no_ica/paper/s0", "no_ica", "paper", 0, 0.02, 0.01, "adam", **result(0.7))
+    run("search_best/no_ica/paper/other", "no_ica", "paper", 1, 0.5, 0.01, "adam", **result(0.1))  # other alpha
+    run("search_best/backbone/paper/s0", "backbone", "paper", 0, 0.5, 0.01, "adam", **result(0.3))  # alpha unread
+    run("search_best/backbone/paper/other", "backbone", "paper", 1, 0.02, 0.1, "adam", **result(0.9))  # other lr
+    text = record_tables.search_claim(tmp_path, {"full": {"synthetic": [86.85, 73.71]}})
+    # full, paper: the trial (0.7) and seeds 1-2 (0.9, 0.8); the other trial and the other settings' runs are left out
+    assert "2 trials" in text and "end at adam with learning rate 0.01" in text
+    assert "`full` scores 80.00 against the published 86.85" in text
+    assert "(no_ica 70.00 (1 seed), no_gsa missing, backbone 30.00 (1 seed))" in text
+    assert "the same `full` scores 15.00 (1 seed)" in text

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from src.analysis import cooccurrence
+from src.analysis.bench_tables import NAMES
 from src.analysis.runs import config_value, load_runs, read_run
 from src.config.identity import identity
 from src.runtime.errors import UserError
@@ -257,6 +258,11 @@ SEARCHED = (
 )
 
 
+def ranked(trials: list[dict], select: str) -> list[dict]:
+    """A search's trials, best validation value first (ties by folder, so the first of a tie is always the same)."""
+    return sorted(trials, key=lambda r: (-float(r["best_val"].get(select, 0.0)), r["path"]))
+
+
 def search_markdown(root: Path, folder: str) -> str:
     """`search:<folder>`: the stored trials of a search (`search.store`), best validation value first, with the values
     they were run with. Only the selection metric is shown: a trial's test numbers pick nothing, and the best setting's
@@ -272,7 +278,7 @@ def search_markdown(root: Path, folder: str) -> str:
         f"| rank | {' | '.join(head for _, head in SEARCHED)} | best round | {select} (%) | s / round |",
         "| ---: | --- |" + " ---: |" * (len(SEARCHED) + 2),
     ]
-    ordered = sorted(runs, key=lambda r: (-float(r["best_val"].get(select, 0.0)), r["path"]))
+    ordered = ranked(runs, select)
     for rank, run in enumerate(ordered, 1):
         values = []
         for key, _ in SEARCHED:
@@ -295,6 +301,54 @@ def search_markdown(root: Path, folder: str) -> str:
         "```",
     ]
     return "\n".join(lines)
+
+
+def at_setting(run: dict, top: dict) -> bool:
+    """Whether `run` ran at the search's best setting: its engine and learning rate, and (for a method with the
+    alignment's values) its alpha, beta, tau and sigma; the backbone has no alignment values to match."""
+    keys = ("optim.name", "optim.lr") + (() if run["ablation"] == "backbone" else SEARCHED_ALIGNMENT)
+    return all(config_value(run["config"], k) == config_value(top, k) for k in keys)
+
+
+SEARCHED_ALIGNMENT = ("ablation.alpha", "ablation.beta", "ablation.tau", "ablation.sigma")
+
+
+def search_claim(root: Path, published: dict, folder: str = "search_published") -> str | None:
+    """The README's sentence on the published-number search: test hit@10 of every method at the best trial's setting
+    (by validation), both protocols, from the trial and the runs of `experiment=search_best` at that setting (mean
+    over the seeds stored; their number in brackets when not 3), beside `published` (method -> dataset -> [hit@10,
+    ndcg@10]). None before the search has stored a trial."""
+    trials = load_runs([root / folder])
+    if not trials:
+        return None
+    select = trials[0]["config"].get("eval", {}).get("select", "val/hit@10")
+    top = ranked(trials, select)[0]
+    runs = [r for r in trials + load_runs([root / "search_best"]) if at_setting(r, top["config"])]
+    cells: dict[tuple[str, str], dict[int, float]] = {}
+    for run in runs:  # one value per seed: the trial is also the paper protocol's seed 0 of `full`
+        cells.setdefault((run["ablation"], run["protocol"]), {})[run["seed"]] = run["test_at_best"]["test/hit@10"]
+
+    def hit(method: str, protocol: str) -> str:
+        seeds = cells.get((method, protocol), {})
+        if not seeds:
+            return "missing"
+        mean = 100 * sum(seeds.values()) / len(seeds)
+        return f"{mean:.2f}" + ("" if len(seeds) == 3 else f" ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+
+    engine = config_value(top["config"], "optim.name")
+    lr = float(config_value(top["config"], "optim.lr"))
+    row = published.get("full", {}).get(top["dataset"])
+    against = "" if not row else f" against the published {row[0]:.2f}"
+    dataset = NAMES.get(top["dataset"], top["dataset"])
+    return (
+        f"- **A search reaches AlignFedRec's published row only through the leak.** {len(trials)} trials over alpha, "
+        f"beta, tau, sigma, the learning rate and the engine, selected on validation ({dataset}, paper "
+        f"protocol), end at {engine} with learning rate {lr:.3g}: there `full` scores {hit('full', 'paper')}"
+        f"{against}, as high as the `local` canary, and the published ordering full > no_ica > no_gsa > backbone "
+        f"does not appear (no_ica {hit('no_ica', 'paper')}, no_gsa {hit('no_gsa', 'paper')}, backbone "
+        f"{hit('backbone', 'paper')}); under the clean protocol the same `full` scores {hit('full', 'clean')} "
+        "([Findings](docs/findings.md#the-published-number-search-issue-34-item-4))."
+    )
 
 
 # the generated blocks with an argument (`<!-- comm:ml-100k -->`): prefix -> render(runs' root, argument)

@@ -399,10 +399,13 @@ def claims_markdown(root: Path) -> str:
         for v in json.loads(path.read_text())["membership_auc"].values()
     ]
     leak = f" (membership AUC {min(aucs):.2f}-{max(aucs):.2f} from one upload at its operating point)" if aucs else ""
-    names = {"ml-100k": "ML-100K", "filmtrust": "FilmTrust", "ml-1m": "ML-1M", "lastfm-2k": "Lastfm-2k"}
-    backbone = ", ".join(f"{names[d]} ({hit(d, 'backbone', 'paper', 'sgd')} vs {pub(d, 'backbone')})" for d in names)
+    backbone = ", ".join(
+        f"{bench_tables.NAMES[d]} ({hit(d, 'backbone', 'paper', 'sgd')} vs {pub(d, 'backbone')})"
+        for d in ("ml-100k", "filmtrust", "ml-1m", "lastfm-2k")
+    )
     private = privacy_tables.claim(root, hit("ml-100k", "backbone", "clean", "sgd"))
     secure = privacy_tables.secagg_claim(root)
+    search = record_tables.search_claim(root, published())
     return "\n".join(
         [
             f"- **The paper protocol leaks.** The `local` canary, which never federates, reaches "
@@ -420,6 +423,7 @@ def claims_markdown(root: Path) -> str:
             f"vs {hit('ml-100k', 'backbone', 'clean', 'sgd')}), but its uploads give away a client's training items"
             f"{leak} and, counted as sent, it moves more bytes than PFedRec "
             "([Privacy and traffic](docs/communication-privacy.md)).",
+            *([search] if search else []),
             *([private] if private else []),
             *([secure] if secure else []),
         ]
