@@ -272,6 +272,12 @@ def test_cost_estimate_takes_the_fastest_matching_bench_report(tmp_path):
     assert campaign.seconds_per_round(config, [], tmp_path) == pytest.approx(2.0 * ((3.0 + 1.0) / 0.1 + 0.6))
     plain = {**config, "ablation": {"ica": False, "gsa": False}}
     assert campaign.seconds_per_round(plain, [], tmp_path) == pytest.approx(2.0 * (0.2 + 1.0 + 0.6))
+    # fed_itemknn uploads similarities without aligning: costed as an aligned run until a bench of its own exists
+    knn = {**config, "ablation": {"ica": False, "gsa": False, "name": "fed_itemknn", "method": "fed_itemknn"}}
+    assert campaign.seconds_per_round(knn, [], tmp_path) == pytest.approx(2.0 * ((3.0 + 1.0) / 0.1 + 0.6))
+    report("native_ml-1m_fed_itemknn.json", "ml-1m", "fed_itemknn", 0.5, 0.1)
+    assert campaign.seconds_per_round(knn, [], tmp_path) == pytest.approx(2.0 * ((0.5 + 1.0) / 0.1 + 0.6))
+    assert campaign.seconds_per_round(plain, [], tmp_path) == pytest.approx(2.0 * (0.2 + 1.0 + 0.6))
 
 
 @pytest.mark.parametrize("ablation", sorted(p.stem for p in (campaign.CONF_DIR / "ablation").glob("*.yaml")))

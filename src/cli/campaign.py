@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib
 import json
 import os
 import shlex
@@ -42,6 +43,7 @@ from src.cli.config import CONF_DIR, validate, validate_device
 from src.cli.jobs import compose_config, compose_runs, grid_jobs
 from src.cli.store import REPO, RUNS, git_commit, store, stored_runs, variant_name
 from src.config.identity import identity
+from src.methods.alignfedrec import AlignFedRec
 from src.runtime.cache import default_cache_dir
 from src.runtime.errors import OneLineParser
 from src.runtime.round_estimate import estimated_round_seconds
@@ -114,19 +116,33 @@ def run_kind(config: dict[str, Any]) -> tuple:
     )
 
 
+@cache
+def uploads_similarity(method: str | None) -> bool:
+    """Whether the clients of `ablation.method` upload item-item similarities (AlignFedRec's family, fed_itemknn
+    included): its round costs the server's sums of m x m uploads whether or not it trains an alignment term."""
+    try:
+        module = importlib.import_module(f"src.methods.{method}")
+    except ImportError:
+        return False
+    return issubclass(getattr(module, "METHOD", object), AlignFedRec)
+
+
 def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None) -> float:
-    """Estimated seconds per round: the newest stored runs of the same kind, else bench reports of the dataset,
-    else scaled from ML-100K. Older runs and bench reports measured slower implementations: of stored runs the
-    three stored last count, of bench reports the fastest."""
+    """Estimated seconds per round: the newest stored runs of the same kind, else bench reports of the dataset
+    (of the same method when there are some, else of the same kind; a method that uploads similarities without
+    aligning is costed as an aligned run, its sums being most of a round), else scaled from ML-100K. Older runs
+    and bench reports measured slower implementations: of stored runs the three stored last count, of bench
+    reports the fastest."""
     kind = run_kind(config)
     ds, aligned, mode = kind[:3]
+    uploads = uploads_similarity(config["ablation"].get("method"))
     same = sorted(
         (r.get("stored_at", ""), r["mean_round_s"]) for r in stored if r["kind"] == kind and r["mean_round_s"]
     )
     if same:
         newest = [secs for _, secs in same[-3:]]
         return sum(newest) / len(newest)
-    benched = []
+    benched: list[tuple[bool, float]] = []  # (of the same method, seconds)
     for path in sorted((bench_dir or BENCH).glob("*.json")):
         bench = json.loads(path.read_text())
         if bench.get("dataset") != ds or not isinstance(bench.get("seconds_per_round"), dict):
@@ -134,18 +150,21 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], benc
         bench_aligned = aligns(str(bench.get("ablation")))
         exact = any(o == "model.alignment=exact" for o in bench.get("overrides", []))
         bench_mode = ("exact" if exact else "fast") if bench_aligned else "-"
-        if bench_aligned == aligned and (bench_mode == mode or not aligned):
-            benched.append(2.0 * estimated_round_seconds(bench))  # two jobs side by side
+        alike = bench_aligned if uploads and not aligned else bench_aligned == aligned and bench_mode in (mode, "-")
+        if alike or bench.get("ablation") == kind[3]:
+            benched.append((bench.get("ablation") == kind[3], 2.0 * estimated_round_seconds(bench)))  # two jobs
     if benched:
-        return min(benched)
+        own = [secs for same, secs in benched if same]
+        return min(own or [secs for _, secs in benched])
     users, items = {
         "ml-100k": (943, 1682),
         "filmtrust": (1227, 2071),
         "ml-1m": (6040, 3706),
         "lastfm-2k": (1600, 12454),
     }.get(ds, (943, 1682))
-    scale = users * items / (943 * 1682) * (items / 1682 if aligned else 1.0)
-    return (15.0 if aligned else 1.0) * scale
+    heavy = aligned or uploads
+    scale = users * items / (943 * 1682) * (items / 1682 if heavy else 1.0)
+    return (15.0 if heavy else 1.0) * scale
 
 
 def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]:
