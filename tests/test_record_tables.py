@@ -250,13 +250,17 @@ def test_a_search_block_lists_the_trials_best_validation_first_with_their_values
 def test_the_search_claim_reads_every_method_at_the_best_trials_setting_only(tmp_path):
     def run(folder: str, ablation: str, protocol: str, seed: int, alpha: float, lr: float, engine: str, **kw) -> None:
         config = {"seed": seed, "ablation": {"alpha": alpha, "beta": 5.0, "tau": 0.1, "sigma": 0.5}}
-        config["optim"] = {"name": engine, "lr": lr}
+        config |= {"optim": {"name": engine, "lr": lr}, "fl": {"rounds": kw.pop("rounds", 100)}}
         fake_run(tmp_path / folder, config=config, ablation=ablation, protocol=protocol, seed=seed, **kw)
 
     def result(hit: float) -> dict:
         return {"test_at_best": {"test/hit@10": hit, "test/ndcg@10": 0.0}}
 
-    assert record_tables.search_claim(tmp_path, {}) is None  # no search stored yet
+    def canary(dataset: str, engine: str) -> str:
+        return f"<local {dataset} {engine}>"
+
+    published = {"full": {"synthetic": [86.85, 73.71]}}
+    assert record_tables.search_claim(tmp_path, published, canary) is None  # no search stored yet
     run("search_published/a", "full", "paper", 0, 0.001, 0.1, "sgd", best_val={"val/hit@10": 0.5}, **result(0.99))
     run("search_published/b", "full", "paper", 0, 0.02, 0.01, "adam", best_val={"val/hit@10": 0.625}, **result(0.7))
     for seed, hit in ((1, 0.9), (2, 0.8)):
@@ -264,11 +268,22 @@ def test_the_search_claim_reads_every_method_at_the_best_trials_setting_only(tmp
     run("search_best/full/clean/s0", "full", "clean", 0, 0.02, 0.01, "adam", **result(0.15))
     run("search_best/no_ica/paper/s0", "no_ica", "paper", 0, 0.02, 0.01, "adam", **result(0.7))
     run("search_best/no_ica/paper/other", "no_ica", "paper", 1, 0.5, 0.01, "adam", **result(0.1))  # other alpha
+    run("search_best/no_ica/paper/short", "no_ica", "paper", 2, 0.02, 0.01, "adam", rounds=10, **result(0.2))
     run("search_best/backbone/paper/s0", "backbone", "paper", 0, 0.5, 0.01, "adam", **result(0.3))  # alpha unread
     run("search_best/backbone/paper/other", "backbone", "paper", 1, 0.02, 0.1, "adam", **result(0.9))  # other lr
-    text = record_tables.search_claim(tmp_path, {"full": {"synthetic": [86.85, 73.71]}})
+    text = record_tables.search_claim(tmp_path, published, canary)
     # full, paper: the trial (0.7) and seeds 1-2 (0.9, 0.8); the other trial and the other settings' runs are left out
+    assert text.startswith("- **No searched setting reaches AlignFedRec's published row** under the paper protocol")
     assert "2 trials" in text and "end at adam with learning rate 0.01" in text
-    assert "`full` scores 80.00 against the published 86.85" in text
+    assert "`full` scores 80.00 against the published 86.85 (the `local` canary, which never federates: " in text
+    assert "<local synthetic adam>" in text
+    assert "full > no_ica > no_gsa > backbone is not yet measured there" in text  # no_gsa has no run
     assert "(no_ica 70.00 (1 seed), no_gsa missing, backbone 30.00 (1 seed))" in text
     assert "the same `full` scores 15.00 (1 seed)" in text
+    # the ordering and the head follow the numbers: no_gsa between no_ica and the backbone, full above its row
+    run("search_best/no_gsa/paper/s0", "no_gsa", "paper", 0, 0.02, 0.01, "adam", **result(0.5))
+    assert "backbone appears there" in record_tables.search_claim(tmp_path, published, canary)
+    text = record_tables.search_claim(tmp_path, {"full": {"synthetic": [75.0, 70.0]}}, canary)
+    assert text.startswith("- **A search passes AlignFedRec's published row**")
+    run("search_best/no_gsa/paper/s1", "no_gsa", "paper", 1, 0.02, 0.01, "adam", **result(0.95))
+    assert "backbone does not appear there" in record_tables.search_claim(tmp_path, published, canary)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import importlib
 import json
 import os
 import shlex
@@ -43,7 +42,7 @@ from src.cli.config import CONF_DIR, validate, validate_device
 from src.cli.jobs import compose_config, compose_runs, grid_jobs
 from src.cli.store import REPO, RUNS, git_commit, store, stored_runs, variant_name
 from src.config.identity import identity
-from src.methods.alignfedrec import AlignFedRec
+from src.methods.base import method_class
 from src.runtime.cache import default_cache_dir
 from src.runtime.errors import OneLineParser
 from src.runtime.round_estimate import estimated_round_seconds
@@ -118,13 +117,11 @@ def run_kind(config: dict[str, Any]) -> tuple:
 
 @cache
 def uploads_similarity(method: str | None) -> bool:
-    """Whether the clients of `ablation.method` upload item-item similarities (AlignFedRec's family, fed_itemknn
-    included): its round costs the server's sums of m x m uploads whether or not it trains an alignment term."""
-    try:
-        module = importlib.import_module(f"src.methods.{method}")
-    except ImportError:
+    """Whether the clients of `ablation.method` upload item-item similarities (the method class's trait: AlignFedRec,
+    fed_itemknn): its round costs the server's sums of m x m uploads whether or not it trains an alignment term."""
+    if method is None:
         return False
-    return issubclass(getattr(module, "METHOD", object), AlignFedRec)
+    return bool(method_class(OmegaConf.create({"ablation": {"method": method}})).uploads_similarity)
 
 
 def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None) -> float:
@@ -151,8 +148,9 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], benc
         exact = any(o == "model.alignment=exact" for o in bench.get("overrides", []))
         bench_mode = ("exact" if exact else "fast") if bench_aligned else "-"
         alike = bench_aligned if uploads and not aligned else bench_aligned == aligned and bench_mode in (mode, "-")
-        if alike or bench.get("ablation") == kind[3]:
-            benched.append((bench.get("ablation") == kind[3], 2.0 * estimated_round_seconds(bench)))  # two jobs
+        same = bench.get("ablation") == kind[3] and bench_mode in (mode, "-")
+        if alike or same:
+            benched.append((same, 2.0 * estimated_round_seconds(bench)))  # two jobs side by side
     if benched:
         own = [secs for same, secs in benched if same]
         return min(own or [secs for _, secs in benched])
