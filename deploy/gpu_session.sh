@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared command for a lent GPU machine (README, "GPU"): gpu-check first, then the ML-1M and
-# Lastfm-2k part of the campaign for the minutes left; stored runs come back as $OUT/runs.tar.
+# The one prepared command for a lent GPU machine (docs/gpu.md): gpu-check first, then the ML-1M and
+# Lastfm-2k part of the campaign (issue 34's pending runs) for the minutes left; stored runs come back as
+# $OUT/runs.tar.
 # Prepare here (once): `echo /.whl/ >> .git/info/exclude; echo /.data >> .git/info/exclude;
 # ln -s ../shared/data .data` and the wheels of hydra-core omegaconf antlr4-python3-runtime igraph texttable
 # leidenalg pandas pyyaml (README), then call the device tool's run with
@@ -18,6 +19,14 @@ export ALIGNFEDREC_DATA=${ALIGNFEDREC_DATA:-$PWD/.data} ALIGNFEDREC_CACHE=/tmp/a
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 timeout 300 python3 -m src.perf.gpucheck --device cuda --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu-check failed: no campaign on this machine" >&2; exit 1; }
-python3 -m src.campaign experiment=table1 dataset=ml-1m,lastfm-2k ablation=full,backbone,local,fedavg,central \
-  --device cuda --jobs 1 --threads 8 --budget-min "${BUDGET_MIN:-5}" --work /tmp/campaign 2>&1 | tee "$OUT/campaign.log"
+# issue 34's pending runs, cheapest first within each command: fed_itemknn and knn_ica (item 2) and full's seeds
+# 1-2 (item 5) on the large datasets, then AlignFedRec's variants with the lineage SGD engine (item 1); two thirds
+# of the budget to the first command, the rest to the second
+BUDGET=${BUDGET_MIN:-5}
+FIRST=$(( (BUDGET * 2 + 2) / 3 ))
+C="python3 -m src.campaign --device cuda --jobs 1 --threads 8 --work /tmp/campaign"
+$C experiment=table1 dataset=ml-1m,lastfm-2k ablation=fed_itemknn,knn_ica,full --budget-min "$FIRST" 2>&1 \
+  | tee "$OUT/campaign.log"
+$C experiment=table2 dataset=ml-1m,lastfm-2k ablation=full,no_ica,no_gsa optim=sgd seed=0 \
+  --budget-min "$(( BUDGET - FIRST > 1 ? BUDGET - FIRST : 1 ))" 2>&1 | tee -a "$OUT/campaign.log"
 tar -cf "$OUT/runs.tar" results/runs
