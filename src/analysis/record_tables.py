@@ -12,7 +12,7 @@ from pathlib import Path
 
 from src.analysis import cooccurrence
 from src.analysis.bench_tables import NAMES
-from src.analysis.runs import config_value, load_runs, read_run
+from src.analysis.runs import claim_figure, config_value, load_runs, mean_std, read_run
 from src.config.identity import identity
 from src.runtime.errors import UserError
 
@@ -344,14 +344,10 @@ def search_claim(
         cells.setdefault((run["ablation"], run["protocol"]), {})[run["seed"]] = run["test_at_best"]["test/hit@10"]
 
     def mean(method: str, protocol: str) -> float | None:
-        seeds = cells.get((method, protocol), {})
-        return 100 * sum(seeds.values()) / len(seeds) if seeds else None
+        return mean_std(list(cells.get((method, protocol), {}).values()))[0]
 
     def hit(method: str, protocol: str) -> str:
-        seeds, value = cells.get((method, protocol), {}), mean(method, protocol)
-        if value is None:
-            return "missing"
-        return f"{value:.2f}" + ("" if len(seeds) == 3 else f" ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+        return claim_figure(mean(method, protocol), len(cells.get((method, protocol), {})))
 
     order = [mean(m, "paper") for m in ("full", "no_ica", "no_gsa", "backbone")]
     if None in order:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from src.analysis import bench_tables, privacy_tables, record_tables
 from src.analysis.record_tables import per_client_round
-from src.analysis.runs import cell, config_value, load_runs, mean_std, planned_rounds, read_run, truncate
+from src.analysis.runs import cell, claim_figure, config_value, load_runs, mean_std, planned_rounds, read_run, truncate
 from src.config.identity import SPEED_KEYS, WHERE_KEYS, identity, neutral_values, normalised
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.published import published, published_tables
@@ -385,9 +385,9 @@ def claims_markdown(root: Path) -> str:
         found = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == (dataset, method, protocol)]
         found = [r for r in found if r["engine"].split("+")[0] == optim and r["seeds"]]
         if not found:
-            return "missing"
+            return claim_figure(None, 0)
         r = max(found, key=lambda r: r["seeds"])
-        return f"{r['test/hit@10']:.2f}" + ("" if r["seeds"] == 3 else f" ({r['seeds']} seed{'s' * (r['seeds'] > 1)})")
+        return claim_figure(r["test/hit@10"], r["seeds"])
 
     def pub(dataset: str, method: str) -> str:
         ref = published().get(method, {}).get(dataset)

@@ -110,6 +110,14 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.mean(pct), (statistics.stdev(pct) if len(pct) > 1 else 0.0)
 
 
+def claim_figure(mean: float | None, seeds: int) -> str:
+    """A figure of the README's claims: the mean over seeds (percent), their number in brackets when not the 3 every
+    table cell aims at; "missing" when nothing is stored."""
+    if mean is None or not seeds:
+        return "missing"
+    return f"{mean:.2f}" + ("" if seeds == 3 else f" ({seeds} seed{'s' * (seeds > 1)})")
+
+
 def cell(mean: float | None, std: float | None = None) -> str:
     if mean is None:
         return "-"
