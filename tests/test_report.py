@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import warnings
 from pathlib import Path
 
 import pytest
 
-from src.analysis.report import block_folders, load_runs, main, published
+from src.analysis.report import block_folders, collect, fed_itemknn_verdict, load_runs, main, published, rows
 from src.cli.train import train
 
 
@@ -272,3 +273,46 @@ def test_a_runs_block_takes_folders_and_glob_patterns(tmp_path):
     assert block_folders(tmp_path, "a/*/s1,b") == [tmp_path / "a/x/s1", tmp_path / "a/y/s1", tmp_path / "b"]
     assert block_folders(tmp_path, "a/y/s[0-9]") == [tmp_path / "a/y/s1", tmp_path / "a/y/s2"]
     assert block_folders(tmp_path, "nothing/*,b/z") == [tmp_path / "b/z"]
+
+
+def test_the_fed_itemknn_claim_words_each_dataset_from_its_figures(tmp_path):
+    """fed_itemknn (Adam) against PFedRec (SGD) under the clean protocol: level within 1 point or the seeds' summed
+    std, otherwise the gap and its sign; a dataset without both stays out; paper-protocol runs are not read."""
+
+    def run(dataset: str, ablation: str, engine: str, hits: list[float], protocol: str = "clean") -> None:
+        for seed, hit in enumerate(hits):
+            config = {"seed": seed, "fl": {"rounds": 100}, "dataset": {"name": dataset}}
+            config |= {"protocol": {"name": protocol}, "ablation": {"name": ablation, "engine": engine}}
+            config["optim"] = {"name": engine}
+            fake_run(
+                tmp_path / dataset / ablation / protocol / engine / f"s{seed}",
+                config=config,
+                dataset=dataset,
+                ablation=ablation,
+                protocol=protocol,
+                seed=seed,
+                test_at_best={"test/hit@10": hit, "test/ndcg@10": 0.0},
+            )
+
+    def verdict() -> str:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fed_itemknn_verdict(rows(collect([tmp_path], planned=100)))
+
+    assert verdict() == "has no clean-protocol run beside PFedRec's yet"
+    run("ml-100k", "fed_itemknn", "adam", [0.556, 0.557, 0.557])
+    run("ml-100k", "backbone", "sgd", [0.557, 0.558, 0.556])
+    run("ml-100k", "backbone", "adam", [0.30])  # another engine: not PFedRec's figure here
+    run("ml-1m", "fed_itemknn", "adam", [0.90], protocol="paper")  # the paper protocol: never compared
+    run("ml-1m", "backbone", "sgd", [0.60])
+    level = "is level with PFedRec under the clean protocol without sharing an embedding (ML-100K 55.67 vs 55.70)"
+    assert verdict() == level
+    # 2 points apart with one seed each (std 0): beyond the 1-point band, named with its sign
+    run("ml-1m", "fed_itemknn", "adam", [0.58])
+    run("filmtrust", "fed_itemknn", "adam", [0.90, 0.95])  # std 3.54: a 3-point gap is within the spread
+    run("filmtrust", "backbone", "sgd", [0.895])
+    assert verdict() == (
+        "shares no embedding and, under the clean protocol, is level with PFedRec on ML-100K (55.67 vs 55.70), "
+        "2.00 points below it on ML-1M (58.00 (1 seed) vs 60.00 (1 seed)) and level with it on FilmTrust "
+        "(92.50 (2 seeds) vs 89.50 (1 seed))"
+    )
