@@ -235,23 +235,29 @@ def test_store_refuses_an_unfinished_run(tmp_path):
 
 
 def test_cost_estimate_takes_the_newest_stored_runs_of_the_kind():
-    """Stored runs of the run's kind cost it, the three stored last only (older ones ran other code)."""
-    kind = ("ml-100k", True, "fast", "full", "auto")
+    """Stored runs of the run's kind cost it, the three stored last only (older ones ran other code), each scaled
+    by the torch threads it ran with: a run that had both cores costs a one-thread job twice its seconds."""
+    kind = ("ml-100k", True, "fast", "full", "auto", "adam")
     stored = [
         {"kind": kind, "mean_round_s": 1.0, "stored_at": "2026-11-29T10:00:00Z"},
         {"kind": kind, "mean_round_s": 4.0, "stored_at": "2026-12-01T10:00:00Z"},
-        {"kind": kind, "mean_round_s": 5.0, "stored_at": "2026-12-01T11:00:00Z"},
-        {"kind": kind, "mean_round_s": 3.0, "stored_at": "2026-11-30T10:00:00Z"},
-        {"kind": ("ml-100k", False, "-", "backbone", "auto"), "mean_round_s": 0.5, "stored_at": "2026-12-02"},
-        {"kind": (*kind[:4], "cuda"), "mean_round_s": 0.1, "stored_at": "2026-12-02T00:00:00Z"},
+        {"kind": kind, "mean_round_s": 2.5, "threads": 2, "stored_at": "2026-12-01T11:00:00Z"},
+        {"kind": kind, "mean_round_s": 3.0, "threads": 1, "stored_at": "2026-11-30T10:00:00Z"},
+        {"kind": ("ml-100k", False, "-", "backbone", "auto", "adam"), "mean_round_s": 0.5, "stored_at": "2026-12-02"},
+        {"kind": (*kind[:4], "cuda", "adam"), "mean_round_s": 0.1, "stored_at": "2026-12-02T00:00:00Z"},
+        {"kind": (*kind[:5], "sgd"), "mean_round_s": 9.0, "stored_at": "2026-12-03T00:00:00Z"},  # the other engine
     ]
     config = {
         "dataset": {"name": "ml-100k"},
         "ablation": {"ica": True, "gsa": True, "name": "full"},
         "model": {"alignment": "fast"},
         "device": "auto",
+        "optim": {"name": "adam"},
     }
     assert campaign.seconds_per_round(config, stored) == pytest.approx((4.0 + 5.0 + 3.0) / 3)
+    assert campaign.seconds_per_round(config, stored, threads=2) == pytest.approx((2.0 + 2.5 + 1.5) / 3)
+    sgd = {**config, "optim": {"name": "sgd"}}
+    assert campaign.seconds_per_round(sgd, stored) == pytest.approx(9.0)
 
 
 def test_cost_estimate_takes_the_fastest_matching_bench_report(tmp_path):

@@ -102,7 +102,8 @@ def aligns(ablation: str) -> bool:
 
 
 def run_kind(config: dict[str, Any]) -> tuple:
-    """What a run's round time depends on: dataset, whether and how it aligns, the method, the device."""
+    """What a run's round time depends on: dataset, whether and how it aligns, the method, the device, the
+    optimiser (the lineage SGD engine's local steps cost other than Adam's)."""
     ab = config["ablation"]
     aligned = trains_aligned(ab)
     mode = config["model"]["alignment"] if aligned else "-"
@@ -112,6 +113,7 @@ def run_kind(config: dict[str, Any]) -> tuple:
         mode,
         ab.get("name"),
         str(config.get("device", "auto")),
+        str(config.get("optim", {}).get("name", "-")),
     )
 
 
@@ -124,17 +126,22 @@ def uploads_similarity(method: str | None) -> bool:
     return bool(method_class(OmegaConf.create({"ablation": {"method": method}})).uploads_similarity)
 
 
-def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None) -> float:
-    """Estimated seconds per round: the newest stored runs of the same kind, else bench reports of the dataset
-    (of the same method when there are some, else of the same kind; a method that uploads similarities without
-    aligning is costed as an aligned run, its sums being most of a round), else scaled from ML-100K. Older runs
-    and bench reports measured slower implementations: of stored runs the three stored last count, of bench
-    reports the fastest."""
+def seconds_per_round(
+    config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None, threads: int = 1
+) -> float:
+    """Estimated seconds per round of a job with `threads` torch threads: the newest stored runs of the same kind
+    (each scaled by the torch threads it ran with over `threads`: a run that had both cores alone took about half
+    a one-thread job's time), else bench reports of the dataset (of the same method when there are some, else of
+    the same kind; a method that uploads similarities without aligning is costed as an aligned run, its sums being
+    most of a round), else scaled from ML-100K. Older runs and bench reports measured slower implementations: of
+    stored runs the three stored last count, of bench reports the fastest."""
     kind = run_kind(config)
     ds, aligned, mode = kind[:3]
     uploads = uploads_similarity(config["ablation"].get("method"))
     same = sorted(
-        (r.get("stored_at", ""), r["mean_round_s"]) for r in stored if r["kind"] == kind and r["mean_round_s"]
+        (r.get("stored_at", ""), r["mean_round_s"] * (r.get("threads") or 1) / threads)
+        for r in stored
+        if r["kind"] == kind and r["mean_round_s"]
     )
     if same:
         newest = [secs for _, secs in same[-3:]]
@@ -165,8 +172,9 @@ def seconds_per_round(config: dict[str, Any], stored: list[dict[str, Any]], benc
     return (15.0 if heavy else 1.0) * scale
 
 
-def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]:
-    """Every run of the experiments, each marked stored or pending, pending ones costed; duplicates dropped."""
+def plan(experiments: list[str], cli: list[str], root: Path = RUNS, threads: int = 1) -> list[Run]:
+    """Every run of the experiments, each marked stored or pending, pending ones costed as jobs of `threads` torch
+    threads; duplicates dropped."""
     done = stored_runs(root)
     stats = []
     for folder in done.values():
@@ -179,6 +187,7 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]
             {
                 "kind": run_kind(payload["config"]),
                 "mean_round_s": payload.get("timings", {}).get("mean_round_s"),
+                "threads": payload.get("resources", {}).get("torch_threads"),
                 "stored_at": stored_at,
             }
         )
@@ -191,7 +200,7 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS) -> list[Run]
             if run.key in done:
                 run.status, run.stored = "stored", done[run.key]
             else:
-                run.est_s = seconds_per_round(run.config, stats) * int(run.config["fl"]["rounds"])
+                run.est_s = seconds_per_round(run.config, stats, threads=threads) * int(run.config["fl"]["rounds"])
             runs.append(run)
     return runs
 
@@ -454,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                 "hydra/launcher=, or the launcher's own settings (e.g. hydra.launcher.timeout_min)"
             )
         return through_launcher(experiments, overrides + launcher, work, ns.runs, ns.threads, ns.compile)
-    runs = plan(experiments, overrides, ns.runs)
+    runs = plan(experiments, overrides, ns.runs, ns.threads)
     if not ns.dry_run:
         work.mkdir(parents=True, exist_ok=True)
         execute(
