@@ -70,7 +70,7 @@ class CampaignSweeper(Sweeper):
                 axes.append(line)
         if not experiments:
             raise ValueError("hydra/sweeper=campaign needs experiment=<overlay>[,<overlay>...] (conf/experiment/)")
-        runs = campaign.plan(experiments, axes, self.runs)
+        runs = campaign.plan(experiments, axes, self.runs, self.threads)
         self.work.mkdir(parents=True, exist_ok=True)
         todo = []
         for run in runs:
