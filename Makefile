@@ -64,7 +64,7 @@ reproduce: install ## Run every missing run of Table 1, Table 2 and the sweeps i
 	$(BIN)/python -m src.report results/runs --out results
 	$(BIN)/python -m src.report results/runs --update README.md docs/*.md
 	for p in alpha beta tau sigma; do \
-	  $(BIN)/python -m src.plots sensitivity results/runs/sweep_$$p --param model.$$p --out results/sensitivity || exit 1; done
+	  $(BIN)/python -m src.plots sensitivity results/runs/sweep_$$p --param ablation.$$p --out results/sensitivity || exit 1; done
 	$(BIN)/python -m src.plots curves results/runs/table1 results/runs/table2 --out results/curves
 
 reproduce-small: install ## A one-hour CPU version: baselines and AlignFedRec ablations on ML-100K/FilmTrust, 1 seed
