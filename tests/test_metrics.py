@@ -133,3 +133,16 @@ def test_rank_metrics_match_brute_force():
         ndcg = sum(1 / math.log2(1 + r) for r in ranks if r <= k) / len(ranks)
         assert m[f"hit@{k}"] == pytest.approx(hit)
         assert m[f"ndcg@{k}"] == pytest.approx(ndcg)
+
+
+def test_a_nan_score_on_either_side_counts_against_the_held_out_item():
+    """Hand values: a NaN positive ranks below every negative; a NaN negative ranks above the positive, as a tie
+    does; the full ranking the same, excluded items aside."""
+    nan = float("nan")
+    pos = torch.tensor([nan, 0.5, 0.5, 0.5])
+    neg = torch.tensor([[0.1, 0.2, 0.3], [nan, 0.1, 0.2], [0.5, 0.1, nan], [0.1, 0.2, 0.3]])
+    assert sampled_ranks(pos, neg).tolist() == [4, 2, 3, 1]
+    scores = torch.tensor([[nan, 0.1, 0.2, 0.3], [0.5, nan, 0.1, 0.9]])
+    exclude = torch.tensor([[False, False, False, False], [False, False, False, True]])
+    # user 0: its target (item 0) is NaN: last of 4; user 1: the NaN item 1 counts, the larger item 3 is excluded
+    assert full_ranks(scores, torch.tensor([0, 0]), exclude).tolist() == [4, 2]

@@ -18,7 +18,7 @@ from src.analysis.report import truncate
 from src.cli.config import ConfigError
 from src.cli.train import train
 from src.data.dataset import load
-from src.evaluation.metrics import rank_metrics, sampled_ranks
+from src.evaluation.metrics import full_ranks, rank_metrics, sampled_ranks
 from src.runtime.results import (
     DEFAULT_SELECT,
     best_round,
@@ -63,12 +63,19 @@ def test_chance_level_of_the_sampled_metric_matches_random_scores():
 
 
 def test_chance_level_of_full_ranking_matches_random_permutations():
+    """Random scores ranked by `full_ranks` among the items a user has not trained on (a random 200 of 1,682
+    excluded per user, never the target) score what `chance_level` says of the 1,482 candidates left."""
     rng = np.random.default_rng(1)
-    n_items, users = 1682, 20_000
-    ranks = torch.from_numpy(rng.integers(1, n_items + 1, size=users))  # a uniform rank among all items
-    sim = rank_metrics(ranks, ks=(10,))
-    chance = chance_level(10, n_items)
-    assert chance["hit@10"] == 10 / n_items
+    n_items, users, excluded = 1682, 5_000, 200
+    scores = torch.from_numpy(rng.random((users, n_items)))
+    target = torch.from_numpy(rng.integers(0, n_items, size=users))
+    keys = rng.random((users, n_items))
+    keys[np.arange(users), target.numpy()] = 2.0  # the target sorts last: never excluded
+    exclude = torch.zeros(users, n_items, dtype=torch.bool)
+    exclude.scatter_(1, torch.from_numpy(np.argsort(keys, axis=1)[:, :excluded]), True)
+    sim = rank_metrics(full_ranks(scores, target, exclude), ks=(10,))
+    chance = chance_level(10, n_items - excluded)
+    assert chance["hit@10"] == 10 / (n_items - excluded)
     tol = 5 * math.sqrt(chance["hit@10"] / users)
     assert sim["hit@10"] == pytest.approx(chance["hit@10"], abs=tol)
     assert sim["ndcg@10"] == pytest.approx(chance["ndcg@10"], abs=tol)
@@ -162,9 +169,11 @@ def test_report_rounds_cut_selects_on_the_runs_selection_metric(tmp_path):
 
 def test_a_run_selects_on_eval_select(compose_cfg, tmp_path):
     payload = train(compose_cfg([*SYNTHETIC, "fl.rounds=3", "eval.select=val/ndcg@5"]), tmp_path / "r", progress=False)
-    best = best_round(payload["history"], "val/ndcg@5")
+    best = max(payload["history"], key=lambda r: (r["val/ndcg@5"], -r["round"]))  # the earliest of a tie
     assert payload["select"] == "val/ndcg@5" and payload["best_round"] == best["round"]
     assert payload["config"]["eval"]["select"] == "val/ndcg@5"
+    assert payload["best_val"]["val/ndcg@5"] == best["val/ndcg@5"]
+    assert payload["test_at_best"] == {k: v for k, v in best.items() if k.startswith(("test/", "test_full/"))}
 
 
 # --- early stopping (eval.patience) ----------------------------------------------------------------
