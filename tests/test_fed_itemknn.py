@@ -111,3 +111,46 @@ def test_a_run_scores_by_item_knn_on_the_held_broadcast(compose_cfg):
 def test_bad_values_are_refused_before_any_work(compose_cfg, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_cfg(["dataset=synthetic", "ablation=fed_itemknn", *override])
+
+
+def test_a_one_shot_low_rank_release_is_kept_by_the_clients(compose_cfg):
+    """`ablation.upload_round=2 ablation.rank=2`: nothing is uploaded in round 1 (no broadcast: chance-free zero
+    scores), round 2's S_g is released as its best rank-2 approximation (numpy eigh, the two eigenpairs of largest
+    magnitude, zero diagonal), and in rounds 3-4, with no uploads, the clients keep and score with that broadcast."""
+    k = 5
+    overrides = ["dataset=synthetic", "ablation=fed_itemknn", "model.dim=8", f"ablation.k={k}", "fl.rounds=4"]
+    cfg = compose_cfg([*overrides, "ablation.upload_round=2", "ablation.rank=2"])
+    data = load(cfg)
+    module = FederatedModule(cfg, data)
+
+    def step() -> dict[str, float]:
+        """One round recorded as the Lightning step records it (the round index the method's upload rule reads)."""
+        row = {"round": module.current_round(), **module.run_round()}
+        module.history.append(row)
+        return row
+
+    assert step()["val/hit@10"] == 0.0 and module.broadcast.global_sim is None
+    step()
+    s_g = numpy_global_sim(module.state["items"].double().numpy(), float(cfg.ablation.sigma), bool(cfg.ablation.centre))
+    values, vectors = np.linalg.eigh(s_g)
+    top = np.argsort(-np.abs(values))[:2]
+    approx = (vectors[:, top] * values[top]) @ vectors[:, top].T
+    np.fill_diagonal(approx, 0.0)
+    np.testing.assert_allclose(module.server_sim.double().numpy(), approx, atol=1e-5)
+    kept = brute_kernel(approx, k) > 0
+    kept |= kept.T
+    held = module.broadcast.global_sim.double().numpy()
+    np.testing.assert_allclose(held, np.where(kept, np.clip(approx, 0.0, None), 0.0), atol=1e-5)
+    kernel, train = brute_kernel(held, k), data.train_matrix()
+
+    def numpy_score(rows: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        full = np.array([[kernel[i, np.flatnonzero(train[u])].sum() for i in range(data.n_items)] for u in rows])
+        full = torch.from_numpy(full)
+        return full if items is None else full.gather(1, items)
+
+    want = module.evaluator.run(numpy_score, [torch.arange(data.n_users)])
+    for _ in range(2):
+        stats = step()
+        np.testing.assert_array_equal(module.broadcast.global_sim.double().numpy(), held)
+        for key, value in want.items():
+            assert stats[key] == pytest.approx(value, abs=1e-9), key
