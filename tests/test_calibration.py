@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from src.methods.calibration import ItemKNNScorer, PopularityScorer, knn_similarity
@@ -80,11 +81,41 @@ def test_itemknn_scores_sum_neighbours_of_the_users_items(compose_cfg):
     assert np.allclose(scorer.score(rows, items).numpy(), np.take_along_axis(full, items.numpy(), 1))
 
 
-def test_scorer_ablations_run_end_to_end(compose_cfg, tmp_path):
-    from src.cli.train import train
+def numpy_hit_ndcg(scores: np.ndarray, target: np.ndarray, negatives: np.ndarray, margin: float) -> tuple[float, float]:
+    """hit@10 and ndcg@10 of each user's held-out item among its negatives, scores [users, m] written out: a
+    negative counts against the item when it scores at least the item's score minus `margin` (margin > 0: float
+    rounding resolved against the item, < 0: for it)."""
+    hits, gains = [], []
+    for u in range(len(target)):
+        rank = 1 + int((scores[u, negatives[u]] >= scores[u, target[u]] - margin).sum())
+        hits.append(rank <= 10)
+        gains.append(1 / np.log2(1 + rank) if rank <= 10 else 0.0)
+    return float(np.mean(hits)), float(np.mean(gains))
 
+
+def test_scorer_ablations_score_what_numpy_scores(compose_cfg, tmp_path):
+    """The pooled scorers run end to end (one round, test metrics at the best round) and their test hit@10 and
+    ndcg@10 are those of the same scores computed with numpy: training popularity counts, and the sums of the
+    brute-force item-kNN neighbours over a user's training items (ties resolved either way bound the figure)."""
+    from src.cli.train import train
+    from src.data.dataset import load
+
+    overrides = ["dataset=synthetic", "dataset.n_users=30", "dataset.n_items=300", "fl.rounds=1"]
+    data = load(compose_cfg(overrides))
+    x = data.train_matrix().astype(bool)
+    target, negatives = np.asarray(data.test_items), np.asarray(data.test_negatives)
     for name in ("popularity", "itemknn"):
-        payload = train(
-            compose_cfg(["dataset=synthetic", f"ablation={name}", "fl.rounds=1"]), tmp_path / name, progress=False
-        )
-        assert payload["ablation"] == name and 0 <= payload["test_at_best"]["test/hit@10"] <= 1
+        cfg = compose_cfg([*overrides, f"ablation={name}"])
+        got = train(cfg, tmp_path / name, progress=False)["test_at_best"]
+        if name == "popularity":
+            scores = np.tile(x.sum(axis=0).astype(float), (len(x), 1))
+            want = numpy_hit_ndcg(scores, target, negatives, 0.0)
+            assert (got["test/hit@10"], got["test/ndcg@10"]) == pytest.approx(want, abs=1e-12)
+            continue
+        sim = brute_knn(x, int(cfg.ablation.k))
+        scores = x.astype(float) @ sim.T  # score(u, i) = sum over j in train(u) of S_k[i, j]
+        low = numpy_hit_ndcg(scores, target, negatives, 1e-5)
+        high = numpy_hit_ndcg(scores, target, negatives, -1e-5)
+        assert low[0] - 1e-12 <= got["test/hit@10"] <= high[0] + 1e-12
+        assert low[1] - 1e-12 <= got["test/ndcg@10"] <= high[1] + 1e-12
+        assert high[0] - low[0] < 0.2  # the bound is tight enough to mean something
