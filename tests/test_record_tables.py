@@ -35,10 +35,13 @@ def test_diag_rows_are_the_named_rounds_of_the_run_with_its_best_marked(tmp_path
     assert len(lines) == 4
     assert lines[2] == "| 1 | 10.00 | 0.010 | 999 | 100% | 11 | - | - |"
     assert lines[3] == "| 4 (best) | 40.00 | 0.040 | 996 | 25% | 14 | - | - |"
-    side = generated("diagvs:probe,probe@2", tmp_path).splitlines()
-    assert (
-        side[0] == "| round | `backbone` | `backbone` |" and side[2] == "| 2 | 0.02 / 50% / 20.0 | 0.02 / 50% / 20.0 |"
-    )
+    # two runs side by side, each column its own run's values; the second averages S_g over supporters
+    other = [diag_row(k, 0.05 * k, 0.3 * k, 2000 + k, 0.1 * k, 5) for k in range(1, 4)]
+    support = {"seed": 0, "ablation": {"aggregate": "support_mean"}}
+    fake_run(tmp_path / "support", history=other, best_round=3, ablation="knn_ica", config=support)
+    side = generated("diagvs:probe,support@2", tmp_path).splitlines()
+    assert side[0] == "| round | `backbone` | `knn_ica`, support mean |"
+    assert side[2] == "| 2 | 0.02 / 50% / 20.0 | 0.60 / 20% / 10.0 |"
     graph = generated("graph:probe@3", tmp_path).splitlines()
     assert graph[2] == "| 3 | 997 / 12 |"
 
@@ -82,8 +85,10 @@ def test_comm_table_counts_bytes_per_client_round_and_shows_a_config_once(compos
         embedding = payloads[key]["summary"]["items"] * 32 * 4  # items x dim x fp32: the upload PFedRec would send
         up = sum(r["comm/upload_bytes_mean"] * r["comm/uploaders"] for r in history)
         up /= sum(r["comm/uploaders"] for r in history)
+        down = sum(r["comm/download_bytes_total"] for r in history) / sum(r["clients"] for r in history)
         cells = line.split(" | ")
-        assert cells[2] == f"{up / 1024:,.1f}" and cells[3] == f"{100 * up / embedding:.1f}%"
+        assert cells[0] == "| 0.3" and cells[2] == f"{up / 1024:,.1f}" and cells[3] == f"{100 * up / embedding:.1f}%"
+        assert cells[4] == f"{down / 1024:,.1f}"
         test = payloads[key]["test_at_best"]
         assert cells[5] == f"{100 * test['test/hit@10']:.2f} / {100 * test['test/ndcg@10']:.2f} |"
     with pytest.raises(UserError, match="no stored comm_sigma or comm_encoding run for ml-1m"):
@@ -115,7 +120,13 @@ def test_cooccurrence_out_is_what_the_block_shows(tmp_path, monkeypatch, cache_d
     rows = cooccurrence.main(
         ["--datasets", "synthetic", "--protocols", "clean", "--thresholds", "0.5,0.1", "--out", str(out)]
     )
-    assert record_tables.cooccurrence_markdown(tmp_path) == cooccurrence.markdown(rows, (0.5, 0.1))
+    lines = record_tables.cooccurrence_markdown(tmp_path).splitlines()
+    head = "| dataset | protocol | view | users | items | max share | pairs >= 0.5 | pairs >= 0.1 |"
+    assert lines[0] == head and len(lines) == 2 + len(rows)
+    for line, r in zip(lines[2:], rows, strict=True):
+        cells = [r["view"], f"{r['users']:,}", f"{r['items']:,}", f"{r['max_share']:.3f}"]
+        cells += [f"{int(r['pairs>=0.5']):,}", f"{int(r['pairs>=0.1']):,}"]
+        assert line == "| synthetic | clean | " + " | ".join(cells) + " |"
     with pytest.raises(UserError, match="is absent; expected the output of python -m src.cooccurrence"):
         record_tables.cooccurrence_markdown(tmp_path / "elsewhere")
 
@@ -125,12 +136,16 @@ def test_the_noiseless_privacy_point_is_found_under_a_communication_sweep(compos
     sweep's run; the privacy table shows it, and no run that differs in more than the noise."""
     base = ["dataset=synthetic", "ablation=full", "fl.rounds=2", "fl.checkpoint_every=0"]
     train(compose_cfg([*base, "privacy.epsilon=50"]), tmp_path / "privacy_epsilon/synthetic/a", progress=False)
-    plain = train(compose_cfg(base), tmp_path / "comm_sigma/synthetic/b", progress=False)
-    train(compose_cfg([*base, "encoding=csr8"]), tmp_path / "comm_encoding/synthetic/c", progress=False)
+    # the 8-bit run comes first in the folders read: only the identity of the computation picks the plain one
+    train(compose_cfg([*base, "encoding=csr8"]), tmp_path / "comm_sigma/synthetic/c", progress=False)
+    plain = train(compose_cfg(base), tmp_path / "comm_encoding/synthetic/b", progress=False)
     lines = record_tables.privacy_markdown(tmp_path, "synthetic").splitlines()
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| 50", "| none"]
     test = plain["test_at_best"]
     assert lines[3].endswith(f"| {100 * test['test/hit@10']:.2f} / {100 * test['test/ndcg@10']:.2f} |")
+    history = plain["history"]
+    up = sum(r["comm/upload_bytes_total"] for r in history) / sum(r["comm/uploaders"] for r in history)
+    assert lines[3].split(" | ")[1] == f"{up / 1024:,.1f}"  # the fp32 upload, not the 8-bit run's
 
 
 def test_cost_rows_read_each_runs_own_timings(tmp_path):
