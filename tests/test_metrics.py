@@ -146,3 +146,45 @@ def test_a_nan_score_on_either_side_counts_against_the_held_out_item():
     exclude = torch.tensor([[False, False, False, False], [False, False, False, True]])
     # user 0: its target (item 0) is NaN: last of 4; user 1: the NaN item 1 counts, the larger item 3 is excluded
     assert full_ranks(scores, torch.tensor([0, 0]), exclude).tolist() == [4, 2]
+
+
+def test_the_evaluator_ranks_a_hand_built_split():
+    """Two users, six items, fixed scores; ranks worked out by hand: sampled among each split's negatives, full
+    among all items but the user's training items and the other split's held-out item (ties against the item)."""
+    from src.data.dataset import FedData
+    from src.evaluation.evaluator import Evaluator
+
+    data = FedData(
+        name="hand",
+        protocol="clean",
+        seed=0,
+        n_users=2,
+        n_items=6,
+        train_ptr=np.array([0, 2, 3]),
+        train_items=np.array([0, 1, 5]),  # user 0: items 0, 1; user 1: item 5
+        val_items=np.array([2, 0]),
+        test_items=np.array([3, 1]),
+        val_negatives=np.array([[4, 5], [2, 3]]),
+        test_negatives=np.array([[4, 5], [3, 4]]),
+        folder="",
+        exact=True,
+    )
+    scores = torch.tensor([[9.0, 8.0, 5.0, 7.0, 6.0, 1.0], [3.0, 2.0, 7.0, 1.0, 2.0, 9.0]])
+
+    def score(rows: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        return scores[rows] if items is None else scores[rows].gather(1, items)
+
+    evaluator = Evaluator(data, (1, 2), full_ranking=True)
+    ranks = evaluator.ranks(score, [torch.tensor([0]), torch.tensor([1])])
+    # user 0, val 2 (5): item 4 (6) above; full: 0, 1 trained, 3 (7) the test item, all left out -> 2
+    # user 0, test 3 (7): first; full: 2 is the val item -> 1
+    # user 1, val 0 (3): 2 (7) above; full: 5 (9) trained, 1 the test item -> 2
+    # user 1, test 1 (2): item 4 ties (2) -> 2; full: 2 (7) above, 4 ties, 0 (3) is the val item -> 3
+    assert {k: v.tolist() for k, v in ranks.items()} == {
+        "val": [2, 2],
+        "test": [1, 2],
+        "val_full": [2, 2],
+        "test_full": [1, 3],
+    }
+    metrics = evaluator.metrics(ranks)
+    assert metrics["test/hit@1"] == 0.5 and metrics["test_full/ndcg@2"] == pytest.approx(0.5)
