@@ -99,14 +99,16 @@ def test_delta_upload_sends_only_what_changed():
     ledger = Ledger(enc, m)
     idx = torch.tensor([3, 10, 57, 400])
     val = torch.tensor([0.6, 0.7, 0.8, 0.9])
+    # by hand, m = 50: 1,225 pairs, so a position takes 2 bytes; a 9-byte header, 4-byte fp32 values, a 1-byte flag
     first = ledger.similarity_uploads([7], torch.tensor([8]), [(idx, val)])
-    assert first.tolist() == [sparse_bytes(4, m, "coo", 32) + 1]
+    assert first.tolist() == [9 + 4 * 2 + 4 * 4 + 1]  # the whole upload: 34
     same = ledger.similarity_uploads([7], torch.tensor([8]), [(idx, val)])
-    assert same.tolist() == [delta_bytes(0, 0, m, "coo", 32) + 1]
-    # one value changed, one entry dropped, one added
+    assert same.tolist() == [9 + 4 + 1]  # an empty delta: header, the uint32 removal count, the flag
+    # one value changed (10), one entry dropped (57), one added (900): 2 upserts and 1 removal
     idx2, val2 = torch.tensor([3, 10, 400, 900]), torch.tensor([0.6, 0.75, 0.9, 0.55])
     third = ledger.similarity_uploads([7], torch.tensor([8]), [(idx2, val2)])
-    assert third.tolist() == [min(sparse_bytes(4, m, "coo", 32), delta_bytes(2, 1, m, "coo", 32)) + 1]
+    assert third.tolist() == [9 + 2 * 2 + 2 * 4 + 4 + 1 * 2 + 1]  # the delta (27 bytes) beats the whole upload (33)
+    assert (sparse_bytes(4, m, "coo", 32), delta_bytes(2, 1, m, "coo", 32)) == (33, 27)
 
 
 def test_laplace_noise_has_the_stated_scale_and_epsilon_accounting():
@@ -121,6 +123,23 @@ def test_laplace_noise_has_the_stated_scale_and_epsilon_accounting():
     assert laplace_scale(None, None, 2.0) == (0.0, None)
     spent = epsilon_spent(4.0, rounds=10, n_items=5)
     assert spent["privacy/epsilon_total_entry"] == 40.0 and spent["privacy/epsilon_total_matrix"] == 400.0
+
+
+def test_an_uploads_noise_has_the_configured_laplace_scale():
+    """One client's noisy upload minus its plain one (sigma -1: every entry sent), on entries whose noisy value the
+    [-1, 1] clamp cannot reach: mean |noise| = b and variance 2 b^2, the Laplace(0, b) the release is told to add."""
+    m, b = 200, 0.05
+    tabs = torch.randn(1, m, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    noisy = Uploads(m, -1.0, True, block=1 << 20, rows=64, noise=b, generator=torch.Generator().manual_seed(0))
+    noisy.add(tabs, torch.ones(1, dtype=torch.bool))
+    plain = Uploads(m, -1.0, True, block=1 << 20, rows=64)
+    plain.add(tabs, torch.ones(1, dtype=torch.bool))
+    upper = torch.triu(torch.ones(m, m, dtype=torch.bool), 1)
+    clean, diff = plain.mean()[upper].double(), (noisy.mean() - plain.mean())[upper].double()
+    diff = diff[clean.abs() < 0.5]
+    assert len(diff) > 5_000
+    assert float(diff.abs().mean()) == pytest.approx(b, rel=0.05)
+    assert float(diff.var()) == pytest.approx(2 * b * b, rel=0.1)
 
 
 def test_noise_changes_the_upload_and_the_seed_fixes_it():

@@ -185,8 +185,7 @@ def test_synthetic_build_under_clean_protocol_leaves_held_out_items_drawable(com
     """End to end on the synthetic dataset: clean pool allows held-out items, paper pool forbids them."""
     from src.data.dataset import build
 
-    # conf/dataset/synthetic.yaml has 120 items and 20 per user: 198 default eval negatives do not fit.
-    cfg = compose_cfg(["dataset=synthetic", "protocol.eval_negatives=20"])
+    cfg = compose_cfg(["dataset=synthetic"])  # 300 items, 20 per user: room for 2 x 99 negatives
     data = build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir)
     train = np.zeros((data.n_users, data.n_items), dtype=bool)
     for u in range(data.n_users):

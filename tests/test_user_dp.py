@@ -164,7 +164,8 @@ def test_the_release_audit_measures_what_the_gaussian_mechanism_allows(compose_c
     expected = 0.5 * math.erfc(-1 / (2 * z))  # every synthetic upload is clipped to norm 1
     assert report["release_membership_auc_gaussian"] == pytest.approx(expected, abs=1e-6)
     assert report["release_membership_auc"] == pytest.approx(expected, abs=0.12)
-    assert report["user_epsilon"] == pytest.approx(accountant.epsilon(z, 1, report["user_delta"], "rdp"))
+    assert report["user_delta"] == 1 / 60  # delta = 1 / users: the synthetic split's 60 clients
+    assert report["user_epsilon"] == pytest.approx(accountant.epsilon(z, 1, 1 / 60, "rdp"))
 
 
 def test_removing_one_user_moves_the_sum_by_at_most_the_clip():
