@@ -199,9 +199,11 @@ def test_kill_and_resume_matches_uninterrupted(compose_cfg, cache_dir, tmp_path)
 def test_alignfedrec_resume_matches_uninterrupted(compose_cfg, tmp_path):
     """Labels, S_g, the delta ledger and the client choice come back from the checkpoint (noise is keyed by round)."""
     base = ["dataset=synthetic", "ablation=full", "encoding=csr8_delta", "privacy.epsilon=200", "fl.checkpoint_every=1"]
+    base.append("fl.client_fraction=0.5")  # half the clients a round: the choice draws from the restored generator
     straight = train(compose_cfg(base + ["fl.rounds=4"]), tmp_path / "a", progress=False)
     train(compose_cfg(base + ["fl.rounds=2"]), tmp_path / "b", progress=False)
     resumed = train(compose_cfg(base + ["fl.rounds=4", "resume=true"]), tmp_path / "b", progress=False)
+    assert all(row["clients"] == 30 for row in resumed["history"])  # half of the synthetic split's 60
     keys = ["val/hit@10", "test/hit@10", "loss/ica", "loss/gsa", "comm/upload_bytes_total", "community/count"]
     for a, b in zip(straight["history"], resumed["history"], strict=True):
         for k in keys:

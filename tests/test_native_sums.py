@@ -13,7 +13,7 @@ from conftest import requires_real_data
 from test_compiled import summed
 from test_fast_grad import BIG, module_after
 
-from src.alignment import native_sums
+from src.alignment import native_align, native_sums
 from src.alignment.release import NATIVE_BAND, ReleaseSpec, release_blocks
 from src.alignment.similarity import normalised
 from src.cli.config import ConfigError
@@ -152,9 +152,16 @@ def test_auto_falls_back_where_the_kernel_sources_are_missing(compose_cfg, monke
     """A Flower FAB carries Python and YAML only: `auto` then keeps the torch path on that node."""
     from src.methods.base import build_method
 
-    monkeypatch.setattr(native_sums, "SOURCE", tmp_path / "absent.c")
-    method = build_method(compose_cfg(["dataset=synthetic"]), torch.device("cpu"))
-    assert not method.spec.native and method.loss.native_threads == 0
+    monkeypatch.setattr(native, "fast_cpu", lambda: True)  # a CPU the kernels are for: only the sources decide
+    cfg = compose_cfg(["dataset=synthetic"])
+    if native.usable(native_sums.SOURCE, native_align.SOURCE):  # where they build, the kernels run
+        method = build_method(cfg, torch.device("cpu"))
+        assert method.spec.native and method.loss.native_threads > 0
+    for module in (native_sums, native_align):
+        with monkeypatch.context() as patch:
+            patch.setattr(module, "SOURCE", tmp_path / "absent.c")
+            method = build_method(cfg, torch.device("cpu"))
+            assert not method.spec.native and method.loss.native_threads == 0, module.__name__
 
 
 def test_a_negative_threshold_is_refused():

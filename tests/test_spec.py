@@ -47,7 +47,7 @@ def backends(loss, table: torch.Tensor) -> dict[str, object]:
     out = {"fused": dataclasses.replace(loss, fast_kernel="fused", native_threads=0)}
     if loss.mode == "exact":
         out["blocked"] = dataclasses.replace(loss, fast_kernel="autograd", native_threads=0)
-    elif native.usable(native_align.SOURCE) and native_align.applies(table):
+    if native.usable(native_align.SOURCE) and native_align.applies(table):  # both modes: exact has its own kernel
         out["native"] = dataclasses.replace(loss, fast_kernel="fused", native_threads=1)
     return out
 
