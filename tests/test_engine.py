@@ -292,14 +292,29 @@ def test_resume_without_checkpoint_names_the_path(compose_cfg, tmp_path):
         train(cfg, tmp_path / "run", progress=False)
 
 
-def test_methods_share_what_they_should(compose_cfg):
-    """backbone: every client starts a round from the server's mean item table (the mean of what
-    the clients uploaded last round); local: nothing is shared; fedavg: the score function too."""
+def test_methods_share_what_they_should(compose_cfg, monkeypatch):
+    """backbone: every client starts a round from the server's mean item table (the mean of what the clients uploaded
+    last round); local: each client from its own table, nothing shared; fedavg: the score function too. The tables
+    each chunk starts training from are read where local training receives them."""
     import torch
 
     from src.data.dataset import build
+    from src.rounds import local
     from src.rounds.simulator import FederatedModule
 
+    started: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # (rows, the parameters they start from)
+    layout, cohort = local.batch_layout, local.train_cohort
+
+    def spy_layout(samples, rows, *args):
+        started.append((rows.clone(), {}))
+        return layout(samples, rows, *args)
+
+    def spy_cohort(params, *args):
+        started[-1][1].update({k: v.clone() for k, v in params.items()})
+        return cohort(params, *args)
+
+    monkeypatch.setattr(local, "batch_layout", spy_layout)
+    monkeypatch.setattr(local, "train_cohort", spy_cohort)
     tables = {}
     for ablation in ("backbone", "local", "fedavg"):
         cfg = compose_cfg(["dataset=synthetic", f"ablation={ablation}", "fl.rounds=2", "fl.chunk_size=16"])
@@ -315,8 +330,22 @@ def test_methods_share_what_they_should(compose_cfg):
             assert torch.allclose(module.server["w0"].double(), module.state["w0"].double().mean(dim=0), atol=1e-6)
         else:
             assert "w0" not in module.server
-        tables[ablation] = module.state["items"].clone()
+        after_one = {k: v.clone() for k, v in module.state.items()}
+        server = {k: v.clone() for k, v in module.server.items()}
+        started.clear()
         module.run_round()
+        assert sorted(torch.cat([rows for rows, _ in started]).tolist()) == list(range(data.n_users))
+        for rows, params in started:
+            own = after_one["items"][rows]  # what each client ended round 1 with
+            if ablation == "local":
+                assert torch.equal(params["items"], own)
+            else:
+                assert torch.equal(params["items"], server["items"].expand_as(own).to(own.dtype))
+                assert not torch.equal(params["items"], own)
+            if ablation == "fedavg":
+                assert torch.equal(params["w0"], server["w0"].expand_as(params["w0"]).to(params["w0"].dtype))
+            else:
+                assert torch.equal(params["w0"], after_one["w0"][rows])
         tables[ablation + "_2"] = module.state["items"].clone()
     assert not torch.allclose(tables["backbone_2"], tables["local_2"])
 
