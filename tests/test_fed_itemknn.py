@@ -154,3 +154,33 @@ def test_a_one_shot_low_rank_release_is_kept_by_the_clients(compose_cfg):
         np.testing.assert_array_equal(module.broadcast.global_sim.double().numpy(), held)
         for key, value in want.items():
             assert stats[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_an_8_bit_run_broadcasts_the_quantised_mean_of_the_quantised_uploads(compose_cfg):
+    """`encoding=csr8`: each upload is sent as 8-bit codes over [sigma, 1], S_g is the mean of the decoded uploads,
+    and the broadcast is S_g as 8-bit codes over [0, 1] on the pairs some item keeps among its k largest (the
+    quantised values tie often: ties to the lower index). All written out in numpy."""
+    k = 5
+    cfg = compose_cfg(["dataset=synthetic", "ablation=fed_itemknn", "model.dim=8", f"ablation.k={k}", "encoding=csr8"])
+    module = FederatedModule(cfg, load(cfg))
+    module.run_round()
+    sigma, centre = float(cfg.ablation.sigma), bool(cfg.ablation.centre)
+    lo = float(np.float32(sigma))
+    s_g = np.zeros((module.state["items"].shape[1],) * 2)
+    for table in module.state["items"].double().numpy():
+        e = np_normalise(table, centre)
+        sim = e @ e.T
+        np.fill_diagonal(sim, 0.0)
+        codes = np.round((np.clip(sim, sigma, 1.0) - sigma) / (1.0 - sigma) * 255)
+        s_g += np.where(sim >= sigma, lo + codes * ((1.0 - lo) / 255), 0.0) / len(module.state["items"])
+    got = module.server_sim.double().numpy()
+    # a cosine within float32 rounding of a code boundary may take the next code: one client's step at most, rarely
+    step = (1.0 - lo) / 255 / len(module.state["items"])
+    np.testing.assert_allclose(got, s_g, atol=step + 1e-6)
+    assert (np.abs(got - s_g) > 1e-6).mean() < 1e-3
+    sent = np.round(np.clip(got, 0.0, 1.0) * 255) / 255  # the broadcast of the server's S_g, as the receiver decodes
+    assert len(np.unique(sent)) < sent.size / 10  # the codes tie: the kernel's rule decides
+    kept = brute_kernel_ties_low_index(sent, k) > 0
+    np.testing.assert_allclose(
+        module.broadcast.global_sim.double().numpy(), np.where(kept | kept.T, sent, 0.0), atol=1e-6
+    )
