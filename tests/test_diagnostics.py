@@ -31,19 +31,22 @@ def test_graph_diagnostics_on_a_split(compose_cfg):
     from src.data.dataset import load
 
     data = load(compose_cfg(["dataset=synthetic", "dataset.n_users=30"]))
-    diag = GraphDiagnostics(data, sigma=0.5)
+    sigma = 1.5 / 30  # an edge: a pair two or more of the 30 clients hold
+    diag = GraphDiagnostics(data, sigma=sigma)
     x = data.train_matrix().astype(float)
     share = x.T @ x / data.n_users
     first = torch.from_numpy(share).float()  # S_g equal to the co-occurrence share itself: rho = 1
     out = diag(first)
     iu = np.triu_indices(data.n_items, 1)
     assert abs(out["diag/spearman_cooccurrence"] - 1.0) < 1e-9
-    assert out["diag/edges"] == float(((share[iu] >= 0.5) & (share[iu] > 0)).sum())
+    edges = int((share[iu] >= sigma).sum())
+    assert edges > 3 and out["diag/edges"] == float(edges)
     later = torch.zeros_like(first)
-    j = np.flatnonzero(share[iu] < 0.5)[:3]
-    later[iu[0][j], iu[1][j]] = 0.9  # three new edges, none from round 1
+    old, new = np.flatnonzero(share[iu] >= sigma)[:3], np.flatnonzero(share[iu] < sigma)[:3]
+    for j in (old, new):
+        later[iu[0][j], iu[1][j]] = 0.9  # three round-1 edges kept, three new ones
     out = diag(later)
-    assert out["diag/edges"] == 3.0 and out["diag/edges_from_round1"] == 0.0
+    assert out["diag/edges"] == 6.0 and out["diag/edges_from_round1"] == 0.5
 
 
 def brute_nmi(a, b):
@@ -141,10 +144,13 @@ def test_round1_edges_restore_from_old_and_new_checkpoints(compose_cfg):
     diag(sim)
     iu = np.triu_indices(m, 1)
     old_positions = np.flatnonzero(sim.numpy()[iu] >= 0.9)
-    for fed in ({"diag_first_edges": old_positions}, {"diag_first_edge_keys": diag.first_edges}):
+    expected = iu[0][old_positions] * m + iu[1][old_positions]  # keys j * m + k of the pairs at or above 0.9
+    assert len(expected) > 0
+    np.testing.assert_array_equal(diag.first_edges, expected)
+    for fed in ({"diag_first_edges": old_positions}, {"diag_first_edge_keys": expected.copy()}):
         again = GraphDiagnostics(data, sigma=0.9)
         again.restore(fed)
-        np.testing.assert_array_equal(again.first_edges, diag.first_edges)
+        np.testing.assert_array_equal(again.first_edges, expected)
 
 
 def test_fed_itemknn_diagnostics_count_the_pairs_it_broadcasts(compose_cfg):
@@ -157,4 +163,17 @@ def test_fed_itemknn_diagnostics_count_the_pairs_it_broadcasts(compose_cfg):
     stats = module.run_round()
     sent = module.broadcast.global_sim
     assert stats["diag/edges"] == float(torch.count_nonzero(torch.triu(sent, diagonal=1))) > 0
-    assert "diag/nmi_genre" not in stats and -1.0 <= stats["diag/spearman_cooccurrence"] <= 1.0
+    assert "diag/nmi_genre" not in stats
+    # Spearman of the server's S_g with the training co-occurrence share over the pairs j < k: the Pearson
+    # correlation of their average ranks (ties share the mean of their positions), computed in numpy
+    x = module.data.train_matrix().astype(float)
+    iu = np.triu_indices(x.shape[1], 1)
+
+    def average_ranks_np(v: np.ndarray) -> np.ndarray:
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        first = np.cumsum(counts) - counts + 1
+        return (first + (counts - 1) / 2)[inverse]
+
+    share = (x.T @ x / x.shape[0])[iu]
+    want = np.corrcoef(average_ranks_np(module.server_sim.double().numpy()[iu]), average_ranks_np(share))[0, 1]
+    assert stats["diag/spearman_cooccurrence"] == pytest.approx(want, abs=1e-9)
