@@ -3,6 +3,7 @@ resumable, one run per folder, checkpoints carry a digest, refused configs leave
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -75,7 +76,7 @@ def test_resume_refuses_a_corrupted_checkpoint(compose_cfg, tmp_path):
     run_dir = tmp_path / "run"
     train(compose_cfg(SYNTH + ["fl.rounds=2"]), run_dir, progress=False)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    assert read_record(ckpt)["sha256"] == sha256_file(ckpt)
+    assert read_record(ckpt)["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     with open(ckpt, "r+b") as fh:
         fh.truncate(ckpt.stat().st_size // 2)
     with pytest.raises(CheckpointError, match=rf"{ckpt} is corrupted or truncated.*restart"):
@@ -104,14 +105,15 @@ def test_one_run_per_folder(compose_cfg, tmp_path):
     assert snapshot(run_dir) == before
 
 
-def test_outputs_follow_the_umask(compose_cfg, tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_follow_the_umask(compose_cfg, tmp_path, mask, mode):
+    old = os.umask(mask)
     try:
         train(compose_cfg(SYNTH + ["fl.rounds=1"]), tmp_path / "run", progress=False)
     finally:
         os.umask(old)
     for name in ("results.json", "config_resolved.yaml", "csv/metrics.csv", "checkpoints/last.ckpt"):
-        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == mode, name
 
 
 def test_rejected_config_leaves_no_folder(tmp_path):
@@ -175,7 +177,7 @@ def test_sigterm_fails_and_stays_resumable(tmp_path, multirun):
     assert not (run_dir / "job1").exists()
     ckpt = job_dir / "checkpoints" / "last.ckpt"
     record = read_record(ckpt)
-    assert record["sha256"] == sha256_file(ckpt) and record["round"] >= 2
+    assert record["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest() and record["round"] >= 2
     command = next(line for line in text.splitlines() if line.startswith("python -m src.run"))
     assert f"hydra.run.dir={job_dir}" in command and command.endswith("resume=true")
     if not multirun:  # the printed command resumes the run (fewer rounds: the end of the run is its own choice)
@@ -375,7 +377,7 @@ def test_a_sigterm_after_the_save_decision_still_checkpoints_the_round(compose_c
     assert stopped.value.code == 143
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     record = read_record(ckpt)
-    assert record["round"] == 2 and record["sha256"] == sha256_file(ckpt)
+    assert record["round"] == 2 and record["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     monkeypatch.undo()
     resumed = train(compose_cfg(overrides + ["resume=true"]), run_dir, progress=False)
     assert [row["round"] for row in resumed["history"]] == [1, 2, 3, 4]
