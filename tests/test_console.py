@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from src.runtime.loggers import LEAFSPEC_WARNING, quiet_lightning
+from src.runtime.loggers import quiet_fit, quiet_lightning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,14 +52,14 @@ def test_only_the_leafspec_deprecation_is_ignored():
     leafspec = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and ...`"
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        warnings.filterwarnings("ignore", **LEAFSPEC_WARNING)
-        for message, category, module in [
-            (leafspec, FutureWarning, "lightning.pytorch.utilities._pytree"),
-            ("something else is deprecated", FutureWarning, "lightning.pytorch.utilities._pytree"),
-            (leafspec, FutureWarning, "src.clients.model"),
-            (leafspec, UserWarning, "lightning.pytorch.utilities._pytree"),
-        ]:
-            warnings.warn_explicit(message, category, "x.py", 1, module=module)
+        with quiet_fit():  # what a run's fit is wrapped in
+            for message, category, module in [
+                (leafspec, FutureWarning, "lightning.pytorch.utilities._pytree"),
+                ("something else is deprecated", FutureWarning, "lightning.pytorch.utilities._pytree"),
+                (leafspec, FutureWarning, "src.clients.model"),
+                (leafspec, UserWarning, "lightning.pytorch.utilities._pytree"),
+            ]:
+                warnings.warn_explicit(message, category, "x.py", 1, module=module)
     assert [(str(w.message), w.category) for w in seen] == [
         ("something else is deprecated", FutureWarning),
         (leafspec, FutureWarning),

@@ -46,10 +46,12 @@ def fake_cuda(monkeypatch):
     return calls
 
 
-def test_resolve_device():
+def test_resolve_device(monkeypatch):
     assert dev.resolve_device("cpu") == torch.device("cpu")
     assert dev.resolve_device("cuda:1") == torch.device("cuda:1")
-    assert dev.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for available, expected in ((True, "cuda"), (False, "cpu")):  # `auto`: the GPU when there is one
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert dev.resolve_device("auto") == torch.device(expected)
 
 
 def test_configure_on_cuda_is_deterministic(fake_cuda, monkeypatch):
