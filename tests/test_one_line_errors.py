@@ -95,14 +95,17 @@ IDS = [f"{m}:{' '.join(a)}" for m, a, _ in CASES]
 
 @pytest.mark.parametrize(("module", "args", "message", "case"), [(*c, i) for c, i in zip(CASES, IDS)], ids=IDS)
 def test_a_bad_input_is_one_line_and_exit_2(module, args, message, case, tmp_path, monkeypatch, capsys):
-    args = [*args, f"hydra.run.dir={tmp_path / 'run'}"] if module == "src.run" else args
+    # every place the command would write is under tmp_path: its run folder, its report, the caches
+    where = {"src.run": f"hydra.run.dir={tmp_path / 'run'}", "src.bench": f"bench.out={tmp_path / 'bench.json'}"}
+    where["src.audit"] = f"audit.out={tmp_path / 'audit.json'}"
+    args = [*args, where[module]] if module in where else args
     run = command if case in IN_A_PROCESS else lambda *a: in_process(*a, monkeypatch, capsys)
     out = run(module, args, tmp_path)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2, out.stderr[-2000:]
     assert lines == [lines[-1]] and lines[0].startswith("error: ") and message in lines[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr + out.stdout
-    assert not (tmp_path / "run").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "it started something"
 
 
 def test_full_error_shows_the_traceback(tmp_path):
@@ -167,13 +170,21 @@ def test_flower_simulation_with_more_nodes_than_clients_is_refused_first(tmp_pat
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_a_campaign_on_a_missing_gpu_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
-    out = in_process(
-        "src.campaign", ["experiment=table1", "--device", "cuda", "--dry-run"], tmp_path, monkeypatch, capsys
-    )
+    from src.cli import campaign
+
+    def never(*args, **kwargs):
+        raise AssertionError("the campaign planned or ran before refusing the device")
+
+    monkeypatch.setattr(campaign, "plan", never)
+    monkeypatch.setattr(campaign, "execute", never)
+    work = tmp_path / "work"
+    args = ["experiment=table1", "--device", "cuda", "--work", str(work)]
+    out = in_process("src.campaign", args, tmp_path, monkeypatch, capsys)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: device='cuda' is invalid; expected a device this machine has: CUDA is not available here (use "
         "device=auto or device=cpu)"
     ]
+    assert out.stdout == "" and not work.exists()
 
 
 def test_an_unwritable_output_folder_is_refused(tmp_path, monkeypatch):
