@@ -169,7 +169,12 @@ def test_verified_copy_says_verified_and_exact(compose_cfg, tmp_path: Path):
 @requires_real_data
 def test_verify_false_uses_modified_data_and_never_claims_exactness(compose_cfg, tmp_path: Path):
     folder = copy_dataset(tmp_path / "data", "filmtrust", ["ratings.txt"])
-    change_first_id(folder / "ratings.txt")
+    # line 2 (the paper protocol's lineage reader drops line 1) rates an item id no line has: the split holds it
+    lines = (folder / "ratings.txt").read_bytes().split(b"\n")
+    new_item = max(int(line.split(b" ")[1]) for line in lines if line.strip()) + 1
+    user, _, rating = lines[1].split(b" ")
+    lines[1] = b" ".join([user, str(new_item).encode(), rating])
+    (folder / "ratings.txt").write_bytes(b"\n".join(lines))
     common = [
         "dataset=filmtrust",
         "protocol=paper",
@@ -177,7 +182,9 @@ def test_verify_false_uses_modified_data_and_never_claims_exactness(compose_cfg,
         f"data.cache_dir='{tmp_path / 'cache'}'",
     ]
     for _ in range(2):  # a fresh build, then the cached split
-        s = load(compose_cfg([*common, "data.verify=false"])).summary()
+        data = load(compose_cfg([*common, "data.verify=false"]))
+        assert new_item in set(np.asarray(data.item_ids).tolist())  # the modified data is what was split
+        s = data.summary()
         assert s["verified"] is False and s["exact_lineage_split"] is False
         assert any("data.verify=false" in n and "ratings.txt" in n for n in s["notes"])
     with pytest.raises(DataIntegrityError):  # the cached split of modified data is not served as verified

@@ -9,6 +9,7 @@ from dataclasses import fields
 import pytest
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from src.cli.config import ConfigError, load_config, typed
 from src.cli.jobs import compose_runs
@@ -85,6 +86,20 @@ def test_every_group_is_a_typed_structured_config_in_the_config_store():
         assert f"{group.PATH or 'top'}.yaml" in stored
         typed_cfg = OmegaConf.structured(group)
         assert set(typed_cfg) == {f.name for f in fields(group)}
+    # typed: the stored node refuses a value of the wrong type for a typed key
+    node = stored["fl.yaml"].node
+    with pytest.raises(ValidationError):
+        OmegaConf.merge(node, {"rounds": "abc"})
+    checked = 0
+    for group in (*schema.GROUPS, schema.Ablation):
+        node = stored[f"{group.PATH or 'top'}.yaml"].node
+        for f in fields(group):
+            if f.type in (int, "int"):  # a plain integer key: text must not pass
+                with pytest.raises(ValidationError):
+                    OmegaConf.merge(node, {f.name: "not a number"})
+                checked += 1
+                break
+    assert checked >= 3
 
 
 def test_the_dataclass_checks_its_keys_in_post_init():
