@@ -316,3 +316,32 @@ def test_the_fed_itemknn_claim_words_each_dataset_from_its_figures(tmp_path):
         "2.00 points below it on ML-1M (58.00 (1 seed) vs 60.00 (1 seed)) and level with it on FilmTrust "
         "(92.50 (2 seeds) vs 89.50 (1 seed))"
     )
+
+
+def test_the_traffic_claim_reads_each_datasets_ratio_to_pfedrecs_changed_rows(tmp_path):
+    """fed_itemknn's bytes per client and round over PFedRec's counted as changed rows, per dataset, by hand: uploads
+    summed over the uploaders, downloads over the chosen clients; a dataset without PFedRec's rows run stays out."""
+    from src.analysis.report import traffic_verdict
+
+    def run(folder: str, dataset: str, ablation: str, up: float, down: float, tables: str | None = None) -> None:
+        config = {"seed": 0, "fl": {"rounds": 100}, "dataset": {"name": dataset}, "ablation": {"name": ablation}}
+        config |= {"protocol": {"name": "clean"}, "optim": {"name": "sgd"}, "comm": {"tables": tables}}
+        history = [
+            {"round": r, "val/hit@10": 0.5, "comm/uploaders": 4.0, "clients": 8.0}
+            | {"comm/upload_bytes_total": 4 * up, "comm/download_bytes_total": 8 * down}
+            for r in (1, 2)
+        ]
+        fake_run(tmp_path / folder, config=config, dataset=dataset, ablation=ablation, history=history)
+
+    assert traffic_verdict(tmp_path, "fed_itemknn") == ""
+    run("traffic/ml-100k/backbone/clean/rows/seed0", "ml-100k", "backbone", 100.0, 300.0, "rows")
+    run("graph_variants/ml-100k/fed_itemknn/clean/default/seed0", "ml-100k", "fed_itemknn", 50.0, 750.0)
+    run("graph_variants/filmtrust/fed_itemknn/clean/default/seed0", "filmtrust", "fed_itemknn", 10.0, 10.0)
+    # ML-100K: (50 + 750) / (100 + 300) = 2; FilmTrust has no PFedRec rows run to compare with
+    assert traffic_verdict(tmp_path, "fed_itemknn") == (
+        "counted as sent, it moves 2.00 times (ML-100K) the bytes of PFedRec sending its changed rows"
+    )
+    run("traffic/filmtrust/backbone/clean/rows/seed0", "filmtrust", "backbone", 30.0, 50.0, "rows")
+    assert traffic_verdict(tmp_path, "fed_itemknn").endswith(
+        "2.00 times (ML-100K) and 0.25 times (FilmTrust) the bytes of PFedRec sending its changed rows"
+    )
