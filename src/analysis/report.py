@@ -387,32 +387,35 @@ def cell_row(table: list[dict], dataset: str, method: str, protocol: str, optim:
 LEVEL_POINTS = 1.0  # two hit@10 means this close (or within their seeds' summed std) are "level"
 
 
-def versus(ours: dict, theirs: dict, name: str) -> str:
-    """`level with <name>` or `<x> points below/above <name>`: hit@10 of two summary rows, level when the means
-    differ by at most LEVEL_POINTS or by at most the sum of their seed stds (a one-seed row has std 0)."""
+def gap(ours: dict, theirs: dict) -> float | None:
+    """hit@10 of two summary rows, ours minus theirs in points; None when level: the means differ by at most
+    LEVEL_POINTS or by at most the sum of their seed stds (a one-seed row has std 0)."""
     diff = ours["test/hit@10"] - theirs["test/hit@10"]
-    if abs(diff) <= max(LEVEL_POINTS, ours["test/hit@10 std"] + theirs["test/hit@10 std"]):
-        return f"level with {name}"
-    return f"{abs(diff):.2f} points {'below' if diff < 0 else 'above'} {name}"
+    return None if abs(diff) <= max(LEVEL_POINTS, ours["test/hit@10 std"] + theirs["test/hit@10 std"]) else diff
 
 
 def fed_itemknn_verdict(table: list[dict]) -> str:
     """`fed_itemknn` (Adam) against PFedRec with the lineage engine under the clean protocol, on every dataset where
-    both are stored, each comparison worded from its figures (`versus`)."""
-    found = []  # (verdict against PFedRec, verdict against "it", dataset name, "ours vs theirs")
+    both are stored, each comparison worded from its figures (`gap`)."""
+    found = []  # (dataset name, the gap or None when level, "ours vs theirs")
     for dataset, name in bench_tables.NAMES.items():
         ours = cell_row(table, dataset, "fed_itemknn", "clean", "adam")
         theirs = cell_row(table, dataset, "backbone", "clean", "sgd")
         if ours and theirs:
             figures = " vs ".join(claim_figure(r["test/hit@10"], r["seeds"]) for r in (ours, theirs))
-            found.append((versus(ours, theirs, "PFedRec"), versus(ours, theirs, "it"), name, figures))
+            found.append((name, gap(ours, theirs), figures))
     if not found:
         return "has no clean-protocol run beside PFedRec's yet"
-    if all(first == "level with PFedRec" for first, *_ in found):
-        listed = ", ".join(f"{name} {figures}" for *_, name, figures in found)
+    if all(diff is None for _, diff, _ in found):
+        listed = ", ".join(f"{name} {figures}" for name, _, figures in found)
         return f"is level with PFedRec under the clean protocol without sharing an embedding ({listed})"
-    said = [f"{found[0][0]} on {found[0][2]} ({found[0][3]})"]
-    said += [f"{again} on {name} ({figures})" for _, again, name, figures in found[1:]]
+    said = []
+    for i, (name, diff, figures) in enumerate(found):
+        who = "PFedRec" if i == 0 else "it"
+        verdict = (
+            f"level with {who}" if diff is None else f"{abs(diff):.2f} points {'below' if diff < 0 else 'above'} {who}"
+        )
+        said.append(f"{verdict} on {name} ({figures})")
     listed = said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
     return f"shares no embedding and, under the clean protocol, is {listed}"
 
