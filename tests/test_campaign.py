@@ -262,11 +262,14 @@ def test_cost_estimate_takes_the_newest_stored_runs_of_the_kind():
 
 def test_cost_estimate_takes_the_fastest_matching_bench_report(tmp_path):
     """Without stored runs of its kind a run is costed from bench reports of its dataset and kind (the fastest:
-    older reports measured slower code), scaled to all clients and to two one-thread jobs side by side."""
+    older reports measured slower code), scaled to all clients and by the torch threads each report ran with over
+    the job's (a report without them: two threads)."""
 
-    def report(name: str, dataset: str, ablation: str, train: float, share: float) -> None:
+    def report(name: str, dataset: str, ablation: str, train: float, share: float, threads: int | None = None) -> None:
         secs = {"train": train, "aggregate": 1.0, "eval": 0.5, "community": 0.1, "sample": 0.0, "round": 9.9}
         body = {"dataset": dataset, "ablation": ablation, "overrides": [], "config": {"client_fraction": share}}
+        if threads is not None:
+            body["device"] = {"name": "cpu", "torch_threads": threads}
         (tmp_path / name).write_text(json.dumps({**body, "seconds_per_round": secs}))
 
     report("ml-1m_old.json", "ml-1m", "full", 20.0, 0.05)
@@ -283,6 +286,11 @@ def test_cost_estimate_takes_the_fastest_matching_bench_report(tmp_path):
     assert campaign.seconds_per_round(knn, [], tmp_path) == pytest.approx(2.0 * ((3.0 + 1.0) / 0.1 + 0.6))
     report("native_ml-1m_fed_itemknn.json", "ml-1m", "fed_itemknn", 0.5, 0.1)
     assert campaign.seconds_per_round(knn, [], tmp_path) == pytest.approx(2.0 * ((0.5 + 1.0) / 0.1 + 0.6))
+    # the same figures measured with one torch thread are one one-thread job's time as they stand (not doubled), so
+    # that report now costs the plain run; a two-thread job takes half of it
+    report("touched_ml-1m_backbone.json", "ml-1m", "backbone", 0.2, 1.0, threads=1)
+    assert campaign.seconds_per_round(plain, [], tmp_path) == pytest.approx(0.2 + 1.0 + 0.6)
+    assert campaign.seconds_per_round(plain, [], tmp_path, threads=2) == pytest.approx((0.2 + 1.0 + 0.6) / 2)
     # a report of the same method in another alignment mode is no measurement of it: the exact run keeps the scaled
     # fallback (no exact report of ML-1M here), not the fast report of `full`
     exact = {**config, "ablation": {"ica": True, "gsa": True, "name": "full", "method": "alignfedrec"}}

@@ -133,7 +133,8 @@ def seconds_per_round(
     (each scaled by the torch threads it ran with over `threads`: a run that had both cores alone took about half
     a one-thread job's time), else bench reports of the dataset (of the same method when there are some, else of
     the same kind; a method that uploads similarities without aligning is costed as an aligned run, its sums being
-    most of a round), else scaled from ML-100K. Older runs and bench reports measured slower implementations: of
+    most of a round; each scaled the same way by the torch threads it recorded, two where it recorded none), else
+    scaled from ML-100K. Older runs and bench reports measured slower implementations: of
     stored runs the three stored last count, of bench reports the fastest."""
     kind = run_kind(config)
     ds, aligned, mode = kind[:3]
@@ -157,7 +158,8 @@ def seconds_per_round(
         alike = bench_aligned if uploads and not aligned else bench_aligned == aligned and bench_mode in (mode, "-")
         same = bench.get("ablation") == kind[3] and bench_mode in (mode, "-")
         if alike or same:
-            benched.append((same, 2.0 * estimated_round_seconds(bench)))  # two jobs side by side
+            bench_threads = (bench.get("device") or {}).get("torch_threads") or 2
+            benched.append((same, estimated_round_seconds(bench) * bench_threads / threads))
     if benched:
         own = [secs for same, secs in benched if same]
         return min(own or [secs for _, secs in benched])
