@@ -16,6 +16,7 @@ from src.data.download import (
     SOURCES,
     ChecksumError,
     DatasetSource,
+    DownloadError,
     FileSpec,
     download,
     file_digests,
@@ -164,7 +165,7 @@ def test_corrupted_git_blob_member_is_caught(tmp_path: Path) -> None:
 def test_missing_member_leaves_nothing(tmp_path: Path) -> None:
     archive = make_archive(tmp_path / "fake.zip", {"ratings.csv": FAKE_FILES["ratings.csv"]})
     dest = tmp_path / "dest"
-    with pytest.raises(RuntimeError, match="items.csv"):
+    with pytest.raises(DownloadError, match="items.csv"):
         download(make_source(), dest, url=archive.as_uri())
     assert all_files(dest) == []
 
@@ -192,7 +193,7 @@ def test_redownload_is_skipped_when_files_verify(tmp_path: Path, server: _Server
 
 def test_network_error_names_url_and_manual_route(tmp_path: Path, server: _Server) -> None:
     url = server.url("absent.zip")
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(DownloadError) as info:
         download(make_source(), tmp_path / "dest", url=url)
     assert url in str(info.value)
     assert "data.root" in str(info.value)
@@ -202,7 +203,7 @@ def test_network_error_names_url_and_manual_route(tmp_path: Path, server: _Serve
 def test_not_a_zip_is_rejected(tmp_path: Path) -> None:
     page = tmp_path / "page.zip"
     page.write_bytes(b"<html>moved</html>")
-    with pytest.raises(RuntimeError, match=r"did not give a valid zip archive"):
+    with pytest.raises(DownloadError, match=r"did not give a valid zip archive"):
         download(make_source(), tmp_path / "dest", url=page.as_uri())
     assert all_files(tmp_path / "dest") == []
 

@@ -197,3 +197,48 @@ def test_an_unwritable_output_folder_is_refused(tmp_path, monkeypatch):
         ConfigError, match=rf"hydra.run.dir={tmp_path}/x: {tmp_path} is not writable; expected a folder"
     ):
         jobs.check_output_dir("hydra.run.dir", str(tmp_path / "x"))
+
+
+def test_a_data_root_without_the_dataset_is_refused_before_any_job_starts(tmp_path, monkeypatch, capsys):
+    sweep, empty = tmp_path / "sweep", tmp_path / "nodata"
+    args = ["-m", "dataset=filmtrust,ml-100k", f"data.root={empty}", "fl.rounds=1", f"hydra.sweep.dir={sweep}"]
+    out = in_process("src.run", args, tmp_path, monkeypatch, capsys)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        f"error: job 0 of 2 (dataset=filmtrust data.root={empty} fl.rounds=1 hydra.sweep.dir={sweep}): "
+        f"data.root='{empty}': "
+        f"{empty / 'filmtrust'} lacks the files of dataset 'filmtrust'; expected one of [['ratings.txt']]"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "it started something"
+
+
+def test_a_data_variable_that_is_no_folder_is_refused_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ALIGNFEDREC_DATA", str(tmp_path / "absent"))
+    out = in_process("src.run", ["fl.rounds=1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(f"error: $ALIGNFEDREC_DATA='{tmp_path / 'absent'}': ") and "; expected a data root" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_dataset_found_nowhere_and_not_downloadable_is_one_line(tmp_path, monkeypatch, capsys):
+    """A fresh clone without ../shared/data and without network: the download's failure says how to supply the data,
+    and the run leaves no folder and no file behind."""
+    import urllib.error
+    import urllib.request
+
+    from src.data import paths
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(paths, "SHARED_DATA", tmp_path / "no-shared-data")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    run = tmp_path / "run"
+    args = ["dataset=ml-100k", "fl.rounds=1", f"hydra.run.dir={run}"]
+    out = in_process("src.run", args, tmp_path, monkeypatch, capsys)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: could not download https://files.grouplens.org/datasets/movielens/ml-100k.zip: ")
+    assert "; expected the dataset under ../shared/data" in line and "data.root" in line
+    assert not run.exists() and [p for p in tmp_path.rglob("*") if p.is_file()] == []

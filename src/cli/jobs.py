@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from src.cli.config import CONF_DIR, ConfigError, refuse_moved, renamed, validate
 from src.config.identity import flatten
+from src.data.dataset import check_located
 from src.runtime.errors import reported
 
 # hydra's flags that take no value and leave the config as it is; any other flag skips the check (Hydra's own)
@@ -179,6 +180,7 @@ def check_command_line(argv: list[str], checks: Callable[[DictConfig], None] | N
         with reported(prefix):
             cfg = compose_runs([job])[0]
             validate(cfg)
+            check_located(cfg)
             if checks is not None:  # what the command's engine refuses (simulator or Flower app)
                 checks(cfg)
     return argv

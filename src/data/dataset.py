@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.data import raw
 from src.data.download import KNOWN_FILES, digest_mismatch, file_digests, verify_known
-from src.data.paths import resolve_dataset_dir
+from src.data.paths import candidate_roots, resolve_dataset_dir
 from src.data.protocols import all_interactions, draw_eval_negatives, interaction_matrix
 from src.data.split import dedupe_pairs, filter_min_interactions, leave_one_out
 from src.data.synthetic import planted_communities
@@ -155,6 +155,17 @@ def locate(dataset: DictConfig, root: str | None) -> tuple[Path, list[Path]]:
     folder = resolve_dataset_dir(name, [files for files, _ in layouts], root)
     files = next(files for files, _ in layouts if all((folder / f).is_file() for f in files))
     return folder, [folder / f for f in files]
+
+
+def check_located(cfg: DictConfig) -> None:
+    """Before any job starts: a real dataset is where `data.root` (or $ALIGNFEDREC_DATA) says; one found in none of
+    the roots is left to the download, which fails in one line too (`DataNotFound`, `DownloadError`)."""
+    if cfg.dataset.name == "synthetic":
+        return
+    if cfg.data.root:
+        locate(cfg.dataset, str(cfg.data.root))
+    else:
+        candidate_roots(None)
 
 
 def read_located(name: str, folder: Path, files: list[Path], lineage_quirks: bool) -> raw.RawRatings:

@@ -319,15 +319,19 @@ def _is_complete(source: DatasetSource, folder: Path) -> bool:
     return True
 
 
+class DownloadError(UserError, RuntimeError):
+    """A dataset archive could not be fetched (no network, a moved URL): one line saying how to supply it by hand."""
+
+
 def _fetch(url: str, target: Path, timeout: float) -> None:
-    """Stream `url` into the file `target`, turning network failures into a helpful RuntimeError."""
+    """Stream `url` into the file `target`, turning network failures into a DownloadError."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
             shutil.copyfileobj(response, out, CHUNK_SIZE)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        raise RuntimeError(
-            f"could not download {url}: {exc}. You can download the archive by hand, extract it, "
-            f"and set `data.root` (or {DATA_ENV_VAR}) to the folder that holds the dataset folder."
+        raise DownloadError(
+            f"could not download {url}: {exc}; expected the dataset under ../shared/data, or the archive downloaded "
+            f"by hand and extracted, with `data.root` (or ${DATA_ENV_VAR}) set to the folder that holds its folder"
         ) from exc
 
 
@@ -346,9 +350,9 @@ def _find_member(archive: zipfile.ZipFile, member: str) -> zipfile.ZipInfo:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise RuntimeError(f"archive has no member {member!r}")
+        raise DownloadError(f"archive has no member {member!r}; expected the archive of the dataset's source")
     names = ", ".join(info.filename for info in matches)
-    raise RuntimeError(f"archive has several members named {basename!r}: {names}")
+    raise DownloadError(f"archive has several members named {basename!r}: {names}; expected exactly one")
 
 
 def _extract_verified(source: DatasetSource, archive_path: Path, staging: Path, url: str) -> None:
@@ -367,7 +371,7 @@ def _extract_verified(source: DatasetSource, archive_path: Path, staging: Path, 
                         f"{spec.target} (member {info.filename} of {url})", exc.algorithm, exc.expected, exc.found, url
                     ) from None
     except zipfile.BadZipFile as exc:
-        raise RuntimeError(f"{url} did not give a valid zip archive: {exc}") from exc
+        raise DownloadError(f"{url} did not give a valid zip archive: {exc}; expected a zip file") from exc
 
 
 def download(name: str | DatasetSource, dest_root: Path, *, url: str | None = None, timeout: float = 60.0) -> Path:

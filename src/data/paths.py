@@ -7,10 +7,15 @@ from pathlib import Path
 
 from src.data.download import download
 from src.runtime.cache import default_cache_dir
+from src.runtime.errors import UserError
 
 ENV_VAR = "ALIGNFEDREC_DATA"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+class DataNotFound(UserError, FileNotFoundError):
+    """A dataset's files are not where the config, the environment or the defaults say (one line, exit 2)."""
 
 
 def candidate_roots(config_root: str | None) -> list[tuple[str, Path]]:
@@ -24,9 +29,9 @@ def candidate_roots(config_root: str | None) -> list[tuple[str, Path]]:
     if os.environ.get(ENV_VAR):
         env_root = Path(os.environ[ENV_VAR]).expanduser()
         if not env_root.is_dir():
-            raise FileNotFoundError(
-                f"${ENV_VAR}={os.environ[ENV_VAR]!r}: {env_root} is not an existing folder; set it to a data root "
-                f"holding <dataset>/ folders, or unset it to use ../shared/data or the download cache"
+            raise DataNotFound(
+                f"${ENV_VAR}={os.environ[ENV_VAR]!r}: {env_root} is not an existing folder; expected a data root "
+                f"holding <dataset>/ folders, or the variable unset to use ../shared/data or the download cache"
             )
         roots.append((ENV_VAR, env_root))
     if SHARED_DATA.is_dir():
@@ -50,10 +55,12 @@ def resolve_dataset_dir(
             return folder
         tried.append(f"{folder} ({rule})")
         if rule == "data.root":
-            raise FileNotFoundError(
+            raise DataNotFound(
                 f"data.root={config_root!r}: {folder} lacks the files of dataset {name!r}; expected one of {required}"
             )
         if rule == "download cache" and allow_download:
             download(name, root)
             return folder
-    raise FileNotFoundError(f"dataset {name!r} not found; looked in: " + "; ".join(tried))
+    raise DataNotFound(
+        f"dataset {name!r} not found; looked in: " + "; ".join(tried) + f"; expected one of {required} in one of them"
+    )
