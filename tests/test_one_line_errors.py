@@ -75,6 +75,17 @@ CASES = [
         "flower.secagg=true: secure aggregation hides each upload from a server in another process, and the "
         "simulator has none; expected flower.secagg=false",
     ),
+    ("src.run", ["dataset=synthetic", "resume=true"], "resume=True: no checkpoint at "),
+    (
+        "src.run",
+        ["dataset=synthetic", "protocol.eval_negatives=100000"],
+        "protocol.eval_negatives=100000 is too large for synthetic: user index ",
+    ),
+    (
+        "src.run",
+        ["dataset=synthetic", "dataset.min_user_rows=100000"],
+        "dataset.min_user_rows=100000 leaves no user of synthetic (the most rows a user has: ",
+    ),
     ("src.campaign", ["experiment=table1", "--jobs", "-1"], "--jobs -1 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=table1", "--budget-min", "-5"], "--budget-min -5.0 is invalid; expected a number"),
     ("src.campaign", ["store", "/nonexistent"], "store needs --experiment; expected the usage of"),

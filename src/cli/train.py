@@ -44,6 +44,10 @@ class ResumeError(UserError, RuntimeError):
     """A resume that would continue a run under another config or other data; names what differs."""
 
 
+class NoCheckpoint(UserError, FileNotFoundError):
+    """`resume=` names a folder or file that holds no checkpoint."""
+
+
 def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     """`resume=true`: this run folder's last checkpoint; `resume=<run folder or .ckpt>`: that one."""
     if cfg.resume in (False, None):
@@ -51,9 +55,9 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     target = run_dir if cfg.resume is True else Path(str(cfg.resume))
     path = target if target.suffix == ".ckpt" else target / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"resume={cfg.resume!r}: no checkpoint at {path}; pass hydra.run.dir=<the run "
-            f"folder> resume=true, or resume=<path to last.ckpt>"
+        raise NoCheckpoint(
+            f"resume={cfg.resume!r}: no checkpoint at {path}; expected hydra.run.dir=<the run folder> resume=true, "
+            f"or resume=<path to last.ckpt>"
         )
     return path
 

@@ -21,6 +21,7 @@ from src.data.split import dedupe_pairs, filter_min_interactions, leave_one_out
 from src.data.synthetic import planted_communities
 from src.runtime.atomic import atomic_path
 from src.runtime.cache import default_cache_dir
+from src.runtime.checks import ConfigError
 from src.runtime.errors import UserError
 
 # 2: the .npz holds `digest` (sha256 of its arrays) and `exact`; 3: `item_ids` (original id of each item index)
@@ -310,6 +311,12 @@ def build(
         ratings, community = read_located(dataset.name, folder, files, bool(protocol.lineage_quirks)), None
     frame = ratings.frame
     notes = list(ratings.notes)
+    most = int(frame.groupby("user").size().max()) if len(frame) else 0
+    if int(dataset.min_user_rows) > most:
+        raise ConfigError(
+            f"dataset.min_user_rows={dataset.min_user_rows} leaves no user of {dataset.name} (the most rows a user "
+            f"has: {most}); expected at most {most}"
+        )
     frame = filter_min_interactions(frame, int(dataset.min_user_rows))
     if protocol.dedupe_pairs:
         before = len(frame)
@@ -325,6 +332,14 @@ def build(
         loo.n_users, loo.n_items, loo.train_users, loo.train_items, loo.val_items, loo.test_items
     )
     half = int(protocol.eval_negatives)
+    available = interacted.shape[1] - interacted.sum(axis=1)
+    if available.min() < 2 * half:
+        user = int(available.argmin())
+        raise ConfigError(
+            f"protocol.eval_negatives={half} is too large for {dataset.name}: user index {user} has "
+            f"{available[user]} never-interacted items and the protocol draws {half} for validation and {half} for "
+            f"test; expected at most {available.min() // 2}"
+        )
     negatives = draw_eval_negatives(interacted, 2 * half, seed)
     if community is not None:
         community = community[loo.item_ids]
