@@ -200,14 +200,46 @@ def test_a_campaign_on_a_missing_gpu_is_refused_before_any_run(tmp_path, monkeyp
 
 def test_an_unwritable_output_folder_is_refused(tmp_path, monkeypatch):
     """(root writes anywhere, so the folder's permission bits cannot show it here: os.access stands in)"""
-    from src.cli import jobs
-    from src.cli.config import ConfigError
+    from src.runtime import checks
 
-    monkeypatch.setattr(jobs.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(checks.os, "access", lambda path, mode: False)
     with pytest.raises(
-        ConfigError, match=rf"hydra.run.dir={tmp_path}/x: {tmp_path} is not writable; expected a folder"
+        checks.ConfigError, match=rf"hydra.run.dir={tmp_path}/x: {tmp_path} is not writable; expected a folder"
     ):
-        jobs.check_output_dir("hydra.run.dir", str(tmp_path / "x"))
+        checks.check_output_dir("hydra.run.dir", str(tmp_path / "x"))
+    with pytest.raises(checks.ConfigError, match=rf"bench.out={tmp_path}/b.json: {tmp_path} is not writable"):
+        checks.check_output_file("bench.out", str(tmp_path / "b.json"))
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        ("src.bench", ["bench.out={file}/x.json"], "bench.out={file}/x.json: {file} is a file; expected a path under"),
+        ("src.audit", ["audit.out={file}/a.json"], "audit.out={file}/a.json: {file} is a file; expected a path under"),
+        ("src.plots", ["curves", "results/runs", "--out", "{file}/p"], "--out={file}/p: {file} is a file; expected a"),
+    ],
+    ids=["bench under a file", "audit under a file", "plots under a file"],
+)
+def test_an_output_path_a_command_cannot_write_is_refused_before_it_works(
+    module, args, message, tmp_path, monkeypatch, capsys
+):
+    """The report's path is checked first: the bench or audit would otherwise run to the end and then fail to write."""
+    from src.analysis import audit
+    from src.perf import bench
+
+    def never(*a, **k):
+        raise AssertionError("the command worked before refusing its output path")
+
+    monkeypatch.setattr(bench, "bench", never)
+    monkeypatch.setattr(audit, "audit", never)
+    (tmp_path / "afile").write_text("")
+    fill = {"file": tmp_path / "afile"}
+    args = ["dataset=synthetic", *args] if module != "src.plots" else args
+    out = in_process(module, [a.format(**fill) for a in args], tmp_path, monkeypatch, capsys)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [out.stderr.strip().splitlines()[-1]]
+    assert out.stderr.strip().startswith("error: " + message.format(**fill)), out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_a_data_root_without_the_dataset_is_refused_before_any_job_starts(tmp_path, monkeypatch, capsys):

@@ -40,6 +40,7 @@ from src.cli.config import ConfigError, load_config, validate
 from src.data.dataset import load
 from src.methods.base import build_method
 from src.rounds.simulator import FederatedModule, fit_rounds
+from src.runtime.checks import check_output_file
 from src.runtime.results import publish_report, select_key
 from src.server.global_similarity import SimilaritySum
 
@@ -350,6 +351,8 @@ def default_out(cfg: DictConfig) -> str:
 def main(argv: list[str]) -> dict[str, Any]:
     """Compose the config from `argv`, run the audit, print the table, write `audit.out`."""
     cfg = load_config(argv)
+    out = str(cfg.audit.out or default_out(cfg))
+    check_output_file("audit.out", out)
     report = audit(cfg, argv)
-    publish_report(cfg.audit.out or default_out(cfg), report, table(report))
+    publish_report(out, report, table(report))
     return report

@@ -29,6 +29,7 @@ from typing import Any
 
 from src.analysis.runs import load_runs
 from src.config.schema import MOVED
+from src.runtime.checks import check_output_dir
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.results import atomic_write_text, selection_of
 
@@ -440,6 +441,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     matplotlib.use("Agg")
     out = args.out or Path("results") / args.kind
+    check_output_dir("--out", str(out))
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(args.folders)
     if not runs:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -22,6 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from src.cli.config import CONF_DIR, ConfigError, refuse_moved, renamed, validate
 from src.config.identity import flatten
 from src.data.dataset import check_located
+from src.runtime.checks import check_output_dir
 from src.runtime.errors import reported
 
 # hydra's flags that take no value and leave the config as it is; any other flag skips the check (Hydra's own)
@@ -147,19 +146,6 @@ def command_jobs(argv: list[str]) -> list[list[str]] | None:
     params = hydra.sweeper.params
     grid = {} if params is None else OmegaConf.to_container(params, resolve=False)
     return grid_jobs({str(k): str(v) for k, v in grid.items()}, overrides)
-
-
-def check_output_dir(key: str, folder: str) -> None:
-    """`hydra.run.dir` / `hydra.sweep.dir` must be a folder this process can create or write: checked before Hydra
-    creates it (which would end in a raw OSError)."""
-    path = Path(folder).expanduser().absolute()
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{key}={folder}: {probe} is a file; expected a folder (or a path under one)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={folder}: {probe} is not writable; expected a folder this user can write")
 
 
 def check_command_line(argv: list[str], checks: Callable[[DictConfig], None] | None = None) -> list[str]:

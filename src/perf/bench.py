@@ -53,6 +53,7 @@ from src.clients.reference import ExactAlignment, client_batches, make_client, t
 from src.data.dataset import load
 from src.rounds.simulator import FederatedModule
 from src.runtime import native
+from src.runtime.checks import check_output_file
 from src.runtime.device import COUNTERS, device_info, peak_rss_mib
 from src.runtime.results import publish_report, select_key
 
@@ -446,6 +447,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     write `bench.out`."""
     cfg = load_config(argv)
     validate(cfg)
+    check_output_file("bench.out", str(cfg.bench.out))
     before = baseline_report(cfg, argv) if cfg.bench.baseline is not None else None
     report = bench(cfg, argv)
     if before is not None:

@@ -26,6 +26,7 @@ import torch
 from src.cli.config import load_config
 from src.data.dataset import load
 from src.rounds.simulator import FederatedModule
+from src.runtime.checks import check_output_file
 from src.runtime.errors import OneLineParser
 from src.runtime.results import publish_report
 from src.server.communities import adjusted_rand_index
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run (e.g. dataset.n_users=30)")
     ns = parser.parse_args(argv)
     load_config([f"device={ns.device}"])  # device=cuda without a GPU is refused here, before any data is read
+    check_output_file("--out", ns.out)
     report = check(ns.datasets.split(","), ns.device, ns.clients, ns.rtol, not ns.no_full, ns.overrides)
     publish_report(ns.out, report, "gpu-check: " + ("all paths agree" if report["ok"] else "SOME PATHS DIFFER"))
     return 0 if report["ok"] else 1

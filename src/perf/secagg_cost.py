@@ -39,6 +39,7 @@ from src.flower.inprocess import InProcessGrid, flower_task
 from src.flower.secagg import VECTOR_RECORD, SecAggSettings, secure_sum
 from src.flower.server_app import serve
 from src.methods.base import build_method
+from src.runtime.checks import check_output_file
 from src.runtime.device import resolve_device
 from src.runtime.results import atomic_write_text, best_round, publish_report, select_key
 
@@ -138,6 +139,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "--out", default=None, help="the JSON report (default results/secagg/<dataset>_<ablation>.json)"
     )
     args, overrides = parser.parse_known_args(argv)
+    if args.out is not None:
+        check_output_file("--out", args.out)
     report = measure(overrides)
     out = args.out or f"results/secagg/{report['dataset']}_{report['ablation']}.json"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
