@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.data import raw
 from src.data.download import KNOWN_FILES, digest_mismatch, file_digests, verify_known
 from src.data.paths import candidate_roots, resolve_dataset_dir
-from src.data.protocols import all_interactions, draw_eval_negatives, interaction_matrix
+from src.data.protocols import TooFewNegatives, all_interactions, draw_eval_negatives, interaction_matrix
 from src.data.split import dedupe_pairs, filter_min_interactions, leave_one_out
 from src.data.synthetic import planted_communities
 from src.runtime.atomic import atomic_path
@@ -332,15 +332,14 @@ def build(
         loo.n_users, loo.n_items, loo.train_users, loo.train_items, loo.val_items, loo.test_items
     )
     half = int(protocol.eval_negatives)
-    available = interacted.shape[1] - interacted.sum(axis=1)
-    if available.min() < 2 * half:
-        user = int(available.argmin())
+    try:
+        negatives = draw_eval_negatives(interacted, 2 * half, seed)
+    except TooFewNegatives as err:
         raise ConfigError(
-            f"protocol.eval_negatives={half} is too large for {dataset.name}: user index {user} has "
-            f"{available[user]} never-interacted items and the protocol draws {half} for validation and {half} for "
-            f"test; expected at most {available.min() // 2}"
-        )
-    negatives = draw_eval_negatives(interacted, 2 * half, seed)
+            f"protocol.eval_negatives={half} is too large for {dataset.name}: user index {err.user} has "
+            f"{err.available} never-interacted items and the protocol draws {half} for validation and {half} for "
+            f"test; expected at most {err.available // 2}"
+        ) from None
     if community is not None:
         community = community[loo.item_ids]
     data = FedData(

@@ -39,6 +39,17 @@ def all_interactions(
     return mat
 
 
+class TooFewNegatives(ValueError):
+    """A user has fewer never-interacted items (`available`) than the evaluation negatives asked for (`count`)."""
+
+    def __init__(self, user: int, available: int, count: int) -> None:
+        self.user, self.available, self.count = user, available, count
+        super().__init__(
+            f"user index {user} has only {available} never-interacted items; the protocol needs {count} evaluation "
+            f"negatives"
+        )
+
+
 def draw_eval_negatives(interacted: np.ndarray, count: int, seed: int, chunk: int = 1024) -> np.ndarray:
     """Draw `count` distinct never-interacted items per user, uniformly, in a random order.
 
@@ -48,11 +59,7 @@ def draw_eval_negatives(interacted: np.ndarray, count: int, seed: int, chunk: in
     n_users, n_items = interacted.shape
     available = n_items - interacted.sum(axis=1)
     if available.min() < count:
-        u = int(np.argmin(available))
-        raise ValueError(
-            f"user index {u} has only {available[u]} never-interacted items; "
-            f"the protocol needs {count} evaluation negatives"
-        )
+        raise TooFewNegatives(int(np.argmin(available)), int(available.min()), count)
     rng = np.random.default_rng(seed)
     out = np.empty((n_users, count), dtype=np.int64)
     for start in range(0, n_users, chunk):
