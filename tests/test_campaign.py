@@ -260,6 +260,36 @@ def test_cost_estimate_takes_the_newest_stored_runs_of_the_kind():
     assert campaign.seconds_per_round(sgd, stored) == pytest.approx(9.0)
 
 
+ROUND_PARTS = ("train", "aggregate", "eval", "community", "server")
+
+
+def test_cost_estimate_of_an_aligned_ablation_takes_a_stored_sibling_before_bench_reports(tmp_path):
+    """With no stored run of its own ablation, an aligned run is costed from stored runs of another aligned ablation
+    alike in all else (not from the unaligned backbone, another engine or another dataset), before any bench report;
+    an unaligned run never borrows from a sibling."""
+    (tmp_path / "b.json").write_text(
+        json.dumps({"dataset": "ml-1m", "ablation": "full", "seconds_per_round": dict.fromkeys(ROUND_PARTS, 1.0)})
+    )
+    stored = [
+        {"kind": ("ml-1m", True, "fast", "no_ica", "auto", "sgd"), "mean_round_s": 100.0, "stored_at": "2026-12-01"},
+        {"kind": ("ml-1m", True, "fast", "no_gsa", "auto", "sgd"), "mean_round_s": 120.0, "stored_at": "2026-12-02"},
+        {"kind": ("ml-1m", True, "fast", "no_gsa", "auto", "adam"), "mean_round_s": 50.0, "stored_at": "2026-12-03"},
+        {"kind": ("ml-1m", False, "-", "backbone", "auto", "sgd"), "mean_round_s": 5.0, "stored_at": "2026-12-04"},
+        {"kind": ("ml-100k", True, "fast", "full", "auto", "sgd"), "mean_round_s": 9.0, "stored_at": "2026-12-05"},
+    ]
+    full = {
+        "dataset": {"name": "ml-1m"},
+        "ablation": {"ica": True, "gsa": True, "name": "full"},
+        "model": {"alignment": "fast"},
+        "device": "auto",
+        "optim": {"name": "sgd"},
+    }
+    assert campaign.seconds_per_round(full, stored, tmp_path) == pytest.approx((100.0 + 120.0) / 2)
+    assert campaign.seconds_per_round(full, stored[2:], tmp_path) == pytest.approx(2.0 * 5.0)  # bench: 5 s on 2 threads
+    fedavg = {**full, "ablation": {"name": "fedavg"}}
+    assert campaign.seconds_per_round(fedavg, stored[:3], tmp_path) == pytest.approx(6040 * 3706 / (943 * 1682))
+
+
 def test_cost_estimate_takes_the_fastest_matching_bench_report(tmp_path):
     """Without stored runs of its kind a run is costed from bench reports of its dataset and kind (the fastest:
     older reports measured slower code), scaled to all clients and by the torch threads each report ran with over

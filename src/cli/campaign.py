@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -131,21 +132,28 @@ def seconds_per_round(
 ) -> float:
     """Estimated seconds per round of a job with `threads` torch threads: the newest stored runs of the same kind
     (each scaled by the torch threads it ran with over `threads`: a run that had both cores alone took about half
-    a one-thread job's time), else bench reports of the dataset (of the same method when there are some, else of
-    the same kind; a method that uploads similarities without aligning is costed as an aligned run, its sums being
-    most of a round; each scaled the same way by the torch threads it recorded, two where it recorded none), else
-    scaled from ML-100K. Older runs and bench reports measured slower implementations: of
-    stored runs the three stored last count, of bench reports the fastest."""
+    a one-thread job's time); else, for an aligned run, those of another aligned ablation alike in all else (the
+    alignment's sums are most of such a round, whichever term is off); else bench reports of the dataset (of the
+    same method when there are some, else of the same kind; a method that uploads similarities without aligning is
+    costed as an aligned run, its sums being most of a round; each scaled the same way by the torch threads it
+    recorded, two where it recorded none); else scaled from ML-100K. Older runs and bench reports measured slower
+    implementations: of stored runs the three stored last count, of bench reports the fastest."""
     kind = run_kind(config)
     ds, aligned, mode = kind[:3]
     uploads = uploads_similarity(config["ablation"].get("method"))
-    same = sorted(
-        (r.get("stored_at", ""), r["mean_round_s"] * (r.get("threads") or 1) / threads)
-        for r in stored
-        if r["kind"] == kind and r["mean_round_s"]
-    )
-    if same:
-        newest = [secs for _, secs in same[-3:]]
+
+    def newest_alike(alike: Callable[[tuple], bool]) -> list[float]:
+        timed = sorted(
+            (r.get("stored_at", ""), r["mean_round_s"] * (r.get("threads") or 1) / threads)
+            for r in stored
+            if alike(r["kind"]) and r["mean_round_s"]
+        )
+        return [secs for _, secs in timed[-3:]]
+
+    newest = newest_alike(lambda k: k == kind)
+    if not newest and aligned:  # another aligned ablation, alike in all else
+        newest = newest_alike(lambda k: k[:3] == kind[:3] and k[4:] == kind[4:])
+    if newest:
         return sum(newest) / len(newest)
     benched: list[tuple[bool, float]] = []  # (of the same method, seconds)
     for path in sorted((bench_dir or BENCH).glob("*.json")):
