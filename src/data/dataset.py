@@ -311,13 +311,14 @@ def build(
         ratings, community = read_located(dataset.name, folder, files, bool(protocol.lineage_quirks)), None
     frame = ratings.frame
     notes = list(ratings.notes)
-    most = int(frame.groupby("user").size().max()) if len(frame) else 0
-    if int(dataset.min_user_rows) > most:
+    kept_rows = filter_min_interactions(frame, int(dataset.min_user_rows))
+    if len(frame) and not len(kept_rows):
+        most = int(frame.groupby("user").size().max())
         raise ConfigError(
             f"dataset.min_user_rows={dataset.min_user_rows} leaves no user of {dataset.name} (the most rows a user "
             f"has: {most}); expected at most {most}"
         )
-    frame = filter_min_interactions(frame, int(dataset.min_user_rows))
+    frame = kept_rows
     if protocol.dedupe_pairs:
         before = len(frame)
         frame = dedupe_pairs(frame)
