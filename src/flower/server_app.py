@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
@@ -77,6 +80,45 @@ def wait_for_nodes(grid: Grid, cfg: DictConfig, first: bool) -> list[int]:
     return nodes
 
 
+@dataclass
+class Replies:
+    """A round's replies: the valid ones and their senders (no client reported twice), and how many arrived,
+    failed (the node crashed or went offline) or were rejected."""
+
+    accepted: list[Reply] = field(default_factory=list)
+    senders: list[int] = field(default_factory=list)
+    received: int = 0
+    failed: int = 0
+    rejected: int = 0
+
+
+def collect_replies(
+    replies: Iterable[Message], round_: int, expected: set[int], check: Callable[[RecordDict, set[int]], Reply]
+) -> Replies:
+    """Sort round `round_`'s replies: `check` decodes a reply's content for the clients still expected (those
+    `expected` that no accepted reply reported) or raises `RejectedReply`; each failure is logged with its reason."""
+    got, seen = Replies(), set()
+    for rep in replies:
+        got.received += 1
+        node = rep.metadata.src_node_id
+        if rep.has_error():  # the node crashed or went offline (the SuperLink answers for it)
+            got.failed += 1
+            log.warning("round %d: node %d failed: %s", round_, node, rep.error.reason)
+            continue
+        try:
+            reply = check(rep.content, expected - seen)
+            if seen & set(reply.eval_users.tolist()):
+                raise RejectedReply("holds clients another node already reported this round")
+        except RejectedReply as err:
+            got.rejected += 1
+            log.warning("round %d: reply of node %d rejected: %s", round_, node, err)
+            continue
+        seen |= set(reply.eval_users.tolist())
+        got.accepted.append(reply)
+        got.senders.append(node)
+    return got
+
+
 def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     """Run all rounds over the connected nodes through the simulator's `RoundStrategy`; write and return
     results.json's payload."""
@@ -107,6 +149,14 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     limits = {"val": negatives + 1, "test": negatives + 1}
     if cfg.protocol.full_ranking:
         limits.update({"val_full": m, "test_full": m})
+    check = partial(
+        unpack_reply,
+        n_users=data.n_users,
+        n_items=m,
+        similarity=method.uploads_similarity and secure is None,
+        rank_limits=limits,
+        max_bytes=int(cfg.flower.max_upload_bytes),
+    )
     encoded: bytes | None = None  # the broadcast S_g as encoded
     history: list[dict] = []
     select = select_key(cfg)
@@ -122,41 +172,20 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             Message(content=pack_task(task), dst_node_id=n, message_type="train", group_id=str(r), ttl=timeout)
             for n in nodes
         ]
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        expected, seen = set(plan.clients.tolist()) - set(plan.absent.tolist()), set()
-        accepted, senders, rejected, failed = [], [], 0, 0
-        for rep in replies:
-            node = rep.metadata.src_node_id
-            if rep.has_error():  # the node crashed or went offline (the SuperLink answers for it)
-                failed += 1
-                log.warning("round %d: node %d failed: %s", r, node, rep.error.reason)
-                continue
-            try:
-                reply = unpack_reply(
-                    rep.content,
-                    expected - seen,
-                    data.n_users,
-                    m,
-                    {k: tuple(v.shape) for k, v in plan.shared.items()},
-                    method.uploads_similarity and secure is None,
-                    limits,
-                    int(cfg.flower.max_upload_bytes),
-                )
-                if seen & set(reply.eval_users.tolist()):
-                    raise RejectedReply("holds clients another node already reported this round")
-            except RejectedReply as err:
-                rejected += 1
-                log.warning("round %d: reply of node %d rejected: %s", r, node, err)
-                continue
-            seen |= set(reply.eval_users.tolist())
-            accepted.append(reply)
-            senders.append(node)
+        shapes = {k: tuple(v.shape) for k, v in plan.shared.items()}
+        got = collect_replies(
+            grid.send_and_receive(messages, timeout=timeout),
+            r,
+            set(plan.clients.tolist()) - set(plan.absent.tolist()),
+            partial(check, shared_shapes=shapes),
+        )
+        accepted = got.accepted
         sums, row = strategy.round_sums(), node_rows(cfg, accepted)
         if secure is None:
             for rep in accepted:
                 sums.add_decoded(rep.users, {k: v.to(device) for k, v in rep.shared.items()}, rep.sims)
         elif method.uploads_in(r) and accepted:
-            row.update(add_secure_sum(grid, sums, dict(zip(senders, accepted, strict=True)), r, layout, secure))
+            row.update(add_secure_sum(grid, sums, dict(zip(got.senders, accepted, strict=True)), r, layout, secure))
         stats, result = strategy.aggregate_fit(plan, sums)
         row.update(stats)
         if result.broadcast is not plan.broadcast and result.broadcast.global_sim is not None:  # a new broadcast
@@ -167,9 +196,9 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             {
                 "round": r,
                 "flower/nodes": float(len(nodes)),
-                "flower/replies": float(len(replies)),
-                "flower/failed": float(failed),
-                "flower/rejected": float(rejected),
+                "flower/replies": float(got.received),
+                "flower/failed": float(got.failed),
+                "flower/rejected": float(got.rejected),
                 "time/round": time.perf_counter() - tic,
             }
         )
@@ -182,20 +211,30 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             select,
             row.get(select, float("nan")),
         )
-        atomic_write_text(run_dir / "csv" / "metrics.csv", history_csv(history))
-        patience = cfg.eval.patience  # early stopping, the simulator's rule (src/runtime/callbacks.py)
-        stop = patience is not None and rounds_without_improvement(history, select) >= int(patience)
-        finished = stop or r == int(cfg.fl.rounds)
-        timings = {
-            "setup_s": t_setup,
-            "total_s": time.perf_counter() - t0,
-            "mean_round_s": sum(h["time/round"] for h in history) / len(history),
-        }
-        payload = build_results(cfg, data.summary(), history, timings, finished=finished)
-        payload["engine"] = "flower"
-        write_results(run_dir, payload)
-        if finished:
+        payload = record_round(run_dir, cfg, data.summary(), history, {"setup_s": t_setup}, t0)
+        if payload["finished"]:
             break
+    return payload
+
+
+def record_round(
+    run_dir: Path, cfg: DictConfig, summary: dict, history: list[dict], timings: dict[str, float], started: float
+) -> dict:
+    """Write the rounds so far (csv/metrics.csv and results.json, each atomically) and return results.json's
+    payload, finished at the last round or where the simulator's early-stopping rule stops
+    (src/runtime/callbacks.py)."""
+    atomic_write_text(run_dir / "csv" / "metrics.csv", history_csv(history))
+    select, patience = select_key(cfg), cfg.eval.patience
+    stop = patience is not None and rounds_without_improvement(history, select) >= int(patience)
+    timings = {
+        **timings,
+        "total_s": time.perf_counter() - started,
+        "mean_round_s": sum(h["time/round"] for h in history) / len(history),
+    }
+    finished = stop or int(history[-1]["round"]) == int(cfg.fl.rounds)
+    payload = build_results(cfg, summary, history, timings, finished=finished)
+    payload["engine"] = "flower"
+    write_results(run_dir, payload)
     return payload
 
 
