@@ -11,7 +11,7 @@ from alignment_helpers import np_cosine, np_normalise, np_upload
 from src.alignment.release import ReleaseSpec, release_entries
 from src.cli.config import CONF_DIR, ConfigError
 from src.clients.model import ModelSpec, init_params
-from src.methods.base import build_method, method_class
+from src.methods.base import RoundSums, build_method, method_class
 
 CPU = torch.device("cpu")
 # ablation -> (method module, parameters the server averages, uploads similarity, central)
@@ -158,3 +158,15 @@ def test_knn_variants_against_a_numpy_server(compose_cfg, ablation):
                 seen.add(j)
                 todo += [x for x in neighbours[j] if x in members]
         assert seen == members
+
+
+@pytest.mark.parametrize(("overrides", "releases"), [([], 7), (["ablation.upload_round=3"], 1)])
+def test_laplace_epsilon_counts_the_rounds_with_uploads(compose_cfg, overrides, releases):
+    """Basic composition over releases: a one-shot fed_itemknn (`ablation.upload_round=3`) has spent one round's ε
+    at round 7, not seven; uploading every round, seven."""
+    cfg = compose_cfg(["ablation=fed_itemknn", "privacy.epsilon=0.5", "fl.rounds=7", *overrides])
+    method = build_method(cfg, CPU)
+    sums = RoundSums(6, CPU, similarity=True)
+    spent = method.traffic(sums, None, 3, {}, round_=7, dim=4)
+    assert spent["privacy/epsilon_total_entry"] == pytest.approx(0.5 * releases)
+    assert spent["privacy/epsilon_total_matrix"] == pytest.approx(0.5 * releases * 15)

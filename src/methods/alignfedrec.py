@@ -126,7 +126,8 @@ class AlignFedRec(Method):
             "comm/upload_bytes_mean": float(sizes.mean()) if len(sizes) else 0.0,
             "comm/upload_bytes_total": float(sizes.sum()),
         }
-        return out | epsilon_spent(self.eps_round, round_, m)
+        releases = sum(self.uploads_in(r) for r in range(1, round_ + 1))  # a round without uploads spends no ε
+        return out | epsilon_spent(self.eps_round, releases, m)
 
 
 def native_kernels(device: torch.device) -> bool:
