@@ -72,6 +72,10 @@ SEARCHES = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
         (["ablation=central", "ablation.lr=inf"], "ablation.lr"),
         (["ablation=central", "ablation.batch_size=0"], "ablation.batch_size"),
         (["ablation=central", "ablation.init_std=-1"], "ablation.init_std"),
+        # a central key set to null: no silent default, no other method under the ablation's name
+        (["ablation=central", "ablation.lr=null"], "ablation.lr"),
+        (["ablation=central", "ablation.batch_size=null"], "ablation.batch_size"),
+        (["ablation=popularity", "ablation.scorer=null"], "ablation.scorer"),
         (["dataset=synthetic", "dataset.affinity=1.5"], "dataset.affinity"),
         (["privacy.epsilon=inf"], "privacy.epsilon"),
         (["privacy.epsilon=nan"], "privacy.epsilon"),

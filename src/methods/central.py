@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.clients.cohort import RoundSamples
 from src.config import schema
@@ -101,13 +101,13 @@ class Central(Method):
     `scorer`: mf (MF with a GMF head, Adam, trained on the pooled samples), popularity or itemknn (`k`)."""
 
     name: str
-    scorer: str = "mf"
-    seed: int = 0
-    dim: int = 32
-    init_std: float = 0.01
-    lr: float = 0.001
-    batch_size: int = 1024
-    k: int = 50
+    scorer: str
+    seed: int
+    dim: int
+    init_std: float
+    lr: float
+    batch_size: int
+    k: int = 50  # read by the itemknn scorer only
     central = True
     no_reference = "it trains one pooled model or scores the pooled data; there is no per-client training to compare"
 
@@ -130,19 +130,18 @@ NOT_FEDERATED = "it pools all data on one machine; it has no federated deploymen
 
 @dataclass(kw_only=True)
 class CentralKeys(schema.Ablation):
-    """The central ablations' keys: its own pooled model's Adam (`lr`, `batch_size`, `init_std`), or a calibration
-    scorer (src/methods/calibration.py) that scores from the pooled training data (`scorer`, `k`)."""
+    """The central ablations' keys: its own pooled model's Adam (`lr`, `batch_size`, `init_std`; NCF's defaults where
+    the yaml has none), or a calibration scorer (src/methods/calibration.py) that scores from the pooled training
+    data (`scorer`, `k`)."""
 
-    lr: Any = schema.key(schema.number(lambda x: x > 0, "> 0", nullable=True), default=None)
-    batch_size: Any = schema.key(schema.integer(1, nullable=True), default=None)
-    init_std: Any = schema.key(schema.number(lambda x: x > 0, "> 0", nullable=True), default=None)
-    scorer: Any = schema.key(
-        schema.Rule(lambda v: v is None or v in SCORERS, "one of " + ", ".join(SCORERS)), default=None
-    )
+    lr: float = schema.key(schema.POSITIVE, default=0.001)
+    batch_size: int = schema.key(schema.integer(1), default=1024)
+    init_std: float = schema.key(schema.POSITIVE, default=0.01)
+    scorer: str = schema.key(schema.one_of(*SCORERS), default="mf")
     k: Any = schema.key(schema.integer(1, nullable=True), default=None)
 
     def check(self) -> None:
-        if self.scorer is not None and not self.central:
+        if self.scorer != "mf" and not self.central:
             schema.refuse(
                 "ablation.central", self.central, "true for a scorer ablation (it scores from the pooled training data)"
             )
@@ -155,14 +154,6 @@ KEYS = CentralKeys
 
 
 def build(cfg: DictConfig, device: torch.device) -> Central:
-    a = cfg.ablation
-    return Central(
-        str(a.name),
-        str(a.get("scorer", "mf")),
-        int(cfg.seed),
-        int(cfg.model.dim),
-        float(a.get("init_std", 0.01)),
-        float(a.get("lr", 0.001)),
-        int(a.get("batch_size", 1024)),
-        int(a.get("k", 50)),
-    )
+    a = CentralKeys(**OmegaConf.to_container(cfg.ablation, resolve=True))  # checked; absent keys at their defaults
+    knn = {} if a.k is None else {"k": int(a.k)}
+    return Central(a.name, a.scorer, int(cfg.seed), int(cfg.model.dim), a.init_std, a.lr, a.batch_size, **knn)
