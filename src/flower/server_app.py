@@ -26,15 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 from src.clients.model import ModelSpec, init_params
 from src.comm.codec import encode_upper
 from src.comm.secure_sum import SecureLayout
-from src.data.dataset import FedData, load
+from src.data.dataset import load
 from src.evaluation.evaluator import split_metrics
 from src.flower.messages import RejectedReply, Reply, Task, pack_task, unpack_reply
 from src.flower.secagg import SecAggSettings, secure_sum
 from src.flower.settings import config_of, flower_checks
-from src.methods.base import Method, RoundSums, build_method
+from src.methods.base import RoundSums, build_method
 from src.rounds.strategy import RoundStrategy
 from src.runtime.checks import ConfigError
-from src.runtime.device import resolve_device
+from src.runtime.device import setup_device
 from src.runtime.loggers import history_csv
 from src.runtime.results import (
     atomic_write_text,
@@ -43,7 +43,6 @@ from src.runtime.results import (
     select_key,
     write_results,
 )
-from src.server.diagnostics import GraphDiagnostics
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +125,9 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     t0 = time.perf_counter()
+    device = setup_device(cfg)  # first, as the simulator: deterministic kernels and matmul precision
     data = load(cfg)
-    m, device = data.n_items, resolve_device(cfg.device)
+    m = data.n_items
     method = build_method(cfg, device)
     init = init_params(
         ModelSpec.from_cfg(cfg.model),
@@ -137,7 +137,7 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
         torch.tensor([0]),
     )
     shared = {k: init[k][0] for k in method.shared_keys(init)}  # the simulator's server starts from client 0's draw
-    strategy = RoundStrategy(cfg, method, data.n_users, m, shared, device, graph_diagnostics(cfg, data, method))
+    strategy = RoundStrategy(cfg, method, data, shared, device)
     secure = SecAggSettings.from_cfg(cfg.flower) if cfg.flower.secagg else None
     if secure is not None and shared:
         raise ConfigError(
@@ -264,14 +264,6 @@ def add_secure_sum(
         "flower/secagg_messages": float(result.messages),
         "time/secagg": time.perf_counter() - tic,
     }
-
-
-def graph_diagnostics(cfg: DictConfig, data: FedData, method: Method) -> GraphDiagnostics | None:
-    """The evaluation-only graph diagnostics (`diag.graph`), as the simulator makes them."""
-    rule = method.graph_rule()
-    if not OmegaConf.select(cfg, "diag.graph", default=False) or rule is None:
-        return None
-    return GraphDiagnostics(data, *rule)
 
 
 def node_rows(cfg: DictConfig, replies: list[Reply]) -> dict:

@@ -30,7 +30,6 @@ from src.rounds.memory import resolve_chunk_size
 from src.rounds.strategy import RoundStrategy
 from src.runtime.device import setup_device
 from src.runtime.loggers import RoundCSVLogger, quiet_fit, quiet_lightning
-from src.server.diagnostics import GraphDiagnostics
 
 
 class FederatedModule(L.LightningModule):
@@ -51,15 +50,9 @@ class FederatedModule(L.LightningModule):
         # would be 2.9 GB of memory and of every checkpoint)
         holders = 0 if self.method.central else data.n_users
         self.state: Params = init_params(ModelSpec.from_cfg(cfg.model), holders, data.n_items, init_gen)
-        rule = self.method.graph_rule()
-        diag = (
-            GraphDiagnostics(data, *rule)
-            if OmegaConf.select(cfg, "diag.graph", default=False) and rule is not None
-            else None
-        )
         # the server's side of every round, as the Flower ServerApp runs it too; it starts from client 0's draw
         shared = {k: self.state[k][0].clone() for k in self.method.shared_keys(self.state)}
-        self.strategy = RoundStrategy(cfg, self.method, data.n_users, data.n_items, shared, self.compute_device, diag)
+        self.strategy = RoundStrategy(cfg, self.method, data, shared, self.compute_device)
         self.sampler = training_sampler(str(cfg.protocol.train_negative_pool), data)
         self.train_ptr = torch.as_tensor(data.train_ptr)
         self.train_items = torch.as_tensor(data.train_items)

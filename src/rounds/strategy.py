@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.alignment.broadcast import Broadcast
 from src.clients.model import Params
 from src.comm.codec import Encoding, Ledger
 from src.comm.privacy import NoiseStreams
 from src.comm.user_dp import UserLevelDP, server_generator
+from src.data.dataset import FedData
 from src.methods.base import Method, RoundSums, ServerRound
 from src.runtime.checks import ConfigError
 from src.server.diagnostics import GraphDiagnostics
@@ -65,17 +66,13 @@ class FitPlan:
 class RoundStrategy:
     """The server's state between rounds and its two steps of a round."""
 
-    def __init__(
-        self,
-        cfg: DictConfig,
-        method: Method,
-        n_users: int,
-        n_items: int,
-        shared: Params,
-        device: torch.device,
-        diag: GraphDiagnostics | None = None,
-    ):
-        self.method, self.n_users, self.n_items, self.device, self.diag = method, n_users, n_items, device, diag
+    def __init__(self, cfg: DictConfig, method: Method, data: FedData, shared: Params, device: torch.device):
+        """`shared`: the server's starting parameters (client 0's draw); with `diag.graph` and a method that builds
+        a graph, the evaluation-only graph diagnostics of the broadcasts (src/server/diagnostics.py)."""
+        self.method, self.n_users, self.n_items, self.device = method, data.n_users, data.n_items, device
+        rule = method.graph_rule()
+        graph = OmegaConf.select(cfg, "diag.graph", default=False) and rule is not None
+        self.diag = GraphDiagnostics(data, *rule) if graph else None
         self.fraction, self.dropout = float(cfg.fl.client_fraction), float(cfg.fl.dropout)
         self.seed, self.dim = int(cfg.seed), int(cfg.model.dim)
         self.shared = shared
@@ -83,11 +80,11 @@ class RoundStrategy:
         self.global_sim: torch.Tensor | None = None  # S_g as the server aggregated it (the broadcast may hold less)
         self.gen = torch.Generator().manual_seed(self.seed + 1)
         self.encoding = Encoding.from_cfg(cfg.comm)
-        self.ledger = Ledger(self.encoding, n_items)
+        self.ledger = Ledger(self.encoding, data.n_items)
         # user-level DP of the similarity sum (privacy.clip; src/comm/user_dp.py), its budget spread over the rounds
         # the method uploads in
         rounds = range(1, int(cfg.fl.rounds) + 1)
-        self.dp = UserLevelDP.from_cfg(cfg, n_users, sum(method.uploads_in(r) for r in rounds))
+        self.dp = UserLevelDP.from_cfg(cfg, data.n_users, sum(method.uploads_in(r) for r in rounds))
         self.releases = 0  # rounds whose noisy sum the server released
 
     def configure_fit(self, round_: int) -> FitPlan:
