@@ -96,6 +96,14 @@ CASES = [
     ("src.data", ["dataset=nope"], "no config 'dataset/nope'"),
     ("src.audit", ["fl.rounds=0"], "fl.rounds=0 is invalid; expected an integer >= 1"),
     ("src.bench", ["fl.rounds=0"], "fl.rounds=0 is invalid; expected an integer >= 1"),
+    # the loopback deployment checks its overrides before it starts a SuperLink (a bad one was an hour's timeout)
+    ("src.flower.loopback", ["fl.rounds=abc"], "fl.rounds='abc' is invalid; expected an integer >= 1"),
+    ("src.flower.loopback", ["--nodes", "0"], "--nodes=0 is invalid; expected an integer >= 1"),
+    (
+        "src.flower.loopback",
+        ["--certs", "/nonexistent", "dataset=synthetic"],
+        "/nonexistent/ca.crt is missing; expected the output of `make certs`",
+    ),
 ]
 
 
@@ -109,6 +117,7 @@ def test_a_bad_input_is_one_line_and_exit_2(module, args, message, case, tmp_pat
     # every place the command would write is under tmp_path: its run folder, its report, the caches
     where = {"src.run": f"hydra.run.dir={tmp_path / 'run'}", "src.bench": f"bench.out={tmp_path / 'bench.json'}"}
     where["src.audit"] = f"audit.out={tmp_path / 'audit.json'}"
+    where["src.flower.loopback"] = f"--workdir={tmp_path / 'loopback'}"
     args = [*args, where[module]] if module in where else args
     run = command if case in IN_A_PROCESS else lambda *a: in_process(*a, monkeypatch, capsys)
     out = run(module, args, tmp_path)

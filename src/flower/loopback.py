@@ -18,7 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from src.cli.jobs import check_command_line
 from src.data.paths import REPO_ROOT, candidate_roots
+from src.flower.settings import flower_checks
+from src.runtime.errors import OneLineParser, UserError, reported
 
 BIN = Path(sys.executable).parent
 
@@ -37,8 +40,9 @@ class Loopback:
         self.workdir, self.certs, self.nodes = Path(workdir).resolve(), Path(certs).resolve(), int(nodes)
         for f in ["ca.crt", "server.pem", "server.key", *[f"node{p}" for p in range(self.nodes)]]:
             if not (self.certs / f).is_file():
-                raise FileNotFoundError(
-                    f"{self.certs / f} is missing; run `make certs` (deploy/certificates.sh {self.certs} {self.nodes})"
+                raise UserError(
+                    f"{self.certs / f} is missing; expected the output of `make certs` "
+                    f"(deploy/certificates.sh {self.certs} {self.nodes})"
                 )
         self.port = free_port()
         self.home = self.workdir / "flwr-home"
@@ -184,17 +188,24 @@ def wait_results(run_dir: Path, timeout: float, rounds: int | None = None) -> di
 
 def main() -> None:
     """Run one experiment on a loopback deployment and print where its results are."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=2, help="SuperNodes (each holds every n-th client)")
     parser.add_argument("--certs", default=str(REPO_ROOT / "certificates"), help="output of `make certs`")
     parser.add_argument("--workdir", default=str(REPO_ROOT / "outputs" / "flower-loopback"))
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the run to finish")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=filmtrust fl.rounds=5")
     args = parser.parse_args()
+    if args.nodes < 1:
+        parser.error(f"--nodes={args.nodes} is invalid; expected an integer >= 1")
     workdir = Path(args.workdir) / time.strftime("%Y-%m-%d_%H-%M-%S")
     run_dir = workdir / "run"
-    with Loopback(workdir, Path(args.certs), args.nodes) as fed:
-        fed.submit([*args.overrides, f"flower.run_dir={run_dir}", f"flower.min_nodes={args.nodes}"])
+    # the ServerApp composes the config inside the SuperLink, where a bad value would only show as a timeout:
+    # compose and check it here first, as the simulator's command does
+    overrides = check_command_line(
+        [*args.overrides, f"flower.run_dir={run_dir}", f"flower.min_nodes={args.nodes}"], flower_checks
+    )
+    with reported(), Loopback(workdir, Path(args.certs), args.nodes) as fed:
+        fed.submit(overrides)
         payload = wait_results(run_dir, args.timeout)
     best = payload["test_at_best"]
     print(
