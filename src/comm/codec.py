@@ -266,9 +266,10 @@ def encode_upper(matrix: np.ndarray, fmt: str, bits: int, lo: float = 0.0, hi: f
     return encode_entries(matrix.shape[0], rows, cols, matrix[rows, cols], fmt, bits, lo, hi)
 
 
-def decode_upper(payload: bytes) -> np.ndarray:
-    """Inverse of `encode_upper`: the symmetric dense matrix (values as the receiver sees them)."""
-    m, rows, cols, vals = decode_entries(payload)
+def decode_upper(payload: bytes, m_expected: int | None = None) -> np.ndarray:
+    """Inverse of `encode_upper`: the symmetric dense matrix [m, m] (values as the receiver sees them; zero
+    diagonal); `m_expected`: refuse a payload of another size (`decode_entries`)."""
+    m, rows, cols, vals = decode_entries(payload, m_expected=m_expected)
     out = np.zeros((m, m))
     out[rows, cols] = vals
     return out + out.T
@@ -332,11 +333,6 @@ class Ledger:
                 sizes[i] += 1  # the full/delta flag
                 self.previous[client] = (idx, val)
         return sizes
-
-    def similarity_download(self, global_sim: torch.Tensor, n_labels: int) -> int:
-        """Bytes of the broadcast: the global matrix's upper-triangle nonzeros and the community labels."""
-        nnz = int(torch.count_nonzero(torch.triu(global_sim, diagonal=1)))
-        return sparse_bytes(nnz, self.m, self.encoding.format, self.encoding.bits) + labels_bytes(self.m, n_labels)
 
     def state_dict(self) -> dict:
         return {"previous": self.previous, "row_changed": self.row_changed, "downloaded": self.downloaded}

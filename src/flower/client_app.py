@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.alignment.broadcast import Broadcast
 from src.alignment.release import gather
 from src.clients.model import ModelSpec, init_params
-from src.comm.codec import Encoding, decode_entries, encode_entries, quantise
+from src.comm.codec import Encoding, decode_upper, encode_entries, quantise
 from src.comm.privacy import NoiseStreams
 from src.comm.secure_sum import SecureLayout
 from src.data.dataset import FedData, load
@@ -139,14 +139,6 @@ def save_pool(cfg: DictConfig, context: Context, pool: ClientPool, part: int, nu
             torch.save({"users": pool.users, "state": pool.state}, tmp)
 
 
-def decode_broadcast(payload: bytes, m: int) -> torch.Tensor:
-    """The dense S_g [m, m] a node receives (symmetric, zero diagonal)."""
-    _, rows, cols, vals = decode_entries(payload, m_expected=m)
-    out = torch.zeros(m, m)
-    out[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(vals).float()
-    return out + out.T
-
-
 def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) -> tuple[RecordDict, np.ndarray | None]:
     """Train this node's chosen clients, encode their uploads, evaluate all its clients. With `flower.secagg` the
     uploads are not sent: they come back (decoded, as the server would decode them) summed into the node's
@@ -156,7 +148,7 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) ->
     keys = method.shared_keys(pool.state)
     broadcast = method.empty_broadcast()
     if method.uploads_similarity and task.global_sim is not None:
-        broadcast = Broadcast(task.labels, decode_broadcast(task.global_sim, m), broadcast.sigma)
+        broadcast = Broadcast(task.labels, torch.from_numpy(decode_upper(task.global_sim, m)).float(), broadcast.sigma)
     encoding = Encoding.from_cfg(cfg.comm)
     noise = NoiseStreams(int(cfg.seed), task.round)  # each client's stream, as in the simulator
     users, shared, payloads = [], {k: [] for k in keys}, []
