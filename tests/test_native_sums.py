@@ -16,7 +16,8 @@ from test_fast_grad import BIG, module_after
 from src.alignment import native_align, native_sums
 from src.alignment.release import NATIVE_BAND, ReleaseSpec, release_blocks
 from src.alignment.similarity import normalised
-from src.cli.config import ConfigError
+from src.cli.config import REPLACED_KEYS, ConfigError
+from src.config import schema
 from src.runtime import native
 from src.runtime.native import compiler
 
@@ -136,6 +137,8 @@ def test_native_applies_to_the_cpu_only_and_when_asked(compose_cfg, monkeypatch)
 
 
 def test_the_replaced_keys_name_their_successor(compose_cfg):
+    """Every key retired from the schema (stored runs read it at its old value) names its successor when overridden."""
+    assert set(REPLACED_KEYS) == set(schema.RETIRED)
     for old in ("compute.native=true", "model.fast_kernel=autograd"):
         with pytest.raises(ConfigError, match=r"was replaced .*; expected compute="):
             compose_cfg(["dataset=synthetic", old])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from src.analysis.plots import MissingFieldError, encoding_label, main
+from src.analysis.plots import MissingFieldError, main
+from src.analysis.runs import encoding_label
 from src.cli.train import train
 from src.runtime.errors import UserError
 

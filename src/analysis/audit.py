@@ -41,6 +41,7 @@ from src.data.dataset import load
 from src.methods.base import build_method
 from src.rounds.simulator import FederatedModule, fit_rounds
 from src.runtime.checks import check_output_file
+from src.runtime.loggers import run_name
 from src.runtime.results import publish_report, select_key
 from src.server.global_similarity import SimilaritySum
 
@@ -345,7 +346,7 @@ def table(report: dict[str, Any]) -> str:
 def default_out(cfg: DictConfig) -> str:
     """The audit's own run folder when `audit.out` is null: outputs/audit/<run name>_<time>/audit.json."""
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return f"outputs/audit/{cfg.dataset.name}-{cfg.ablation.name}-{cfg.protocol.name}-s{cfg.seed}_{stamp}/audit.json"
+    return f"outputs/audit/{run_name(cfg)}_{stamp}/audit.json"
 
 
 def main(argv: list[str]) -> dict[str, Any]:

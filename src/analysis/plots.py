@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from src.analysis.runs import load_runs
+from src.analysis.runs import encoding_label, load_runs
 from src.config.schema import MOVED
 from src.runtime.checks import check_output_dir
 from src.runtime.errors import OneLineParser, UserError
@@ -52,14 +52,6 @@ def field(run: dict[str, Any], dotted: str, row: dict[str, Any] | None = None) -
             )
         value = value[part]
     return value
-
-
-def encoding_label(comm: dict[str, Any]) -> str:
-    """A short name of an encoding: csr8, coo32, csr8+delta, top16 csr8."""
-    label = f"{comm['format']}{comm['bits']}"
-    if comm.get("topk"):
-        label = f"top{comm['topk']} {label}"
-    return label + ("+delta" if comm.get("delta") else "")
 
 
 def write_table(rows: list[dict[str, Any]], out: Path, name: str) -> None:

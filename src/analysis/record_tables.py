@@ -12,7 +12,7 @@ from pathlib import Path
 
 from src.analysis import cooccurrence
 from src.analysis.bench_tables import NAMES
-from src.analysis.runs import claim_figure, config_value, load_runs, mean_std, read_run
+from src.analysis.runs import claim_figure, config_value, encoding_label, load_runs, mean_std, read_run
 from src.config.identity import identity
 from src.runtime.errors import UserError
 
@@ -124,15 +124,6 @@ def graph_markdown(root: Path, spec: str) -> str:
     return "\n".join(lines)
 
 
-def encoding_label(config: dict) -> str:
-    """`csr8`, `csr8+delta`, `top16 csr8`, ... from a run's `comm` keys."""
-    name = f"{config_value(config, 'comm.format')}{config_value(config, 'comm.bits')}"
-    topk = config_value(config, "comm.topk")
-    if topk not in ("-", "None"):
-        name = f"top{topk} {name}"
-    return name + ("+delta" if config_value(config, "comm.delta") == "True" else "")
-
-
 def test_pair(run: dict) -> str:
     """Test hit@10 / ndcg@10 (%) at the run's best validation round."""
     t = run["test_at_best"]
@@ -147,7 +138,7 @@ def comm_markdown(root: Path, dataset: str) -> str:
         raise UserError(f"no stored comm_sigma or comm_encoding run for {dataset} under {root}")
     seen, table = set(), []
     for run in runs:
-        key = (float(config_value(run["config"], "ablation.sigma")), encoding_label(run["config"]))
+        key = (float(config_value(run["config"], "ablation.sigma")), encoding_label(run["config"]["comm"]))
         if key not in seen:  # csr32 at sigma 0.5 is in both sweeps: the same config, shown once
             seen.add(key)
             table.append((key, run))

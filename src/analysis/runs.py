@@ -23,6 +23,14 @@ def config_value(config: dict, dotted: str) -> str:
     return str(value)
 
 
+def encoding_label(comm: dict[str, Any]) -> str:
+    """A short name of a run's encoding (its `comm` keys): csr8, coo32, csr8+delta, top16 csr8."""
+    label = f"{comm['format']}{comm['bits']}"
+    if comm.get("topk"):
+        label = f"top{comm['topk']} {label}"
+    return label + ("+delta" if comm.get("delta") else "")
+
+
 def planned_rounds(config: dict) -> int | None:
     """The rounds a resolved config planned (`fl.rounds`), None when it names none."""
     fl = config.get("fl")

@@ -22,8 +22,9 @@ from src.methods.base import method_class, method_module
 from src.runtime.checks import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-# keys that were replaced: an override of one is refused naming its successor
-MOVED_KEYS = {
+# keys that were replaced (retired from the schema: `schema.RETIRED`, their value in the runs stored before): an
+# override of one is refused naming its successor
+REPLACED_KEYS = {
     "model.fast_kernel": "compute=fused or compute=reference (the config group conf/compute/)",
     "compute.native": "compute=native or compute=fused (the config group conf/compute/)",
 }
@@ -159,13 +160,13 @@ def renamed(overrides: list[str]) -> list[str]:
     return out
 
 
-def refuse_moved(overrides: list[str]) -> None:
-    """A ConfigError naming the successor of the first override of a replaced key (`MOVED_KEYS`), or refusing an
+def refuse_replaced(overrides: list[str]) -> None:
+    """A ConfigError naming the successor of the first override of a replaced key (`REPLACED_KEYS`), or refusing an
     override of a method's labels (`METHOD_LABELS`)."""
     for line in overrides:
         key = line.split("=", 1)[0].lstrip("+~")
-        if key in MOVED_KEYS:
-            raise ConfigError(f"{key} was replaced (override {line}); expected {MOVED_KEYS[key]}")
+        if key in REPLACED_KEYS:
+            raise ConfigError(f"{key} was replaced (override {line}); expected {REPLACED_KEYS[key]}")
         if key in METHOD_LABELS:
             raise ConfigError(
                 f"override {line} sets a label of the method; expected it in the method's yaml only "
@@ -176,7 +177,7 @@ def refuse_moved(overrides: list[str]) -> None:
 def load_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose conf/config.yaml with command-line style overrides (used by the CLIs and tests)."""
     overrides = renamed(list(overrides or []))
-    refuse_moved(overrides)
+    refuse_replaced(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     validate(cfg)

@@ -17,7 +17,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from src.cli.config import CONF_DIR, ConfigError, refuse_moved, renamed, validate
+from src.cli.config import CONF_DIR, ConfigError, refuse_replaced, renamed, validate
 from src.config.identity import flatten
 from src.data.dataset import check_located
 from src.runtime.checks import check_output_dir
@@ -93,7 +93,7 @@ def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
     out = []
     for overrides in grid:
         overrides = renamed(overrides)
-        refuse_moved(overrides)
+        refuse_replaced(overrides)
         composed, values = value_overrides(overrides)
         if tuple(composed) not in cache:
             cache[tuple(composed)] = compose_config(composed)

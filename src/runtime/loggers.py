@@ -82,7 +82,7 @@ def wandb_mode(requested: str) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """dataset-ablation-protocol-seed: how runs are named in every logger."""
+    """dataset-ablation-protocol-seed: how runs are named (the W&B run, conf/logger/wandb.yaml; the audit's folder)."""
     return f"{cfg.dataset.name}-{cfg.ablation.name}-{cfg.protocol.name}-s{cfg.seed}"
 
 
