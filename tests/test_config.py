@@ -68,7 +68,7 @@ def test_cli_validates_before_reading_any_data(monkeypatch):
         raise AssertionError("data was read before the config was validated")
 
     monkeypatch.setattr(data_cli, "build", must_not_run)
-    monkeypatch.setattr(dataset_mod, "read_raw", must_not_run)
+    monkeypatch.setattr(dataset_mod, "read_located", must_not_run)
     with pytest.raises(ConfigError, match="fl.rounds"):
         data_cli.main(["dataset=filmtrust", "fl.rounds=-1"])
 

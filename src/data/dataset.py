@@ -178,19 +178,16 @@ def read_located(name: str, folder: Path, files: list[Path], lineage_quirks: boo
     return ratings
 
 
-def read_raw(dataset: DictConfig, lineage_quirks: bool, root: str | None) -> tuple[raw.RawRatings, np.ndarray | None]:
-    """Read the dataset named in config from the first data root that has it (no verification)."""
-    if dataset.name == "synthetic":
-        return planted_communities(
-            dataset.n_users,
-            dataset.n_items,
-            dataset.n_communities,
-            dataset.per_user,
-            dataset.affinity,
-            dataset.generator_seed,
-        )
-    folder, files = locate(dataset, root)
-    return read_located(dataset.name, folder, files, lineage_quirks), None
+def read_synthetic(dataset: DictConfig) -> tuple[raw.RawRatings, np.ndarray]:
+    """The synthetic dataset's ratings and planted item communities [m] (unit tests only)."""
+    return planted_communities(
+        dataset.n_users,
+        dataset.n_items,
+        dataset.n_communities,
+        dataset.per_user,
+        dataset.affinity,
+        dataset.generator_seed,
+    )
 
 
 def check_files(name: str, digests: dict[Path, tuple[str, str]], verify: bool) -> tuple[bool, list[str]]:
@@ -306,7 +303,7 @@ def build(
             **arrays,
         )
     if synthetic:
-        ratings, community = read_raw(dataset, bool(protocol.lineage_quirks), root)
+        ratings, community = read_synthetic(dataset)
     else:
         ratings, community = read_located(dataset.name, folder, files, bool(protocol.lineage_quirks)), None
     frame = ratings.frame
