@@ -18,6 +18,9 @@ import pytest
 from hydra.errors import MissingConfigException
 
 from src.cli.jobs import command_jobs, grid_jobs
+from src.data.dataset import load
+from src.rounds.local import training_sampler
+from src.runtime.checks import ConfigError
 from src.runtime.errors import describe, flatten
 from tests.conftest import requires_real_data
 
@@ -294,3 +297,17 @@ def test_a_dataset_found_nowhere_and_not_downloadable_is_one_line(tmp_path, monk
     assert line.startswith("error: could not download https://files.grouplens.org/datasets/movielens/ml-100k.zip: ")
     assert "; expected the dataset under ../shared/data" in line and "data.root" in line
     assert not run.exists() and [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize("pool", ["non_train", "non_train_non_candidates"])
+def test_the_largest_eval_negatives_the_error_names_runs(compose_cfg, tmp_path, pool):
+    """The refusal of a too-large protocol.eval_negatives names a maximum that builds the split and its training
+    sampler (a pool without the candidates keeps one item per user outside them), and one more is refused."""
+    base = ["dataset=synthetic", f"protocol.train_negative_pool={pool}", f"data.cache_dir={tmp_path}"]
+    with pytest.raises(ConfigError) as err:
+        load(compose_cfg([*base, "protocol.eval_negatives=100000"]))
+    most = int(str(err.value).rsplit("expected at most ", 1)[1])
+    data = load(compose_cfg([*base, f"protocol.eval_negatives={most}"]))
+    training_sampler(pool, data)  # every user has a training negative left to draw
+    with pytest.raises(ConfigError, match=f"expected at most {most}$"):
+        load(compose_cfg([*base, f"protocol.eval_negatives={most + 1}"]))

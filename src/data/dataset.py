@@ -330,13 +330,16 @@ def build(
         loo.n_users, loo.n_items, loo.train_users, loo.train_items, loo.val_items, loo.test_items
     )
     half = int(protocol.eval_negatives)
+    # a pool without the candidates must keep a training negative to draw for every user
+    spare = int(protocol.train_negative_pool == "non_train_non_candidates")
     try:
-        negatives = draw_eval_negatives(interacted, 2 * half, seed)
+        negatives = draw_eval_negatives(interacted, 2 * half, seed, spare=spare)
     except TooFewNegatives as err:
+        kept = " and protocol.train_negative_pool=non_train_non_candidates keeps one out of them" if spare else ""
         raise ConfigError(
             f"protocol.eval_negatives={half} is too large for {dataset.name}: user index {err.user} has "
-            f"{err.available} never-interacted items and the protocol draws {half} for validation and {half} for "
-            f"test; expected at most {err.available // 2}"
+            f"{err.available} never-interacted items, the protocol draws {half} for validation and {half} for "
+            f"test{kept}; expected at most {(err.available - spare) // 2}"
         ) from None
     if community is not None:
         community = community[loo.item_ids]

@@ -40,7 +40,8 @@ def all_interactions(
 
 
 class TooFewNegatives(ValueError):
-    """A user has fewer never-interacted items (`available`) than the evaluation negatives asked for (`count`)."""
+    """A user has fewer never-interacted items (`available`) than the evaluation negatives asked for (`count`) and
+    the items that must stay outside them."""
 
     def __init__(self, user: int, available: int, count: int) -> None:
         self.user, self.available, self.count = user, available, count
@@ -50,15 +51,16 @@ class TooFewNegatives(ValueError):
         )
 
 
-def draw_eval_negatives(interacted: np.ndarray, count: int, seed: int, chunk: int = 1024) -> np.ndarray:
-    """Draw `count` distinct never-interacted items per user, uniformly, in a random order.
+def draw_eval_negatives(interacted: np.ndarray, count: int, seed: int, chunk: int = 1024, spare: int = 0) -> np.ndarray:
+    """Draw `count` distinct never-interacted items per user, uniformly, in a random order; `spare`: never-interacted
+    items each user must keep outside them (a training-negative pool that excludes the candidates needs one).
 
     Random keys per (user, item), +inf on interacted items, the `count` smallest in key order:
     a uniform ordered sample without replacement, computed for all users at once.
     """
     n_users, n_items = interacted.shape
     available = n_items - interacted.sum(axis=1)
-    if available.min() < count:
+    if available.min() < count + spare:
         raise TooFewNegatives(int(np.argmin(available)), int(available.min()), count)
     rng = np.random.default_rng(seed)
     out = np.empty((n_users, count), dtype=np.int64)
