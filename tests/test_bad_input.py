@@ -76,6 +76,12 @@ SEARCHES = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
         (["ablation=central", "ablation.lr=null"], "ablation.lr"),
         (["ablation=central", "ablation.batch_size=null"], "ablation.batch_size"),
         (["ablation=popularity", "ablation.scorer=null"], "ablation.scorer"),
+        # what the method implements, whatever the override says (ignored, it would still label the run)
+        (["ablation=backbone", "ablation.central=true"], "ablation.central"),
+        (["ablation=popularity", "ablation.central=false"], "ablation.central"),
+        (["ablation=full", "ablation.item_table=mean"], "ablation.item_table"),
+        (["ablation=fed_itemknn", "ablation.score_fn=mean"], "ablation.score_fn"),
+        (["ablation=central", "ablation.score_fn=personal"], "ablation.score_fn"),
         (["dataset=synthetic", "dataset.affinity=1.5"], "dataset.affinity"),
         (["privacy.epsilon=inf"], "privacy.epsilon"),
         (["privacy.epsilon=nan"], "privacy.epsilon"),

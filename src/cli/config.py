@@ -92,7 +92,7 @@ def validate(cfg: DictConfig) -> None:
     """
     groups = {group.PATH: typed(cfg, group) for group in schema.GROUPS}
     validate_device(cfg.device)
-    typed(cfg, method_keys(cfg))
+    _validate_fixed(cfg, typed(cfg, method_keys(cfg)))
     comm, privacy = groups["comm"], groups["privacy"]
     if privacy.laplace and comm.topk is not None:
         refuse("comm.topk", comm.topk, "null when privacy noise is on (top-k would select on noiseless rows)")
@@ -111,6 +111,19 @@ def simulator_checks(cfg: DictConfig) -> None:
             "flower.secagg=true: secure aggregation hides each upload from a server in another process, and the "
             "simulator has none; expected flower.secagg=false, or the Flower app (python -m src.flower.simulate)"
         )
+
+
+def _validate_fixed(cfg: DictConfig, ablation: Ablation) -> None:
+    """`ablation.central`, `item_table` and `score_fn` as the method implements them: another value would be ignored
+    and still label the run (its identity, its tables) with what it did not do."""
+    method = method_class(cfg)
+    fixed = {"central": method.central}
+    if method.tables is not None:
+        fixed.update(zip(("item_table", "score_fn"), method.tables, strict=True))
+    for key, value in fixed.items():
+        if getattr(ablation, key) != value:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            refuse(f"ablation.{key}", getattr(ablation, key), f"{shown} for ablation.method={cfg.ablation.method}")
 
 
 def _validate_user_dp(cfg: DictConfig, clip: float) -> None:

@@ -48,6 +48,7 @@ class AlignFedRec(Method):
     graph_knn: int | None = None
     support_mean: bool = False
     uploads_similarity = True
+    tables = ("personal", "personal")  # neither leaves the client: only similarities are uploaded
 
     def empty_broadcast(self) -> Broadcast:
         """Nothing yet, thresholded at the uploads' sigma (the GSA mask's global part reads it)."""

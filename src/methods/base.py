@@ -152,6 +152,8 @@ class Method:
 
     name: str
     central = False  # True: no clients; trained on pooled samples (src/methods/central.py)
+    # (ablation.item_table, ablation.score_fn) as the method implements them, whatever a yaml says; None: it reads them
+    tables: tuple[str, str] | None = None
     no_reference: str | None = None  # why `src.bench` has no per-client reference to compare it with, or None
     uploads_similarity = False  # True: clients send similarity uploads and receive a Broadcast
 

@@ -109,6 +109,7 @@ class Central(Method):
     batch_size: int
     k: int = 50  # read by the itemknn scorer only
     central = True
+    tables = ("mean", "mean")  # one model of the pooled data
     no_reference = "it trains one pooled model or scores the pooled data; there is no per-client training to compare"
 
 
@@ -141,10 +142,6 @@ class CentralKeys(schema.Ablation):
     k: Any = schema.key(schema.integer(1, nullable=True), default=None)
 
     def check(self) -> None:
-        if self.scorer != "mf" and not self.central:
-            schema.refuse(
-                "ablation.central", self.central, "true for a scorer ablation (it scores from the pooled training data)"
-            )
         if self.scorer == "itemknn" and self.k is None:
             schema.refuse("ablation.k", None, "an integer >= 1")
 
