@@ -309,7 +309,7 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
     global_sim.fill_diagonal_(0)
     method = build(cfg, torch.device("cpu"))
     if kernel == "blocked":  # the blocked algebra, what the exact mode runs where m^2 > EXACT_FUSED_MAX (Lastfm-2k)
-        method = dataclasses.replace(method, loss=dataclasses.replace(method.loss, fast_kernel="autograd"))
+        method = dataclasses.replace(method, loss=dataclasses.replace(method.loss, exact_fused_max=0))
     dense = method.dense_loss(Broadcast(labels, global_sim, float(cfg.ablation.sigma)))
     trained = copy.deepcopy(init)
     losses = train_cohort(trained, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss, dense)

@@ -1,5 +1,6 @@
 """The fused fast kernel (src/alignment/fast_grad.py) against an oracle written from Eq. 3-4 and Eq. 10 per
-client and anchor, against the autograd kernel, and (compiled or not) on real data for a whole round."""
+client and anchor, against the specification (`compute=reference`), and (compiled or not) on real data for a whole
+round."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def test_fused_kernel_equals_the_per_anchor_oracle(mask, reduction, terms, centr
         torch.testing.assert_close(grad[i], g, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel", ["fused", "autograd"])
+@pytest.mark.parametrize("kernel", ["fused", "reference"])
 @pytest.mark.parametrize("mask,reduction", list(itertools.product(["global", "union"], ["mean", "sum"])))
 @pytest.mark.parametrize("rule", [(0.2, None), (0.4, 3)])  # its own threshold; the 3-nearest-neighbour graph
 def test_gsa_on_the_server_graph_equals_the_oracle(kernel, mask, reduction, rule):
@@ -154,12 +155,12 @@ def test_gsa_on_graph_is_checked_and_runs(compose_cfg, tmp_path):
     assert row["loss/gsa"] > 0
 
 
-def test_fused_kernel_matches_the_autograd_kernel_in_float32_on_many_sub_chunks():
+def test_fused_kernel_matches_the_specification_in_float32_on_many_sub_chunks():
     t, b, anchors, valid = case(c=9, m=40, d=8, k=12, seed=80)
     t = t.float()
     b = Broadcast(b.labels, b.global_sim.float(), 0.4)
     fused = dataclasses.replace(make("fused", "union", "mean", True, True, True, 0.4, 12), fast_block=2 * 12 * 40)
-    auto = dataclasses.replace(fused, fast_kernel="autograd")
+    auto = dataclasses.replace(fused, fast_kernel="reference")
     (v1, g1), (v2, g2) = fused.value_and_grad(t, anchors, valid, b), auto.value_and_grad(t, anchors, valid, b)
     for key in v1:
         torch.testing.assert_close(v1[key], v2[key], rtol=1e-5, atol=1e-6)
@@ -191,7 +192,7 @@ def module_after(compose_cfg, dataset: str, rounds: int, overrides: list[str]):
 
 @requires_real_data
 @pytest.mark.parametrize("dataset", ["ml-100k", "filmtrust", *BIG])
-def test_fused_gradient_matches_autograd_on_real_tables(compose_cfg, dataset, one_thread):
+def test_fused_gradient_matches_the_specification_on_real_tables(compose_cfg, dataset, one_thread):
     """One step's values and gradient on real tables after a round, against the broadcast it made: within
     1e-5 of the largest gradient entry (fp32 rounding; measured about 1e-7)."""
     module = module_after(compose_cfg, dataset, 1, [])
@@ -201,7 +202,7 @@ def test_fused_gradient_matches_autograd_on_real_tables(compose_cfg, dataset, on
     anchors = torch.stack([torch.randperm(m, generator=gen(90 + i))[:64] for i in range(4)])
     valid = torch.ones(4, 64, dtype=torch.bool)
     v1, g1 = dataclasses.replace(loss, fast_kernel="fused", native_threads=0).value_and_grad(t, anchors, valid, b)
-    v2, g2 = dataclasses.replace(loss, fast_kernel="autograd").value_and_grad(t, anchors, valid, b)
+    v2, g2 = dataclasses.replace(loss, fast_kernel="reference").value_and_grad(t, anchors, valid, b)
     assert set(v1) == set(v2) == {"ica", "gsa"}
     for key in v1:
         torch.testing.assert_close(v1[key], v2[key], rtol=1e-5, atol=1e-7)

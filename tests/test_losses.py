@@ -294,9 +294,9 @@ def test_alignment_value_and_grad_equals_per_client_autograd(mask, reduction):
     # the sub-chunks change nothing: `chunk` clients at a time on the paths that read it (the blocked algebra, the
     # autograd specification) and one client per `block` of the fused kernel's every-item-an-anchor form
     valid = torch.ones(c, 6, dtype=torch.bool)
-    for kernel in ("autograd", "reference"):
+    for kernel in ({"exact_fused_max": 0}, {"fast_kernel": "reference"}):
         for chunk in (2, 5):
-            _, other = dataclasses.replace(loss, fast_kernel=kernel, chunk=chunk).value_and_grad(t, anchors, valid, b)
+            _, other = dataclasses.replace(loss, **kernel, chunk=chunk).value_and_grad(t, anchors, valid, b)
             np.testing.assert_allclose(other.numpy(), grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=f"{kernel} {chunk}")
     _, one = dataclasses.replace(loss, block=m * m).value_and_grad(t, anchors, valid, b)
     np.testing.assert_allclose(one.numpy(), grad.numpy(), rtol=1e-12, atol=1e-15)
@@ -355,10 +355,10 @@ def test_broadcast_builds_upper_pairs_of_global_mask():
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("rows", [1, 4, 64])
-@pytest.mark.parametrize("kernel", ["autograd", "fused"])
+@pytest.mark.parametrize("kernel", ["blocked", "fused"])
 def test_blocked_exact_matches_plain_autograd(mask, reduction, rows, kernel):
-    """The blocked value-and-gradient (no m x m per client; `fast_kernel=autograd`, blocks of `rows` item rows) and
-    the fused kernel with every item an anchor (`fast_kernel=fused`, m^2 small; 1, 2 or 3 clients per block) equal
+    """The blocked value-and-gradient (no m x m per client; what m^2 above `exact_fused_max` runs, blocks of `rows`
+    item rows) and the fused kernel with every item an anchor (m^2 small; 1, 2 or 3 clients per block) equal
     the plain autograd loss, fp32 within 1e-4."""
 
     c, m, d = 3, 23, 5
@@ -368,8 +368,10 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows, kernel):
     g = torch.rand(m, m, generator=gen(42)) * 0.9
     g = (g + g.T) / 2
     g.fill_diagonal_(0)
-    block = rows * 2 * m if kernel == "autograd" else {1: 1, 4: 2, 64: 3}[rows] * m * m
-    loss = make_loss("exact", mask, reduction, sigma=0.35, block=block, fast_kernel=kernel)
+    block = rows * 2 * m if kernel == "blocked" else {1: 1, 4: 2, 64: 3}[rows] * m * m
+    loss = make_loss("exact", mask, reduction, sigma=0.35, block=block)
+    if kernel == "blocked":
+        loss = dataclasses.replace(loss, exact_fused_max=0)
     b = Broadcast(labels, g, 0.35)
     values, grad = loss.value_and_grad(
         table, torch.zeros(c, 1, dtype=torch.long), torch.ones(c, 1, dtype=torch.bool), b
@@ -388,16 +390,16 @@ def test_blocked_exact_matches_plain_autograd(mask, reduction, rows, kernel):
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gsa_rows_with_every_item_once_equals_exact(mask, reduction):
-    from src.alignment.losses import gsa_rows
-
+def test_gsa_over_every_item_as_an_anchor_once_equals_gsa_over_all_rows(mask, reduction):
+    """The specification's anchor-row form (what the fast mode estimates) with every item an anchor once, in any
+    order, is the whole Eq. 10, values and gradient."""
     c, m, d = 3, 13, 4
     t, _, sigma = tables_with_sigma(c, m, d, 50, 0.35, 0.6)
     gs = random_global(m, seed=51, sigma=sigma)
     anchors = torch.stack([torch.randperm(m, generator=gen(52 + i)) for i in range(c)])
     x1 = t.clone().requires_grad_()
     x2 = t.clone().requires_grad_()
-    rows = gsa_rows(normalised(x1, True), anchors, torch.ones(c, m, dtype=torch.bool), gs, sigma, mask, reduction)
+    rows = spec.gsa(normalised(x1, True), gs, sigma, mask, reduction, anchors, torch.ones(c, m, dtype=torch.bool))
     full = spec.gsa(normalised(x2, True), gs, sigma, mask, reduction)
     torch.testing.assert_close(rows, full, rtol=1e-10, atol=1e-12)
     (g1,) = torch.autograd.grad(rows.sum(), x1)
@@ -406,17 +408,17 @@ def test_gsa_rows_with_every_item_once_equals_exact(mask, reduction):
 
 
 @pytest.mark.parametrize("mask", MASKS)
-def test_gsa_rows_subset_equals_a_plain_loop_over_those_rows(mask):
-    from src.alignment.losses import gsa_rows
-
+def test_gsa_over_anchor_rows_equals_a_plain_loop_over_those_rows(mask):
+    """The specification's GSA over some anchor rows (one padded) against a loop over those rows' masked pairs: the
+    mean over the mask entries, and the sum scaled by m / (valid anchors)."""
     c, m, d = 3, 12, 4
     t, cos, sigma = tables_with_sigma(c, m, d, 53, 0.35, 0.6)
     gs = random_global(m, seed=54, sigma=sigma).numpy()
     anchors = torch.stack([torch.randperm(m, generator=gen(55 + i))[:5] for i in range(c)])
     valid = torch.ones(c, 5, dtype=torch.bool)
     valid[1, 2] = False
-    got_mean = gsa_rows(normalised(t, True), anchors, valid, torch.from_numpy(gs), sigma, mask, "mean")
-    got_sum = gsa_rows(normalised(t, True), anchors, valid, torch.from_numpy(gs), sigma, mask, "sum")
+    got_mean = spec.gsa(normalised(t, True), torch.from_numpy(gs), sigma, mask, "mean", anchors, valid)
+    got_sum = spec.gsa(normalised(t, True), torch.from_numpy(gs), sigma, mask, "sum", anchors, valid)
     for i in range(c):
         total, count, used = 0.0, 0, 0
         for r, a in enumerate(anchors[i].tolist()):

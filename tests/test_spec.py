@@ -46,7 +46,7 @@ def backends(loss, table: torch.Tensor) -> dict[str, object]:
     """The faster backends of `loss` that apply to these tables (the C kernel where it builds)."""
     out = {"fused": dataclasses.replace(loss, fast_kernel="fused", native_threads=0)}
     if loss.mode == "exact":
-        out["blocked"] = dataclasses.replace(loss, fast_kernel="autograd", native_threads=0)
+        out["blocked"] = dataclasses.replace(loss, exact_fused_max=0, native_threads=0)
     if native.usable(native_align.SOURCE) and native_align.applies(table):  # both modes: exact has its own kernel
         out["native"] = dataclasses.replace(loss, fast_kernel="fused", native_threads=1)
     return out

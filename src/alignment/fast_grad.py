@@ -1,6 +1,6 @@
 """The fast alignment's values and gradient in closed form (`compute=fused`; `compute=native` where C does not apply).
 
-Same math as the autograd path of `src/alignment/losses.py` (`ica_batch` + `gsa_rows`, fast_gsa=rows):
+Same math as the specification over anchors (`src/alignment/spec.py`, `ica` and `gsa` with `anchors`, fast_gsa=rows):
 ICA over the step's K anchors (Eq. 3-4) and GSA over those anchor rows (Eq. 10). Written out, the
 gradient w.r.t. the anchor rows S = e_A e^T [C, K, m] is one buffer G; the table's gradient is then
 G^T e_A + (G e) at the anchors, plus the positive term through the community sums, and goes back

@@ -44,12 +44,12 @@ def ica_batch(
     sizes: torch.Tensor,
     tau: float,
     tau0: float,
-    s: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ICA with the current batch's items [C, B] as anchors (fast path); [C]. `s` = `anchor_rows(e, anchors)`."""
+    """ICA with the current batch's items [C, B] as anchors (fast path); [C]: the anchors' log-sum-exp by a
+    memory-lean autograd function (it keeps the softmax, not the m-wide intermediates)."""
     rows = torch.arange(e.shape[0], device=e.device).unsqueeze(1)
     ea = e[rows, anchors]
-    s = anchor_rows(e, anchors) if s is None else s
+    s = anchor_rows(e, anchors)
     csum = cluster_sums(e, labels, int(sizes.shape[0]))
     al = labels[anchors]
     npos = (sizes[al] - 1).to(e.dtype)
@@ -76,60 +76,6 @@ class _AnchorLSE(torch.autograd.Function):
         prob, weights = ctx.saved_tensors
         scale = (weights * grad_out.unsqueeze(1) / ctx.tau).unsqueeze(2)
         return prob * scale, None, None, None
-
-
-def gsa_rows(
-    e: torch.Tensor,
-    anchors: torch.Tensor,
-    anchor_valid: torch.Tensor,
-    global_sim: torch.Tensor,
-    sigma: float,
-    mask: str,
-    reduction: str,
-    s: torch.Tensor | None = None,
-    graph: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Eq. 10 over the anchor rows [C, K] (all columns, diagonal excluded) (fast path); [C].
-    With `graph` [m, m] (bool) the global part of the mask is the server graph instead of S_g >= sigma.
-
-    `mean` divides by the mask entries in those rows; `sum` scales the rows' sum by m / K to
-    estimate the sum over all rows. With every item as an anchor once it equals `spec.gsa`.
-    `s` = `anchor_rows(e, anchors)` when already computed.
-    """
-    m = e.shape[1]
-    s = anchor_rows(e, anchors) if s is None else s
-    g = global_sim[anchors].to(e.dtype)
-    with torch.no_grad():
-        glob = graph[anchors] if graph is not None else g >= sigma
-        if mask == "local":
-            w = s >= sigma
-        elif mask == "global":
-            w = glob.clone()
-        elif mask == "union":
-            w = (s >= sigma) | glob
-        else:
-            raise ValueError(f"ablation.gsa_mask={mask!r}; expected local, global or union")
-        w &= torch.arange(m, device=e.device) != anchors.unsqueeze(2)
-        w &= anchor_valid.unsqueeze(2)
-    sq = _MaskedSquares.apply(s, g, w)
-    if reduction == "mean":
-        return sq / w.sum(dim=(1, 2)).clamp(min=1)
-    return sq * m / anchor_valid.sum(dim=1).clamp(min=1)
-
-
-class _MaskedSquares(torch.autograd.Function):
-    """sum over the last two dims of w o (s - g)^2 per client; keeps only w o (s - g) for backward."""
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        diff = (s - g).mul_(w)
-        ctx.save_for_backward(diff)
-        return (diff * diff).sum(dim=(1, 2))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (diff,) = ctx.saved_tensors
-        return diff * (2 * grad_out).view(-1, 1, 1), None, None
 
 
 def gsa_pairs(
@@ -237,9 +183,11 @@ class AlignmentLoss:
     block: int = 4_194_304
     fast_gsa: str = "rows"
     fast_block: int | None = None  # fast mode: elements of anchor-row intermediates at once (None: whole chunk)
-    # fused (closed form, src/alignment/fast_grad.py), autograd (the same terms through autograd, with memory-lean
-    # custom functions) or reference (the specification, src/alignment/spec.py, plain autograd; `compute=reference`)
+    # fused (closed form, src/alignment/fast_grad.py, and the blocked algebra of the exact mode) or reference (the
+    # specification, src/alignment/spec.py, plain autograd; `compute=reference`)
     fast_kernel: str = "fused"
+    # the exact mode runs the fused kernel with every item an anchor up to m^2 = this, the blocked algebra above it
+    exact_fused_max: int = EXACT_FUSED_MAX
     compile: bool = False  # the fused kernel through torch.compile
     native_threads: int = 0  # > 0: the fused kernel by its C form on that many threads (native_align)
     # this project's variant (`ablation.gsa_on_graph`): GSA's global mask is the server graph (sigma, knn k or None)
@@ -283,56 +231,22 @@ class AlignmentLoss:
         anchors: torch.Tensor | None = None,
         anchor_valid: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Unweighted per-client ICA and GSA values [C] of `table` [C, m, d] (differentiable)."""
+        """Unweighted per-client ICA and GSA values [C] of `table` [C, m, d] (differentiable) as `spec.py` writes
+        them: over the batch's first `fast_anchors` anchors [C, K] in the fast mode, over every item in the exact
+        mode. With `fast_gsa=pairs` (the fast mode's autograd path) GSA over the global mask's pairs and, but for
+        `compute=reference`, ICA by the memory-lean `ica_batch`."""
         e = normalised(table, self.centre)
         x = self.inputs(b, table.device)
-        out: dict[str, torch.Tensor] = {}
-        fast = self.mode == "fast" and anchors is not None
-        k = self.fast_anchors
-        if self.fast_kernel == "reference":
-            return self.spec_terms(e, x, b, anchors[:, :k] if fast else None, anchor_valid[:, :k] if fast else None)
-        s = anchor_rows(e, anchors[:, :k]) if fast else None
-        if x["labels"] is not None:
-            if fast:
-                out["ica"] = ica_batch(
-                    e, anchors[:, :k], anchor_valid[:, :k], x["labels"], x["sizes"], self.tau, self.tau0, s
-                )
-            else:
-                out["ica"] = spec.ica(e, x["labels"], self.tau, self.tau0)
-        if self.use_gsa and b.global_sim is not None:
-            if fast and self.fast_gsa == "rows":
-                out["gsa"] = gsa_rows(
-                    e,
-                    anchors[:, :k],
-                    anchor_valid[:, :k],
-                    x["global_sim"],
-                    self.sigma,
-                    self.mask,
-                    self.reduction,
-                    s,
-                    x["graph"],
-                )
-            elif self.pairs_gsa:
-                out["gsa"] = gsa_pairs(
-                    e, b.on("pairs", table.device), b.on("targets", table.device), self.sigma, self.mask, self.reduction
-                )
-            else:
-                out["gsa"] = spec.gsa(e, x["global_sim"], self.sigma, self.mask, self.reduction)
-        return out
-
-    def spec_terms(
-        self,
-        e: torch.Tensor,
-        x: dict[str, torch.Tensor | None],
-        b: Broadcast,
-        anchors: torch.Tensor | None,
-        anchor_valid: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor]:
-        """ICA and GSA [C] of the normalised table `e` as `spec.py` writes them (`compute=reference`): over the anchor
-        rows [C, K] in the fast mode, over every item in the exact mode (anchors None)."""
+        if self.mode == "fast" and anchors is not None:
+            anchors, anchor_valid = anchors[:, : self.fast_anchors], anchor_valid[:, : self.fast_anchors]
+        else:
+            anchors = anchor_valid = None
         out: dict[str, torch.Tensor] = {}
         if x["labels"] is not None:
-            out["ica"] = spec.ica(e, x["labels"], self.tau, self.tau0, anchors, anchor_valid)
+            if self.fast_kernel != "reference" and self.pairs_gsa and anchors is not None:
+                out["ica"] = ica_batch(e, anchors, anchor_valid, x["labels"], x["sizes"], self.tau, self.tau0)
+            else:
+                out["ica"] = spec.ica(e, x["labels"], self.tau, self.tau0, anchors, anchor_valid)
         if self.use_gsa and b.global_sim is not None:
             if self.pairs_gsa:
                 on = e.device
@@ -378,13 +292,13 @@ class AlignmentLoss:
         self, table: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, b: Broadcast
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-client terms and the gradient of alpha * ICA + beta * GSA w.r.t. `table`: the exact mode in
-        sub-chunks of `chunk` clients with the blocked algebra (or, with the fused kernel and m^2 <=
-        `EXACT_FUSED_MAX`, every item an anchor of the fused kernel), the fast mode over the batch's anchors."""
+        sub-chunks of `chunk` clients with the blocked algebra (or, with m^2 <= `exact_fused_max`, every item an
+        anchor of the fused kernel), the fast mode over the batch's anchors."""
         c, m = table.shape[0], table.shape[1]
         if self.fast_kernel == "reference":  # the specification by autograd, `chunk` clients at a time
             part = self.autograd_value_and_grad
             return _in_parts(lambda s, e: part(table[s:e], anchors[s:e], anchor_valid[s:e], b), table, self.chunk)
-        if self.mode == "exact" and self.fast_kernel == "fused" and m**2 <= EXACT_FUSED_MAX:
+        if self.mode == "exact" and m**2 <= self.exact_fused_max:
             every = torch.arange(m, device=table.device).expand(c, m)
             valid = torch.ones(every.shape, dtype=torch.bool, device=table.device)
             return self.every_item_an_anchor(m).value_and_grad(table, every, valid, b)
@@ -414,8 +328,8 @@ class AlignmentLoss:
     def fast_value_and_grad(
         self, table: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, b: Broadcast
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The fast mode's per-client terms and gradient of `table` [C, m, d]: in closed form (`fast_kernel=fused`,
-        fast_gsa=rows) or by autograd."""
+        """The fast mode's per-client terms and gradient of `table` [C, m, d]: in closed form (fast_gsa=rows, or GSA
+        off) or by autograd (`fast_gsa=pairs`)."""
         if self.uses_fused():
             if not self.active(b):
                 return {}, torch.zeros_like(table)
