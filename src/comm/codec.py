@@ -266,11 +266,12 @@ def encode_upper(matrix: np.ndarray, fmt: str, bits: int, lo: float = 0.0, hi: f
     return encode_entries(matrix.shape[0], rows, cols, matrix[rows, cols], fmt, bits, lo, hi)
 
 
-def decode_upper(payload: bytes, m_expected: int | None = None) -> np.ndarray:
-    """Inverse of `encode_upper`: the symmetric dense matrix [m, m] (values as the receiver sees them; zero
-    diagonal); `m_expected`: refuse a payload of another size (`decode_entries`)."""
+def decode_upper(payload: bytes, m_expected: int | None = None, dtype: type = np.float64) -> np.ndarray:
+    """Inverse of `encode_upper`: the symmetric dense matrix [m, m] of `dtype` (values as the receiver sees them;
+    zero diagonal); `m_expected`: refuse a payload of another size (`decode_entries`). A Flower node decodes S_g in
+    float32 (Lastfm-2k's m x m is 0.6 GB so, 1.2 GB in float64)."""
     m, rows, cols, vals = decode_entries(payload, m_expected=m_expected)
-    out = np.zeros((m, m))
+    out = np.zeros((m, m), dtype=dtype)
     out[rows, cols] = vals
     return out + out.T
 

@@ -309,8 +309,8 @@ def build(
     frame = ratings.frame
     notes = list(ratings.notes)
     kept_rows = filter_min_interactions(frame, int(dataset.min_user_rows))
-    if len(frame) and not len(kept_rows):
-        most = int(frame.groupby("user").size().max())
+    if not len(kept_rows):
+        most = int(frame.groupby("user").size().max()) if len(frame) else 0
         raise ConfigError(
             f"dataset.min_user_rows={dataset.min_user_rows} leaves no user of {dataset.name} (the most rows a user "
             f"has: {most}); expected at most {most}"
@@ -336,10 +336,12 @@ def build(
         negatives = draw_eval_negatives(interacted, 2 * half, seed, spare=spare)
     except TooFewNegatives as err:
         kept = " and protocol.train_negative_pool=non_train_non_candidates keeps one out of them" if spare else ""
+        most = (err.available - spare) // 2
+        expected = f"at most {most}" if most >= 1 else "a dataset or pool that leaves every user a negative to draw"
         raise ConfigError(
             f"protocol.eval_negatives={half} is too large for {dataset.name}: user index {err.user} has "
             f"{err.available} never-interacted items, the protocol draws {half} for validation and {half} for "
-            f"test{kept}; expected at most {(err.available - spare) // 2}"
+            f"test{kept}; expected {expected}"
         ) from None
     if community is not None:
         community = community[loo.item_ids]

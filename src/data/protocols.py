@@ -43,11 +43,11 @@ class TooFewNegatives(ValueError):
     """A user has fewer never-interacted items (`available`) than the evaluation negatives asked for (`count`) and
     the items that must stay outside them."""
 
-    def __init__(self, user: int, available: int, count: int) -> None:
+    def __init__(self, user: int, available: int, count: int, spare: int = 0) -> None:
         self.user, self.available, self.count = user, available, count
         super().__init__(
             f"user index {user} has only {available} never-interacted items; the protocol needs {count} evaluation "
-            f"negatives"
+            f"negatives" + (f" and {spare} more outside them" if spare else "")
         )
 
 
@@ -61,7 +61,7 @@ def draw_eval_negatives(interacted: np.ndarray, count: int, seed: int, chunk: in
     n_users, n_items = interacted.shape
     available = n_items - interacted.sum(axis=1)
     if available.min() < count + spare:
-        raise TooFewNegatives(int(np.argmin(available)), int(available.min()), count)
+        raise TooFewNegatives(int(np.argmin(available)), int(available.min()), count, spare)
     rng = np.random.default_rng(seed)
     out = np.empty((n_users, count), dtype=np.int64)
     for start in range(0, n_users, chunk):

@@ -148,7 +148,8 @@ def client_round(cfg: DictConfig, nd: NodeData, pool: ClientPool, task: Task) ->
     keys = method.shared_keys(pool.state)
     broadcast = method.empty_broadcast()
     if method.uploads_similarity and task.global_sim is not None:
-        broadcast = Broadcast(task.labels, torch.from_numpy(decode_upper(task.global_sim, m)).float(), broadcast.sigma)
+        global_sim = torch.from_numpy(decode_upper(task.global_sim, m, np.float32))
+        broadcast = Broadcast(task.labels, global_sim, broadcast.sigma)
     encoding = Encoding.from_cfg(cfg.comm)
     noise = NoiseStreams(int(cfg.seed), task.round)  # each client's stream, as in the simulator
     users, shared, payloads = [], {k: [] for k in keys}, []

@@ -82,7 +82,8 @@ def wandb_mode(requested: str) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """dataset-ablation-protocol-seed: how runs are named (the W&B run, conf/logger/wandb.yaml; the audit's folder)."""
+    """dataset-ablation-protocol-seed: the audit's folder name, in the form conf/logger/wandb.yaml names the W&B run
+    (tests/test_engine.py checks the two agree)."""
     return f"{cfg.dataset.name}-{cfg.ablation.name}-{cfg.protocol.name}-s{cfg.seed}"
 
 
