@@ -76,6 +76,10 @@ SEARCHES = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
         (["ablation=central", "ablation.lr=null"], "ablation.lr"),
         (["ablation=central", "ablation.batch_size=null"], "ablation.batch_size"),
         (["ablation=popularity", "ablation.scorer=null"], "ablation.scorer"),
+        # the Lightning groups follow the run's keys: no early stopping on test data, no trainer cut short
+        (["callbacks.early_stopping.monitor=test/hit@10"], "callbacks.early_stopping.monitor"),
+        (["callbacks.early_stopping.patience=2"], "callbacks.early_stopping.patience"),
+        (["trainer.max_epochs=3"], "trainer.max_epochs"),
         # what the method implements, whatever the override says (ignored, it would still label the run)
         (["ablation=backbone", "ablation.central=true"], "ablation.central"),
         (["ablation=popularity", "ablation.central=false"], "ablation.central"),

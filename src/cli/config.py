@@ -20,6 +20,7 @@ from src.config import schema
 from src.config.schema import Ablation, Group, refuse
 from src.methods.base import method_class, method_module
 from src.runtime.checks import ConfigError
+from src.runtime.results import select_key
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # keys that were replaced (retired from the schema: `schema.RETIRED`, their value in the runs stored before): an
@@ -93,6 +94,7 @@ def validate(cfg: DictConfig) -> None:
     groups = {group.PATH: typed(cfg, group) for group in schema.GROUPS}
     validate_device(cfg.device)
     _validate_fixed(cfg, typed(cfg, method_keys(cfg)))
+    _validate_lightning(cfg)
     comm, privacy = groups["comm"], groups["privacy"]
     if privacy.laplace and comm.topk is not None:
         refuse("comm.topk", comm.topk, "null when privacy noise is on (top-k would select on noiseless rows)")
@@ -111,6 +113,28 @@ def simulator_checks(cfg: DictConfig) -> None:
             "flower.secagg=true: secure aggregation hides each upload from a server in another process, and the "
             "simulator has none; expected flower.secagg=false, or the Flower app (python -m src.flower.simulate)"
         )
+
+
+def _validate_lightning(cfg: DictConfig) -> None:
+    """The Lightning groups follow the run's own keys: they are left out of a run's identity (where and how it is
+    driven), so a trainer that stops before `fl.rounds`, or early stopping on another metric (a test metric would
+    select on test data) or another patience, would be stored as the run its keys describe."""
+    rounds = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    if rounds is not None and rounds != cfg.fl.rounds:
+        refuse("trainer.max_epochs", rounds, f"fl.rounds ({cfg.fl.rounds}); set fl.rounds instead")
+    stopping = OmegaConf.select(cfg, "callbacks.early_stopping", default=None)
+    if stopping is None:
+        return
+    select = select_key(cfg)
+    if stopping.get("monitor") != select:
+        refuse(
+            "callbacks.early_stopping.monitor",
+            stopping.get("monitor"),
+            f"the selection metric eval.select ({select}); set eval.select instead (a validation metric)",
+        )
+    if stopping.get("patience") != cfg.eval.patience:
+        expected = f"eval.patience ({cfg.eval.patience}); set eval.patience instead"
+        refuse("callbacks.early_stopping.patience", stopping.get("patience"), expected)
 
 
 def _validate_fixed(cfg: DictConfig, ablation: Ablation) -> None:
