@@ -55,6 +55,22 @@ def test_identity_drops_only_what_the_method_never_reads():
     assert key("ablation=backbone", "optim=sgd") != key("ablation=backbone", "optim=adam")
 
 
+def test_secure_aggregation_is_part_of_a_runs_identity():
+    """SecAgg+ clips each upload and rounds it onto its grid: `flower.secagg` and its clip change the numbers, so they
+    tell runs apart (and a resume may not change them), while the other flower keys (where nodes connect) do not."""
+    from src.config.identity import resume_mismatch
+
+    def config(*overrides: str) -> dict:
+        cfg = compose_config(["dataset=synthetic", "ablation=fed_itemknn", *overrides])
+        return OmegaConf.to_container(cfg, resolve=True)
+
+    plain, secure = config(), config("flower.secagg=true")
+    assert campaign.identity(secure) != campaign.identity(plain)
+    assert campaign.identity(config("flower.secagg=true", "flower.secagg_clip=2")) != campaign.identity(secure)
+    assert campaign.identity(config("flower.round_timeout=5")) == campaign.identity(plain)
+    assert resume_mismatch(plain, secure) == ["flower.secagg: '<absent>' -> True"]
+
+
 def test_summary_counts_states_and_the_hours_left(tmp_path):
     config = {"dataset": {"name": "ml-1m"}, "ablation": {"name": "full"}, "protocol": {"name": "clean"}, "seed": 0}
     runs = [

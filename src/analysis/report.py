@@ -24,7 +24,7 @@ from pathlib import Path
 from src.analysis import bench_tables, privacy_tables, record_tables
 from src.analysis.record_tables import per_client_round
 from src.analysis.runs import cell, claim_figure, config_value, load_runs, mean_std, planned_rounds, read_run, truncate
-from src.config.identity import SPEED_KEYS, WHERE_KEYS, identity, neutral_values, normalised
+from src.config.identity import SPEED_KEYS, WHERE_KEYS, identity, neutral_values, normalised, only_where
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.published import published, published_tables
 from src.runtime.results import atomic_write_text
@@ -114,7 +114,7 @@ def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, .
     keys that differ, which become (part of) the row's variant."""
     configs = [flat(r["config"]) for r in runs]
     keys = sorted(
-        {k for c in configs for k in c if not k.startswith(SAME_ROW) and len({c.get(k) for c in configs}) > 1}
+        {k for c in configs for k in c if not only_where(k, SAME_ROW) and len({c.get(k) for c in configs}) > 1}
     )
     named = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".name")}
     # a group whose choice differs is shown by its name alone (optim.name=sgd, not its lr, betas, ...)

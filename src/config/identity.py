@@ -84,6 +84,15 @@ WHERE_KEYS = (
     "hydra.",
     "search.",
 )
+# Keys under those prefixes that do change the numbers: SecAgg+ clips each upload and rounds it onto its integer grid
+COMPUTED_WHERE_KEYS = ("flower.secagg", "flower.secagg_clip")
+
+
+def only_where(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `key` is one of `prefixes` (a name ending in '.' is a group) and not a key that changes the numbers."""
+    return key not in COMPUTED_WHERE_KEYS and any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+
+
 # Keys that change only how fast a run computes: `model.fast_block` leaves results bit-identical; the fused and
 # compiled kernels compute the same math with another float rounding, as another device does (each has a test
 # saying so, with its tolerance).
@@ -145,7 +154,7 @@ def resume_mismatch(saved: dict, current: dict) -> list[str]:
     a, b = normalised(saved), normalised(current)
     out = []
     for key in sorted(a.keys() | b.keys()):
-        if any(key == k or key.startswith(k) for k in RESUMABLE_KEYS if k.endswith(".")) or key in RESUMABLE_KEYS:
+        if only_where(key, RESUMABLE_KEYS):
             continue
         missing = "<absent>"
         if a.get(key, missing) != b.get(key, missing):
@@ -169,5 +178,5 @@ NOT_IDENTITY = (*WHERE_KEYS, *SPEED_KEYS, "fl.checkpoint_every", "fl.chunk_size"
 def identity(config: dict[str, Any]) -> str:
     """sha256 of the resolved config without the keys that cannot change the results: one key per computation
     (the campaign's run identity; the report counts one run per key)."""
-    flat = {k: v for k, v in normalised(config).items() if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY}
+    flat = {k: v for k, v in normalised(config).items() if not only_where(k, NOT_IDENTITY)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:20]
