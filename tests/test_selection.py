@@ -25,6 +25,7 @@ from src.runtime.results import (
     chance_level,
     meaning_lines,
     report_best,
+    rounds_without_improvement,
     select_cutoff,
     select_key,
     selection_of,
@@ -146,6 +147,11 @@ def test_best_round_is_the_highest_selection_metric_earliest_on_ties():
         r["val/ndcg@10"] = ndcg
     assert best_round(history, "val/ndcg@10")["round"] == 1
     assert best_round([]) is None
+    # a round that evaluated no one (a Flower round whose replies all failed) has no metric: never the best, but
+    # it counts as a round without improvement
+    unscored = [*history, {"round": 5}]
+    assert best_round(unscored)["round"] == 2 and rounds_without_improvement(unscored) == 3
+    assert best_round([{"round": 1}]) is None
 
 
 def test_results_without_the_key_select_on_validation_hit_at_10():

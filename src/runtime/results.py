@@ -67,14 +67,16 @@ def publish_report(out: str | Path, report: dict[str, Any], text: str) -> None:
 
 
 def best_round(history: list[dict], select: str = DEFAULT_SELECT) -> dict | None:
-    """The round with the highest `select` metric (earliest on ties); test data plays no part.
+    """The round with the highest `select` metric (earliest on ties) among the rounds that have it; test data plays no
+    part.
 
     The one best-round rule: results.json, the report's `--rounds` cut and early stopping
     (`eval.patience`) all call it.
     """
-    if not history:
+    scored = [r for r in history if select in r]  # a Flower round whose replies all failed evaluated no one
+    if not scored:
         return None
-    return max(history, key=lambda r: (r[select], -r["round"]))
+    return max(scored, key=lambda r: (r[select], -r["round"]))
 
 
 def rounds_without_improvement(history: list[dict], select: str = DEFAULT_SELECT) -> int:
