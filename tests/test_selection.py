@@ -245,6 +245,9 @@ def test_patience_in_a_real_run(compose_cfg, tmp_path):
     # the round early stopping ends on is checkpointed (the checkpoint callback runs after early stopping decides)
     record = json.loads((tmp_path / "p" / "checkpoints" / "last.json").read_text())
     assert len(values) < 8 and record["round"] == len(values)
+    # resumed for longer under the same patience it stays stopped, as an unbroken run of 12 rounds would have
+    again = train(compose_cfg([*overrides, "fl.rounds=12", "resume=true"]), tmp_path / "p", progress=False)
+    assert [h["val/hit@10"] for h in again["history"]] == values
 
 
 # --- the closing summary ---------------------------------------------------------------------------

@@ -30,5 +30,10 @@ class RoundEarlyStopping(EarlyStopping):
             self.stopped_epoch = trainer.current_epoch
             trainer.should_stop = True
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed run that had stopped early stays stopped: Lightning keeps no `should_stop` in a checkpoint, and
+        the rule read from the restored history stops it before another round."""
+        self._run_early_stopping_check(trainer)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore: the state is read from the history, and a resume may change `patience`."""
