@@ -99,6 +99,12 @@ CASES = [
     ("src.data", ["dataset=nope"], "no config 'dataset/nope'"),
     ("src.audit", ["fl.rounds=0"], "fl.rounds=0 is invalid; expected an integer >= 1"),
     ("src.bench", ["fl.rounds=0"], "fl.rounds=0 is invalid; expected an integer >= 1"),
+    # the Flower app keeps no checkpoint: a resume is refused, not started again from round 1 under resume=true
+    (
+        "src.flower.simulate",
+        ["dataset=synthetic", "resume=true", f"flower.run_dir={Path('/nonexistent') / 'run'}"],
+        "resume=True: the Flower app keeps no checkpoint",
+    ),
     # the loopback deployment checks its overrides before it starts a SuperLink (a bad one was an hour's timeout)
     ("src.flower.loopback", ["fl.rounds=abc"], "fl.rounds='abc' is invalid; expected an integer >= 1"),
     ("src.flower.loopback", ["--nodes", "0"], "--nodes=0 is invalid; expected an integer >= 1"),

@@ -26,6 +26,11 @@ def flower_checks(cfg: DictConfig) -> None:
     refusal = not_federated(cfg)
     if refusal is not None:
         raise ConfigError(f"ablation={cfg.ablation.name}: {refusal}")
+    if cfg.resume not in (False, None):
+        raise ConfigError(
+            f"resume={cfg.resume}: the Flower app keeps no checkpoint (the nodes hold the clients' tables), so a run "
+            "starts from round 1; expected resume=false, or the simulator (python -m src.run) to resume"
+        )
     if cfg.flower.secagg:  # SecAgg+ sums the similarity uploads (src/flower/secagg.py)
         if not method_class(cfg).uploads_similarity:
             raise ConfigError(
