@@ -103,6 +103,14 @@ def test_one_run_per_folder(compose_cfg, tmp_path):
     with pytest.raises(rundir.RunFolderError, match=r"already holds a finished run.*resume=true"):
         train(compose_cfg(SYNTH + ["fl.rounds=1", "seed=3"]), run_dir, progress=False)
     assert snapshot(run_dir) == before
+    # resuming another run's checkpoint into this folder would overwrite the run it holds; into a new folder it goes
+    other = tmp_path / "other"
+    train(compose_cfg(SYNTH + ["fl.rounds=1"]), other, progress=False)
+    with pytest.raises(rundir.RunFolderError, match=r"already holds a finished run"):
+        train(compose_cfg(SYNTH + ["fl.rounds=2", f"resume='{other}'"]), run_dir, progress=False)
+    assert snapshot(run_dir) == before
+    moved = train(compose_cfg(SYNTH + ["fl.rounds=2", f"resume='{other}'"]), tmp_path / "new", progress=False)
+    assert len(moved["history"]) == 2
 
 
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

@@ -99,7 +99,9 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
     validate(cfg)
     simulator_checks(cfg)
     ckpt = resume_path(cfg, run_dir)
-    lock = rundir.claim(run_dir, resuming=ckpt is not None)
+    # only the folder's own checkpoint continues a run in it; resume=<another run> needs a folder without a run
+    own = ckpt is not None and ckpt.resolve() == (run_dir / "checkpoints" / "last.ckpt").resolve()
+    lock = rundir.claim(run_dir, resuming=own)
     try:
         record = None
         if ckpt is not None:
