@@ -364,6 +364,30 @@ def test_a_full_disk_while_checkpointing_ends_the_run_with_one_line(compose_cfg,
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
+def test_a_full_disk_while_writing_the_record_leaves_the_previous_pair(compose_cfg, tmp_path, monkeypatch):
+    """The record is written before the new checkpoint moves into place: a failure there keeps the previous checkpoint
+    and record, which still resume (not a new checkpoint beside an old record's digest)."""
+    import errno
+
+    from src.runtime import checkpoint
+
+    run_dir = tmp_path / "run"
+    train(compose_cfg(SYNTH + ["fl.rounds=1"]), run_dir, progress=False)
+    pair = [(run_dir / "checkpoints" / name).read_bytes() for name in ("last.ckpt", "last.json")]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint, "atomic_write_text", full)
+        with pytest.raises(CheckpointError, match=r"could not write checkpoint .* after round 2"):
+            train(compose_cfg(SYNTH + ["fl.rounds=2", "resume=true"]), run_dir, progress=False)
+    assert [(run_dir / "checkpoints" / name).read_bytes() for name in ("last.ckpt", "last.json")] == pair
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "last.json"]
+    resumed = train(compose_cfg(SYNTH + ["fl.rounds=2", "resume=true"]), run_dir, progress=False)
+    assert len(resumed["history"]) == 2
+
+
 def test_a_sigterm_after_the_save_decision_still_checkpoints_the_round(compose_cfg, tmp_path, monkeypatch):
     """SIGTERM landing once the checkpoint callback has passed (Lightning raises it at the round's end) still leaves
     a checkpoint of that round with its record, and the resumed run ends where an uninterrupted one does."""

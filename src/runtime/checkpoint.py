@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -131,18 +132,26 @@ class AtomicCheckpoint(Checkpoint):
             stale.unlink(missing_ok=True)
 
     def save(self, trainer: L.Trainer, done: int) -> None:
-        """Checkpoint through a temporary sibling, then its record; both renamed into place (a full disk leaves the
-        previous pair intact and ends the run with one line)."""
+        """Checkpoint and record written to temporary siblings first, the checkpoint synced, then the record and the
+        checkpoint renamed into place one after the other: a failed write (a full disk) leaves the previous pair
+        intact and ends the run with one line."""
         try:
             with atomic_path(self.last) as tmp:
                 trainer.save_checkpoint(tmp, weights_only=False)
                 digest = sha256_file(tmp)
+                with open(tmp, "rb") as fh:  # synced before the record moves, so the two renames follow at once
+                    os.fsync(fh.fileno())
+                atomic_write_text(record_path(self.last), json.dumps(self.record(trainer, done, digest), indent=1))
         except OSError as exc:
             raise CheckpointError(
                 f"could not write checkpoint {self.last} after round {done} ({exc.strerror or exc}); the previous "
                 f"checkpoint is intact; expected free space and write access in {self.dirpath}"
             ) from None
-        record = {
+        self.saved_round = done
+
+    def record(self, trainer: L.Trainer, done: int, digest: str) -> dict[str, Any]:
+        """What the checkpoint of round `done` (sha256 `digest`) was trained with, to check a resume against."""
+        return {
             "format": RECORD_FORMAT,
             "round": done,
             "sha256": digest,
@@ -153,8 +162,6 @@ class AtomicCheckpoint(Checkpoint):
             "resumes": self.resumes,  # each resume: after which round, and the resumable keys it changed
             "curve": [row[self.monitor] for row in trainer.lightning_module.history],  # to check a patience change
         }
-        atomic_write_text(record_path(self.last), json.dumps(record, indent=1))
-        self.saved_round = done
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
