@@ -29,6 +29,7 @@ from typing import Any
 
 from src.analysis.runs import encoding_label, load_runs
 from src.config.schema import MOVED
+from src.runtime.atomic import atomic_path
 from src.runtime.checks import check_output_dir
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.results import atomic_write_text, selection_of
@@ -70,16 +71,14 @@ def write_table(rows: list[dict[str, Any]], out: Path, name: str) -> None:
 
 
 def save(fig, out: Path, name: str) -> None:
-    """The figure as PNG and SVG (written to temporary names, then renamed), byte for byte the same for the same data
-    (no date in the SVG, its element ids from a fixed salt), so regenerated figures of unchanged runs change nothing."""
+    """The figure as PNG and SVG (each written atomically), byte for byte the same for the same data (no date in the
+    SVG, its element ids from a fixed salt), so regenerated figures of unchanged runs change nothing."""
     import matplotlib
 
-    out.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "svg"):
-        tmp = out / f".{name}.tmp.{ext}"
-        with matplotlib.rc_context({"svg.hashsalt": "alignfedrec"}):
-            fig.savefig(tmp, dpi=150, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
-        tmp.replace(out / f"{name}.{ext}")
+        with atomic_path(out / f"{name}.{ext}") as tmp, matplotlib.rc_context({"svg.hashsalt": "alignfedrec"}):
+            meta = {"Date": None} if ext == "svg" else None
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight", metadata=meta)
 
 
 def pct(value: float | None) -> float:
