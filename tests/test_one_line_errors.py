@@ -99,6 +99,11 @@ CASES = [
     ("src.data", ["dataset=nope"], "no config 'dataset/nope'"),
     ("src.audit", ["fl.rounds=0"], "fl.rounds=0 is invalid; expected an integer >= 1"),
     ("src.bench", ["fl.rounds=0"], "fl.rounds=0 is invalid; expected an integer >= 1"),
+    (
+        "src.bench",
+        ["dataset=synthetic", "fl.rounds=1", 'bench.baseline=["fl.rounds=abc"]'],
+        "bench.baseline=['fl.rounds=abc']: fl.rounds='abc' is invalid; expected an integer >= 1",
+    ),
     # the Flower app keeps no checkpoint: a resume is refused, not started again from round 1 under resume=true
     (
         "src.flower.simulate",

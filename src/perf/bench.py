@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from src.alignment.losses import EXACT_FUSED_MAX
@@ -53,8 +54,9 @@ from src.clients.reference import ExactAlignment, client_batches, make_client, t
 from src.data.dataset import load
 from src.rounds.simulator import FederatedModule
 from src.runtime import native
-from src.runtime.checks import check_output_file
+from src.runtime.checks import ConfigError, check_output_file
 from src.runtime.device import COUNTERS, device_info, peak_rss_mib
+from src.runtime.errors import UserError, describe
 from src.runtime.results import publish_report, select_key
 
 PHASES = ("sample", "train", "aggregate", "server", "community", "eval")
@@ -448,6 +450,11 @@ def main(argv: list[str]) -> dict[str, Any]:
     cfg = load_config(argv)
     validate(cfg)
     check_output_file("bench.out", str(cfg.bench.out))
+    if cfg.bench.baseline is not None:  # the baseline's config, checked before either bench runs
+        try:
+            validate(load_config([*argv, *cfg.bench.baseline, "bench.baseline=null"]))
+        except (UserError, HydraException) as err:
+            raise ConfigError(f"bench.baseline={list(cfg.bench.baseline)}: {describe(err)}") from None
     before = baseline_report(cfg, argv) if cfg.bench.baseline is not None else None
     report = bench(cfg, argv)
     if before is not None:
