@@ -355,3 +355,17 @@ def test_cost_kind_and_bench_matching_agree_on_whether_an_ablation_aligns(ablati
     whether it aligns as the method does, else a run's cost is taken from the wrong kind of measurement."""
     config = OmegaConf.to_container(compose_cfg(["dataset=synthetic", f"ablation={ablation}"]), resolve=True)
     assert campaign.aligns(ablation) == (ablation in ALIGNING) == campaign.run_kind(config)[1]
+
+
+def test_a_resume_may_not_switch_the_graph_diagnostics():
+    """diag.graph changes no result (outside identity) but counts edges against round 1's graph, which a run started
+    without it never kept: a resume keeps it as run, while keys that only say where a run logs may change."""
+    from src.config.identity import resume_mismatch
+
+    def config(*overrides: str) -> dict:
+        return OmegaConf.to_container(compose_config(["dataset=synthetic", *overrides]), resolve=True)
+
+    plain = config()
+    assert campaign.identity(config("diag.graph=true")) == campaign.identity(plain)
+    assert resume_mismatch(plain, config("diag.graph=true")) == ["diag.graph: False -> True"]
+    assert resume_mismatch(plain, config("experiment_name=other")) == []

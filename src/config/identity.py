@@ -106,6 +106,9 @@ SPEED_KEYS = (
     "optim.touched_rows",
     "compute.keep_heap",
 )
+# Keys that change no result but a resume may not change: the graph diagnostics count edges against round 1's
+# graph, which a run started without them never kept
+KEPT_ON_RESUME = ("diag.graph",)
 # Keys a resume may change: the above, and how long to go on.
 RESUMABLE_KEYS = (*WHERE_KEYS, *SPEED_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
 
@@ -150,11 +153,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def resume_mismatch(saved: dict, current: dict) -> list[str]:
-    """`key: saved -> current` for every key that differs, except those in `RESUMABLE_KEYS`."""
+    """`key: saved -> current` for every key that differs, except those in `RESUMABLE_KEYS` (but `KEPT_ON_RESUME`)."""
     a, b = normalised(saved), normalised(current)
     out = []
     for key in sorted(a.keys() | b.keys()):
-        if only_where(key, RESUMABLE_KEYS):
+        if only_where(key, RESUMABLE_KEYS) and key not in KEPT_ON_RESUME:
             continue
         missing = "<absent>"
         if a.get(key, missing) != b.get(key, missing):
