@@ -58,6 +58,16 @@ def in_process(module: str, args: list[str], tmp_path: Path, monkeypatch, capsys
 CASES = [
     ("src.run", ["dataset=filmtrust", "fl.rounds=abc"], "fl.rounds='abc' is invalid; expected an integer >= 1"),
     ("src.run", ["dataset=nope"], "no config 'dataset/nope' in conf/; expected one of dataset: filmtrust"),
+    (
+        "src.run",
+        ["-m", "hydra/sweeper=campaign", "dataset=synthetic"],
+        "hydra/sweeper=campaign runs experiment overlays; expected experiment=<overlay>",
+    ),
+    (
+        "src.campaign",
+        ["experiment=campaign_smoke", "flower.secagg=true", "--dry-run"],
+        "flower.secagg=true: secure aggregation hides each upload",
+    ),
     ("src.run", ["fl.roundz=3"], "no key fl.roundz in the config; expected a key of conf/"),
     ("src.run", ["ablation.alpha=["], "cannot parse override 'ablation.alpha=['; expected key=value"),
     (

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from src.cli import campaign
 from src.cli.jobs import sweep_values
 from src.runtime.cache import default_cache_dir
+from src.runtime.checks import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,10 @@ class CampaignSweeper(Sweeper):
             else:
                 axes.append(line)
         if not experiments:
-            raise ValueError("hydra/sweeper=campaign needs experiment=<overlay>[,<overlay>...] (conf/experiment/)")
+            raise ConfigError(  # src.run refuses this before Hydra starts (src/cli/jobs.py:command_jobs)
+                "hydra/sweeper=campaign runs experiment overlays; expected experiment=<overlay>[,<overlay>...] "
+                "(conf/experiment/)"
+            )
         runs = campaign.plan(experiments, axes, self.runs, self.threads)
         self.work.mkdir(parents=True, exist_ok=True)
         todo = []

@@ -39,8 +39,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from src.cli.config import CONF_DIR, validate, validate_device
-from src.cli.jobs import compose_config, compose_runs, grid_jobs
+from src.cli.config import CONF_DIR, simulator_checks, validate_device
+from src.cli.jobs import check_job, compose_config, compose_runs, grid_jobs
 from src.cli.store import REPO, RUNS, git_commit, store, stored_runs, variant_name
 from src.config.identity import identity
 from src.methods.base import method_class
@@ -82,7 +82,7 @@ def expand(experiment: str, cli: list[str]) -> list[Run]:
     every = [[f"experiment={experiment}", *job] for job in grid_jobs(dict(params), cli)]
     runs = []
     for overrides, cfg in zip(every, compose_runs(every)):
-        validate(cfg)
+        check_job(cfg, simulator_checks)  # what `src.run` refuses before any job starts
         config = OmegaConf.to_container(cfg, resolve=True)
         runs.append(Run(experiment, overrides, config, identity(config), variant_name(overrides)))
     return runs

@@ -141,7 +141,13 @@ def command_jobs(argv: list[str]) -> list[list[str]] | None:
     parsed = OverridesParser.create().parse_overrides(overrides)
     fixed = [line for line, p in zip(overrides, parsed) if not p.is_sweep_override()]
     hydra = compose_config(fixed, hydra_node=True).hydra
-    if "BasicSweeper" not in str(OmegaConf.select(hydra, "sweeper._target_", default="")):
+    sweeper = str(OmegaConf.select(hydra, "sweeper._target_", default=""))
+    if sweeper.endswith("CampaignSweeper") and not any(p.key_or_group == "experiment" for p in parsed):
+        raise ConfigError(
+            "hydra/sweeper=campaign runs experiment overlays; expected experiment=<overlay>[,<overlay>...] "
+            "(conf/experiment/)"
+        )
+    if "BasicSweeper" not in sweeper:
         return [fixed]  # another sweeper (Optuna) draws its own values: check the config its values change
     params = hydra.sweeper.params
     grid = {} if params is None else OmegaConf.to_container(params, resolve=False)
@@ -164,9 +170,14 @@ def check_command_line(argv: list[str], checks: Callable[[DictConfig], None] | N
     for num, job in enumerate(jobs):
         prefix = f"job {num} of {len(jobs)} ({' '.join(job)}): " if len(jobs) > 1 else ""
         with reported(prefix):
-            cfg = compose_runs([job])[0]
-            validate(cfg)
-            check_located(cfg)
-            if checks is not None:  # what the command's engine refuses (simulator or Flower app)
-                checks(cfg)
+            check_job(compose_runs([job])[0], checks)
     return argv
+
+
+def check_job(cfg: DictConfig, checks: Callable[[DictConfig], None] | None = None) -> None:
+    """Everything a job is refused for before it starts: its config values, where its data is, and what the engine
+    that runs it refuses (`checks`: the simulator's or the Flower app's); raises the first one-line error."""
+    validate(cfg)
+    check_located(cfg)
+    if checks is not None:
+        checks(cfg)
