@@ -250,6 +250,17 @@ def test_store_refuses_an_unfinished_run(tmp_path):
         campaign.store(tmp_path, "x", [], "abc", tmp_path / "runs")
 
 
+def full_config(dataset: str, optim: str) -> dict:
+    """The keys a cost estimate reads of an AlignFedRec full run (fast alignment, device auto)."""
+    return {
+        "dataset": {"name": dataset},
+        "ablation": {"ica": True, "gsa": True, "name": "full"},
+        "model": {"alignment": "fast"},
+        "device": "auto",
+        "optim": {"name": optim},
+    }
+
+
 def test_cost_estimate_takes_the_newest_stored_runs_of_the_kind():
     """Stored runs of the run's kind cost it, the three stored last only (older ones ran other code), each scaled
     by the torch threads it ran with: a run that had both cores costs a one-thread job twice its seconds."""
@@ -263,13 +274,7 @@ def test_cost_estimate_takes_the_newest_stored_runs_of_the_kind():
         {"kind": (*kind[:4], "cuda", "adam"), "mean_round_s": 0.1, "stored_at": "2026-12-02T00:00:00Z"},
         {"kind": (*kind[:5], "sgd"), "mean_round_s": 9.0, "stored_at": "2026-12-03T00:00:00Z"},  # the other engine
     ]
-    config = {
-        "dataset": {"name": "ml-100k"},
-        "ablation": {"ica": True, "gsa": True, "name": "full"},
-        "model": {"alignment": "fast"},
-        "device": "auto",
-        "optim": {"name": "adam"},
-    }
+    config = full_config("ml-100k", "adam")
     assert campaign.seconds_per_round(config, stored) == pytest.approx((4.0 + 5.0 + 3.0) / 3)
     assert campaign.seconds_per_round(config, stored, threads=2) == pytest.approx((2.0 + 2.5 + 1.5) / 3)
     sgd = {**config, "optim": {"name": "sgd"}}
@@ -293,13 +298,7 @@ def test_cost_estimate_of_an_aligned_ablation_takes_a_stored_sibling_before_benc
         {"kind": ("ml-1m", False, "-", "backbone", "auto", "sgd"), "mean_round_s": 5.0, "stored_at": "2026-12-04"},
         {"kind": ("ml-100k", True, "fast", "full", "auto", "sgd"), "mean_round_s": 9.0, "stored_at": "2026-12-05"},
     ]
-    full = {
-        "dataset": {"name": "ml-1m"},
-        "ablation": {"ica": True, "gsa": True, "name": "full"},
-        "model": {"alignment": "fast"},
-        "device": "auto",
-        "optim": {"name": "sgd"},
-    }
+    full = full_config("ml-1m", "sgd")
     assert campaign.seconds_per_round(full, stored, tmp_path) == pytest.approx((100.0 + 120.0) / 2)
     assert campaign.seconds_per_round(full, stored[2:], tmp_path) == pytest.approx(2.0 * 5.0)  # bench: 5 s on 2 threads
     fedavg = {**full, "ablation": {"name": "fedavg"}}
