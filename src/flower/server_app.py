@@ -180,7 +180,7 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             partial(check, shared_shapes=shapes),
         )
         accepted = got.accepted
-        sums, row = strategy.round_sums(), node_rows(cfg, accepted)
+        sums, row = strategy.round_sums(), node_rows(cfg, accepted, data.n_users)
         if secure is None:
             for rep in accepted:
                 sums.add_decoded(rep.users, {k: v.to(device) for k, v in rep.shared.items()}, rep.sims)
@@ -203,14 +203,13 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             }
         )
         history.append(row)
-        log.info(
-            "round %d: %d/%d nodes accepted, %s %.4f",
-            r,
-            len(accepted),
-            len(nodes),
-            select,
-            row.get(select, float("nan")),
-        )
+        if select in row:
+            log.info("round %d: %d/%d nodes accepted, %s %.4f", r, len(accepted), len(nodes), select, row[select])
+        else:  # a mean over the clients that replied is not the run's metric
+            log.warning(
+                "round %d: %d/%d nodes accepted, unscored (%d of %d users evaluated)",
+                *(r, len(accepted), len(nodes), row["flower/evaluated"], data.n_users),
+            )
         payload = record_round(run_dir, cfg, data.summary(), history, {"setup_s": t_setup}, t0)
         if payload["finished"]:
             break
@@ -266,9 +265,17 @@ def add_secure_sum(
     }
 
 
-def node_rows(cfg: DictConfig, replies: list[Reply]) -> dict:
-    """The round's metrics from the ranks the nodes computed for all their clients, the mean training losses,
-    and what the nodes sent (the bytes on the wire, beside the ledger's `comm/` counts)."""
+# where a round's metrics go when some users went unevaluated (a node failed, was rejected or missed the timeout)
+SUBSET = "subset/"
+
+
+def node_rows(cfg: DictConfig, replies: list[Reply], n_users: int) -> dict:
+    """The round's metrics from the ranks the nodes computed for their clients, the mean training losses,
+    and what the nodes sent (the bytes on the wire, beside the ledger's `comm/` counts).
+
+    Metrics over fewer than all `n_users` users (a node lost this round) are kept as `subset/<split>/...`: a mean
+    over the clients of the nodes that replied is not the run's metric, so the round is unscored and never the best
+    round (`best_round`), as in the simulator, which evaluates every user every round."""
     ranks, losses, steps = {}, {}, 0.0
     for rep in replies:
         for split, rk in rep.ranks.items():
@@ -277,9 +284,12 @@ def node_rows(cfg: DictConfig, replies: list[Reply]) -> dict:
             losses[k] = losses.get(k, 0.0) + v
         steps += rep.steps
     row: dict = split_metrics({k: torch.cat(v) for k, v in ranks.items()}, tuple(int(k) for k in cfg.eval.ks))
+    evaluated = sum(len(r.eval_users) for r in replies)
+    if evaluated < n_users:
+        row = {SUBSET + k: v for k, v in row.items()}
     row.update({f"loss/{k}": v / max(steps, 1.0) for k, v in losses.items()})
     row["steps"] = steps
-    row["flower/evaluated"] = float(sum(len(r.eval_users) for r in replies))
+    row["flower/evaluated"] = float(evaluated)
     row["flower/upload_bytes"] = float(sum(sum(r.sim_bytes) for r in replies))
     return row
 
