@@ -131,7 +131,10 @@ def test_runs_are_stored_compactly_and_skipped_next_time(tmp_path, capsys):
         meta = json.loads(meta_path.read_text())
         payload = json.loads((meta_path.parent / "results.json").read_text())
         assert meta["key"] == campaign.identity(payload["config"]) and meta["rounds"] == 3
-        assert len(meta["commit"]) >= 7
+        # the commit the run's process read as it started (the same checkout here), recorded in the run itself
+        assert meta["commit"] == campaign.git_commit() and payload["code"] == [
+            {"commit": meta["commit"], "from_round": 1}
+        ]
         assert sum(p.stat().st_size for p in meta_path.parent.iterdir()) < 200_000
         assert not list(meta_path.parent.glob("**/*.ckpt"))
     assert not any(work.iterdir()) or all(p.suffix in (".log", ".lock") for p in work.iterdir())
@@ -247,7 +250,7 @@ def test_the_run_process_keeps_its_claim_after_the_campaign_lets_go(tmp_path):
 def test_store_refuses_an_unfinished_run(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"finished": False, "config": {}}))
     with pytest.raises(UserError, match="did not finish"):
-        campaign.store(tmp_path, "x", [], "abc", tmp_path / "runs")
+        campaign.store(tmp_path, "x", [], tmp_path / "runs")
 
 
 def full_config(dataset: str, optim: str) -> dict:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from src.cli import train as train_module
+from src.cli.store import store
 from src.cli.train import ResumeError, train
 from src.config.identity import resume_mismatch
 from src.runtime import rundir
@@ -312,6 +314,20 @@ def test_a_resume_records_the_speed_keys_it_changed_per_round_span(compose_cfg, 
     again = train(compose_cfg(SYNTH + ["fl.rounds=4", "compute=fused", "resume=true"]), run_dir, progress=False)
     assert again["resumes"] == [*resumed["resumes"], {"after_round": 3, "changed": {"fl.rounds": [3, 4]}}]
     assert json.loads((run_dir / "results.json").read_text())["resumes"] == again["resumes"]
+
+
+def test_a_run_records_the_commit_each_of_its_processes_ran_and_is_stored_with_them(compose_cfg, tmp_path, monkeypatch):
+    """The commit is read by the run as each process starts, not by whoever stores it later (the code may have moved
+    on meanwhile); a resume at another commit adds its own from the round it went on with."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(train_module, "git_commit", lambda: "aaa")
+    train(compose_cfg(SYNTH + ["fl.rounds=2"]), run_dir, progress=False)
+    assert read_record(run_dir / "checkpoints" / "last.ckpt")["code"] == [{"commit": "aaa", "from_round": 1}]
+    monkeypatch.setattr(train_module, "git_commit", lambda: "bbb+dirty")
+    resumed = train(compose_cfg(SYNTH + ["fl.rounds=3", "resume=true"]), run_dir, progress=False)
+    assert resumed["code"] == [{"commit": "aaa", "from_round": 1}, {"commit": "bbb+dirty", "from_round": 3}]
+    meta = json.loads((store(run_dir, "x", [], tmp_path / "runs", commit="ignored") / "run.json").read_text())
+    assert meta["commit"] == "aaa + bbb+dirty" and meta["code"] == resumed["code"]
 
 
 @requires_real_data

@@ -70,7 +70,7 @@ def test_a_stored_trial_is_found_by_its_computation(compose_cfg, tmp_path):
     overrides = ["dataset=synthetic", "fl.rounds=1", "fl.checkpoint_every=0", "experiment_name=search"]
     cfg = compose_cfg(overrides)
     train(cfg, tmp_path / "run", progress=False)
-    store(tmp_path / "run", "search", overrides, "abc", tmp_path / "runs", "trial")
+    store(tmp_path / "run", "search", overrides, tmp_path / "runs", "trial")
     config = OmegaConf.to_container(cfg, resolve=True)
     found = stored_trial(config, tmp_path / "runs")
     assert found is not None and found[0] == tmp_path / "runs" / "search/synthetic/full/clean/trial/seed0"
@@ -96,7 +96,7 @@ def test_a_folder_holding_another_computation_is_kept(compose_cfg, tmp_path, cap
         cfg = compose_cfg(overrides)
         run = tmp_path / str(len(folders))
         train(cfg, run, progress=False)
-        folders.append(store(run, "search", overrides, "abc", tmp_path / "runs", "trial"))
+        folders.append(store(run, "search", overrides, tmp_path / "runs", "trial"))
     assert folders[0].parent.name == "trial" and folders[1].parent.name.startswith("trial-")
     assert "holds another computation" in capsys.readouterr().err
     for overrides, folder in zip((first, second), folders):

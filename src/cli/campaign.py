@@ -278,7 +278,6 @@ def launch(run: Run, work: Path, device: str | None, threads: int, compiled: boo
     args = [*run.overrides, *on_device, *speed, f"hydra.run.dir={folder}", *(["resume=true"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     folder.parent.mkdir(parents=True, exist_ok=True)
-    run.extra["commit"] = git_commit()  # the code this process runs, dirty or not, read when it starts
     log = open(work / f"{run.key}.log", "a")
     print(f"start  {run.label} ({'resume' if resume else 'new'}, est {run.est_s / 60:.1f} min)", flush=True)
     lock = run.extra.get("lock")
@@ -352,7 +351,7 @@ def finish(run: Run, returncode: int, work: Path, root: Path, commit_each: bool)
     """Store a run whose process ended well (and drop its work folder), or mark it failed."""
     folder = work_dir(work, run)
     if returncode == 0 and (folder / "results.json").is_file():
-        run.stored = store(folder, run.experiment, run.overrides, run.extra["commit"], root)
+        run.stored = store(folder, run.experiment, run.overrides, root)
         run.status = "stored"
         print(
             f"stored {run.label} -> {run.stored.relative_to(REPO) if run.stored.is_relative_to(REPO) else run.stored}",
@@ -439,7 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--git-commit", action="store_true", help="git commit each stored run as it lands")
     parser.add_argument("--experiment", help="store: the experiment the runs belong to")
     parser.add_argument("--variant", help="store: the variant folder name (default: from the overrides)")
-    parser.add_argument("--commit", help="store: the commit the runs ran at (default: this checkout's)")
+    parser.add_argument(
+        "--commit",
+        help="store: the commit of runs written before runs recorded their own (default: this checkout's)",
+    )
     ns = parser.parse_args(argv)
     for flag, value in (("--jobs", ns.jobs), ("--threads", ns.threads)):
         if value < 1:
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ns.experiment:
             parser.error("store needs --experiment")
         for folder in map(Path, ns.args[1:]):
-            dest = store(folder, ns.experiment, [], ns.commit or git_commit(), ns.runs, ns.variant)
+            dest = store(folder, ns.experiment, [], ns.runs, ns.variant, ns.commit or git_commit())
             print(f"stored {folder} -> {dest}")
         return 0
     experiments = [a.split("=", 1)[1] for a in ns.args if a.startswith("experiment=")]

@@ -3,7 +3,7 @@
     <root>/<experiment>/<dataset>/<ablation>/<protocol>/<variant>/seed<k>/
         results.json   the run's results with its whole history (compact JSON)
         config_resolved.yaml
-        run.json       identity key, overrides, commit it ran at, device, seconds
+        run.json       identity key, overrides, the commit(s) it ran at, device, seconds
 
 A run is found again by its identity key (`src.config.identity`: the resolved config without the keys that cannot
 change results), never by its folder name or commit: the campaign skips stored runs, and a resumable search
@@ -82,12 +82,25 @@ def stored_key(folder: Path) -> str | None:
         return None
 
 
+def commits_of(payload: dict[str, Any]) -> str | None:
+    """The commits a run's processes ran (its results.json `code`, in order, each once, joined by ' + '); None for a
+    run written before runs recorded them."""
+    seen = [entry["commit"] for entry in payload.get("code") or []]
+    return " + ".join(dict.fromkeys(seen)) or None
+
+
 def store(
-    run_dir: Path, experiment: str, overrides: list[str], commit: str, root: Path = RUNS, variant: str | None = None
+    run_dir: Path,
+    experiment: str,
+    overrides: list[str],
+    root: Path = RUNS,
+    variant: str | None = None,
+    commit: str | None = None,
 ) -> Path:
     """Copy a finished run's results.json (compact), config and a run.json into `root`; return its folder. A folder
     of that name holding another computation (a fixed key changed since it was stored) is kept: the run goes into
-    `<variant>-<key prefix of its config at seed 0>` beside it."""
+    `<variant>-<key prefix of its config at seed 0>` beside it. The commit is the one the run recorded (each of its
+    processes, `code`); `commit` names it only for a run written before runs recorded it ('unknown' without)."""
     if not (run_dir / "results.json").is_file():
         raise UserError(f"{run_dir} holds no results.json; expected the folder of a finished run")
     payload = json.loads((run_dir / "results.json").read_text())
@@ -106,7 +119,8 @@ def store(
         "key": key,
         "experiment": experiment,
         "overrides": overrides,
-        "commit": commit,
+        "commit": commits_of(payload) or commit or "unknown",
+        "code": payload.get("code", []),
         "device": config.get("device"),
         "rounds": len(payload["history"]),
         "total_s": payload.get("timings", {}).get("total_s"),

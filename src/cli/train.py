@@ -91,6 +91,7 @@ class Prepared:
     ckpt: Path | None
     record: dict | None
     resumes: list[dict]  # each resume of the run: the round it went on after and the resumable keys it changed
+    code: list[dict]  # each process of the run: the commit it ran (`git_commit`, read as it starts) and its first round
 
 
 def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
@@ -129,11 +130,13 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
         rundir.release(lock)
         raise
     resumes = list((record or {}).get("resumes", []))
+    first = 1 if record is None else int(record["round"]) + 1
+    code = [*(record or {}).get("code", []), {"commit": git_commit(), "from_round": first}]
     if record is not None:
         changed = resume_changes(record["config"], OmegaConf.to_container(cfg, resolve=True))
         if changed:
             resumes.append({"after_round": int(record["round"]), "changed": changed})
-    return Prepared(cfg, run_dir, lock, data, digest, start, time.perf_counter() - start, ckpt, record, resumes)
+    return Prepared(cfg, run_dir, lock, data, digest, start, time.perf_counter() - start, ckpt, record, resumes, code)
 
 
 def check_resume_length(cfg: DictConfig, ckpt: Path, record: dict) -> None:
@@ -185,6 +188,7 @@ def fit(run: Prepared, progress: bool = True) -> dict:
             float(prior.get("elapsed_s", 0.0)),
             int(prior.get("processes", 0)) + 1,
             run.resumes,
+            run.code,
         )
         loggers = make_loggers(cfg, run_dir)
         quiet_lightning()
@@ -218,6 +222,7 @@ def fit(run: Prepared, progress: bool = True) -> dict:
         resources = run_resources(module.compute_device)
         payload = build_results(cfg, run.data.summary(), module.history, timings, True, resources)
         payload["resumes"] = run.resumes
+        payload["code"] = run.code
         if run.ckpt is not None:
             label_folder(cfg, run_dir)
         write_results(run_dir, payload)
@@ -267,6 +272,6 @@ def hydra_job(cfg: DictConfig) -> float:
         best = report_best(fit(run), run_dir, log)
     if store_root is not None:
         overrides = list(HydraConfig.get().overrides.task)
-        folder = store(run_dir, str(cfg.experiment_name), overrides, git_commit(), store_root, trial_variant(overrides))
+        folder = store(run_dir, str(cfg.experiment_name), overrides, store_root, trial_variant(overrides))
         log.info("trial stored -> %s", folder)
     return best

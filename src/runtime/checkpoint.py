@@ -97,7 +97,8 @@ class AtomicCheckpoint(Checkpoint):
     whether this round is the last), and adds no checkpoint callback of its own.
 
     `config` and `data_digest` go into every record; `prior_s`/`processes` carry the time spent and
-    the number of processes of the run before this one (a resume), `start` is this process's start.
+    the number of processes of the run before this one (a resume), `start` is this process's start; `code` the commit
+    each process ran (`src.cli.store.git_commit`) and the first round it ran.
     """
 
     def __init__(
@@ -110,11 +111,13 @@ class AtomicCheckpoint(Checkpoint):
         prior_s: float = 0.0,
         processes: int = 1,
         resumes: list[dict] | None = None,
+        code: list[dict] | None = None,
     ):
         self.dirpath, self.every = Path(dirpath), int(every)
         self.config, self.data_digest = config, data_digest
         self.start, self.prior_s, self.processes = start, prior_s, processes
         self.resumes = list(resumes or [])
+        self.code = list(code or [])
         self.monitor = str(config["eval"]["select"])
         self.saved_round = 0
 
@@ -160,6 +163,7 @@ class AtomicCheckpoint(Checkpoint):
             "elapsed_s": self.elapsed(),
             "processes": self.processes,
             "resumes": self.resumes,  # each resume: after which round, and the resumable keys it changed
+            "code": self.code,  # each process: the commit it ran and its first round
             "curve": [row[self.monitor] for row in trainer.lightning_module.history],  # to check a patience change
         }
 

@@ -7,7 +7,9 @@ select metric, earliest on ties), best_val, test_at_best, timings, resources (de
 model, torch threads, peak resident and GPU memory of the process that finished the run; empty for a
 Flower run, which spans processes and hosts), finished,
 communication (bytes over the run: upload and download totals, mean upload per client and round, and
-the embedding-sharing size for comparison), privacy (the epsilon spent by the last round, when noise is on).
+the embedding-sharing size for comparison), privacy (the epsilon spent by the last round, when noise is on);
+`src.run` adds resumes (the resumable keys each resume changed) and code (the commit each process ran, from
+which round).
 """
 
 from __future__ import annotations
