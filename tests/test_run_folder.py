@@ -328,6 +328,12 @@ def test_a_run_records_the_commit_each_of_its_processes_ran_and_is_stored_with_t
     assert resumed["code"] == [{"commit": "aaa", "from_round": 1}, {"commit": "bbb+dirty", "from_round": 3}]
     meta = json.loads((store(run_dir, "x", [], tmp_path / "runs", commit="ignored") / "run.json").read_text())
     assert meta["commit"] == "aaa + bbb+dirty" and meta["code"] == resumed["code"]
+    # a checkpoint from before runs recorded their commit: the rounds it holds are labelled as unrecorded
+    record = read_record(run_dir / "checkpoints" / "last.ckpt")
+    del record["code"]
+    (run_dir / "checkpoints" / "last.json").write_text(json.dumps(record))
+    again = train(compose_cfg(SYNTH + ["fl.rounds=4", "resume=true"]), run_dir, progress=False)
+    assert again["code"] == [{"commit": "unrecorded", "from_round": 1}, {"commit": "bbb+dirty", "from_round": 4}]
 
 
 @requires_real_data

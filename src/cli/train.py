@@ -131,7 +131,9 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
         raise
     resumes = list((record or {}).get("resumes", []))
     first = 1 if record is None else int(record["round"]) + 1
-    code = [*(record or {}).get("code", []), {"commit": git_commit(), "from_round": first}]
+    # a checkpoint written before runs recorded their commit: its rounds ran at a commit no one kept
+    before = [] if record is None else record.get("code", [{"commit": "unrecorded", "from_round": 1}])
+    code = [*before, {"commit": git_commit(), "from_round": first}]
     if record is not None:
         changed = resume_changes(record["config"], OmegaConf.to_container(cfg, resolve=True))
         if changed:
