@@ -171,6 +171,14 @@ def test_report_rounds_cut_selects_on_the_runs_selection_metric(tmp_path):
     assert truncate(payload, 3)["test_at_best"] == {"test/hit@10": 0.03}  # round 3
     old = {"path": str(tmp_path), "config": {}, "history": rows([0.1, 0.3, 0.2])}
     assert truncate(old, 3)["test_at_best"] == {"test/hit@10": 0.02}  # val/hit@10: round 2
+    # the cut run's best round and validation figures are its own, not the whole run's
+    cut = truncate({**payload, "best_round": 3, "best_val": {"val/ndcg@10": 0.3}}, 2)
+    assert cut["best_round"] == 1 and cut["best_val"] == {"val/hit@10": 0.1, "val/ndcg@10": 0.2}
+    # an unscored round (a Flower round that lost a node) is skipped; a cut with no scored round is refused
+    unscored = {"path": str(tmp_path), "config": {}, "history": [{"round": 1}, *rows([0.1, 0.3])[1:]]}
+    assert truncate(unscored, 3)["best_round"] == 2
+    with pytest.raises(ValueError, match="no round among the first 1 has val/hit@10"):
+        truncate(unscored, 1)
 
 
 def test_a_run_selects_on_eval_select(compose_cfg, tmp_path):

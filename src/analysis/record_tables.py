@@ -15,6 +15,7 @@ from src.analysis.bench_tables import NAMES
 from src.analysis.runs import claim_figure, config_value, encoding_label, load_runs, mean_std, read_run
 from src.config.identity import identity
 from src.runtime.errors import UserError
+from src.runtime.results import selection_of
 
 COOCCURRENCE = "cooccurrence.json"  # results/<this>: `python -m src.cooccurrence --out results/cooccurrence.json`
 
@@ -262,7 +263,7 @@ def search_markdown(root: Path, folder: str) -> str:
     runs = load_runs([root / folder])
     if not runs:
         raise UserError(f"no stored trial under {root / folder}; expected the folder a search stores into")
-    select = runs[0]["config"].get("eval", {}).get("select", "val/hit@10")
+    select = selection_of(runs[0])
     lines = [
         f"{len(runs)} trials stored ({runs[0]['dataset']}, {runs[0]['ablation']}, {runs[0]['protocol']} protocol, "
         f"seed {runs[0]['seed']}), best {select} first.",
@@ -327,7 +328,7 @@ def search_claim(
     trials = load_runs([root / folder])
     if not trials:
         return None
-    select = trials[0]["config"].get("eval", {}).get("select", "val/hit@10")
+    select = selection_of(trials[0])
     top = ranked(trials, select)[0]
     runs = [r for r in trials + load_runs([root / "search_best"]) if at_setting(r, top["config"])]
     cells: dict[tuple[str, str], dict[int, float]] = {}

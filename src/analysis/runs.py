@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from src.config.identity import moved
-from src.runtime.results import best_round, selection_of
+from src.runtime.results import at_best, selection_of
 
 
 def config_value(config: dict, dotted: str) -> str:
@@ -40,18 +40,14 @@ def planned_rounds(config: dict) -> int | None:
 
 def truncate(payload: dict, rounds: int) -> dict:
     """The run as if it had stopped after `rounds` rounds: best validation round (by the run's selection
-    metric, `selection_of`) and its test metrics chosen again within them (test data still selects nothing)."""
+    metric, `selection_of`) and its metrics chosen again within them (test data still selects nothing);
+    ValueError when none of those rounds is scored."""
     history = [h for h in payload["history"] if h["round"] <= rounds]
     select = selection_of(payload)
-    lacking = [h["round"] for h in history if select not in h]
-    if lacking:
-        raise ValueError(f"{Path(payload['path']) / 'results.json'}: history round {lacking[0]} has no {select!r}")
-    best = best_round(history, select)
-    return {
-        **payload,
-        "history": history,
-        "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
-    }
+    cut = at_best(history, select)
+    if cut["best_round"] is None:
+        raise ValueError(f"{Path(payload['path']) / 'results.json'}: no round among the first {rounds} has {select}")
+    return {**payload, "history": history, **cut}
 
 
 # the fields of results.json (src/runtime/results.py) that the report and the plots need in every finished run

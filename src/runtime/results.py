@@ -81,6 +81,17 @@ def best_round(history: list[dict], select: str = DEFAULT_SELECT) -> dict | None
     return max(scored, key=lambda r: (r[select], -r["round"]))
 
 
+def at_best(history: list[dict], select: str) -> dict[str, Any]:
+    """results.json's `best_round`, `best_val` (its validation metrics) and `test_at_best` (its test metrics) of a
+    history: the fields a finished run and the report's `--rounds` cut both derive from `best_round`."""
+    best = best_round(history, select)
+    return {
+        "best_round": best["round"] if best else None,
+        "best_val": {k: v for k, v in best.items() if k.startswith("val")} if best else {},
+        "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
+    }
+
+
 def rounds_without_improvement(history: list[dict], select: str = DEFAULT_SELECT) -> int:
     """Rounds since the best round (`best_round`); early stopping (`eval.patience`) stops when it reaches the
     patience, in the simulator's callback and in the Flower ServerApp alike."""
@@ -115,7 +126,6 @@ def build_results(
     """Assemble the results.json payload from the run's config, data summary and round history
     (`resources`: what ran it and its peak memory, `src.runtime.device.run_resources`)."""
     select = select_key(cfg)
-    best = best_round(history, select)
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "dataset": cfg.dataset.name,
@@ -125,9 +135,7 @@ def build_results(
         "summary": summary,
         "history": history,
         "select": select,
-        "best_round": best["round"] if best else None,
-        "best_val": {k: v for k, v in best.items() if k.startswith("val")} if best else {},
-        "test_at_best": {k: v for k, v in best.items() if k.startswith("test")} if best else {},
+        **at_best(history, select),
         "timings": timings,
         "resources": resources or {},
         "finished": finished,
