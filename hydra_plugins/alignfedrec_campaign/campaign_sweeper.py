@@ -78,16 +78,7 @@ class CampaignSweeper(Sweeper):
         self.work.mkdir(parents=True, exist_ok=True)
         todo = []
         for run in runs:
-            if run.status != "pending":
-                continue
-            lock = campaign.claim(self.work, run)
-            if lock is None:
-                run.status = "elsewhere"
-                continue
-            run.extra["lock"] = lock
-            if run.key in campaign.stored_runs(self.runs):  # stored by another campaign since this one planned
-                run.status = "stored"
-                campaign.release(run)
+            if run.status != "pending" or not campaign.take(self.work, run, self.runs):
                 continue
             run.extra["resume"] = campaign.resumes(self.work, run)
             todo.append(run)

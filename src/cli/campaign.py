@@ -250,6 +250,22 @@ def claimed_elsewhere(work: Path, run: Run) -> bool:
     return fd is None
 
 
+def take(work: Path, run: Run, root: Path) -> bool:
+    """Claim a pending run for this campaign (its lock in `run.extra`); False, with a line saying why, when another
+    campaign runs it or has stored it since this one planned."""
+    if (lock := claim(work, run)) is None:
+        run.status = "elsewhere"
+        print(f"skip   {run.label} (another campaign runs it)", flush=True)
+        return False
+    run.extra["lock"] = lock
+    if (folder := stored_runs(root).get(run.key)) is not None:
+        release(run)
+        run.status, run.stored = "stored", folder
+        print(f"skip   {run.label} (stored since this campaign planned)", flush=True)
+        return False
+    return True
+
+
 def release(run: Run) -> None:
     """Close this campaign's descriptor of the run's lock (the lock ends when the run's process has ended too)."""
     fd = run.extra.pop("lock", None)
@@ -320,15 +336,7 @@ def execute(
             fits = [r for r in pending if left is None or r.est_s <= left]
             nxt = fits[0] if fits else pending[0]  # nothing fits: start the cheapest, it resumes next time
             pending.remove(nxt)
-            if (lock := claim(work, nxt)) is None:
-                nxt.status = "elsewhere"
-                print(f"skip   {nxt.label} (another campaign runs it)", flush=True)
-                continue
-            nxt.extra["lock"] = lock
-            if (folder := stored_runs(root).get(nxt.key)) is not None:  # by another campaign since planning
-                release(nxt)
-                nxt.status, nxt.stored = "stored", folder
-                print(f"skip   {nxt.label} (stored since this campaign planned)", flush=True)
+            if not take(work, nxt, root):
                 continue
             try:
                 running[nxt] = launch(nxt, work, device, threads, compiled)
