@@ -308,15 +308,10 @@ def verify_dataset(name: str | DatasetSource, folder: Path) -> list[Path]:
 
 def _is_complete(source: DatasetSource, folder: Path) -> bool:
     """Tell whether every registry file is present in `folder` with the right digests."""
-    for spec in source.files:
-        path = folder / spec.target
-        if not path.is_file():
-            return False
-        try:
-            verify_file(path, spec)
-        except ChecksumError:
-            return False
-    return True
+    try:
+        return len(verify_dataset(source, folder)) == len(source.files)
+    except ChecksumError:
+        return False
 
 
 class DownloadError(UserError, RuntimeError):
