@@ -18,11 +18,11 @@ from src.analysis.report import truncate
 from src.cli.config import ConfigError
 from src.cli.train import train
 from src.data.dataset import load
-from src.evaluation.metrics import full_ranks, rank_metrics, sampled_ranks
+from src.evaluation.evaluator import Evaluator
+from src.evaluation.metrics import chance_level, full_ranks, rank_metrics, sampled_ranks
 from src.runtime.results import (
     DEFAULT_SELECT,
     best_round,
-    chance_level,
     meaning_lines,
     report_best,
     rounds_without_improvement,
@@ -283,14 +283,38 @@ def payload_of(protocol: str, dataset: str = "filmtrust", ablation: str = "full"
 
 
 def test_clean_summary_shows_the_chance_levels():
-    lines = meaning_lines(payload_of("clean"))
+    chance = {"test_full/hit@10": 0.0123, "test_full/ndcg@10": 0.0056}
+    lines = meaning_lines(payload_of("clean", chance=chance))
     assert len(lines) == 1
-    sampled, full = chance_level(10, 100), chance_level(10, 2071)
+    sampled = chance_level(10, 100)
     assert (
         f"hit@10 {sampled['hit@10']:.4f} ndcg@10 {sampled['ndcg@10']:.4f} at random (1 of 100 candidates)" in lines[0]
     )
-    assert f"hit@10 {full['hit@10']:.4f} ndcg@10 {full['ndcg@10']:.4f} at random (1 of 2071 items)" in lines[0]
-    assert "full ranking hit@10 0.0500 ndcg@10 0.0200" in lines[0]
+    assert "full ranking hit@10 0.0500 ndcg@10 0.0200 vs hit@10 0.0123 ndcg@10 0.0056 at random" in lines[0]
+    # a run written before its chance was recorded shows its full-ranking figures alone (1 of n_items was wrong)
+    old = meaning_lines(payload_of("clean"))[0]
+    assert old.endswith("full ranking hit@10 0.0500 ndcg@10 0.0200") and "2071" not in old
+
+
+def test_the_recorded_chance_is_what_random_ranks_among_each_users_candidates_score(compose_cfg):
+    """Full ranking ranks a user's test item among the items it did not train on, less its validation item: a
+    constant scorer (ties against the held-out item) ranks it last, at exactly that count; the chance level is the
+    mean over users of the metrics of every rank 1..count, computed here rank by rank."""
+    data = load(compose_cfg(["dataset=synthetic", "protocol=clean"]))
+    evaluator = Evaluator(data, (5, 10), full_ranking=True)
+    counts = evaluator.full_candidates()
+    ranks = evaluator.ranks(
+        lambda rows, items: torch.zeros(len(rows), data.n_items if items is None else items.shape[1]),
+        [torch.arange(data.n_users)],
+    )
+    assert torch.equal(ranks["test_full"], counts) and counts.max() < data.n_items
+    assert torch.equal(counts, torch.as_tensor(data.n_items - np.diff(data.train_ptr) - 1))
+    per_user = [rank_metrics(torch.arange(1, int(c) + 1), (5, 10)) for c in counts]
+    chance = evaluator.chance()
+    for name in ("hit@5", "ndcg@5", "hit@10", "ndcg@10"):
+        assert chance[f"test_full/{name}"] == pytest.approx(np.mean([m[name] for m in per_user]), rel=1e-12)
+        assert chance[f"test/{name}"] == pytest.approx(rank_metrics(torch.arange(1, 101), (5, 10))[name], rel=1e-12)
+    assert chance["test_full/hit@10"] > 10 / data.n_items  # what "1 of n_items" understated
 
 
 def test_paper_summary_shows_the_published_row_or_says_there_is_none():

@@ -222,7 +222,8 @@ def fit(run: Prepared, progress: bool = True) -> dict:
             "mean_round_s": sum(r["time/round"] for r in module.history) / max(len(module.history), 1),
         }
         resources = run_resources(module.compute_device)
-        payload = build_results(cfg, run.data.summary(), module.history, timings, True, resources)
+        chance = module.evaluator.chance()
+        payload = build_results(cfg, run.data.summary(), module.history, timings, True, resources, chance)
         payload["resumes"] = run.resumes
         payload["code"] = run.code
         if run.ckpt is not None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from src.data.dataset import FedData
-from src.evaluation.metrics import full_ranks, rank_metrics, sampled_ranks
+from src.evaluation.metrics import chance_level, full_ranks, rank_metrics, sampled_ranks
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -48,6 +49,33 @@ class Evaluator:
                 ranks["val_full"].append(full_ranks(all_scores, vt, excl_val))
                 ranks["test_full"].append(full_ranks(all_scores, tt, excl_test))
         return {split: torch.cat(parts) for split, parts in ranks.items() if parts}
+
+    def full_candidates(self) -> torch.Tensor:
+        """[users] how many items each user's test item is ranked among by full ranking (`ranks`: every item but
+        the user's training items and its validation item; the test item itself counted)."""
+        if self.train is None:
+            raise ValueError("full ranking is off (protocol.full_ranking=false): no full-ranking candidates")
+        users = torch.arange(len(self.test_target))
+        excluded = self.train.clone()
+        excluded[users, self.val_target] = True
+        excluded[users, self.test_target] = False
+        return excluded.shape[1] - excluded.sum(dim=1)
+
+    def chance(self) -> dict[str, float]:
+        """A random scorer's expected test metrics: `test/<metric>@K` (1 held-out item among the sampled
+        candidates) and, with full ranking, `test_full/<metric>@K`: the mean over users of the chance level among
+        that user's candidates (not 1 of n_items: a user's training items are not ranked)."""
+        out: dict[str, float] = {}
+        for k in self.ks:
+            out.update({f"test/{name}": v for name, v in chance_level(k, self.test_cand.shape[1]).items()})
+        if self.full:
+            counts, users = np.unique(self.full_candidates().numpy(), return_counts=True)
+            weights = users / users.sum()
+            for k in self.ks:
+                levels = [chance_level(k, int(c)) for c in counts]
+                for name in levels[0]:
+                    out[f"test_full/{name}"] = float(np.dot(weights, [level[name] for level in levels]))
+        return out
 
     def metrics(self, ranks: dict[str, torch.Tensor]) -> dict[str, float]:
         """hit@k, ndcg@k, ... over all users whose ranks are given (the mean over users)."""

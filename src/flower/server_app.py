@@ -23,11 +23,12 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
+from src.cli.store import git_commit
 from src.clients.model import ModelSpec, init_params
 from src.comm.codec import encode_upper
 from src.comm.secure_sum import SecureLayout
 from src.data.dataset import load
-from src.evaluation.evaluator import split_metrics
+from src.evaluation.evaluator import Evaluator, split_metrics
 from src.flower.messages import RejectedReply, Reply, Task, pack_task, unpack_reply
 from src.flower.secagg import SecAggSettings, secure_sum
 from src.flower.settings import config_of, flower_checks
@@ -160,7 +161,8 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     encoded: bytes | None = None  # the broadcast S_g as encoded
     history: list[dict] = []
     select = select_key(cfg)
-    t_setup = time.perf_counter() - t0
+    chance = Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking)).chance()
+    facts = RunFacts(data.summary(), chance, time.perf_counter() - t0, t0, git_commit())
     for r in range(1, int(cfg.fl.rounds) + 1):
         tic = time.perf_counter()
         plan = strategy.configure_fit(r)
@@ -210,15 +212,26 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
                 "round %d: %d/%d nodes accepted, unscored (%d of %d users evaluated)",
                 *(r, len(accepted), len(nodes), row["flower/evaluated"], data.n_users),
             )
-        payload = record_round(run_dir, cfg, data.summary(), history, {"setup_s": t_setup}, t0)
+        payload = record_round(run_dir, cfg, facts, history)
         if payload["finished"]:
             break
     return payload
 
 
-def record_round(
-    run_dir: Path, cfg: DictConfig, summary: dict, history: list[dict], timings: dict[str, float], started: float
-) -> dict:
+@dataclass(frozen=True)
+class RunFacts:
+    """What results.json says of a Flower run beside its rounds: the split's summary, a random scorer's test metrics
+    on it (`Evaluator.chance`), the server's setup seconds and start, the commit the ServerApp runs (one process:
+    Flower runs do not resume)."""
+
+    summary: dict
+    chance: dict[str, float]
+    setup_s: float
+    started: float
+    commit: str
+
+
+def record_round(run_dir: Path, cfg: DictConfig, facts: RunFacts, history: list[dict]) -> dict:
     """Write the rounds so far (csv/metrics.csv and results.json, each atomically) and return results.json's
     payload, finished at the last round or where the simulator's early-stopping rule stops
     (src/runtime/callbacks.py)."""
@@ -226,13 +239,14 @@ def record_round(
     select, patience = select_key(cfg), cfg.eval.patience
     stop = patience is not None and rounds_without_improvement(history, select) >= int(patience)
     timings = {
-        **timings,
-        "total_s": time.perf_counter() - started,
+        "setup_s": facts.setup_s,
+        "total_s": time.perf_counter() - facts.started,
         "mean_round_s": sum(h["time/round"] for h in history) / len(history),
     }
     finished = stop or int(history[-1]["round"]) == int(cfg.fl.rounds)
-    payload = build_results(cfg, summary, history, timings, finished=finished)
+    payload = build_results(cfg, facts.summary, history, timings, finished=finished, chance=facts.chance)
     payload["engine"] = "flower"
+    payload["code"] = [{"commit": facts.commit, "from_round": 1}]
     write_results(run_dir, payload)
     return payload
 

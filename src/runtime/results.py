@@ -7,7 +7,8 @@ select metric, earliest on ties), best_val, test_at_best, timings, resources (de
 model, torch threads, peak resident and GPU memory of the process that finished the run; empty for a
 Flower run, which spans processes and hosts), finished,
 communication (bytes over the run: upload and download totals, mean upload per client and round, and
-the embedding-sharing size for comparison), privacy (the epsilon spent by the last round, when noise is on);
+the embedding-sharing size for comparison), chance (a random scorer's expected test metrics on the run's split),
+privacy (the epsilon spent by the last round, when noise is on);
 `src.run` adds resumes (the resumable keys each resume changed) and code (the commit each process ran, from
 which round).
 """
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.evaluation.metrics import chance_level
 from src.runtime.atomic import atomic_write_text
 from src.runtime.published import published
 
@@ -122,9 +123,11 @@ def build_results(
     timings: dict[str, float],
     finished: bool,
     resources: dict[str, Any] | None = None,
+    chance: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Assemble the results.json payload from the run's config, data summary and round history
-    (`resources`: what ran it and its peak memory, `src.runtime.device.run_resources`)."""
+    (`resources`: what ran it and its peak memory, `src.runtime.device.run_resources`; `chance`: a random scorer's
+    expected test metrics on this split, `Evaluator.chance`)."""
     select = select_key(cfg)
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -138,6 +141,7 @@ def build_results(
         **at_best(history, select),
         "timings": timings,
         "resources": resources or {},
+        "chance": chance or {},
         "finished": finished,
         "communication": communication_totals(history),
         "privacy": {k.split("/", 1)[1]: v for k, v in history[-1].items() if k.startswith("privacy/")}
@@ -153,21 +157,6 @@ def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def chance_level(k: int, candidates: int) -> dict[str, float]:
-    """hit@K and ndcg@K of a random scorer: the held-out item's rank uniform on 1..`candidates`.
-
-    hit@K = min(K, n) / n and ndcg@K = (1/n) * sum over r = 1..min(K, n) of 1 / log2(r + 1), exactly
-    (the metrics of `src.evaluation.metrics.rank_metrics` averaged over every rank).
-    """
-    if k < 1 or candidates < 1:
-        raise ValueError(f"chance_level needs K >= 1 and candidates >= 1, got K={k}, candidates={candidates}")
-    top = min(int(k), int(candidates))
-    return {
-        f"hit@{k}": top / candidates,
-        f"ndcg@{k}": math.fsum(1.0 / math.log2(r + 1) for r in range(1, top + 1)) / candidates,
-    }
-
-
 def _pair(metrics: dict[str, Any], prefix: str, k: int) -> str:
     """`hit@K 0.1234 ndcg@K 0.0567` from `metrics` (`-` for a value the run does not have)."""
 
@@ -180,8 +169,9 @@ def _pair(metrics: dict[str, Any], prefix: str, k: int) -> str:
 
 def meaning_lines(payload: dict[str, Any]) -> list[str]:
     """The best round's test metrics beside what they mean: the chance level of the sampled metric
-    (1 held-out item among 1 + protocol.eval_negatives) and, with full ranking, among all n_items
-    items; under the paper protocol, the published hit@10 / ndcg@10 of this dataset and method."""
+    (1 held-out item among 1 + protocol.eval_negatives) and, with full ranking, the run's recorded `chance` (each
+    user's held-out item among the items it did not train on); under the paper protocol, the published hit@10 /
+    ndcg@10 of this dataset and method."""
     config = payload.get("config") or {}
     protocol = config.get("protocol") or {}
     test = payload.get("test_at_best") or {}
@@ -193,12 +183,12 @@ def meaning_lines(payload: dict[str, Any]) -> list[str]:
         parts.append(
             f"sampled {_pair(test, 'test/', k)} vs {_pair(chance_level(k, n), '', k)} at random (1 of {n} candidates)"
         )
-    items = (payload.get("summary") or {}).get("items")
-    if protocol.get("full_ranking") and items:
-        parts.append(
-            f"full ranking {_pair(test, 'test_full/', k)} vs {_pair(chance_level(k, int(items)), '', k)} "
-            f"at random (1 of {int(items)} items)"
-        )
+    if protocol.get("full_ranking"):
+        part = f"full ranking {_pair(test, 'test_full/', k)}"
+        if f"test_full/hit@{k}" in (payload.get("chance") or {}):  # runs written before it was recorded have none
+            chance = _pair(payload["chance"], "test_full/", k)
+            part += f" vs {chance} at random (among the items each user did not train on)"
+        parts.append(part)
     lines = ["test at best round: " + "; ".join(parts)] if parts else []
     if payload.get("protocol") == "paper":
         dataset, ablation = payload.get("dataset"), payload.get("ablation")
