@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("flwr")
-from flwr.app import Array, Message  # noqa: E402
+from flwr.app import Array, Message, MetricRecord  # noqa: E402
 
 from src.cli.train import train  # noqa: E402
 from src.comm.codec import PayloadError, decode_entries, encode_entries  # noqa: E402
@@ -162,7 +162,7 @@ def test_reply_validation_names_the_problem():
     cases = {
         "not chosen": content(users=torch.tensor([1, 3])),
         "lacks shared parameter": content(shared={}),
-        "finite floats": content(shared={"w0": torch.full((2, 3, 1), float("nan"))}),
+        "expected finite float32 values": content(shared={"w0": torch.full((2, 3, 1), float("nan"))}),
         "lacks the similarity payload": content(payloads=[good]),
         "shorter than": content(payloads=[good, good[:5]]),
         "announces m=": content(
@@ -170,12 +170,24 @@ def test_reply_validation_names_the_problem():
         ),
         "integers in [1, 10]": content(ranks={"val": torch.tensor([1, 50, 2]), "test": ranks["test"]}),
         "appears twice": content(eval_users=torch.tensor([1, 1, 7])),
+        # client 4 is another node's: its upload would be summed twice (this node's and its own node's)
+        "upload from clients the node does not evaluate: [4]": content(eval_users=torch.tensor([1, 7])),
+        # a float64 that overflows float32, the precision the server sums in
+        "expected finite float32": content(shared={"w0": torch.full((2, 3, 1), 1e300, dtype=torch.float64)}),
     }
     for reason, bad in cases.items():
         with pytest.raises(RejectedReply, match=reason.replace("[", r"\[").replace("]", r"\]")):
             unpack_reply(bad, **args)
     with pytest.raises(RejectedReply, match="exceeds the limit"):
         unpack_reply(content(), **{**args, "max_bytes": 20})
+    # records flwr accepts that the server cannot read: rejected, never an exception that ends the run
+    listed = content()
+    listed["train"] = MetricRecord({"steps": [1.0], "loss/bce": 1.0})
+    swapped = content()
+    swapped["eval"]["users"] = Array(np.array([1, 4, 7], dtype=">i8"))
+    for bad in (listed, swapped):
+        with pytest.raises(RejectedReply):
+            unpack_reply(bad, **args)
 
 
 @pytest.mark.parametrize("fmt", ["csr", "coo"])

@@ -21,6 +21,7 @@ from src.cli.config import ConfigError, load_config, simulator_checks  # noqa: E
 from src.cli.train import train  # noqa: E402
 from src.comm.secure_sum import SecureLayout  # noqa: E402
 from src.data.dataset import load  # noqa: E402
+from src.flower import server_app  # noqa: E402
 from src.flower.inprocess import InProcessGrid, flower_task  # noqa: E402
 from src.flower.secagg import (  # noqa: E402
     VECTOR_RECORD,
@@ -181,6 +182,25 @@ def test_a_secure_run_survives_a_node_that_drops_out_mid_protocol(compose_cfg, t
     assert [r["flower/secagg_nodes"] for r in history] == [3, 2, 3]
     assert [r["reported"] for r in history] == [20, 13, 20]
     assert all(np.isfinite(r["val/hit@10"]) for r in history)
+
+
+@requires_real_data
+def test_a_sum_whose_upload_count_the_nodes_inflated_is_not_summed(compose_cfg, tmp_path, monkeypatch, caplog):
+    """The count of uploads comes back through the masked sum, which the nodes make: in round 2 it says 5 more than
+    the summed nodes listed (a node that would shrink every pair's mean). The round sums nothing and says why."""
+    cfg = compose_cfg([*SMALL, "ablation=fed_itemknn", "flower.secagg=true", "fl.rounds=3"])
+    honest = server_app.secure_sum
+
+    def inflated(grid, nodes, round_, layout, settings):
+        result = honest(grid, nodes, round_, layout, settings)
+        if round_ == 2:
+            result.total[-1] += 5
+        return result
+
+    monkeypatch.setattr(server_app, "secure_sum", inflated)
+    history = serve(InProcessGrid(cfg, 3), cfg, tmp_path)["history"]
+    assert [r["reported"] for r in history] == [20, 0, 20]
+    assert "round 2: SecAgg+ sum counts 25 uploads, the summed nodes listed 20; no upload is summed" in caplog.text
 
 
 @requires_real_data

@@ -109,7 +109,28 @@ def unpack_reply(
     rank_limits: dict[str, int],
     max_bytes: int,
 ) -> Reply:
-    """Decode and check a node's answer; raise `RejectedReply` naming the first problem found."""
+    """Decode and check a node's answer; raise `RejectedReply` naming the first problem found. Whatever a node sends,
+    the server gets a Reply or a RejectedReply: a malformed record (a list where a number goes, a byte order numpy
+    cannot hand to torch) is a rejection, never an exception that ends the run."""
+    try:
+        return _unpack_reply(content, chosen, n_users, n_items, shared_shapes, similarity, rank_limits, max_bytes)
+    except RejectedReply:
+        raise
+    except (TypeError, ValueError, AttributeError, IndexError, OverflowError) as err:
+        raise RejectedReply(f"malformed reply ({type(err).__name__}: {err})") from None
+
+
+def _unpack_reply(
+    content: RecordDict,
+    chosen: set[int],
+    n_users: int,
+    n_items: int,
+    shared_shapes: dict[str, tuple[int, ...]],
+    similarity: bool,
+    rank_limits: dict[str, int],
+    max_bytes: int,
+) -> Reply:
+    """`unpack_reply`'s checks, in the order a reply is read."""
     try:
         up, ev, train = content["upload"], content["eval"], content["train"]
     except KeyError as err:
@@ -124,10 +145,11 @@ def unpack_reply(
         if f"shared/{k}" not in up:
             raise RejectedReply(f"upload lacks shared parameter {k!r}")
         v = torch.from_numpy(up[f"shared/{k}"].numpy().copy())
-        if tuple(v.shape) != (len(users), *shape) or not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+        # finite as the float32 the server computes with (a float64 1e300 is finite, and inf once cast)
+        if tuple(v.shape) != (len(users), *shape) or not v.is_floating_point() or not bool(v.float().isfinite().all()):
             raise RejectedReply(
-                f"shared parameter {k!r} has shape {tuple(v.shape)} {v.dtype}; expected finite "
-                f"floats of shape {(len(users), *shape)}"
+                f"shared parameter {k!r} has shape {tuple(v.shape)} {v.dtype}; expected finite float32 "
+                f"values of shape {(len(users), *shape)}"
             )
         shared[k] = v.float()
     sims, sizes = [], []
@@ -143,6 +165,10 @@ def unpack_reply(
             sims.append((torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(vals)))
             sizes.append(len(payload))
     eval_users = _ids(ev, "eval", n_users)
+    # a node uploads for clients it holds, and evaluates every client it holds: no upload for another node's client
+    # (the server checks that no two accepted replies evaluate one client, so no client is summed twice)
+    if stray := set(users.tolist()) - set(eval_users.tolist()):
+        raise RejectedReply(f"upload from clients the node does not evaluate: {sorted(stray)[:5]}")
     ranks = {}
     for split, limit in rank_limits.items():
         if f"rank/{split}" not in ev:
@@ -151,6 +177,8 @@ def unpack_reply(
         if r.shape != eval_users.shape or r.dtype != torch.int64 or (len(r) and (r.min() < 1 or r.max() > limit)):
             raise RejectedReply(f"ranks of {split!r} must be {len(eval_users)} integers in [1, {limit}]")
         ranks[split] = r
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in train.values()):
+        raise RejectedReply("the training metrics must be numbers (the loss sums and the step count)")
     losses = {k.split("/", 1)[1]: float(v) for k, v in train.items() if k.startswith("loss/")}
     steps = float(train.get("steps", 0.0))
     if not (all(np.isfinite(list(losses.values()))) and np.isfinite(steps) and steps >= 0):

@@ -269,8 +269,14 @@ def add_secure_sum(
         log.warning("round %d: SecAgg+ halted (too few nodes left for its threshold); no upload is summed", round_)
     else:
         upper, support, count = layout.unpack(result.total, sums.sims.upper.device)
-        users = [replies[n].users for n in result.summed]
-        sums.add_secure(torch.cat(users) if users else torch.zeros(0, dtype=torch.long), upper, support, count)
+        users = torch.cat([replies[n].users for n in result.summed]) if result.summed else torch.zeros(0, dtype=int)
+        if count == len(users):
+            sums.add_secure(users, upper, support, count)
+        else:  # the count is the nodes' word: a node that inflates it would shrink the mean of every pair
+            log.warning(
+                "round %d: SecAgg+ sum counts %d uploads, the summed nodes listed %d; no upload is summed",
+                *(round_, count, len(users)),
+            )
     return {
         "flower/secagg_nodes": float(len(result.summed)),
         "flower/secagg_bytes": float(result.masked_bytes),
