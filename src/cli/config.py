@@ -115,6 +115,23 @@ def simulator_checks(cfg: DictConfig) -> None:
         )
 
 
+# Trainer keys that stop a run before fl.rounds or skip part of a round (one epoch is one round)
+TRAINER_CUTS = (
+    "max_steps",
+    "max_time",
+    "min_epochs",
+    "min_steps",
+    "limit_train_batches",
+    "limit_val_batches",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+    "overfit_batches",
+    "fast_dev_run",
+    "accumulate_grad_batches",
+    "precision",
+)
+
+
 def _validate_lightning(cfg: DictConfig) -> None:
     """The Lightning groups follow the run's own keys: they are left out of a run's identity (where and how it is
     driven), so a trainer that stops before `fl.rounds`, or early stopping on another metric (a test metric would
@@ -122,8 +139,17 @@ def _validate_lightning(cfg: DictConfig) -> None:
     rounds = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
     if rounds is not None and rounds != cfg.fl.rounds:
         refuse("trainer.max_epochs", rounds, f"fl.rounds ({cfg.fl.rounds}); set fl.rounds instead")
+    for key in TRAINER_CUTS:
+        if (value := OmegaConf.select(cfg, f"trainer.{key}", default=None)) is not None:
+            refuse(f"trainer.{key}", value, "unset (it would cut or skip rounds of a run stored as all of them)")
     stopping = OmegaConf.select(cfg, "callbacks.early_stopping", default=None)
     if stopping is None:
+        if cfg.eval.patience is not None:
+            refuse(
+                "eval.patience",
+                cfg.eval.patience,
+                "null without callbacks.early_stopping (removed, the run would never stop early), or the callback",
+            )
         return
     select = select_key(cfg)
     if stopping.get("monitor") != select:
