@@ -253,6 +253,20 @@ def test_store_refuses_an_unfinished_run(tmp_path):
         campaign.store(tmp_path, "x", [], tmp_path / "runs")
 
 
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"engine": "flower", "best_round": 1}, "a Flower run is not stored beside the simulator's runs"),
+        ({"best_round": None}, "no round was scored"),
+    ],
+)
+def test_store_refuses_a_flower_run_and_a_run_with_no_scored_round(tmp_path, fields, reason):
+    (tmp_path / "results.json").write_text(json.dumps({"finished": True, "config": {}, **fields}))
+    with pytest.raises(UserError, match=reason):
+        campaign.store(tmp_path, "x", [], tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
 def full_config(dataset: str, optim: str) -> dict:
     """The keys a cost estimate reads of an AlignFedRec full run (fast alignment, device auto)."""
     return {

@@ -109,6 +109,14 @@ def fake_run(folder: Path, **changes) -> Path:
     return path
 
 
+def test_a_run_with_no_scored_round_is_named_and_not_counted_as_a_seed(tmp_path):
+    fake_run(tmp_path / "good")
+    fake_run(tmp_path / "unscored", history=[{"round": 1, "subset/val/hit@10": 0.9}], test_at_best={})
+    with pytest.warns(UserWarning, match=r"unscored/results\.json: no round was scored"):
+        table = main([str(tmp_path)])
+    assert table[0]["seeds"] == 1 and table[0]["test/hit@10"] == pytest.approx(40.0)
+
+
 def test_broken_results_are_named_and_skipped(tmp_path):
     fake_run(tmp_path / "good")
     text = (tmp_path / "good" / "results.json").read_text()

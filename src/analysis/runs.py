@@ -83,6 +83,8 @@ def read_run(path: Path) -> dict[str, Any] | None:
     for i, row in enumerate(payload["history"]):
         if not isinstance(row, dict) or not isinstance(row.get("round"), int):
             raise ValueError(f"{path}: history entry {i} has no integer 'round'")
+    if not payload["test_at_best"]:  # no round was scored (a Flower run that lost a node every round)
+        raise ValueError(f"{path}: no round was scored, so the run has no test figures to report")
     payload["path"] = str(path.parent)
     payload["config"] = moved(payload["config"])  # read under today's key names (a record keeps the names it ran with)
     return payload

@@ -106,6 +106,13 @@ def store(
     payload = json.loads((run_dir / "results.json").read_text())
     if not payload.get("finished"):
         raise UserError(f"{run_dir}/results.json: the run did not finish, nothing stored; expected a finished run")
+    if payload.get("engine") == "flower":
+        raise UserError(
+            f"{run_dir}: a Flower run is not stored beside the simulator's runs (its identity is the simulator run's "
+            "config, and its rounds sum what the nodes that replied sent); expected a run of python -m src.run"
+        )
+    if payload.get("best_round") is None:
+        raise UserError(f"{run_dir}/results.json: no round was scored, nothing stored; expected a run with test scores")
     config = payload["config"]
     key = identity(config)
     dest = destination(root, experiment, config, variant or variant_name(overrides))
