@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from src.cli.store import git_commit
@@ -36,7 +38,7 @@ from src.methods.base import RoundSums, build_method
 from src.rounds.strategy import RoundStrategy
 from src.runtime.checks import ConfigError
 from src.runtime.device import setup_device
-from src.runtime.loggers import history_csv
+from src.runtime.loggers import finish_loggers, make_loggers
 from src.runtime.results import (
     atomic_write_text,
     build_results,
@@ -163,58 +165,64 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     select = select_key(cfg)
     chance = Evaluator(data, tuple(cfg.eval.ks), bool(cfg.protocol.full_ranking)).chance()
     facts = RunFacts(data.summary(), chance, time.perf_counter() - t0, t0, git_commit())
-    for r in range(1, int(cfg.fl.rounds) + 1):
-        tic = time.perf_counter()
-        plan = strategy.configure_fit(r)
-        nodes = wait_for_nodes(grid, cfg, first=r == 1)
-        task = Task(r, plan.clients, plan.shared, plan.broadcast.labels, encoded, plan.absent)
-        timeout = float(cfg.flower.round_timeout)
-        # the TTL drops a task a dead node never pulled, so a restarted node does not train a stale round
-        messages = [
-            Message(content=pack_task(task), dst_node_id=n, message_type="train", group_id=str(r), ttl=timeout)
-            for n in nodes
-        ]
-        shapes = {k: tuple(v.shape) for k, v in plan.shared.items()}
-        got = collect_replies(
-            grid.send_and_receive(messages, timeout=timeout),
-            r,
-            set(plan.clients.tolist()) - set(plan.absent.tolist()),
-            partial(check, shared_shapes=shapes),
-        )
-        accepted = got.accepted
-        sums, row = strategy.round_sums(), node_rows(cfg, accepted, data.n_users)
-        if secure is None:
-            for rep in accepted:
-                sums.add_decoded(rep.users, {k: v.to(device) for k, v in rep.shared.items()}, rep.sims)
-        elif method.uploads_in(r) and accepted:
-            row.update(add_secure_sum(grid, sums, dict(zip(got.senders, accepted, strict=True)), r, layout, secure))
-        stats, result = strategy.aggregate_fit(plan, sums)
-        row.update(stats)
-        if result.broadcast is not plan.broadcast and result.broadcast.global_sim is not None:  # a new broadcast
-            encoded = encode_upper(
-                result.broadcast.global_sim.numpy(), strategy.encoding.format, strategy.encoding.bits, lo=0.0, hi=1.0
+    with round_loggers(cfg, run_dir) as loggers:
+        for r in range(1, int(cfg.fl.rounds) + 1):
+            tic = time.perf_counter()
+            plan = strategy.configure_fit(r)
+            nodes = wait_for_nodes(grid, cfg, first=r == 1)
+            task = Task(r, plan.clients, plan.shared, plan.broadcast.labels, encoded, plan.absent)
+            timeout = float(cfg.flower.round_timeout)
+            # the TTL drops a task a dead node never pulled, so a restarted node does not train a stale round
+            messages = [
+                Message(content=pack_task(task), dst_node_id=n, message_type="train", group_id=str(r), ttl=timeout)
+                for n in nodes
+            ]
+            shapes = {k: tuple(v.shape) for k, v in plan.shared.items()}
+            got = collect_replies(
+                grid.send_and_receive(messages, timeout=timeout),
+                r,
+                set(plan.clients.tolist()) - set(plan.absent.tolist()),
+                partial(check, shared_shapes=shapes),
             )
-        row.update(
-            {
-                "round": r,
-                "flower/nodes": float(len(nodes)),
-                "flower/replies": float(got.received),
-                "flower/failed": float(got.failed),
-                "flower/rejected": float(got.rejected),
-                "time/round": time.perf_counter() - tic,
-            }
-        )
-        history.append(row)
-        if select in row:
-            log.info("round %d: %d/%d nodes accepted, %s %.4f", r, len(accepted), len(nodes), select, row[select])
-        else:  # a mean over the clients that replied is not the run's metric
-            log.warning(
-                "round %d: %d/%d nodes accepted, unscored (%d of %d users evaluated)",
-                *(r, len(accepted), len(nodes), row["flower/evaluated"], data.n_users),
+            accepted = got.accepted
+            sums, row = strategy.round_sums(), node_rows(cfg, accepted, data.n_users)
+            if secure is None:
+                for rep in accepted:
+                    sums.add_decoded(rep.users, {k: v.to(device) for k, v in rep.shared.items()}, rep.sims)
+            elif method.uploads_in(r) and accepted:
+                row.update(add_secure_sum(grid, sums, dict(zip(got.senders, accepted, strict=True)), r, layout, secure))
+            stats, result = strategy.aggregate_fit(plan, sums)
+            row.update(stats)
+            if result.broadcast is not plan.broadcast and result.broadcast.global_sim is not None:  # a new broadcast
+                encoded = encode_upper(
+                    result.broadcast.global_sim.numpy(),
+                    strategy.encoding.format,
+                    strategy.encoding.bits,
+                    lo=0.0,
+                    hi=1.0,
+                )
+            row.update(
+                {
+                    "round": r,
+                    "flower/nodes": float(len(nodes)),
+                    "flower/replies": float(got.received),
+                    "flower/failed": float(got.failed),
+                    "flower/rejected": float(got.rejected),
+                    "time/round": time.perf_counter() - tic,
+                }
             )
-        payload = record_round(run_dir, cfg, facts, history)
-        if payload["finished"]:
-            break
+            history.append(row)
+            if select in row:
+                log.info("round %d: %d/%d nodes accepted, %s %.4f", r, len(accepted), len(nodes), select, row[select])
+            else:  # a mean over the clients that replied is not the run's metric
+                log.warning(
+                    "round %d: %d/%d nodes accepted, unscored (%d of %d users evaluated)",
+                    *(r, len(accepted), len(nodes), row["flower/evaluated"], data.n_users),
+                )
+            payload = record_round(run_dir, cfg, facts, history, loggers)
+            if payload["finished"]:
+                break
+        finish_loggers(loggers, {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]})
     return payload
 
 
@@ -231,11 +239,28 @@ class RunFacts:
     commit: str
 
 
-def record_round(run_dir: Path, cfg: DictConfig, facts: RunFacts, history: list[dict]) -> dict:
-    """Write the rounds so far (csv/metrics.csv and results.json, each atomically) and return results.json's
-    payload, finished at the last round or where the simulator's early-stopping rule stops
+@contextmanager
+def round_loggers(cfg: DictConfig, run_dir: Path) -> Iterator[list[Logger]]:
+    """The simulator's Lightning loggers (`logger=`: csv/metrics.csv, W&B), given the config, fed round by round by
+    `record_round`; closed as failed when the run ends in an exception (the caller finishes them with the summary)."""
+    loggers = make_loggers(cfg, run_dir)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        yield loggers
+    except BaseException:
+        finish_loggers(loggers, None)
+        raise
+
+
+def record_round(run_dir: Path, cfg: DictConfig, facts: RunFacts, history: list[dict], loggers: list[Logger]) -> dict:
+    """Log the last round to the loggers (csv/metrics.csv rewritten atomically, W&B), write results.json (atomically)
+    and return its payload, finished at the last round or where the simulator's early-stopping rule stops
     (src/runtime/callbacks.py)."""
-    atomic_write_text(run_dir / "csv" / "metrics.csv", history_csv(history))
+    row = history[-1]
+    for logger in loggers:
+        logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=int(row["round"]))
+        logger.save()
     select, patience = select_key(cfg), cfg.eval.patience
     stop = patience is not None and rounds_without_improvement(history, select) >= int(patience)
     timings = {
