@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from src.analysis.report import block_folders, collect, fed_itemknn_verdict, load_runs, main, published, rows
+from src.analysis.report import (
+    block_folders,
+    collect,
+    fed_itemknn_verdict,
+    load_runs,
+    main,
+    markdown,
+    published,
+    rows,
+)
 from src.cli.train import train
 
 
@@ -115,6 +124,16 @@ def test_a_run_with_no_scored_round_is_named_and_not_counted_as_a_seed(tmp_path)
     with pytest.warns(UserWarning, match=r"unscored/results\.json: no round was scored"):
         table = main([str(tmp_path)])
     assert table[0]["seeds"] == 1 and table[0]["test/hit@10"] == pytest.approx(40.0)
+
+
+def test_a_column_some_seeds_lack_says_how_many_it_averages(tmp_path):
+    full = {"test/hit@10": 0.4, "test/ndcg@10": 0.3, "test_full/hit@10": 0.02, "test_full/ndcg@10": 0.01}
+    fake_run(tmp_path / "s0", test_at_best=full)
+    fake_run(tmp_path / "s1", seed=1, config={"seed": 1}, test_at_best={"test/hit@10": 0.2, "test/ndcg@10": 0.1})
+    [row] = rows(collect([tmp_path]))
+    assert row["seeds"] == 2 and row["test/hit@10 seeds"] == 2 and row["test_full/hit@10 seeds"] == 1
+    line = markdown([row]).splitlines()[-1]
+    assert "| 30.00 ± 14.14 | 20.00 ± 14.14 | 2.00 ± 0.00 (1 of 2 seeds) | 1.00 ± 0.00 (1 of 2 seeds) |" in line
 
 
 def test_broken_results_are_named_and_skipped(tmp_path):

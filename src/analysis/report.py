@@ -146,8 +146,9 @@ def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
             "engine": "/".join(sorted({engine(r["config"]) for r in runs})),
         }
         for col in COLUMNS:
-            mean, std = mean_std([r["test_at_best"][col] for r in runs if col in r["test_at_best"]])
-            row[col], row[f"{col} std"] = mean, std
+            values = [r["test_at_best"][col] for r in runs if col in r["test_at_best"]]
+            row[col], row[f"{col} std"] = mean_std(values)
+            row[f"{col} seeds"] = len(values)  # fewer than `seeds` where some runs lack the metric (no full ranking)
         ref = pub.get(ablation, {}).get(dataset)
         row["published hit@10"], row["published ndcg@10"] = ref if ref else (None, None)
         # the paper's numbers are paper-protocol figures: a difference is only like for like there
@@ -250,7 +251,7 @@ def markdown(table: list[dict]) -> str:
                     str(r["seeds"]),
                     r["rounds"],
                     r.get("engine", "-"),
-                    *[cell(r[c], r[f"{c} std"]) if r["seeds"] else "missing" for c in COLUMNS],
+                    *[column_cell(r, c) for c in COLUMNS],
                     pub,
                     diff,
                 ]
@@ -258,6 +259,16 @@ def markdown(table: list[dict]) -> str:
             + " |"
         )
     return "\n".join(lines)
+
+
+def column_cell(row: dict, col: str) -> str:
+    """A metric's cell: mean ± std over the seeds, with how many runs it averages where fewer than the row's seeds
+    have the metric (`missing` for a cell not yet run)."""
+    if not row["seeds"]:
+        return "missing"
+    text = cell(row[col], row[f"{col} std"])
+    counted = row.get(f"{col} seeds", row["seeds"])
+    return text if counted in (0, row["seeds"]) else f"{text} ({counted} of {row['seeds']} seeds)"
 
 
 def write(table: list[dict], out: Path, name: str) -> None:
