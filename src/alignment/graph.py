@@ -1,5 +1,7 @@
 """The server graph of S_g: its edges by one rule that the server (communities) and the clients (GSA on the graph,
-item-kNN on S_g) both apply to the same values, so both sides derive the same graph from the broadcast."""
+item-kNN on S_g) both apply. The server applies it to the S_g it aggregated, the clients to the broadcast as
+decoded: the same graph at `comm.bits=32` (the default); with fewer bits, edges within a quantisation step of
+sigma may differ."""
 
 from __future__ import annotations
 

@@ -11,9 +11,12 @@ blocks, value and gradient in one pass, so only [clients x rows x m] exists at a
 m x m matrix. `fast` takes the first `fast_anchors` items of the
 current (shuffled) batch as anchor rows: ICA over those anchors (each still contrasted with all m
 items) and, with `fast_gsa=rows` (default), GSA over those rows of the mask (every column), which
-estimates the exact masked mean without bias in the rows drawn and keeps the mask's meaning (local,
-global, union); `fast_gsa=pairs` instead uses only the pairs of the global mask (cheaper, but with
-mask=local it becomes local AND global, and it vanishes when no global similarity reaches sigma).
+keeps the mask's meaning (local, global, union). The rows are the batch's items, not a uniform draw: a batch
+holds each training positive with its sampled negatives (1 in 5 a positive with 4 negatives, against about n_u / m
+of uniform rows), so the fast terms estimate Eq. 3-4 and 10 with items weighted by how often they are in batches,
+not the uniform mean over items of the exact mode (`docs/methods.md`); `fast_gsa=pairs` instead uses only the
+pairs of the global mask (cheaper, but with mask=local it becomes local AND global, and it vanishes when no global
+similarity reaches sigma).
 Both are batched tensor algebra: no loop over items, none over clients beyond chunks.
 """
 
@@ -260,6 +263,8 @@ class AlignmentLoss:
         """Exact ICA and GSA of `table` [C, m, d] with the blocked algebra: the gradient w.r.t. the
         normalised table comes from `gsa_blocked` / `lse_blocked`, and flows through the centring and
         normalisation (and the cheap positive term) by autograd."""
+        if self.use_gsa and self.gsa_graph is not None:
+            raise ValueError("the blocked exact GSA has no graph mask (ablation.gsa_on_graph needs the fast rows form)")
         part = table.detach().requires_grad_()
         c, m, _ = table.shape
         rows = max(1, self.block // max(c * m, 1))

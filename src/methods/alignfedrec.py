@@ -176,9 +176,15 @@ KEYS = AlignFedRecKeys
 
 
 def validate(cfg: DictConfig) -> None:
-    """`ablation.gsa_on_graph` replaces the global part of GSA's mask, so it needs the fast rows form of GSA with a
-    global mask."""
+    """`model.fast_gsa=pairs` has no union mask (its pairs are the global mask's); `ablation.gsa_on_graph` replaces the
+    global part of GSA's mask, so it needs the fast rows form of GSA with a global mask."""
     a, m = cfg.ablation, cfg.model
+    if a.gsa and m.alignment == "fast" and m.fast_gsa == "pairs" and a.gsa_mask == "union":
+        schema.refuse(
+            "ablation.gsa_mask",
+            "union",
+            "local or global with model.fast_gsa=pairs (its pairs are the global mask's, so union would run as global)",
+        )
     if not (a.gsa_on_graph and a.gsa):
         return
     if not (m.alignment == "fast" and m.fast_gsa == "rows" and a.gsa_mask in ("global", "union")):
