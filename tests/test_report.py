@@ -118,6 +118,31 @@ def fake_run(folder: Path, **changes) -> Path:
     return path
 
 
+def test_runs_of_one_optimiser_with_two_learning_rates_or_two_engines_are_two_rows(tmp_path):
+    """A group whose choice differs (sgd, adam) is labelled by the name, but two SGD learning rates are still two
+    rows (they had been averaged as one row's seeds), and a Flower run is never a seed of the simulator's row."""
+    runs = {
+        "a": (0, "sgd", 0.1, {}),
+        "b": (1, "sgd", 0.1, {}),
+        "c": (0, "sgd", 0.01, {}),
+        "d": (0, "adam", 0.05, {}),
+        "e": (0, "sgd", 0.1, {"engine": "flower"}),
+    }
+    for name, (seed, optim, lr, extra) in runs.items():
+        fake_run(tmp_path / name, seed=seed, config={"seed": seed, "optim": {"name": optim, "lr": lr}}, **extra)
+    table = {r["variant"]: r["seeds"] for r in rows(collect([tmp_path]))}
+    assert table == {
+        "optim.lr=0.1 optim.name=sgd run.engine=simulator": 2,
+        "optim.lr=0.01 optim.name=sgd run.engine=simulator": 1,
+        "optim.lr=0.05 optim.name=adam run.engine=simulator": 1,
+        "optim.lr=0.1 optim.name=sgd run.engine=flower": 1,
+    }
+    # with one learning rate per optimiser, the name alone labels the rows
+    (tmp_path / "c" / "results.json").unlink()
+    (tmp_path / "e" / "results.json").unlink()
+    assert {r["variant"] for r in rows(collect([tmp_path]))} == {"optim.name=sgd", "optim.name=adam"}
+
+
 def test_a_run_with_no_scored_round_is_named_and_not_counted_as_a_seed(tmp_path):
     fake_run(tmp_path / "good")
     fake_run(tmp_path / "unscored", history=[{"round": 1, "subset/val/hit@10": 0.9}], test_at_best={})

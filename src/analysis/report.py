@@ -24,7 +24,7 @@ from pathlib import Path
 from src.analysis import bench_tables, privacy_tables, record_tables
 from src.analysis.record_tables import per_client_round
 from src.analysis.runs import cell, claim_figure, config_value, load_runs, mean_std, planned_rounds, read_run, truncate
-from src.config.identity import SPEED_KEYS, WHERE_KEYS, identity, neutral_values, normalised, only_where
+from src.config.identity import NOT_IDENTITY, identity, neutral_values, normalised, only_where
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.published import published, published_tables
 from src.runtime.results import atomic_write_text
@@ -82,17 +82,18 @@ def collect(
 # experiments whose runs are not the paper tables' cells: the sensitivity sweeps, the traffic counts (the same
 # computation as a table's run, counted another way) and the trials of hyperparameter searches
 SWEEPS = ("sweep_", "traffic", "search")
-# config keys that may differ between runs of one row: the seed, and where things are read or written
-SAME_ROW = ("seed", *WHERE_KEYS, *SPEED_KEYS, "device")
+# config keys that may differ between runs of one row: the seed, and the keys that cannot change results (where
+# things are read or written, speed, chunking, device: `NOT_IDENTITY`)
+SAME_ROW = ("seed", *NOT_IDENTITY)
 
 
 def distinct(runs: list[dict]) -> list[dict]:
     """The runs with one of each computation (`identity`: the campaign's key, the seed included): two runs of one
     config and seed (stored twice, or an `optim=` sweep of a method that never reads `optim`) would count as two
     seeds; the first by path is kept and the other named in a warning."""
-    kept: dict[str, dict] = {}
+    kept: dict[tuple[str, str], dict] = {}
     for run in runs:
-        key = identity(run["config"])
+        key = (identity(run["config"]), engine_of(run))
         if key in kept:
             warnings.warn(
                 f"{run['path']} is the computation of {kept[key]['path']} (same config and seed): counted once",
@@ -109,16 +110,33 @@ def flat(config: dict) -> dict[str, str]:
     return {k: str(v) for k, v in normalised(config).items()}
 
 
+def engine_of(run: dict) -> str:
+    """What ran it: `flower` (results.json `engine`) or the simulator (no such field)."""
+    return str(run.get("engine", "simulator"))
+
+
 def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, ...], list[dict]]:
-    """Never average runs whose configs differ in more than the seed: such a group is split by the
-    keys that differ, which become (part of) the row's variant."""
-    configs = [flat(r["config"]) for r in runs]
+    """Never average runs whose configs differ in more than the seed, or that ran on different engines (the
+    simulator, Flower): such a group is split by the keys that differ, which become (part of) the row's variant."""
+    configs = [{**flat(r["config"]), "run.engine": engine_of(r)} for r in runs]
     keys = sorted(
         {k for c in configs for k in c if not only_where(k, SAME_ROW) and len({c.get(k) for c in configs}) > 1}
     )
     named = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".name")}
-    # a group whose choice differs is shown by its name alone (optim.name=sgd, not its lr, betas, ...)
-    keys = [k for k in keys if k.endswith(".name") or k.rsplit(".", 1)[0] not in named]
+
+    def implied(k: str) -> bool:
+        """A key of a group whose choice differs, one value among the runs of each choice: its name says it."""
+        group = k.rsplit(".", 1)[0]
+        if k.endswith(".name") or group not in named:
+            return False
+        values: dict[str | None, set] = defaultdict(set)
+        for conf in configs:
+            values[conf.get(f"{group}.name")].add(conf.get(k))
+        return all(len(v) == 1 for v in values.values())
+
+    # a group whose choice differs is shown by its name alone (optim.name=sgd, not its lr, betas, ...), unless runs
+    # of one choice differ in another of its keys (two SGD learning rates): then that key is shown too
+    keys = [k for k in keys if not implied(k)]
     if not keys:
         return {key: runs}
     out: dict[tuple[str, ...], list[dict]] = defaultdict(list)
