@@ -81,6 +81,8 @@ SEARCHES = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
         (["callbacks.early_stopping.patience=2"], "callbacks.early_stopping.patience"),
         (["trainer.max_epochs=3"], "trainer.max_epochs"),
         (["+trainer.max_time=00:00:01:00"], "trainer.max_time"),
+        (["trainer.max_epochs=null"], "trainer.max_epochs"),
+        (["+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging"], "callbacks.swa"),
         (["+trainer.limit_val_batches=0"], "trainer.limit_val_batches"),
         # early stopping removed while a patience is set: the run would never stop, and be stored with the patience
         (["~callbacks.early_stopping", "eval.patience=3"], "eval.patience"),

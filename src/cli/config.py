@@ -115,6 +115,9 @@ def simulator_checks(cfg: DictConfig) -> None:
         )
 
 
+# the Lightning callbacks a run may have (conf/callbacks/default.yaml); the checkpoint and the progress bar are the
+# run's own (src/cli/train.py)
+CALLBACKS = ("early_stopping",)
 # Trainer keys that stop a run before fl.rounds or skip part of a round (one epoch is one round)
 TRAINER_CUTS = (
     "max_steps",
@@ -137,8 +140,16 @@ def _validate_lightning(cfg: DictConfig) -> None:
     driven), so a trainer that stops before `fl.rounds`, or early stopping on another metric (a test metric would
     select on test data) or another patience, would be stored as the run its keys describe."""
     rounds = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
-    if rounds is not None and rounds != cfg.fl.rounds:
+    if rounds != cfg.fl.rounds:  # null or removed too: Lightning would then train 1000 epochs
         refuse("trainer.max_epochs", rounds, f"fl.rounds ({cfg.fl.rounds}); set fl.rounds instead")
+    extra = sorted(set(OmegaConf.select(cfg, "callbacks", default=None) or {}) - set(CALLBACKS))
+    if extra:
+        refuse(
+            f"callbacks.{extra[0]}",
+            "added",
+            f"only {', '.join('callbacks.' + c for c in CALLBACKS)} (a run's identity leaves callbacks out, so a "
+            "callback that changed training would label the run with what it did not do)",
+        )
     for key in TRAINER_CUTS:
         if (value := OmegaConf.select(cfg, f"trainer.{key}", default=None)) is not None:
             refuse(f"trainer.{key}", value, "unset (it would cut or skip rounds of a run stored as all of them)")

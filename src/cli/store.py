@@ -45,8 +45,8 @@ def stored_runs(root: Path = RUNS) -> dict[str, Path]:
     for meta in sorted(root.rglob("run.json")):
         try:
             out[identity(json.loads((meta.parent / "results.json").read_text())["config"])] = meta.parent
-        except (OSError, ValueError, KeyError):
-            print(f"warning: skipped unreadable {meta.parent / 'results.json'}", file=sys.stderr)
+        except Exception as err:  # one unreadable record never stops a campaign's planning
+            print(f"warning: skipped unreadable {meta.parent / 'results.json'} ({err})", file=sys.stderr)
     return out
 
 

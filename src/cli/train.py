@@ -97,6 +97,7 @@ class Prepared:
 def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
     """Check the config, claim the folder, check a resume against its checkpoint, load the data; write nothing."""
     start = time.perf_counter()
+    commit = git_commit()  # the code this process runs, read before anything else
     validate(cfg)
     simulator_checks(cfg)
     ckpt = resume_path(cfg, run_dir)
@@ -133,7 +134,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
     first = 1 if record is None else int(record["round"]) + 1
     # a checkpoint written before runs recorded their commit: its rounds ran at a commit no one kept
     before = [] if record is None else record.get("code", [{"commit": "unrecorded", "from_round": 1}])
-    code = [*before, {"commit": git_commit(), "from_round": first}]
+    code = [*before, {"commit": commit, "from_round": first}]
     if record is not None:
         changed = resume_changes(record["config"], OmegaConf.to_container(cfg, resolve=True))
         if changed:
