@@ -82,6 +82,7 @@ SEARCHES = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
         (["trainer.max_epochs=3"], "trainer.max_epochs"),
         (["+trainer.max_time=00:00:01:00"], "trainer.max_time"),
         (["trainer.max_epochs=null"], "trainer.max_epochs"),
+        (["+trainer.check_val_every_n_epoch=2"], "trainer.check_val_every_n_epoch"),
         (["+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging"], "callbacks.swa"),
         (["+trainer.limit_val_batches=0"], "trainer.limit_val_batches"),
         # early stopping removed while a patience is set: the run would never stop, and be stored with the patience
@@ -190,6 +191,8 @@ def test_message_shows_the_value_and_the_expectation(compose_cfg):
         ["flower.round_timeout=1"],
         ["audit.out=sub/audit.json"],
         ["resume=true"],
+        # Trainer keys at values that change nothing
+        ["+trainer.fast_dev_run=false", "+trainer.check_val_every_n_epoch=1", "+trainer.precision=32-true"],
     ],
 )
 def test_valid_values_are_accepted(compose_cfg, overrides):

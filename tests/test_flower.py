@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("flwr")
 from flwr.app import Array, Message, MetricRecord  # noqa: E402
 
+from src.cli.config import ConfigError  # noqa: E402
 from src.cli.train import train  # noqa: E402
 from src.comm.codec import PayloadError, decode_entries, encode_entries  # noqa: E402
 from src.flower.inprocess import InProcessGrid, flower_task, node_context  # noqa: E402
@@ -95,6 +96,14 @@ def test_flower_logs_to_the_simulators_loggers_wandb_included(compose_cfg, tmp_p
     assert {k: summary[k] for k in payload["test_at_best"]} == payload["test_at_best"]
     with open(tmp_path / "flower" / "csv" / "metrics.csv", newline="") as fh:
         assert [int(r["round"]) for r in csv.DictReader(fh)] == [1, 2]
+
+
+def test_a_folder_holding_a_run_is_refused_before_anything_is_written(compose_cfg, tmp_path):
+    cfg = compose_cfg(SMALL)
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds a run already"):
+        serve(InProcessGrid(cfg, 2), cfg, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
 def corrupt_similarity(reply: Message, how: str) -> Message:
@@ -371,7 +380,7 @@ def test_a_clients_noise_does_not_depend_on_its_chunk(compose_cfg, tmp_path):
 def test_the_flower_app_refuses_a_pooled_method_with_its_reason():
     import pytest
 
-    from src.cli.config import ConfigError, load_config
+    from src.cli.config import load_config
     from src.flower.settings import flower_checks
 
     with pytest.raises(ConfigError, match=r"ablation=itemknn: it pools all data on one machine"):

@@ -132,10 +132,10 @@ def test_runs_of_one_optimiser_with_two_learning_rates_or_two_engines_are_two_ro
         fake_run(tmp_path / name, seed=seed, config={"seed": seed, "optim": {"name": optim, "lr": lr}}, **extra)
     table = {r["variant"]: r["seeds"] for r in rows(collect([tmp_path]))}
     assert table == {
-        "optim.lr=0.1 optim.name=sgd run.engine=simulator": 2,
-        "optim.lr=0.01 optim.name=sgd run.engine=simulator": 1,
-        "optim.lr=0.05 optim.name=adam run.engine=simulator": 1,
-        "optim.lr=0.1 optim.name=sgd run.engine=flower": 1,
+        "optim.lr=0.1 optim.name=sgd run.runner=simulator": 2,
+        "optim.lr=0.01 optim.name=sgd run.runner=simulator": 1,
+        "optim.lr=0.05 optim.name=adam run.runner=simulator": 1,
+        "optim.lr=0.1 optim.name=sgd run.runner=flower": 1,
     }
     # with one learning rate per optimiser, the name alone labels the rows
     (tmp_path / "c" / "results.json").unlink()
@@ -315,6 +315,21 @@ def test_paper_table_leaves_out_a_run_whose_config_names_no_rounds(tmp_path):
         table = main([str(tmp_path), "--table", "table2"])
     (row,) = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == ("ml-100k", "full", "paper")]
     assert row["seeds"] == 1
+
+
+def test_a_paper_table_whose_first_cell_is_missing_is_written_as_csv(tmp_path):
+    """The missing cells' rows and the runs' rows go under one CSV header, whichever comes first."""
+    fake_run(
+        tmp_path / "run",
+        config={"seed": 0, "fl": {"rounds": 100}},
+        dataset="ml-100k",
+        ablation="no_gsa",
+        protocol="paper",
+    )
+    table = main([str(tmp_path), "--table", "table2", "--out", str(tmp_path / "out")])
+    assert table[0]["seeds"] == 0  # Table 2's first cell (ML-100K full, paper) is not run
+    written = list(csv.DictReader((tmp_path / "out" / "table.csv").open()))
+    assert len(written) == len(table) and {r["test/hit@10 seeds"] for r in written} == {"0", "1"}
 
 
 def test_a_runs_block_takes_folders_and_glob_patterns(tmp_path):

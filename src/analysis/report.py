@@ -93,7 +93,7 @@ def distinct(runs: list[dict]) -> list[dict]:
     seeds; the first by path is kept and the other named in a warning."""
     kept: dict[tuple[str, str], dict] = {}
     for run in runs:
-        key = (identity(run["config"]), engine_of(run))
+        key = (identity(run["config"]), runner_of(run))
         if key in kept:
             warnings.warn(
                 f"{run['path']} is the computation of {kept[key]['path']} (same config and seed): counted once",
@@ -110,7 +110,7 @@ def flat(config: dict) -> dict[str, str]:
     return {k: str(v) for k, v in normalised(config).items()}
 
 
-def engine_of(run: dict) -> str:
+def runner_of(run: dict) -> str:
     """What ran it: `flower` (results.json `engine`) or the simulator (no such field)."""
     return str(run.get("engine", "simulator"))
 
@@ -118,7 +118,7 @@ def engine_of(run: dict) -> str:
 def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, ...], list[dict]]:
     """Never average runs whose configs differ in more than the seed, or that ran on different engines (the
     simulator, Flower): such a group is split by the keys that differ, which become (part of) the row's variant."""
-    configs = [{**flat(r["config"]), "run.engine": engine_of(r)} for r in runs]
+    configs = [{**flat(r["config"]), "run.runner": runner_of(r)} for r in runs]
     keys = sorted(
         {k for c in configs for k in c if not only_where(k, SAME_ROW) and len({c.get(k) for c in configs}) > 1}
     )
@@ -204,6 +204,7 @@ def with_missing(table: list[dict], name: str) -> list[dict]:
                         "engine": "-",
                         **{c: None for c in COLUMNS},
                         **{f"{c} std": None for c in COLUMNS},
+                        **{f"{c} seeds": 0 for c in COLUMNS},
                         "published hit@10": ref[0] if ref else None,
                         "published ndcg@10": ref[1] if ref else None,
                         "diff hit@10": None,
@@ -293,7 +294,7 @@ def write(table: list[dict], out: Path, name: str) -> None:
     """`name`.md and `name`.csv in `out`."""
     atomic_write_text(out / f"{name}.md", markdown(table) + "\n\nRuns per row: see the `runs` column of the CSV.\n")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(table[0]))
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in table for k in row)), restval="")
     writer.writeheader()
     writer.writerows(table)
     atomic_write_text(out / f"{name}.csv", buf.getvalue())

@@ -118,21 +118,22 @@ def simulator_checks(cfg: DictConfig) -> None:
 # the Lightning callbacks a run may have (conf/callbacks/default.yaml); the checkpoint and the progress bar are the
 # run's own (src/cli/train.py)
 CALLBACKS = ("early_stopping",)
-# Trainer keys that stop a run before fl.rounds or skip part of a round (one epoch is one round)
-TRAINER_CUTS = (
-    "max_steps",
-    "max_time",
-    "min_epochs",
-    "min_steps",
-    "limit_train_batches",
-    "limit_val_batches",
-    "val_check_interval",
-    "check_val_every_n_epoch",
-    "overfit_batches",
-    "fast_dev_run",
-    "accumulate_grad_batches",
-    "precision",
-)
+# Trainer keys that stop a run before fl.rounds or skip part of a round (one epoch is one round), with the values
+# that change nothing (Lightning's defaults); unset (null) is fine too
+TRAINER_CUTS: dict[str, tuple] = {
+    "max_steps": (-1,),
+    "max_time": (),
+    "min_epochs": (),
+    "min_steps": (),
+    "limit_train_batches": (1, 1.0),
+    "limit_val_batches": (1, 1.0),
+    "val_check_interval": (1, 1.0),
+    "check_val_every_n_epoch": (1,),
+    "overfit_batches": (0, 0.0),
+    "fast_dev_run": (False,),
+    "accumulate_grad_batches": (1,),
+    "precision": ("32-true", "32", 32),
+}
 
 
 def _validate_lightning(cfg: DictConfig) -> None:
@@ -150,16 +151,19 @@ def _validate_lightning(cfg: DictConfig) -> None:
             f"only {', '.join('callbacks.' + c for c in CALLBACKS)} (a run's identity leaves callbacks out, so a "
             "callback that changed training would label the run with what it did not do)",
         )
-    for key in TRAINER_CUTS:
-        if (value := OmegaConf.select(cfg, f"trainer.{key}", default=None)) is not None:
-            refuse(f"trainer.{key}", value, "unset (it would cut or skip rounds of a run stored as all of them)")
+    for key, harmless in TRAINER_CUTS.items():
+        value = OmegaConf.select(cfg, f"trainer.{key}", default=None)
+        if value is not None and not any(value == v and type(value) is type(v) for v in harmless):
+            expected = "unset" + "".join(f" or {v!r}" for v in harmless)
+            refuse(f"trainer.{key}", value, f"{expected} (it would cut or skip rounds of a run stored as all of them)")
     stopping = OmegaConf.select(cfg, "callbacks.early_stopping", default=None)
     if stopping is None:
         if cfg.eval.patience is not None:
             refuse(
                 "eval.patience",
                 cfg.eval.patience,
-                "null without callbacks.early_stopping (removed, the run would never stop early), or the callback",
+                "null without callbacks.early_stopping (removed, the simulator would never stop early; the Flower app "
+                "refuses it alike), or the callback",
             )
         return
     select = select_key(cfg)

@@ -69,10 +69,10 @@ class Evaluator:
         for k in self.ks:
             out.update({f"test/{name}": v for name, v in chance_level(k, self.test_cand.shape[1]).items()})
         if self.full:
-            counts, users = np.unique(self.full_candidates().numpy(), return_counts=True)
-            weights = users / users.sum()
+            sizes, n_users = np.unique(self.full_candidates().numpy(), return_counts=True)
+            weights = n_users / n_users.sum()
             for k in self.ks:
-                levels = [chance_level(k, int(c)) for c in counts]
+                levels = [chance_level(k, int(c)) for c in sizes]
                 for name in levels[0]:
                     out[f"test_full/{name}"] = float(np.dot(weights, [level[name] for level in levels]))
         return out

@@ -125,6 +125,11 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
     """Run all rounds over the connected nodes through the simulator's `RoundStrategy`; write and return
     results.json's payload."""
     flower_checks(cfg)
+    if (run_dir / "results.json").exists():  # its loggers (the W&B run id) and records would be the other run's
+        raise ConfigError(
+            f"flower.run_dir={run_dir} holds a run already (results.json); expected a new folder (Flower runs do not "
+            "resume)"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     t0 = time.perf_counter()
@@ -215,9 +220,14 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             if select in row:
                 log.info("round %d: %d/%d nodes accepted, %s %.4f", r, len(accepted), len(nodes), select, row[select])
             else:  # a mean over the clients that replied is not the run's metric
+                evaluated = int(row["flower/evaluated"])
                 log.warning(
                     "round %d: %d/%d nodes accepted, unscored (%d of %d users evaluated)",
-                    *(r, len(accepted), len(nodes), row["flower/evaluated"], data.n_users),
+                    r,
+                    len(accepted),
+                    len(nodes),
+                    evaluated,
+                    data.n_users,
                 )
             payload = record_round(run_dir, cfg, facts, history, loggers)
             if payload["finished"]:
@@ -298,9 +308,12 @@ def add_secure_sum(
         if count == len(users):
             sums.add_secure(users, upper, support, count)
         else:  # the count is the nodes' word: a node that inflates it would shrink the mean of every pair
+            listed = len(users)
             log.warning(
                 "round %d: SecAgg+ sum counts %d uploads, the summed nodes listed %d; no upload is summed",
-                *(round_, count, len(users)),
+                round_,
+                count,
+                listed,
             )
     return {
         "flower/secagg_nodes": float(len(result.summed)),

@@ -9,8 +9,8 @@ Flower run, which spans processes and hosts), finished,
 communication (bytes over the run: upload and download totals, mean upload per client and round, and
 the embedding-sharing size for comparison), chance (a random scorer's expected test metrics on the run's split),
 privacy (the epsilon spent by the last round, when noise is on);
-`src.run` adds resumes (the resumable keys each resume changed) and code (the commit each process ran, from
-which round).
+code (the commit each process ran, from which round: `src.run` and the Flower ServerApp) and, from `src.run`,
+resumes (the resumable keys each resume changed).
 """
 
 from __future__ import annotations
