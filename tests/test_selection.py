@@ -19,10 +19,11 @@ from src.cli.config import ConfigError
 from src.cli.train import train
 from src.data.dataset import load
 from src.evaluation.evaluator import Evaluator
-from src.evaluation.metrics import chance_level, full_ranks, rank_metrics, sampled_ranks
+from src.evaluation.metrics import full_ranks, rank_metrics, sampled_ranks
 from src.runtime.results import (
     DEFAULT_SELECT,
     best_round,
+    chance_level,
     meaning_lines,
     report_best,
     rounds_without_improvement,

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from src.data.dataset import FedData
-from src.evaluation.metrics import chance_level, full_ranks, rank_metrics, sampled_ranks
+from src.evaluation.metrics import full_ranks, rank_metrics, sampled_ranks
+from src.runtime.results import chance_level
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 

@@ -39,18 +39,3 @@ def rank_metrics(ranks: torch.Tensor, ks: tuple[int, ...] = KS, prefix: str = ""
         out[f"{prefix}hit@{k}"] = float(hit.double().mean())
         out[f"{prefix}ndcg@{k}"] = float(torch.where(hit, math.log(2) / torch.log1p(ranks), 0.0).mean())
     return out
-
-
-def chance_level(k: int, candidates: int) -> dict[str, float]:
-    """hit@K and ndcg@K of a random scorer: the held-out item's rank uniform on 1..`candidates`.
-
-    hit@K = min(K, n) / n and ndcg@K = (1/n) * sum over r = 1..min(K, n) of 1 / log2(r + 1), exactly
-    (the metrics of `src.evaluation.metrics.rank_metrics` averaged over every rank).
-    """
-    if k < 1 or candidates < 1:
-        raise ValueError(f"chance_level needs K >= 1 and candidates >= 1, got K={k}, candidates={candidates}")
-    top = min(int(k), int(candidates))
-    return {
-        f"hit@{k}": top / candidates,
-        f"ndcg@{k}": math.fsum(1.0 / math.log2(r + 1) for r in range(1, top + 1)) / candidates,
-    }

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.evaluation.metrics import chance_level
 from src.runtime.atomic import atomic_write_text
 from src.runtime.published import published
 
@@ -155,6 +155,21 @@ def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
     path = Path(run_dir) / "results.json"
     atomic_write_text(path, json.dumps(payload, indent=2))
     return path
+
+
+def chance_level(k: int, candidates: int) -> dict[str, float]:
+    """hit@K and ndcg@K of a random scorer: the held-out item's rank uniform on 1..`candidates`.
+
+    hit@K = min(K, n) / n and ndcg@K = (1/n) * sum over r = 1..min(K, n) of 1 / log2(r + 1), exactly
+    (the metrics of `src.evaluation.metrics.rank_metrics` averaged over every rank).
+    """
+    if k < 1 or candidates < 1:
+        raise ValueError(f"chance_level needs K >= 1 and candidates >= 1, got K={k}, candidates={candidates}")
+    top = min(int(k), int(candidates))
+    return {
+        f"hit@{k}": top / candidates,
+        f"ndcg@{k}": math.fsum(1.0 / math.log2(r + 1) for r in range(1, top + 1)) / candidates,
+    }
 
 
 def _pair(metrics: dict[str, Any], prefix: str, k: int) -> str:
