@@ -88,6 +88,18 @@ def test_broken_results_json_is_named_and_skipped(tmp_path):
     assert (out / "curves_synthetic_clean.png").is_file()
 
 
+def test_an_unscored_round_is_a_gap_in_the_curve(tmp_path):
+    """A Flower round that lost a node has its metrics under subset/ only: the curve skips it, the run is drawn."""
+    history = [
+        {"round": 1, "val/hit@10": 0.2, "test/hit@10": 0.1},
+        {"round": 2, "subset/val/hit@10": 0.9, "subset/test/hit@10": 0.9},
+        {"round": 3, "val/hit@10": 0.3, "test/hit@10": 0.2},
+    ]
+    fake_run(tmp_path / "runs" / "r", history=history)
+    out = main(["curves", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert (out / "curves_synthetic_clean.png").is_file()
+
+
 @pytest.mark.parametrize(
     "kind, extra, field",
     [

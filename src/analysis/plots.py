@@ -202,7 +202,11 @@ def curves(runs: list[dict[str, Any]], out: Path) -> None:
             rounds = [h["round"] for h in r["history"]]
             label = f"{r['ablation']} {field(r, 'config.optim.name')} s{r['seed']}"
             label += f" {metric}" if len(metrics) > 1 else ""
-            (line,) = ax.plot(rounds, [pct(field(r, select, h)) for h in r["history"]], label=f"{label} val")
+            # an unscored round (a Flower round that lost a node) is a gap; a run that never logged the metric an error
+            if not any(select in h for h in r["history"]):
+                field(r, select, r["history"][0])  # raises MissingFieldError naming the file and the key
+            val = [pct(h.get(select)) for h in r["history"]]
+            (line,) = ax.plot(rounds, val, label=f"{label} val")
             ax.plot(
                 rounds,
                 [pct(h.get(f"test/{metric}")) for h in r["history"]],
