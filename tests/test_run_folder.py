@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import stat
@@ -90,6 +91,26 @@ def test_resume_refuses_a_corrupted_checkpoint(compose_cfg, tmp_path):
     (run_dir / "checkpoints" / "last.json").unlink()
     with pytest.raises(CheckpointError, match="has no record last.json"):
         train(compose_cfg(SYNTH + ["fl.rounds=3", "resume=true"]), run_dir, progress=False)
+
+
+def test_a_save_cut_between_its_two_renames_resumes_from_the_save_before(compose_cfg, tmp_path, caplog):
+    """A process killed after the record of round 2 moved into place but before its checkpoint did: the folder holds
+    round 2's record beside round 1's checkpoint. The record keeps the save it replaced, so the run resumes after
+    round 1 and ends as an uninterrupted run does."""
+    run_dir = tmp_path / "run"  # SYNTH checkpoints every round
+    train(compose_cfg([*SYNTH, "fl.rounds=1"]), run_dir, progress=False)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    round1 = ckpt.read_bytes()
+    train(compose_cfg([*SYNTH, "fl.rounds=2", "resume=true"]), run_dir, progress=False)
+    assert read_record(ckpt)["round"] == 2 and read_record(ckpt)["previous"]["round"] == 1
+    ckpt.write_bytes(round1)  # the cut: round 2's record, round 1's checkpoint
+    with caplog.at_level(logging.WARNING):
+        resumed = train(compose_cfg([*SYNTH, "fl.rounds=3", "resume=true"]), run_dir, progress=False)
+    assert "is round 1's (the save of round 2 was cut): resuming after it" in caplog.text
+    straight = train(compose_cfg([*SYNTH, "fl.rounds=3"]), tmp_path / "straight", progress=False)
+    assert [r["round"] for r in resumed["history"]] == [1, 2, 3]
+    assert resumed["test_at_best"] == pytest.approx(straight["test_at_best"])
+    assert "previous" not in read_record(ckpt)["previous"]  # one save kept, not a chain
 
 
 def test_one_run_per_folder(compose_cfg, tmp_path):

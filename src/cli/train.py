@@ -107,7 +107,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
     try:
         record = None
         if ckpt is not None:
-            record = checkpoint.read_record(ckpt)
+            # the record of the checkpoint's bytes (the previous save's when the last save was cut), checked below
+            record = checkpoint.verify(ckpt, checkpoint.read_record(ckpt))
             differ = resume_mismatch(record["config"], OmegaConf.to_container(cfg, resolve=True))
             if differ:
                 raise ResumeError(
@@ -117,7 +118,6 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
                     f"a new run in a new folder"
                 )
             check_resume_length(cfg, ckpt, record)
-            checkpoint.verify(ckpt, record)
         torch.manual_seed(int(cfg.seed))
         data = load(cfg)
         digest = data_digest(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 import time
 import zipfile
@@ -26,6 +27,7 @@ from src.runtime.atomic import atomic_path, atomic_write_text
 from src.runtime.errors import UserError
 
 RECORD_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -69,9 +71,16 @@ def read_record(ckpt: Path) -> dict[str, Any]:
     return record
 
 
-def verify(ckpt: Path, record: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose bytes are not the ones its record describes."""
+def verify(ckpt: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The record of the checkpoint's bytes: `record`, or the save before it that `record` keeps (`previous`) when a
+    process died between the two renames of a save (the new record in place, the checkpoint still the old one);
+    refuse a checkpoint whose bytes neither describes."""
     found = sha256_file(ckpt)
+    previous = record.get("previous")
+    if found != record["sha256"] and isinstance(previous, dict) and previous.get("sha256") == found:
+        cut, kept = record["round"], previous["round"]
+        log.warning("checkpoint %s is round %s's (the save of round %s was cut): resuming after it", ckpt, kept, cut)
+        record = previous
     if found != record["sha256"]:
         raise CheckpointError(
             f"checkpoint {ckpt} is corrupted or truncated: sha256 {found}, its record {record_path(ckpt).name} "
@@ -88,6 +97,7 @@ def verify(ckpt: Path, record: dict[str, Any]) -> None:
             f"checkpoint {ckpt} matches its record but is not a readable torch checkpoint ({bad}); resume from an "
             f"intact copy (resume=<path to last.ckpt>) or restart the run without resume in a new folder"
         )
+    return record
 
 
 class AtomicCheckpoint(Checkpoint):
@@ -144,7 +154,10 @@ class AtomicCheckpoint(Checkpoint):
                 digest = sha256_file(tmp)
                 with open(tmp, "rb") as fh:  # synced before the record moves, so the two renames follow at once
                     os.fsync(fh.fileno())
-                atomic_write_text(record_path(self.last), json.dumps(self.record(trainer, done, digest), indent=1))
+                record = self.record(trainer, done, digest)
+                if self.last.is_file():  # the save this one replaces, in case the checkpoint's rename never happens
+                    record["previous"] = {k: v for k, v in read_record(self.last).items() if k != "previous"}
+                atomic_write_text(record_path(self.last), json.dumps(record, indent=1))
         except OSError as exc:
             raise CheckpointError(
                 f"could not write checkpoint {self.last} after round {done} ({exc.strerror or exc}); the previous "
