@@ -332,3 +332,23 @@ def test_the_largest_eval_negatives_the_error_names_runs(compose_cfg, tmp_path, 
     training_sampler(pool, data)  # every user has a training negative left to draw
     with pytest.raises(ConfigError, match=f"expected at most {most}$"):
         load(compose_cfg([*base, f"protocol.eval_negatives={most + 1}"]))
+
+
+def test_a_cached_split_is_checked_for_the_pool_that_keeps_a_negative_out(compose_cfg, tmp_path):
+    """The split's cache key leaves the training-negative pool out (the pool draws nothing of the split): a split
+    cached under `non_train` at the largest eval_negatives that pool allows is refused, in the same line as a fresh
+    draw, under `non_train_non_candidates`, which keeps one more item per user out of the candidates."""
+    base = ["dataset=synthetic", f"data.cache_dir={tmp_path}"]
+    with pytest.raises(ConfigError) as err:
+        load(compose_cfg([*base, "protocol.train_negative_pool=non_train", "protocol.eval_negatives=100000"]))
+    most = int(str(err.value).rsplit("expected at most ", 1)[1])
+    available = int(str(err.value).split(" has ", 1)[1].split(" ", 1)[0])
+    assert available == 2 * most  # the user with the fewest never-interacted items has none to spare at `most`
+    load(compose_cfg([*base, "protocol.train_negative_pool=non_train", f"protocol.eval_negatives={most}"]))
+    assert len(list(tmp_path.glob("synthetic-*.npz"))) == 1  # the cached split
+    with pytest.raises(ConfigError, match=f"protocol.eval_negatives={most} is too large for synthetic.*keeps one out"):
+        load(
+            compose_cfg(
+                [*base, "protocol.train_negative_pool=non_train_non_candidates", f"protocol.eval_negatives={most}"]
+            )
+        )

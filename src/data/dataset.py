@@ -207,6 +207,40 @@ def check_files(name: str, digests: dict[Path, tuple[str, str]], verify: bool) -
     ]
 
 
+def spare_negatives(protocol: DictConfig) -> int:
+    """Never-interacted items each user must keep outside its evaluation candidates: one when the training-negative
+    pool leaves the candidates out (it must still have a negative to draw), else none."""
+    return int(protocol.train_negative_pool == "non_train_non_candidates")
+
+
+def too_few_negatives(err: TooFewNegatives, name: str, half: int, spare: int) -> ConfigError:
+    """`protocol.eval_negatives`' one-line refusal for a user without enough never-interacted items."""
+    kept = " and protocol.train_negative_pool=non_train_non_candidates keeps one out of them" if spare else ""
+    most = (err.available - spare) // 2
+    expected = f"at most {most}" if most >= 1 else "a dataset or pool that leaves every user a negative to draw"
+    return ConfigError(
+        f"protocol.eval_negatives={half} is too large for {name}: user index {err.user} has "
+        f"{err.available} never-interacted items, the protocol draws {half} for validation and {half} for "
+        f"test{kept}; expected {expected}"
+    )
+
+
+def check_spare(arrays: dict[str, np.ndarray], name: str, protocol: DictConfig) -> None:
+    """A cached split (its key leaves the training-negative pool out: the pool draws nothing of it) checked for the
+    pool as a fresh draw is: every user keeps `spare_negatives` items outside its candidates."""
+    spare = spare_negatives(protocol)
+    if not spare:
+        return
+    n_items = int(arrays["shape"][1])
+    available = n_items - (np.diff(arrays["train_ptr"]) + 2)  # never interacted: all but training and held-out items
+    user = int(np.argmin(available))
+    count = int(arrays["val_negatives"].shape[1] + arrays["test_negatives"].shape[1])
+    if available[user] < count + spare:
+        raise too_few_negatives(
+            TooFewNegatives(user, int(available[user]), count, spare), name, int(protocol.eval_negatives), spare
+        )
+
+
 def cache_key(dataset: DictConfig, protocol: DictConfig, seed: int, source_sha: str) -> str:
     """Hash of everything the split depends on."""
     payload = json.dumps(
@@ -287,6 +321,7 @@ def build(
     )
     if path.is_file():
         arrays = load_npz_verified(path, SPLIT_ARRAYS)
+        check_spare(arrays, dataset.name, protocol)
         notes = [*arrays.pop("notes").tolist(), *run_notes]
         community = arrays.pop("item_community", None)
         item_ids = arrays.pop("item_ids", None)
@@ -329,20 +364,11 @@ def build(
     interacted = all_interactions(
         loo.n_users, loo.n_items, loo.train_users, loo.train_items, loo.val_items, loo.test_items
     )
-    half = int(protocol.eval_negatives)
-    # a pool without the candidates must keep a training negative to draw for every user
-    spare = int(protocol.train_negative_pool == "non_train_non_candidates")
+    half, spare = int(protocol.eval_negatives), spare_negatives(protocol)
     try:
         negatives = draw_eval_negatives(interacted, 2 * half, seed, spare=spare)
     except TooFewNegatives as err:
-        kept = " and protocol.train_negative_pool=non_train_non_candidates keeps one out of them" if spare else ""
-        most = (err.available - spare) // 2
-        expected = f"at most {most}" if most >= 1 else "a dataset or pool that leaves every user a negative to draw"
-        raise ConfigError(
-            f"protocol.eval_negatives={half} is too large for {dataset.name}: user index {err.user} has "
-            f"{err.available} never-interacted items, the protocol draws {half} for validation and {half} for "
-            f"test{kept}; expected {expected}"
-        ) from None
+        raise too_few_negatives(err, dataset.name, half, spare) from None
     if community is not None:
         community = community[loo.item_ids]
     data = FedData(
