@@ -22,7 +22,7 @@ from src.cli.train import train
 from src.runtime.loggers import make_loggers, run_name
 from src.runtime.results import DEFAULT_SELECT
 from tests.conftest import requires_real_data
-from tests.wandb_records import finished_contents
+from tests.wandb_records import assert_holds_the_run, finished_contents
 
 REPO = Path(__file__).resolve().parents[1]
 # the engine tests run the PFedRec backbone with the lineage SGD (cheap rounds); AlignFedRec below
@@ -238,13 +238,8 @@ def test_client_fraction(compose_cfg, tmp_path):
     assert [r["clients"] for r in payload["history"]] == [round(0.5 * n_users)] * 2
 
 
-def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    (tmp_path / "wandb-dir").mkdir()
+def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, wandb_offline):
+    wandb = wandb_offline
     run_files = []
     for seed in (0, 1):
         cfg = compose_cfg(["dataset=synthetic", "fl.rounds=2", "fl.checkpoint_every=0", "logger=wandb", f"seed={seed}"])
@@ -269,14 +264,9 @@ def test_wandb_offline_runs_stay_separate(compose_cfg, tmp_path, monkeypatch):
     assert run_files[0].name != run_files[1].name  # two run ids
     # what the W&B run holds, read from its file: every round's metrics as the history has them (the step is the
     # round), the resolved config, and the best round's test metrics as its summary
-    history, config, summary = finished_contents(run_files[1])
     payload = json.loads((tmp_path / "s1" / "results.json").read_text())
-    assert [row["trainer/global_step"] for row in history] == [1, 2]
-    for logged, row in zip(history, payload["history"]):
-        assert {k: logged[k] for k in row if k != "round"} == {k: v for k, v in row.items() if k != "round"}
-    assert config["model"] == payload["config"]["model"] and config["seed"] == 1
-    assert summary["best_round"] == payload["best_round"]
-    assert {k: summary[k] for k in payload["test_at_best"]} == payload["test_at_best"]
+    assert [row["round"] for row in payload["history"]] == [1, 2] and payload["config"]["seed"] == 1
+    assert_holds_the_run(run_files[1], payload)
     assert b"synthetic-full-clean-s0" not in run_files[1].read_bytes()
     assert b"synthetic-full-clean-s1" not in run_files[0].read_bytes()
 

@@ -25,7 +25,7 @@ from src.flower.inprocess import InProcessGrid, flower_task, node_context  # noq
 from src.flower.messages import RejectedReply, pack_reply, unpack_reply  # noqa: E402
 from src.flower.server_app import serve  # noqa: E402
 from tests.conftest import SHARED_DATA, requires_real_data  # noqa: E402
-from tests.wandb_records import finished_contents  # noqa: E402
+from tests.wandb_records import assert_holds_the_run  # noqa: E402
 
 pytestmark = requires_real_data
 SMALL = [
@@ -73,27 +73,17 @@ def test_flower_run_matches_the_simulator(compose_cfg, tmp_path, ablation):
     assert (tmp_path / "flower" / "csv" / "metrics.csv").is_file()
 
 
-def test_flower_logs_to_the_simulators_loggers_wandb_included(compose_cfg, tmp_path, monkeypatch):
+def test_flower_logs_to_the_simulators_loggers_wandb_included(compose_cfg, tmp_path, wandb_offline):
     """`logger=wandb` works in Flower as in the simulator: the same Lightning loggers, fed each round (the step is
     the round), the resolved config, the best round's test metrics as the W&B summary; metrics.csv is the csv
     logger's."""
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    (tmp_path / "wandb-dir").mkdir()
     cfg = compose_cfg([*SMALL, "fl.rounds=2", "logger=wandb"])
     payload = serve(InProcessGrid(cfg, 2), cfg, tmp_path / "flower")
-    assert wandb.run is None, "the W&B run was not finished"
+    assert wandb_offline.run is None, "the W&B run was not finished"
     found = sorted((tmp_path / "flower").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(found) == 1, found
-    history, config, summary = finished_contents(found[0])
-    assert [row["trainer/global_step"] for row in history] == [1, 2]
-    for logged, row in zip(history, payload["history"]):
-        assert {k: logged[k] for k in row if k != "round"} == {k: v for k, v in row.items() if k != "round"}
-    assert config["seed"] == payload["config"]["seed"] and summary["best_round"] == payload["best_round"]
-    assert {k: summary[k] for k in payload["test_at_best"]} == payload["test_at_best"]
+    assert [row["round"] for row in payload["history"]] == [1, 2]
+    assert_holds_the_run(found[0], payload)
     with open(tmp_path / "flower" / "csv" / "metrics.csv", newline="") as fh:
         assert [int(r["round"]) for r in csv.DictReader(fh)] == [1, 2]
 

@@ -230,8 +230,7 @@ def fit(run: Prepared, progress: bool = True) -> dict:
         if run.ckpt is not None:
             label_folder(cfg, run_dir)
         write_results(run_dir, payload)
-        summary = {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]}
-        finish_loggers(loggers, summary)
+        finish_loggers(loggers, payload)
         return payload
     finally:
         rundir.release(run.lock)

@@ -16,7 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from src.data import raw
 from src.data.download import KNOWN_FILES, digest_mismatch, file_digests, verify_known
 from src.data.paths import candidate_roots, resolve_dataset_dir
-from src.data.protocols import TooFewNegatives, all_interactions, draw_eval_negatives, interaction_matrix
+from src.data.protocols import (
+    TooFewNegatives,
+    all_interactions,
+    check_available,
+    draw_eval_negatives,
+    interaction_matrix,
+)
 from src.data.split import dedupe_pairs, filter_min_interactions, leave_one_out
 from src.data.synthetic import planted_communities
 from src.runtime.atomic import atomic_path
@@ -231,14 +237,12 @@ def check_spare(arrays: dict[str, np.ndarray], name: str, protocol: DictConfig) 
     spare = spare_negatives(protocol)
     if not spare:
         return
-    n_items = int(arrays["shape"][1])
-    available = n_items - (np.diff(arrays["train_ptr"]) + 2)  # never interacted: all but training and held-out items
-    user = int(np.argmin(available))
+    available = int(arrays["shape"][1]) - (np.diff(arrays["train_ptr"]) + 2)  # all but training and held-out items
     count = int(arrays["val_negatives"].shape[1] + arrays["test_negatives"].shape[1])
-    if available[user] < count + spare:
-        raise too_few_negatives(
-            TooFewNegatives(user, int(available[user]), count, spare), name, int(protocol.eval_negatives), spare
-        )
+    try:
+        check_available(available, count, spare)
+    except TooFewNegatives as err:
+        raise too_few_negatives(err, name, int(protocol.eval_negatives), spare) from None
 
 
 def cache_key(dataset: DictConfig, protocol: DictConfig, seed: int, source_sha: str) -> str:

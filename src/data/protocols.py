@@ -51,6 +51,13 @@ class TooFewNegatives(ValueError):
         )
 
 
+def check_available(available: np.ndarray, count: int, spare: int = 0) -> None:
+    """Raise `TooFewNegatives` for the user with the fewest never-interacted items (`available` [users]) when it has
+    fewer than the `count` evaluation negatives and the `spare` items that must stay outside them."""
+    if available.min() < count + spare:
+        raise TooFewNegatives(int(np.argmin(available)), int(available.min()), count, spare)
+
+
 def draw_eval_negatives(interacted: np.ndarray, count: int, seed: int, chunk: int = 1024, spare: int = 0) -> np.ndarray:
     """Draw `count` distinct never-interacted items per user, uniformly, in a random order; `spare`: never-interacted
     items each user must keep outside them (a training-negative pool that excludes the candidates needs one).
@@ -59,9 +66,7 @@ def draw_eval_negatives(interacted: np.ndarray, count: int, seed: int, chunk: in
     a uniform ordered sample without replacement, computed for all users at once.
     """
     n_users, n_items = interacted.shape
-    available = n_items - interacted.sum(axis=1)
-    if available.min() < count + spare:
-        raise TooFewNegatives(int(np.argmin(available)), int(available.min()), count, spare)
+    check_available(n_items - interacted.sum(axis=1), count, spare)
     rng = np.random.default_rng(seed)
     out = np.empty((n_users, count), dtype=np.int64)
     for start in range(0, n_users, chunk):

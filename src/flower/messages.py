@@ -11,7 +11,10 @@ it and raises `RejectedReply` with the reason.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,6 +102,23 @@ def pack_reply(
     )
 
 
+def rejecting_malformed(unpack: Callable[..., Reply]) -> Callable[..., Reply]:
+    """`unpack` whose every failure is a `RejectedReply`: a malformed record (a list where a number goes, a byte order
+    numpy cannot hand to torch) is a rejection, never an exception that ends the run."""
+
+    @functools.wraps(unpack)
+    def checked(*args: Any, **kwargs: Any) -> Reply:
+        try:
+            return unpack(*args, **kwargs)
+        except RejectedReply:
+            raise
+        except (TypeError, ValueError, AttributeError, IndexError, OverflowError) as err:
+            raise RejectedReply(f"malformed reply ({type(err).__name__}: {err})") from None
+
+    return checked
+
+
+@rejecting_malformed
 def unpack_reply(
     content: RecordDict,
     chosen: set[int],
@@ -109,28 +129,8 @@ def unpack_reply(
     rank_limits: dict[str, int],
     max_bytes: int,
 ) -> Reply:
-    """Decode and check a node's answer; raise `RejectedReply` naming the first problem found. Whatever a node sends,
-    the server gets a Reply or a RejectedReply: a malformed record (a list where a number goes, a byte order numpy
-    cannot hand to torch) is a rejection, never an exception that ends the run."""
-    try:
-        return _unpack_reply(content, chosen, n_users, n_items, shared_shapes, similarity, rank_limits, max_bytes)
-    except RejectedReply:
-        raise
-    except (TypeError, ValueError, AttributeError, IndexError, OverflowError) as err:
-        raise RejectedReply(f"malformed reply ({type(err).__name__}: {err})") from None
-
-
-def _unpack_reply(
-    content: RecordDict,
-    chosen: set[int],
-    n_users: int,
-    n_items: int,
-    shared_shapes: dict[str, tuple[int, ...]],
-    similarity: bool,
-    rank_limits: dict[str, int],
-    max_bytes: int,
-) -> Reply:
-    """`unpack_reply`'s checks, in the order a reply is read."""
+    """Decode and check a node's answer; raise `RejectedReply` naming the first problem found (whatever a node sends,
+    the server gets a Reply or a RejectedReply)."""
     try:
         up, ev, train = content["upload"], content["eval"], content["train"]
     except KeyError as err:

@@ -232,7 +232,7 @@ def serve(grid: Grid, cfg: DictConfig, run_dir: Path) -> dict:
             payload = record_round(run_dir, cfg, facts, history, loggers)
             if payload["finished"]:
                 break
-        finish_loggers(loggers, {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]})
+        finish_loggers(loggers, payload)
     return payload
 
 

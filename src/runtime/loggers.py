@@ -92,11 +92,17 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     return [instantiate(spec, save_dir=str(run_dir)) for spec in cfg.logger.values() if "_target_" in spec]
 
 
-def finish_loggers(loggers: list[Logger], summary: dict | None) -> None:
-    """Write best-round metrics as W&B summary and close every W&B run so multirun jobs stay separate.
+def finish_loggers(loggers: list[Logger], payload: dict | None) -> None:
+    """Write the best round and its metrics (results.json `payload`) as W&B summary and close every W&B run so
+    multirun jobs stay separate.
 
-    `summary=None`: the run failed; its W&B run is closed with a non-zero exit code.
+    `payload=None`: the run failed; its W&B run is closed with a non-zero exit code.
     """
+    summary = (
+        None
+        if payload is None
+        else {"best_round": payload["best_round"], **payload["best_val"], **payload["test_at_best"]}
+    )
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             if summary is None and logger._experiment is None:
