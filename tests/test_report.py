@@ -266,6 +266,36 @@ def test_paper_table_leaves_out_the_sensitivity_sweeps(tmp_path):
     assert row["seeds"] == 1 and row["test/hit@10"] == pytest.approx(40)
 
 
+def test_paper_table_keeps_a_sweep_run_that_is_a_cells_computation(tmp_path):
+    """The campaign runs a computation once, under whichever experiment plans it first: a sweep's default point
+    stored before the table's cell is that cell's run (a table cell had stayed `missing`); an off-default point of
+    the same sweep is still left out."""
+    from omegaconf import OmegaConf
+
+    from src.cli.config import load_config
+
+    overrides = ["dataset=ml-100k", "ablation=full", "protocol=paper", "optim=sgd", "seed=1"]
+    default = OmegaConf.to_container(load_config([*overrides, "experiment=sweep_alpha"]), resolve=True)
+    off = OmegaConf.to_container(
+        load_config([*overrides, "experiment=sweep_alpha", "ablation.alpha=0.05"]), resolve=True
+    )
+    assert default["ablation"]["alpha"] != 0.05 and default["experiment_name"] == "sweep_alpha"
+    for name, config, hit in (("default", default, 0.4), ("off", off, 0.9)):
+        fake_run(
+            tmp_path / name,
+            config=config,
+            dataset="ml-100k",
+            ablation="full",
+            protocol="paper",
+            seed=1,
+            test_at_best={"test/hit@10": hit, "test/ndcg@10": 0.3},
+        )
+    with pytest.warns(UserWarning, match=r"left out 1 run\(s\) of sensitivity sweeps.*not a table cell's computation"):
+        table = main([str(tmp_path), "--table", "table2"])
+    (row,) = [r for r in table if (r["dataset"], r["method"], r["protocol"]) == ("ml-100k", "full", "paper")]
+    assert row["seeds"] == 1 and row["test/hit@10"] == pytest.approx(40) and row["runs"] == str(tmp_path / "default")
+
+
 def test_engine_names_what_trains_the_method():
     """The engine is the label the method's yaml resolves to (`ablation.engine`), '-' on a record without one."""
     from omegaconf import OmegaConf

@@ -21,9 +21,13 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
 from src.analysis import bench_tables, privacy_tables, record_tables
 from src.analysis.record_tables import per_client_round
 from src.analysis.runs import cell, claim_figure, config_value, load_runs, mean_std, planned_rounds, read_run, truncate
+from src.cli.jobs import compose_runs
 from src.config.identity import NOT_IDENTITY, identity, neutral_values, normalised, only_where
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.published import published, published_tables
@@ -38,8 +42,8 @@ def collect(
 ) -> dict[tuple[str, ...], list[dict]]:
     """Finished results.json files under `folders`, grouped by (dataset, ablation, protocol[, variant]);
     with `rounds`, each run is cut to its first `rounds` rounds (`truncate`); with `planned`, only runs
-    configured for that many rounds (`fl.rounds`) and not of a sensitivity sweep are kept, the others counted in a
-    warning."""
+    configured for that many rounds (`fl.rounds`) and not of a sensitivity sweep, traffic count or search (unless a
+    table cell's computation, `table_cells`) are kept, the others counted in a warning."""
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     usable = []
     payloads = load_runs(folders)
@@ -54,12 +58,15 @@ def collect(
             )
         payloads = [p for p, n in zip(payloads, lengths) if n == planned]
         # a paper table shows the paper's settings: the sensitivity sweeps' runs (`experiment_name: sweep_*`) have
-        # their own figures (`src.plots sensitivity`); their default points are the tables' own runs
+        # their own figures (`src.plots sensitivity`); a sweep's default point is a table cell's computation, which
+        # the campaign does not run twice (whichever experiment stored it first), so such a run stays in
         sweeps = [p for p in payloads if str(p["config"].get("experiment_name", "")).startswith(SWEEPS)]
+        cells = table_cells(sweeps)
+        sweeps = [p for p, is_cell in zip(sweeps, cells) if not is_cell]
         if sweeps:
             warnings.warn(
                 f"left out {len(sweeps)} run(s) of sensitivity sweeps, traffic counts and searches (experiment "
-                f"{', '.join(s + '*' for s in SWEEPS)})",
+                f"{', '.join(s + '*' for s in SWEEPS)}) that are not a table cell's computation",
                 stacklevel=2,
             )
         payloads = [p for p in payloads if p not in sweeps]
@@ -77,6 +84,26 @@ def collect(
             key += (" ".join(f"{k}={config_value(payload['config'], k)}" for k in by),)
         groups[key].append(payload)
     return {k: v for key, runs in groups.items() for k, v in split_differing(key, runs).items()}
+
+
+def table_cells(runs: list[dict]) -> list[bool]:
+    """Whether each run is the computation a paper table runs for its cell: its config composed anew from the
+    cell's choices alone (`dataset=`, `ablation=`, `protocol=`, `optim=`, `seed=`, as `experiment=table1|table2` run
+    them) has the run's identity. Runs of a method or dataset that no longer composes are not."""
+    by_choices: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for i, r in enumerate(runs):
+        choices = ("dataset", r["dataset"]), ("ablation", r["ablation"]), ("protocol", r["protocol"])
+        choices += (("optim", config_value(r["config"], "optim.name")),)
+        by_choices[tuple(f"{k}={v}" for k, v in choices)].append(i)
+    out = [False] * len(runs)
+    for choices, members in by_choices.items():
+        try:  # one composition per set of choices, the seeds applied to it
+            composed = compose_runs([[*choices, f"seed={runs[i]['seed']}"] for i in members])
+        except (UserError, HydraException):  # a choice with no yaml today (or none recorded): no table's cell
+            continue
+        for i, cfg in zip(members, composed):
+            out[i] = identity(OmegaConf.to_container(cfg, resolve=True)) == identity(runs[i]["config"])
+    return out
 
 
 # experiments whose runs are not the paper tables' cells: the sensitivity sweeps, the traffic counts (the same
