@@ -19,6 +19,7 @@ import json
 import re
 import warnings
 from collections import defaultdict
+from functools import cache
 from pathlib import Path
 
 from hydra.errors import HydraException
@@ -97,13 +98,21 @@ def table_cells(runs: list[dict]) -> list[bool]:
         by_choices[tuple(f"{k}={v}" for k, v in choices)].append(i)
     out = [False] * len(runs)
     for choices, members in by_choices.items():
-        try:  # one composition per set of choices, the seeds applied to it
-            composed = compose_runs([[*choices, f"seed={runs[i]['seed']}"] for i in members])
-        except (UserError, HydraException):  # a choice with no yaml today (or none recorded): no table's cell
-            continue
-        for i, cfg in zip(members, composed):
-            out[i] = identity(OmegaConf.to_container(cfg, resolve=True)) == identity(runs[i]["config"])
+        cells = cell_identities(choices, tuple(sorted({int(runs[i]["seed"]) for i in members})))
+        for i in members:
+            out[i] = cells.get(int(runs[i]["seed"])) == identity(runs[i]["config"])
     return out
+
+
+@cache
+def cell_identities(choices: tuple[str, ...], seeds: tuple[int, ...]) -> dict[int, str]:
+    """seed -> identity of the table cell `choices` at that seed, composed once per set of choices (a page's tables
+    ask for the same cells again); empty when a choice has no yaml today (or none was recorded)."""
+    try:
+        composed = compose_runs([[*choices, f"seed={seed}"] for seed in seeds])
+    except (UserError, HydraException):
+        return {}
+    return {seed: identity(OmegaConf.to_container(cfg, resolve=True)) for seed, cfg in zip(seeds, composed)}
 
 
 # experiments whose runs are not the paper tables' cells: the sensitivity sweeps, the traffic counts (the same
