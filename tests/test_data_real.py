@@ -173,6 +173,8 @@ def test_lastfm_split_matches_independent_computation(real_build):
     assert same.any()
     u = int(np.flatnonzero(same)[0])
     assert data.test_items[u] in data.train_items[data.train_ptr[u] : data.train_ptr[u + 1]]
+    # how many users (docs/data.md): the validation item is the test item for over half of them
+    assert data.summary()["held_out_overlap"] == {"val_is_test": 832, "test_in_train": 816, "val_in_train": 994}
 
 
 def read_ml1m_reference() -> tuple[dict, dict, dict, dict]:

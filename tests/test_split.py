@@ -121,6 +121,39 @@ def test_lastfm_repeated_pairs_without_dedupe_test_can_equal_val_and_train(tmp_p
     assert 52 in train and train == [52, 60]
 
 
+def test_the_summary_counts_users_whose_held_out_items_are_not_new_to_them():
+    """`held_out_overlap` against a per-user count with sets, on a split whose training positives repeat items and
+    may hold the held-out ones (Lastfm-2k under the paper protocol: 832, 816 and 994 of 1,600 users)."""
+    from src.data.dataset import FedData
+
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 6, size=40)
+    train = [rng.integers(0, 8, size=n) for n in sizes]
+    val, test = rng.integers(0, 8, size=40), rng.integers(0, 8, size=40)
+    data = FedData(
+        name="hand",
+        protocol="paper",
+        seed=0,
+        n_users=40,
+        n_items=8,
+        train_ptr=np.concatenate([[0], np.cumsum(sizes)]),
+        train_items=np.concatenate(train),
+        val_items=val,
+        test_items=test,
+        val_negatives=np.zeros((40, 1), dtype=int),
+        test_negatives=np.zeros((40, 1), dtype=int),
+        folder="",
+        exact=True,
+    )
+    expected = {
+        "val_is_test": sum(int(v == t) for v, t in zip(val, test)),
+        "test_in_train": sum(int(t in set(items)) for t, items in zip(test, train)),
+        "val_in_train": sum(int(v in set(items)) for v, items in zip(val, train)),
+    }
+    assert data.summary()["held_out_overlap"] == expected
+    assert 0 < min(expected.values()) and max(expected.values()) < 40
+
+
 def test_lastfm_time_is_the_date_ties_by_row(tmp_path: Path):
     folder = tmp_path / "lastfm-2k"
     # Dates out of file order; year outranks month outranks day. Two rows on the latest day.
