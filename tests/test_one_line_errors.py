@@ -105,6 +105,11 @@ CASES = [
     ("src.report", ["results/runs", "--rounds", "0"], "--rounds 0 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=table1", "--jobs", "0"], "--jobs 0 is invalid; expected an integer >= 1"),
     ("src.campaign", ["experiment=nope", "--dry-run"], "no config 'experiment/nope' in conf/; expected one of"),
+    (
+        "src.campaign",
+        ["experiment=campaign_smoke", "data.max_users=5", "--dry-run"],
+        "data.max_users=5 data.verify=True is not stored with the reported runs; expected data.max_users=null",
+    ),
     ("src.report", ["results/runs", "--out", "README.md"], "--out README.md is a file; expected a folder"),
     ("src.data", ["dataset=nope"], "no config 'dataset/nope'"),
     ("src.audit", ["fl.rounds=0"], "fl.rounds=0 is invalid; expected an integer >= 1"),

@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 
 from src.cli.config import CONF_DIR, simulator_checks, validate_device
 from src.cli.jobs import check_job, compose_config, compose_runs, grid_jobs
-from src.cli.store import REPO, RUNS, git_commit, store, stored_runs, variant_name
+from src.cli.store import REPO, RUNS, git_commit, refuse_unreportable, store, stored_runs, variant_name
 from src.config.identity import identity
 from src.methods.base import method_class
 from src.runtime.cache import default_cache_dir
@@ -84,6 +84,7 @@ def expand(experiment: str, cli: list[str]) -> list[Run]:
     for overrides, cfg in zip(every, compose_runs(every)):
         check_job(cfg, simulator_checks)  # what `src.run` refuses before any job starts
         config = OmegaConf.to_container(cfg, resolve=True)
+        refuse_unreportable(config, " ".join(overrides))
         runs.append(Run(experiment, overrides, config, identity(config), variant_name(overrides)))
     return runs
 

@@ -31,6 +31,17 @@ RUNS = REPO / "results" / "runs"
 AXES = ("dataset", "ablation", "protocol", "seed")
 
 
+def refuse_unreportable(config: dict[str, Any], where: str) -> None:
+    """A run on a cut dataset (`data.max_users`: smoke tests, Flower parity) or on files that failed their digests
+    (`data.verify=false`) is never a reported number: the store and the campaign refuse it (`where` names the run)."""
+    data = config.get("data") or {}
+    if data.get("max_users") is not None or data.get("verify") is False:
+        raise UserError(
+            f"{where}: data.max_users={data.get('max_users')} data.verify={data.get('verify')} is not stored with the "
+            "reported runs; expected data.max_users=null and data.verify=true"
+        )
+
+
 def variant_name(overrides: list[str]) -> str:
     """The overrides beyond the grid axes and the experiment, as a folder name ('default' when none)."""
     extra = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*AXES, "experiment"))
@@ -114,6 +125,7 @@ def store(
     if payload.get("best_round") is None:
         raise UserError(f"{run_dir}/results.json: no round was scored, nothing stored; expected a run with test scores")
     config = payload["config"]
+    refuse_unreportable(config, str(run_dir))
     key = identity(config)
     dest = destination(root, experiment, config, variant or variant_name(overrides))
     if (held := stored_key(dest)) is not None and held != key:  # the folder's name, another computation's record
