@@ -6,8 +6,9 @@ The code: `src/analysis/audit.py`.
 import sys
 
 from src.analysis.audit import main
-from src.runtime.errors import reported
+from src.runtime.errors import overrides_help, reported
 
 if __name__ == "__main__":
+    overrides_help(__doc__, sys.argv[1:])
     with reported():
         main(sys.argv[1:])

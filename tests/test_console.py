@@ -3,6 +3,7 @@ else is, and the run ends with the best round beside what its numbers mean."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from src.runtime.loggers import quiet_fit, quiet_lightning
@@ -91,3 +93,22 @@ def test_a_run_prints_no_banners_and_ends_with_what_its_numbers_mean(tmp_path, c
         assert banner not in text, banner
     assert "best round" in text and "val/hit@10" in text
     assert "at random (1 of 100 candidates)" in text and "full ranking" in text
+
+
+@pytest.mark.parametrize(
+    "module, documented",
+    [
+        ("src.audit", "src.audit"),
+        ("src.data", "src.data.__main__"),
+        ("src.campaign", "src.cli.campaign"),
+    ],
+)
+def test_every_command_answers_help_with_its_whole_usage(module, documented):
+    """`--help` prints the command's docstring and exits 0 (the override commands had parsed it as an override;
+    argparse ones had shown only its first line, cut mid-sentence)."""
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    doc = importlib.import_module(documented).__doc__
+    assert doc.strip().splitlines()[-1].strip() in out.stdout

@@ -13,6 +13,7 @@ Markdown; with `--out`, also written as `<name>.md` and `<name>.csv` (atomically
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -714,7 +715,9 @@ def results_page_text(root: Path, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = OneLineParser(prog="python -m src.report", description=__doc__.split("\n")[0])
+    parser = OneLineParser(
+        prog="python -m src.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="also write <name>.md and <name>.csv here")
     parser.add_argument(

@@ -425,7 +425,9 @@ def through_launcher(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m src.campaign", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(
+        prog="python -m src.campaign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "args",
         nargs="*",
@@ -438,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run with compute.compile=true (CPU runs repay its seconds of compiling; README, Benchmark)",
+        help="run with compute.compile=true (CPU runs repay its seconds of compiling; docs/performance.md)",
     )
     parser.add_argument("--device", default=None, help="device= of every run; cuda also sizes cohorts from free memory")
     parser.add_argument("--work", type=Path, default=None, help="work folders (checkpoints), outside the repository")

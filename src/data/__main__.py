@@ -7,7 +7,7 @@ import sys
 
 from src.cli.config import load_config
 from src.data.dataset import build
-from src.runtime.errors import reported
+from src.runtime.errors import overrides_help, reported
 
 
 def main(argv: list[str]) -> None:
@@ -25,5 +25,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    overrides_help(__doc__, sys.argv[1:])
     with reported():
         main(sys.argv[1:])

@@ -134,7 +134,9 @@ def measure(overrides: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m src.perf.secagg_cost", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m src.perf.secagg_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--out", default=None, help="the JSON report (default results/secagg/<dataset>_<ablation>.json)"
     )

@@ -67,6 +67,14 @@ def reported(prefix: str = "") -> Iterator[None]:
         fail(prefix + describe(err))
 
 
+def overrides_help(doc: str, argv: list[str]) -> None:
+    """A command that takes Hydra overrides answers `-h` / `--help` with its docstring (exit 0), not with a parse
+    error naming `--help` as an override."""
+    if "-h" in argv or "--help" in argv:
+        print(doc.strip())
+        raise SystemExit(0)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (`error: ...; see --help`), exit 2, like every other error."""
 
