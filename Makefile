@@ -67,7 +67,7 @@ reproduce: install ## Run every missing run of Table 1, Table 2 and the sweeps i
 	  $(BIN)/python -m src.plots sensitivity results/runs/sweep_$$p --param ablation.$$p --out results/sensitivity || exit 1; done
 	$(BIN)/python -m src.plots curves results/runs/table1 results/runs/table2 --out results/curves
 
-reproduce-small: install ## A one-hour CPU version: baselines and AlignFedRec ablations on ML-100K/FilmTrust, 1 seed
+reproduce-small: install ## A one-hour CPU version: baselines on ML-100K and FilmTrust, AlignFedRec ablations on ML-100K, 1 seed
 	$(BIN)/python -m src.campaign experiment=small_baselines $(ARGS)
 	$(BIN)/python -m src.campaign experiment=small_alignfedrec $(ARGS)
 	$(BIN)/python -m src.report results/runs --update docs/reproducing.md

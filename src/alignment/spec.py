@@ -3,7 +3,7 @@
 `compute=reference` trains with these functions. The other backends compute the same values and gradients faster:
 `compute=fused` (the closed-form torch kernel `fast_grad.py`, the blocked algebra of `losses.py`) and
 `compute=native` (the same in C, `native_align.py`); each is tested against this module (tests/test_spec.py). To
-change a loss, change it here and run with `compute=reference` (README, "Change the ICA loss").
+change a loss, change it here and run with `compute=reference` (docs/methods.md, "Change the ICA loss").
 
 Shapes: C clients, m items, d dimensions, K anchor rows per client. `e` is the normalised item table
 (`similarity.normalised`: rows centred, then of unit length), so s_jk = e_j . e_k is the cosine of items j and k.

@@ -3,7 +3,7 @@
 Starts a SuperLink (TLS, SuperNode authentication on) and N SuperNodes as separate processes
 on 127.0.0.1, registers the nodes' public keys, submits the app with `flwr run`, waits for the
 ServerApp's results.json and stops every process. Certificates and node keys come from
-`make certs` (deploy/certificates.sh). Across machines the same commands run on each host (README).
+`make certs` (deploy/certificates.sh). Across machines the same commands run on each host (docs/flower.md).
 """
 
 from __future__ import annotations

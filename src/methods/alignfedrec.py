@@ -42,7 +42,7 @@ class AlignFedRec(Method):
     community: str
     resolution: float
     eps_round: float | None
-    # this project's variants (not the paper's; README "Server-graph variants"): the community graph's
+    # this project's variants (not the paper's; docs/findings.md "Server-graph variants"): the community graph's
     # own threshold or k nearest neighbours, and S_g averaged over the uploads that hold each pair
     graph_sigma: float | None = None
     graph_knn: int | None = None
@@ -200,7 +200,7 @@ def build(cfg: DictConfig, device: torch.device) -> AlignFedRec:
     """AlignFedRec with the run's keys, model, encoding and privacy values (blocks sized for `device`)."""
     a, m = cfg.ablation, cfg.model
     p = cfg.privacy
-    # compiled kernels are measured on the CPU only; on another device they stay eager (README, Benchmark)
+    # compiled kernels are measured on the CPU only; on another device they stay eager (docs/performance.md)
     compiled = bool(OmegaConf.select(cfg, "compute.compile", default=False)) and device.type == "cpu"
     kernel = str(cfg.compute.kernel)  # native | fused | reference (conf/compute/)
     use_native = kernel == "native" and native_kernels(device)
