@@ -337,6 +337,22 @@ def test_a_resume_records_the_speed_keys_it_changed_per_round_span(compose_cfg, 
     assert json.loads((run_dir / "results.json").read_text())["resumes"] == again["resumes"]
 
 
+def test_a_resume_may_change_the_device_and_the_cohort_size_and_ends_as_an_uninterrupted_run(compose_cfg, tmp_path):
+    """Where and in what cohorts the rounds compute is not the run's identity, so a resume may change it (a run cut
+    under `device=cpu` or a GPU's `fl.chunk_size=auto` had been refused for good): the resume says so in
+    `resumes`, and the run ends where an uninterrupted run in the new cohorts ends, within float rounding."""
+    run_dir = tmp_path / "run"
+    train(compose_cfg(SYNTH + ["fl.rounds=2", "fl.chunk_size=7", "device=cpu"]), run_dir, progress=False)
+    resumed = train(compose_cfg(SYNTH + ["fl.rounds=4", "fl.chunk_size=16", "resume=true"]), run_dir, progress=False)
+    assert resumed["resumes"] == [
+        {"after_round": 2, "changed": {"device": ["cpu", "auto"], "fl.chunk_size": [7, 16], "fl.rounds": [2, 4]}}
+    ]
+    whole = train(compose_cfg(SYNTH + ["fl.rounds=4", "fl.chunk_size=16"]), tmp_path / "whole", progress=False)
+    for got, want in zip(resumed["history"], whole["history"], strict=True):
+        for key in ("val/hit@10", "test/hit@10", "test/ndcg@10", "loss/bce"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["round"], key)
+
+
 def test_a_run_records_the_commit_each_of_its_processes_ran_and_is_stored_with_them(compose_cfg, tmp_path, monkeypatch):
     """The commit is read by the run as each process starts, not by whoever stores it later (the code may have moved
     on meanwhile); a resume at another commit adds its own from the round it went on with."""

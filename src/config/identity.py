@@ -106,11 +106,16 @@ SPEED_KEYS = (
     "optim.touched_rows",
     "compute.keep_heap",
 )
+# Keys that say on which device and in what cohorts the rounds compute: another float rounding, as another kernel
+# gives (a chunk trains its clients as they would train alone). A checkpoint keeps its tensors on the host (Lightning
+# loads them to the CPU), so a run cut on a GPU can go on on the CPU (not yet tried on a GPU), and one started with
+# `device=cpu` goes on under `device=auto`.
+DEVICE_KEYS = ("device", "fl.chunk_size", "fl.memory_fraction")
 # Keys that change no result but a resume may not change: the graph diagnostics count edges against round 1's
 # graph, which a run started without them never kept
 KEPT_ON_RESUME = ("diag.graph",)
 # Keys a resume may change: the above, and how long to go on.
-RESUMABLE_KEYS = (*WHERE_KEYS, *SPEED_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
+RESUMABLE_KEYS = (*WHERE_KEYS, *SPEED_KEYS, *DEVICE_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
 
 
 # Keys fixed by others, so runs made before they existed match: each ablation name has one method module, and the
@@ -167,15 +172,16 @@ def resume_mismatch(saved: dict, current: dict) -> list[str]:
 
 def resume_changes(saved: dict, current: dict) -> dict[str, list]:
     """{key: [before, now]} for the keys a resume may change that change what or how the rounds compute (speed
-    keys, length, checkpoints, patience; not where the run writes): results.json records them per resume."""
+    and device keys, length, checkpoints, patience; not where the run writes): results.json records them per
+    resume."""
     a, b = normalised(saved), normalised(current)
-    keys = (*SPEED_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
+    keys = (*SPEED_KEYS, *DEVICE_KEYS, "fl.rounds", "fl.checkpoint_every", "eval.patience")
     return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if k in keys and a.get(k) != b.get(k)}
 
 
 # Keys that cannot change a run's results: where it reads and writes, how fast it computes, how its clients are
 # chunked (a chunk trains its clients as they would train alone) and on which device.
-NOT_IDENTITY = (*WHERE_KEYS, *SPEED_KEYS, "fl.checkpoint_every", "fl.chunk_size", "fl.memory_fraction", "device")
+NOT_IDENTITY = (*WHERE_KEYS, *SPEED_KEYS, *DEVICE_KEYS, "fl.checkpoint_every")
 
 
 def identity(config: dict[str, Any]) -> str:
