@@ -188,3 +188,38 @@ def test_the_evaluator_ranks_a_hand_built_split():
     }
     metrics = evaluator.metrics(ranks)
     assert metrics["test/hit@1"] == 0.5 and metrics["test_full/ndcg@2"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("ablation", ["backbone", "local"])
+def test_a_runs_logged_metrics_are_each_clients_own_scores(compose_cfg, ablation):
+    """The metrics a round logs, recomputed from every client's parameters after the round with a numpy forward
+    pass and rank loops (ties against the held-out item), in cohorts smaller than the user count: a scorer that
+    mixed clients up (another user's table, a rolled chunk) or candidate lists would differ."""
+    from src.data.dataset import load
+    from src.rounds.simulator import FederatedModule
+
+    cfg = compose_cfg(["dataset=synthetic", f"ablation={ablation}", "optim=sgd", "protocol=clean", "fl.chunk_size=7"])
+    data = load(cfg)
+    module = FederatedModule(cfg, data)
+    module.run_round()
+    stats = module.run_round()
+    p = {k: v.double().numpy() for k, v in module.state.items()}
+    assert set(p) == {"items", "w0", "b0"}  # PFedRec's linear score on the item embedding
+    train = data.train_matrix()
+    want: dict[str, list[float]] = {k: [] for k in ("val/hit@10", "val/ndcg@10", "test/hit@10", "test/ndcg@10")}
+    want |= {"test_full/hit@10": [], "test_full/ndcg@10": []}
+    for u in range(data.n_users):
+        logits = [float(p["items"][u, j] @ p["w0"][u, :, 0] + p["b0"][u, 0]) for j in range(data.n_items)]
+        cases = {
+            "val": brute_sampled_rank(logits[data.val_items[u]], [logits[j] for j in data.val_negatives[u]]),
+            "test": brute_sampled_rank(logits[data.test_items[u]], [logits[j] for j in data.test_negatives[u]]),
+        }
+        exclude = [bool(train[u, j]) or j == data.val_items[u] for j in range(data.n_items)]
+        cases["test_full"] = brute_full_rank(logits, int(data.test_items[u]), exclude)
+        for split, rank in cases.items():
+            want[f"{split}/hit@10"].append(float(rank <= 10))
+            want[f"{split}/ndcg@10"].append(1 / math.log2(rank + 1) if rank <= 10 else 0.0)
+    assert data.n_users > 2 * 7
+    for key, values in want.items():
+        assert stats[key] == pytest.approx(sum(values) / len(values), abs=1e-9), key
+    assert 0 < stats["test/hit@10"] < 1
