@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.data.raw import read_filmtrust, read_lastfm
+from src.data.raw import read_filmtrust, read_lastfm, read_ml1m_original
 from src.data.split import dedupe_pairs, leave_one_out
 
 
@@ -81,6 +81,28 @@ def test_filmtrust_time_is_row_order_last_row_is_test(tmp_path: Path):
     result = split_by_original_ids(raw.frame)
     assert result[1] == (40, 30, [10, 20])
     assert result[2] == (70, 60, [50])
+
+
+def test_ml1m_ratings_dat_time_is_the_timestamp_ties_by_row(tmp_path: Path):
+    """The original ML-1M file (`make data` downloads it; the shared data holds only the partial files): `::`
+    separated, latin-1, the timestamp is the time, and among equal times the earlier row counts as more recent."""
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    lines = [
+        "1::1193::5::978300760",
+        "2::3068::4::978299000",
+        "1::661::3::978302109",  # user 1's latest time, tied with the next row: this one is the test item
+        "1::914::3::978302109",  # then this one the validation item
+        "2::1537::4::978299620",
+        "1::3408::4::978300275",
+        "2::647::3::978299351",
+    ]
+    (folder / "ratings.dat").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    raw = read_ml1m_original(folder)
+    assert len(raw.frame) == 7
+    result = split_by_original_ids(raw.frame)
+    assert result[1] == (661, 914, [1193, 3408])
+    assert result[2] == (1537, 647, [3068])
 
 
 def test_filmtrust_lineage_quirk_drops_first_raw_row(tmp_path: Path):
