@@ -187,3 +187,26 @@ def test_nearest_mask_is_the_head_of_a_stable_descending_sort(k):
     for row, kept in zip(scores, got):
         head = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
         assert set(np.nonzero(kept)[0]) == set(head)
+
+
+def test_a_rounds_community_statistics_count_the_labels_by_hand():
+    """`communities`' round statistics against counts over the labels by loops: planted blocks of 15 and 5 items
+    with no edge (5 singletons), and the ARI against an earlier partition by pair counting."""
+    from src.server.global_similarity import communities
+
+    blocks, _ = planted_blocks(4, 15, seed=0)
+    sim = np.zeros((65, 65))
+    sim[:60, :60] = blocks
+    previous = np.random.default_rng(1).integers(0, 3, 65)
+    comms, stats = communities(torch.from_numpy(sim).float(), 0.5, "igraph", 1.0, 0, torch.from_numpy(previous))
+    sizes: dict[int, int] = {}
+    for label in comms.labels.tolist():
+        sizes[label] = sizes.get(label, 0) + 1
+    assert stats["community/count"] == len(sizes) >= 4 + 5
+    assert stats["community/largest"] == max(sizes.values()) >= 15
+    assert stats["community/singletons"] == sum(1 for n in sizes.values() if n == 1) >= 5
+    assert stats["community/non_singleton"] == sum(1 for n in sizes.values() if n > 1) >= 4
+    assert stats["community/ari_prev"] == pytest.approx(brute_ari(previous, comms.labels), abs=1e-12)
+    adj = np_adjacency(sim, 0.5)
+    assert stats["community/modularity"] == pytest.approx(np_modularity(adj, comms.labels), abs=1e-9)
+    assert stats["community/edges"] == int((adj > 0).sum()) // 2
