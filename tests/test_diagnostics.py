@@ -169,11 +169,6 @@ def test_fed_itemknn_diagnostics_count_the_pairs_it_broadcasts(compose_cfg):
     x = module.data.train_matrix().astype(float)
     iu = np.triu_indices(x.shape[1], 1)
 
-    def average_ranks_np(v: np.ndarray) -> np.ndarray:
-        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
-        first = np.cumsum(counts) - counts + 1
-        return (first + (counts - 1) / 2)[inverse]
-
     share = (x.T @ x / x.shape[0])[iu]
-    want = np.corrcoef(average_ranks_np(module.server_sim.double().numpy()[iu]), average_ranks_np(share))[0, 1]
+    want = np.corrcoef(brute_ranks(module.server_sim.double().numpy()[iu]), brute_ranks(share))[0, 1]
     assert stats["diag/spearman_cooccurrence"] == pytest.approx(want, abs=1e-9)
