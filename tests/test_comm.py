@@ -225,3 +225,27 @@ def test_tables_as_changed_rows_count_what_differs(compose_cfg):
         assert row["comm/upload_bytes_total"] == pytest.approx(sum(up))
         assert row["comm/download_bytes_total"] == pytest.approx(sum(down))
         assert row["comm/upload_bytes_mean"] < 4 * m * d
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_the_download_is_the_broadcast_encoded_by_hand(compose_cfg, delta):
+    """Each round's download per client, from the broadcast the server sends at the round's end: S_g's strict upper
+    triangle as 8-bit COO (a 9-byte header, 2-byte positions for m(m-1)/2 between 2^8 and 2^16 pairs, one byte a
+    value, lo and hi as two fp32) and one byte a community label after a 4-byte count; over the round's clients."""
+    from src.data.dataset import load
+    from src.rounds.simulator import FederatedModule
+
+    extra = ["comm.bits=8", "comm.format=coo", f"comm.delta={str(delta).lower()}", "fl.client_fraction=0.5"]
+    cfg = compose_cfg(["dataset=synthetic", "ablation=full", *extra])
+    module = FederatedModule(cfg, load(cfg))
+    m = module.data.n_items
+    assert 2**8 < m * (m - 1) // 2 <= 2**16
+    for _ in range(2):
+        stats = module.run_round()
+        sent = module.broadcast.global_sim.double().numpy()
+        n = sum(1 for j in range(m) for k in range(j + 1, m) if sent[j, k] != 0)
+        labels = len(set(module.broadcast.labels.tolist()))
+        assert labels < 256
+        per_client = 9 + 2 * n + n + 8 + (4 + m)
+        assert stats["comm/download_bytes_mean"] == per_client
+        assert stats["comm/download_bytes_total"] == per_client * stats["clients"]
