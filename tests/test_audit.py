@@ -27,6 +27,28 @@ def test_auc_is_the_pairwise_probability_with_half_ties():
     assert auc(np.arange(10.0), np.arange(10) >= 5) == 1.0
 
 
+def test_the_membership_scores_are_each_items_row_of_the_decoded_upload():
+    """Row sum, row degree (nonzeros) and L1 distance from the server's S_g of each item's row, by loops, on a
+    decoded upload and an S_g whose threshold cuts differ."""
+    from src.analysis.audit import membership_scores
+
+    rng = np.random.default_rng(4)
+    m = 12
+    upload = np.triu(np.where(rng.random((m, m)) < 0.4, rng.uniform(0.5, 1.0, (m, m)), 0.0), 1)
+    upload = upload + upload.T
+    global_sim = np.triu(np.where(rng.random((m, m)) < 0.5, rng.uniform(0.5, 1.0, (m, m)), 0.0), 1)
+    global_sim = global_sim + global_sim.T
+    scores = membership_scores(torch.from_numpy(upload).float(), torch.from_numpy(global_sim).float())
+    for j in range(m):
+        row = [float(np.float32(upload[j, k])) for k in range(m)]
+        g = [float(np.float32(global_sim[j, k])) for k in range(m)]
+        assert scores["row_sum"][j] == pytest.approx(sum(row), abs=1e-9)
+        assert scores["row_degree"][j] == sum(1 for v in row if v != 0)
+        assert scores["distance_from_global"][j] == pytest.approx(sum(abs(a - b) for a, b in zip(row, g)), abs=1e-9)
+    assert set(scores) == {"row_sum", "row_degree", "distance_from_global"}
+    assert set(membership_scores(torch.from_numpy(upload), None)) == {"row_sum", "row_degree"}
+
+
 def test_recovery_is_exact_from_the_full_matrix_and_worse_from_a_thresholded_noisy_one():
     gen = torch.Generator().manual_seed(0)
     table = torch.randn(60, 4, generator=gen, dtype=torch.float64)
