@@ -163,6 +163,7 @@ def test_noise_changes_the_upload_and_the_seed_fixes_it():
         ("full", ["comm.bits=8", "comm.format=coo", "comm.delta=true"]),
         ("knn_ica", ["ablation.aggregate=support_mean", "comm.bits=8", "comm.format=coo", "comm.delta=true"]),
         ("backbone", []),
+        ("fedavg", []),
     ],
 )
 def test_a_run_reports_its_traffic(compose_cfg, tmp_path, ablation, extra):
@@ -185,6 +186,8 @@ def test_a_run_reports_its_traffic(compose_cfg, tmp_path, ablation, extra):
     assert totals["upload_bytes_total"] == sum(r["comm/upload_bytes_total"] for r in payload["history"])
     if ablation == "backbone":
         assert last["comm/upload_bytes_mean"] == embedding_bytes(m, d) and totals["upload_vs_embedding"] == 1.0
+    elif ablation == "fedavg":  # the item table and the score layer (d weights and a bias), fp32, each way
+        assert last["comm/upload_bytes_mean"] == last["comm/download_bytes_mean"] == 4 * (m * d + d + 1)
     else:
         first = payload["history"][0]
         # round 1 has no previous upload: whole uploads of n = nnz/2 upper-triangle entries, by hand for the split's
