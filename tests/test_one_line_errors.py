@@ -108,7 +108,7 @@ CASES = [
     (
         "src.campaign",
         ["experiment=campaign_smoke", "data.max_users=5", "--dry-run"],
-        "data.max_users=5 data.verify=True is not stored with the reported runs; expected data.max_users=null",
+        "data.max_users=5 cuts the dataset, which no stored run may; expected data.max_users=null",
     ),
     ("src.report", ["results/runs", "--out", "README.md"], "--out README.md is a file; expected a folder"),
     ("src.data", ["dataset=nope"], "no config 'dataset/nope'"),

@@ -18,7 +18,7 @@ from src.cli.store import stored_trial
 REPO = Path(__file__).resolve().parents[1]
 
 
-def search(tmp_path: Path, trials: int, name: str) -> subprocess.CompletedProcess:
+def search(tmp_path: Path, trials: int, name: str, *extra: str) -> subprocess.CompletedProcess:
     """`python -m src.run -m hparams_search=optuna` on the synthetic data, one round per trial."""
     cmd = [
         sys.executable,
@@ -32,6 +32,7 @@ def search(tmp_path: Path, trials: int, name: str) -> subprocess.CompletedProces
         f"hydra.sweeper.n_trials={trials}",
         f"search.store={tmp_path / 'runs'}",
         f"hydra.sweep.dir={tmp_path / name}",
+        *extra,
     ]
     env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -61,6 +62,15 @@ def test_a_search_cut_short_resumes_from_its_stored_trials(tmp_path):
     # the study the sweeper reports is the whole search's: its best value is the best stored record
     best = yaml.safe_load((tmp_path / "again" / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(after.values())
+
+
+def test_a_stored_search_refuses_a_cut_dataset_before_its_first_trial_trains(tmp_path):
+    """The store refuses a run on a cut dataset; a search that stores its trials says so before training one."""
+    out = search(tmp_path, 1, "cut", "data.max_users=5")
+    assert out.returncode != 0
+    assert "search.store: data.max_users=5 cuts the dataset, which no stored run may" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not list((tmp_path / "cut").rglob("results.json")) and not (tmp_path / "runs").exists()
 
 
 def test_a_stored_trial_is_found_by_its_computation(compose_cfg, tmp_path):

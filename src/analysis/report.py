@@ -116,8 +116,8 @@ def cell_identities(choices: tuple[str, ...], seeds: tuple[int, ...]) -> dict[in
     return {seed: identity(OmegaConf.to_container(cfg, resolve=True)) for seed, cfg in zip(seeds, composed)}
 
 
-# experiments whose runs are not the paper tables' cells: the sensitivity sweeps, the traffic counts (the same
-# computation as a table's run, counted another way) and the trials of hyperparameter searches
+# experiments whose runs are not the paper tables' cells (unless one is a cell's computation, `table_cells`): the
+# sensitivity sweeps, the traffic counts (a table's run counted another way) and the trials of hyperparameter searches
 SWEEPS = ("sweep_", "traffic", "search")
 # config keys that may differ between runs of one row: the seed, and the keys that cannot change results (where
 # things are read or written, speed, chunking, device: `NOT_IDENTITY`)

@@ -32,13 +32,19 @@ AXES = ("dataset", "ablation", "protocol", "seed")
 
 
 def refuse_unreportable(config: dict[str, Any], where: str) -> None:
-    """A run on a cut dataset (`data.max_users`: smoke tests, Flower parity) or on files that failed their digests
-    (`data.verify=false`) is never a reported number: the store and the campaign refuse it (`where` names the run)."""
+    """A run on a cut dataset (`data.max_users`: smoke tests, Flower parity) or on files not held to their digests
+    (`data.verify=false`) is never a reported number: the store, the campaign and a stored search refuse it (`where`
+    names the run)."""
     data = config.get("data") or {}
-    if data.get("max_users") is not None or data.get("verify") is False:
+    if data.get("max_users") is not None:
         raise UserError(
-            f"{where}: data.max_users={data.get('max_users')} data.verify={data.get('verify')} is not stored with the "
-            "reported runs; expected data.max_users=null and data.verify=true"
+            f"{where}: data.max_users={data['max_users']} cuts the dataset, which no stored run may; expected "
+            "data.max_users=null"
+        )
+    if data.get("verify") is False:
+        raise UserError(
+            f"{where}: data.verify=false reads files not held to their digests, which no stored run may; expected "
+            "data.verify=true"
         )
 
 

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from src.cli.config import simulator_checks, validate
-from src.cli.store import git_commit, store, stored_trial, trial_variant
+from src.cli.store import git_commit, refuse_unreportable, store, stored_trial, trial_variant
 from src.config.identity import resume_changes, resume_mismatch
 from src.data.dataset import FedData, load
 from src.rounds.simulator import FederatedModule
@@ -266,6 +266,8 @@ def hydra_job(cfg: DictConfig) -> float:
     store_root = None if cfg.search.store is None else Path(to_absolute_path(str(cfg.search.store)))
     if store_root is not None:
         validate(cfg)
+        with reported():  # a trial the store would refuse is refused before it trains, as the campaign does
+            refuse_unreportable(OmegaConf.to_container(cfg, resolve=True), "search.store")
         if (found := stored_trial(OmegaConf.to_container(cfg, resolve=True), store_root)) is not None:
             folder, payload = found
             log.info("this computation is stored (%s): its result is read, not run again", folder)

@@ -108,9 +108,9 @@ SPEED_KEYS = (
 )
 # Keys that say on which device and in what cohorts the rounds compute: another float rounding, as another kernel
 # gives (a chunk trains its clients as they would train alone). A checkpoint keeps its tensors on the host (Lightning
-# loads them to the CPU), so a run cut on a GPU can go on on the CPU (not yet tried on a GPU), and one started with
-# `device=cpu` goes on under `device=auto`.
-DEVICE_KEYS = ("device", "fl.chunk_size", "fl.memory_fraction")
+# loads them to the CPU), so a run cut on a GPU can go on on the CPU and one started with `device=cpu` under
+# `device=auto` (which is CUDA on a GPU machine); neither direction has yet been run on a GPU.
+DEVICE_KEYS = ("device", "fl.chunk_size", "fl.memory_fraction", "fl.max_auto_chunk")
 # Keys that change no result but a resume may not change: the graph diagnostics count edges against round 1's
 # graph, which a run started without them never kept
 KEPT_ON_RESUME = ("diag.graph",)

@@ -161,6 +161,7 @@ class FedData:
         owner = self.train_users
 
         def users_training_on(held: np.ndarray) -> int:
+            """Users with held[u] among their training positives (held: one item per user, [n])."""
             return int(np.unique(owner[self.train_items == held[owner]]).size)
 
         return {
