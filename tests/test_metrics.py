@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from hand_split import hand_split
 
 from src.evaluation.metrics import full_ranks, rank_metrics, sampled_ranks
 
@@ -151,24 +152,10 @@ def test_a_nan_score_on_either_side_counts_against_the_held_out_item():
 def test_the_evaluator_ranks_a_hand_built_split():
     """Two users, six items, fixed scores; ranks worked out by hand: sampled among each split's negatives, full
     among all items but the user's training items and the other split's held-out item (ties against the item)."""
-    from src.data.dataset import FedData
     from src.evaluation.evaluator import Evaluator
 
-    data = FedData(
-        name="hand",
-        protocol="clean",
-        seed=0,
-        n_users=2,
-        n_items=6,
-        train_ptr=np.array([0, 2, 3]),
-        train_items=np.array([0, 1, 5]),  # user 0: items 0, 1; user 1: item 5
-        val_items=np.array([2, 0]),
-        test_items=np.array([3, 1]),
-        val_negatives=np.array([[4, 5], [2, 3]]),
-        test_negatives=np.array([[4, 5], [3, 4]]),
-        folder="",
-        exact=True,
-    )
+    # user 0 trains on items 0, 1; user 1 on item 5
+    data = hand_split(6, [[0, 1], [5]], [2, 0], [3, 1], [[4, 5], [2, 3]], [[4, 5], [3, 4]])
     scores = torch.tensor([[9.0, 8.0, 5.0, 7.0, 6.0, 1.0], [3.0, 2.0, 7.0, 1.0, 2.0, 9.0]])
 
     def score(rows: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hand_split import hand_split
 
 from src.data.raw import read_filmtrust, read_lastfm, read_ml1m_original
 from src.data.split import dedupe_pairs, leave_one_out
@@ -146,27 +147,11 @@ def test_lastfm_repeated_pairs_without_dedupe_test_can_equal_val_and_train(tmp_p
 def test_the_summary_counts_users_whose_held_out_items_are_not_new_to_them():
     """`held_out_overlap` against a per-user count with sets, on a split whose training positives repeat items and
     may hold the held-out ones (Lastfm-2k under the paper protocol: 832, 816 and 994 of 1,600 users)."""
-    from src.data.dataset import FedData
-
     rng = np.random.default_rng(3)
     sizes = rng.integers(1, 6, size=40)
     train = [rng.integers(0, 8, size=n) for n in sizes]
     val, test = rng.integers(0, 8, size=40), rng.integers(0, 8, size=40)
-    data = FedData(
-        name="hand",
-        protocol="paper",
-        seed=0,
-        n_users=40,
-        n_items=8,
-        train_ptr=np.concatenate([[0], np.cumsum(sizes)]),
-        train_items=np.concatenate(train),
-        val_items=val,
-        test_items=test,
-        val_negatives=np.zeros((40, 1), dtype=int),
-        test_negatives=np.zeros((40, 1), dtype=int),
-        folder="",
-        exact=True,
-    )
+    data = hand_split(8, train, val, test, np.zeros((40, 1), dtype=int), np.zeros((40, 1), dtype=int), "paper")
     expected = {
         "val_is_test": sum(int(v == t) for v, t in zip(val, test)),
         "test_in_train": sum(int(t in set(items)) for t, items in zip(test, train)),
