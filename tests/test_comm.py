@@ -19,6 +19,7 @@ from src.comm.codec import (
     embedding_bytes,
     encode_upper,
     index_bytes,
+    labels_bytes,
     quantise,
     sparse_bytes,
 )
@@ -59,6 +60,18 @@ def test_sizes_are_what_the_formats_imply():
     assert sparse_bytes(1000, m, "coo", 8) == 9 + 1000 * 4 + 1000 + 8
     assert sparse_bytes(1001, m, "coo", 4) == 9 + 1001 * 4 + 501 + 8
     assert embedding_bytes(m, 32) == m * 32 * 4
+
+
+@pytest.mark.parametrize("n_labels,width", [(0, 1), (1, 1), (256, 1), (257, 2), (65536, 2), (65537, 4)])
+def test_labels_bytes_is_a_count_and_one_smallest_integer_a_label(n_labels, width):
+    """Community labels as sent: a uint32 count, then each of the m labels in the narrowest unsigned numpy type
+    that holds label n_labels - 1 (one byte up to 256 communities, two up to 65,536)."""
+    m = 1682
+    labels = np.arange(m) % max(n_labels, 1)
+    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if max(n_labels - 1, 0) <= np.iinfo(t).max)
+    wire = np.uint32(m).tobytes() + labels.astype(dtype).tobytes()
+    assert np.dtype(dtype).itemsize == width
+    assert labels_bytes(m, n_labels) == len(wire) == 4 + width * m
 
 
 def upload_matrices(tabs: torch.Tensor, sigma: float, centre: bool) -> list[np.ndarray]:
