@@ -218,14 +218,15 @@ def cooccurrence_markdown(results: Path) -> str:
 
 def cost_markdown(root: Path, spec: str) -> str:
     """`cost:<folder>,<folder>...`: what each stored run under the folders cost, from its own record: rounds, mean
-    seconds per round, the time over all its processes (a resumed run has several) and how many there were. The
-    machine and what shared it differ between runs: compare rows, not machines."""
+    seconds per round, the time over all its processes (a resumed run has several), how many there were and the torch
+    threads it ran with (two on 2 cores: it had the machine alone). The machine and what shared it differ between
+    runs: compare rows, not machines."""
     runs = load_runs([root / f for f in spec.split(",")])
     if not runs:
         raise UserError(f"no stored run under {spec!r} in {root}; expected folders of results/runs")
     lines = [
-        "| dataset | method | protocol | engine | seed | rounds | s / round | time | processes |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| dataset | method | protocol | engine | seed | rounds | s / round | time | processes | torch threads |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in sorted(runs, key=lambda r: (r["dataset"], r["ablation"], r["protocol"], r["path"])):
         t = run.get("timings", {})
@@ -235,7 +236,7 @@ def cost_markdown(root: Path, spec: str) -> str:
         lines.append(
             f"| {run['dataset']} | {run['ablation']} | {run['protocol']} | {engine} "
             f"| {run['seed']} | {len(run['history'])} | {float(t.get('mean_round_s', 0.0)):.1f} | {when} "
-            f"| {t.get('processes', 1)} |"
+            f"| {t.get('processes', 1)} | {run.get('resources', {}).get('torch_threads') or '-'} |"
         )
     return "\n".join(lines)
 
