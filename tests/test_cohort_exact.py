@@ -343,3 +343,36 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
     bce_only = copy.deepcopy(init)
     train_cohort(bce_only, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss)
     assert (bce_only["items"] - trained["items"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("optim", ["sgd_alternate", "sgd_joint", "adam"])
+def test_a_new_methods_dense_loss_by_autograd_trains_as_the_per_client_loop(compose_cfg, optim):
+    """`autograd_dense`, how a new method adds a loss of its own: terms written plainly per client, one weighted and
+    one not, train every client as the per-client loop that adds the same loss written for one table."""
+    cfg = compose_cfg([*OPTIMS[optim], f"model.dim={DIM}", "ablation=local"])
+    ptr, items, sampler = make_problem(POSITIVES)
+    samples = sample_round(ptr, items, sampler, NEGATIVES, 1, 1)
+    samples.labels = samples.labels.double()
+    rows = torch.as_tensor(ROWS)
+    layout = batch_layout(samples, rows, 2, BATCH, 1, 1)
+    init = init_params(ModelSpec.from_cfg(cfg.model), len(POSITIVES), N_ITEMS, torch.Generator().manual_seed(2))
+    init = {k: v[rows].double() for k, v in init.items()}
+    weight = 0.3
+
+    def terms(tables: torch.Tensor, batch_items: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"l2": (tables**2).sum((1, 2)), "spread": torch.log1p((tables.mean(1) ** 2).sum(-1))}
+
+    def plain(table: torch.Tensor) -> torch.Tensor:  # one client's [m, d] table
+        return weight * (table**2).sum() + torch.log1p((table.mean(0) ** 2).sum())
+
+    trained = copy.deepcopy(init)
+    dense = cohort.autograd_dense(terms, {"l2": weight})
+    losses = train_cohort(trained, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss, dense)
+    assert losses["l2"] > 0 and losses["spread"] > 0
+    for row in range(len(ROWS)):
+        client = make_client(cfg.model, N_ITEMS, init, row)
+        train_client(client, client_batches(samples, layout, row), cfg.optim, N_ITEMS, plain)
+        assert_row_equal(trained, client.to_stacked(), row, optim)
+    bce_only = copy.deepcopy(init)
+    train_cohort(bce_only, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss)
+    assert (bce_only["items"] - trained["items"]).abs().max() > 1e-3

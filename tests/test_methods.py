@@ -3,13 +3,18 @@ a client's released entries match the thresholded cosine written plainly; bad me
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
 from alignment_helpers import np_cosine, np_normalise, np_upload
+from omegaconf import OmegaConf
 
 from src.alignment.release import ReleaseSpec, release_entries
+from src.cli import config, jobs
 from src.cli.config import CONF_DIR, ConfigError
+from src.cli.jobs import compose_runs, refuse_misnamed
 from src.clients.model import ModelSpec, init_params
 from src.methods.base import RoundSums, build_method, method_class
 
@@ -70,6 +75,46 @@ def test_an_unknown_method_is_refused_before_any_work(compose_cfg):
     with pytest.raises(ConfigError) as err:
         compose_cfg(["ablation=full", "ablation.method=nope"])
     assert "ablation.method" in str(err.value) and "alignfedrec" in str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted((CONF_DIR / "ablation").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_ablation_file_names_the_method_after_itself(path):
+    """Runs are stored and labelled under `ablation.name`: each conf/ablation/<x>.yaml composes name x (a yaml copied
+    from another method with its name left unchanged would file its runs as that method's)."""
+    cfg = compose_runs([[f"ablation={path.stem}"]])[0]
+    assert cfg.ablation.name == path.stem, f"{path}: name: {cfg.ablation.name}; expected name: {path.stem}"
+
+
+def test_a_yaml_named_after_another_method_is_refused_in_one_line(monkeypatch):
+    copied = OmegaConf.create({"ablation": {"name": "local", "method": "sharing"}})
+    refuse_misnamed(["ablation=local"], copied)
+    monkeypatch.setattr(
+        jobs, "compose_config", lambda overrides: copied
+    )  # as conf/ablation/local_l2.yaml would compose
+    with pytest.raises(ConfigError, match=r"^ablation=local_l2: conf/ablation/local_l2\.yaml sets name: local;"):
+        compose_runs([["ablation=local_l2", "seed=1"]])
+    with pytest.raises(
+        ConfigError,
+        match=r"^ablation=local_l2: conf/ablation/local_l2\.yaml sets name: local; expected name: local_l2 ",
+    ):
+        refuse_misnamed(["dataset=synthetic", "ablation=local_l2"], copied)
+
+
+def test_a_method_module_without_method_is_refused_in_one_line(compose_cfg, monkeypatch):
+    """The config checks read the class a method builds (`METHOD`) before anything is built: a module without it is
+    named, not an AttributeError from deep inside."""
+    module = types.ModuleType("src.methods.sharing")
+    module.build = lambda cfg, device: None
+    monkeypatch.setattr(config, "method_module", lambda cfg: module)
+    with pytest.raises(
+        ConfigError, match=r"^ablation\.method=sharing: src/methods/sharing\.py has no METHOD; expected"
+    ):
+        compose_cfg(["ablation=local"])
+
+
+def test_a_key_no_method_declares_points_at_the_methods_keys(compose_cfg):
+    with pytest.raises(ConfigError, match=r"declares its own keys in KEYS of src/methods/sharing\.py\)$"):
+        compose_cfg(["ablation=local", "+ablation.l2=1"])
 
 
 @pytest.mark.parametrize("rows,block", [(4, 40), (128, 1 << 22)])

@@ -59,7 +59,13 @@ def method_keys(cfg: DictConfig) -> type[Ablation]:
     method = OmegaConf.select(cfg, "ablation.method", default=None)
     if not rule.ok(method):
         refuse("ablation.method", method, f"one of {', '.join(schema.method_modules())} ({rule.expected})")
-    return getattr(method_module(cfg), "KEYS", Ablation)
+    module = method_module(cfg)
+    if not isinstance(getattr(module, "METHOD", None), type):
+        raise ConfigError(
+            f"ablation.method={method}: src/methods/{method}.py has no METHOD; expected METHOD = <the Method class its "
+            f"build() returns> (the config checks read its traits before anything is built)"
+        )
+    return getattr(module, "KEYS", Ablation)
 
 
 def typed(cfg: DictConfig, group: type[Group]) -> Group:
@@ -74,8 +80,11 @@ def typed(cfg: DictConfig, group: type[Group]) -> Group:
         values = OmegaConf.to_container(node, resolve=True)
         for name in values:
             if name not in names:
+                method = OmegaConf.select(cfg, "ablation.method", default="<method>")
+                declare = f" (a method declares its own keys in KEYS of src/methods/{method}.py)"
                 raise ConfigError(
                     f"{group.where(name)} is not a key of {group.PATH}; expected one of {', '.join(sorted(names))}"
+                    + (declare if group.PATH == "ablation" else "")
                 )
     else:
         values = {name: OmegaConf.select(cfg, name, default=None) for name in names if name in cfg}

@@ -86,6 +86,21 @@ def refuse_added_keys(overrides: list[str], cfg: DictConfig) -> None:
         raise ConfigError(f"override {line} adds a key the config does not have; expected a key of conf/ ({hint})")
 
 
+def refuse_misnamed(overrides: list[str], cfg: DictConfig) -> None:
+    """`ablation=X` must compose a method named X: runs are stored and labelled under `ablation.name`, so a yaml copied
+    from another method with its `name:` left unchanged would file its runs as that method's."""
+    chosen = [p for p in OverridesParser.create().parse_overrides(overrides) if p.key_or_group == "ablation"]
+    if not chosen:
+        return
+    option = chosen[-1].get_value_element_as_str()
+    name = OmegaConf.select(cfg, "ablation.name", default=None)
+    if name != option:
+        raise ConfigError(
+            f"ablation={option}: conf/ablation/{option}.yaml sets name: {name}; expected name: {option} (runs are "
+            f"stored and labelled under it)"
+        )
+
+
 def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
     """The config of each run's overrides, composing once per set of group choices: a grid's seeds and other
     value axes are applied to a copy as Hydra applies them (struct mode: an unknown key is an error)."""
@@ -98,6 +113,7 @@ def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
         if tuple(composed) not in cache:
             cache[tuple(composed)] = compose_config(composed)
             refuse_added_keys(composed, cache[tuple(composed)])
+            refuse_misnamed(composed, cache[tuple(composed)])
         cfg = copy.deepcopy(cache[tuple(composed)])
         for parsed in values:
             try:

@@ -28,6 +28,24 @@ from src.runtime.device import host_value, to_device
 # Dense extra terms on a chunk's item tables (ICA, GSA): (tables [C, m, d], batch items [C, B], valid [C, B])
 # -> (per-client values [C] by name, gradient of the weighted sum w.r.t. the tables [C, m, d])
 DenseLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
+# A dense term written plainly: (tables [C, m, d], batch items [C, B], valid [C, B]) -> per-client values [C] by name
+DenseTerms = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def autograd_dense(terms: DenseTerms, weights: dict[str, float]) -> DenseLoss:
+    """The `DenseLoss` of terms written plainly, its gradient by autograd: d/d tables of the sum over clients of
+    sum_k weights[k] * terms[k] (a term without a weight counts once). How a new method adds a loss of its own
+    (`Method.dense_loss`); a hand-derived gradient is only ever a backend tested against such a spec."""
+
+    def dense(tables: torch.Tensor, items: torch.Tensor, valid: torch.Tensor):
+        part = tables.detach().requires_grad_()
+        with torch.enable_grad():
+            values = terms(part, items, valid)
+            total = sum(weights.get(k, 1.0) * v.sum() for k, v in values.items())
+            grad = torch.autograd.grad(total, part)[0] if values else torch.zeros_like(tables)
+        return {k: v.detach() for k, v in values.items()}, grad
+
+    return dense
 
 
 @dataclass
