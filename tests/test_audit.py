@@ -113,7 +113,7 @@ def test_audit_validates_before_reading_any_data(compose_cfg, monkeypatch):
         audit_mod.audit(cfg, [])
     with pytest.raises(ConfigError, match="uploads neither a similarity matrix nor an item table"):
         audit_mod.audit(compose_cfg(["dataset=synthetic", "ablation=local"]), [])
-    with pytest.raises(ConfigError, match=r"audit\.clients='abc'"):
+    with pytest.raises(ConfigError, match=r"audit\.clients=abc is invalid"):
         main(["dataset=synthetic", "ablation=full", "audit.clients=abc"])
 
 

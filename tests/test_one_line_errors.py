@@ -56,7 +56,7 @@ def in_process(module: str, args: list[str], tmp_path: Path, monkeypatch, capsys
 
 
 CASES = [
-    ("src.run", ["dataset=filmtrust", "fl.rounds=abc"], "fl.rounds='abc' is invalid; expected an integer >= 1"),
+    ("src.run", ["dataset=filmtrust", "fl.rounds=abc"], "fl.rounds=abc is invalid; expected an integer >= 1"),
     ("src.run", ["dataset=nope"], "no config 'dataset/nope' in conf/; expected one of dataset: filmtrust"),
     (
         "src.run",
@@ -117,7 +117,7 @@ CASES = [
     (
         "src.bench",
         ["dataset=synthetic", "fl.rounds=1", 'bench.baseline=["fl.rounds=abc"]'],
-        "bench.baseline=['fl.rounds=abc']: fl.rounds='abc' is invalid; expected an integer >= 1",
+        "bench.baseline=['fl.rounds=abc']: fl.rounds=abc is invalid; expected an integer >= 1",
     ),
     # the Flower app keeps no checkpoint: a resume is refused, not started again from round 1 under resume=true
     (
@@ -126,7 +126,7 @@ CASES = [
         "resume=True: the Flower app keeps no checkpoint",
     ),
     # the loopback deployment checks its overrides before it starts a SuperLink (a bad one was an hour's timeout)
-    ("src.flower.loopback", ["fl.rounds=abc"], "fl.rounds='abc' is invalid; expected an integer >= 1"),
+    ("src.flower.loopback", ["fl.rounds=abc"], "fl.rounds=abc is invalid; expected an integer >= 1"),
     ("src.flower.loopback", ["--nodes", "0"], "--nodes=0 is invalid; expected an integer >= 1"),
     (
         "src.flower.loopback",
@@ -230,7 +230,7 @@ def test_a_campaign_on_a_missing_gpu_is_refused_before_any_run(tmp_path, monkeyp
     args = ["experiment=table1", "--device", "cuda", "--work", str(work)]
     out = in_process("src.campaign", args, tmp_path, monkeypatch, capsys)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "error: device='cuda' is invalid; expected a device this machine has: CUDA is not available here (use "
+        "error: device=cuda is invalid; expected a device this machine has: CUDA is not available here (use "
         "device=auto or device=cpu)"
     ]
     assert out.stdout == "" and not work.exists()

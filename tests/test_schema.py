@@ -123,12 +123,12 @@ def test_the_dataclass_checks_its_keys_in_post_init():
         (["ablation=backbone", "+ablation.k=5"], r"^ablation\.k is not a key of ablation"),
         (["ablation=fed_itemknn", "ablation.k=0"], r"^ablation\.k=0 is invalid; expected an integer >= 1$"),
         (["ablation=fed_itemknn", "ablation.rank=1.5"], r"^ablation\.rank=1\.5 is invalid"),
-        (["ablation=fed_itemknn", "ablation.ica=true"], r"^ablation\.ica=True is invalid; expected false for"),
-        (["ablation=itemknn", "ablation.scorer=svd"], r"^ablation\.scorer='svd' is invalid; expected one of mf"),
+        (["ablation=fed_itemknn", "ablation.ica=true"], r"^ablation\.ica=true is invalid; expected false for"),
+        (["ablation=itemknn", "ablation.scorer=svd"], r"^ablation\.scorer=svd is invalid; expected one of mf"),
         (["ablation=central", "ablation.lr=0"], r"^ablation\.lr=0 is invalid"),
         (["~fl.rounds"], r"^fl\.rounds is missing; expected it in the composed config"),
-        (["optim=adam", "~optim.eps"], r"^optim\.eps=None is invalid; expected a finite number > 0$"),
-        (["dataset=synthetic", "~dataset.n_users"], r"^dataset\.n_users=None is invalid; expected a value"),
+        (["optim=adam", "~optim.eps"], r"^optim\.eps=null is invalid; expected a finite number > 0$"),
+        (["dataset=synthetic", "~dataset.n_users"], r"^dataset\.n_users=null is invalid; expected a value"),
     ],
 )
 def test_a_bad_key_of_a_group_or_of_a_method_is_named(overrides, message):
@@ -201,3 +201,25 @@ def test_a_whole_number_written_either_way_is_one_run(compose_cfg):
     other = OmegaConf.to_container(compose_cfg(["ablation.beta=1.5"]), resolve=True)
     assert as_int["ablation"]["beta"] == 1 and type(as_float["ablation"]["beta"]) is float
     assert identity(as_int) == identity(as_float) != identity(other)
+
+
+def test_a_refused_value_is_shown_as_it_is_typed():
+    """Messages show values in the command line's and yaml's syntax (null, true, [a, b]), quoting a string only where
+    it would otherwise read as another type or as more than one value."""
+    cases = {
+        None: "null",
+        True: "true",
+        "abc": "abc",
+        "cuda:0": "cuda:0",
+        "5": "'5'",
+        "true": "'true'",
+        "a b": "'a b'",
+        "": "''",
+        0.5: "0.5",
+        float("nan"): "nan",
+        -3: "-3",
+    }
+    for value, text in cases.items():
+        assert schema.as_typed(value) == text, value
+    assert schema.as_typed([1, "x", None, [False]]) == "[1, x, null, [false]]"
+    assert schema.as_typed({"lr": 0.1, "name": "sgd"}) == "{lr: 0.1, name: sgd}"

@@ -99,8 +99,31 @@ def shown(value: Any) -> Any:
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
+def as_typed(value: Any) -> str:
+    """`value` as one would type it on the command line or in a yaml (`null`, `true`, `[1, 2]`); a string is quoted
+    only where it would otherwise read as another type or not as one value (`'5'`, `'a b'`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(as_typed(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {as_typed(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str):
+        plain = re.fullmatch(r"[A-Za-z_/][\w./:+-]*", value) and value.lower() not in (
+            "null",
+            "true",
+            "false",
+            "nan",
+            "inf",
+        )
+        return value if plain else repr(value)
+    return repr(value)
+
+
 def refuse(path: str, value: Any, expected: str) -> None:
-    raise ConfigError(f"{path}={shown(value)!r} is invalid; expected {expected}")
+    raise ConfigError(f"{path}={as_typed(shown(value))} is invalid; expected {expected}")
 
 
 @dataclass(kw_only=True)
