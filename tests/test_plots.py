@@ -218,3 +218,24 @@ def test_user_privacy_plots_the_seed_mean_per_epsilon(tmp_path):
     assert float(rows[0]["test_hit@10"]) == pytest.approx(42.0)
     assert float(rows[0]["test_hit@10_std"]) == pytest.approx(2.8284, abs=1e-3)
     assert float(rows[1]["test_full_hit@10"]) == pytest.approx(15.0) and rows[1]["seeds"] == "1"
+
+
+def test_other_runs_never_write_the_projects_pages(runs, tmp_path, monkeypatch):
+    """results/ and the Markdown pages are generated from results/runs only: a sweep's or a test's runs draw into
+    plots/<kind> by default and are refused into results/ or onto a page, before anything is written."""
+    from src.analysis import report
+    from src.analysis.runs import PROJECT
+
+    monkeypatch.chdir(tmp_path)
+    out = main(["curves", str(runs)])
+    assert out == Path("plots") / "curves" and any(out.iterdir())
+    before = {p: p.stat().st_mtime_ns for p in (PROJECT / "results").glob("*") if p.is_file()}
+    with pytest.raises(
+        UserError, match=r"^--out .*results/curves is one of the project's pages.*expected --out outside"
+    ):
+        main(["curves", str(runs), "--out", str(PROJECT / "results" / "curves")])
+    with pytest.raises(UserError, match=r"^--out .*results is one of the project's pages"):
+        report.main([str(runs), "--out", str(PROJECT / "results")])
+    with pytest.raises(UserError, match=r"^--update .*README\.md is one of the project's pages"):
+        report.main([str(runs), "--update", str(PROJECT / "README.md")])
+    assert {p: p.stat().st_mtime_ns for p in (PROJECT / "results").glob("*") if p.is_file()} == before

@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from src.analysis.runs import encoding_label, load_runs
+from src.analysis.runs import encoding_label, load_runs, only_stored, refuse_foreign_pages
 from src.config.schema import MOVED
 from src.runtime.atomic import atomic_path
 from src.runtime.checks import check_output_dir
@@ -435,7 +435,9 @@ def main(argv: list[str] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    out = args.out or Path("results") / args.kind
+    # the project's figures (results/<kind>) come from results/runs; other runs' go to plots/<kind>
+    out = args.out or Path("results" if only_stored(args.folders) else "plots") / args.kind
+    refuse_foreign_pages("--out", [out], args.folders)
     check_output_dir("--out", str(out))
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(args.folders)

@@ -28,7 +28,17 @@ from omegaconf import OmegaConf
 
 from src.analysis import bench_tables, privacy_tables, record_tables
 from src.analysis.record_tables import per_client_round
-from src.analysis.runs import cell, claim_figure, config_value, load_runs, mean_std, planned_rounds, read_run, truncate
+from src.analysis.runs import (
+    cell,
+    claim_figure,
+    config_value,
+    load_runs,
+    mean_std,
+    planned_rounds,
+    read_run,
+    refuse_foreign_pages,
+    truncate,
+)
 from src.cli.jobs import compose_runs
 from src.config.identity import NOT_IDENTITY, identity, neutral_values, normalised, only_where
 from src.runtime.errors import OneLineParser, UserError
@@ -748,6 +758,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--rounds {args.rounds} is invalid; expected an integer >= 1")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; expected a folder (created when missing)")
+    refuse_foreign_pages("--update", args.update or [], args.folders)
+    if args.out is not None:
+        refuse_foreign_pages("--out", [args.out], args.folders)
     if args.update:
         missing = [str(f) for f in args.update if not f.is_file()]
         if missing:

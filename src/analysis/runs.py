@@ -10,7 +10,33 @@ from pathlib import Path
 from typing import Any
 
 from src.config.identity import moved
+from src.runtime.errors import UserError
 from src.runtime.results import at_best, selection_of
+
+PROJECT = Path(__file__).resolve().parents[2]
+STORED = PROJECT / "results" / "runs"  # the campaign's runs: the only source of the project's generated pages
+
+
+def only_stored(folders: list[Path]) -> bool:
+    """Whether every folder is under results/runs (the campaign's stored runs)."""
+    return all(Path(f).resolve().is_relative_to(STORED) for f in folders)
+
+
+def refuse_foreign_pages(flag: str, targets: list[Path], folders: list[Path]) -> None:
+    """results/ and the repository's Markdown pages are generated from results/runs only: refuse writing there from
+    other runs (a sweep in multirun/, a test's folder), whose numbers would then stand as the project's."""
+    if only_stored(folders):
+        return
+    pages = [
+        t for t in targets if Path(t).resolve().is_relative_to(PROJECT) and not Path(t).resolve().is_relative_to(STORED)
+    ]
+    inside = [t for t in pages if Path(t).resolve().is_relative_to(PROJECT / "results") or Path(t).suffix == ".md"]
+    if inside:
+        foreign = next(str(f) for f in folders if not Path(f).resolve().is_relative_to(STORED))
+        raise UserError(
+            f"{flag} {inside[0]} is one of the project's pages, generated from results/runs only, and {foreign} is "
+            f"not under it; expected {flag} outside results/ and the docs (e.g. --out plots/)"
+        )
 
 
 def config_value(config: dict, dotted: str) -> str:
