@@ -45,7 +45,7 @@ def claim(run_dir: Path, resuming: bool) -> int:
     if fd is None:
         raise RunFolderError(
             f"run folder {run_dir} is in use by another run (locked: {run_dir / LOCK_NAME}); "
-            f"wait for it to end or choose another folder (hydra.run.dir=...)"
+            f"wait for it to end or choose another folder (hydra.run.dir=..., or hydra.sweep.dir=... for a multirun)"
         ) from None
     if not resuming and holds_run(run_dir):
         os.close(fd)
@@ -53,7 +53,8 @@ def claim(run_dir: Path, resuming: bool) -> int:
         what = "a finished run (results.json)" if finished else "an unfinished run"
         raise RunFolderError(
             f"run folder {run_dir} already holds {what}; rerunning into it would mix two runs. "
-            f"Continue it with resume=true, or choose another folder (hydra.run.dir=...)"
+            f"Continue it with resume=true, or choose another folder "
+            f"(hydra.run.dir=..., or hydra.sweep.dir=... for a multirun)"
         )
     return fd
 
