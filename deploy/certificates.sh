@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Self-signed CA and a SuperLink certificate for 127.0.0.1/localhost (the loopback deployment),
-# plus an unrelated "rogue" CA that a node must not be able to use. Usage: deploy/certificates.sh <dir>
+# plus an unrelated "rogue" CA that a node must not be able to use. Usage: deploy/certificates.sh <dir> [nodes]
 set -euo pipefail
 dir=${1:-certificates}
 mkdir -p "$dir"

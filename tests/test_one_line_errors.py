@@ -66,7 +66,7 @@ CASES = [
     (
         "src.campaign",
         ["experiment=campaign_smoke", "flower.secagg=true", "--dry-run"],
-        "flower.secagg=true: secure aggregation hides each upload",
+        "flower.secagg=true: ablation=backbone sends no similarity upload; expected a similarity-sharing method",
     ),
     ("src.run", ["fl.roundz=3"], "no key fl.roundz in the config; expected a key of conf/"),
     ("src.run", ["ablation.alpha=["], "cannot parse override 'ablation.alpha=['; expected key=value"),

@@ -114,9 +114,27 @@ def validate(cfg: DictConfig) -> None:
         check_method(cfg)
 
 
+def secagg_checks(cfg: DictConfig) -> None:
+    """What secure aggregation needs of the method (`flower.secagg=true`), checked alike by the Flower app and the
+    simulator, so both refuse such a config with the same reason before the simulator's own."""
+    if not cfg.flower.secagg:
+        return
+    if not method_class(cfg).uploads_similarity:  # SecAgg+ sums the similarity uploads (src/flower/secagg.py)
+        raise ConfigError(
+            f"flower.secagg=true: ablation={cfg.ablation.name} sends no similarity upload; expected a "
+            "similarity-sharing method (SecAgg+ here sums similarity uploads)"
+        )
+    if cfg.comm.delta:
+        raise ConfigError(
+            "comm.delta=true with flower.secagg=true: a delta is taken against one client's last upload, which "
+            "the server never sees under secure aggregation; expected comm.delta=false"
+        )
+
+
 def simulator_checks(cfg: DictConfig) -> None:
     """What only the Flower app does, refused in the simulator with the reason (the mirror of
     `src.flower.settings.flower_checks`), so that no stored run is labelled with what it did not do."""
+    secagg_checks(cfg)
     if cfg.flower.secagg:
         raise ConfigError(
             "flower.secagg=true: secure aggregation hides each upload from a server in another process, and the "

@@ -6,8 +6,8 @@ import shlex
 
 from omegaconf import DictConfig
 
-from src.cli.config import ConfigError, load_config
-from src.methods.base import method_class, not_federated
+from src.cli.config import ConfigError, load_config, secagg_checks
+from src.methods.base import not_federated
 
 _CACHE: dict[str, DictConfig] = {}
 
@@ -31,14 +31,4 @@ def flower_checks(cfg: DictConfig) -> None:
             f"resume={cfg.resume}: the Flower app keeps no checkpoint (the nodes hold the clients' tables), so a run "
             "starts from round 1; expected resume=false, or the simulator (python -m src.run) to resume"
         )
-    if cfg.flower.secagg:  # SecAgg+ sums the similarity uploads (src/flower/secagg.py)
-        if not method_class(cfg).uploads_similarity:
-            raise ConfigError(
-                f"flower.secagg=true: ablation={cfg.ablation.name} sends no similarity upload; expected a "
-                "similarity-sharing method (SecAgg+ here sums similarity uploads)"
-            )
-        if cfg.comm.delta:
-            raise ConfigError(
-                "comm.delta=true with flower.secagg=true: a delta is taken against one client's last upload, which "
-                "the server never sees under secure aggregation; expected comm.delta=false"
-            )
+    secagg_checks(cfg)
