@@ -309,6 +309,7 @@ def test_a_dataset_found_nowhere_and_not_downloadable_is_one_line(tmp_path, monk
     import urllib.request
 
     from src.data import paths
+    from src.data.download import SHARED_DATA
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network here")
@@ -321,7 +322,7 @@ def test_a_dataset_found_nowhere_and_not_downloadable_is_one_line(tmp_path, monk
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("error: could not download https://files.grouplens.org/datasets/movielens/ml-100k.zip: ")
-    assert "; expected the dataset under ../shared/data" in line and "data.root" in line
+    assert f"; expected the dataset under ../shared/data ({SHARED_DATA})" in line and "data.root" in line
     assert not run.exists() and [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
@@ -357,3 +358,18 @@ def test_a_cached_split_is_checked_for_the_pool_that_keeps_a_negative_out(compos
                 [*base, "protocol.train_negative_pool=non_train_non_candidates", f"protocol.eval_negatives={most}"]
             )
         )
+
+
+def test_a_reading_tools_warning_is_one_line(tmp_path):
+    """A broken results.json is skipped with one `warning: ...` line naming it, not a warning and its source line."""
+    from tests.test_report import fake_run
+
+    fake_run(tmp_path / "good")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{not json")
+    out = subprocess.run(
+        [sys.executable, "-m", "src.report", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: skipped ") and "bad/results.json" in lines[0], lines

@@ -2,8 +2,8 @@
 seeds of every run's test metrics at its best validation round, beside the published number.
 
 `--rounds N` cuts every run to its first N rounds (best validation round chosen within them).
-One row per (dataset, method, protocol), or per (dataset, method, protocol, variant) with
-`--by optim.name model.alignment ...` (config keys that tell runs apart): seeds, rounds, engine, test
+One row per (dataset, method, protocol, variant): runs are split by every config key that differs between them
+beyond the seed (the variant column names those keys), and `--by optim.name ...` adds keys: seeds, rounds, engine, test
 hit@10 / ndcg@10 (sampled) and, under the clean protocol, the full-ranking ones, the published hit@10 /
 ndcg@10 (`experiments/published.yaml`, paper protocol) and, for paper-protocol rows, the difference,
 and the run folders the row was computed from. `--table table1|table2`: the paper's table (its rows,
@@ -733,7 +733,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--name", default=None, help="write <name>.md and <name>.csv; without it, --out writes the results page"
     )
-    parser.add_argument("--by", nargs="*", default=[], help="config keys that split rows, e.g. optim.name")
+    parser.add_argument(
+        "--by", nargs="*", default=[], help="config keys that split rows besides those that differ, e.g. optim.name"
+    )
     parser.add_argument(
         "--rounds",
         type=int,

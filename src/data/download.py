@@ -19,6 +19,8 @@ from src.runtime.errors import OneLineParser, UserError
 
 CHUNK_SIZE = 1 << 20
 DATA_ENV_VAR = "ALIGNFEDREC_DATA"
+# the data this project reads, beside the repository (its README gives provenance and checksums)
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,8 @@ def _fetch(url: str, target: Path, timeout: float) -> None:
             shutil.copyfileobj(response, out, CHUNK_SIZE)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise DownloadError(
-            f"could not download {url}: {exc}; expected the dataset under ../shared/data, or the archive downloaded "
+            f"could not download {url}: {exc}; expected the dataset under ../shared/data ({SHARED_DATA}), or the "
+            f"archive downloaded "
             f"by hand and extracted, with `data.root` (or ${DATA_ENV_VAR}) set to the folder that holds its folder"
         ) from exc
 

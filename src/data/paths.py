@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from src.data.download import download
+from src.data.download import SHARED_DATA, download
 from src.runtime.cache import default_cache_dir
 from src.runtime.errors import UserError
 
 ENV_VAR = "ALIGNFEDREC_DATA"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 class DataNotFound(UserError, FileNotFoundError):

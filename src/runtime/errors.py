@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
@@ -65,6 +66,12 @@ def reported(prefix: str = "") -> Iterator[None]:
         if full_errors():
             raise
         fail(prefix + describe(err))
+
+
+def one_line_warnings() -> None:
+    """Python warnings print as `warning: <message>`, one line each, without the source line that raised them (the
+    reading tools' notes on skipped or duplicate runs are meant for the user, not for a debugger)."""
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {flatten(message)}\n"
 
 
 def overrides_help(doc: str, argv: list[str]) -> None:
