@@ -442,3 +442,21 @@ def test_the_traffic_claim_reads_each_datasets_ratio_to_pfedrecs_changed_rows(tm
     assert traffic_verdict(tmp_path, "fed_itemknn").endswith(
         "2.00 times (ML-100K) and 0.25 times (FilmTrust) the bytes of PFedRec sending its changed rows"
     )
+
+
+def test_a_run_on_a_cut_dataset_is_always_its_own_marked_row(tmp_path):
+    """`data.max_users` (a smoke test's cut) and `data.verify=false` are named in the row even when every run of the
+    group has them, and never averaged with full runs."""
+    fake_run(tmp_path / "cut", config={"seed": 0, "data": {"max_users": 30, "verify": True}})
+    with pytest.warns(UserWarning, match="data.max_users set"):
+        table = main([str(tmp_path)])
+    assert [r.get("variant") for r in table] == ["data.max_users=30"]
+    fake_run(tmp_path / "full", config={"seed": 1, "data": {"max_users": None, "verify": True}})
+    fake_run(tmp_path / "unverified", config={"seed": 2, "data": {"max_users": None, "verify": False}})
+    with pytest.warns(UserWarning):
+        table = main([str(tmp_path)])
+    assert sorted(r.get("variant") for r in table) == [
+        "data.max_users=30 data.verify=True",
+        "data.max_users=None data.verify=False",
+        "data.max_users=None data.verify=True",
+    ]

@@ -162,6 +162,10 @@ def runner_of(run: dict) -> str:
     return str(run.get("engine", "simulator"))
 
 
+# keys whose non-default value makes a run unreportable (src/cli/store.py refuses to store it), with that default
+UNREPORTABLE = {"data.max_users": "None", "data.verify": "True"}
+
+
 def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, ...], list[dict]]:
     """Never average runs whose configs differ in more than the seed, or that ran on different engines (the
     simulator, Flower): such a group is split by the keys that differ, which become (part of) the row's variant."""
@@ -184,6 +188,15 @@ def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, .
     # a group whose choice differs is shown by its name alone (optim.name=sgd, not its lr, betas, ...), unless runs
     # of one choice differ in another of its keys (two SGD learning rates): then that key is shown too
     keys = [k for k in keys if not implied(k)]
+    # a run on a cut dataset or unverified files is never a reported number: its row always says so
+    off_limits = [k for k, fine in UNREPORTABLE.items() if any(c.get(k, fine) != fine for c in configs)]
+    keys = sorted(set(keys) | set(off_limits))
+    if off_limits:
+        warnings.warn(
+            f"{key[0]} {key[1]} {key[2]}: runs with {' or '.join(off_limits)} set (a cut dataset or unverified files) "
+            "are shown as their own rows; never a reported number",
+            stacklevel=2,
+        )
     if not keys:
         return {key: runs}
     out: dict[tuple[str, ...], list[dict]] = defaultdict(list)
