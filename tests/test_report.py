@@ -217,7 +217,7 @@ def test_paper_table_shows_every_cell_and_marks_missing_ones():
     unpublished = [r for r in table if r["dataset"] == "filmtrust"]
     assert len(unpublished) == 8 and all(r["published hit@10"] is None for r in unpublished)
     text = markdown(table)
-    assert text.count("missing") == 4 * len(table) and "86.85 / 73.71" in text
+    assert text.count("missing") == 5 * len(table) and "86.85 / 73.71" in text  # best val and the 4 metrics
 
 
 def test_a_cells_rows_list_the_lineage_engine_first():
@@ -460,3 +460,18 @@ def test_a_run_on_a_cut_dataset_is_always_its_own_marked_row(tmp_path):
         "data.max_users=None data.verify=False",
         "data.max_users=None data.verify=True",
     ]
+
+
+def test_each_row_shows_the_validation_figure_that_chose_its_rounds(tmp_path):
+    """The selection metric at each run's best round, mean ± std over seeds, beside the test figures read there:
+    a report of a sweep is compared on validation, never on test (the metric named where it is not val/hit@10)."""
+    for seed, val in ((0, 0.30), (1, 0.40)):
+        fake_run(
+            tmp_path / f"s{seed}", seed=seed, config={"seed": seed}, best_val={"val/hit@10": val}, select="val/hit@10"
+        )
+    table = main([str(tmp_path)])
+    assert table[0]["best val"] == pytest.approx(35.0) and table[0]["best val std"] == pytest.approx(7.0710678)
+    assert "| 35.00 ± 7.07 | 40.00 ± 0.00 |" in markdown(table)
+    other = tmp_path / "ndcg"
+    fake_run(other / "a", config={"seed": 0, "eval": {"select": "val/ndcg@10"}}, best_val={"val/ndcg@10": 0.25})
+    assert "| val/ndcg@10 25.00 ± 0.00 |" in markdown(main([str(other)]))

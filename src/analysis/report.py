@@ -43,7 +43,7 @@ from src.cli.jobs import compose_runs
 from src.config.identity import NOT_IDENTITY, identity, neutral_values, normalised, only_where
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.published import published, published_tables
-from src.runtime.results import atomic_write_text
+from src.runtime.results import atomic_write_text, selection_of
 
 COLUMNS = ("test/hit@10", "test/ndcg@10", "test_full/hit@10", "test_full/ndcg@10")
 TABLE_ROUNDS = 100  # the paper's tables train 100 rounds: `--table` leaves out shorter probes and longer sweeps
@@ -223,6 +223,11 @@ def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
             "rounds": "/".join(map(str, sorted({len(r["history"]) for r in runs}))),
             "engine": "/".join(sorted({engine(r["config"]) for r in runs})),
         }
+        # what chose each run's best round (validation only), so variants are compared on it, not on test
+        selects = {selection_of(r) for r in runs}
+        chosen = [r["best_val"][selection_of(r)] for r in runs if selection_of(r) in (r.get("best_val") or {})]
+        row["selects"] = "/".join(sorted(selects))
+        row["best val"], row["best val std"] = mean_std(chosen) if len(chosen) == len(runs) else (None, None)
         for col in COLUMNS:
             values = [r["test_at_best"][col] for r in runs if col in r["test_at_best"]]
             row[col], row[f"{col} std"] = mean_std(values)
@@ -262,6 +267,9 @@ def with_missing(table: list[dict], name: str) -> list[dict]:
                         "seeds": 0,
                         "rounds": "-",
                         "engine": "-",
+                        "selects": "-",
+                        "best val": None,
+                        "best val std": None,
                         **{c: None for c in COLUMNS},
                         **{f"{c} std": None for c in COLUMNS},
                         **{f"{c} seeds": 0 for c in COLUMNS},
@@ -311,8 +319,9 @@ def markdown(table: list[dict]) -> str:
         "seeds",
         "rounds",
         "engine",
+        "best val (selects)",
         *COLUMNS,
-        "published",
+        "published (paper)",
         "diff hit@10 / ndcg@10",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -330,6 +339,7 @@ def markdown(table: list[dict]) -> str:
                     str(r["seeds"]),
                     r["rounds"],
                     r.get("engine", "-"),
+                    selected_cell(r),
                     *[column_cell(r, c) for c in COLUMNS],
                     pub,
                     diff,
@@ -338,6 +348,15 @@ def markdown(table: list[dict]) -> str:
             + " |"
         )
     return "\n".join(lines)
+
+
+def selected_cell(row: dict) -> str:
+    """The selection metric at each run's best round, mean ± std (named where it is not val/hit@10): what chose the
+    round the test figures are read at, and what a comparison of variants should be read on."""
+    if not row["seeds"] or row.get("best val") is None:
+        return "missing" if not row["seeds"] else "-"
+    text = cell(row["best val"], row["best val std"])
+    return text if row["selects"] == "val/hit@10" else f"{row['selects']} {text}"
 
 
 def column_cell(row: dict, col: str) -> str:
