@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from src.cli.train import train
+from tests.wandb_records import finished_contents
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,13 +16,21 @@ REPO = Path(__file__).resolve().parents[1]
 def test_analysis_notebook_executes(compose_cfg, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("wandb")
+    for key, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     runs = tmp_path / "runs"
-    for ablation in ("full", "backbone"):
+    for ablation, logger in (("full", "logger=wandb"), ("backbone", "logger=csv")):
         train(
-            compose_cfg(["dataset=synthetic", f"ablation={ablation}", "fl.rounds=2", "fl.checkpoint_every=0"]),
+            compose_cfg(["dataset=synthetic", f"ablation={ablation}", "fl.rounds=2", "fl.checkpoint_every=0", logger]),
             runs / ablation,
             progress=False,
         )
+    offline = sorted(runs.rglob("run-*.wandb"))
+    assert len(offline) == 1, offline
+    finished_contents(offline[0])  # wandb-core writes the run's records a moment after finish() returns
     out = tmp_path / "out"
     monkeypatch.setenv("ALIGNFEDREC_RUNS", str(runs))
     monkeypatch.setenv("ALIGNFEDREC_NOTEBOOK_OUT", str(out))
@@ -30,6 +39,10 @@ def test_analysis_notebook_executes(compose_cfg, tmp_path, monkeypatch):
     nbclient.NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
     ).execute()
+    # the W&B cell reads the offline run file: the full run's best round and its test metrics
+    cell = next(c for c in nb.cells if "run-*.wandb" in c.source)
+    shown = " ".join(str(o.get("data", {}).get("text/plain", "")) for o in cell.outputs)
+    assert "best_round" in shown and "test/hit@10" in shown, shown
     names = {p.name for p in out.iterdir()}
     assert {
         "table.md",
