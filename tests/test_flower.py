@@ -376,3 +376,25 @@ def test_the_flower_app_refuses_a_pooled_method_with_its_reason():
     with pytest.raises(ConfigError, match=r"ablation=itemknn: it pools all data on one machine"):
         flower_checks(load_config(["ablation=itemknn"]))
     flower_checks(load_config(["ablation=fed_itemknn"]))
+
+
+def test_a_deployed_serverapp_shows_its_rounds_on_stderr(monkeypatch, capsys):
+    """With nothing set up (a `flwr-serverapp` process), the round lines and rejections go to stderr, which `flwr log`
+    shows, once; where logging is set up (Hydra, pytest), nothing is added."""
+    import logging
+
+    from src.flower.server_app import progress_to_stderr
+
+    logger = logging.getLogger("tests.flower.progress")
+    progress_to_stderr(logger)  # pytest's root handlers: left alone
+    assert not logger.handlers
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    try:
+        progress_to_stderr(logger)
+        progress_to_stderr(logger)
+        logger.info("round %d: %d/%d nodes accepted", 1, 2, 2)
+        assert len(logger.handlers) == 1
+    finally:
+        logger.handlers.clear()
+    err = capsys.readouterr().err
+    assert err.count("round 1: 2/2 nodes accepted") == 1, err

@@ -11,6 +11,7 @@ config_resolved.yaml, csv/metrics.csv and results.json (rewritten atomically eve
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -352,12 +353,25 @@ def node_rows(cfg: DictConfig, replies: list[Reply], n_users: int) -> dict:
     return row
 
 
+def progress_to_stderr(logger: logging.Logger) -> None:
+    """In a deployed `flwr-serverapp` process nothing sets up logging, so the per-round line (`round N: k/n nodes
+    accepted, ...`, INFO) and the rejections would go nowhere: there, send them to stderr, which `flwr log` shows.
+    Where logging is already set up (Hydra's `src.flower.simulate`, pytest), leave it alone."""
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def make_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None) -> ServerApp:
     """A ServerApp for `cfg`, or (None) for the Hydra config named by the Flower run config."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        progress_to_stderr(log)
         conf = cfg if cfg is not None else config_of(context.run_config)
         serve(grid, conf, run_dir if run_dir is not None else run_dir_of(conf))
 
