@@ -376,3 +376,18 @@ def test_a_new_methods_dense_loss_by_autograd_trains_as_the_per_client_loop(comp
     bce_only = copy.deepcopy(init)
     train_cohort(bce_only, samples, layout, OptimSpec.from_cfg(cfg.optim), N_ITEMS, cfg.model.loss)
     assert (bce_only["items"] - trained["items"]).abs().max() > 1e-3
+
+
+def test_autograd_dense_names_a_misspelt_weight_and_a_term_of_the_wrong_shape():
+    tables = torch.randn(3, 5, 2, dtype=torch.float64)
+    items, valid = torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.bool)
+    l2 = cohort.autograd_dense(lambda t, i, v: {"l2": (t**2).sum((1, 2))}, {"L2": 0.5})
+    with pytest.raises(ValueError, match=r"weights for \['L2'\], which the terms do not return \(\['l2'\]\)"):
+        l2(tables, items, valid)
+    scalar = cohort.autograd_dense(lambda t, i, v: {"l2": (t**2).sum()}, {})
+    with pytest.raises(ValueError, match=r"term 'l2' has shape \(\); expected one value a client, \(3,\)"):
+        scalar(tables, items, valid)
+    # a term that reads only the batch (no tables) pulls nothing: a zero gradient, its values logged
+    count = cohort.autograd_dense(lambda t, i, v: {"n": v.sum(1).to(t.dtype)}, {})
+    values, grad = count(tables, items, valid)
+    assert values["n"].tolist() == [4.0, 4.0, 4.0] and not grad.any()

@@ -379,22 +379,28 @@ def test_the_flower_app_refuses_a_pooled_method_with_its_reason():
 
 
 def test_a_deployed_serverapp_shows_its_rounds_on_stderr(monkeypatch, capsys):
-    """With nothing set up (a `flwr-serverapp` process), the round lines and rejections go to stderr, which `flwr log`
-    shows, once; where logging is set up (Hydra, pytest), nothing is added."""
+    """Where no handler would show an INFO line (a `flwr-serverapp` process), the round lines and rejections go to
+    stderr, which `flwr log` shows, once; where logging shows them (Hydra), nothing is added."""
     import logging
 
     from src.flower.server_app import progress_to_stderr
 
     logger = logging.getLogger("tests.flower.progress")
-    progress_to_stderr(logger)  # pytest's root handlers: left alone
-    assert not logger.handlers
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [logging.NullHandler()])
+    level = root.level
     try:
+        root.setLevel(logging.INFO)  # (setLevel, not an attribute: it clears the loggers' level caches)
+        progress_to_stderr(logger)  # set up to show INFO (Hydra): left alone
+        assert not logger.handlers
+        root.setLevel(logging.WARNING)  # handlers, but INFO dropped: the round lines would be lost
         progress_to_stderr(logger)
         progress_to_stderr(logger)
         logger.info("round %d: %d/%d nodes accepted", 1, 2, 2)
         assert len(logger.handlers) == 1
     finally:
         logger.handlers.clear()
+        logger.setLevel(logging.NOTSET)
+        root.setLevel(level)
     err = capsys.readouterr().err
     assert err.count("round 1: 2/2 nodes accepted") == 1, err

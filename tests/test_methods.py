@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from src.alignment.release import ReleaseSpec, release_entries
 from src.cli import config, jobs
-from src.cli.config import CONF_DIR, ConfigError
-from src.cli.jobs import compose_runs, refuse_misnamed
+from src.cli.config import CONF_DIR, ConfigError, refuse_misnamed
+from src.cli.jobs import compose_runs
 from src.clients.model import ModelSpec, init_params
 from src.methods.base import RoundSums, build_method, method_class
 
@@ -88,9 +88,10 @@ def test_every_ablation_file_names_the_method_after_itself(path):
 def test_a_yaml_named_after_another_method_is_refused_in_one_line(monkeypatch):
     copied = OmegaConf.create({"ablation": {"name": "local", "method": "sharing"}})
     refuse_misnamed(["ablation=local"], copied)
-    monkeypatch.setattr(
-        jobs, "compose_config", lambda overrides: copied
-    )  # as conf/ablation/local_l2.yaml would compose
+    refuse_misnamed(["ablation='local'"], copied)  # quoted as Hydra reads it
+    refuse_misnamed(["~ablation"], copied)  # a deleted choice names no file
+    # as conf/ablation/local_l2.yaml would compose
+    monkeypatch.setattr(jobs, "compose_config", lambda overrides: copied)
     with pytest.raises(ConfigError, match=r"^ablation=local_l2: conf/ablation/local_l2\.yaml sets name: local;"):
         compose_runs([["ablation=local_l2", "seed=1"]])
     with pytest.raises(

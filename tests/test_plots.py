@@ -221,21 +221,42 @@ def test_user_privacy_plots_the_seed_mean_per_epsilon(tmp_path):
 
 
 def test_other_runs_never_write_the_projects_pages(runs, tmp_path, monkeypatch):
-    """results/ and the Markdown pages are generated from results/runs only: a sweep's or a test's runs draw into
-    plots/<kind> by default and are refused into results/ or onto a page, before anything is written."""
+    """results/ and the pages are generated from results/runs only: a sweep's or a test's runs draw into
+    plots/<kind> by default and are refused where they would write a page (results/, results/runs, docs/, a top-level
+    Markdown file, the results page's README.md), before anything is written; the stored runs may write there."""
     from src.analysis import report
-    from src.analysis.runs import PROJECT
+    from src.analysis import runs as stored
 
-    monkeypatch.chdir(tmp_path)
+    project = tmp_path / "project"  # a stand-in repository: a regression must not write the real one
+    for folder in ("results/runs/table1", "docs"):
+        (project / folder).mkdir(parents=True)
+    monkeypatch.setattr(stored, "PROJECT", project)
+    monkeypatch.setattr(stored, "STORED", project / "results" / "runs")
+    monkeypatch.chdir(project)
     out = main(["curves", str(runs)])
     assert out == Path("plots") / "curves" and any(out.iterdir())
-    before = {p: p.stat().st_mtime_ns for p in (PROJECT / "results").glob("*") if p.is_file()}
-    with pytest.raises(
-        UserError, match=r"^--out .*results/curves is one of the project's pages.*expected --out outside"
-    ):
-        main(["curves", str(runs), "--out", str(PROJECT / "results" / "curves")])
-    with pytest.raises(UserError, match=r"^--out .*results is one of the project's pages"):
-        report.main([str(runs), "--out", str(PROJECT / "results")])
-    with pytest.raises(UserError, match=r"^--update .*README\.md is one of the project's pages"):
-        report.main([str(runs), "--update", str(PROJECT / "README.md")])
-    assert {p: p.stat().st_mtime_ns for p in (PROJECT / "results").glob("*") if p.is_file()} == before
+    refused = [
+        (main, ["curves", str(runs), "--out", "results/curves"], r"^--out would write results/curves, one of the"),
+        (main, ["curves", str(runs), "--out", "results/runs"], r"^--out would write results/runs, one of"),
+        (report.main, [str(runs), "--out", "results"], r"^--out would write results/README\.md, one of"),
+        (report.main, [str(runs), "--out", "."], r"^--out would write README\.md, one of"),
+        (report.main, [str(runs), "--out", "docs", "--name", "x"], r"^--out would write docs/x\.md, one of"),
+        (
+            report.main,
+            [str(runs), "--update", "README.md"],
+            r"^--update would write README\.md.*only with results/runs$",
+        ),
+    ]
+    (project / "README.md").write_text("# the project\n")
+    for command, args, message in refused:
+        with pytest.raises(UserError, match=message):
+            command(args)
+    assert sorted(str(p.relative_to(project)) for p in project.rglob("*") if "plots" not in p.parts) == [
+        "README.md",
+        "docs",
+        "results",
+        "results/runs",
+        "results/runs/table1",
+    ]
+    table = report.main([str(runs), "--out", "tables", "--name", "t"])  # elsewhere in the repository: fine
+    assert table and (project / "tables" / "t.md").is_file()

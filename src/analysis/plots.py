@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> Path:
     matplotlib.use("Agg")
     # the project's figures (results/<kind>) come from results/runs; other runs' go to plots/<kind>
     out = args.out or Path("results" if only_stored(args.folders) else "plots") / args.kind
-    refuse_foreign_pages("--out", [out], args.folders)
+    refuse_foreign_pages("--out", [out], args.folders, "--out outside results/ (e.g. --out plots/)")
     check_output_dir("--out", str(out))
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(args.folders)

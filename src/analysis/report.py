@@ -40,6 +40,7 @@ from src.analysis.runs import (
     truncate,
 )
 from src.cli.jobs import compose_runs
+from src.cli.store import unreportable
 from src.config.identity import NOT_IDENTITY, identity, neutral_values, normalised, only_where
 from src.runtime.errors import OneLineParser, UserError
 from src.runtime.published import published, published_tables
@@ -162,10 +163,6 @@ def runner_of(run: dict) -> str:
     return str(run.get("engine", "simulator"))
 
 
-# keys whose non-default value makes a run unreportable (src/cli/store.py refuses to store it), with that default
-UNREPORTABLE = {"data.max_users": "None", "data.verify": "True"}
-
-
 def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, ...], list[dict]]:
     """Never average runs whose configs differ in more than the seed, or that ran on different engines (the
     simulator, Flower): such a group is split by the keys that differ, which become (part of) the row's variant."""
@@ -189,7 +186,7 @@ def split_differing(key: tuple[str, ...], runs: list[dict]) -> dict[tuple[str, .
     # of one choice differ in another of its keys (two SGD learning rates): then that key is shown too
     keys = [k for k in keys if not implied(k)]
     # a run on a cut dataset or unverified files is never a reported number: its row always says so
-    off_limits = [k for k, fine in UNREPORTABLE.items() if any(c.get(k, fine) != fine for c in configs)]
+    off_limits = sorted({k for r in runs for k in unreportable(r["config"])})
     keys = sorted(set(keys) | set(off_limits))
     if off_limits:
         warnings.warn(
@@ -226,8 +223,10 @@ def rows(groups: dict[tuple[str, ...], list[dict]]) -> list[dict]:
         # what chose each run's best round (validation only), so variants are compared on it, not on test
         selects = {selection_of(r) for r in runs}
         chosen = [r["best_val"][selection_of(r)] for r in runs if selection_of(r) in (r.get("best_val") or {})]
-        row["selects"] = "/".join(sorted(selects))
-        row["best val"], row["best val std"] = mean_std(chosen) if len(chosen) == len(runs) else (None, None)
+        row["selects"] = ", ".join(sorted(selects))
+        # runs that chose on different metrics have no one figure to average
+        row["best val"], row["best val std"] = mean_std(chosen) if len(selects) == 1 else (None, None)
+        row["best val seeds"] = len(chosen) if len(selects) == 1 else 0
         for col in COLUMNS:
             values = [r["test_at_best"][col] for r in runs if col in r["test_at_best"]]
             row[col], row[f"{col} std"] = mean_std(values)
@@ -270,6 +269,7 @@ def with_missing(table: list[dict], name: str) -> list[dict]:
                         "selects": "-",
                         "best val": None,
                         "best val std": None,
+                        "best val seeds": 0,
                         **{c: None for c in COLUMNS},
                         **{f"{c} std": None for c in COLUMNS},
                         **{f"{c} seeds": 0 for c in COLUMNS},
@@ -356,6 +356,8 @@ def selected_cell(row: dict) -> str:
     if not row["seeds"] or row.get("best val") is None:
         return "missing" if not row["seeds"] else "-"
     text = cell(row["best val"], row["best val std"])
+    counted = row.get("best val seeds", row["seeds"])
+    text = text if counted == row["seeds"] else f"{text} ({counted} of {row['seeds']} seeds)"
     return text if row["selects"] == "val/hit@10" else f"{row['selects']} {text}"
 
 
@@ -792,9 +794,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--rounds {args.rounds} is invalid; expected an integer >= 1")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; expected a folder (created when missing)")
-    refuse_foreign_pages("--update", args.update or [], args.folders)
-    if args.out is not None:
-        refuse_foreign_pages("--out", [args.out], args.folders)
+    refuse_foreign_pages("--update", args.update or [], args.folders, "--update only with results/runs")
+    if args.out is not None:  # what it writes: the results page (README.md and curves/) or <name>.md and .csv
+        pages = ["README.md", "curves"] if args.table is None and args.name is None else [f"{args.name or 'table'}.md"]
+        written = [args.out / p for p in (*pages, f"{args.name or 'table'}.csv")]
+        refuse_foreign_pages("--out", written, args.folders, "--out outside results/ (e.g. --out tables/)")
     if args.update:
         missing = [str(f) for f in args.update if not f.is_file()]
         if missing:

@@ -14,7 +14,7 @@ from src.runtime.errors import UserError
 from src.runtime.results import at_best, selection_of
 
 PROJECT = Path(__file__).resolve().parents[2]
-STORED = PROJECT / "results" / "runs"  # the campaign's runs: the only source of the project's generated pages
+STORED = (PROJECT / "results" / "runs").resolve()  # the campaign's runs: the only source of the project's pages
 
 
 def only_stored(folders: list[Path]) -> bool:
@@ -22,20 +22,27 @@ def only_stored(folders: list[Path]) -> bool:
     return all(Path(f).resolve().is_relative_to(STORED) for f in folders)
 
 
-def refuse_foreign_pages(flag: str, targets: list[Path], folders: list[Path]) -> None:
-    """results/ and the repository's Markdown pages are generated from results/runs only: refuse writing there from
-    other runs (a sweep in multirun/, a test's folder), whose numbers would then stand as the project's."""
+def is_page(target: Path) -> bool:
+    """Whether writing `target` writes one of the project's pages: anything under results/ (the runs included) or
+    docs/, or a Markdown file at the repository's top or in experiments/ (README.md)."""
+    path = Path(target).resolve()
+    if any(path.is_relative_to((PROJECT / d).resolve()) for d in ("results", "docs")):
+        return True
+    return path.suffix == ".md" and path.parent in (PROJECT, (PROJECT / "experiments").resolve())
+
+
+def refuse_foreign_pages(flag: str, targets: list[Path], folders: list[Path], instead: str) -> None:
+    """results/ and the repository's Markdown pages are generated from results/runs only: refuse writing `targets`
+    (the files or folders a command would write) there from other runs (a sweep in multirun/, a test's folder), whose
+    numbers would then stand as the project's; `instead` says what to do."""
     if only_stored(folders):
         return
-    pages = [
-        t for t in targets if Path(t).resolve().is_relative_to(PROJECT) and not Path(t).resolve().is_relative_to(STORED)
-    ]
-    inside = [t for t in pages if Path(t).resolve().is_relative_to(PROJECT / "results") or Path(t).suffix == ".md"]
-    if inside:
+    pages = [t for t in targets if is_page(t)]
+    if pages:
         foreign = next(str(f) for f in folders if not Path(f).resolve().is_relative_to(STORED))
         raise UserError(
-            f"{flag} {inside[0]} is one of the project's pages, generated from results/runs only, and {foreign} is "
-            f"not under it; expected {flag} outside results/ and the docs (e.g. --out plots/)"
+            f"{flag} would write {pages[0]}, one of the project's pages, generated from results/runs only, and "
+            f"{foreign} is not under it; expected {instead}"
         )
 
 

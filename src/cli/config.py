@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import schema
@@ -279,11 +281,28 @@ def refuse_replaced(overrides: list[str]) -> None:
             )
 
 
+def refuse_misnamed(overrides: list[str], cfg: DictConfig) -> None:
+    """`ablation=X` must compose a method named X: runs are stored and labelled under `ablation.name`, so a yaml copied
+    from another method with its `name:` left unchanged would file its runs as that method's."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    chosen = [p for p in parsed if p.key_or_group == "ablation" and p.type != OverrideType.DEL]
+    if not chosen or not isinstance(chosen[-1].value(), str):
+        return
+    option = chosen[-1].value()
+    name = OmegaConf.select(cfg, "ablation.name", default=None)
+    if name != option:
+        raise ConfigError(
+            f"ablation={option}: conf/ablation/{option}.yaml sets name: {name}; expected name: {option} (runs are "
+            f"stored and labelled under it)"
+        )
+
+
 def load_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose conf/config.yaml with command-line style overrides (used by the CLIs and tests)."""
     overrides = renamed(list(overrides or []))
     refuse_replaced(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
+    refuse_misnamed(overrides, cfg)
     validate(cfg)
     return cfg

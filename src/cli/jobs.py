@@ -17,7 +17,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from src.cli.config import CONF_DIR, ConfigError, refuse_replaced, renamed, validate
+from src.cli.config import CONF_DIR, ConfigError, refuse_misnamed, refuse_replaced, renamed, validate
 from src.config.identity import flatten
 from src.data.dataset import check_located
 from src.runtime.checks import check_output_dir
@@ -84,21 +84,6 @@ def refuse_added_keys(overrides: list[str], cfg: DictConfig) -> None:
         close = [leaves[leaf[0]]] if leaf else difflib.get_close_matches(key, known, n=1)
         hint = f"did you mean {close[0]}={parsed.get_value_element_as_str()}?" if close else "see conf/config.yaml"
         raise ConfigError(f"override {line} adds a key the config does not have; expected a key of conf/ ({hint})")
-
-
-def refuse_misnamed(overrides: list[str], cfg: DictConfig) -> None:
-    """`ablation=X` must compose a method named X: runs are stored and labelled under `ablation.name`, so a yaml copied
-    from another method with its `name:` left unchanged would file its runs as that method's."""
-    chosen = [p for p in OverridesParser.create().parse_overrides(overrides) if p.key_or_group == "ablation"]
-    if not chosen:
-        return
-    option = chosen[-1].get_value_element_as_str()
-    name = OmegaConf.select(cfg, "ablation.name", default=None)
-    if name != option:
-        raise ConfigError(
-            f"ablation={option}: conf/ablation/{option}.yaml sets name: {name}; expected name: {option} (runs are "
-            f"stored and labelled under it)"
-        )
 
 
 def compose_runs(grid: list[list[str]]) -> list[DictConfig]:

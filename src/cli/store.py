@@ -31,17 +31,29 @@ RUNS = REPO / "results" / "runs"
 AXES = ("dataset", "ablation", "protocol", "seed")
 
 
-def refuse_unreportable(config: dict[str, Any], where: str) -> None:
-    """A run on a cut dataset (`data.max_users`: smoke tests, Flower parity) or on files not held to their digests
-    (`data.verify=false`) is never a reported number: the store, the campaign and a stored search refuse it (`where`
-    names the run)."""
+def unreportable(config: dict[str, Any]) -> list[str]:
+    """The keys that make a run never a reported number: a cut dataset (`data.max_users`: smoke tests, Flower parity)
+    or files not held to their digests (`data.verify=false`)."""
     data = config.get("data") or {}
-    if data.get("max_users") is not None:
-        raise UserError(
-            f"{where}: data.max_users={data['max_users']} cuts the dataset, which no stored run may; expected "
-            "data.max_users=null"
+    return [
+        k
+        for k, off in (
+            ("data.max_users", data.get("max_users") is not None),
+            ("data.verify", data.get("verify") is False),
         )
-    if data.get("verify") is False:
+        if off
+    ]
+
+
+def refuse_unreportable(config: dict[str, Any], where: str) -> None:
+    """The store, the campaign and a stored search refuse a run `unreportable` names (`where` names the run)."""
+    keys = unreportable(config)
+    if "data.max_users" in keys:
+        raise UserError(
+            f"{where}: data.max_users={config['data']['max_users']} cuts the dataset, which no stored run may; "
+            "expected data.max_users=null"
+        )
+    if "data.verify" in keys:
         raise UserError(
             f"{where}: data.verify=false reads files not held to their digests, which no stored run may; expected "
             "data.verify=true"

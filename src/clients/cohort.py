@@ -41,9 +41,22 @@ def autograd_dense(terms: DenseTerms, weights: dict[str, float]) -> DenseLoss:
         part = tables.detach().requires_grad_()
         with torch.enable_grad():
             values = terms(part, items, valid)
+            unknown = sorted(set(weights) - set(values))
+            if unknown:
+                raise ValueError(
+                    f"autograd_dense: weights for {unknown}, which the terms do not return ({sorted(values)})"
+                )
+            for name, value in values.items():
+                if value.shape != tables.shape[:1]:
+                    raise ValueError(
+                        f"autograd_dense: term {name!r} has shape {tuple(value.shape)}; expected one value a "
+                        f"client, ({tables.shape[0]},)"
+                    )
             total = sum(weights.get(k, 1.0) * v.sum() for k, v in values.items())
-            grad = torch.autograd.grad(total, part)[0] if values else torch.zeros_like(tables)
-        return {k: v.detach() for k, v in values.items()}, grad
+            grad = None
+            if values and total.requires_grad:  # a term that does not read the tables has no gradient
+                grad = torch.autograd.grad(total, part, allow_unused=True)[0]
+        return {k: v.detach() for k, v in values.items()}, torch.zeros_like(tables) if grad is None else grad
 
     return dense
 

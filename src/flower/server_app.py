@@ -353,11 +353,21 @@ def node_rows(cfg: DictConfig, replies: list[Reply], n_users: int) -> dict:
     return row
 
 
+def shows_info(logger: logging.Logger) -> bool:
+    """Whether some handler on `logger`'s way to the root prints an INFO record."""
+    node: logging.Logger | None = logger
+    while node is not None:
+        if any(h.level <= logging.INFO for h in node.handlers):
+            return True
+        node = node.parent if node.propagate else None
+    return False
+
+
 def progress_to_stderr(logger: logging.Logger) -> None:
     """In a deployed `flwr-serverapp` process nothing sets up logging, so the per-round line (`round N: k/n nodes
     accepted, ...`, INFO) and the rejections would go nowhere: there, send them to stderr, which `flwr log` shows.
     Where logging is already set up (Hydra's `src.flower.simulate`, pytest), leave it alone."""
-    if logging.getLogger().handlers or logger.handlers:
+    if logger.isEnabledFor(logging.INFO) and shows_info(logger):
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -371,7 +381,7 @@ def make_server_app(cfg: DictConfig | None = None, run_dir: Path | None = None) 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        progress_to_stderr(log)
+        progress_to_stderr(logging.getLogger("src.flower"))  # the ServerApp's and SecAgg+'s lines
         conf = cfg if cfg is not None else config_of(context.run_config)
         serve(grid, conf, run_dir if run_dir is not None else run_dir_of(conf))
 
