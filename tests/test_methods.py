@@ -216,3 +216,40 @@ def test_laplace_epsilon_counts_the_rounds_with_uploads(compose_cfg, overrides, 
     spent = method.traffic(sums, None, 3, {}, round_=7, dim=4)
     assert spent["privacy/epsilon_total_entry"] == pytest.approx(0.5 * releases)
     assert spent["privacy/epsilon_total_matrix"] == pytest.approx(0.5 * releases * 15)
+
+
+def test_the_worked_method_of_the_docs_runs_as_written(tmp_path, monkeypatch, cache_dir):
+    """docs/methods.md's `local_l2`, its module and its yaml taken from the page as written, put beside the real ones
+    (a copy of src/methods/ and Hydra's search path): it trains with its loss logged, and a bad value of its key is
+    refused in one line."""
+    import importlib.util
+    import re
+    import sys
+
+    from src.cli.config import load_config
+    from src.cli.train import train
+    from src.config import identity, schema
+
+    identity.neutral_values()  # cached from the real methods before the copy stands in
+    text = (CONF_DIR.parent / "docs" / "methods.md").read_text()
+    code = re.search(r'```python\n("""`local_l2`.*?)```', text, re.S).group(1)
+    yaml = re.search(r"```yaml\n(name: local_l2\n.*?)```", text, re.S).group(1)
+    methods, conf = tmp_path / "methods", tmp_path / "conf" / "ablation"
+    methods.mkdir()
+    conf.mkdir(parents=True)
+    for path in schema.METHODS_DIR.glob("*.py"):
+        (methods / path.name).write_text(path.read_text())
+    (methods / "local_l2.py").write_text(code)
+    (conf / "local_l2.yaml").write_text(yaml)
+    spec = importlib.util.spec_from_file_location("src.methods.local_l2", methods / "local_l2.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "src.methods.local_l2", module)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(schema, "METHODS_DIR", methods)
+    extra = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"data.cache_dir='{cache_dir}'"]
+    cfg = load_config(["dataset=synthetic", "ablation=local_l2", "fl.rounds=2", "fl.checkpoint_every=0", *extra])
+    payload = train(cfg, tmp_path / "run", progress=False)
+    assert [row["round"] for row in payload["history"]] == [1, 2]
+    assert all(row["loss/l2"] > 0 for row in payload["history"])
+    with pytest.raises(ConfigError, match=r"^ablation\.l2=-1 is invalid; expected a finite number >= 0$"):
+        load_config(["dataset=synthetic", "ablation=local_l2", "ablation.l2=-1", *extra])
