@@ -101,6 +101,18 @@ POSITIVES = [3, 1, 9, 2, 5, 1, 4]
 ROWS = [2, 0, 6, 1, 4, 3, 5]
 
 
+def double_round(cfg, epochs: int):
+    """One round of the POSITIVES clients in float64 (samples, batch layout of ROWS, their initial stacked rows): the
+    problem the loss tests train on, stacked and per client."""
+    ptr, items, sampler = make_problem(POSITIVES)
+    samples = sample_round(ptr, items, sampler, NEGATIVES, 1, 1)
+    samples.labels = samples.labels.double()
+    rows = torch.as_tensor(ROWS)
+    layout = batch_layout(samples, rows, epochs, BATCH, 1, 1)
+    init = init_params(ModelSpec.from_cfg(cfg.model), len(POSITIVES), N_ITEMS, torch.Generator().manual_seed(2))
+    return samples, layout, {k: v[rows].double() for k, v in init.items()}
+
+
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("loss", ["sigmoid_bce", "logits_bce"])
 @pytest.mark.parametrize("optim", list(OPTIMS))
@@ -295,13 +307,7 @@ def test_exact_alignfedrec_round_matches_per_client_reference(compose_cfg, optim
             "model.align_chunk=3",
         ]
     )
-    ptr, items, sampler = make_problem(POSITIVES)
-    samples = sample_round(ptr, items, sampler, NEGATIVES, 1, 1)
-    samples.labels = samples.labels.double()
-    rows = torch.as_tensor(ROWS)
-    layout = batch_layout(samples, rows, 1, BATCH, 1, 1)
-    init = init_params(ModelSpec.from_cfg(cfg.model), len(POSITIVES), N_ITEMS, torch.Generator().manual_seed(2))
-    init = {k: v[rows].double() for k, v in init.items()}
+    samples, layout, init = double_round(cfg, epochs=1)
     labels = torch.arange(N_ITEMS) % 6
     labels[:3] = torch.tensor([6, 7, 8])  # three singleton clusters: their anchors are skipped
     global_sim = torch.rand(N_ITEMS, N_ITEMS, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -350,13 +356,7 @@ def test_a_new_methods_dense_loss_by_autograd_trains_as_the_per_client_loop(comp
     """`autograd_dense`, how a new method adds a loss of its own: terms written plainly per client, one weighted and
     one not, train every client as the per-client loop that adds the same loss written for one table."""
     cfg = compose_cfg([*OPTIMS[optim], f"model.dim={DIM}", "ablation=local"])
-    ptr, items, sampler = make_problem(POSITIVES)
-    samples = sample_round(ptr, items, sampler, NEGATIVES, 1, 1)
-    samples.labels = samples.labels.double()
-    rows = torch.as_tensor(ROWS)
-    layout = batch_layout(samples, rows, 2, BATCH, 1, 1)
-    init = init_params(ModelSpec.from_cfg(cfg.model), len(POSITIVES), N_ITEMS, torch.Generator().manual_seed(2))
-    init = {k: v[rows].double() for k, v in init.items()}
+    samples, layout, init = double_round(cfg, epochs=2)
     weight = 0.3
 
     def terms(tables: torch.Tensor, batch_items: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:

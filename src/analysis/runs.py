@@ -17,9 +17,14 @@ PROJECT = Path(__file__).resolve().parents[2]
 STORED = (PROJECT / "results" / "runs").resolve()  # the campaign's runs: the only source of the project's pages
 
 
+def is_stored(folder: Path) -> bool:
+    """Whether `folder` is under results/runs (the campaign's stored runs)."""
+    return Path(folder).resolve().is_relative_to(STORED)
+
+
 def only_stored(folders: list[Path]) -> bool:
-    """Whether every folder is under results/runs (the campaign's stored runs)."""
-    return all(Path(f).resolve().is_relative_to(STORED) for f in folders)
+    """Whether every folder is under results/runs."""
+    return all(is_stored(f) for f in folders)
 
 
 def is_page(target: Path) -> bool:
@@ -39,7 +44,7 @@ def refuse_foreign_pages(flag: str, targets: list[Path], folders: list[Path], in
         return
     pages = [t for t in targets if is_page(t)]
     if pages:
-        foreign = next(str(f) for f in folders if not Path(f).resolve().is_relative_to(STORED))
+        foreign = next(str(f) for f in folders if not is_stored(f))
         raise UserError(
             f"{flag} would write {pages[0]}, one of the project's pages, generated from results/runs only, and "
             f"{foreign} is not under it; expected {instead}"
