@@ -473,3 +473,28 @@ def test_a_sigterm_after_the_save_decision_still_checkpoints_the_round(compose_c
     resumed = train(compose_cfg(overrides + ["resume=true"]), run_dir, progress=False)
     assert [row["round"] for row in resumed["history"]] == [1, 2, 3, 4]
     assert [row["val/hit@10"] for row in resumed["history"]] == [row["val/hit@10"] for row in whole["history"]]
+
+
+def test_multirun_folders_name_their_swept_values(tmp_path):
+    """Each job's folder names the values it ran with beyond dataset/ablation/protocol/seed, as one folder (a `/` or a
+    space in a value does not nest or split it), in Hydra's order of keys."""
+    sweep = tmp_path / "sweep"
+    out = cli(["-m", *SYNTH, "fl.rounds=1,2", "data.root=/a b/c", "logger=csv", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == [
+        f"{n}_synthetic_backbone_clean_seed0_data.root=-a--b-c,fl.checkpoint_every=1,fl.rounds={n + 1},optim=sgd"
+        for n in range(2)
+    ]
+    for n, job in enumerate(jobs):
+        assert json.loads((sweep / job / "results.json").read_text())["config"]["fl"]["rounds"] == n + 1
+
+
+def test_sweep_tag_is_one_bounded_folder_name():
+    assert rundir.sweep_tag("") == ""
+    assert rundir.sweep_tag("ablation.alpha=0.005") == "_ablation.alpha=0.005"
+    long = ",".join(f"ablation.key{i}=/some/path/{i}" for i in range(10))
+    tag = rundir.sweep_tag(long)
+    assert len(tag) == 1 + rundir.TAG_LIMIT and "/" not in tag
+    assert tag[1:56] == long.replace("/", "-")[:55] and tag[56] == "~"
+    assert tag != rundir.sweep_tag(long.replace("key9", "key8"))  # cut tags of different sweeps stay apart

@@ -23,6 +23,7 @@ from src.config.schema import Ablation, Group, refuse
 from src.methods.base import method_class, method_module
 from src.runtime.checks import ConfigError
 from src.runtime.results import select_key
+from src.runtime.rundir import sweep_tag
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # keys that were replaced (retired from the schema: `schema.RETIRED`, their value in the runs stored before): an
@@ -36,6 +37,8 @@ REPLACED_KEYS = {
 METHOD_LABELS = ("ablation.engine", "ablation.unread")
 
 schema.register()
+# a multirun folder's name carries the values it swept (conf/config.yaml: hydra.sweep.subdir)
+OmegaConf.register_new_resolver("sweep_tag", sweep_tag, replace=True)
 
 
 def validate_device(device: Any) -> None:

@@ -9,7 +9,9 @@ unless the run is being resumed. Which configs are one run (resume, campaign ide
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,22 @@ T = TypeVar("T")
 LOCK_NAME = ".run.lock"
 # Hydra's own files in a folder it has just created for a job (and its `<job name>.log`): no run yet
 HYDRA_FILES = {LOCK_NAME, ".hydra", "multirun.yaml"}
+
+
+# the longest a multirun folder's tag of swept values may be before it is cut (its hash then tells cut tags apart)
+TAG_LIMIT = 64
+
+
+def sweep_tag(override_dirname: str) -> str:
+    """`_<the job's other overrides>` for a multirun folder's name ('' when none): Hydra's `override_dirname`
+    (`ablation.alpha=0.005,fl.rounds=50`) as one path segment, each character a file name should not hold made
+    `-` (a `/` in a value would nest folders), cut at TAG_LIMIT characters with a hash of the whole after `~`."""
+    if not override_dirname:
+        return ""
+    tag = re.sub(r"[^A-Za-z0-9._=,+-]", "-", override_dirname)
+    if len(tag) > TAG_LIMIT:
+        tag = f"{tag[: TAG_LIMIT - 9]}~{hashlib.sha1(override_dirname.encode()).hexdigest()[:8]}"
+    return f"_{tag}"
 
 
 class RunFolderError(UserError, RuntimeError):
