@@ -358,6 +358,11 @@ def search_claim(
     else:
         head = "No searched setting reaches AlignFedRec's published row"
     against = "" if not row else f" against the published {row[0]:.2f}"
+    # the trial's own seed won the selection on validation: the seeds it never saw, apart, show what that adds
+    unseen = [v for seed, v in cells.get(("full", "paper"), {}).items() if seed != top["seed"]]
+    if unseen:
+        n = len(unseen)
+        against = f" ({mean_std(unseen)[0]:.2f} on the {n} seed{'s' * (n > 1)} the search never saw){against}"
     dataset = NAMES.get(top["dataset"], top["dataset"])
     engine = config_value(top["config"], "optim.name")
     lr = float(config_value(top["config"], "optim.lr"))
