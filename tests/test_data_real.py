@@ -305,3 +305,33 @@ def test_cli_prints_one_json_summary(tmp_path: Path):
         "median": statistics.median(counts),
         "max": max(counts),
     }
+
+
+# sha256 of every array of the split at seed 0 (arrays_digest: train, validation and test items, the evaluation
+# negatives, item ids), pinned 2026-12-07 at ea79a38, equal to the cached splits the campaign's runs read that day
+# (numpy's default_rng draws the negatives)
+PINNED_SPLITS = {
+    ("ml-100k", "paper"): "bd362a59fd597240e0606f01086659969736877cb6f315fa90963548568c4353",
+    ("ml-100k", "clean"): "bd362a59fd597240e0606f01086659969736877cb6f315fa90963548568c4353",
+    ("ml-1m", "paper"): "5759b4756b86028b369fc0b9a78b33d5cc1936135f6f2443bead76772783bb09",
+    ("ml-1m", "clean"): "5759b4756b86028b369fc0b9a78b33d5cc1936135f6f2443bead76772783bb09",
+    ("filmtrust", "paper"): "1a1b21825d704c1bf5613b8e6aed5924f64292ad56fa23c044d6e7e84b40ee55",
+    ("filmtrust", "clean"): "d7d21d2f245f16feadce598bf7358b3b273c1e80026e73fce686f213510dd93e",
+    ("lastfm-2k", "paper"): "75f9bb3deba61a62a6b9a72ed6ff512c6af4cb0698e96c832936d69d4b7a52ca",
+    ("lastfm-2k", "clean"): "8d7009296c599f270d82cef4e00ab61a208cdafa79bc0d12cc20d447de0b60fa",
+}
+
+
+@pytest.mark.parametrize("name,protocol", list(PINNED_SPLITS))
+def test_the_split_and_its_negatives_are_pinned(name, protocol, tmp_path):
+    """A change to the reading, the split or the negatives' draw (or a numpy whose generator draws otherwise)
+    changes every number a run reports: runs made after it are not comparable with those in results/runs."""
+    from src.cli.config import load_config
+
+    cfg = load_config([f"dataset={name}", f"protocol={protocol}", "seed=0"])
+    dataset_mod.build(cfg.dataset, cfg.protocol, 0, cfg.data.root, str(tmp_path))
+    (path,) = tmp_path.glob(f"{name}-{protocol}-seed0-*.npz")
+    assert str(np.load(path)["digest"]) == PINNED_SPLITS[name, protocol], (
+        "the split differs from the pinned one the stored runs were made with: restore it, or bump CACHE_VERSION "
+        "(src/data/dataset.py), rerun the stored runs and pin the new digests"
+    )
