@@ -17,7 +17,9 @@ round and checkpoints) and resumes from there the next time, while its checkpoin
 Campaigns may share a work folder: each run is claimed by a lock (`<key>.lock`, held by the campaign and
 the run's own process), so two campaigns never run the same run, and a run another campaign stored
 since this one planned is not run again.
-`python -m src.campaign store <run folder> ...` stores runs made by hand (`python -m src.run`).
+`python -m src.campaign store <run folder> ...` stores runs made by hand (`python -m src.run`);
+`python -m src.campaign recheck <stored run folder> ...` reruns a stored run's first rounds with today's code and
+compares them with its history (src/cli/recheck.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from src.cli import recheck
 from src.cli.config import CONF_DIR, simulator_checks, validate_device
 from src.cli.jobs import check_job, compose_config, compose_runs, grid_jobs
 from src.cli.store import REPO, RUNS, git_commit, refuse_unreportable, store, stored_runs, variant_name
@@ -431,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "args",
         nargs="*",
-        help="experiment=<overlay> (repeatable) and key=value[,value] overrides; or `store <run folder>...`",
+        help="experiment=<overlay> (repeatable) and key=value[,value] overrides; or `store <run folder>...`; or "
+        "`recheck <stored run folder>...`",
     )
     parser.add_argument("--budget-min", type=float, default=None, help="stop (SIGTERM, checkpoint) after this long")
     parser.add_argument("--jobs", type=int, default=2)
@@ -453,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         "--commit",
         help="store: the commit of runs written before runs recorded their own (default: this checkout's)",
     )
+    parser.add_argument("--rounds", type=int, default=2, help="recheck: the first rounds rerun and compared")
+    parser.add_argument(
+        "--atol", type=float, default=0.0025, help="recheck: the largest metric difference (a fraction of users)"
+    )
+    parser.add_argument("--rtol", type=float, default=1e-4, help="recheck: the largest relative loss difference")
     ns = parser.parse_args(argv)
     for flag, value in (("--jobs", ns.jobs), ("--threads", ns.threads)):
         if value < 1:
@@ -461,6 +470,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--budget-min {ns.budget_min} is invalid; expected a number of minutes > 0")
     if ns.device is not None:
         validate_device(ns.device)
+    if ns.args[:1] == ["recheck"]:
+        if ns.rounds < 1:
+            parser.error(f"--rounds {ns.rounds} is invalid; expected an integer >= 1")
+        if not ns.args[1:]:
+            parser.error("recheck needs stored run folders (results/runs/.../seed<k>)")
+        failed = 0
+        for folder in map(Path, ns.args[1:]):
+            try:  # one folder that cannot be rechecked never stops the others
+                result = recheck.recheck(folder, ns.rounds, ns.atol, ns.rtol, ns.threads)
+            except recheck.RecheckError as err:
+                print(f"{'not rechecked':16} {err}", flush=True)
+                failed += 1
+                continue
+            print(recheck.summary(result), flush=True)
+            failed += bool(result.beyond)
+        return int(failed > 0)
     if ns.args[:1] == ["store"]:
         if not ns.experiment:
             parser.error("store needs --experiment")

@@ -1,0 +1,155 @@
+"""`python -m src.campaign recheck <stored run folder>... [--rounds 2]`: does today's code reproduce a stored run?
+
+The tables average runs stored at many commits (each run.json names its own). A recheck composes a stored run's
+overrides with today's config, refuses a run they no longer make (another identity: a default moved), reruns its
+first rounds into a temporary folder (`python -m src.run`; `fl.rounds` only says how long a run goes) and compares
+every per-round metric and loss with the stored history: the largest difference of each, and whether it is within
+tolerance. Exit status 1 when a run differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from src.cli.config import renamed
+from src.cli.jobs import compose_config
+from src.cli.store import REPO
+from src.config.identity import NOT_IDENTITY, identity, normalised, only_where
+from src.runtime.errors import UserError
+
+# config groups whose choice a stored config names (`<group>.name`): named explicitly when its overrides did not
+STORED_CHOICES = ("dataset", "ablation", "protocol", "optim")
+# the per-round values compared: ranking metrics (fractions of users) and the training losses
+METRIC_PREFIXES = ("val/", "test/", "test_full/")
+LOSS_PREFIX = "loss/"
+
+
+class RecheckError(UserError, ValueError):
+    """The folder holds no stored run, or today's config makes another run of its overrides."""
+
+
+@dataclass
+class Recheck:
+    """A stored run against its rerun: rounds compared, the largest |difference| per key, the keys beyond tolerance."""
+
+    folder: Path
+    rounds: int
+    largest: dict[str, float]
+    beyond: list[str]
+
+    @property
+    def verdict(self) -> str:
+        if self.beyond:
+            return "differs"
+        return "identical" if not any(self.largest.values()) else "within tolerance"
+
+
+def stored_record(folder: Path) -> tuple[list[str], dict[str, Any]]:
+    """The overrides (run.json, moved keys under today's names) and the results of a stored run. A group the
+    overrides left at its default then (`protocol`, `optim`, ...) is named as the run stored it: a default may have
+    moved since."""
+    try:
+        meta = json.loads((folder / "run.json").read_text())
+        payload = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError) as err:
+        raise RecheckError(f"{folder} holds no stored run ({err}); expected a folder of results/runs/") from None
+    overrides = renamed(meta["overrides"])
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    config = payload["config"]
+    for group in STORED_CHOICES:
+        name = (config.get(group) or {}).get("name")
+        if group not in given and name is not None:
+            overrides.append(f"{group}={name}")
+    return overrides, payload
+
+
+def same_run(overrides: list[str], stored: dict[str, Any], folder: Path) -> None:
+    """Refuse a run whose overrides compose, today, to another run than the one stored."""
+    today = OmegaConf.to_container(compose_config(overrides), resolve=True)
+    if identity(today) != identity(stored):
+        before, now = (
+            {k: v for k, v in normalised(c).items() if not only_where(k, NOT_IDENTITY)} for c in (stored, today)
+        )
+        absent = "<absent>"
+        differ = "; ".join(
+            f"{k}: {before.get(k, absent)!r} -> {now.get(k, absent)!r}"
+            for k in sorted(before.keys() | now.keys())
+            if before.get(k, absent) != now.get(k, absent)
+        )
+        raise RecheckError(
+            f"{folder}: its overrides make another run today ({differ}); expected a run whose overrides still compose "
+            "to its stored config"
+        )
+
+
+def rerun(overrides: list[str], rounds: int, out: Path, threads: int) -> list[dict[str, Any]]:
+    """The history of `rounds` rounds of the run of `overrides`, run in `out` by `python -m src.run` (CSV logger)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    args = [*overrides, f"fl.rounds={rounds}", "logger=csv", f"hydra.run.dir={out}"]
+    done = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RecheckError(f"the rerun `python -m src.run {' '.join(args)}` failed: {done.stderr.strip()[-2000:]}")
+    return json.loads((out / "results.json").read_text())["history"]
+
+
+def compare(
+    stored: list[dict[str, Any]], again: list[dict[str, Any]], atol: float, rtol: float
+) -> tuple[dict[str, float], list[str]]:
+    """The largest |stored - rerun| of each metric and loss over the rounds both hold, and the keys beyond tolerance
+    (a metric: more than `atol`, a fraction of users; a loss: more than `rtol` of its stored value)."""
+    largest: dict[str, float] = {}
+    beyond: set[str] = set()
+    for before, now in zip(stored, again):
+        for key in sorted(before.keys() & now.keys()):
+            if not key.startswith((*METRIC_PREFIXES, LOSS_PREFIX)):
+                continue
+            diff = abs(float(before[key]) - float(now[key]))
+            largest[key] = max(largest.get(key, 0.0), diff)
+            limit = rtol * abs(float(before[key])) if key.startswith(LOSS_PREFIX) else atol
+            if diff > limit:
+                beyond.add(key)
+    return largest, sorted(beyond)
+
+
+def recheck(folder: Path, rounds: int, atol: float, rtol: float, threads: int) -> Recheck:
+    """Rerun the first `rounds` rounds of the stored run in `folder` and compare them with its history. A run whose
+    noise the accountant calibrates over its rounds (privacy.target_epsilon) reruns all of them."""
+    overrides, payload = stored_record(folder)
+    config = payload["config"]
+    same_run(overrides, config, folder)
+    history = payload["history"]
+    if (config.get("privacy") or {}).get("target_epsilon") is not None:
+        rounds = len(history)
+    rounds = min(rounds, len(history))
+    with tempfile.TemporaryDirectory(prefix="recheck-") as tmp:
+        again = rerun(overrides, rounds, Path(tmp) / "run", threads)
+    largest, beyond = compare(history[:rounds], again, atol, rtol)
+    return Recheck(folder, rounds, largest, beyond)
+
+
+def summary(result: Recheck) -> str:
+    """One line per run: verdict, rounds, the largest metric and loss differences."""
+    metrics = {k: v for k, v in result.largest.items() if not k.startswith(LOSS_PREFIX)}
+    losses = {k: v for k, v in result.largest.items() if k.startswith(LOSS_PREFIX)}
+
+    def worst(values: dict[str, float]) -> str:
+        if not values:
+            return "-"
+        key = max(values, key=lambda k: values[k])
+        return f"{key} {values[key]:.2g}" if values[key] else "none"
+
+    beyond = f"; beyond tolerance: {', '.join(result.beyond)}" if result.beyond else ""
+    rounds = f"{result.rounds} round{'s' * (result.rounds != 1)}"
+    return (
+        f"{result.verdict:16} {result.folder} ({rounds}; largest difference: metric {worst(metrics)}, loss "
+        f"{worst(losses)}){beyond}"
+    )
