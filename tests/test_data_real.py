@@ -323,7 +323,7 @@ PINNED_SPLITS = {
 
 
 @pytest.mark.parametrize("name,protocol", list(PINNED_SPLITS))
-def test_the_split_and_its_negatives_are_pinned(name, protocol, tmp_path):
+def test_the_split_and_its_negatives_are_pinned(name: str, protocol: str, tmp_path: Path) -> None:
     """A change to the reading, the split or the negatives' draw (or a numpy whose generator draws otherwise)
     changes every number a run reports: runs made after it are not comparable with those in results/runs."""
     from src.cli.config import load_config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,38 @@ def test_compare_gives_each_largest_difference_and_what_is_beyond_tolerance():
     assert largest["loss/bce"] == pytest.approx(1.2e-4)
     assert beyond == ["loss/bce", "val/hit@10"]
     assert recheck.compare(stored, stored, 0.0, 0.0) == ({"val/hit@10": 0, "test/hit@10": 0, "loss/bce": 0}, [])
+
+
+def test_a_round_or_key_the_rerun_lacks_and_a_value_not_finite_are_beyond_tolerance() -> None:
+    stored = [{"round": 1, "val/hit@10": 0.5, "loss/bce": 0.7}, {"round": 2, "val/hit@10": 0.6, "loss/bce": 0.6}]
+    missing = ({"val/hit@10": math.inf, "loss/bce": math.inf}, ["loss/bce", "val/hit@10"])
+    assert recheck.compare(stored, [], 1.0, 1.0) == missing
+    again = [{"round": 2, "val/hit@10": 0.6, "loss/bce": 0.6}, {"round": 1, "val/hit@10": 0.5}]  # rows by round
+    assert recheck.compare(stored, again, 0.0, 0.0) == ({"val/hit@10": 0.0, "loss/bce": math.inf}, ["loss/bce"])
+    again = [{"round": 1, "val/hit@10": 0.5, "loss/bce": math.nan}, {"round": 2, "val/hit@10": 0.6, "loss/bce": 0.6}]
+    largest, beyond = recheck.compare(stored, again, 0.0, 0.0)
+    assert beyond == ["loss/bce"] and largest["loss/bce"] == math.inf
+    verdict = recheck.Recheck(Path("x"), 2, largest, beyond).verdict
+    assert verdict == "differs" and recheck.Recheck(Path("x"), 2, {"a": 0.0}, []).verdict == "identical"
+
+
+def test_a_run_whose_computation_reads_its_rounds_reruns_all_of_them() -> None:
+    history = [{"round": r} for r in (1, 2, 3)]
+    assert recheck.rounds_to_rerun({"privacy": {"target_epsilon": None}}, history, 2) == 2
+    assert recheck.rounds_to_rerun({}, history, 9) == 3  # never more than it stored
+    assert recheck.rounds_to_rerun({"privacy": {"target_epsilon": 4.0}}, history, 2) is None
+    assert recheck.rounds_to_rerun({"ablation": {"upload_round": 40}}, history, 2) is None
+
+
+def test_overrides_that_no_longer_compose_are_named_not_raised(tmp_path: Path) -> None:
+    altered = tmp_path / "seed0"
+    shutil.copytree(STORED, altered)
+    meta = json.loads((altered / "run.json").read_text())
+    for extra, why in (("model.fast_kernel=true", "was replaced"), ("experiment=gone", "no longer compose")):
+        meta["overrides"] = [*json.loads((STORED / "run.json").read_text())["overrides"], extra]
+        (altered / "run.json").write_text(json.dumps(meta))
+        with pytest.raises(recheck.RecheckError, match=why):
+            recheck.recheck(altered, 1, atol=0.0025, rtol=1e-4, threads=1)
 
 
 @requires_real_data

@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = 0
         for folder in map(Path, ns.args[1:]):
             try:  # one folder that cannot be rechecked never stops the others
-                result = recheck.recheck(folder, ns.rounds, ns.atol, ns.rtol, ns.threads)
+                result = recheck.recheck(folder, ns.rounds, ns.atol, ns.rtol, ns.threads, ns.device)
             except recheck.RecheckError as err:
                 print(f"{'not rechecked':16} {err}", flush=True)
                 failed += 1

@@ -10,6 +10,7 @@ tolerance. Exit status 1 when a run differs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,12 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from src.cli.config import renamed
+from src.cli.config import refuse_replaced, renamed
 from src.cli.jobs import compose_config
 from src.cli.store import REPO
 from src.config.identity import NOT_IDENTITY, identity, normalised, only_where
+from src.runtime.checks import ConfigError
 from src.runtime.errors import UserError
 
 # config groups whose choice a stored config names (`<group>.name`): named explicitly when its overrides did not
@@ -48,6 +52,8 @@ class Recheck:
 
     @property
     def verdict(self) -> str:
+        """`differs` when a key is beyond tolerance (or missing, or not finite), else `identical` when every
+        difference is 0, else `within tolerance`."""
         if self.beyond:
             return "differs"
         return "identical" if not any(self.largest.values()) else "within tolerance"
@@ -73,8 +79,15 @@ def stored_record(folder: Path) -> tuple[list[str], dict[str, Any]]:
 
 
 def same_run(overrides: list[str], stored: dict[str, Any], folder: Path) -> None:
-    """Refuse a run whose overrides compose, today, to another run than the one stored."""
-    today = OmegaConf.to_container(compose_config(overrides), resolve=True)
+    """Refuse a run whose overrides compose, today, to another run than the one stored, or no longer compose."""
+    try:
+        refuse_replaced(overrides)
+        today = OmegaConf.to_container(compose_config(overrides), resolve=True)
+    except (HydraException, OmegaConfBaseException, ConfigError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecheckError(
+            f"{folder}: its overrides no longer compose ({first}); expected overrides today's config accepts"
+        ) from None
     if identity(today) != identity(stored):
         before, now = (
             {k: v for k, v in normalised(c).items() if not only_where(k, NOT_IDENTITY)} for c in (stored, today)
@@ -91,10 +104,12 @@ def same_run(overrides: list[str], stored: dict[str, Any], folder: Path) -> None
         )
 
 
-def rerun(overrides: list[str], rounds: int, out: Path, threads: int) -> list[dict[str, Any]]:
-    """The history of `rounds` rounds of the run of `overrides`, run in `out` by `python -m src.run` (CSV logger)."""
+def rerun(overrides: list[str], rounds: int | None, out: Path, threads: int) -> list[dict[str, Any]]:
+    """The history of the run of `overrides` cut to `rounds` rounds (None: as long as it is), run in `out` by
+    `python -m src.run` (CSV logger)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    args = [*overrides, f"fl.rounds={rounds}", "logger=csv", f"hydra.run.dir={out}"]
+    length = [] if rounds is None else [f"fl.rounds={rounds}"]
+    args = [*overrides, *length, "logger=csv", f"hydra.run.dir={out}"]
     done = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RecheckError(f"the rerun `python -m src.run {' '.join(args)}` failed: {done.stderr.strip()[-2000:]}")
@@ -104,36 +119,53 @@ def rerun(overrides: list[str], rounds: int, out: Path, threads: int) -> list[di
 def compare(
     stored: list[dict[str, Any]], again: list[dict[str, Any]], atol: float, rtol: float
 ) -> tuple[dict[str, float], list[str]]:
-    """The largest |stored - rerun| of each metric and loss over the rounds both hold, and the keys beyond tolerance
-    (a metric: more than `atol`, a fraction of users; a loss: more than `rtol` of its stored value)."""
+    """The largest |stored - rerun| of each metric and loss of the stored rounds, matched by `round`, and the keys
+    beyond tolerance (a metric: more than `atol`, a fraction of users; a loss: more than `rtol` of its stored value).
+    A stored round or key the rerun lacks, and a difference that is not finite, count as beyond (`inf`)."""
     largest: dict[str, float] = {}
     beyond: set[str] = set()
-    for before, now in zip(stored, again):
-        for key in sorted(before.keys() & now.keys()):
+    rerun_rounds = {row["round"]: row for row in again}
+    for before in stored:
+        now = rerun_rounds.get(before["round"], {})
+        for key in sorted(before):
             if not key.startswith((*METRIC_PREFIXES, LOSS_PREFIX)):
                 continue
-            diff = abs(float(before[key]) - float(now[key]))
-            largest[key] = max(largest.get(key, 0.0), diff)
+            diff = abs(float(before[key]) - float(now[key])) if key in now else math.inf
             limit = rtol * abs(float(before[key])) if key.startswith(LOSS_PREFIX) else atol
-            if diff > limit:
+            if not diff <= limit:  # NaN too
+                diff = diff if math.isfinite(diff) else math.inf
                 beyond.add(key)
+            largest[key] = max(largest.get(key, 0.0), diff)
     return largest, sorted(beyond)
 
 
-def recheck(folder: Path, rounds: int, atol: float, rtol: float, threads: int) -> Recheck:
-    """Rerun the first `rounds` rounds of the stored run in `folder` and compare them with its history. A run whose
-    noise the accountant calibrates over its rounds (privacy.target_epsilon) reruns all of them."""
+def rounds_to_rerun(config: dict[str, Any], history: list[dict[str, Any]], asked: int) -> int | None:
+    """How many rounds the rerun goes: `asked` (at most the stored ones), or None for all of the stored run's
+    `fl.rounds` when its computation reads them: noise the accountant calibrates over the rounds
+    (`privacy.target_epsilon`), or a one-shot upload round (`ablation.upload_round`, below fl.rounds)."""
+    if (config.get("privacy") or {}).get("target_epsilon") is not None:
+        return None
+    if (config.get("ablation") or {}).get("upload_round") is not None:
+        return None
+    return min(asked, len(history))
+
+
+def recheck(folder: Path, rounds: int, atol: float, rtol: float, threads: int, device: str | None = None) -> Recheck:
+    """Rerun the first `rounds` rounds of the stored run in `folder` (all of them where its computation reads
+    fl.rounds: `rounds_to_rerun`) on `device` (None: the default) and compare them with its history."""
     overrides, payload = stored_record(folder)
     config = payload["config"]
     same_run(overrides, config, folder)
     history = payload["history"]
-    if (config.get("privacy") or {}).get("target_epsilon") is not None:
-        rounds = len(history)
-    rounds = min(rounds, len(history))
+    if not history:
+        raise RecheckError(f"{folder}: its history holds no round; expected a run with scored rounds")
+    length = rounds_to_rerun(config, history, rounds)
+    on = [] if device is None else [f"device={device}"]
     with tempfile.TemporaryDirectory(prefix="recheck-") as tmp:
-        again = rerun(overrides, rounds, Path(tmp) / "run", threads)
-    largest, beyond = compare(history[:rounds], again, atol, rtol)
-    return Recheck(folder, rounds, largest, beyond)
+        again = rerun([*overrides, *on], length, Path(tmp) / "run", threads)
+    compared = history if length is None else history[:length]
+    largest, beyond = compare(compared, again, atol, rtol)
+    return Recheck(folder, len(compared), largest, beyond)
 
 
 def summary(result: Recheck) -> str:
@@ -142,6 +174,7 @@ def summary(result: Recheck) -> str:
     losses = {k: v for k, v in result.largest.items() if k.startswith(LOSS_PREFIX)}
 
     def worst(values: dict[str, float]) -> str:
+        """The key of the largest difference and its size; `none` when all are 0, `-` without keys."""
         if not values:
             return "-"
         key = max(values, key=lambda k: values[k])

@@ -32,12 +32,15 @@ TAG_LIMIT = 64
 def sweep_tag(override_dirname: str) -> str:
     """`_<the job's other overrides>` for a multirun folder's name ('' when none): Hydra's `override_dirname`
     (`ablation.alpha=0.005,fl.rounds=50`) as one path segment, each character a file name should not hold made
-    `-` (a `/` in a value would nest folders), cut at TAG_LIMIT characters with a hash of the whole after `~`."""
+    `-` (a `/` in a value would nest folders); one over TAG_LIMIT characters keeps its whole overrides that fit (never
+    a value cut short) and a hash of the whole after `~`."""
     if not override_dirname:
         return ""
     tag = re.sub(r"[^A-Za-z0-9._=,+-]", "-", override_dirname)
     if len(tag) > TAG_LIMIT:
-        tag = f"{tag[: TAG_LIMIT - 9]}~{hashlib.sha1(override_dirname.encode()).hexdigest()[:8]}"
+        head = tag[: TAG_LIMIT - 9]
+        head = head[: head.rfind(",") + 1] if "," in head else ""
+        tag = f"{head}~{hashlib.sha1(override_dirname.encode()).hexdigest()[:8]}"
     return f"_{tag}"
 
 
