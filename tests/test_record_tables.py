@@ -151,12 +151,13 @@ def test_the_noiseless_privacy_point_is_found_under_a_communication_sweep(compos
 def test_cost_rows_read_each_runs_own_timings(tmp_path):
     timings = {"total_s": 5400.0, "mean_round_s": 54.0, "processes": 2}
     config = {"seed": 0, "ablation": {"engine": "adam+fast"}}
-    resources = {"type": "cpu", "torch_threads": 2}
+    resources = {"type": "cpu", "torch_threads": 2, "peak_rss_mib": 9216.0}
     fake_run(tmp_path / "t" / "a", timings=timings, config=config, ablation="full", resources=resources)
     fake_run(tmp_path / "t" / "b", timings={"total_s": 600.0, "mean_round_s": 6.0}, config=config)
     lines = generated("cost:t", tmp_path).splitlines()
-    assert lines[2] == "| synthetic | backbone | clean | adam+fast | 0 | 1 | 6.0 | 10 min | 1 | - |"
-    assert lines[3] == "| synthetic | full | clean | adam+fast | 0 | 1 | 54.0 | 1.5 h | 2 | 2 |"
+    assert lines[0].endswith("| torch threads | peak RSS (GiB) |")
+    assert lines[2] == "| synthetic | backbone | clean | adam+fast | 0 | 1 | 6.0 | 10 min | 1 | - | - |"
+    assert lines[3] == "| synthetic | full | clean | adam+fast | 0 | 1 | 54.0 | 1.5 h | 2 | 2 | 9.0 |"
     with pytest.raises(UserError, match="no stored run under 'nothing'"):
         generated("cost:nothing", tmp_path)
 

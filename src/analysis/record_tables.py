@@ -218,25 +218,30 @@ def cooccurrence_markdown(results: Path) -> str:
 
 def cost_markdown(root: Path, spec: str) -> str:
     """`cost:<folder>,<folder>...`: what each stored run under the folders cost, from its own record: rounds, mean
-    seconds per round, the time over all its processes (a resumed run has several), how many there were and the torch
-    threads it ran with (two on 2 cores: it had the machine alone). The machine and what shared it differ between
-    runs: compare rows, not machines."""
+    seconds per round, the time over all its processes (a resumed run has several), how many there were, the torch
+    threads it ran with (two on 2 cores: it had the machine alone) and the peak RSS of its last process (one that
+    resumed also held the checkpoint it read). The machine and what shared it differ between runs: compare rows, not
+    machines."""
     runs = load_runs([root / f for f in spec.split(",")])
     if not runs:
         raise UserError(f"no stored run under {spec!r} in {root}; expected folders of results/runs")
     lines = [
-        "| dataset | method | protocol | engine | seed | rounds | s / round | time | processes | torch threads |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| dataset | method | protocol | engine | seed | rounds | s / round | time | processes | torch threads "
+        "| peak RSS (GiB) |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in sorted(runs, key=lambda r: (r["dataset"], r["ablation"], r["protocol"], r["path"])):
         t = run.get("timings", {})
         total = float(t.get("total_s", 0.0))
         when = f"{total / 60:.0f} min" if total < 3600 else f"{total / 3600:.1f} h"
         engine = config_value(run["config"], "ablation.engine")
+        resources = run.get("resources") or {}
+        rss = resources.get("peak_rss_mib")
         lines.append(
             f"| {run['dataset']} | {run['ablation']} | {run['protocol']} | {engine} "
             f"| {run['seed']} | {len(run['history'])} | {float(t.get('mean_round_s', 0.0)):.1f} | {when} "
-            f"| {t.get('processes', 1)} | {run.get('resources', {}).get('torch_threads') or '-'} |"
+            f"| {t.get('processes', 1)} | {resources.get('torch_threads') or '-'} "
+            f"| {'-' if rss is None else f'{rss / 1024:.1f}'} |"
         )
     return "\n".join(lines)
 
