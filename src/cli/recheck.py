@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from src.cli.config import refuse_replaced, renamed
 from src.cli.jobs import compose_config
 from src.cli.store import REPO
-from src.config.identity import NOT_IDENTITY, identity, normalised, only_where
+from src.config.identity import differing, identity, identity_values
 from src.runtime.checks import ConfigError
 from src.runtime.errors import UserError
 
@@ -89,15 +89,7 @@ def same_run(overrides: list[str], stored: dict[str, Any], folder: Path) -> None
             f"{folder}: its overrides no longer compose ({first}); expected overrides today's config accepts"
         ) from None
     if identity(today) != identity(stored):
-        before, now = (
-            {k: v for k, v in normalised(c).items() if not only_where(k, NOT_IDENTITY)} for c in (stored, today)
-        )
-        absent = "<absent>"
-        differ = "; ".join(
-            f"{k}: {before.get(k, absent)!r} -> {now.get(k, absent)!r}"
-            for k in sorted(before.keys() | now.keys())
-            if before.get(k, absent) != now.get(k, absent)
-        )
+        differ = "; ".join(differing(identity_values(stored), identity_values(today)))
         raise RecheckError(
             f"{folder}: its overrides make another run today ({differ}); expected a run whose overrides still compose "
             "to its stored config"

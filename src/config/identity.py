@@ -157,17 +157,23 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {k.rstrip("."): v for k, v in out.items()}
 
 
+def differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """`key: a -> b` for every key of two flattened configs whose values differ (`<absent>` where one lacks it)."""
+    missing = "<absent>"
+    return [
+        f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}"
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, missing) != b.get(key, missing)
+    ]
+
+
 def resume_mismatch(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for every key that differs, except those in `RESUMABLE_KEYS` (but `KEPT_ON_RESUME`)."""
-    a, b = normalised(saved), normalised(current)
-    out = []
-    for key in sorted(a.keys() | b.keys()):
-        if only_where(key, RESUMABLE_KEYS) and key not in KEPT_ON_RESUME:
-            continue
-        missing = "<absent>"
-        if a.get(key, missing) != b.get(key, missing):
-            out.append(f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}")
-    return out
+
+    def kept(config: dict) -> dict[str, Any]:
+        return {k: v for k, v in normalised(config).items() if not only_where(k, RESUMABLE_KEYS) or k in KEPT_ON_RESUME}
+
+    return differing(kept(saved), kept(current))
 
 
 def resume_changes(saved: dict, current: dict) -> dict[str, list]:
@@ -184,8 +190,13 @@ def resume_changes(saved: dict, current: dict) -> dict[str, list]:
 NOT_IDENTITY = (*WHERE_KEYS, *SPEED_KEYS, *DEVICE_KEYS, "fl.checkpoint_every")
 
 
+def identity_values(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config, normalised, without the keys that cannot change the results: what `identity` hashes."""
+    return {k: v for k, v in normalised(config).items() if not only_where(k, NOT_IDENTITY)}
+
+
 def identity(config: dict[str, Any]) -> str:
     """sha256 of the resolved config without the keys that cannot change the results: one key per computation
     (the campaign's run identity; the report counts one run per key)."""
-    flat = {k: v for k, v in normalised(config).items() if not only_where(k, NOT_IDENTITY)}
+    flat = identity_values(config)
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:20]
