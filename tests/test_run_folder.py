@@ -499,3 +499,13 @@ def test_sweep_tag_is_one_bounded_folder_name() -> None:
     assert tag.startswith("_ablation.key0=-some-path-0,ablation.key1=-some-path-1,~") and len(tag) == 1 + 54 + 9
     assert tag != rundir.sweep_tag(long.replace("key9", "key8"))  # cut tags of different sweeps stay apart
     assert len(rundir.sweep_tag("ablation.name=" + "x" * 80)) == 1 + 9  # one override too long: its hash alone
+
+
+def test_multirun_folders_and_stored_variants_name_runs_by_one_rule() -> None:
+    """A `/` (folders would nest), a space and a non-ASCII letter become `-` alike in a multirun folder's tag and a
+    stored run's variant folder; the characters an override is written with stay."""
+    from src.cli.store import variant_name
+
+    override = "ablation.name=a/b é:c,d+e~"
+    assert variant_name(["dataset=ml-100k", override]) == "ablation.name=a-b---c,d+e-"
+    assert rundir.sweep_tag(override) == "_" + variant_name([override])

@@ -24,6 +24,7 @@ import yaml
 from src.config.identity import identity
 from src.runtime.atomic import atomic_write_text
 from src.runtime.errors import UserError
+from src.runtime.rundir import path_segment
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = REPO / "results" / "runs"
@@ -63,8 +64,7 @@ def refuse_unreportable(config: dict[str, Any], where: str) -> None:
 def variant_name(overrides: list[str]) -> str:
     """The overrides beyond the grid axes and the experiment, as a folder name ('default' when none)."""
     extra = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*AXES, "experiment"))
-    name = "_".join(extra) or "default"
-    return "".join(ch if ch.isalnum() or ch in "=._-,+" else "-" for ch in name)
+    return path_segment("_".join(extra) or "default")
 
 
 def stored_runs(root: Path = RUNS) -> dict[str, Path]:

@@ -29,14 +29,20 @@ HYDRA_FILES = {LOCK_NAME, ".hydra", "multirun.yaml"}
 TAG_LIMIT = 64
 
 
+def path_segment(text: str) -> str:
+    """`text` as one folder name: each character but ASCII letters, digits and `._=,+-` made `-` (a `/` in an
+    override's value would nest folders). The one rule of the names runs are written under: multirun folders
+    (`sweep_tag`) and the campaign's stored variants (src/cli/store.py `variant_name`)."""
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "-", text)
+
+
 def sweep_tag(override_dirname: str) -> str:
     """`_<the job's other overrides>` for a multirun folder's name ('' when none): Hydra's `override_dirname`
-    (`ablation.alpha=0.005,fl.rounds=50`) as one path segment, each character a file name should not hold made
-    `-` (a `/` in a value would nest folders); one over TAG_LIMIT characters keeps its whole overrides that fit (never
-    a value cut short) and a hash of the whole after `~`."""
+    (`ablation.alpha=0.005,fl.rounds=50`) as one `path_segment`; one over TAG_LIMIT characters keeps its whole
+    overrides that fit (never a value cut short) and a hash of the whole after `~`."""
     if not override_dirname:
         return ""
-    tag = re.sub(r"[^A-Za-z0-9._=,+-]", "-", override_dirname)
+    tag = path_segment(override_dirname)
     if len(tag) > TAG_LIMIT:
         head = tag[: TAG_LIMIT - 9]
         head = head[: head.rfind(",") + 1] if "," in head else ""
