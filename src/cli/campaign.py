@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 
 from src.cli import recheck
 from src.cli.config import CONF_DIR, simulator_checks, validate_device
-from src.cli.jobs import check_job, compose_config, compose_runs, grid_jobs
+from src.cli.jobs import check_job, compose_config, compose_runs, grid_jobs, run_command
 from src.cli.store import REPO, RUNS, git_commit, refuse_unreportable, store, stored_runs, variant_name
 from src.config.identity import identity
 from src.methods.base import method_class
@@ -296,13 +296,13 @@ def launch(run: Run, work: Path, device: str | None, threads: int, compiled: boo
     on_device = [f"device={device}", *(["fl.chunk_size=auto"] if device.startswith("cuda") else [])] if device else []
     speed = ["compute.compile=true"] if compiled else []  # a run on a GPU keeps eager kernels (methods/alignfedrec.py)
     args = [*run.overrides, *on_device, *speed, f"hydra.run.dir={folder}", *(["resume=true"] if resume else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    argv, env = run_command(args, threads)
     folder.parent.mkdir(parents=True, exist_ok=True)
     log = open(work / f"{run.key}.log", "a")
     print(f"start  {run.label} ({'resume' if resume else 'new'}, est {run.est_s / 60:.1f} min)", flush=True)
     lock = run.extra.get("lock")
     return subprocess.Popen(
-        [sys.executable, "-m", "src.run", *args],
+        argv,
         cwd=REPO,
         env=env,
         stdout=log,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import os
+import sys
 from collections.abc import Callable
 
 from hydra import compose, initialize_config_dir
@@ -25,6 +27,13 @@ from src.runtime.errors import reported
 
 # hydra's flags that take no value and leave the config as it is; any other flag skips the check (Hydra's own)
 MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def run_command(overrides: list[str], threads: int) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of one run's own process: `python -m src.run <overrides>` with `threads` torch
+    (OpenMP, MKL) threads, as the campaign launches a run and `recheck` reruns one."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return [sys.executable, "-m", "src.run", *overrides], env
 
 
 def sweep_values(override: str) -> tuple[str, list[str]]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src.cli.config import refuse_replaced, renamed
-from src.cli.jobs import compose_config
+from src.cli.jobs import compose_config, run_command
 from src.cli.store import REPO
 from src.config.identity import differing, identity, identity_values
 from src.runtime.checks import ConfigError
@@ -99,10 +97,10 @@ def same_run(overrides: list[str], stored: dict[str, Any], folder: Path) -> None
 def rerun(overrides: list[str], rounds: int | None, out: Path, threads: int) -> list[dict[str, Any]]:
     """The history of the run of `overrides` cut to `rounds` rounds (None: as long as it is), run in `out` by
     `python -m src.run` (CSV logger)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     length = [] if rounds is None else [f"fl.rounds={rounds}"]
     args = [*overrides, *length, "logger=csv", f"hydra.run.dir={out}"]
-    done = subprocess.run([sys.executable, "-m", "src.run", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    argv, env = run_command(args, threads)
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RecheckError(f"the rerun `python -m src.run {' '.join(args)}` failed: {done.stderr.strip()[-2000:]}")
     return json.loads((out / "results.json").read_text())["history"]
