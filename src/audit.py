@@ -5,10 +5,11 @@ The code: `src/analysis/audit.py`.
 
 import sys
 
-from src.analysis.audit import main
 from src.runtime.errors import overrides_help, reported
 
 if __name__ == "__main__":
-    overrides_help(__doc__, sys.argv[1:])
+    overrides_help(__doc__, sys.argv[1:])  # before torch and Lightning are imported: --help at once, not after 7 s
+    from src.analysis.audit import main
+
     with reported():
         main(sys.argv[1:])
