@@ -8,7 +8,7 @@ import sys
 from src.runtime.errors import overrides_help, reported
 
 if __name__ == "__main__":
-    overrides_help(__doc__, sys.argv[1:])  # before torch and Lightning are imported: --help at once, not after 7 s
+    overrides_help(__doc__, sys.argv[1:])  # before torch and Lightning are imported: --help at once, not after seconds
     from src.analysis.audit import main
 
     with reported():

@@ -507,5 +507,6 @@ def test_multirun_folders_and_stored_variants_name_runs_by_one_rule() -> None:
     from src.cli.store import variant_name
 
     override = "ablation.name=a/b é:c,d+e~"
+    assert rundir.path_segment(override) == "ablation.name=a-b---c,d+e-"
     assert variant_name(["dataset=ml-100k", override]) == "ablation.name=a-b---c,d+e-"
     assert rundir.sweep_tag(override) == "_" + variant_name([override])

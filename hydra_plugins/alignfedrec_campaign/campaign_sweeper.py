@@ -25,7 +25,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 from src.cli import campaign
-from src.cli.jobs import sweep_values
+from src.cli.jobs import sweep_values, thread_env
 from src.runtime.cache import default_cache_dir
 from src.runtime.checks import ConfigError
 
@@ -83,7 +83,7 @@ class CampaignSweeper(Sweeper):
             run.extra["resume"] = campaign.resumes(self.work, run)
             todo.append(run)
         # the jobs' processes (joblib workers, SLURM tasks) read their torch threads from the environment
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(self.threads)
+        os.environ.update(thread_env(self.threads))
         batch = [self.job(run) for run in todo]
         log.info("campaign: %d runs, %d stored, %d to launch", len(runs), len(runs) - len(todo), len(todo))
         results, broken = [], None

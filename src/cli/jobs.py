@@ -1,4 +1,5 @@
-"""The jobs of a command line: compose each run's config from its overrides, and expand a sweep into its jobs.
+"""The jobs of a command line: compose each run's config from its overrides, expand a sweep into its jobs, and the
+command and environment of a run's own process.
 
 `src.run -m` checks every job of a multirun this way before the first starts, and the campaign plans with it.
 """
@@ -29,11 +30,15 @@ from src.runtime.errors import reported
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment that gives a run's process `threads` torch threads (OpenMP and MKL read it at start)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def run_command(overrides: list[str], threads: int) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment of one run's own process: `python -m src.run <overrides>` with `threads` torch
-    (OpenMP, MKL) threads, as the campaign launches a run and `recheck` reruns one."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    return [sys.executable, "-m", "src.run", *overrides], env
+    """The argv and environment of one run's own process, `python -m src.run <overrides>` with `threads` torch
+    threads: how the campaign launches a run and `recheck` reruns one."""
+    return [sys.executable, "-m", "src.run", *overrides], {**os.environ, **thread_env(threads)}
 
 
 def sweep_values(override: str) -> tuple[str, list[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ def rerun(overrides: list[str], rounds: int | None, out: Path, threads: int) -> 
     argv, env = run_command(args, threads)
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RecheckError(f"the rerun `python -m src.run {' '.join(args)}` failed: {done.stderr.strip()[-2000:]}")
+        raise RecheckError(f"the rerun `{shlex.join(['python', *argv[1:]])}` failed: {done.stderr.strip()[-2000:]}")
     return json.loads((out / "results.json").read_text())["history"]
 
 

@@ -31,8 +31,9 @@ TAG_LIMIT = 64
 
 def path_segment(text: str) -> str:
     """`text` as one folder name: each character but ASCII letters, digits and `._=,+-` made `-` (a `/` in an
-    override's value would nest folders). The one rule of the names runs are written under: multirun folders
-    (`sweep_tag`) and the campaign's stored variants (src/cli/store.py `variant_name`)."""
+    override's value would nest folders). The one character rule of the names runs are written under: multirun
+    folders (`sweep_tag`, which also bounds their length) and the campaign's stored variants (src/cli/store.py
+    `variant_name`)."""
     return re.sub(r"[^A-Za-z0-9._=,+-]", "-", text)
 
 
