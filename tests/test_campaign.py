@@ -302,6 +302,30 @@ def test_cost_estimate_takes_the_newest_stored_runs_of_the_kind():
     assert campaign.seconds_per_round(sgd, stored) == pytest.approx(9.0)
 
 
+def test_peak_memory_is_the_largest_of_the_newest_stored_runs_of_the_kind_and_shown_with_the_cost():
+    """A pending run shows the most memory any of the three runs of its kind stored last held (a lane's need before
+    it starts), borrowed from an aligned sibling like its time, and nothing where no stored run recorded it."""
+    kind = ("ml-1m", True, "fast", "knn_ica", "auto", "adam")
+    stored = [
+        {"kind": kind, "mean_round_s": 40.0, "peak_rss_mib": 20 * 1024, "stored_at": "2026-12-01"},  # older: out
+        {"kind": kind, "mean_round_s": 40.0, "peak_rss_mib": 8 * 1024, "stored_at": "2026-12-05"},
+        {"kind": kind, "mean_round_s": 40.0, "peak_rss_mib": 11.5 * 1024, "stored_at": "2026-12-06"},
+        {"kind": kind, "mean_round_s": 40.0, "stored_at": "2026-12-07"},  # recorded none: not counted
+        {"kind": kind, "mean_round_s": 40.0, "peak_rss_mib": 9 * 1024, "stored_at": "2026-12-04"},
+        {"kind": (*kind[:3], "full", "auto", "adam"), "mean_round_s": 70.0, "peak_rss_mib": 7 * 1024, "stored_at": "1"},
+    ]
+    config = full_config("ml-1m", "adam")
+    config["ablation"]["name"] = "knn_ica"
+    assert campaign.peak_memory_gib(config, stored) == pytest.approx(11.5)
+    no_gsa = {**config, "ablation": {**config["ablation"], "name": "no_gsa"}}
+    assert campaign.peak_memory_gib(no_gsa, stored) == pytest.approx(11.5)  # the newest three aligned siblings
+    assert campaign.peak_memory_gib(no_gsa, stored[-1:]) == pytest.approx(7.0)
+    assert campaign.peak_memory_gib(config, [r for r in stored if "peak_rss_mib" not in r]) is None
+    run = campaign.Run("t", [], {**config, "seed": 0}, "k", "default", est_s=1800, mem_gib=11.5)
+    assert campaign.cost_text(run) == "est 30.0 min, about 11.5 GiB"
+    assert campaign.cost_text(campaign.Run("t", [], config, "k", "default", est_s=60)) == "est 1.0 min"
+
+
 ROUND_PARTS = ("train", "aggregate", "eval", "community", "server")
 
 

@@ -64,6 +64,7 @@ class Run:
     key: str
     variant: str
     est_s: float = 0.0
+    mem_gib: float | None = None  # peak resident memory of stored runs of its kind (None: none stored)
     status: str = "pending"
     stored: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -186,6 +187,32 @@ def seconds_per_round(
     return (15.0 if heavy else 1.0) * scale
 
 
+def peak_memory_gib(config: dict[str, Any], stored: list[dict[str, Any]]) -> float | None:
+    """The largest peak resident memory (GiB) of the three runs of the same kind stored last (`run_kind`; for an
+    aligned run without any, of another aligned ablation alike in all else, as `seconds_per_round` borrows); None
+    when none recorded it. What a lane needs free before it starts the run: memory, not cores, bounds how many
+    ML-1M and Lastfm-2k runs a machine takes at once (docs/reproducing.md)."""
+    kind = run_kind(config)
+
+    def newest_alike(alike: Callable[[tuple], bool]) -> list[float]:
+        rows = sorted(
+            (r.get("stored_at", ""), r["peak_rss_mib"]) for r in stored if alike(r["kind"]) and r.get("peak_rss_mib")
+        )
+        return [mib for _, mib in rows[-3:]]
+
+    peaks = newest_alike(lambda k: k == kind)
+    if not peaks and kind[1]:
+        peaks = newest_alike(lambda k: k[:3] == kind[:3] and k[4:] == kind[4:])
+    return max(peaks) / 1024 if peaks else None
+
+
+def cost_text(run: Run) -> str:
+    """`est 117.7 min, about 8.7 GiB`: a run's estimated time as a one-thread job and, where stored runs of its kind
+    recorded it, its peak memory."""
+    memory = "" if run.mem_gib is None else f", about {run.mem_gib:.1f} GiB"
+    return f"est {run.est_s / 60:.1f} min{memory}"
+
+
 def plan(experiments: list[str], cli: list[str], root: Path = RUNS, threads: int = 1) -> list[Run]:
     """Every run of the experiments, each marked stored or pending, pending ones costed as jobs of `threads` torch
     threads; duplicates dropped."""
@@ -202,6 +229,7 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS, threads: int
                 "kind": run_kind(payload["config"]),
                 "mean_round_s": payload.get("timings", {}).get("mean_round_s"),
                 "threads": payload.get("resources", {}).get("torch_threads"),
+                "peak_rss_mib": payload.get("resources", {}).get("peak_rss_mib"),
                 "stored_at": stored_at,
             }
         )
@@ -215,6 +243,7 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS, threads: int
                 run.status, run.stored = "stored", done[run.key]
             else:
                 run.est_s = seconds_per_round(run.config, stats, threads=threads) * int(run.config["fl"]["rounds"])
+                run.mem_gib = peak_memory_gib(run.config, stats)
             runs.append(run)
     return runs
 
@@ -299,7 +328,7 @@ def launch(run: Run, work: Path, device: str | None, threads: int, compiled: boo
     argv, env = run_command(args, threads)
     folder.parent.mkdir(parents=True, exist_ok=True)
     log = open(work / f"{run.key}.log", "a")
-    print(f"start  {run.label} ({'resume' if resume else 'new'}, est {run.est_s / 60:.1f} min)", flush=True)
+    print(f"start  {run.label} ({'resume' if resume else 'new'}, {cost_text(run)})", flush=True)
     lock = run.extra.get("lock")
     return subprocess.Popen(
         argv,
@@ -403,7 +432,7 @@ def summary(runs: list[Run], work: Path) -> str:
     for state in ("elsewhere", "partial", "cut", "failed", "pending"):
         for run in sorted(runs, key=lambda r: r.est_s):
             if run.status == state:
-                cost = f", est {run.est_s / 60:.1f} min" if state == "pending" else ""
+                cost = f", {cost_text(run)}" if state == "pending" else ""
                 lines.append(f"  {state:8s} {run.label}{cost}")
     return "\n".join(lines)
 
