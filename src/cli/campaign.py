@@ -206,6 +206,41 @@ def peak_memory_gib(config: dict[str, Any], stored: list[dict[str, Any]]) -> flo
     return max(peaks) / 1024 if peaks else None
 
 
+def memory_gib() -> tuple[float, float] | None:
+    """(available, total) memory of this machine in GiB (/proc/meminfo: MemAvailable, MemTotal); None where unknown."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return float(fields["MemAvailable"].split()[0]) / 2**20, float(fields["MemTotal"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def rss_gib(pid: int) -> float:
+    """Resident memory of process `pid` now, in GiB (0 when it is gone or unknown)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def memory_short(run: Run, running: dict[Run, subprocess.Popen]) -> str:
+    """Why `run` may not start yet ('' when it may): its expected peak (`mem_gib`) exceeds the memory available now
+    less what this campaign's running runs are still expected to grow by (a run reaches its peak in its first
+    rounds). A run whose need or the machine's memory is unknown, or that no amount freed could hold, starts."""
+    machine = memory_gib()
+    if run.mem_gib is None or machine is None or run.mem_gib > machine[1]:
+        return ""
+    growth = sum(max(0.0, (r.mem_gib or 0.0) - rss_gib(proc.pid)) for r, proc in running.items())
+    free = machine[0] - growth
+    if free >= run.mem_gib:
+        return ""
+    later = " once this campaign's running runs reach their peaks" if growth else ""
+    return f"about {run.mem_gib:.1f} GiB needed, {free:.1f} GiB free{later}"
+
+
 def cost_text(run: Run) -> str:
     """`est 117.7 min, about 8.7 GiB`: a run's estimated time as a one-thread job and, where stored runs of its kind
     recorded it, its peak memory."""
@@ -354,6 +389,7 @@ def execute(
     """Run the pending runs, cheapest first, `jobs` at a time, within the budget; store each as it ends."""
     pending = sorted((r for r in runs if r.status == "pending"), key=lambda r: r.est_s)
     running: dict[Run, subprocess.Popen] = {}
+    waited: set[str] = set()
     start = time.monotonic()
     while pending or running:
         left = None if budget_s is None else budget_s - (time.monotonic() - start)
@@ -368,6 +404,12 @@ def execute(
         while pending and len(running) < jobs:
             fits = [r for r in pending if left is None or r.est_s <= left]
             nxt = fits[0] if fits else pending[0]  # nothing fits: start the cheapest, it resumes next time
+            short = memory_short(nxt, running)
+            if short:  # starts once its memory is free: another run ends (this campaign's or not)
+                if nxt.key not in waited:
+                    print(f"wait   {nxt.label} ({short})", flush=True)
+                    waited.add(nxt.key)
+                break
             pending.remove(nxt)
             if not take(work, nxt, root):
                 continue
