@@ -48,6 +48,7 @@ from src.cli.store import REPO, RUNS, git_commit, refuse_unreportable, store, st
 from src.config.identity import identity
 from src.methods.base import method_class
 from src.runtime.cache import default_cache_dir
+from src.runtime.device import proc_kib
 from src.runtime.errors import OneLineParser
 from src.runtime.round_estimate import estimated_round_seconds
 
@@ -132,6 +133,21 @@ def uploads_similarity(method: str | None) -> bool:
     return bool(method_class(OmegaConf.create({"ablation": {"method": method}})).uploads_similarity)
 
 
+def newest_of_kind(kind: tuple, stored: list[dict[str, Any]], value: Callable[[dict], float | None]) -> list[float]:
+    """`value` of each of the three runs of `kind` stored last that recorded one (older runs ran other code); for an
+    aligned kind with none, of another aligned ablation alike in all else (the alignment's sums are most of such a
+    round, whichever term is off). What the time and memory estimates read of the stored runs."""
+
+    def newest(alike: Callable[[tuple], bool]) -> list[float]:
+        rows = sorted((r.get("stored_at", ""), v) for r in stored if alike(r["kind"]) and (v := value(r)))
+        return [v for _, v in rows[-3:]]
+
+    found = newest(lambda k: k == kind)
+    if not found and kind[1]:
+        found = newest(lambda k: k[:3] == kind[:3] and k[4:] == kind[4:])
+    return found
+
+
 def seconds_per_round(
     config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None, threads: int = 1
 ) -> float:
@@ -146,18 +162,9 @@ def seconds_per_round(
     kind = run_kind(config)
     ds, aligned, mode = kind[:3]
     uploads = uploads_similarity(config["ablation"].get("method"))
-
-    def newest_alike(alike: Callable[[tuple], bool]) -> list[float]:
-        timed = sorted(
-            (r.get("stored_at", ""), r["mean_round_s"] * (r.get("threads") or 1) / threads)
-            for r in stored
-            if alike(r["kind"]) and r["mean_round_s"]
-        )
-        return [secs for _, secs in timed[-3:]]
-
-    newest = newest_alike(lambda k: k == kind)
-    if not newest and aligned:  # another aligned ablation, alike in all else
-        newest = newest_alike(lambda k: k[:3] == kind[:3] and k[4:] == kind[4:])
+    newest = newest_of_kind(
+        kind, stored, lambda r: r["mean_round_s"] and r["mean_round_s"] * (r.get("threads") or 1) / threads
+    )
     if newest:
         return sum(newest) / len(newest)
     benched: list[tuple[bool, float]] = []  # (of the same method, seconds)
@@ -192,38 +199,19 @@ def peak_memory_gib(config: dict[str, Any], stored: list[dict[str, Any]]) -> flo
     aligned run without any, of another aligned ablation alike in all else, as `seconds_per_round` borrows); None
     when none recorded it. What a lane needs free before it starts the run: memory, not cores, bounds how many
     ML-1M and Lastfm-2k runs a machine takes at once (docs/reproducing.md)."""
-    kind = run_kind(config)
-
-    def newest_alike(alike: Callable[[tuple], bool]) -> list[float]:
-        rows = sorted(
-            (r.get("stored_at", ""), r["peak_rss_mib"]) for r in stored if alike(r["kind"]) and r.get("peak_rss_mib")
-        )
-        return [mib for _, mib in rows[-3:]]
-
-    peaks = newest_alike(lambda k: k == kind)
-    if not peaks and kind[1]:
-        peaks = newest_alike(lambda k: k[:3] == kind[:3] and k[4:] == kind[4:])
+    peaks = newest_of_kind(run_kind(config), stored, lambda r: r.get("peak_rss_mib"))
     return max(peaks) / 1024 if peaks else None
 
 
 def memory_gib() -> tuple[float, float] | None:
     """(available, total) memory of this machine in GiB (/proc/meminfo: MemAvailable, MemTotal); None where unknown."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        return float(fields["MemAvailable"].split()[0]) / 2**20, float(fields["MemTotal"].split()[0]) / 2**20
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
+    available, total = (proc_kib("/proc/meminfo", f) for f in ("MemAvailable", "MemTotal"))
+    return None if available is None or total is None else (available / 2**20, total / 2**20)
 
 
 def rss_gib(pid: int) -> float:
     """Resident memory of process `pid` now, in GiB (0 when it is gone or unknown)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 2**20
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0.0
+    return (proc_kib(f"/proc/{pid}/status", "VmRSS") or 0) / 2**20
 
 
 def memory_short(run: Run, running: dict[Run, subprocess.Popen]) -> str:

@@ -7,25 +7,19 @@ largest size whose estimated working set fits in `fl.memory_fraction` of the fre
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.methods.base import build_method
+from src.runtime.device import proc_kib
 
 
 def free_bytes(device: torch.device) -> int:
     """Free memory of `device`: CUDA's free global memory, or MemAvailable of /proc/meminfo on the CPU."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30
+    available = proc_kib("/proc/meminfo", "MemAvailable")
+    return 8 * 2**30 if available is None else available * 1024
 
 
 def bytes_per_client(n_items: int, dim: int, alignment: str | None, fast_anchors: int, batch_size: int) -> int:

@@ -167,6 +167,18 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def proc_kib(path: str, field: str) -> int | None:
+    """A `Field:  N kB` line of a /proc file (`/proc/meminfo` MemAvailable, `/proc/<pid>/status` VmRSS) in KiB;
+    None where the file or the field is not there (not Linux, a process gone)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def run_resources(device: torch.device) -> dict[str, Any]:
     """What ran a run and its peak memory: GPU memory since `setup_device`; resident memory of this process,
     which a resumed run counts from its last process and a Hydra multirun's later jobs share with earlier ones."""
