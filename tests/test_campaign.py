@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from src.analysis.report import collect, rows
-from src.cli import campaign
+from src.cli import campaign, memory_wait
 from src.cli.config import ConfigError
 from src.cli.jobs import compose_config
 from src.runtime.errors import UserError
@@ -326,25 +326,6 @@ def test_peak_memory_is_the_largest_of_the_newest_stored_runs_of_the_kind_and_sh
     assert campaign.cost_text(campaign.Run("t", [], config, "k", "default", est_s=60)) == "est 1.0 min"
 
 
-def test_a_run_waits_for_its_memory_counting_what_running_runs_will_still_take(monkeypatch):
-    """On 24 GiB with 8 free: an 11.3 GiB run waits, a 6.9 GiB run starts unless a running run of 10 GiB now at
-    6 GiB will take 4 more; a run whose need is unknown, or more than the machine holds, starts."""
-    monkeypatch.setattr(campaign, "memory_gib", lambda: (8.0, 24.0))
-    monkeypatch.setattr(campaign, "rss_gib", lambda pid: {101: 6.0, 102: 12.0}[pid])
-
-    def run(mem: float | None) -> campaign.Run:
-        return campaign.Run("t", [], {}, f"k{mem}", "default", mem_gib=mem)
-
-    assert campaign.memory_short(run(11.3), {}) == "about 11.3 GiB needed, 8.0 GiB free"
-    assert campaign.memory_short(run(6.9), {}) == ""
-    growing, at_peak = {run(10.0): SimpleNamespace(pid=101)}, {run(10.0): SimpleNamespace(pid=102)}
-    assert campaign.memory_short(run(6.9), growing).startswith("about 6.9 GiB needed, 4.0 GiB free once")
-    assert campaign.memory_short(run(6.9), at_peak) == ""  # above its expected peak already: nothing to add
-    assert campaign.memory_short(run(None), growing) == "" and campaign.memory_short(run(30.0), {}) == ""
-    monkeypatch.setattr(campaign, "memory_gib", lambda: None)  # not Linux: nothing known, nothing held back
-    assert campaign.memory_short(run(11.3), {}) == ""
-
-
 def test_a_campaign_starts_a_run_whose_memory_is_short_once_a_running_run_ends(tmp_path, monkeypatch, capsys):
     """Two jobs, memory for one of the two runs at a time: the second waits (one `wait` line) and starts after the
     first ends, though a second job slot was free all along."""
@@ -374,8 +355,8 @@ def test_a_campaign_starts_a_run_whose_memory_is_short_once_a_running_run_ends(t
         assert len(asked) < 1000, "the campaign never started the waiting run"
         return 12.0 - 10.0 * len(live), 24.0
 
-    monkeypatch.setattr(campaign, "memory_gib", memory_gib)
-    monkeypatch.setattr(campaign, "rss_gib", lambda pid: 10.0)
+    monkeypatch.setattr(memory_wait, "memory_gib", memory_gib)
+    monkeypatch.setattr(memory_wait, "rss_gib", lambda pid: 10.0)
     monkeypatch.setattr(campaign, "launch", launch)
     monkeypatch.setattr(campaign, "take", lambda *a: True)
     monkeypatch.setattr(campaign, "release", lambda run: None)
@@ -398,15 +379,6 @@ def test_a_campaign_starts_a_run_whose_memory_is_short_once_a_running_run_ends(t
     out = capsys.readouterr().out
     assert out.count("wait   t/d/b/p/default/seed0 (about 10.0 GiB needed, 2.0 GiB free)") == 1
     assert all(r.status == "stored" for r in runs)
-
-
-def test_the_machines_memory_is_read_from_proc_meminfo():
-    machine = campaign.memory_gib()
-    if machine is None:
-        pytest.skip("no /proc/meminfo")
-    available, total = machine
-    assert 0 < available <= total
-    assert 0 < campaign.rss_gib(os.getpid()) < total and campaign.rss_gib(2**22 + 7) == 0.0
 
 
 ROUND_PARTS = ("train", "aggregate", "eval", "community", "server")

@@ -64,12 +64,12 @@ def test_overrides_that_no_longer_compose_are_named_not_raised(tmp_path: Path) -
         meta["overrides"] = [*json.loads((STORED / "run.json").read_text())["overrides"], extra]
         (altered / "run.json").write_text(json.dumps(meta))
         with pytest.raises(recheck.RecheckError, match=why):
-            recheck.recheck(altered, 1, atol=0.0025, rtol=1e-4, threads=1)
+            recheck.recheck(altered, 1, atol=0.0025, rtol=1e-4, threads=1, work=tmp_path / "work")
 
 
 @requires_real_data
 def test_a_stored_run_reproduces_and_an_altered_record_is_found(tmp_path, capsys):
-    same = recheck.recheck(STORED, 1, atol=0.0025, rtol=1e-4, threads=1)
+    same = recheck.recheck(STORED, 1, atol=0.0025, rtol=1e-4, threads=1, work=tmp_path / "work")
     assert same.rounds == 1 and not same.beyond and same.verdict in ("identical", "within tolerance")
     assert {"val/hit@10", "test/hit@10", "loss/bce"} <= same.largest.keys()
     altered = tmp_path / "seed0"
@@ -90,9 +90,9 @@ def test_a_record_its_overrides_no_longer_make_is_refused(tmp_path):
     payload["config"]["optim"]["lr"] *= 2
     (altered / "results.json").write_text(json.dumps(payload))
     with pytest.raises(recheck.RecheckError, match=r"its overrides make another run today \(optim.lr: "):
-        recheck.recheck(altered, 1, atol=0.0025, rtol=1e-4, threads=1)
+        recheck.recheck(altered, 1, atol=0.0025, rtol=1e-4, threads=1, work=tmp_path / "work")
     with pytest.raises(recheck.RecheckError, match=r"holds no stored run .*expected a folder of results/runs/"):
-        recheck.recheck(tmp_path, 1, atol=0.0025, rtol=1e-4, threads=1)
+        recheck.recheck(tmp_path, 1, atol=0.0025, rtol=1e-4, threads=1, work=tmp_path / "work")
 
 
 def test_the_command_names_each_folder_it_cannot_recheck_and_goes_on(tmp_path, capsys):

@@ -41,14 +41,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from src.cli import recheck
+from src.cli import memory_wait, recheck
 from src.cli.config import CONF_DIR, simulator_checks, validate_device
 from src.cli.jobs import check_job, compose_config, compose_runs, grid_jobs, run_command
 from src.cli.store import REPO, RUNS, git_commit, refuse_unreportable, store, stored_runs, variant_name
 from src.config.identity import identity
 from src.methods.base import method_class
 from src.runtime.cache import default_cache_dir
-from src.runtime.device import proc_kib
 from src.runtime.errors import OneLineParser
 from src.runtime.round_estimate import estimated_round_seconds
 
@@ -203,32 +202,6 @@ def peak_memory_gib(config: dict[str, Any], stored: list[dict[str, Any]]) -> flo
     return max(peaks) / 1024 if peaks else None
 
 
-def memory_gib() -> tuple[float, float] | None:
-    """(available, total) memory of this machine in GiB (/proc/meminfo: MemAvailable, MemTotal); None where unknown."""
-    available, total = (proc_kib("/proc/meminfo", f) for f in ("MemAvailable", "MemTotal"))
-    return None if available is None or total is None else (available / 2**20, total / 2**20)
-
-
-def rss_gib(pid: int) -> float:
-    """Resident memory of process `pid` now, in GiB (0 when it is gone or unknown)."""
-    return (proc_kib(f"/proc/{pid}/status", "VmRSS") or 0) / 2**20
-
-
-def memory_short(run: Run, running: dict[Run, subprocess.Popen]) -> str:
-    """Why `run` may not start yet ('' when it may): its expected peak (`mem_gib`) exceeds the memory available now
-    less what this campaign's running runs are still expected to grow by (a run reaches its peak in its first
-    rounds). A run whose need or the machine's memory is unknown, or that no amount freed could hold, starts."""
-    machine = memory_gib()
-    if run.mem_gib is None or machine is None or run.mem_gib > machine[1]:
-        return ""
-    growth = sum(max(0.0, (r.mem_gib or 0.0) - rss_gib(proc.pid)) for r, proc in running.items())
-    free = machine[0] - growth
-    if free >= run.mem_gib:
-        return ""
-    later = " once this campaign's running runs reach their peaks" if growth else ""
-    return f"about {run.mem_gib:.1f} GiB needed, {free:.1f} GiB free{later}"
-
-
 def cost_text(run: Run) -> str:
     """`est 117.7 min, about 8.7 GiB`: a run's estimated time as a one-thread job and, where stored runs of its kind
     recorded it, its peak memory."""
@@ -374,7 +347,8 @@ def execute(
     commit_each: bool = False,
     compiled: bool = False,
 ) -> list[Run]:
-    """Run the pending runs, cheapest first, `jobs` at a time, within the budget; store each as it ends."""
+    """Run the pending runs, cheapest first, `jobs` at a time, within the budget; store each as it ends. A run whose
+    expected peak memory does not fit now gives its turn to the next that does (src/cli/memory_wait.py)."""
     pending = sorted((r for r in runs if r.status == "pending"), key=lambda r: r.est_s)
     running: dict[Run, subprocess.Popen] = {}
     waited: set[str] = set()
@@ -386,30 +360,35 @@ def execute(
                 proc.send_signal(15)  # SIGTERM: the run finishes its round, checkpoints, exits
             for run, proc in running.items():
                 proc.wait()
+                memory_wait.unreserve(work, run.key)
                 release(run)
                 run.status = "partial" if checkpointed(work_dir(work, run)) else "cut"
             break
         while pending and len(running) < jobs:
-            fits = [r for r in pending if left is None or r.est_s <= left]
-            nxt = fits[0] if fits else pending[0]  # nothing fits: start the cheapest, it resumes next time
-            short = memory_short(nxt, running)
-            if short:  # starts once its memory is free: another run ends (this campaign's or not)
-                if nxt.key not in waited:
-                    print(f"wait   {nxt.label} ({short})", flush=True)
-                    waited.add(nxt.key)
-                break
-            pending.remove(nxt)
-            if not take(work, nxt, root):
-                continue
-            try:
-                running[nxt] = launch(nxt, work, device, threads, compiled)
-            except BaseException:
-                release(nxt)
-                raise
+            # the runs that fit in the budget; when none does, the cheapest (a cut run resumes next time)
+            fits = [r for r in pending if left is None or r.est_s <= left] or pending[:1]
+            with memory_wait.turn(work):  # one campaign at a time checks memory and reserves what it starts
+                free = memory_wait.free_now(work)
+                nxt = next((r for r in fits if not memory_wait.short(r.mem_gib, free)), None)
+                if nxt is None:  # none fits in memory now: wait for a run to end (this campaign's or another's)
+                    if fits[0].key not in waited:
+                        print(f"wait   {fits[0].label} ({memory_wait.short(fits[0].mem_gib, free)})", flush=True)
+                        waited.add(fits[0].key)
+                    break
+                pending.remove(nxt)
+                if not take(work, nxt, root):
+                    continue
+                try:
+                    running[nxt] = launch(nxt, work, device, threads, compiled)
+                except BaseException:
+                    release(nxt)
+                    raise
+                memory_wait.reserve(work, nxt.key, running[nxt].pid, nxt.mem_gib)
         for run, proc in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[run]
+            memory_wait.unreserve(work, run.key)
             try:
                 finish(run, proc.returncode, work, root, commit_each)
             finally:
@@ -529,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--budget-min {ns.budget_min} is invalid; expected a number of minutes > 0")
     if ns.device is not None:
         validate_device(ns.device)
+    work = ns.work or default_cache_dir() / "campaign"
     if ns.args[:1] == ["recheck"]:
         if ns.rounds < 1:
             parser.error(f"--rounds {ns.rounds} is invalid; expected an integer >= 1")
@@ -537,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = 0
         for folder in map(Path, ns.args[1:]):
             try:  # one folder that cannot be rechecked never stops the others
-                result = recheck.recheck(folder, ns.rounds, ns.atol, ns.rtol, ns.threads, ns.device)
+                result = recheck.recheck(folder, ns.rounds, ns.atol, ns.rtol, ns.threads, work, ns.device)
             except recheck.RecheckError as err:
                 print(f"{'not rechecked':16} {err}", flush=True)
                 failed += 1
@@ -559,7 +539,6 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in overrides if "=" not in a]
     if bad:
         parser.error(f"expected key=value overrides, got {bad}")
-    work = ns.work or default_cache_dir() / "campaign"
     # a launcher and its settings say where runs execute, never what a run is: not part of the plan
     launcher = [a for a in overrides if a.startswith(("hydra/launcher=", "hydra.launcher."))]
     overrides = [a for a in overrides if a not in launcher]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import subprocess
 import tempfile
@@ -22,6 +23,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from src.cli import memory_wait
 from src.cli.config import refuse_replaced, renamed
 from src.cli.jobs import compose_config, run_command
 from src.cli.store import REPO
@@ -95,15 +97,30 @@ def same_run(overrides: list[str], stored: dict[str, Any], folder: Path) -> None
         )
 
 
-def rerun(overrides: list[str], rounds: int | None, out: Path, threads: int) -> list[dict[str, Any]]:
+def rerun(
+    overrides: list[str], rounds: int | None, out: Path, threads: int, work: Path, key: str, peak_gib: float | None
+) -> list[dict[str, Any]]:
     """The history of the run of `overrides` cut to `rounds` rounds (None: as long as it is), run in `out` by
-    `python -m src.run` (CSV logger)."""
+    `python -m src.run` (CSV logger). It starts once `peak_gib` (the stored run's peak memory) is free beside the
+    campaigns sharing the work folder `work`, and holds a reservation there under `key` (src/cli/memory_wait.py)."""
     length = [] if rounds is None else [f"fl.rounds={rounds}"]
     args = [*overrides, *length, "logger=csv", f"hydra.run.dir={out}"]
     argv, env = run_command(args, threads)
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RecheckError(f"the rerun `{shlex.join(['python', *argv[1:]])}` failed: {done.stderr.strip()[-2000:]}")
+    command = shlex.join(["python", *argv[1:]])
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    proc = memory_wait.start_when_free(work, key, peak_gib, command, start)
+    try:
+        _, stderr = proc.communicate()
+    finally:  # interrupted (Ctrl-C): the rerun goes with the recheck, as `subprocess.run` would end it
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        memory_wait.unreserve(work, key)
+    if proc.returncode != 0:
+        raise RecheckError(f"the rerun `{command}` failed: {stderr.strip()[-2000:]}")
     return json.loads((out / "results.json").read_text())["history"]
 
 
@@ -141,9 +158,12 @@ def rounds_to_rerun(config: dict[str, Any], history: list[dict[str, Any]], asked
     return min(asked, len(history))
 
 
-def recheck(folder: Path, rounds: int, atol: float, rtol: float, threads: int, device: str | None = None) -> Recheck:
+def recheck(
+    folder: Path, rounds: int, atol: float, rtol: float, threads: int, work: Path, device: str | None = None
+) -> Recheck:
     """Rerun the first `rounds` rounds of the stored run in `folder` (all of them where its computation reads
-    fl.rounds: `rounds_to_rerun`) on `device` (None: the default) and compare them with its history."""
+    fl.rounds: `rounds_to_rerun`) on `device` (None: the default), once the stored run's peak memory is free beside
+    the campaigns of the work folder `work`, and compare them with its history."""
     overrides, payload = stored_record(folder)
     config = payload["config"]
     same_run(overrides, config, folder)
@@ -153,7 +173,9 @@ def recheck(folder: Path, rounds: int, atol: float, rtol: float, threads: int, d
     length = rounds_to_rerun(config, history, rounds)
     on = [] if device is None else [f"device={device}"]
     with tempfile.TemporaryDirectory(prefix="recheck-") as tmp:
-        again = rerun([*overrides, *on], length, Path(tmp) / "run", threads)
+        peak_mib = (payload.get("resources") or {}).get("peak_rss_mib")
+        peak_gib = None if peak_mib is None else peak_mib / 1024
+        again = rerun([*overrides, *on], length, Path(tmp) / "run", threads, work, f"recheck-{os.getpid()}", peak_gib)
     compared = history if length is None else history[:length]
     largest, beyond = compare(compared, again, atol, rtol)
     return Recheck(folder, len(compared), largest, beyond)

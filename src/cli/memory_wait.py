@@ -1,0 +1,130 @@
+"""Whether the machine's memory can take one more run now, across every campaign that shares a work folder.
+
+Memory, not cores, bounds how many ML-1M and Lastfm-2k runs a 24 GiB machine takes at once (7-11 GiB each,
+docs/reproducing.md). A campaign that starts a run leaves a reservation beside the run's lock,
+`<work>/<key>.mem` = {"pid": the run's process, "peak_gib": its expected peak}, and removes it when the run
+ends. A run may start when its expected peak fits in MemAvailable less what every running run with a
+reservation (this campaign's and the other lanes') will still grow by before its peak. The check and the
+reservation it leads to are made under one lock of the work folder (`turn`), so two lanes that start runs in
+the same second cannot both count the same free memory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.runtime.atomic import atomic_write_text
+from src.runtime.device import proc_kib
+
+
+@dataclass(frozen=True)
+class Free:
+    """The machine's memory now, GiB: `available` (MemAvailable), `total`, and `growth`, what the running runs with
+    a reservation will still take before they reach their expected peaks."""
+
+    available: float
+    total: float
+    growth: float
+
+    @property
+    def free(self) -> float:
+        return self.available - self.growth
+
+
+def memory_gib() -> tuple[float, float] | None:
+    """(available, total) memory of this machine in GiB (/proc/meminfo: MemAvailable, MemTotal); None where unknown."""
+    available, total = (proc_kib("/proc/meminfo", f) for f in ("MemAvailable", "MemTotal"))
+    return None if available is None or total is None else (available / 2**20, total / 2**20)
+
+
+def rss_gib(pid: int) -> float:
+    """Resident memory of process `pid` now, in GiB (0 when it is gone or unknown)."""
+    return (proc_kib(f"/proc/{pid}/status", "VmRSS") or 0) / 2**20
+
+
+def reservation_path(work: Path, key: str) -> Path:
+    return work / f"{key}.mem"
+
+
+def reserve(work: Path, key: str, pid: int, peak_gib: float | None) -> None:
+    """Record that process `pid` runs `key` and is expected to peak at `peak_gib` (nothing when unknown)."""
+    if peak_gib is None:
+        return
+    atomic_write_text(reservation_path(work, key), json.dumps({"pid": pid, "peak_gib": peak_gib}))
+
+
+def unreserve(work: Path, key: str) -> None:
+    reservation_path(work, key).unlink(missing_ok=True)
+
+
+def reservations(work: Path) -> Iterator[tuple[int, float]]:
+    """(pid, expected peak GiB) of every reservation in `work` whose process still lives; a stale or unreadable
+    one (its run's process gone, its campaign killed before it could remove it) is skipped."""
+    for path in sorted(work.glob("*.mem")) if work.is_dir() else ():
+        try:
+            record = json.loads(path.read_text())
+            pid, peak = int(record["pid"]), float(record["peak_gib"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if rss_gib(pid) > 0:
+            yield pid, peak
+
+
+def free_now(work: Path) -> Free | None:
+    """The machine's memory less what the reserved running runs will still grow by; None where it is unknown (not
+    Linux), and then nothing is held back."""
+    machine = memory_gib()
+    if machine is None:
+        return None
+    growth = sum(max(0.0, peak - rss_gib(pid)) for pid, peak in reservations(work))
+    return Free(machine[0], machine[1], growth)
+
+
+def short(need_gib: float | None, free: Free | None) -> str:
+    """Why a run needing `need_gib` at its peak may not start now ('' when it may). A run whose need or the
+    machine's memory is unknown, or that no amount freed could hold, starts."""
+    if need_gib is None or free is None or need_gib > free.total or free.free >= need_gib:
+        return ""
+    later = " once the running runs reach their peaks" if free.growth else ""
+    return f"about {need_gib:.1f} GiB needed, {free.free:.1f} GiB free{later}"
+
+
+@contextmanager
+def turn(work: Path) -> Iterator[None]:
+    """Hold the work folder's memory lock (`<work>/memory.lock`): one campaign at a time checks memory and
+    reserves what it starts."""
+    work.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work / "memory.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def start_when_free(
+    work: Path, key: str, need_gib: float | None, label: str, start: Callable[[], subprocess.Popen]
+) -> subprocess.Popen:
+    """`start()` a run's process once its expected peak fits (one `wait <label> (...)` line until then) and reserve
+    its memory under `key`; the caller `unreserve`s when the process ends. For a command that runs one process at a
+    time (`recheck`); the campaign picks among its pending runs the first that fits instead."""
+    waited = False
+    while True:
+        with turn(work):
+            why = short(need_gib, free_now(work))
+            if not why:
+                proc = start()
+                reserve(work, key, proc.pid, need_gib)
+                return proc
+        if not waited:
+            print(f"wait   {label} ({why})", flush=True)
+            waited = True
+        time.sleep(1.0)

@@ -1,0 +1,181 @@
+"""Whether a run's memory fits now, across the campaigns that share a work folder (src/cli/memory_wait.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from src.cli import campaign, memory_wait
+
+
+def fake_machine(monkeypatch, available: float, rss: dict[int, float], total: float = 24.0) -> None:
+    """This machine has `available` of `total` GiB free; process pid holds rss[pid] GiB (absent: gone)."""
+    monkeypatch.setattr(memory_wait, "memory_gib", lambda: (available, total))
+    monkeypatch.setattr(memory_wait, "rss_gib", lambda pid: rss.get(pid, 0.0))
+
+
+def test_a_run_waits_for_what_the_reserved_running_runs_will_still_take(tmp_path, monkeypatch):
+    """On 24 GiB with 8 free: an 11.3 GiB run waits, a 6.9 GiB run starts unless a running run expected at 10 GiB
+    and now at 6 will take 4 more; runs at or past their peak, gone, or with an unreadable reservation add nothing;
+    a run whose need is unknown, or more than the machine holds, starts."""
+    fake_machine(monkeypatch, 8.0, {101: 6.0, 102: 12.0})
+    assert memory_wait.short(11.3, memory_wait.free_now(tmp_path)) == "about 11.3 GiB needed, 8.0 GiB free"
+    assert memory_wait.short(6.9, memory_wait.free_now(tmp_path)) == ""
+    memory_wait.reserve(tmp_path, "at-peak", 102, 10.0)
+    memory_wait.reserve(tmp_path, "gone", 103, 10.0)
+    (tmp_path / "torn.mem").write_text('{"pid": 10')
+    assert memory_wait.free_now(tmp_path) == memory_wait.Free(8.0, 24.0, 0.0)
+    memory_wait.reserve(tmp_path, "growing", 101, 10.0)
+    free = memory_wait.free_now(tmp_path)
+    assert free == memory_wait.Free(8.0, 24.0, 4.0)
+    assert memory_wait.short(6.9, free) == "about 6.9 GiB needed, 4.0 GiB free once the running runs reach their peaks"
+    assert memory_wait.short(None, free) == "" and memory_wait.short(30.0, free) == ""
+    memory_wait.unreserve(tmp_path, "growing")
+    assert memory_wait.short(6.9, memory_wait.free_now(tmp_path)) == ""
+    memory_wait.reserve(tmp_path, "unknown", 101, None)  # a run of no stored kind reserves nothing
+    assert not memory_wait.reservation_path(tmp_path, "unknown").exists()
+    monkeypatch.setattr(memory_wait, "memory_gib", lambda: None)  # not Linux: nothing known, nothing held back
+    assert memory_wait.short(11.3, memory_wait.free_now(tmp_path)) == ""
+
+
+def test_the_machines_memory_is_read_from_proc(tmp_path):
+    machine = memory_wait.memory_gib()
+    if machine is None:
+        pytest.skip("no /proc/meminfo")
+    available, total = machine
+    assert 0 < available <= total
+    assert 0 < memory_wait.rss_gib(os.getpid()) < total and memory_wait.rss_gib(2**22 + 7) == 0.0
+    memory_wait.reserve(tmp_path, "me", os.getpid(), total)  # this process, far from its reserved peak
+    assert memory_wait.free_now(tmp_path).growth == pytest.approx(total - memory_wait.rss_gib(os.getpid()), abs=0.05)
+    assert json.loads(memory_wait.reservation_path(tmp_path, "me").read_text()) == {
+        "pid": os.getpid(),
+        "peak_gib": total,
+    }
+
+
+def test_the_work_folder_lock_lets_one_campaign_check_at_a_time(tmp_path):
+    """While one campaign holds its turn, another process cannot take it (flock on `<work>/memory.lock`)."""
+    probe = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+        "except BlockingIOError: print('held')"
+    )
+
+    def other() -> str:
+        lock = tmp_path / "memory.lock"
+        return subprocess.run([sys.executable, "-c", probe, str(lock)], capture_output=True, text=True).stdout.strip()
+
+    with memory_wait.turn(tmp_path):
+        assert other() == "held"
+    assert other() == "free"
+
+
+def smoke_run(name: str, est_min: float, mem: float) -> campaign.Run:
+    config = {"dataset": {"name": "d"}, "ablation": {"name": name}, "protocol": {"name": "p"}, "seed": 0}
+    return campaign.Run("t", [], config, name, "default", est_s=60.0 * est_min, mem_gib=mem)
+
+
+def fake_launches(monkeypatch, rss: dict[int, float], ends_after: int = 3) -> list[str]:
+    """`campaign.launch` starts a fake process (pid 200, 201, ...) that holds rss GiB and ends after `ends_after`
+    polls; returns the list of what started, beside what, in order."""
+    events: list[str] = []
+
+    class Proc:
+        def __init__(self, key: str, pid: int, size: float) -> None:
+            self.key, self.pid, self.polls, self.returncode = key, pid, 0, 0
+            rss[pid] = size
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < ends_after:
+                return None
+            rss.pop(self.pid, None)
+            return 0
+
+    def launch(run, *args, **kwargs):
+        events.append(f"start {run.key} beside {sorted(k for k, v in rss.items() if v)}")
+        return Proc(run.key, 200 + len(events), run.mem_gib)
+
+    monkeypatch.setattr(campaign, "launch", launch)
+    monkeypatch.setattr(campaign, "take", lambda *a: True)
+    monkeypatch.setattr(campaign, "release", lambda run: None)
+    monkeypatch.setattr(campaign, "finish", lambda run, rc, *a: setattr(run, "status", "stored"))
+    return events
+
+
+def test_a_run_that_does_not_fit_gives_its_turn_to_one_that_does(tmp_path, monkeypatch, capsys):
+    """6 GiB free, a cheaper 10 GiB run and a dearer 4 GiB one: the 4 GiB run starts first, the 10 GiB run waits
+    (one line) and starts once memory is free."""
+    rss: dict[int, float] = {}
+    events = fake_launches(monkeypatch, rss)
+    polls: list[int] = []
+
+    def memory_gib() -> tuple[float, float]:
+        polls.append(1)
+        assert len(polls) < 1000, "the campaign never started the waiting run"
+        return (16.0 if events and not rss else 6.0), 24.0  # another program's 10 GiB freed as the 4 GiB run ends
+
+    monkeypatch.setattr(memory_wait, "memory_gib", memory_gib)
+    monkeypatch.setattr(memory_wait, "rss_gib", lambda pid: rss.get(pid, 0.0))
+    monkeypatch.setattr(campaign.time, "sleep", lambda s: None)
+    runs = [smoke_run("big", 10.0, 10.0), smoke_run("small", 20.0, 4.0)]
+    campaign.execute(runs, None, 2, tmp_path, None, 1, tmp_path / "runs")
+    assert events == ["start small beside []", "start big beside []"]
+    assert capsys.readouterr().out.count("wait   t/d/big/p/default/seed0 (about 10.0 GiB needed, 6.0 GiB free)") == 1
+    assert all(r.status == "stored" for r in runs) and not list(tmp_path.glob("*.mem"))
+
+
+def test_a_lane_counts_what_another_lanes_new_run_will_still_take(tmp_path, monkeypatch, capsys):
+    """Two lanes on one work folder. The other lane has just started a run expected to peak at 10 GiB (0.5 GiB
+    resident so far): MemAvailable (16 GiB) still counts the 9.5 GiB it will take, so this lane's 8 GiB run waits
+    until that run ends, instead of both growing into 18 GiB."""
+    rss: dict[int, float] = {999: 0.5}
+    events = fake_launches(monkeypatch, rss)
+    memory_wait.reserve(tmp_path, "other-lane", 999, 10.0)
+    polls: list[int] = []
+
+    def memory_gib() -> tuple[float, float]:
+        polls.append(1)
+        if len(polls) == 5:
+            rss.pop(999)  # the other lane's run ends
+        assert len(polls) < 1000
+        return 16.0, 24.0
+
+    monkeypatch.setattr(memory_wait, "memory_gib", memory_gib)
+    monkeypatch.setattr(memory_wait, "rss_gib", lambda pid: rss.get(pid, 0.0))
+    monkeypatch.setattr(campaign.time, "sleep", lambda s: None)
+    (run,) = campaign.execute([smoke_run("mine", 10.0, 8.0)], None, 1, tmp_path, None, 1, tmp_path / "runs")
+    assert events == ["start mine beside []"] and len(polls) >= 5
+    out = capsys.readouterr().out
+    assert "wait   t/d/mine/p/default/seed0 (about 8.0 GiB needed, 6.5 GiB free once the running runs reach" in out
+    assert run.status == "stored"
+
+
+def test_a_recheck_starts_its_rerun_once_its_memory_is_free(tmp_path, monkeypatch, capsys):
+    rss: dict[int, float] = {999: 1.0}
+    memory_wait.reserve(tmp_path, "lane", 999, 10.0)
+    fake_machine(monkeypatch, 12.0, rss)
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            rss.pop(999)
+
+    monkeypatch.setattr(memory_wait.time, "sleep", sleep)
+    proc = memory_wait.start_when_free(
+        tmp_path, "recheck-1", 8.0, "python -m src.run x", lambda: SimpleNamespace(pid=7)
+    )
+    assert proc.pid == 7 and len(sleeps) == 3
+    assert (
+        capsys.readouterr().out
+        == "wait   python -m src.run x (about 8.0 GiB needed, 3.0 GiB free once the running runs reach their peaks)\n"
+    )
+    assert json.loads(memory_wait.reservation_path(tmp_path, "recheck-1").read_text()) == {"pid": 7, "peak_gib": 8.0}
+    assert Path(tmp_path / "recheck-1.mem").is_file()
