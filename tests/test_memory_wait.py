@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,14 +23,15 @@ def fake_machine(monkeypatch, available: float, rss: dict[int, float], total: fl
 
 def test_a_run_waits_for_what_the_reserved_running_runs_will_still_take(tmp_path, monkeypatch):
     """On 24 GiB with 8 free: an 11.3 GiB run waits, a 6.9 GiB run starts unless a running run expected at 10 GiB
-    and now at 6 will take 4 more; runs at or past their peak, gone, or with an unreadable reservation add nothing;
-    a run whose need is unknown, or more than the machine holds, starts."""
+    and now at 6 will take 4 more; runs at or past their peak, gone, of another machine or with an unreadable
+    reservation add nothing; a run whose need is unknown, or more than the machine holds, starts."""
     fake_machine(monkeypatch, 8.0, {101: 6.0, 102: 12.0})
     assert memory_wait.short(11.3, memory_wait.free_now(tmp_path)) == "about 11.3 GiB needed, 8.0 GiB free"
     assert memory_wait.short(6.9, memory_wait.free_now(tmp_path)) == ""
     memory_wait.reserve(tmp_path, "at-peak", 102, 10.0)
     memory_wait.reserve(tmp_path, "gone", 103, 10.0)
     (tmp_path / "torn.mem").write_text('{"pid": 10')
+    (tmp_path / "elsewhere.mem").write_text(json.dumps({"pid": 101, "host": "another-node", "peak_gib": 10.0}))
     assert memory_wait.free_now(tmp_path) == memory_wait.Free(8.0, 24.0, 0.0)
     memory_wait.reserve(tmp_path, "growing", 101, 10.0)
     free = memory_wait.free_now(tmp_path)
@@ -55,6 +57,7 @@ def test_the_machines_memory_is_read_from_proc(tmp_path):
     assert memory_wait.free_now(tmp_path).growth == pytest.approx(total - memory_wait.rss_gib(os.getpid()), abs=0.05)
     assert json.loads(memory_wait.reservation_path(tmp_path, "me").read_text()) == {
         "pid": os.getpid(),
+        "host": socket.gethostname(),
         "peak_gib": total,
     }
 
@@ -177,5 +180,9 @@ def test_a_recheck_starts_its_rerun_once_its_memory_is_free(tmp_path, monkeypatc
         capsys.readouterr().out
         == "wait   python -m src.run x (about 8.0 GiB needed, 3.0 GiB free once the running runs reach their peaks)\n"
     )
-    assert json.loads(memory_wait.reservation_path(tmp_path, "recheck-1").read_text()) == {"pid": 7, "peak_gib": 8.0}
+    assert json.loads(memory_wait.reservation_path(tmp_path, "recheck-1").read_text()) == {
+        "pid": 7,
+        "host": socket.gethostname(),
+        "peak_gib": 8.0,
+    }
     assert Path(tmp_path / "recheck-1.mem").is_file()

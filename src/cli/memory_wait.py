@@ -2,8 +2,8 @@
 
 Memory, not cores, bounds how many ML-1M and Lastfm-2k runs a 24 GiB machine takes at once (7-11 GiB each,
 docs/reproducing.md). A campaign that starts a run leaves a reservation beside the run's lock,
-`<work>/<key>.mem` = {"pid": the run's process, "peak_gib": its expected peak}, and removes it when the run
-ends. A run may start when its expected peak fits in MemAvailable less what every running run with a
+`<work>/<key>.mem` = {"pid": the run's process, "host": this machine, "peak_gib": its expected peak}, and removes
+it when the run ends. A run may start when its expected peak fits in MemAvailable less what every running run with a
 reservation (this campaign's and the other lanes') will still grow by before its peak. The check and the
 reservation it leads to are made under one lock of the work folder (`turn`), so two lanes that start runs in
 the same second cannot both count the same free memory.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -58,7 +59,8 @@ def reserve(work: Path, key: str, pid: int, peak_gib: float | None) -> None:
     """Record that process `pid` runs `key` and is expected to peak at `peak_gib` (nothing when unknown)."""
     if peak_gib is None:
         return
-    atomic_write_text(reservation_path(work, key), json.dumps({"pid": pid, "peak_gib": peak_gib}))
+    record = {"pid": pid, "host": socket.gethostname(), "peak_gib": peak_gib}
+    atomic_write_text(reservation_path(work, key), json.dumps(record))
 
 
 def unreserve(work: Path, key: str) -> None:
@@ -66,15 +68,16 @@ def unreserve(work: Path, key: str) -> None:
 
 
 def reservations(work: Path) -> Iterator[tuple[int, float]]:
-    """(pid, expected peak GiB) of every reservation in `work` whose process still lives; a stale or unreadable
-    one (its run's process gone, its campaign killed before it could remove it) is skipped."""
+    """(pid, expected peak GiB) of every reservation in `work` made on this machine whose process still lives; a
+    stale or unreadable one (its run's process gone, its campaign killed before it could remove it) is skipped, and
+    so is one of another machine sharing the folder (its memory is not this one's)."""
     for path in sorted(work.glob("*.mem")) if work.is_dir() else ():
         try:
             record = json.loads(path.read_text())
-            pid, peak = int(record["pid"]), float(record["peak_gib"])
+            pid, host, peak = int(record["pid"]), record["host"], float(record["peak_gib"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if rss_gib(pid) > 0:
+        if host == socket.gethostname() and rss_gib(pid) > 0:
             yield pid, peak
 
 
