@@ -150,19 +150,27 @@ def newest_of_kind(kind: tuple, stored: list[dict[str, Any]], value: Callable[[d
 def seconds_per_round(
     config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None, threads: int = 1
 ) -> float:
-    """Estimated seconds per round of a job with `threads` torch threads: the newest stored runs of the same kind
-    (each scaled by the torch threads it ran with over `threads`: a run that had both cores alone took about half
-    a one-thread job's time); else, for an aligned run, those of another aligned ablation alike in all else (the
-    alignment's sums are most of such a round, whichever term is off); else bench reports of the dataset (of the
-    same method when there are some, else of the same kind; a method that uploads similarities without aligning is
-    costed as an aligned run, its sums being most of a round; each scaled the same way by the torch threads it
-    recorded, two where it recorded none); else scaled from ML-100K. Older runs and bench reports measured slower
-    implementations: of stored runs the three stored last count, of bench reports the fastest."""
+    """Estimated seconds per round of a job with `threads` torch threads. The newest stored runs of the same kind
+    (`newest_of_kind`: for an aligned run without any, of another aligned ablation alike in all else) that ran with
+    `threads` too; else those that ran with any count, each scaled by its threads over `threads` (time does not scale
+    with the count alone: a one-thread ML-1M `knn_ica` job beside another took 1.7 times a two-thread run's time).
+    Else bench reports of the dataset (of the same method when there are some, else of the same kind; a method that
+    uploads similarities without aligning is costed as an aligned run, its sums being most of a round; each scaled
+    by the torch threads it recorded, two where it recorded none); else scaled from ML-100K. Older runs and bench
+    reports measured slower implementations: of stored runs the three stored last count, of bench reports the
+    fastest."""
     kind = run_kind(config)
     ds, aligned, mode = kind[:3]
     uploads = uploads_similarity(config["ablation"].get("method"))
-    newest = newest_of_kind(
-        kind, stored, lambda r: r["mean_round_s"] and r["mean_round_s"] * (r.get("threads") or 1) / threads
+
+    def per_job(run: dict[str, Any], own_threads_only: bool) -> float | None:
+        ran = run.get("threads")
+        if own_threads_only and ran != threads:
+            return None
+        return run["mean_round_s"] and run["mean_round_s"] * (ran or 1) / threads
+
+    newest = newest_of_kind(kind, stored, lambda r: per_job(r, True)) or newest_of_kind(
+        kind, stored, lambda r: per_job(r, False)
     )
     if newest:
         return sum(newest) / len(newest)
