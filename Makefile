@@ -61,7 +61,8 @@ data: install ## Print the split summary of every dataset under both protocols
 	  $(BIN)/python -m src.data dataset=$$d protocol=$$p || exit 1; done; done
 
 # The campaign of Table 1, Table 2 and the four sweeps with no budget (runs stored in results/runs/, finished
-# ones skipped), then the tables and plots. ARGS go to the campaign (e.g. ARGS="--device cuda" or "dataset=ml-100k").
+# ones skipped), then the tables, the results page with its curves (results/curves) and the sensitivity plots.
+# ARGS go to the campaign (e.g. ARGS="--device cuda" or "dataset=ml-100k").
 reproduce: install ## Run every missing run of Table 1, Table 2 and the sweeps into results/runs/, then tables and plots
 	$(BIN)/python -m src.campaign experiment=table1 experiment=table2 experiment=sweep_alpha experiment=sweep_beta \
 	  experiment=sweep_tau experiment=sweep_sigma $(ARGS)
@@ -71,7 +72,6 @@ reproduce: install ## Run every missing run of Table 1, Table 2 and the sweeps i
 	$(BIN)/python -m src.report results/runs --update README.md docs/*.md
 	for p in alpha beta tau sigma; do \
 	  $(BIN)/python -m src.plots sensitivity results/runs/sweep_$$p --param ablation.$$p --out results/sensitivity || exit 1; done
-	$(BIN)/python -m src.plots curves results/runs/table1 results/runs/table2 --out results/curves
 
 reproduce-small: install ## A one-hour CPU version: baselines on ML-100K and FilmTrust, AlignFedRec ablations on ML-100K, 1 seed
 	$(BIN)/python -m src.campaign experiment=small_baselines $(ARGS)

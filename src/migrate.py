@@ -1,4 +1,4 @@
-"""`python -m src.migrate [FOLDER ...]`: add the method labels (`ablation.engine`, `ablation.unread`) to stored runs
+"""`python -m src.migrate [FOLDER ...]`: stored runs up to the method labels and the folder names of today
 
 The code: `src/cli/migrate.py`.
 """

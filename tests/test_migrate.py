@@ -61,3 +61,72 @@ def test_an_override_of_a_method_label_is_refused():
     for line in ("ablation.unread=[model.]", "ablation.engine=sgd"):
         with pytest.raises(ConfigError, match="sets a label of the method; expected it in the method's yaml only"):
             load_config([line])
+
+
+def stored_sweep_run(root, variant: str, overrides: list[str], seed: int = 0):
+    """A run of the alpha sweep as the campaign stored it under `variant` (its overrides in run.json)."""
+    folder = root / "sweep_alpha" / "ml-100k" / "full" / "paper" / variant / f"seed{seed}"
+    stored(folder, ["ablation=full", *overrides, f"seed={seed}"])
+    meta = {"key": "k", "overrides": ["experiment=sweep_alpha", "dataset=ml-100k", "ablation=full", *overrides]}
+    (folder / "run.json").write_text(json.dumps({**meta, "overrides": [*meta["overrides"], f"seed={seed}"]}))
+    return folder
+
+
+def test_runs_stored_under_a_moved_keys_old_name_move_to_the_folder_named_as_today(tmp_path):
+    from src.cli.store import stored_runs, variant_name
+
+    assert variant_name(["model.alpha=0.01", "optim=sgd", "seed=1"]) == "ablation.alpha=0.01_optim=sgd"
+    assert variant_name(["+model.tau=0.2"]) == "+ablation.tau=0.2"
+    old = ["model.alpha=0.01", "optim=sgd"]
+    for variant, overrides, seed in (
+        ("model.alpha=0.01_optim=sgd", old, 0),
+        ("model.alpha=0.01_optim=sgd", old, 1),
+        ("model.alpha=0.05_optim=sgd-1a2b3c4d", ["model.alpha=0.05", "optim=sgd"], 0),  # the store's suffix
+        ("my-variant", ["model.alpha=0.1", "optim=sgd"], 0),  # named by hand (store --variant)
+        ("ablation.alpha=0.5_optim=sgd", ["ablation.alpha=0.5", "optim=sgd"], 0),  # named as today
+    ):
+        stored_sweep_run(tmp_path, variant, overrides, seed)
+    keys = {key: folder.relative_to(tmp_path) for key, folder in stored_runs(tmp_path).items()}
+    main([str(tmp_path)])
+    sweep = tmp_path / "sweep_alpha" / "ml-100k" / "full" / "paper"
+    assert sorted(p.name for p in sweep.iterdir()) == [
+        "ablation.alpha=0.01_optim=sgd",
+        "ablation.alpha=0.05_optim=sgd-1a2b3c4d",
+        "ablation.alpha=0.5_optim=sgd",
+        "my-variant",
+    ]
+    moved = {key: folder.relative_to(tmp_path) for key, folder in stored_runs(tmp_path).items()}
+    assert moved.keys() == keys.keys()  # the same runs, found by their identity
+    renamed = {str(keys[k]): str(moved[k]) for k in keys if keys[k] != moved[k]}
+    assert renamed == {
+        f"sweep_alpha/ml-100k/full/paper/model.alpha=0.01_optim=sgd/seed{s}": (
+            f"sweep_alpha/ml-100k/full/paper/ablation.alpha=0.01_optim=sgd/seed{s}"
+        )
+        for s in (0, 1)
+    } | {
+        "sweep_alpha/ml-100k/full/paper/model.alpha=0.05_optim=sgd-1a2b3c4d/seed0": (
+            "sweep_alpha/ml-100k/full/paper/ablation.alpha=0.05_optim=sgd-1a2b3c4d/seed0"
+        )
+    }
+    meta = json.loads((sweep / "ablation.alpha=0.01_optim=sgd" / "seed1" / "run.json").read_text())
+    assert "model.alpha=0.01" in meta["overrides"]  # as the run was started
+    assert meta["migrated"][-1].startswith("moved from model.alpha=0.01_optim=sgd/seed1 by src.migrate")
+    snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main([str(tmp_path)]) == 0  # nothing left to move
+    assert snapshot == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+
+def test_a_move_onto_a_folder_that_holds_a_run_is_refused_before_anything_moves(tmp_path):
+    import pytest
+
+    from src.runtime.errors import UserError
+
+    stored_sweep_run(tmp_path, "model.alpha=0.01_optim=sgd", ["model.alpha=0.01", "optim=sgd"])
+    stored_sweep_run(tmp_path, "model.alpha=0.05_optim=sgd", ["model.alpha=0.05", "optim=sgd"])
+    stored_sweep_run(tmp_path, "ablation.alpha=0.05_optim=sgd", ["ablation.alpha=0.05", "optim=sgd"])
+    snapshot = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(
+        UserError, match=r"ablation.alpha=0.05_optim=sgd/seed0 holds a run already; .*nothing was moved"
+    ):
+        main([str(tmp_path)])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == snapshot

@@ -247,6 +247,9 @@ def test_other_runs_never_write_the_projects_pages(runs, tmp_path, monkeypatch):
             r"^--update would write README\.md.*only with results/runs$",
         ),
     ]
+    # the results page's curves have one writer, src.report, whatever runs src.plots draws
+    page_curves = ["curves", "results/runs/table1", "--out", "results/curves"]
+    refused.append((main, page_curves, r"^--out results/curves holds the results page's curves .*src\.report"))
     (project / "README.md").write_text("# the project\n")
     for command, args, message in refused:
         with pytest.raises(UserError, match=message):

@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from src.analysis.runs import encoding_label, load_runs, only_stored, refuse_foreign_pages
+from src.analysis.runs import encoding_label, is_page_curves, load_runs, only_stored, refuse_foreign_pages
 from src.config.schema import MOVED
 from src.runtime.atomic import atomic_path
 from src.runtime.checks import check_output_dir
@@ -438,6 +438,11 @@ def main(argv: list[str] | None = None) -> Path:
     # the project's figures (results/<kind>) come from results/runs; other runs' go to plots/<kind>
     out = args.out or Path("results" if only_stored(args.folders) else "plots") / args.kind
     refuse_foreign_pages("--out", [out], args.folders, "--out outside results/ (e.g. --out plots/)")
+    if is_page_curves(out):  # one writer per file
+        raise UserError(
+            "--out results/curves holds the results page's curves (seed 0 of the main cells), which python -m "
+            "src.report results/runs --out results writes; expected another folder (e.g. --out results/curves_all)"
+        )
     check_output_dir("--out", str(out))
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(args.folders)

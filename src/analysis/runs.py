@@ -27,6 +27,11 @@ def only_stored(folders: list[Path]) -> bool:
     return all(is_stored(f) for f in folders)
 
 
+def is_page_curves(target: Path) -> bool:
+    """Whether `target` is results/curves, the results page's curves, which `src.report --out results` writes."""
+    return Path(target).resolve() == (PROJECT / "results" / "curves").resolve()
+
+
 def is_page(target: Path) -> bool:
     """Whether writing `target` writes one of the project's pages: anything under results/ (the runs included) or
     docs/, or a Markdown file at the repository's top or in experiments/ (README.md)."""

@@ -255,17 +255,14 @@ def renamed(overrides: list[str]) -> list[str]:
     notice line per key on stderr (once per process)."""
     out = []
     for line in overrides:
-        body = line.lstrip("+~")
-        prefix = line[: len(line) - len(body)]
-        key, sep, value = body.partition("=")
-        if key in schema.MOVED:
-            line = f"{prefix}{schema.MOVED[key]}{sep}{value}"
-            if key not in NOTICED:
-                NOTICED.add(key)
-                print(
-                    f"notice: {key} is now {schema.MOVED[key]} (the method's keys: conf/ablation/); running {line}",
-                    file=sys.stderr,
-                )
+        key = line.lstrip("+~").split("=", 1)[0]
+        line = schema.current_name(line)
+        if key in schema.MOVED and key not in NOTICED:
+            NOTICED.add(key)
+            print(
+                f"notice: {key} is now {schema.MOVED[key]} (the method's keys: conf/ablation/); running {line}",
+                file=sys.stderr,
+            )
         out.append(line)
     return out
 

@@ -7,6 +7,11 @@ record's own config, and notes the migration in `run.json`. Both keys are labels
 (`src/config/identity.py:DERIVED_KEYS`): a record's identity is the same before and after (`normalised` reads a
 record without them by the rule they replace). Records that have them are left as they are, so it can run after
 every campaign.
+
+It also moves a run stored under a variant folder that names a moved key by its old name (`model.alpha=0.01_optim=sgd`,
+stored before the method's keys moved into its yaml, `schema.MOVED`) to the folder the store names it by today
+(`ablation.alpha=0.01_optim=sgd`): the same run, found by its identity either way; its run.json keeps the overrides it
+was started with and notes the move.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from src.cli.config import load_config
+from src.cli.store import variant_name
 from src.runtime.atomic import atomic_write_text
 from src.runtime.errors import OneLineParser, UserError
 
@@ -75,6 +81,41 @@ def migrate(run_dir: Path) -> bool:
     return True
 
 
+def relocation(run_dir: Path) -> Path | None:
+    """Where a stored run whose variant folder names a moved key by its old name belongs today (`variant_name`; a
+    `-<key prefix>` suffix the store added kept); None when its folder is named as today, or by hand (`--variant`)."""
+    meta_path = run_dir / "run.json"
+    overrides = json.loads(meta_path.read_text()).get("overrides") if meta_path.is_file() else None
+    if not overrides:
+        return None
+    old, new = variant_name(overrides, current=False), variant_name(overrides)
+    variant = run_dir.parent.name
+    if old == new or not (variant == old or variant.startswith(f"{old}-")):
+        return None
+    return run_dir.parent.with_name(new + variant[len(old) :]) / run_dir.name
+
+
+def relocate(moves: dict[Path, Path]) -> None:
+    """Move each stored run (source -> destination), a note in its run.json; refused before anything moves where a
+    destination holds a run already or two runs would share one."""
+    taken = [str(dest) for dest in moves.values() if dest.exists()]
+    if taken or len(set(moves.values())) < len(moves):
+        raise UserError(
+            f"cannot move stored runs to folders named as today: {', '.join(taken) or 'two runs to one folder'} "
+            "holds a run already; expected free folders (nothing was moved)"
+        )
+    for run_dir, dest in moves.items():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.rename(dest)
+        if not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()
+        meta = json.loads((dest / "run.json").read_text())
+        note = f"moved from {run_dir.parent.name}/{run_dir.name} by src.migrate (moved keys under today's names)"
+        meta["migrated"] = [*meta.get("migrated", []), note]
+        atomic_write_text(dest / "run.json", json.dumps(meta, indent=1) + "\n")
+        print(f"moved  {run_dir} -> {dest}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m src.migrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="*", type=Path, default=[Path("results/runs")])
@@ -84,5 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{' '.join(missing)}: no such folder; expected folders of stored runs (results/runs)")
     runs = sorted({p.parent for f in ns.folders for p in f.rglob("results.json")})
     changed = sum(migrate(r) for r in runs)
-    print(f"migrated {changed} of {len(runs)} stored run(s)")
-    return changed
+    moves = {r: dest for r in runs if (dest := relocation(r)) is not None}
+    relocate(moves)
+    print(f"migrated {changed} of {len(runs)} stored run(s); moved {len(moves)} to folders named as today")
+    return changed + len(moves)

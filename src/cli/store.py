@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from src.config.identity import identity
+from src.config.schema import current_name
 from src.runtime.atomic import atomic_write_text
 from src.runtime.errors import UserError
 from src.runtime.rundir import path_segment
@@ -61,9 +62,12 @@ def refuse_unreportable(config: dict[str, Any], where: str) -> None:
         )
 
 
-def variant_name(overrides: list[str]) -> str:
-    """The overrides beyond the grid axes and the experiment, as a folder name ('default' when none)."""
-    extra = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*AXES, "experiment"))
+def variant_name(overrides: list[str], current: bool = True) -> str:
+    """The overrides beyond the grid axes and the experiment, as a folder name ('default' when none); a moved key
+    under today's name (`model.alpha=0.01` names the folder of `ablation.alpha=0.01`, the same run), or as written
+    with `current=False` (how runs stored before the move were named: `src.migrate`)."""
+    name = current_name if current else str
+    extra = sorted(name(o) for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*AXES, "experiment"))
     return path_segment("_".join(extra) or "default")
 
 

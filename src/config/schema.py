@@ -504,6 +504,14 @@ MOVED = {
 }
 
 
+def current_name(override: str) -> str:
+    """`model.alpha=0.01` -> `ablation.alpha=0.01`: an override with a moved key (`MOVED`) under today's name, its
+    `+`/`~` prefix and value kept; any other override as it is."""
+    body = override.lstrip("+~")
+    key, sep, value = body.partition("=")
+    return f"{override[: len(override) - len(body)]}{MOVED[key]}{sep}{value}" if key in MOVED else override
+
+
 def register(store: ConfigStore | None = None) -> None:
     """Each group's dataclass in Hydra's ConfigStore as `schema/<group>` (e.g. to compose a typed config)."""
     store = store or ConfigStore.instance()
