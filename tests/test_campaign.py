@@ -284,8 +284,9 @@ def full_config(dataset: str, optim: str) -> dict:
 
 def test_cost_estimate_takes_the_newest_stored_runs_of_the_kind():
     """Stored runs of the run's kind cost it, the three stored last only (older ones ran other code): those that ran
-    with the job's torch threads, else all of them, each scaled by the threads it ran with (a run that had both
-    cores costs a one-thread job twice its seconds)."""
+    with the job's torch threads (none recorded: one), else all of them, each scaled by the threads it ran with (a
+    run that had both cores costs a one-thread job twice its seconds). The method's own runs at another thread count
+    come before an aligned sibling's at the job's."""
     kind = ("ml-100k", True, "fast", "full", "auto", "adam")
     stored = [
         {"kind": kind, "mean_round_s": 1.0, "stored_at": "2026-11-29T10:00:00Z"},
@@ -297,9 +298,13 @@ def test_cost_estimate_takes_the_newest_stored_runs_of_the_kind():
         {"kind": (*kind[:5], "sgd"), "mean_round_s": 9.0, "stored_at": "2026-12-03T00:00:00Z"},  # the other engine
     ]
     config = full_config("ml-100k", "adam")
-    assert campaign.seconds_per_round(config, stored) == pytest.approx(3.0)  # the one run of one thread
+    assert campaign.seconds_per_round(config, stored) == pytest.approx((1.0 + 4.0 + 3.0) / 3)
     assert campaign.seconds_per_round(config, stored, threads=2) == pytest.approx(2.5)
-    assert campaign.seconds_per_round(config, stored, threads=4) == pytest.approx((1.0 + 1.25 + 0.75) / 3)
+    assert campaign.seconds_per_round(config, stored, threads=4) == pytest.approx((0.75 + 1.0 + 1.25) / 3)
+    sibling = {"kind": (*kind[:3], "no_ica", *kind[4:]), "mean_round_s": 7.0, "threads": 1, "stored_at": "2026-12-09"}
+    two_threads = [r for r in stored if r.get("threads") == 2]
+    assert campaign.seconds_per_round(config, [*two_threads, sibling]) == pytest.approx(5.0)  # its own, scaled
+    assert campaign.seconds_per_round(config, [sibling]) == pytest.approx(7.0)
     sgd = {**config, "optim": {"name": "sgd"}}
     assert campaign.seconds_per_round(sgd, stored) == pytest.approx(9.0)
 

@@ -7,32 +7,38 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 
-from src.cli import campaign, memory_wait
+from src.cli import campaign, memory_wait, recheck
 
 
 def fake_machine(monkeypatch, available: float, rss: dict[int, float], total: float = 24.0) -> None:
-    """This machine has `available` of `total` GiB free; process pid holds rss[pid] GiB (absent: gone)."""
+    """This machine has `available` of `total` GiB free; process pid holds rss[pid] GiB and started at tick 1 (a pid
+    absent from `rss` is gone; this test's own process lives, holding nothing)."""
     monkeypatch.setattr(memory_wait, "memory_gib", lambda: (available, total))
     monkeypatch.setattr(memory_wait, "rss_gib", lambda pid: rss.get(pid, 0.0))
+    monkeypatch.setattr(memory_wait, "process_start", lambda pid: 1 if pid in rss or pid == os.getpid() else None)
 
 
 def test_a_run_waits_for_what_the_reserved_running_runs_will_still_take(tmp_path, monkeypatch):
     """On 24 GiB with 8 free: an 11.3 GiB run waits, a 6.9 GiB run starts unless a running run expected at 10 GiB
     and now at 6 will take 4 more; runs at or past their peak, gone, of another machine or with an unreadable
-    reservation add nothing; a run whose need is unknown, or more than the machine holds, starts."""
+    reservation add nothing (a gone one's file is removed); a run whose need is unknown, or more than the machine
+    holds, starts."""
     fake_machine(monkeypatch, 8.0, {101: 6.0, 102: 12.0})
     assert memory_wait.short(11.3, memory_wait.free_now(tmp_path)) == "about 11.3 GiB needed, 8.0 GiB free"
     assert memory_wait.short(6.9, memory_wait.free_now(tmp_path)) == ""
     memory_wait.reserve(tmp_path, "at-peak", 102, 10.0)
     memory_wait.reserve(tmp_path, "gone", 103, 10.0)
-    (tmp_path / "torn.mem").write_text('{"pid": 10')
-    (tmp_path / "elsewhere.mem").write_text(json.dumps({"pid": 101, "host": "another-node", "peak_gib": 10.0}))
+    (tmp_path / "torn.1.mem").write_text('{"pid": 10')
+    elsewhere = {"pid": 101, "start": 1, "host": "another-node", "peak_gib": 10.0}
+    (tmp_path / "elsewhere.1.mem").write_text(json.dumps(elsewhere))
     assert memory_wait.free_now(tmp_path) == memory_wait.Free(8.0, 24.0, 0.0)
+    assert not memory_wait.reservation_path(tmp_path, "gone").exists()
+    assert memory_wait.reservation_path(tmp_path, "at-peak").exists() and (tmp_path / "elsewhere.1.mem").exists()
     memory_wait.reserve(tmp_path, "growing", 101, 10.0)
     free = memory_wait.free_now(tmp_path)
     assert free == memory_wait.Free(8.0, 24.0, 4.0)
@@ -46,24 +52,38 @@ def test_a_run_waits_for_what_the_reserved_running_runs_will_still_take(tmp_path
     assert memory_wait.short(11.3, memory_wait.free_now(tmp_path)) == ""
 
 
-def test_the_machines_memory_is_read_from_proc(tmp_path):
+def test_the_machines_memory_and_processes_are_read_from_proc(tmp_path):
+    """MemAvailable, a process's resident memory and start time from /proc; a reservation of this process counts its
+    growth to the reserved peak, and one naming this pid with another start time (a reused pid) is removed."""
     machine = memory_wait.memory_gib()
     if machine is None:
         pytest.skip("no /proc/meminfo")
     available, total = machine
     assert 0 < available <= total
     assert 0 < memory_wait.rss_gib(os.getpid()) < total and memory_wait.rss_gib(2**22 + 7) == 0.0
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert memory_wait.process_start(child.pid) >= memory_wait.process_start(os.getpid()) > 0
+    finally:
+        child.kill()
+        child.wait()
+    assert memory_wait.process_start(child.pid) is None
     memory_wait.reserve(tmp_path, "me", os.getpid(), total)  # this process, far from its reserved peak
     assert memory_wait.free_now(tmp_path).growth == pytest.approx(total - memory_wait.rss_gib(os.getpid()), abs=0.05)
     assert json.loads(memory_wait.reservation_path(tmp_path, "me").read_text()) == {
         "pid": os.getpid(),
+        "start": memory_wait.process_start(os.getpid()),
         "host": socket.gethostname(),
         "peak_gib": total,
     }
+    reused = {"pid": os.getpid(), "start": memory_wait.process_start(os.getpid()) - 1, "host": socket.gethostname()}
+    (tmp_path / "reused.1.mem").write_text(json.dumps({**reused, "peak_gib": total}))
+    assert memory_wait.free_now(tmp_path).growth == pytest.approx(total - memory_wait.rss_gib(os.getpid()), abs=0.05)
+    assert not (tmp_path / "reused.1.mem").exists()
 
 
 def test_the_work_folder_lock_lets_one_campaign_check_at_a_time(tmp_path):
-    """While one campaign holds its turn, another process cannot take it (flock on `<work>/memory.lock`)."""
+    """While one campaign holds its turn, another process cannot take it."""
     probe = (
         "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
         "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
@@ -85,13 +105,13 @@ def smoke_run(name: str, est_min: float, mem: float) -> campaign.Run:
 
 
 def fake_launches(monkeypatch, rss: dict[int, float], ends_after: int = 3) -> list[str]:
-    """`campaign.launch` starts a fake process (pid 200, 201, ...) that holds rss GiB and ends after `ends_after`
-    polls; returns the list of what started, beside what, in order."""
+    """`campaign.launch` starts a fake process (pid 201, 202, ...) that holds its run's memory at once and ends after
+    `ends_after` polls; returns the list of what started, beside what, in order."""
     events: list[str] = []
 
     class Proc:
-        def __init__(self, key: str, pid: int, size: float) -> None:
-            self.key, self.pid, self.polls, self.returncode = key, pid, 0, 0
+        def __init__(self, pid: int, size: float) -> None:
+            self.pid, self.polls, self.returncode = pid, 0, 0
             rss[pid] = size
 
         def poll(self):
@@ -103,20 +123,23 @@ def fake_launches(monkeypatch, rss: dict[int, float], ends_after: int = 3) -> li
 
     def launch(run, *args, **kwargs):
         events.append(f"start {run.key} beside {sorted(k for k, v in rss.items() if v)}")
-        return Proc(run.key, 200 + len(events), run.mem_gib)
+        return Proc(200 + len(events), run.mem_gib)
 
     monkeypatch.setattr(campaign, "launch", launch)
     monkeypatch.setattr(campaign, "take", lambda *a: True)
     monkeypatch.setattr(campaign, "release", lambda run: None)
     monkeypatch.setattr(campaign, "finish", lambda run, rc, *a: setattr(run, "status", "stored"))
+    monkeypatch.setattr(campaign.time, "sleep", lambda s: None)
     return events
 
 
 def test_a_run_that_does_not_fit_gives_its_turn_to_one_that_does(tmp_path, monkeypatch, capsys):
     """6 GiB free, a cheaper 10 GiB run and a dearer 4 GiB one: the 4 GiB run starts first, the 10 GiB run waits
-    (one line) and starts once memory is free."""
+    (one line) and starts once memory is free. Each pick is reserved before the turn ends (another lane's check
+    counts it at once), and no reservation outlives its run."""
     rss: dict[int, float] = {}
     events = fake_launches(monkeypatch, rss)
+    fake_machine(monkeypatch, 6.0, rss)
     polls: list[int] = []
 
     def memory_gib() -> tuple[float, float]:
@@ -125,12 +148,21 @@ def test_a_run_that_does_not_fit_gives_its_turn_to_one_that_does(tmp_path, monke
         return (16.0 if events and not rss else 6.0), 24.0  # another program's 10 GiB freed as the 4 GiB run ends
 
     monkeypatch.setattr(memory_wait, "memory_gib", memory_gib)
-    monkeypatch.setattr(memory_wait, "rss_gib", lambda pid: rss.get(pid, 0.0))
-    monkeypatch.setattr(campaign.time, "sleep", lambda s: None)
+    held_at_exit: list[list[str]] = []
+    real_turn = memory_wait.turn
+
+    @contextmanager
+    def watched_turn(work):
+        with real_turn(work):
+            yield
+            held_at_exit.append(sorted(p.name.split(".")[0] for p in work.glob("*.mem")))
+
+    monkeypatch.setattr(memory_wait, "turn", watched_turn)
     runs = [smoke_run("big", 10.0, 10.0), smoke_run("small", 20.0, 4.0)]
     campaign.execute(runs, None, 2, tmp_path, None, 1, tmp_path / "runs")
     assert events == ["start small beside []", "start big beside []"]
     assert capsys.readouterr().out.count("wait   t/d/big/p/default/seed0 (about 10.0 GiB needed, 6.0 GiB free)") == 1
+    assert held_at_exit[0] == ["small"] and ["big"] in held_at_exit  # reserved within the turn that picked it
     assert all(r.status == "stored" for r in runs) and not list(tmp_path.glob("*.mem"))
 
 
@@ -140,7 +172,10 @@ def test_a_lane_counts_what_another_lanes_new_run_will_still_take(tmp_path, monk
     until that run ends, instead of both growing into 18 GiB."""
     rss: dict[int, float] = {999: 0.5}
     events = fake_launches(monkeypatch, rss)
-    memory_wait.reserve(tmp_path, "other-lane", 999, 10.0)
+    fake_machine(monkeypatch, 16.0, rss)
+    (tmp_path / "other.4242.mem").write_text(
+        json.dumps({"pid": 999, "start": 1, "host": socket.gethostname(), "peak_gib": 10.0})
+    )
     polls: list[int] = []
 
     def memory_gib() -> tuple[float, float]:
@@ -151,19 +186,17 @@ def test_a_lane_counts_what_another_lanes_new_run_will_still_take(tmp_path, monk
         return 16.0, 24.0
 
     monkeypatch.setattr(memory_wait, "memory_gib", memory_gib)
-    monkeypatch.setattr(memory_wait, "rss_gib", lambda pid: rss.get(pid, 0.0))
-    monkeypatch.setattr(campaign.time, "sleep", lambda s: None)
     (run,) = campaign.execute([smoke_run("mine", 10.0, 8.0)], None, 1, tmp_path, None, 1, tmp_path / "runs")
     assert events == ["start mine beside []"] and len(polls) >= 5
     out = capsys.readouterr().out
     assert "wait   t/d/mine/p/default/seed0 (about 8.0 GiB needed, 6.5 GiB free once the running runs reach" in out
-    assert run.status == "stored"
+    assert run.status == "stored" and not list(tmp_path.glob("*.mem"))  # the other lane's, stale, removed too
 
 
 def test_a_recheck_starts_its_rerun_once_its_memory_is_free(tmp_path, monkeypatch, capsys):
-    rss: dict[int, float] = {999: 1.0}
-    memory_wait.reserve(tmp_path, "lane", 999, 10.0)
+    rss: dict[int, float] = {999: 1.0, 7: 0.1}
     fake_machine(monkeypatch, 12.0, rss)
+    memory_wait.reserve(tmp_path, "lane", 999, 10.0)
     sleeps: list[float] = []
 
     def sleep(seconds: float) -> None:
@@ -180,9 +213,17 @@ def test_a_recheck_starts_its_rerun_once_its_memory_is_free(tmp_path, monkeypatc
         capsys.readouterr().out
         == "wait   python -m src.run x (about 8.0 GiB needed, 3.0 GiB free once the running runs reach their peaks)\n"
     )
-    assert json.loads(memory_wait.reservation_path(tmp_path, "recheck-1").read_text()) == {
-        "pid": 7,
-        "host": socket.gethostname(),
-        "peak_gib": 8.0,
-    }
-    assert Path(tmp_path / "recheck-1.mem").is_file()
+    assert json.loads(memory_wait.reservation_path(tmp_path, "recheck-1").read_text())["pid"] == 7
+
+
+def test_a_failed_rerun_leaves_no_reservation(tmp_path, monkeypatch):
+    """recheck's rerun ends with its reservation removed, whether its process fails or cannot start."""
+    monkeypatch.setattr(recheck, "run_command", lambda args, threads: ([sys.executable, "-c", "exit(3)"], None))
+    work = tmp_path / "work"
+    with pytest.raises(recheck.RecheckError, match="failed"):
+        recheck.rerun(["seed=0"], 1, tmp_path / "out", 1, work, "recheck-x", 0.001)
+    assert not list(work.glob("*.mem"))
+    monkeypatch.setattr(recheck, "run_command", lambda args, threads: ([str(tmp_path / "no-such-program")], None))
+    with pytest.raises(FileNotFoundError):
+        recheck.rerun(["seed=0"], 1, tmp_path / "out", 1, work, "recheck-x", 0.001)
+    assert not list(work.glob("*.mem"))

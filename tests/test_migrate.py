@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from src.cli.config import load_config
+from src.cli.config import ConfigError, load_config
 from src.cli.migrate import main
+from src.cli.store import stored_runs, variant_name
 from src.config.identity import identity, resume_mismatch
+from src.runtime.errors import UserError
 
 
 def stored(folder, overrides: list[str]) -> dict:
@@ -54,10 +57,6 @@ def test_records_gain_the_labels_resolved_against_their_own_config(tmp_path):
 
 def test_an_override_of_a_method_label_is_refused():
     """`ablation.unread` decides which keys tell a method's runs apart: only its yaml sets it."""
-    import pytest
-
-    from src.cli.config import ConfigError
-
     for line in ("ablation.unread=[model.]", "ablation.engine=sgd"):
         with pytest.raises(ConfigError, match="sets a label of the method; expected it in the method's yaml only"):
             load_config([line])
@@ -73,8 +72,6 @@ def stored_sweep_run(root, variant: str, overrides: list[str], seed: int = 0):
 
 
 def test_runs_stored_under_a_moved_keys_old_name_move_to_the_folder_named_as_today(tmp_path):
-    from src.cli.store import stored_runs, variant_name
-
     assert variant_name(["model.alpha=0.01", "optim=sgd", "seed=1"]) == "ablation.alpha=0.01_optim=sgd"
     assert variant_name(["+model.tau=0.2"]) == "+ablation.tau=0.2"
     old = ["model.alpha=0.01", "optim=sgd"]
@@ -116,17 +113,11 @@ def test_runs_stored_under_a_moved_keys_old_name_move_to_the_folder_named_as_tod
     assert snapshot == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
 
-def test_a_move_onto_a_folder_that_holds_a_run_is_refused_before_anything_moves(tmp_path):
-    import pytest
-
-    from src.runtime.errors import UserError
-
+def test_a_move_onto_a_folder_that_holds_a_run_is_refused_before_anything_changes(tmp_path):
     stored_sweep_run(tmp_path, "model.alpha=0.01_optim=sgd", ["model.alpha=0.01", "optim=sgd"])
     stored_sweep_run(tmp_path, "model.alpha=0.05_optim=sgd", ["model.alpha=0.05", "optim=sgd"])
     stored_sweep_run(tmp_path, "ablation.alpha=0.05_optim=sgd", ["ablation.alpha=0.05", "optim=sgd"])
-    snapshot = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    with pytest.raises(
-        UserError, match=r"ablation.alpha=0.05_optim=sgd/seed0 holds a run already; .*nothing was moved"
-    ):
+    snapshot = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"ablation.alpha=0.05_optim=sgd/seed0 holds a run already; .*nothing was"):
         main([str(tmp_path)])
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == snapshot
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot

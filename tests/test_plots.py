@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -247,7 +248,13 @@ def test_other_runs_never_write_the_projects_pages(runs, tmp_path, monkeypatch):
             r"^--update would write README\.md.*only with results/runs$",
         ),
     ]
-    # the results page's curves have one writer, src.report, whatever runs src.plots draws
+    # the results page's curves have one writer, src.report, whatever runs src.plots draws; by default, stored runs'
+    # curves go beside them
+    stored_run = project / "results" / "runs" / "table1" / "ml-100k" / "full" / "paper" / "default" / "seed0"
+    shutil.copytree(next(p.parent for p in Path(runs).rglob("results.json")), stored_run)
+    assert main(["curves", "results/runs/table1"]) == Path("results") / "curves_all"
+    shutil.rmtree(project / "results" / "curves_all")
+    shutil.rmtree(project / "results" / "runs" / "table1" / "ml-100k")
     page_curves = ["curves", "results/runs/table1", "--out", "results/curves"]
     refused.append((main, page_curves, r"^--out results/curves holds the results page's curves .*src\.report"))
     (project / "README.md").write_text("# the project\n")

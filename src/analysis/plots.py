@@ -1,7 +1,9 @@
 """`python -m src.plots <kind> <run or multirun folder> [...] [--out DIR]`: CSV tables and plots.
 
 Kinds (every figure is written as PNG and SVG, every table as CSV and Markdown, into `--out`,
-default `results/<kind>`; every row names the run folder it came from):
+default `results/<kind>` for runs under results/runs (`results/curves_all` for curves: `results/curves` holds the
+results page's, which `src.report` writes) and `plots/<kind>` for others; every row names the run folder it came
+from):
 
 - `communication`: upload bytes per client and round against sigma and against the encoding,
   beside the embedding-sharing size, with test hit@10 / ndcg@10 at the best validation round;
@@ -435,8 +437,12 @@ def main(argv: list[str] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    # the project's figures (results/<kind>) come from results/runs; other runs' go to plots/<kind>
-    out = args.out or Path("results" if only_stored(args.folders) else "plots") / args.kind
+    # the project's figures (results/<kind>) come from results/runs; other runs' go to plots/<kind>; results/curves
+    # is the results page's (src.report), so stored runs' curves go to results/curves_all
+    stored = only_stored(args.folders)
+    out = args.out or Path("results" if stored else "plots") / (
+        f"{args.kind}_all" if stored and args.kind == "curves" else args.kind
+    )
     refuse_foreign_pages("--out", [out], args.folders, "--out outside results/ (e.g. --out plots/)")
     if is_page_curves(out):  # one writer per file
         raise UserError(

@@ -132,28 +132,42 @@ def uploads_similarity(method: str | None) -> bool:
     return bool(method_class(OmegaConf.create({"ablation": {"method": method}})).uploads_similarity)
 
 
-def newest_of_kind(kind: tuple, stored: list[dict[str, Any]], value: Callable[[dict], float | None]) -> list[float]:
-    """`value` of each of the three runs of `kind` stored last that recorded one (older runs ran other code); for an
-    aligned kind with none, of another aligned ablation alike in all else (the alignment's sums are most of such a
-    round, whichever term is off). What the time and memory estimates read of the stored runs."""
+def newest_of_kind(
+    kind: tuple,
+    stored: list[dict[str, Any]],
+    value: Callable[[dict], float | None],
+    prefer: Callable[[dict], bool] = lambda r: True,
+) -> list[float]:
+    """`value` of each of the three runs of `kind` stored last that recorded one (older runs ran other code), those
+    `prefer` picks first; for an aligned kind with none, of another aligned ablation alike in all else (the
+    alignment's sums are most of such a round, whichever term is off). What the time and memory estimates read of
+    the stored runs."""
 
-    def newest(alike: Callable[[tuple], bool]) -> list[float]:
-        rows = sorted((r.get("stored_at", ""), v) for r in stored if alike(r["kind"]) and (v := value(r)))
+    def newest(alike: Callable[[tuple], bool], preferred: bool) -> list[float]:
+        rows = sorted(
+            (r.get("stored_at", ""), v)
+            for r in stored
+            if alike(r["kind"]) and (not preferred or prefer(r)) and (v := value(r))
+        )
         return [v for _, v in rows[-3:]]
 
-    found = newest(lambda k: k == kind)
-    if not found and kind[1]:
-        found = newest(lambda k: k[:3] == kind[:3] and k[4:] == kind[4:])
-    return found
+    tiers = [lambda k: k == kind]
+    if kind[1]:
+        tiers.append(lambda k: k[:3] == kind[:3] and k[4:] == kind[4:])
+    for alike in tiers:
+        if found := newest(alike, True) or newest(alike, False):
+            return found
+    return []
 
 
 def seconds_per_round(
     config: dict[str, Any], stored: list[dict[str, Any]], bench_dir: Path | None = None, threads: int = 1
 ) -> float:
     """Estimated seconds per round of a job with `threads` torch threads. The newest stored runs of the same kind
-    (`newest_of_kind`: for an aligned run without any, of another aligned ablation alike in all else) that ran with
-    `threads` too; else those that ran with any count, each scaled by its threads over `threads` (time does not scale
-    with the count alone: a one-thread ML-1M `knn_ica` job beside another took 1.7 times a two-thread run's time).
+    (`newest_of_kind`: for an aligned run without any, of another aligned ablation alike in all else), those that
+    ran with `threads` too first (one that recorded no count counts as one thread); each scaled by its threads over
+    `threads` (time does not scale with the count alone: a one-thread ML-1M `knn_ica` job beside another took 1.7
+    times a two-thread run's time).
     Else bench reports of the dataset (of the same method when there are some, else of the same kind; a method that
     uploads similarities without aligning is costed as an aligned run, its sums being most of a round; each scaled
     by the torch threads it recorded, two where it recorded none); else scaled from ML-100K. Older runs and bench
@@ -162,15 +176,11 @@ def seconds_per_round(
     kind = run_kind(config)
     ds, aligned, mode = kind[:3]
     uploads = uploads_similarity(config["ablation"].get("method"))
-
-    def per_job(run: dict[str, Any], own_threads_only: bool) -> float | None:
-        ran = run.get("threads")
-        if own_threads_only and ran != threads:
-            return None
-        return run["mean_round_s"] and run["mean_round_s"] * (ran or 1) / threads
-
-    newest = newest_of_kind(kind, stored, lambda r: per_job(r, True)) or newest_of_kind(
-        kind, stored, lambda r: per_job(r, False)
+    newest = newest_of_kind(
+        kind,
+        stored,
+        lambda r: r["mean_round_s"] and r["mean_round_s"] * (r.get("threads") or 1) / threads,
+        prefer=lambda r: (r.get("threads") or 1) == threads,
     )
     if newest:
         return sum(newest) / len(newest)
@@ -375,23 +385,27 @@ def execute(
         while pending and len(running) < jobs:
             # the runs that fit in the budget; when none does, the cheapest (a cut run resumes next time)
             fits = [r for r in pending if left is None or r.est_s <= left] or pending[:1]
-            with memory_wait.turn(work):  # one campaign at a time checks memory and reserves what it starts
+            with memory_wait.turn(work):  # one campaign at a time checks memory and reserves it for its pick
                 free = memory_wait.free_now(work)
                 nxt = next((r for r in fits if not memory_wait.short(r.mem_gib, free)), None)
-                if nxt is None:  # none fits in memory now: wait for a run to end (this campaign's or another's)
-                    if fits[0].key not in waited:
-                        print(f"wait   {fits[0].label} ({memory_wait.short(fits[0].mem_gib, free)})", flush=True)
-                        waited.add(fits[0].key)
-                    break
-                pending.remove(nxt)
-                if not take(work, nxt, root):
-                    continue
-                try:
-                    running[nxt] = launch(nxt, work, device, threads, compiled)
-                except BaseException:
-                    release(nxt)
-                    raise
-                memory_wait.reserve(work, nxt.key, running[nxt].pid, nxt.mem_gib)
+                if nxt is not None:
+                    memory_wait.reserve(work, nxt.key, os.getpid(), nxt.mem_gib)  # its place, until it starts
+            if nxt is None:  # none fits in memory now: wait for a run to end (this campaign's or another's)
+                if fits[0].key not in waited:
+                    print(f"wait   {fits[0].label} ({memory_wait.short(fits[0].mem_gib, free)})", flush=True)
+                    waited.add(fits[0].key)
+                break
+            pending.remove(nxt)
+            if not take(work, nxt, root):
+                memory_wait.unreserve(work, nxt.key)
+                continue
+            try:
+                running[nxt] = launch(nxt, work, device, threads, compiled)
+            except BaseException:
+                memory_wait.unreserve(work, nxt.key)
+                release(nxt)
+                raise
+            memory_wait.reserve(work, nxt.key, running[nxt].pid, nxt.mem_gib)
         for run, proc in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -493,7 +507,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run with compute.compile=true (CPU runs repay its seconds of compiling; docs/performance.md)",
     )
     parser.add_argument("--device", default=None, help="device= of every run; cuda also sizes cohorts from free memory")
-    parser.add_argument("--work", type=Path, default=None, help="work folders (checkpoints), outside the repository")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="work folders (checkpoints) and memory reservations, outside the repository; recheck counts the runs "
+        "of this folder before it starts its rerun",
+    )
     parser.add_argument("--runs", type=Path, default=RUNS, help="where finished runs are stored")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     parser.add_argument("--git-commit", action="store_true", help="git commit each stored run as it lands")

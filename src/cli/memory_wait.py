@@ -2,11 +2,13 @@
 
 Memory, not cores, bounds how many ML-1M and Lastfm-2k runs a 24 GiB machine takes at once (7-11 GiB each,
 docs/reproducing.md). A campaign that starts a run leaves a reservation beside the run's lock,
-`<work>/<key>.mem` = {"pid": the run's process, "host": this machine, "peak_gib": its expected peak}, and removes
-it when the run ends. A run may start when its expected peak fits in MemAvailable less what every running run with a
-reservation (this campaign's and the other lanes') will still grow by before its peak. The check and the
-reservation it leads to are made under one lock of the work folder (`turn`), so two lanes that start runs in
-the same second cannot both count the same free memory.
+`<work>/<key>.<campaign pid>.mem` = {"pid", "start": the run's process and its start time, "host": this machine,
+"peak_gib": its expected peak}, and removes it once it sees the run end. A run may start when its expected peak fits
+in MemAvailable less what every running run with a reservation (this campaign's and the other lanes') will still grow
+by before its peak. Under one lock of the work folder (`turn`) a campaign checks the memory and reserves it for the
+run it picks (a placeholder in its own name until the run's process starts), so two lanes that start runs in the
+same second cannot both count the same free memory. A reservation whose process is gone (its campaign killed, or a
+pid reused since) is removed by the next check.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Free:
 
     @property
     def free(self) -> float:
+        """What a run may take now."""
         return self.available - self.growth
 
 
@@ -51,34 +54,51 @@ def rss_gib(pid: int) -> float:
     return (proc_kib(f"/proc/{pid}/status", "VmRSS") or 0) / 2**20
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat field 22), telling it from a later process
+    given the same pid; None when it is gone or unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])  # field 22 of the line; fields[0] is field 3, the state
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def reservation_path(work: Path, key: str) -> Path:
-    return work / f"{key}.mem"
+    """This campaign's reservation for the run `key` (another campaign's for the same run is its own file)."""
+    return work / f"{key}.{os.getpid()}.mem"
 
 
 def reserve(work: Path, key: str, pid: int, peak_gib: float | None) -> None:
-    """Record that process `pid` runs `key` and is expected to peak at `peak_gib` (nothing when unknown)."""
+    """Record that process `pid` runs `key` (or, until its process starts, this campaign holds its place) and is
+    expected to peak at `peak_gib`; nothing when that is unknown."""
     if peak_gib is None:
         return
-    record = {"pid": pid, "host": socket.gethostname(), "peak_gib": peak_gib}
+    record = {"pid": pid, "start": process_start(pid), "host": socket.gethostname(), "peak_gib": peak_gib}
     atomic_write_text(reservation_path(work, key), json.dumps(record))
 
 
 def unreserve(work: Path, key: str) -> None:
+    """Remove this campaign's reservation for `key` (its run ended, or never started)."""
     reservation_path(work, key).unlink(missing_ok=True)
 
 
 def reservations(work: Path) -> Iterator[tuple[int, float]]:
-    """(pid, expected peak GiB) of every reservation in `work` made on this machine whose process still lives; a
-    stale or unreadable one (its run's process gone, its campaign killed before it could remove it) is skipped, and
-    so is one of another machine sharing the folder (its memory is not this one's)."""
+    """(pid, expected peak GiB) of every reservation in `work` made on this machine whose process still lives. One
+    whose process is gone (the same pid with another start time is another process) is removed; an unreadable one,
+    or one of another machine sharing the folder (its memory is not this one's), is skipped. Called under `turn`."""
     for path in sorted(work.glob("*.mem")) if work.is_dir() else ():
         try:
             record = json.loads(path.read_text())
-            pid, host, peak = int(record["pid"]), record["host"], float(record["peak_gib"])
+            pid, start, host, peak = int(record["pid"]), record["start"], record["host"], float(record["peak_gib"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if host == socket.gethostname() and rss_gib(pid) > 0:
-            yield pid, peak
+        if host != socket.gethostname():
+            continue
+        if start is None or process_start(pid) != start:
+            path.unlink(missing_ok=True)
+            continue
+        yield pid, peak
 
 
 def free_now(work: Path) -> Free | None:
@@ -124,10 +144,16 @@ def start_when_free(
         with turn(work):
             why = short(need_gib, free_now(work))
             if not why:
-                proc = start()
-                reserve(work, key, proc.pid, need_gib)
-                return proc
+                reserve(work, key, os.getpid(), need_gib)  # its place, until its process starts
+                break
         if not waited:
             print(f"wait   {label} ({why})", flush=True)
             waited = True
         time.sleep(1.0)
+    try:
+        proc = start()
+    except BaseException:
+        unreserve(work, key)
+        raise
+    reserve(work, key, proc.pid, need_gib)
+    return proc

@@ -95,15 +95,19 @@ def relocation(run_dir: Path) -> Path | None:
     return run_dir.parent.with_name(new + variant[len(old) :]) / run_dir.name
 
 
-def relocate(moves: dict[Path, Path]) -> None:
-    """Move each stored run (source -> destination), a note in its run.json; refused before anything moves where a
-    destination holds a run already or two runs would share one."""
+def refuse_taken(moves: dict[Path, Path]) -> None:
+    """Refuse moving stored runs (source -> destination) where a destination holds a run already or two runs would
+    share one; called before the migration changes anything."""
     taken = [str(dest) for dest in moves.values() if dest.exists()]
     if taken or len(set(moves.values())) < len(moves):
         raise UserError(
             f"cannot move stored runs to folders named as today: {', '.join(taken) or 'two runs to one folder'} "
-            "holds a run already; expected free folders (nothing was moved)"
+            "holds a run already; expected free folders (nothing was changed)"
         )
+
+
+def relocate(moves: dict[Path, Path]) -> None:
+    """Move each stored run (source -> destination, checked by `refuse_taken`), a note in its run.json."""
     for run_dir, dest in moves.items():
         dest.parent.mkdir(parents=True, exist_ok=True)
         run_dir.rename(dest)
@@ -124,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"{' '.join(missing)}: no such folder; expected folders of stored runs (results/runs)")
     runs = sorted({p.parent for f in ns.folders for p in f.rglob("results.json")})
-    changed = sum(migrate(r) for r in runs)
     moves = {r: dest for r in runs if (dest := relocation(r)) is not None}
+    refuse_taken(moves)
+    changed = sum(migrate(r) for r in runs)
     relocate(moves)
     print(f"migrated {changed} of {len(runs)} stored run(s); moved {len(moves)} to folders named as today")
     return changed + len(moves)
