@@ -10,11 +10,14 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from src.runtime.errors import UserError
+
+if TYPE_CHECKING:  # pandas is imported where a raw file is read or split: a run from the split cache needs none
+    import pandas as pd
 
 
 class DataFormatError(UserError, ValueError):
@@ -39,6 +42,8 @@ def read_table(
 
     An empty file (no bytes, blank lines, or only its header) is a DataFormatError naming the file.
     """
+    import pandas as pd
+
     opener = gzip.open if path.suffix == ".gz" else open
     skip = 1 if header else 0
     with opener(path, "rt", encoding=encoding, newline="") as fh:
@@ -94,6 +99,8 @@ def read_ml1m_partial(folder: Path) -> RawRatings:
     6,020 users; for 20 the first of 2-3 candidates is taken). `recency` is 2 for test, 1 for
     validation and 0 for every training pair.
     """
+    import pandas as pd
+
     order_path, split_path = folder / "chronological_order.tsv.gz", folder / "pfedrec_loo_split.tsv"
     order = read_table(
         order_path,

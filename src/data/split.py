@@ -10,9 +10,12 @@ and the last row of a user is the test item.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where a raw file is read or split: a run from the split cache needs none
+    import pandas as pd
 
 
 def recency_rank(frame: pd.DataFrame) -> np.ndarray:
@@ -60,6 +63,8 @@ def leave_one_out(frame: pd.DataFrame) -> LeaveOneOut:
     Ids are mapped to 0.. in order of first appearance in the file, as the lineage does. A
     `recency` column, if present, replaces the time rule (larger = more recent).
     """
+    import pandas as pd
+
     frame = frame.sort_values("row", kind="stable").reset_index(drop=True)
     user_codes, user_ids = pd.factorize(frame["user"], sort=False)
     item_codes, item_ids = pd.factorize(frame["item"], sort=False)

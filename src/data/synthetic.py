@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from src.data.raw import RawRatings
 
@@ -15,6 +14,8 @@ def planted_communities(
 
     Returns the ratings (random time order) and the planted community of every item.
     """
+    import pandas as pd
+
     rng = np.random.default_rng(seed)
     community = np.arange(n_items) % n_communities
     members = [np.flatnonzero(community == c) for c in range(n_communities)]
