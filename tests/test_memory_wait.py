@@ -227,3 +227,46 @@ def test_a_failed_rerun_leaves_no_reservation(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         recheck.rerun(["seed=0"], 1, tmp_path / "out", 1, work, "recheck-x", 0.001)
     assert not list(work.glob("*.mem"))
+
+
+def test_a_launchers_job_waits_for_the_peak_its_sweeper_named_and_holds_it_while_it_runs(tmp_path, monkeypatch, capsys):
+    """`memory_wait.held` in a job's process: the peak from the environment (`hydra.job.env_set`), the work folder
+    and key from the job's folder `<work>/<key>`; nothing without the variable; the reservation gone after the job,
+    whether it ended well or not."""
+    rss: dict[int, float] = {999: 2.0}
+    fake_machine(monkeypatch, 10.0, rss)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "lane.4242.mem").write_text(
+        json.dumps({"pid": 999, "start": 1, "host": socket.gethostname(), "peak_gib": 8.0})
+    )
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        rss.pop(999)  # the other lane's run ends
+
+    monkeypatch.setattr(memory_wait.time, "sleep", sleep)
+    monkeypatch.delenv(memory_wait.PEAK_ENV, raising=False)
+    with memory_wait.held(work / "k1", "job"):
+        assert not list(work.glob("k1.*"))  # a plain src.run: nothing to wait for
+    monkeypatch.setenv(memory_wait.PEAK_ENV, "7.5")
+    with memory_wait.held(work / "k1", "table1 k1"):
+        (reservation,) = work.glob("k1.*.mem")
+        assert json.loads(reservation.read_text())["peak_gib"] == 7.5 and len(sleeps) == 1
+    assert capsys.readouterr().out.startswith("wait   table1 k1 (about 7.5 GiB needed, 4.0 GiB free once")
+    with pytest.raises(RuntimeError), memory_wait.held(work / "k2", "table1 k2"):
+        assert list(work.glob("k2.*.mem"))
+        raise RuntimeError("the job failed")
+    assert not list(work.glob("*.mem"))
+
+
+def test_the_campaign_sweeper_names_each_jobs_peak_for_its_process():
+    from hydra_plugins.alignfedrec_campaign.campaign_sweeper import CampaignSweeper
+
+    sweeper = CampaignSweeper(runs="/tmp/runs", work="/tmp/work")
+    known, unknown = smoke_run("a", 1.0, 8.6), smoke_run("b", 1.0, None)
+    for run in (known, unknown):
+        run.extra["resume"] = False
+    assert sweeper.job(known)[-1] == f"++hydra.job.env_set.{memory_wait.PEAK_ENV}=8.6"
+    assert sweeper.job(unknown)[-1] == f"++hydra.job.env_set.{memory_wait.PEAK_ENV}="

@@ -5,7 +5,8 @@
 The sweeper keeps what only the campaign does (src/cli/campaign.py): it expands the experiment overlays' grids, skips
 every run already stored in `runs` (identified by its resolved config) or claimed by another campaign (the run's
 lock in `work`), resumes a run whose work folder holds a checkpoint, hands the rest to the configured launcher in
-one batch (each job a plain `src.run` job in `<work>/<run key>`, which checkpoints and exits non-zero on SIGTERM),
+one batch (each job a plain `src.run` job in `<work>/<run key>`, which checkpoints and exits non-zero on SIGTERM, and
+which waits for its expected peak memory beside the other runs of `work` before it starts: src/cli/memory_wait.py),
 and stores each completed run compactly in `runs`.
 """
 
@@ -24,7 +25,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from src.cli import campaign
+from src.cli import campaign, memory_wait
 from src.cli.jobs import sweep_values, thread_env
 from src.runtime.cache import default_cache_dir
 from src.runtime.checks import ConfigError
@@ -117,7 +118,10 @@ class CampaignSweeper(Sweeper):
         return [results]
 
     def job(self, run: campaign.Run) -> list[str]:
-        """The overrides of a run's job: its own, its work folder `<work>/<key>`, a resume when it checkpointed."""
+        """The overrides of a run's job: its own, its work folder `<work>/<key>`, a resume when it checkpointed, and
+        its expected peak memory (empty when unknown), which the job waits for before it starts (`memory_wait.held`:
+        every job sets it, a launcher's worker keeping its environment from one job to the next)."""
         speed = ["compute.compile=true"] if self.compile else []
         where = [f"hydra.sweep.dir={self.work}", f"hydra.sweep.subdir={run.key}"]
-        return [*run.overrides, *speed, *where, *(["resume=true"] if run.extra["resume"] else [])]
+        peak = f"++hydra.job.env_set.{memory_wait.PEAK_ENV}={'' if run.mem_gib is None else round(run.mem_gib, 2)}"
+        return [*run.overrides, *speed, *where, *(["resume=true"] if run.extra["resume"] else []), peak]

@@ -133,23 +133,29 @@ def turn(work: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def start_when_free(
-    work: Path, key: str, need_gib: float | None, label: str, start: Callable[[], subprocess.Popen]
-) -> subprocess.Popen:
-    """`start()` a run's process once its expected peak fits (one `wait <label> (...)` line until then) and reserve
-    its memory under `key`; the caller `unreserve`s when the process ends. For a command that runs one process at a
-    time (`recheck`); the campaign picks among its pending runs the first that fits instead."""
+def wait_and_reserve(work: Path, key: str, need_gib: float | None, label: str, pid: int | None = None) -> None:
+    """Wait until a run needing `need_gib` at its peak fits (one `wait <label> (...)` line until then), then reserve
+    that memory under `key` for process `pid` (default: this one) before another check can count it free."""
     waited = False
     while True:
         with turn(work):
             why = short(need_gib, free_now(work))
             if not why:
-                reserve(work, key, os.getpid(), need_gib)  # its place, until its process starts
-                break
+                reserve(work, key, os.getpid() if pid is None else pid, need_gib)
+                return
         if not waited:
             print(f"wait   {label} ({why})", flush=True)
             waited = True
         time.sleep(1.0)
+
+
+def start_when_free(
+    work: Path, key: str, need_gib: float | None, label: str, start: Callable[[], subprocess.Popen]
+) -> subprocess.Popen:
+    """`start()` a run's process once its expected peak fits and reserve its memory under `key`; the caller
+    `unreserve`s when the process ends. For a command that runs one process at a time (`recheck`); the campaign
+    picks among its pending runs the first that fits instead."""
+    wait_and_reserve(work, key, need_gib, label)  # in this process's name until its own starts
     try:
         proc = start()
     except BaseException:
@@ -157,3 +163,25 @@ def start_when_free(
         raise
     reserve(work, key, proc.pid, need_gib)
     return proc
+
+
+# A job a Hydra launcher runs for the campaign sweeper (hydra_plugins/alignfedrec_campaign) carries its run's expected
+# peak in this variable (`hydra.job.env_set`); the job waits for that memory in its own process (`held`).
+PEAK_ENV = "ALIGNFEDREC_PEAK_GIB"
+
+
+@contextmanager
+def held(run_dir: Path, label: str) -> Iterator[None]:
+    """Within a launcher's job: wait until the peak named by `PEAK_ENV` fits beside the runs of the work folder
+    (`run_dir`'s parent, the run's key its name), hold the reservation while the job runs, and remove it after.
+    Nothing to wait for where the variable is unset or empty (a plain `src.run`, a run of no stored kind)."""
+    need = os.environ.get(PEAK_ENV, "")
+    if not need:
+        yield
+        return
+    work, key = run_dir.parent, run_dir.name
+    wait_and_reserve(work, key, float(need), label)
+    try:
+        yield
+    finally:
+        unreserve(work, key)

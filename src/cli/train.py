@@ -23,6 +23,7 @@ from hydra.utils import instantiate, to_absolute_path
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from src.cli import memory_wait
 from src.cli.config import simulator_checks, validate
 from src.cli.store import git_commit, refuse_unreportable, store, stored_trial, trial_variant
 from src.config.identity import resume_changes, resume_mismatch
@@ -272,9 +273,10 @@ def hydra_job(cfg: DictConfig) -> float:
             folder, payload = found
             log.info("this computation is stored (%s): its result is read, not run again", folder)
             return report_best(payload, folder, log)
-    run = rundir.checked_in(run_dir, lambda: prepare(cfg, run_dir))
-    with reported():
-        best = report_best(fit(run), run_dir, log)
+    with memory_wait.held(run_dir, f"{cfg.experiment_name} {run_dir.name}"):  # a campaign launcher's job waits
+        run = rundir.checked_in(run_dir, lambda: prepare(cfg, run_dir))
+        with reported():
+            best = report_best(fit(run), run_dir, log)
     if store_root is not None:
         overrides = list(HydraConfig.get().overrides.task)
         folder = store(run_dir, str(cfg.experiment_name), overrides, store_root, trial_variant(overrides))
