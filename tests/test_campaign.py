@@ -475,3 +475,28 @@ def test_a_resume_may_not_switch_the_graph_diagnostics():
     assert campaign.identity(config("diag.graph=true")) == campaign.identity(plain)
     assert resume_mismatch(plain, config("diag.graph=true")) == ["diag.graph: False -> True"]
     assert resume_mismatch(plain, config("experiment_name=other")) == []
+
+
+def test_stored_runs_are_read_again_only_where_a_record_changed(tmp_path):
+    """The stored runs a campaign checks before each run it starts: a record rewritten (another computation) or
+    removed since the last look is seen; one unchanged is not parsed again."""
+    from src.cli import store
+    from src.runtime.atomic import atomic_write_text
+
+    def record(folder: Path, seed: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        config = OmegaConf.to_container(compose_config(["dataset=synthetic", f"seed={seed}"]), resolve=True)
+        atomic_write_text(folder / "results.json", json.dumps({"config": config}))  # as the store writes
+        (folder / "run.json").write_text("{}")
+
+    a, b = tmp_path / "a" / "seed0", tmp_path / "b" / "seed0"
+    record(a, 0)
+    record(b, 1)
+    first = store.stored_runs(tmp_path)
+    assert sorted(first.values()) == [a, b]
+    record(b, 2)  # rewritten: another computation in the same folder
+    (a / "run.json").unlink()  # no longer a stored run
+    (again,) = store.stored_runs(tmp_path).items()
+    assert again[1] == b and again[0] not in first
+    (b / "results.json").write_text("not json")  # unreadable: skipped with a warning, not the old key
+    assert store.stored_runs(tmp_path) == {}

@@ -71,13 +71,29 @@ def variant_name(overrides: list[str], current: bool = True) -> str:
     return path_segment("_".join(extra) or "default")
 
 
+# results.json -> (inode, mtime, size, identity key): a campaign asks for the stored runs before every run it starts
+# (another campaign may have stored it since), and parsing every record each time took seconds
+KEYS_READ: dict[Path, tuple[int, int, int, str]] = {}
+
+
+def record_key(results: Path) -> str:
+    """The identity key of the stored record `results` (results.json), read again only when the file changed."""
+    st = results.stat()
+    seen = KEYS_READ.get(results)
+    if seen is not None and seen[:3] == (st.st_ino, st.st_mtime_ns, st.st_size):
+        return seen[3]
+    key = identity(json.loads(results.read_text())["config"])
+    KEYS_READ[results] = (st.st_ino, st.st_mtime_ns, st.st_size, key)
+    return key
+
+
 def stored_runs(root: Path = RUNS) -> dict[str, Path]:
     """identity key -> folder of every run stored under `root`, the key computed anew from each stored config
     (so runs stored before the identity rule last changed are still recognised)."""
     out = {}
     for meta in sorted(root.rglob("run.json")):
         try:
-            out[identity(json.loads((meta.parent / "results.json").read_text())["config"])] = meta.parent
+            out[record_key(meta.parent / "results.json")] = meta.parent
         except Exception as err:  # one unreadable record never stops a campaign's planning
             print(f"warning: skipped unreadable {meta.parent / 'results.json'} ({err})", file=sys.stderr)
     return out
@@ -110,7 +126,7 @@ def destination(root: Path, experiment: str, config: dict[str, Any], variant: st
 def stored_key(folder: Path) -> str | None:
     """The identity key of the run stored in `folder` (computed anew from its config), None when it holds none."""
     try:
-        return identity(json.loads((folder / "results.json").read_text())["config"])
+        return record_key(folder / "results.json")
     except (OSError, ValueError, KeyError):
         return None
 
