@@ -477,7 +477,7 @@ def test_a_resume_may_not_switch_the_graph_diagnostics():
     assert resume_mismatch(plain, config("experiment_name=other")) == []
 
 
-def test_stored_runs_are_read_again_only_where_a_record_changed(tmp_path):
+def test_stored_runs_are_read_again_only_where_a_record_changed(tmp_path, monkeypatch):
     """The stored runs a campaign checks before each run it starts: a record rewritten (another computation) or
     removed since the last look is seen; one unchanged is not parsed again."""
     from src.cli import store
@@ -494,9 +494,13 @@ def test_stored_runs_are_read_again_only_where_a_record_changed(tmp_path):
     record(b, 1)
     first = store.stored_runs(tmp_path)
     assert sorted(first.values()) == [a, b]
+    parsed: list[int] = []
+    real_identity = store.identity
+    monkeypatch.setattr(store, "identity", lambda config: parsed.append(1) or real_identity(config))
+    assert store.stored_runs(tmp_path) == first and parsed == []  # unchanged: not parsed again
     record(b, 2)  # rewritten: another computation in the same folder
     (a / "run.json").unlink()  # no longer a stored run
     (again,) = store.stored_runs(tmp_path).items()
-    assert again[1] == b and again[0] not in first
+    assert again[1] == b and again[0] not in first and parsed == [1]
     (b / "results.json").write_text("not json")  # unreadable: skipped with a warning, not the old key
     assert store.stored_runs(tmp_path) == {}

@@ -63,3 +63,20 @@ def test_no_import_cycle_between_packages():
 
     assert [(a, b) for a in edges for b in edges[a] if reaches(b, a)] == []
     assert edges.get("runtime", set()) == set(), "the run plumbing imports none of the library"
+
+
+def test_pandas_is_imported_only_where_a_raw_file_is_read_or_split():
+    """No module of src imports pandas when it is imported (only inside the functions that read raw files or split
+    them, or for type checking): a run that reads its split from the cache starts without it."""
+    at_top = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only: a function's body is not walked
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n == "pandas" or n.startswith("pandas.") for n in names):
+                at_top.append(str(path.relative_to(SRC)))
+    assert at_top == []

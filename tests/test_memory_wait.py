@@ -261,12 +261,37 @@ def test_a_launchers_job_waits_for_the_peak_its_sweeper_named_and_holds_it_while
     assert not list(work.glob("*.mem"))
 
 
-def test_the_campaign_sweeper_names_each_jobs_peak_for_its_process():
-    from hydra_plugins.alignfedrec_campaign.campaign_sweeper import CampaignSweeper
+def test_a_job_counts_what_its_own_process_holds_and_a_slurm_job_does_not_wait(tmp_path, monkeypatch):
+    """A launcher's worker that ran a job before holds 5 GiB already: a 7.5 GiB peak needs 2.5 more, which the 4 GiB
+    free hold. Under SLURM the scheduler gave the job its memory: no wait, no reservation."""
+    work = tmp_path / "work"
+    fake_machine(monkeypatch, 4.0, {os.getpid(): 5.0})
+    monkeypatch.setattr(memory_wait.time, "sleep", lambda s: pytest.fail("the job waited"))
+    monkeypatch.setenv(memory_wait.PEAK_ENV, "7.5")
+    with memory_wait.held(work / "k", "job"):
+        assert list(work.glob("k.*.mem"))
+    fake_machine(monkeypatch, 0.5, {})
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    with memory_wait.held(work / "k", "job"):
+        assert not list(work.glob("*.mem"))
 
-    sweeper = CampaignSweeper(runs="/tmp/runs", work="/tmp/work")
+
+def test_the_campaign_sweeper_names_each_jobs_peak_in_the_environment_hydra_gives_the_job(tmp_path, monkeypatch):
+    """The sweeper's job override, composed and applied as Hydra runs a job (`env_override` of hydra.job.env_set),
+    is the peak `held` waits for; an unknown peak is an empty value, no wait."""
+    from hydra.core.utils import env_override
+
+    from hydra_plugins.alignfedrec_campaign.campaign_sweeper import CampaignSweeper
+    from src.cli.jobs import compose_config
+
+    sweeper = CampaignSweeper(runs=str(tmp_path / "runs"), work=str(tmp_path / "work"))
     known, unknown = smoke_run("a", 1.0, 8.6), smoke_run("b", 1.0, None)
-    for run in (known, unknown):
+    fake_machine(monkeypatch, 20.0, {})
+    monkeypatch.delenv(memory_wait.PEAK_ENV, raising=False)
+    for run, reserved in ((known, [8.6]), (unknown, [])):
         run.extra["resume"] = False
-    assert sweeper.job(known)[-1] == f"++hydra.job.env_set.{memory_wait.PEAK_ENV}=8.6"
-    assert sweeper.job(unknown)[-1] == f"++hydra.job.env_set.{memory_wait.PEAK_ENV}="
+        overrides = [o for o in sweeper.job(run) if o.startswith("++hydra.job.env_set.")]
+        env_set = compose_config(["dataset=synthetic", *overrides], hydra_node=True).hydra.job.env_set
+        with env_override(env_set), memory_wait.held(tmp_path / "work" / run.key, run.label):
+            peaks = [json.loads(p.read_text())["peak_gib"] for p in (tmp_path / "work").glob("*.mem")]
+        assert peaks == reserved

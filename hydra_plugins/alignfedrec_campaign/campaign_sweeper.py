@@ -119,8 +119,8 @@ class CampaignSweeper(Sweeper):
 
     def job(self, run: campaign.Run) -> list[str]:
         """The overrides of a run's job: its own, its work folder `<work>/<key>`, a resume when it checkpointed, and
-        its expected peak memory (empty when unknown), which the job waits for before it starts (`memory_wait.held`:
-        every job sets it, a launcher's worker keeping its environment from one job to the next)."""
+        its expected peak memory in the job's environment (empty when unknown), which the job waits for before it
+        reads its data (`memory_wait.held`; Hydra sets the variable for the job and restores it after)."""
         speed = ["compute.compile=true"] if self.compile else []
         where = [f"hydra.sweep.dir={self.work}", f"hydra.sweep.subdir={run.key}"]
         peak = f"++hydra.job.env_set.{memory_wait.PEAK_ENV}={'' if run.mem_gib is None else round(run.mem_gib, 2)}"

@@ -2,8 +2,9 @@
 
 Memory, not cores, bounds how many ML-1M and Lastfm-2k runs a 24 GiB machine takes at once (7-11 GiB each,
 docs/reproducing.md). A campaign that starts a run leaves a reservation beside the run's lock,
-`<work>/<key>.<campaign pid>.mem` = {"pid", "start": the run's process and its start time, "host": this machine,
-"peak_gib": its expected peak}, and removes it once it sees the run end. A run may start when its expected peak fits
+`<work>/<key>.<pid>.mem` = {"pid", "start": the run's process and its start time, "host": this machine,
+"peak_gib": its expected peak}, named after the process that made it (the campaign; a launcher's job itself), and
+removes it once it sees the run end. A run may start when its expected peak fits
 in MemAvailable less what every running run with a reservation (this campaign's and the other lanes') will still grow
 by before its peak. Under one lock of the work folder (`turn`) a campaign checks the memory and reserves it for the
 run it picks (a placeholder in its own name until the run's process starts), so two lanes that start runs in the
@@ -133,15 +134,17 @@ def turn(work: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def wait_and_reserve(work: Path, key: str, need_gib: float | None, label: str, pid: int | None = None) -> None:
+def wait_and_reserve(work: Path, key: str, need_gib: float | None, label: str, runs_here: bool = False) -> None:
     """Wait until a run needing `need_gib` at its peak fits (one `wait <label> (...)` line until then), then reserve
-    that memory under `key` for process `pid` (default: this one) before another check can count it free."""
+    that memory under `key` in this process's name before another check can count it free. `runs_here`: the run
+    is this process (a launcher's job), whose memory held already (a previous job's) counts towards its peak."""
     waited = False
     while True:
         with turn(work):
-            why = short(need_gib, free_now(work))
+            held_now = rss_gib(os.getpid()) if runs_here and need_gib is not None else 0.0
+            why = short(None if need_gib is None else max(0.0, need_gib - held_now), free_now(work))
             if not why:
-                reserve(work, key, os.getpid() if pid is None else pid, need_gib)
+                reserve(work, key, os.getpid(), need_gib)
                 return
         if not waited:
             print(f"wait   {label} ({why})", flush=True)
@@ -174,13 +177,14 @@ PEAK_ENV = "ALIGNFEDREC_PEAK_GIB"
 def held(run_dir: Path, label: str) -> Iterator[None]:
     """Within a launcher's job: wait until the peak named by `PEAK_ENV` fits beside the runs of the work folder
     (`run_dir`'s parent, the run's key its name), hold the reservation while the job runs, and remove it after.
-    Nothing to wait for where the variable is unset or empty (a plain `src.run`, a run of no stored kind)."""
+    Nothing to wait for where the variable is unset or empty (a plain `src.run` or multirun, a run of no stored
+    kind), nor in a SLURM job (`SLURM_JOB_ID`: the scheduler gave it its memory; the node's is not the lanes')."""
     need = os.environ.get(PEAK_ENV, "")
-    if not need:
+    if not need or os.environ.get("SLURM_JOB_ID"):
         yield
         return
     work, key = run_dir.parent, run_dir.name
-    wait_and_reserve(work, key, float(need), label)
+    wait_and_reserve(work, key, float(need), label, runs_here=True)
     try:
         yield
     finally:

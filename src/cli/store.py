@@ -13,6 +13,7 @@ change results), never by its folder name or commit: the campaign skips stored r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -71,19 +72,22 @@ def variant_name(overrides: list[str], current: bool = True) -> str:
     return path_segment("_".join(extra) or "default")
 
 
-# results.json -> (inode, mtime, size, identity key): a campaign asks for the stored runs before every run it starts
-# (another campaign may have stored it since), and parsing every record each time took seconds
-KEYS_READ: dict[Path, tuple[int, int, int, str]] = {}
+# results.json -> (device, inode, mtime, ctime, size) of the file read, and its identity key: a campaign asks for the
+# stored runs before every run it starts (another campaign may have stored it since), and parsing every record each
+# time took seconds
+KEYS_READ: dict[Path, tuple[tuple[int, ...], str]] = {}
 
 
 def record_key(results: Path) -> str:
     """The identity key of the stored record `results` (results.json), read again only when the file changed."""
-    st = results.stat()
-    seen = KEYS_READ.get(results)
-    if seen is not None and seen[:3] == (st.st_ino, st.st_mtime_ns, st.st_size):
-        return seen[3]
-    key = identity(json.loads(results.read_text())["config"])
-    KEYS_READ[results] = (st.st_ino, st.st_mtime_ns, st.st_size, key)
+    with open(results, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        seen = KEYS_READ.get(results)
+        if seen is not None and seen[0] == stamp:
+            return seen[1]
+        key = identity(json.loads(fh.read())["config"])
+    KEYS_READ[results] = (stamp, key)
     return key
 
 

@@ -273,7 +273,9 @@ def hydra_job(cfg: DictConfig) -> float:
             folder, payload = found
             log.info("this computation is stored (%s): its result is read, not run again", folder)
             return report_best(payload, folder, log)
-    with memory_wait.held(run_dir, f"{cfg.experiment_name} {run_dir.name}"):  # a campaign launcher's job waits
+    validate(cfg)  # a config the run would refuse is refused before a campaign launcher's job waits for memory
+    simulator_checks(cfg)
+    with memory_wait.held(run_dir, f"{cfg.experiment_name} {run_dir.name}"):
         run = rundir.checked_in(run_dir, lambda: prepare(cfg, run_dir))
         with reported():
             best = report_best(fit(run), run_dir, log)
