@@ -295,3 +295,28 @@ def test_the_campaign_sweeper_names_each_jobs_peak_in_the_environment_hydra_give
         with env_override(env_set), memory_wait.held(tmp_path / "work" / run.key, run.label):
             peaks = [json.loads(p.read_text())["peak_gib"] for p in (tmp_path / "work").glob("*.mem")]
         assert peaks == reserved
+
+
+def test_a_run_that_does_not_fit_is_passed_over_at_most_twice(tmp_path, monkeypatch, capsys):
+    """6 GiB free, the cheapest run needs 10 and three dearer ones 2 each, one job at a time: two small runs go
+    before the big one, then the campaign waits for it (one line) rather than start the third."""
+    rss: dict[int, float] = {}
+    events = fake_launches(monkeypatch, rss)
+    fake_machine(monkeypatch, 6.0, rss)
+    polls: list[int] = []
+    idle: list[int] = []  # checks made with both small runs ended
+
+    def memory_gib() -> tuple[float, float]:
+        polls.append(1)
+        assert len(polls) < 1000, "the campaign never started the waiting run"
+        if len(events) >= 2 and not rss:
+            idle.append(1)
+        return (16.0 if len(idle) > 3 else 6.0), 24.0  # another program's 10 GiB freed a while after
+
+    monkeypatch.setattr(memory_wait, "memory_gib", memory_gib)
+    runs = [smoke_run("big", 10.0, 10.0), *(smoke_run(f"small{i}", 20.0 + i, 2.0) for i in (1, 2, 3))]
+    campaign.execute(runs, None, 1, tmp_path, None, 1, tmp_path / "runs")
+    assert [e.split()[1] for e in events] == ["small1", "small2", "big", "small3"]
+    assert campaign.MAX_PASSES == 2
+    out = capsys.readouterr().out
+    assert out.count("wait   t/d/big/p/default/seed0 (about 10.0 GiB needed, 6.0 GiB free)") == 1

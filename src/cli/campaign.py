@@ -52,6 +52,8 @@ from src.runtime.errors import OneLineParser
 from src.runtime.round_estimate import estimated_round_seconds
 
 BENCH = REPO / "results" / "bench"
+# how many smaller runs a campaign starts before a run whose memory does not fit, before it waits for that run
+MAX_PASSES = 2
 
 
 @dataclass(eq=False)
@@ -366,10 +368,12 @@ def execute(
     compiled: bool = False,
 ) -> list[Run]:
     """Run the pending runs, cheapest first, `jobs` at a time, within the budget; store each as it ends. A run whose
-    expected peak memory does not fit now gives its turn to the next that does (src/cli/memory_wait.py)."""
+    expected peak memory does not fit now gives its turn to the next that does (src/cli/memory_wait.py), at most
+    `MAX_PASSES` times; then the campaign starts nothing before it."""
     pending = sorted((r for r in runs if r.status == "pending"), key=lambda r: r.est_s)
     running: dict[Run, subprocess.Popen] = {}
     waited: set[str] = set()
+    passed: dict[str, int] = {}  # how many runs went before a run that did not fit in memory
     start = time.monotonic()
     while pending or running:
         left = None if budget_s is None else budget_s - (time.monotonic() - start)
@@ -388,6 +392,11 @@ def execute(
             with memory_wait.turn(work):  # one campaign at a time checks memory and reserves it for its pick
                 free = memory_wait.free_now(work)
                 nxt = next((r for r in fits if not memory_wait.short(r.mem_gib, free)), None)
+                if nxt is not None and nxt is not fits[0]:  # a smaller run goes before the one that does not fit,
+                    if passed.get(fits[0].key, 0) >= MAX_PASSES:  # at most MAX_PASSES times: then it waits for it
+                        nxt = None
+                    else:
+                        passed[fits[0].key] = passed.get(fits[0].key, 0) + 1
                 if nxt is not None:
                     memory_wait.reserve(work, nxt.key, os.getpid(), nxt.mem_gib)  # its place, until it starts
             if nxt is None:  # none fits in memory now: wait for a run to end (this campaign's or another's)
