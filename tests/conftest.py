@@ -39,8 +39,13 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder given as `data.cache_dir` to every composed config (never the user cache)."""
-    return tmp_path_factory.mktemp("splits")
+    """The folder given as `data.cache_dir` to every composed config (never the user cache): one for the whole
+    session, its xdist workers included (the split cache is written atomically), so each real split is built once."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return tmp_path_factory.mktemp("splits")
+    shared = tmp_path_factory.getbasetemp().parent / "splits"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture(scope="session")

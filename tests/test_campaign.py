@@ -148,6 +148,10 @@ def test_runs_are_stored_compactly_and_skipped_next_time(tmp_path, capsys):
     # the report reads the stored runs like any run folder
     table = rows(collect([root]))
     assert {(r["method"], r["seeds"]) for r in table} == {("backbone", 1), ("local", 1)}
+    # seed 1, pending, needs the memory its stored seed 0 peaked at (results.json, MiB)
+    backbone = json.loads(next(root.rglob("backbone/clean/default/seed0/results.json")).read_text())
+    (pending,) = [r for r in campaign.plan(["campaign_smoke"], ["seed=1"], root) if "/backbone/" in r.label]
+    assert pending.mem_gib == pytest.approx(backbone["resources"]["peak_rss_mib"] / 1024)
 
 
 def test_budget_cut_leaves_a_resumable_partial_run(tmp_path, capsys, monkeypatch):
@@ -314,12 +318,12 @@ def test_peak_memory_is_the_largest_of_the_newest_stored_runs_of_the_kind_and_sh
     it starts), borrowed from an aligned sibling like its time, and nothing where no stored run recorded it."""
     kind = ("ml-1m", True, "fast", "knn_ica", "auto", "adam")
     stored = [
-        {"kind": kind, "mean_round_s": 40.0, "peak_rss_mib": 20 * 1024, "stored_at": "2026-12-01"},  # older: out
-        {"kind": kind, "mean_round_s": 40.0, "peak_rss_mib": 8 * 1024, "stored_at": "2026-12-05"},
-        {"kind": kind, "mean_round_s": 40.0, "peak_rss_mib": 11.5 * 1024, "stored_at": "2026-12-06"},
+        {"kind": kind, "mean_round_s": 40.0, "peak_gib": 20, "stored_at": "2026-12-01"},  # older: out
+        {"kind": kind, "mean_round_s": 40.0, "peak_gib": 8, "stored_at": "2026-12-05"},
+        {"kind": kind, "mean_round_s": 40.0, "peak_gib": 11.5, "stored_at": "2026-12-06"},
         {"kind": kind, "mean_round_s": 40.0, "stored_at": "2026-12-07"},  # recorded none: not counted
-        {"kind": kind, "mean_round_s": 40.0, "peak_rss_mib": 9 * 1024, "stored_at": "2026-12-04"},
-        {"kind": (*kind[:3], "full", "auto", "adam"), "mean_round_s": 70.0, "peak_rss_mib": 7 * 1024, "stored_at": "1"},
+        {"kind": kind, "mean_round_s": 40.0, "peak_gib": 9, "stored_at": "2026-12-04"},
+        {"kind": (*kind[:3], "full", "auto", "adam"), "mean_round_s": 70.0, "peak_gib": 7, "stored_at": "1"},
     ]
     config = full_config("ml-1m", "adam")
     config["ablation"]["name"] = "knn_ica"
@@ -327,7 +331,7 @@ def test_peak_memory_is_the_largest_of_the_newest_stored_runs_of_the_kind_and_sh
     no_gsa = {**config, "ablation": {**config["ablation"], "name": "no_gsa"}}
     assert campaign.peak_memory_gib(no_gsa, stored) == pytest.approx(11.5)  # the newest three aligned siblings
     assert campaign.peak_memory_gib(no_gsa, stored[-1:]) == pytest.approx(7.0)
-    assert campaign.peak_memory_gib(config, [r for r in stored if "peak_rss_mib" not in r]) is None
+    assert campaign.peak_memory_gib(config, [r for r in stored if "peak_gib" not in r]) is None
     run = campaign.Run("t", [], {**config, "seed": 0}, "k", "default", est_s=1800, mem_gib=11.5)
     assert campaign.cost_text(run) == "est 30.0 min, about 11.5 GiB"
     assert campaign.cost_text(campaign.Run("t", [], config, "k", "default", est_s=60)) == "est 1.0 min"

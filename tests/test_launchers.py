@@ -44,6 +44,8 @@ def stored(tmp_path: Path) -> list[dict]:
 
 
 def test_a_campaign_through_joblib_stores_its_runs_and_skips_them_again(tmp_path):
+    """`python -m src.run -m hydra/sweeper=campaign hydra/launcher=campaign_joblib` stores the runs; the campaign
+    command with `hydra/launcher=` hands the same runs to the sweeper, which finds them stored."""
     first = sweep(tmp_path, "campaign_joblib", "seed=0")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stored 2 partial 0 pending 0 cut 0 failed 0 of 2 runs" in first.stdout
@@ -52,9 +54,16 @@ def test_a_campaign_through_joblib_stores_its_runs_and_skips_them_again(tmp_path
         [f"ablation={a}", "protocol=clean", "seed=0"] for a in ("backbone", "local")
     )
     assert all(r["rounds"] == 3 and len(r["key"]) == 20 for r in runs)
-    again = sweep(tmp_path, "campaign_joblib", "seed=0")
-    assert again.returncode == 0 and "2 runs, 2 stored, 0 to launch" in again.stderr + again.stdout
+    env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "src.campaign", "experiment=campaign_smoke", "seed=0"]
+    cmd += ["hydra/launcher=campaign_joblib", "--no-compile"]
+    cmd += ["--runs", str(tmp_path / "runs"), "--work", str(tmp_path / "work")]
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "hydra/sweeper=campaign" in again.stdout and "2 runs, 2 stored, 0 to launch" in again.stderr + again.stdout
     assert len(stored(tmp_path)) == 2
+    budget = subprocess.run(cmd + ["--budget-min", "5"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert budget.returncode == 2 and budget.stderr.startswith("error: --budget-min, --git-commit and --device")
 
 
 def test_a_run_claimed_by_another_campaign_is_left_to_it(tmp_path):
@@ -106,17 +115,3 @@ def test_the_slurm_launcher_config_makes_an_sbatch_script(tmp_path):
         "#SBATCH --ntasks-per-node=1",
     ):
         assert line in script, script
-
-
-def test_the_campaign_command_hands_its_runs_to_a_launcher(tmp_path):
-    """`python -m src.campaign ... hydra/launcher=campaign_joblib`: the same runs stored, through the sweeper."""
-    env = {**os.environ, "ALIGNFEDREC_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "src.campaign", "experiment=campaign_smoke", "seed=0", "ablation=backbone"]
-    cmd.append("hydra/launcher=campaign_joblib")
-    where = ["--runs", str(tmp_path / "runs"), "--work", str(tmp_path / "work"), "--no-compile"]
-    out = subprocess.run(cmd + where, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "hydra/sweeper=campaign" in out.stdout and "stored 1 partial 0 pending 0" in out.stdout
-    assert len(stored(tmp_path)) == 1
-    budget = subprocess.run(cmd + where + ["--budget-min", "5"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert budget.returncode == 2 and budget.stderr.startswith("error: --budget-min, --git-commit and --device")

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -320,3 +321,59 @@ def test_a_run_that_does_not_fit_is_passed_over_at_most_twice(tmp_path, monkeypa
     assert campaign.MAX_PASSES == 2
     out = capsys.readouterr().out
     assert out.count("wait   t/d/big/p/default/seed0 (about 10.0 GiB needed, 6.0 GiB free)") == 1
+
+
+def wait_record(work, key: str, pid: int, need: float, since: float) -> None:
+    """Another campaign's (process `pid`) record that it waits for `need` GiB to start `key` since `since`."""
+    record = {"pid": pid, "start": 1, "host": socket.gethostname(), "need_gib": need, "since": since}
+    (work / f"{key}.{pid}.wait").write_text(json.dumps(record))
+
+
+def test_only_the_runs_waiting_longer_in_other_campaigns_are_kept_free(tmp_path, monkeypatch):
+    """Process 998 has waited since t=50 for 3 GiB, 999 since t=200 for 5 GiB, 997 (gone) since t=10 for 9: a
+    campaign that does not wait keeps 8 GiB for them; one waiting since t=100 keeps only the 3 of the run before it;
+    the gone one's record is removed."""
+    fake_machine(monkeypatch, 20.0, {998: 1.0, 999: 1.0})
+    wait_record(tmp_path, "a", 998, 3.0, 50.0)
+    wait_record(tmp_path, "b", 999, 5.0, 200.0)
+    wait_record(tmp_path, "c", 997, 9.0, 10.0)
+    assert memory_wait.free_now(tmp_path) == memory_wait.Free(20.0, 24.0, 0.0, 8.0)
+    assert not (tmp_path / "c.997.wait").exists()
+    monkeypatch.setattr(memory_wait.time, "time", lambda: 100.0)
+    memory_wait.queue(tmp_path, "mine", 6.0)
+    monkeypatch.setattr(memory_wait.time, "time", lambda: 300.0)
+    memory_wait.queue(tmp_path, "mine", 6.0)  # waiting still: its place in the queue is kept
+    assert memory_wait.free_now(tmp_path).queued == 3.0
+    memory_wait.dequeue(tmp_path, "mine")
+    assert memory_wait.free_now(tmp_path).queued == 8.0
+
+
+def test_a_small_run_waits_for_a_large_run_another_lane_has_waited_for_longer(tmp_path, monkeypatch, capsys):
+    """Another lane has waited a minute for 10 GiB; 12 are free. This lane's 4 GiB run would fit, but would leave
+    the other's too little: it waits (one line naming what is kept), its own wait recorded after the other's, and
+    starts once the other lane's run has started and reserved its memory. No record outlives the campaign."""
+    rss: dict[int, float] = {999: 0.2}
+    events = fake_launches(monkeypatch, rss)
+    fake_machine(monkeypatch, 12.0, rss)
+    wait_record(tmp_path, "big", 999, 10.0, time.time() - 60)
+    polls: list[int] = []
+    mine_waits: list[bool] = []
+
+    def memory_gib() -> tuple[float, float]:
+        polls.append(1)
+        mine_waits.append(any(tmp_path.glob(f"*.{os.getpid()}.wait")))
+        if len(polls) == 5:  # the other lane starts its run: its wait becomes a reservation, its process grows
+            (tmp_path / "big.999.wait").unlink()
+            record = {"pid": 999, "start": 1, "host": socket.gethostname(), "peak_gib": 10.0}
+            (tmp_path / "big.4242.mem").write_text(json.dumps(record))  # made by the other lane's campaign
+            rss[999] = 10.0
+        assert len(polls) < 1000, "the campaign never started its run"
+        return (12.0 if len(polls) < 5 else 2.0 if len(polls) < 9 else 14.0), 24.0
+
+    monkeypatch.setattr(memory_wait, "memory_gib", memory_gib)
+    (run,) = campaign.execute([smoke_run("small", 10.0, 4.0)], None, 1, tmp_path, None, 1, tmp_path / "runs")
+    assert events == ["start small beside [999]"] and len(polls) >= 9
+    out = capsys.readouterr().out
+    assert out.count("wait   t/d/small/p/default/seed0 (about 4.0 GiB needed, 12.0 GiB free, 10.0 GiB of it kept") == 1
+    assert any(mine_waits[1:5])  # its own wait was recorded (behind the other's) while it waited
+    assert run.status == "stored" and not list(tmp_path.glob(f"*.{os.getpid()}.*"))

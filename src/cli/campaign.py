@@ -218,8 +218,8 @@ def peak_memory_gib(config: dict[str, Any], stored: list[dict[str, Any]]) -> flo
     aligned run without any, of another aligned ablation alike in all else, as `seconds_per_round` borrows); None
     when none recorded it. What a lane needs free before it starts the run: memory, not cores, bounds how many
     ML-1M and Lastfm-2k runs a machine takes at once (docs/reproducing.md)."""
-    peaks = newest_of_kind(run_kind(config), stored, lambda r: r.get("peak_rss_mib"))
-    return max(peaks) / 1024 if peaks else None
+    peaks = newest_of_kind(run_kind(config), stored, lambda r: r.get("peak_gib"))
+    return max(peaks) if peaks else None
 
 
 def cost_text(run: Run) -> str:
@@ -245,7 +245,7 @@ def plan(experiments: list[str], cli: list[str], root: Path = RUNS, threads: int
                 "kind": run_kind(payload["config"]),
                 "mean_round_s": payload.get("timings", {}).get("mean_round_s"),
                 "threads": payload.get("resources", {}).get("torch_threads"),
-                "peak_rss_mib": payload.get("resources", {}).get("peak_rss_mib"),
+                "peak_gib": memory_wait.recorded_peak_gib(payload),
                 "stored_at": stored_at,
             }
         )
@@ -369,7 +369,8 @@ def execute(
 ) -> list[Run]:
     """Run the pending runs, cheapest first, `jobs` at a time, within the budget; store each as it ends. A run whose
     expected peak memory does not fit now gives its turn to the next that does (src/cli/memory_wait.py), at most
-    `MAX_PASSES` times; then the campaign starts nothing before it."""
+    `MAX_PASSES` times; then the campaign starts nothing before it, and the other campaigns of the work folder keep
+    its memory free for it."""
     pending = sorted((r for r in runs if r.status == "pending"), key=lambda r: r.est_s)
     running: dict[Run, subprocess.Popen] = {}
     waited: set[str] = set()
@@ -399,6 +400,9 @@ def execute(
                         passed[fits[0].key] = passed.get(fits[0].key, 0) + 1
                 if nxt is not None:
                     memory_wait.reserve(work, nxt.key, os.getpid(), nxt.mem_gib)  # its place, until it starts
+                    memory_wait.dequeue(work, nxt.key)
+                else:  # the other campaigns keep its memory free for it from now on (first come, first served)
+                    memory_wait.queue(work, fits[0].key, fits[0].mem_gib)
             if nxt is None:  # none fits in memory now: wait for a run to end (this campaign's or another's)
                 if fits[0].key not in waited:
                     print(f"wait   {fits[0].label} ({memory_wait.short(fits[0].mem_gib, free)})", flush=True)
@@ -425,6 +429,8 @@ def execute(
             finally:
                 release(run)  # only once stored and its work folder gone: no other campaign resumes it meanwhile
         time.sleep(1.0)
+    for run in runs:  # a run still waiting when the budget ends (a campaign that dies leaves a stale record)
+        memory_wait.dequeue(work, run.key)
     return runs
 
 

@@ -10,6 +10,12 @@ by before its peak. Under one lock of the work folder (`turn`) a campaign checks
 run it picks (a placeholder in its own name until the run's process starts), so two lanes that start runs in the
 same second cannot both count the same free memory. A reservation whose process is gone (its campaign killed, or a
 pid reused since) is removed by the next check.
+
+First come, first served across lanes: a campaign that waits for a run's memory (after giving its turn to smaller
+runs at most `campaign.MAX_PASSES` times) records it in `<work>/<key>.<pid>.wait` (the same fields, `need_gib` and
+`since`, its first wait), and every other campaign keeps that memory free for it: a run of theirs starts only if it
+fits beside what the runs waiting longer need. So another lane's stream of small runs cannot keep a large run waiting
+for ever; the run that has waited longest starts as soon as its memory is free.
 """
 
 from __future__ import annotations
@@ -31,23 +37,32 @@ from src.runtime.device import proc_kib
 
 @dataclass(frozen=True)
 class Free:
-    """The machine's memory now, GiB: `available` (MemAvailable), `total`, and `growth`, what the running runs with
-    a reservation will still take before they reach their expected peaks."""
+    """The machine's memory now, GiB: `available` (MemAvailable), `total`, `growth`, what the running runs with a
+    reservation will still take before they reach their expected peaks, and `queued`, what the runs other campaigns
+    have waited for longer than the asking one need."""
 
     available: float
     total: float
     growth: float
+    queued: float = 0.0
 
     @property
     def free(self) -> float:
         """What a run may take now."""
-        return self.available - self.growth
+        return self.available - self.growth - self.queued
 
 
 def memory_gib() -> tuple[float, float] | None:
     """(available, total) memory of this machine in GiB (/proc/meminfo: MemAvailable, MemTotal); None where unknown."""
     available, total = (proc_kib("/proc/meminfo", f) for f in ("MemAvailable", "MemTotal"))
     return None if available is None or total is None else (available / 2**20, total / 2**20)
+
+
+def recorded_peak_gib(results: dict) -> float | None:
+    """The peak resident memory (GiB) a stored run's results.json recorded (`resources.peak_rss_mib`); None where
+    it recorded none: what a rerun of it, or a run of its kind, needs free."""
+    mib = (results.get("resources") or {}).get("peak_rss_mib")
+    return None if mib is None else mib / 1024
 
 
 def rss_gib(pid: int) -> float:
@@ -84,32 +99,70 @@ def unreserve(work: Path, key: str) -> None:
     reservation_path(work, key).unlink(missing_ok=True)
 
 
-def reservations(work: Path) -> Iterator[tuple[int, float]]:
-    """(pid, expected peak GiB) of every reservation in `work` made on this machine whose process still lives. One
-    whose process is gone (the same pid with another start time is another process) is removed; an unreadable one,
-    or one of another machine sharing the folder (its memory is not this one's), is skipped. Called under `turn`."""
-    for path in sorted(work.glob("*.mem")) if work.is_dir() else ():
+def live_records(work: Path, suffix: str, size: str) -> Iterator[dict]:
+    """The records `<work>/*.<suffix>` made on this machine whose process still lives, each with its `size` field
+    read as a float. One whose process is gone (the same pid with another start time is another process) is removed;
+    an unreadable one, or one of another machine sharing the folder (its memory is not this one's), is skipped.
+    Called under `turn`."""
+    for path in sorted(work.glob(f"*.{suffix}")) if work.is_dir() else ():
         try:
             record = json.loads(path.read_text())
-            pid, start, host, peak = int(record["pid"]), record["start"], record["host"], float(record["peak_gib"])
+            record["pid"], record[size] = int(record["pid"]), float(record[size])
+            host, start = record["host"], record["start"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if host != socket.gethostname():
             continue
-        if start is None or process_start(pid) != start:
+        if start is None or process_start(record["pid"]) != start:
             path.unlink(missing_ok=True)
             continue
-        yield pid, peak
+        yield record
+
+
+def reservations(work: Path) -> Iterator[tuple[int, float]]:
+    """(pid, expected peak GiB) of every live reservation in `work` (`live_records`)."""
+    for record in live_records(work, "mem", "peak_gib"):
+        yield record["pid"], record["peak_gib"]
+
+
+def queue_path(work: Path, key: str) -> Path:
+    """This process's record that it waits to start the run `key`."""
+    return work / f"{key}.{os.getpid()}.wait"
+
+
+def queue(work: Path, key: str, need_gib: float | None) -> None:
+    """Record that this process waits for `need_gib` to start the run `key`; a record already there keeps its
+    `since` (its place in the queue). Called under `turn`."""
+    path = queue_path(work, key)
+    if need_gib is None or path.exists():
+        return
+    pid = os.getpid()
+    record = {"pid": pid, "start": process_start(pid), "host": socket.gethostname(), "need_gib": need_gib}
+    atomic_write_text(path, json.dumps({**record, "since": time.time()}))
+
+
+def dequeue(work: Path, key: str) -> None:
+    """Remove this process's wait for `key` (its run started, or it no longer waits)."""
+    queue_path(work, key).unlink(missing_ok=True)
+
+
+def queued_before(work: Path) -> float:
+    """GiB the runs other processes have waited for longer than this one (all of theirs when it does not wait) need:
+    memory a run of this process leaves free for them. Called under `turn`."""
+    waits = list(live_records(work, "wait", "need_gib"))
+    mine = [float(w["since"]) for w in waits if w["pid"] == os.getpid()]
+    first = min(mine) if mine else float("inf")
+    return sum(w["need_gib"] for w in waits if w["pid"] != os.getpid() and float(w.get("since", 0.0)) < first)
 
 
 def free_now(work: Path) -> Free | None:
-    """The machine's memory less what the reserved running runs will still grow by; None where it is unknown (not
-    Linux), and then nothing is held back."""
+    """The machine's memory less what the reserved running runs will still grow by and what the runs other campaigns
+    have waited for longer need; None where it is unknown (not Linux), and then nothing is held back."""
     machine = memory_gib()
     if machine is None:
         return None
     growth = sum(max(0.0, peak - rss_gib(pid)) for pid, peak in reservations(work))
-    return Free(machine[0], machine[1], growth)
+    return Free(machine[0], machine[1], growth, queued_before(work))
 
 
 def short(need_gib: float | None, free: Free | None) -> str:
@@ -118,7 +171,8 @@ def short(need_gib: float | None, free: Free | None) -> str:
     if need_gib is None or free is None or need_gib > free.total or free.free >= need_gib:
         return ""
     later = " once the running runs reach their peaks" if free.growth else ""
-    return f"about {need_gib:.1f} GiB needed, {free.free:.1f} GiB free{later}"
+    kept = f", {free.queued:.1f} GiB of it kept for runs other campaigns have waited for longer" if free.queued else ""
+    return f"about {need_gib:.1f} GiB needed, {free.available - free.growth:.1f} GiB free{later}{kept}"
 
 
 @contextmanager
@@ -139,17 +193,21 @@ def wait_and_reserve(work: Path, key: str, need_gib: float | None, label: str, r
     that memory under `key` in this process's name before another check can count it free. `runs_here`: the run
     is this process (a launcher's job), whose memory held already (a previous job's) counts towards its peak."""
     waited = False
-    while True:
-        with turn(work):
-            held_now = rss_gib(os.getpid()) if runs_here and need_gib is not None else 0.0
-            why = short(None if need_gib is None else max(0.0, need_gib - held_now), free_now(work))
-            if not why:
-                reserve(work, key, os.getpid(), need_gib)
-                return
-        if not waited:
-            print(f"wait   {label} ({why})", flush=True)
-            waited = True
-        time.sleep(1.0)
+    try:
+        while True:
+            with turn(work):
+                held_now = rss_gib(os.getpid()) if runs_here and need_gib is not None else 0.0
+                why = short(None if need_gib is None else max(0.0, need_gib - held_now), free_now(work))
+                if not why:
+                    reserve(work, key, os.getpid(), need_gib)
+                    return
+                queue(work, key, need_gib)  # other campaigns keep its memory free for it from now on
+            if not waited:
+                print(f"wait   {label} ({why})", flush=True)
+                waited = True
+            time.sleep(1.0)
+    finally:
+        dequeue(work, key)
 
 
 def start_when_free(

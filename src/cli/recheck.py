@@ -173,8 +173,7 @@ def recheck(
     length = rounds_to_rerun(config, history, rounds)
     on = [] if device is None else [f"device={device}"]
     with tempfile.TemporaryDirectory(prefix="recheck-") as tmp:
-        peak_mib = (payload.get("resources") or {}).get("peak_rss_mib")
-        peak_gib = None if peak_mib is None else peak_mib / 1024
+        peak_gib = memory_wait.recorded_peak_gib(payload)
         again = rerun([*overrides, *on], length, Path(tmp) / "run", threads, work, f"recheck-{os.getpid()}", peak_gib)
     compared = history if length is None else history[:length]
     largest, beyond = compare(compared, again, atol, rtol)

@@ -95,12 +95,14 @@ class Prepared:
     code: list[dict]  # each process of the run: the commit it ran (`git_commit`, read as it starts) and its first round
 
 
-def prepare(cfg: DictConfig, run_dir: Path) -> Prepared:
-    """Check the config, claim the folder, check a resume against its checkpoint, load the data; write nothing."""
+def prepare(cfg: DictConfig, run_dir: Path, checked: bool = False) -> Prepared:
+    """Check the config (unless the caller did: `checked`), claim the folder, check a resume against its checkpoint,
+    load the data; write nothing."""
     start = time.perf_counter()
     commit = git_commit()  # the code this process runs, read before anything else
-    validate(cfg)
-    simulator_checks(cfg)
+    if not checked:
+        validate(cfg)
+        simulator_checks(cfg)
     ckpt = resume_path(cfg, run_dir)
     # only the folder's own checkpoint continues a run in it; resume=<another run> needs a folder without a run
     own = ckpt is not None and ckpt.resolve() == (run_dir / "checkpoints" / "last.ckpt").resolve()
@@ -265,18 +267,17 @@ def hydra_job(cfg: DictConfig) -> float:
     metric (`eval.select`, by default validation hit@10: the objective of sweeps)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     store_root = None if cfg.search.store is None else Path(to_absolute_path(str(cfg.search.store)))
+    validate(cfg)  # a config the run would refuse is refused before a stored trial is read or a launcher's job waits
+    simulator_checks(cfg)
     if store_root is not None:
-        validate(cfg)
         with reported():  # a trial the store would refuse is refused before it trains, as the campaign does
             refuse_unreportable(OmegaConf.to_container(cfg, resolve=True), "search.store")
         if (found := stored_trial(OmegaConf.to_container(cfg, resolve=True), store_root)) is not None:
             folder, payload = found
             log.info("this computation is stored (%s): its result is read, not run again", folder)
             return report_best(payload, folder, log)
-    validate(cfg)  # a config the run would refuse is refused before a campaign launcher's job waits for memory
-    simulator_checks(cfg)
     with memory_wait.held(run_dir, f"{cfg.experiment_name} {run_dir.name}"):
-        run = rundir.checked_in(run_dir, lambda: prepare(cfg, run_dir))
+        run = rundir.checked_in(run_dir, lambda: prepare(cfg, run_dir, checked=True))
         with reported():
             best = report_best(fit(run), run_dir, log)
     if store_root is not None:
