@@ -145,6 +145,7 @@ def test_same_seed_same_metrics(filmtrust_run, compose_cfg, tmp_path):
         assert (a["val/hit@10"], a["test/hit@10"], a["loss/bce"]) != (b["val/hit@10"], b["test/hit@10"], b["loss/bce"])
 
 
+@pytest.mark.slow  # a real SIGKILL; in the fast suite: a SIGTERM'd process resumed, and in-process resumes
 @requires_real_data
 def test_kill_and_resume_matches_uninterrupted(compose_cfg, cache_dir, tmp_path):
     overrides = ["dataset=filmtrust", "data.max_users=300", "ablation=backbone", "optim=sgd", "fl.rounds=6"]

@@ -80,6 +80,7 @@ def test_a_run_claimed_by_another_campaign_is_left_to_it(tmp_path):
     assert "elsewhere" in out.stdout and stored(tmp_path) == []
 
 
+@pytest.mark.slow  # the same sweeper as through joblib (fast suite), another launcher plugin
 def test_a_campaign_through_submitit_local_stores_its_run(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     out = sweep(tmp_path, "campaign_local", "ablation=backbone", "seed=0")

@@ -178,7 +178,9 @@ def wait_for_rounds(proc: subprocess.Popen, csv_path: Path, rounds: int, log: Pa
 
 
 @requires_real_data
-@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+@pytest.mark.parametrize(
+    "multirun", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["run", "multirun"]
+)  # a multirun's job folders: test_multirun_folders_name_their_swept_values in the fast suite
 def test_sigterm_fails_and_stays_resumable(tmp_path, multirun):
     run_dir = tmp_path / "X"
     args = SMALL_FILMTRUST + ["fl.rounds=400", "fl.checkpoint_every=50"]

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from omegaconf import DictConfig, OmegaConf
@@ -298,11 +297,11 @@ def refuse_misnamed(overrides: list[str], cfg: DictConfig) -> None:
 
 
 def load_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose conf/config.yaml with command-line style overrides (used by the CLIs and tests)."""
-    overrides = renamed(list(overrides or []))
-    refuse_replaced(overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    refuse_misnamed(overrides, cfg)
+    """Compose conf/config.yaml with command-line style overrides and validate it (the CLIs' tools and the tests).
+    Composed as the commands compose each job (`src.cli.jobs.compose_runs`): Hydra composes each set of group
+    choices once per process, plain values are applied to a copy as Hydra applies them."""
+    from src.cli.jobs import compose_runs  # jobs builds on this module
+
+    cfg = compose_runs([list(overrides or [])], added_keys=True)[0]
     validate(cfg)
     return cfg

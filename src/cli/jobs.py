@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import itertools
 import os
 import sys
@@ -100,20 +101,28 @@ def refuse_added_keys(overrides: list[str], cfg: DictConfig) -> None:
         raise ConfigError(f"override {line} adds a key the config does not have; expected a key of conf/ ({hint})")
 
 
-def compose_runs(grid: list[list[str]]) -> list[DictConfig]:
-    """The config of each run's overrides, composing once per set of group choices: a grid's seeds and other
-    value axes are applied to a copy as Hydra applies them (struct mode: an unknown key is an error)."""
-    cache: dict[tuple[str, ...], DictConfig] = {}
+@functools.lru_cache(maxsize=256)
+def composed_once(composed: tuple[str, ...]) -> DictConfig:
+    """The config of a set of group choices (and `+`/`~` overrides), composed by Hydra once per process (conf/ does
+    not change while a process runs; a refused set is refused again each time). Callers take a deep copy."""
+    cfg = compose_config(list(composed))
+    refuse_misnamed(list(composed), cfg)
+    return cfg
+
+
+def compose_runs(grid: list[list[str]], added_keys: bool = False) -> list[DictConfig]:
+    """The config of each run's overrides, composing once per set of group choices (`composed_once`): a run's
+    seed and other plain values are applied to a copy as Hydra applies them (struct mode: an unknown key is an
+    error). A `+key=value` adding a key conf/ lacks is refused (`refuse_added_keys`) unless `added_keys` (the
+    tools' `load_config`, whose `validate` names what such a key expects)."""
     out = []
     for overrides in grid:
         overrides = renamed(overrides)
         refuse_replaced(overrides)
         composed, values = value_overrides(overrides)
-        if tuple(composed) not in cache:
-            cache[tuple(composed)] = compose_config(composed)
-            refuse_added_keys(composed, cache[tuple(composed)])
-            refuse_misnamed(composed, cache[tuple(composed)])
-        cfg = copy.deepcopy(cache[tuple(composed)])
+        cfg = copy.deepcopy(composed_once(tuple(composed)))
+        if not added_keys:
+            refuse_added_keys(composed, cfg)
         for parsed in values:
             try:
                 OmegaConf.update(cfg, parsed.key_or_group, parsed.value(), merge=True)
