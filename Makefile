@@ -33,7 +33,7 @@ run: install ## Run the default experiment (ML-100K); extra Hydra overrides via 
 	$(BIN)/python -m src.run $(ARGS)
 
 test: install ## Run the test suite (fast tests, TEST_WORKERS=2 processes of one torch thread each; slow ones with `make test-slow`)
-	$(BIN)/python -m compileall -q src tests hydra_plugins > /dev/null  # the test processes import compiled code
+	$(BIN)/python -m compileall -q src tests hydra_plugins  # the test processes import compiled code
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 lint: install ## ruff: lint rules and formatting check (configured in pyproject.toml); CI runs it before the tests

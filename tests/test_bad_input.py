@@ -277,3 +277,9 @@ def test_data_file_with_only_its_header_is_named(tmp_path: Path):
         read_lastfm(tmp_path)
     msg = str(err.value)
     assert str(empty) in msg and "empty" in msg and "header" in msg
+
+
+def test_a_plain_value_cannot_relabel_a_method(compose_cfg):
+    """`ablation.name=` applied after composition would store a backbone run as `local`: refused, as for a yaml."""
+    with pytest.raises(ConfigError, match=r"ablation=backbone: .*sets name: local; expected name: backbone"):
+        compose_cfg(["ablation=backbone", "ablation.name=local"])

@@ -231,8 +231,12 @@ def test_same_seed_same_negatives_other_seed_different(real_build, compose_cfg):
     assert np.array_equal(a.test_items, b.test_items) and np.array_equal(a.train_items, b.train_items)
 
 
-def test_cache_file_written_and_reused(real_build, compose_cfg, cache_dir: Path, monkeypatch):
-    first = real_build("ml-100k")
+def test_cache_file_written_and_reused(compose_cfg, tmp_path: Path, monkeypatch):
+    cache_dir = tmp_path / "splits"  # its own: the session's cache is written by other workers meanwhile
+    cfg = compose_cfg(
+        ["dataset=ml-100k", "protocol=paper", "seed=0", f"data.root='{SHARED_DATA}'", f"data.cache_dir='{cache_dir}'"]
+    )
+    first = dataset_mod.build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir)
     files = sorted(cache_dir.glob("ml-100k-paper-seed0-*.npz"))
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
@@ -243,7 +247,6 @@ def test_cache_file_written_and_reused(real_build, compose_cfg, cache_dir: Path,
     monkeypatch.setattr(dataset_mod, "leave_one_out", must_not_run)
     monkeypatch.setattr(dataset_mod.raw, "read_ml100k", must_not_run)  # a cache hit does not even parse u.data
     monkeypatch.setattr(dataset_mod, "draw_eval_negatives", must_not_run)
-    cfg = compose_cfg(["dataset=ml-100k", "protocol=paper", "seed=0", f"data.root='{SHARED_DATA}'"])
     second = dataset_mod.build(cfg.dataset, cfg.protocol, cfg.seed, cfg.data.root, cfg.data.cache_dir)
     assert files[0].stat().st_mtime_ns == mtime
     for field in ("train_ptr", "train_items", "val_items", "test_items", "val_negatives", "test_negatives"):

@@ -346,6 +346,14 @@ def test_only_the_runs_waiting_longer_in_other_campaigns_are_kept_free(tmp_path,
     assert memory_wait.free_now(tmp_path).queued == 3.0
     memory_wait.dequeue(tmp_path, "mine")
     assert memory_wait.free_now(tmp_path).queued == 8.0
+    # a wait no lane could ever satisfy (more than is available plus what reserved runs hold) holds nothing back
+    wait_record(tmp_path, "huge", 998, 22.0, 60.0)
+    assert memory_wait.free_now(tmp_path).queued == 8.0
+    memory_wait.reserve(tmp_path, "running", 999, 6.0)  # a running run of 1 GiB now: 21 GiB attainable, still short
+    assert memory_wait.free_now(tmp_path).queued == 8.0
+    (tmp_path / f"running.{os.getpid()}.mem").unlink()
+    fake_machine(monkeypatch, 23.0, {998: 1.0, 999: 1.0})
+    assert memory_wait.free_now(tmp_path).queued == 30.0
 
 
 def test_a_small_run_waits_for_a_large_run_another_lane_has_waited_for_longer(tmp_path, monkeypatch, capsys):

@@ -398,6 +398,7 @@ def execute(
                         nxt = None
                     else:
                         passed[fits[0].key] = passed.get(fits[0].key, 0) + 1
+                        memory_wait.dequeue(work, fits[0].key)  # passed over: not yet a claim on the others' memory
                 if nxt is not None:
                     memory_wait.reserve(work, nxt.key, os.getpid(), nxt.mem_gib)  # its place, until it starts
                     memory_wait.dequeue(work, nxt.key)

@@ -105,9 +105,7 @@ def refuse_added_keys(overrides: list[str], cfg: DictConfig) -> None:
 def composed_once(composed: tuple[str, ...]) -> DictConfig:
     """The config of a set of group choices (and `+`/`~` overrides), composed by Hydra once per process (conf/ does
     not change while a process runs; a refused set is refused again each time). Callers take a deep copy."""
-    cfg = compose_config(list(composed))
-    refuse_misnamed(list(composed), cfg)
-    return cfg
+    return compose_config(list(composed))
 
 
 def compose_runs(grid: list[list[str]], added_keys: bool = False) -> list[DictConfig]:
@@ -139,6 +137,7 @@ def compose_runs(grid: list[list[str]], added_keys: bool = False) -> list[DictCo
                 ) from err
             except OmegaConfBaseException as err:
                 raise ConfigError(f"override {parsed.input_line}: {err}") from err
+        refuse_misnamed(overrides, cfg)  # on the config as it runs: `ablation.name=` cannot relabel a method
         out.append(cfg)
     return out
 

@@ -146,13 +146,19 @@ def dequeue(work: Path, key: str) -> None:
     queue_path(work, key).unlink(missing_ok=True)
 
 
-def queued_before(work: Path) -> float:
+def queued_before(work: Path, attainable: float) -> float:
     """GiB the runs other processes have waited for longer than this one (all of theirs when it does not wait) need:
-    memory a run of this process leaves free for them. Called under `turn`."""
+    memory a run of this process leaves free for them. A wait for more than is `attainable` (what is available
+    plus what the reserved running runs hold and will give back) is not honoured: nothing the lanes do could let it
+    start, and holding memory back for it would stop every lane. Called under `turn`."""
     waits = list(live_records(work, "wait", "need_gib"))
     mine = [float(w["since"]) for w in waits if w["pid"] == os.getpid()]
     first = min(mine) if mine else float("inf")
-    return sum(w["need_gib"] for w in waits if w["pid"] != os.getpid() and float(w.get("since", 0.0)) < first)
+    return sum(
+        w["need_gib"]
+        for w in waits
+        if w["pid"] != os.getpid() and float(w.get("since", 0.0)) < first and w["need_gib"] <= attainable
+    )
 
 
 def free_now(work: Path) -> Free | None:
@@ -161,8 +167,10 @@ def free_now(work: Path) -> Free | None:
     machine = memory_gib()
     if machine is None:
         return None
-    growth = sum(max(0.0, peak - rss_gib(pid)) for pid, peak in reservations(work))
-    return Free(machine[0], machine[1], growth, queued_before(work))
+    running = [(rss_gib(pid), peak) for pid, peak in reservations(work)]
+    growth = sum(max(0.0, peak - rss) for rss, peak in running)
+    attainable = machine[0] + sum(rss for rss, _ in running)
+    return Free(machine[0], machine[1], growth, queued_before(work, attainable))
 
 
 def short(need_gib: float | None, free: Free | None) -> str:
@@ -201,7 +209,7 @@ def wait_and_reserve(work: Path, key: str, need_gib: float | None, label: str, r
                 if not why:
                     reserve(work, key, os.getpid(), need_gib)
                     return
-                queue(work, key, need_gib)  # other campaigns keep its memory free for it from now on
+                queue(work, key, None if need_gib is None else need_gib - held_now)  # kept free for it from now on
             if not waited:
                 print(f"wait   {label} ({why})", flush=True)
                 waited = True
