@@ -376,62 +376,64 @@ def execute(
     waited: set[str] = set()
     passed: dict[str, int] = {}  # how many runs went before a run that did not fit in memory
     start = time.monotonic()
-    while pending or running:
-        left = None if budget_s is None else budget_s - (time.monotonic() - start)
-        if left is not None and left <= 0:
-            for proc in running.values():
-                proc.send_signal(15)  # SIGTERM: the run finishes its round, checkpoints, exits
-            for run, proc in running.items():
-                proc.wait()
-                memory_wait.unreserve(work, run.key)
-                release(run)
-                run.status = "partial" if checkpointed(work_dir(work, run)) else "cut"
-            break
-        while pending and len(running) < jobs:
-            # the runs that fit in the budget; when none does, the cheapest (a cut run resumes next time)
-            fits = [r for r in pending if left is None or r.est_s <= left] or pending[:1]
-            with memory_wait.turn(work):  # one campaign at a time checks memory and reserves it for its pick
-                free = memory_wait.free_now(work)
-                nxt = next((r for r in fits if not memory_wait.short(r.mem_gib, free)), None)
-                if nxt is not None and nxt is not fits[0]:  # a smaller run goes before the one that does not fit,
-                    if passed.get(fits[0].key, 0) >= MAX_PASSES:  # at most MAX_PASSES times: then it waits for it
-                        nxt = None
-                    else:
-                        passed[fits[0].key] = passed.get(fits[0].key, 0) + 1
-                        memory_wait.dequeue(work, fits[0].key)  # passed over: not yet a claim on the others' memory
-                if nxt is not None:
-                    memory_wait.reserve(work, nxt.key, os.getpid(), nxt.mem_gib)  # its place, until it starts
-                    memory_wait.dequeue(work, nxt.key)
-                else:  # the other campaigns keep its memory free for it from now on (first come, first served)
-                    memory_wait.queue(work, fits[0].key, fits[0].mem_gib)
-            if nxt is None:  # none fits in memory now: wait for a run to end (this campaign's or another's)
-                if fits[0].key not in waited:
-                    print(f"wait   {fits[0].label} ({memory_wait.short(fits[0].mem_gib, free)})", flush=True)
-                    waited.add(fits[0].key)
+    try:
+        while pending or running:
+            left = None if budget_s is None else budget_s - (time.monotonic() - start)
+            if left is not None and left <= 0:
+                for proc in running.values():
+                    proc.send_signal(15)  # SIGTERM: the run finishes its round, checkpoints, exits
+                for run, proc in running.items():
+                    proc.wait()
+                    memory_wait.unreserve(work, run.key)
+                    release(run)
+                    run.status = "partial" if checkpointed(work_dir(work, run)) else "cut"
                 break
-            pending.remove(nxt)
-            if not take(work, nxt, root):
-                memory_wait.unreserve(work, nxt.key)
-                continue
-            try:
-                running[nxt] = launch(nxt, work, device, threads, compiled)
-            except BaseException:
-                memory_wait.unreserve(work, nxt.key)
-                release(nxt)
-                raise
-            memory_wait.reserve(work, nxt.key, running[nxt].pid, nxt.mem_gib)
-        for run, proc in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[run]
-            memory_wait.unreserve(work, run.key)
-            try:
-                finish(run, proc.returncode, work, root, commit_each)
-            finally:
-                release(run)  # only once stored and its work folder gone: no other campaign resumes it meanwhile
-        time.sleep(1.0)
-    for run in runs:  # a run still waiting when the budget ends (a campaign that dies leaves a stale record)
-        memory_wait.dequeue(work, run.key)
+            while pending and len(running) < jobs:
+                # the runs that fit in the budget; when none does, the cheapest (a cut run resumes next time)
+                fits = [r for r in pending if left is None or r.est_s <= left] or pending[:1]
+                with memory_wait.turn(work):  # one campaign at a time checks memory and reserves it for its pick
+                    free = memory_wait.free_now(work)
+                    nxt = next((r for r in fits if not memory_wait.short(r.mem_gib, free)), None)
+                    if nxt is not None and nxt is not fits[0]:  # a smaller run goes before the one that does not fit,
+                        if passed.get(fits[0].key, 0) >= MAX_PASSES:  # at most MAX_PASSES times: then it waits for it
+                            nxt = None
+                        else:
+                            passed[fits[0].key] = passed.get(fits[0].key, 0) + 1
+                            memory_wait.dequeue(work, fits[0].key)  # passed over: not yet a claim on the others' memory
+                    if nxt is not None:
+                        memory_wait.reserve(work, nxt.key, os.getpid(), nxt.mem_gib)  # its place, until it starts
+                        memory_wait.dequeue(work, nxt.key)
+                    else:  # the other campaigns keep its memory free for it from now on (first come, first served)
+                        memory_wait.queue(work, fits[0].key, fits[0].mem_gib)
+                if nxt is None:  # none fits in memory now: wait for a run to end (this campaign's or another's)
+                    if fits[0].key not in waited:
+                        print(f"wait   {fits[0].label} ({memory_wait.short(fits[0].mem_gib, free)})", flush=True)
+                        waited.add(fits[0].key)
+                    break
+                pending.remove(nxt)
+                if not take(work, nxt, root):
+                    memory_wait.unreserve(work, nxt.key)
+                    continue
+                try:
+                    running[nxt] = launch(nxt, work, device, threads, compiled)
+                except BaseException:
+                    memory_wait.unreserve(work, nxt.key)
+                    release(nxt)
+                    raise
+                memory_wait.reserve(work, nxt.key, running[nxt].pid, nxt.mem_gib)
+            for run, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[run]
+                memory_wait.unreserve(work, run.key)
+                try:
+                    finish(run, proc.returncode, work, root, commit_each)
+                finally:
+                    release(run)  # only once stored and its work folder gone: no other campaign resumes it meanwhile
+            time.sleep(1.0)
+    finally:  # no wait outlives the campaign's loop, however it ends (a killed campaign's goes stale)
+        for run in runs:
+            memory_wait.dequeue(work, run.key)
     return runs
 
 
