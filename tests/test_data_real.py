@@ -252,6 +252,7 @@ def test_cache_file_written_and_reused(compose_cfg, tmp_path: Path, monkeypatch)
     for field in ("train_ptr", "train_items", "val_items", "test_items", "val_negatives", "test_negatives"):
         assert np.array_equal(getattr(first, field), getattr(second, field)), field
     assert second.summary() == first.summary()
+    assert first.split_file == second.split_file == str(files[0])  # both say which file holds the split
 
 
 # ---------------------------------------------------------------- the CLI
@@ -329,11 +330,10 @@ PINNED_SPLITS = {
 def test_the_split_and_its_negatives_are_pinned(name: str, protocol: str, real_build, cache_dir: Path) -> None:
     """A change to the reading, the split or the negatives' draw (or a numpy whose generator draws otherwise)
     changes every number a run reports: runs made after it are not comparable with those in results/runs. (The
-    split this session's code built, in the session's cache: built once for every test that reads it.)"""
-    real_build(name, protocol, 0)
-    # the session's cache may hold splits of other configs of this dataset (data.max_users=...), none of them equal
-    built = {str(np.load(path)["digest"]) for path in cache_dir.glob(f"{name}-{protocol}-seed0-*.npz")}
-    assert PINNED_SPLITS[name, protocol] in built, (
+    split the default config's key names, as this session's code built it in the session's cache.)"""
+    split = Path(real_build(name, protocol, 0).split_file)
+    assert split.parent == cache_dir
+    assert np.load(split)["digest"] == PINNED_SPLITS[name, protocol], (
         "the split differs from the pinned one the stored runs were made with: restore it, or bump CACHE_VERSION "
         "(src/data/dataset.py), rerun the stored runs and pin the new digests"
     )

@@ -90,6 +90,7 @@ class FedData:
     item_community: np.ndarray | None = None
     item_ids: np.ndarray | None = None  # original id of each item index [m] (genres, diagnostics)
     verified: bool | None = None
+    split_file: str | None = None  # the cached .npz this split was read from or written to (None: not cached)
 
     @property
     def train_users(self) -> np.ndarray:
@@ -340,6 +341,7 @@ def build(
         seed=int(seed),
         verified=verified,
         folder=str(folder) if folder else "synthetic",
+        split_file=str(path),
     )
     if path.is_file():
         arrays = load_npz_verified(path, SPLIT_ARRAYS)
