@@ -12,4 +12,4 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
-exec $PY -m src.perf.gpucheck "$@"
+exec $PY -m src.gpucheck "$@"

@@ -17,8 +17,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export ALIGNFEDREC_DATA=${ALIGNFEDREC_DATA:-$PWD/.data} ALIGNFEDREC_CACHE=/tmp/afr-cache PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
-timeout 300 python3 -m src.perf.gpucheck --device cuda --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu-check failed: no campaign on this machine" >&2; exit 1; }
+timeout 300 python3 -m src.gpucheck --device cuda --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
+# a check that exited 0 without writing its report checked nothing
+[ "${PIPESTATUS[0]}" -eq 0 ] && [ -s "$OUT/gpu_check.json" ] || { echo "gpu-check failed: no campaign on this machine" >&2; exit 1; }
 # issue 34's pending runs, cheapest first within each command: fed_itemknn and knn_ica (item 2) and full's seeds
 # 1-2 (item 5) on the large datasets, then AlignFedRec's variants with the lineage SGD engine (item 1); two thirds
 # of the budget to the first command, the rest to the second

@@ -5,6 +5,7 @@ none of the library, and no two packages import each other (directly or through 
 from __future__ import annotations
 
 import ast
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -80,3 +81,20 @@ def test_pandas_is_imported_only_where_a_raw_file_is_read_or_split():
             if any(n == "pandas" or n.startswith("pandas.") for n in names):
                 at_top.append(str(path.relative_to(SRC)))
     assert at_top == []
+
+
+def test_every_module_a_script_or_page_runs_is_a_command():
+    """Every `python -m src...` in the Makefile, deploy/, the README and docs/ names a module that runs something
+    (a `__main__` guard, or a package's `__main__.py`): a moved module would otherwise import, do nothing and exit
+    0, as `make gpu-check` once did."""
+    root = SRC.parent
+    texts = [root / "Makefile", root / "README.md", *root.glob("deploy/*.sh"), *root.glob("docs/*.md")]
+    named = {m for path in texts for m in re.findall(r"-m (src(?:\.\w+)+)", path.read_text())}
+    assert {"src.run", "src.gpucheck", "src.campaign"} <= named
+    idle = []
+    for module in sorted(named):
+        path = root.joinpath(*module.split("."))
+        code = (path / "__main__.py") if path.is_dir() else path.with_suffix(".py")
+        if not (code.is_file() and (code.name == "__main__.py" or '__name__ == "__main__"' in code.read_text())):
+            idle.append(module)
+    assert idle == []

@@ -167,7 +167,8 @@ def line(entry: dict[str, Any]) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> OneLineParser:
+    """The command line of `python -m src.gpucheck` (whose docstring lists these options for `--help`)."""
     parser = OneLineParser(prog="python -m src.gpucheck", description=__doc__.split("\n\n")[1])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--datasets", default=",".join(DATASETS))
@@ -176,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-full", action="store_true", help="skip the full-size timing rounds")
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run (e.g. dataset.n_users=30)")
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check, print a line per dataset and path, write the report; 0 when every path agrees."""
+    ns = parser().parse_args(argv)
     load_config([f"device={ns.device}"])  # device=cuda without a GPU is refused here, before any data is read
     check_output_file("--out", ns.out)
     report = check(ns.datasets.split(","), ns.device, ns.clients, ns.rtol, not ns.no_full, ns.overrides)
