@@ -18,6 +18,7 @@ from src.cli import campaign, memory_wait
 from src.cli.config import ConfigError
 from src.cli.jobs import compose_config
 from src.runtime.errors import UserError
+from src.runtime.results import read_results
 
 SMOKE = "experiment=campaign_smoke"
 
@@ -136,6 +137,11 @@ def test_runs_are_stored_compactly_and_skipped_next_time(tmp_path, capsys):
             {"commit": meta["commit"], "from_round": 1}
         ]
         assert sum(p.stat().st_size for p in meta_path.parent.iterdir()) < 200_000
+        # the history stored by columns, read back as the rows whose best round the run itself selected
+        assert json.loads((meta_path.parent / "results.json").read_text())["history"]["round"] == [1, 2, 3]
+        history = read_results(meta_path.parent / "results.json")["history"]
+        best = next(r for r in history if r["round"] == payload["best_round"])
+        assert {k: best[k] for k in payload["test_at_best"]} == payload["test_at_best"]
         assert not list(meta_path.parent.glob("**/*.ckpt"))
     assert not any(work.iterdir()) or all(p.suffix in (".log", ".lock") for p in work.iterdir())
     # runs ran compiled by default (a speed key), and a plan without compiling finds them stored all the same
@@ -196,7 +202,7 @@ def test_budget_cut_leaves_a_resumable_partial_run(tmp_path, capsys, monkeypatch
     assert campaign.main(args) == 0
     assert "(resume," in capsys.readouterr().out
     (meta,) = root.rglob("run.json")
-    payload = json.loads((meta.parent / "results.json").read_text())
+    payload = read_results(meta.parent / "results.json")
     assert len(payload["history"]) == 150 and payload["timings"]["processes"] == 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,9 @@ from src.cli.migrate import main
 from src.cli.store import stored_runs, variant_name
 from src.config.identity import identity, resume_mismatch
 from src.runtime.errors import UserError
+from src.runtime.results import compact_json, read_results
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def stored(folder, overrides: list[str]) -> dict:
@@ -121,3 +125,45 @@ def test_a_move_onto_a_folder_that_holds_a_run_is_refused_before_anything_change
     with pytest.raises(UserError, match=r"ablation.alpha=0.05_optim=sgd/seed0 holds a run already; .*nothing was"):
         main([str(tmp_path)])
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
+
+
+def test_a_history_held_as_rows_is_rewritten_as_columns_and_read_back_as_the_same_rows(tmp_path):
+    """Stored records hold their history by columns (each key once): the same rounds, values and missing keys."""
+    config = OmegaConf.to_container(load_config(["ablation=backbone"]), resolve=True)
+    rows = [
+        {"round": 1, "val/hit@10": 0.1, "loss/bce": 0.69},
+        {"round": 2, "val/hit@10": 0.25, "loss/bce": 0.5, "community/count": 3},  # a key only some rounds have
+        {"round": 3, "loss/bce": 0.4, "val/hit@10": 0.3},  # another order
+    ]
+    folder = tmp_path / "run"
+    folder.mkdir()
+    record = {"config": config, "finished": True, "history": rows, "best_round": 3}
+    (folder / "results.json").write_text(json.dumps(record, separators=(",", ":")))
+    (folder / "run.json").write_text(json.dumps({"key": identity(config)}))
+    before = (folder / "results.json").stat().st_size
+    assert main([str(tmp_path)]) == 1
+    raw = json.loads((folder / "results.json").read_text())
+    assert raw["history"] == {
+        "round": [1, 2, 3],
+        "val/hit@10": [0.1, 0.25, 0.3],
+        "loss/bce": [0.69, 0.5, 0.4],
+        "community/count": [None, 3, None],
+    }
+    assert read_results(folder / "results.json") == record
+    assert (folder / "results.json").stat().st_size < before
+    assert json.loads((folder / "run.json").read_text()) == {"key": identity(config)}  # the same run: no note
+    assert main([str(tmp_path)]) == 0
+    (folder / "results.json").write_text(json.dumps({**raw, "history": {"round": [1, 2], "loss/bce": [0.5]}}))
+    with pytest.raises(ValueError, match=r"results.json: not a readable results.json \(history columns of unequal"):
+        read_results(folder / "results.json")
+
+
+def test_stored_records_are_about_half_the_bytes_as_columns(tmp_path):
+    """What keeps results/ small enough to travel to a lent machine (64 MiB with the wheels and data carried)."""
+    stored_record = ROOT / "results/runs/table2/ml-100k/full/clean/default/seed0/results.json"
+    record = read_results(stored_record)
+    assert len(record["history"]) == 100
+    compact = compact_json(record)
+    assert len(compact) < 0.6 * len(json.dumps(record, separators=(",", ":")))
+    (tmp_path / "results.json").write_text(compact)
+    assert read_results(tmp_path / "results.json") == record

@@ -11,6 +11,7 @@ import pytest
 
 from src.cli import recheck
 from src.cli.campaign import main as campaign_main
+from src.runtime.results import read_results
 from tests.conftest import requires_real_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_a_stored_run_reproduces_and_an_altered_record_is_found(tmp_path, capsys
     assert {"val/hit@10", "test/hit@10", "loss/bce"} <= same.largest.keys()
     altered = tmp_path / "seed0"
     shutil.copytree(STORED, altered)
-    payload = json.loads((altered / "results.json").read_text())
+    payload = read_results(altered / "results.json")  # a stored record holds its history as columns
     payload["history"][0]["test/hit@10"] += 0.01
     (altered / "results.json").write_text(json.dumps(payload))
     assert campaign_main(["recheck", str(altered), "--rounds", "1"]) == 1

@@ -3,7 +3,6 @@ resolved config's value by dotted key, and a run cut to its first rounds (best v
 
 from __future__ import annotations
 
-import json
 import statistics
 import warnings
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 from src.config.identity import moved
 from src.runtime.errors import UserError
-from src.runtime.results import at_best, selection_of
+from src.runtime.results import at_best, read_results, selection_of
 
 PROJECT = Path(__file__).resolve().parents[2]
 STORED = (PROJECT / "results" / "runs").resolve()  # the campaign's runs: the only source of the project's pages
@@ -112,8 +111,8 @@ def read_run(path: Path) -> dict[str, Any] | None:
     row without its round) raises ValueError naming the file and what is wrong.
     """
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        payload = read_results(path)
+    except OSError as err:
         raise ValueError(f"{path}: not a readable JSON file ({err})") from err
     if not isinstance(payload, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(payload).__name__}")

@@ -30,6 +30,7 @@ from src.cli.store import REPO
 from src.config.identity import differing, identity, identity_values
 from src.runtime.checks import ConfigError
 from src.runtime.errors import UserError
+from src.runtime.results import read_results
 
 # config groups whose choice a stored config names (`<group>.name`): named explicitly when its overrides did not
 STORED_CHOICES = ("dataset", "ablation", "protocol", "optim")
@@ -66,7 +67,7 @@ def stored_record(folder: Path) -> tuple[list[str], dict[str, Any]]:
     moved since."""
     try:
         meta = json.loads((folder / "run.json").read_text())
-        payload = json.loads((folder / "results.json").read_text())
+        payload = read_results(folder / "results.json")
     except (OSError, ValueError) as err:
         raise RecheckError(f"{folder} holds no stored run ({err}); expected a folder of results/runs/") from None
     overrides = renamed(meta["overrides"])
@@ -121,7 +122,7 @@ def rerun(
         memory_wait.unreserve(work, key)
     if proc.returncode != 0:
         raise RecheckError(f"the rerun `{command}` failed: {stderr.strip()[-2000:]}")
-    return json.loads((out / "results.json").read_text())["history"]
+    return read_results(out / "results.json")["history"]
 
 
 def compare(

@@ -26,6 +26,7 @@ from src.config.identity import identity
 from src.config.schema import current_name
 from src.runtime.atomic import atomic_write_text
 from src.runtime.errors import UserError
+from src.runtime.results import compact_json, read_results
 from src.runtime.rundir import path_segment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,7 +157,7 @@ def store(
     processes, `code`); `commit` names it only for a run written before runs recorded it ('unknown' without)."""
     if not (run_dir / "results.json").is_file():
         raise UserError(f"{run_dir} holds no results.json; expected the folder of a finished run")
-    payload = json.loads((run_dir / "results.json").read_text())
+    payload = read_results(run_dir / "results.json")
     if not payload.get("finished"):
         raise UserError(f"{run_dir}/results.json: the run did not finish, nothing stored; expected a finished run")
     if payload.get("engine") == "flower":
@@ -174,7 +175,7 @@ def store(
         taken, seeds = dest, identity({**config, "seed": 0})[:8]  # one suffix for all seeds of this config
         dest = taken.parent.with_name(f"{taken.parent.name}-{seeds}") / taken.name
         print(f"warning: {taken} holds another computation; this run is stored in {dest}", file=sys.stderr)
-    atomic_write_text(dest / "results.json", json.dumps(payload, separators=(",", ":")))
+    atomic_write_text(dest / "results.json", compact_json(payload))
     atomic_write_text(dest / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
     meta = {
         "key": key,
@@ -207,4 +208,4 @@ def stored_trial(config: dict[str, Any], root: Path) -> tuple[Path, dict[str, An
     folder = stored_runs(root / str(config["experiment_name"])).get(identity(config))
     if folder is None:
         return None
-    return folder, json.loads((folder / "results.json").read_text())
+    return folder, read_results(folder / "results.json")

@@ -11,6 +11,11 @@ the embedding-sharing size for comparison), chance (a random scorer's expected t
 privacy (the epsilon spent by the last round, when noise is on);
 code (the commit each process ran, from which round: `src.run` and the Flower ServerApp) and, from `src.run`,
 resumes (the resumable keys each resume changed).
+
+A run folder's results.json holds its history as rows (one object per round); a stored record (`results/runs/`,
+`compact_json`) holds it as columns (key -> one value per round, null where a round lacks the key), each key written
+once: half the bytes, which keeps the repository small enough to travel to a lent machine. `read_results` gives the
+rows whichever way a file holds them.
 """
 
 from __future__ import annotations
@@ -148,6 +153,43 @@ def build_results(
         if history
         else {},
     }
+
+
+def history_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The per-round rows as columns: key -> its value in every round, None where a round lacks the key."""
+    keys = dict.fromkeys(key for row in rows for key in row)
+    return {key: [row.get(key) for row in rows] for key in keys}
+
+
+def history_rows(history: list[dict[str, Any]] | dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The per-round rows of a history held as rows (returned as it is) or as columns (`history_columns`; a round's
+    null entries left out, as rows never hold nulls); ValueError for columns of unequal length."""
+    if not isinstance(history, dict):
+        return history
+    lengths = {len(column) for column in history.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"history columns of unequal length ({sorted(lengths)} rounds)")
+    rounds = lengths.pop() if lengths else 0
+    return [{k: column[i] for k, column in history.items() if column[i] is not None} for i in range(rounds)]
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json (a run folder's or a stored record's) with its history as rows; ValueError for a file that is
+    not JSON or whose history columns disagree, naming the file."""
+    try:
+        payload = json.loads(Path(path).read_text())
+        if isinstance(payload, dict) and isinstance(payload.get("history"), dict):
+            payload["history"] = history_rows(payload["history"])
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable results.json ({err})") from err
+    return payload
+
+
+def compact_json(payload: dict[str, Any]) -> str:
+    """A stored record's results.json: no whitespace, the history as columns (`read_results` reads it back)."""
+    if "history" in payload:
+        payload = {**payload, "history": history_columns(history_rows(payload["history"]))}
+    return json.dumps(payload, separators=(",", ":"))
 
 
 def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
