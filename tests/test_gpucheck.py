@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 import src.gpucheck as command
@@ -49,3 +51,29 @@ def test_help_lists_every_option_of_the_parser():
     """`--help` prints the command's docstring before torch is imported: it must name every option."""
     options = [o for a in gpucheck.parser()._actions for o in a.option_strings if o not in ("-h", "--help")]
     assert options and [o for o in options if o not in command.__doc__] == []
+
+
+WHEELS_BYTES = 8_815_998  # the .whl/ of deploy/gpu_session.sh's header, measured 2026-12-07 (docs/gpu.md)
+CALL_LIMIT = 64 * 2**20  # what one call to the lent machine takes: tracked tree + carried paths
+
+
+def test_the_gpu_session_travels_within_a_calls_limit():
+    """The tracked tree, the data files the session's header carries and its wheels within 64 MiB: stored runs grow
+    the tree, and past the limit the prepared GPU session would not even start."""
+    header = (ROOT / "deploy" / "gpu_session.sh").read_text()
+    carry = json.loads(re.search(r"#\s+carry: (\[.*\])", header).group(1))
+    data = [p for p in carry if p.startswith(".data/")]
+    assert ".whl" in carry and len(carry) <= 8 and len(data) == 5
+    shared = ROOT.parent / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip(f"real datasets not found at {shared}")
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = sum((ROOT / p).stat().st_size for p in listed.stdout.decode().split("\0") if p and (ROOT / p).is_file())
+    carried = sum((shared / p.removeprefix(".data/")).stat().st_size for p in data)
+    total = tracked + carried + WHEELS_BYTES
+    assert total <= CALL_LIMIT, (
+        f"the GPU session would carry {total / 2**20:.1f} MiB (tracked {tracked / 2**20:.1f}, data "
+        f"{carried / 2**20:.1f}, wheels {WHEELS_BYTES / 2**20:.1f}); expected at most 64 MiB: carry less or store less"
+    )
