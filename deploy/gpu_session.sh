@@ -19,6 +19,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export ALIGNFEDREC_DATA=${ALIGNFEDREC_DATA:-$PWD/.data} ALIGNFEDREC_CACHE=/tmp/afr-cache PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
+rm -f "$OUT/gpu_check.json"  # a report left by an earlier run must not pass for this one
 timeout 300 python3 -m src.gpucheck --device cuda --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
 # a check that exited 0 without writing its report checked nothing
 [ "${PIPESTATUS[0]}" -eq 0 ] && [ -s "$OUT/gpu_check.json" ] || { echo "gpu-check failed: no campaign on this machine" >&2; exit 1; }

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,8 @@ def test_gpu_check_runs_every_path_on_cpu(tmp_path):
     """Through the script `make gpu-check` and the GPU session run (a check that runs nothing must not pass)."""
     out = tmp_path / "gc.json"
     args = ["--device", "cpu", "--datasets", "synthetic", "--no-full", "--out", str(out)]
-    done = subprocess.run(["bash", "deploy/gpu_check.sh", *args], cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "PY": sys.executable, "WHEELS": str(tmp_path / "no-wheels")}  # this Python, as it is
+    done = subprocess.run(["bash", "deploy/gpu_check.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "ok   synthetic  fast" in done.stdout
     report = json.loads(out.read_text())
@@ -67,7 +70,9 @@ def test_the_gpu_session_travels_within_a_calls_limit():
     shared = ROOT.parent / "shared" / "data"
     if not shared.is_dir():
         pytest.skip(f"real datasets not found at {shared}")
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    # what travels: tracked files and untracked ones git does not ignore
+    listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    listed = subprocess.run(listing, cwd=ROOT, capture_output=True)
     if listed.returncode != 0:
         pytest.skip("not a git checkout")
     tracked = sum((ROOT / p).stat().st_size for p in listed.stdout.decode().split("\0") if p and (ROOT / p).is_file())

@@ -153,6 +153,12 @@ def test_a_history_held_as_rows_is_rewritten_as_columns_and_read_back_as_the_sam
     assert (folder / "results.json").stat().st_size < before
     assert json.loads((folder / "run.json").read_text()) == {"key": identity(config)}  # the same run: no note
     assert main([str(tmp_path)]) == 0
+    run_folder = tmp_path / "outputs" / "run"  # a run folder (no run.json) keeps its rows
+    run_folder.mkdir(parents=True)
+    (run_folder / "results.json").write_text(json.dumps(record))
+    assert main([str(tmp_path)]) == 0 and json.loads((run_folder / "results.json").read_text()) == record
+    with pytest.raises(ValueError, match="a history row holds a null value"):
+        compact_json({**record, "history": [{"round": 1, "val/hit@10": None}]})
     (folder / "results.json").write_text(json.dumps({**raw, "history": {"round": [1, 2], "loss/bce": [0.5]}}))
     with pytest.raises(ValueError, match=r"results.json: not a readable results.json \(history columns of unequal"):
         read_results(folder / "results.json")

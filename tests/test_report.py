@@ -164,7 +164,8 @@ def test_a_column_some_seeds_lack_says_how_many_it_averages(tmp_path):
 def test_broken_results_are_named_and_skipped(tmp_path):
     fake_run(tmp_path / "good")
     text = (tmp_path / "good" / "results.json").read_text()
-    bad = {"invalid": "{not json", "truncated": text[: len(text) // 2], "list": "[1, 2]"}
+    columns = json.dumps({**json.loads(text), "history": {"round": 5}})  # a stored record's history, malformed
+    bad = {"invalid": "{not json", "truncated": text[: len(text) // 2], "list": "[1, 2]", "columns": columns}
     for name, content in bad.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(content)

@@ -6,8 +6,9 @@ lack them; this adds them to each record's config (`results.json`, `config_resol
 record's own config, and notes the migration in `run.json`. Both keys are labels, not part of the computation
 (`src/config/identity.py:DERIVED_KEYS`): a record's identity is the same before and after (`normalised` reads a
 record without them by the rule they replace). Records that have them are left as they are, so it can run after
-every campaign. A record whose history is still held as rows is rewritten with it as columns (`compact_json`, as the
-campaign stores today): the same values in about half the bytes.
+every campaign. A stored record (a folder with its run.json) whose history is still held as rows is rewritten with
+it as columns (`compact_json`, as the campaign stores today): the same values in about half the bytes. A run folder's
+results.json keeps its rows.
 
 It also moves a run stored under a variant folder that names a moved key by its old name (`model.alpha=0.01_optim=sgd`,
 stored before the method's keys moved into its yaml, `schema.MOVED`) to the folder the store names it by today
@@ -63,8 +64,8 @@ def migrate(run_dir: Path) -> bool:
     payload = json.loads((run_dir / "results.json").read_text())
     config = payload["config"]
     if all(k in config["ablation"] for k in LABELS):
-        if not isinstance(payload.get("history"), list):
-            return False
+        if not isinstance(payload.get("history"), list) or not (run_dir / "run.json").is_file():
+            return False  # columns already, or a run folder (not a stored record: its history stays rows)
         atomic_write_text(run_dir / "results.json", compact_json(payload))  # the same record, in half the bytes
         return True
     try:
@@ -75,7 +76,9 @@ def migrate(run_dir: Path) -> bool:
             f"whose ablation.name has a yaml in conf/ablation/ and a config holding the keys its labels read"
         ) from None
     config["ablation"] = with_labels(config["ablation"], added)
-    atomic_write_text(run_dir / "results.json", compact_json(payload))  # as the campaign stores
+    stored = (run_dir / "run.json").is_file()  # a stored record (history by columns), not a run folder (rows)
+    text = compact_json(payload) if stored else json.dumps(payload, separators=(",", ":"))
+    atomic_write_text(run_dir / "results.json", text)
     if (run_dir / "config_resolved.yaml").is_file():
         atomic_write_text(run_dir / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
     if (run_dir / "run.json").is_file():

@@ -90,7 +90,7 @@ class FedData:
     item_community: np.ndarray | None = None
     item_ids: np.ndarray | None = None  # original id of each item index [m] (genres, diagnostics)
     verified: bool | None = None
-    split_file: str | None = None  # the cached .npz this split was read from or written to (None: not cached)
+    split_file: str | None = None  # the cached .npz this split was read from or written to (a head() keeps it)
 
     @property
     def train_users(self) -> np.ndarray:

@@ -15,7 +15,7 @@ resumes (the resumable keys each resume changed).
 A run folder's results.json holds its history as rows (one object per round); a stored record (`results/runs/`,
 `compact_json`) holds it as columns (key -> one value per round, null where a round lacks the key), each key written
 once: half the bytes, which keeps the repository small enough to travel to a lent machine. `read_results` gives the
-rows whichever way a file holds them.
+rows whichever way a file holds them; every reader of a history goes through it.
 """
 
 from __future__ import annotations
@@ -156,16 +156,22 @@ def build_results(
 
 
 def history_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """The per-round rows as columns: key -> its value in every round, None where a round lacks the key."""
+    """The per-round rows as columns: key -> its value in every round, None where a round lacks the key (so a row may
+    hold no None itself: ValueError)."""
+    if any(value is None for row in rows for value in row.values()):
+        raise ValueError("a history row holds a null value; expected numbers (null marks a key a round lacks)")
     keys = dict.fromkeys(key for row in rows for key in row)
     return {key: [row.get(key) for row in rows] for key in keys}
 
 
 def history_rows(history: list[dict[str, Any]] | dict[str, list[Any]]) -> list[dict[str, Any]]:
     """The per-round rows of a history held as rows (returned as it is) or as columns (`history_columns`; a round's
-    null entries left out, as rows never hold nulls); ValueError for columns of unequal length."""
+    null entries left out, as rows never hold nulls); ValueError for a column that is not a list or columns of unequal
+    length."""
     if not isinstance(history, dict):
         return history
+    if not all(isinstance(column, list) for column in history.values()):
+        raise ValueError("a history column is not a list; expected key -> one value per round")
     lengths = {len(column) for column in history.values()}
     if len(lengths) > 1:
         raise ValueError(f"history columns of unequal length ({sorted(lengths)} rounds)")
@@ -175,7 +181,7 @@ def history_rows(history: list[dict[str, Any]] | dict[str, list[Any]]) -> list[d
 
 def read_results(path: Path) -> dict[str, Any]:
     """A results.json (a run folder's or a stored record's) with its history as rows; ValueError for a file that is
-    not JSON or whose history columns disagree, naming the file."""
+    not JSON or whose history columns are malformed, naming the file."""
     try:
         payload = json.loads(Path(path).read_text())
         if isinstance(payload, dict) and isinstance(payload.get("history"), dict):
