@@ -63,9 +63,10 @@ def migrate(run_dir: Path) -> bool:
     """Add the labels to one stored run and store its history as columns (`compact_json`); False when it has both."""
     payload = json.loads((run_dir / "results.json").read_text())
     config = payload["config"]
+    stored = (run_dir / "run.json").is_file()  # a stored record (history by columns), not a run folder (rows)
     if all(k in config["ablation"] for k in LABELS):
-        if not isinstance(payload.get("history"), list) or not (run_dir / "run.json").is_file():
-            return False  # columns already, or a run folder (not a stored record: its history stays rows)
+        if not (stored and isinstance(payload.get("history"), list)):
+            return False
         atomic_write_text(run_dir / "results.json", compact_json(payload))  # the same record, in half the bytes
         return True
     try:
@@ -76,12 +77,11 @@ def migrate(run_dir: Path) -> bool:
             f"whose ablation.name has a yaml in conf/ablation/ and a config holding the keys its labels read"
         ) from None
     config["ablation"] = with_labels(config["ablation"], added)
-    stored = (run_dir / "run.json").is_file()  # a stored record (history by columns), not a run folder (rows)
     text = compact_json(payload) if stored else json.dumps(payload, separators=(",", ":"))
     atomic_write_text(run_dir / "results.json", text)
     if (run_dir / "config_resolved.yaml").is_file():
         atomic_write_text(run_dir / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False))
-    if (run_dir / "run.json").is_file():
+    if stored:
         meta = json.loads((run_dir / "run.json").read_text())
         note = "ablation.engine and ablation.unread added by src.migrate (labels of the method, not its computation)"
         meta["migrated"] = [*meta.get("migrated", []), note]
