@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from src.analysis.report import collect, rows
@@ -514,3 +515,28 @@ def test_stored_runs_are_read_again_only_where_a_record_changed(tmp_path, monkey
     assert again[1] == b and again[0] not in first and parsed == [1]
     (b / "results.json").write_text("not json")  # unreadable: skipped with a warning, not the old key
     assert store.stored_runs(tmp_path) == {}
+
+
+def test_a_run_stored_by_hand_keeps_the_overrides_that_name_its_computation(tmp_path):
+    """`campaign store <run folder>` records what the run was started with (its Hydra record), as the campaign would:
+    without where it ran, how fast or on which device, so its variant folder and `recheck` see the same run."""
+    from src.cli.store import run_overrides
+
+    assert run_overrides(tmp_path) == []  # no Hydra record: nothing to read
+    (tmp_path / ".hydra").mkdir()
+    given = [
+        "experiment=table1",
+        "dataset=ml-1m",
+        "ablation=knn_ica",
+        "+ablation.alpha=0.05",
+        "compute.compile=true",
+        "device=cpu",
+        "fl.chunk_size=64",
+        "data.cache_dir=/tmp/x",
+        "hydra.run.dir=/tmp/run",
+        "seed=2",
+    ]
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(given))
+    kept = ["experiment=table1", "dataset=ml-1m", "ablation=knn_ica", "+ablation.alpha=0.05", "seed=2"]
+    assert run_overrides(tmp_path) == kept
+    assert campaign.variant_name(kept) == "+ablation.alpha=0.05"

@@ -44,7 +44,16 @@ from omegaconf import OmegaConf
 from src.cli import memory_wait, recheck
 from src.cli.config import CONF_DIR, simulator_checks, validate_device
 from src.cli.jobs import check_job, compose_config, compose_runs, grid_jobs, run_command
-from src.cli.store import REPO, RUNS, git_commit, refuse_unreportable, store, stored_runs, variant_name
+from src.cli.store import (
+    REPO,
+    RUNS,
+    git_commit,
+    refuse_unreportable,
+    run_overrides,
+    store,
+    stored_runs,
+    variant_name,
+)
 from src.config.identity import identity
 from src.methods.base import method_class
 from src.runtime.cache import default_cache_dir
@@ -575,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ns.experiment:
             parser.error("store needs --experiment")
         for folder in map(Path, ns.args[1:]):
-            dest = store(folder, ns.experiment, [], ns.runs, ns.variant, ns.commit or git_commit())
+            dest = store(folder, ns.experiment, run_overrides(folder), ns.runs, ns.variant, ns.commit or git_commit())
             print(f"stored {folder} -> {dest}")
         return 0
     experiments = [a.split("=", 1)[1] for a in ns.args if a.startswith("experiment=")]

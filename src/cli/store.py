@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from src.config.identity import identity
+from src.config.identity import NOT_IDENTITY, identity, only_where
 from src.config.schema import current_name
 from src.runtime.atomic import atomic_write_text
 from src.runtime.errors import UserError
@@ -71,6 +71,17 @@ def variant_name(overrides: list[str], current: bool = True) -> str:
     name = current_name if current else str
     extra = sorted(name(o) for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*AXES, "experiment"))
     return path_segment("_".join(extra) or "default")
+
+
+def run_overrides(run_dir: Path) -> list[str]:
+    """The overrides a run was started with (its Hydra record, `.hydra/overrides.yaml`) that name its computation:
+    those of where it ran, how fast and on which device left out, as a campaign leaves them out of what it stores
+    (so the variant folder and `recheck` see the run as the campaign would); [] without the record."""
+    record = run_dir / ".hydra" / "overrides.yaml"
+    if not record.is_file():
+        return []
+    given = [str(o) for o in yaml.safe_load(record.read_text()) or []]
+    return [o for o in given if not only_where(o.lstrip("+~").split("=", 1)[0], ("hydra.", *NOT_IDENTITY))]
 
 
 # results.json -> (device, inode, mtime, ctime, size) of the file read, and its identity key: a campaign asks for the
