@@ -254,7 +254,7 @@ def renamed(overrides: list[str]) -> list[str]:
     notice line per key on stderr (once per process)."""
     out = []
     for line in overrides:
-        key = line.lstrip("+~").split("=", 1)[0]
+        key = schema.override_key(line)
         line = schema.current_name(line)
         if key in schema.MOVED and key not in NOTICED:
             NOTICED.add(key)
@@ -270,7 +270,7 @@ def refuse_replaced(overrides: list[str]) -> None:
     """A ConfigError naming the successor of the first override of a replaced key (`REPLACED_KEYS`), or refusing an
     override of a method's labels (`METHOD_LABELS`)."""
     for line in overrides:
-        key = line.split("=", 1)[0].lstrip("+~")
+        key = schema.override_key(line)
         if key in REPLACED_KEYS:
             raise ConfigError(f"{key} was replaced (override {line}); expected {REPLACED_KEYS[key]}")
         if key in METHOD_LABELS:

@@ -28,6 +28,7 @@ from src.cli.config import refuse_replaced, renamed
 from src.cli.jobs import compose_config, run_command
 from src.cli.store import REPO
 from src.config.identity import differing, identity, identity_values
+from src.config.schema import override_key
 from src.runtime.checks import ConfigError
 from src.runtime.errors import UserError
 from src.runtime.results import read_results
@@ -71,7 +72,7 @@ def stored_record(folder: Path) -> tuple[list[str], dict[str, Any]]:
     except (OSError, ValueError) as err:
         raise RecheckError(f"{folder} holds no stored run ({err}); expected a folder of results/runs/") from None
     overrides = renamed(meta["overrides"])
-    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    given = {override_key(o) for o in overrides}
     config = payload["config"]
     for group in STORED_CHOICES:
         name = (config.get(group) or {}).get("name")

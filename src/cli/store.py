@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from src.config.identity import NOT_IDENTITY, identity, only_where
-from src.config.schema import current_name
+from src.config.schema import current_name, override_key
 from src.runtime.atomic import atomic_write_text
 from src.runtime.errors import UserError
 from src.runtime.results import compact_json, read_results
@@ -69,7 +69,7 @@ def variant_name(overrides: list[str], current: bool = True) -> str:
     under today's name (`model.alpha=0.01` names the folder of `ablation.alpha=0.01`, the same run), or as written
     with `current=False` (how runs stored before the move were named: `src.migrate`)."""
     name = current_name if current else str
-    extra = sorted(name(o) for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*AXES, "experiment"))
+    extra = sorted(name(o) for o in overrides if override_key(o) not in (*AXES, "experiment"))
     return path_segment("_".join(extra) or "default")
 
 
@@ -81,7 +81,7 @@ def run_overrides(run_dir: Path) -> list[str]:
     if not record.is_file():
         return []
     given = [str(o) for o in yaml.safe_load(record.read_text()) or []]
-    return [o for o in given if not only_where(o.lstrip("+~").split("=", 1)[0], ("hydra.", *NOT_IDENTITY))]
+    return [o for o in given if not only_where(override_key(o), ("hydra.", *NOT_IDENTITY))]
 
 
 # results.json -> (device, inode, mtime, ctime, size) of the file read, and its identity key: a campaign asks for the
@@ -210,7 +210,7 @@ LAUNCH_KEYS = ("hparams_search", "hydra.", "search.", "experiment_name")
 
 def trial_variant(overrides: list[str]) -> str:
     """A search trial's folder name: its sampled and fixed overrides, without the ones that launched it."""
-    return variant_name([o for o in overrides if not o.lstrip("+~").startswith(LAUNCH_KEYS)])
+    return variant_name([o for o in overrides if not override_key(o).startswith(LAUNCH_KEYS)])
 
 
 def stored_trial(config: dict[str, Any], root: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -504,6 +504,11 @@ MOVED = {
 }
 
 
+def override_key(override: str) -> str:
+    """`+ablation.alpha=0.01` -> `ablation.alpha`: the key an override sets, without its `+`/`~` prefix."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def current_name(override: str) -> str:
     """`model.alpha=0.01` -> `ablation.alpha=0.01`: an override with a moved key (`MOVED`) under today's name, its
     `+`/`~` prefix and value kept; any other override as it is."""
