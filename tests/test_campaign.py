@@ -518,8 +518,9 @@ def test_stored_runs_are_read_again_only_where_a_record_changed(tmp_path, monkey
 
 
 def test_a_run_stored_by_hand_keeps_the_overrides_that_name_its_computation(tmp_path):
-    """`campaign store <run folder>` records what the run was started with (its Hydra record), as the campaign would:
-    without where it ran, how fast or on which device, so its variant folder and `recheck` see the same run."""
+    """`campaign store <run folder>` records what the run was started with (its Hydra record) without where it ran,
+    how fast or on which device (a key or its whole group), as the campaign records its own, so its variant folder
+    and `recheck` see the same run."""
     from src.cli.store import run_overrides
 
     assert run_overrides(tmp_path) == []  # no Hydra record: nothing to read
@@ -531,12 +532,50 @@ def test_a_run_stored_by_hand_keeps_the_overrides_that_name_its_computation(tmp_
         "+ablation.alpha=0.05",
         "compute.compile=true",
         "device=cpu",
-        "fl.chunk_size=64",
+        "fl.chunk_size=auto",
         "data.cache_dir=/tmp/x",
-        "hydra.run.dir=/tmp/run",
+        "resume=true",
+        "logger=wandb",
+        "~trainer.foo",
+        "optim=sgd",
         "seed=2",
     ]
     (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(given))
-    kept = ["experiment=table1", "dataset=ml-1m", "ablation=knn_ica", "+ablation.alpha=0.05", "seed=2"]
+    kept = ["experiment=table1", "dataset=ml-1m", "ablation=knn_ica", "+ablation.alpha=0.05", "optim=sgd", "seed=2"]
     assert run_overrides(tmp_path) == kept
-    assert campaign.variant_name(kept) == "+ablation.alpha=0.05"
+    assert campaign.variant_name(kept) == "+ablation.alpha=0.05_optim=sgd"
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("dataset: ml-1m\n")
+    with pytest.raises(UserError, match="holds a dict; expected Hydra's list of overrides"):
+        run_overrides(tmp_path)
+
+
+def test_a_run_stored_by_hand_lands_where_the_campaign_would_put_it_and_rechecks(tmp_path, capsys):
+    """A hand run's record, stored with `campaign store`: the campaign's folder for its overrides, overrides that
+    compose again to the stored config (what `recheck` needs); stored twice, or under another experiment, it is
+    refused rather than filed a second time or mislabelled."""
+    from src.cli import recheck
+
+    overrides = [SMOKE, "ablation=local", "seed=0", "fl.rounds=2"]
+    config = OmegaConf.to_container(compose_config(overrides), resolve=True)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    extras = ["device=cpu", "fl.chunk_size=auto", "resume=true", "logger=wandb", "data.cache_dir=/tmp/x"]
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, *extras]))
+    history = [{"round": r, "val/hit@10": 0.1 * r, "test/hit@10": 0.1} for r in (1, 2)]
+    payload = {"finished": True, "config": config, "best_round": 2, "history": history, "test_at_best": {}}
+    (run / "results.json").write_text(json.dumps(payload))
+    root = tmp_path / "runs"
+    with pytest.raises(UserError, match="started with experiment=campaign_smoke; expected --experiment campaign_smoke"):
+        campaign.main(["store", str(run), "--experiment", "table1", "--runs", str(root)])
+    assert not root.exists()
+    assert campaign.main(["store", str(run), "--experiment", "campaign_smoke", "--runs", str(root)]) == 0
+    (dest,) = [p.parent for p in root.rglob("run.json")]
+    assert dest.relative_to(root).as_posix() == "campaign_smoke/synthetic/local/clean/fl.rounds=2/seed0"
+    (planned,) = campaign.expand("campaign_smoke", ["ablation=local", "seed=0", "fl.rounds=2", "device=cpu"])
+    assert planned.variant == "fl.rounds=2" and planned.key == json.loads((dest / "run.json").read_text())["key"]
+    again, stored = recheck.stored_record(dest)
+    recheck.same_run(again, stored["config"], dest)  # composes again to the stored config: no error
+    capsys.readouterr()
+    assert campaign.main(["store", str(run), "--experiment", "campaign_smoke", "--runs", str(root)]) == 0
+    assert f"the same computation is stored in {dest}" in capsys.readouterr().out
+    assert len(list(root.rglob("run.json"))) == 1

@@ -47,7 +47,10 @@ from src.cli.jobs import check_job, compose_config, compose_runs, grid_jobs, run
 from src.cli.store import (
     REPO,
     RUNS,
+    computation_overrides,
     git_commit,
+    record_key,
+    refuse_other_experiment,
     refuse_unreportable,
     run_overrides,
     store,
@@ -100,7 +103,9 @@ def expand(experiment: str, cli: list[str]) -> list[Run]:
         check_job(cfg, simulator_checks)  # what `src.run` refuses before any job starts
         config = OmegaConf.to_container(cfg, resolve=True)
         refuse_unreportable(config, " ".join(overrides))
-        runs.append(Run(experiment, overrides, config, identity(config), variant_name(overrides)))
+        runs.append(
+            Run(experiment, overrides, config, identity(config), variant_name(computation_overrides(overrides)))
+        )
     return runs
 
 
@@ -450,7 +455,7 @@ def finish(run: Run, returncode: int, work: Path, root: Path, commit_each: bool)
     """Store a run whose process ended well (and drop its work folder), or mark it failed."""
     folder = work_dir(work, run)
     if returncode == 0 and (folder / "results.json").is_file():
-        run.stored = store(folder, run.experiment, run.overrides, root)
+        run.stored = store(folder, run.experiment, computation_overrides(run.overrides), root)
         run.status = "stored"
         print(
             f"stored {run.label} -> {run.stored.relative_to(REPO) if run.stored.is_relative_to(REPO) else run.stored}",
@@ -583,8 +588,15 @@ def main(argv: list[str] | None = None) -> int:
     if ns.args[:1] == ["store"]:
         if not ns.experiment:
             parser.error("store needs --experiment")
+        done = stored_runs(ns.runs)
         for folder in map(Path, ns.args[1:]):
-            dest = store(folder, ns.experiment, run_overrides(folder), ns.runs, ns.variant, ns.commit or git_commit())
+            overrides = run_overrides(folder)
+            refuse_other_experiment(folder, overrides, ns.experiment)
+            results = folder / "results.json"  # without it, store says what is missing
+            if results.is_file() and (held := done.get(record_key(results))) is not None:
+                print(f"not stored {folder}: the same computation is stored in {held}")
+                continue
+            dest = store(folder, ns.experiment, overrides, ns.runs, ns.variant, ns.commit or git_commit())
             print(f"stored {folder} -> {dest}")
         return 0
     experiments = [a.split("=", 1)[1] for a in ns.args if a.startswith("experiment=")]

@@ -66,7 +66,7 @@ def migrate(run_dir: Path) -> bool:
     stored = (run_dir / "run.json").is_file()  # a stored record (history by columns), not a run folder (rows)
     if all(k in config["ablation"] for k in LABELS):
         if not (stored and isinstance(payload.get("history"), list)):
-            return False
+            return False  # columns already, or a run folder (not a stored record: its history stays rows)
         atomic_write_text(run_dir / "results.json", compact_json(payload))  # the same record, in half the bytes
         return True
     try:

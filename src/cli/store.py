@@ -73,15 +73,38 @@ def variant_name(overrides: list[str], current: bool = True) -> str:
     return path_segment("_".join(extra) or "default")
 
 
+def computation_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that name what a run computes: those of where it runs, reads, logs and how fast or on which
+    device (`NOT_IDENTITY`, a key or its whole group: `logger=wandb`, `data.cache_dir=/x`) left out. What a stored
+    run records and names its folder by, started by a campaign or by hand; a search's `hparams_search=` is kept
+    (it composes the trial's config)."""
+    return [
+        o
+        for o in overrides
+        if not (only_where(k := override_key(o), NOT_IDENTITY) or only_where(f"{k}.", NOT_IDENTITY))
+    ]
+
+
 def run_overrides(run_dir: Path) -> list[str]:
-    """The overrides a run was started with (its Hydra record, `.hydra/overrides.yaml`) that name its computation:
-    those of where it ran, how fast and on which device left out, as a campaign leaves them out of what it stores
-    (so the variant folder and `recheck` see the run as the campaign would); [] without the record."""
+    """The overrides a run was started with (its Hydra record, `.hydra/overrides.yaml`) that name its computation
+    (`computation_overrides`), as a campaign records its own; [] without the record."""
     record = run_dir / ".hydra" / "overrides.yaml"
     if not record.is_file():
         return []
-    given = [str(o) for o in yaml.safe_load(record.read_text()) or []]
-    return [o for o in given if not only_where(override_key(o), ("hydra.", *NOT_IDENTITY))]
+    given = yaml.safe_load(record.read_text()) or []
+    if not isinstance(given, list):
+        raise UserError(f"{record} holds a {type(given).__name__}; expected Hydra's list of overrides")
+    return computation_overrides([str(o) for o in given])
+
+
+def refuse_other_experiment(run_dir: Path, overrides: list[str], experiment: str) -> None:
+    """A UserError when the run was started with an `experiment=` other than the one it is to be stored under (its
+    folder and every table would name an overlay it did not run)."""
+    named = [o.split("=", 1)[1] for o in overrides if override_key(o) == "experiment" and "=" in o]
+    if named and named[-1] != experiment:
+        raise UserError(
+            f"{run_dir} was started with experiment={named[-1]}; expected --experiment {named[-1]} (not {experiment})"
+        )
 
 
 # results.json -> (device, inode, mtime, ctime, size) of the file read, and its identity key: a campaign asks for the
