@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -538,12 +539,15 @@ def test_a_run_stored_by_hand_keeps_the_overrides_that_name_its_computation(tmp_
         "logger=wandb",
         "~trainer.foo",
         "optim=sgd",
+        "flower.secagg=true",
+        "flower.supernodes=4",
         "seed=2",
     ]
     (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(given))
-    kept = ["experiment=table1", "dataset=ml-1m", "ablation=knn_ica", "+ablation.alpha=0.05", "optim=sgd", "seed=2"]
+    kept = ["experiment=table1", "dataset=ml-1m", "ablation=knn_ica", "+ablation.alpha=0.05", "optim=sgd"]
+    kept += ["flower.secagg=true", "seed=2"]  # SecAgg+ clips and rounds the uploads: it changes the numbers
     assert run_overrides(tmp_path) == kept
-    assert campaign.variant_name(kept) == "+ablation.alpha=0.05_optim=sgd"
+    assert campaign.variant_name(kept) == "+ablation.alpha=0.05_flower.secagg=true_optim=sgd"
     (tmp_path / ".hydra" / "overrides.yaml").write_text("dataset: ml-1m\n")
     with pytest.raises(UserError, match="holds a dict; expected Hydra's list of overrides"):
         run_overrides(tmp_path)
@@ -576,6 +580,13 @@ def test_a_run_stored_by_hand_lands_where_the_campaign_would_put_it_and_rechecks
     again, stored = recheck.stored_record(dest)
     recheck.same_run(again, stored["config"], dest)  # composes again to the stored config: no error
     capsys.readouterr()
+    twin = tmp_path / "twin"  # the same computation in another folder, stored in the same call
+    (twin / ".hydra").mkdir(parents=True)
+    (twin / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, "fl.rounds=2"]))
+    (twin / "results.json").write_text(json.dumps(payload))
+    shutil.rmtree(root)
+    assert campaign.main(["store", str(run), str(twin), "--experiment", "campaign_smoke", "--runs", str(root)]) == 0
+    assert f"not stored {twin}: the same computation is stored in {dest}" in capsys.readouterr().out
     assert campaign.main(["store", str(run), "--experiment", "campaign_smoke", "--runs", str(root)]) == 0
     assert f"the same computation is stored in {dest}" in capsys.readouterr().out
     assert len(list(root.rglob("run.json"))) == 1

@@ -97,7 +97,9 @@ class CampaignSweeper(Sweeper):
             for run in todo:
                 folder = campaign.work_dir(self.work, run)
                 if id(run) in done or (broken is not None and finished(folder)):
-                    run.stored = campaign.store(folder, run.experiment, run.overrides, self.runs, run.variant)
+                    run.stored = campaign.store(
+                        folder, run.experiment, campaign.computation_overrides(run.overrides), self.runs, run.variant
+                    )
                     run.status = "stored"
                 else:
                     run.status = "partial" if campaign.checkpointed(folder) else "failed"

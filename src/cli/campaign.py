@@ -592,11 +592,15 @@ def main(argv: list[str] | None = None) -> int:
         for folder in map(Path, ns.args[1:]):
             overrides = run_overrides(folder)
             refuse_other_experiment(folder, overrides, ns.experiment)
-            results = folder / "results.json"  # without it, store says what is missing
-            if results.is_file() and (held := done.get(record_key(results))) is not None:
+            try:
+                key = record_key(folder / "results.json")
+            except (OSError, ValueError, KeyError):
+                key = None  # no readable record: store says what is missing
+            if (held := done.get(key)) is not None:
                 print(f"not stored {folder}: the same computation is stored in {held}")
                 continue
             dest = store(folder, ns.experiment, overrides, ns.runs, ns.variant, ns.commit or git_commit())
+            done[record_key(dest / "results.json")] = dest
             print(f"stored {folder} -> {dest}")
         return 0
     experiments = [a.split("=", 1)[1] for a in ns.args if a.startswith("experiment=")]
