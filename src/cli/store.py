@@ -75,10 +75,9 @@ def variant_name(overrides: list[str], current: bool = True) -> str:
 
 def computation_overrides(overrides: list[str]) -> list[str]:
     """The overrides that name what a run computes: those of where it runs, reads, logs and how fast or on which
-    device (`NOT_IDENTITY`, a key or its whole group: `logger=wandb`, `data.cache_dir=/x`; `flower.secagg`, which
-    changes the numbers, kept) left out. What a stored
-    run records and names its folder by, started by a campaign or by hand; a search's `hparams_search=` is kept
-    (it composes the trial's config)."""
+    device (`NOT_IDENTITY`, a key or its whole group: `logger=wandb`, `data.cache_dir=/x`) left out, the keys among
+    them that change the numbers (`flower.secagg`) kept. What a stored run records and names its folder by, started
+    by a campaign or by hand; a search's `hparams_search=` is kept (it composes the trial's config)."""
     return [
         o
         for o in overrides
