@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"not stored {folder}: the same computation is stored in {held}")
                 continue
             dest = store(folder, ns.experiment, overrides, ns.runs, ns.variant, ns.commit or git_commit())
-            done[record_key(dest / "results.json")] = dest
+            done[key] = dest  # store raised where there was no readable record
             print(f"stored {folder} -> {dest}")
         return 0
     experiments = [a.split("=", 1)[1] for a in ns.args if a.startswith("experiment=")]
